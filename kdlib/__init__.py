@@ -1,0 +1,2 @@
+"""kdlib: helpers for the low-precision knowledge-distillation workbook."""
+__version__ = "0.1.0"

@@ -1,0 +1,175 @@
+"""Command line: ``python -m kdlib run|train|bench|summary``.
+
+``run`` executes the numbered notebooks with papermill, injecting the parameters; ``train``
+trains one configured model; ``bench`` measures training throughput; ``summary`` prints the
+results table of a results folder. Errors in what the user asked for print one line and exit
+non-zero; nothing is trained or written before the configuration has been validated.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ("01_baseline", "02_ta_chain", "03_individual", "04_results")
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line, exit code 2."""
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["epochs=3", "lr=0.05", "nesterov=False"]`` -> dict of Python literals (strings stay strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r} is not KEY=VALUE (e.g. --set epochs=3)")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def default_results_dir(preset: str) -> Path:
+    return REPO_ROOT / "results" / preset
+
+
+def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "preset": args.preset, "model": args.model, "seeds": list(args.seeds),
+        "data_dir": str(args.data_dir or ""), "results_dir": str(results_dir),
+        "overrides": parse_overrides(args.set), "device": args.device or "",
+    }
+    if name == "02_ta_chain" and args.chain:
+        params["chain"] = [int(b) if b.isdigit() else b for b in args.chain]
+    if name == "03_individual":
+        if args.bits:
+            params["bits"] = [int(b) if b.isdigit() else b for b in args.bits]
+        if args.methods:
+            params["methods"] = list(args.methods)
+    if name == "04_results":
+        params = {k: params[k] for k in ("preset", "results_dir")}
+    return params
+
+
+def command_run(args: argparse.Namespace) -> int:
+    import papermill
+
+    from kdlib.presets import get_preset
+
+    get_preset(args.preset)  # fail fast on an unknown preset
+    results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
+    executed = results_dir / "executed"
+    executed.mkdir(parents=True, exist_ok=True)
+    names = [n for n in NOTEBOOKS if not args.only or any(n.startswith(o) for o in args.only)]
+    for name in names:
+        params = notebook_parameters(args, name, results_dir)
+        print(f"== {name}  {json.dumps(params)}", flush=True)
+        try:
+            papermill.execute_notebook(
+                str(REPO_ROOT / "notebooks" / f"{name}.ipynb"), str(executed / f"{name}.ipynb"),
+                parameters=params, cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3",
+                log_output=args.log_output, progress_bar=not args.log_output)
+        except papermill.PapermillExecutionError as exc:
+            print(f"error: notebook {name} failed: {exc.ename}: {exc.evalue} "
+                  f"(executed copy: {executed / (name + '.ipynb')})", file=sys.stderr)
+            return EXIT_FAILED
+    print(f"done: records in {results_dir / 'runs'}, executed notebooks in {executed}")
+    return 0
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from kdlib.experiments import execute
+    from kdlib.presets import build_config
+
+    overrides = {**parse_overrides(args.set), "method": args.method, "w_bits": args.w_bits,
+                 "a_bits": args.a_bits if args.a_bits is not None else args.w_bits,
+                 "seed": args.seed, "teacher_id": args.teacher_id, "init_id": args.init_id}
+    cfg = build_config(args.preset, args.model, teacher=args.method == "teacher", overrides=overrides)
+    results_dir = Path(args.results_dir or default_results_dir(args.preset))
+    record = execute([cfg], data_dir=args.data_dir or None, results_dir=results_dir,
+                     device=args.device or None)[0]
+    print(json.dumps({"run_id": record["run_id"], **record["metrics"]}, indent=1))
+    return 0
+
+
+def command_summary(args: argparse.Namespace) -> int:
+    from kdlib.results import load_results, summarise
+
+    frame = load_results(args.results_dir)
+    if frame.empty:
+        raise UserError(f"no run records in {Path(args.results_dir) / 'runs'}")
+    print(summarise(frame).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    from kdlib.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kdlib", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="smoke", help="smoke | quick | paper (default: smoke)")
+        p.add_argument("--model", default="resnet20", help="registry name (default: resnet20)")
+        p.add_argument("--data-dir", default=None, help="folder holding cifar-100-python/ "
+                       "(default: $KDLIB_DATA, else ./data; downloaded when missing)")
+        p.add_argument("--results-dir", default=None, help="default: results/<preset>")
+        p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a RunConfig field, e.g. --set epochs=3 (repeatable)")
+
+    run = sub.add_parser("run", help="execute notebooks 01-04 with papermill")
+    common(run)
+    run.add_argument("--seeds", nargs="+", type=int, default=[0])
+    run.add_argument("--chain", nargs="+", default=None, help="TA chain, e.g. 32 16 8 4 2 1")
+    run.add_argument("--bits", nargs="+", default=None, help="student bit widths for notebook 03")
+    run.add_argument("--methods", nargs="+", default=None, help="individual finetune direct_kd")
+    run.add_argument("--only", nargs="+", default=None, help="run only these notebooks, e.g. 01 04")
+    run.add_argument("--log-output", action="store_true", help="stream cell output to the log")
+    run.set_defaults(func=command_run)
+
+    train = sub.add_parser("train", help="train one model from the shell")
+    common(train)
+    train.add_argument("--method", default="individual",
+                       help="teacher | individual | finetune | direct_kd | ta_chain")
+    train.add_argument("--w-bits", type=int, default=32)
+    train.add_argument("--a-bits", type=int, default=None, help="default: same as --w-bits")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--teacher-id", default=None, help="run id of the teacher (KD methods)")
+    train.add_argument("--init-id", default=None, help="run id whose weights initialise this run")
+    train.set_defaults(func=command_train)
+
+    summary = sub.add_parser("summary", help="print mean ± std over seeds per method × bits")
+    summary.add_argument("--results-dir", default=str(default_results_dir("quick")))
+    summary.set_defaults(func=command_summary)
+
+    bench = sub.add_parser("bench", help="training throughput, ours vs a typical pipeline")
+    bench.add_argument("--data-dir", default=None)
+    bench.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"))
+    bench.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
+    bench.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    bench.add_argument("--device", default=None)
+    bench.set_defaults(func=command_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,157 @@
+"""One flat, validated configuration for one training run.
+
+Every hyperparameter of a run lives here so that a run record can store it whole and a run
+id can be derived from it. Presets (``kdlib.presets``) fill it; papermill / CLI overrides are
+applied on top; ``validate`` runs once before anything is trained or written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_BITS_HINT = "an integer in 1..16 or 32 (usual: 1, 2, 3, 4, 8, 16, 32)"
+METHODS = ("teacher", "individual", "finetune", "direct_kd", "ta_chain")
+QUANTIZERS = ("dorefa", "pact", "lsq")
+SCHEDULES = ("cosine", "multistep")
+KD_MODES = ("hinton", "apprentice")
+
+
+@dataclass
+class RunConfig:
+    # --- what is trained
+    model: str = "resnet20"  # registry name, see kdlib.models.list_models()
+    num_classes: int = 100
+    w_bits: int = 32  # weight bit width
+    a_bits: int = 32  # activation bit width
+    quantizer: str = "dorefa"  # dorefa | pact | lsq
+    quantize_first_last: bool = False  # first conv / last linear stay fp32 by default
+    method: str = "individual"  # teacher | individual | finetune | direct_kd | ta_chain
+    teacher_id: str | None = None  # run id of the teacher (KD methods)
+    init_id: str | None = None  # run id whose weights initialise this run
+    seed: int = 0
+    # --- data
+    split_seed: int = 0  # seed of the stratified train/val split (fixed across run seeds)
+    train_size: int | None = None  # images of the 45k train split used (None: all), stratified
+    val_size: int = 5000  # held out of the 50k training images for model selection
+    test_size: int | None = None  # None: the full 10k test set
+    # --- optimisation
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | multistep
+    milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: fractions of `epochs`
+    lr_gamma: float = 0.1  # multistep decay factor
+    warmup_epochs: int = 0  # linear warm-up from lr/10 ... lr
+    label_smoothing: float = 0.0
+    # --- distillation
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9  # weight of the KD term; 1-alpha on the CE term
+    kd_mode: str = "hinton"  # hinton | apprentice (teacher trained jointly)
+    # --- execution
+    eval_batch_size: int = 1000
+    bf16: bool = False  # bf16 autocast (pays off on CUDA; quantizer arithmetic stays fp32)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    preset: str = "custom"  # name of the preset the config came from (recorded)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(d["milestones"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; accepted: {sorted(names)}")
+        d = dict(d)
+        if "milestones" in d and d["milestones"] is not None:
+            d["milestones"] = tuple(d["milestones"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+    def run_id(self) -> str:
+        """Stable id derived from every field that changes what is trained.
+
+        Execution-only fields (eval batch size) are left out; bf16/compile/channels_last are
+        kept because they change the numbers.
+        """
+        d = self.to_dict()
+        d.pop("eval_batch_size")
+        d.pop("preset")
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.model}-{self.method}-w{self.w_bits}a{self.a_bits}-s{self.seed}-{digest}"
+
+
+def check_bits(value: Any, name: str = "bits") -> int:
+    """Accept 1..16 or 32 (ints only); anything else -> ValueError naming value and range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 16 or value == 32):
+        raise ValueError(f"{name}={value!r} is not supported; accepted: {SUPPORTED_BITS_HINT}")
+    return value
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is unknown; accepted: {', '.join(choices)}")
+
+
+def _check_number(value: Any, name: str, *, low: float, high: float | None = None,
+                  low_inclusive: bool = True, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    if ok:
+        ok = value >= low if low_inclusive else value > low
+        if ok and high is not None:
+            ok = value <= high
+    if not ok:
+        lo = "[" if low_inclusive else "("
+        rng = f"{lo}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name}={value!r} is invalid; expected {kind} in {rng}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every field once; raise ValueError naming the bad field, value and what is accepted."""
+    from kdlib.models import list_models  # local import: models import quant, not config
+
+    if cfg.model not in list_models():
+        raise ValueError(f"model={cfg.model!r} is unknown; accepted: {', '.join(list_models())}")
+    check_bits(cfg.w_bits, "w_bits")
+    check_bits(cfg.a_bits, "a_bits")
+    _check_choice(cfg.quantizer, "quantizer", QUANTIZERS)
+    _check_choice(cfg.method, "method", METHODS)
+    _check_choice(cfg.schedule, "schedule", SCHEDULES)
+    _check_choice(cfg.kd_mode, "kd_mode", KD_MODES)
+    _check_number(cfg.num_classes, "num_classes", low=2, integer=True)
+    _check_number(cfg.seed, "seed", low=0, integer=True)
+    _check_number(cfg.split_seed, "split_seed", low=0, integer=True)
+    _check_number(cfg.epochs, "epochs", low=1, integer=True)
+    _check_number(cfg.batch_size, "batch_size", low=1, integer=True)
+    _check_number(cfg.eval_batch_size, "eval_batch_size", low=1, integer=True)
+    _check_number(cfg.val_size, "val_size", low=100, high=10000, integer=True)
+    if cfg.train_size is not None:
+        _check_number(cfg.train_size, "train_size", low=100, high=50000 - cfg.val_size, integer=True)
+    if cfg.test_size is not None:
+        _check_number(cfg.test_size, "test_size", low=100, high=10000, integer=True)
+    _check_number(cfg.lr, "lr", low=0.0, low_inclusive=False)
+    _check_number(cfg.momentum, "momentum", low=0.0, high=1.0)
+    _check_number(cfg.weight_decay, "weight_decay", low=0.0)
+    _check_number(cfg.lr_gamma, "lr_gamma", low=0.0, high=1.0, low_inclusive=False)
+    _check_number(cfg.warmup_epochs, "warmup_epochs", low=0, high=cfg.epochs, integer=True)
+    _check_number(cfg.label_smoothing, "label_smoothing", low=0.0, high=1.0)
+    _check_number(cfg.kd_temperature, "kd_temperature", low=0.0, low_inclusive=False)
+    _check_number(cfg.kd_alpha, "kd_alpha", low=0.0, high=1.0)
+    for m in cfg.milestones:
+        _check_number(m, "milestones", low=0.0, high=1.0, low_inclusive=False)
+    if list(cfg.milestones) != sorted(cfg.milestones):
+        raise ValueError(f"milestones={list(cfg.milestones)!r} must be increasing fractions of epochs")
+    return cfg

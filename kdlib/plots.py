@@ -1,0 +1,158 @@
+"""The figures of notebook 04. Each function takes tidy data and returns a Figure."""
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))  # headless by default; notebooks inline anyway
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+METHOD_ORDER = ("individual", "finetune", "direct_kd", "ta_chain")
+METHOD_LABELS = {"individual": "individual (random init, CE)", "finetune": "finetune (teacher init, CE)",
+                 "direct_kd": "direct KD (from 32-bit)", "ta_chain": "TA chain"}
+# published methods that correspond to ours (liao2020 'kd_no_ta' = distilled without assistant)
+PUBLISHED_AS = {"individual": "individual", "kd_no_ta": "direct_kd", "ta_chain": "ta_chain"}
+
+
+def palette() -> dict[str, Any]:
+    colors = sns.color_palette("colorblind", len(METHOD_ORDER))
+    return dict(zip(METHOD_ORDER, colors))
+
+
+def load_published(model: str = "resnet20") -> pd.DataFrame:
+    """Published CIFAR-100 top-1 numbers shipped with kdlib (see kdlib/reference/)."""
+    with resources.files("kdlib.reference").joinpath("published.csv").open() as handle:
+        frame = pd.read_csv(handle)
+    return frame[frame["model"] == model].reset_index(drop=True)
+
+
+def _bit_positions(bits: Sequence[int]) -> dict[int, int]:
+    return {b: i for i, b in enumerate(sorted(set(bits), reverse=True))}
+
+
+def _set_bit_axis(ax, positions: dict[int, int]) -> None:
+    ax.set_xticks(list(positions.values()), [str(b) for b in positions])
+    ax.set_xlabel("bit width (weights = activations)")
+
+
+def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = None,
+                          published: pd.DataFrame | None = None, title: str = "") -> plt.Figure:
+    """Mean test top-1 per method vs bit width, error bars = std over seeds."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    students = summary[summary["method"].isin(METHOD_ORDER)]
+    pos = _bit_positions(list(students["w_bits"]) + ([32] if teacher_acc is not None else []))
+    colors = palette()
+    offsets = dict(zip(METHOD_ORDER, np.linspace(-0.12, 0.12, len(METHOD_ORDER))))
+    for method in METHOD_ORDER:
+        rows = students[students["method"] == method].sort_values("w_bits", ascending=False)
+        if rows.empty:
+            continue
+        x = [pos[b] + offsets[method] for b in rows["w_bits"]]
+        ax.errorbar(x, rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3,
+                    color=colors[method], label=METHOD_LABELS[method])
+    if published is not None and not published.empty:
+        pub = published[published["method"].isin(PUBLISHED_AS) & (published["w_bits"] == published["a_bits"])
+                        & published["w_bits"].isin(list(pos))]
+        for source, grp in pub.groupby("source"):
+            for method, rows in grp.groupby("method"):
+                rows = rows.sort_values("w_bits", ascending=False)
+                ax.plot([pos[b] for b in rows["w_bits"]], rows["top1"], linestyle=":", marker="x",
+                        alpha=0.35, color=colors[PUBLISHED_AS[method]],
+                        label=f"{source} {method} (published, test-selected)")
+    if teacher_acc is not None:
+        ax.axhline(teacher_acc, color="black", linestyle="--", linewidth=1,
+                   label=f"32-bit teacher ({teacher_acc:.1f}%)")
+    _set_bit_axis(ax, pos)
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_title(title or "CIFAR-100 test accuracy vs precision")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_gain_over_individual(gains: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Per-bit-width gain of each method over `individual` (paired by seed), 95% t-interval."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    pos = _bit_positions(gains["w_bits"]) if not gains.empty else {}
+    colors = palette()
+    methods = [m for m in METHOD_ORDER if m in set(gains.get("method", []))]
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        rows = gains[gains["method"] == method]
+        x = [pos[b] - 0.4 + width * (i + 0.5) for b in rows["w_bits"]]
+        half = (rows["ci95_high"] - rows["mean"]).fillna(0)
+        ax.bar(x, rows["mean"], width=width, yerr=half, capsize=3, color=colors[method],
+               label=METHOD_LABELS[method])
+    ax.axhline(0, color="black", linewidth=0.8)
+    _set_bit_axis(ax, pos)
+    ax.set_ylabel("gain over individual (top-1 points)")
+    ax.set_title(title or "Gain over training each bit width on its own (error bar: 95% CI, n>1)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_chain_curves(records: Sequence[dict], seed: int = 0, title: str = "") -> plt.Figure:
+    """Validation top-1 over epochs, teacher then each chain link, one after the other."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    chain = [r for r in records if r["config"]["method"] in ("teacher", "ta_chain")
+             and r["config"]["seed"] == seed]
+    by_id = {r["run_id"]: r for r in chain}
+    # follow init links from the teacher down, so the order is the chain's
+    ordered, current = [], next((r for r in chain if r["config"]["method"] == "teacher"), None)
+    while current is not None:
+        ordered.append(current)
+        current = next((r for r in chain if r["config"].get("init_id") == current["run_id"]), None)
+    start = 0
+    cmap = plt.get_cmap("viridis", max(len(ordered), 2))
+    for i, rec in enumerate(ordered):
+        hist = rec["history"]
+        epochs = [start + h["epoch"] for h in hist]
+        label = f"{rec['config']['w_bits']}-bit" + (" teacher" if rec["config"]["method"] == "teacher" else "")
+        ax.plot(epochs, [h["val_top1"] for h in hist], marker=".", color=cmap(i), label=label)
+        ax.axvline(start + 0.5, color="grey", linewidth=0.5, alpha=0.5)
+        start = epochs[-1] if epochs else start
+    ax.set_xlabel("epoch (links trained one after another)")
+    ax.set_ylabel("validation top-1 accuracy (%)")
+    ax.set_title(title or f"TA chain training curves (seed {seed})")
+    ax.grid(alpha=0.3)
+    if ordered:
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_size(frame: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Test top-1 vs storage of the weights (KiB, log scale), per method."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {**palette(), "teacher": "black"}
+    data = frame.dropna(subset=["storage_bits"])
+    for method, rows in data.groupby("method"):
+        grouped = rows.groupby("storage_bits")["test_top1"].agg(["mean", "std"]).reset_index()
+        ax.errorbar(grouped["storage_bits"] / 8 / 1024, grouped["mean"], yerr=grouped["std"].fillna(0),
+                    marker="s" if method == "teacher" else "o", capsize=3, linestyle="-",
+                    color=colors.get(method, "grey"), label=METHOD_LABELS.get(method, method))
+    ax.set_xscale("log")
+    ax.set_xlabel("weight storage (KiB, quantized layers at their bit width, log scale)")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_title(title or "Accuracy vs model size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    return path

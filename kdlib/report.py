@@ -1,0 +1,81 @@
+"""Keep the README's numbers true: its results and benchmark blocks are rendered from files.
+
+``python -m kdlib readme`` rewrites the text between ``<!-- NAME:start -->`` and
+``<!-- NAME:end -->`` markers; a test fails when the committed README and the committed
+result files disagree.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from kdlib.results import load_results, results_table, summarise
+
+
+def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
+    return frame.to_markdown(index=index)
+
+
+def render_results(results_dir: str | os.PathLike) -> str:
+    """Markdown: test top-1 per method × bit width, the teacher, cost and machine of the runs."""
+    frame = load_results(results_dir)
+    if frame.empty:
+        return f"_No run records in `{results_dir}` yet: `make run` creates them._"
+    summary = summarise(frame)
+    table = results_table(summary)
+    table.index.name = "method \\ bits"
+    teacher = frame[frame["method"] == "teacher"]
+    first = frame.iloc[0]
+    seeds = sorted(frame["seed"].unique())
+    devices = sorted(frame["device"].dropna().unique())
+    hours = frame["wall_time_s"].sum() / 3600
+    size = (f"{int(first['train_size'])} training images (class-balanced subset)"
+            if pd.notna(first.get("train_size")) else "all 45,000 training images")
+    lines = [
+        _markdown(table),
+        "",
+        f"Test top-1 (%) at the epoch of best validation accuracy; {first['model']}, preset "
+        f"`{first['preset']}`, seed(s) {', '.join(map(str, seeds))} "
+        f"({'mean ± std over seeds' if len(seeds) > 1 else 'one seed: no error bars'}). "
+        f"Teacher: {teacher['test_top1'].mean():.2f}% after {int(teacher['epochs'].iloc[0])} epochs; "
+        f"students: {int(frame[frame['method'] != 'teacher']['epochs'].iloc[0])} epochs each; "
+        f"{size}, {int(first['val_size'])} validation images, "
+        f"{'the full 10,000' if pd.isna(first.get('test_size')) else int(first['test_size'])} test images. "
+        f"{len(frame)} runs, {hours:.2f} h of training in all on {', '.join(devices)} "
+        f"(host {_hosts(results_dir)}).",
+    ]
+    return "\n".join(lines)
+
+
+def _hosts(results_dir: str | os.PathLike) -> str:
+    hosts = set()
+    for path in (Path(results_dir) / "runs").glob("*.json"):
+        record = json.loads(path.read_text())
+        hosts.add(f"{record.get('host')}, {record.get('cpu_count')} CPUs, torch {record.get('versions', {}).get('torch')}")
+    return "; ".join(sorted(hosts))
+
+
+def render_bench(bench_dir: str | os.PathLike) -> str:
+    """Markdown table of the newest benchmark file in ``bench_dir``."""
+    files = sorted(Path(bench_dir).glob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return "_No benchmark yet: `make bench` creates one._"
+    from kdlib.bench import render_markdown
+
+    return render_markdown(json.loads(files[-1].read_text()))
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+        raise ValueError(f"README has no <!-- {name}:start --> ... <!-- {name}:end --> block")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def render_readme(readme: str, results_dir, bench_dir) -> str:
+    text = replace_block(readme, "results", render_results(results_dir))
+    return replace_block(text, "bench", render_bench(bench_dir))

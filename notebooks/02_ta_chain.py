@@ -1,0 +1,55 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Teacher-assistant chain
+#
+# Each link of `chain` starts from the weights of the link before it (BatchNorm statistics
+# included) and is distilled from it: 32 → 16 → 8 → 4 → 2 → 1 bits by default. Depth and
+# width never change, only precision. The chain of seed *s* starts from the teacher of seed
+# *s* (trained here if notebook 01 has not run).
+
+# %% tags=["parameters"]
+preset: str = "smoke"  # smoke | quick | paper: every hyperparameter lives in kdlib/presets.py
+model: str = "resnet20"  # registry name, see kdlib.models.list_models()
+seeds: list = [0]  # one chain per seed
+chain: list = [32, 16, 8, 4, 2, 1]  # descending bit widths; "W/A" strings give weights/activations apart
+data_dir: str = ""  # folder holding cifar-100-python/; "" -> $KDLIB_DATA, else ./data
+results_dir: str = "../results/smoke"  # run records, checkpoints and figures go here
+overrides: dict = {}  # RunConfig fields that replace the preset's, e.g. {"kd_temperature": 2.0}
+device: str = ""  # "" -> cuda when available, else cpu
+
+# %%
+import pandas as pd
+
+from kdlib import experiments
+
+# %% [markdown]
+# The planned runs (validated before anything is trained; ids derive from the configs):
+
+# %% tags=["nbval-check-output"]
+plan = experiments.plan_ta_chain(preset, model, seeds[0], chain, overrides)
+print(pd.DataFrame([{"method": c.method, "w_bits": c.w_bits, "a_bits": c.a_bits,
+                     "teacher": c.teacher_id, "init": c.init_id} for c in plan]).to_string())
+
+# %%
+records = experiments.run_ta_chain(preset=preset, model=model, seeds=seeds, chain=chain,
+                                   data_dir=data_dir or None, results_dir=results_dir,
+                                   overrides=overrides, device=device or None)
+
+# %%
+pd.DataFrame([{"method": r["config"]["method"], "w_bits": r["config"]["w_bits"],
+               "a_bits": r["config"]["a_bits"], "seed": r["config"]["seed"], **r["metrics"]}
+              for r in records])

@@ -1,0 +1,71 @@
+"""`python -m kdlib`: exit codes and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdlib.cli import parse_overrides, UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--set", "train_size=200", "--set", "val_size=100", "--set", "test_size=100", "--set", "batch_size=50"]
+
+
+def kdlib(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "kdlib", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def test_parse_overrides_literals():
+    assert parse_overrides(["epochs=3", "lr=0.05", "nesterov=False", "schedule=cosine", "milestones=[0.5]"]) == {
+        "epochs": 3, "lr": 0.05, "nesterov": False, "schedule": "cosine", "milestones": [0.5]}
+    with pytest.raises(UserError, match="not KEY=VALUE"):
+        parse_overrides(["epochs"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--w-bits", "0"], "w_bits=0 is not supported"),
+    (["train", "--w-bits", "33"], "w_bits=33 is not supported"),
+    (["train", "--method", "magic"], "method='magic' is unknown"),
+    (["train", "--model", "vgg"], "model='vgg' is unknown"),
+    (["train", "--set", "kd_temperature=0"], "kd_temperature=0 is invalid"),
+    (["train", "--set", "quantizer=xnor"], "quantizer='xnor' is unknown"),
+    (["train", "--preset", "fast"], "preset='fast' is unknown"),
+    (["run", "--preset", "fast"], "preset='fast' is unknown"),
+    (["train", "--set", "epochs"], "not KEY=VALUE"),
+])
+def test_bad_arguments_one_line_error(tmp_path, args, message):
+    proc = kdlib(*args, "--results-dir", str(tmp_path / "res"), "--data-dir", str(tmp_path / "nodata"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: ") and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "res").exists()
+
+
+def test_missing_data_folder(tmp_path):
+    proc = kdlib("train", "--results-dir", str(tmp_path / "res"), "--data-dir", str(tmp_path / "nodata"),
+                 env={"KDLIB_OFFLINE": "1"})
+    assert proc.returncode == 2 and str(tmp_path / "nodata") in proc.stderr
+    assert not (tmp_path / "res" / "runs").exists()
+
+
+@pytest.mark.realdata
+def test_train_one_job_from_the_shell(real_data_root, tmp_path):
+    proc = kdlib("train", "--model", "resnet8", "--w-bits", "4", "--data-dir", str(real_data_root),
+                 "--results-dir", str(tmp_path), *TINY)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["run_id"].startswith("resnet8-individual-w4a4-s0-")
+    assert (tmp_path / "runs" / f"{out['run_id']}.json").exists()
+
+
+@pytest.mark.realdata
+def test_run_stops_on_failing_notebook(real_data_root, tmp_path):
+    proc = kdlib("run", "--model", "resnet8", "--chain", "32", "8", "16", "--only", "02",
+                 "--data-dir", str(real_data_root), "--results-dir", str(tmp_path), *TINY)
+    assert proc.returncode == 1
+    assert "notebook 02_ta_chain failed: ValueError" in proc.stderr and "not descending" in proc.stderr
+    assert (tmp_path / "executed" / "02_ta_chain.ipynb").exists()
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,83 @@
+"""Config validation, presets, run ids."""
+import pytest
+
+from kdlib.config import RunConfig, check_bits, validate
+from kdlib.presets import PRESETS, build_config, get_preset
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16, 32, 5, 12])
+def test_supported_bits_accepted(bits):
+    assert check_bits(bits) == bits
+
+
+@pytest.mark.parametrize("bits", [0, -1, 17, 33, 2.5, "four", "4", None, True])
+def test_bad_bits_name_value_and_accepted(bits):
+    with pytest.raises(ValueError, match=r"w_bits=.*accepted: an integer in 1\.\.16 or 32"):
+        check_bits(bits, "w_bits")
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("model", "vgg99", r"model='vgg99' is unknown; accepted: .*resnet20"),
+    ("method", "magic", r"method='magic' is unknown"),
+    ("quantizer", "xnor", r"quantizer='xnor' is unknown; accepted: dorefa, pact, lsq"),
+    ("lr", -0.1, r"lr=-0.1 is invalid"),
+    ("lr", 0.0, r"lr=0.0 is invalid"),
+    ("epochs", 0, r"epochs=0 is invalid"),
+    ("epochs", -3, r"epochs=-3 is invalid"),
+    ("epochs", 2.5, r"epochs=2.5 is invalid; expected an integer"),
+    ("kd_alpha", 1.5, r"kd_alpha=1.5 is invalid"),
+    ("kd_alpha", -0.1, r"kd_alpha=-0.1 is invalid"),
+    ("kd_temperature", 0, r"kd_temperature=0 is invalid"),
+    ("kd_temperature", -2.0, r"kd_temperature=-2.0 is invalid"),
+    ("w_bits", 0, r"w_bits=0 is not supported"),
+    ("a_bits", 33, r"a_bits=33 is not supported"),
+    ("a_bits", "four", r"a_bits='four' is not supported"),
+    ("schedule", "linear", r"schedule='linear' is unknown; accepted: cosine, multistep"),
+    ("train_size", 49000, r"train_size=49000 is invalid"),
+    ("batch_size", 0, r"batch_size=0 is invalid"),
+])
+def test_validate_rejects_bad_values(field, value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        validate(RunConfig().replace(**{field: value}))
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['epoch'\]"):
+        RunConfig.from_dict({"epoch": 3})
+
+
+def test_run_id_stable_and_sensitive():
+    a = RunConfig(epochs=3)
+    assert a.run_id() == RunConfig(epochs=3).run_id()
+    assert a.run_id() != RunConfig(epochs=4).run_id()
+    assert a.run_id() != a.replace(teacher_id="x").run_id()
+    # execution-only settings do not change what is trained
+    assert a.run_id() == a.replace(eval_batch_size=17, preset="other").run_id()
+    assert a.run_id().startswith("resnet20-individual-w32a32-s0-")
+
+
+def test_round_trip_through_dict():
+    cfg = RunConfig(milestones=(0.3, 0.6), w_bits=4)
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_presets_build_valid_configs():
+    for name, preset in PRESETS.items():
+        student = build_config(name, "resnet20")
+        teacher = build_config(name, "resnet20", teacher=True)
+        assert student.preset == name and teacher.preset == name
+        for key, value in preset.teacher_run.items():
+            assert getattr(teacher, key) == value
+        assert list(preset.chain) == sorted(preset.chain, reverse=True) and preset.chain[0] == 32
+
+
+def test_overrides_win_over_preset_and_are_validated():
+    assert build_config("smoke", overrides={"epochs": 7}).epochs == 7
+    assert build_config("smoke", teacher=True, overrides={"epochs": 7}).epochs == 7
+    with pytest.raises(ValueError, match="epochs=-1"):
+        build_config("smoke", overrides={"epochs": -1})
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match=r"preset='fast' is unknown; accepted: smoke, quick, paper"):
+        get_preset("fast")

@@ -1,0 +1,138 @@
+"""Pipelines on the smoke preset with real data: planning errors, records, skipping, resuming."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdlib import experiments
+from kdlib.results import load_results, record_path
+
+# The smallest real-data grid that still exercises everything: ResNet-8, 100 images per split.
+TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
+RECORD_FIELDS = {"run_id", "config", "metrics", "history", "wall_time_s", "images_per_s", "device",
+                 "versions", "git_commit", "host", "model_size", "created_at"}
+CONFIG_FIELDS = {"preset", "seed", "method", "w_bits", "a_bits", "teacher_id", "init_id", "epochs", "lr",
+                 "kd_temperature", "kd_alpha", "quantizer", "model"}
+METRICS = {"best_epoch", "best_val_top1", "best_val_top5", "test_top1", "test_top5",
+           "final_test_top1", "final_test_top5"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(chain=[32, 8, 16]), "is not descending"),
+    (dict(chain=[32, 32, 8]), "is not descending"),
+    (dict(chain=[16, 8, 4]), "does not start at 32"),
+    (dict(chain=[32]), "at least two links"),
+    (dict(chain=[32, 0]), "w_bits=0 is not supported"),
+    (dict(seeds=[]), r"seeds=\[\] is empty"),
+    (dict(methods=["individual", "distill"]), "method='distill' is unknown"),
+    (dict(model="resnet21"), "model='resnet21' is unknown"),
+    (dict(overrides={"kd_alpha": 2.0}), "kd_alpha=2.0 is invalid"),
+    (dict(preset="fast"), "preset='fast' is unknown"),
+])
+def test_bad_input_fails_before_anything_is_written(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        experiments.run_grid(results_dir=tmp_path / "res", data_dir=tmp_path / "nodata", **kwargs)
+    assert not (tmp_path / "res").exists()
+
+
+def test_missing_data_fails_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nodata")):
+        experiments.run_teacher(results_dir=tmp_path / "res", data_dir=tmp_path / "nodata",
+                                overrides={"epochs": 1})
+    assert not (tmp_path / "res").exists()
+
+
+def test_plans_wire_teachers_and_inits():
+    chain = experiments.plan_ta_chain("smoke", "resnet8", 0, [32, 8, 2, 1])
+    assert [(c.method, c.w_bits) for c in chain] == [("teacher", 32), ("ta_chain", 8), ("ta_chain", 2), ("ta_chain", 1)]
+    for prev, link in zip(chain, chain[1:]):
+        assert link.teacher_id == link.init_id == prev.run_id()
+    students = experiments.plan_students("smoke", "resnet8", 3, ["individual", "finetune", "direct_kd"], [4, "2/8"])
+    teacher = students[0]
+    by = {(c.method, c.w_bits, c.a_bits): c for c in students[1:]}
+    assert by[("individual", 4, 4)].init_id is None and by[("individual", 4, 4)].teacher_id is None
+    assert by[("finetune", 2, 8)].init_id == teacher.run_id() and by[("finetune", 2, 8)].teacher_id is None
+    assert by[("direct_kd", 4, 4)].init_id == by[("direct_kd", 4, 4)].teacher_id == teacher.run_id()
+    assert all(c.seed == 3 for c in students)
+    # the seed-s chain hangs off the seed-s teacher
+    other = experiments.plan_ta_chain("smoke", "resnet8", 1, [32, 8])
+    assert other[1].teacher_id == other[0].run_id() != chain[0].run_id()
+
+
+@pytest.mark.realdata
+def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatch):
+    start = time.time()
+    records = experiments.run_grid(preset="smoke", model="resnet8", chain=[32, 8, 1], seeds=[0],
+                                   data_dir=real_data_root, results_dir=tmp_path, overrides=TINY,
+                                   progress=False)
+    # teacher + 2 links + 3 methods x 2 bit widths
+    assert len(records) == 9 and time.time() - start < 60
+    for rec in records:
+        stored = json.loads(record_path(tmp_path, rec["run_id"]).read_text())
+        assert RECORD_FIELDS <= set(stored), RECORD_FIELDS - set(stored)
+        assert CONFIG_FIELDS <= set(stored["config"]) and METRICS <= set(stored["metrics"])
+        assert len(stored["history"]) == stored["config"]["epochs"]
+        assert 0 <= stored["metrics"]["test_top1"] <= 100
+    frame = load_results(tmp_path)
+    assert set(frame["method"]) == {"teacher", "ta_chain", "individual", "finetune", "direct_kd"}
+    assert sorted(frame.loc[frame["method"] == "ta_chain", "w_bits"]) == [1, 8]
+    # a re-run trains nothing
+    import kdlib.train
+
+    monkeypatch.setattr(kdlib.train, "fit", lambda *a, **k: pytest.fail("re-run trained a model"))
+    again = experiments.run_grid(preset="smoke", model="resnet8", chain=[32, 8, 1], data_dir=real_data_root,
+                                 results_dir=tmp_path, overrides=TINY, progress=False)
+    assert [r["run_id"] for r in again] == [r["run_id"] for r in records]
+
+
+@pytest.mark.realdata
+def test_two_seeds_give_two_chains(real_data_root, tmp_path):
+    records = experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 4], seeds=[0, 1],
+                                       data_dir=real_data_root, results_dir=tmp_path, overrides=TINY,
+                                       progress=False)
+    assert [(r["config"]["method"], r["config"]["seed"]) for r in records] == [
+        ("teacher", 0), ("ta_chain", 0), ("teacher", 1), ("ta_chain", 1)]
+    assert records[1]["config"]["teacher_id"] == records[0]["run_id"]
+    assert records[3]["config"]["teacher_id"] == records[2]["run_id"]
+    assert records[0]["metrics"] != records[2]["metrics"] or records[0]["history"] != records[2]["history"]
+
+
+CHAIN_SCRIPT = """
+import sys
+from kdlib import experiments
+experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 8, 1], data_dir=sys.argv[1],
+                         results_dir=sys.argv[2], overrides={overrides!r}, progress=False)
+"""
+
+
+@pytest.mark.realdata
+def test_killed_chain_resumes_to_the_same_records(real_data_root, tmp_path):
+    overrides = {**TINY, "epochs": 2}
+    script = tmp_path / "chain.py"
+    script.write_text(CHAIN_SCRIPT.format(overrides=overrides))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([sys.executable, str(script), str(real_data_root), str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((killed / "runs").glob("*.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the teacher is done, the first link is under way
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in (killed / "runs").glob("*.json")}
+    assert 1 <= len(done_before) < 3
+    subprocess.run([sys.executable, str(script), str(real_data_root), str(killed)], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, str(script), str(real_data_root), str(clean)], env=env, check=True,
+                   capture_output=True)
+    for name, mtime in done_before.items():
+        assert (killed / "runs" / name).stat().st_mtime_ns == mtime, "finished run was retrained"
+    a, b = load_results(killed), load_results(clean)
+    cols = ["run_id", "test_top1", "test_top5", "final_test_top1", "best_val_top1", "best_epoch"]
+    assert len(a) == 3
+    assert a[cols].sort_values("run_id").values.tolist() == b[cols].sort_values("run_id").values.tolist()

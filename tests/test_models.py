@@ -1,0 +1,261 @@
+"""Registry-wide model tests (timm style): every model, every bit width of the chain."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdlib.models import create_model, list_models, register_model
+from kdlib.quant import QConv2d, QLinear, dorefa_weight, model_size_report, quantized_layers, transfer_weights
+
+CHAIN_BITS = [32, 16, 8, 4, 2, 1]
+QUANTIZERS = ["dorefa", "pact", "lsq"]
+SMALL_MODELS = ["resnet8", "resnet20", "squeezenet"]  # tested thoroughly; the rest: build + count
+RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
+NUM_CLASSES = 100
+
+
+def resnet_param_count(depth: int, num_classes: int = NUM_CLASSES) -> int:
+    """Option-A CIFAR ResNet, counted by hand: convs + BN (weight, bias) + linear."""
+    n = (depth - 2) // 6
+    convs = 3 * 16 * 9
+    bns = 2 * 16
+    in_planes = 16
+    for planes in (16, 32, 64):
+        for _ in range(n):
+            convs += in_planes * planes * 9 + planes * planes * 9
+            bns += 2 * 2 * planes
+            in_planes = planes
+    return convs + bns + 64 * num_classes + num_classes
+
+
+def images(batch: int = 2) -> torch.Tensor:
+    # One batch size everywhere: oneDNN builds its conv kernels per shape on first use (slow).
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+
+
+def trainable_net_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ============================================================================ registry
+def test_registry_lists_the_models():
+    assert set(RESNET_DEPTHS) | {"squeezenet"} <= set(list_models())
+    assert list_models() == sorted(list_models())
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"model='resnet21' is unknown; accepted: .*resnet20.*squeezenet"):
+        create_model("resnet21")
+
+
+@pytest.mark.parametrize("kwargs", [{"w_bits": 0}, {"a_bits": 33}, {"w_bits": 2.5}, {"a_bits": "four"},
+                                    {"w_bits": True}, {"quantizer": "xnor"}, {"num_classes": 0}])
+def test_create_model_rejects_bad_arguments(kwargs):
+    (key, value), = kwargs.items()
+    with pytest.raises(ValueError, match=rf"{key}={value!r}"):
+        create_model("resnet8", **kwargs)
+
+
+def test_register_model_refuses_a_second_model_with_the_same_name():
+    def resnet20(**kw):  # noqa: ARG001
+        return nn.Identity()
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(resnet20)
+
+
+# ============================================================================ parameter counts
+def test_resnet20_has_027m_parameters():
+    params = model_size_report(create_model("resnet20"))["params"]
+    print(f"resnet20 parameters (100 classes): {params}")
+    assert params == resnet_param_count(20) == 275_572
+    assert 260_000 <= params <= 280_000
+
+
+@pytest.mark.parametrize("name", list(RESNET_DEPTHS) + ["squeezenet"])
+def test_depth_and_width_do_not_depend_on_bits(name):
+    ref = create_model(name)
+    ref_shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    if name in RESNET_DEPTHS:
+        assert model_size_report(ref)["params"] == resnet_param_count(RESNET_DEPTHS[name])
+    print(f"{name} parameters (100 classes): {model_size_report(ref)['params']}")
+    for bits in CHAIN_BITS[1:]:
+        model = create_model(name, w_bits=bits, a_bits=bits)
+        assert {k: v.shape for k, v in model.state_dict().items()} == ref_shapes
+
+
+def test_squeezenet_parameter_count():
+    params = model_size_report(create_model("squeezenet"))["params"]
+    print(f"squeezenet parameters (100 classes): {params}")
+    assert 700_000 < params < 800_000
+
+
+def test_model_size_report_counts_quantized_conv_weights_at_w_bits():
+    model = create_model("resnet20", w_bits=4, a_bits=4)
+    report = model_size_report(model)
+    conv3x3 = sum(m.weight.numel() for m in model.modules()
+                  if isinstance(m, nn.Conv2d) and m.in_channels != 3)
+    assert report["storage_bits"] == report["fp32_bits"] - 28 * conv3x3
+    assert 5 < report["compression"] < 8
+
+
+# ============================================================================ forward / backward matrix
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.parametrize("bits", CHAIN_BITS)
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_forward_shape_and_every_parameter_gets_a_gradient(name, bits, quantizer):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=NUM_CLASSES, w_bits=bits, a_bits=bits, quantizer=quantizer)
+    out = model(images(2))
+    assert out.shape == (2, NUM_CLASSES)
+    assert torch.isfinite(out).all()
+    nn.functional.cross_entropy(out, torch.tensor([1, 7])).backward()
+    params = trainable_net_params(model)
+    missing = [n for n, p in params.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+    learned = [n for n in params if n.endswith(("alpha", "step"))]
+    if bits < 32 and quantizer != "dorefa":
+        assert learned  # PACT alpha / LSQ steps of the quantized layers are trained
+    else:
+        assert learned == []
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(1, 2), (2, 32), (32, 4), (3, 8)])
+def test_mixed_weight_and_activation_bits(w_bits, a_bits):
+    model = create_model("resnet8", num_classes=10, w_bits=w_bits, a_bits=a_bits)
+    out = model(images(2))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in trainable_net_params(model).values())
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_first_and_last_layer_full_precision_by_default(name):
+    model = create_model(name, w_bits=2, a_bits=2)
+    layers = quantized_layers(model)
+    (first_name, first), (last_name, last) = layers[0], layers[-1]
+    assert first.w_bits == 32 and not first.quantize_input
+    assert last.w_bits == 32 and not last.quantize_input
+    assert all(layer.w_bits == 2 and layer.a_bits == 2 and layer.quantize_input for _, layer in layers[1:-1])
+    model = create_model(name, w_bits=2, a_bits=2, quantize_first_last=True)
+    layers = quantized_layers(model)
+    first, last = layers[0][1], layers[-1][1]
+    assert first.w_bits == 2 and not first.quantize_input  # the normalised image is never clipped
+    assert last.w_bits == 2 and last.quantize_input
+    x = images(2)
+    out = model(x)
+    assert out.shape == (2, NUM_CLASSES)
+
+
+def test_quantized_first_conv_sees_the_raw_image():
+    model = create_model("resnet8", w_bits=2, a_bits=2, quantize_first_last=True).eval()
+    x = images(2)
+    seen = {}
+    model.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    model(x)
+    expected = nn.functional.conv2d(x, dorefa_weight(model.conv1.weight, 2), padding=1)
+    torch.testing.assert_close(seen["out"], expected)
+
+
+def test_same_seed_gives_same_initial_weights_at_every_bit_width():
+    torch.manual_seed(3)
+    ref = create_model("resnet8", quantizer="pact").state_dict()
+    for bits in (8, 2, 1):
+        torch.manual_seed(3)
+        model = create_model("resnet8", w_bits=bits, a_bits=bits, quantizer="pact")
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, ref[k]), k
+
+
+def test_models_accept_channels_last_and_eval_mode():
+    model = create_model("resnet8", w_bits=4, a_bits=4).eval().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = model(images(2).to(memory_format=torch.channels_last))
+    assert out.shape == (2, NUM_CLASSES)
+
+
+# ============================================================================ weight transfer
+def _trained_a_little(model: nn.Module) -> nn.Module:
+    """Move BN running stats (and init LSQ steps) away from their initial values."""
+    model.train()
+    with torch.no_grad():
+        model(images(2))
+    return model
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.parametrize("name", ["resnet8", "squeezenet"])
+def test_transfer_from_the_32_bit_copy(name, quantizer):
+    torch.manual_seed(0)
+    src = _trained_a_little(create_model(name, quantizer=quantizer))
+    src_state = src.state_dict()
+    assert any("running_mean" in k for k in src_state)
+    for bits in CHAIN_BITS[1:]:
+        torch.manual_seed(1)
+        dst = create_model(name, w_bits=bits, a_bits=bits, quantizer=quantizer)
+        transfer_weights(src, dst)
+        dst_state = dst.state_dict()
+        assert list(dst_state) == list(src_state)
+        for k, v in src_state.items():
+            if not k.endswith(("alpha", "step", "initialized")):  # network tensors: equal
+                assert torch.equal(v, dst_state[k]), k
+        out = dst(images(2))  # LSQ re-initialises its steps here, from the first batch
+        out.sum().backward()
+        assert torch.isfinite(out).all()
+
+
+def test_transfer_along_the_chain_keeps_network_and_resets_quantizer_state():
+    torch.manual_seed(0)
+    src = _trained_a_little(create_model("resnet8", w_bits=8, a_bits=8, quantizer="pact"))
+    with torch.no_grad():
+        src.layer1[0].conv1.input_quantizer.alpha.fill_(3.0)
+    same = create_model("resnet8", w_bits=8, a_bits=8, quantizer="pact")
+    transfer_weights(src, same)
+    assert same.layer1[0].conv1.input_quantizer.alpha.item() == 3.0  # same bits: copied
+    lower = create_model("resnet8", w_bits=4, a_bits=4, quantizer="pact")
+    transfer_weights(src, lower)
+    assert lower.layer1[0].conv1.input_quantizer.alpha.item() == 10.0  # other bits: re-initialised
+
+
+def test_transfer_between_quantizer_families_copies_the_network():
+    torch.manual_seed(0)
+    teacher = _trained_a_little(create_model("resnet8", quantizer="dorefa"))
+    student = create_model("resnet8", w_bits=4, a_bits=4, quantizer="lsq")
+    transfer_weights(teacher, student)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, student.state_dict()[k]), k
+    assert not student.layer1[0].conv1.input_quantizer._initialized
+
+
+@pytest.mark.parametrize("src_kw,dst_kw,pattern", [
+    (dict(name="resnet8"), dict(name="resnet20"), r"missing in source: layer1\.1\."),
+    (dict(name="resnet20"), dict(name="resnet8"), r"extra in source: layer1\.1\."),
+    (dict(name="resnet8"), dict(name="resnet8", num_classes=10), r"shape mismatch.*fc\.weight \(100, 64\) vs \(10, 64\)"),
+    (dict(name="resnet8"), dict(name="squeezenet"), r"architectures differ; missing in source: classifier\.bias.*extra in source: bn1\.bias"),
+])
+def test_transfer_between_different_architectures_fails_clearly(src_kw, dst_kw, pattern):
+    src = create_model(src_kw.pop("name"), **src_kw)
+    dst = create_model(dst_kw.pop("name"), **dst_kw)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=pattern):
+        transfer_weights(src, dst)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())  # nothing copied
+
+
+# ============================================================================ torch.compile
+@pytest.mark.slow
+def test_compiled_smallest_model_trains_one_step():
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=10, w_bits=2, a_bits=2)
+    x, y = images(2), torch.tensor([3, 4])
+    eager = model(x)
+    try:
+        compiled = torch.compile(model)
+        out = compiled(x)
+    except Exception as exc:  # noqa: BLE001 - a missing C++ toolchain is an environment problem
+        if "compiler" in str(exc).lower() or "cpp" in str(exc).lower():
+            pytest.skip(f"torch.compile unavailable here: {exc}")
+        raise
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    nn.functional.cross_entropy(out, y).backward()
+    assert all(p.grad is not None for p in trainable_net_params(model).values())

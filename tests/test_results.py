@@ -1,0 +1,96 @@
+"""Run records: atomic save, loading into pandas, statistics over seeds."""
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kdlib.fileio import atomic_open, write_json_atomic
+from kdlib.results import (load_record, load_results, paired_gain, results_table, save_record,
+                           summarise)
+
+
+def _record(method, bits, seed, acc):
+    return {"run_id": f"r-{method}-{bits}-{seed}",
+            "config": {"model": "resnet20", "method": method, "w_bits": bits, "a_bits": bits, "seed": seed},
+            "metrics": {"best_epoch": 1, "best_val_top1": acc, "best_val_top5": acc, "test_top1": acc,
+                        "test_top5": acc, "final_test_top1": acc, "final_test_top5": acc},
+            "history": [{"epoch": 1, "val_top1": acc}], "wall_time_s": 1.0, "images_per_s": 10.0,
+            "model_size": {"params": 10, "storage_bits": 10 * bits}}
+
+
+def test_save_and_load_round_trip(tmp_path):
+    path = save_record(tmp_path, _record("individual", 4, 0, 50.0))
+    assert path == tmp_path / "runs" / "r-individual-4-0.json"
+    assert load_record(path)["metrics"]["test_top1"] == 50.0
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_save_rejects_incomplete_record(tmp_path):
+    with pytest.raises(ValueError, match=r"lacks field\(s\) \['metrics'\]"):
+        save_record(tmp_path, {"run_id": "x", "config": {}, "history": []})
+    assert not (tmp_path / "runs" / "x.json").exists()
+
+
+def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
+    target = tmp_path / "a.json"
+    write_json_atomic(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_open(target, "w") as handle:
+            handle.write('{"v": 2, "trunc')
+            raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_corrupt_record_is_named(tmp_path):
+    bad = tmp_path / "runs" / "bad.json"
+    bad.parent.mkdir()
+    bad.write_text('{"run_id": ')
+    with pytest.raises(ValueError, match=r"bad\.json is not valid JSON"):
+        load_results(tmp_path)
+
+
+def test_load_results_empty_and_full(tmp_path):
+    assert load_results(tmp_path).empty
+    for seed, acc in enumerate([50.0, 52.0, 54.0]):
+        save_record(tmp_path, _record("individual", 4, seed, acc))
+    frame = load_results(tmp_path)
+    assert len(frame) == 3 and set(frame["seed"]) == {0, 1, 2}
+    assert {"test_top1", "storage_bits", "wall_time_s"} <= set(frame.columns)
+
+
+def test_summarise_matches_independent_statistics():
+    accs = np.array([50.0, 52.0, 57.0])
+    frame = pd.DataFrame({"model": "m", "method": "individual", "w_bits": 4, "a_bits": 4,
+                          "seed": [0, 1, 2], "test_top1": accs})
+    row = summarise(frame).iloc[0]
+    assert row["n"] == 3
+    assert math.isclose(row["mean"], accs.mean())
+    assert math.isclose(row["std"], accs.std(ddof=1))
+    t_975_df2 = 4.302652729911275  # Student t quantile, 2 degrees of freedom
+    half = t_975_df2 * accs.std(ddof=1) / math.sqrt(3)
+    assert math.isclose(row["ci95_high"] - row["mean"], half, rel_tol=1e-9)
+    single = summarise(frame.iloc[:1]).iloc[0]
+    assert single["n"] == 1 and math.isnan(single["ci95_low"])
+
+
+def test_paired_gain_pairs_by_seed():
+    rows = []
+    for seed, (base, kd) in enumerate([(50.0, 53.0), (60.0, 62.0), (40.0, 44.0)]):
+        rows += [{"model": "m", "method": "individual", "w_bits": 2, "a_bits": 2, "seed": seed, "test_top1": base},
+                 {"model": "m", "method": "ta_chain", "w_bits": 2, "a_bits": 2, "seed": seed, "test_top1": kd}]
+    gain = paired_gain(pd.DataFrame(rows)).iloc[0]
+    assert gain["method"] == "ta_chain" and math.isclose(gain["mean"], 3.0)
+    assert math.isclose(gain["std"], np.std([3.0, 2.0, 4.0], ddof=1))
+
+
+def test_results_table_shape():
+    frame = pd.DataFrame([{"model": "m", "method": m, "w_bits": b, "a_bits": b, "seed": s, "test_top1": 10.0 * b + s}
+                          for m in ("ta_chain", "individual") for b in (1, 8) for s in (0, 1)])
+    table = results_table(summarise(frame))
+    assert list(table.index) == ["individual", "ta_chain"]
+    assert list(table.columns) == ["8", "1"]
+    assert table.loc["individual", "8"] == "80.50 ± 0.71"

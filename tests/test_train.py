@@ -1,0 +1,542 @@
+"""The training engine: fit(), evaluate(), pick_device(), checkpoints and resume.
+
+Everything runs on CPU, in one thread, with a tiny ResNet (resnet8 at 10 classes) on a small
+synthetic, learnable data set (class = colour pattern + noise, 16x16 pixels: the models pool
+globally and the augmentation is size-agnostic), so the whole file takes seconds.
+"""
+import copy
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import kdlib.train as train_mod
+from kdlib.config import RunConfig
+from kdlib.data import DataSplits, normalize
+from kdlib.schedules import lr_at
+from kdlib.train import FitResult, NonFiniteLossError, evaluate, fit, pick_device
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+HISTORY_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_top1", "val_top5", "val_loss",
+                "seconds", "images_per_s"}
+TIMING_KEYS = {"seconds", "images_per_s"}
+
+# Builds the synthetic splits; also used verbatim by the subprocess script of the kill test.
+SPLITS_SOURCE = '''
+def make_splits(n_train=320, n_val=100, n_test=120, seed=0):
+    import torch
+    from kdlib.data import DataSplits
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randint(0, 256, (10, 3, 4, 4), generator=g).float()
+    def part(n):
+        labels = torch.arange(n) % 10
+        base = torch.nn.functional.interpolate(protos[labels], size=16, mode="nearest")
+        noise = torch.randn(n, 3, 16, 16, generator=g) * 40
+        return (base + noise).clamp(0, 255).to(torch.uint8), labels
+    tr, va, te = part(n_train), part(n_val), part(n_test)
+    return DataSplits(tr[0], tr[1], va[0], va[1], te[0], te[1])
+'''
+exec(SPLITS_SOURCE)
+
+
+def make_cfg(**kw) -> RunConfig:
+    base = dict(model="resnet8", num_classes=NUM_CLASSES, epochs=2, batch_size=32, lr=0.05,
+                eval_batch_size=64, method="individual", seed=0, schedule="cosine")
+    return RunConfig(**{**base, **kw})
+
+
+def make_model(cfg: RunConfig, seed: int | None = None) -> nn.Module:
+    from kdlib.models import create_model
+
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    return create_model(cfg.model, num_classes=cfg.num_classes, w_bits=cfg.w_bits,
+                        a_bits=cfg.a_bits, quantizer=cfg.quantizer)
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def untimed(history):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+
+
+def metrics(result: FitResult) -> dict:
+    d = result.to_dict()
+    d["history"] = untimed(d["history"])
+    for k in ("wall_time_s", "train_images_per_s"):
+        d.pop(k)
+    return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: threads only add overhead (and contention on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_splits()
+
+
+@pytest.fixture(scope="module")
+def trained(splits):
+    """One plain 3-epoch run shared by several read-only tests."""
+    cfg = make_cfg(epochs=3)
+    model = make_model(cfg)
+    init = copy.deepcopy(model.state_dict())
+    result = fit(model, splits, cfg, progress=False)
+    return cfg, init, model, result
+
+
+# ----------------------------------------------------------------------------- device
+def test_pick_device_defaults_and_forced_choices():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device().type == expected
+    assert pick_device("auto").type == expected
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="'tpu'"):
+        pick_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_pick_device_cuda_unavailable_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        pick_device("cuda")
+
+
+# ----------------------------------------------------------------------------- evaluate
+def test_evaluate_matches_manual_computation(splits):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, NUM_CLASSES))
+    model.train()
+    out = evaluate(model, splits.val_images, splits.val_labels, batch_size=33)
+    assert model.training  # mode restored
+    with torch.no_grad():
+        logits = model(normalize(splits.val_images)).double().numpy()
+    y = splits.val_labels.numpy()
+    order = np.argsort(-logits, axis=1)
+    top1 = 100.0 * np.mean(order[:, 0] == y)
+    top5 = 100.0 * np.mean([y[i] in order[i, :5] for i in range(len(y))])
+    z = logits - logits.max(1, keepdims=True)
+    ce = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y])
+    assert out["top1"] == pytest.approx(top1)
+    assert out["top5"] == pytest.approx(top5)
+    assert out["loss"] == pytest.approx(ce, rel=1e-5)
+    assert 0 <= out["top1"] <= out["top5"] <= 100
+
+
+def test_evaluate_runs_in_eval_mode_without_grad(splits):
+    seen = {}
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3 * 16 * 16, NUM_CLASSES)
+
+        def forward(self, x):
+            seen["training"] = self.training
+            seen["inference"] = torch.is_inference_mode_enabled()
+            return self.lin(x.flatten(1))
+
+    evaluate(Spy(), splits.val_images, splits.val_labels)
+    assert seen == {"training": False, "inference": True}
+
+
+# ----------------------------------------------------------------------------- fit basics
+def test_fit_learns_and_reports_history(trained, splits):
+    cfg, _, model, result = trained
+    assert isinstance(result, FitResult)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    for row in result.history:
+        assert set(row) == HISTORY_KEYS
+        assert row["lr"] == pytest.approx(lr_at(row["epoch"] - 1, cfg))
+        assert row["seconds"] > 0 and row["images_per_s"] > 0
+        assert 0 <= row["val_top1"] <= row["val_top5"] <= 100
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best_val_top1 > 30  # chance is 10%: the synthetic classes are learnable
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    assert result.train_images_per_s > 0 and result.wall_time_s > 0
+    assert result.device == "cpu"
+
+
+def test_fit_selects_best_val_epoch_and_returns_its_weights(trained, splits):
+    cfg, _, model, result = trained
+    val = [row["val_top1"] for row in result.history]
+    assert result.best_epoch == 1 + val.index(max(val))
+    assert result.best_val_top1 == max(val)
+    assert result.best_val_top5 == result.history[result.best_epoch - 1]["val_top5"]
+    # the returned model holds the best-val weights: re-evaluating reproduces the record
+    assert evaluate(model, splits.val_images, splits.val_labels)["top1"] == result.best_val_top1
+    test = evaluate(model, splits.test_images, splits.test_labels)
+    assert (test["top1"], test["top5"]) == (result.test_top1, result.test_top5)
+
+
+def test_fit_test_metrics_are_at_final_then_best_weights(splits, tmp_path, monkeypatch):
+    cfg = make_cfg(epochs=3)
+    model = make_model(cfg)
+    seen = []
+    real_evaluate = train_mod.evaluate
+
+    def spy(m, images, labels, **kw):
+        out = real_evaluate(m, images, labels, **kw)
+        seen.append((len(labels), {k: v.clone() for k, v in model.state_dict().items()}, out))
+        return out
+
+    monkeypatch.setattr(train_mod, "evaluate", spy)
+    result = fit(model, splits, cfg, checkpoint_path=tmp_path / "ck.pt", progress=False)
+    n_val, n_test = len(splits.val_labels), len(splits.test_labels)
+    assert [n for n, _, _ in seen] == [n_val] * 3 + [n_test] * 2  # test only twice, at the end
+    ckpt = torch.load(tmp_path / "ck.pt", weights_only=True)
+    (_, final_state, final), (_, best_state, best) = seen[-2:]
+    assert states_equal(final_state, ckpt["model"])  # weights after the last epoch
+    assert states_equal(best_state, ckpt["best"]["state"])
+    assert (result.final_test_top1, result.final_test_top5) == (final["top1"], final["top5"])
+    assert (result.test_top1, result.test_top5) == (best["top1"], best["top5"])
+
+
+def test_fit_is_reproducible(splits):
+    cfg = make_cfg(epochs=2)
+    a, b = make_model(cfg), make_model(cfg)
+    assert states_equal(a.state_dict(), b.state_dict())
+    ra, rb = fit(a, splits, cfg, progress=False), fit(b, splits, cfg, progress=False)
+    assert states_equal(a.state_dict(), b.state_dict())
+    assert metrics(ra) == metrics(rb)
+    c = make_model(cfg)
+    fit(c, splits, cfg.replace(seed=1), progress=False)  # another data seed: other weights
+    assert not states_equal(a.state_dict(), c.state_dict())
+
+
+def test_fit_leaves_the_global_rng_alone(splits):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    model = make_model(make_cfg(epochs=1))
+    torch.manual_seed(123)
+    fit(model, splits, make_cfg(epochs=1), progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_fit_uses_per_step_schedule(splits, monkeypatch):
+    calls = []
+    real = train_mod.lr_at
+    monkeypatch.setattr(train_mod, "lr_at", lambda e, c: calls.append(e) or real(e, c))
+    cfg = make_cfg(epochs=2, warmup_epochs=1)
+    fit(make_model(cfg), splits, cfg, progress=False)
+    steps = len(splits.train_labels) // cfg.batch_size
+    assert sorted(set(calls)) == [e + i / steps for e in range(2) for i in range(steps)]
+
+
+def test_progress_bar_and_one_summary_line_per_epoch(splits, capsys):
+    cfg = make_cfg(epochs=2)
+    fit(make_model(cfg), splits, cfg, progress=True)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("epoch")]
+    assert len(lines) == 2
+    assert "val top1" in lines[0] and "img/s" in lines[0]
+
+
+def test_bf16_and_channels_last_run_on_cpu(splits):
+    cfg = make_cfg(epochs=1, bf16=True, channels_last=True)
+    model = make_model(cfg)
+    result = fit(model, splits, cfg, progress=False)
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_batch_larger_than_train_split_is_an_error(splits):
+    cfg = make_cfg(batch_size=1000)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(make_model(cfg), splits, cfg, progress=False)
+
+
+# ----------------------------------------------------------------------------- teachers
+def _teacher(splits, bits=4):
+    cfg = make_cfg(w_bits=bits, a_bits=bits, epochs=1)
+    teacher = make_model(cfg, seed=7)
+    fit(teacher, splits, cfg, progress=False)
+    return teacher
+
+
+def test_hinton_teacher_is_frozen_and_used(splits):
+    teacher = _teacher(splits)
+    teacher.train()
+    teacher.zero_grad(set_to_none=True)
+    before = copy.deepcopy(teacher.state_dict())
+    with torch.no_grad():
+        probe = normalize(splits.val_images[:16])
+        teacher.eval()
+        out_before = teacher(probe)
+        teacher.train()
+    cfg = make_cfg(method="direct_kd", w_bits=2, a_bits=2, epochs=1, kd_alpha=0.9)
+    student = make_model(cfg)
+    init = copy.deepcopy(student.state_dict())
+    fit(student, splits, cfg, teacher=teacher, progress=False)
+    assert states_equal(before, teacher.state_dict())  # weights and BN buffers untouched
+    assert all(p.grad is None for p in teacher.parameters())
+    assert teacher.training  # mode restored
+    with torch.no_grad():
+        teacher.eval()
+        assert torch.equal(teacher(probe), out_before)  # unfrozen: same function as before
+    # the KD term changed training: same init, alpha=0 gives other weights
+    plain = make_model(cfg)
+    plain.load_state_dict(init)
+    fit(plain, splits, cfg.replace(kd_alpha=0.0), teacher=teacher, progress=False)
+    assert not states_equal(plain.state_dict(), student.state_dict())
+
+
+def test_hinton_teacher_runs_in_eval_under_inference_mode(splits):
+    seen = set()
+
+    class SpyTeacher(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            seen.add((self.training, torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+            return self.inner(x)
+
+    cfg = make_cfg(method="ta_chain", epochs=1)
+    fit(make_model(cfg), splits, cfg, teacher=SpyTeacher(make_model(cfg, seed=3)), progress=False)
+    assert seen == {(False, True, False)}
+
+
+def test_method_and_teacher_must_agree(splits):
+    cfg = make_cfg(method="direct_kd", epochs=1)
+    with pytest.raises(ValueError, match="teacher"):
+        fit(make_model(cfg), splits, cfg, progress=False)
+    with pytest.raises(ValueError, match="method='individual'"):
+        fit(make_model(cfg), splits, make_cfg(epochs=1), teacher=make_model(cfg), progress=False)
+
+
+def test_apprentice_trains_teacher_and_student_jointly(splits, tmp_path):
+    cfg = make_cfg(method="direct_kd", kd_mode="apprentice", epochs=2, w_bits=2, a_bits=2)
+    teacher = make_model(make_cfg(), seed=5)
+    t_before = copy.deepcopy(teacher.state_dict())
+    student = make_model(cfg)
+    result = fit(student, splits, cfg, teacher=teacher, progress=False,
+                 checkpoint_path=tmp_path / "ck.pt")
+    assert not states_equal(t_before, teacher.state_dict())  # the teacher learned
+    assert all("teacher_val_top1" in row for row in result.history)
+    assert result.history[-1]["teacher_val_top1"] > 20
+    ckpt = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert states_equal(ckpt["teacher"], teacher.state_dict())
+    assert ckpt["teacher_optimizer"]["state"]  # momentum buffers stored
+
+
+def test_apprentice_is_resumable(splits, tmp_path, monkeypatch):
+    cfg = make_cfg(method="direct_kd", kd_mode="apprentice", epochs=2)
+    ref_s, ref_t = make_model(cfg), make_model(cfg, seed=5)
+    ref = fit(ref_s, splits, cfg, teacher=ref_t, progress=False)
+    s, t = make_model(cfg), make_model(cfg, seed=5)
+    _interrupt_after_epochs(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(s, splits, cfg, teacher=t, checkpoint_path=tmp_path / "a.pt", progress=False)
+    monkeypatch.undo()
+    s, t = make_model(cfg, seed=99), make_model(cfg, seed=98)  # fresh objects, other init
+    res = fit(s, splits, cfg, teacher=t, checkpoint_path=tmp_path / "a.pt", progress=False)
+    assert states_equal(s.state_dict(), ref_s.state_dict())
+    assert states_equal(t.state_dict(), ref_t.state_dict())
+    assert metrics(res) == metrics(ref)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _interrupt_after_epochs(monkeypatch, n):
+    """Make train_batches raise KeyboardInterrupt when epoch index n starts (after n epochs)."""
+    import kdlib.data as data_mod
+
+    real = data_mod.train_batches
+
+    def interrupting(*args, epoch, **kw):
+        if epoch >= n:
+            raise KeyboardInterrupt(f"simulated kill at epoch {epoch}")
+        return real(*args, epoch=epoch, **kw)
+
+    monkeypatch.setattr(data_mod, "train_batches", interrupting)
+
+
+def test_checkpoint_contents_load_with_weights_only(trained, splits, tmp_path):
+    cfg = make_cfg(epochs=2)
+    path = tmp_path / "sub" / "run.pt"
+    model = make_model(cfg)
+    result = fit(model, splits, cfg, checkpoint_path=path, progress=False)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["config"] == cfg.to_dict()
+    assert len(ckpt["history"]) == 2 and ckpt["best"]["epoch"] == result.best_epoch
+    assert states_equal(ckpt["best"]["state"], model.state_dict())
+    assert ckpt["optimizer"]["state"]
+    assert ckpt["result"]["test_top1"] == result.test_top1
+    assert [p.name for p in path.parent.iterdir()] == ["run.pt"]  # no temp files left
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(splits, tmp_path, monkeypatch, capsys):
+    cfg = make_cfg(epochs=3, warmup_epochs=1)
+    ref_model = make_model(cfg)
+    ref = fit(ref_model, splits, cfg, progress=False)
+    path = tmp_path / "run.pt"
+    _interrupt_after_epochs(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    model = make_model(cfg, seed=42)  # a differently initialised object: state comes from disk
+    res = fit(model, splits, cfg, checkpoint_path=path, progress=False)
+    assert "resuming" in capsys.readouterr().out
+    assert states_equal(model.state_dict(), ref_model.state_dict())
+    assert metrics(res) == metrics(ref)
+
+
+def test_finished_checkpoint_returns_without_training(splits, tmp_path, monkeypatch):
+    cfg = make_cfg(epochs=1)
+    path = tmp_path / "run.pt"
+    model = make_model(cfg)
+    first = fit(model, splits, cfg, checkpoint_path=path, progress=False)
+    mtime = path.stat().st_mtime_ns
+
+    def boom(*a, **k):
+        raise AssertionError("trained or evaluated again")
+
+    import kdlib.data as data_mod
+
+    monkeypatch.setattr(data_mod, "train_batches", boom)
+    monkeypatch.setattr(train_mod, "evaluate", boom)
+    again = make_model(cfg, seed=9)
+    second = fit(again, splits, cfg.replace(eval_batch_size=7), checkpoint_path=path, progress=False)
+    assert second == first
+    assert states_equal(again.state_dict(), model.state_dict())
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_checkpoint_with_other_config_is_refused(splits, tmp_path):
+    cfg = make_cfg(epochs=1)
+    path = tmp_path / "run.pt"
+    fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
+    data = path.read_bytes()
+    with pytest.raises(ValueError, match=r"different config.*'lr'.*'weight_decay'"):
+        fit(make_model(cfg), splits, cfg.replace(lr=0.2, weight_decay=0.0), checkpoint_path=path,
+            progress=False)
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "not_a_checkpoint"])
+def test_corrupted_checkpoint_is_a_clear_error_and_kept(splits, tmp_path, damage):
+    cfg = make_cfg(epochs=1)
+    path = tmp_path / "run.pt"
+    fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a zip file at all" * 10)
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    data = path.read_bytes()
+    with pytest.raises(ValueError, match=str(path)):
+        fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
+    assert path.read_bytes() == data
+
+
+class NaNAfter(nn.Module):
+    """Wraps a model; its training forward returns nan from call number ``after + 1`` on."""
+
+    def __init__(self, inner, after):
+        super().__init__()
+        self.inner, self.after, self.calls = inner, after, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                out = out * float("nan")
+        return out
+
+
+def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(splits, tmp_path):
+    cfg = make_cfg(epochs=3)
+    steps = len(splits.train_labels) // cfg.batch_size  # 10
+    path = tmp_path / "run.pt"
+    model = NaNAfter(make_model(cfg), after=steps + 2)  # first bad: epoch 2, step 3
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 3 of 10") as err:
+        fit(model, splits, cfg, checkpoint_path=path, progress=False)
+    assert isinstance(err.value, FloatingPointError)
+    assert str(path) in str(err.value)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                      if v.is_floating_point())
+
+
+def test_nonfinite_loss_is_found_between_periodic_checks(splits, monkeypatch):
+    monkeypatch.setattr(train_mod, "NONFINITE_CHECK_EVERY", 4)
+    cfg = make_cfg(epochs=1)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2 of"):
+        fit(NaNAfter(make_model(cfg), after=1), splits, cfg, progress=False)
+
+
+KILL_SCRIPT = '''
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {repo!r})
+{splits_source}
+from kdlib.config import RunConfig
+from kdlib.models import create_model
+from kdlib.train import fit
+cfg = RunConfig(**{cfg!r})
+torch.manual_seed(cfg.seed)
+model = create_model(cfg.model, num_classes=cfg.num_classes, w_bits=cfg.w_bits, a_bits=cfg.a_bits)
+result = fit(model, make_splits(), cfg, checkpoint_path=sys.argv[1], progress=False)
+torch.save({{"state": model.state_dict(), "result": result.to_dict()}}, sys.argv[2])
+'''
+
+
+def test_sigkill_and_rerun_resumes_to_the_same_weights(tmp_path):
+    """A run SIGKILLed after its first checkpoint, started again with the same arguments,
+    ends with exactly the weights and metrics of an uninterrupted run (in another folder)."""
+    cfg = make_cfg(epochs=4, w_bits=4, a_bits=4, warmup_epochs=1)
+    fields = {**cfg.to_dict(), "milestones": tuple(cfg.milestones)}
+    script = tmp_path / "run_fit.py"
+    script.write_text(KILL_SCRIPT.format(repo=str(REPO), splits_source=SPLITS_SOURCE, cfg=fields))
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    command = [sys.executable, str(script), str(folder / "ck.pt"), str(folder / "out.pt")]
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (folder / "ck.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    epoch_at_kill = torch.load(folder / "ck.pt", weights_only=True)["epoch"]
+    assert 1 <= epoch_at_kill < cfg.epochs and not (folder / "out.pt").exists()
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from {folder / 'ck.pt'} after epoch {epoch_at_kill}/" in rerun.stdout
+    resumed = torch.load(folder / "out.pt", weights_only=True)
+
+    # the uninterrupted reference, in this process (same thread count: one)
+    model = make_model(cfg)
+    reference = fit(model, make_splits(), cfg, checkpoint_path=tmp_path / "straight" / "ck.pt",
+                    progress=False)
+    assert states_equal(resumed["state"], model.state_dict())
+    assert metrics(FitResult.from_dict(resumed["result"])) == metrics(reference)
