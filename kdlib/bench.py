@@ -586,7 +586,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     for key in [k for k in TARGETS if k in ratios] + [k for k in ratios if k not in TARGETS]:
         r = ratios[key]
         verdict = "not measured" if r.get("met") is None else ("**met**" if r["met"] else "**missed**")
-        lines.append(f"- {r['what']}: {_fmt(r.get('value'), '.2f')}× (target {r['op']} "
+        value = "n/a" if r.get("value") is None else f"{r['value']:.2f}×"
+        lines.append(f"- {r['what']}: {value} (target {r['op']} "
                      f"{r['target']:g}×) — {verdict}")
     f = result.get("flops", {})
     if f:
@@ -633,7 +634,7 @@ def main(args: argparse.Namespace) -> int:
     result = run_benchmark(
         images, labels, batch_size=batch_size, windows=windows, steps=steps, warmup=warmup,
         device=getattr(args, "device", None) or None, variants=getattr(args, "variants", None),
-        data_source=f"CIFAR-100 training images ({len(images)}, {root})",
+        data_source=f"CIFAR-100 training set, {len(images)} images ({root})",
         matmul_size=getattr(args, "matmul_size", None) or MATMUL_SIZE)
     out = Path(getattr(args, "out", None) or "results/bench")
     path = out / f"{_safe_host(result['machine']['host'])}.json"

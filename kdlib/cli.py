@@ -90,9 +90,13 @@ def command_train(args: argparse.Namespace) -> int:
     from kdlib.experiments import execute
     from kdlib.presets import build_config
 
-    overrides = {**parse_overrides(args.set), "method": args.method, "w_bits": args.w_bits,
-                 "a_bits": args.a_bits if args.a_bits is not None else args.w_bits,
-                 "seed": args.seed, "teacher_id": args.teacher_id, "init_id": args.init_id}
+    overrides = {**parse_overrides(args.set), "method": args.method, "seed": args.seed,
+                 "teacher_id": args.teacher_id, "init_id": args.init_id}
+    if args.w_bits is not None:
+        overrides["w_bits"] = args.w_bits
+        overrides.setdefault("a_bits", args.w_bits)
+    if args.a_bits is not None:
+        overrides["a_bits"] = args.a_bits
     cfg = build_config(args.preset, args.model, teacher=args.method == "teacher", overrides=overrides)
     results_dir = Path(args.results_dir or default_results_dir(args.preset))
     record = execute([cfg], data_dir=args.data_dir or None, results_dir=results_dir,
@@ -145,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(train)
     train.add_argument("--method", default="individual",
                        help="teacher | individual | finetune | direct_kd | ta_chain")
-    train.add_argument("--w-bits", type=int, default=32)
+    train.add_argument("--w-bits", type=int, default=None, help="default: 32")
     train.add_argument("--a-bits", type=int, default=None, help="default: same as --w-bits")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--teacher-id", default=None, help="run id of the teacher (KD methods)")

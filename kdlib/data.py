@@ -58,6 +58,7 @@ IMAGE_SHAPE = (3, 32, 32)
 ROW_LENGTH = 3 * 32 * 32  # one image per row: 1024 red, then 1024 green, then 1024 blue bytes
 PAD = 4  # random-crop padding, in pixels
 ENV_VAR = "KDLIB_DATA"
+OFFLINE_ENV_VAR = "KDLIB_OFFLINE"  # set (not "0") to forbid downloads
 
 _HOW_TO_SUPPLY = (
     f"To supply it: set {ENV_VAR}=/path/containing/{FOLDER_NAME}, or pass that path as the data "
@@ -116,6 +117,12 @@ def _find_or_download(root: Path, download: bool) -> Path:
     if not download:
         raise FileNotFoundError(
             f"CIFAR-100 not found: no folder {folder} (download=False). {_HOW_TO_SUPPLY}"
+        )
+    if os.environ.get(OFFLINE_ENV_VAR, "") not in ("", "0"):
+        # Tests and sandboxes set this: never reach for the network, fail with the same advice.
+        raise FileNotFoundError(
+            f"CIFAR-100 not found: no folder {folder} (downloads disabled by "
+            f"{OFFLINE_ENV_VAR}={os.environ[OFFLINE_ENV_VAR]}). {_HOW_TO_SUPPLY}"
         )
     _download(root)
     if not folder.is_dir():

@@ -15,7 +15,9 @@ dependency order; a run whose record exists is skipped, a run that has a checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -172,6 +174,20 @@ def _build_model(cfg: RunConfig) -> torch.nn.Module:
                         quantize_first_last=cfg.quantize_first_last)
 
 
+def check_writable(results_dir: str | os.PathLike) -> None:
+    """Raise PermissionError naming the folder when run records cannot be written there."""
+    import tempfile
+
+    runs = Path(results_dir) / "runs"
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=runs):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"results folder {Path(results_dir).resolve()} is not writable "
+                              f"({exc.strerror}); pass another results_dir / --results-dir") from None
+
+
 class _DataCache:
     """Loads each distinct data split once per pipeline call."""
 
@@ -190,17 +206,40 @@ class _DataCache:
         return self._cache[key]
 
 
+@contextlib.contextmanager
+def _run_lock(results_dir: str | os.PathLike, run_id: str):
+    """Exclusive per-run lock: a second pipeline that reaches a run another one is training
+    waits for it (then finds its record) instead of training it twice."""
+    path = checkpoint_path(results_dir, run_id).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
               progress: bool = True) -> dict[str, Any]:
     """Train one configured run (or return its existing record) and write its record."""
+    run_id = cfg.run_id()
+    existing = find_record(results_dir, run_id)
+    if existing is None:
+        with _run_lock(results_dir, run_id):
+            existing = find_record(results_dir, run_id)  # another pipeline may have finished it
+            if existing is None:
+                return _train_and_record(cfg, data, results_dir, device=device, progress=progress)
+    print(f"skip {run_id}: record exists")
+    return existing
+
+
+def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
+                      progress: bool = True) -> dict[str, Any]:
     from kdlib.quant import model_size_report, transfer_weights
     from kdlib.train import fit, pick_device
 
     run_id = cfg.run_id()
-    existing = find_record(results_dir, run_id)
-    if existing is not None:
-        print(f"skip {run_id}: record exists")
-        return existing
     device = pick_device(device)
     model = _build_model(cfg)
     if cfg.init_id:
@@ -238,8 +277,9 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
     plan = _dedupe(plan)
     data = _DataCache(data_dir)
     todo = [cfg for cfg in plan if find_record(results_dir, cfg.run_id()) is None]
-    if todo:
-        data.get(todo[0])  # fail on missing/bad data before anything is trained
+    if todo:  # fail on an unwritable folder or missing/bad data before anything is trained
+        check_writable(results_dir)
+        data.get(todo[0])
     records = []
     for i, cfg in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {cfg.run_id()}")

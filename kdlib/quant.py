@@ -152,6 +152,12 @@ def dorefa_activation(x: Tensor, bits: int) -> Tensor:
     return _ClipRoundSTE.apply(x, _levels(bits))
 
 
+def _float32_below(n: int) -> float:
+    """The largest float32 below the integer n (1 <= n < 2^24)."""
+    exponent = n.bit_length() - 1  # n in [2^e, 2^(e+1)): float32 spacing 2^(e-23) there
+    return n - 2.0 ** (exponent - 23 - (1 if n == 1 << exponent else 0))  # finer just below 2^e
+
+
 class _PACT(torch.autograd.Function):
     """PACT (Choi et al. 2018): y = round(clamp(x, 0, a) * n / a) * a / n.
 
@@ -172,10 +178,13 @@ class _PACT(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # noqa: D102
         x, alpha = ctx.saved_tensors
         n = ctx.n
+        g = grad.float()
         v = x.float() * (n / alpha.float())
-        grad_x = torch.ops.aten.hardtanh_backward(grad, v.to(grad.dtype), 0.0, float(n))
-        grad_alpha = torch.where(v >= n, grad, 0.0).sum(dtype=torch.float32)
-        return grad_x, grad_alpha.reshape(alpha.shape).to(alpha.dtype), None
+        grad_x = torch.ops.aten.hardtanh_backward(g, v, 0.0, float(n))  # grad where 0 < v < n
+        # threshold_backward keeps grad where v > t; with t the float just below n that is v >= n.
+        # One fused pass instead of compare + where.
+        grad_alpha = torch.ops.aten.threshold_backward(g, v, _float32_below(n)).sum()
+        return grad_x.to(grad.dtype), grad_alpha.reshape(alpha.shape).to(alpha.dtype), None
 
 
 def pact_activation(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
@@ -200,6 +209,13 @@ def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
 def _sign0(v: Tensor) -> Tensor:
     """sign with sign(0) = +1."""
     return torch.where(v >= 0, 1.0, -1.0).to(v.dtype)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b) in one pass without a temporary when both are contiguous (BLAS dot)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1))
+    return (a * b).sum()
 
 
 class _LSQ(torch.autograd.Function):
@@ -230,7 +246,7 @@ class _LSQ(torch.autograd.Function):
         # Per element: q(c) - c * [inside] with c = clamp(v); outside c = q(c) = -Qn or Qp.
         c = v.clamp_(-qn, qp)
         q = _sign0(c) if ctx.use_sign else c.round()
-        grad_s = (q.mul_(g).sum() - c.mul_(grad_x).sum()) * ctx.grad_scale
+        grad_s = (_dot(q, g) - _dot(c, grad_x)) * ctx.grad_scale
         return (grad_x.to(grad.dtype), grad_s.reshape(step.shape).to(step.dtype),
                 None, None, None, None)
 
@@ -466,7 +482,11 @@ def freeze_quantized_weights(model: nn.Module) -> nn.Module:
     The frozen copy is used only while it is valid: not when gradients would flow into the
     weight (grad mode on and ``requires_grad``), and not after the weight was changed in place
     (optimizer step, ``load_state_dict``, :func:`transfer_weights`; detected by the tensor's
-    version counter), in which case forward quantizes afresh. Returns ``model``.
+    version counter), in which case forward quantizes afresh. Compiled code cannot read version
+    counters, so under ``torch.compile`` only the grad-mode rule applies: unfreeze (or freeze
+    again) after changing the weights of a frozen, compiled model. The frozen copies are
+    non-persistent buffers: they follow ``.to(device)`` and stay out of ``state_dict``.
+    Returns ``model``.
     """
     for _, layer in quantized_layers(model):
         layer.freeze()

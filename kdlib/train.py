@@ -338,7 +338,8 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
         if path is None:
             return
         ckpt = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch_done,
-                "model": model_state if model_state is not None else _cpu_state(model), "optimizer": optimizer.state_dict(),
+                "model": model_state if model_state is not None else _cpu_state(model),
+                "optimizer": optimizer.state_dict(),
                 "history": history, "best": best, "train_seconds": train_seconds,
                 "train_images": train_images,
                 "wall_time_s": wall_before + time.perf_counter() - wall_start, "result": result}
@@ -421,11 +422,11 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
                 if step + 1 != steps:
                     raise RuntimeError(f"train_batches yielded {step + 1} batches, expected {steps} "
                                        f"({n_train} images // batch_size {cfg.batch_size})")
+                _sync(device)
+                epoch_train_s = time.perf_counter() - epoch_start
                 _raise_if_nonfinite(bad_step, epoch, steps, path)
                 train_loss = loss_sum.item() / steps
                 train_top1 = 100.0 * correct.item() / (steps * cfg.batch_size)
-                _sync(device)
-                epoch_train_s = time.perf_counter() - epoch_start
                 train_seconds += epoch_train_s
                 train_images += steps * cfg.batch_size
 
@@ -452,7 +453,9 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
         final_state = _cpu_state(model) if path is not None else None
         final = evaluate(forward, data.test_images, data.test_labels, **ev)
         model.load_state_dict(best["state"])
-        at_best = evaluate(forward, data.test_images, data.test_labels, **ev)
+        # The last epoch was the best one: same weights, so the test pass is not repeated.
+        at_best = final if best["epoch"] == cfg.epochs else evaluate(
+            forward, data.test_images, data.test_labels, **ev)
         result = FitResult(
             history=history, best_epoch=int(best["epoch"]), best_val_top1=float(best["val_top1"]),
             best_val_top5=float(best["val_top5"]), test_top1=at_best["top1"],

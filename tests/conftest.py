@@ -8,6 +8,10 @@ import pytest
 
 from kdlib.fake_data import write_fake_cifar100
 
+# Tests never download: a missing data folder must fail fast with the "how to supply" message.
+# Set in the environment so that subprocesses and papermill kernels inherit it.
+os.environ["KDLIB_OFFLINE"] = "1"
+
 
 @pytest.fixture(scope="session")
 def real_data_root() -> Path:

@@ -316,6 +316,7 @@ def test_missing_folder_without_download_says_where_and_how(tmp_path, monkeypatc
 
 
 def test_download_fetches_the_official_archive_with_md5(tmp_path, monkeypatch):
+    monkeypatch.delenv("KDLIB_OFFLINE", raising=False)  # conftest forbids downloads
     calls = []
 
     def fake_download(url, download_root, filename=None, md5=None, **kwargs):
@@ -334,6 +335,7 @@ def test_download_fetches_the_official_archive_with_md5(tmp_path, monkeypatch):
 
 
 def test_failed_download_becomes_file_not_found(tmp_path, monkeypatch):
+    monkeypatch.delenv("KDLIB_OFFLINE", raising=False)  # conftest forbids downloads
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
@@ -346,9 +348,18 @@ def test_failed_download_becomes_file_not_found(tmp_path, monkeypatch):
 
 
 def test_download_that_leaves_no_folder_is_reported(tmp_path, monkeypatch):
+    monkeypatch.delenv("KDLIB_OFFLINE", raising=False)  # conftest forbids downloads
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", lambda *a, **k: None)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         D.load_cifar100(tmp_path, download=True)
+
+
+def test_offline_switch_forbids_downloads(tmp_path, monkeypatch):
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", _must_not_download)
+    monkeypatch.setenv("KDLIB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"downloads disabled by KDLIB_OFFLINE=1") as err:
+        D.load_cifar100(tmp_path, download=True)
+    assert str(tmp_path / "cifar-100-python") in str(err.value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,12 +66,11 @@ def test_plans_wire_teachers_and_inits():
 
 @pytest.mark.realdata
 def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatch):
-    start = time.time()
     records = experiments.run_grid(preset="smoke", model="resnet8", chain=[32, 8, 1], seeds=[0],
                                    data_dir=real_data_root, results_dir=tmp_path, overrides=TINY,
                                    progress=False)
     # teacher + 2 links + 3 methods x 2 bit widths
-    assert len(records) == 9 and time.time() - start < 60
+    assert len(records) == 9
     for rec in records:
         stored = json.loads(record_path(tmp_path, rec["run_id"]).read_text())
         assert RECORD_FIELDS <= set(stored), RECORD_FIELDS - set(stored)

@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
+import inspect
 import time
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import kdlib.train as train_mod
 from kdlib.config import RunConfig
-from kdlib.data import DataSplits, normalize
+from kdlib.data import normalize
 from kdlib.schedules import lr_at
 from kdlib.train import FitResult, NonFiniteLossError, evaluate, fit, pick_device
 
@@ -31,22 +31,24 @@ HISTORY_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_top1", "val_top5
                 "seconds", "images_per_s"}
 TIMING_KEYS = {"seconds", "images_per_s"}
 
-# Builds the synthetic splits; also used verbatim by the subprocess script of the kill test.
-SPLITS_SOURCE = '''
+
 def make_splits(n_train=320, n_val=100, n_test=120, seed=0):
+    """Learnable synthetic splits: 10 classes, each a fixed 4x4 colour pattern upsampled to
+    16x16 plus Gaussian noise. (Also copied verbatim into the kill test's script.)"""
     import torch
     from kdlib.data import DataSplits
+
     g = torch.Generator().manual_seed(seed)
     protos = torch.randint(0, 256, (10, 3, 4, 4), generator=g).float()
+
     def part(n):
         labels = torch.arange(n) % 10
         base = torch.nn.functional.interpolate(protos[labels], size=16, mode="nearest")
         noise = torch.randn(n, 3, 16, 16, generator=g) * 40
         return (base + noise).clamp(0, 255).to(torch.uint8), labels
+
     tr, va, te = part(n_train), part(n_val), part(n_test)
     return DataSplits(tr[0], tr[1], va[0], va[1], te[0], te[1])
-'''
-exec(SPLITS_SOURCE)
 
 
 def make_cfg(**kw) -> RunConfig:
@@ -187,27 +189,62 @@ def test_fit_selects_best_val_epoch_and_returns_its_weights(trained, splits):
     assert (test["top1"], test["top5"]) == (result.test_top1, result.test_top5)
 
 
-def test_fit_test_metrics_are_at_final_then_best_weights(splits, tmp_path, monkeypatch):
+def test_best_epoch_is_selected_on_val_and_test_is_seen_at_final_then_best(
+        splits, tmp_path, monkeypatch):
+    """Validation top-1 scripted to peak at epoch 2 of 3: fit must return epoch 2's weights,
+    and evaluate the test split exactly twice, at the end: final weights, then epoch 2's."""
     cfg = make_cfg(epochs=3)
     model = make_model(cfg)
-    seen = []
+    scripted_val = iter([50.0, 80.0, 60.0])
+    calls = []  # (split, state at call time, result)
     real_evaluate = train_mod.evaluate
 
     def spy(m, images, labels, **kw):
         out = real_evaluate(m, images, labels, **kw)
-        seen.append((len(labels), {k: v.clone() for k, v in model.state_dict().items()}, out))
+        split = "val" if torch.equal(labels.cpu(), splits.val_labels) else "test"
+        if split == "val":
+            out = {**out, "top1": next(scripted_val)}
+        calls.append((split, {k: v.clone() for k, v in model.state_dict().items()}, out))
         return out
 
     monkeypatch.setattr(train_mod, "evaluate", spy)
     result = fit(model, splits, cfg, checkpoint_path=tmp_path / "ck.pt", progress=False)
-    n_val, n_test = len(splits.val_labels), len(splits.test_labels)
-    assert [n for n, _, _ in seen] == [n_val] * 3 + [n_test] * 2  # test only twice, at the end
+    assert [c[0] for c in calls] == ["val", "val", "val", "test", "test"]
+    assert (result.best_epoch, result.best_val_top1) == (2, 80.0)
+    assert result.best_val_top5 == calls[1][2]["top5"]
+    epoch2_state, final_state = calls[1][1], calls[2][1]
+    assert not states_equal(epoch2_state, final_state)
+    assert states_equal(model.state_dict(), epoch2_state)  # fit returns the best-val weights
+    assert states_equal(calls[3][1], final_state) and states_equal(calls[4][1], epoch2_state)
+    assert (result.final_test_top1, result.final_test_top5) == (calls[3][2]["top1"],
+                                                                calls[3][2]["top5"])
+    assert (result.test_top1, result.test_top5) == (calls[4][2]["top1"], calls[4][2]["top5"])
     ckpt = torch.load(tmp_path / "ck.pt", weights_only=True)
-    (_, final_state, final), (_, best_state, best) = seen[-2:]
-    assert states_equal(final_state, ckpt["model"])  # weights after the last epoch
-    assert states_equal(best_state, ckpt["best"]["state"])
-    assert (result.final_test_top1, result.final_test_top5) == (final["top1"], final["top5"])
-    assert (result.test_top1, result.test_top5) == (best["top1"], best["top5"])
+    assert states_equal(ckpt["model"], final_state)
+    assert states_equal(ckpt["best"]["state"], epoch2_state) and ckpt["best"]["epoch"] == 2
+
+
+def test_test_split_seen_once_when_the_last_epoch_is_best(splits, monkeypatch):
+    cfg = make_cfg(epochs=2)
+    model = make_model(cfg)
+    scripted_val = iter([50.0, 80.0])
+    calls = []
+    real_evaluate = train_mod.evaluate
+
+    def spy(m, images, labels, **kw):
+        out = real_evaluate(m, images, labels, **kw)
+        split = "val" if torch.equal(labels.cpu(), splits.val_labels) else "test"
+        if split == "val":
+            out = {**out, "top1": next(scripted_val)}
+        calls.append(split)
+        return out
+
+    monkeypatch.setattr(train_mod, "evaluate", spy)
+    result = fit(model, splits, cfg, progress=False)
+    assert calls == ["val", "val", "test"] and result.best_epoch == 2
+    assert (result.test_top1, result.test_top5) == (result.final_test_top1, result.final_test_top5)
+    test = real_evaluate(model, splits.test_images, splits.test_labels)
+    assert (test["top1"], test["top5"]) == (result.test_top1, result.test_top5)
 
 
 def test_fit_is_reproducible(splits):
@@ -510,7 +547,8 @@ def test_sigkill_and_rerun_resumes_to_the_same_weights(tmp_path):
     cfg = make_cfg(epochs=4, w_bits=4, a_bits=4, warmup_epochs=1)
     fields = {**cfg.to_dict(), "milestones": tuple(cfg.milestones)}
     script = tmp_path / "run_fit.py"
-    script.write_text(KILL_SCRIPT.format(repo=str(REPO), splits_source=SPLITS_SOURCE, cfg=fields))
+    script.write_text(KILL_SCRIPT.format(repo=str(REPO), cfg=fields,
+                                         splits_source=inspect.getsource(make_splits)))
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     folder = tmp_path / "killed"
