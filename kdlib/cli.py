@@ -115,6 +115,22 @@ def command_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_readme(args: argparse.Namespace) -> int:
+    from kdlib.report import render_readme
+
+    readme = REPO_ROOT / "README.md"
+    text = readme.read_text()
+    updated = render_readme(text, args.results_dir, args.bench_dir)
+    if args.check:
+        if updated != text:
+            raise UserError("README.md is out of date with the result files: run python -m kdlib readme")
+        print("README.md agrees with the result files")
+        return 0
+    readme.write_text(updated)
+    print(f"README.md updated from {args.results_dir} and {args.bench_dir}")
+    return 0
+
+
 def command_bench(args: argparse.Namespace) -> int:
     from kdlib.bench import main as bench_main
 
@@ -159,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     summary = sub.add_parser("summary", help="print mean ± std over seeds per method × bits")
     summary.add_argument("--results-dir", default=str(default_results_dir("quick")))
     summary.set_defaults(func=command_summary)
+
+    readme = sub.add_parser("readme", help="re-render the README's results and benchmark blocks")
+    readme.add_argument("--results-dir", default=str(default_results_dir("quick")))
+    readme.add_argument("--bench-dir", default=str(REPO_ROOT / "results" / "bench"))
+    readme.add_argument("--check", action="store_true", help="only check, exit 2 if out of date")
+    readme.set_defaults(func=command_readme)
 
     bench = sub.add_parser("bench", help="training throughput, ours vs a typical pipeline")
     bench.add_argument("--data-dir", default=None)
