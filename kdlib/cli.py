@@ -60,6 +60,23 @@ def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) 
     return params
 
 
+def _start_log(folder: Path, echo: bool) -> Path:
+    """Send every cell's output (papermill's logger) to a timestamped file, and to stderr too
+    when ``echo``; the executed notebooks hold the same output per cell."""
+    import logging
+    import time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    logger = logging.getLogger("papermill")
+    logger.setLevel(logging.INFO)
+    handlers = [logging.FileHandler(path)] + ([logging.StreamHandler()] if echo else [])
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+    return path
+
+
 def command_run(args: argparse.Namespace) -> int:
     import papermill
 
@@ -69,6 +86,8 @@ def command_run(args: argparse.Namespace) -> int:
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
     executed = results_dir / "executed"
     executed.mkdir(parents=True, exist_ok=True)
+    log_path = _start_log(results_dir / "logs", echo=args.log_output)
+    print(f"log: {log_path}", flush=True)
     names = [n for n in NOTEBOOKS if not args.only or any(n.startswith(o) for o in args.only)]
     for name in names:
         params = notebook_parameters(args, name, results_dir)
@@ -77,7 +96,7 @@ def command_run(args: argparse.Namespace) -> int:
             papermill.execute_notebook(
                 str(REPO_ROOT / "notebooks" / f"{name}.ipynb"), str(executed / f"{name}.ipynb"),
                 parameters=params, cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3",
-                log_output=args.log_output, progress_bar=not args.log_output)
+                log_output=True, progress_bar=not args.log_output)
         except papermill.PapermillExecutionError as exc:
             print(f"error: notebook {name} failed: {exc.ename}: {exc.evalue} "
                   f"(executed copy: {executed / (name + '.ipynb')})", file=sys.stderr)

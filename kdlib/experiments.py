@@ -278,8 +278,8 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
     data = _DataCache(data_dir)
     todo = [cfg for cfg in plan if find_record(results_dir, cfg.run_id()) is None]
     if todo:  # fail on an unwritable folder or missing/bad data before anything is trained
-        check_writable(results_dir)
         data.get(todo[0])
+        check_writable(results_dir)
     records = []
     for i, cfg in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {cfg.run_id()}")

@@ -45,7 +45,7 @@ def _set_bit_axis(ax, positions: dict[int, int]) -> None:
 def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = None,
                           published: pd.DataFrame | None = None, title: str = "") -> plt.Figure:
     """Mean test top-1 per method vs bit width, error bars = std over seeds."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     students = summary[summary["method"].isin(METHOD_ORDER)]
     pos = _bit_positions(list(students["w_bits"]) + ([32] if teacher_acc is not None else []))
     colors = palette()
@@ -60,12 +60,13 @@ def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = Non
     if published is not None and not published.empty:
         pub = published[published["method"].isin(PUBLISHED_AS) & (published["w_bits"] == published["a_bits"])
                         & published["w_bits"].isin(list(pos))]
-        for source, grp in pub.groupby("source"):
-            for method, rows in grp.groupby("method"):
-                rows = rows.sort_values("w_bits", ascending=False)
-                ax.plot([pos[b] for b in rows["w_bits"]], rows["top1"], linestyle=":", marker="x",
-                        alpha=0.35, color=colors[PUBLISHED_AS[method]],
-                        label=f"{source} {method} (published, test-selected)")
+        for (source, method), rows in pub.groupby(["source", "method"]):
+            rows = rows.sort_values("w_bits", ascending=False)
+            selection = rows["selection"].dropna()
+            chosen = f"epoch chosen on {selection.iloc[0]}" if len(selection) else "published"
+            ax.plot([pos[b] for b in rows["w_bits"]], rows["top1"], linestyle=":", marker="x",
+                    alpha=0.35, color=colors[PUBLISHED_AS[method]],
+                    label=f"{source} {method} ({chosen})")
     if teacher_acc is not None:
         ax.axhline(teacher_acc, color="black", linestyle="--", linewidth=1,
                    label=f"32-bit teacher ({teacher_acc:.1f}%)")
@@ -73,7 +74,7 @@ def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = Non
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(title or "CIFAR-100 test accuracy vs precision")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides data
     fig.tight_layout()
     return fig
 

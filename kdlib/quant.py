@@ -577,3 +577,25 @@ def model_size_report(model: nn.Module) -> dict[str, int | float]:
     storage_bits = fp32_bits - saved
     return {"params": int(params), "storage_bits": int(storage_bits), "fp32_bits": int(fp32_bits),
             "compression": float(fp32_bits / storage_bits) if storage_bits else 1.0}
+
+
+def level_summary(bits: int) -> dict[str, Any]:
+    """The DoReFa grid at one bit width, measured on dense inputs (a fact notebooks can show).
+
+    Weights: distinct values of ``dorefa_weight`` over a dense sweep of [-3, 3]; activations:
+    distinct values of ``dorefa_activation`` over [-0.5, 1.5]. Above 8 bits the grid is finer
+    than any sweep worth printing, so only its size is given; 32 bits is the identity.
+    """
+    check_bits(bits, "bits")
+    if bits == 32:
+        return {"bits": 32, "grid": "fp32", "weights_seen": "-", "activations_seen": "-",
+                "activation_range": "unclipped", "lowest_weights": "-"}
+    row = {"bits": bits, "grid": f"2^{bits} = {2 ** bits}", "weights_seen": "-", "activations_seen": "-",
+           "activation_range": "[0, 1]", "lowest_weights": "-"}
+    if bits <= 8:
+        w = dorefa_weight(torch.linspace(-3.0, 3.0, 20001), bits).unique()
+        a = dorefa_activation(torch.linspace(-0.5, 1.5, 20001), bits).unique()
+        row.update(weights_seen=len(w), activations_seen=len(a),
+                   activation_range=f"[{a.min().item():.0f}, {a.max().item():.0f}]",
+                   lowest_weights=", ".join(f"{v:+.3f}" for v in w[:4].tolist()) + (", ..." if len(w) > 4 else ""))
+    return row

@@ -35,6 +35,7 @@ device: str = ""  # "" -> cuda when available, else cpu
 import pandas as pd
 
 from kdlib import experiments
+from kdlib.quant import level_summary
 
 # %% [markdown]
 # The planned runs (validated before anything is trained; ids derive from the configs):
@@ -43,6 +44,13 @@ from kdlib import experiments
 plan = experiments.plan_ta_chain(preset, model, seeds[0], chain, overrides)
 print(pd.DataFrame([{"method": c.method, "w_bits": c.w_bits, "a_bits": c.a_bits,
                      "teacher": c.teacher_id, "init": c.init_id} for c in plan]).to_string())
+
+# %% [markdown]
+# The weight grid of each link (DoReFa: 2·q_k(tanh w / 2 max|tanh w| + ½) − 1; 1 bit: sign(w)·E|w|)
+# and its activations (clipped to [0, 1], then 2^k levels):
+
+# %% tags=["nbval-check-output"]
+print(pd.DataFrame([level_summary(c.w_bits) for c in plan]).to_string(index=False))
 
 # %%
 records = experiments.run_ta_chain(preset=preset, model=model, seeds=seeds, chain=chain,

@@ -13,6 +13,18 @@ from kdlib.fake_data import write_fake_cifar100
 os.environ["KDLIB_OFFLINE"] = "1"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Test tensors are tiny: one intra-op thread is faster, and far faster on a shared, busy
+    CPU, where every OpenMP parallel region waits for its descheduled threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def real_data_root() -> Path:
     """Folder containing the real ``cifar-100-python/``, from $KDLIB_DATA; never downloads."""

@@ -69,3 +69,5 @@ def test_run_stops_on_failing_notebook(real_data_root, tmp_path):
     assert "notebook 02_ta_chain failed: ValueError" in proc.stderr and "not descending" in proc.stderr
     assert (tmp_path / "executed" / "02_ta_chain.ipynb").exists()
     assert not (tmp_path / "runs").exists()
+    logs = list((tmp_path / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and "Executing notebook" in logs[0].read_text()

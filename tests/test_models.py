@@ -39,14 +39,6 @@ def trainable_net_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, busy CPU, where
-    every OpenMP parallel region waits for its descheduled threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # ============================================================================ registry
 def test_registry_lists_the_models():

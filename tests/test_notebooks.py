@@ -31,7 +31,8 @@ def test_notebooks_01_to_04_with_injected_parameters(real_data_root, tmp_path):
     for figure in ("accuracy_vs_bits", "gain_over_individual", "chain_curves", "accuracy_vs_size"):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 10_000
     summary = (results / "summary.csv").read_text().splitlines()
-    assert summary[0].startswith("model,method,w_bits,a_bits,mean,std,n") and len(summary) == 1 + 1 + 2 + 2
+    assert summary[0].startswith("model,method,w_bits,a_bits,mean,std,n")
+    assert len(summary) == 1 + 1 + 2 + 2 + 2  # header, teacher, 2 chain links, 2 methods x 2 bits
 
 
 @pytest.mark.parametrize("name, parameters, error", [

@@ -22,14 +22,6 @@ BAD_BITS = [0, -1, 33, 17, 2.5, "four", True, None]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, busy CPU, where
-    every OpenMP parallel region waits for its descheduled threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # ============================================================================ NumPy references
 def np_quantize_k(x: np.ndarray, k: int) -> np.ndarray:
@@ -525,3 +517,14 @@ def test_compiled_quantized_layers_match_eager():
     torch.testing.assert_close(y, net(x), rtol=1e-4, atol=1e-4)
     y.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+
+
+def test_level_summary_counts_the_grid():
+    from kdlib.quant import level_summary
+
+    assert level_summary(1)["weights_seen"] == 2 and level_summary(1)["activations_seen"] == 2
+    assert level_summary(2)["weights_seen"] == 4 and level_summary(4)["activations_seen"] == 16
+    assert level_summary(8)["weights_seen"] == 256 and level_summary(8)["activation_range"] == "[0, 1]"
+    assert level_summary(16)["grid"] == "2^16 = 65536" and level_summary(32)["grid"] == "fp32"
+    assert level_summary(2)["lowest_weights"] == "-1.000, -0.333, +0.333, +1.000"
+    assert level_summary(1)["lowest_weights"] == "-1.500, +1.500"  # sign(w)·E|w| of the sweep

@@ -81,13 +81,6 @@ def metrics(result: FitResult) -> dict:
     return d
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: threads only add overhead (and contention on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -189,14 +182,11 @@ def test_fit_selects_best_val_epoch_and_returns_its_weights(trained, splits):
     assert (test["top1"], test["top5"]) == (result.test_top1, result.test_top5)
 
 
-def test_best_epoch_is_selected_on_val_and_test_is_seen_at_final_then_best(
-        splits, tmp_path, monkeypatch):
-    """Validation top-1 scripted to peak at epoch 2 of 3: fit must return epoch 2's weights,
-    and evaluate the test split exactly twice, at the end: final weights, then epoch 2's."""
-    cfg = make_cfg(epochs=3)
-    model = make_model(cfg)
-    scripted_val = iter([50.0, 80.0, 60.0])
-    calls = []  # (split, state at call time, result)
+def spy_on_evaluate(monkeypatch, splits, model, val_top1s):
+    """Replace train.evaluate: validation top-1 follows the script; every call is logged as
+    (split, model state at call time, result)."""
+    scripted_val = iter(val_top1s)
+    calls = []
     real_evaluate = train_mod.evaluate
 
     def spy(m, images, labels, **kw):
@@ -208,6 +198,16 @@ def test_best_epoch_is_selected_on_val_and_test_is_seen_at_final_then_best(
         return out
 
     monkeypatch.setattr(train_mod, "evaluate", spy)
+    return calls
+
+
+def test_best_epoch_is_selected_on_val_and_test_is_seen_at_final_then_best(
+        splits, tmp_path, monkeypatch):
+    """Validation top-1 scripted to peak at epoch 2 of 3: fit must return epoch 2's weights,
+    and evaluate the test split exactly twice, at the end: final weights, then epoch 2's."""
+    cfg = make_cfg(epochs=3)
+    model = make_model(cfg)
+    calls = spy_on_evaluate(monkeypatch, splits, model, [50.0, 80.0, 60.0])
     result = fit(model, splits, cfg, checkpoint_path=tmp_path / "ck.pt", progress=False)
     assert [c[0] for c in calls] == ["val", "val", "val", "test", "test"]
     assert (result.best_epoch, result.best_val_top1) == (2, 80.0)
@@ -227,23 +227,11 @@ def test_best_epoch_is_selected_on_val_and_test_is_seen_at_final_then_best(
 def test_test_split_seen_once_when_the_last_epoch_is_best(splits, monkeypatch):
     cfg = make_cfg(epochs=2)
     model = make_model(cfg)
-    scripted_val = iter([50.0, 80.0])
-    calls = []
-    real_evaluate = train_mod.evaluate
-
-    def spy(m, images, labels, **kw):
-        out = real_evaluate(m, images, labels, **kw)
-        split = "val" if torch.equal(labels.cpu(), splits.val_labels) else "test"
-        if split == "val":
-            out = {**out, "top1": next(scripted_val)}
-        calls.append(split)
-        return out
-
-    monkeypatch.setattr(train_mod, "evaluate", spy)
+    calls = spy_on_evaluate(monkeypatch, splits, model, [50.0, 80.0])
     result = fit(model, splits, cfg, progress=False)
-    assert calls == ["val", "val", "test"] and result.best_epoch == 2
+    assert [c[0] for c in calls] == ["val", "val", "test"] and result.best_epoch == 2
     assert (result.test_top1, result.test_top5) == (result.final_test_top1, result.final_test_top5)
-    test = real_evaluate(model, splits.test_images, splits.test_labels)
+    test = evaluate(model, splits.test_images, splits.test_labels)
     assert (test["top1"], test["top5"]) == (result.test_top1, result.test_top5)
 
 
