@@ -81,7 +81,7 @@ def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = Non
 
 def plot_gain_over_individual(gains: pd.DataFrame, title: str = "") -> plt.Figure:
     """Per-bit-width gain of each method over `individual` (paired by seed), 95% t-interval."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9.5, 4))
     pos = _bit_positions(gains["w_bits"]) if not gains.empty else {}
     colors = palette()
     methods = [m for m in METHOD_ORDER if m in set(gains.get("method", []))]
@@ -97,7 +97,7 @@ def plot_gain_over_individual(gains: pd.DataFrame, title: str = "") -> plt.Figur
     ax.set_ylabel("gain over individual (top-1 points)")
     ax.set_title(title or "Gain over training each bit width on its own (error bar: 95% CI, n>1)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the bars
     fig.tight_layout()
     return fig
 

@@ -17,7 +17,7 @@ from kdlib.results import load_results, results_table, summarise
 
 
 def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
-    return frame.to_markdown(index=index)
+    return frame.to_markdown(index=index, disable_numparse=True)  # keep "4.30", not 4.3
 
 
 def render_results(results_dir: str | os.PathLike) -> str:
@@ -45,10 +45,42 @@ def render_results(results_dir: str | os.PathLike) -> str:
         f"students: {int(frame[frame['method'] != 'teacher']['epochs'].iloc[0])} epochs each; "
         f"{size}, {int(first['val_size'])} validation images, "
         f"{'the full 10,000' if pd.isna(first.get('test_size')) else int(first['test_size'])} test images. "
-        f"{len(frame)} runs, {hours:.2f} h of training in all on {', '.join(devices)} "
+        f"{len(frame)} runs, {hours:.2f} h of training summed over runs, {_span_hours(results_dir):.2f} h "
+        f"from the first run's start to the last run's end, on {', '.join(devices)} "
         f"(host {_hosts(results_dir)}).",
     ]
+    lines += ["", "Published numbers for the same network (`kdlib/reference/published.csv`, full training "
+              "sets and schedules; liao2020 chose its epoch on the **test** set, which flatters it, "
+              "RepDistiller reports the last epoch):", "",
+              _markdown(published_table(str(first["model"])))]
     return "\n".join(lines)
+
+
+def published_table(model: str) -> pd.DataFrame:
+    """The published top-1 per source/method × bit width, in the README's column order."""
+    from kdlib.plots import load_published
+
+    pub = load_published(model)
+    pub = pub[pub["w_bits"] == pub["a_bits"]]
+    table = pub.pivot_table(index=["source", "method"], columns="w_bits", values="top1", aggfunc="first")
+    table = table.reindex(columns=sorted(table.columns, reverse=True))
+    table.columns = [str(c) for c in table.columns]
+    table.index = [f"{s} {m}" for s, m in table.index]
+    table.index.name = "source method \\ bits"
+    return table.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+
+
+def _span_hours(results_dir: str | os.PathLike) -> float:
+    """Wall-clock hours from the earliest run start (end minus its wall time) to the last end."""
+    import datetime as dt
+
+    starts, ends = [], []
+    for path in (Path(results_dir) / "runs").glob("*.json"):
+        record = json.loads(path.read_text())
+        end = dt.datetime.fromisoformat(record["created_at"])
+        ends.append(end)
+        starts.append(end - dt.timedelta(seconds=record["call_seconds"]))
+    return (max(ends) - min(starts)).total_seconds() / 3600
 
 
 def _hosts(results_dir: str | os.PathLike) -> str:
