@@ -70,7 +70,8 @@ from kdlib.config import RunConfig
 __all__ = [
     "BATCH_SIZE", "WARMUP_STEPS", "TYPICAL_WORKERS", "VARIANTS", "TARGETS",
     "PILImageDataset", "typical_transform", "typical_loader",
-    "machine_info", "count_train_flops", "matmul_ceiling", "time_windows", "compute_ratios",
+    "machine_info", "count_train_flops", "matmul_ceiling", "time_window", "measure",
+    "compute_ratios",
     "run_benchmark", "render_markdown", "main",
 ]
 
@@ -188,7 +189,9 @@ class _Runner:
     step: Callable[[], None]
     close: Callable[[], None] = lambda: None
     info: dict[str, Any] = field(default_factory=dict)
-    warmup_min: int = 0
+    warmup_min: int = 0  # at least this many warm-up steps (torch.compile)
+    rewarm: int = 1  # un-timed steps before each later window (see measure)
+    batch_size: int = BATCH_SIZE
 
 
 def _model(ctx: _Context, bits: int) -> nn.Module:
@@ -231,7 +234,8 @@ def _plain_step(bits: int) -> Callable[[_Context], _Runner]:
                 correct.add_((logits.detach().argmax(dim=1) == y).sum())
 
         return _Runner(step, batches.close, {"pipeline": "kdlib.data.train_batches on device",
-                                             "w_bits": bits, "a_bits": bits})
+                                             "w_bits": bits, "a_bits": bits},
+                       batch_size=ctx.batch_size)
     return build
 
 
@@ -274,7 +278,8 @@ def _kd_step(bf16: bool = False, compile: bool = False) -> Callable[[_Context], 
                 "teacher_bits": 32, "teacher": "eval, inference_mode, freeze_quantized_weights",
                 "loss": "kdlib.losses.kd_loss", "bf16": bf16, "compile": compile,
                 "kd_temperature": KD_TEMPERATURE, "kd_alpha": KD_ALPHA}
-        return _Runner(step, close, info, COMPILE_WARMUP_STEPS if compile else 0)
+        return _Runner(step, close, info, warmup_min=COMPILE_WARMUP_STEPS if compile else 0,
+                       batch_size=ctx.batch_size)
     return build
 
 
@@ -310,7 +315,8 @@ def _typical_kd_step(ctx: _Context) -> _Runner:
             "teacher": "eval, no no_grad (logits detached), weights not frozen",
             "loss": "F.kl_div(log_softmax(s/T), softmax(t/T), 'batchmean')*T^2 + CE",
             "loss_item_per_step": True, "kd_temperature": KD_TEMPERATURE, "kd_alpha": KD_ALPHA}
-    return _Runner(step, batches.close, info)
+    in_flight = loader.num_workers * (loader.prefetch_factor or 0)  # batches prefetched at most
+    return _Runner(step, batches.close, info, rewarm=in_flight + 1, batch_size=ctx.batch_size)
 
 
 @dataclass(frozen=True)
@@ -346,20 +352,43 @@ TARGETS: dict[str, tuple[str, str, str, str, float]] = {
 
 
 # ============================================================================ measuring
-def time_windows(step: Callable[[], None], *, windows: int, steps: int, warmup: int,
-                 device: torch.device) -> list[float]:
-    """Run ``warmup`` un-timed steps, then ``windows`` windows of ``steps`` steps; seconds each."""
-    for _ in range(warmup):
+def time_window(step: Callable[[], None], steps: int, device: torch.device) -> tuple[float, float]:
+    """Run ``steps`` steps; (wall seconds, CPU seconds of this process) they took."""
+    _sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
         step()
     _sync(device)
-    seconds = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def measure(runners: dict[str, _Runner], *, windows: int, steps: int, warmup: int,
+            device: torch.device, log: Callable[[str], None] = lambda msg: None
+            ) -> dict[str, dict[str, list[float]]]:
+    """Time every runner: warm-up, then ``windows`` rounds of one window per runner.
+
+    Windows are interleaved (round-robin: window 1 of every variant, then window 2, ...), so a
+    change of machine load during the run hits every variant alike and the ratios stay fair on a
+    shared machine. From the second round on, each window is preceded by ``runner.rewarm``
+    un-timed steps (the typical DataLoader has batches prefetched while the others ran: those
+    are drained first). Returns ``{name: {"wall": [s, ...], "cpu": [s, ...]}}``.
+    """
+    for name, runner in runners.items():
+        for _ in range(max(warmup, runner.warmup_min)):
+            runner.step()
         _sync(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        log(f"bench: warmed up {name}")
+    out: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in runners}
+    for w in range(windows):
+        for name, runner in runners.items():
+            for _ in range(runner.rewarm if w > 0 else 0):
+                runner.step()
+            wall, cpu = time_window(runner.step, steps, device)
+            out[name]["wall"].append(wall)
+            out[name]["cpu"].append(cpu)
+        log(f"bench: window {w + 1}/{windows}: " + ", ".join(
+            f"{n} {steps * r.batch_size / out[n]['wall'][-1]:.0f} img/s" for n, r in runners.items()))
+    return out
 
 
 def _summarise(seconds: list[float], steps: int, batch_size: int) -> dict[str, Any]:
@@ -519,32 +548,37 @@ def run_benchmark(images: Tensor, labels: Tensor, *, batch_size: int = BATCH_SIZ
         "settings": {"batch_size": batch_size, "windows": windows, "steps": steps,
                      "warmup": warmup, "data": data_source or f"{len(images)} images",
                      "model": MODEL, "kd_bits": KD_BITS, "typical_workers": workers,
-                     "statistic": "median over windows"},
+                     "statistic": "median over windows",
+                     "schedule": "warm-up of every variant, then round-robin windows (window k of "
+                                 "every variant before window k+1); un-timed re-warm steps before "
+                                 "each later window (DataLoader: its prefetched batches + 1)"},
         "load_average_start": _load_average(),
         "variants": {},
     }
-    for i, name in enumerate(names, 1):
-        variant = _BY_NAME[name]
-        entry: dict[str, Any] = {"label": variant.label}
-        if variant.cuda_only and device.type != "cuda":
-            entry["status"] = SKIPPED_NO_CUDA
-            result["variants"][name] = entry
-            log(f"bench [{i}/{len(names)}] {name}: {SKIPPED_NO_CUDA}")
-            continue
-        runner = variant.build(ctx)
-        try:
-            seconds = time_windows(runner.step, windows=windows, steps=steps,
-                                   warmup=max(warmup, runner.warmup_min), device=device)
-        finally:
+    runners: dict[str, _Runner] = {}
+    try:
+        for name in names:
+            variant = _BY_NAME[name]
+            if variant.cuda_only and device.type != "cuda":
+                result["variants"][name] = {"label": variant.label, "status": SKIPPED_NO_CUDA}
+                log(f"bench: {name}: {SKIPPED_NO_CUDA}")
+                continue
+            runners[name] = variant.build(ctx)
+        times = measure(runners, windows=windows, steps=steps, warmup=warmup, device=device, log=log)
+    finally:
+        for runner in runners.values():
             runner.close()
-        entry.update(_summarise(seconds, steps, batch_size))
-        entry["config"] = runner.info
-        result["variants"][name] = entry
-        log(f"bench [{i}/{len(names)}] {name}: {entry['images_per_s']:.0f} img/s, "
-            f"{entry['step_ms']:.1f} ms/step")
-        del runner
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for name in names:
+        if name in runners:
+            entry = {"label": _BY_NAME[name].label,
+                     **_summarise(times[name]["wall"], steps, batch_size),
+                     "cpu_per_wall_windows": [c / w for c, w in zip(times[name]["cpu"], times[name]["wall"])],
+                     "config": runners[name].info}
+            result["variants"][name] = entry
+    result["variants"] = {n: result["variants"][n] for n in names}  # the variants' own order
+    del runners
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     result["ratios"] = compute_ratios(result["variants"])
     flops = count_train_flops(batch_size, device, probe_batch=flops_probe_batch)

@@ -55,6 +55,8 @@ def test_result_has_every_field(tiny_result):
         assert entry["step_ms"] == statistics.median(entry["step_ms_windows"])
         for ips, ms in zip(entry["images_per_s_windows"], entry["step_ms_windows"]):
             assert ips > 0 and math.isclose(ips * ms / 1000.0, 4)  # steps=1, batch 4
+        assert len(entry["cpu_per_wall_windows"]) == 3
+        assert all(c >= 0 for c in entry["cpu_per_wall_windows"])
     assert set(r["ratios"]) == set(TARGETS)
     assert r["load_average_start"] is None or len(r["load_average_start"]) == 3
 
@@ -79,6 +81,22 @@ def test_resnet20_flop_count_is_the_known_one():
     # ResNet-20 forward at 32x32, 100 classes: ~40.6 M multiply-adds = ~81 MFLOP per image.
     flops = bench.count_train_flops(batch_size=4, probe_batch=2)
     assert flops["forward_per_image"] == pytest.approx(81.1e6, rel=0.01)
+
+
+def test_measure_warms_up_then_interleaves_windows():
+    calls: list[str] = []
+
+    def runner(name: str, **kw) -> bench._Runner:
+        return bench._Runner(lambda: calls.append(name), **kw)
+
+    runners = {"a": runner("a", rewarm=0), "b": runner("b", rewarm=2, warmup_min=3)}
+    times = bench.measure(runners, windows=3, steps=2, warmup=1, device=torch.device("cpu"))
+    assert "".join(calls) == ("a" + "bbb"             # warm-up (b: at least warmup_min)
+                              + "aa" + "bb"           # round 1
+                              + "aa" + "bb" + "bb"    # round 2: b re-warms 2 steps, then 2 timed
+                              + "aa" + "bb" + "bb")   # round 3
+    assert {k: len(v["wall"]) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert all(len(v["cpu"]) == 3 for v in times.values())
 
 
 def test_compute_ratios_targets_and_unmeasured_variants():
