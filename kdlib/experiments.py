@@ -152,8 +152,6 @@ def _dedupe(plan: Iterable[RunConfig]) -> list[RunConfig]:
 # ----------------------------------------------------------------------------- execution
 def load_trained_model(results_dir: str | os.PathLike, run_id: str) -> torch.nn.Module:
     """Rebuild a finished run's model from its record and best-val weights."""
-    from kdlib.models import create_model
-
     record = find_record(results_dir, run_id)
     path = weights_path(results_dir, run_id)
     if record is None or not path.exists():
