@@ -21,6 +21,8 @@ variant                   one training step
                           afresh every step (no freeze), KL as
                           ``kl_div(log_softmax(s/T), softmax(t/T), 'batchmean') * T^2``, and a
                           ``loss.item()`` per step for the running-loss meter
+``data_kdlib``            only the batches of (c), no model: what the data pipeline delivers
+``data_typical``          only the batches of (d) (DataLoader, PIL, 2 workers), no model
 ``kd_w4_bf16``            (CUDA only) (c) under bf16 autocast
 ``kd_w4_compile``         (CUDA only) (c) with ``torch.compile`` of student and teacher
 ``kd_w4_bf16_compile``    (CUDA only) both
@@ -34,9 +36,15 @@ step's conventions, not two different quantizer implementations. With a 32-bit t
 freezing the teacher's quantized weights changes nothing (there is nothing to quantize); it
 matters for teacher-assistant links whose teacher is itself quantized.
 
+The variants are built first, all warmed up, and then timed in interleaved rounds (window k of
+every variant before window k+1), so that a change of load on a shared machine hits every
+variant alike; the process's CPU time per wall second of each window is recorded too (about the
+number of busy threads; lower means the process was waiting or crowded out).
+
 Ratios (all from the median step times of the same run): (c)/(d) speed-up (target >= 3x),
 quantization overhead 4-bit/32-bit and 1-bit/32-bit step time (target <= 1.3x), KD overhead
-(c)/(b, 4-bit) step time (target <= 1.4x). Achieved GFLOP/s of (a): the FLOPs of one
+(c)/(b, 4-bit) step time (target <= 1.4x), and, without a target, the data pipelines alone
+(typical / kdlib time per batch). Achieved GFLOP/s of (a): the FLOPs of one
 forward + backward of the 32-bit ResNet-20 (counted with ``torch.utils.flop_counter``: conv /
 matmul FLOPs only, BatchNorm, ReLU, the loss and the optimizer are not counted) divided by its
 median step time, next to a float32 matmul ceiling measured in the same run.
@@ -68,7 +76,7 @@ from torch import Tensor, nn
 from kdlib.config import RunConfig
 
 __all__ = [
-    "BATCH_SIZE", "WARMUP_STEPS", "TYPICAL_WORKERS", "VARIANTS", "TARGETS",
+    "BATCH_SIZE", "WARMUP_STEPS", "TYPICAL_WORKERS", "VARIANTS", "TARGETS", "INFO_RATIOS",
     "PILImageDataset", "typical_transform", "typical_loader",
     "machine_info", "count_train_flops", "matmul_ceiling", "time_window", "measure",
     "compute_ratios",
@@ -319,6 +327,28 @@ def _typical_kd_step(ctx: _Context) -> _Runner:
     return _Runner(step, batches.close, info, rewarm=in_flight + 1, batch_size=ctx.batch_size)
 
 
+def _data_only(typical: bool) -> Callable[[_Context], _Runner]:
+    """Only the batches of (c) or (d), no model: what the data pipeline alone can deliver."""
+    def build(ctx: _Context) -> _Runner:
+        if typical:
+            loader = typical_loader(ctx.images, ctx.labels, ctx.batch_size, workers=ctx.workers,
+                                    seed=ctx.seed, pin_memory=ctx.device.type == "cuda")
+            batches = _endless(loader)
+
+            def step() -> None:
+                x, y = next(batches)
+                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+
+            in_flight = loader.num_workers * (loader.prefetch_factor or 0)
+            return _Runner(step, batches.close, {"pipeline": "torch.utils.data.DataLoader over PIL "
+                                                 "images", "loader": _loader_info(loader)},
+                           rewarm=in_flight + 1, batch_size=ctx.batch_size)
+        batches = _device_batches(ctx.images_dev, ctx.labels_dev, ctx.batch_size, ctx.seed)
+        return _Runner(lambda: next(batches), batches.close,
+                       {"pipeline": "kdlib.data.train_batches on device"}, batch_size=ctx.batch_size)
+    return build
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -333,6 +363,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("w1a1", "(b) 1-bit step (DoReFa w1a1)", _plain_step(1)),
     Variant("kd_w4", "(c) KD 4-bit ← 32-bit, kdlib", _kd_step()),
     Variant("kd_w4_typical", "(d) KD 4-bit ← 32-bit, typical pipeline", _typical_kd_step),
+    Variant("data_kdlib", "data only: batches of (c)", _data_only(typical=False)),
+    Variant("data_typical", "data only: batches of (d)", _data_only(typical=True)),
     Variant("kd_w4_bf16", "(c) + bf16 autocast", _kd_step(bf16=True), cuda_only=True),
     Variant("kd_w4_compile", "(c) + torch.compile", _kd_step(compile=True), cuda_only=True),
     Variant("kd_w4_bf16_compile", "(c) + bf16 + torch.compile", _kd_step(bf16=True, compile=True),
@@ -348,6 +380,12 @@ TARGETS: dict[str, tuple[str, str, str, str, float]] = {
     "quant_overhead_w4": ("quantization overhead, 4-bit / 32-bit step time", "w4a4", "fp32", "<=", 1.3),
     "quant_overhead_w1": ("quantization overhead, 1-bit / 32-bit step time", "w1a1", "fp32", "<=", 1.3),
     "kd_overhead_w4": ("KD overhead, KD 4-bit (c) / plain 4-bit step time", "kd_w4", "w4a4", "<=", 1.4),
+}
+# Informational ratios (no target), same definition.
+INFO_RATIOS: dict[str, tuple[str, str, str]] = {
+    "data_speedup_vs_typical": ("data pipeline alone, kdlib vs typical (time per batch, typical / "
+                                "kdlib; it bounds (c)/(d) where the model step is short, e.g. on a GPU)",
+                                "data_typical", "data_kdlib"),
 }
 
 
@@ -486,14 +524,19 @@ def _load_average() -> list[float] | None:
 
 
 def compute_ratios(variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The :data:`TARGETS` ratios from the variants' median step times (None if not measured)."""
+    """The :data:`TARGETS` and :data:`INFO_RATIOS` ratios from the variants' median step times
+    (value None if not measured; ``met`` None if not measured or without a target)."""
     out = {}
-    for key, (what, num, den, op, target) in TARGETS.items():
+    specs = ([(k, *v) for k, v in TARGETS.items()]
+             + [(k, *v, None, None) for k, v in INFO_RATIOS.items()])
+    for key, what, num, den, op, target in specs:
         a, b = variants.get(num, {}), variants.get(den, {})
         value = None
         if a.get("status") == "ok" and b.get("status") == "ok":
             value = a["step_ms"] / b["step_ms"]
-        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        met = None
+        if value is not None and target is not None:
+            met = value >= target if op == ">=" else value <= target
         out[key] = {"what": what, "value": value, "numerator": num, "denominator": den,
                     "definition": f"step_ms[{num}] / step_ms[{den}]", "target": target, "op": op,
                     "met": met}
@@ -570,9 +613,9 @@ def run_benchmark(images: Tensor, labels: Tensor, *, batch_size: int = BATCH_SIZ
             runner.close()
     for name in names:
         if name in runners:
-            entry = {"label": _BY_NAME[name].label,
-                     **_summarise(times[name]["wall"], steps, batch_size),
-                     "cpu_per_wall_windows": [c / w for c, w in zip(times[name]["cpu"], times[name]["wall"])],
+            wall, cpu = times[name]["wall"], times[name]["cpu"]
+            entry = {"label": _BY_NAME[name].label, **_summarise(wall, steps, batch_size),
+                     "cpu_per_wall_windows": [c / w for c, w in zip(cpu, wall)],
                      "config": runners[name].info}
             result["variants"][name] = entry
     result["variants"] = {n: result["variants"][n] for n in names}  # the variants' own order
@@ -601,7 +644,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown: table of variants, ratios with targets, machine and settings."""
     m, s = result.get("machine", {}), result.get("settings", {})
     variants = result.get("variants", {})
-    fp32_ms = variants.get("fp32", {}).get("step_ms") if variants.get("fp32", {}).get("status") == "ok" else None
+    fp32 = variants.get("fp32", {})
+    fp32_ms = fp32.get("step_ms") if fp32.get("status") == "ok" else None
     lines = ["| variant | images/s (median) | ms/step | images/s, all windows | step time vs (a) |",
              "|---|---:|---:|---|---:|"]
     order = [v.name for v in VARIANTS if v.name in variants] + [n for n in variants if n not in _BY_NAME]
@@ -612,17 +656,22 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {label} `{name}` | {v.get('status', 'n/a')} | | | |")
             continue
         windows = " ".join(f"{x:.0f}" for x in v.get("images_per_s_windows", []))
-        rel = f"{v['step_ms'] / fp32_ms:.2f}×" if fp32_ms else "n/a"
+        rel = "n/a"
+        if fp32_ms:
+            digits = 2 if v["step_ms"] >= fp32_ms / 10 else 3
+            rel = f"{v['step_ms'] / fp32_ms:.{digits}f}×"
         lines.append(f"| {label} `{name}` | {v['images_per_s']:.0f} | {v['step_ms']:.1f} | "
                      f"{windows} | {rel} |")
     lines.append("")
     ratios = result.get("ratios", {})
     for key in [k for k in TARGETS if k in ratios] + [k for k in ratios if k not in TARGETS]:
         r = ratios[key]
-        verdict = "not measured" if r.get("met") is None else ("**met**" if r["met"] else "**missed**")
         value = "n/a" if r.get("value") is None else f"{r['value']:.2f}×"
-        lines.append(f"- {r['what']}: {value} (target {r['op']} "
-                     f"{r['target']:g}×) — {verdict}")
+        if r.get("target") is None:
+            lines.append(f"- {r['what']}: {value} (no target)")
+            continue
+        verdict = "not measured" if r.get("met") is None else ("**met**" if r["met"] else "**missed**")
+        lines.append(f"- {r['what']}: {value} (target {r['op']} {r['target']:g}×) — {verdict}")
     f = result.get("flops", {})
     if f:
         mm = f.get("matmul", {})
@@ -641,7 +690,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"({m.get('threads')} torch threads){gpu}, device {m.get('device')}, torch {m.get('torch')}, "
         f"{result.get('date', '?')}{load_txt}. Batch {s.get('batch_size')}, median of "
         f"{s.get('windows')} windows × {s.get('steps')} steps after {s.get('warmup')} warm-up steps, "
-        f"on {s.get('data')}; data loading included in every variant. `make bench` reproduces it.")
+        f"interleaved across variants, on {s.get('data')}; data loading included in every "
+        f"variant. `make bench` reproduces it.")
     return "\n".join(lines)
 
 
@@ -662,14 +712,12 @@ def main(args: argparse.Namespace) -> int:
     warmup = WARMUP_STEPS if warmup is None else warmup
     root = resolve_data_root(getattr(args, "data_dir", None))
     images, labels = load_cifar100(root, train=True)
-    train_size = getattr(args, "train_size", None)  # tests only: a leading slice
-    if train_size:
-        images, labels = images[:train_size], labels[:train_size]
     result = run_benchmark(
         images, labels, batch_size=batch_size, windows=windows, steps=steps, warmup=warmup,
         device=getattr(args, "device", None) or None, variants=getattr(args, "variants", None),
-        data_source=f"CIFAR-100 training set, {len(images)} images ({root})",
+        data_source=f"CIFAR-100 training set, {len(images)} images",
         matmul_size=getattr(args, "matmul_size", None) or MATMUL_SIZE)
+    result["settings"]["data_root"] = str(root)
     out = Path(getattr(args, "out", None) or "results/bench")
     path = out / f"{_safe_host(result['machine']['host'])}.json"
     write_json_atomic(path, result)

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from kdlib import bench
-from kdlib.bench import (SKIPPED_NO_CUDA, TARGETS, VARIANTS, PILImageDataset, compute_ratios,
-                         render_markdown, run_benchmark, typical_loader)
+from kdlib.bench import (INFO_RATIOS, SKIPPED_NO_CUDA, TARGETS, VARIANTS, PILImageDataset,
+                         compute_ratios, render_markdown, run_benchmark, typical_loader)
 
 TINY = dict(batch_size=4, windows=3, steps=1, warmup=0, matmul_size=32, matmul_reps=2,
             flops_probe_batch=2)
-OK_VARIANTS = [v.name for v in VARIANTS if not v.cuda_only or torch.cuda.is_available()]
 
 
 def _images(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +56,7 @@ def test_result_has_every_field(tiny_result):
             assert ips > 0 and math.isclose(ips * ms / 1000.0, 4)  # steps=1, batch 4
         assert len(entry["cpu_per_wall_windows"]) == 3
         assert all(c >= 0 for c in entry["cpu_per_wall_windows"])
-    assert set(r["ratios"]) == set(TARGETS)
+    assert set(r["ratios"]) == set(TARGETS) | set(INFO_RATIOS)
     assert r["load_average_start"] is None or len(r["load_average_start"]) == 3
 
 
@@ -68,6 +67,10 @@ def test_ratios_are_computed_from_the_measured_step_times(tiny_result):
         assert ratio["value"] == pytest.approx(v[num]["step_ms"] / v[den]["step_ms"], rel=1e-12)
         assert ratio["target"] == target and ratio["op"] == op
         assert ratio["met"] == (ratio["value"] >= target if op == ">=" else ratio["value"] <= target)
+    for key, (_, num, den) in INFO_RATIOS.items():
+        ratio = tiny_result["ratios"][key]
+        assert ratio["value"] == pytest.approx(v[num]["step_ms"] / v[den]["step_ms"], rel=1e-12)
+        assert ratio["target"] is None and ratio["met"] is None
     f = tiny_result["flops"]
     assert f["train_per_step"] == pytest.approx(f["train_per_image"] * 4)
     assert f["train_per_image"] > 2.5 * f["forward_per_image"] > 0  # backward ~ 2x forward
@@ -125,6 +128,7 @@ def test_typical_variant_uses_a_dataloader_with_workers_over_pil_images(tiny_res
         "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
     assert "padding=4" in loader["transforms"][0]
     assert config["loss_item_per_step"] and "no no_grad" in config["teacher"]
+    assert tiny_result["variants"]["data_typical"]["config"]["loader"]["num_workers"] == 2
     # ours: on-device batches, teacher under inference_mode with frozen quantized weights
     ours = tiny_result["variants"]["kd_w4"]["config"]
     assert "train_batches" in ours["pipeline"] and "inference_mode" in ours["teacher"]
@@ -157,7 +161,8 @@ def test_pil_dataset_keeps_pixels_and_layout():
 def test_render_markdown_shows_every_variant_ratio_and_the_machine(tiny_result):
     # sort_keys as in the written file: the table keeps the variants' own order anyway
     md = render_markdown(json.loads(json.dumps(tiny_result, sort_keys=True)))
-    rows = [line for line in md.splitlines() if line.startswith("| (")]
+    lines = md.splitlines()
+    rows = lines[2:lines.index("")]  # after the header and the separator
     assert [r.split("`")[1] for r in rows] == [v.name for v in VARIANTS]
     for v in VARIANTS:
         assert v.label in md
@@ -168,8 +173,11 @@ def test_render_markdown_shows_every_variant_ratio_and_the_machine(tiny_result):
         ratio = tiny_result["ratios"][key]
         assert f"{ratio['value']:.2f}×" in line
         assert ("**met**" if ratio["met"] else "**missed**") in line
+    for key, (what, *_rest) in INFO_RATIOS.items():
+        line = next(line for line in lines if line.startswith(f"- {what}:"))
+        assert line.endswith("(no target)") and f"{tiny_result['ratios'][key]['value']:.2f}×" in line
     m = tiny_result["machine"]
-    machine_line = md.splitlines()[-1]
+    machine_line = lines[-1]
     for text in (m["host"], m["cpu_model"], f"{m['cores']} cores", m["torch"], tiny_result["date"]):
         assert str(text) in machine_line
     assert "GFLOP/s" in md and "matmul" in md
@@ -230,5 +238,6 @@ def test_cli_bench_bad_argument_is_a_one_line_error(tmp_path, capsys):
 def test_bench_on_real_cifar100(tmp_path, real_data_root):
     assert bench.main(_args(tmp_path, real_data_root, variants=["kd_w4", "kd_w4_typical"])) == 0
     result = json.loads(next((tmp_path / "bench").iterdir()).read_text())
-    assert "CIFAR-100 training set, 50000 images" in result["settings"]["data"]
+    assert result["settings"]["data"] == "CIFAR-100 training set, 50000 images"
+    assert result["settings"]["data_root"] == str(real_data_root.absolute())
     assert result["ratios"]["kd_speedup_vs_typical"]["value"] > 0
