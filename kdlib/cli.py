@@ -15,6 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from kdlib.bench import main as bench_main
+from kdlib.checks import format_bits, parse_bits
+from kdlib.experiments import execute
+from kdlib.presets import build_config, get_preset
+from kdlib.report import render_readme
+from kdlib.results import load_results, summarise
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("01_baseline", "02_ta_chain", "03_individual", "04_results")
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -49,10 +56,10 @@ def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) 
         "overrides": parse_overrides(args.set), "device": args.device or "",
     }
     if name == "02_ta_chain" and args.chain:
-        params["chain"] = [int(b) if b.isdigit() else b for b in args.chain]
+        params["chain"] = [format_bits(*parse_bits(b)) for b in args.chain]
     if name == "03_individual":
         if args.bits:
-            params["bits"] = [int(b) if b.isdigit() else b for b in args.bits]
+            params["bits"] = [format_bits(*parse_bits(b)) for b in args.bits]
         if args.methods:
             params["methods"] = list(args.methods)
     if name == "04_results":
@@ -78,9 +85,7 @@ def _start_log(folder: Path, echo: bool) -> Path:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    import papermill
-
-    from kdlib.presets import get_preset
+    import papermill  # lazy: a heavy import (jupyter client) only `run` needs
 
     get_preset(args.preset)  # fail fast on an unknown preset
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
@@ -106,9 +111,6 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from kdlib.experiments import execute
-    from kdlib.presets import build_config
-
     overrides = {**parse_overrides(args.set), "method": args.method, "seed": args.seed,
                  "teacher_id": args.teacher_id, "init_id": args.init_id}
     if args.w_bits is not None:
@@ -125,8 +127,6 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_summary(args: argparse.Namespace) -> int:
-    from kdlib.results import load_results, summarise
-
     frame = load_results(args.results_dir)
     if frame.empty:
         raise UserError(f"no run records in {Path(args.results_dir) / 'runs'}")
@@ -135,8 +135,6 @@ def command_summary(args: argparse.Namespace) -> int:
 
 
 def command_readme(args: argparse.Namespace) -> int:
-    from kdlib.report import render_readme
-
     readme = REPO_ROOT / "README.md"
     text = readme.read_text()
     updated = render_readme(text, args.results_dir, args.bench_dir)
@@ -151,8 +149,6 @@ def command_readme(args: argparse.Namespace) -> int:
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    from kdlib.bench import main as bench_main
-
     return bench_main(args)
 
 

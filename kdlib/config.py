@@ -12,11 +12,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_BITS_HINT = "an integer in 1..16 or 32 (usual: 1, 2, 3, 4, 8, 16, 32)"
+from kdlib.checks import QUANTIZERS, check_bits, check_num_classes
+from kdlib.models import list_models
+
 METHODS = ("teacher", "individual", "finetune", "direct_kd", "ta_chain")
-QUANTIZERS = ("dorefa", "pact", "lsq")
 SCHEDULES = ("cosine", "multistep")
 KD_MODES = ("hinton", "apprentice")
+KD_METHODS = ("direct_kd", "ta_chain")  # methods that distil from a teacher
+# Fields that change how fast a run goes, never what it computes: left out of the run id, and
+# a checkpoint written with other values resumes.
+EXECUTION_ONLY_FIELDS = ("eval_batch_size", "preset")
 
 
 @dataclass
@@ -85,18 +90,9 @@ class RunConfig:
         Execution-only fields (eval batch size) are left out; bf16/compile/channels_last are
         kept because they change the numbers.
         """
-        d = self.to_dict()
-        d.pop("eval_batch_size")
-        d.pop("preset")
+        d = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY_FIELDS}
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.model}-{self.method}-w{self.w_bits}a{self.a_bits}-s{self.seed}-{digest}"
-
-
-def check_bits(value: Any, name: str = "bits") -> int:
-    """Accept 1..16 or 32 (ints only); anything else -> ValueError naming value and range."""
-    if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 16 or value == 32):
-        raise ValueError(f"{name}={value!r} is not supported; accepted: {SUPPORTED_BITS_HINT}")
-    return value
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -121,8 +117,6 @@ def _check_number(value: Any, name: str, *, low: float, high: float | None = Non
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every field once; raise ValueError naming the bad field, value and what is accepted."""
-    from kdlib.models import list_models  # local import: models import quant, not config
-
     if cfg.model not in list_models():
         raise ValueError(f"model={cfg.model!r} is unknown; accepted: {', '.join(list_models())}")
     check_bits(cfg.w_bits, "w_bits")
@@ -131,7 +125,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_choice(cfg.method, "method", METHODS)
     _check_choice(cfg.schedule, "schedule", SCHEDULES)
     _check_choice(cfg.kd_mode, "kd_mode", KD_MODES)
-    _check_number(cfg.num_classes, "num_classes", low=2, integer=True)
+    check_num_classes(cfg.num_classes)
     _check_number(cfg.seed, "seed", low=0, integer=True)
     _check_number(cfg.split_seed, "split_seed", low=0, integer=True)
     _check_number(cfg.epochs, "epochs", low=1, integer=True)

@@ -19,36 +19,26 @@ import contextlib
 import datetime as _dt
 import fcntl
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from kdlib.config import RunConfig, check_bits
+from kdlib.checks import BitsSpec, parse_bits
+from kdlib.config import RunConfig
+from kdlib.data import load_splits
+from kdlib.fileio import torch_save_atomic
+from kdlib.models import create_model
+from kdlib.quant import model_size_report, transfer_weights
 from kdlib.presets import STUDENT_METHODS, build_config, get_preset
-from kdlib.results import (checkpoint_path, environment_info, find_record, save_record,
+from kdlib.results import (METRIC_FIELDS, checkpoint_path, environment_info, find_record, save_record,
                            weights_path)
-
-BitsSpec = int | str | tuple[int, int]
+from kdlib.train import fit, pick_device
 
 
 # ----------------------------------------------------------------------------- bits & seeds
-def parse_bits(spec: BitsSpec) -> tuple[int, int]:
-    """``4`` -> (4, 4); ``"4/8"`` or ``(4, 8)`` -> weights 4, activations 8."""
-    if isinstance(spec, str) and "/" in spec:
-        parts = spec.split("/")
-        try:
-            w, a = (int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"bits={spec!r} is not 'W/A' with integer W and A, e.g. '4/8'") from None
-    elif isinstance(spec, (tuple, list)) and len(spec) == 2:
-        w, a = spec
-    else:
-        w = a = spec
-    return check_bits(w, "w_bits"), check_bits(a, "a_bits")
-
-
 def check_chain(chain: Sequence[BitsSpec], *, has_teacher: bool = False) -> list[tuple[int, int]]:
     """A TA chain: at least two links, strictly descending, starting at 32 bits unless a
     trained teacher run is given to stand at its head."""
@@ -164,8 +154,6 @@ def load_trained_model(results_dir: str | os.PathLike, run_id: str) -> torch.nn.
 
 
 def _build_model(cfg: RunConfig) -> torch.nn.Module:
-    from kdlib.models import create_model
-
     torch.manual_seed(cfg.seed)  # same seed -> same initial weights
     return create_model(cfg.model, num_classes=cfg.num_classes, w_bits=cfg.w_bits,
                         a_bits=cfg.a_bits, quantizer=cfg.quantizer,
@@ -174,8 +162,6 @@ def _build_model(cfg: RunConfig) -> torch.nn.Module:
 
 def check_writable(results_dir: str | os.PathLike) -> None:
     """Raise PermissionError naming the folder when run records cannot be written there."""
-    import tempfile
-
     runs = Path(results_dir) / "runs"
     try:
         runs.mkdir(parents=True, exist_ok=True)
@@ -194,8 +180,6 @@ class _DataCache:
         self._cache: dict[tuple, Any] = {}
 
     def get(self, cfg: RunConfig):
-        from kdlib.data import load_splits
-
         key = (cfg.split_seed, cfg.val_size, cfg.train_size, cfg.test_size)
         if key not in self._cache:
             self._cache[key] = load_splits(self.data_dir, val_size=cfg.val_size,
@@ -234,9 +218,6 @@ def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=No
 
 def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
                       progress: bool = True) -> dict[str, Any]:
-    from kdlib.quant import model_size_report, transfer_weights
-    from kdlib.train import fit, pick_device
-
     run_id = cfg.run_id()
     device = pick_device(device)
     model = _build_model(cfg)
@@ -246,16 +227,12 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
     started = time.time()
     result = fit(model, data, cfg, teacher=teacher, checkpoint_path=checkpoint_path(results_dir, run_id),
                  device=device, progress=progress)
-    from kdlib.fileio import torch_save_atomic
-
     torch_save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
                       weights_path(results_dir, run_id))
     record = {
         "run_id": run_id,
         "config": cfg.to_dict(),
-        "metrics": {k: getattr(result, k) for k in (
-            "best_epoch", "best_val_top1", "best_val_top5", "test_top1", "test_top5",
-            "final_test_top1", "final_test_top5")},
+        "metrics": {k: getattr(result, k) for k in METRIC_FIELDS},
         "history": result.history,
         "wall_time_s": result.wall_time_s,
         "images_per_s": result.train_images_per_s,

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+import torch
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
@@ -41,7 +43,5 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    import torch
-
     with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,13 +23,6 @@ PUBLISHED_AS = {"individual": "individual", "kd_no_ta": "direct_kd", "ta_chain":
 def palette() -> dict[str, Any]:
     colors = sns.color_palette("colorblind", len(METHOD_ORDER))
     return dict(zip(METHOD_ORDER, colors))
-
-
-def load_published(model: str = "resnet20") -> pd.DataFrame:
-    """Published CIFAR-100 top-1 numbers shipped with kdlib (see kdlib/reference/)."""
-    with resources.files("kdlib.reference").joinpath("published.csv").open() as handle:
-        frame = pd.read_csv(handle)
-    return frame[frame["model"] == model].reset_index(drop=True)
 
 
 def _bit_positions(bits: Sequence[int]) -> dict[int, int]:

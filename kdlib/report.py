@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdlib.results import load_results, results_table, summarise
+from kdlib.results import load_published, load_results, results_table, summarise
 
 
 def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
@@ -58,8 +58,6 @@ def render_results(results_dir: str | os.PathLike) -> str:
 
 def published_table(model: str) -> pd.DataFrame:
     """The published top-1 per source/method × bit width, in the README's column order."""
-    from kdlib.plots import load_published
-
     pub = load_published(model)
     pub = pub[pub["w_bits"] == pub["a_bits"]]
     table = pub.pivot_table(index=["source", "method"], columns="w_bits", values="top1", aggfunc="first")

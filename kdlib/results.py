@@ -15,11 +15,17 @@ import platform
 import socket
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pandas as pd
+import torch
+import torchvision
+from scipy import stats
 
+import kdlib
 from kdlib.fileio import write_json_atomic
 
 RECORD_VERSION = 1
@@ -57,12 +63,6 @@ def git_commit() -> str | None:
 
 
 def environment_info() -> dict[str, Any]:
-    import numpy
-    import torch
-    import torchvision
-
-    import kdlib
-
     return {
         "host": socket.gethostname(),
         "platform": platform.platform(),
@@ -127,10 +127,15 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     return frame
 
 
+def load_published(model: str = "resnet20") -> pd.DataFrame:
+    """Published CIFAR-100 top-1 numbers shipped with kdlib (see kdlib/reference/)."""
+    with resources.files("kdlib.reference").joinpath("published.csv").open() as handle:
+        frame = pd.read_csv(handle)
+    return frame[frame["model"] == model].reset_index(drop=True)
+
+
 def t_interval_halfwidth(std: float, n: int, confidence: float = 0.95) -> float:
     """Half-width of the Student-t confidence interval of a mean; NaN for n < 2."""
-    from scipy import stats
-
     if n < 2 or not math.isfinite(std):
         return float("nan")
     return float(stats.t.ppf(0.5 + confidence / 2, df=n - 1) * std / math.sqrt(n))

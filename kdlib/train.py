@@ -1,6 +1,8 @@
-"""One flat training loop: :func:`fit`, :func:`evaluate`, :func:`pick_device`.
+"""The training loop: :func:`fit` over :func:`train_epoch` over :func:`kdlib.step.train_step`.
 
-``fit`` trains ``model`` on ``data.train_*`` with the hyperparameters of one
+``fit`` is a short orchestration of named pieces: resume from a checkpoint (``_resume``), one
+epoch (:func:`train_epoch`), the batch loss (:func:`kdlib.step.batch_loss`), a validation row
+per epoch, and the final test evaluation (``_test_at_final_and_best``). It trains ``model`` on ``data.train_*`` with the hyperparameters of one
 :class:`~kdlib.config.RunConfig`, selects the epoch with the best validation top-1, evaluates the
 test split for the record only (at the best-val weights and at the final weights), and returns
 a :class:`FitResult` with ``model`` holding the best-val weights.
@@ -55,52 +57,25 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch import Tensor
+from tqdm.auto import tqdm
+from tqdm.std import tqdm as text_tqdm
 
-from kdlib.config import RunConfig, validate
-from kdlib.losses import apprentice_losses, ce_loss, kd_loss
+from kdlib.checkpoints import CHECKPOINT_FORMAT, config_differences, cpu_state, load_checkpoint
+from kdlib.config import RunConfig
+from kdlib.data import eval_batches, train_batches
+from kdlib.device import pick_device, sync
+from kdlib.fileio import torch_save_atomic
 from kdlib.schedules import lr_at
+from kdlib.step import Trainer, frozen_teacher, make_trainer, train_step
 
-CHECKPOINT_FORMAT = 1
+__all__ = ["fit", "evaluate", "FitResult", "NonFiniteLossError", "pick_device", "load_checkpoint",
+           "train_epoch"]
+
 NONFINITE_CHECK_EVERY = 25  # steps between reads of the device-side non-finite flag
-KD_METHODS = ("direct_kd", "ta_chain")
-# Fields that do not change what is trained (same as RunConfig.run_id leaves out).
-CONFIG_FIELDS_IGNORED_ON_RESUME = ("eval_batch_size", "preset")
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became nan or inf; the message names the epoch and step."""
-
-
-# ----------------------------------------------------------------------------- device
-def pick_device(preference: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"``: cuda if available else cpu. ``"cpu"``, ``"cuda"``, ``"cuda:N"``: forced;
-    a CUDA device that is not available raises ``ValueError``."""
-    if preference is None or preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(preference)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={preference!r} is unknown; accepted: None, 'auto', 'cpu', 'cuda', "
-                         "'cuda:N'") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={preference!r} was requested but CUDA is not available here; "
-                             "use 'cpu' or None (auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={preference!r}: only {torch.cuda.device_count()} CUDA device(s)")
-        return device
-    raise ValueError(f"device={preference!r} is not supported; accepted: None, 'auto', 'cpu', 'cuda'")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -112,8 +87,6 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     Runs in ``eval()`` under ``torch.inference_mode()`` (the model's train/eval mode is restored
     afterwards). ``device=None``: the device of the model's parameters.
     """
-    from kdlib.data import eval_batches
-
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -130,7 +103,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     try:
         with torch.inference_mode():
             for x, y in eval_batches(images, labels, batch_size, channels_last=channels_last):
-                with _autocast(device, bf16):
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = model(x)
                 logits = logits.float()
                 loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
@@ -168,90 +141,17 @@ class FitResult:
         return cls(**d)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def _save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
-    from kdlib.fileio import torch_save_atomic
-
-    torch_save_atomic(ckpt, path)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a fit() checkpoint (``weights_only=True``); unreadable -> ``ValueError`` naming it."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # truncated zip, pickle garbage, forbidden globals, ...
-        raise ValueError(f"checkpoint {str(path)!r} is corrupted or not a kdlib checkpoint "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                         "it was left in place: delete or move it to start this run over") from exc
-    required = ("format", "config", "epoch", "model", "optimizer", "history", "best",
-                "train_seconds", "train_images", "wall_time_s")
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint {str(path)!r} is not a kdlib fit() checkpoint (missing "
-                         f"{missing}); it was left in place: delete or move it to start over")
-    if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {str(path)!r} has format {ckpt['format']!r}; this kdlib "
-                         f"reads format {CHECKPOINT_FORMAT}")
-    return ckpt
-
-
-def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """Names of the fields that change training and differ between ``stored`` and ``cfg``."""
-    current = cfg.to_dict()
-    names = sorted(set(stored) | set(current))
-    return [n for n in names if n not in CONFIG_FIELDS_IGNORED_ON_RESUME
-            and stored.get(n, "<missing>") != current.get(n, "<missing>")]
-
-
-# ----------------------------------------------------------------------------- helpers
-def _make_optimizer(module: nn.Module, cfg: RunConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=bool(cfg.nesterov and cfg.momentum > 0),
-                           weight_decay=cfg.weight_decay)
-
-
-def _set_lr(optimizers, lr: float) -> None:
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = lr
-
-
+# ----------------------------------------------------------------------------- one epoch
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63 - 1)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
     """tqdm.auto bar (notebook widget or text); plain text bar if ipywidgets are missing."""
-    from tqdm.auto import tqdm
-
     try:
         return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
     except ImportError:  # tqdm.notebook without ipywidgets
-        from tqdm.std import tqdm as text_tqdm
-
         return text_tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr)
-
-
-def _kd_mode(cfg: RunConfig, teacher: nn.Module | None) -> str:
-    """'plain', 'hinton' or 'apprentice'; ValueError on a method/teacher mismatch."""
-    if cfg.method in KD_METHODS and teacher is None:
-        raise ValueError(f"method={cfg.method!r} distils from a teacher but fit() got teacher=None; "
-                         "pass the teacher model")
-    if teacher is not None and cfg.method not in KD_METHODS:
-        raise ValueError(f"fit() got a teacher but method={cfg.method!r} does not use one; "
-                         f"teacher-using methods: {', '.join(KD_METHODS)}")
-    if teacher is None:
-        return "plain"
-    if cfg.kd_mode not in ("hinton", "apprentice"):
-        raise ValueError(f"kd_mode={cfg.kd_mode!r} is unknown; accepted: hinton, apprentice")
-    return cfg.kd_mode
 
 
 def _format_summary(row: dict, epochs: int, is_best: bool) -> str:
@@ -264,7 +164,138 @@ def _format_summary(row: dict, epochs: int, is_best: bool) -> str:
     return line + ("  *best" if is_best else "")
 
 
+def train_epoch(trainer: Trainer, data, epoch: int, *, progress: bool = True,
+                checkpoint: Path | None = None) -> dict[str, float]:
+    """Train one epoch of ``data.train_*`` (already on the trainer's device).
+
+    Returns ``train_loss`` and ``train_top1`` (means over the epoch's batches), ``steps`` and
+    ``train_seconds``. Metrics accumulate on the device; the host reads them once at the end,
+    plus the non-finite flag every ``NONFINITE_CHECK_EVERY`` steps (``checkpoint`` is only named
+    in that error).
+    """
+    cfg, device = trainer.cfg, trainer.device
+    n_train = int(data.train_labels.shape[0])
+    steps = n_train // cfg.batch_size  # train_batches drops the last partial batch
+    epoch_start = time.perf_counter()
+    torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+    trainer.model.train()
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    bar = _progress_bar(steps, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+    batches = train_batches(data.train_images, data.train_labels, cfg.batch_size,
+                            seed=cfg.seed, epoch=epoch, channels_last=cfg.channels_last)
+    step = -1
+    try:
+        for step, (x, y) in enumerate(batches):
+            loss, total, logits = train_step(trainer, x, y, lr_at(epoch + step / steps, cfg))
+            with torch.no_grad():
+                loss_sum += loss
+                correct += (logits.argmax(dim=1) == y).sum()
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total), step, bad_step)
+            bar.update(1)
+            if (step + 1) % NONFINITE_CHECK_EVERY == 0:
+                _raise_if_nonfinite(bad_step, epoch, steps, checkpoint)
+    finally:
+        bar.close()
+    if step + 1 != steps:
+        raise RuntimeError(f"train_batches yielded {step + 1} batches, expected {steps} "
+                           f"({n_train} images // batch_size {cfg.batch_size})")
+    sync(device)
+    seconds = time.perf_counter() - epoch_start
+    _raise_if_nonfinite(bad_step, epoch, steps, checkpoint)
+    return {"train_loss": loss_sum.item() / steps,
+            "train_top1": 100.0 * correct.item() / (steps * cfg.batch_size),
+            "steps": steps, "train_seconds": seconds}
+
+
 # ----------------------------------------------------------------------------- fit
+@dataclass
+class _Progress:
+    """What survives an interruption: written into every checkpoint, read back on resume."""
+
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_top1": -math.inf,
+                                                "val_top5": float("nan"), "state": None})
+    train_seconds: float = 0.0
+    train_images: int = 0
+    wall_before: float = 0.0  # wall seconds of earlier sessions
+    epochs_done: int = 0
+    result: dict | None = None  # set once the run has finished
+
+
+def _resume(path: Path | None, trainer: Trainer) -> _Progress:
+    """The progress stored in ``path`` (model and optimizers restored from it), or a fresh one."""
+    cfg = trainer.cfg
+    if path is None or not path.exists():
+        return _Progress()
+    ckpt = load_checkpoint(path)
+    diff = config_differences(ckpt["config"], cfg)
+    if diff:
+        detail = ", ".join(f"{n}: checkpoint {ckpt['config'].get(n, '<missing>')!r} vs "
+                           f"now {cfg.to_dict().get(n, '<missing>')!r}" for n in diff)
+        raise ValueError(f"checkpoint {str(path)!r} was written with a different config "
+                         f"(fields {diff}: {detail}); use another checkpoint path or delete it")
+    if ckpt["epoch"] > cfg.epochs:
+        raise ValueError(f"checkpoint {str(path)!r} is at epoch {ckpt['epoch']} > epochs={cfg.epochs}")
+    try:
+        trainer.model.load_state_dict(ckpt["model"])
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        if trainer.mode == "apprentice":
+            trainer.teacher.load_state_dict(ckpt["teacher"])
+            trainer.teacher_optimizer.load_state_dict(ckpt["teacher_optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise ValueError(f"checkpoint {str(path)!r} does not fit this model/teacher: {exc}") from exc
+    return _Progress(history=[dict(row) for row in ckpt["history"]], best=dict(ckpt["best"]),
+                     train_seconds=float(ckpt["train_seconds"]),
+                     train_images=int(ckpt["train_images"]), wall_before=float(ckpt["wall_time_s"]),
+                     epochs_done=int(ckpt["epoch"]), result=ckpt.get("result"))
+
+
+def _save_checkpoint(path: Path | None, trainer: Trainer, progress: _Progress, wall: float,
+                     model_state: dict | None = None) -> None:
+    if path is None:
+        return
+    ckpt = {"format": CHECKPOINT_FORMAT, "config": trainer.cfg.to_dict(),
+            "epoch": progress.epochs_done,
+            "model": model_state if model_state is not None else cpu_state(trainer.model),
+            "optimizer": trainer.optimizer.state_dict(), "history": progress.history,
+            "best": progress.best, "train_seconds": progress.train_seconds,
+            "train_images": progress.train_images, "wall_time_s": progress.wall_before + wall,
+            "result": progress.result}
+    if trainer.mode == "apprentice":
+        ckpt["teacher"] = cpu_state(trainer.teacher)
+        ckpt["teacher_optimizer"] = trainer.teacher_optimizer.state_dict()
+    torch_save_atomic(ckpt, path)
+
+
+def _validation_row(trainer: Trainer, data, epoch: int, epoch_stats: dict, started: float,
+                    ev: dict) -> dict:
+    """The history row of one finished epoch: training metrics plus a validation pass."""
+    val = evaluate(trainer.forward, data.val_images, data.val_labels, **ev)
+    row = {"epoch": epoch + 1, "lr": lr_at(epoch, trainer.cfg),
+           "train_loss": epoch_stats["train_loss"], "train_top1": epoch_stats["train_top1"],
+           "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
+    if trainer.mode == "apprentice":
+        row["teacher_val_top1"] = evaluate(trainer.teacher_forward, data.val_images,
+                                           data.val_labels, **ev)["top1"]
+    row["seconds"] = time.perf_counter() - started
+    row["images_per_s"] = (epoch_stats["steps"] * trainer.cfg.batch_size
+                           / max(epoch_stats["train_seconds"], 1e-9))
+    return row
+
+
+def _test_at_final_and_best(trainer: Trainer, data, progress: _Progress,
+                            ev: dict) -> tuple[dict, dict]:
+    """Test metrics at the final weights, then at the best-val weights (left in the model).
+    When the last epoch was the best one the weights are the same: one test pass."""
+    final = evaluate(trainer.forward, data.test_images, data.test_labels, **ev)
+    trainer.model.load_state_dict(progress.best["state"])
+    if progress.best["epoch"] == trainer.cfg.epochs:
+        return final, final
+    return final, evaluate(trainer.forward, data.test_images, data.test_labels, **ev)
+
+
 def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         device: str | torch.device | None = None, progress: bool = True) -> FitResult:
@@ -274,205 +305,57 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
     weights. ``progress`` shows a tqdm bar per epoch; one summary line per epoch is printed
     either way. See the module docstring for every convention.
     """
-    from kdlib.data import train_batches
-
     wall_start = time.perf_counter()
-    validate(cfg)
-    mode = _kd_mode(cfg, teacher)
-    device = pick_device(device)
+    trainer = make_trainer(model, cfg, teacher=teacher, device=device)
+    device = trainer.device
     data = data.to(device)
-    n_train = int(data.train_labels.shape[0])
-    steps = n_train // cfg.batch_size  # train_batches drops the last partial batch
-    if steps == 0:
+    if int(data.train_labels.shape[0]) < cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the training split "
-                         f"({n_train} images): no full batch to train on")
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=fmt)
-    if teacher is not None:
-        teacher.to(device=device, memory_format=fmt)
-    optimizer = _make_optimizer(model, cfg)
-    optimizers = [optimizer]
-    teacher_optimizer = None
-    if mode == "apprentice":
-        teacher_optimizer = _make_optimizer(teacher, cfg)
-        optimizers.append(teacher_optimizer)
-
-    history: list[dict] = []
-    best = {"epoch": 0, "val_top1": -math.inf, "val_top5": float("nan"), "state": None}
-    train_seconds, train_images, wall_before = 0.0, 0, 0.0
-    start_epoch = 0
+                         f"({int(data.train_labels.shape[0])} images): no full batch to train on")
     path = Path(checkpoint_path) if checkpoint_path is not None else None
+    state = _resume(path, trainer)
+    if state.result is not None:
+        model.load_state_dict(state.best["state"])
+        print(f"fit: {path} holds a finished run ({state.epochs_done} epochs); returning its result "
+              "without training", flush=True)
+        return FitResult.from_dict({**state.result, "history": state.history})
+    if state.epochs_done:
+        print(f"fit: resuming from {path} after epoch {state.epochs_done}/{cfg.epochs}", flush=True)
 
-    if path is not None and path.exists():
-        ckpt = load_checkpoint(path)
-        diff = config_differences(ckpt["config"], cfg)
-        if diff:
-            detail = ", ".join(f"{n}: checkpoint {ckpt['config'].get(n, '<missing>')!r} vs "
-                               f"now {cfg.to_dict().get(n, '<missing>')!r}" for n in diff)
-            raise ValueError(f"checkpoint {str(path)!r} was written with a different config "
-                             f"(fields {diff}: {detail}); use another checkpoint path or delete it")
-        if ckpt["epoch"] > cfg.epochs:
-            raise ValueError(f"checkpoint {str(path)!r} is at epoch {ckpt['epoch']} > epochs={cfg.epochs}")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if mode == "apprentice":
-                teacher.load_state_dict(ckpt["teacher"])
-                teacher_optimizer.load_state_dict(ckpt["teacher_optimizer"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise ValueError(f"checkpoint {str(path)!r} does not fit this model/teacher: {exc}") from exc
-        history = [dict(row) for row in ckpt["history"]]
-        best = dict(ckpt["best"])
-        train_seconds, train_images = float(ckpt["train_seconds"]), int(ckpt["train_images"])
-        wall_before = float(ckpt["wall_time_s"])
-        start_epoch = int(ckpt["epoch"])
-        if ckpt.get("result") is not None:
-            model.load_state_dict(best["state"])
-            print(f"fit: {path} holds a finished run ({start_epoch} epochs); returning its result "
-                  "without training", flush=True)
-            return FitResult.from_dict({**ckpt["result"], "history": history})
-        print(f"fit: resuming from {path} after epoch {start_epoch}/{cfg.epochs}", flush=True)
-
-    def checkpoint(epoch_done: int, result: dict | None = None,
-                   model_state: dict | None = None) -> None:
-        if path is None:
-            return
-        ckpt = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch_done,
-                "model": model_state if model_state is not None else _cpu_state(model),
-                "optimizer": optimizer.state_dict(),
-                "history": history, "best": best, "train_seconds": train_seconds,
-                "train_images": train_images,
-                "wall_time_s": wall_before + time.perf_counter() - wall_start, "result": result}
-        if mode == "apprentice":
-            ckpt["teacher"] = _cpu_state(teacher)
-            ckpt["teacher_optimizer"] = teacher_optimizer.state_dict()
-        _save_checkpoint(path, ckpt)
-
-    forward = torch.compile(model) if cfg.compile else model
-    teacher_forward = teacher
-    if teacher is not None and cfg.compile:
-        teacher_forward = torch.compile(teacher)
-    teacher_was_training = teacher.training if teacher is not None else False
-    frozen = False
-    use_teacher = mode == "apprentice" or (mode == "hinton" and cfg.kd_alpha > 0)
     ev = dict(batch_size=cfg.eval_batch_size, device=device, bf16=cfg.bf16,
               channels_last=cfg.channels_last)
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
+    with frozen_teacher(trainer), torch.random.fork_rng(devices=rng_devices):
+        for epoch in range(state.epochs_done, cfg.epochs):
+            started = time.perf_counter()
+            stats = train_epoch(trainer, data, epoch, progress=progress, checkpoint=path)
+            state.train_seconds += stats["train_seconds"]
+            state.train_images += stats["steps"] * cfg.batch_size
+            row = _validation_row(trainer, data, epoch, stats, started, ev)
+            state.history.append(row)
+            is_best = row["val_top1"] > state.best["val_top1"]
+            if is_best:
+                state.best = {"epoch": epoch + 1, "val_top1": row["val_top1"],
+                              "val_top5": row["val_top5"], "state": cpu_state(model)}
+            print(_format_summary(row, cfg.epochs, is_best), flush=True)
+            state.epochs_done = epoch + 1
+            _save_checkpoint(path, trainer, state, time.perf_counter() - wall_start)
 
-    try:
-        if mode == "hinton":
-            from kdlib.quant import freeze_quantized_weights
-
-            teacher.eval()
-            freeze_quantized_weights(teacher)
-            frozen = True
-        elif mode == "apprentice":
-            teacher.train()
-        with torch.random.fork_rng(devices=rng_devices):
-            for epoch in range(start_epoch, cfg.epochs):
-                epoch_start = time.perf_counter()
-                torch.manual_seed(_epoch_seed(cfg.seed, epoch))
-                model.train()
-                loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-                correct = torch.zeros((), dtype=torch.int64, device=device)
-                bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-                epoch_lr = lr_at(epoch, cfg)
-                bar = _progress_bar(steps, f"epoch {epoch + 1}/{cfg.epochs}", progress)
-                batches = train_batches(data.train_images, data.train_labels, cfg.batch_size,
-                                        seed=cfg.seed, epoch=epoch, channels_last=cfg.channels_last)
-                step = -1
-                try:
-                    for step, (x, y) in enumerate(batches):
-                        _set_lr(optimizers, lr_at(epoch + step / steps, cfg))
-                        if mode == "hinton" and use_teacher:
-                            with torch.inference_mode(), _autocast(device, cfg.bf16):
-                                t_logits = teacher_forward(x)
-                        with _autocast(device, cfg.bf16):
-                            logits = forward(x)
-                            if mode == "apprentice":
-                                t_logits = teacher_forward(x)
-                        if mode == "plain" or not use_teacher:
-                            loss = ce_loss(logits, y, cfg.label_smoothing)
-                            total = loss
-                        elif mode == "hinton":
-                            loss = kd_loss(logits, t_logits, y, cfg.kd_temperature, cfg.kd_alpha,
-                                           cfg.label_smoothing)
-                            total = loss
-                        else:
-                            loss, t_loss = apprentice_losses(logits, t_logits, y, cfg.kd_temperature,
-                                                             cfg.kd_alpha, cfg.label_smoothing)
-                            total = loss + t_loss
-                        for opt in optimizers:
-                            opt.zero_grad(set_to_none=True)
-                        total.backward()
-                        for opt in optimizers:
-                            opt.step()
-                        with torch.no_grad():
-                            total_d = total.detach()
-                            loss_sum += loss.detach()
-                            correct += (logits.detach().argmax(dim=1) == y).sum()
-                            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total_d),
-                                                   step, bad_step)
-                        bar.update(1)
-                        if (step + 1) % NONFINITE_CHECK_EVERY == 0:
-                            _raise_if_nonfinite(bad_step, epoch, steps, path)
-                finally:
-                    bar.close()
-                if step + 1 != steps:
-                    raise RuntimeError(f"train_batches yielded {step + 1} batches, expected {steps} "
-                                       f"({n_train} images // batch_size {cfg.batch_size})")
-                _sync(device)
-                epoch_train_s = time.perf_counter() - epoch_start
-                _raise_if_nonfinite(bad_step, epoch, steps, path)
-                train_loss = loss_sum.item() / steps
-                train_top1 = 100.0 * correct.item() / (steps * cfg.batch_size)
-                train_seconds += epoch_train_s
-                train_images += steps * cfg.batch_size
-
-                val = evaluate(forward, data.val_images, data.val_labels, **ev)
-                row = {"epoch": epoch + 1, "lr": epoch_lr, "train_loss": train_loss,
-                       "train_top1": train_top1, "val_top1": val["top1"], "val_top5": val["top5"],
-                       "val_loss": val["loss"]}
-                if mode == "apprentice":
-                    row["teacher_val_top1"] = evaluate(teacher_forward, data.val_images,
-                                                       data.val_labels, **ev)["top1"]
-                row["seconds"] = time.perf_counter() - epoch_start
-                row["images_per_s"] = steps * cfg.batch_size / max(epoch_train_s, 1e-9)
-                history.append(row)
-                is_best = val["top1"] > best["val_top1"]
-                if is_best:
-                    best = {"epoch": epoch + 1, "val_top1": val["top1"], "val_top5": val["top5"],
-                            "state": _cpu_state(model)}
-                print(_format_summary(row, cfg.epochs, is_best), flush=True)
-                checkpoint(epoch + 1)
-
-        for opt in optimizers:  # gradients of the last step would only mislead
+        for opt in trainer.optimizers:  # gradients of the last step would only mislead
             opt.zero_grad(set_to_none=True)
-        # Test split, for the record only: final weights first, then the best-val weights.
-        final_state = _cpu_state(model) if path is not None else None
-        final = evaluate(forward, data.test_images, data.test_labels, **ev)
-        model.load_state_dict(best["state"])
-        # The last epoch was the best one: same weights, so the test pass is not repeated.
-        at_best = final if best["epoch"] == cfg.epochs else evaluate(
-            forward, data.test_images, data.test_labels, **ev)
-        result = FitResult(
-            history=history, best_epoch=int(best["epoch"]), best_val_top1=float(best["val_top1"]),
-            best_val_top5=float(best["val_top5"]), test_top1=at_best["top1"],
-            test_top5=at_best["top5"], final_test_top1=final["top1"],
-            final_test_top5=final["top5"],
-            wall_time_s=wall_before + time.perf_counter() - wall_start,
-            train_images_per_s=train_images / max(train_seconds, 1e-9), device=str(device))
-        checkpoint(cfg.epochs, result={k: v for k, v in result.to_dict().items() if k != "history"},
-                   model_state=final_state)
-        return result
-    finally:
-        if frozen:
-            from kdlib.quant import unfreeze_quantized_weights
-
-            unfreeze_quantized_weights(teacher)
-        if teacher is not None:
-            teacher.train(teacher_was_training)
+        final_state = cpu_state(model) if path is not None else None
+        final, at_best = _test_at_final_and_best(trainer, data, state, ev)
+    result = FitResult(
+        history=state.history, best_epoch=int(state.best["epoch"]),
+        best_val_top1=float(state.best["val_top1"]), best_val_top5=float(state.best["val_top5"]),
+        test_top1=at_best["top1"], test_top5=at_best["top5"], final_test_top1=final["top1"],
+        final_test_top5=final["top5"],
+        wall_time_s=state.wall_before + time.perf_counter() - wall_start,
+        train_images_per_s=state.train_images / max(state.train_seconds, 1e-9), device=str(device))
+    state.result = {k: v for k, v in result.to_dict().items() if k != "history"}
+    _save_checkpoint(path, trainer, state, time.perf_counter() - wall_start, model_state=final_state)
+    return result
 
 
 def _raise_if_nonfinite(bad_step: Tensor, epoch: int, steps: int, path: Path | None) -> None:

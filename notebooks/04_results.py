@@ -33,7 +33,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kdlib import plots
-from kdlib.results import load_records, load_results, paired_gain, results_table, summarise
+from kdlib.results import (load_published, load_records, load_results, paired_gain, results_table,
+                           summarise)
 
 figures = Path(results_dir) / "figures"
 frame = load_results(results_dir)
@@ -54,7 +55,7 @@ table = results_table(summary)
 table
 
 # %%
-published = plots.load_published(frame["model"].iloc[0])
+published = load_published(frame["model"].iloc[0])
 published[published["source"] == "liao2020"].pivot_table(index="method", columns="w_bits", values="top1")
 
 # %% [markdown]

@@ -1,7 +1,8 @@
 """Config validation, presets, run ids."""
 import pytest
 
-from kdlib.config import RunConfig, check_bits, validate
+from kdlib.checks import check_bits
+from kdlib.config import RunConfig, validate
 from kdlib.presets import PRESETS, build_config, get_preset
 
 

@@ -383,16 +383,16 @@ def test_apprentice_is_resumable(splits, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- checkpoints
 def _interrupt_after_epochs(monkeypatch, n):
     """Make train_batches raise KeyboardInterrupt when epoch index n starts (after n epochs)."""
-    import kdlib.data as data_mod
+    # fit() looks train_batches up in kdlib.train, where it was imported
 
-    real = data_mod.train_batches
+    real = train_mod.train_batches
 
     def interrupting(*args, epoch, **kw):
         if epoch >= n:
             raise KeyboardInterrupt(f"simulated kill at epoch {epoch}")
         return real(*args, epoch=epoch, **kw)
 
-    monkeypatch.setattr(data_mod, "train_batches", interrupting)
+    monkeypatch.setattr(train_mod, "train_batches", interrupting)
 
 
 def test_checkpoint_contents_load_with_weights_only(trained, splits, tmp_path):
@@ -437,9 +437,8 @@ def test_finished_checkpoint_returns_without_training(splits, tmp_path, monkeypa
     def boom(*a, **k):
         raise AssertionError("trained or evaluated again")
 
-    import kdlib.data as data_mod
 
-    monkeypatch.setattr(data_mod, "train_batches", boom)
+    monkeypatch.setattr(train_mod, "train_batches", boom)
     monkeypatch.setattr(train_mod, "evaluate", boom)
     again = make_model(cfg, seed=9)
     second = fit(again, splits, cfg.replace(eval_batch_size=7), checkpoint_path=path, progress=False)

@@ -15,8 +15,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from kdlib.config import check_bits
-from kdlib.quant import check_quantizer
+from kdlib.checks import check_bits, check_num_classes, check_quantizer
 
 __all__ = ["register_model", "create_model", "list_models"]
 
@@ -48,8 +47,7 @@ def create_model(name: str, num_classes: int = 100, w_bits: int = 32, a_bits: in
     """
     if name not in _REGISTRY:
         raise ValueError(f"model={name!r} is unknown; accepted: {', '.join(list_models())}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r} is invalid; expected an integer >= 1")
+    check_num_classes(num_classes)
     check_bits(w_bits, "w_bits")
     check_bits(a_bits, "a_bits")
     check_quantizer(quantizer)

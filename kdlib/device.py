@@ -1,0 +1,31 @@
+"""The device a run trains on, and host synchronisation (only where a timing needs it)."""
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(preference: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: cuda if available else cpu. ``"cpu"``, ``"cuda"``, ``"cuda:N"``: forced;
+    a CUDA device that is not available raises ``ValueError``."""
+    if preference is None or preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(preference)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={preference!r} is unknown; accepted: None, 'auto', 'cpu', 'cuda', "
+                         "'cuda:N'") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={preference!r} was requested but CUDA is not available here; "
+                             "use 'cpu' or None (auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={preference!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise ValueError(f"device={preference!r} is not supported; accepted: None, 'auto', 'cpu', 'cuda'")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,133 @@
+"""Quantizer modules: one quantizer of one tensor at one bit width (32 = identity)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from kdlib.checks import FULL_PRECISION, check_bits, check_quantizer
+from kdlib.quant.ste import dorefa_activation, dorefa_weight, lsq_quantize, lsq_range, pact_activation
+
+PACT_ALPHA_INIT = 10.0  # the PACT paper's initial clip level
+
+
+class Quantizer(nn.Module):
+    """Base class: one quantizer of one tensor, at ``bits`` (32 = identity).
+
+    ``reset_state()`` re-initialises learned quantizer state; :func:`transfer_weights` calls
+    it when the bit width differs between the source and the destination model.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_bits(bits)
+
+    @property
+    def active(self) -> bool:
+        return self.bits != FULL_PRECISION
+
+    def reset_state(self) -> None:
+        """Re-initialise learned state (nothing to do for parameter-free quantizers)."""
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class DoReFaWeightQuantizer(Quantizer):
+    """:func:`dorefa_weight` as a module."""
+
+    def forward(self, w: Tensor) -> Tensor:  # noqa: D102
+        return dorefa_weight(w, self.bits) if self.active else w
+
+
+class DoReFaActivationQuantizer(Quantizer):
+    """:func:`dorefa_activation` as a module."""
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return dorefa_activation(x, self.bits) if self.active else x
+
+
+class PACTActivationQuantizer(Quantizer):
+    """PACT activations with a learned clip level ``alpha`` (one scalar per layer).
+
+    Put ``alpha`` under weight decay (the paper regularises it with L2) so it can shrink.
+    """
+
+    def __init__(self, bits: int, alpha_init: float = PACT_ALPHA_INIT):
+        super().__init__(bits)
+        self.alpha_init = float(alpha_init)
+        self.alpha = nn.Parameter(torch.tensor(self.alpha_init), requires_grad=self.active)
+
+    def reset_state(self) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(self.alpha_init)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return pact_activation(x, self.alpha, self.bits) if self.active else x
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, alpha_init={self.alpha_init}"
+
+
+class LSQQuantizer(Quantizer):
+    """LSQ with a learned step size (one scalar per tensor), for weights or activations.
+
+    The step is initialised from the first tensor it sees, ``2 mean|x| / sqrt(Qp)`` as in the
+    paper (signed 1 bit: ``mean|x|``, the least-squares scale of a binary tensor). Whether
+    that happened is kept in the ``initialized`` buffer (so checkpoints carry it) mirrored by a
+    Python flag, so the forward pass never reads a tensor value.
+
+    Gradient scale g = 1 / sqrt(N Qp) (Qp >= 1): N is the number of weights for weights and the
+    number of features *per example* (C*H*W) for activations; this is the paper's N_F and it
+    keeps g independent of the batch size (the loss is a batch mean).
+    """
+
+    def __init__(self, bits: int, signed: bool):
+        super().__init__(bits)
+        self.signed = bool(signed)
+        self.step = nn.Parameter(torch.tensor(1.0), requires_grad=self.active)
+        self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False
+
+    def reset_state(self) -> None:
+        """Forget the step: the next forward re-initialises it from its input."""
+        with torch.no_grad():
+            self.step.fill_(1.0)
+            self.initialized.fill_(False)
+        self._initialized = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized = bool(self.initialized)  # once per load, never in forward
+
+    def _init_step(self, x: Tensor) -> None:
+        qn, qp = lsq_range(self.bits, self.signed)
+        mean_abs = x.detach().float().abs().mean()
+        value = mean_abs if (self.signed and self.bits == 1) else 2 * mean_abs / math.sqrt(qp)
+        with torch.no_grad():
+            self.step.copy_(value.clamp_min(torch.finfo(torch.float32).eps))
+            self.initialized.fill_(True)
+        self._initialized = True
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        if not self.active:
+            return x
+        if not self._initialized:
+            self._init_step(x)
+        per_example = x.numel() if self.signed else x.numel() // max(x.shape[0], 1)
+        qp = max(lsq_range(self.bits, self.signed)[1], 1)
+        return lsq_quantize(x, self.step, self.bits, self.signed, (per_example * qp) ** -0.5)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
+
+
+def make_quantizers(quantizer: str, w_bits: int, a_bits: int) -> tuple[Quantizer, Quantizer]:
+    """(weight quantizer, input-activation quantizer) of the named family."""
+    check_quantizer(quantizer)
+    w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
+    if quantizer == "lsq":
+        return LSQQuantizer(w_bits, signed=True), LSQQuantizer(a_bits, signed=False)
+    act = PACTActivationQuantizer(a_bits) if quantizer == "pact" else DoReFaActivationQuantizer(a_bits)
+    return DoReFaWeightQuantizer(w_bits), act

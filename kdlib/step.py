@@ -1,0 +1,161 @@
+"""One training step, the thing both ``fit()`` and the benchmark run.
+
+:func:`make_trainer` builds everything a step needs once (device placement, memory format,
+optimizers, compiled forwards); :func:`train_step` sets the learning rate, computes
+:func:`batch_loss` and updates the weights. The benchmark times :func:`train_step` itself, so
+a change here is measured the moment it is made.
+
+Losses by mode:
+
+* ``plain`` (no teacher): cross-entropy.
+* ``hinton``: the teacher runs in ``eval()`` under ``torch.inference_mode()`` with its quantized
+  weights computed once (:func:`frozen_teacher`) and never receives gradients;
+  :func:`kdlib.losses.kd_loss`.
+* ``apprentice``: teacher and student train together (:func:`kdlib.losses.apprentice_losses`),
+  the teacher with its own SGD on the same hyperparameters and schedule.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kdlib.config import KD_METHODS, RunConfig, validate
+from kdlib.device import pick_device
+from kdlib.losses import apprentice_losses, ce_loss, kd_loss
+from kdlib.quant import freeze_quantized_weights, unfreeze_quantized_weights
+
+
+@dataclass
+class Trainer:
+    """What one training step needs, built once per run by :func:`make_trainer`."""
+
+    cfg: RunConfig
+    mode: str  # plain | hinton | apprentice
+    device: torch.device
+    model: nn.Module
+    forward: Callable[[Tensor], Tensor]  # the model, or its compiled version
+    optimizer: torch.optim.Optimizer
+    teacher: nn.Module | None = None
+    teacher_forward: Callable[[Tensor], Tensor] | None = None
+    teacher_optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.optimizer, self.teacher_optimizer) if o is not None]
+
+    @property
+    def uses_teacher_logits(self) -> bool:
+        """False for a hinton run with kd_alpha = 0: the teacher is then never run."""
+        return self.mode == "apprentice" or (self.mode == "hinton" and self.cfg.kd_alpha > 0)
+
+
+def kd_mode(cfg: RunConfig, teacher: nn.Module | None) -> str:
+    """'plain', 'hinton' or 'apprentice'; ValueError on a method/teacher mismatch."""
+    if cfg.method in KD_METHODS and teacher is None:
+        raise ValueError(f"method={cfg.method!r} distils from a teacher but got teacher=None; "
+                         "pass the teacher model")
+    if teacher is not None and cfg.method not in KD_METHODS:
+        raise ValueError(f"got a teacher but method={cfg.method!r} does not use one; "
+                         f"teacher-using methods: {', '.join(KD_METHODS)}")
+    return "plain" if teacher is None else cfg.kd_mode  # kd_mode checked by validate()
+
+
+def make_optimizer(module: nn.Module, cfg: RunConfig) -> torch.optim.SGD:
+    """SGD with momentum (Nesterov if asked) and weight decay on all parameters."""
+    return torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=bool(cfg.nesterov and cfg.momentum > 0),
+                           weight_decay=cfg.weight_decay)
+
+
+def make_trainer(model: nn.Module, cfg: RunConfig, *, teacher: nn.Module | None = None,
+                 device: str | torch.device | None = None) -> Trainer:
+    """Validate ``cfg``, move the models to the device and memory format, build optimizers."""
+    validate(cfg)
+    mode = kd_mode(cfg, teacher)
+    device = pick_device(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=fmt)
+    if teacher is not None:
+        teacher.to(device=device, memory_format=fmt)
+    compile_ = torch.compile if cfg.compile else (lambda m: m)
+    return Trainer(
+        cfg=cfg, mode=mode, device=device, model=model, forward=compile_(model),
+        optimizer=make_optimizer(model, cfg), teacher=teacher,
+        teacher_forward=compile_(teacher) if teacher is not None else None,
+        teacher_optimizer=make_optimizer(teacher, cfg) if mode == "apprentice" else None)
+
+
+@contextlib.contextmanager
+def frozen_teacher(trainer: Trainer) -> Iterator[None]:
+    """For the duration of training: a hinton teacher in eval() with its quantized weights
+    computed once; an apprentice teacher in train(). Restores the teacher's mode afterwards."""
+    teacher = trainer.teacher
+    if teacher is None:
+        yield
+        return
+    was_training = teacher.training
+    frozen = trainer.mode == "hinton"
+    try:
+        if frozen:
+            teacher.eval()
+            freeze_quantized_weights(teacher)
+        else:
+            teacher.train()
+        yield
+    finally:
+        if frozen:
+            unfreeze_quantized_weights(teacher)
+        teacher.train(was_training)
+
+
+def autocast(device: torch.device, cfg: RunConfig):
+    """bf16 autocast when the config asks for it, else a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
+def batch_loss(trainer: Trainer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(student loss, loss to differentiate, student logits) of one batch.
+
+    The two losses differ only for apprentice runs, where the teacher's loss is added.
+    """
+    cfg = trainer.cfg
+    t_logits = None
+    if trainer.mode == "hinton" and trainer.uses_teacher_logits:
+        with torch.inference_mode(), autocast(trainer.device, cfg):
+            t_logits = trainer.teacher_forward(x)
+    with autocast(trainer.device, cfg):
+        logits = trainer.forward(x)
+        if trainer.mode == "apprentice":
+            t_logits = trainer.teacher_forward(x)
+    if t_logits is None:
+        loss = ce_loss(logits, y, cfg.label_smoothing)
+        return loss, loss, logits
+    if trainer.mode == "hinton":
+        loss = kd_loss(logits, t_logits, y, cfg.kd_temperature, cfg.kd_alpha, cfg.label_smoothing)
+        return loss, loss, logits
+    loss, t_loss = apprentice_losses(logits, t_logits, y, cfg.kd_temperature, cfg.kd_alpha,
+                                     cfg.label_smoothing)
+    return loss, loss + t_loss, logits
+
+
+def set_lr(trainer: Trainer, lr: float) -> None:
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def train_step(trainer: Trainer, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One optimizer update at learning rate ``lr``; returns the detached (student loss,
+    total loss, logits). Reads nothing back to the host."""
+    set_lr(trainer, lr)
+    loss, total, logits = batch_loss(trainer, x, y)
+    for opt in trainer.optimizers:
+        opt.zero_grad(set_to_none=True)
+    total.backward()
+    for opt in trainer.optimizers:
+        opt.step()
+    return loss.detach(), total.detach(), logits.detach()
