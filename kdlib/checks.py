@@ -10,6 +10,7 @@ from typing import Any
 FULL_PRECISION = 32  # "bits = 32" means not quantized
 SUPPORTED_BITS_HINT = "an integer in 1..16 or 32 (usual: 1, 2, 3, 4, 8, 16, 32)"
 QUANTIZERS = ("dorefa", "pact", "lsq")
+PRECISIONS = ("exact", "bf16")  # how quantized layers compute: see kdlib.quant.layers
 MIN_CLASSES = 2  # a classifier needs two classes at least
 
 BitsSpec = int | str | tuple[int, int]

@@ -12,12 +12,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdlib.checks import QUANTIZERS, check_bits, check_num_classes
+from kdlib.checks import PRECISIONS, QUANTIZERS, check_bits, check_num_classes
 from kdlib.models import list_models
 
 METHODS = ("teacher", "individual", "finetune", "direct_kd", "ta_chain")
 SCHEDULES = ("cosine", "multistep")
 KD_MODES = ("hinton", "apprentice")
+# The version of the training recipe: bump it whenever a change to kdlib changes what a given
+# config computes, so that records made by older code get other run ids and are never reused.
+# 1: the code of the first quick records (no `recipe` field); 2: exact quantized layers, precision.
+RECIPE_VERSION = 2
 KD_METHODS = ("direct_kd", "ta_chain")  # methods that distil from a teacher
 # Fields that change how fast a run goes, never what it computes: left out of the run id, and
 # a checkpoint written with other values resumes.
@@ -60,10 +64,11 @@ class RunConfig:
     kd_mode: str = "hinton"  # hinton | apprentice (teacher trained jointly)
     # --- execution
     eval_batch_size: int = 1000
-    bf16: bool = False  # bf16 autocast (pays off on CUDA; quantizer arithmetic stays fp32)
+    precision: str = "exact"  # exact (fp32; TF32 on integer codes of <= 8-bit layers on CUDA) | bf16
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     preset: str = "custom"  # name of the preset the config came from (recorded)
+    recipe: int = RECIPE_VERSION  # training-code version (see RECIPE_VERSION); part of the run id
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -73,6 +78,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = _upgrade_legacy(d)
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; accepted: {sorted(names)}")
@@ -87,12 +93,23 @@ class RunConfig:
     def run_id(self) -> str:
         """Stable id derived from every field that changes what is trained.
 
-        Execution-only fields (eval batch size) are left out; bf16/compile/channels_last are
-        kept because they change the numbers.
+        Execution-only fields (:data:`EXECUTION_ONLY_FIELDS`) are left out; precision, compile,
+        channels_last and the recipe version are kept because they change the numbers.
         """
         d = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY_FIELDS}
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.model}-{self.method}-w{self.w_bits}a{self.a_bits}-s{self.seed}-{digest}"
+
+
+def _upgrade_legacy(d: dict[str, Any]) -> dict[str, Any]:
+    """A recipe-1 config (records written before `precision` and `recipe` existed) in today's
+    fields; its run id then differs from the stored one, as it should: the code differs too."""
+    if "bf16" not in d:
+        return d
+    d = dict(d)
+    d["precision"] = "bf16" if d.pop("bf16") else "exact"
+    d.setdefault("recipe", 1)
+    return d
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -125,6 +142,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_choice(cfg.method, "method", METHODS)
     _check_choice(cfg.schedule, "schedule", SCHEDULES)
     _check_choice(cfg.kd_mode, "kd_mode", KD_MODES)
+    _check_choice(cfg.precision, "precision", PRECISIONS)
+    _check_number(cfg.recipe, "recipe", low=1, integer=True)
     check_num_classes(cfg.num_classes)
     _check_number(cfg.seed, "seed", low=0, integer=True)
     _check_number(cfg.split_seed, "split_seed", low=0, integer=True)

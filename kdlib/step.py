@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from kdlib.config import KD_METHODS, RunConfig, validate
 from kdlib.device import pick_device
 from kdlib.losses import apprentice_losses, ce_loss, kd_loss
-from kdlib.quant import freeze_quantized_weights, unfreeze_quantized_weights
+from kdlib.quant import freeze_quantized_weights, set_precision, unfreeze_quantized_weights
 
 
 @dataclass
@@ -78,9 +78,9 @@ def make_trainer(model: nn.Module, cfg: RunConfig, *, teacher: nn.Module | None 
     mode = kd_mode(cfg, teacher)
     device = pick_device(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=fmt)
+    set_precision(model.to(device=device, memory_format=fmt), cfg.precision)
     if teacher is not None:
-        teacher.to(device=device, memory_format=fmt)
+        set_precision(teacher.to(device=device, memory_format=fmt), cfg.precision)
     compile_ = torch.compile if cfg.compile else (lambda m: m)
     return Trainer(
         cfg=cfg, mode=mode, device=device, model=model, forward=compile_(model),
@@ -112,9 +112,11 @@ def frozen_teacher(trainer: Trainer) -> Iterator[None]:
         teacher.train(was_training)
 
 
-def autocast(device: torch.device, cfg: RunConfig):
-    """bf16 autocast when the config asks for it, else a no-op context."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for ``precision="bf16"`` (full-precision layers and the losses' inputs;
+    quantized layers follow their own precision), else a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
 
 
 def batch_loss(trainer: Trainer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,9 +127,9 @@ def batch_loss(trainer: Trainer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, 
     cfg = trainer.cfg
     t_logits = None
     if trainer.mode == "hinton" and trainer.uses_teacher_logits:
-        with torch.inference_mode(), autocast(trainer.device, cfg):
+        with torch.inference_mode(), autocast(trainer.device, cfg.precision):
             t_logits = trainer.teacher_forward(x)
-    with autocast(trainer.device, cfg):
+    with autocast(trainer.device, cfg.precision):
         logits = trainer.forward(x)
         if trainer.mode == "apprentice":
             t_logits = trainer.teacher_forward(x)

@@ -66,7 +66,7 @@ from kdlib.data import eval_batches, train_batches
 from kdlib.device import pick_device, sync
 from kdlib.fileio import torch_save_atomic
 from kdlib.schedules import lr_at
-from kdlib.step import Trainer, frozen_teacher, make_trainer, train_step
+from kdlib.step import Trainer, autocast, frozen_teacher, make_trainer, train_step
 
 __all__ = ["fit", "evaluate", "FitResult", "NonFiniteLossError", "pick_device", "load_checkpoint",
            "train_epoch"]
@@ -80,7 +80,7 @@ class NonFiniteLossError(FloatingPointError):
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000,
-             device: str | torch.device | None = None, *, bf16: bool = False,
+             device: str | torch.device | None = None, *, precision: str = "exact",
              channels_last: bool = False) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent, 0..100) and mean CE of ``model`` on uint8 ``images``.
 
@@ -103,7 +103,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     try:
         with torch.inference_mode():
             for x, y in eval_batches(images, labels, batch_size, channels_last=channels_last):
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                with autocast(device, precision):
                     logits = model(x)
                 logits = logits.float()
                 loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
@@ -322,7 +322,7 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
     if state.epochs_done:
         print(f"fit: resuming from {path} after epoch {state.epochs_done}/{cfg.epochs}", flush=True)
 
-    ev = dict(batch_size=cfg.eval_batch_size, device=device, bf16=cfg.bf16,
+    ev = dict(batch_size=cfg.eval_batch_size, device=device, precision=cfg.precision,
               channels_last=cfg.channels_last)
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -366,4 +366,4 @@ def _raise_if_nonfinite(bad_step: Tensor, epoch: int, steps: int, path: Path | N
              if path is not None and path.exists() else "")
     raise NonFiniteLossError(f"non-finite training loss (nan/inf) at epoch {epoch + 1}, "
                              f"step {bad + 1} of {steps}{where}. Lower the learning rate, check the "
-                             "data, or disable bf16")
+                             "data, or use precision='exact'")

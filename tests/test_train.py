@@ -275,12 +275,21 @@ def test_progress_bar_and_one_summary_line_per_epoch(splits, capsys):
     assert "val top1" in lines[0] and "img/s" in lines[0]
 
 
-def test_bf16_and_channels_last_run_on_cpu(splits):
-    cfg = make_cfg(epochs=1, bf16=True, channels_last=True)
-    model = make_model(cfg)
-    result = fit(model, splits, cfg, progress=False)
-    assert math.isfinite(result.history[0]["train_loss"])
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+@pytest.mark.parametrize("fast", [dict(precision="bf16"), dict(channels_last=True),
+                                  dict(precision="bf16", channels_last=True)])
+def test_bf16_and_channels_last_train_like_fp32(splits, fast):
+    """One epoch of a 4-bit run: the fast modes give the fp32 epoch loss within a stated
+    tolerance. channels_last changes only the order of fp32 sums, bf16 rounds the first conv's
+    operands and every quantized conv's output (2^-8); in a 4-bit network such differences flip
+    rounding decisions, so the weights drift apart within a few steps (4% in the first conv
+    here) and only the loss is compared: 5e-3 for channels_last (measured 6e-4), 1e-2 for bf16
+    (measured 1e-3)."""
+    base = make_cfg(epochs=1, w_bits=4, a_bits=4)
+    ref = fit(make_model(base), splits, base, progress=False)
+    got = fit(make_model(base), splits, base.replace(**fast), progress=False)
+    tol = 1e-2 if fast.get("precision") == "bf16" else 5e-3
+    assert got.history[0]["train_loss"] == pytest.approx(ref.history[0]["train_loss"], rel=tol)
+    assert got.history[0]["train_loss"] != ref.history[0]["train_loss"]  # the mode did change something
 
 
 def test_batch_larger_than_train_split_is_an_error(splits):

@@ -27,8 +27,9 @@ Conventions that change numbers (keep them in mind when reading results):
   (open interval, like ``hardtanh``; the end points themselves are measure-zero, and the many
   exact zeros after a ReLU already get zero gradient from the ReLU).
 * **Precision**: quantizer arithmetic always runs in float32, also under ``torch.autocast`` and
-  for bf16/fp16 inputs; the result is cast back to the input's dtype. None of the ops used is
-  on an autocast list, so an explicit ``.float()`` is all it takes.
+  for bf16/fp16 inputs; the result is cast back to the input's dtype. Quantized layers ignore
+  autocast and compute the exact quantized result, unless set to the bf16 mode
+  (:func:`set_precision`, see :mod:`kdlib.quant.layers`).
 * **bits = 32** means "not quantized": every quantizer is then the identity. Quantizer
   submodules exist at every bit width so that ``state_dict`` keys do not depend on the bits;
   learnable quantizer parameters of an identity quantizer get ``requires_grad=False`` (they
@@ -40,8 +41,8 @@ Conventions that change numbers (keep them in mind when reading results):
 from __future__ import annotations
 
 from kdlib.checks import FULL_PRECISION, QUANTIZERS, check_quantizer
-from kdlib.quant.layers import (QConv2d, QLinear, freeze_quantized_weights, quantized_layers,
-                                unfreeze_quantized_weights)
+from kdlib.quant.layers import (PRECISIONS, QConv2d, QLinear, freeze_quantized_weights,
+                                quantized_layers, set_precision, unfreeze_quantized_weights)
 from kdlib.quant.quantizers import (PACT_ALPHA_INIT, DoReFaActivationQuantizer,
                                     DoReFaWeightQuantizer, LSQQuantizer, PACTActivationQuantizer,
                                     Quantizer, make_quantizers)
@@ -54,6 +55,6 @@ __all__ = [
     "dorefa_weight", "dorefa_activation", "pact_activation", "lsq_range", "lsq_quantize",
     "Quantizer", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "PACTActivationQuantizer",
     "LSQQuantizer", "make_quantizers", "QConv2d", "QLinear", "quantized_layers",
-    "freeze_quantized_weights", "unfreeze_quantized_weights", "transfer_weights",
+    "freeze_quantized_weights", "unfreeze_quantized_weights", "set_precision", "PRECISIONS", "transfer_weights",
     "model_size_report", "level_summary",
 ]

@@ -1,14 +1,41 @@
-"""Quantized layers (``QConv2d``, ``QLinear``) and frozen quantized weights for a fixed teacher."""
+"""Quantized layers (``QConv2d``, ``QLinear``) and frozen quantized weights for a fixed teacher.
+
+How a quantized layer computes (its ``precision``, set for a whole model by :func:`set_precision`):
+
+=============  ==============================================  ==================================
+precision      <= 8-bit weights and inputs                     other quantized layers (9-16 bits,
+                                                               or an unquantized input)
+=============  ==============================================  ==================================
+``exact``      CPU: fp32 on the quantized values. CUDA: the    fp32, TF32 off
+(default)      integer codes in fp32 with TF32 allowed (codes
+               up to 2^11 are exact in TF32), times the fp32
+               scales
+``bf16``       the integer codes as bf16 operands (exact),     fp32, TF32 off
+               output rounded to bf16 by the convolution
+               (relative error <= 2^-8), times the fp32 scales
+=============  ==============================================  ==================================
+
+A quantized layer ignores any ``torch.autocast`` around it: autocast would round its operands
+and its output (16-bit activations would collapse to ~1,300 values, 8-bit levels would leave
+their grid). Layers with neither weights nor inputs quantized (the full-precision first and
+last layers, a 32-bit teacher) are ordinary layers and follow autocast. Quantizers always run
+in fp32, and the layer's input is cast to fp32 before it is quantized. Gradients are fp32.
+"""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlib.checks import FULL_PRECISION, check_bits, check_quantizer
+from kdlib.checks import FULL_PRECISION, PRECISIONS, check_bits, check_quantizer
 from kdlib.quant.quantizers import make_quantizers
+from kdlib.quant.ste import round_ste
+
+CODE_BITS_MAX = 8  # integer codes of up to 8 bits (+ sign) are exact as bf16 and TF32 operands
 
 
 class _QuantizedLayer:
@@ -33,6 +60,39 @@ class _QuantizedLayer:
         # a non-persistent buffer so that .to(device) moves it and state_dict ignores it.
         self.register_buffer("frozen_weight", None, persistent=False)
         self._frozen_version = -1
+        self.precision = "exact"
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_quantizer.active or self.input_quantizer.active
+
+    @property
+    def has_integer_codes(self) -> bool:
+        """Weights and inputs both on grids of <= CODE_BITS_MAX bits."""
+        return (self.weight_quantizer.active and self.input_quantizer.active
+                and self.w_bits <= CODE_BITS_MAX and self.a_bits <= CODE_BITS_MAX)
+
+    def _compute(self, x: Tensor, op: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> Tensor:
+        """``op(input, weight, bias)`` the way this layer's precision says (module docstring)."""
+        if not self.is_quantized:
+            return op(x, self.weight, self.bias)
+        xq = self.input_quantizer(x.float())
+        wq = self.quantized_weight().float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            on_codes = self.has_integer_codes and (self.precision == "bf16" or x.is_cuda)
+            if on_codes:
+                dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+                sx, sw = self.input_quantizer.scale(xq), self.weight_quantizer.scale(wq)
+                out = op(round_ste(xq / sx).to(dtype), round_ste(wq / sw).to(dtype), None)
+                return self._add_bias(out.float() * (sx * sw))
+            with _no_tf32(x.device):
+                return op(xq, wq, self.bias)
+
+    def _add_bias(self, out: Tensor) -> Tensor:
+        if self.bias is None:
+            return out
+        shape = (1, -1) + (1,) * (out.dim() - 2)  # conv: per channel; linear: last dim
+        return out + self.bias.to(out.dtype).view(shape)
 
     def quantized_weight(self) -> Tensor:
         """The weight used in forward: frozen copy if valid, else freshly quantized."""
@@ -68,7 +128,7 @@ class QConv2d(_QuantizedLayer, nn.Conv2d):
         self._init_quantizers(w_bits, a_bits, quantizer, quantize_input)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self._compute(x, self._conv_forward)
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + self._quant_repr()
@@ -86,7 +146,7 @@ class QLinear(_QuantizedLayer, nn.Linear):
         self._init_quantizers(w_bits, a_bits, quantizer, quantize_input)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self._compute(x, F.linear)
 
     def extra_repr(self) -> str:
         return nn.Linear.extra_repr(self) + self._quant_repr()
@@ -95,6 +155,34 @@ class QLinear(_QuantizedLayer, nn.Linear):
 def quantized_layers(model: nn.Module) -> list[tuple[str, _QuantizedLayer]]:
     """(name, layer) of every QConv2d / QLinear in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantizedLayer)]
+
+
+def set_precision(model: nn.Module, precision: str) -> nn.Module:
+    """Set how every quantized layer of ``model`` computes: ``"exact"`` or ``"bf16"`` (see the
+    module docstring). Returns ``model``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is unknown; accepted: {', '.join(PRECISIONS)}")
+    for _, layer in quantized_layers(model):
+        layer.precision = precision
+    return model
+
+
+def _no_tf32(device: torch.device):
+    """TF32 off for the cuDNN convolutions and matmuls inside (CUDA only)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return _cuda_fp32_context()
+
+
+@contextlib.contextmanager
+def _cuda_fp32_context():
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def freeze_quantized_weights(model: nn.Module) -> nn.Module:

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from kdlib.checks import FULL_PRECISION, check_bits, check_quantizer
-from kdlib.quant.ste import dorefa_activation, dorefa_weight, lsq_quantize, lsq_range, pact_activation
+from kdlib.quant.ste import (dorefa_activation, dorefa_weight, grid_levels, lsq_quantize, lsq_range,
+                             pact_activation)
 
 PACT_ALPHA_INIT = 10.0  # the PACT paper's initial clip level
 
@@ -30,19 +31,36 @@ class Quantizer(nn.Module):
     def reset_state(self) -> None:
         """Re-initialise learned state (nothing to do for parameter-free quantizers)."""
 
+    def scale(self, q: Tensor) -> Tensor | float:
+        """The fp32 step of this quantizer's grid for its output ``q``, detached: ``q / scale``
+        is a tensor of integer codes (of at most ``bits`` bits plus sign)."""
+        raise NotImplementedError(f"{type(self).__name__} has no integer grid")
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
 
 class DoReFaWeightQuantizer(Quantizer):
-    """:func:`dorefa_weight` as a module."""
+    """:func:`dorefa_weight` as a module.
+
+    Codes: ``(2r - n)`` for k > 1 bits (odd integers in [-n, n], n = 2^k - 1, step 1/n); ±1 at
+    1 bit, step E|w| (every element of the 1-bit weight has that magnitude).
+    """
+
+    def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
+        if self.bits == 1:
+            return q.detach().float().abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+        return 1.0 / grid_levels(self.bits)
 
     def forward(self, w: Tensor) -> Tensor:  # noqa: D102
         return dorefa_weight(w, self.bits) if self.active else w
 
 
 class DoReFaActivationQuantizer(Quantizer):
-    """:func:`dorefa_activation` as a module."""
+    """:func:`dorefa_activation` as a module. Codes 0..n, step 1/n (n = 2^k - 1)."""
+
+    def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
+        return 1.0 / grid_levels(self.bits)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return dorefa_activation(x, self.bits) if self.active else x
@@ -65,6 +83,9 @@ class PACTActivationQuantizer(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return pact_activation(x, self.alpha, self.bits) if self.active else x
+
+    def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
+        return self.alpha.detach().float() / grid_levels(self.bits)  # codes 0..n
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, alpha_init={self.alpha_init}"
@@ -118,6 +139,9 @@ class LSQQuantizer(Quantizer):
         per_example = x.numel() if self.signed else x.numel() // max(x.shape[0], 1)
         qp = max(lsq_range(self.bits, self.signed)[1], 1)
         return lsq_quantize(x, self.step, self.bits, self.signed, (per_example * qp) ** -0.5)
+
+    def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
+        return self.step.detach().float()  # codes -Qn..Qp (signed 1 bit: -1, +1)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"

@@ -11,7 +11,7 @@ from torch import Tensor
 from kdlib.checks import FULL_PRECISION, check_bits
 
 
-def _levels(bits: int) -> int:
+def grid_levels(bits: int) -> int:
     """Number of steps of a k-bit uniform grid on [0, 1]: 2^k - 1."""
     return (1 << bits) - 1
 
@@ -27,6 +27,27 @@ class _RoundSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
         return grad, None
+
+
+class _RoundOnlySTE(torch.autograd.Function):
+    """round(x), gradient passed through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        return grad
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """``round(x)`` with a straight-through (identity) gradient.
+
+    Used to recover the integer codes ``q / scale`` of an already quantized tensor, where the
+    division leaves the codes within float rounding of integers.
+    """
+    return _RoundOnlySTE.apply(x)
 
 
 class _ClipRoundSTE(torch.autograd.Function):
@@ -58,7 +79,7 @@ def quantize_k(x: Tensor, bits: int) -> Tensor:
     bits = check_bits(bits)
     if bits == FULL_PRECISION:
         return x
-    return _RoundSTE.apply(x, _levels(bits))
+    return _RoundSTE.apply(x, grid_levels(bits))
 
 
 def dorefa_weight(w: Tensor, bits: int) -> Tensor:
@@ -87,7 +108,7 @@ def dorefa_weight(w: Tensor, bits: int) -> Tensor:
     # clamp_min only matters for an all-zero tensor (0/0); tiny keeps every ratio <= 1.
     max_abs = t.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
     u = t / (2 * max_abs) + 0.5
-    return (2 * _RoundSTE.apply(u, _levels(bits)) - 1).to(w.dtype)
+    return (2 * _RoundSTE.apply(u, grid_levels(bits)) - 1).to(w.dtype)
 
 
 def dorefa_activation(x: Tensor, bits: int) -> Tensor:
@@ -100,7 +121,7 @@ def dorefa_activation(x: Tensor, bits: int) -> Tensor:
     bits = check_bits(bits)
     if bits == FULL_PRECISION:
         return x
-    return _ClipRoundSTE.apply(x, _levels(bits))
+    return _ClipRoundSTE.apply(x, grid_levels(bits))
 
 
 def _float32_below(n: int) -> float:
@@ -143,7 +164,7 @@ def pact_activation(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     bits = check_bits(bits)
     if bits == FULL_PRECISION:
         return x
-    return _PACT.apply(x, alpha, _levels(bits))
+    return _PACT.apply(x, alpha, grid_levels(bits))
 
 
 def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -154,7 +175,7 @@ def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
     """
     if signed:
         return (1, 1) if bits == 1 else (1 << (bits - 1), (1 << (bits - 1)) - 1)
-    return 0, _levels(bits)
+    return 0, grid_levels(bits)
 
 
 def _sign0(v: Tensor) -> Tensor:

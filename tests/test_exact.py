@@ -1,0 +1,126 @@
+"""Quantized layers compute the exact quantized result, whatever autocast the caller sets.
+
+Reference: a float64 convolution (or matmul) of the very fp32 operands the layer quantized.
+An fp32 computation of a K-term dot product is within ``K * 2^-24 * sum |x_i w_i|`` of it (the
+classic gamma_K bound, with room for blocked and reordered sums); the bf16 mode adds the
+rounding of the convolution's bf16 output, ``2^-8`` relative.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdlib.quant import QConv2d, QLinear, set_precision
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
+QUANTIZERS = ["dorefa", "pact", "lsq"]
+FP32_UNIT = 2.0 ** -24
+BF16_OUTPUT = 2.0 ** -8
+
+
+def _layer(kind: str, bits: int, quantizer: str, device: str):
+    torch.manual_seed(bits)
+    if kind == "conv":
+        layer = QConv2d(16, 8, 3, padding=1, bias=True, w_bits=bits, a_bits=bits, quantizer=quantizer)
+        x = torch.relu(torch.randn(4, 16, 8, 8)) * 0.7  # post-ReLU, some above the clip at 1
+    else:
+        layer = QLinear(64, 10, w_bits=bits, a_bits=bits, quantizer=quantizer)
+        x = torch.relu(torch.randn(8, 64)) * 0.7
+    layer, x = layer.to(device), x.to(device)
+    layer(x)  # LSQ sets its steps from the first batch
+    return layer, x
+
+
+def _reference(layer, x):
+    """(float64 result of the layer's own quantized operands, fp32 error budget per element)."""
+    with torch.no_grad():
+        xq = layer.input_quantizer(x.float()).double()
+        wq = layer.quantized_weight().double()
+        bias = layer.bias.double() if layer.bias is not None else None
+        if isinstance(layer, QConv2d):
+            ref = F.conv2d(xq, wq, bias, layer.stride, layer.padding)
+            magnitude = F.conv2d(xq.abs(), wq.abs(), None, layer.stride, layer.padding)
+            terms = wq[0].numel()
+        else:
+            ref = F.linear(xq, wq, bias)
+            magnitude = F.linear(xq.abs(), wq.abs())
+            terms = wq.shape[1]
+    return ref, (terms + 2) * FP32_UNIT * magnitude + 1e-30
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("under_autocast", [False, True])
+def test_exact_mode_equals_float64_reference(device, kind, quantizer, bits, under_autocast):
+    layer, x = _layer(kind, bits, quantizer, device)
+    with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16,
+                                         enabled=under_autocast):
+        out = layer(x)
+    assert out.dtype == torch.float32
+    ref, budget = _reference(layer, x)
+    err = (out.double() - ref).abs()
+    assert bool((err <= budget).all()), f"max error / budget {float((err / budget).max()):.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.parametrize("bits", BITS)
+def test_bf16_mode_error_is_bounded_and_16_bit_layers_stay_exact(device, quantizer, bits):
+    layer, x = _layer("conv", bits, quantizer, device)
+    set_precision(layer, "bf16")
+    with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out = layer(x)
+    ref, budget = _reference(layer, x)
+    err = (out.double() - ref).abs()
+    if bits <= 8:  # integer codes as bf16 operands, the sum (bias not yet added) rounded once
+        bias = layer.bias.double().view(1, -1, 1, 1)
+        budget = budget + BF16_OUTPUT * (ref - bias).abs()
+    assert bool((err <= budget).all()), f"max error / budget {float((err / budget).max()):.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_16_bit_activations_keep_all_their_levels_under_autocast(device):
+    layer = QConv2d(1, 1, 1, bias=False, w_bits=16, a_bits=16).to(device)
+    seen = {}
+    layer.input_quantizer.register_forward_hook(lambda m, i, o: seen.update(q=o))
+    x = torch.linspace(0, 1, 4 * 65536, device=device).reshape(1, 1, -1, 1)
+    with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out = layer(x)
+    assert seen["q"].dtype == torch.float32
+    assert seen["q"].unique().numel() == 65536  # every level of the 16-bit grid
+    assert out.unique().numel() == 65536  # and the output still tells them apart
+
+
+def test_gradients_are_fp32_and_match_outside_autocast():
+    layer, x = _layer("conv", 4, "dorefa", "cpu")
+    x = x.clone().requires_grad_(True)
+    layer(x).square().sum().backward()
+    plain = (x.grad.clone(), layer.weight.grad.clone())
+    x.grad, layer.weight.grad = None, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.square().sum().backward()
+    assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
+    assert torch.equal(x.grad, plain[0]) and torch.equal(layer.weight.grad, plain[1])
+
+
+def test_bf16_mode_gradient_is_the_straight_through_one():
+    """The codes path (q / scale, rounded, times scale) passes the same straight-through
+    gradient as the exact path, up to the bf16 rounding of the convolutions."""
+    layer, x = _layer("conv", 4, "dorefa", "cpu")
+    x = x.clone().requires_grad_(True)
+    layer(x).sum().backward()
+    exact = layer.weight.grad.clone()
+    layer.weight.grad = None
+    set_precision(layer, "bf16")
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, exact, rtol=2e-2, atol=2e-2 * float(exact.abs().max()))
+
+
+def test_set_precision_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="precision='fp8' is unknown; accepted: exact, bf16"):
+        set_precision(QConv2d(1, 1, 1), "fp8")
