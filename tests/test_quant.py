@@ -16,6 +16,7 @@ from torch import nn
 from kdlib.quant import (QConv2d, QLinear, dorefa_activation, dorefa_weight, freeze_quantized_weights,
                          lsq_quantize, make_quantizers, model_size_report, pact_activation, quantize_k,
                          transfer_weights, unfreeze_quantized_weights)
+from kdlib.quant import LSQQuantizer, PACTActivationQuantizer
 
 BITS = range(1, 9)
 BAD_BITS = [0, -1, 33, 17, 2.5, "four", True, None]
@@ -528,3 +529,23 @@ def test_level_summary_counts_the_grid():
     assert level_summary(16)["grid"] == "2^16 = 65536" and level_summary(32)["grid"] == "fp32"
     assert level_summary(2)["lowest_weights"] == "-1.000, -0.333, +0.333, +1.000"
     assert level_summary(1)["lowest_weights"] == "-1.500, +1.500"  # sign(w)·E|w| of the sweep
+
+
+# ============================================================================ learned scales stay positive
+@pytest.mark.parametrize("make", [lambda: PACTActivationQuantizer(4),
+                                  lambda: LSQQuantizer(4, signed=False),
+                                  lambda: LSQQuantizer(4, signed=True)])
+@pytest.mark.parametrize("bad", [0.0, -0.5])
+def test_learned_scale_at_or_below_zero_is_clamped(make, bad):
+    q = make()
+    x = torch.rand(64) * 2 - (0.5 if getattr(q, "signed", False) else 0.0)
+    q(x)  # LSQ initialises its step here
+    param = q.alpha if isinstance(q, PACTActivationQuantizer) else q.step
+    with torch.no_grad():
+        param.fill_(bad)
+    x.requires_grad_(True)
+    out = q(x)
+    assert torch.isfinite(out).all()
+    assert float(out.abs().max()) <= 1e-8 * 2 ** 4  # a grid of step <= MIN_SCALE
+    out.sum().backward()
+    assert param.grad is not None and torch.isfinite(param.grad).all()

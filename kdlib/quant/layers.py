@@ -76,8 +76,8 @@ class _QuantizedLayer:
         """``op(input, weight, bias)`` the way this layer's precision says (module docstring)."""
         if not self.is_quantized:
             return op(x, self.weight, self.bias)
-        xq = self.input_quantizer(x.float())
-        wq = self.quantized_weight().float()
+        xq = self.input_quantizer(_at_least_fp32(x))
+        wq = _at_least_fp32(self.quantized_weight())
         with torch.autocast(device_type=x.device.type, enabled=False):
             on_codes = self.has_integer_codes and (self.precision == "bf16" or x.is_cuda)
             if on_codes:
@@ -155,6 +155,11 @@ class QLinear(_QuantizedLayer, nn.Linear):
 def quantized_layers(model: nn.Module) -> list[tuple[str, _QuantizedLayer]]:
     """(name, layer) of every QConv2d / QLinear in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantizedLayer)]
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """bf16/fp16 -> fp32; fp32 and fp64 stay as they are."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
 
 
 def set_precision(model: nn.Module, precision: str) -> nn.Module:

@@ -13,6 +13,16 @@ from kdlib.quant.ste import (dorefa_activation, dorefa_weight, grid_levels, lsq_
 PACT_ALPHA_INIT = 10.0  # the PACT paper's initial clip level
 
 
+MIN_SCALE = 1e-8  # smallest PACT clip level / LSQ step a forward uses
+
+
+def positive(scale: Tensor) -> Tensor:
+    """``max(scale, MIN_SCALE)`` with the gradient of the identity: a learned clip level or step
+    that an optimizer step pushed to <= 0 still gives a valid grid (no division by zero, no
+    flipped sign) and still receives the gradient that can move it back."""
+    return scale + (scale.clamp_min(MIN_SCALE) - scale).detach()
+
+
 class Quantizer(nn.Module):
     """Base class: one quantizer of one tensor, at ``bits`` (32 = identity).
 
@@ -82,10 +92,10 @@ class PACTActivationQuantizer(Quantizer):
             self.alpha.fill_(self.alpha_init)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return pact_activation(x, self.alpha, self.bits) if self.active else x
+        return pact_activation(x, positive(self.alpha), self.bits) if self.active else x
 
     def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
-        return self.alpha.detach().float() / grid_levels(self.bits)  # codes 0..n
+        return positive(self.alpha).detach().float() / grid_levels(self.bits)  # codes 0..n
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, alpha_init={self.alpha_init}"
@@ -138,10 +148,10 @@ class LSQQuantizer(Quantizer):
             self._init_step(x)
         per_example = x.numel() if self.signed else x.numel() // max(x.shape[0], 1)
         qp = max(lsq_range(self.bits, self.signed)[1], 1)
-        return lsq_quantize(x, self.step, self.bits, self.signed, (per_example * qp) ** -0.5)
+        return lsq_quantize(x, positive(self.step), self.bits, self.signed, (per_example * qp) ** -0.5)
 
     def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
-        return self.step.detach().float()  # codes -Qn..Qp (signed 1 bit: -1, +1)
+        return positive(self.step).detach().float()  # codes -Qn..Qp (signed 1 bit: -1, +1)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"
