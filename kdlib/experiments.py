@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import pandas as pd
 import torch
 
 from kdlib.checks import BitsSpec, parse_bits
@@ -130,6 +131,12 @@ def plan_students(preset: str, model: str, seed: int, methods: Sequence[str],
                                  teacher_id=from_teacher if method == "direct_kd" else None,
                                  init_id=from_teacher))
     return plan
+
+
+def plan_table(plan: Sequence[RunConfig]) -> pd.DataFrame:
+    """One row per planned run: method, bits, and the run ids it starts from / learns from."""
+    return pd.DataFrame([{"method": c.method, "w_bits": c.w_bits, "a_bits": c.a_bits,
+                          "teacher": c.teacher_id, "init": c.init_id} for c in plan])
 
 
 def _dedupe(plan: Iterable[RunConfig]) -> list[RunConfig]:

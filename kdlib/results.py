@@ -17,7 +17,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy
 import pandas as pd
@@ -104,6 +104,13 @@ def load_record(path: str | os.PathLike) -> dict[str, Any]:
 def find_record(results_dir: str | os.PathLike, run_id: str) -> dict[str, Any] | None:
     path = record_path(results_dir, run_id)
     return load_record(path) if path.exists() else None
+
+
+def records_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run record: method, bits, seed and its metrics (what a pipeline returned)."""
+    return pd.DataFrame([{"method": r["config"]["method"], "w_bits": r["config"]["w_bits"],
+                          "a_bits": r["config"]["a_bits"], "seed": r["config"]["seed"],
+                          **r["metrics"]} for r in records])
 
 
 def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:

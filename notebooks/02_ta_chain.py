@@ -35,6 +35,7 @@ device: str = ""  # "" -> cuda when available, else cpu
 import pandas as pd
 
 from kdlib import experiments
+from kdlib.results import records_table
 from kdlib.quant import level_summary
 
 # %% [markdown]
@@ -42,8 +43,7 @@ from kdlib.quant import level_summary
 
 # %% tags=["nbval-check-output"]
 plan = experiments.plan_ta_chain(preset, model, seeds[0], chain, overrides)
-print(pd.DataFrame([{"method": c.method, "w_bits": c.w_bits, "a_bits": c.a_bits,
-                     "teacher": c.teacher_id, "init": c.init_id} for c in plan]).to_string())
+print(experiments.plan_table(plan).to_string())
 
 # %% [markdown]
 # The weight grid of each link (DoReFa: 2·q_k(tanh w / 2 max|tanh w| + ½) − 1; 1 bit: sign(w)·E|w|)
@@ -58,6 +58,4 @@ records = experiments.run_ta_chain(preset=preset, model=model, seeds=seeds, chai
                                    overrides=overrides, device=device or None)
 
 # %%
-pd.DataFrame([{"method": r["config"]["method"], "w_bits": r["config"]["w_bits"],
-               "a_bits": r["config"]["a_bits"], "seed": r["config"]["seed"], **r["metrics"]}
-              for r in records])
+records_table(records)

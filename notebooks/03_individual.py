@@ -38,14 +38,12 @@ overrides: dict = {}  # RunConfig fields that replace the preset's, e.g. {"epoch
 device: str = ""  # "" -> cuda when available, else cpu
 
 # %%
-import pandas as pd
-
 from kdlib import experiments
+from kdlib.results import records_table
 
 # %% tags=["nbval-check-output"]
 plan = experiments.plan_students(preset, model, seeds[0], methods, bits, overrides)
-print(pd.DataFrame([{"method": c.method, "w_bits": c.w_bits, "a_bits": c.a_bits,
-                     "teacher": c.teacher_id, "init": c.init_id} for c in plan]).to_string())
+print(experiments.plan_table(plan).to_string())
 
 # %%
 records = experiments.run_students(preset=preset, model=model, seeds=seeds, methods=methods, bits=bits,
@@ -53,6 +51,4 @@ records = experiments.run_students(preset=preset, model=model, seeds=seeds, meth
                                    overrides=overrides, device=device or None)
 
 # %%
-pd.DataFrame([{"method": r["config"]["method"], "w_bits": r["config"]["w_bits"],
-               "a_bits": r["config"]["a_bits"], "seed": r["config"]["seed"], **r["metrics"]}
-              for r in records])
+records_table(records)
