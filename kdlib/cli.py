@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from kdlib.bench import main as bench_main
 from kdlib.checks import format_bits, parse_bits
 from kdlib.experiments import execute
-from kdlib.presets import build_config, get_preset
+from kdlib.presets import DEFAULT_PRESET, PRESETS, build_config, get_preset
 from kdlib.report import render_readme
 from kdlib.results import load_results, summarise
 
@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default="smoke", help="smoke | quick | paper (default: smoke)")
+        p.add_argument("--preset", default=DEFAULT_PRESET,
+                       help=f"{' | '.join(PRESETS)} (default: {DEFAULT_PRESET})")
         p.add_argument("--model", default="resnet20", help="registry name (default: resnet20)")
         p.add_argument("--data-dir", default=None, help="folder holding cifar-100-python/ "
                        "(default: $KDLIB_DATA, else ./data; downloaded when missing)")
@@ -188,11 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=command_train)
 
     summary = sub.add_parser("summary", help="print mean ± std over seeds per method × bits")
-    summary.add_argument("--results-dir", default=str(default_results_dir("quick")))
+    summary.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)))
     summary.set_defaults(func=command_summary)
 
     readme = sub.add_parser("readme", help="re-render the README's results and benchmark blocks")
-    readme.add_argument("--results-dir", default=str(default_results_dir("quick")))
+    readme.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)))
     readme.add_argument("--bench-dir", default=str(REPO_ROOT / "results" / "bench"))
     readme.add_argument("--check", action="store_true", help="only check, exit 2 if out of date")
     readme.set_defaults(func=command_readme)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,40 +34,40 @@ EXECUTION_ONLY_FIELDS = ("eval_batch_size", "preset")
 class RunConfig:
     # --- what is trained
     model: str = "resnet20"  # registry name, see kdlib.models.list_models()
-    num_classes: int = 100
+    num_classes: int = 100  # CIFAR-100
     w_bits: int = 32  # weight bit width
     a_bits: int = 32  # activation bit width
     quantizer: str = "dorefa"  # dorefa | pact | lsq
     quantize_first_last: bool = False  # first conv / last linear stay fp32 by default
-    method: str = "individual"  # teacher | individual | finetune | direct_kd | ta_chain
+    method: str = "individual"  # one of METHODS (see kdlib.experiments)
     teacher_id: str | None = None  # run id of the teacher (KD methods)
     init_id: str | None = None  # run id whose weights initialise this run
-    seed: int = 0
+    seed: int = 0  # initial weights, data order and augmentation of this run
     # --- data
     split_seed: int = 0  # seed of the stratified train/val split (fixed across run seeds)
     train_size: int | None = None  # images of the 45k train split used (None: all), stratified
     val_size: int = 5000  # held out of the 50k training images for model selection
     test_size: int | None = None  # None: the full 10k test set
     # --- optimisation
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    epochs: int = 200  # training epochs of this run
+    batch_size: int = 128  # training batch (the last partial batch of an epoch is dropped)
+    lr: float = 0.1  # peak learning rate of SGD
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum (when momentum > 0)
+    weight_decay: float = 5e-4  # L2 on every parameter, BatchNorm and biases included
     schedule: str = "cosine"  # cosine | multistep
     milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: fractions of `epochs`
     lr_gamma: float = 0.1  # multistep decay factor
     warmup_epochs: int = 0  # linear warm-up from lr/10 ... lr
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # of the cross-entropy term
     # --- distillation
-    kd_temperature: float = 4.0
+    kd_temperature: float = 4.0  # T of the KD term T^2 KL(softmax(t/T) || softmax(s/T))
     kd_alpha: float = 0.9  # weight of the KD term; 1-alpha on the CE term
     kd_mode: str = "hinton"  # hinton | apprentice (teacher trained jointly)
     # --- execution
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 1000  # evaluation batch (speed only: not in the run id)
     precision: str = "exact"  # exact (fp32; TF32 on integer codes of <= 8-bit layers on CUDA) | bf16
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC memory format (faster convolutions on most devices)
     compile: bool = False  # torch.compile the model
     preset: str = "custom"  # name of the preset the config came from (recorded)
     recipe: int = RECIPE_VERSION  # training-code version (see RECIPE_VERSION); part of the run id
@@ -99,6 +101,18 @@ class RunConfig:
         d = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY_FIELDS}
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.model}-{self.method}-w{self.w_bits}a{self.a_bits}-s{self.seed}-{digest}"
+
+
+def describe_fields() -> list[dict[str, str]]:
+    """Every RunConfig field with its default and the comment beside it in this file.
+
+    The comments are the fields' documentation; the README's field list is rendered from here
+    (``python -m kdlib readme``), so it cannot drift from the code.
+    """
+    source = inspect.getsource(RunConfig)
+    comments = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.M))
+    return [{"field": f.name, "default": repr(f.default), "meaning": comments.get(f.name, "")}
+            for f in dataclasses.fields(RunConfig)]
 
 
 def _upgrade_legacy(d: dict[str, Any]) -> dict[str, Any]:

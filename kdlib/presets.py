@@ -13,6 +13,7 @@ from typing import Any
 from kdlib.config import RunConfig, validate
 
 DEFAULT_CHAIN = (32, 16, 8, 4, 2, 1)
+DEFAULT_PRESET = "quick"  # of the command line and make: the preset of the committed results
 STUDENT_METHODS = ("individual", "finetune", "direct_kd")
 
 

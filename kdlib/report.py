@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdlib.config import describe_fields
 from kdlib.results import load_published, load_results, results_table, summarise
 
 
@@ -106,6 +107,14 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
+def render_config_fields() -> str:
+    """The README's list of RunConfig fields, from the comments beside them in kdlib/config.py."""
+    frame = pd.DataFrame(describe_fields()).set_index("field")
+    frame["default"] = [f"`{v}`" for v in frame["default"]]
+    return _markdown(frame)
+
+
 def render_readme(readme: str, results_dir, bench_dir) -> str:
     text = replace_block(readme, "results", render_results(results_dir))
+    text = replace_block(text, "config", render_config_fields())
     return replace_block(text, "bench", render_bench(bench_dir))

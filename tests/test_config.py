@@ -1,4 +1,6 @@
 """Config validation, presets, run ids."""
+import dataclasses
+
 import pytest
 
 from kdlib.checks import check_bits
@@ -82,3 +84,14 @@ def test_overrides_win_over_preset_and_are_validated():
 def test_unknown_preset():
     with pytest.raises(ValueError, match=r"preset='fast' is unknown; accepted: smoke, quick, paper"):
         get_preset("fast")
+
+
+def test_every_field_is_documented_beside_its_definition():
+    """The README's field list is rendered from these comments: a new field needs one."""
+    from kdlib.config import describe_fields
+
+    rows = describe_fields()
+    assert [r["field"] for r in rows] == [f.name for f in dataclasses.fields(RunConfig)]
+    assert [r["field"] for r in rows if not r["meaning"]] == []
+    assert {"field": "kd_alpha", "default": "0.9",
+            "meaning": "weight of the KD term; 1-alpha on the CE term"} in rows
