@@ -17,10 +17,11 @@ from typing import Any, Sequence
 
 from kdlib.bench import main as bench_main
 from kdlib.checks import format_bits, parse_bits
-from kdlib.experiments import execute
-from kdlib.presets import DEFAULT_PRESET, PRESETS, build_config, get_preset
+from kdlib.experiments import execute, plan_grid
+from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS, build_config,
+                           get_preset)
 from kdlib.report import render_readme
-from kdlib.results import load_results, summarise
+from kdlib.results import find_record, load_results, summarise
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("01_baseline", "02_ta_chain", "03_individual", "04_results")
@@ -51,12 +52,16 @@ def default_results_dir(preset: str) -> Path:
 
 def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) -> dict[str, Any]:
     params: dict[str, Any] = {
-        "preset": args.preset, "model": args.model, "seeds": list(args.seeds),
+        "preset": args.preset, "model": args.model,
+        "seeds": list(args.seeds or get_preset(args.preset).seeds),
         "data_dir": str(args.data_dir or ""), "results_dir": str(results_dir),
         "overrides": parse_overrides(args.set), "device": args.device or "",
     }
-    if name == "02_ta_chain" and args.chain:
-        params["chain"] = [format_bits(*parse_bits(b)) for b in args.chain]
+    if name == "02_ta_chain":
+        if args.chain:
+            params["chain"] = [format_bits(*parse_bits(b)) for b in args.chain]
+        if args.chain_methods:
+            params["methods"] = list(args.chain_methods)
     if name == "03_individual":
         if args.bits:
             params["bits"] = [format_bits(*parse_bits(b)) for b in args.bits]
@@ -84,11 +89,33 @@ def _start_log(folder: Path, echo: bool) -> Path:
     return path
 
 
+def _outputs(path: Path) -> list | None:
+    """A notebook's cells (source and outputs) without run-to-run metadata (times, durations)."""
+    if not path.exists():
+        return None
+    cells = json.loads(path.read_text()).get("cells", [])
+    return [(c.get("source"), c.get("outputs")) for c in cells]
+
+
+def _announce_plan(args: argparse.Namespace, results_dir: Path) -> None:
+    """How much of the grid is already trained, so nobody waits for training that won't happen."""
+    seeds = list(args.seeds or get_preset(args.preset).seeds)
+    plan = plan_grid(preset=args.preset, model=args.model, seeds=seeds,
+                     chain=args.chain or None, chain_methods=args.chain_methods or None,
+                     methods=args.methods or None, overrides=parse_overrides(args.set))
+    done = sum(find_record(results_dir, cfg.run_id()) is not None for cfg in plan)
+    print(f"grid: {len(plan)} runs (preset {args.preset}, seeds {seeds}); {done} already have "
+          f"records in {results_dir / 'runs'} and are skipped, {len(plan) - done} to train"
+          + (f". To retrain from scratch, delete {results_dir} or pass --results-dir"
+             if done else ""), flush=True)
+
+
 def command_run(args: argparse.Namespace) -> int:
     import papermill  # lazy: a heavy import (jupyter client) only `run` needs
 
     get_preset(args.preset)  # fail fast on an unknown preset
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
+    _announce_plan(args, results_dir)
     executed = results_dir / "executed"
     executed.mkdir(parents=True, exist_ok=True)
     log_path = _start_log(results_dir / "logs", echo=args.log_output)
@@ -96,16 +123,23 @@ def command_run(args: argparse.Namespace) -> int:
     names = [n for n in NOTEBOOKS if not args.only or any(n.startswith(o) for o in args.only)]
     for name in names:
         params = notebook_parameters(args, name, results_dir)
+        target = executed / f"{name}.ipynb"
+        fresh = executed / f".{name}.running.ipynb"
         print(f"== {name}  {json.dumps(params)}", flush=True)
         try:
             papermill.execute_notebook(
-                str(REPO_ROOT / "notebooks" / f"{name}.ipynb"), str(executed / f"{name}.ipynb"),
+                str(REPO_ROOT / "notebooks" / f"{name}.ipynb"), str(fresh),
                 parameters=params, cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3",
                 log_output=True, progress_bar=not args.log_output)
         except papermill.PapermillExecutionError as exc:
+            fresh.replace(target)
             print(f"error: notebook {name} failed: {exc.ename}: {exc.evalue} "
-                  f"(executed copy: {executed / (name + '.ipynb')})", file=sys.stderr)
+                  f"(executed copy: {target})", file=sys.stderr)
             return EXIT_FAILED
+        if _outputs(fresh) == _outputs(target):  # nothing changed: keep the committed file as is
+            fresh.unlink()
+        else:
+            fresh.replace(target)
     print(f"done: records in {results_dir / 'runs'}, executed notebooks in {executed}")
     return 0
 
@@ -169,10 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="execute notebooks 01-04 with papermill")
     common(run)
-    run.add_argument("--seeds", nargs="+", type=int, default=[0])
+    run.add_argument("--seeds", nargs="+", type=int, default=None,
+                     help="default: the preset's seeds")
     run.add_argument("--chain", nargs="+", default=None, help="TA chain, e.g. 32 16 8 4 2 1")
     run.add_argument("--bits", nargs="+", default=None, help="student bit widths for notebook 03")
-    run.add_argument("--methods", nargs="+", default=None, help="individual finetune direct_kd")
+    run.add_argument("--chain-methods", nargs="+", default=None,
+                     help=f"notebook 02, any of: {' '.join(CHAIN_METHODS)} (default: all)")
+    run.add_argument("--methods", nargs="+", default=None,
+                     help=f"notebook 03, any of: {' '.join(STUDENT_METHODS)} (default: all)")
     run.add_argument("--only", nargs="+", default=None, help="run only these notebooks, e.g. 01 04")
     run.add_argument("--log-output", action="store_true", help="stream cell output to the log")
     run.set_defaults(func=command_run)
@@ -204,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
     bench.add_argument("--steps", type=int, default=10, help="steps per timed window")
     bench.add_argument("--device", default=None)
+    bench.add_argument("--variants", nargs="+", default=None, help="only these (default: all)")
     bench.set_defaults(func=command_bench)
     return parser
 

@@ -17,14 +17,16 @@ from typing import Any
 from kdlib.checks import PRECISIONS, QUANTIZERS, check_bits, check_num_classes
 from kdlib.models import list_models
 
-METHODS = ("teacher", "individual", "finetune", "direct_kd", "ta_chain")
+# What a run is called; what it trains is its config (init, teacher, epochs). See kdlib.experiments.
+METHODS = ("teacher", "individual", "finetune", "direct_kd", "ta_chain", "progressive",
+           "progressive_kd32", "direct_kd_matched")
 SCHEDULES = ("cosine", "multistep")
 KD_MODES = ("hinton", "apprentice")
 # The version of the training recipe: bump it whenever a change to kdlib changes what a given
 # config computes, so that records made by older code get other run ids and are never reused.
 # 1: the code of the first quick records (no `recipe` field); 2: exact quantized layers, precision.
 RECIPE_VERSION = 2
-KD_METHODS = ("direct_kd", "ta_chain")  # methods that distil from a teacher
+KD_METHODS = ("direct_kd", "ta_chain", "progressive_kd32", "direct_kd_matched")  # distil
 # Fields that change how fast a run goes, never what it computes: left out of the run id, and
 # a checkpoint written with other values resumes.
 EXECUTION_ONLY_FIELDS = ("eval_batch_size", "preset")

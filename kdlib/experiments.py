@@ -18,24 +18,28 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import hashlib
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
 import torch
 
 from kdlib.checks import BitsSpec, parse_bits
-from kdlib.config import RunConfig
+from kdlib.config import EXECUTION_ONLY_FIELDS, RunConfig, validate
 from kdlib.data import load_splits
+from kdlib.export import save_packed
 from kdlib.fileio import torch_save_atomic
 from kdlib.models import create_model
 from kdlib.quant import model_size_report, transfer_weights
-from kdlib.presets import STUDENT_METHODS, build_config, get_preset
-from kdlib.results import (METRIC_FIELDS, checkpoint_path, environment_info, find_record, save_record,
-                           weights_path)
+from kdlib.presets import CHAIN_METHODS, STUDENT_METHODS, build_config, get_preset
+from kdlib.results import (METRIC_FIELDS, checkpoint_path, environment_info, find_record,
+                           load_records, packed_path, save_record, weights_path)
 from kdlib.train import fit, pick_device
 
 
@@ -70,14 +74,19 @@ def check_seeds(seeds: Iterable[int]) -> list[int]:
     return seeds
 
 
-def check_methods(methods: Iterable[str]) -> list[str]:
+def check_methods(methods: Iterable[str], allowed: Sequence[str] = STUDENT_METHODS,
+                  where: str = "notebook 03 / run_students") -> list[str]:
+    """A non-empty list of distinct methods out of ``allowed``."""
     methods = [methods] if isinstance(methods, str) else list(methods)
     if not methods:
-        raise ValueError(f"methods=[] is empty; accepted: {', '.join(STUDENT_METHODS)}")
+        raise ValueError(f"methods=[] is empty; accepted: {', '.join(allowed)}")
     for m in methods:
-        if m not in STUDENT_METHODS:
-            raise ValueError(f"method={m!r} is unknown; accepted: {', '.join(STUDENT_METHODS)} "
-                             "(ta_chain: notebook 02 / run_ta_chain)")
+        if m not in allowed:
+            others = CHAIN_METHODS if allowed is STUDENT_METHODS else STUDENT_METHODS
+            raise ValueError(f"method={m!r} is unknown here; accepted: {', '.join(allowed)} "
+                             f"({where}; {', '.join(others)} go elsewhere)")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods={methods!r} has duplicates")
     return methods
 
 
@@ -95,41 +104,71 @@ def _student(preset: str, model: str, seed: int, method: str, bits: tuple[int, i
         "teacher_id": teacher_id, "init_id": init_id})
 
 
-def plan_ta_chain(preset: str, model: str, seed: int, chain: Sequence[BitsSpec],
-                  overrides: dict | None = None, head: RunConfig | None = None) -> list[RunConfig]:
-    """Teacher (unless ``head`` is a trained run) followed by one config per chain link."""
+def plan_chain(preset: str, model: str, seed: int, chain: Sequence[BitsSpec],
+               overrides: dict | None = None, head: RunConfig | None = None,
+               method: str = "ta_chain") -> list[RunConfig]:
+    """Teacher (unless ``head`` is a trained run) followed by one config per chain link; every
+    link starts from the weights of the link before it. Who teaches a link is the method's:
+
+    * ``ta_chain``: the link before it (the teacher-assistant chain);
+    * ``progressive``: nobody (cross-entropy): quantization stepped down without distillation;
+    * ``progressive_kd32``: the chain's head, the 32-bit teacher (the chain's path, no assistant).
+    """
+    check_methods([method], CHAIN_METHODS, "notebook 02 / run_ta_chain")
     links = check_chain(chain, has_teacher=head is not None)
     plan = [] if head is not None else [plan_teacher(preset, model, seed, overrides)]
     if head is not None and (head.w_bits, head.a_bits) != links[0]:
         raise ValueError(f"teacher run {head.run_id()} has w{head.w_bits}/a{head.a_bits} bits but "
                          f"the chain starts at {links[0][0]}/{links[0][1]}")
-    previous = head if head is not None else plan[0]
+    top = head if head is not None else plan[0]
+    previous = top
     for bits in links[1:]:
-        link = _student(preset, model, seed, "ta_chain", bits, overrides,
-                        teacher_id=previous.run_id(), init_id=previous.run_id())
+        teacher = {"ta_chain": previous, "progressive": None, "progressive_kd32": top}[method]
+        link = _student(preset, model, seed, method, bits, overrides,
+                        teacher_id=teacher.run_id() if teacher is not None else None,
+                        init_id=previous.run_id())
         plan.append(link)
         previous = link
     return plan
 
 
+def plan_ta_chain(preset: str, model: str, seed: int, chain: Sequence[BitsSpec],
+                  overrides: dict | None = None, head: RunConfig | None = None) -> list[RunConfig]:
+    """The teacher-assistant chain: :func:`plan_chain` with ``method="ta_chain"``."""
+    return plan_chain(preset, model, seed, chain, overrides, head, "ta_chain")
+
+
 def plan_students(preset: str, model: str, seed: int, methods: Sequence[str],
                   bits: Sequence[BitsSpec], overrides: dict | None = None) -> list[RunConfig]:
-    """Teacher + each method at each bit width. At 32 bits ``individual`` *is* the teacher,
-    and finetune/direct_kd would copy it, so 32 is left out of the students."""
+    """Teacher + each method at each bit width. ``bits`` are the chain's links in order (the
+    k-th is k links below the teacher). At 32 bits ``individual`` *is* the teacher, and the
+    others would copy it, so 32 is left out of the students.
+
+    * ``individual``: random weights, cross-entropy, on the teacher's own schedule (epochs, lr,
+      warm-up): the fair trained-alone baseline.
+    * ``finetune``: the teacher's weights, cross-entropy, a link's epochs.
+    * ``direct_kd``: the teacher's weights, distilled from the teacher, a link's epochs.
+    * ``direct_kd_matched``: as ``direct_kd`` but for k times a link's epochs at the k-th
+      link, the student epochs the chain has spent down to that width (equal budgets).
+    """
     methods = check_methods(methods)
-    widths = [parse_bits(b) for b in bits]
+    widths = [w for w in (parse_bits(b) for b in bits) if w != (32, 32)]
     if not widths:
-        raise ValueError("bits=[] is empty; give the student bit widths, e.g. [16, 8, 4, 2, 1]")
+        raise ValueError("bits=[] has no student width; give e.g. [16, 8, 4, 2, 1]")
     teacher = plan_teacher(preset, model, seed, overrides)
     plan = [teacher]
     for method in methods:
-        for w in widths:
-            if w == (32, 32):
+        for k, w in enumerate(widths, 1):
+            if method == "individual":
+                plan.append(build_config(preset, model, teacher=True, overrides={
+                    **(overrides or {}), "method": method, "w_bits": w[0], "a_bits": w[1],
+                    "seed": seed, "teacher_id": None, "init_id": None}))
                 continue
-            from_teacher = teacher.run_id() if method in ("finetune", "direct_kd") else None
-            plan.append(_student(preset, model, seed, method, w, overrides,
-                                 teacher_id=from_teacher if method == "direct_kd" else None,
-                                 init_id=from_teacher))
+            cfg = _student(preset, model, seed, method, w, overrides, init_id=teacher.run_id(),
+                           teacher_id=None if method == "finetune" else teacher.run_id())
+            if method == "direct_kd_matched":
+                cfg = validate(cfg.replace(epochs=k * cfg.epochs))
+            plan.append(cfg)
     return plan
 
 
@@ -150,7 +189,8 @@ def _dedupe(plan: Iterable[RunConfig]) -> list[RunConfig]:
 def load_trained_model(results_dir: str | os.PathLike, run_id: str) -> torch.nn.Module:
     """Rebuild a finished run's model from its record and best-val weights."""
     record = find_record(results_dir, run_id)
-    path = weights_path(results_dir, run_id)
+    trained_as = (record or {}).get("same_run_as") or run_id
+    path = weights_path(results_dir, trained_as)
     if record is None or not path.exists():
         raise FileNotFoundError(f"run {run_id} has no finished record/weights in {results_dir}: "
                                 "train it first (its pipeline runs it automatically)")
@@ -209,22 +249,76 @@ def _run_lock(results_dir: str | os.PathLike, run_id: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def training_key(cfg: RunConfig, canonical: Callable[[str | None], str | None]) -> str:
+    """What a run trains, whatever it is called: its config without the method name and the
+    execution-only fields, with its teacher and init runs replaced by the runs that actually
+    trained them (``canonical``). Two methods with one key are one training run."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in (*EXECUTION_ONLY_FIELDS, "method")}
+    d["teacher_id"], d["init_id"] = canonical(cfg.teacher_id), canonical(cfg.init_id)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _TrainedIndex:
+    """Which run trained what, in one results folder: training key -> run id, and each alias
+    run id -> the run id that trained it."""
+
+    def __init__(self, results_dir: str | os.PathLike):
+        self.by_key: dict[str, str] = {}
+        self.alias_of: dict[str, str] = {}
+        for record in load_records(results_dir):
+            if record.get("same_run_as"):
+                self.alias_of[record["run_id"]] = record["same_run_as"]
+            elif record.get("training_key"):
+                self.by_key.setdefault(record["training_key"], record["run_id"])
+
+    def canonical(self, run_id: str | None) -> str | None:
+        return self.alias_of.get(run_id, run_id) if run_id is not None else None
+
+    def key(self, cfg: RunConfig) -> str:
+        return training_key(cfg, self.canonical)
+
+
 def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
-              progress: bool = True) -> dict[str, Any]:
-    """Train one configured run (or return its existing record) and write its record."""
+              progress: bool = True, index: _TrainedIndex | None = None) -> dict[str, Any]:
+    """Train one configured run (or return its existing record) and write its record.
+
+    A run whose training another method's run already did (same :func:`training_key`) is not
+    trained again: it gets a record of its own that copies that run's results and names it in
+    ``same_run_as``.
+    """
     run_id = cfg.run_id()
     existing = find_record(results_dir, run_id)
     if existing is None:
         with _run_lock(results_dir, run_id):
             existing = find_record(results_dir, run_id)  # another pipeline may have finished it
             if existing is None:
-                return _train_and_record(cfg, data, results_dir, device=device, progress=progress)
+                index = index or _TrainedIndex(results_dir)
+                key = index.key(cfg)
+                same = index.by_key.get(key)
+                if same is not None and same != run_id:
+                    record = _alias_record(cfg, find_record(results_dir, same), results_dir)
+                    index.alias_of[run_id] = same
+                    return record
+                record = _train_and_record(cfg, data, results_dir, device=device,
+                                           progress=progress, training_key=key)
+                index.by_key[key] = run_id
+                return record
     print(f"skip {run_id}: record exists")
     return existing
 
 
+def _alias_record(cfg: RunConfig, trained: dict[str, Any],
+                  results_dir: str | os.PathLike) -> dict[str, Any]:
+    """The record of ``cfg``, a run whose training ``trained`` already did: same results."""
+    record = {**trained, "run_id": cfg.run_id(), "config": cfg.to_dict(),
+              "same_run_as": trained["run_id"]}
+    save_record(results_dir, record)
+    print(f"same run {cfg.run_id()}: trained as {trained['run_id']}")
+    return record
+
+
 def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, training_key: str | None = None) -> dict[str, Any]:
     run_id = cfg.run_id()
     device = pick_device(device)
     model = _build_model(cfg)
@@ -236,9 +330,11 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
                  device=device, progress=progress)
     torch_save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
                       weights_path(results_dir, run_id))
+    save_packed(model, packed_path(results_dir, run_id), model_name=cfg.model, run_id=run_id)
     record = {
         "run_id": run_id,
         "config": cfg.to_dict(),
+        "training_key": training_key,
         "metrics": {k: getattr(result, k) for k in METRIC_FIELDS},
         "history": result.history,
         "wall_time_s": result.wall_time_s,
@@ -262,10 +358,12 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
     if todo:  # fail on an unwritable folder or missing/bad data before anything is trained
         data.get(todo[0])
         check_writable(results_dir)
+    index = _TrainedIndex(results_dir)
     records = []
     for i, cfg in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {cfg.run_id()}")
-        records.append(train_run(cfg, data.get(cfg), results_dir, device=device, progress=progress))
+        records.append(train_run(cfg, data.get(cfg), results_dir, device=device, progress=progress,
+                                 index=index))
     return records
 
 
@@ -279,11 +377,16 @@ def run_teacher(*, preset: str = "smoke", model: str = "resnet20", seeds: Sequen
 
 
 def run_ta_chain(*, preset: str = "smoke", model: str = "resnet20", seeds: Sequence[int] = (0,),
-                 chain: Sequence[BitsSpec] | None = None, data_dir=None, results_dir="results",
-                 overrides: dict | None = None, teacher_run_id: str | None = None, device=None,
+                 chain: Sequence[BitsSpec] | None = None, methods: Sequence[str] | None = None,
+                 data_dir=None, results_dir="results", overrides: dict | None = None,
+                 teacher_run_id: str | None = None, device=None,
                  progress: bool = True) -> list[dict[str, Any]]:
-    """The TA chain per seed; the chain of seed s starts from the teacher of seed s."""
-    chain = list(get_preset(preset).chain if chain is None else chain)
+    """The chain methods (ta_chain, progressive, progressive_kd32; default: the preset's) per
+    seed; the chain of seed s starts from the teacher of seed s."""
+    spec = get_preset(preset)
+    chain = list(spec.chain if chain is None else chain)
+    methods = check_methods(spec.chain_methods if methods is None else methods, CHAIN_METHODS,
+                            "notebook 02 / run_ta_chain")
     seeds = check_seeds(seeds)
     head = None
     if teacher_run_id is not None:
@@ -293,7 +396,8 @@ def run_ta_chain(*, preset: str = "smoke", model: str = "resnet20", seeds: Seque
         head = RunConfig.from_dict(record["config"])
         if len(seeds) > 1:
             raise ValueError("teacher_run_id fixes one teacher: give a single seed with it")
-    plan = [cfg for s in seeds for cfg in plan_ta_chain(preset, model, s, chain, overrides, head)]
+    plan = [cfg for s in seeds for m in methods
+            for cfg in plan_chain(preset, model, s, chain, overrides, head, m)]
     return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device, progress=progress)
 
 
@@ -301,7 +405,8 @@ def run_students(*, preset: str = "smoke", model: str = "resnet20", seeds: Seque
                  methods: Sequence[str] | None = None, bits: Sequence[BitsSpec] | None = None,
                  data_dir=None, results_dir="results", overrides: dict | None = None, device=None,
                  progress: bool = True) -> list[dict[str, Any]]:
-    """individual / finetune / direct_kd at each bit width, per seed (teacher trained if needed)."""
+    """individual / finetune / direct_kd / direct_kd_matched at each bit width, per seed
+    (teacher trained if needed)."""
     spec = get_preset(preset)
     methods = list(spec.methods if methods is None else methods)
     bits = list(spec.chain[1:] if bits is None else bits)
@@ -310,17 +415,28 @@ def run_students(*, preset: str = "smoke", model: str = "resnet20", seeds: Seque
     return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device, progress=progress)
 
 
-def run_grid(*, preset: str = "smoke", model: str = "resnet20", seeds: Sequence[int] = (0,),
-             chain: Sequence[BitsSpec] | None = None, methods: Sequence[str] | None = None,
-             data_dir=None, results_dir="results", overrides: dict | None = None, device=None,
-             progress: bool = True) -> list[dict[str, Any]]:
-    """Everything a comparison needs: teacher, chain and every student method, per seed."""
+def plan_grid(*, preset: str = "smoke", model: str = "resnet20", seeds: Sequence[int] = (0,),
+              chain: Sequence[BitsSpec] | None = None, chain_methods: Sequence[str] | None = None,
+              methods: Sequence[str] | None = None,
+              overrides: dict | None = None) -> list[RunConfig]:
+    """Everything a comparison needs, per seed: teacher, the chain methods along the chain and
+    every student method at the chain's widths, dependencies first, each run once."""
     spec = get_preset(preset)
     chain = list(spec.chain if chain is None else chain)
+    chain_methods = check_methods(spec.chain_methods if chain_methods is None else chain_methods,
+                                  CHAIN_METHODS, "notebook 02 / run_ta_chain")
     methods = list(spec.methods if methods is None else methods)
     check_chain(chain)
     plan = []
     for s in check_seeds(seeds):
-        plan += plan_ta_chain(preset, model, s, chain, overrides)
+        for m in chain_methods:
+            plan += plan_chain(preset, model, s, chain, overrides, method=m)
         plan += plan_students(preset, model, s, methods, chain[1:], overrides)
-    return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device, progress=progress)
+    return _dedupe(plan)
+
+
+def run_grid(*, data_dir=None, results_dir="results", device=None, progress: bool = True,
+             **grid: Any) -> list[dict[str, Any]]:
+    """Train :func:`plan_grid` (same keyword arguments) in order; returns every record."""
+    return execute(plan_grid(**grid), data_dir=data_dir, results_dir=results_dir, device=device,
+                   progress=progress)

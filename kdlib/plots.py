@@ -13,9 +13,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-METHOD_ORDER = ("individual", "finetune", "direct_kd", "ta_chain")
+from kdlib.results import METHOD_ORDER  # noqa: E402
+
 METHOD_LABELS = {"individual": "individual (random init, CE)", "finetune": "finetune (teacher init, CE)",
-                 "direct_kd": "direct KD (from 32-bit)", "ta_chain": "TA chain"}
+                 "direct_kd": "direct KD (from 32-bit)",
+                 "direct_kd_matched": "direct KD, chain's budget",
+                 "progressive": "progressive (chain init, CE)",
+                 "progressive_kd32": "progressive, KD from 32-bit", "ta_chain": "TA chain"}
 # published methods that correspond to ours (liao2020 'kd_no_ta' = distilled without assistant)
 PUBLISHED_AS = {"individual": "individual", "kd_no_ta": "direct_kd", "ta_chain": "ta_chain"}
 
@@ -90,6 +94,29 @@ def plot_gain_over_individual(gains: pd.DataFrame, title: str = "") -> plt.Figur
     ax.set_title(title or "Gain over training each bit width on its own (error bar: 95% CI, n>1)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the bars
+    fig.tight_layout()
+    return fig
+
+
+def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "") -> plt.Figure:
+    """The three contrasts that attribute the chain's gain (kdlib.results.chain_contrasts) per
+    bit width: mean paired difference, error bar = its 95% t-interval (none with one seed)."""
+    fig, ax = plt.subplots(figsize=(9.5, 4))
+    names = list(dict.fromkeys(contrasts["contrast"])) if not contrasts.empty else []
+    pos = _bit_positions(contrasts["w_bits"]) if not contrasts.empty else {}
+    colors = sns.color_palette("dark", max(len(names), 1))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        rows = contrasts[contrasts["contrast"] == name]
+        x = [pos[b] - 0.4 + width * (i + 0.5) for b in rows["w_bits"]]
+        half = (rows["ci95_high"] - rows["mean"]).fillna(0)
+        ax.bar(x, rows["mean"], width=width, yerr=half, capsize=3, color=colors[i], label=name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    _set_bit_axis(ax, pos)
+    ax.set_ylabel("paired difference (top-1 points)")
+    ax.set_title(title or "Where the chain's gain comes from (error bar: 95% CI over seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 

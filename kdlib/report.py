@@ -6,6 +6,7 @@ result files disagree.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdlib.bench.render import render_markdown
 from kdlib.config import describe_fields
 from kdlib.results import load_published, load_results, results_table, summarise
 
@@ -50,6 +52,11 @@ def render_results(results_dir: str | os.PathLike) -> str:
         f"from the first run's start to the last run's end, on {', '.join(devices)} "
         f"(host {_hosts(results_dir)}).",
     ]
+    dirty = frame["git_commit"].fillna("").str.endswith("+dirty") if "git_commit" in frame else None
+    if dirty is not None and dirty.any():
+        lines += ["", f"**{int(dirty.sum())} of {len(frame)} runs were made from a modified working "
+                  "tree** (their `git_commit` ends in `+dirty`): the code they ran is not exactly "
+                  "any commit."]
     lines += ["", "Published numbers for the same network (`kdlib/reference/published.csv`, full training "
               "sets and schedules; liao2020 chose its epoch on the **test** set, which flatters it, "
               "RepDistiller reports the last epoch):", "",
@@ -71,8 +78,6 @@ def published_table(model: str) -> pd.DataFrame:
 
 def _span_hours(results_dir: str | os.PathLike) -> float:
     """Wall-clock hours from the earliest run start (end minus its wall time) to the last end."""
-    import datetime as dt
-
     starts, ends = [], []
     for path in (Path(results_dir) / "runs").glob("*.json"):
         record = json.loads(path.read_text())
@@ -90,14 +95,29 @@ def _hosts(results_dir: str | os.PathLike) -> str:
     return "; ".join(sorted(hosts))
 
 
-def render_bench(bench_dir: str | os.PathLike) -> str:
-    """Markdown table of the newest benchmark file in ``bench_dir``."""
-    files = sorted(Path(bench_dir).glob("*.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return "_No benchmark yet: `make bench` creates one._"
-    from kdlib.bench import render_markdown
+def _bench_date(path: Path) -> dt.datetime:
+    """The ``date`` a benchmark file says it was measured at (UTC when it names no zone)."""
+    try:
+        date = dt.datetime.fromisoformat(json.loads(path.read_text())["date"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"benchmark file {path} has no readable 'date' (ISO 8601, as `make bench` "
+                         f"writes it): {type(exc).__name__}: {exc}") from None
+    return date if date.tzinfo else date.replace(tzinfo=dt.timezone.utc)
 
-    return render_markdown(json.loads(files[-1].read_text()))
+
+def newest_bench_file(bench_dir: str | os.PathLike) -> Path | None:
+    """The benchmark measured last, by the ``date`` inside each file; same date: the last file
+    name. File times say nothing here: a checkout or a copy sets them."""
+    dated = [(_bench_date(path), path.name, path) for path in Path(bench_dir).glob("*.json")]
+    return max(dated)[2] if dated else None
+
+
+def render_bench(bench_dir: str | os.PathLike) -> str:
+    """Markdown table of the newest benchmark file in ``bench_dir`` (see newest_bench_file)."""
+    newest = newest_bench_file(bench_dir)
+    if newest is None:
+        return "_No benchmark yet: `make bench` creates one._"
+    return render_markdown(json.loads(newest.read_text()))
 
 
 def replace_block(text: str, name: str, body: str) -> str:

@@ -5,9 +5,12 @@ Layout under a results directory::
     runs/<run_id>.json          committed records
     checkpoints/<run_id>.pt     per-epoch training state (resumable, not committed)
     checkpoints/<run_id>.weights.pt  best-val weights, what later links start from / learn from
+    checkpoints/<run_id>.packed      the same weights packed at their bit width (seed 0 committed)
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -26,9 +29,24 @@ import torchvision
 from scipy import stats
 
 import kdlib
+from kdlib.config import EXECUTION_ONLY_FIELDS, RunConfig
 from kdlib.fileio import write_json_atomic
 
 RECORD_VERSION = 1
+GROUP_KEYS = ("model", "method", "w_bits", "a_bits")
+METHOD_ORDER = ("individual", "finetune", "direct_kd", "direct_kd_matched", "progressive",
+                "progressive_kd32", "ta_chain")  # the order of tables and figures
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
+# Fields that differ between the seeds of one setting: the seed and the run ids derived from it.
+PER_SEED_FIELDS = ("seed", "teacher_id", "init_id")
+# Fields that legitimately differ between two methods being compared at one bit width.
+METHOD_FIELDS = ("method", "epochs", "lr", "warmup_epochs", "teacher_id", "init_id", "preset")
+# (method, baseline, what the difference isolates): the chain's gain, attributed.
+CONTRASTS = (
+    ("ta_chain", "progressive_kd32", "assistant vs 32-bit teacher (same init path and budget)"),
+    ("progressive_kd32", "direct_kd_matched", "stepping down vs jumping (same teacher and budget)"),
+    ("ta_chain", "progressive", "what distillation adds along the chain"),
+)
 METRIC_FIELDS = ("best_epoch", "best_val_top1", "best_val_top5", "test_top1", "test_top5",
                  "final_test_top1", "final_test_top5")
 
@@ -49,6 +67,11 @@ def weights_path(results_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(results_dir) / "checkpoints" / f"{run_id}.weights.pt"
 
 
+def packed_path(results_dir: str | os.PathLike, run_id: str) -> Path:
+    """The best-val weights as integer codes at their bit width (kdlib.export.save_packed)."""
+    return Path(results_dir) / "checkpoints" / f"{run_id}.packed"
+
+
 def git_commit() -> str | None:
     """Commit of the code that produced a record, '+dirty' when the tree had changes."""
     here = Path(__file__).resolve().parent
@@ -60,6 +83,11 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("+dirty" if dirty else "")
+
+
+# The code a record states is the code that was imported, not whatever the tree holds when the
+# record is written hours later: read once, when kdlib is first imported.
+CODE_COMMIT = git_commit()
 
 
 def environment_info() -> dict[str, Any]:
@@ -75,7 +103,7 @@ def environment_info() -> dict[str, Any]:
             "numpy": numpy.__version__,
             "kdlib": kdlib.__version__,
         },
-        "git_commit": git_commit(),
+        "git_commit": CODE_COMMIT,
     }
 
 
@@ -113,14 +141,44 @@ def records_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
                           **r["metrics"]} for r in records])
 
 
+def setting_ids(records: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """run id -> a seed-free fingerprint of the run's whole setting: its config without
+    :data:`PER_SEED_FIELDS`, plus (recursively) the settings of its teacher and init runs, so
+    that, e.g., two chains reaching the same width never share one. A teacher or init run that
+    is not among ``records`` stands in by its id without seed and hash."""
+    by_id = {r["run_id"]: r for r in records}
+    memo: dict[str, str] = {}
+
+    def setting(run_id: str | None) -> str | None:
+        if run_id is None:
+            return None
+        if run_id not in memo:
+            record = by_id.get(run_id)
+            if record is None:
+                return run_id.rsplit("-s", 1)[0]
+            cfg = {k: v for k, v in record["config"].items()
+                   if k not in (*PER_SEED_FIELDS, *EXECUTION_ONLY_FIELDS)}
+            cfg["teacher"] = setting(record["config"].get("teacher_id"))
+            cfg["init"] = setting(record["config"].get("init_id"))
+            memo[run_id] = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+        return memo[run_id]
+
+    return {run_id: setting(run_id) for run_id in by_id}
+
+
 def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     """All run records under ``results_dir/runs`` as one row each (config and metrics flattened)."""
     rows = []
-    for path in sorted(runs_dir(results_dir).glob("*.json")):
-        record = load_record(path)
+    records = load_records(results_dir)
+    settings = setting_ids(records)
+    for record in records:
         row = {"run_id": record["run_id"], **record["config"], **record["metrics"],
+               "setting": settings[record["run_id"]], "same_run_as": record.get("same_run_as"),
+               "git_commit": record.get("git_commit"),
                "wall_time_s": record.get("wall_time_s"), "images_per_s": record.get("images_per_s"),
                "device": record.get("device"), "epochs_run": len(record["history"])}
+        if isinstance(row.get("milestones"), list):  # hashable, so that it can be grouped on
+            row["milestones"] = tuple(row["milestones"])
         size = record.get("model_size") or {}
         row["storage_bits"] = size.get("storage_bits")
         row["params"] = size.get("params")
@@ -148,17 +206,30 @@ def t_interval_halfwidth(std: float, n: int, confidence: float = 0.95) -> float:
     return float(stats.t.ppf(0.5 + confidence / 2, df=n - 1) * std / math.sqrt(n))
 
 
+def _group_keys(frame: pd.DataFrame, by: Sequence[str] | None) -> list[str]:
+    """``by``, or model/method/bits plus the setting fingerprint when the frame has one."""
+    if by is not None:
+        return list(by)
+    return [*GROUP_KEYS, *(["setting"] if "setting" in frame.columns else [])]
+
+
 def summarise(frame: pd.DataFrame, metric: str = "test_top1",
-              by: tuple[str, ...] = ("model", "method", "w_bits", "a_bits")) -> pd.DataFrame:
-    """Mean, sample std, n and 95% t-interval of ``metric`` over seeds for each group."""
+              by: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean, sample std, n and 95% t-interval of ``metric`` over seeds for each group.
+
+    Groups are model, method and bits *and* the run's whole setting (the ``setting`` column of
+    :func:`load_results`), so runs pool only when everything but the seed agrees.
+    """
+    by = _group_keys(frame, by)
     if frame.empty:
         return pd.DataFrame(columns=[*by, "mean", "std", "n", "ci95_low", "ci95_high"])
-    grouped = frame.groupby(list(by), sort=True)[metric]
+    grouped = frame.groupby(by, sort=True, dropna=False)[metric]
     out = grouped.agg(mean="mean", std="std", n="count").reset_index()
     half = [t_interval_halfwidth(s, int(n)) for s, n in zip(out["std"], out["n"])]
     out["ci95_low"] = out["mean"] - half
     out["ci95_high"] = out["mean"] + half
-    return out.sort_values(list(by), ascending=[True, True, False, False][: len(by)]).reset_index(drop=True)
+    ascending = [k not in ("w_bits", "a_bits") for k in by]
+    return out.sort_values(by, ascending=ascending).reset_index(drop=True)
 
 
 def load_records(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -166,19 +237,64 @@ def load_records(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [load_record(p) for p in sorted(runs_dir(results_dir).glob("*.json"))]
 
 
-def paired_gain(frame: pd.DataFrame, baseline: str = "individual",
-                metric: str = "test_top1") -> pd.DataFrame:
-    """Per-seed difference of each method to ``baseline`` at the same model/bits/seed.
+def paired_contrast(frame: pd.DataFrame, method: str, baseline: str,
+                    metric: str = "test_top1") -> pd.DataFrame:
+    """Per-seed difference ``method − baseline`` at the same model, bits and seed, summarised
+    (mean, std, n, 95% t-interval of the differences) per bit width.
 
     Pairing by seed removes the between-seed variance that both runs share (same data order
-    for the same seed), so the interval is that of the *difference*, not of each mean.
+    for the same seed), so the interval is that of the *difference*, not of each mean. The two
+    runs of a pair must agree on every shared hyperparameter (all config fields but
+    :data:`METHOD_FIELDS`); seeds that only one method has are left out. When one method has
+    several settings at a bit width (say, two chains), the pairs would mix them: that is a
+    ``ValueError`` naming them, never a silent pool.
     """
-    keys = ["model", "w_bits", "a_bits", "seed"]
-    base = frame[frame["method"] == baseline][keys + [metric]].rename(columns={metric: "baseline"})
-    others = frame[~frame["method"].isin([baseline, "teacher"])]
-    merged = others.merge(base, on=keys, how="inner")
+    shared = [c for c in frame.columns if c in CONFIG_FIELDS and c not in METHOD_FIELDS]
+    keys = list(dict.fromkeys(["model", "w_bits", "a_bits", "seed", *shared]))
+    side_a = frame[frame["method"] == method]
+    side_b = frame[frame["method"] == baseline]
+    for side, name in ((side_a, method), (side_b, baseline)):
+        if "setting" in side.columns:
+            counts = side.groupby(keys, dropna=False)["setting"].nunique()
+            if (counts > 1).any():
+                raise ValueError(f"method {name!r} has several settings at "
+                                 f"{counts[counts > 1].index.tolist()[:3]}: filter the frame to one "
+                                 "setting before comparing (runs pool only when all but the seed agree)")
+    merged = side_a.merge(side_b[[*keys, metric]].rename(columns={metric: "baseline"}),
+                          on=keys, how="inner")
     merged["gain"] = merged[metric] - merged["baseline"]
-    return summarise(merged, metric="gain")
+    merged["contrast"] = f"{method} − {baseline}"
+    return summarise(merged, metric="gain", by=[*GROUP_KEYS, "contrast"])
+
+
+def paired_gain(frame: pd.DataFrame, baseline: str = "individual",
+                metric: str = "test_top1") -> pd.DataFrame:
+    """:func:`paired_contrast` of every method but the teacher against ``baseline``."""
+    methods = [m for m in frame["method"].unique() if m not in (baseline, "teacher")]
+    parts = [paired_contrast(frame, m, baseline, metric) for m in methods]
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        return summarise(frame.iloc[:0].assign(gain=[]), metric="gain", by=GROUP_KEYS)
+    return (pd.concat(parts, ignore_index=True).drop(columns="contrast")
+            .sort_values(list(GROUP_KEYS), ascending=[True, True, False, False]).reset_index(drop=True))
+
+
+def chain_contrasts(frame: pd.DataFrame, metric: str = "test_top1") -> pd.DataFrame:
+    """The three contrasts that attribute the chain's gain (:data:`CONTRASTS`), per bit width."""
+    parts = [paired_contrast(frame, a, b, metric) for a, b, _ in CONTRASTS
+             if {a, b} <= set(frame["method"])]
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def summary_table(frame: pd.DataFrame, metric: str = "test_top1") -> pd.DataFrame:
+    """What summary.csv holds: :func:`summarise` per method, then the :data:`CONTRASTS` with
+    their paired intervals (the contrast's name in the ``method`` column)."""
+    contrasts = chain_contrasts(frame, metric)
+    if contrasts.empty:
+        return summarise(frame, metric)
+    contrasts = contrasts.drop(columns="method").rename(columns={"contrast": "method"})
+    return pd.concat([summarise(frame, metric), contrasts], ignore_index=True)
 
 
 def results_table(summary: pd.DataFrame, teacher: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -197,6 +313,5 @@ def results_table(summary: pd.DataFrame, teacher: pd.DataFrame | None = None) ->
     order = sorted(s["bits"].unique(), key=lambda b: -int(str(b).split("/")[0]))
     table = s.pivot_table(index="method", columns="bits", values="cell", aggfunc="first")
     table = table.reindex(columns=order)
-    method_order = [m for m in ("teacher", "individual", "finetune", "direct_kd", "ta_chain")
-                    if m in table.index]
+    method_order = [m for m in ("teacher", *METHOD_ORDER) if m in table.index]
     return table.reindex(method_order).fillna("")

@@ -17,15 +17,26 @@
 # # 02 · Teacher-assistant chain
 #
 # Each link of `chain` starts from the weights of the link before it (BatchNorm statistics
-# included) and is distilled from it: 32 → 16 → 8 → 4 → 2 → 1 bits by default. Depth and
-# width never change, only precision. The chain of seed *s* starts from the teacher of seed
-# *s* (trained here if notebook 01 has not run).
+# included): 32 → 16 → 8 → 4 → 2 → 1 bits by default. Depth and width never change, only
+# precision. Who teaches a link is the method's:
+#
+# | method | each link distilled from | what it isolates |
+# |---|---|---|
+# | `ta_chain` | the link before it (a teacher assistant) | the seed's method |
+# | `progressive` | nobody (cross-entropy) | stepping down without distillation |
+# | `progressive_kd32` | the 32-bit teacher | the chain's path, no assistant |
+#
+# Every link trains for the same epochs. The chain of seed *s* starts from the teacher of
+# seed *s* (trained here if notebook 01 has not run). A link that is the same training as
+# another method's run (e.g. every method's first link from the teacher with the teacher's
+# distillation) is trained once and recorded under each name (`same_run_as`).
 
 # %% tags=["parameters"]
 preset: str = "smoke"  # smoke | quick | paper: every hyperparameter lives in kdlib/presets.py
 model: str = "resnet20"  # registry name, see kdlib.models.list_models()
 seeds: list = [0]  # one chain per seed
 chain: list = [32, 16, 8, 4, 2, 1]  # descending bit widths; "W/A" strings give weights/activations apart
+methods: list = ["ta_chain", "progressive", "progressive_kd32"]  # who teaches each link (see below)
 data_dir: str = ""  # folder holding cifar-100-python/; "" -> $KDLIB_DATA, else ./data
 results_dir: str = "../results/smoke"  # run records, checkpoints and figures go here
 overrides: dict = {}  # RunConfig fields that replace the preset's, e.g. {"kd_temperature": 2.0}
@@ -42,7 +53,7 @@ from kdlib.quant import level_summary
 # The planned runs (validated before anything is trained; ids derive from the configs):
 
 # %% tags=["nbval-check-output"]
-plan = experiments.plan_ta_chain(preset, model, seeds[0], chain, overrides)
+plan = experiments.plan_chain(preset, model, seeds[0], chain, overrides, method="ta_chain")
 print(experiments.plan_table(plan).to_string())
 
 # %% [markdown]
@@ -53,7 +64,7 @@ print(experiments.plan_table(plan).to_string())
 print(pd.DataFrame([level_summary(c.w_bits) for c in plan]).to_string(index=False))
 
 # %%
-records = experiments.run_ta_chain(preset=preset, model=model, seeds=seeds, chain=chain,
+records = experiments.run_ta_chain(preset=preset, model=model, seeds=seeds, chain=chain, methods=methods,
                                    data_dir=data_dir or None, results_dir=results_dir,
                                    overrides=overrides, device=device or None)
 

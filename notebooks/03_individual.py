@@ -14,24 +14,26 @@
 # ---
 
 # %% [markdown]
-# # 03 · The controls: individual, finetune, direct KD
+# # 03 · The controls: individual, finetune, direct KD, direct KD on the chain's budget
 #
-# Every bit width trained three more ways, so the chain's gain can be attributed:
+# Every bit width trained four more ways, so the chain's gain can be attributed:
 #
-# | method | init | teacher |
-# |---|---|---|
-# | `individual` | random | none (cross-entropy only) |
-# | `finetune` | 32-bit teacher weights | none |
-# | `direct_kd` | 32-bit teacher weights | the 32-bit teacher |
+# | method | init | teacher | epochs |
+# |---|---|---|---|
+# | `individual` | random | none (cross-entropy only) | the teacher's schedule (fair trained-alone baseline) |
+# | `finetune` | 32-bit teacher weights | none | one link's |
+# | `direct_kd` | 32-bit teacher weights | the 32-bit teacher | one link's |
+# | `direct_kd_matched` | 32-bit teacher weights | the 32-bit teacher | k links' at the chain's k-th width |
 #
-# Without `finetune`, a chain that beats `individual` could just be a better initialisation.
+# Without `finetune`, a chain that beats `individual` could just be a better initialisation;
+# without `direct_kd_matched`, it could just be more training.
 
 # %% tags=["parameters"]
 preset: str = "smoke"  # smoke | quick | paper: every hyperparameter lives in kdlib/presets.py
 model: str = "resnet20"  # registry name, see kdlib.models.list_models()
 seeds: list = [0]  # one grid per seed
 bits: list = [16, 8, 4, 2, 1]  # student bit widths; "W/A" strings give weights/activations apart
-methods: list = ["individual", "finetune", "direct_kd"]  # any of these three
+methods: list = ["individual", "finetune", "direct_kd", "direct_kd_matched"]  # any of these
 data_dir: str = ""  # folder holding cifar-100-python/; "" -> $KDLIB_DATA, else ./data
 results_dir: str = "../results/smoke"  # run records, checkpoints and figures go here
 overrides: dict = {}  # RunConfig fields that replace the preset's, e.g. {"epochs": 3}

@@ -33,8 +33,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kdlib import plots
-from kdlib.results import (load_published, load_records, load_results, paired_gain, results_table,
-                           summarise)
+from kdlib.results import (chain_contrasts, load_published, load_records, load_results,
+                           paired_gain, results_table, summarise, summary_table)
 
 figures = Path(results_dir) / "figures"
 frame = load_results(results_dir)
@@ -42,7 +42,7 @@ records = load_records(results_dir)
 if frame.empty:
     raise FileNotFoundError(f"no run records in {Path(results_dir) / 'runs'}: run notebooks 01-03 first")
 summary = summarise(frame)
-summary.to_csv(Path(results_dir) / "summary.csv", index=False)
+summary_table(frame).to_csv(Path(results_dir) / "summary.csv", index=False)
 teacher_acc = frame.loc[frame["method"] == "teacher", "test_top1"].mean()
 n_seeds = frame["seed"].nunique()
 print(f"{len(frame)} runs, {n_seeds} seed(s), models: {sorted(frame['model'].unique())}")
@@ -76,6 +76,23 @@ fig = plots.plot_gain_over_individual(gains)
 plots.save_figure(fig, figures / "gain_over_individual.png")
 plt.show()
 gains
+
+# %% [markdown]
+# ## Where the chain's gain comes from
+#
+# Three paired (by seed) contrasts at every bit width, each with its 95% interval:
+# `ta_chain − progressive_kd32` (an assistant vs the 32-bit teacher, same init path and
+# budget), `progressive_kd32 − direct_kd_matched` (stepping down vs jumping, same teacher and
+# budget), `ta_chain − progressive` (what distillation adds along the chain). An interval that
+# contains 0 leaves the question open at that width.
+
+# %%
+contrasts = chain_contrasts(frame)
+if not contrasts.empty:
+    fig = plots.plot_chain_contrasts(contrasts)
+    plots.save_figure(fig, figures / "chain_contrasts.png")
+    plt.show()
+contrasts
 
 # %% [markdown]
 # ## Training curves of the chain

@@ -13,7 +13,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "train_size=200", "--set", "val_size=100", "--set", "test_size=100", "--set", "batch_size=50"]
 
 
+def smoke_by_default(args):
+    """The CLI defaults to the quick preset; these tests train the smoke one unless told."""
+    if args and args[0] in ("train", "run") and "--preset" not in args:
+        return (args[0], "--preset", "smoke", *args[1:])
+    return args
+
+
 def kdlib(*args, env=None):
+    args = smoke_by_default(args)
     return subprocess.run([sys.executable, "-m", "kdlib", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, **(env or {})})
 

@@ -69,8 +69,22 @@ def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatc
     records = experiments.run_grid(preset="smoke", model="resnet8", chain=[32, 8, 1], seeds=[0],
                                    data_dir=real_data_root, results_dir=tmp_path, overrides=TINY,
                                    progress=False)
-    # teacher + 2 links + 3 methods x 2 bit widths
-    assert len(records) == 9
+    # teacher + 3 chain methods x 2 links + 4 student methods x 2 bit widths
+    assert len(records) == 15
+    # At the first link (8 bits) ta_chain, direct_kd, progressive_kd32 and direct_kd_matched
+    # are one training (teacher init, teacher distils, one link's epochs), and progressive is
+    # finetune (planned first, so finetune points to it): trained once, recorded under every
+    # name, marked as the same run.
+    same = {(r["config"]["method"], r["config"]["w_bits"]): r.get("same_run_as") for r in records}
+    trained = {r["run_id"]: r for r in records if not r.get("same_run_as")}
+    assert len(trained) == 11
+    chain8 = next(r for r in records if r["config"]["method"] == "ta_chain" and r["config"]["w_bits"] == 8)
+    for method in ("direct_kd", "progressive_kd32", "direct_kd_matched"):
+        assert same[(method, 8)] == chain8["run_id"]
+    assert trained[same[("finetune", 8)]]["config"]["method"] == "progressive"
+    assert all(v is None for (m, b), v in same.items() if b == 1)
+    by_name = {(r["config"]["method"], r["config"]["w_bits"]): r for r in records}
+    assert by_name[("direct_kd_matched", 1)]["config"]["epochs"] == 2 * by_name[("direct_kd", 1)]["config"]["epochs"]
     for rec in records:
         stored = json.loads(record_path(tmp_path, rec["run_id"]).read_text())
         assert RECORD_FIELDS <= set(stored), RECORD_FIELDS - set(stored)
@@ -78,34 +92,41 @@ def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatc
         assert len(stored["history"]) == stored["config"]["epochs"]
         assert 0 <= stored["metrics"]["test_top1"] <= 100
     frame = load_results(tmp_path)
-    assert set(frame["method"]) == {"teacher", "ta_chain", "individual", "finetune", "direct_kd"}
+    assert set(frame["method"]) == {"teacher", "ta_chain", "progressive", "progressive_kd32",
+                                    "individual", "finetune", "direct_kd", "direct_kd_matched"}
     assert sorted(frame.loc[frame["method"] == "ta_chain", "w_bits"]) == [1, 8]
     # a re-run trains nothing
-    import kdlib.train
-
-    monkeypatch.setattr(kdlib.train, "fit", lambda *a, **k: pytest.fail("re-run trained a model"))
+    monkeypatch.setattr(experiments, "fit", lambda *a, **k: pytest.fail("re-run trained a model"))
     again = experiments.run_grid(preset="smoke", model="resnet8", chain=[32, 8, 1], data_dir=real_data_root,
                                  results_dir=tmp_path, overrides=TINY, progress=False)
     assert [r["run_id"] for r in again] == [r["run_id"] for r in records]
 
 
+def without_timing(history):
+    """History rows without their wall-clock fields, which differ between any two runs."""
+    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in history]
+
+
 @pytest.mark.realdata
 def test_two_seeds_give_two_chains(real_data_root, tmp_path):
     records = experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 4], seeds=[0, 1],
+                                       methods=["ta_chain"],
                                        data_dir=real_data_root, results_dir=tmp_path, overrides=TINY,
                                        progress=False)
     assert [(r["config"]["method"], r["config"]["seed"]) for r in records] == [
         ("teacher", 0), ("ta_chain", 0), ("teacher", 1), ("ta_chain", 1)]
     assert records[1]["config"]["teacher_id"] == records[0]["run_id"]
     assert records[3]["config"]["teacher_id"] == records[2]["run_id"]
-    assert records[0]["metrics"] != records[2]["metrics"] or records[0]["history"] != records[2]["history"]
+    # the seed changes the training itself, not only the wall-clock fields of the history
+    assert without_timing(records[0]["history"]) != without_timing(records[2]["history"])
 
 
 CHAIN_SCRIPT = """
 import sys
 from kdlib import experiments
-experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 8, 1], data_dir=sys.argv[1],
-                         results_dir=sys.argv[2], overrides={overrides!r}, progress=False)
+experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 8, 1], methods=["ta_chain"],
+                         data_dir=sys.argv[1], results_dir=sys.argv[2], overrides={overrides!r},
+                         progress=False)
 """
 
 

@@ -87,10 +87,28 @@ def test_depth_and_width_do_not_depend_on_bits(name):
         assert {k: v.shape for k, v in model.state_dict().items()} == ref_shapes
 
 
+def squeezenet_param_count(num_classes: int = NUM_CLASSES) -> int:
+    """SqueezeNet 1.1 for CIFAR, counted by hand: every conv but the classifier has no bias and
+    a BatchNorm (weight, bias) after it; a fire module is squeeze 1x1, expand 1x1 and 3x3."""
+    def conv_bn(c_in, c_out, k):
+        return c_in * c_out * k * k + 2 * c_out
+
+    def fire(c_in, squeeze, expand):  # both expand halves have `expand` channels
+        return conv_bn(c_in, squeeze, 1) + conv_bn(squeeze, expand, 1) + conv_bn(squeeze, expand, 3)
+
+    stem = conv_bn(3, 64, 3)  # 1,856
+    fires = (fire(64, 16, 64) + fire(128, 16, 64)  # 11,552 + 12,576; output 2 x 64 = 128 channels
+             + fire(128, 32, 128) + fire(256, 32, 128)  # 45,632 + 49,728
+             + fire(256, 48, 192) + fire(384, 48, 192)  # 105,312 + 111,456
+             + fire(384, 64, 256) + fire(512, 64, 256))  # 189,568 + 197,760
+    classifier = 512 * num_classes + num_classes  # 1x1 conv with bias, no BatchNorm
+    return stem + fires + classifier
+
+
 def test_squeezenet_parameter_count():
     params = model_size_report(create_model("squeezenet"))["params"]
-    print(f"squeezenet parameters (100 classes): {params}")
-    assert 700_000 < params < 800_000
+    assert params == squeezenet_param_count() == 776_740
+    assert model_size_report(create_model("squeezenet", num_classes=10))["params"] == squeezenet_param_count(10)
 
 
 def test_model_size_report_counts_quantized_conv_weights_at_w_bits():

@@ -547,5 +547,6 @@ def test_learned_scale_at_or_below_zero_is_clamped(make, bad):
     out = q(x)
     assert torch.isfinite(out).all()
     assert float(out.detach().abs().max()) <= 1e-8 * 2 ** 4  # a grid of step <= MIN_SCALE
+    assert float(out.detach().abs().max()) > 0  # and not collapsed to zero (x has values > MIN_SCALE)
     out.sum().backward()
     assert param.grad is not None and torch.isfinite(param.grad).all()

@@ -1,11 +1,15 @@
 """The README's numbers come from the committed result files."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from kdlib.report import render_results, replace_block
+from kdlib import report
+from kdlib.report import newest_bench_file, published_table, render_bench, render_results, replace_block
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,3 +29,165 @@ def test_replace_block_rewrites_only_between_markers():
 
 def test_render_results_without_records(tmp_path):
     assert "No run records" in render_results(tmp_path)
+
+
+def write_record(results_dir, run_id, method, bits, seed, top1, *, created_at, call_seconds=300.0,
+                 wall_time_s=300.0, host="alpha", cpu_count=2, device="cpu", epochs=1):
+    """A run record as experiments.train_run writes it, with only the fields the README reads."""
+    w, a = bits if isinstance(bits, tuple) else (bits, bits)
+    config = {"model": "resnet8", "preset": "smoke", "method": method, "w_bits": w, "a_bits": a,
+              "seed": seed, "epochs": epochs, "train_size": 200, "val_size": 100, "test_size": 200}
+    metrics = {"best_epoch": epochs, "best_val_top1": top1, "best_val_top5": top1, "test_top1": top1,
+               "test_top5": top1, "final_test_top1": top1, "final_test_top5": top1}
+    record = {"run_id": run_id, "config": config, "metrics": metrics, "history": [{"epoch": 1}],
+              "wall_time_s": wall_time_s, "images_per_s": 100.0, "device": device,
+              "model_size": {"params": 10, "storage_bits": 320}, "created_at": created_at,
+              "call_seconds": call_seconds, "host": host, "cpu_count": cpu_count,
+              "versions": {"torch": "2.5.0"}}
+    (results_dir / "runs").mkdir(parents=True, exist_ok=True)
+    (results_dir / "runs" / f"{run_id}.json").write_text(json.dumps(record))
+
+
+PUBLISHED = pd.DataFrame([
+    {"source": "liao2020", "model": "resnet8", "method": "individual", "w_bits": 32, "a_bits": 32, "top1": 63.81},
+    {"source": "liao2020", "model": "resnet8", "method": "individual", "w_bits": 4, "a_bits": 4, "top1": 60.8},
+    {"source": "liao2020", "model": "resnet8", "method": "individual", "w_bits": 2, "a_bits": 2, "top1": 53.69},
+    {"source": "liao2020", "model": "resnet8", "method": "kd_no_ta", "w_bits": 4, "a_bits": 4, "top1": 62.24},
+    {"source": "shin2019", "model": "resnet8", "method": "kd_ternary", "w_bits": 2, "a_bits": 32, "top1": 67.0},
+    {"source": "repdistiller", "model": "resnet8", "method": "individual", "w_bits": 32, "a_bits": 32,
+     "top1": 69.06},
+])
+
+# Hand-written: teacher 40/42, individual 4-bit 10/12.5, 2/8-bit 5 (one seed), chain 4-bit 20/21.
+# Runs span 09:50 (teacher s0 ends 10:00 after 600 s) to 11:20 UTC (12:20+01:00): 1.50 h;
+# wall times 600 + 600 + 5 x 300 s = 0.75 h. The 2/32 published row has w != a: left out.
+EXPECTED_RESULTS = r"""| method \ bits   | 32           | 4            | 2/8   |
+|:----------------|:-------------|:-------------|:------|
+| teacher         | 41.00 ± 1.41 |              |       |
+| individual      |              | 11.25 ± 1.77 | 5.00  |
+| ta_chain        |              | 20.50 ± 0.71 |       |
+
+Test top-1 (%) at the epoch of best validation accuracy; resnet8, preset `smoke`, seed(s) 0, 1 (mean ± std over seeds). Teacher: 41.00% after 2 epochs; students: 1 epochs each; 200 training images (class-balanced subset), 100 validation images, 200 test images. 7 runs, 0.75 h of training summed over runs, 1.50 h from the first run's start to the last run's end, on cpu, cuda (host alpha, 2 CPUs, torch 2.5.0; beta, 8 CPUs, torch 2.5.0).
+
+Published numbers for the same network (`kdlib/reference/published.csv`, full training sets and schedules; liao2020 chose its epoch on the **test** set, which flatters it, RepDistiller reports the last epoch):
+
+| source method \ bits    | 32    | 4     | 2     |
+|:------------------------|:------|:------|:------|
+| liao2020 individual     | 63.81 | 60.80 | 53.69 |
+| liao2020 kd_no_ta       |       | 62.24 |       |
+| repdistiller individual | 69.06 |       |       |"""
+
+
+def write_hand_made_results(results_dir):
+    write_record(results_dir, "t0", "teacher", 32, 0, 40.0, epochs=2, wall_time_s=600.0, call_seconds=600.0,
+                 created_at="2026-01-01T10:00:00+00:00")
+    write_record(results_dir, "t1", "teacher", 32, 1, 42.0, epochs=2, wall_time_s=600.0, call_seconds=600.0,
+                 created_at="2026-01-01T10:30:00+00:00")
+    write_record(results_dir, "i4-0", "individual", 4, 0, 10.0, created_at="2026-01-01T10:40:00+00:00")
+    write_record(results_dir, "i4-1", "individual", 4, 1, 12.5, created_at="2026-01-01T10:45:00+00:00")
+    write_record(results_dir, "i28-0", "individual", (2, 8), 0, 5.0, created_at="2026-01-01T10:50:00+00:00")
+    write_record(results_dir, "c4-0", "ta_chain", 4, 0, 20.0, created_at="2026-01-01T11:00:00+00:00")
+    write_record(results_dir, "c4-1", "ta_chain", 4, 1, 21.0, created_at="2026-01-01T12:20:00+01:00",
+                 host="beta", cpu_count=8, device="cuda")
+
+
+def test_render_results_from_hand_written_records(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(report, "load_published", lambda model: asked.append(model) or PUBLISHED)
+    write_hand_made_results(tmp_path)
+    assert render_results(tmp_path) == EXPECTED_RESULTS
+    assert asked == ["resnet8"]
+
+
+def test_published_table_from_the_shipped_csv():
+    table = published_table("resnet20")
+    assert list(table.columns) == ["32", "16", "8", "4", "2", "1"]
+    assert table.loc["liao2020 ta_chain", "2"] == "57.84" and table.loc["liao2020 individual", "1"] == "37.00"
+    assert table.loc["lqnet_repro lqnet", "2"] == "63.10" and table.loc["lqnet_repro lqnet", "32"] == ""
+    assert "shin2019 kd_ternary" not in table.index  # 2-bit weights, 32-bit activations
+    assert not any(name.startswith("takd2020") for name in table.index)  # a resnet8 source
+
+
+def _bench_file(folder, name, date, mtime):
+    path = folder / name
+    path.write_text(json.dumps({"date": date}))
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_newest_bench_file_goes_by_the_date_inside(tmp_path):
+    assert newest_bench_file(tmp_path) is None
+    _bench_file(tmp_path, "a.json", "2026-03-01T12:00:00+00:00", mtime=3_000_000)
+    newest = _bench_file(tmp_path, "b.json", "2026-03-01T10:00:00-03:00", mtime=1_000_000)  # 13:00 UTC
+    _bench_file(tmp_path, "c.json", "2026-02-01T12:00:00+00:00", mtime=9_000_000)  # touched last
+    assert newest_bench_file(tmp_path) == newest
+    tie = _bench_file(tmp_path, "d.json", "2026-03-01T13:00:00+00:00", mtime=2_000_000)
+    assert newest_bench_file(tmp_path) == tie  # same instant as b: the later file name
+    (tmp_path / "e.json").write_text(json.dumps({"format": 1}))
+    with pytest.raises(ValueError, match=r"e\.json has no readable 'date'"):
+        newest_bench_file(tmp_path)
+
+
+def test_render_bench_shows_the_newest_benchmark(tmp_path):
+    measured = json.loads((ROOT / "results" / "bench" / "vm.json").read_text())
+    for name, date, mtime in [("old.json", "2025-12-01T08:00:00+00:00", 9_000_000),
+                              ("new.json", "2025-12-02T08:00:00+00:00", 1_000_000)]:
+        (tmp_path / name).write_text(json.dumps({**measured, "date": date}))
+        os.utime(tmp_path / name, (mtime, mtime))
+    rendered = render_bench(tmp_path)
+    assert "2025-12-02T08:00:00+00:00" in rendered and "2025-12-01" not in rendered
+    assert render_bench(tmp_path / "none") == "_No benchmark yet: `make bench` creates one._"
+
+
+STALE_README = """# Title
+<!-- results:start -->
+old numbers
+<!-- results:end -->
+Text between the blocks stays.
+<!-- config:start -->
+old fields
+<!-- config:end -->
+<!-- bench:start -->
+old benchmark
+<!-- bench:end -->
+"""
+
+
+def test_cli_readme_rewrites_the_blocks_then_check_agrees(tmp_path, monkeypatch, capsys):
+    from kdlib import cli
+
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)  # the README the command rewrites
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    readme = tmp_path / "README.md"
+    readme.write_text(STALE_README)
+    results, bench = tmp_path / "results", tmp_path / "bench"
+    write_hand_made_results(results)
+    args = ["--results-dir", str(results), "--bench-dir", str(bench)]
+    assert cli.main(["readme", *args]) == 0
+    assert capsys.readouterr().out == f"README.md updated from {results} and {bench}\n"
+    assert readme.read_text() == (
+        f"# Title\n<!-- results:start -->\n{EXPECTED_RESULTS}\n<!-- results:end -->\n"
+        f"Text between the blocks stays.\n<!-- config:start -->\n{report.render_config_fields()}\n"
+        "<!-- config:end -->\n<!-- bench:start -->\n_No benchmark yet: `make bench` creates one._\n"
+        "<!-- bench:end -->\n")
+    assert cli.main(["readme", "--check", *args]) == 0
+    assert capsys.readouterr().out == "README.md agrees with the result files\n"
+
+
+def test_cli_readme_check_fails_when_a_number_is_out_of_date(tmp_path, monkeypatch, capsys):
+    from kdlib import cli
+
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
+    results = tmp_path / "results"
+    write_hand_made_results(results)
+    args = ["--results-dir", str(results), "--bench-dir", str(tmp_path / "bench")]
+    readme = tmp_path / "README.md"
+    readme.write_text(STALE_README)
+    assert cli.main(["readme", *args]) == 0
+    edited = readme.read_text().replace("20.50 ± 0.71", "20.60 ± 0.71")
+    readme.write_text(edited)
+    capsys.readouterr()
+    assert cli.main(["readme", "--check", *args]) == 2
+    assert capsys.readouterr().err == ("error: README.md is out of date with the result files: "
+                                       "run python -m kdlib readme\n")
+    assert readme.read_text() == edited  # --check never writes

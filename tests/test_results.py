@@ -9,7 +9,7 @@ import pytest
 
 from kdlib.fileio import atomic_open, write_json_atomic
 from kdlib.results import (load_record, load_results, paired_gain, results_table, save_record,
-                           summarise)
+                           summarise, t_interval_halfwidth)
 
 
 def _record(method, bits, seed, acc):
@@ -85,6 +85,64 @@ def test_paired_gain_pairs_by_seed():
     gain = paired_gain(pd.DataFrame(rows)).iloc[0]
     assert gain["method"] == "ta_chain" and math.isclose(gain["mean"], 3.0)
     assert math.isclose(gain["std"], np.std([3.0, 2.0, 4.0], ddof=1))
+
+
+def _rows(method, bits, accs, model="m", first_seed=0):
+    return [{"model": model, "method": method, "w_bits": bits, "a_bits": bits, "seed": seed, "test_top1": acc}
+            for seed, acc in enumerate(accs, first_seed)]
+
+
+def test_paired_gain_interval_matches_a_paired_t_test():
+    from scipy import stats
+
+    base, kd = [50.0, 60.0, 40.0, 55.0], [53.0, 62.0, 44.0, 55.5]
+    frame = pd.DataFrame(_rows("individual", 2, base) + _rows("ta_chain", 2, kd))
+    gain = paired_gain(frame).iloc[0]
+    expected = stats.ttest_rel(kd, base).confidence_interval(0.95)
+    assert gain["n"] == 4 and math.isclose(gain["mean"], np.mean(np.subtract(kd, base)))
+    assert math.isclose(gain["ci95_low"], expected.low, rel_tol=1e-9)
+    assert math.isclose(gain["ci95_high"], expected.high, rel_tol=1e-9)
+    # pairing removes the between-seed spread: the paired interval is far narrower than the
+    # one of the difference of two independent means
+    independent = stats.ttest_ind(kd, base).confidence_interval(0.95)
+    assert gain["ci95_high"] - gain["ci95_low"] < (independent.high - independent.low) / 4
+
+
+def test_paired_gain_leaves_out_teacher_baseline_and_unpaired_seeds():
+    frame = pd.DataFrame(
+        _rows("individual", 2, [50.0, 60.0, 40.0])
+        + _rows("ta_chain", 2, [53.0, 62.0, 44.0, 99.0])  # seed 3 has no individual run
+        + _rows("direct_kd", 2, [51.0, 70.0])
+        + _rows("individual", 32, [70.0, 71.0, 72.0])
+        + _rows("teacher", 32, [80.0, 80.0, 80.0])  # would pair with individual at 32 bits
+        + _rows("individual", 2, [0.0, 0.0, 0.0], model="other"))  # another model's baseline
+    gains = paired_gain(frame)
+    assert list(zip(gains["method"], gains["w_bits"], gains["n"])) == [("direct_kd", 2, 2), ("ta_chain", 2, 3)]
+    ta = gains[gains["method"] == "ta_chain"].iloc[0]
+    assert math.isclose(ta["mean"], 3.0) and math.isclose(ta["std"], 1.0)
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, df=2) * s / sqrt(n)
+    assert math.isclose(ta["ci95_low"], 3.0 - half) and math.isclose(ta["ci95_high"], 3.0 + half)
+    kd = gains[gains["method"] == "direct_kd"].iloc[0]
+    assert math.isclose(kd["mean"], 5.5)
+
+
+def test_paired_gain_of_one_seed_has_no_interval():
+    gain = paired_gain(pd.DataFrame(_rows("individual", 4, [50.0]) + _rows("ta_chain", 4, [52.0]))).iloc[0]
+    assert gain["n"] == 1 and gain["mean"] == 2.0
+    assert math.isnan(gain["ci95_low"]) and math.isnan(gain["ci95_high"])
+
+
+@pytest.mark.parametrize("std, n", [(float("nan"), 5), (float("inf"), 5), (2.0, 1), (2.0, 0)])
+def test_t_interval_halfwidth_is_nan_without_a_finite_spread(std, n):
+    assert math.isnan(t_interval_halfwidth(std, n))
+
+
+def test_t_interval_halfwidth_formula():
+    t_95_df4 = 2.776445105197793  # Student t quantile 0.975, 4 degrees of freedom
+    assert math.isclose(t_interval_halfwidth(2.0, 5), t_95_df4 * 2.0 / math.sqrt(5), rel_tol=1e-12)
+    t_90_df4 = 2.1318467863266495  # quantile 0.95: the 90% interval
+    assert math.isclose(t_interval_halfwidth(2.0, 5, confidence=0.9), t_90_df4 * 2.0 / math.sqrt(5),
+                        rel_tol=1e-12)
 
 
 def test_results_table_shape():

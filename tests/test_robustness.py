@@ -25,7 +25,15 @@ TINY_ARGS = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
 EXISTING = '{"run_id": "old", "config": {"model": "resnet8"}, "metrics": {}, "history": []}\n'
 
 
+def smoke_by_default(args):
+    """The CLI defaults to the quick preset; these tests train the smoke one unless told."""
+    if args and args[0] in ("train", "run") and "--preset" not in args:
+        return (args[0], "--preset", "smoke", *args[1:])
+    return args
+
+
 def kdlib(*args, env=None, timeout=300):
+    args = smoke_by_default(args)
     return subprocess.run([sys.executable, "-m", "kdlib", *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
 
@@ -117,8 +125,10 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+# needles are words of the error message, never part of the file path (".../cifar-100-python/train")
 @pytest.mark.parametrize("damage, needle", [
-    ("missing", "not found"), ("truncated", "train"), ("shape", "train"), ("labels", "label"),
+    ("missing", "not found"), ("truncated", "truncated or corrupt"),
+    ("shape", "'data' must have shape (N, 3072)"), ("labels", "is outside 0..99"),
     ("exploit", "refused to load global"),
 ])
 def test_cli_reports_bad_data_in_one_line(results, tmp_path, damage, needle):
@@ -137,7 +147,8 @@ def test_cli_reports_bad_data_in_one_line(results, tmp_path, damage, needle):
         train_file.write_bytes(pickle.dumps({"data": _Exploit(marker)}, protocol=2))
     proc = kdlib("train", "--model", "resnet8", "--data-dir", str(data), "--results-dir", str(results),
                  "--set", "train_size=100", "--set", "val_size=100", "--set", "test_size=100")
-    assert_clean_failure(proc, results, needle)
+    named_file = str(data / "cifar-100-python") if damage == "missing" else str(train_file)
+    assert_clean_failure(proc, results, needle, named_file)
     assert not marker.exists(), "the hostile pickle was executed"
 
 
@@ -206,17 +217,55 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+def _runs_with_checkpoint_but_no_record(folder):
+    """Runs whose training was interrupted after at least one epoch."""
+    run_ids = [p.name[: -len(".pt")] for p in (folder / "checkpoints").glob("*.pt")
+               if not p.name.endswith(".weights.pt")]
+    return sorted(r for r in run_ids if not (folder / "runs" / f"{r}.json").exists())
+
+
+def _wait_for_mid_run_checkpoints(proc, folder, count, since_ns, timeout=180.0):
+    """Block until ``proc`` has written ``count`` checkpoints after non-final epochs (each run then
+    has epochs to go); return the last such epoch's duration in seconds."""
+    import torch
+
+    seen = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        for path in (folder / "checkpoints").glob("*.pt"):
+            try:
+                mtime = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if path.name.endswith(".weights.pt") or mtime < since_ns or seen.get(path) == mtime:
+                continue
+            seen[path] = mtime
+            ckpt = torch.load(path, weights_only=True)
+            if ckpt["epoch"] < ckpt["config"]["epochs"]:
+                count -= 1
+                if count == 0:
+                    return ckpt["history"][-1]["seconds"]
+        time.sleep(0.01)
+    pytest.fail(f"the chain process {'exited' if proc.poll() is not None else 'hung'} before "
+                f"writing {count} more mid-run checkpoint(s)")
+
+
 @pytest.mark.realdata
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(real_data_root, tmp_path):
     script = _chain_script(tmp_path, "chain")
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    rng = random.Random(1234)
-    for _ in range(3):
+    rng = random.Random(9)  # kills in the teacher's 3rd, link 1's 3rd and link 2's 2nd epoch
+    for kill in range(3):
+        since_ns = time.time_ns()
         proc = subprocess.Popen([sys.executable, str(script), str(real_data_root), str(killed)], env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 9.0))  # torch import takes a few seconds: kills land mid-training
+        # random points in training, not in the torch import: after 1 or 2 non-final epochs of
+        # this process, early in the next epoch (3 kills x 2 <= the chain's 6 non-final epochs)
+        epoch_s = _wait_for_mid_run_checkpoints(proc, killed, rng.randint(1, 2), since_ns)
+        time.sleep(rng.uniform(0.0, 0.4) * epoch_s)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        assert _runs_with_checkpoint_but_no_record(killed), f"kill {kill + 1} did not land mid-training"
     subprocess.run([sys.executable, str(script), str(real_data_root), str(killed)], env=_env(), check=True,
                    capture_output=True)
     subprocess.run([sys.executable, str(script), str(real_data_root), str(clean)], env=_env(), check=True,

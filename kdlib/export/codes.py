@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlib.quant import LSQQuantizer, lsq_range, quantized_layers
+from kdlib.quant.quantizers import positive
 
 FULL_PRECISION = 32
 ENCODINGS = ("dorefa", "lsq", "sign")
@@ -93,7 +94,7 @@ def _encoding_of(layer: nn.Module) -> str:
 
 def _scale_of(layer: nn.Module, encoding: str, weight_q: Tensor) -> Tensor | None:
     if layer.quantizer == "lsq":
-        return layer.weight_quantizer.step.detach().float().cpu()
+        return positive(layer.weight_quantizer.step).detach().float().cpu()  # the step forward uses
     if encoding == "sign":  # DoReFa: every entry is +-E|w|, so its magnitude is the scale
         return weight_q.abs().amax()
     return None

@@ -43,9 +43,9 @@ from __future__ import annotations
 from kdlib.checks import FULL_PRECISION, QUANTIZERS, check_quantizer
 from kdlib.quant.layers import (PRECISIONS, QConv2d, QLinear, freeze_quantized_weights,
                                 quantized_layers, set_precision, unfreeze_quantized_weights)
-from kdlib.quant.quantizers import (PACT_ALPHA_INIT, DoReFaActivationQuantizer,
+from kdlib.quant.quantizers import (MIN_SCALE, PACT_ALPHA_INIT, DoReFaActivationQuantizer,
                                     DoReFaWeightQuantizer, LSQQuantizer, PACTActivationQuantizer,
-                                    Quantizer, make_quantizers)
+                                    Quantizer, make_quantizers, positive)
 from kdlib.quant.ste import (dorefa_activation, dorefa_weight, lsq_quantize, lsq_range,
                              pact_activation, quantize_k)
 from kdlib.quant.transfer import level_summary, model_size_report, transfer_weights
@@ -54,7 +54,7 @@ __all__ = [
     "QUANTIZERS", "FULL_PRECISION", "PACT_ALPHA_INIT", "check_quantizer", "quantize_k",
     "dorefa_weight", "dorefa_activation", "pact_activation", "lsq_range", "lsq_quantize",
     "Quantizer", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "PACTActivationQuantizer",
-    "LSQQuantizer", "make_quantizers", "QConv2d", "QLinear", "quantized_layers",
+    "LSQQuantizer", "make_quantizers", "positive", "MIN_SCALE", "QConv2d", "QLinear", "quantized_layers",
     "freeze_quantized_weights", "unfreeze_quantized_weights", "set_precision", "PRECISIONS", "transfer_weights",
     "model_size_report", "level_summary",
 ]

@@ -20,7 +20,7 @@ def positive(scale: Tensor) -> Tensor:
     """``max(scale, MIN_SCALE)`` with the gradient of the identity: a learned clip level or step
     that an optimizer step pushed to <= 0 still gives a valid grid (no division by zero, no
     flipped sign) and still receives the gradient that can move it back."""
-    return scale + (scale.clamp_min(MIN_SCALE) - scale).detach()
+    return scale.clamp_min(MIN_SCALE) + (scale - scale.detach())  # value exact, gradient 1
 
 
 class Quantizer(nn.Module):

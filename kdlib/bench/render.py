@@ -1,0 +1,115 @@
+"""The benchmark result as markdown (the README's table): variants, ceilings, ratios, machine."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from kdlib.bench.targets import CEILINGS, INFO_RATIOS, TARGETS
+from kdlib.bench.variants import VARIANTS
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _order(result: dict[str, Any]) -> list[str]:
+    """The variants in the order they were run (the JSON file has its keys sorted)."""
+    variants = result.get("variants", {})
+    order = result.get("settings", {}).get("variant_order") or [v.name for v in VARIANTS]
+    return [n for n in order if n in variants] + [n for n in variants if n not in order]
+
+
+def _switches(info: dict[str, Any]) -> str:
+    s = info.get("switches", {})
+    parts = [s["precision"]] if "precision" in s else []
+    if "channels_last" in s:
+        parts.append("channels_last" if s["channels_last"] else "NCHW")
+    if "compile" in s:
+        parts.append("compiled" if s["compile"] else "eager")
+    return ", ".join(parts)
+
+
+def _ceiling_fractions(v: dict[str, Any]) -> str:
+    of = v.get("of_ceiling", {})
+    return " / ".join(_fmt(None if of.get(c) is None else 100 * of[c], ".0f") + "%" for c in CEILINGS)
+
+
+def _variant_rows(result: dict[str, Any]) -> list[str]:
+    variants = result.get("variants", {})
+    fp32 = variants.get("fp32", {})
+    fp32_ms = fp32.get("step_ms") if fp32.get("status") == "ok" else None
+    rows = ["| variant | switches | images/s (median) | ms/step | GFLOP/s | of fp32 / bf16 ceiling "
+            "| images/s, all windows | step time vs (a) |",
+            "|---|---|---:|---:|---:|---:|---|---:|"]
+    for name in _order(result):
+        v = variants[name]
+        label = v.get("label", name)
+        if v.get("status") != "ok":
+            rows.append(f"| {label} `{name}` | | {v.get('status', 'n/a')} | | | | | |")
+            continue
+        windows = " ".join(f"{x:.0f}" for x in v.get("images_per_s_windows", []))
+        if v.get("same_as"):  # the same run config as an earlier variant: timed once
+            windows = f"same step as `{v['same_as']}`"
+        rel = "n/a"
+        if fp32_ms:
+            digits = 2 if v["step_ms"] >= fp32_ms / 10 else 3
+            rel = f"{v['step_ms'] / fp32_ms:.{digits}f}×"
+        flops = (f"{_fmt(v.get('gflops'), '.1f')} | {_ceiling_fractions(v)}" if "gflops" in v
+                 else "— | —")
+        rows.append(f"| {label} `{name}` | {_switches(v.get('info', {}))} | {v['images_per_s']:.0f} | "
+                    f"{v['step_ms']:.1f} | {flops} | {windows} | {rel} |")
+    return rows
+
+
+def _ratio_value(r: dict[str, Any], value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.0f}%" if r.get("denominator") in CEILINGS else f"{value:.2f}×"
+
+
+def _ratio_lines(result: dict[str, Any]) -> list[str]:
+    ratios = result.get("ratios", {})
+    lines = []
+    known = [*TARGETS, *INFO_RATIOS]
+    for key in [k for k in known if k in ratios] + [k for k in ratios if k not in known]:
+        r = ratios[key]
+        value = _ratio_value(r, r.get("value"))
+        if r.get("target") is None:
+            lines.append(f"- {r['what']}: {value} (no target)")
+            continue
+        verdict = "not measured" if r.get("met") is None else ("**met**" if r["met"] else "**missed**")
+        target = (f"{100 * r['target']:g}%" if r.get("denominator") in CEILINGS
+                  else f"{r['target']:g}×")
+        lines.append(f"- {r['what']}: {value} (target {r['op']} {target}) — {verdict}")
+    return lines
+
+
+def _ceiling_line(result: dict[str, Any]) -> list[str]:
+    ceilings = result.get("ceilings", {})
+    if not ceilings:
+        return []
+    parts = [f"{c.get('dtype')} {_fmt(c.get('gflops'), '.1f')} GFLOP/s ({c.get('size')}×{c.get('size')})"
+             for c in (ceilings.get(n, {}) for n in CEILINGS) if c]
+    return ["- matmul ceilings, timed in the same interleaved windows: " + ", ".join(parts)]
+
+
+def _machine_line(result: dict[str, Any]) -> str:
+    m, s = result.get("machine", {}), result.get("settings", {})
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    bf16 = {True: ", native bf16", False: ", no native bf16"}.get(m.get("cpu_bf16_native"), "")
+    load = result.get("load_average_start")
+    load_txt = f"; load average {load[0]:.2f} at start" if load else ""
+    preset = f" (the `{s['preset']}` preset's config)" if s.get("preset") else ""
+    return (f"Measured on host `{m.get('host')}`: {m.get('cpu_model')}, {m.get('cores')} cores "
+            f"({m.get('threads')} torch threads{bf16}){gpu}, device {m.get('device')}, torch "
+            f"{m.get('torch')}, {result.get('date', '?')}{load_txt}. Batch "
+            f"{s.get('batch_size')}{preset}, median of {s.get('windows')} windows × {s.get('steps')} steps "
+            f"after {s.get('warmup')} warm-up steps, interleaved across variants, on {s.get('data')}; "
+            "data loading included in every variant. `make bench` reproduces it.")
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The benchmark as markdown: table of variants, ceilings, ratios with targets (met or
+    missed), machine and settings."""
+    return "\n".join([*_variant_rows(result), "", *_ceiling_line(result), *_ratio_lines(result), "",
+                      _machine_line(result)])

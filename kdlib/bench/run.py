@@ -1,0 +1,158 @@
+"""One benchmark run: build the variants and ceilings, time them interleaved, count FLOPs, write."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdlib.bench.measure import (MATMUL_SIZE, Runner, check_int, load_average, machine_info,
+                                 matmul_runner, measure, summarise)
+from kdlib.bench.render import render_markdown
+from kdlib.bench.targets import compute_ratios
+from kdlib.bench.typical import TYPICAL_WORKERS
+from kdlib.bench.variants import BY_NAME, KD_BITS, PRESET, VARIANTS, make_context, same_steps
+from kdlib.data import load_cifar100, resolve_data_root
+from kdlib.fileio import write_json_atomic
+
+FORMAT = 2
+WARMUP_STEPS = 3  # un-timed steps before the windows (DataLoader workers start here)
+CEILING_DTYPES = {"matmul_fp32": torch.float32, "matmul_bf16": torch.bfloat16}
+
+
+def _check_settings(images: Tensor, names: list[str], batch_size: int, windows: int, steps: int,
+                    warmup: int, workers: int, matmul_size: int, flops_probe_batch: int) -> None:
+    for value, name in ((batch_size, "batch_size"), (windows, "windows"), (steps, "steps"),
+                        (matmul_size, "matmul_size"), (flops_probe_batch, "flops_probe_batch")):
+        check_int(value, name)
+    check_int(warmup, "warmup", low=0)
+    check_int(workers, "workers", low=0)
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; accepted: {', '.join(BY_NAME)}")
+    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, 32, 32):
+        raise ValueError(f"images must be uint8 [N,3,32,32], got {images.dtype} {tuple(images.shape)}")
+    for value, name in ((batch_size, "batch_size"), (flops_probe_batch, "flops_probe_batch")):
+        if len(images) < value:
+            raise ValueError(f"{name}={value} is larger than the {len(images)} images given")
+
+
+def _variant_entry(name: str, times: dict[str, Any], runner: Runner, steps: int) -> dict[str, Any]:
+    wall, cpu = times["wall"], times["cpu"]
+    return {"label": BY_NAME[name].label, **summarise(wall, steps, runner.batch_size),
+            "cpu_per_wall_windows": [c / w for c, w in zip(cpu, wall)],
+            "warmup_s": times["warmup_s"], "info": runner.info}
+
+
+def _ceiling_entry(times: dict[str, Any], runner: Runner, steps: int) -> dict[str, Any]:
+    rates = [runner.flops_per_step * steps / w / 1e9 for w in times["wall"]]
+    return {"status": "ok", **runner.info, "gflops": statistics.median(rates),
+            "gflops_windows": rates,
+            "cpu_per_wall_windows": [c / w for c, w in zip(times["cpu"], times["wall"])]}
+
+
+def _add_flops(entry: dict[str, Any], per_image: float, batch_size: int,
+               ceilings: dict[str, dict[str, Any]]) -> None:
+    """FLOPs of the variant's step, and GFLOP/s = FLOPs per step / median step time."""
+    per_step = per_image * batch_size
+    gflops = per_step / (entry["step_ms"] / 1000.0) / 1e9
+    entry.update(flops_per_image=per_image, flops_per_step=per_step, gflops=gflops,
+                 of_ceiling={k: gflops / c["gflops"] for k, c in ceilings.items()})
+
+
+def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET,
+                  batch_size: int | None = None, windows: int = 5, steps: int = 10,
+                  warmup: int = WARMUP_STEPS, device: str | torch.device | None = None,
+                  variants: list[str] | None = None, workers: int = TYPICAL_WORKERS, seed: int = 0,
+                  data_source: str = "", matmul_size: int = MATMUL_SIZE, flops_probe_batch: int = 8,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure the variants on ``images`` (uint8 [N,3,32,32], CPU) / ``labels``; the result dict.
+
+    Every variant starts from ``build_config(preset)`` (batch size: the preset's unless
+    ``batch_size``). ``variants``: names from :data:`VARIANTS` (default all). The fp32 and bf16
+    matmul ceilings are always timed, in the same interleaved windows. Everything shrinks for tests.
+    """
+    names = list(variants) if variants is not None else [v.name for v in VARIANTS]
+    ctx = make_context(images, labels, preset=preset, batch_size=batch_size, seed=seed,
+                       device=device, workers=workers)
+    base, device = ctx.cfg, ctx.device
+    _check_settings(images, names, base.batch_size, windows, steps, warmup, workers, matmul_size,
+                    flops_probe_batch)
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result: dict[str, Any] = {
+        "format": FORMAT,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "settings": {"batch_size": base.batch_size, "windows": windows, "steps": steps,
+                     "warmup": warmup, "data": data_source or f"{len(ctx.images)} images",
+                     "preset": preset, "model": base.model, "kd_bits": KD_BITS,
+                     "typical_workers": workers, "flops_probe_batch": flops_probe_batch,
+                     "statistic": "median over windows", "variant_order": names,
+                     "schedule": "warm-up of every variant, then round-robin windows (window k of "
+                                 "every variant and ceiling before window k+1); un-timed re-warm "
+                                 "steps before each later window (DataLoader: its prefetched "
+                                 "batches + 1)"},
+        "load_average_start": load_average(),
+    }
+    same = same_steps(names, base)
+    timed = [n for n in names if n not in same]
+    runners: dict[str, Runner] = {}
+    try:
+        for name in timed:
+            runners[name] = BY_NAME[name].build(ctx)
+        for name, dtype in CEILING_DTYPES.items():
+            runners[name] = matmul_runner(device, dtype, matmul_size)
+        times = measure(runners, windows=windows, steps=steps, warmup=warmup, device=device, log=log)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    ceilings = {n: _ceiling_entry(times[n], runners[n], steps) for n in CEILING_DTYPES}
+    measured = {n: _variant_entry(n, times[n], runners[n], steps) for n in timed}
+    del runners
+    for name, entry in measured.items():
+        if BY_NAME[name].flops is not None:
+            _add_flops(entry, BY_NAME[name].flops(ctx, flops_probe_batch), base.batch_size, ceilings)
+    result["variants"] = {n: measured[n] if n in measured else
+                          {**measured[same[n]], "label": BY_NAME[n].label, "same_as": same[n]}
+                          for n in names}
+    result["ceilings"] = ceilings
+    result["ratios"] = compute_ratios(result["variants"], ceilings)
+    result["load_average_end"] = load_average()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _safe_host(host: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in host) or "host"
+
+
+def main(args: argparse.Namespace) -> int:
+    """``python -m kdlib bench``: measure, write ``<out>/<host>.json``, print the table."""
+    windows = check_int(getattr(args, "windows", 5), "windows")
+    steps = check_int(getattr(args, "steps", 10), "steps")
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None:
+        check_int(batch_size, "batch_size")
+    warmup = getattr(args, "warmup", None)
+    root = resolve_data_root(getattr(args, "data_dir", None))
+    images, labels = load_cifar100(root, train=True)
+    result = run_benchmark(
+        images, labels, batch_size=batch_size, windows=windows, steps=steps,
+        warmup=WARMUP_STEPS if warmup is None else warmup,
+        device=getattr(args, "device", None) or None, variants=getattr(args, "variants", None),
+        data_source=f"CIFAR-100 training set, {len(images)} images",
+        matmul_size=getattr(args, "matmul_size", None) or MATMUL_SIZE)
+    result["settings"]["data_root"] = str(root)
+    out = Path(getattr(args, "out", None) or "results/bench")
+    path = out / f"{_safe_host(result['machine']['host'])}.json"
+    write_json_atomic(path, result)
+    print(render_markdown(result))
+    print(f"\nwritten: {path}", file=sys.stderr)
+    return 0

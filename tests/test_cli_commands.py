@@ -1,0 +1,104 @@
+"""`python -m kdlib summary` and `run`: what they print, the parameters they hand the notebooks."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdlib.cli import build_parser, main, notebook_parameters
+from kdlib.results import load_records, save_record
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
+
+
+def _record(method, bits, seed, top1):
+    metrics = {"best_epoch": 1, "best_val_top1": top1, "best_val_top5": top1, "test_top1": top1,
+               "test_top5": top1, "final_test_top1": top1, "final_test_top5": top1}
+    return {"run_id": f"r-{method}-{bits}-{seed}", "metrics": metrics, "history": [{"epoch": 1}],
+            "config": {"model": "resnet8", "method": method, "w_bits": bits, "a_bits": bits, "seed": seed}}
+
+
+def test_summary_prints_mean_std_and_interval_per_group(tmp_path, capsys):
+    for seed, top1 in enumerate([50.0, 52.0, 57.0]):
+        save_record(tmp_path, _record("individual", 4, seed, top1))
+    save_record(tmp_path, _record("teacher", 32, 0, 70.0))
+    assert main(["summary", "--results-dir", str(tmp_path)]) == 0
+    header, *rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    columns = ["model", "method", "w_bits", "a_bits", "mean", "std", "n", "ci95_low", "ci95_high"]
+    assert set(columns) <= set(header)
+    shown = [[row[header.index(c)] for c in columns] for row in rows]
+    std = math.sqrt(((50 - 53) ** 2 + (52 - 53) ** 2 + (57 - 53) ** 2) / 2)
+    half = 4.302652729911275 * std / math.sqrt(3)  # t(0.975, df=2)
+    assert shown == [
+        ["resnet8", "individual", "4", "4", "53.00", f"{std:.2f}", "3", f"{53 - half:.2f}", f"{53 + half:.2f}"],
+        ["resnet8", "teacher", "32", "32", "70.00", "NaN", "1", "NaN", "NaN"],
+    ]
+
+
+def test_summary_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
+    assert main(["summary", "--results-dir", str(tmp_path / "nothing")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: no run records in {tmp_path / 'nothing' / 'runs'}\n"
+    assert captured.out == ""
+
+
+def test_notebook_parameters_per_notebook(tmp_path):
+    args = build_parser().parse_args([
+        "run", "--preset", "smoke", "--model", "resnet8", "--seeds", "0", "2", "--data-dir", "/data/c100",
+        "--device", "cpu", "--set", "epochs=3", "--set", "schedule=cosine", "--chain", "32", "8", "4/8",
+        "--bits", "4", "2/8", "--methods", "individual", "direct_kd"])
+    common = {"preset": "smoke", "model": "resnet8", "seeds": [0, 2], "data_dir": "/data/c100",
+              "results_dir": str(tmp_path), "overrides": {"epochs": 3, "schedule": "cosine"}, "device": "cpu"}
+    assert notebook_parameters(args, "01_baseline", tmp_path) == common
+    assert notebook_parameters(args, "02_ta_chain", tmp_path) == {**common, "chain": [32, 8, "4/8"]}
+    assert notebook_parameters(args, "03_individual", tmp_path) == {
+        **common, "bits": [4, "2/8"], "methods": ["individual", "direct_kd"]}
+    assert notebook_parameters(args, "04_results", tmp_path) == {"preset": "smoke", "results_dir": str(tmp_path)}
+
+
+def test_notebook_parameters_leave_unset_options_to_the_notebooks(tmp_path):
+    args = build_parser().parse_args(["run", "--preset", "quick"])
+    params = {name: notebook_parameters(args, name, tmp_path) for name in ("02_ta_chain", "03_individual")}
+    expected = {"preset": "quick", "model": "resnet20", "seeds": [0], "data_dir": "", "results_dir": str(tmp_path),
+                "overrides": {}, "device": ""}
+    assert params == {"02_ta_chain": expected, "03_individual": expected}  # no chain/bits/methods: the preset's
+
+
+def _injected_parameters(notebook: Path) -> str:
+    cells = json.loads(notebook.read_text())["cells"]
+    return next("".join(c["source"]) for c in cells if "injected-parameters" in c["metadata"].get("tags", []))
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_run_smoke_preset_end_to_end(real_data_root, tmp_path):
+    sets = [a for k, v in {**TINY, "epochs": 1}.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdlib", "run", "--preset", "smoke", "--model", "resnet8", "--chain", "32", "4",
+         "--bits", "4", "--methods", "individual", "--data-dir", str(real_data_root),
+         "--results-dir", str(tmp_path), *sets],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == (f"done: records in {tmp_path / 'runs'}, executed notebooks in "
+                                            f"{tmp_path / 'executed'}")
+    records = {(r["config"]["method"], r["config"]["w_bits"]): r for r in load_records(tmp_path)}
+    # --chain 32 4, --bits 4, --methods individual: nothing at other widths, no other student method
+    assert {("teacher", 32), ("ta_chain", 4), ("individual", 4)} <= set(records)
+    assert {w for _, w in records} == {32, 4}
+    assert not {"finetune", "direct_kd"} & {m for m, _ in records}
+    for record in records.values():
+        config = record["config"]
+        assert (config["model"], config["preset"], config["seed"], config["epochs"]) == ("resnet8", "smoke", 0, 1)
+        assert {k: config[k] for k in TINY} == TINY
+        assert len(record["history"]) == 1
+    teacher_id = records[("teacher", 32)]["run_id"]
+    assert records[("ta_chain", 4)]["config"]["teacher_id"] == teacher_id
+    assert records[("individual", 4)]["config"]["init_id"] is None
+    injected = _injected_parameters(tmp_path / "executed" / "02_ta_chain.ipynb")
+    assert 'model = "resnet8"' in injected and "chain = [32, 4]" in injected
+    assert f'data_dir = "{real_data_root}"' in injected
+    summary = (tmp_path / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + len(records)  # a header, then one row per method x bits (one seed)

@@ -1,0 +1,441 @@
+"""Packed model files and ONNX export (kdlib.export).
+
+Models are ResNet-8 with 10 classes and random weights, run once in train mode so that LSQ steps
+are initialised and the BatchNorm running statistics are those of a batch (not the identity).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kdlib
+from kdlib.export import load_packed, read_packed_header, save_packed, to_onnx
+from kdlib.export.codes import pack_codes, packed_length, unpack_codes
+from kdlib.export.packed import MAGIC, _PREAMBLE
+from kdlib.models import create_model
+from kdlib.quant import (LSQQuantizer, PACTActivationQuantizer, QLinear, model_size_report,
+                         quantized_layers)
+
+from conftest import on_ci
+
+QUANTIZERS = ("dorefa", "pact", "lsq")
+ALL_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+
+
+def trained_like(quantizer: str, bits: int, *, name: str = "resnet8", quantize_first_last: bool = False,
+                 a_bits: int | None = None, seed: int = 0) -> nn.Module:
+    """A model after one train-mode forward (LSQ initialised, BN statistics set), in eval mode."""
+    torch.manual_seed(seed)
+    model = create_model(name, num_classes=10, w_bits=bits, a_bits=bits if a_bits is None else a_bits,
+                         quantizer=quantizer, quantize_first_last=quantize_first_last)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # running statistics = this batch's: activations of unit scale
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32) * 2)
+    return model.eval()
+
+
+def images(n: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def saved(model: nn.Module, tmp_path, name: str = "resnet8", **kw):
+    return save_packed(model, tmp_path / "model.packed", model_name=name, **kw)
+
+
+# ============================================================================ bit packing
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_pack_codes_round_trip_and_length(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, size=1001)
+    data = pack_codes(codes, bits)
+    assert len(data) == packed_length(1001, bits) == -(-1001 * bits // 8)
+    np.testing.assert_array_equal(unpack_codes(data, bits, 1001), codes)
+
+
+def test_pack_codes_layout_is_little_endian_bit_stream():
+    assert pack_codes(np.array([1, 0, 1, 1, 0, 0, 0, 0, 1]), 1) == bytes([0b00001101, 0b1])
+    assert pack_codes(np.array([3, 0, 2, 1]), 2) == bytes([0b01100011])
+    # 5 = bits 1,0,1; 7 = 1,1,1; 1 = 1,0,0 -> stream 10111110 0 -> bytes 0b01111101, 0
+    assert pack_codes(np.array([5, 7, 1]), 3) == bytes([0b01111101, 0])
+    assert pack_codes(np.array([0x1234]), 16) == bytes([0x34, 0x12])
+
+
+# ============================================================================ packed: exactness
+@pytest.mark.parametrize("quantize_first_last", [False, True], ids=["fp_edges", "q_edges"])
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_load_packed_gives_equal_eval_logits(tmp_path, quantizer, bits, quantize_first_last):
+    model = trained_like(quantizer, bits, quantize_first_last=quantize_first_last)
+    x = images()
+    with torch.inference_mode():
+        expected = model(x)
+    loaded = load_packed(saved(model, tmp_path))
+    assert not loaded.training
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), expected)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    assert torch.equal(loaded(x).detach(), expected)  # grad mode on: the frozen weights still hold
+    with torch.inference_mode():  # and not only once
+        assert torch.equal(loaded(x), expected)
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_everything_but_quantized_weights_is_stored_exactly(tmp_path, quantizer):
+    model = trained_like(quantizer, 3)
+    loaded = load_packed(saved(model, tmp_path))
+    coded = {f"{n}.weight" for n, layer in quantized_layers(model) if layer.w_bits < 32}
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for key in original.keys() - coded:  # BN statistics, fp32 layers, LSQ steps, PACT alpha
+        assert torch.equal(original[key], restored[key]) and original[key].dtype == restored[key].dtype, key
+    for name, layer in quantized_layers(loaded):  # the coded weights are the quantized ones
+        if f"{name}.weight" in coded:
+            with torch.no_grad():
+                assert torch.equal(layer.weight, model.get_submodule(name).quantized_weight())
+
+
+def test_squeezenet_round_trip(tmp_path):
+    model = trained_like("lsq", 3, name="squeezenet", quantize_first_last=True)
+    x = images(2)
+    with torch.inference_mode():
+        expected = model(x)
+    loaded = load_packed(saved(model, tmp_path, name="squeezenet"))
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), expected)
+
+
+def test_packed_weights_are_those_used_in_eval_when_frozen(tmp_path):
+    """A frozen teacher: the frozen copy is what eval uses, so that is what is stored."""
+    from kdlib.quant import freeze_quantized_weights
+
+    model = freeze_quantized_weights(trained_like("dorefa", 2))
+    x = images()
+    with torch.inference_mode():
+        expected = model(x)
+    with torch.inference_mode():
+        assert torch.equal(load_packed(saved(model, tmp_path))(x), expected)
+
+
+def test_save_leaves_model_and_random_stream_alone(tmp_path):
+    model = trained_like("lsq", 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    load_packed(saved(model, tmp_path))
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ============================================================================ packed: header, size
+def test_header_records_model_run_and_payload_digest(tmp_path):
+    model = trained_like("pact", 2, quantize_first_last=True)
+    path = saved(model, tmp_path, run_id="abc123")
+    header = read_packed_header(path)
+    assert header["model"] == {"name": "resnet8", "num_classes": 10, "w_bits": 2, "a_bits": 2,
+                               "quantizer": "pact", "quantize_first_last": True}
+    assert header["run_id"] == "abc123" and header["kdlib_version"] == kdlib.__version__
+    blob = path.read_bytes()
+    header_length = _PREAMBLE.unpack_from(blob)[1]
+    payload = blob[_PREAMBLE.size + header_length:]
+    assert header["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+    fc = next(e for e in header["tensors"] if e["name"] == "fc.weight")
+    assert (fc["encoding"], fc["bits"], fc["shape"], fc["length"]) == ("dorefa", 2, [10, 64], 160)
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8, 16, 32])
+def test_file_size_agrees_with_model_size_report(tmp_path, quantizer, bits):
+    """file = preamble + JSON header + payload, and the payload is the report's storage exactly,
+    plus what the report leaves out on purpose: buffers (BatchNorm running statistics and
+    counters, LSQ flags: not parameters) and the zero padding that ends each packed layer on a
+    byte boundary (< 1 byte per layer). The per-layer scales (LSQ step, 1-bit DoReFa E|w|) sit
+    in the header; the header is < 200 bytes per tensor."""
+    model = trained_like(quantizer, bits)
+    path = saved(model, tmp_path)
+    header = read_packed_header(path)
+    header_bytes = len(json.dumps(header, separators=(",", ":")).encode())
+    file_size = path.stat().st_size
+    assert file_size == _PREAMBLE.size + header_bytes + header["payload_length"]
+    params = dict(model.named_parameters())
+    buffer_bytes = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in params)
+    packed_layers = sum(layer.w_bits < 32 for _, layer in quantized_layers(model))
+    excess_bits = 8 * header["payload_length"] - model_size_report(model)["storage_bits"] - 8 * buffer_bytes
+    assert 0 <= excess_bits < 8 * max(packed_layers, 1)
+    assert header_bytes < 200 * len(header["tensors"])
+
+
+def test_packed_file_shrinks_with_the_bit_width(tmp_path):
+    sizes = {}
+    for bits in (32, 8, 4, 2, 1):
+        sizes[bits] = save_packed(trained_like("dorefa", bits), tmp_path / f"{bits}.packed",
+                                  model_name="resnet8").stat().st_size
+    assert sizes[32] > sizes[8] > sizes[4] > sizes[2] > sizes[1]
+    assert sizes[32] / sizes[8] > 3
+
+
+# ============================================================================ packed: refusals
+def test_truncated_files_are_refused(tmp_path):
+    path = saved(trained_like("dorefa", 4), tmp_path)
+    blob = path.read_bytes()
+    header_end = _PREAMBLE.size + _PREAMBLE.unpack_from(blob)[1]
+    for cut in (len(blob) - 1, header_end + 10, header_end - 5, 20):
+        bad = tmp_path / f"cut{cut}.packed"
+        bad.write_bytes(blob[:cut])
+        with pytest.raises(ValueError, match=f"{bad.name}.*(truncated|not a kdlib)"):
+            load_packed(bad)
+
+
+def test_extra_bytes_are_refused(tmp_path):
+    path = saved(trained_like("dorefa", 4), tmp_path)
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="model.packed.*trailing bytes"):
+        load_packed(path)
+
+
+def test_flipped_payload_byte_is_refused(tmp_path):
+    path = saved(trained_like("lsq", 2), tmp_path)
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0x01
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="model.packed is corrupt: its payload"):
+        load_packed(path)
+
+
+def test_tampered_header_is_refused(tmp_path):
+    path = saved(trained_like("lsq", 2), tmp_path, run_id="abc")
+    blob = path.read_bytes()
+    assert blob.count(b'"w_bits":2') == 1
+    path.write_bytes(blob.replace(b'"w_bits":2', b'"w_bits":3'))
+    with pytest.raises(ValueError, match="model.packed is corrupt: its header"):
+        load_packed(path)
+
+
+def _rewrite_header(path, change) -> None:
+    """Change the header and re-seal it (a consistent file whose table is wrong)."""
+    blob = path.read_bytes()
+    length = _PREAMBLE.unpack_from(blob)[1]
+    header = json.loads(blob[_PREAMBLE.size:_PREAMBLE.size + length])
+    change(header)
+    new = json.dumps(header).encode()
+    path.write_bytes(_PREAMBLE.pack(MAGIC, len(new), hashlib.sha256(new).digest())
+                     + new + blob[_PREAMBLE.size + length:])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h["tensors"][0].update(shape=[16, 3, 3, 4]), "conv1.weight.*inconsistent"),
+    (lambda h: h["tensors"][3].update(offset=10 ** 9), "inconsistent"),
+    (lambda h: h["tensors"].pop(), "do not match"),
+    (lambda h: h["model"].update(w_bits=99), "w_bits=99"),
+    (lambda h: h["model"].update(name="resnet20"), "do not match"),
+    (lambda h: h.update(format_version=2), "version 2"),
+])
+def test_inconsistent_header_is_refused(tmp_path, change, message):
+    path = saved(trained_like("dorefa", 2), tmp_path)
+    _rewrite_header(path, change)
+    with pytest.raises(ValueError, match=f"model.packed.*{message}"):
+        load_packed(path)
+
+
+def test_not_a_packed_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.packed"):
+        load_packed(tmp_path / "missing.packed")
+    weights = tmp_path / "weights.pt"
+    torch.save(trained_like("dorefa", 2).state_dict(), weights)
+    with pytest.raises(ValueError, match="weights.pt is not a kdlib packed model"):
+        load_packed(weights)
+
+
+def test_no_pickle_involved(tmp_path, monkeypatch):
+    model = trained_like("lsq", 3)
+    path = saved(model, tmp_path)
+    blob = path.read_bytes()
+    assert blob.startswith(MAGIC) and not blob.startswith((b"PK\x03\x04", b"\x80"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_packed must not unpickle")
+
+    for target, attr in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        monkeypatch.setattr(target, attr, refuse)
+    x = images()
+    with torch.inference_mode():
+        assert torch.equal(load_packed(path)(x), model(x))
+
+
+# ============================================================================ packed: save refusals
+def test_save_needs_the_model_registry_name(tmp_path):
+    model = trained_like("dorefa", 2)
+    with pytest.raises(ValueError, match="not create_model\\('resnet20'"):
+        saved(model, tmp_path, name="resnet20")
+    with pytest.raises(ValueError, match="model='resnet9' is unknown"):
+        saved(model, tmp_path, name="resnet9")
+    with pytest.raises(ValueError, match="no QConv2d/QLinear"):
+        save_packed(nn.Linear(2, 2), tmp_path / "x.packed", model_name="resnet8")
+
+
+def test_save_refuses_uninitialised_lsq(tmp_path):
+    model = create_model("resnet8", num_classes=10, w_bits=2, a_bits=2, quantizer="lsq")
+    with pytest.raises(ValueError, match="LSQ quantizer 'layer1.0.conv1.weight_quantizer' is not initialised"):
+        saved(model, tmp_path)
+    assert not (tmp_path / "model.packed").exists()
+
+
+# ============================================================================ ONNX
+def need(module: str):
+    """The optional package (the ``export`` extra): a skip locally, an error on CI, whose ``dev``
+    extra installs it, so a skip there would hide that the ONNX tests never ran."""
+    return importlib.import_module(module) if on_ci() else pytest.importorskip(module)
+
+
+def run_onnx(path, x: torch.Tensor, *, fuse: bool = True) -> np.ndarray:
+    """ONNX Runtime on the CPU; ``fuse=False`` keeps only its basic (exact) graph rewrites."""
+    ort = need("onnxruntime")
+    options = ort.SessionOptions()
+    if not fuse:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_onnx_quantized_weights_within_1e4(tmp_path, quantizer, bits):
+    """Quantized weights (first and last layer too), full-precision activations: no rounding
+    between layers, so ONNX Runtime differs from kdlib by float summation order only."""
+    need("onnxruntime")
+    model = trained_like(quantizer, bits, a_bits=32, quantize_first_last=True)
+    x = images(8)
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    got = run_onnx(to_onnx(model, tmp_path / "m.onnx"), x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert np.abs(expected).max() > 1e-2  # the logits are not all ~0
+
+
+def _activation_reference_model(quantizer: str, bits: int, scale: float | None = None) -> nn.Module:
+    """One identity QLinear whose input quantizer is the only thing that changes values; LSQ
+    step ``scale`` (default 0.37), PACT alpha ``scale`` (default 2.7)."""
+    model = nn.Sequential(QLinear(64, 64, bias=False, a_bits=bits, quantizer=quantizer))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(64))
+        model(torch.rand(4, 64))  # initialises LSQ
+        for module in model.modules():
+            if isinstance(module, LSQQuantizer):
+                module.step.fill_(0.37 if scale is None else scale)
+            if isinstance(module, PACTActivationQuantizer):
+                module.alpha.fill_(2.7 if scale is None else scale)
+    return model.eval()
+
+
+@pytest.mark.parametrize("bits", (1, 2, 3, 4, 5, 6, 7, 8, 16))
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_onnx_activation_quantizers_are_exact(tmp_path, quantizer, bits):
+    """Clip/Round/Mul/Div in ONNX give kdlib's activation levels bit for bit, on a sweep and on
+    the (near-)ties halfway between levels. Without ORT's extended fusions: they would fold the
+    division by 2^k - 1 into the identity MatMul (mathematically equal, rounded differently),
+    and the levels themselves would no longer be the graph's output."""
+    need("onnxruntime")
+    model = _activation_reference_model(quantizer, bits)
+    quantizer_module = model[0].input_quantizer
+    n = (1 << bits) - 1
+    top = {"dorefa": 1.0, "pact": 2.7, "lsq": 0.37 * n}[quantizer]
+    ties = (torch.arange(n, dtype=torch.float32) + 0.5) * torch.tensor(top / n, dtype=torch.float32)
+    x = torch.cat([torch.linspace(-0.5, 1.2 * top, 64 * 60), ties])
+    x = torch.cat([x, torch.zeros(-len(x) % 64)]).reshape(-1, 64)
+    with torch.no_grad():
+        expected = quantizer_module(x).numpy()
+    got = run_onnx(to_onnx(model, tmp_path / "act.onnx", input_shape=(64,)), x, fuse=False)
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(expected)) >= min(n + 1, 3000)  # <= 8 bits: every level was produced
+
+
+@pytest.mark.parametrize("quantizer", ["pact", "lsq"])
+def test_onnx_uses_the_clip_level_forward_uses(tmp_path, quantizer):
+    """A learned alpha / step pushed below zero: forward clamps it to a small positive value,
+    and so does the graph."""
+    need("onnxruntime")
+    model = _activation_reference_model(quantizer, 2, scale=-1e-9)
+    x = torch.linspace(-1e-7, 1e-7, 64 * 8).reshape(-1, 64)
+    with torch.no_grad():
+        expected = model[0].input_quantizer(x).numpy()
+    got = run_onnx(to_onnx(model, tmp_path / "act.onnx", input_shape=(64,)), x, fuse=False)
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(expected)) == 4
+
+
+def dyadic_resnet8(quantizer: str, w_bits: int, a_bits: int) -> nn.Module:
+    """A ResNet-8 whose every intermediate value is a short binary fraction, so fp32 arithmetic is
+    exact in any order: inputs k/4, weights k/8 (1-bit: +-1/8), LSQ steps and PACT alpha powers
+    of two, BatchNorm with eps 0, variance 1, scale a power of two. Then no convolution can land
+    a pre-activation on the other side of a rounding boundary in ONNX Runtime, and the whole
+    graph, activation quantizers included, can be compared at 1e-4 (it is in fact equal)."""
+    model = trained_like(quantizer, w_bits, a_bits=a_bits, quantize_first_last=True)
+    g = torch.Generator().manual_seed(1)
+
+    def k_over(shape, k):
+        return torch.randint(-8, 9, shape, generator=g) / k
+
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            if w_bits == 1 and quantizer != "lsq":  # DoReFa 1 bit: E|w| must be a power of two
+                layer.weight.copy_((torch.randint(0, 2, layer.weight.shape, generator=g) * 2 - 1) / 8)
+            else:
+                layer.weight.copy_(k_over(layer.weight.shape, 8))
+            if layer.bias is not None:
+                layer.bias.copy_(k_over(layer.bias.shape, 8))
+        for module in model.modules():
+            if isinstance(module, LSQQuantizer):
+                module.step.fill_(2.0 ** -3 if module.signed else 2.0 ** -2)
+            elif isinstance(module, PACTActivationQuantizer):
+                module.alpha.fill_(2.0)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.eps = 0.0
+                module.running_var.fill_(1.0)
+                module.running_mean.copy_(k_over(module.running_mean.shape, 8))
+                module.weight.copy_(2.0 ** torch.randint(-2, 1, module.weight.shape, generator=g))
+                module.bias.copy_(k_over(module.bias.shape, 8))
+    return model
+
+
+@pytest.mark.parametrize("quantizer, w_bits, a_bits", [
+    ("lsq", 2, 2), ("lsq", 4, 4), ("lsq", 8, 8), ("lsq", 3, 5), ("lsq", 1, 8),
+    ("dorefa", 1, 1), ("pact", 1, 1)])
+def test_onnx_whole_quantized_model_within_1e4(tmp_path, quantizer, w_bits, a_bits):
+    need("onnxruntime")
+    model = dyadic_resnet8(quantizer, w_bits, a_bits)
+    x = torch.randint(-8, 9, (8, 3, 32, 32), generator=torch.Generator().manual_seed(2)) / 4
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    got = run_onnx(to_onnx(model, tmp_path / "m.onnx"), x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert expected.std(axis=0).min() > 0  # every logit varies across images
+
+
+@pytest.mark.parametrize("bits, dtype", [(1, "INT8"), (4, "INT8"), (8, "INT8"), (16, "INT16"), (32, None)])
+def test_onnx_stores_integer_weights(tmp_path, bits, dtype):
+    """<= 8 bits: one byte per weight; 16 bits: two; 32 bits: fp32 as before."""
+    onnx = need("onnx")
+    model = trained_like("dorefa", bits)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    proto = onnx.load(str(to_onnx(model, tmp_path / "m.onnx")))
+    onnx.checker.check_model(proto)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    by_type = {}
+    for init in proto.graph.initializer:
+        name = onnx.TensorProto.DataType.Name(init.data_type)
+        by_type[name] = by_type.get(name, 0) + int(np.prod(init.dims))
+    quantized = sum(layer.weight.numel() for _, layer in quantized_layers(model) if layer.w_bits < 32)
+    if dtype is None:
+        assert set(by_type) == {"FLOAT"}
+    else:
+        assert by_type[dtype] == quantized
+    assert by_type["FLOAT"] < sum(p.numel() for p in model.parameters()) - (quantized if dtype else 0) + 2000

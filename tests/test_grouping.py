@@ -1,0 +1,122 @@
+"""Runs pool only when their whole configuration but the seed agrees (issue: trustworthy records)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from kdlib.config import RunConfig
+from kdlib.results import (chain_contrasts, load_results, paired_contrast, save_record,
+                           setting_ids, summarise, summary_table)
+
+
+def _record(cfg: RunConfig, top1: float, **extra) -> dict:
+    metrics = {"best_epoch": 1, "best_val_top1": top1, "best_val_top5": 0.0, "test_top1": top1,
+               "test_top5": 0.0, "final_test_top1": top1, "final_test_top5": 0.0}
+    return {"run_id": cfg.run_id(), "config": cfg.to_dict(), "metrics": metrics,
+            "history": [{}], **extra}
+
+
+def _teacher(seed: int) -> RunConfig:
+    return RunConfig(model="resnet8", method="teacher", seed=seed, epochs=2)
+
+
+def _link(method: str, bits: int, seed: int, init: RunConfig, teacher: RunConfig | None, **kw):
+    return RunConfig(model="resnet8", method=method, w_bits=bits, a_bits=bits, seed=seed,
+                     init_id=init.run_id(), teacher_id=teacher.run_id() if teacher else None, **kw)
+
+
+def _write(tmp_path, rows):
+    for cfg, top1 in rows:
+        save_record(tmp_path, _record(cfg, top1))
+    return load_results(tmp_path)
+
+
+def test_seeds_share_a_setting_but_two_chains_do_not(tmp_path):
+    rows = []
+    for seed in (0, 1):
+        t = _teacher(seed)
+        rows.append((t, 50.0))
+        long8 = _link("ta_chain", 8, seed, t, t)  # 32 -> 8 -> 2
+        rows += [(long8, 40.0), (_link("ta_chain", 2, seed, long8, long8), 30.0 + seed)]
+        short = _link("ta_chain", 2, seed, t, t)  # 32 -> 2, same method and bits, other chain
+        rows.append((short, 20.0 + seed))
+    frame = _write(tmp_path, rows)
+    two_bit = frame[frame["w_bits"] == 2]
+    assert two_bit["setting"].nunique() == 2  # the chains differ
+    assert two_bit.groupby("setting")["seed"].nunique().tolist() == [2, 2]  # seeds share one
+    summary = summarise(frame)
+    rows2 = summary[summary["w_bits"] == 2].sort_values("mean")
+    assert rows2["mean"].tolist() == [20.5, 30.5] and rows2["n"].tolist() == [2, 2]
+
+
+def test_another_temperature_is_another_row_not_another_seed(tmp_path):
+    rows = []
+    for seed in (0, 1, 2):
+        t = _teacher(seed)
+        rows.append((t, 50.0))
+        rows.append((_link("direct_kd", 4, seed, t, t, kd_temperature=4.0), 40.0))
+        rows.append((_link("direct_kd", 4, seed, t, t, kd_temperature=2.0), 30.0))
+    summary = summarise(_write(tmp_path, rows))
+    kd = summary[summary["method"] == "direct_kd"]
+    assert sorted(kd["mean"]) == [30.0, 40.0] and kd["n"].tolist() == [3, 3]
+    assert kd["std"].tolist() == [0.0, 0.0]
+
+
+def test_contrast_refuses_to_mix_settings(tmp_path):
+    rows = []
+    for seed in (0, 1):
+        t = _teacher(seed)
+        rows += [(t, 50.0), (_link("progressive", 4, seed, t, None), 35.0)]
+        rows.append((_link("direct_kd", 4, seed, t, t, kd_alpha=0.9), 40.0))
+        rows.append((_link("direct_kd", 4, seed, t, t, kd_alpha=0.5), 38.0))
+    frame = _write(tmp_path, rows)
+    # kd_alpha is shared: progressive (alpha 0.9 by default) pairs with the 0.9 run only
+    got = paired_contrast(frame, "direct_kd", "progressive")
+    assert got["mean"].tolist() == [5.0] and got["n"].tolist() == [2]
+    mixed = frame[frame["method"] != "progressive"].assign(kd_alpha=0.9)  # hide the difference
+    mixed = mixed.assign(method=mixed["method"].where(mixed["method"] != "teacher", "progressive"))
+    with pytest.raises(ValueError, match="several settings"):
+        paired_contrast(mixed, "direct_kd", "progressive")
+
+
+def test_contrast_interval_matches_a_paired_t_test_and_drops_unpaired_seeds(tmp_path):
+    a = [41.0, 43.5, 42.0, 44.0]
+    b = [40.0, 41.0, 41.5, 42.0]
+    rows = []
+    for seed in range(4):
+        t = _teacher(seed)
+        chain16 = _link("ta_chain", 16, seed, t, t)
+        rows += [(t, 50.0), (chain16, 45.0),
+                 (_link("ta_chain", 8, seed, chain16, chain16), a[seed]),
+                 (_link("progressive_kd32", 8, seed, chain16, t), b[seed])]
+    t5 = _teacher(5)
+    chain16 = _link("ta_chain", 16, 5, t5, t5)
+    rows += [(t5, 50.0), (chain16, 45.0), (_link("ta_chain", 8, 5, chain16, chain16), 99.0)]
+    got = chain_contrasts(_write(tmp_path, rows))  # seed 5 has no progressive_kd32: left out
+    row = got[(got["contrast"] == "ta_chain − progressive_kd32") & (got["w_bits"] == 8)].iloc[0]
+    diff = np.subtract(a, b)
+    assert row["n"] == 4 and row["mean"] == pytest.approx(diff.mean())
+    low, high = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert row["ci95_low"] == pytest.approx(low) and row["ci95_high"] == pytest.approx(high)
+    assert math.isclose(row["std"], diff.std(ddof=1))
+
+
+def test_summary_csv_holds_methods_then_contrasts(tmp_path):
+    rows = []
+    for seed in (0, 1):
+        t = _teacher(seed)
+        link = _link("ta_chain", 4, seed, t, t)
+        rows += [(t, 50.0), (link, 40.0 + seed), (_link("progressive", 4, seed, t, None), 38.0)]
+    table = summary_table(_write(tmp_path, rows))
+    assert table["method"].tolist()[-1] == "ta_chain − progressive"
+    assert table.iloc[-1]["mean"] == pytest.approx(2.5)
+
+
+def test_settings_of_unknown_teachers_fall_back_to_their_seedless_name():
+    t0, t1 = _teacher(0), _teacher(1)
+    recs = [_record(_link("direct_kd", 4, s, t, t), 1.0) for s, t in ((0, t0), (1, t1))]
+    ids = setting_ids(recs)
+    assert len(set(ids.values())) == 1  # the teachers' seeds and hashes are stripped

@@ -1,0 +1,160 @@
+"""The figures of notebook 04, read back from the returned Figure: what is drawn where."""
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_rgba
+
+from kdlib import plots
+from kdlib.plots import METHOD_LABELS
+
+NAN = float("nan")
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def legend_entries(ax):
+    """Label -> artist (Line2D, ErrorbarContainer or BarContainer) of every legend entry."""
+    handles, labels = ax.get_legend_handles_labels()
+    return dict(zip(labels, handles))
+
+
+def error_halfwidths(container):
+    """Half the length of each vertical bar of an ErrorbarContainer."""
+    _line, _caps, (bars,) = container.lines
+    return [abs(seg[1][1] - seg[0][1]) / 2 for seg in bars.get_segments()]
+
+
+def errorbar_data(container):
+    """(x, y, half-length of each error bar) of an ErrorbarContainer drawn by ``ax.errorbar``."""
+    x, y = (np.asarray(v, dtype=float).tolist() for v in container.lines[0].get_data())
+    return x, y, error_halfwidths(container)
+
+
+def test_accuracy_vs_bits_draws_means_errors_teacher_and_published():
+    summary = pd.DataFrame([
+        {"method": "individual", "w_bits": 8, "a_bits": 8, "mean": 60.0, "std": 1.5},
+        {"method": "individual", "w_bits": 2, "a_bits": 2, "mean": 50.0, "std": NAN},  # one seed
+        {"method": "ta_chain", "w_bits": 2, "a_bits": 2, "mean": 55.0, "std": 2.0},
+        {"method": "ta_chain", "w_bits": 8, "a_bits": 8, "mean": 62.0, "std": 0.5},
+        {"method": "teacher", "w_bits": 32, "a_bits": 32, "mean": 70.0, "std": 0.0},  # drawn as a line
+    ])
+    published = pd.DataFrame([
+        {"source": "liao2020", "method": "individual", "w_bits": 2, "a_bits": 2, "top1": 54.0, "selection": "test"},
+        {"source": "liao2020", "method": "individual", "w_bits": 8, "a_bits": 8, "top1": 61.0, "selection": "test"},
+        {"source": "liao2020", "method": "individual", "w_bits": 4, "a_bits": 4, "top1": 58.0, "selection": "test"},
+        {"source": "liao2020", "method": "kd_no_ta", "w_bits": 8, "a_bits": 8, "top1": 63.0, "selection": "test"},
+        {"source": "shin2019", "method": "kd_ternary", "w_bits": 2, "a_bits": 32, "top1": 67.0, "selection": NAN},
+        {"source": "repdistiller", "method": "individual", "w_bits": 32, "a_bits": 32, "top1": 69.0,
+         "selection": "last_epoch"},
+    ])
+    fig = plots.plot_accuracy_vs_bits(summary, teacher_acc=70.0, published=published)
+    ax = fig.axes[0]
+    # bit widths left to right from 32 down, at 0, 1, 2; methods side by side at -0.12 .. +0.12
+    assert list(ax.get_xticks()) == [0, 1, 2]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["32", "8", "2"]
+    entries = legend_entries(ax)
+    assert set(entries) == {
+        METHOD_LABELS["individual"], METHOD_LABELS["ta_chain"], "32-bit teacher (70.0%)",
+        "liao2020 individual (epoch chosen on test)", "liao2020 kd_no_ta (epoch chosen on test)",
+        "repdistiller individual (epoch chosen on last_epoch)"}
+    x, y, half = errorbar_data(entries[METHOD_LABELS["individual"]])
+    assert x == pytest.approx([0.88, 1.88]) and y == [60.0, 50.0] and half == pytest.approx([1.5, 0.0])
+    x, y, half = errorbar_data(entries[METHOD_LABELS["ta_chain"]])
+    assert x == pytest.approx([1.12, 2.12]) and y == [62.0, 55.0] and half == pytest.approx([0.5, 2.0])
+    assert list(entries["32-bit teacher (70.0%)"].get_ydata()) == [70.0, 70.0]
+    # published numbers at the bit widths we ran (4 bits is not among them), in our method's colour
+    liao = entries["liao2020 individual (epoch chosen on test)"]
+    assert list(liao.get_xdata()) == [1, 2] and list(liao.get_ydata()) == [61.0, 54.0]
+    kd_no_ta = entries["liao2020 kd_no_ta (epoch chosen on test)"]
+    assert list(kd_no_ta.get_xdata()) == [1] and list(kd_no_ta.get_ydata()) == [63.0]
+    assert to_rgba(kd_no_ta.get_color()) == to_rgba(plots.palette()["direct_kd"])
+    rep = entries["repdistiller individual (epoch chosen on last_epoch)"]
+    assert list(rep.get_xdata()) == [0] and list(rep.get_ydata()) == [69.0]
+
+
+def test_gain_over_individual_bars_and_intervals():
+    gains = pd.DataFrame([
+        {"method": "direct_kd", "w_bits": 4, "mean": 2.0, "ci95_high": 3.0},
+        {"method": "direct_kd", "w_bits": 2, "mean": 4.0, "ci95_high": NAN},  # n = 1: no interval
+        {"method": "ta_chain", "w_bits": 4, "mean": 3.0, "ci95_high": 5.0},
+        {"method": "ta_chain", "w_bits": 2, "mean": -1.0, "ci95_high": 0.5},
+    ])
+    fig = plots.plot_gain_over_individual(gains)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "2"]
+    entries = legend_entries(ax)
+    assert list(entries) == [METHOD_LABELS["direct_kd"], METHOD_LABELS["ta_chain"]]
+
+    def bars(label):
+        container = entries[label]
+        centres = [p.get_x() + p.get_width() / 2 for p in container.patches]
+        heights = [p.get_height() for p in container.patches]
+        return centres, heights, error_halfwidths(container.errorbar)
+
+    # two methods share each bit width's 0.8-wide slot: centres at -0.2 and +0.2
+    assert bars(METHOD_LABELS["direct_kd"]) == (pytest.approx([-0.2, 0.8]), [2.0, 4.0], pytest.approx([1.0, 0.0]))
+    assert bars(METHOD_LABELS["ta_chain"]) == (pytest.approx([0.2, 1.2]), [3.0, -1.0], pytest.approx([2.0, 1.5]))
+
+
+def _record(run_id, method, w_bits, seed, val_top1, init_id=None):
+    return {"run_id": run_id, "config": {"method": method, "w_bits": w_bits, "seed": seed, "init_id": init_id},
+            "history": [{"epoch": e, "val_top1": v} for e, v in enumerate(val_top1, 1)]}
+
+
+def test_chain_curves_follow_the_init_links_one_after_another():
+    records = [
+        _record("c1", "ta_chain", 1, 0, [5.0], init_id="c8"),
+        _record("i4", "individual", 4, 0, [99.0]),  # not part of the chain
+        _record("t1", "teacher", 32, 1, [99.0, 99.0]),  # another seed
+        _record("c8", "ta_chain", 8, 0, [15.0, 25.0, 30.0], init_id="t0"),
+        _record("t0", "teacher", 32, 0, [10.0, 20.0]),
+    ]
+    fig = plots.plot_chain_curves(records, seed=0)
+    ax = fig.axes[0]
+    entries = legend_entries(ax)
+    assert list(entries) == ["32-bit teacher", "8-bit", "1-bit"]
+    curves = {label: (list(line.get_xdata()), list(line.get_ydata())) for label, line in entries.items()}
+    assert curves == {"32-bit teacher": ([1, 2], [10.0, 20.0]), "8-bit": ([3, 4, 5], [15.0, 25.0, 30.0]),
+                      "1-bit": ([6], [5.0])}
+    separators = [line.get_xdata()[0] for line in ax.get_lines() if line.get_label().startswith("_")]
+    assert separators == [0.5, 2.5, 5.5]
+
+
+def test_accuracy_vs_size_means_over_seeds_at_each_storage():
+    kib = 8 * 1024  # bits per KiB
+    frame = pd.DataFrame([
+        {"method": "teacher", "storage_bits": 100 * kib, "test_top1": 70.0},
+        {"method": "teacher", "storage_bits": 100 * kib, "test_top1": 72.0},
+        {"method": "individual", "storage_bits": 20 * kib, "test_top1": 50.0},
+        {"method": "individual", "storage_bits": 20 * kib, "test_top1": 54.0},
+        {"method": "individual", "storage_bits": 10 * kib, "test_top1": 40.0},
+        {"method": "individual", "storage_bits": NAN, "test_top1": 99.0},  # a record without a size
+        {"method": "ta_chain", "storage_bits": 10 * kib, "test_top1": 45.0},
+        {"method": "ta_chain", "storage_bits": 10 * kib, "test_top1": 47.0},
+    ])
+    fig = plots.plot_accuracy_vs_size(frame)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    entries = legend_entries(ax)
+    assert set(entries) == {"teacher", METHOD_LABELS["individual"], METHOD_LABELS["ta_chain"]}
+    assert errorbar_data(entries["teacher"]) == ([100.0], [71.0], pytest.approx([math.sqrt(2)]))
+    assert errorbar_data(entries[METHOD_LABELS["individual"]]) == (
+        [10.0, 20.0], [40.0, 52.0], pytest.approx([0.0, math.sqrt(8)]))
+    assert errorbar_data(entries[METHOD_LABELS["ta_chain"]]) == ([10.0], [46.0], pytest.approx([math.sqrt(2)]))
+    teacher_line = entries["teacher"].lines[0]
+    assert teacher_line.get_marker() == "s" and to_rgba(teacher_line.get_color()) == to_rgba("black")
+
+
+def test_save_figure_creates_the_folder_and_a_png(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    path = plots.save_figure(fig, tmp_path / "figures" / "line.png")
+    assert path == tmp_path / "figures" / "line.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
