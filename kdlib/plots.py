@@ -152,17 +152,23 @@ def plot_chain_curves(records: Sequence[dict], seed: int = 0, title: str = "") -
 
 
 def plot_accuracy_vs_size(frame: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Test top-1 vs storage of the weights (KiB, log scale), per method."""
+    """Test top-1 vs model size (KiB, log scale), per method: the size of the run's packed
+    weights file (``packed_bytes``: what a deployment ships) where it exists, else the
+    storage computed on paper (``storage_bits`` / 8)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {**palette(), "teacher": "black"}
-    data = frame.dropna(subset=["storage_bits"])
+    paper = frame["storage_bits"] / 8 if "storage_bits" in frame else pd.Series(float("nan"), frame.index)
+    packed = frame["packed_bytes"] if "packed_bytes" in frame else pd.Series(float("nan"), frame.index)
+    data = frame.assign(size_bytes=packed.fillna(paper)).dropna(subset=["size_bytes"])
     for method, rows in data.groupby("method"):
-        grouped = rows.groupby("storage_bits")["test_top1"].agg(["mean", "std"]).reset_index()
-        ax.errorbar(grouped["storage_bits"] / 8 / 1024, grouped["mean"], yerr=grouped["std"].fillna(0),
+        grouped = rows.groupby("size_bytes")["test_top1"].agg(["mean", "std"]).reset_index()
+        ax.errorbar(grouped["size_bytes"] / 1024, grouped["mean"], yerr=grouped["std"].fillna(0),
                     marker="s" if method == "teacher" else "o", capsize=3, linestyle="-",
                     color=colors.get(method, "grey"), label=METHOD_LABELS.get(method, method))
     ax.set_xscale("log")
-    ax.set_xlabel("weight storage (KiB, quantized layers at their bit width, log scale)")
+    real = packed.notna().any()
+    ax.set_xlabel("model size (KiB, " + ("packed weights file" if real else
+                  "quantized layers at their bit width") + ", log scale)")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(title or "Accuracy vs model size")
     ax.grid(alpha=0.3, which="both")

@@ -16,26 +16,84 @@ import pandas as pd
 
 from kdlib.bench.render import render_markdown
 from kdlib.config import describe_fields
-from kdlib.results import load_published, load_results, results_table, summarise
+from kdlib.results import (CONTRASTS, METHOD_ORDER, bits_label, chain_contrasts, load_published,
+                           load_results, results_table, shared_cells, summarise)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
     return frame.to_markdown(index=index, disable_numparse=True)  # keep "4.30", not 4.3
 
 
+def _epochs_sentence(frame: pd.DataFrame) -> str:
+    """How long each kind of run trained, read from the records."""
+    def epochs_of(methods) -> list[int]:
+        return sorted(int(e) for e in frame.loc[frame["method"].isin(methods), "epochs"].unique())
+
+    teacher = frame[frame["method"] == "teacher"]
+    parts = [f"Teacher: {teacher['test_top1'].mean():.2f}% after "
+             f"{int(teacher['epochs'].iloc[0])} epochs"] if not teacher.empty else []
+    individual = frame[frame["method"] == "individual"]
+    if not individual.empty:
+        same = not teacher.empty and set(individual["epochs"]) == set(teacher["epochs"]) \
+            and set(individual["lr"]) == set(teacher["lr"])
+        parts.append(f"`individual`: {', '.join(map(str, epochs_of(['individual'])))} epochs"
+                     + (" (the teacher's own schedule: the fair trained-alone baseline)" if same else ""))
+    link = epochs_of([m for m in frame["method"].unique()
+                      if m not in ("teacher", "individual", "direct_kd_matched")])
+    if link:
+        parts.append(f"every other student: {', '.join(map(str, link))} epoch(s) per chain link")
+    if (frame["method"] == "direct_kd_matched").any():
+        parts.append("`direct_kd_matched`: k times that at the chain's k-th width (the chain's "
+                     "student budget down to that width)")
+    return "; ".join(parts)
+
+
+def _contrast_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Contrast × bits table of 'mean [low, high]' (95% paired interval; n in the row name)."""
+    contrasts = chain_contrasts(frame)
+    if contrasts.empty:
+        return pd.DataFrame()
+    contrasts = contrasts.assign(bits=[bits_label(w, a) for w, a in
+                                       zip(contrasts["w_bits"], contrasts["a_bits"])])
+
+    def cell(row: pd.Series) -> str:
+        if row["n"] < 2:
+            return f"{row['mean']:+.2f}"
+        return f"{row['mean']:+.2f} [{row['ci95_low']:+.2f}, {row['ci95_high']:+.2f}]"
+
+    contrasts["cell"] = contrasts.apply(cell, axis=1)
+    table = contrasts.pivot_table(index="contrast", columns="bits", values="cell", aggfunc="first")
+    order = sorted(contrasts["bits"].unique(), key=lambda b: -int(str(b).split("/")[0]))
+    names = [f"{a} − {b}" for a, b, _ in CONTRASTS if f"{a} − {b}" in table.index]
+    table = table.reindex(index=names, columns=order).fillna("")
+    n = contrasts.groupby("contrast")["n"].max()
+    table.index = [f"{name} (n = {int(n[name])})" for name in table.index]
+    table.index.name = "contrast \\ bits"
+    return table
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """A path as the README shows it: relative to the checkout when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def render_results(results_dir: str | os.PathLike) -> str:
-    """Markdown: test top-1 per method × bit width, the teacher, cost and machine of the runs."""
+    """Markdown: test top-1 per method × bit width, the chain's contrasts, cost and machine."""
     frame = load_results(results_dir)
     if frame.empty:
-        return f"_No run records in `{results_dir}` yet: `make run` creates them._"
+        return f"_No run records in `{_shown(results_dir)}` yet: `make run` creates them._"
     summary = summarise(frame)
-    table = results_table(summary)
+    marked = shared_cells(frame)
+    table = results_table(summary, marked)
     table.index.name = "method \\ bits"
-    teacher = frame[frame["method"] == "teacher"]
     first = frame.iloc[0]
     seeds = sorted(frame["seed"].unique())
     devices = sorted(frame["device"].dropna().unique())
-    hours = frame["wall_time_s"].sum() / 3600
+    trained = frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
+    hours = trained["wall_time_s"].sum() / 3600
     size = (f"{int(first['train_size'])} training images (class-balanced subset)"
             if pd.notna(first.get("train_size")) else "all 45,000 training images")
     lines = [
@@ -44,14 +102,22 @@ def render_results(results_dir: str | os.PathLike) -> str:
         f"Test top-1 (%) at the epoch of best validation accuracy; {first['model']}, preset "
         f"`{first['preset']}`, seed(s) {', '.join(map(str, seeds))} "
         f"({'mean ± std over seeds' if len(seeds) > 1 else 'one seed: no error bars'}). "
-        f"Teacher: {teacher['test_top1'].mean():.2f}% after {int(teacher['epochs'].iloc[0])} epochs; "
-        f"students: {int(frame[frame['method'] != 'teacher']['epochs'].iloc[0])} epochs each; "
+        f"{_epochs_sentence(frame)}. "
         f"{size}, {int(first['val_size'])} validation images, "
         f"{'the full 10,000' if pd.isna(first.get('test_size')) else int(first['test_size'])} test images. "
-        f"{len(frame)} runs, {hours:.2f} h of training summed over runs, {_span_hours(results_dir):.2f} h "
-        f"from the first run's start to the last run's end, on {', '.join(devices)} "
-        f"(host {_hosts(results_dir)}).",
+        f"{len(frame)} records of {len(trained)} trained runs, {hours:.2f} h of training summed over "
+        f"runs, {_span_hours(results_dir):.2f} h from the first run's start to the last run's end, on "
+        f"{', '.join(devices)} (host {_hosts(results_dir)}).",
     ]
+    if marked:
+        lines += ["", "\\* The same training run as another method's at that width (same "
+                  "initialisation, teacher, loss and epochs): trained once, shown under each name "
+                  "(`same_run_as` in its record)."]
+    contrasts = _contrast_table(frame)
+    if not contrasts.empty:
+        lines += ["", "Where the chain's gain comes from: paired (by seed) differences in test "
+                  "top-1 points, mean [95% interval] (an interval needs two seeds or more):", "",
+                  _markdown(contrasts)]
     dirty = frame["git_commit"].fillna("").str.endswith("+dirty") if "git_commit" in frame else None
     if dirty is not None and dirty.any():
         lines += ["", f"**{int(dirty.sum())} of {len(frame)} runs were made from a modified working "
@@ -127,6 +193,22 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
+def render_packed_models(results_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Markdown: the committed packed weights files of one seed, size per method × bits (KiB)."""
+    frame = load_results(results_dir)
+    if frame.empty or "packed_bytes" not in frame or frame["packed_bytes"].isna().all():
+        return (f"_No packed models in `{_shown(results_dir)}/models` yet: `make run` "
+                "writes them._")
+    rows = frame[(frame["seed"] == seed) & frame["packed_bytes"].notna()]
+    rows = rows.assign(kib=[f"{b / 1024:.1f}" for b in rows["packed_bytes"]])
+    table = rows.pivot_table(index="method", columns="bits", values="kib", aggfunc="first")
+    order = sorted(table.columns, key=lambda b: -int(str(b).split("/")[0]))
+    methods = [m for m in ("teacher", *METHOD_ORDER) if m in table.index]
+    table = table.reindex(index=methods, columns=order).fillna("")
+    table.index.name = "KiB: method \\ bits"
+    return _markdown(table)
+
+
 def render_config_fields() -> str:
     """The README's list of RunConfig fields, from the comments beside them in kdlib/config.py."""
     frame = pd.DataFrame(describe_fields()).set_index("field")
@@ -137,4 +219,5 @@ def render_config_fields() -> str:
 def render_readme(readme: str, results_dir, bench_dir) -> str:
     text = replace_block(readme, "results", render_results(results_dir))
     text = replace_block(text, "config", render_config_fields())
+    text = replace_block(text, "models", render_packed_models(results_dir))
     return replace_block(text, "bench", render_bench(bench_dir))

@@ -5,7 +5,7 @@ Layout under a results directory::
     runs/<run_id>.json          committed records
     checkpoints/<run_id>.pt     per-epoch training state (resumable, not committed)
     checkpoints/<run_id>.weights.pt  best-val weights, what later links start from / learn from
-    checkpoints/<run_id>.packed      the same weights packed at their bit width (seed 0 committed)
+    models/<run_id>.packed           the same weights packed at their bit width (seed 0 committed)
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def weights_path(results_dir: str | os.PathLike, run_id: str) -> Path:
 
 def packed_path(results_dir: str | os.PathLike, run_id: str) -> Path:
     """The best-val weights as integer codes at their bit width (kdlib.export.save_packed)."""
-    return Path(results_dir) / "checkpoints" / f"{run_id}.packed"
+    return Path(results_dir) / "models" / f"{run_id}.packed"
 
 
 def git_commit() -> str | None:
@@ -179,6 +179,8 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                "device": record.get("device"), "epochs_run": len(record["history"])}
         if isinstance(row.get("milestones"), list):  # hashable, so that it can be grouped on
             row["milestones"] = tuple(row["milestones"])
+        packed = packed_path(results_dir, record.get("same_run_as") or record["run_id"])
+        row["packed_bytes"] = packed.stat().st_size if packed.exists() else None
         size = record.get("model_size") or {}
         row["storage_bits"] = size.get("storage_bits")
         row["params"] = size.get("params")
@@ -187,8 +189,7 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    frame["bits"] = frame["w_bits"].astype(str).where(frame["w_bits"] == frame["a_bits"],
-                                                       frame["w_bits"].astype(str) + "/" + frame["a_bits"].astype(str))
+    frame["bits"] = [bits_label(w, a) for w, a in zip(frame["w_bits"], frame["a_bits"])]
     return frame
 
 
@@ -297,18 +298,41 @@ def summary_table(frame: pd.DataFrame, metric: str = "test_top1") -> pd.DataFram
     return pd.concat([summarise(frame, metric), contrasts], ignore_index=True)
 
 
-def results_table(summary: pd.DataFrame, teacher: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Method × bit-width table of 'mean ± std' strings (std shown only when n > 1)."""
+def bits_label(w_bits: int, a_bits: int) -> str:
+    """``"4"`` when weights and activations agree, else ``"4/8"``: a table column."""
+    return f"{w_bits}" if w_bits == a_bits else f"{w_bits}/{a_bits}"
+
+
+def shared_cells(frame: pd.DataFrame) -> set[tuple[str, str]]:
+    """(method, bits label) cells whose every run is another method's training (same_run_as)."""
+    if "same_run_as" not in frame.columns or frame.empty:
+        return set()
+    shared = frame.assign(bits=[bits_label(w, a) for w, a in zip(frame["w_bits"], frame["a_bits"])],
+                          alias=frame["same_run_as"].notna())
+    alias = shared.groupby(["method", "bits"])["alias"].all()
+    return {key for key, value in alias.items() if value}
+
+
+def results_table(summary: pd.DataFrame, marked: set[tuple[str, str]] = frozenset()) -> pd.DataFrame:
+    """Method × bit-width table of 'mean ± std' strings (std shown only when n > 1); cells in
+    ``marked`` (see :func:`shared_cells`) get a ``*``. A method with two settings at one bit
+    width cannot share one cell: ValueError."""
     def cell(row: pd.Series) -> str:
         text = f"{row['mean']:.2f}"
         if row["n"] > 1:
             text += f" ± {row['std']:.2f}"
-        return text
+        return text + ("*" if (row["method"], row["bits"]) in marked else "")
 
     if summary.empty:
         return pd.DataFrame()
     s = summary.copy()
-    s["bits"] = [f"{w}" if w == a else f"{w}/{a}" for w, a in zip(s["w_bits"], s["a_bits"])]
+    s["bits"] = [bits_label(w, a) for w, a in zip(s["w_bits"], s["a_bits"])]
+    clash = s[s.duplicated(["model", "method", "bits"], keep=False)]
+    if not clash.empty:
+        first = clash.iloc[0]
+        raise ValueError(f"method {first['method']!r} has {int((clash['method'] == first['method']).sum())} "
+                         f"settings at {first['bits']} bits: one table shows one setting; filter "
+                         "the runs (e.g. by their `setting` column) first")
     s["cell"] = s.apply(cell, axis=1)
     order = sorted(s["bits"].unique(), key=lambda b: -int(str(b).split("/")[0]))
     table = s.pivot_table(index="method", columns="bits", values="cell", aggfunc="first")
