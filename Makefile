@@ -7,7 +7,7 @@ ARGS ?=
 # Data: $KDLIB_DATA if set, else ./data (downloaded there on first use).
 export KDLIB_DATA ?= $(CURDIR)/data
 
-.PHONY: run test bench lab sync clean-smoke
+.PHONY: run test bench lab tb sync clean-smoke
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ bench: $(VENV)/.installed  ## training throughput -> results/bench/<host>.json
 
 lab: $(VENV)/.installed  ## JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks/
+
+tb: $(VENV)/.installed  ## TensorBoard on every run's live curves (results/<preset>/tb/<run_id>)
+	$(VENV)/bin/tensorboard --logdir results/ $(ARGS)
 
 sync: $(VENV)/.installed  ## re-pair notebooks/*.py with their .ipynb after editing either
 	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.py

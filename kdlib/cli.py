@@ -15,13 +15,18 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from kdlib.bench import main as bench_main
 from kdlib.checks import format_bits, parse_bits
-from kdlib.experiments import execute, plan_grid
+from kdlib.executors import (EXECUTORS, GridRunError, MissingExtraError, check_resources,
+                             execute_ray, import_ray)
+from kdlib.experiments import execute, plan_grid, plan_students
 from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS, build_config,
                            get_preset)
 from kdlib.report import render_readme
 from kdlib.results import find_record, load_results, summarise
+from kdlib.train import TENSORBOARD_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("01_baseline", "02_ta_chain", "03_individual", "04_results")
@@ -57,16 +62,16 @@ def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) 
         "data_dir": str(args.data_dir or ""), "results_dir": str(results_dir),
         "overrides": parse_overrides(args.set), "device": args.device or "",
     }
+    # The grid is the preset's unless the command line says otherwise (never the notebook's own
+    # defaults, which are the smoke settings).
+    spec = get_preset(args.preset)
+    chain = [format_bits(*parse_bits(b)) for b in (args.chain or spec.chain)]
     if name == "02_ta_chain":
-        if args.chain:
-            params["chain"] = [format_bits(*parse_bits(b)) for b in args.chain]
-        if args.chain_methods:
-            params["methods"] = list(args.chain_methods)
+        params["chain"] = chain
+        params["methods"] = list(args.chain_methods or spec.chain_methods)
     if name == "03_individual":
-        if args.bits:
-            params["bits"] = [format_bits(*parse_bits(b)) for b in args.bits]
-        if args.methods:
-            params["methods"] = list(args.methods)
+        params["bits"] = [format_bits(*parse_bits(b)) for b in args.bits] if args.bits else chain[1:]
+        params["methods"] = list(args.methods or spec.methods)
     if name == "04_results":
         params = {k: params[k] for k in ("preset", "results_dir")}
     return params
@@ -121,6 +126,8 @@ def command_run(args: argparse.Namespace) -> int:
     log_path = _start_log(results_dir / "logs", echo=args.log_output)
     print(f"log: {log_path}", flush=True)
     names = [n for n in NOTEBOOKS if not args.only or any(n.startswith(o) for o in args.only)]
+    if args.executor == "ray" and set(names) - {"04_results"}:
+        _train_on_ray(_run_plan(args), args, results_dir)  # the notebooks then find the records
     for name in names:
         params = notebook_parameters(args, name, results_dir)
         target = executed / f"{name}.ipynb"
@@ -158,6 +165,46 @@ def command_train(args: argparse.Namespace) -> int:
                      device=args.device or None)[0]
     print(json.dumps({"run_id": record["run_id"], **record["metrics"]}, indent=1))
     return 0
+
+
+def command_grid(args: argparse.Namespace) -> int:
+    """Train a preset's whole grid without notebooks (dependencies first, finished runs skipped)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
+    _announce_plan(args, results_dir)
+    plan = plan_grid(preset=args.preset, model=args.model,
+                     seeds=list(args.seeds or get_preset(args.preset).seeds),
+                     chain=args.chain or None, chain_methods=args.chain_methods or None,
+                     methods=args.methods or None, overrides=parse_overrides(args.set))
+    if args.executor == "ray":
+        _train_on_ray(plan, args, results_dir)
+    else:
+        execute(plan, data_dir=args.data_dir, results_dir=results_dir, device=args.device,
+                progress=not args.no_progress)
+    print(f"done: records in {results_dir / 'runs'}")
+    return 0
+
+
+def _run_plan(args: argparse.Namespace) -> list:
+    """What `run`'s notebooks train: the grid, plus notebook 03's students at --bits."""
+    seeds = list(args.seeds or get_preset(args.preset).seeds)
+    overrides = parse_overrides(args.set)
+    plan = plan_grid(preset=args.preset, model=args.model, seeds=seeds, chain=args.chain or None,
+                     chain_methods=args.chain_methods or None, methods=args.methods or None,
+                     overrides=overrides)
+    if args.bits:
+        methods = list(args.methods or get_preset(args.preset).methods)
+        plan += [cfg for s in seeds for cfg in plan_students(args.preset, args.model, s, methods,
+                                                            args.bits, overrides)]
+    return plan
+
+
+def _train_on_ray(plan: list, args: argparse.Namespace, results_dir: Path) -> None:
+    execute_ray(plan, data_dir=args.data_dir, results_dir=results_dir, device=args.device,
+                address=args.address, cpus_per_run=args.cpus_per_run,
+                gpus_per_run=args.gpus_per_run, max_retries=args.max_retries,
+                tensorboard=not args.no_tensorboard)
 
 
 def command_summary(args: argparse.Namespace) -> int:
@@ -200,9 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a RunConfig field, e.g. --set epochs=3 (repeatable)")
+        p.add_argument("--no-tensorboard", action="store_true",
+                       help="write no TensorBoard scalars (default: results/<preset>/tb/<run_id> "
+                            "when tensorboard is installed)")
+
+    def executor(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--executor", choices=EXECUTORS, default="serial",
+                       help="serial: one run after another here; ray: every run as a Ray task "
+                            "(pip install -e '.[ray]')")
+        p.add_argument("--address", default=None, help="ray: auto | HOST:PORT of a running "
+                       "cluster (default: start Ray on this machine)")
+        p.add_argument("--cpus-per-run", type=int, default=1,
+                       help="ray: CPUs each run reserves, also its torch threads (default: 1)")
+        p.add_argument("--gpus-per-run", type=float, default=0.0,
+                       help="ray: GPUs each run reserves, e.g. 1 or 0.5 (default: 0)")
+        p.add_argument("--max-retries", type=int, default=3,
+                       help="ray: retries of a run whose worker died; it resumes from its "
+                            "checkpoint (default: 3)")
 
     run = sub.add_parser("run", help="execute notebooks 01-04 with papermill")
     common(run)
+    executor(run)
     run.add_argument("--seeds", nargs="+", type=int, default=None,
                      help="default: the preset's seeds")
     run.add_argument("--chain", nargs="+", default=None, help="TA chain, e.g. 32 16 8 4 2 1")
@@ -214,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", nargs="+", default=None, help="run only these notebooks, e.g. 01 04")
     run.add_argument("--log-output", action="store_true", help="stream cell output to the log")
     run.set_defaults(func=command_run)
+
+    grid = sub.add_parser("grid", help="train the whole grid without notebooks (then `run` shows it)")
+    common(grid)
+    executor(grid)
+    grid.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the preset's seeds")
+    grid.add_argument("--chain", nargs="+", default=None, help="TA chain, e.g. 32 16 8 4 2 1")
+    grid.add_argument("--chain-methods", nargs="+", default=None, help="default: the preset's")
+    grid.add_argument("--methods", nargs="+", default=None, help="default: the preset's")
+    grid.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    grid.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    grid.set_defaults(func=command_grid)
 
     train = sub.add_parser("train", help="train one model from the shell")
     common(train)
@@ -249,8 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_tensorboard", False):
+        os.environ[TENSORBOARD_ENV] = "0"  # also seen by the notebooks' kernels
     try:
+        if getattr(args, "executor", "serial") == "ray":
+            import_ray()  # fail before planning or training anything
+            check_resources(args.cpus_per_run, args.gpus_per_run, args.max_retries, args.device)
         return args.func(args)
-    except (UserError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except (UserError, ValueError, FileNotFoundError, PermissionError, MissingExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except GridRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 import torch
+from filelock import FileLock
 
 from kdlib.checks import BitsSpec, parse_bits
 from kdlib.config import EXECUTION_ONLY_FIELDS, RunConfig, validate
@@ -238,15 +238,12 @@ class _DataCache:
 @contextlib.contextmanager
 def _run_lock(results_dir: str | os.PathLike, run_id: str):
     """Exclusive per-run lock: a second pipeline that reaches a run another one is training
-    waits for it (then finds its record) instead of training it twice."""
+    waits for it (then finds its record) instead of training it twice. An OS lock (filelock:
+    flock on Unix, LockFileEx on Windows): a killed holder releases it with its process."""
     path = checkpoint_path(results_dir, run_id).with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
 
 
 def training_key(cfg: RunConfig, canonical: Callable[[str | None], str | None]) -> str:

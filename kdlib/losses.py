@@ -8,6 +8,7 @@ Teacher logits are always detached: no gradient ever reaches the teacher through
   KL summed over classes and averaged over the batch (``reduction="batchmean"``; the
   ``reduction="mean"`` found in some public code also divides by the number of classes)
 * :func:`kd_loss`        -- ``(1 - alpha) * CE + alpha * kd_term``
+* :func:`kd_loss_terms`  -- the same total and its two terms apart (for the training curves)
 * :func:`apprentice_losses` -- Mishra & Marr (2018) joint training: the teacher learns from its
   own CE, the student from ``kd_loss`` against the (detached) teacher logits
 """
@@ -42,15 +43,32 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temp
     ``alpha = 0`` is plain CE (the teacher logits are not even looked at), ``alpha = 1`` pure
     soft targets.
     """
+    _check_alpha(alpha)
+    if alpha == 0:
+        return ce_loss(student_logits, labels, label_smoothing)
+    return kd_loss_terms(student_logits, teacher_logits, labels, temperature, alpha,
+                         label_smoothing)[0]
+
+
+def kd_loss_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                  temperature: float, alpha: float,
+                  label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(kd_loss, CE, kd_term)``: the total is :func:`kd_loss`'s, computed by the same
+    operations (bit-identical, same gradients); the two terms are reported apart. Unlike
+    ``kd_loss`` at ``alpha = 0`` it always computes the KD term (only to report it)."""
+    _check_alpha(alpha)
+    ce = ce_loss(student_logits, labels, label_smoothing)
+    kd = kd_term(student_logits, teacher_logits, temperature)
+    if alpha == 0:
+        return ce, ce, kd
+    if alpha == 1:
+        return kd, ce, kd
+    return (1.0 - alpha) * ce + alpha * kd, ce, kd
+
+
+def _check_alpha(alpha: float) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha!r} is invalid; expected a number in [0, 1]")
-    ce = ce_loss(student_logits, labels, label_smoothing)
-    if alpha == 0:
-        return ce
-    kd = kd_term(student_logits, teacher_logits, temperature)
-    if alpha == 1:
-        return kd
-    return (1.0 - alpha) * ce + alpha * kd
 
 
 def apprentice_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
@@ -66,4 +84,4 @@ def apprentice_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     return student, teacher
 
 
-__all__ = ["ce_loss", "kd_term", "kd_loss", "apprentice_losses"]
+__all__ = ["ce_loss", "kd_term", "kd_loss", "kd_loss_terms", "apprentice_losses"]

@@ -44,13 +44,13 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
         description="the whole grid on the full 45k/5k split of real CIFAR-100 and the full 10k test "
-                    "set, on a 2-core CPU in about 2 hours per seed: teacher 6 epochs (lr 0.2, 1 "
+                    "set, on a 2-core CPU in about 2 hours per seed: teacher 8 epochs (lr 0.2, 1 "
                     "warm-up epoch, cosine), `individual` on the teacher's schedule, every other "
                     "student 1 epoch per chain link (lr 0.05, cosine), channels_last",
         run=dict(train_size=None, val_size=5000, test_size=None, epochs=1, batch_size=128,
                  lr=0.05, weight_decay=5e-4, schedule="cosine", kd_temperature=4.0, kd_alpha=0.9,
                  channels_last=True),
-        teacher_run=dict(epochs=6, lr=0.2, warmup_epochs=1),
+        teacher_run=dict(epochs=8, lr=0.2, warmup_epochs=1),  # 6 epochs gave 49.35%, under 50
         seeds=(0, 1, 2),
     ),
     "quick_squeezenet": Preset(

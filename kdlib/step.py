@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from kdlib.config import KD_METHODS, RunConfig, validate
 from kdlib.device import pick_device
-from kdlib.losses import apprentice_losses, ce_loss, kd_loss
+from kdlib.losses import ce_loss, kd_loss_terms
 from kdlib.quant import freeze_quantized_weights, set_precision, unfreeze_quantized_weights
 
 
@@ -124,6 +124,13 @@ def batch_loss(trainer: Trainer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, 
 
     The two losses differ only for apprentice runs, where the teacher's loss is added.
     """
+    return batch_loss_terms(trainer, x, y)[:3]
+
+
+def batch_loss_terms(trainer: Trainer, x: Tensor, y: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """:func:`batch_loss` plus the student's detached (CE, KD) terms, or None when the step
+    uses no teacher logits (plain CE)."""
     cfg = trainer.cfg
     t_logits = None
     if trainer.mode == "hinton" and trainer.uses_teacher_logits:
@@ -135,13 +142,15 @@ def batch_loss(trainer: Trainer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, 
             t_logits = trainer.teacher_forward(x)
     if t_logits is None:
         loss = ce_loss(logits, y, cfg.label_smoothing)
-        return loss, loss, logits
+        return loss, loss, logits, None
+    # kd_loss (hinton) or the student's half of apprentice_losses, with its terms apart
+    loss, ce, kd = kd_loss_terms(logits, t_logits, y, cfg.kd_temperature, cfg.kd_alpha,
+                                 cfg.label_smoothing)
+    terms = (ce.detach(), kd.detach())
     if trainer.mode == "hinton":
-        loss = kd_loss(logits, t_logits, y, cfg.kd_temperature, cfg.kd_alpha, cfg.label_smoothing)
-        return loss, loss, logits
-    loss, t_loss = apprentice_losses(logits, t_logits, y, cfg.kd_temperature, cfg.kd_alpha,
-                                     cfg.label_smoothing)
-    return loss, loss + t_loss, logits
+        return loss, loss, logits, terms
+    t_loss = ce_loss(t_logits, y, cfg.label_smoothing)  # the teacher learns from its own CE
+    return loss, loss + t_loss, logits, terms
 
 
 def set_lr(trainer: Trainer, lr: float) -> None:
@@ -150,14 +159,18 @@ def set_lr(trainer: Trainer, lr: float) -> None:
             group["lr"] = lr
 
 
-def train_step(trainer: Trainer, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor, Tensor]:
+def train_step(trainer: Trainer, x: Tensor, y: Tensor, lr: float, *,
+               terms_sum: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One optimizer update at learning rate ``lr``; returns the detached (student loss,
-    total loss, logits). Reads nothing back to the host."""
+    total loss, logits). Reads nothing back to the host. ``terms_sum`` (2 floats on the
+    device): the step's (CE, KD) terms are added to it in place when it uses a teacher."""
     set_lr(trainer, lr)
-    loss, total, logits = batch_loss(trainer, x, y)
+    loss, total, logits, terms = batch_loss_terms(trainer, x, y)
     for opt in trainer.optimizers:
         opt.zero_grad(set_to_none=True)
     total.backward()
     for opt in trainer.optimizers:
         opt.step()
+    if terms_sum is not None and terms is not None:
+        terms_sum += torch.stack(terms)
     return loss.detach(), total.detach(), logits.detach()

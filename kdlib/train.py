@@ -39,13 +39,22 @@ Decisions (documented here because they change numbers):
   its stored result without training. A checkpoint whose config differs (any field but
   ``eval_batch_size`` and ``preset``) or that cannot be read raises ``ValueError`` naming the
   file; the file is never deleted or overwritten in that case.
+* **TensorBoard** (``tensorboard`` argument): one scalar per history key of
+  :data:`TENSORBOARD_TAGS` per epoch (global step = epoch), written by ``fit`` after the
+  validation pass and before the epoch's checkpoint, never inside a step. By default (None) a run
+  whose checkpoint lies in a results folder (``<results_dir>/checkpoints/<run_id>.pt``) writes to
+  ``<results_dir>/tb/<run_id>/`` when tensorboard is installed and ``$KDLIB_TENSORBOARD`` is not
+  ``0``. A resumed run purges what the interrupted session wrote after its last checkpoint. The
+  JSON record stays the source of truth.
 * **Speed**: metrics accumulate on the device; the only per-epoch syncs are the non-finite
   checks and the end-of-epoch read-out. ``images_per_s`` = training images / training seconds
   (evaluation excluded).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import sys
@@ -72,6 +81,13 @@ __all__ = ["fit", "evaluate", "FitResult", "NonFiniteLossError", "pick_device", 
            "train_epoch"]
 
 NONFINITE_CHECK_EVERY = 25  # steps between reads of the device-side non-finite flag
+TENSORBOARD_ENV = "KDLIB_TENSORBOARD"  # "0": fit writes no TensorBoard scalars by default
+# history key -> TensorBoard tag; keys a row lacks (train_ce/train_kd of non-KD runs) are skipped
+TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_top1": "train/top1",
+                    "train_ce": "train/ce", "train_kd": "train/kd", "val_top1": "val/top1",
+                    "val_top5": "val/top5", "val_loss": "val/loss",
+                    "teacher_val_top1": "val/teacher_top1", "lr": "lr",
+                    "images_per_s": "images_per_s"}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -169,9 +185,10 @@ def train_epoch(trainer: Trainer, data, epoch: int, *, progress: bool = True,
     """Train one epoch of ``data.train_*`` (already on the trainer's device).
 
     Returns ``train_loss`` and ``train_top1`` (means over the epoch's batches), ``steps`` and
-    ``train_seconds``. Metrics accumulate on the device; the host reads them once at the end,
-    plus the non-finite flag every ``NONFINITE_CHECK_EVERY`` steps (``checkpoint`` is only named
-    in that error).
+    ``train_seconds``; when the steps use teacher logits also ``train_ce`` and ``train_kd``, the
+    epoch means of the student's two loss terms. Metrics accumulate on the device; the host
+    reads them once at the end, plus the non-finite flag every ``NONFINITE_CHECK_EVERY`` steps
+    (``checkpoint`` is only named in that error).
     """
     cfg, device = trainer.cfg, trainer.device
     n_train = int(data.train_labels.shape[0])
@@ -182,13 +199,16 @@ def train_epoch(trainer: Trainer, data, epoch: int, *, progress: bool = True,
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    terms_sum = (torch.zeros(2, dtype=torch.float32, device=device)
+                 if trainer.uses_teacher_logits else None)
     bar = _progress_bar(steps, f"epoch {epoch + 1}/{cfg.epochs}", progress)
     batches = train_batches(data.train_images, data.train_labels, cfg.batch_size,
                             seed=cfg.seed, epoch=epoch, channels_last=cfg.channels_last)
     step = -1
     try:
         for step, (x, y) in enumerate(batches):
-            loss, total, logits = train_step(trainer, x, y, lr_at(epoch + step / steps, cfg))
+            loss, total, logits = train_step(trainer, x, y, lr_at(epoch + step / steps, cfg),
+                                             terms_sum=terms_sum)
             with torch.no_grad():
                 loss_sum += loss
                 correct += (logits.argmax(dim=1) == y).sum()
@@ -204,9 +224,13 @@ def train_epoch(trainer: Trainer, data, epoch: int, *, progress: bool = True,
     sync(device)
     seconds = time.perf_counter() - epoch_start
     _raise_if_nonfinite(bad_step, epoch, steps, checkpoint)
-    return {"train_loss": loss_sum.item() / steps,
-            "train_top1": 100.0 * correct.item() / (steps * cfg.batch_size),
-            "steps": steps, "train_seconds": seconds}
+    stats = {"train_loss": loss_sum.item() / steps,
+             "train_top1": 100.0 * correct.item() / (steps * cfg.batch_size),
+             "steps": steps, "train_seconds": seconds}
+    if terms_sum is not None:
+        ce, kd = terms_sum.tolist()
+        stats.update(train_ce=ce / steps, train_kd=kd / steps)
+    return stats
 
 
 # ----------------------------------------------------------------------------- fit
@@ -276,6 +300,7 @@ def _validation_row(trainer: Trainer, data, epoch: int, epoch_stats: dict, start
     row = {"epoch": epoch + 1, "lr": lr_at(epoch, trainer.cfg),
            "train_loss": epoch_stats["train_loss"], "train_top1": epoch_stats["train_top1"],
            "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]}
+    row.update({k: epoch_stats[k] for k in ("train_ce", "train_kd") if k in epoch_stats})
     if trainer.mode == "apprentice":
         row["teacher_val_top1"] = evaluate(trainer.teacher_forward, data.val_images,
                                            data.val_labels, **ev)["top1"]
@@ -283,6 +308,58 @@ def _validation_row(trainer: Trainer, data, epoch: int, epoch_stats: dict, start
     row["images_per_s"] = (epoch_stats["steps"] * trainer.cfg.batch_size
                            / max(epoch_stats["train_seconds"], 1e-9))
     return row
+
+
+def tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def tensorboard_dir(setting: bool | str | os.PathLike | None,
+                    checkpoint: Path | None) -> Path | None:
+    """The folder ``fit(tensorboard=setting)`` writes its scalars to, or None for none."""
+    if setting is False:
+        return None
+    if setting is not None and setting is not True:
+        return Path(setting)
+    in_results = checkpoint is not None and checkpoint.parent.name == "checkpoints"
+    default = checkpoint.parent.parent / "tb" / checkpoint.stem if in_results else None
+    if setting is True and default is None:
+        raise ValueError(f"tensorboard=True with checkpoint_path={checkpoint!r}: no results "
+                         "folder to write tb/<run_id> into; pass tensorboard=FOLDER instead")
+    if setting is None and (os.environ.get(TENSORBOARD_ENV, "1") == "0"
+                            or not tensorboard_available()):
+        return None
+    return default
+
+
+@contextlib.contextmanager
+def _scalar_writer(folder: Path | None, epochs_done: int):
+    """A SummaryWriter on ``folder`` (None: no writer) that hides the steps after
+    ``epochs_done`` left by an interrupted session; closed (flushed) on exit."""
+    if folder is None:
+        yield None
+        return
+    if not tensorboard_available():
+        raise ImportError(f"TensorBoard scalars for {folder} need the tensorboard package: "
+                          "pip install -e '.[tb]', or pass tensorboard=False")
+    from torch.utils.tensorboard import SummaryWriter  # lazy: optional and slow to import
+
+    writer = SummaryWriter(str(folder), purge_step=epochs_done + 1)
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+def _write_scalars(writer, row: dict) -> None:
+    """One epoch's history row as scalars at global step ``row["epoch"]``, flushed at once
+    so the curves are live."""
+    if writer is None:
+        return
+    for key, tag in TENSORBOARD_TAGS.items():
+        if key in row:
+            writer.add_scalar(tag, row[key], global_step=row["epoch"])
+    writer.flush()
 
 
 def _test_at_final_and_best(trainer: Trainer, data, progress: _Progress,
@@ -298,12 +375,15 @@ def _test_at_final_and_best(trainer: Trainer, data, progress: _Progress,
 
 def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = None,
         checkpoint_path: str | os.PathLike | None = None,
-        device: str | torch.device | None = None, progress: bool = True) -> FitResult:
+        device: str | torch.device | None = None, progress: bool = True,
+        tensorboard: bool | str | os.PathLike | None = None) -> FitResult:
     """Train ``model`` per ``cfg`` on ``data`` (a :class:`kdlib.data.DataSplits`).
 
     Returns a :class:`FitResult`; ``model`` ends on ``device`` holding the best-validation
     weights. ``progress`` shows a tqdm bar per epoch; one summary line per epoch is printed
-    either way. See the module docstring for every convention.
+    either way. ``tensorboard``: False for no scalars, a folder to write them to, True for
+    ``<results_dir>/tb/<run_id>``, None for that when tensorboard is installed (see the module
+    docstring). See the module docstring for every convention.
     """
     wall_start = time.perf_counter()
     trainer = make_trainer(model, cfg, teacher=teacher, device=device)
@@ -313,6 +393,7 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the training split "
                          f"({int(data.train_labels.shape[0])} images): no full batch to train on")
     path = Path(checkpoint_path) if checkpoint_path is not None else None
+    tb_folder = tensorboard_dir(tensorboard, path)
     state = _resume(path, trainer)
     if state.result is not None:
         model.load_state_dict(state.best["state"])
@@ -326,7 +407,8 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
               channels_last=cfg.channels_last)
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
-    with frozen_teacher(trainer), torch.random.fork_rng(devices=rng_devices):
+    with frozen_teacher(trainer), torch.random.fork_rng(devices=rng_devices), \
+            _scalar_writer(tb_folder, state.epochs_done) as writer:
         for epoch in range(state.epochs_done, cfg.epochs):
             started = time.perf_counter()
             stats = train_epoch(trainer, data, epoch, progress=progress, checkpoint=path)
@@ -339,6 +421,7 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
                 state.best = {"epoch": epoch + 1, "val_top1": row["val_top1"],
                               "val_top5": row["val_top5"], "state": cpu_state(model)}
             print(_format_summary(row, cfg.epochs, is_best), flush=True)
+            _write_scalars(writer, row)  # before the checkpoint: a resume purges it if lost
             state.epochs_done = epoch + 1
             _save_checkpoint(path, trainer, state, time.perf_counter() - wall_start)
 

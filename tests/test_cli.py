@@ -71,11 +71,18 @@ def test_train_one_job_from_the_shell(real_data_root, tmp_path):
 
 @pytest.mark.realdata
 def test_run_stops_on_failing_notebook(real_data_root, tmp_path):
-    proc = kdlib("run", "--model", "resnet8", "--chain", "32", "8", "16", "--only", "02",
-                 "--data-dir", str(real_data_root), "--results-dir", str(tmp_path), *TINY)
+    proc = kdlib("run", "--model", "resnet8", "--only", "04", "--data-dir", str(real_data_root),
+                 "--results-dir", str(tmp_path), *TINY)  # 04 with no records to show
     assert proc.returncode == 1
-    assert "notebook 02_ta_chain failed: ValueError" in proc.stderr and "not descending" in proc.stderr
-    assert (tmp_path / "executed" / "02_ta_chain.ipynb").exists()
+    assert "notebook 04_results failed: FileNotFoundError" in proc.stderr
+    assert (tmp_path / "executed" / "04_results.ipynb").exists()
     assert not (tmp_path / "runs").exists()
     logs = list((tmp_path / "logs").glob("run-*.log"))
     assert len(logs) == 1 and "Executing notebook" in logs[0].read_text()
+
+
+def test_run_refuses_a_bad_chain_before_any_notebook(tmp_path):
+    proc = kdlib("run", "--model", "resnet8", "--chain", "32", "8", "16", "--only", "02",
+                 "--results-dir", str(tmp_path), *TINY)
+    assert proc.returncode == 2 and "not descending" in proc.stderr
+    assert not (tmp_path / "executed").exists() and not (tmp_path / "runs").exists()

@@ -1,4 +1,5 @@
 """`python -m kdlib summary` and `run`: what they print, the parameters they hand the notebooks."""
+import csv
 import json
 import math
 import subprocess
@@ -53,18 +54,25 @@ def test_notebook_parameters_per_notebook(tmp_path):
     common = {"preset": "smoke", "model": "resnet8", "seeds": [0, 2], "data_dir": "/data/c100",
               "results_dir": str(tmp_path), "overrides": {"epochs": 3, "schedule": "cosine"}, "device": "cpu"}
     assert notebook_parameters(args, "01_baseline", tmp_path) == common
-    assert notebook_parameters(args, "02_ta_chain", tmp_path) == {**common, "chain": [32, 8, "4/8"]}
+    assert notebook_parameters(args, "02_ta_chain", tmp_path) == {
+        **common, "chain": [32, 8, "4/8"], "methods": ["ta_chain", "progressive", "progressive_kd32"]}
     assert notebook_parameters(args, "03_individual", tmp_path) == {
         **common, "bits": [4, "2/8"], "methods": ["individual", "direct_kd"]}
     assert notebook_parameters(args, "04_results", tmp_path) == {"preset": "smoke", "results_dir": str(tmp_path)}
 
 
-def test_notebook_parameters_leave_unset_options_to_the_notebooks(tmp_path):
-    args = build_parser().parse_args(["run", "--preset", "quick"])
-    params = {name: notebook_parameters(args, name, tmp_path) for name in ("02_ta_chain", "03_individual")}
-    expected = {"preset": "quick", "model": "resnet20", "seeds": [0], "data_dir": "", "results_dir": str(tmp_path),
-                "overrides": {}, "device": ""}
-    assert params == {"02_ta_chain": expected, "03_individual": expected}  # no chain/bits/methods: the preset's
+def test_notebook_parameters_fill_unset_options_from_the_preset_not_the_notebook(tmp_path):
+    """A notebook's own defaults are the smoke settings: `run` always injects the preset's grid."""
+    args = build_parser().parse_args(["run", "--preset", "quick_squeezenet", "--model", "squeezenet"])
+    for name in ("01_baseline", "02_ta_chain", "03_individual"):
+        params = notebook_parameters(args, name, tmp_path)
+        assert params["preset"] == "quick_squeezenet" and params["results_dir"] == str(tmp_path)
+        assert (params["data_dir"], params["device"], params["overrides"]) == ("", "", {})
+        assert params["seeds"] == [0]
+    assert notebook_parameters(args, "02_ta_chain", tmp_path)["methods"] == ["ta_chain"]
+    assert notebook_parameters(args, "02_ta_chain", tmp_path)["chain"] == [32, 16, 8, 4, 2, 1]
+    students = notebook_parameters(args, "03_individual", tmp_path)
+    assert students["methods"] == ["individual", "direct_kd"] and students["bits"] == [16, 8, 4, 2, 1]
 
 
 def _injected_parameters(notebook: Path) -> str:
@@ -84,12 +92,13 @@ def test_run_smoke_preset_end_to_end(real_data_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == (f"done: records in {tmp_path / 'runs'}, executed notebooks in "
                                             f"{tmp_path / 'executed'}")
-    records = {(r["config"]["method"], r["config"]["w_bits"]): r for r in load_records(tmp_path)}
+    all_records = load_records(tmp_path)
+    records = {(r["config"]["method"], r["config"]["w_bits"]): r for r in all_records}
     # --chain 32 4, --bits 4, --methods individual: nothing at other widths, no other student method
     assert {("teacher", 32), ("ta_chain", 4), ("individual", 4)} <= set(records)
     assert {w for _, w in records} == {32, 4}
     assert not {"finetune", "direct_kd"} & {m for m, _ in records}
-    for record in records.values():
+    for record in all_records:
         config = record["config"]
         assert (config["model"], config["preset"], config["seed"], config["epochs"]) == ("resnet8", "smoke", 0, 1)
         assert {k: config[k] for k in TINY} == TINY
@@ -100,5 +109,8 @@ def test_run_smoke_preset_end_to_end(real_data_root, tmp_path):
     injected = _injected_parameters(tmp_path / "executed" / "02_ta_chain.ipynb")
     assert 'model = "resnet8"' in injected and "chain = [32, 4]" in injected
     assert f'data_dir = "{real_data_root}"' in injected
-    summary = (tmp_path / "summary.csv").read_text().splitlines()
-    assert len(summary) == 1 + len(records)  # a header, then one row per method x bits (one seed)
+    with open(tmp_path / "summary.csv", newline="") as handle:
+        summary = [row for row in csv.DictReader(handle) if (row["method"], int(row["w_bits"])) in records]
+    # one seed: one summary row (n = 1) per run; the other rows are the chain's contrasts
+    assert sorted((row["method"], int(row["w_bits"]), row["n"]) for row in summary) == sorted(
+        (r["config"]["method"], r["config"]["w_bits"], "1") for r in all_records)

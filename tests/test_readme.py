@@ -1,6 +1,7 @@
 """The README's numbers come from the committed result files."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 
 from kdlib import report
+from kdlib.presets import build_config
 from kdlib.report import newest_bench_file, published_table, render_bench, render_results, replace_block
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,17 +35,18 @@ def test_render_results_without_records(tmp_path):
 
 def write_record(results_dir, run_id, method, bits, seed, top1, *, created_at, call_seconds=300.0,
                  wall_time_s=300.0, host="alpha", cpu_count=2, device="cpu", epochs=1):
-    """A run record as experiments.train_run writes it, with only the fields the README reads."""
+    """A run record as experiments.train_run writes it (a full smoke config), hand-set numbers."""
     w, a = bits if isinstance(bits, tuple) else (bits, bits)
-    config = {"model": "resnet8", "preset": "smoke", "method": method, "w_bits": w, "a_bits": a,
-              "seed": seed, "epochs": epochs, "train_size": 200, "val_size": 100, "test_size": 200}
+    config = build_config("smoke", "resnet8", teacher=method == "teacher", overrides={
+        "method": method, "w_bits": w, "a_bits": a, "seed": seed, "epochs": epochs,
+        "train_size": 200, "val_size": 100, "test_size": 200}).to_dict()
     metrics = {"best_epoch": epochs, "best_val_top1": top1, "best_val_top5": top1, "test_top1": top1,
                "test_top5": top1, "final_test_top1": top1, "final_test_top5": top1}
     record = {"run_id": run_id, "config": config, "metrics": metrics, "history": [{"epoch": 1}],
               "wall_time_s": wall_time_s, "images_per_s": 100.0, "device": device,
               "model_size": {"params": 10, "storage_bits": 320}, "created_at": created_at,
               "call_seconds": call_seconds, "host": host, "cpu_count": cpu_count,
-              "versions": {"torch": "2.5.0"}}
+              "versions": {"torch": "2.5.0"}, "git_commit": "0123abc"}
     (results_dir / "runs").mkdir(parents=True, exist_ok=True)
     (results_dir / "runs" / f"{run_id}.json").write_text(json.dumps(record))
 
@@ -67,7 +70,7 @@ EXPECTED_RESULTS = r"""| method \ bits   | 32           | 4            | 2/8   |
 | individual      |              | 11.25 ± 1.77 | 5.00  |
 | ta_chain        |              | 20.50 ± 0.71 |       |
 
-Test top-1 (%) at the epoch of best validation accuracy; resnet8, preset `smoke`, seed(s) 0, 1 (mean ± std over seeds). Teacher: 41.00% after 2 epochs; students: 1 epochs each; 200 training images (class-balanced subset), 100 validation images, 200 test images. 7 runs, 0.75 h of training summed over runs, 1.50 h from the first run's start to the last run's end, on cpu, cuda (host alpha, 2 CPUs, torch 2.5.0; beta, 8 CPUs, torch 2.5.0).
+Test top-1 (%) at the epoch of best validation accuracy; resnet8, preset `smoke`, seed(s) 0, 1 (mean ± std over seeds). Teacher: 41.00% after 2 epochs; `individual`: 1 epochs; every other student: 1 epoch(s) per chain link. 200 training images (class-balanced subset), 100 validation images, 200 test images. 7 records of 7 trained runs, 0.75 h of training summed over runs, 1.50 h from the first run's start to the last run's end, on cpu, cuda (host alpha, 2 CPUs, torch 2.5.0; beta, 8 CPUs, torch 2.5.0).
 
 Published numbers for the same network (`kdlib/reference/published.csv`, full training sets and schedules; liao2020 chose its epoch on the **test** set, which flatters it, RepDistiller reports the last epoch):
 
@@ -139,55 +142,53 @@ def test_render_bench_shows_the_newest_benchmark(tmp_path):
     assert render_bench(tmp_path / "none") == "_No benchmark yet: `make bench` creates one._"
 
 
-STALE_README = """# Title
-<!-- results:start -->
-old numbers
-<!-- results:end -->
-Text between the blocks stays.
-<!-- config:start -->
-old fields
-<!-- config:end -->
-<!-- bench:start -->
-old benchmark
-<!-- bench:end -->
-"""
+def blank_blocks(text):
+    """The README with every generated block emptied: the hand-written text around them."""
+    return re.sub(r"(<!-- (\w+):start -->\n).*?(\n<!-- \2:end -->)", r"\1\3", text, flags=re.S)
 
 
-def test_cli_readme_rewrites_the_blocks_then_check_agrees(tmp_path, monkeypatch, capsys):
+def block(text, name):
+    return re.search(rf"<!-- {name}:start -->\n(.*?)\n<!-- {name}:end -->", text, re.S).group(1)
+
+
+@pytest.fixture
+def stale_readme(tmp_path, monkeypatch):
+    """A copy of the checkout's README, its results block stale, where `readme` writes."""
     from kdlib import cli
 
-    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)  # the README the command rewrites
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
+    text = replace_block((ROOT / "README.md").read_text(), "results", "old numbers")
+    (tmp_path / "README.md").write_text(text)
+    write_hand_made_results(tmp_path / "results")
+    return tmp_path / "README.md"
+
+
+def test_cli_readme_rewrites_the_blocks_then_check_agrees(stale_readme, tmp_path, monkeypatch, capsys):
+    from kdlib import cli
+
     monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
-    readme = tmp_path / "README.md"
-    readme.write_text(STALE_README)
+    before = stale_readme.read_text()
     results, bench = tmp_path / "results", tmp_path / "bench"
-    write_hand_made_results(results)
     args = ["--results-dir", str(results), "--bench-dir", str(bench)]
     assert cli.main(["readme", *args]) == 0
     assert capsys.readouterr().out == f"README.md updated from {results} and {bench}\n"
-    assert readme.read_text() == (
-        f"# Title\n<!-- results:start -->\n{EXPECTED_RESULTS}\n<!-- results:end -->\n"
-        f"Text between the blocks stays.\n<!-- config:start -->\n{report.render_config_fields()}\n"
-        "<!-- config:end -->\n<!-- bench:start -->\n_No benchmark yet: `make bench` creates one._\n"
-        "<!-- bench:end -->\n")
+    after = stale_readme.read_text()
+    assert block(after, "results") == EXPECTED_RESULTS
+    assert block(after, "bench") == "_No benchmark yet: `make bench` creates one._"
+    assert blank_blocks(after) == blank_blocks(before)  # nothing outside the blocks changed
     assert cli.main(["readme", "--check", *args]) == 0
     assert capsys.readouterr().out == "README.md agrees with the result files\n"
 
 
-def test_cli_readme_check_fails_when_a_number_is_out_of_date(tmp_path, monkeypatch, capsys):
+def test_cli_readme_check_fails_when_a_number_is_out_of_date(stale_readme, tmp_path, capsys):
     from kdlib import cli
 
-    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
-    results = tmp_path / "results"
-    write_hand_made_results(results)
-    args = ["--results-dir", str(results), "--bench-dir", str(tmp_path / "bench")]
-    readme = tmp_path / "README.md"
-    readme.write_text(STALE_README)
+    args = ["--results-dir", str(tmp_path / "results"), "--bench-dir", str(tmp_path / "bench")]
     assert cli.main(["readme", *args]) == 0
-    edited = readme.read_text().replace("20.50 ± 0.71", "20.60 ± 0.71")
-    readme.write_text(edited)
+    edited = stale_readme.read_text().replace("20.50 ± 0.71", "20.60 ± 0.71")
+    stale_readme.write_text(edited)
     capsys.readouterr()
     assert cli.main(["readme", "--check", *args]) == 2
     assert capsys.readouterr().err == ("error: README.md is out of date with the result files: "
                                        "run python -m kdlib readme\n")
-    assert readme.read_text() == edited  # --check never writes
+    assert stale_readme.read_text() == edited  # --check never writes

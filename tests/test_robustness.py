@@ -202,8 +202,8 @@ def test_read_only_results_folder(results, fake_data_root):
 CHAIN_SCRIPT = """
 import sys
 from kdlib import experiments
-experiments.run_ta_chain(preset="smoke", model="resnet8", chain={chain}, seeds=[{seed}], data_dir=sys.argv[1],
-                         results_dir=sys.argv[2], overrides={overrides!r}, progress=False)
+experiments.run_ta_chain(preset="smoke", model="resnet8", chain={chain}, methods=["ta_chain"], seeds=[{seed}],
+                         data_dir=sys.argv[1], results_dir=sys.argv[2], overrides={overrides!r}, progress=False)
 """
 
 

@@ -1,0 +1,179 @@
+"""Executors of a planned grid beyond the serial loop of :func:`kdlib.experiments.execute`.
+
+:func:`execute_ray` hands the whole plan to Ray at once: one task per run that has no record
+yet, each depending (through its ObjectRefs) on the tasks of its teacher and init runs, each
+calling :func:`kdlib.experiments.train_run` into the shared results folder. What makes that safe
+is train_run's own: the per-run lock (a second worker waits, then finds the record), the
+per-epoch checkpoint (a retried task resumes where the killed one stopped) and atomic record
+writes. Ray retries a task whose worker died (``max_retries``), not one that raised.
+
+Two planned runs that are one training under two method names (same training key, see
+:func:`kdlib.experiments.training_key`) are scheduled as :func:`execute` would run them: the
+first in plan order trains, the other's task waits for it and then records ``same_run_as``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdlib.config import RunConfig
+from kdlib.data import load_splits
+from kdlib.experiments import _TrainedIndex, check_writable, train_run
+from kdlib.results import find_record
+from kdlib.train import TENSORBOARD_ENV
+
+EXECUTORS = ("serial", "ray")
+RAY_INSTALL = "pip install -e '.[ray]'"
+
+
+class MissingExtraError(ImportError):
+    """The chosen executor needs an optional dependency that is not installed."""
+
+
+class GridRunError(RuntimeError):
+    """Some runs of the grid failed; the message names each with its error."""
+
+
+def import_ray():
+    """The ``ray`` module, or MissingExtraError naming the install command."""
+    try:
+        import ray  # lazy: an optional extra (about 240 MB) that only --executor ray needs
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        raise MissingExtraError(f"--executor ray needs Ray, which is not installed: "
+                                f"{RAY_INSTALL}") from None
+    return ray
+
+
+def check_resources(cpus_per_run: int, gpus_per_run: float, max_retries: int,
+                    device: str | None) -> None:
+    """ValueError naming a resource request Ray could not honour, before anything starts."""
+    if isinstance(cpus_per_run, bool) or not isinstance(cpus_per_run, int) or cpus_per_run < 1:
+        raise ValueError(f"cpus_per_run={cpus_per_run!r} is invalid; expected an integer >= 1 "
+                         "(it is also each run's torch thread count)")
+    if not 0 <= gpus_per_run or (gpus_per_run > 1 and gpus_per_run != int(gpus_per_run)):
+        raise ValueError(f"gpus_per_run={gpus_per_run!r} is invalid; expected 0, a fraction in "
+                         "(0, 1] (runs sharing one GPU) or a whole number")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries={max_retries!r} is invalid; expected an integer >= 0")
+    if device is not None and str(device).startswith("cuda") and gpus_per_run == 0:
+        raise ValueError(f"device={device!r} with gpus_per_run=0: a run must reserve the GPU it "
+                         "uses; pass --gpus-per-run (e.g. 1, or 0.5 for two runs per GPU)")
+
+
+def ray_schedule(plan: Sequence[RunConfig],
+                 results_dir: str | os.PathLike) -> list[tuple[RunConfig, list[str]]]:
+    """Each planned run without a record, in plan order, with the planned run ids its task
+    waits for: its teacher and init runs and, for a run another planned run trains under
+    another name, that run (the choice :func:`kdlib.experiments.execute` makes)."""
+    index = _TrainedIndex(results_dir)
+    planned: set[str] = set()
+    schedule = []
+    for cfg in _unique(plan):
+        run_id = cfg.run_id()
+        if find_record(results_dir, run_id) is not None:
+            continue
+        after = [d for d in (cfg.teacher_id, cfg.init_id) if d in planned]
+        key = index.key(cfg)
+        trained_as = index.by_key.setdefault(key, run_id)
+        if trained_as != run_id:
+            index.alias_of[run_id] = trained_as
+            if trained_as in planned:
+                after.append(trained_as)
+        planned.add(run_id)
+        schedule.append((cfg, list(dict.fromkeys(after))))
+    return schedule
+
+
+def _unique(plan: Sequence[RunConfig]) -> list[RunConfig]:
+    return list({cfg.run_id(): cfg for cfg in plan}.values())  # one config per run id
+
+
+@functools.lru_cache(maxsize=2)
+def _splits(data_dir: str | None, seed: int, val_size: int, train_size: int | None,
+            test_size: int | None):
+    """The data of a run, loaded once per worker process and split (workers are reused)."""
+    return load_splits(data_dir, val_size=val_size, train_size=train_size, test_size=test_size,
+                       seed=seed)
+
+
+def _train_task(config: dict[str, Any], data_dir: str | None, results_dir: str,
+                device: str | None, threads: int, tensorboard: bool, *after: Any) -> str:
+    """One run in a Ray worker. ``after``: the results of the tasks it waited for (unused:
+    Ray starts this task only once they are done)."""
+    torch.set_num_threads(threads)
+    os.environ[TENSORBOARD_ENV] = "1" if tensorboard else "0"
+    cfg = RunConfig.from_dict(config)
+    data = _splits(data_dir, cfg.split_seed, cfg.val_size, cfg.train_size, cfg.test_size)
+    return train_run(cfg, data, results_dir, device=device, progress=False)["run_id"]
+
+
+def execute_ray(plan: Sequence[RunConfig], *, data_dir: str | os.PathLike | None = None,
+                results_dir: str | os.PathLike = "results", device: str | None = None,
+                address: str | None = None, cpus_per_run: int = 1, gpus_per_run: float = 0.0,
+                max_retries: int = 3, tensorboard: bool = True,
+                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train ``plan`` as Ray tasks; returns every planned run's record, in plan order.
+
+    ``address``: None starts a local Ray instance on this machine (shut down at the end),
+    ``"auto"`` or ``HOST:PORT`` joins a running cluster; when Ray is already initialised in
+    this process, that instance is used. Every node must see ``results_dir`` (and the data)
+    at the same path. ``cpus_per_run`` is also each run's torch thread count. Runs that
+    reserve no GPU train on the CPU (Ray leaves every GPU visible to them).
+    """
+    ray = import_ray()
+    check_resources(cpus_per_run, gpus_per_run, max_retries, device)
+    if gpus_per_run == 0:
+        device = "cpu"
+    results_dir = str(Path(results_dir).resolve())
+    data_dir = str(Path(data_dir).resolve()) if data_dir else None
+    check_writable(results_dir)
+    schedule = ray_schedule(plan, results_dir)
+    log(f"ray: {len(schedule)} of {len(_unique(plan))} planned runs to train "
+        f"({cpus_per_run} CPU, {gpus_per_run:g} GPU per run)")
+    started_here = not ray.is_initialized()
+    if started_here:
+        local = address is None and not os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, **({"include_dashboard": False} if local else {}))
+    try:
+        train = ray.remote(_train_task)
+        refs: dict[str, Any] = {}
+        for cfg, after in schedule:
+            refs[cfg.run_id()] = train.options(
+                num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries,
+                name=f"train {cfg.run_id()}",
+            ).remote(cfg.to_dict(), data_dir, results_dir, device, cpus_per_run, tensorboard,
+                     *(refs[d] for d in after))
+        _wait_for_all(ray, refs, log)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return [find_record(results_dir, cfg.run_id()) for cfg in plan]
+
+
+def _wait_for_all(ray, refs: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Report each run as it finishes; GridRunError naming every failed run at the end (a run
+    whose teacher or init run failed fails with that run's error)."""
+    pending = {ref: run_id for run_id, ref in refs.items()}
+    failed: dict[str, str] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        run_id = pending.pop(ready[0])
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            first_line = (str(cause).strip().splitlines() or [""])[0]
+            failed[run_id] = f"{type(cause).__name__}: {first_line}"
+            log(f"[{len(refs) - len(pending)}/{len(refs)}] FAILED {run_id}: {failed[run_id]}")
+        else:
+            log(f"[{len(refs) - len(pending)}/{len(refs)}] done {run_id}")
+    if failed:
+        detail = "; ".join(f"{run_id}: {error}" for run_id, error in failed.items())
+        raise GridRunError(f"{len(failed)} of {len(refs)} runs failed on Ray: {detail}")

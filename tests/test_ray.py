@@ -1,0 +1,154 @@
+"""The grid on a real local Ray cluster (2 CPUs): same run ids and, on CPU, the same records as
+the serial executor; a run whose worker is killed mid-training is retried by Ray and resumes
+from its checkpoint to the uninterrupted run's record. Without Ray, --executor ray fails at once.
+
+Smoke preset on real data: ResNet-8, 200 training images, one thread per run.
+"""
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlib import cli, experiments
+from kdlib.executors import check_resources, execute_ray, ray_schedule
+from kdlib.results import checkpoint_path, find_record, load_records
+
+TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
+# teacher, ta_chain and progressive along 32 -> 4 -> 1, finetune and direct_kd at 4 and 1 bits:
+# direct_kd@4 is ta_chain@4's training and finetune@4 is progressive@4's (recorded as aliases)
+GRID = dict(preset="smoke", model="resnet8", seeds=[0], chain=[32, 4, 1],
+            chain_methods=["ta_chain", "progressive"], methods=["finetune", "direct_kd"],
+            overrides=TINY)
+GRID_ARGS = ["--preset", "smoke", "--model", "resnet8", "--seeds", "0", "--chain", "32", "4", "1",
+             "--chain-methods", "ta_chain", "progressive", "--methods", "finetune", "direct_kd",
+             *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
+TIMING = ("seconds", "images_per_s")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance (head + 2 CPUs) for the module; shut down at its end."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def comparable(record: dict) -> dict:
+    """A record without what differs between any two trainings: times, host, dates."""
+    return {"run_id": record["run_id"], "config": record["config"], "metrics": record["metrics"],
+            "same_run_as": record.get("same_run_as"), "training_key": record.get("training_key"),
+            "history": [{k: v for k, v in row.items() if k not in TIMING} for row in record["history"]]}
+
+
+def test_schedule_waits_for_teacher_init_and_the_run_that_trains_an_alias(tmp_path):
+    plan = experiments.plan_grid(**GRID)
+    schedule = ray_schedule(plan, tmp_path)
+    name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
+    waits = {name[cfg.run_id()]: sorted(name[d] for d in after) for cfg, after in schedule}
+    assert waits == {
+        ("teacher", 32): [],
+        ("ta_chain", 4): [("teacher", 32)],
+        ("ta_chain", 1): [("ta_chain", 4)],
+        ("progressive", 4): [("teacher", 32)],
+        ("progressive", 1): [("progressive", 4)],
+        ("finetune", 4): [("progressive", 4), ("teacher", 32)],
+        ("finetune", 1): [("teacher", 32)],
+        ("direct_kd", 4): [("ta_chain", 4), ("teacher", 32)],
+        ("direct_kd", 1): [("teacher", 32)],
+    }
+
+
+@pytest.mark.realdata
+def test_cli_grid_on_ray_equals_the_serial_grid(ray_cluster, real_data_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("KDLIB_TENSORBOARD", raising=False)
+    serial = experiments.execute(experiments.plan_grid(**GRID), data_dir=real_data_root,
+                                 results_dir=tmp_path / "serial", progress=False)
+    # Ray is initialised in this process, so the command line's executor joins that cluster
+    code = cli.main(["grid", *GRID_ARGS, "--executor", "ray", "--data-dir", str(real_data_root),
+                     "--results-dir", str(tmp_path / "ray")])
+    assert code == 0
+    on_ray = sorted(load_records(tmp_path / "ray"), key=lambda r: r["run_id"])
+    assert [comparable(r) for r in on_ray] == sorted(map(comparable, serial), key=lambda r: r["run_id"])
+    aliases = {r["config"]["method"]: r["same_run_as"] for r in on_ray if r.get("same_run_as")}
+    assert set(aliases) == {"finetune", "direct_kd"} and len(on_ray) == 9
+    # each trained run wrote its TensorBoard scalars; an alias trained nothing
+    trained = {r["run_id"] for r in on_ray if not r.get("same_run_as")}
+    assert {p.name for p in (tmp_path / "ray" / "tb").iterdir()} == trained
+
+
+def _worker_pid(run_id: str) -> int | None:
+    """The Ray worker running ``run_id``'s task: Ray titles it ``ray::<task name>``."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            title = cmdline.read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith(f"ray::train {run_id}"):
+            return int(cmdline.parent.name)
+    return None
+
+
+@pytest.mark.realdata
+def test_killed_worker_is_retried_and_resumes_to_the_uninterrupted_record(ray_cluster, real_data_root,
+                                                                          tmp_path):
+    plan = [experiments.plan_teacher("smoke", "resnet8", 0, {**TINY, "epochs": 4})]
+    run_id = plan[0].run_id()
+    folder, ckpt = tmp_path / "killed", checkpoint_path(tmp_path / "killed", run_id)
+    outcome = {}
+
+    def drive():
+        try:
+            outcome["records"] = execute_ray(plan, data_dir=real_data_root, results_dir=folder,
+                                             tensorboard=False, log=lambda m: None)
+        except Exception as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and driver.is_alive():
+        time.sleep(0.01)
+    pid = _worker_pid(run_id)
+    assert ckpt.exists() and pid is not None, "the run never reached its first checkpoint"
+    os.kill(pid, 9)
+    at_kill = torch.load(ckpt, weights_only=True)
+    assert find_record(folder, run_id) is None and at_kill["epoch"] < 4, "the kill came too late"
+    driver.join(timeout=180)
+    assert not driver.is_alive() and "records" in outcome, outcome.get("error")
+    record = outcome["records"][0]
+    # resumed, not restarted: the epochs before the kill keep that session's wall-clock times
+    done = at_kill["epoch"]
+    assert [row["seconds"] for row in record["history"][:done]] == \
+        [row["seconds"] for row in at_kill["history"]]
+    clean = experiments.execute(plan, data_dir=real_data_root, results_dir=tmp_path / "clean",
+                                progress=False)[0]
+    assert comparable(record) == comparable(clean)
+    assert not (folder / "tb").exists()  # tensorboard=False reached the worker
+
+
+def test_executor_ray_without_ray_fails_at_once_naming_the_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # `import ray` now fails
+    code = cli.main(["grid", *GRID_ARGS, "--executor", "ray", "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: ") and "pip install -e '.[ray]'" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(cpus_per_run=0), "cpus_per_run=0"),
+    (dict(gpus_per_run=-1.0), "gpus_per_run=-1.0"),
+    (dict(gpus_per_run=1.5), "gpus_per_run=1.5"),
+    (dict(max_retries=-1), "max_retries=-1"),
+    (dict(device="cuda"), "--gpus-per-run"),
+])
+def test_resource_requests_ray_cannot_honour_are_refused(kwargs, needle):
+    request = {"cpus_per_run": 1, "gpus_per_run": 0.0, "max_retries": 3, "device": None, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        check_resources(**request)
+    check_resources(1, 0.5, 0, "cuda")  # half a GPU per run, no retries: fine
