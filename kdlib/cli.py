@@ -26,7 +26,7 @@ from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHO
                            get_preset)
 from kdlib.report import render_readme
 from kdlib.results import find_record, load_results, summarise
-from kdlib.train import TENSORBOARD_ENV
+from kdlib.tblog import TENSORBOARD_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("01_baseline", "02_ta_chain", "03_individual", "04_results")

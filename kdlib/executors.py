@@ -25,7 +25,7 @@ from kdlib.config import RunConfig
 from kdlib.data import load_splits
 from kdlib.experiments import _TrainedIndex, check_writable, train_run
 from kdlib.results import find_record
-from kdlib.train import TENSORBOARD_ENV
+from kdlib.tblog import TENSORBOARD_ENV
 
 EXECUTORS = ("serial", "ray")
 RAY_INSTALL = "pip install -e '.[ray]'"

@@ -40,7 +40,7 @@ Decisions (documented here because they change numbers):
   ``eval_batch_size`` and ``preset``) or that cannot be read raises ``ValueError`` naming the
   file; the file is never deleted or overwritten in that case.
 * **TensorBoard** (``tensorboard`` argument): one scalar per history key of
-  :data:`TENSORBOARD_TAGS` per epoch (global step = epoch), written by ``fit`` after the
+  :data:`kdlib.tblog.TENSORBOARD_TAGS` per epoch (global step = epoch), written by ``fit`` after the
   validation pass and before the epoch's checkpoint, never inside a step. By default (None) a run
   whose checkpoint lies in a results folder (``<results_dir>/checkpoints/<run_id>.pt``) writes to
   ``<results_dir>/tb/<run_id>/`` when tensorboard is installed and ``$KDLIB_TENSORBOARD`` is not
@@ -52,9 +52,7 @@ Decisions (documented here because they change numbers):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib.util
 import math
 import os
 import sys
@@ -76,18 +74,12 @@ from kdlib.device import pick_device, sync
 from kdlib.fileio import torch_save_atomic
 from kdlib.schedules import lr_at
 from kdlib.step import Trainer, autocast, frozen_teacher, make_trainer, train_step
+from kdlib.tblog import scalar_writer, tensorboard_dir, write_scalars
 
 __all__ = ["fit", "evaluate", "FitResult", "NonFiniteLossError", "pick_device", "load_checkpoint",
            "train_epoch"]
 
 NONFINITE_CHECK_EVERY = 25  # steps between reads of the device-side non-finite flag
-TENSORBOARD_ENV = "KDLIB_TENSORBOARD"  # "0": fit writes no TensorBoard scalars by default
-# history key -> TensorBoard tag; keys a row lacks (train_ce/train_kd of non-KD runs) are skipped
-TENSORBOARD_TAGS = {"train_loss": "train/loss", "train_top1": "train/top1",
-                    "train_ce": "train/ce", "train_kd": "train/kd", "val_top1": "val/top1",
-                    "val_top5": "val/top5", "val_loss": "val/loss",
-                    "teacher_val_top1": "val/teacher_top1", "lr": "lr",
-                    "images_per_s": "images_per_s"}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -310,58 +302,6 @@ def _validation_row(trainer: Trainer, data, epoch: int, epoch_stats: dict, start
     return row
 
 
-def tensorboard_available() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def tensorboard_dir(setting: bool | str | os.PathLike | None,
-                    checkpoint: Path | None) -> Path | None:
-    """The folder ``fit(tensorboard=setting)`` writes its scalars to, or None for none."""
-    if setting is False:
-        return None
-    if setting is not None and setting is not True:
-        return Path(setting)
-    in_results = checkpoint is not None and checkpoint.parent.name == "checkpoints"
-    default = checkpoint.parent.parent / "tb" / checkpoint.stem if in_results else None
-    if setting is True and default is None:
-        raise ValueError(f"tensorboard=True with checkpoint_path={checkpoint!r}: no results "
-                         "folder to write tb/<run_id> into; pass tensorboard=FOLDER instead")
-    if setting is None and (os.environ.get(TENSORBOARD_ENV, "1") == "0"
-                            or not tensorboard_available()):
-        return None
-    return default
-
-
-@contextlib.contextmanager
-def _scalar_writer(folder: Path | None, epochs_done: int):
-    """A SummaryWriter on ``folder`` (None: no writer) that hides the steps after
-    ``epochs_done`` left by an interrupted session; closed (flushed) on exit."""
-    if folder is None:
-        yield None
-        return
-    if not tensorboard_available():
-        raise ImportError(f"TensorBoard scalars for {folder} need the tensorboard package: "
-                          "pip install -e '.[tb]', or pass tensorboard=False")
-    from torch.utils.tensorboard import SummaryWriter  # lazy: optional and slow to import
-
-    writer = SummaryWriter(str(folder), purge_step=epochs_done + 1)
-    try:
-        yield writer
-    finally:
-        writer.close()
-
-
-def _write_scalars(writer, row: dict) -> None:
-    """One epoch's history row as scalars at global step ``row["epoch"]``, flushed at once
-    so the curves are live."""
-    if writer is None:
-        return
-    for key, tag in TENSORBOARD_TAGS.items():
-        if key in row:
-            writer.add_scalar(tag, row[key], global_step=row["epoch"])
-    writer.flush()
-
-
 def _test_at_final_and_best(trainer: Trainer, data, progress: _Progress,
                             ev: dict) -> tuple[dict, dict]:
     """Test metrics at the final weights, then at the best-val weights (left in the model).
@@ -408,7 +348,7 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with frozen_teacher(trainer), torch.random.fork_rng(devices=rng_devices), \
-            _scalar_writer(tb_folder, state.epochs_done) as writer:
+            scalar_writer(tb_folder, state.epochs_done) as writer:
         for epoch in range(state.epochs_done, cfg.epochs):
             started = time.perf_counter()
             stats = train_epoch(trainer, data, epoch, progress=progress, checkpoint=path)
@@ -421,7 +361,7 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
                 state.best = {"epoch": epoch + 1, "val_top1": row["val_top1"],
                               "val_top5": row["val_top5"], "state": cpu_state(model)}
             print(_format_summary(row, cfg.epochs, is_best), flush=True)
-            _write_scalars(writer, row)  # before the checkpoint: a resume purges it if lost
+            write_scalars(writer, row)  # before the checkpoint: a resume purges it if lost
             state.epochs_done = epoch + 1
             _save_checkpoint(path, trainer, state, time.perf_counter() - wall_start)
 

@@ -12,7 +12,8 @@ from kdlib.config import RunConfig
 from kdlib.data import DataSplits
 from kdlib.losses import ce_loss, kd_loss, kd_loss_terms, kd_term
 from kdlib.models import create_model
-from kdlib.train import TENSORBOARD_ENV, TENSORBOARD_TAGS, fit
+from kdlib.tblog import TENSORBOARD_ENV, TENSORBOARD_TAGS
+from kdlib.train import fit
 
 pytest.importorskip("tensorboard", reason="the [tb] extra is not installed")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
