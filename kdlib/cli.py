@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,9 +82,6 @@ def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) 
 def _start_log(folder: Path, echo: bool) -> Path:
     """Send every cell's output (papermill's logger) to a timestamped file, and to stderr too
     when ``echo``; the executed notebooks hold the same output per cell."""
-    import logging
-    import time
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     logger = logging.getLogger("papermill")

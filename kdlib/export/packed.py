@@ -46,6 +46,7 @@ import kdlib
 from kdlib.export.codes import (WeightCodes, codes_to_levels, dequantize, encode_model_weights,
                                 level_range, pack_codes, packed_length, unpack_codes)
 from kdlib.fileio import atomic_open
+from kdlib.models import create_model
 from kdlib.quant import quantized_layers
 
 __all__ = ["save_packed", "load_packed", "read_packed_header", "FORMAT", "FORMAT_VERSION"]
@@ -62,8 +63,6 @@ MODEL_ARGS = ("num_classes", "w_bits", "a_bits", "quantizer", "quantize_first_la
 # ============================================================================ model arguments
 def _build_model(name: str, args: dict[str, Any]) -> nn.Module:
     """``create_model`` without disturbing the caller's random number stream."""
-    from kdlib.models import create_model
-
     with torch.random.fork_rng(devices=[]):
         return create_model(name, **args)
 
