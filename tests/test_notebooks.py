@@ -1,4 +1,5 @@
 """The numbered notebooks headless: papermill with injected parameters, bad values, nbval."""
+import json
 import shutil
 import subprocess
 import sys
@@ -24,15 +25,23 @@ def test_notebooks_01_to_04_with_injected_parameters(real_data_root, tmp_path):
     common = dict(preset="smoke", model="resnet8", seeds=[0], data_dir=str(real_data_root),
                   results_dir=str(results), overrides=TINY)
     _execute("01_baseline", tmp_path, **common)
-    _execute("02_ta_chain", tmp_path, chain=[32, 4, 1], **common)
+    _execute("02_ta_chain", tmp_path, chain=[32, 4, 1], methods=["ta_chain", "progressive_kd32"],
+             **common)
     _execute("03_individual", tmp_path, bits=[4, 1], methods=["individual", "direct_kd"], **common)
     _execute("04_results", tmp_path, preset="smoke", results_dir=str(results))
-    assert len(list((results / "runs").glob("*.json"))) == 1 + 2 + 4
-    for figure in ("accuracy_vs_bits", "gain_over_individual", "chain_curves", "accuracy_vs_size"):
+    records = [json.loads(p.read_text()) for p in (results / "runs").glob("*.json")]
+    assert len(records) == 1 + 2 * 2 + 2 * 2
+    # the 4-bit links of both chain methods and direct_kd at 4 bits are one training
+    assert sum(bool(r.get("same_run_as")) for r in records) == 2
+    for figure in ("accuracy_vs_bits", "gain_over_individual", "chain_curves", "accuracy_vs_size",
+                   "chain_contrasts"):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 10_000
-    summary = (results / "summary.csv").read_text().splitlines()
-    assert summary[0].startswith("model,method,w_bits,a_bits,mean,std,n")
-    assert len(summary) == 1 + 1 + 2 + 2 + 2  # header, teacher, 2 chain links, 2 methods x 2 bits
+    header, *rows = (results / "summary.csv").read_text().splitlines()
+    assert header.startswith("model,method,w_bits,a_bits,setting,mean,std,n")
+    # teacher, 2 chain methods x 2 bits, 2 methods x 2 bits, then the one contrast both chains
+    # allow (ta_chain − progressive_kd32) at 2 bit widths
+    assert len(rows) == 1 + 4 + 4 + 2
+    assert [r.split(",")[1] for r in rows[-2:]] == ["ta_chain − progressive_kd32"] * 2
 
 
 @pytest.mark.parametrize("name, parameters, error", [
