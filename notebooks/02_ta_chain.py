@@ -35,7 +35,7 @@
 preset: str = "smoke"  # smoke | quick | paper: every hyperparameter lives in kdlib/presets.py
 model: str = "resnet20"  # registry name, see kdlib.models.list_models()
 seeds: list = [0]  # one chain per seed
-chain: list = [32, 16, 8, 4, 2, 1]  # descending bit widths; "W/A" strings give weights/activations apart
+chain: list = [32, 4, 1]  # descending bit widths ("W/A": apart); `kdlib run` injects the preset's
 methods: list = ["ta_chain", "progressive", "progressive_kd32"]  # who teaches each link (see below)
 data_dir: str = ""  # folder holding cifar-100-python/; "" -> $KDLIB_DATA, else ./data
 results_dir: str = "../results/smoke"  # run records, checkpoints and figures go here

@@ -32,7 +32,7 @@
 preset: str = "smoke"  # smoke | quick | paper: every hyperparameter lives in kdlib/presets.py
 model: str = "resnet20"  # registry name, see kdlib.models.list_models()
 seeds: list = [0]  # one grid per seed
-bits: list = [16, 8, 4, 2, 1]  # student bit widths; "W/A" strings give weights/activations apart
+bits: list = [4, 1]  # student bit widths, the chain's links in order; `kdlib run` injects the preset's
 methods: list = ["individual", "finetune", "direct_kd", "direct_kd_matched"]  # any of these
 data_dir: str = ""  # folder holding cifar-100-python/; "" -> $KDLIB_DATA, else ./data
 results_dir: str = "../results/smoke"  # run records, checkpoints and figures go here
