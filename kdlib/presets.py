@@ -44,7 +44,7 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
         description="the whole grid on the full 45k/5k split of real CIFAR-100 and the full 10k test "
-                    "set, on a 2-core CPU in about 2 hours per seed: teacher 8 epochs (lr 0.2, 1 "
+                    "set, for a 2-core CPU: teacher 8 epochs (lr 0.2, 1 "
                     "warm-up epoch, cosine), `individual` on the teacher's schedule, every other "
                     "student 1 epoch per chain link (lr 0.05, cosine), channels_last",
         run=dict(train_size=None, val_size=5000, test_size=None, epochs=1, batch_size=128,
@@ -55,7 +55,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "quick_squeezenet": Preset(
         name="quick_squeezenet",
-        description="SqueezeNet (about 3x ResNet-20's cost per image here) on a 90-minute CPU "
+        description="SqueezeNet (about 3x ResNet-20's cost per image here) on a small CPU "
                     "budget, one seed: a 10k class-balanced training subset, teacher 10 epochs, "
                     "`individual` on the teacher's schedule, 2 epochs per chain link, and only "
                     "individual, direct_kd and ta_chain; run with --model squeezenet",
