@@ -191,9 +191,14 @@ def load_trained_model(results_dir: str | os.PathLike, run_id: str) -> torch.nn.
     record = find_record(results_dir, run_id)
     trained_as = (record or {}).get("same_run_as") or run_id
     path = weights_path(results_dir, trained_as)
-    if record is None or not path.exists():
-        raise FileNotFoundError(f"run {run_id} has no finished record/weights in {results_dir}: "
+    if record is None:
+        raise FileNotFoundError(f"run {run_id} has no finished record in {results_dir}: "
                                 "train it first (its pipeline runs it automatically)")
+    if not path.exists():
+        raise FileNotFoundError(f"run {run_id} has a record but no weights file {path}: "
+                                "checkpoints are not committed; restore that folder from the "
+                                "machine that trained it, or delete the record (and the records "
+                                "of the runs that start from it) to train it again")
     cfg = RunConfig.from_dict(record["config"])
     model = _build_model(cfg)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
