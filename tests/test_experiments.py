@@ -156,3 +156,15 @@ def test_killed_chain_resumes_to_the_same_records(real_data_root, tmp_path):
     cols = ["run_id", "test_top1", "test_top5", "final_test_top1", "best_val_top1", "best_epoch"]
     assert len(a) == 3
     assert a[cols].sort_values("run_id").values.tolist() == b[cols].sort_values("run_id").values.tolist()
+
+
+def test_a_record_without_its_weights_says_why_and_what_to_do(tmp_path):
+    from kdlib.results import save_record
+
+    cfg = experiments.plan_teacher("smoke", "resnet8", 0)
+    save_record(tmp_path, {"run_id": cfg.run_id(), "config": cfg.to_dict(), "metrics": {},
+                           "history": []})
+    with pytest.raises(FileNotFoundError, match="has a record but no weights file .*delete the record"):
+        experiments.load_trained_model(tmp_path, cfg.run_id())
+    with pytest.raises(FileNotFoundError, match="no finished record"):
+        experiments.load_trained_model(tmp_path, "resnet8-teacher-w32a32-s9-0000000000")
