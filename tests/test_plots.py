@@ -158,3 +158,24 @@ def test_save_figure_creates_the_folder_and_a_png(tmp_path):
     path = plots.save_figure(fig, tmp_path / "figures" / "line.png")
     assert path == tmp_path / "figures" / "line.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chain_contrasts_bars_are_the_paired_means_with_their_intervals():
+    contrasts = pd.DataFrame([
+        {"contrast": "ta_chain − progressive_kd32", "w_bits": 4, "a_bits": 4, "mean": 0.5,
+         "ci95_low": -0.5, "ci95_high": 1.5, "n": 3},
+        {"contrast": "ta_chain − progressive_kd32", "w_bits": 1, "a_bits": 1, "mean": -1.0,
+         "ci95_low": float("nan"), "ci95_high": float("nan"), "n": 1},
+        {"contrast": "ta_chain − progressive", "w_bits": 1, "a_bits": 1, "mean": 2.0,
+         "ci95_low": 1.0, "ci95_high": 3.0, "n": 3},
+    ])
+    fig = plots.plot_chain_contrasts(contrasts)
+    ax = fig.axes[0]
+    heights = sorted(p.get_height() for p in ax.patches)
+    assert heights == [-1.0, 0.5, 2.0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "ta_chain − progressive_kd32", "ta_chain − progressive"]
+    half_widths = sorted(float(np.ptp(seg[:, 1])) / 2 for c in ax.collections
+                         for seg in c.get_segments())
+    assert half_widths == [0.0, 1.0, 1.0]  # one seed: no interval drawn
+    plt.close(fig)
