@@ -95,7 +95,7 @@ def render_results(results_dir: str | os.PathLike) -> str:
     trained = frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
     hours = trained["wall_time_s"].sum() / 3600
     size = (f"{int(first['train_size'])} training images (class-balanced subset)"
-            if pd.notna(first.get("train_size")) else "all 45,000 training images")
+            if pd.notna(first.get("train_size")) else "All 45,000 training images")
     lines = [
         _markdown(table),
         "",
