@@ -157,7 +157,5 @@ def test_results_table_shape():
 def test_atomic_writes_are_readable_by_others_on_a_shared_folder(tmp_path):
     import stat
 
-    from kdlib.fileio import write_json_atomic
-
     write_json_atomic(tmp_path / "r.json", {"a": 1})
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
