@@ -119,18 +119,11 @@ def autocast(device: torch.device, precision: str):
                           enabled=precision == "bf16")
 
 
-def batch_loss(trainer: Trainer, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(student loss, loss to differentiate, student logits) of one batch.
-
-    The two losses differ only for apprentice runs, where the teacher's loss is added.
-    """
-    return batch_loss_terms(trainer, x, y)[:3]
-
-
-def batch_loss_terms(trainer: Trainer, x: Tensor, y: Tensor
-                     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-    """:func:`batch_loss` plus the student's detached (CE, KD) terms, or None when the step
-    uses no teacher logits (plain CE)."""
+def batch_loss(trainer: Trainer, x: Tensor, y: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """(student loss, loss to differentiate, student logits, the student's detached (CE, KD)
+    terms or None when the step uses no teacher logits). The two losses differ only for
+    apprentice runs, where the teacher's own CE is added."""
     cfg = trainer.cfg
     t_logits = None
     if trainer.mode == "hinton" and trainer.uses_teacher_logits:
@@ -165,7 +158,7 @@ def train_step(trainer: Trainer, x: Tensor, y: Tensor, lr: float, *,
     total loss, logits). Reads nothing back to the host. ``terms_sum`` (2 floats on the
     device): the step's (CE, KD) terms are added to it in place when it uses a teacher."""
     set_lr(trainer, lr)
-    loss, total, logits, terms = batch_loss_terms(trainer, x, y)
+    loss, total, logits, terms = batch_loss(trainer, x, y)
     for opt in trainer.optimizers:
         opt.zero_grad(set_to_none=True)
     total.backward()
