@@ -21,13 +21,16 @@ import torch
 
 from kdlib.bench import main as bench_main
 from kdlib.checks import format_bits, parse_bits
+from kdlib.budget import Budget, RunTimer, device_kind, load_bench
+from kdlib.device import pick_device
 from kdlib.executors import (EXECUTORS, GridRunError, MissingExtraError, check_resources,
-                             execute_ray, import_ray)
+                             execute_processes, execute_ray, import_ray)
 from kdlib.experiments import execute, plan_grid, plan_students
+from kdlib.data import resolve_data_root
 from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS, build_config,
                            get_preset)
 from kdlib.report import render_readme
-from kdlib.results import find_record, load_results, summarise
+from kdlib.results import find_record, load_records, load_results, summarise
 from kdlib.tblog import TENSORBOARD_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +130,10 @@ def command_run(args: argparse.Namespace) -> int:
     names = [n for n in NOTEBOOKS if not args.only or any(n.startswith(o) for o in args.only)]
     if args.executor == "ray" and set(names) - {"04_results"}:
         _train_on_ray(_run_plan(args), args, results_dir)  # the notebooks then find the records
+    elif args.executor == "processes" and set(names) - {"04_results"}:
+        execute_processes(_run_plan(args), jobs=args.jobs, data_dir=args.data_dir,
+                          results_dir=results_dir, device=args.device,
+                          tensorboard=not args.no_tensorboard)
     for name in names:
         params = notebook_parameters(args, name, results_dir)
         target = executed / f"{name}.ipynb"
@@ -176,13 +183,36 @@ def command_grid(args: argparse.Namespace) -> int:
                      seeds=list(args.seeds or get_preset(args.preset).seeds),
                      chain=args.chain or None, chain_methods=args.chain_methods or None,
                      methods=args.methods or None, overrides=parse_overrides(args.set))
+    budget = _grid_budget(args, results_dir)
     if args.executor == "ray":
+        if budget is not None:
+            raise UserError("--budget-min works with --executor serial or processes, not ray")
         _train_on_ray(plan, args, results_dir)
+    elif args.executor == "processes":
+        execute_processes(plan, jobs=args.jobs, data_dir=args.data_dir, results_dir=results_dir,
+                          device=args.device, threads=args.threads or 1,
+                          tensorboard=not args.no_tensorboard, budget=budget)
     else:
         execute(plan, data_dir=args.data_dir, results_dir=results_dir, device=args.device,
-                progress=not args.no_progress)
+                progress=not args.no_progress, budget=budget)
     print(f"done: records in {results_dir / 'runs'}")
     return 0
+
+
+def _grid_budget(args: argparse.Namespace, results_dir: Path) -> Budget | None:
+    """--budget-min as a Budget whose estimates come from this folder's records and the
+    newest benchmark of this device in --bench-dir."""
+    if args.budget_min is None:
+        return None
+    if not args.budget_min > 0:
+        raise UserError(f"--budget-min {args.budget_min}: give a positive number of minutes")
+    kind = device_kind(pick_device(args.device))
+    timer = RunTimer(kind, bench=load_bench(args.bench_dir, kind))
+    for record in load_records(results_dir):
+        timer.add(record)
+    print(f"budget: {args.budget_min:g} min on {kind}; estimates from {len(timer.records)} "
+          f"record(s)" + (" and the benchmark" if timer.bench else ", no benchmark of this device"))
+    return Budget(60.0 * args.budget_min, timer)
 
 
 def _run_plan(args: argparse.Namespace) -> list:
@@ -232,6 +262,58 @@ def command_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def command_lease(args: argparse.Namespace) -> int:
+    """The steps of a lent GPU (see kdlib.lease): prepare and receive here, store and go there."""
+    from kdlib import lease  # lazy: only this command needs it
+
+    results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
+    if args.step == "prepare":
+        grid = _lease_grid(args)
+        plan = plan_grid(preset=args.preset, model=args.model,
+                         **{"seeds": list(get_preset(args.preset).seeds), **grid})
+        calls = lease.prepare(plan, data_root=resolve_data_root(args.data_dir),
+                              results_dir=results_dir, repo_root=REPO_ROOT, minutes=args.minutes,
+                              jobs=args.jobs, preset=args.preset, model=args.model, grid=grid,
+                              bench_args=args.bench_args)
+        print(f"{len(calls)} device calls, one right after the other (the machine goes back "
+              f"30 s after a call); written to {lease.LEASE_DIR}/calls.json:")
+        for i, call in enumerate(calls, 1):
+            print(f"{i}. carry={json.dumps(call['carry'])} timeout_s={call['timeout_s']}\n"
+                  f"   {call['command']}")
+        print(f"then: python -m kdlib lease receive FOLDER_OF_RETURNED_FILES --preset {args.preset}")
+    elif args.step == "store":
+        lease.store_part(Path(args.part))
+    elif args.step == "go":
+        lease.go(preset=args.preset, model=args.model, minutes=args.minutes, jobs=args.jobs,
+                 results_dir=results_dir, out=Path(args.out), repo_root=Path.cwd(),
+                 bench=args.bench, device=args.device, bench_args=args.bench_args,
+                 grid=_lease_grid(args))
+    else:
+        counts = lease.receive(Path(args.folder), results_dir, REPO_ROOT / "results" / "bench")
+        print(f"received {counts['records']} records and {counts['bench']} benchmark file(s) into "
+              f"{results_dir}; now: python -m kdlib readme")
+    return 0
+
+
+def _lease_grid(args: argparse.Namespace) -> dict[str, list]:
+    """The grid arguments given on the command line (the preset's for the others)."""
+    grid = {"seeds": args.seeds, "chain": args.chain, "chain_methods": args.chain_methods,
+            "methods": args.methods}
+    return {k: list(v) for k, v in grid.items() if v}
+
+
+def _jobs(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give 'auto' or an integer >= 1")
+    return jobs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kdlib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def executor(p: argparse.ArgumentParser) -> None:
         p.add_argument("--executor", choices=EXECUTORS, default="serial",
-                       help="serial: one run after another here; ray: every run as a Ray task "
+                       help="serial: one run after another here; processes: --jobs runs at "
+                            "once here (several share a GPU); ray: every run as a Ray task "
                             "(pip install -e '.[ray]')")
         p.add_argument("--address", default=None, help="ray: auto | HOST:PORT of a running "
                        "cluster (default: start Ray on this machine)")
@@ -260,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ray: CPUs each run reserves, also its torch threads (default: 1)")
         p.add_argument("--gpus-per-run", type=float, default=0.0,
                        help="ray: GPUs each run reserves, e.g. 1 or 0.5 (default: 0)")
+        p.add_argument("--jobs", type=int, default=2,
+                       help="processes: runs at once on this machine (default 2)")
         p.add_argument("--max-retries", type=int, default=3,
                        help="ray: retries of a run whose worker died; it resumes from its "
                             "checkpoint (default: 3)")
@@ -288,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--methods", nargs="+", default=None, help="default: the preset's")
     grid.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     grid.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    grid.add_argument("--budget-min", type=float, default=None,
+                      help="start a run only if its estimated time fits in what is left of this "
+                           "many minutes (estimates: finished runs here, else --bench-dir)")
+    grid.add_argument("--bench-dir", default=str(REPO_ROOT / "results" / "bench"),
+                      help="benchmark files for the time estimates (default: results/bench)")
     grid.set_defaults(func=command_grid)
 
     train = sub.add_parser("train", help="train one model from the shell")
@@ -319,6 +409,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None)
     bench.add_argument("--variants", nargs="+", default=None, help="only these (default: all)")
     bench.set_defaults(func=command_bench)
+
+    lease = sub.add_parser("lease", help="a lent GPU: prepare | store | go | receive "
+                                         "(README, 'On a GPU')")
+    steps = lease.add_subparsers(dest="step", required=True)
+    for name, text in (("prepare", "here: pack data and weights into .lease/, print the calls"),
+                       ("go", "there: data, benchmark, budgeted grid, files into --out")):
+        step = steps.add_parser(name, help=text)
+        step.add_argument("--preset", default="gpu")
+        step.add_argument("--model", default="resnet20")
+        step.add_argument("--seeds", nargs="+", type=int, default=None)
+        step.add_argument("--chain", nargs="+", default=None)
+        step.add_argument("--chain-methods", nargs="+", default=None)
+        step.add_argument("--methods", nargs="+", default=None)
+        step.add_argument("--results-dir", default=None, help="default: results/<preset>")
+        step.add_argument("--minutes", type=float, default=8.5,
+                          help="wall-clock of the last call's work (its timeout is 10 min)")
+        step.add_argument("--jobs", type=_jobs, default="auto",
+                          help="runs at once; auto: what the benchmark found worth it")
+        step.add_argument("--data-dir", default=None)
+        step.add_argument("--bench-args", type=json.loads, default=None,
+                          help="run_benchmark's keyword arguments as JSON (default: the "
+                               "device benchmark, about 3 minutes on a GPU)")
+    go_step = steps.choices["go"]
+    go_step.add_argument("--out", required=True, help="folder of the files to return ($OUT)")
+    go_step.add_argument("--bench", choices=("auto", "always", "never"), default="auto",
+                         help="auto: only if results/bench has no file of this device")
+    go_step.add_argument("--device", default=None)
+    store = steps.add_parser("store", help="there: keep one carried data part in /dev/shm")
+    store.add_argument("part")
+    store.add_argument("--preset", default="gpu")
+    store.add_argument("--results-dir", default=None)
+    receive = steps.add_parser("receive", help="here: unpack the returned files into results/")
+    receive.add_argument("folder")
+    receive.add_argument("--preset", default="gpu")
+    receive.add_argument("--results-dir", default=None)
+    lease.set_defaults(func=command_lease)
     return parser
 
 

@@ -1,5 +1,8 @@
 """Executors of a planned grid beyond the serial loop of :func:`kdlib.experiments.execute`.
 
+:func:`execute_processes` runs several runs at once in worker processes of one machine (a lent
+GPU without Ray), with the same dependencies and an optional time budget.
+
 :func:`execute_ray` hands the whole plan to Ray at once: one task per run that has no record
 yet, each depending (through its ObjectRefs) on the tasks of its teacher and init runs, each
 calling :func:`kdlib.experiments.train_run` into the shared results folder. What makes that safe
@@ -13,7 +16,9 @@ first in plan order trains, the other's task waits for it and then records ``sam
 """
 from __future__ import annotations
 
+import concurrent.futures as futures
 import functools
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,13 +26,14 @@ from typing import Any
 
 import torch
 
+from kdlib.budget import Budget
 from kdlib.config import RunConfig
 from kdlib.data import load_splits
 from kdlib.experiments import _TrainedIndex, check_writable, train_run
 from kdlib.results import find_record
 from kdlib.tblog import TENSORBOARD_ENV
 
-EXECUTORS = ("serial", "ray")
+EXECUTORS = ("serial", "processes", "ray")
 RAY_INSTALL = "pip install -e '.[ray]'"
 
 
@@ -177,3 +183,84 @@ def _wait_for_all(ray, refs: dict[str, Any], log: Callable[[str], None]) -> None
     if failed:
         detail = "; ".join(f"{run_id}: {error}" for run_id, error in failed.items())
         raise GridRunError(f"{len(failed)} of {len(refs)} runs failed on Ray: {detail}")
+
+
+def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | os.PathLike | None = None,
+                      results_dir: str | os.PathLike = "results", device: str | None = None,
+                      threads: int = 1, tensorboard: bool = True, budget: Budget | None = None,
+                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train ``plan`` with up to ``jobs`` runs at once in worker processes of this machine
+    (several small runs share one GPU better than one run uses it); for a lent machine without
+    Ray. Dependencies as :func:`execute_ray` (:func:`ray_schedule`); a run is started once its
+    teacher and init runs have records, and, under a ``budget``, only if its estimate fits in
+    the time left. Returns the records that exist at the end, in plan order."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} is invalid; expected an integer >= 1")
+    results_dir = str(Path(results_dir).resolve())
+    data_dir = str(Path(data_dir).resolve()) if data_dir else None
+    check_writable(results_dir)
+    index = _TrainedIndex(results_dir)  # runs trained before this call, for aliases of them
+    waiting = ray_schedule(plan, results_dir)
+    log(f"processes: {len(waiting)} of {len(_unique(plan))} planned runs to train, "
+        f"{jobs} at a time, {threads} thread(s) each")
+    running: dict[futures.Future, str] = {}
+    done: set[str] = set()
+    failed: dict[str, str] = {}
+    left_out: list[str] = []
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into workers
+    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        while waiting or running:
+            for cfg, after in list(waiting):
+                if len(running) >= jobs:
+                    break
+                if any(d in failed or d in left_out for d in after):
+                    waiting.remove((cfg, after))
+                    left_out.append(cfg.run_id())
+                    log(f"not started {cfg.run_id()}: a run it needs did not finish")
+                    continue
+                if not all(d in done for d in after):
+                    continue
+                waiting.remove((cfg, after))
+                why = _over_budget(cfg, after, budget, index)
+                if why:
+                    left_out.append(cfg.run_id())
+                    log(f"not started {cfg.run_id()}: {why}")
+                    continue
+                log(f"start {cfg.run_id()}")
+                running[pool.submit(_train_task, cfg.to_dict(), data_dir, results_dir, device,
+                                    threads, tensorboard)] = cfg.run_id()
+            if not running:
+                continue
+            finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                run_id = running.pop(future)
+                try:
+                    future.result()
+                except Exception as exc:  # noqa: BLE001 - reported with the others below
+                    failed[run_id] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                    log(f"FAILED {run_id}: {failed[run_id]}")
+                    continue
+                done.add(run_id)
+                record = find_record(results_dir, run_id)
+                if budget is not None:
+                    budget.timer.add(record)
+                log(f"done {run_id}" + (f" ({record['wall_time_s']:.0f} s)"
+                                        if record and "wall_time_s" in record else ""))
+    if left_out:
+        log(f"budget: {len(left_out)} run(s) left for the next call; finished runs are skipped then")
+    if failed:
+        detail = "; ".join(f"{run_id}: {error}" for run_id, error in failed.items())
+        raise GridRunError(f"{len(failed)} runs failed: {detail}")
+    return [r for r in (find_record(results_dir, cfg.run_id()) for cfg in plan) if r is not None]
+
+
+def _over_budget(cfg: RunConfig, after: list[str], budget: Budget | None,
+                 index: _TrainedIndex) -> str | None:
+    """Why ``cfg`` may not start under ``budget``; None for no budget or an alias: of a run of
+    this call (listed in ``after`` besides its teacher and init) or of an earlier one."""
+    if budget is None or set(after) - {cfg.teacher_id, cfg.init_id}:
+        return None
+    if index.by_key.get(index.key(cfg), cfg.run_id()) != cfg.run_id():
+        return None
+    fits, why = budget.fits(cfg)
+    return None if fits else why

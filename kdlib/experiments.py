@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from filelock import FileLock
 
+from kdlib.budget import Budget
 from kdlib.checks import BitsSpec, parse_bits
 from kdlib.config import EXECUTION_ONLY_FIELDS, RunConfig, validate
 from kdlib.data import load_splits
@@ -342,6 +343,7 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
         "wall_time_s": result.wall_time_s,
         "images_per_s": result.train_images_per_s,
         "device": result.device,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "model_size": model_size_report(model),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "call_seconds": time.time() - started,
@@ -352,8 +354,13 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
 
 
 def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", device=None,
-            progress: bool = True) -> list[dict[str, Any]]:
-    """Train every planned run in order (dependencies first); returns their records."""
+            progress: bool = True, budget: Budget | None = None) -> list[dict[str, Any]]:
+    """Train every planned run in order (dependencies first); returns their records.
+
+    With a ``budget`` (:class:`kdlib.budget.Budget`), a run is started only when its estimate
+    fits in the time left, and a run whose teacher or init run has no record is left for
+    later; the records returned are those that exist at the end, and the next call resumes.
+    """
     plan = _dedupe(plan)
     data = _DataCache(data_dir)
     todo = [cfg for cfg in plan if find_record(results_dir, cfg.run_id()) is None]
@@ -361,12 +368,37 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
         data.get(todo[0])
         check_writable(results_dir)
     index = _TrainedIndex(results_dir)
-    records = []
+    records, left_out = [], []
     for i, cfg in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {cfg.run_id()}")
-        records.append(train_run(cfg, data.get(cfg), results_dir, device=device, progress=progress,
-                                 index=index))
+        why = _why_not_now(cfg, results_dir, index, budget) if budget is not None else None
+        if why:
+            print(f"not started {cfg.run_id()}: {why}", flush=True)
+            left_out.append(cfg.run_id())
+            continue
+        record = train_run(cfg, data.get(cfg), results_dir, device=device, progress=progress,
+                           index=index)
+        records.append(record)
+        if budget is not None:
+            budget.timer.add(record)
+    if left_out:
+        print(f"budget: {len(left_out)} of {len(plan)} runs left for the next call "
+              f"({budget.left():.0f} s of the budget unused); finished runs are skipped then")
     return records
+
+
+def _why_not_now(cfg: RunConfig, results_dir, index: _TrainedIndex, budget: Budget) -> str | None:
+    """Why ``cfg`` may not start under ``budget`` now, or None (record exists, alias, fits)."""
+    if find_record(results_dir, cfg.run_id()) is not None:
+        return None
+    missing = [d for d in (cfg.teacher_id, cfg.init_id) if d and find_record(results_dir, d) is None]
+    if missing:
+        return f"waits for {missing[0]}"
+    trained_as = index.by_key.get(index.key(cfg))
+    if trained_as is not None and trained_as != cfg.run_id():
+        return None  # recorded under another name already: costs nothing
+    fits, why = budget.fits(cfg)
+    return None if fits else why
 
 
 # ----------------------------------------------------------------------------- pipelines

@@ -171,19 +171,61 @@ def _bench_date(path: Path) -> dt.datetime:
     return date if date.tzinfo else date.replace(tzinfo=dt.timezone.utc)
 
 
-def newest_bench_file(bench_dir: str | os.PathLike) -> Path | None:
-    """The benchmark measured last, by the ``date`` inside each file; same date: the last file
-    name. File times say nothing here: a checkout or a copy sets them."""
-    dated = [(_bench_date(path), path.name, path) for path in Path(bench_dir).glob("*.json")]
+def newest_bench_file(bench_dir: str | os.PathLike, gpu: bool = False) -> Path | None:
+    """The CPU (or, with ``gpu``, GPU) benchmark measured last, by the ``date`` inside each file;
+    same date: the last file name. File times say nothing here: a checkout or a copy sets them."""
+    dated = [(_bench_date(path), path.name, path) for path in Path(bench_dir).glob("*.json")
+             if _is_gpu_bench(path) == gpu]
     return max(dated)[2] if dated else None
 
 
-def render_bench(bench_dir: str | os.PathLike) -> str:
-    """Markdown table of the newest benchmark file in ``bench_dir`` (see newest_bench_file)."""
-    newest = newest_bench_file(bench_dir)
+def _is_gpu_bench(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("machine", {}).get("gpu"))
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def render_bench(bench_dir: str | os.PathLike, gpu: bool = False) -> str:
+    """Markdown table of the newest CPU (or, with ``gpu``, GPU) benchmark file in ``bench_dir``
+    (see newest_bench_file)."""
+    newest = newest_bench_file(bench_dir, gpu=gpu)
     if newest is None:
-        return "_No benchmark yet: `make bench` creates one._"
+        return ("_No GPU benchmark yet: a lease's `python -m kdlib lease go` creates one._" if gpu
+                else "_No benchmark yet: `make bench` creates one._")
     return render_markdown(json.loads(newest.read_text()))
+
+
+def missing_runs(results_dir: str | os.PathLike, preset: str, model: str = "resnet20") -> dict[str, list]:
+    """{method: [bits label, ...]} of the preset's planned grid runs without a record."""
+    from kdlib.experiments import plan_grid  # lazy: experiments imports the training stack
+    from kdlib.presets import get_preset
+    from kdlib.results import find_record
+
+    missing: dict[str, list] = {}
+    for cfg in plan_grid(preset=preset, model=model, seeds=list(get_preset(preset).seeds)):
+        if find_record(results_dir, cfg.run_id()) is None:
+            label = bits_label(cfg.w_bits, cfg.a_bits) + (f" (seed {cfg.seed})" if cfg.seed else "")
+            missing.setdefault(cfg.method, []).append(label)
+    return missing
+
+
+def render_gpu(results_dir: str | os.PathLike, bench_dir: str | os.PathLike,
+               preset: str = "gpu") -> str:
+    """Markdown: the GPU grid's results as they come in, the runs still missing, and the newest
+    GPU benchmark."""
+    missing = missing_runs(results_dir, preset)
+    planned = sum(len(v) for v in missing.values()) + len(list(Path(results_dir).glob("runs/*.json")))
+    lines = [render_results(results_dir) if list(Path(results_dir).glob("runs/*.json"))
+             else f"_No GPU run yet (`{_shown(results_dir)}`)._", ""]
+    if missing:
+        lines.append(f"Still missing, {sum(len(v) for v in missing.values())} of {planned} runs of "
+                     f"preset `{preset}`: " + "; ".join(
+                         f"{method} {', '.join(bits)}" for method, bits in missing.items()) + ".")
+    else:
+        lines.append(f"Every run of preset `{preset}` has a record.")
+    lines += ["", "GPU benchmark:", "", render_bench(bench_dir, gpu=True)]
+    return "\n".join(lines)
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -216,8 +258,10 @@ def render_config_fields() -> str:
     return _markdown(frame)
 
 
-def render_readme(readme: str, results_dir, bench_dir) -> str:
+def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None) -> str:
+    gpu_dir = Path(results_dir).parent / "gpu" if gpu_dir is None else gpu_dir
     text = replace_block(readme, "results", render_results(results_dir))
+    text = replace_block(text, "gpu", render_gpu(gpu_dir, bench_dir))
     text = replace_block(text, "config", render_config_fields())
     text = replace_block(text, "models", render_packed_models(results_dir))
     return replace_block(text, "bench", render_bench(bench_dir))

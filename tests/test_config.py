@@ -82,7 +82,7 @@ def test_overrides_win_over_preset_and_are_validated():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match=r"preset='fast' is unknown; accepted: smoke, quick, quick_squeezenet, paper"):
+    with pytest.raises(ValueError, match=r"preset='fast' is unknown; accepted: smoke, quick, quick_squeezenet, gpu, paper"):
         get_preset("fast")
 
 

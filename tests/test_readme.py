@@ -192,3 +192,31 @@ def test_cli_readme_check_fails_when_a_number_is_out_of_date(stale_readme, tmp_p
     assert capsys.readouterr().err == ("error: README.md is out of date with the result files: "
                                        "run python -m kdlib readme\n")
     assert stale_readme.read_text() == edited  # --check never writes
+
+
+def test_cpu_and_gpu_benchmarks_render_in_their_own_blocks(tmp_path):
+    measured = json.loads((ROOT / "results" / "bench" / "vm.json").read_text())
+    gpu = {**measured, "date": "2099-01-01T00:00:00+00:00",
+           "machine": {**measured["machine"], "gpu": "NVIDIA H200", "device": "cuda:0"}}
+    (tmp_path / "vm.json").write_text(json.dumps(measured))
+    (tmp_path / "NVIDIA_H200.json").write_text(json.dumps(gpu))
+    assert newest_bench_file(tmp_path) == tmp_path / "vm.json"  # the newer GPU file is not the CPU's
+    assert newest_bench_file(tmp_path, gpu=True) == tmp_path / "NVIDIA_H200.json"
+    assert "2099-01-01" in render_bench(tmp_path, gpu=True)
+    assert "No GPU benchmark yet" in render_bench(tmp_path / "none", gpu=True)
+
+
+def test_gpu_block_lists_the_runs_still_missing(tmp_path, monkeypatch):
+    from kdlib.experiments import plan_grid
+
+    plan = plan_grid(preset="gpu", seeds=[0])
+    empty = report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
+    assert "No GPU run yet" in empty and f"Still missing, {len(plan)} of {len(plan)} runs" in empty
+    teacher = plan[0]
+    write_record(tmp_path / "gpu", teacher.run_id(), "teacher", 32, 0, 61.5,
+                 created_at="2026-12-02T10:00:00+00:00", device="cuda:0")
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    rendered = report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
+    assert f"Still missing, {len(plan) - 1} of {len(plan)} runs" in rendered
+    assert "teacher 32" not in rendered and "ta_chain 16, 8, 4, 2, 1" in rendered
+    assert "61.50" in rendered  # the table of what has come in

@@ -5,13 +5,14 @@ import argparse
 import datetime as _dt
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from kdlib.bench.concurrent import concurrent_throughput
 from kdlib.bench.measure import (MATMUL_SIZE, Runner, check_int, load_average, machine_info,
                                  matmul_runner, measure, summarise)
 from kdlib.bench.render import render_markdown
@@ -23,6 +24,8 @@ from kdlib.fileio import write_json_atomic
 
 FORMAT = 2
 WARMUP_STEPS = 3  # un-timed steps before the windows (DataLoader workers start here)
+DEVICE_CONCURRENCY = (1, 2, 4)  # processes side by side, measured on a GPU
+CONCURRENCY_IMAGES = 10_240  # images each concurrent process draws its batches from
 CEILING_DTYPES = {"matmul_fp32": torch.float32, "matmul_bf16": torch.bfloat16}
 
 
@@ -66,20 +69,24 @@ def _add_flops(entry: dict[str, Any], per_image: float, batch_size: int,
                  of_ceiling={k: gflops / c["gflops"] for k, c in ceilings.items()})
 
 
-def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET,
+def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model: str = "resnet20",
                   batch_size: int | None = None, windows: int = 5, steps: int = 10,
                   warmup: int = WARMUP_STEPS, device: str | torch.device | None = None,
                   variants: list[str] | None = None, workers: int = TYPICAL_WORKERS, seed: int = 0,
                   data_source: str = "", matmul_size: int = MATMUL_SIZE, flops_probe_batch: int = 8,
+                  concurrency: Sequence[int] | None = None, concurrency_seconds: float = 10.0,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure the variants on ``images`` (uint8 [N,3,32,32], CPU) / ``labels``; the result dict.
 
     Every variant starts from ``build_config(preset)`` (batch size: the preset's unless
     ``batch_size``). ``variants``: names from :data:`VARIANTS` (default all). The fp32 and bf16
-    matmul ceilings are always timed, in the same interleaved windows. Everything shrinks for tests.
+    matmul ceilings are always timed, in the same interleaved windows. ``concurrency``: numbers
+    of processes to run the KD step side by side (default (1, 2, 4) on CUDA, none on a CPU,
+    whose cores one run already uses); see :mod:`kdlib.bench.concurrent`. Everything shrinks
+    for tests.
     """
     names = list(variants) if variants is not None else [v.name for v in VARIANTS]
-    ctx = make_context(images, labels, preset=preset, batch_size=batch_size, seed=seed,
+    ctx = make_context(images, labels, preset=preset, model=model, batch_size=batch_size, seed=seed,
                        device=device, workers=workers)
     base, device = ctx.cfg, ctx.device
     _check_settings(images, names, base.batch_size, windows, steps, warmup, workers, matmul_size,
@@ -123,10 +130,24 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET,
                           for n in names}
     result["ceilings"] = ceilings
     result["ratios"] = compute_ratios(result["variants"], ceilings)
-    result["load_average_end"] = load_average()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if concurrency is None and device.type == "cuda":
+        concurrency = DEVICE_CONCURRENCY
+    if concurrency:
+        log(f"bench: {', '.join(map(str, concurrency))} concurrent KD processes")
+        result["concurrency"] = concurrent_throughput(
+            ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=concurrency,
+            preset=preset, model=model, device=device, seconds=concurrency_seconds,
+            warmup=max(warmup, 1))
+    result["load_average_end"] = load_average()
     return result
+
+
+def bench_file_name(result: dict[str, Any]) -> str:
+    """``<gpu>.json`` for a GPU benchmark (the card decides), ``<host>.json`` for a CPU one."""
+    machine = result["machine"]
+    return f"{_safe_host(machine['gpu'] or machine['host'])}.json"
 
 
 def _safe_host(host: str) -> str:
@@ -151,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
         matmul_size=getattr(args, "matmul_size", None) or MATMUL_SIZE)
     result["settings"]["data_root"] = str(root)
     out = Path(getattr(args, "out", None) or "results/bench")
-    path = out / f"{_safe_host(result['machine']['host'])}.json"
+    path = out / bench_file_name(result)
     write_json_atomic(path, result)
     print(render_markdown(result))
     print(f"\nwritten: {path}", file=sys.stderr)

@@ -46,13 +46,13 @@ class Context:
     workers: int  # DataLoader workers of the typical pipeline
 
 
-def make_context(images: Tensor, labels: Tensor, *, preset: str = PRESET,
+def make_context(images: Tensor, labels: Tensor, *, preset: str = PRESET, model: str = "resnet20",
                  batch_size: int | None = None, seed: int = 0,
                  device: str | torch.device | None = None, workers: int = TYPICAL_WORKERS) -> Context:
     """The context of ``build_config(preset)`` (its batch size unless ``batch_size``), with
     the images (uint8 [N,3,32,32]) on the CPU and on the device."""
     sized = {} if batch_size is None else {"batch_size": batch_size}
-    cfg = build_config(preset, overrides={"seed": seed, **sized})
+    cfg = build_config(preset, model, overrides={"seed": seed, **sized})
     device = pick_device(device)
     images, labels = images.cpu(), labels.cpu()
     return Context(cfg, images, labels, images.to(device), labels.to(device), device, workers)

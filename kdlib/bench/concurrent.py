@@ -1,0 +1,90 @@
+"""k training processes at once on one device: does running runs side by side pay?
+
+A ResNet-20 step at batch 128 is too small to fill a large GPU: kernel launches, not
+arithmetic, bound it. Several runs at once overlap their launches. This measures the total
+images/s of ``k`` processes, each running the same variant's step (the real training step),
+all timed over the same window (they start together at a barrier), for each ``k`` asked for.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.multiprocessing as torch_mp
+from torch import Tensor
+
+from kdlib.device import sync
+
+CHECK_EVERY = 10  # steps between clock reads (each read synchronises the device)
+GAIN_TO_ADD_A_JOB = 1.10  # one more process must add at least 10% throughput to be worth it
+
+
+def _worker(variant: str, images: Tensor, labels: Tensor, preset: str, model: str, device: str,
+            warmup: int, seconds: float, barrier, queue) -> None:
+    from kdlib.bench.variants import BY_NAME, make_context  # in the spawned process
+
+    try:
+        torch.set_num_threads(1)
+        ctx = make_context(images, labels, preset=preset, model=model, device=device, workers=0)
+        runner = BY_NAME[variant].build(ctx)
+        for _ in range(max(warmup, runner.warmup_min)):
+            runner.step()
+        sync(ctx.device)
+        barrier.wait()
+        start, steps = time.perf_counter(), 0
+        while True:
+            for _ in range(CHECK_EVERY):
+                runner.step()
+            steps += CHECK_EVERY
+            sync(ctx.device)
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+        runner.close()
+        queue.put(("ok", steps * runner.batch_size / elapsed))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+        barrier.abort()
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def concurrent_throughput(images: Tensor, labels: Tensor, *, jobs: Sequence[int] = (1, 2, 4),
+                          variant: str = "kd_w4", preset: str = "quick", model: str = "resnet20",
+                          device: str | torch.device = "cpu", warmup: int = 3,
+                          seconds: float = 10.0, timeout: float = 300.0) -> dict[str, Any]:
+    """``{"variant", "seconds", "by_jobs": {k: {"images_per_s", "per_process"}}, "best_jobs"}``:
+    for each k, k spawned processes each run ``variant``'s step for ``seconds`` after warming
+    up; images/s is the sum over the processes."""
+    context = torch_mp.get_context("spawn")  # CUDA cannot be forked
+    by_jobs: dict[str, dict[str, Any]] = {}
+    for k in jobs:
+        barrier, queue = context.Barrier(k), context.Queue()
+        procs = [context.Process(target=_worker, args=(variant, images, labels, preset, model,
+                                                       str(device), warmup, seconds, barrier, queue))
+                 for _ in range(k)]
+        for p in procs:
+            p.start()
+        try:
+            results = [queue.get(timeout=timeout) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+        errors = [detail for status, detail in results if status != "ok"]
+        if errors:
+            raise RuntimeError(f"{k} concurrent {variant} processes failed: {errors[0]}")
+        rates = [rate for _, rate in results]
+        by_jobs[str(k)] = {"images_per_s": sum(rates), "per_process": rates}
+    return {"variant": variant, "seconds": seconds, "by_jobs": by_jobs,
+            "best_jobs": best_jobs(by_jobs)}
+
+
+def best_jobs(by_jobs: dict[str, dict[str, Any]]) -> int:
+    """The fewest processes after which one more no longer adds ``GAIN_TO_ADD_A_JOB``."""
+    best_k, best_rate = None, 0.0
+    for k, entry in sorted(by_jobs.items(), key=lambda item: int(item[0])):
+        if best_k is None or entry["images_per_s"] >= GAIN_TO_ADD_A_JOB * best_rate:
+            best_k, best_rate = int(k), entry["images_per_s"]
+    return best_k or 1

@@ -1,0 +1,337 @@
+"""A lent GPU in a few calls: data carried in parts, benchmark, budgeted grid, results back.
+
+The lent machine (see the README, "On a GPU") has no network and our pins don't apply there:
+its python3 has torch 2.11, pandas, tqdm, filelock and tensorboard, no papermill or Ray. A call
+carries at most 64 MiB of working tree and returns at most 8 files of 16 MiB, and the machine
+is given back 30 s after a call. So:
+
+* here, :func:`prepare` packs CIFAR-100 into compressed parts of at most ``part_mib``, plus the
+  fp32 weights that the grid's unfinished runs start from or learn from, under ``.lease/``
+  (git-ignored), and prints the calls to make;
+* there, each call stores its part in ``/dev/shm`` (:func:`store_part`); the last one also runs
+  :func:`go`: reassemble and check the data, benchmark the device if ``results/bench`` has no
+  file for it, train the grid with ``python -m kdlib grid``'s budget until the minutes run
+  out, and pack records, weights, packed models, logs and the benchmark into ``$OUT``
+  (:func:`pack_outputs`: at most 8 files);
+* here again, :func:`receive` unpacks those files into ``results/gpu`` and ``results/bench``.
+
+Every file crossing between the machines is checked against a sha256 written beside it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+LEASE_DIR = ".lease"  # in the repository root; ignored by git, named in each call's carry
+# on the lent machine: survives between calls, not leases ($KDLIB_LEASE_STASH for rehearsals)
+STASH = Path(os.environ.get("KDLIB_LEASE_STASH") or "/dev/shm/kdlib-lease")
+DATA_MANIFEST = "data.json"
+DATA_FILES = ("meta", "train", "test")  # of cifar-100-python/
+PART_MIB = 45  # a part plus the tracked tree (about 6 MiB) stays under a call's 64 MiB
+OUT_FILE_MIB = 15  # returned files: at most 16 MiB each
+OUT_MAX_FILES = 8
+RESULTS_ARCHIVE = "results.tar"
+MIB = 1 << 20
+# the device benchmark: fit()'s steps, the bf16 mode, compile and the typical pipeline, in
+# about two minutes on a GPU (plus 1, 2 and 4 concurrent KD processes)
+DEVICE_BENCH = dict(variants=["fp32", "w4a4", "w1a1", "kd_w4", "kd_w4_nchw", "kd_w4_bf16",
+                              "kd_w4_compile", "kd_w4_typical", "data_kdlib"],
+                    windows=5, steps=50, concurrency_seconds=10.0)
+FALLBACK_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=3, steps=20, concurrency=())
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(MIB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _split(blob: bytes, folder: Path, stem: str, part_bytes: int) -> list[dict[str, Any]]:
+    parts = []
+    for i, start in enumerate(range(0, len(blob), part_bytes)):
+        path = folder / f"{stem}.{i:02d}"
+        path.write_bytes(blob[start:start + part_bytes])
+        parts.append({"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path)})
+    return parts
+
+
+def _join(folder: Path, manifest: dict[str, Any]) -> bytes:
+    """The parts named in ``manifest``, each checked, concatenated and checked as a whole."""
+    chunks = []
+    for part in manifest["parts"]:
+        path = folder / part["name"]
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: carry {LEASE_DIR}/{part['name']} in a "
+                                    f"call and run `python3 -m kdlib lease store` on it first")
+        if sha256_of(path) != part["sha256"]:
+            raise ValueError(f"{path} does not match its sha256 in the manifest: carry it again")
+        chunks.append(path.read_bytes())
+    blob = b"".join(chunks)
+    if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+        raise ValueError("the reassembled archive does not match its sha256: parts from two "
+                         "different `lease prepare` runs? Prepare again and carry all parts")
+    return blob
+
+
+# ----------------------------------------------------------------------------- here: prepare
+def pack_data(data_root: Path, folder: Path, part_mib: float = PART_MIB,
+              compress: Callable[[bytes], bytes] | None = None) -> dict[str, Any]:
+    """``data_root/cifar-100-python/{meta,train,test}`` as an xz tar split into parts of at most
+    ``part_mib`` MiB in ``folder``; returns (and writes) the manifest. Reused when the manifest
+    already describes the same source files (packing takes minutes)."""
+    import lzma
+
+    source = Path(data_root) / "cifar-100-python"
+    missing = [n for n in DATA_FILES if not (source / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{source} lacks {missing}: point --data-dir (or $KDLIB_DATA) at "
+                                "the folder holding cifar-100-python/")
+    sources = {n: {"bytes": (source / n).stat().st_size, "sha256": sha256_of(source / n)}
+               for n in DATA_FILES}
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / DATA_MANIFEST
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("sources") == sources and all(
+                (folder / p["name"]).exists() and (folder / p["name"]).stat().st_size == p["bytes"]
+                for p in old["parts"]):
+            return old
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in DATA_FILES:
+            tar.add(source / name, arcname=f"cifar-100-python/{name}")
+    compress = compress or (lambda raw: lzma.compress(raw, preset=6))
+    blob = compress(buffer.getvalue())
+    for old_part in folder.glob("data.xz.*"):
+        old_part.unlink()
+    manifest = {"sources": sources, "sha256": hashlib.sha256(blob).hexdigest(),
+                "bytes": len(blob), "parts": _split(blob, folder, "data.xz", int(part_mib * MIB))}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
+    """The fp32 weight files of finished runs that an unfinished planned run starts from or
+    learns from (what the lent machine needs to continue the grid)."""
+    from kdlib.results import find_record, weights_path  # lazy: pandas
+
+    needed: dict[str, Path] = {}
+    for cfg in plan:
+        if find_record(results_dir, cfg.run_id()) is not None:
+            continue
+        for dep in (cfg.teacher_id, cfg.init_id):
+            record = find_record(results_dir, dep) if dep else None
+            if record is None:
+                continue
+            trained = record.get("same_run_as") or dep
+            path = weights_path(results_dir, trained)
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing, but unfinished runs need the weights "
+                                        f"of {trained}: restore it (or delete its record to "
+                                        "train it again)")
+            needed[trained] = path
+    return list(needed.values())
+
+
+def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Path,
+            minutes: float, jobs: int | str, preset: str, model: str = "resnet20",
+            grid: dict[str, Sequence] | None = None, part_mib: float = PART_MIB,
+            bench_args: dict[str, Any] | None = None,
+            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Write ``.lease/`` and return the device calls (carry list and command) to make in order.
+    ``plan`` is the grid to continue; ``grid`` the arguments it was planned with (seeds, chain,
+    chain_methods, methods: None for the preset's), passed on to ``go``. ``bench_args``:
+    run_benchmark's arguments on the device (default :data:`DEVICE_BENCH`)."""
+    lease = repo_root / LEASE_DIR
+    manifest = pack_data(data_root, lease, part_mib)
+    weights = lease / "weights"
+    shutil.rmtree(weights, ignore_errors=True)
+    weights.mkdir(parents=True)
+    for path in frontier_weights(plan, results_dir):
+        shutil.copy2(path, weights / path.name)
+    rel_results = os.path.relpath(results_dir, repo_root)
+    go = (f"PYTHONUNBUFFERED=1 python3 -m kdlib lease go --preset {preset} --model {model} "
+          f"--minutes {minutes:g} --jobs {jobs} --results-dir {rel_results} --out \"$OUT\"")
+    for name, values in (grid or {}).items():
+        if values:
+            go += f" --{name.replace('_', '-')} " + " ".join(map(str, values))
+    if bench_args is not None:
+        go += f" --bench-args '{json.dumps(bench_args, separators=(',', ':'))}'"
+    calls = []
+    for i, part in enumerate(manifest["parts"]):
+        last = i == len(manifest["parts"]) - 1
+        store = f"python3 -m kdlib lease store {LEASE_DIR}/{part['name']}"
+        calls.append({"carry": [f"{LEASE_DIR}/{DATA_MANIFEST}", f"{LEASE_DIR}/{part['name']}"]
+                      + ([f"{LEASE_DIR}/weights"] if last else []),
+                      "command": f"{store} && {go}" if last else store,
+                      "timeout_s": 600 if last else 120})
+    log(f"{LEASE_DIR}/: data in {len(manifest['parts'])} part(s) of <= {part_mib:g} MiB "
+        f"({manifest['bytes'] / MIB:.1f} MiB), {len(list(weights.iterdir()))} weight file(s)")
+    (lease / "calls.json").write_text(json.dumps(calls, indent=1))
+    return calls
+
+
+# ----------------------------------------------------------------------------- there
+def store_part(part: Path, stash: Path = STASH) -> Path:
+    """Copy one carried part (and the manifest beside it) into the stash, checked."""
+    part = Path(part)
+    manifest = json.loads((part.parent / DATA_MANIFEST).read_text())
+    entry = next((p for p in manifest["parts"] if p["name"] == part.name), None)
+    if entry is None:
+        raise ValueError(f"{part.name} is not in {part.parent / DATA_MANIFEST}")
+    if sha256_of(part) != entry["sha256"]:
+        raise ValueError(f"{part} does not match its sha256: the transfer broke; carry it again")
+    stash.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(part.parent / DATA_MANIFEST, stash / DATA_MANIFEST)
+    shutil.copyfile(part, stash / part.name)
+    have = sum((stash / p["name"]).exists() for p in manifest["parts"])
+    print(f"stored {part.name} in {stash}: {have} of {len(manifest['parts'])} parts", flush=True)
+    return stash / part.name
+
+
+def assemble_data(stash: Path = STASH) -> Path:
+    """The data root (holding cifar-100-python/) rebuilt from the stashed parts."""
+    import lzma
+
+    root = stash / "data"
+    manifest = json.loads((stash / DATA_MANIFEST).read_text())
+    done = root / "cifar-100-python" / ".sha256"
+    if done.exists() and done.read_text() == manifest["sha256"]:
+        return root
+    blob = lzma.decompress(_join(stash, manifest))
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(root, filter="data")
+    for name, source in manifest["sources"].items():
+        if sha256_of(root / "cifar-100-python" / name) != source["sha256"]:
+            raise ValueError(f"cifar-100-python/{name} differs from the file packed here")
+    done.write_text(manifest["sha256"])
+    return root
+
+
+def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
+                 file_mib: float = OUT_FILE_MIB, max_files: int = OUT_MAX_FILES) -> list[Path]:
+    """Records, best fp32 weights, packed models and logs of ``results_dir`` as a tar split into
+    files of <= ``file_mib`` MiB in ``out``, with ``extra`` files beside them and a manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for pattern in ("runs/*.json", "checkpoints/*.weights.pt", "models/*.packed", "logs/*"):
+            for path in sorted(results_dir.glob(pattern)):
+                tar.add(path, arcname=str(path.relative_to(results_dir)))
+    blob = buffer.getvalue()
+    parts = _split(blob, out, RESULTS_ARCHIVE, int(file_mib * MIB))
+    extras = []
+    for path in extra:
+        shutil.copyfile(path, out / path.name)
+        extras.append({"name": path.name, "sha256": sha256_of(out / path.name)})
+    manifest = {"sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, "extra": extras}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    written = 1 + len(parts) + len(extras)
+    if written > max_files:
+        raise ValueError(f"{written} files to return, more than {max_files}: the results do not "
+                         "fit one call's return; train fewer runs per lease")
+    return sorted(out.iterdir())
+
+
+def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path, out: Path,
+       repo_root: Path, model: str = "resnet20", bench: str = "auto", device: str | None = None,
+       stash: Path = STASH, reserve_s: float | None = None, grid: dict[str, Any] | None = None,
+       data_root: Path | None = None, bench_args: dict[str, Any] | None = None,
+       log: Callable[[str], None] = print) -> dict[str, Any]:
+    """On the lent machine: data, benchmark, budgeted grid, outputs. ``minutes``: wall-clock for
+    all of it (less than the call's timeout); ``reserve_s`` of it is kept for packing (default
+    a tenth, at most 45 s).
+    ``jobs="auto"``: as many runs at once as the benchmark found worth it (1 without one)."""
+    import torch
+
+    from kdlib.bench.run import run_benchmark, bench_file_name
+    from kdlib.budget import Budget, RunTimer, device_kind, load_bench
+    from kdlib.data import load_cifar100
+    from kdlib.device import pick_device
+    from kdlib.executors import execute_processes
+    from kdlib.experiments import execute, plan_grid
+    from kdlib.fileio import write_json_atomic
+    from kdlib.presets import get_preset
+    from kdlib.results import load_records, weights_path
+
+    started = time.monotonic()
+    deadline = started + 60.0 * minutes
+    reserve_s = min(45.0, 6.0 * minutes) if reserve_s is None else reserve_s
+    data_root = data_root or assemble_data(stash)
+    log(f"data ready in {time.monotonic() - started:.0f} s: {data_root}")
+    for path in sorted((repo_root / LEASE_DIR / "weights").glob("*.weights.pt")):
+        target = weights_path(results_dir, path.name[:-len(".weights.pt")])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    torch_device = pick_device(device)
+    kind = device_kind(torch_device)
+    bench_dir = repo_root / "results" / "bench"
+    bench_written = None
+    if bench == "always" or (bench == "auto" and load_bench(bench_dir, kind) is None):
+        images, labels = load_cifar100(data_root, train=True, download=False)
+        source = f"CIFAR-100 training set, {len(images)} images"
+        try:
+            result = run_benchmark(images, labels, device=torch_device, preset=preset, model=model,
+                                   data_source=source,
+                                   **(DEVICE_BENCH if bench_args is None else bench_args))
+        except Exception as exc:  # noqa: BLE001 - the grid needs estimates more than the rest
+            log(f"benchmark failed ({type(exc).__name__}: {exc}); timing only fit()'s steps")
+            result = run_benchmark(images, labels, device=torch_device, preset=preset, model=model,
+                                   data_source=source, **FALLBACK_BENCH)
+        bench_written = bench_dir / bench_file_name(result)
+        write_json_atomic(bench_written, result)
+        log(f"benchmark written: {bench_written} ({time.monotonic() - started:.0f} s in)")
+    timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
+    if jobs == "auto":
+        jobs = int(((timer.bench or {}).get("concurrency") or {}).get("best_jobs", 1))
+    for record in load_records(results_dir):
+        timer.add(record)
+    budget_s = deadline - reserve_s - time.monotonic()
+    grid = {k: v for k, v in (grid or {}).items() if v}
+    plan = plan_grid(preset=preset, model=model, **{"seeds": list(get_preset(preset).seeds), **grid})
+    log(f"grid: {len(plan)} planned runs, {budget_s:.0f} s of budget, {jobs} at a time")
+    if budget_s > 0:
+        budget = Budget(budget_s, timer)
+        if jobs > 1:
+            execute_processes(plan, jobs=jobs, data_dir=data_root, results_dir=results_dir,
+                              device=str(torch_device), budget=budget, log=log)
+        else:
+            execute(plan, data_dir=data_root, results_dir=results_dir, device=str(torch_device),
+                    progress=False, budget=budget)
+    files = pack_outputs(results_dir, out, [bench_written] if bench_written else [])
+    done = sum(1 for _ in (results_dir / "runs").glob("*.json")) if (results_dir / "runs").exists() else 0
+    summary = {"records": done, "planned": len(plan), "seconds": time.monotonic() - started,
+               "files": [f.name for f in files]}
+    log(f"lease: {done} of {len(plan)} planned runs have records; {summary['seconds']:.0f} s; "
+        f"returned {len(files)} files")
+    return summary
+
+
+# ----------------------------------------------------------------------------- here: receive
+def receive(folder: Path, results_dir: Path, bench_dir: Path) -> dict[str, int]:
+    """Unpack a lease's returned files (``manifest.json`` and its parts) into ``results_dir``
+    and ``bench_dir``; files already here are replaced by the returned ones."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    blob = _join(folder, manifest)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        members = tar.getmembers()
+        tar.extractall(results_dir, filter="data")
+    for extra in manifest["extra"]:
+        path = folder / extra["name"]
+        if sha256_of(path) != extra["sha256"]:
+            raise ValueError(f"{path} does not match its sha256")
+        bench_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, bench_dir / extra["name"])
+    runs = sum(m.name.startswith("runs/") for m in members)
+    return {"records": runs, "files": len(members), "bench": len(manifest["extra"])}

@@ -1,0 +1,171 @@
+"""A budgeted grid: time estimates from finished runs or the benchmark, runs started only when
+they fit, the rest left for the next call; and the `processes` executor (several runs at once
+on one machine), which must produce the serial executor's records.
+
+Smoke preset on real data: ResNet-8, 200 training images, one thread per run.
+"""
+import json
+
+import pytest
+
+from kdlib import cli, experiments
+from kdlib.budget import Budget, RunTimer, load_bench, record_device_kind
+from kdlib.executors import execute_processes
+from kdlib.presets import build_config
+from kdlib.results import load_records
+
+TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
+GRID = dict(preset="smoke", model="resnet8", seeds=[0], chain=[32, 4, 1],
+            chain_methods=["ta_chain", "progressive"], methods=["finetune", "direct_kd"],
+            overrides=TINY)
+TIMING = ("seconds", "images_per_s")
+
+
+def comparable(record: dict) -> dict:
+    return {"run_id": record["run_id"], "config": record["config"], "metrics": record["metrics"],
+            "same_run_as": record.get("same_run_as"),
+            "history": [{k: v for k, v in row.items() if k not in TIMING} for row in record["history"]]}
+
+
+def student(method="direct_kd", bits=4, epochs=3, **extra):
+    teacher = build_config("smoke", "resnet8", teacher=True, overrides=TINY)
+    return build_config("smoke", "resnet8", overrides={
+        **TINY, "method": method, "w_bits": bits, "a_bits": bits, "epochs": epochs,
+        "teacher_id": teacher.run_id() if method == "direct_kd" else None,
+        "init_id": None, **extra})
+
+
+def record_of(cfg, epoch_seconds, call_seconds, device="cpu", gpu=None):
+    return {"run_id": cfg.run_id(), "config": cfg.to_dict(), "device": device, "gpu": gpu,
+            "history": [{"seconds": s} for s in epoch_seconds], "call_seconds": call_seconds}
+
+
+def bench_file(rates: dict, gpu=None, model="resnet8", date="2026-12-01T00:00:00+00:00"):
+    return {"date": date, "machine": {"gpu": gpu, "device": "cuda" if gpu else "cpu"},
+            "settings": {"model": model},
+            "variants": {name: {"images_per_s": r} for name, r in rates.items()}}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_estimate_takes_the_slowest_epoch_and_the_overhead_of_runs_of_the_same_kind():
+    timer = RunTimer("cpu")
+    timer.add(record_of(student(epochs=2), [10.0, 14.0], call_seconds=30.0))  # 6 s overhead
+    timer.add(record_of(student(epochs=1, bits=1), [11.0], call_seconds=12.0))  # 1 s overhead
+    estimate = timer.estimate(student(epochs=5))
+    assert estimate.seconds == pytest.approx(1.2 * (5 * 14.0 + 6.0))
+    assert "2 finished run(s)" in estimate.source
+
+
+@pytest.mark.parametrize("other", [
+    dict(record=dict(device="cuda:0", gpu="NVIDIA H200")),  # another device
+    dict(cfg=dict(method="finetune")),  # no teacher: a cheaper step
+    dict(cfg=dict(batch_size=25)),
+    dict(cfg=dict(train_size=150)),
+])
+def test_runs_of_another_kind_do_not_time_this_one(other):
+    timer = RunTimer("cpu")
+    cfg = student(**other.get("cfg", {}))
+    timer.add(record_of(cfg, [10.0], 12.0, **other.get("record", {})))
+    assert timer.estimate(student()).seconds is None
+
+
+def test_an_alias_record_is_not_a_timing():
+    timer = RunTimer("cpu")
+    timer.add({**record_of(student(), [10.0], 12.0), "same_run_as": "other"})
+    assert timer.records == []
+
+
+def test_without_records_the_benchmark_of_this_device_gives_the_estimate(tmp_path):
+    (tmp_path / "cpu.json").write_text(json.dumps(bench_file({"kd_w4": 100.0, "w4a4": 200.0})))
+    (tmp_path / "gpu.json").write_text(json.dumps(bench_file({"kd_w4": 9e9}, gpu="NVIDIA H200")))
+    timer = RunTimer("cpu", bench=load_bench(tmp_path, "cpu"))
+    assert timer.estimate(student(epochs=2)).seconds == pytest.approx(1.2 * 2 * 200 / 100.0 * 1.25)
+    assert timer.estimate(student("finetune", epochs=2)).seconds == pytest.approx(
+        1.2 * 2 * 200 / 200.0 * 1.25)
+    on_gpu = RunTimer("cuda:NVIDIA H200", bench=load_bench(tmp_path, "cuda:NVIDIA H200"))
+    assert on_gpu.estimate(student()).seconds < 1e-3
+    assert load_bench(tmp_path, "cuda:NVIDIA H100") is None
+
+
+def test_the_newest_benchmark_of_a_device_is_used(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(bench_file({"kd_w4": 1.0}, date="2026-01-01")))
+    (tmp_path / "b.json").write_text(json.dumps(bench_file({"kd_w4": 2.0}, date="2026-06-01")))
+    (tmp_path / "broken.json").write_text("{")
+    assert load_bench(tmp_path, "cpu")["variants"]["kd_w4"]["images_per_s"] == 2.0
+
+
+def test_budget_fits_only_what_can_finish_in_the_time_left():
+    clock = Clock()
+    timer = RunTimer("cpu")
+    timer.add(record_of(student(epochs=1), [10.0], 10.0))
+    budget = Budget(60.0, timer, clock=clock)
+    assert budget.fits(student(epochs=4))[0]  # 48 s <= 60 s
+    assert budget.fits(student(epochs=5))[0]  # 1.2 * 50 = 60 s: fits exactly
+    assert not budget.fits(student(epochs=6))[0]
+    clock.now += 20.0
+    fits, why = budget.fits(student(epochs=4))
+    assert not fits and "48 s" in why and "40 s left" in why
+    fits, why = budget.fits(student("finetune"))
+    assert not fits and "kdlib bench" in why  # nothing to estimate from
+    with pytest.raises(ValueError, match="positive"):
+        Budget(0, timer)
+
+
+def test_record_device_kind_names_the_gpu():
+    assert record_device_kind({"device": "cuda:0", "gpu": "NVIDIA H100"}) == "cuda:NVIDIA H100"
+    assert record_device_kind({"device": "cpu"}) == "cpu"
+
+
+@pytest.mark.realdata
+def test_budgeted_grid_trains_what_fits_and_the_next_call_finishes(real_data_root, tmp_path):
+    """A benchmark that makes every KD run too long for the budget: the teacher and the
+    plain-CE runs (timed by the teacher's record once it exists) train, the KD runs wait; a
+    second call with a generous budget trains them, and the records equal an unbudgeted grid's."""
+    plan = experiments.plan_grid(**GRID)
+    (tmp_path / "bench").mkdir()
+    # the 2-epoch teacher of 200 images is estimated at 25 s of the 30; a KD epoch at 300 s
+    (tmp_path / "bench" / "cpu.json").write_text(json.dumps(bench_file(
+        {"fp32": 200 * 2 * 1.25 * 1.2 / 25.0, "kd_w4": 1.0, "w4a4": 1.0})))
+    timer = RunTimer("cpu", bench=load_bench(tmp_path / "bench", "cpu"))
+    first = experiments.execute(plan, data_dir=real_data_root, results_dir=tmp_path / "b",
+                                progress=False, budget=Budget(30.0, timer))
+    assert {r["config"]["method"] for r in first} == {"teacher", "progressive", "finetune"}
+    assert all(r["config"]["teacher_id"] is None for r in first)
+    code = cli.main(["grid", "--preset", "smoke", "--model", "resnet8", "--chain", "32", "4", "1",
+                     "--chain-methods", "ta_chain", "progressive", "--methods", "finetune",
+                     "direct_kd", *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")],
+                     "--data-dir", str(real_data_root), "--results-dir", str(tmp_path / "b"),
+                     "--no-progress", "--no-tensorboard", "--budget-min", "30",
+                     "--bench-dir", str(tmp_path / "bench")])
+    assert code == 0
+    budgeted = sorted(map(comparable, load_records(tmp_path / "b")), key=lambda r: r["run_id"])
+    serial = experiments.execute(plan, data_dir=real_data_root, results_dir=tmp_path / "s",
+                                 progress=False)
+    assert budgeted == sorted(map(comparable, serial), key=lambda r: r["run_id"])
+    assert len(budgeted) == 9
+
+
+@pytest.mark.realdata
+def test_processes_executor_equals_the_serial_grid(real_data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDLIB_TENSORBOARD", "0")
+    plan = experiments.plan_grid(**GRID)
+    serial = experiments.execute(plan, data_dir=real_data_root, results_dir=tmp_path / "s",
+                                 progress=False)
+    parallel = execute_processes(plan, jobs=2, data_dir=real_data_root,
+                                 results_dir=tmp_path / "p", tensorboard=False)
+    assert sorted(map(comparable, parallel), key=lambda r: r["run_id"]) == \
+        sorted(map(comparable, serial), key=lambda r: r["run_id"])
+    aliases = {r["config"]["method"] for r in parallel if r.get("same_run_as")}
+    assert aliases == {"finetune", "direct_kd"} and len(parallel) == 9
+
+
+def test_processes_executor_refuses_a_bad_job_count(tmp_path):
+    with pytest.raises(ValueError, match="jobs=0"):
+        execute_processes([], jobs=0, results_dir=tmp_path)

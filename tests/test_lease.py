@@ -1,0 +1,197 @@
+"""A lent GPU's calls, rehearsed on the CPU: data packed in checked parts and reassembled,
+the frontier weights carried, the device step (benchmark, budgeted grid, packed outputs) and
+the unpacking here; and the very commands `lease prepare` prints, run in a shell, so that no
+device minute goes to a typo.
+
+Smoke preset, ResNet-8, on the generated stand-in of CIFAR-100 (no real data needed).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdlib import experiments, lease
+from kdlib.results import load_records, weights_path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=1, steps=1, warmup=1,
+                  matmul_size=64, flops_probe_batch=2, concurrency=(1, 2),
+                  concurrency_seconds=0.2)
+GRID = dict(preset="smoke", model="resnet8", seeds=[0])
+TIMING = ("seconds", "images_per_s")
+
+
+def fast(raw: bytes) -> bytes:
+    import lzma
+    return lzma.compress(raw, preset=0)
+
+
+def comparable(record):
+    return {"run_id": record["run_id"], "metrics": record["metrics"],
+            "same_run_as": record.get("same_run_as"),
+            "history": [{k: v for k, v in row.items() if k not in TIMING} for row in record["history"]]}
+
+
+def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path):
+    manifest = lease.pack_data(fake_data_root, tmp_path / "lease", part_mib=0.2, compress=fast)
+    assert len(manifest["parts"]) >= 2
+    assert all(p["bytes"] <= 0.2 * lease.MIB for p in manifest["parts"])
+    for part in manifest["parts"]:
+        lease.store_part(tmp_path / "lease" / part["name"], tmp_path / "stash")
+    root = lease.assemble_data(tmp_path / "stash")
+    for name in lease.DATA_FILES:
+        assert (root / "cifar-100-python" / name).read_bytes() == \
+            (fake_data_root / "cifar-100-python" / name).read_bytes()
+
+
+def test_pack_data_reuses_its_parts_for_the_same_source(fake_data_root, tmp_path):
+    first = lease.pack_data(fake_data_root, tmp_path, part_mib=0.2, compress=fast)
+    stamp = (tmp_path / first["parts"][0]["name"]).stat().st_mtime_ns
+    assert lease.pack_data(fake_data_root, tmp_path, part_mib=0.2, compress=fast) == first
+    assert (tmp_path / first["parts"][0]["name"]).stat().st_mtime_ns == stamp
+
+
+def test_a_broken_or_missing_part_is_refused_by_name(fake_data_root, tmp_path):
+    manifest = lease.pack_data(fake_data_root, tmp_path / "lease", part_mib=0.2, compress=fast)
+    first, second = (tmp_path / "lease" / p["name"] for p in manifest["parts"][:2])
+    lease.store_part(first, tmp_path / "stash")
+    with pytest.raises(FileNotFoundError, match=second.name):
+        lease.assemble_data(tmp_path / "stash")
+    broken = bytearray(second.read_bytes())
+    broken[10] ^= 1
+    second.write_bytes(bytes(broken))
+    with pytest.raises(ValueError, match="sha256"):
+        lease.store_part(second, tmp_path / "stash")
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        lease.pack_data(tmp_path / "nowhere", tmp_path / "x")
+
+
+def test_outputs_split_into_at_most_eight_files_and_come_back_whole(tmp_path):
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "checkpoints").mkdir()
+    (results / "runs" / "a.json").write_text('{"run_id": "a"}')
+    (results / "checkpoints" / "a.weights.pt").write_bytes(os.urandom(300_000))
+    (results / "checkpoints" / "a.pt").write_bytes(b"resume state stays behind")
+    bench = tmp_path / "NVIDIA_H200.json"
+    bench.write_text("{}")
+    files = lease.pack_outputs(results, tmp_path / "out", [bench], file_mib=0.1)
+    assert 3 < len(files) <= lease.OUT_MAX_FILES
+    counts = lease.receive(tmp_path / "out", tmp_path / "back", tmp_path / "bench")
+    assert counts == {"records": 1, "files": 2, "bench": 1}
+    assert (tmp_path / "back" / "checkpoints" / "a.weights.pt").read_bytes() == \
+        (results / "checkpoints" / "a.weights.pt").read_bytes()
+    assert not (tmp_path / "back" / "checkpoints" / "a.pt").exists()
+    assert (tmp_path / "bench" / "NVIDIA_H200.json").exists()
+    with pytest.raises(ValueError, match="more than 2"):
+        lease.pack_outputs(results, tmp_path / "out2", file_mib=0.1, max_files=2)
+
+
+def test_frontier_is_the_weights_unfinished_runs_need(fake_data_root, tmp_path):
+    plan = experiments.plan_grid(**GRID, chain=[32, 4], chain_methods=["ta_chain"],
+                                 methods=["direct_kd"])
+    teacher = plan[0]
+    experiments.execute(plan[:1], data_dir=fake_data_root, results_dir=tmp_path, progress=False)
+    assert lease.frontier_weights(plan, tmp_path) == [weights_path(tmp_path, teacher.run_id())]
+    weights_path(tmp_path, teacher.run_id()).unlink()
+    with pytest.raises(FileNotFoundError, match="weights"):
+        lease.frontier_weights(plan, tmp_path)
+
+
+def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data_root, tmp_path):
+    """`lease prepare`'s calls, run by bash in a fresh 'device' folder holding only the tracked
+    tree and the carried paths, the returned files received here. Lease 1 has no time for the
+    grid: only the benchmark comes back. Then the teacher and a first link are trained here; lease
+    2 carries their weights, trains the rest without retraining them and without a second
+    benchmark. The records equal a plain serial grid's."""
+    here = tmp_path / "here"
+    (here / "results" / "bench").mkdir(parents=True)
+    results = here / "results" / "smoke"
+    small = dict(chain=[32, 4, 1], chain_methods=["ta_chain"], methods=["direct_kd"])
+    plan = experiments.plan_grid(**GRID, **small)  # 5 runs: 4 trained, direct_kd@4 an alias
+
+    def one_lease(minutes: float, n: int) -> list[str]:
+        calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results,
+                              repo_root=here, minutes=minutes, jobs=1, preset="smoke",
+                              model="resnet8", grid=small, part_mib=0.5,
+                              bench_args=TINY_BENCH)
+        device = tmp_path / f"device{n}"  # the tracked tree: the package, results without
+        shutil.copytree(here / "results", device / "results",  # their ignored folders
+                        ignore=shutil.ignore_patterns("checkpoints", "logs", "tb"))
+        shutil.copytree(REPO / "kdlib", device / "kdlib",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        out = tmp_path / f"out{n}"
+        out.mkdir()
+        env = {**os.environ, "KDLIB_LEASE_STASH": str(tmp_path / f"stash{n}"), "OUT": str(out),
+               "PATH": f"{_python3_shim(tmp_path)}:{os.environ['PATH']}", "KDLIB_TENSORBOARD": "0",
+               "OMP_NUM_THREADS": "1"}  # as this process: same sums, and fast on a busy CPU
+        logs = []
+        for call in calls:
+            for path in call["carry"]:  # what `carry` sends: the named ignored paths
+                target = device / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if (here / path).is_dir() else shutil.copy2)(here / path, target)
+            done = subprocess.run(["bash", "-c", call["command"]], cwd=device, env=env,
+                                  capture_output=True, text=True, timeout=call["timeout_s"])
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            logs.append(done.stdout + done.stderr)
+        assert len(calls) >= 2 and len(list(out.iterdir())) <= lease.OUT_MAX_FILES
+        lease.receive(out, results, here / "results" / "bench")
+        return logs
+
+    logs = one_lease(minutes=0.01, n=1)
+    assert "benchmark written" in logs[-1] and load_records(results) == []
+    bench = json.loads(next((here / "results" / "bench").glob("*.json")).read_text())
+    assert bench["settings"]["model"] == "resnet8" and set(bench["concurrency"]["by_jobs"]) == {"1", "2"}
+    head = experiments.execute(plan[:2], data_dir=fake_data_root, results_dir=results, progress=False)
+    logs = one_lease(minutes=5, n=2)
+    assert "benchmark written" not in logs[-1]
+    assert sorted(p.name for p in (tmp_path / "device2" / ".lease" / "weights").iterdir()) == \
+        sorted(f"{r['run_id']}.weights.pt" for r in head)
+    received = {r["run_id"]: r for r in load_records(results)}
+    assert all(received[r["run_id"]]["created_at"] == r["created_at"] for r in head)  # not retrained
+    serial = experiments.execute(plan, data_dir=fake_data_root, results_dir=tmp_path / "serial",
+                                 progress=False)
+    assert sorted(map(comparable, received.values()), key=lambda r: r["run_id"]) == \
+        sorted(map(comparable, serial), key=lambda r: r["run_id"])
+
+
+def _python3_shim(tmp_path: Path) -> Path:
+    """A folder whose python3 runs this interpreter (the device's python3 holds torch)."""
+    shim = tmp_path / "bin"
+    shim.mkdir(exist_ok=True)
+    script = shim / "python3"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    script.chmod(0o755)
+    return shim
+
+
+DEVICE_LACKS = ("papermill", "jupytext", "nbformat", "nbclient", "ipykernel", "ray", "nbval")
+
+
+def test_the_device_steps_need_no_notebook_packages(tmp_path):
+    """The lent machine has no papermill, jupytext, ipykernel or Ray: the grid, the lease steps
+    and the benchmark must import and parse without them."""
+    code = f"""
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {DEVICE_LACKS!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not on the device)", name=name)
+sys.meta_path.insert(0, Absent())
+import kdlib.cli, kdlib.lease, kdlib.bench.run, kdlib.executors, kdlib.experiments
+for argv in (["grid", "--help"], ["lease", "go", "--help"], ["lease", "store", "--help"]):
+    try:
+        kdlib.cli.main(argv)
+    except SystemExit as exit:
+        assert exit.code == 0, argv
+print("ok", sorted(m for m in sys.modules if m.split('.')[0] in {DEVICE_LACKS!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "ok []"
