@@ -284,8 +284,16 @@ def command_lease(args: argparse.Namespace) -> int:
     elif args.step == "store":
         lease.store_part(Path(args.part))
     elif args.step == "go":
+        log_path = results_dir / "logs" / f"lease-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+
+        def log(message: str) -> None:  # the lease's own lines also come back as a file
+            print(message, flush=True)
+            with open(log_path, "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
         lease.go(preset=args.preset, model=args.model, minutes=args.minutes, jobs=args.jobs,
-                 results_dir=results_dir, out=Path(args.out), repo_root=Path.cwd(),
+                 results_dir=results_dir, out=Path(args.out), repo_root=Path.cwd(), log=log,
                  bench=args.bench, device=args.device, bench_args=args.bench_args,
                  grid=_lease_grid(args))
     else:
