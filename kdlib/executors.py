@@ -29,7 +29,7 @@ import torch
 from kdlib.budget import Budget
 from kdlib.config import RunConfig
 from kdlib.data import load_splits
-from kdlib.experiments import _TrainedIndex, check_writable, train_run
+from kdlib.experiments import _TrainedIndex, budget_refusal, check_writable, train_run
 from kdlib.results import find_record
 from kdlib.tblog import TENSORBOARD_ENV
 
@@ -260,7 +260,4 @@ def _over_budget(cfg: RunConfig, after: list[str], budget: Budget | None,
     this call (listed in ``after`` besides its teacher and init) or of an earlier one."""
     if budget is None or set(after) - {cfg.teacher_id, cfg.init_id}:
         return None
-    if index.by_key.get(index.key(cfg), cfg.run_id()) != cfg.run_id():
-        return None
-    fits, why = budget.fits(cfg)
-    return None if fits else why
+    return budget_refusal(cfg, budget, index)

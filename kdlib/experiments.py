@@ -394,9 +394,15 @@ def _why_not_now(cfg: RunConfig, results_dir, index: _TrainedIndex, budget: Budg
     missing = [d for d in (cfg.teacher_id, cfg.init_id) if d and find_record(results_dir, d) is None]
     if missing:
         return f"waits for {missing[0]}"
+    return budget_refusal(cfg, budget, index)
+
+
+def budget_refusal(cfg: RunConfig, budget: Budget, index: _TrainedIndex) -> str | None:
+    """Why ``cfg`` does not fit in what is left of ``budget``; None if it fits, or if another
+    run of the index already trained it (recording it under this name costs nothing)."""
     trained_as = index.by_key.get(index.key(cfg))
     if trained_as is not None and trained_as != cfg.run_id():
-        return None  # recorded under another name already: costs nothing
+        return None
     fits, why = budget.fits(cfg)
     return None if fits else why
 
