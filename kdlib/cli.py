@@ -56,13 +56,18 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def model_of(args: argparse.Namespace) -> str:
+    """--model, else the preset's model (quick_squeezenet trains SqueezeNet without being told)."""
+    return args.model or get_preset(args.preset).model
+
+
 def default_results_dir(preset: str) -> Path:
     return REPO_ROOT / "results" / preset
 
 
 def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) -> dict[str, Any]:
     params: dict[str, Any] = {
-        "preset": args.preset, "model": args.model,
+        "preset": args.preset, "model": model_of(args),
         "seeds": list(args.seeds or get_preset(args.preset).seeds),
         "data_dir": str(args.data_dir or ""), "results_dir": str(results_dir),
         "overrides": parse_overrides(args.set), "device": args.device or "",
@@ -107,7 +112,7 @@ def _outputs(path: Path) -> list | None:
 def _announce_plan(args: argparse.Namespace, results_dir: Path) -> None:
     """How much of the grid is already trained, so nobody waits for training that won't happen."""
     seeds = list(args.seeds or get_preset(args.preset).seeds)
-    plan = plan_grid(preset=args.preset, model=args.model, seeds=seeds,
+    plan = plan_grid(preset=args.preset, model=model_of(args), seeds=seeds,
                      chain=args.chain or None, chain_methods=args.chain_methods or None,
                      methods=args.methods or None, overrides=parse_overrides(args.set))
     done = sum(find_record(results_dir, cfg.run_id()) is not None for cfg in plan)
@@ -165,7 +170,7 @@ def command_train(args: argparse.Namespace) -> int:
         overrides.setdefault("a_bits", args.w_bits)
     if args.a_bits is not None:
         overrides["a_bits"] = args.a_bits
-    cfg = build_config(args.preset, args.model, teacher=args.method == "teacher", overrides=overrides)
+    cfg = build_config(args.preset, model_of(args), teacher=args.method == "teacher", overrides=overrides)
     results_dir = Path(args.results_dir or default_results_dir(args.preset))
     record = execute([cfg], data_dir=args.data_dir or None, results_dir=results_dir,
                      device=args.device or None)[0]
@@ -179,7 +184,7 @@ def command_grid(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
     _announce_plan(args, results_dir)
-    plan = plan_grid(preset=args.preset, model=args.model,
+    plan = plan_grid(preset=args.preset, model=model_of(args),
                      seeds=list(args.seeds or get_preset(args.preset).seeds),
                      chain=args.chain or None, chain_methods=args.chain_methods or None,
                      methods=args.methods or None, overrides=parse_overrides(args.set))
@@ -219,12 +224,12 @@ def _run_plan(args: argparse.Namespace) -> list:
     """What `run`'s notebooks train: the grid, plus notebook 03's students at --bits."""
     seeds = list(args.seeds or get_preset(args.preset).seeds)
     overrides = parse_overrides(args.set)
-    plan = plan_grid(preset=args.preset, model=args.model, seeds=seeds, chain=args.chain or None,
+    plan = plan_grid(preset=args.preset, model=model_of(args), seeds=seeds, chain=args.chain or None,
                      chain_methods=args.chain_methods or None, methods=args.methods or None,
                      overrides=overrides)
     if args.bits:
         methods = list(args.methods or get_preset(args.preset).methods)
-        plan += [cfg for s in seeds for cfg in plan_students(args.preset, args.model, s, methods,
+        plan += [cfg for s in seeds for cfg in plan_students(args.preset, model_of(args), s, methods,
                                                             args.bits, overrides)]
     return plan
 
@@ -269,11 +274,11 @@ def command_lease(args: argparse.Namespace) -> int:
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
     if args.step == "prepare":
         grid = _lease_grid(args)
-        plan = plan_grid(preset=args.preset, model=args.model,
+        plan = plan_grid(preset=args.preset, model=model_of(args),
                          **{"seeds": list(get_preset(args.preset).seeds), **grid})
         calls = lease.prepare(plan, data_root=resolve_data_root(args.data_dir),
                               results_dir=results_dir, repo_root=REPO_ROOT, minutes=args.minutes,
-                              jobs=args.jobs, preset=args.preset, model=args.model, grid=grid,
+                              jobs=args.jobs, preset=args.preset, model=model_of(args), grid=grid,
                               bench_args=args.bench_args)
         print(f"{len(calls)} device calls, one right after the other (the machine goes back "
               f"30 s after a call); written to {lease.LEASE_DIR}/calls.json:")
@@ -292,7 +297,7 @@ def command_lease(args: argparse.Namespace) -> int:
             with open(log_path, "a") as f:
                 f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
 
-        lease.go(preset=args.preset, model=args.model, minutes=args.minutes, jobs=args.jobs,
+        lease.go(preset=args.preset, model=model_of(args), minutes=args.minutes, jobs=args.jobs,
                  results_dir=results_dir, out=Path(args.out), repo_root=Path.cwd(), log=log,
                  bench=args.bench, device=args.device, bench_args=args.bench_args,
                  grid=_lease_grid(args))
@@ -329,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--preset", default=DEFAULT_PRESET,
                        help=f"{' | '.join(PRESETS)} (default: {DEFAULT_PRESET})")
-        p.add_argument("--model", default="resnet20", help="registry name (default: resnet20)")
+        p.add_argument("--model", default=None,
+                       help="registry name (default: the preset's, resnet20 but for quick_squeezenet)")
         p.add_argument("--data-dir", default=None, help="folder holding cifar-100-python/ "
                        "(default: $KDLIB_DATA, else ./data; downloaded when missing)")
         p.add_argument("--results-dir", default=None, help="default: results/<preset>")
@@ -425,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("go", "there: data, benchmark, budgeted grid, files into --out")):
         step = steps.add_parser(name, help=text)
         step.add_argument("--preset", default="gpu")
-        step.add_argument("--model", default="resnet20")
+        step.add_argument("--model", default=None, help="default: the preset's model")
         step.add_argument("--seeds", nargs="+", type=int, default=None)
         step.add_argument("--chain", nargs="+", default=None)
         step.add_argument("--chain-methods", nargs="+", default=None)

@@ -408,7 +408,7 @@ def budget_refusal(cfg: RunConfig, budget: Budget, index: _TrainedIndex) -> str 
 
 
 # ----------------------------------------------------------------------------- pipelines
-def run_teacher(*, preset: str = "smoke", model: str = "resnet20", seeds: Sequence[int] = (0,),
+def run_teacher(*, preset: str = "smoke", model: str | None = None, seeds: Sequence[int] = (0,),
                 data_dir=None, results_dir="results", overrides: dict | None = None, device=None,
                 progress: bool = True) -> list[dict[str, Any]]:
     """The 32-bit full-precision teacher, one per seed."""
@@ -416,7 +416,7 @@ def run_teacher(*, preset: str = "smoke", model: str = "resnet20", seeds: Sequen
     return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device, progress=progress)
 
 
-def run_ta_chain(*, preset: str = "smoke", model: str = "resnet20", seeds: Sequence[int] = (0,),
+def run_ta_chain(*, preset: str = "smoke", model: str | None = None, seeds: Sequence[int] = (0,),
                  chain: Sequence[BitsSpec] | None = None, methods: Sequence[str] | None = None,
                  data_dir=None, results_dir="results", overrides: dict | None = None,
                  teacher_run_id: str | None = None, device=None,
@@ -441,7 +441,7 @@ def run_ta_chain(*, preset: str = "smoke", model: str = "resnet20", seeds: Seque
     return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device, progress=progress)
 
 
-def run_students(*, preset: str = "smoke", model: str = "resnet20", seeds: Sequence[int] = (0,),
+def run_students(*, preset: str = "smoke", model: str | None = None, seeds: Sequence[int] = (0,),
                  methods: Sequence[str] | None = None, bits: Sequence[BitsSpec] | None = None,
                  data_dir=None, results_dir="results", overrides: dict | None = None, device=None,
                  progress: bool = True) -> list[dict[str, Any]]:
@@ -455,7 +455,7 @@ def run_students(*, preset: str = "smoke", model: str = "resnet20", seeds: Seque
     return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device, progress=progress)
 
 
-def plan_grid(*, preset: str = "smoke", model: str = "resnet20", seeds: Sequence[int] = (0,),
+def plan_grid(*, preset: str = "smoke", model: str | None = None, seeds: Sequence[int] = (0,),
               chain: Sequence[BitsSpec] | None = None, chain_methods: Sequence[str] | None = None,
               methods: Sequence[str] | None = None,
               overrides: dict | None = None) -> list[RunConfig]:

@@ -144,7 +144,7 @@ def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
 
 
 def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Path,
-            minutes: float, jobs: int | str, preset: str, model: str = "resnet20",
+            minutes: float, jobs: int | str, preset: str, model: str | None = None,
             grid: dict[str, Sequence] | None = None, part_mib: float = PART_MIB,
             bench_args: dict[str, Any] | None = None,
             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -160,6 +160,9 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     for path in frontier_weights(plan, results_dir):
         shutil.copy2(path, weights / path.name)
     rel_results = os.path.relpath(results_dir, repo_root)
+    from kdlib.presets import get_preset
+
+    model = model or get_preset(preset).model
     go = (f"PYTHONUNBUFFERED=1 python3 -m kdlib lease go --preset {preset} --model {model} "
           f"--minutes {minutes:g} --jobs {jobs} --results-dir {rel_results} --out \"$OUT\"")
     for name, values in (grid or {}).items():
@@ -244,7 +247,7 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
 
 
 def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path, out: Path,
-       repo_root: Path, model: str = "resnet20", bench: str = "auto", device: str | None = None,
+       repo_root: Path, model: str | None = None, bench: str = "auto", device: str | None = None,
        stash: Path = STASH, reserve_s: float | None = None, grid: dict[str, Any] | None = None,
        data_root: Path | None = None, bench_args: dict[str, Any] | None = None,
        log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -264,6 +267,7 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path, out: 
     from kdlib.presets import get_preset
     from kdlib.results import load_records, weights_path
 
+    model = model or get_preset(preset).model
     started = time.monotonic()
     deadline = started + 60.0 * minutes
     reserve_s = min(45.0, 6.0 * minutes) if reserve_s is None else reserve_s

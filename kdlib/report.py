@@ -17,9 +17,13 @@ import pandas as pd
 from kdlib.bench.render import render_markdown
 from kdlib.config import describe_fields
 from kdlib.results import (CONTRASTS, METHOD_ORDER, bits_label, chain_contrasts, load_published,
-                           load_results, results_table, shared_cells, summarise)
+                           load_results, paired_contrast, results_table, shared_cells,
+                           summarise)
+from kdlib.costs import render_costs
+from kdlib.verdict import render_answer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+COST_PRESETS = ("quick", "quick_squeezenet", "paper")  # the README's cost table
 
 
 def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
@@ -196,7 +200,7 @@ def render_bench(bench_dir: str | os.PathLike, gpu: bool = False) -> str:
     return render_markdown(json.loads(newest.read_text()))
 
 
-def missing_runs(results_dir: str | os.PathLike, preset: str, model: str = "resnet20") -> dict[str, list]:
+def missing_runs(results_dir: str | os.PathLike, preset: str, model: str | None = None) -> dict[str, list]:
     """{method: [bits label, ...]} of the preset's planned grid runs without a record."""
     from kdlib.experiments import plan_grid  # lazy: experiments imports the training stack
     from kdlib.presets import get_preset
@@ -258,9 +262,45 @@ def render_config_fields() -> str:
     return _markdown(frame)
 
 
-def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None) -> str:
+def render_answer_block(results_dir: str | os.PathLike) -> str:
+    """Markdown: the answer paragraph of :mod:`kdlib.verdict` for the records in ``results_dir``."""
+    frame = load_results(results_dir)
+    if frame.empty:
+        return f"_No run records in `{_shown(results_dir)}` yet._"
+    return render_answer(frame)
+
+
+def render_second_model(results_dir: str | os.PathLike, preset: str) -> str:
+    """Markdown: a second architecture's table and its chain-vs-direct-KD difference (its grid
+    has no controls, so the difference is stated with its unequal budget), or what to run."""
+    frame = load_results(results_dir)
+    if frame.empty:
+        return (f"_Not trained yet: `python -m kdlib grid --preset {preset}`, then "
+                f"`python -m kdlib run --preset {preset}` for its figures in "
+                f"`{_shown(results_dir)}/figures/`._")
+    lines = [render_results(results_dir)]
+    if {"ta_chain", "direct_kd"} <= set(frame["method"]):
+        diff = paired_contrast(frame, "ta_chain", "direct_kd")
+        diff = diff[diff["n"] > 0].sort_values("w_bits", ascending=False)
+        cells = ", ".join(f"{bits_label(r.w_bits, r.a_bits)}: {r.mean:+.2f}"
+                          + (f" [{r.ci95_low:+.2f}, {r.ci95_high:+.2f}]" if r.n > 1 else "")
+                          for r in diff.itertuples())
+        lines += ["", f"`ta_chain − direct_kd`, test top-1 points (n = {int(diff['n'].max())} "
+                  f"seed(s)): {cells}. Not a controlled contrast: the chain's k-th link has k "
+                  "link budgets behind it, direct KD one."]
+    return "\n".join(lines)
+
+
+def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_dir=None) -> str:
     gpu_dir = Path(results_dir).parent / "gpu" if gpu_dir is None else gpu_dir
+    squeezenet_dir = (Path(results_dir).parent / "quick_squeezenet" if squeezenet_dir is None
+                      else squeezenet_dir)
     text = replace_block(readme, "results", render_results(results_dir))
+    text = replace_block(text, "answer", render_answer_block(results_dir))
+    text = replace_block(text, "squeezenet", render_second_model(squeezenet_dir, "quick_squeezenet"))
+    cpu_runs = pd.concat([load_results(d) for d in (results_dir, squeezenet_dir)], ignore_index=True)
+    cpu_runs = cpu_runs[cpu_runs["device"] == "cpu"] if "device" in cpu_runs else cpu_runs
+    text = replace_block(text, "costs", render_costs(COST_PRESETS, cpu_runs))
     text = replace_block(text, "gpu", render_gpu(gpu_dir, bench_dir))
     text = replace_block(text, "config", render_config_fields())
     text = replace_block(text, "models", render_packed_models(results_dir))

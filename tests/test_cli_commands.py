@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlib.cli import build_parser, main, notebook_parameters
+from kdlib.cli import build_parser, main, model_of, notebook_parameters
 from kdlib.results import load_records, save_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +59,21 @@ def test_notebook_parameters_per_notebook(tmp_path):
     assert notebook_parameters(args, "03_individual", tmp_path) == {
         **common, "bits": [4, "2/8"], "methods": ["individual", "direct_kd"]}
     assert notebook_parameters(args, "04_results", tmp_path) == {"preset": "smoke", "results_dir": str(tmp_path)}
+
+
+def test_the_preset_names_the_model_unless_the_command_line_does(tmp_path):
+    """`--preset quick_squeezenet` alone trains SqueezeNet, not a ResNet-20 under its name."""
+    from kdlib.experiments import plan_grid
+
+    args = build_parser().parse_args(["run", "--preset", "quick_squeezenet"])
+    assert notebook_parameters(args, "01_baseline", tmp_path)["model"] == "squeezenet"
+    for command in ("grid", "train"):
+        assert model_of(build_parser().parse_args([command, "--preset", "quick_squeezenet"])) == "squeezenet"
+    assert {c.model for c in plan_grid(preset="quick_squeezenet")} == {"squeezenet"}
+    assert {c.model for c in plan_grid(preset="quick")} == {"resnet20"}
+    explicit = build_parser().parse_args(["run", "--preset", "quick_squeezenet", "--model", "resnet8"])
+    assert notebook_parameters(explicit, "01_baseline", tmp_path)["model"] == "resnet8"
+    assert {c.model for c in plan_grid(preset="quick_squeezenet", model="resnet8")} == {"resnet8"}
 
 
 def test_notebook_parameters_fill_unset_options_from_the_preset_not_the_notebook(tmp_path):

@@ -220,3 +220,16 @@ def test_gpu_block_lists_the_runs_still_missing(tmp_path, monkeypatch):
     assert f"Still missing, {len(plan) - 1} of {len(plan)} runs" in rendered
     assert "teacher 32" not in rendered and "ta_chain 16, 8, 4, 2, 1" in rendered
     assert "61.50" in rendered  # the table of what has come in
+
+
+def test_second_model_block_states_the_uncontrolled_difference(tmp_path):
+    assert "Not trained yet: `python -m kdlib grid --preset quick_squeezenet`" in \
+        report.render_second_model(tmp_path, "quick_squeezenet")
+    for seed, (chain, direct) in enumerate([(30.0, 28.0), (31.0, 28.5)]):
+        write_record(tmp_path, f"t{seed}", "teacher", 32, seed, 50.0, created_at="2024-01-01T10:00:00+00:00")
+        write_record(tmp_path, f"c{seed}", "ta_chain", 2, seed, chain, created_at="2024-01-01T11:00:00+00:00")
+        write_record(tmp_path, f"d{seed}", "direct_kd", 2, seed, direct, created_at="2024-01-01T11:00:00+00:00")
+    text = report.render_second_model(tmp_path, "quick_squeezenet")
+    assert text.startswith(render_results(tmp_path))
+    assert "`ta_chain − direct_kd`, test top-1 points (n = 2 seed(s)): 2: +2.25 [" in text
+    assert "Not a controlled contrast" in text

@@ -1,0 +1,108 @@
+"""What a preset's grid costs on this kind of machine, from the rates its records measured.
+
+A record's ``wall_time_s`` covers its whole run (training, validation every epoch, the test
+pass), so training images × epochs over it is an all-in rate. Rates are kept per model and
+per kind of step (with or without a teacher's forward pass): the 1-epoch KD links of the
+quick grid pay their evaluation once per epoch, and that is what a grid is made of.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import pandas as pd
+
+from kdlib.budget import train_images
+from kdlib.config import RunConfig
+
+# SqueezeNet's training-step time over ResNet-20's, used until SqueezeNet records exist:
+# 3.27 (fp32) and 3.38 (4-bit), 1 thread, batch 128, channels_last, on the 2-core VM.
+SQUEEZENET_TIME_RATIO = 3.3
+REFERENCE_MODEL = "resnet20"
+
+
+def plan_trainings(preset: str, seeds: Sequence[int] | None = None) -> tuple[int, list[RunConfig]]:
+    """(runs in the preset's grid, the runs that train: one per training under several names)."""
+    from kdlib.experiments import plan_grid, training_key  # lazy: the training stack
+    from kdlib.presets import get_preset
+
+    plan = plan_grid(preset=preset, seeds=list(seeds or get_preset(preset).seeds))
+    alias: dict[str, str] = {}
+    first: dict[str, str] = {}
+    trainings = []
+    for cfg in plan:
+        key = training_key(cfg, lambda run_id: alias.get(run_id, run_id) if run_id else None)
+        if key in first:
+            alias[cfg.run_id()] = first[key]
+        else:
+            first[key] = cfg.run_id()
+            trainings.append(cfg)
+    return len(plan), trainings
+
+
+def measured_rates(frame: pd.DataFrame) -> dict[tuple[str, bool], float]:
+    """{(model, kd): training images × epochs per wall second of a run} over trained records."""
+    if frame.empty:
+        return {}
+    runs = frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
+    runs = runs[runs["wall_time_s"].fillna(0) > 0]
+    images = [(t if pd.notna(t) else 50_000 - v) * e
+              for t, v, e in zip(runs["train_size"], runs["val_size"], runs["epochs"])]
+    runs = runs.assign(image_epochs=images, kd=runs["teacher_id"].notna())
+    sums = runs.groupby(["model", "kd"])[["image_epochs", "wall_time_s"]].sum()
+    return {(model, bool(kd)): row["image_epochs"] / row["wall_time_s"]
+            for (model, kd), row in sums.iterrows()}
+
+
+def _rate(rates: dict, model: str, kd: bool) -> tuple[float | None, str]:
+    if (model, kd) in rates:
+        return rates[(model, kd)], "measured"
+    if model == "squeezenet" and (REFERENCE_MODEL, kd) in rates:
+        return rates[(REFERENCE_MODEL, kd)] / SQUEEZENET_TIME_RATIO, "scaled"
+    return None, "none"
+
+
+def grid_cost(preset: str, rates: dict[tuple[str, bool], float]) -> dict[str, Any]:
+    """Runs, trainings, training images × epochs and the run-hours they take at ``rates``
+    (None when a kind of run has no rate)."""
+    runs, trainings = plan_trainings(preset)
+    image_epochs = [train_images(cfg) * cfg.epochs for cfg in trainings]
+    hours, bases = 0.0, set()
+    for cfg, amount in zip(trainings, image_epochs):
+        rate, basis = _rate(rates, cfg.model, cfg.teacher_id is not None)
+        if rate is None:
+            hours = None
+            break
+        hours += amount / rate / 3600
+        bases.add(basis)
+    return {"preset": preset, "model": trainings[0].model, "runs": runs, "trained": len(trainings),
+            "image_epochs": sum(image_epochs), "run_hours": hours, "basis": bases}
+
+
+def _amount(n: float) -> str:
+    return f"{n / 1e6:,.2f} M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def render_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int = 2) -> str:
+    """Markdown: one row per preset, estimated from ``frame``'s records (see module doc)."""
+    rates = measured_rates(frame)
+    rows = []
+    for preset in presets:
+        cost = grid_cost(preset, rates)
+        hours = cost["run_hours"]
+        if hours is None:
+            estimate = "no measured rate for this model"
+        else:
+            estimate = (f"{hours * 60:.1f} run-minutes" if hours < 1 else
+                        f"{hours:,.1f} run-hours (≈ {hours / jobs:,.1f} h with `--jobs {jobs}`)")
+            if "scaled" in cost["basis"]:
+                estimate += f", SqueezeNet at ResNet-20's rate / {SQUEEZENET_TIME_RATIO}"
+        rows.append({"preset": f"`{preset}`", "model": cost["model"], "runs (trained)":
+                     f"{cost['runs']} ({cost['trained']})",
+                     "training images × epochs": _amount(cost["image_epochs"]),
+                     "estimated cost here": estimate})
+    measured = ", ".join(f"{model} {'KD' if kd else 'CE'} {rate:.0f}"
+                         for (model, kd), rate in sorted(rates.items()))
+    table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    return (f"{table}\n\nRates (training images × epochs per wall second of a run, evaluation "
+            f"included) measured by the committed records: {measured or 'none yet'}.")

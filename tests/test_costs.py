@@ -1,0 +1,48 @@
+"""The README's cost table: trainings counted like the grid trains them, rates from records."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from kdlib.costs import SQUEEZENET_TIME_RATIO, grid_cost, measured_rates, plan_trainings, render_costs
+from kdlib.experiments import plan_grid
+
+
+def test_runs_that_are_one_training_count_once():
+    runs, trainings = plan_trainings("quick", seeds=[0])
+    assert runs == len(plan_grid(preset="quick", seeds=[0])) == 36
+    # The 16-bit links of ta_chain, progressive_kd32, direct_kd and direct_kd_matched are one
+    # training; so are progressive's and finetune's 16-bit links: 36 - 3 - 1 = 32.
+    assert len(trainings) == 32
+    assert {c.model for c in plan_trainings("quick_squeezenet")[1]} == {"squeezenet"}
+
+
+def _frame(rows):
+    base = {"same_run_as": None, "val_size": 5000, "teacher_id": None}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_rates_are_image_epochs_over_wall_time_per_kind():
+    frame = _frame([
+        {"model": "resnet20", "train_size": None, "epochs": 2, "wall_time_s": 900.0},   # 90k
+        {"model": "resnet20", "train_size": 1000, "epochs": 1, "wall_time_s": 100.0},   # 1k
+        {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 450.0, "teacher_id": "t"},
+        {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 1.0, "teacher_id": "t",
+         "same_run_as": "x"},  # an alias trained nothing
+    ])
+    rates = measured_rates(frame)
+    assert rates[("resnet20", False)] == pytest.approx(91_000 / 1000.0)
+    assert rates[("resnet20", True)] == pytest.approx(45_000 / 450.0)
+
+
+def test_squeezenet_borrows_resnets_rate_until_it_has_its_own():
+    rates = {("resnet20", False): 150.0, ("resnet20", True): 75.0}
+    scaled = grid_cost("quick_squeezenet", rates)
+    _, trainings = plan_trainings("quick_squeezenet")
+    expected = sum(8000 * c.epochs / ((75.0 if c.teacher_id else 150.0) / SQUEEZENET_TIME_RATIO)
+                   for c in trainings) / 3600
+    assert scaled["run_hours"] == pytest.approx(expected) and scaled["basis"] == {"scaled"}
+    own = grid_cost("quick_squeezenet", {**rates, ("squeezenet", False): 50.0, ("squeezenet", True): 25.0})
+    assert own["basis"] == {"measured"} and own["run_hours"] < scaled["run_hours"]
+    assert grid_cost("quick", {})["run_hours"] is None
+    assert "no measured rate" in render_costs(["quick"], pd.DataFrame())

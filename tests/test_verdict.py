@@ -1,0 +1,82 @@
+"""The README's answer paragraph follows the intervals, whatever they say."""
+from __future__ import annotations
+
+import pytest
+from scipy import stats
+
+from kdlib.config import RunConfig
+from kdlib.results import load_results, save_record
+from kdlib.verdict import classify, contrast_verdicts, one_training, render_answer
+
+
+def _save(folder, cfg: RunConfig, top1: float, same_run_as: str | None = None) -> None:
+    metrics = {"best_epoch": 1, "best_val_top1": top1, "best_val_top5": 0.0, "test_top1": top1,
+               "test_top5": 0.0, "final_test_top1": top1, "final_test_top5": 0.0}
+    save_record(folder, {"run_id": cfg.run_id(), "config": cfg.to_dict(), "metrics": metrics,
+                         "history": [{}], "same_run_as": same_run_as})
+
+
+def _chains(folder, gains: dict[int, list[float]], seeds=(0, 1, 2)):
+    """ta_chain and progressive_kd32 along 32 -> 16 -> 2, one training at 16 bits (as in the
+    grid); at 2 bits ta_chain = progressive_kd32 + gains[2][seed]."""
+    for seed in seeds:
+        teacher = RunConfig(model="resnet8", method="teacher", seed=seed, epochs=2)
+        _save(folder, teacher, 50.0)
+        link16 = RunConfig(model="resnet8", method="ta_chain", w_bits=16, a_bits=16, seed=seed,
+                           init_id=teacher.run_id(), teacher_id=teacher.run_id())
+        _save(folder, link16, 45.0 + seed)
+        alias16 = RunConfig(**{**link16.to_dict(), "method": "progressive_kd32"})
+        _save(folder, alias16, 45.0 + seed, same_run_as=link16.run_id())
+        base = 40.0 + 0.7 * seed
+        for method, init, top1 in (("ta_chain", link16, base + gains[2][seed]),
+                                   ("progressive_kd32", alias16, base)):
+            cfg = RunConfig(model="resnet8", method=method, w_bits=2, a_bits=2, seed=seed,
+                            init_id=init.run_id(),
+                            teacher_id=(link16 if method == "ta_chain" else teacher).run_id())
+            _save(folder, cfg, top1)
+    return load_results(folder)
+
+
+def test_a_consistent_gain_is_resolved_for_the_winning_side(tmp_path):
+    frame = _chains(tmp_path, {2: [1.0, 1.2, 0.8]})
+    verdicts = contrast_verdicts(frame)
+    row = verdicts.set_index("bits").loc["2"]
+    diffs = [1.0, 1.2, 0.8]
+    half = stats.t.ppf(0.975, 2) * stats.tstd(diffs) / 3 ** 0.5
+    assert row["mean"] == pytest.approx(1.0) and row["ci95_low"] == pytest.approx(1.0 - half)
+    assert row["verdict"] == "method"
+    text = render_answer(frame)
+    assert "n = 3 seeds: the assistant is better at 2 bit (2: +1.00 [" in text
+    assert "unresolved" not in text and "1 of 1 intervals exclude 0" in text
+
+
+def test_a_loss_names_the_baseline_and_noise_stays_unresolved(tmp_path):
+    frame = _chains(tmp_path, {2: [-1.0, -1.3, -0.9]})
+    assert "the 32-bit teacher is better at 2 bit (2: -1.07 [" in render_answer(frame)
+    noisy = _chains(tmp_path / "noisy", {2: [1.5, -1.0, 0.2]})
+    text = render_answer(noisy)
+    assert contrast_verdicts(noisy)["verdict"].tolist() == ["unresolved"]
+    assert "unresolved at 2 bit (median interval ±" in text and "is better" not in text
+    assert "0 of 1 intervals exclude 0" in text
+
+
+def test_one_training_under_two_names_is_no_finding(tmp_path):
+    """At 16 bits both chains are the same run: a 0 by construction, left out of the answer."""
+    frame = _chains(tmp_path, {2: [1.0, 1.2, 0.8]})
+    assert one_training(frame, "ta_chain", "progressive_kd32") == {(16, 16)}
+    assert contrast_verdicts(frame)["bits"].tolist() == ["2"]
+    assert "16:" not in render_answer(frame)
+
+
+def test_one_seed_claims_nothing(tmp_path):
+    frame = _chains(tmp_path, {2: [2.0]}, seeds=(0,))
+    text = render_answer(frame)
+    assert "one seed, no interval yet (2: +2.00 points)" in text
+    assert "nothing is resolved" in text and "is better" not in text
+
+
+def test_classify_reads_only_the_interval():
+    assert classify({"n": 3, "ci95_low": 0.1, "ci95_high": 2.0}) == "method"
+    assert classify({"n": 3, "ci95_low": -2.0, "ci95_high": -0.1}) == "baseline"
+    assert classify({"n": 3, "ci95_low": -0.1, "ci95_high": 2.0}) == "unresolved"
+    assert classify({"n": 1, "ci95_low": float("nan"), "ci95_high": float("nan")}) == "one seed"
