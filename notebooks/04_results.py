@@ -32,9 +32,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from IPython.display import Markdown
+
 from kdlib import plots
 from kdlib.results import (chain_contrasts, load_published, load_records, load_results,
                            paired_gain, results_table, summarise, summary_table)
+from kdlib.verdict import render_answer
 
 figures = Path(results_dir) / "figures"
 frame = load_results(results_dir)
@@ -93,6 +96,15 @@ if not contrasts.empty:
     plots.save_figure(fig, figures / "chain_contrasts.png")
     plt.show()
 contrasts
+
+# %% [markdown]
+# ## The answer, in words
+#
+# Read off the contrasts above and nothing else (`kdlib.verdict`, also the README's
+# paragraph): a width is resolved only where its 95% interval excludes 0.
+
+# %%
+Markdown(render_answer(frame))
 
 # %% [markdown]
 # ## Training curves of the chain

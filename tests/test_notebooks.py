@@ -28,7 +28,10 @@ def test_notebooks_01_to_04_with_injected_parameters(real_data_root, tmp_path):
     _execute("02_ta_chain", tmp_path, chain=[32, 4, 1], methods=["ta_chain", "progressive_kd32"],
              **common)
     _execute("03_individual", tmp_path, bits=[4, 1], methods=["individual", "direct_kd"], **common)
-    _execute("04_results", tmp_path, preset="smoke", results_dir=str(results))
+    executed = _execute("04_results", tmp_path, preset="smoke", results_dir=str(results))
+    shown = [o.get("data", {}).get("text/markdown", "") for c in executed["cells"]
+             for o in c.get("outputs", [])]
+    assert any("**The answer so far** (resnet8, preset `smoke`" in "".join(text) for text in shown)
     records = [json.loads(p.read_text()) for p in (results / "runs").glob("*.json")]
     assert len(records) == 1 + 2 * 2 + 2 * 2
     # the 4-bit links of both chain methods and direct_kd at 4 bits are one training
