@@ -233,3 +233,12 @@ def test_second_model_block_states_the_uncontrolled_difference(tmp_path):
     assert text.startswith(render_results(tmp_path))
     assert "`ta_chain − direct_kd`, test top-1 points (n = 2 seed(s)): 2: +2.25 [" in text
     assert "Not a controlled contrast" in text
+
+
+def test_every_figure_the_readme_shows_is_committed():
+    """An image link that points nowhere renders as a broken picture on the project page."""
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "README.md").read_text())
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    missing = [link for link in links if link not in tracked]
+    assert not missing, f"README shows figures that are not committed: {missing}"
