@@ -21,23 +21,31 @@ SQUEEZENET_TIME_RATIO = 3.3
 REFERENCE_MODEL = "resnet20"
 
 
-def plan_trainings(preset: str, seeds: Sequence[int] | None = None) -> tuple[int, list[RunConfig]]:
-    """(runs in the preset's grid, the runs that train: one per training under several names)."""
-    from kdlib.experiments import plan_grid, training_key  # lazy: the training stack
-    from kdlib.presets import get_preset
+def trainings(plan: Sequence[RunConfig]) -> list[RunConfig]:
+    """The runs of ``plan`` that train: one per training under several names (the grid's
+    ``same_run_as`` aliases, found by the same training key)."""
+    from kdlib.experiments import training_key  # lazy: the training stack
 
-    plan = plan_grid(preset=preset, seeds=list(seeds or get_preset(preset).seeds))
     alias: dict[str, str] = {}
     first: dict[str, str] = {}
-    trainings = []
+    out = []
     for cfg in plan:
         key = training_key(cfg, lambda run_id: alias.get(run_id, run_id) if run_id else None)
         if key in first:
             alias[cfg.run_id()] = first[key]
         else:
             first[key] = cfg.run_id()
-            trainings.append(cfg)
-    return len(plan), trainings
+            out.append(cfg)
+    return out
+
+
+def plan_trainings(preset: str, seeds: Sequence[int] | None = None) -> tuple[int, list[RunConfig]]:
+    """(runs in the preset's grid, the runs that train)."""
+    from kdlib.experiments import plan_grid
+    from kdlib.presets import get_preset
+
+    plan = plan_grid(preset=preset, seeds=list(seeds or get_preset(preset).seeds))
+    return len(plan), trainings(plan)
 
 
 def measured_rates(frame: pd.DataFrame) -> dict[tuple[str, bool], float]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from kdlib.costs import SQUEEZENET_TIME_RATIO, grid_cost, measured_rates, plan_trainings, render_costs
+from kdlib.costs import (SQUEEZENET_TIME_RATIO, grid_cost, measured_rates, plan_trainings,
+                         render_costs, trainings)
 from kdlib.experiments import plan_grid
 
 
@@ -46,3 +47,13 @@ def test_squeezenet_borrows_resnets_rate_until_it_has_its_own():
     assert own["basis"] == {"measured"} and own["run_hours"] < scaled["run_hours"]
     assert grid_cost("quick", {})["run_hours"] is None
     assert "no measured rate" in render_costs(["quick"], pd.DataFrame())
+
+
+def test_readme_states_how_much_of_a_seed_the_contrasts_need():
+    """The README's "36 of the 84 epochs" follows the grid, not a hand count."""
+    from pathlib import Path
+
+    epochs = [sum(c.epochs for c in trainings(plan_grid(preset="quick", seeds=[1], methods=m)))
+              for m in (["direct_kd_matched"], None)]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert (f"`direct_kd_matched`: {epochs[0]} of the {epochs[1]}\nepochs a seed trains") in readme
