@@ -109,12 +109,15 @@ def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "") -> plt.Figure
     for i, name in enumerate(names):
         rows = contrasts[contrasts["contrast"] == name]
         x = [pos[b] - 0.4 + width * (i + 0.5) for b in rows["w_bits"]]
-        half = (rows["ci95_high"] - rows["mean"]).fillna(0)
-        ax.bar(x, rows["mean"], width=width, yerr=half, capsize=3, color=colors[i], label=name)
+        half = rows["ci95_high"] - rows["mean"]
+        ax.bar(x, rows["mean"], width=width, yerr=None if half.isna().all() else half.fillna(0),
+               capsize=3, color=colors[i], label=f"{name} (n = {int(rows['n'].max())})")
     ax.axhline(0, color="black", linewidth=0.8)
     _set_bit_axis(ax, pos)
     ax.set_ylabel("paired difference (top-1 points)")
-    ax.set_title(title or "Where the chain's gain comes from (error bar: 95% CI over seeds)")
+    one_seed = contrasts.empty or contrasts["n"].max() < 2
+    ax.set_title(title or "Where the chain's gain comes from " + (
+        "(one seed: no interval yet)" if one_seed else "(error bar: 95% paired interval over seeds)"))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

@@ -174,8 +174,20 @@ def test_chain_contrasts_bars_are_the_paired_means_with_their_intervals():
     heights = sorted(p.get_height() for p in ax.patches)
     assert heights == [-1.0, 0.5, 2.0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "ta_chain − progressive_kd32", "ta_chain − progressive"]
+        "ta_chain − progressive_kd32 (n = 3)", "ta_chain − progressive (n = 3)"]
     half_widths = sorted(float(np.ptp(seg[:, 1])) / 2 for c in ax.collections
                          for seg in c.get_segments())
     assert half_widths == [0.0, 1.0, 1.0]  # one seed: no interval drawn
+    assert "95% paired interval" in ax.get_title()
+    plt.close(fig)
+
+
+def test_chain_contrasts_with_one_seed_say_so_and_draw_no_error_bars():
+    contrasts = pd.DataFrame([
+        {"contrast": "ta_chain − progressive", "w_bits": b, "a_bits": b, "mean": m,
+         "ci95_low": float("nan"), "ci95_high": float("nan"), "n": 1} for b, m in ((4, 0.5), (1, -1.0))])
+    fig = plots.plot_chain_contrasts(contrasts)
+    ax = fig.axes[0]
+    assert ax.get_title().endswith("(one seed: no interval yet)")
+    assert not [seg for c in ax.collections for seg in c.get_segments()]
     plt.close(fig)
