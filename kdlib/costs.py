@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from kdlib.budget import train_images
+from kdlib.budget import CIFAR_TRAIN_IMAGES, train_images
 from kdlib.config import RunConfig
 
 # SqueezeNet's training-step time over ResNet-20's, used until SqueezeNet records exist:
@@ -54,7 +54,7 @@ def measured_rates(frame: pd.DataFrame) -> dict[tuple[str, bool], float]:
         return {}
     runs = frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
     runs = runs[runs["wall_time_s"].fillna(0) > 0]
-    images = [(t if pd.notna(t) else 50_000 - v) * e
+    images = [(t if pd.notna(t) else CIFAR_TRAIN_IMAGES - v) * e
               for t, v, e in zip(runs["train_size"], runs["val_size"], runs["epochs"])]
     runs = runs.assign(image_epochs=images, kd=runs["teacher_id"].notna())
     sums = runs.groupby(["model", "kd"])[["image_epochs", "wall_time_s"]].sum()

@@ -17,8 +17,8 @@ import pandas as pd
 from kdlib.bench.render import render_markdown
 from kdlib.config import describe_fields
 from kdlib.results import (CONTRASTS, METHOD_ORDER, bits_label, chain_contrasts, load_published,
-                           load_results, paired_contrast, results_table, shared_cells,
-                           summarise)
+                           difference_text, load_results, paired_contrast, results_table,
+                           shared_cells, summarise)
 from kdlib.costs import render_costs
 from kdlib.verdict import render_answer
 
@@ -62,12 +62,8 @@ def _contrast_table(frame: pd.DataFrame) -> pd.DataFrame:
     contrasts = contrasts.assign(bits=[bits_label(w, a) for w, a in
                                        zip(contrasts["w_bits"], contrasts["a_bits"])])
 
-    def cell(row: pd.Series) -> str:
-        if row["n"] < 2:
-            return f"{row['mean']:+.2f}"
-        return f"{row['mean']:+.2f} [{row['ci95_low']:+.2f}, {row['ci95_high']:+.2f}]"
-
-    contrasts["cell"] = contrasts.apply(cell, axis=1)
+    contrasts["cell"] = [difference_text(r.mean, r.ci95_low, r.ci95_high, r.n)
+                         for r in contrasts.itertuples()]
     table = contrasts.pivot_table(index="contrast", columns="bits", values="cell", aggfunc="first")
     order = sorted(contrasts["bits"].unique(), key=lambda b: -int(str(b).split("/")[0]))
     names = [f"{a} − {b}" for a, b, _ in CONTRASTS if f"{a} − {b}" in table.index]
@@ -282,8 +278,8 @@ def render_second_model(results_dir: str | os.PathLike, preset: str) -> str:
     if {"ta_chain", "direct_kd"} <= set(frame["method"]):
         diff = paired_contrast(frame, "ta_chain", "direct_kd")
         diff = diff[diff["n"] > 0].sort_values("w_bits", ascending=False)
-        cells = ", ".join(f"{bits_label(r.w_bits, r.a_bits)}: {r.mean:+.2f}"
-                          + (f" [{r.ci95_low:+.2f}, {r.ci95_high:+.2f}]" if r.n > 1 else "")
+        cells = ", ".join(f"{bits_label(r.w_bits, r.a_bits)}: "
+                          + difference_text(r.mean, r.ci95_low, r.ci95_high, r.n)
                           for r in diff.itertuples())
         lines += ["", f"`ta_chain − direct_kd`, test top-1 points (n = {int(diff['n'].max())} "
                   f"seed(s)): {cells}. Not a controlled contrast: the chain's k-th link has k "

@@ -298,6 +298,12 @@ def summary_table(frame: pd.DataFrame, metric: str = "test_top1") -> pd.DataFram
     return pd.concat([summarise(frame, metric), contrasts], ignore_index=True)
 
 
+def difference_text(mean: float, low: float, high: float, n: int) -> str:
+    """A paired difference as the README writes it: ``+1.00 [+0.50, +1.50]``, or ``+1.00``
+    when there is no interval (one seed)."""
+    return f"{mean:+.2f}" if n < 2 else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 def bits_label(w_bits: int, a_bits: int) -> str:
     """``"4"`` when weights and activations agree, else ``"4/8"``: a table column."""
     return f"{w_bits}" if w_bits == a_bits else f"{w_bits}/{a_bits}"

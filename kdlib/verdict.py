@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from kdlib.results import CONTRASTS, bits_label, chain_contrasts
+from kdlib.results import CONTRASTS, bits_label, chain_contrasts, difference_text
 
 # What each side of a contrast stands for, in the answer's words: (method side, baseline side).
 SIDES = {
@@ -68,7 +68,7 @@ def _widths(rows: pd.DataFrame) -> str:
 
 
 def _values(rows: pd.DataFrame) -> str:
-    return "; ".join(f"{r.bits}: {r.mean:+.2f} [{r.ci95_low:+.2f}, {r.ci95_high:+.2f}]"
+    return "; ".join(f"{r.bits}: {difference_text(r.mean, r.ci95_low, r.ci95_high, r.n)}"
                      for r in rows.itertuples())
 
 
