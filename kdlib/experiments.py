@@ -34,7 +34,7 @@ from kdlib.budget import Budget
 from kdlib.checks import BitsSpec, parse_bits
 from kdlib.config import EXECUTION_ONLY_FIELDS, RunConfig, validate
 from kdlib.data import load_splits
-from kdlib.export import save_packed
+from kdlib.export import load_packed, read_packed_header, save_packed
 from kdlib.fileio import torch_save_atomic
 from kdlib.models import create_model
 from kdlib.quant import model_size_report, transfer_weights
@@ -188,22 +188,41 @@ def _dedupe(plan: Iterable[RunConfig]) -> list[RunConfig]:
 
 # ----------------------------------------------------------------------------- execution
 def load_trained_model(results_dir: str | os.PathLike, run_id: str) -> torch.nn.Module:
-    """Rebuild a finished run's model from its record and best-val weights."""
+    """Rebuild a finished run's model from its record and best-val weights.
+
+    The weights come from the run's checkpoint folder, or, where that is gone (checkpoints are
+    not committed), from its committed packed file when that file holds every tensor raw (a
+    32-bit model): then it is the same state_dict bit for bit. A packed low-bit model holds
+    only its quantized weights, not the latent ones a chain link starts from, so it is refused.
+    """
     record = find_record(results_dir, run_id)
     trained_as = (record or {}).get("same_run_as") or run_id
     path = weights_path(results_dir, trained_as)
     if record is None:
         raise FileNotFoundError(f"run {run_id} has no finished record in {results_dir}: "
                                 "train it first (its pipeline runs it automatically)")
-    if not path.exists():
-        raise FileNotFoundError(f"run {run_id} has a record but no weights file {path}: "
-                                "checkpoints are not committed; restore that folder from the "
-                                "machine that trained it, or delete the record (and the records "
-                                "of the runs that start from it) to train it again")
     cfg = RunConfig.from_dict(record["config"])
     model = _build_model(cfg)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    elif _is_lossless(packed := packed_path(results_dir, trained_as)):
+        state = load_packed(packed).state_dict()
+    else:
+        raise FileNotFoundError(f"run {run_id} has a record but no weights file {path}"
+                                + (f" (its packed file {packed.name} keeps only the quantized "
+                                   "weights, not the latent ones training starts from)"
+                                   if packed.exists() else "")
+                                + ": checkpoints are not committed; restore that folder from the "
+                                "machine that trained it, or delete the record (and the records "
+                                "of the runs that start from it) to train it again")
+    model.load_state_dict(state)
     return model
+
+
+def _is_lossless(packed: Path) -> bool:
+    """Whether a packed file stores every tensor as it was trained (no integer codes)."""
+    return packed.exists() and all(entry["encoding"] == "raw"
+                                   for entry in read_packed_header(packed)["tensors"])
 
 
 def _build_model(cfg: RunConfig) -> torch.nn.Module:

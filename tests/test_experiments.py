@@ -168,3 +168,35 @@ def test_a_record_without_its_weights_says_why_and_what_to_do(tmp_path):
         experiments.load_trained_model(tmp_path, cfg.run_id())
     with pytest.raises(FileNotFoundError, match="no finished record"):
         experiments.load_trained_model(tmp_path, "resnet8-teacher-w32a32-s9-0000000000")
+
+
+@pytest.mark.realdata
+def test_a_new_machine_distils_from_the_committed_packed_teacher(real_data_root, tmp_path):
+    """Checkpoints are not committed; a 32-bit parent's packed file (all tensors raw) stands in
+    for them bit for bit, so a student trained on a fresh clone is the student trained here."""
+    import shutil
+
+    import torch
+
+    from kdlib.results import weights_path
+
+    kept, fresh = tmp_path / "kept", tmp_path / "fresh"
+    chain = experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 8], methods=["ta_chain"],
+                                     data_dir=real_data_root, results_dir=kept, overrides=TINY,
+                                     progress=False)
+    teacher_id, link_id = chain[0]["run_id"], chain[1]["run_id"]
+    shutil.copytree(kept, fresh, ignore=shutil.ignore_patterns("checkpoints"))
+    trained = torch.load(weights_path(kept, teacher_id), weights_only=True)
+    rebuilt = experiments.load_trained_model(fresh, teacher_id).state_dict()
+    assert trained.keys() == rebuilt.keys()
+    assert all(torch.equal(trained[k], rebuilt[k]) for k in trained)
+    # an 8-bit link's packed file has codes, not the latent weights a next link starts from
+    with pytest.raises(FileNotFoundError, match="keeps only the quantized weights"):
+        experiments.load_trained_model(fresh, link_id)
+    students = {}
+    for folder in (kept, fresh):
+        records = experiments.run_students(preset="smoke", model="resnet8", methods=["direct_kd"],
+                                           bits=[4], data_dir=real_data_root, results_dir=folder,
+                                           overrides=TINY, progress=False)
+        students[folder] = [without_timing(r["history"]) for r in records if r["config"]["w_bits"] == 4]
+    assert students[kept] == students[fresh] and students[kept]
