@@ -4,6 +4,10 @@ A record's ``wall_time_s`` covers its whole run (training, validation every epoc
 pass), so training images × epochs over it is an all-in rate. Rates are kept per model and
 per kind of step (with or without a teacher's forward pass): the 1-epoch KD links of the
 quick grid pay their evaluation once per epoch, and that is what a grid is made of.
+
+Rates are kept per processor too (a record's ``cpu_model``; records older than that field are
+"an unrecorded CPU"): the estimate is for the processor of the newest trained record, the
+machine the workbook last trained on, and the other machines' rates are listed beside it.
 """
 from __future__ import annotations
 
@@ -48,12 +52,34 @@ def plan_trainings(preset: str, seeds: Sequence[int] | None = None) -> tuple[int
     return len(plan), trainings(plan)
 
 
-def measured_rates(frame: pd.DataFrame) -> dict[tuple[str, bool], float]:
-    """{(model, kd): training images × epochs per wall second of a run} over trained records."""
+UNRECORDED_CPU = "an unrecorded CPU"
+
+
+def _trained(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
-        return {}
+        return frame
     runs = frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
     runs = runs[runs["wall_time_s"].fillna(0) > 0]
+    cpus = runs["cpu_model"] if "cpu_model" in runs else pd.Series(None, index=runs.index, dtype=object)
+    return runs.assign(cpu=cpus.fillna(UNRECORDED_CPU))
+
+
+def machines(frame: pd.DataFrame) -> list[str]:
+    """The processors that trained ``frame``'s runs, the one of the newest record first."""
+    runs = _trained(frame)
+    if runs.empty:
+        return []
+    order = runs.sort_values("created_at", na_position="first") if "created_at" in runs else runs
+    return list(dict.fromkeys(reversed(order["cpu"].tolist())))
+
+
+def measured_rates(frame: pd.DataFrame, cpu: str | None = None) -> dict[tuple[str, bool], float]:
+    """{(model, kd): training images × epochs per wall second of a run} over the trained records
+    of processor ``cpu`` (default: the newest record's; see the module doc)."""
+    runs = _trained(frame)
+    if runs.empty:
+        return {}
+    runs = runs[runs["cpu"] == (cpu or machines(frame)[0])]
     images = [(t if pd.notna(t) else CIFAR_TRAIN_IMAGES - v) * e
               for t, v, e in zip(runs["train_size"], runs["val_size"], runs["epochs"])]
     runs = runs.assign(image_epochs=images, kd=runs["teacher_id"].notna())
@@ -91,9 +117,15 @@ def _amount(n: float) -> str:
     return f"{n / 1e6:,.2f} M" if n >= 1e6 else f"{n:,.0f}"
 
 
+def _rates_text(rates: dict[tuple[str, bool], float]) -> str:
+    return ", ".join(f"{model} {'KD' if kd else 'CE'} {rate:.0f}"
+                     for (model, kd), rate in sorted(rates.items()))
+
+
 def render_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int = 2) -> str:
     """Markdown: one row per preset, estimated from ``frame``'s records (see module doc)."""
-    rates = measured_rates(frame)
+    cpus = machines(frame)
+    rates = measured_rates(frame, cpus[0]) if cpus else {}
     rows = []
     for preset in presets:
         cost = grid_cost(preset, rates)
@@ -109,8 +141,11 @@ def render_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int = 2) -> 
                      f"{cost['runs']} ({cost['trained']})",
                      "training images × epochs": _amount(cost["image_epochs"]),
                      "estimated cost here": estimate})
-    measured = ", ".join(f"{model} {'KD' if kd else 'CE'} {rate:.0f}"
-                         for (model, kd), rate in sorted(rates.items()))
     table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    if not cpus:
+        return (f"{table}\n\nRates (training images × epochs per wall second of a run, evaluation "
+                "included) measured by the committed records: none yet.")
+    others = "".join(f"; on {cpu}: {_rates_text(measured_rates(frame, cpu))}" for cpu in cpus[1:])
     return (f"{table}\n\nRates (training images × epochs per wall second of a run, evaluation "
-            f"included) measured by the committed records: {measured or 'none yet'}.")
+            f"included) measured by the committed records, on {cpus[0]} (the newest records' "
+            f"processor, which the estimates are for): {_rates_text(rates)}{others}.")

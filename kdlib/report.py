@@ -106,8 +106,7 @@ def render_results(results_dir: str | os.PathLike) -> str:
         f"{size}, {int(first['val_size'])} validation images, "
         f"{'the full 10,000' if pd.isna(first.get('test_size')) else int(first['test_size'])} test images. "
         f"{len(frame)} records of {len(trained)} trained runs, {hours:.2f} h of training summed over "
-        f"runs, {_span_hours(results_dir):.2f} h from the first run's start to the last run's end, on "
-        f"{', '.join(devices)} (host {_hosts(results_dir)}).",
+        f"runs ({_seed_hours(trained)}), on {', '.join(devices)} (host {_hosts(results_dir)}).",
     ]
     if marked:
         lines += ["", "\\* The same training run as another method's at that width (same "
@@ -142,15 +141,15 @@ def published_table(model: str) -> pd.DataFrame:
     return table.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
 
 
-def _span_hours(results_dir: str | os.PathLike) -> float:
-    """Wall-clock hours from the earliest run start (end minus its wall time) to the last end."""
-    starts, ends = [], []
-    for path in (Path(results_dir) / "runs").glob("*.json"):
-        record = json.loads(path.read_text())
-        end = dt.datetime.fromisoformat(record["created_at"])
-        ends.append(end)
-        starts.append(end - dt.timedelta(seconds=record["call_seconds"]))
-    return (max(ends) - min(starts)).total_seconds() / 3600
+def _seed_hours(trained: pd.DataFrame) -> str:
+    """Each seed's training time summed over its runs, and the processor(s) it ran on."""
+    cpus = trained["cpu_model"] if "cpu_model" in trained else pd.Series(None, index=trained.index)
+    trained = trained.assign(cpu=cpus.fillna("an unrecorded CPU"))
+    parts = []
+    for seed, runs in trained.groupby("seed"):
+        parts.append(f"seed {seed}: {runs['wall_time_s'].sum() / 3600:.2f} h on "
+                     f"{' and '.join(sorted(runs['cpu'].unique()))}")
+    return "; ".join(parts)
 
 
 def _hosts(results_dir: str | os.PathLike) -> str:

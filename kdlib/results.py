@@ -5,7 +5,8 @@ Layout under a results directory::
     runs/<run_id>.json          committed records
     checkpoints/<run_id>.pt     per-epoch training state (resumable, not committed)
     checkpoints/<run_id>.weights.pt  best-val weights, what later links start from / learn from
-    models/<run_id>.packed           the same weights packed at their bit width (seed 0 committed)
+    models/<run_id>.packed           the same weights packed at their bit width (seed 0 and
+                                     every teacher committed)
 """
 from __future__ import annotations
 
@@ -90,10 +91,23 @@ def git_commit() -> str | None:
 CODE_COMMIT = git_commit()
 
 
+def cpu_model() -> str | None:
+    """The processor's name, e.g. 'AMD EPYC': rates measured on two machines must not pool."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment_info() -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "versions": {
@@ -176,7 +190,8 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                "setting": settings[record["run_id"]], "same_run_as": record.get("same_run_as"),
                "git_commit": record.get("git_commit"),
                "wall_time_s": record.get("wall_time_s"), "images_per_s": record.get("images_per_s"),
-               "device": record.get("device"), "epochs_run": len(record["history"])}
+               "device": record.get("device"), "cpu_model": record.get("cpu_model"),
+               "created_at": record.get("created_at"), "epochs_run": len(record["history"])}
         if isinstance(row.get("milestones"), list):  # hashable, so that it can be grouped on
             row["milestones"] = tuple(row["milestones"])
         packed = packed_path(results_dir, record.get("same_run_as") or record["run_id"])

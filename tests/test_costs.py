@@ -4,8 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from kdlib.costs import (SQUEEZENET_TIME_RATIO, grid_cost, measured_rates, plan_trainings,
-                         render_costs, trainings)
+from kdlib.costs import (SQUEEZENET_TIME_RATIO, UNRECORDED_CPU, grid_cost, machines, measured_rates,
+                         plan_trainings, render_costs, trainings)
 from kdlib.experiments import plan_grid
 
 
@@ -57,3 +57,18 @@ def test_readme_states_how_much_of_a_seed_the_contrasts_need():
               for m in (["direct_kd_matched"], None)]
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert (f"`direct_kd_matched`: {epochs[0]} of the {epochs[1]}\nepochs a seed trains") in readme
+
+
+def test_rates_of_two_processors_never_pool_and_the_newest_machine_is_estimated():
+    frame = _frame([
+        {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 450.0,
+         "cpu_model": None, "created_at": "2026-12-01T10:00:00+00:00"},        # 100 img-epochs/s
+        {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 90.0,
+         "cpu_model": "AMD EPYC", "created_at": "2026-12-03T10:00:00+00:00"},  # 500
+    ])
+    assert machines(frame) == ["AMD EPYC", UNRECORDED_CPU]
+    assert measured_rates(frame) == {("resnet20", False): pytest.approx(500.0)}
+    assert measured_rates(frame, UNRECORDED_CPU) == {("resnet20", False): pytest.approx(100.0)}
+    text = render_costs(["quick"], frame)
+    assert "on AMD EPYC (the newest records' processor" in text and "resnet20 CE 500" in text
+    assert f"on {UNRECORDED_CPU}: resnet20 CE 100" in text

@@ -15,7 +15,8 @@ from kdlib.results import load_results, record_path
 # The smallest real-data grid that still exercises everything: ResNet-8, 100 images per split.
 TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
 RECORD_FIELDS = {"run_id", "config", "metrics", "history", "wall_time_s", "images_per_s", "device",
-                 "versions", "git_commit", "host", "model_size", "created_at"}
+                 "versions", "git_commit", "host", "model_size", "created_at",
+                 "cpu_model"}
 CONFIG_FIELDS = {"preset", "seed", "method", "w_bits", "a_bits", "teacher_id", "init_id", "epochs", "lr",
                  "kd_temperature", "kd_alpha", "quantizer", "model"}
 METRICS = {"best_epoch", "best_val_top1", "best_val_top5", "test_top1", "test_top5",
