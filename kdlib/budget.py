@@ -26,23 +26,31 @@ from typing import Any
 import torch
 
 from kdlib.config import RunConfig
+from kdlib.device import cpu_model
 
 SAFETY = 1.2  # estimates are multiplied by this: the slowest epoch seen can still be beaten
 EVAL_ALLOWANCE = 0.25  # bench-based estimate: evaluation adds this fraction to training time
 CIFAR_TRAIN_IMAGES = 50_000
 
 
+def cpu_kind(processor: str | None) -> str:
+    """``"cpu:<processor>"``; plain ``"cpu"`` for a record or benchmark that does not name its
+    processor, which then times no run of a machine that does."""
+    return f"cpu:{processor}" if processor else "cpu"
+
+
 def device_kind(device: str | torch.device) -> str:
-    """``"cpu"``, or ``"cuda:<GPU name>"`` (records of an H100 do not time an H200)."""
+    """``"cpu:<processor>"`` or ``"cuda:<GPU name>"`` (records of an H100 do not time an H200,
+    nor those of one CPU another)."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
+    return cpu_kind(cpu_model())
 
 
 def record_device_kind(record: dict[str, Any]) -> str:
     device = str(record.get("device", "cpu")).split(":")[0]
-    return f"cuda:{record.get('gpu')}" if device == "cuda" else device
+    return f"cuda:{record.get('gpu')}" if device == "cuda" else cpu_kind(record.get("cpu_model"))
 
 
 def _kind(config: dict[str, Any]) -> tuple:
@@ -105,7 +113,7 @@ class RunTimer:
 
 def bench_device_kind(bench: dict[str, Any]) -> str:
     machine = bench.get("machine", {})
-    return f"cuda:{machine['gpu']}" if machine.get("gpu") else "cpu"
+    return f"cuda:{machine['gpu']}" if machine.get("gpu") else cpu_kind(machine.get("cpu_model"))
 
 
 def load_bench(folder: str | os.PathLike, device: str) -> dict[str, Any] | None:

@@ -1,6 +1,9 @@
 """The device a run trains on, and host synchronisation (only where a timing needs it)."""
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 
@@ -29,3 +32,22 @@ def pick_device(preference: str | torch.device | None = None) -> torch.device:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cpu_model() -> str | None:
+    """The processor, e.g. 'AMD EPYC (family 26, model 2)': a VM's bare model name is often
+    generic ('AMD EPYC'), and two such CPUs ran this workbook's steps 3x apart, so the x86
+    family and model are part of it. Timings of two processors never pool."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():  # the first processor's block is enough
+                break
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or None
+    if name and "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name

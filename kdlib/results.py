@@ -31,6 +31,7 @@ from scipy import stats
 
 import kdlib
 from kdlib.config import EXECUTION_ONLY_FIELDS, RunConfig
+from kdlib.device import cpu_model
 from kdlib.fileio import write_json_atomic
 
 RECORD_VERSION = 1
@@ -89,18 +90,6 @@ def git_commit() -> str | None:
 # The code a record states is the code that was imported, not whatever the tree holds when the
 # record is written hours later: read once, when kdlib is first imported.
 CODE_COMMIT = git_commit()
-
-
-def cpu_model() -> str | None:
-    """The processor's name, e.g. 'AMD EPYC': rates measured on two machines must not pool."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def environment_info() -> dict[str, Any]:

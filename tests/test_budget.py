@@ -9,7 +9,8 @@ import json
 import pytest
 
 from kdlib import cli, experiments
-from kdlib.budget import Budget, RunTimer, load_bench, record_device_kind
+from kdlib.budget import Budget, RunTimer, device_kind, load_bench, record_device_kind
+from kdlib.device import cpu_model
 from kdlib.executors import execute_processes
 from kdlib.presets import build_config
 from kdlib.results import load_records
@@ -40,8 +41,8 @@ def record_of(cfg, epoch_seconds, call_seconds, device="cpu", gpu=None):
             "history": [{"seconds": s} for s in epoch_seconds], "call_seconds": call_seconds}
 
 
-def bench_file(rates: dict, gpu=None, model="resnet8", date="2026-12-01T00:00:00+00:00"):
-    return {"date": date, "machine": {"gpu": gpu, "device": "cuda" if gpu else "cpu"},
+def bench_file(rates: dict, gpu=None, model="resnet8", date="2026-12-01T00:00:00+00:00", cpu=None):
+    return {"date": date, "machine": {"gpu": gpu, "device": "cuda" if gpu else "cpu", "cpu_model": cpu},
             "settings": {"model": model},
             "variants": {name: {"images_per_s": r} for name, r in rates.items()}}
 
@@ -118,9 +119,22 @@ def test_budget_fits_only_what_can_finish_in_the_time_left():
         Budget(0, timer)
 
 
-def test_record_device_kind_names_the_gpu():
+def test_device_kinds_name_the_gpu_and_the_processor(tmp_path):
     assert record_device_kind({"device": "cuda:0", "gpu": "NVIDIA H100"}) == "cuda:NVIDIA H100"
     assert record_device_kind({"device": "cpu"}) == "cpu"
+    assert record_device_kind({"device": "cpu", "cpu_model": "AMD EPYC (family 26, model 2)"}) \
+        == "cpu:AMD EPYC (family 26, model 2)"
+    # a run on one processor is not timed by another's records or benchmark
+    slow = {**record_of(student(), [100.0], 100.0), "cpu_model": "AMD EPYC (family 25, model 1)"}
+    fast = {**record_of(student(), [10.0], 10.0), "cpu_model": "AMD EPYC (family 26, model 2)"}
+    timer = RunTimer("cpu:AMD EPYC (family 26, model 2)")
+    timer.add(slow)
+    assert timer.estimate(student()).seconds is None
+    timer.add(fast)
+    assert timer.estimate(student()).seconds == pytest.approx(1.2 * student().epochs * 10.0)
+    (tmp_path / "old.json").write_text(json.dumps(bench_file({"kd_w4": 1.0}, cpu="AMD EPYC")))
+    assert load_bench(tmp_path, "cpu:AMD EPYC (family 26, model 2)") is None
+    assert device_kind("cpu") == (f"cpu:{cpu_model()}" if cpu_model() else "cpu")
 
 
 @pytest.mark.realdata
@@ -132,8 +146,9 @@ def test_budgeted_grid_trains_what_fits_and_the_next_call_finishes(real_data_roo
     (tmp_path / "bench").mkdir()
     # the 2-epoch teacher of 200 images is estimated at 25 s of the 30; a KD epoch at 300 s
     (tmp_path / "bench" / "cpu.json").write_text(json.dumps(bench_file(
-        {"fp32": 200 * 2 * 1.25 * 1.2 / 25.0, "kd_w4": 1.0, "w4a4": 1.0})))
-    timer = RunTimer("cpu", bench=load_bench(tmp_path / "bench", "cpu"))
+        {"fp32": 200 * 2 * 1.25 * 1.2 / 25.0, "kd_w4": 1.0, "w4a4": 1.0}, cpu=cpu_model())))
+    here = device_kind("cpu")  # this processor: the records these runs write are timed as its
+    timer = RunTimer(here, bench=load_bench(tmp_path / "bench", here))
     first = experiments.execute(plan, data_dir=real_data_root, results_dir=tmp_path / "b",
                                 progress=False, budget=Budget(30.0, timer))
     assert {r["config"]["method"] for r in first} == {"teacher", "progressive", "finetune"}

@@ -8,13 +8,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdlib.device import sync
+from kdlib.device import cpu_model, sync
 
 MATMUL_SIZE = 2048
 MATMUL_MAX_SECONDS = 0.25  # a slower product (e.g. bf16 without native support) is made smaller
@@ -134,16 +133,6 @@ def matmul_runner(device: torch.device, dtype: torch.dtype, size: int = MATMUL_S
                   flops_per_step=2.0 * size**3 * inner, rewarm=0)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _cpu_bf16_native() -> bool | None:
     """Whether oneDNN has native bf16 kernels on this CPU (else bf16 is emulated, slowly)."""
     try:
@@ -161,7 +150,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         usable = os.cpu_count()
-    info = {"host": socket.gethostname(), "cpu_model": _cpu_model(), "cores": os.cpu_count(),
+    info = {"host": socket.gethostname(), "cpu_model": cpu_model() or "unknown", "cores": os.cpu_count(),
             "usable_cores": usable, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
