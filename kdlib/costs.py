@@ -110,7 +110,8 @@ def grid_cost(preset: str, rates: dict[tuple[str, bool], float]) -> dict[str, An
         hours += amount / rate / 3600
         bases.add(basis)
     return {"preset": preset, "model": trainings[0].model, "runs": runs, "trained": len(trainings),
-            "image_epochs": sum(image_epochs), "run_hours": hours, "basis": bases}
+            "seeds": len({cfg.seed for cfg in trainings}), "image_epochs": sum(image_epochs),
+            "run_hours": hours, "basis": bases}
 
 
 def _amount(n: float) -> str:
@@ -134,7 +135,10 @@ def render_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int = 2) -> 
             estimate = "no measured rate for this model"
         else:
             estimate = (f"{hours * 60:.1f} run-minutes" if hours < 1 else
-                        f"{hours:,.1f} run-hours (≈ {hours / jobs:,.1f} h with `--jobs {jobs}`)")
+                        f"{hours:,.1f} run-hours (≈ {hours / jobs:,.1f} h with `--jobs {jobs}`")
+            if hours >= 1:
+                seeds = cost["seeds"]
+                estimate += (f", {hours / jobs / seeds:,.1f} h a seed)" if seeds > 1 else ")")
             if "scaled" in cost["basis"]:
                 estimate += f", SqueezeNet at ResNet-20's rate / {SQUEEZENET_TIME_RATIO}"
         rows.append({"preset": f"`{preset}`", "model": cost["model"], "runs (trained)":

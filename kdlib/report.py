@@ -147,8 +147,11 @@ def _seed_hours(trained: pd.DataFrame) -> str:
     trained = trained.assign(cpu=cpus.fillna("an unrecorded CPU"))
     parts = []
     for seed, runs in trained.groupby("seed"):
-        parts.append(f"seed {seed}: {runs['wall_time_s'].sum() / 3600:.2f} h on "
-                     f"{' and '.join(sorted(runs['cpu'].unique()))}")
+        per_cpu = runs.groupby("cpu")["wall_time_s"].sum().sort_values(ascending=False) / 3600
+        where = (f"on {per_cpu.index[0]}" if len(per_cpu) == 1 else
+                 "; ".join(f"{h:.2f} h on {cpu}" for cpu, h in per_cpu.items()))
+        parts.append(f"seed {seed}: {per_cpu.sum():.2f} h {where}" if len(per_cpu) == 1
+                     else f"seed {seed}: {per_cpu.sum():.2f} h ({where})")
     return "; ".join(parts)
 
 

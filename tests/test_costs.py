@@ -72,3 +72,17 @@ def test_rates_of_two_processors_never_pool_and_the_newest_machine_is_estimated(
     text = render_costs(["quick"], frame)
     assert "on AMD EPYC (the newest records' processor" in text and "resnet20 CE 500" in text
     assert f"on {UNRECORDED_CPU}: resnet20 CE 100" in text
+
+
+def test_a_multi_seed_grid_states_the_wall_time_of_one_seed():
+    """The issue's "one seed takes at most 2 hours": the estimate names a seed's share."""
+    rates = {("resnet20", False): 300.0, ("resnet20", True): 300.0}
+    cost = grid_cost("quick", rates)
+    assert cost["seeds"] == 3
+    frame = _frame([{"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 150.0,
+                     "cpu_model": "AMD EPYC", "created_at": "2026-12-03T10:00:00+00:00",
+                     "teacher_id": teacher} for teacher in (None, "t")])  # 300/s each kind
+    text = render_costs(["quick"], frame, jobs=2)
+    hours = cost["run_hours"]
+    assert f"≈ {hours / 2:,.1f} h with `--jobs 2`, {hours / 2 / 3:,.1f} h a seed)" in text
+    assert "a seed" not in render_costs(["quick_squeezenet"], frame)  # one seed, minutes

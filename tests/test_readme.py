@@ -63,7 +63,7 @@ PUBLISHED = pd.DataFrame([
 
 # Hand-written: teacher 40/42, individual 4-bit 10/12.5, 2/8-bit 5 (one seed), chain 4-bit 20/21.
 # Wall times 600 + 600 + 5 x 300 s = 0.75 h; seed 0: 600 + 3 x 300 s = 0.42 h on alpha, whose
-# records predate cpu_model; seed 1: 600 + 2 x 300 s = 0.33 h, one run of it on beta ("Big CPU").
+# records predate cpu_model; seed 1: 600 + 2 x 300 s = 0.33 h, of which 300 s on beta ("Big CPU").
 # The 2/32 published row has w != a: left out.
 EXPECTED_RESULTS = r"""| method \ bits   | 32           | 4            | 2/8   |
 |:----------------|:-------------|:-------------|:------|
@@ -71,7 +71,7 @@ EXPECTED_RESULTS = r"""| method \ bits   | 32           | 4            | 2/8   |
 | individual      |              | 11.25 ± 1.77 | 5.00  |
 | ta_chain        |              | 20.50 ± 0.71 |       |
 
-Test top-1 (%) at the epoch of best validation accuracy; resnet8, preset `smoke`, seed(s) 0, 1 (mean ± std over seeds). Teacher: 41.00% after 2 epochs; `individual`: 1 epochs; every other student: 1 epoch(s) per chain link. 200 training images (class-balanced subset), 100 validation images, 200 test images. 7 records of 7 trained runs, 0.75 h of training summed over runs (seed 0: 0.42 h on an unrecorded CPU; seed 1: 0.33 h on Big CPU and an unrecorded CPU), on cpu, cuda (host alpha, 2 CPUs, torch 2.5.0; beta, 8 CPUs, torch 2.5.0).
+Test top-1 (%) at the epoch of best validation accuracy; resnet8, preset `smoke`, seed(s) 0, 1 (mean ± std over seeds). Teacher: 41.00% after 2 epochs; `individual`: 1 epochs; every other student: 1 epoch(s) per chain link. 200 training images (class-balanced subset), 100 validation images, 200 test images. 7 records of 7 trained runs, 0.75 h of training summed over runs (seed 0: 0.42 h on an unrecorded CPU; seed 1: 0.33 h (0.25 h on an unrecorded CPU; 0.08 h on Big CPU)), on cpu, cuda (host alpha, 2 CPUs, torch 2.5.0; beta, 8 CPUs, torch 2.5.0).
 
 Published numbers for the same network (`kdlib/reference/published.csv`, full training sets and schedules; liao2020 chose its epoch on the **test** set, which flatters it, RepDistiller reports the last epoch):
 
