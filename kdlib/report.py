@@ -108,6 +108,9 @@ def render_results(results_dir: str | os.PathLike) -> str:
         f"{len(frame)} records of {len(trained)} trained runs, {hours:.2f} h of training summed over "
         f"runs ({_seed_hours(trained)}), on {', '.join(devices)} (host {_hosts(results_dir)}).",
     ]
+    coverage = _seed_coverage(frame)
+    if coverage:
+        lines += ["", coverage]
     if marked:
         lines += ["", "\\* The same training run as another method's at that width (same "
                   "initialisation, teacher, loss and epochs): trained once, shown under each name "
@@ -139,6 +142,23 @@ def published_table(model: str) -> pd.DataFrame:
     table.index = [f"{s} {m}" for s, m in table.index]
     table.index.name = "source method \\ bits"
     return table.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+
+
+def _seed_coverage(frame: pd.DataFrame) -> str:
+    """A sentence naming each method's seeds when not every method has the same ones: a cell's
+    mean ± std is over the seeds its method has, and the reader should know which."""
+    per_method = frame.groupby("method")["seed"].agg(lambda s: tuple(sorted(s.unique())))
+    if per_method.nunique() <= 1:
+        return ""
+    order = [m for m in ("teacher", *METHOD_ORDER) if m in per_method.index]
+    order += sorted(set(per_method.index) - set(order))
+    groups: dict[tuple, list[str]] = {}
+    for method in order:
+        groups.setdefault(per_method[method], []).append(f"`{method}`")
+    parts = [f"seed(s) {', '.join(map(str, seeds))} for {', '.join(methods)}"
+             for seeds, methods in sorted(groups.items(), key=lambda g: (-len(g[0]), g[0]))]
+    return ("Not every method has every seed (a cell is over its method's seeds; a contrast pairs "
+            f"only the seeds both sides have): {'; '.join(parts)}.")
 
 
 def _seed_hours(trained: pd.DataFrame) -> str:

@@ -103,6 +103,18 @@ def test_render_results_from_hand_written_records(tmp_path, monkeypatch):
     assert asked == ["resnet8"]
 
 
+def test_a_method_missing_a_seed_is_named_under_the_table(tmp_path, monkeypatch):
+    """Every method has seeds 0 and 1 in the hand-made records; a third seed of the teacher and
+    the chain, but not of `individual`, must be said, not silently averaged over."""
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    write_hand_made_results(tmp_path)
+    assert "Not every method has every seed" not in render_results(tmp_path)
+    write_record(tmp_path, "t2", "teacher", 32, 2, 41.0, epochs=2, created_at="2026-01-02T10:00:00+00:00")
+    write_record(tmp_path, "c4-2", "ta_chain", 4, 2, 22.0, created_at="2026-01-02T11:00:00+00:00")
+    text = render_results(tmp_path)
+    assert ("seed(s) 0, 1, 2 for `teacher`, `ta_chain`; seed(s) 0, 1 for `individual`." in text)
+
+
 def test_published_table_from_the_shipped_csv():
     table = published_table("resnet20")
     assert list(table.columns) == ["32", "16", "8", "4", "2", "1"]
