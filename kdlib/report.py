@@ -125,10 +125,13 @@ def render_results(results_dir: str | os.PathLike) -> str:
         lines += ["", f"**{int(dirty.sum())} of {len(frame)} runs were made from a modified working "
                   "tree** (their `git_commit` ends in `+dirty`): the code they ran is not exactly "
                   "any commit."]
-    lines += ["", "Published numbers for the same network (`kdlib/reference/published.csv`, full training "
-              "sets and schedules; liao2020 chose its epoch on the **test** set, which flatters it, "
-              "RepDistiller reports the last epoch):", "",
-              _markdown(published_table(str(first["model"])))]
+    published = published_table(str(first["model"]))
+    if published.empty:
+        lines += ["", f"No published numbers for {first['model']} in `kdlib/reference/published.csv`."]
+    else:
+        lines += ["", "Published numbers for the same network (`kdlib/reference/published.csv`, full "
+                  "training sets and schedules; liao2020 chose its epoch on the **test** set, which "
+                  "flatters it, RepDistiller reports the last epoch):", "", _markdown(published)]
     return "\n".join(lines)
 
 

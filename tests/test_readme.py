@@ -115,6 +115,18 @@ def test_a_method_missing_a_seed_is_named_under_the_table(tmp_path, monkeypatch)
     assert ("seed(s) 0, 1, 2 for `teacher`, `ta_chain`; seed(s) 0, 1 for `individual`." in text)
 
 
+def test_a_model_without_published_numbers_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED[PUBLISHED["model"] == model])
+    write_hand_made_results(tmp_path)
+    assert "Published numbers for the same network" in render_results(tmp_path)
+    for path in (tmp_path / "runs").glob("*.json"):
+        record = json.loads(path.read_text())
+        record["config"]["model"] = "squeezenet"
+        path.write_text(json.dumps(record))
+    text = render_results(tmp_path)
+    assert "No published numbers for squeezenet" in text and "source method" not in text
+
+
 def test_published_table_from_the_shipped_csv():
     table = published_table("resnet20")
     assert list(table.columns) == ["32", "16", "8", "4", "2", "1"]
