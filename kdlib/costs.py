@@ -134,11 +134,11 @@ def render_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int = 2) -> 
         if hours is None:
             estimate = "no measured rate for this model"
         else:
+            wall = f"≈ {hours / jobs:,.1f} h with `--jobs {jobs}`"
+            if cost["seeds"] > 1:
+                wall += f", {hours / jobs / cost['seeds']:,.1f} h a seed"
             estimate = (f"{hours * 60:.1f} run-minutes" if hours < 1 else
-                        f"{hours:,.1f} run-hours (≈ {hours / jobs:,.1f} h with `--jobs {jobs}`")
-            if hours >= 1:
-                seeds = cost["seeds"]
-                estimate += (f", {hours / jobs / seeds:,.1f} h a seed)" if seeds > 1 else ")")
+                        f"{hours:,.1f} run-hours ({wall})")
             if "scaled" in cost["basis"]:
                 estimate += f", SqueezeNet at ResNet-20's rate / {SQUEEZENET_TIME_RATIO}"
         rows.append({"preset": f"`{preset}`", "model": cost["model"], "runs (trained)":

@@ -16,9 +16,9 @@ import pandas as pd
 
 from kdlib.bench.render import render_markdown
 from kdlib.config import describe_fields
-from kdlib.results import (CONTRASTS, METHOD_ORDER, bits_label, chain_contrasts, load_published,
-                           difference_text, load_results, paired_contrast, results_table,
-                           shared_cells, summarise)
+from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text, in_bits_order,
+                           in_method_order, load_published, load_results, paired_contrast,
+                           results_table, shared_cells, summarise)
 from kdlib.costs import render_costs
 from kdlib.verdict import render_answer
 
@@ -65,7 +65,7 @@ def _contrast_table(frame: pd.DataFrame) -> pd.DataFrame:
     contrasts["cell"] = [difference_text(r.mean, r.ci95_low, r.ci95_high, r.n)
                          for r in contrasts.itertuples()]
     table = contrasts.pivot_table(index="contrast", columns="bits", values="cell", aggfunc="first")
-    order = sorted(contrasts["bits"].unique(), key=lambda b: -int(str(b).split("/")[0]))
+    order = in_bits_order(contrasts["bits"])
     names = [f"{a} − {b}" for a, b, _ in CONTRASTS if f"{a} − {b}" in table.index]
     table = table.reindex(index=names, columns=order).fillna("")
     n = contrasts.groupby("contrast")["n"].max()
@@ -153,10 +153,8 @@ def _seed_coverage(frame: pd.DataFrame) -> str:
     per_method = frame.groupby("method")["seed"].agg(lambda s: tuple(sorted(s.unique())))
     if per_method.nunique() <= 1:
         return ""
-    order = [m for m in ("teacher", *METHOD_ORDER) if m in per_method.index]
-    order += sorted(set(per_method.index) - set(order))
     groups: dict[tuple, list[str]] = {}
-    for method in order:
+    for method in in_method_order(per_method.index):
         groups.setdefault(per_method[method], []).append(f"`{method}`")
     parts = [f"seed(s) {', '.join(map(str, seeds))} for {', '.join(methods)}"
              for seeds, methods in sorted(groups.items(), key=lambda g: (-len(g[0]), g[0]))]
@@ -172,9 +170,8 @@ def _seed_hours(trained: pd.DataFrame) -> str:
     for seed, runs in trained.groupby("seed"):
         per_cpu = runs.groupby("cpu")["wall_time_s"].sum().sort_values(ascending=False) / 3600
         where = (f"on {per_cpu.index[0]}" if len(per_cpu) == 1 else
-                 "; ".join(f"{h:.2f} h on {cpu}" for cpu, h in per_cpu.items()))
-        parts.append(f"seed {seed}: {per_cpu.sum():.2f} h {where}" if len(per_cpu) == 1
-                     else f"seed {seed}: {per_cpu.sum():.2f} h ({where})")
+                 "(" + "; ".join(f"{h:.2f} h on {cpu}" for cpu, h in per_cpu.items()) + ")")
+        parts.append(f"seed {seed}: {per_cpu.sum():.2f} h {where}")
     return "; ".join(parts)
 
 
@@ -269,9 +266,7 @@ def render_packed_models(results_dir: str | os.PathLike, seed: int = 0) -> str:
     rows = frame[(frame["seed"] == seed) & frame["packed_bytes"].notna()]
     rows = rows.assign(kib=[f"{b / 1024:.1f}" for b in rows["packed_bytes"]])
     table = rows.pivot_table(index="method", columns="bits", values="kib", aggfunc="first")
-    order = sorted(table.columns, key=lambda b: -int(str(b).split("/")[0]))
-    methods = [m for m in ("teacher", *METHOD_ORDER) if m in table.index]
-    table = table.reindex(index=methods, columns=order).fillna("")
+    table = table.reindex(index=in_method_order(table.index), columns=in_bits_order(table.columns)).fillna("")
     table.index.name = "KiB: method \\ bits"
     return _markdown(table)
 

@@ -38,6 +38,18 @@ RECORD_VERSION = 1
 GROUP_KEYS = ("model", "method", "w_bits", "a_bits")
 METHOD_ORDER = ("individual", "finetune", "direct_kd", "direct_kd_matched", "progressive",
                 "progressive_kd32", "ta_chain")  # the order of tables and figures
+
+
+def in_method_order(methods) -> list[str]:
+    """Tables' row order: the teacher, then METHOD_ORDER; a method it does not name goes last."""
+    methods = set(methods)
+    known = [m for m in ("teacher", *METHOD_ORDER) if m in methods]
+    return known + sorted(methods - set(known))
+
+
+def in_bits_order(labels) -> list:
+    """Tables' column order: widest first, by the weight bits of a "w" or "w/a" label."""
+    return sorted(set(labels), key=lambda b: -int(str(b).split("/")[0]))
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 # Fields that differ between the seeds of one setting: the seed and the run ids derived from it.
 PER_SEED_FIELDS = ("seed", "teacher_id", "init_id")
@@ -344,8 +356,5 @@ def results_table(summary: pd.DataFrame, marked: set[tuple[str, str]] = frozense
                          f"settings at {first['bits']} bits: one table shows one setting; filter "
                          "the runs (e.g. by their `setting` column) first")
     s["cell"] = s.apply(cell, axis=1)
-    order = sorted(s["bits"].unique(), key=lambda b: -int(str(b).split("/")[0]))
     table = s.pivot_table(index="method", columns="bits", values="cell", aggfunc="first")
-    table = table.reindex(columns=order)
-    method_order = [m for m in ("teacher", *METHOD_ORDER) if m in table.index]
-    return table.reindex(method_order).fillna("")
+    return table.reindex(index=in_method_order(table.index), columns=in_bits_order(s["bits"])).fillna("")

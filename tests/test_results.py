@@ -159,3 +159,11 @@ def test_atomic_writes_are_readable_by_others_on_a_shared_folder(tmp_path):
 
     write_json_atomic(tmp_path / "r.json", {"a": 1})
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+
+
+def test_tables_order_methods_teacher_first_and_bits_widest_first():
+    from kdlib.results import in_bits_order, in_method_order
+    assert in_method_order(["ta_chain", "zzz_new", "teacher", "individual"]) == [
+        "teacher", "individual", "ta_chain", "zzz_new"]
+    assert in_bits_order(["2", "16", "2/8", "32", "4"])[:2] == ["32", "16"]
+    assert in_bits_order(["1", "8", "8"]) == ["8", "1"]
