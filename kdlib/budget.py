@@ -8,7 +8,9 @@ in this order, from
    the history, and what a run spends besides its epochs: loading, the test pass, saving), the
    slowest of them, so an estimate errs long;
 2. the benchmark of this machine (``results/bench/<name>.json``): training images over the
-   measured images/s of the matching step, plus an allowance for evaluation.
+   measured images/s of the matching step, slowed by what the benchmark measured for as many
+   processes side by side as the grid runs (``jobs``), plus allowances for evaluation and for
+   a run's start (a worker's imports and CUDA context, loading the data).
 
 "The same kind" is the model, whether a teacher's logits are computed (KD), the training-set
 size, batch size, channels_last and precision. A run with no estimate is not started under a
@@ -30,6 +32,7 @@ from kdlib.device import cpu_model
 
 SAFETY = 1.2  # estimates are multiplied by this: the slowest epoch seen can still be beaten
 EVAL_ALLOWANCE = 0.25  # bench-based estimate: evaluation adds this fraction to training time
+START_ALLOWANCE_S = 20.0  # bench-based estimate: a run's start (spawn, imports, CUDA, data)
 CIFAR_TRAIN_IMAGES = 50_000
 
 
@@ -77,6 +80,7 @@ class RunTimer:
     device: str  # a device_kind()
     records: list[dict[str, Any]] = field(default_factory=list)
     bench: dict[str, Any] | None = None
+    jobs: int = 1  # runs side by side: each one's bench rate is the per-process rate at jobs
 
     def add(self, record: dict[str, Any] | None) -> None:
         if record is not None and not record.get("same_run_as"):
@@ -95,9 +99,26 @@ class RunTimer:
                             f"{len(same)} finished run(s) of this kind")
         rate = self._bench_rate(cfg)
         if rate:
+            rate *= self._side_by_side()
             epoch_s = train_images(cfg) / rate * (1 + EVAL_ALLOWANCE)
-            return Estimate(SAFETY * cfg.epochs * epoch_s, f"benchmark, {rate:.0f} img/s")
+            return Estimate(SAFETY * (cfg.epochs * epoch_s + START_ALLOWANCE_S),
+                            f"benchmark, {rate:.0f} img/s a run with {self.jobs} at a time")
         return Estimate(None, "no finished run of this kind and no benchmark of this device")
+
+    def _side_by_side(self) -> float:
+        """One run's speed with ``jobs`` side by side over its speed alone, from the
+        benchmark's concurrent processes (the nearest measured count at or above ``jobs``);
+        1/jobs where it measured none (as if the device were already full)."""
+        if self.jobs <= 1:
+            return 1.0
+        by_jobs = ((self.bench or {}).get("concurrency") or {}).get("by_jobs") or {}
+        alone = (by_jobs.get("1") or {}).get("images_per_s")
+        counts = sorted(int(k) for k in by_jobs)
+        at = next((k for k in counts if k >= self.jobs), counts[-1] if counts else None)
+        if not alone or at is None:
+            return 1.0 / self.jobs
+        per_process = by_jobs[str(at)]["images_per_s"] / at
+        return min(1.0, per_process / alone) * (at / self.jobs if at < self.jobs else 1.0)
 
     def _bench_rate(self, cfg: RunConfig) -> float | None:
         """Images/s of the benchmark variant closest to ``cfg``'s step on this device."""

@@ -212,7 +212,8 @@ def _grid_budget(args: argparse.Namespace, results_dir: Path) -> Budget | None:
     if not args.budget_min > 0:
         raise UserError(f"--budget-min {args.budget_min}: give a positive number of minutes")
     kind = device_kind(pick_device(args.device))
-    timer = RunTimer(kind, bench=load_bench(args.bench_dir, kind))
+    timer = RunTimer(kind, bench=load_bench(args.bench_dir, kind),
+                     jobs=args.jobs if args.executor == "processes" else 1)
     for record in load_records(results_dir):
         timer.add(record)
     print(f"budget: {args.budget_min:g} min on {kind}; estimates from {len(timer.records)} "
@@ -279,7 +280,7 @@ def command_lease(args: argparse.Namespace) -> int:
         calls = lease.prepare(plan, data_root=resolve_data_root(args.data_dir),
                               results_dir=results_dir, repo_root=REPO_ROOT, minutes=args.minutes,
                               jobs=args.jobs, preset=args.preset, model=model_of(args), grid=grid,
-                              bench_args=args.bench_args)
+                              bench_args=args.bench_args, part_mib=args.part_mib)
         print(f"{len(calls)} device calls, one right after the other (the machine goes back "
               f"30 s after a call); written to {lease.LEASE_DIR}/calls.json:")
         for i, call in enumerate(calls, 1):
@@ -288,6 +289,8 @@ def command_lease(args: argparse.Namespace) -> int:
         print(f"then: python -m kdlib lease receive FOLDER_OF_RETURNED_FILES --preset {args.preset}")
     elif args.step == "store":
         lease.store_part(Path(args.part))
+    elif args.step == "pack":
+        lease.pack(results_dir, Path(args.out), Path.cwd() / "results" / "bench")
     elif args.step == "go":
         log_path = results_dir / "logs" / f"lease-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +301,7 @@ def command_lease(args: argparse.Namespace) -> int:
                 f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
 
         lease.go(preset=args.preset, model=model_of(args), minutes=args.minutes, jobs=args.jobs,
-                 results_dir=results_dir, out=Path(args.out), repo_root=Path.cwd(), log=log,
+                 results_dir=results_dir, repo_root=Path.cwd(), log=log,
                  bench=args.bench, device=args.device, bench_args=args.bench_args,
                  grid=_lease_grid(args))
     else:
@@ -445,8 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
         step.add_argument("--bench-args", type=json.loads, default=None,
                           help="run_benchmark's keyword arguments as JSON (default: the "
                                "device benchmark, about 3 minutes on a GPU)")
+    steps.choices["prepare"].add_argument(
+        "--part-mib", type=float, default=None,
+        help="data part size (default: the most that keeps a call under 64 MiB with the tree)")
     go_step = steps.choices["go"]
-    go_step.add_argument("--out", required=True, help="folder of the files to return ($OUT)")
+    pack_step = steps.add_parser("pack", help="there, after go: finished runs and GPU "
+                                              "benchmarks into --out")
+    pack_step.add_argument("--out", required=True, help="folder of the files to return ($OUT)")
+    pack_step.add_argument("--preset", default="gpu")
+    pack_step.add_argument("--results-dir", default=None)
     go_step.add_argument("--bench", choices=("auto", "always", "never"), default="auto",
                          help="auto: only if results/bench has no file of this device")
     go_step.add_argument("--device", default=None)

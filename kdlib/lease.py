@@ -35,10 +35,15 @@ LEASE_DIR = ".lease"  # in the repository root; ignored by git, named in each ca
 STASH = Path(os.environ.get("KDLIB_LEASE_STASH") or "/dev/shm/kdlib-lease")
 DATA_MANIFEST = "data.json"
 DATA_FILES = ("meta", "train", "test")  # of cifar-100-python/
-PART_MIB = 45  # a part plus the tracked tree (about 6 MiB) stays under a call's 64 MiB
+CALL_MIB = 64  # what one call may carry: the travelling tree, the carried paths
+CALL_MARGIN_MIB = 3  # the manifest, the calls file, files written between prepare and the call
+MIN_PART_MIB = 4
 OUT_FILE_MIB = 15  # returned files: at most 16 MiB each
 OUT_MAX_FILES = 8
 RESULTS_ARCHIVE = "results.tar"
+CALL_TIMEOUT_S = 600  # the device tool's limit for one command
+GO_GRACE_S = 20  # `go` is interrupted this long after its --minutes (it plans to end before)
+PACK_S = 25  # packing and the return, after `go` ended or was interrupted
 MIB = 1 << 20
 # the device benchmark: fit()'s steps, the bf16 mode, compile and the typical pipeline, in
 # about two minutes on a GPU (plus 1, 2 and 4 concurrent KD processes)
@@ -84,11 +89,35 @@ def _join(folder: Path, manifest: dict[str, Any]) -> bytes:
 
 
 # ----------------------------------------------------------------------------- here: prepare
-def pack_data(data_root: Path, folder: Path, part_mib: float = PART_MIB,
+def travelling_bytes(repo_root: Path) -> int:
+    """What every call sends besides its carry: tracked files and untracked ones git does not
+    ignore (the device tool's rule)."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=repo_root, capture_output=True, check=True).stdout
+    paths = {repo_root / name for name in listed.decode().split("\0") if name}
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def part_mib_for(repo_root: Path, carried_bytes: int = 0) -> float:
+    """The largest data part that, with the travelling tree and ``carried_bytes`` (the weights
+    of the last call), stays under a call's :data:`CALL_MIB`."""
+    tree = travelling_bytes(repo_root)
+    part = CALL_MIB - CALL_MARGIN_MIB - (tree + carried_bytes) / MIB
+    if part < MIN_PART_MIB:
+        raise ValueError(f"the tracked tree ({tree / MIB:.1f} MiB) and the carried weights "
+                         f"({carried_bytes / MIB:.1f} MiB) leave {part:.1f} MiB of a call's "
+                         f"{CALL_MIB} MiB for data: commit fewer large files, or train the "
+                         "frontier here first")
+    return float(int(part))
+
+
+def pack_data(data_root: Path, folder: Path, part_mib: float,
               compress: Callable[[bytes], bytes] | None = None) -> dict[str, Any]:
     """``data_root/cifar-100-python/{meta,train,test}`` as an xz tar split into parts of at most
     ``part_mib`` MiB in ``folder``; returns (and writes) the manifest. Reused when the manifest
-    already describes the same source files (packing takes minutes)."""
+    already describes the same source files and part size (packing takes minutes)."""
     import lzma
 
     source = Path(data_root) / "cifar-100-python"
@@ -102,7 +131,7 @@ def pack_data(data_root: Path, folder: Path, part_mib: float = PART_MIB,
     manifest_path = folder / DATA_MANIFEST
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        if old.get("sources") == sources and all(
+        if old.get("sources") == sources and old.get("part_mib") == part_mib and all(
                 (folder / p["name"]).exists() and (folder / p["name"]).stat().st_size == p["bytes"]
                 for p in old["parts"]):
             return old
@@ -115,7 +144,7 @@ def pack_data(data_root: Path, folder: Path, part_mib: float = PART_MIB,
     for old_part in folder.glob("data.xz.*"):
         old_part.unlink()
     manifest = {"sources": sources, "sha256": hashlib.sha256(blob).hexdigest(),
-                "bytes": len(blob), "parts": _split(blob, folder, "data.xz", int(part_mib * MIB))}
+                "bytes": len(blob), "part_mib": part_mib, "parts": _split(blob, folder, "data.xz", int(part_mib * MIB))}
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -145,39 +174,55 @@ def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
 
 def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Path,
             minutes: float, jobs: int | str, preset: str, model: str | None = None,
-            grid: dict[str, Sequence] | None = None, part_mib: float = PART_MIB,
+            grid: dict[str, Sequence] | None = None, part_mib: float | None = None,
             bench_args: dict[str, Any] | None = None,
             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Write ``.lease/`` and return the device calls (carry list and command) to make in order.
     ``plan`` is the grid to continue; ``grid`` the arguments it was planned with (seeds, chain,
     chain_methods, methods: None for the preset's), passed on to ``go``. ``bench_args``:
-    run_benchmark's arguments on the device (default :data:`DEVICE_BENCH`)."""
+    run_benchmark's arguments on the device (default :data:`DEVICE_BENCH`). ``part_mib``:
+    default the largest that keeps each call under :data:`CALL_MIB` (:func:`part_mib_for`)."""
     lease = repo_root / LEASE_DIR
+    frontier = frontier_weights(plan, results_dir)
+    if part_mib is None:
+        part_mib = part_mib_for(repo_root, sum(p.stat().st_size for p in frontier))
     manifest = pack_data(data_root, lease, part_mib)
     weights = lease / "weights"
     shutil.rmtree(weights, ignore_errors=True)
     weights.mkdir(parents=True)
-    for path in frontier_weights(plan, results_dir):
+    for path in frontier:
         shutil.copy2(path, weights / path.name)
     rel_results = os.path.relpath(results_dir, repo_root)
     from kdlib.presets import get_preset
 
     model = model or get_preset(preset).model
-    go = (f"PYTHONUNBUFFERED=1 python3 -m kdlib lease go --preset {preset} --model {model} "
-          f"--minutes {minutes:g} --jobs {jobs} --results-dir {rel_results} --out \"$OUT\"")
+    from kdlib.results import CODE_COMMIT  # the device's copy of the tree has no .git
+
+    go = (f"env PYTHONUNBUFFERED=1 KDLIB_GIT_COMMIT={CODE_COMMIT or ''} python3 -m kdlib lease go --preset {preset} --model {model} "
+          f"--minutes {minutes:g} --jobs {jobs} --results-dir {rel_results}")
     for name, values in (grid or {}).items():
         if values:
             go += f" --{name.replace('_', '-')} " + " ".join(map(str, values))
     if bench_args is not None:
         go += f" --bench-args '{json.dumps(bench_args, separators=(',', ':'))}'"
+    # `go` under a hard limit (its own budget errs long, but a run can still overrun), then
+    # `pack` whatever finished, whatever became of `go`: a call killed at its timeout returns
+    # nothing, so the limit leaves `pack` and the return time before the call's 600 s
+    hard_s = int(60 * minutes + GO_GRACE_S)
+    if hard_s + PACK_S > CALL_TIMEOUT_S:
+        raise ValueError(f"--minutes {minutes:g}: the last call's work would end past its "
+                         f"{CALL_TIMEOUT_S} s timeout; at most "
+                         f"{(CALL_TIMEOUT_S - PACK_S - GO_GRACE_S) / 60:.1f}")
+    pack = f"python3 -m kdlib lease pack --results-dir {rel_results} --out \"$OUT\""
+    finish = (f"{{ timeout -s INT -k 15 {hard_s} {go}; rc=$?; {pack} && exit $rc; }}")
     calls = []
     for i, part in enumerate(manifest["parts"]):
         last = i == len(manifest["parts"]) - 1
         store = f"python3 -m kdlib lease store {LEASE_DIR}/{part['name']}"
         calls.append({"carry": [f"{LEASE_DIR}/{DATA_MANIFEST}", f"{LEASE_DIR}/{part['name']}"]
                       + ([f"{LEASE_DIR}/weights"] if last else []),
-                      "command": f"{store} && {go}" if last else store,
-                      "timeout_s": 600 if last else 120})
+                      "command": f"{store} && {finish}" if last else store,
+                      "timeout_s": CALL_TIMEOUT_S if last else 120})
     log(f"{LEASE_DIR}/: data in {len(manifest['parts'])} part(s) of <= {part_mib:g} MiB "
         f"({manifest['bytes'] / MIB:.1f} MiB), {len(list(weights.iterdir()))} weight file(s)")
     (lease / "calls.json").write_text(json.dumps(calls, indent=1))
@@ -246,14 +291,14 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
     return sorted(out.iterdir())
 
 
-def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path, out: Path,
+def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
        repo_root: Path, model: str | None = None, bench: str = "auto", device: str | None = None,
        stash: Path = STASH, reserve_s: float | None = None, grid: dict[str, Any] | None = None,
        data_root: Path | None = None, bench_args: dict[str, Any] | None = None,
        log: Callable[[str], None] = print) -> dict[str, Any]:
     """On the lent machine: data, benchmark, budgeted grid, outputs. ``minutes``: wall-clock for
-    all of it (less than the call's timeout); ``reserve_s`` of it is kept for packing (default
-    a tenth, at most 45 s).
+    all of it (less than the call's timeout); ``reserve_s`` of it is kept as slack for runs
+    that overrun their estimate (default a tenth, at most 45 s). Packing is :func:`pack`'s.
     ``jobs="auto"``: as many runs at once as the benchmark found worth it (1 without one)."""
     import torch
 
@@ -298,6 +343,7 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path, out: 
     timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
     if jobs == "auto":
         jobs = int(((timer.bench or {}).get("concurrency") or {}).get("best_jobs", 1))
+    timer.jobs = jobs
     for record in load_records(results_dir):
         timer.add(record)
     budget_s = deadline - reserve_s - time.monotonic()
@@ -312,13 +358,33 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path, out: 
         else:
             execute(plan, data_dir=data_root, results_dir=results_dir, device=str(torch_device),
                     progress=False, budget=budget)
-    files = pack_outputs(results_dir, out, [bench_written] if bench_written else [])
     done = sum(1 for _ in (results_dir / "runs").glob("*.json")) if (results_dir / "runs").exists() else 0
     summary = {"records": done, "planned": len(plan), "seconds": time.monotonic() - started,
-               "files": [f.name for f in files]}
+               "bench": str(bench_written) if bench_written else None}
     log(f"lease: {done} of {len(plan)} planned runs have records; {summary['seconds']:.0f} s; "
-        f"returned {len(files)} files")
+        "now `python3 -m kdlib lease pack`")
     return summary
+
+
+def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = None) -> list[Path]:
+    """There, after :func:`go` (finished, failed or interrupted): what finished, and the
+    benchmarks of this device (this lease's among them), into ``out``."""
+    from kdlib.budget import bench_device_kind, device_kind
+    from kdlib.device import pick_device
+
+    kind = device_kind(pick_device(device))
+    benches = []
+    for path in sorted(bench_dir.glob("*.json")):
+        try:
+            if bench_device_kind(json.loads(path.read_text())) == kind:
+                benches.append(path)
+        except (OSError, ValueError, AttributeError):
+            continue
+    files = pack_outputs(results_dir, out, benches)
+    print(f"packed {len(files)} file(s) into {out}: "
+          f"{len(list(results_dir.glob('runs/*.json')))} record(s), "
+          f"{len(benches)} benchmark(s) of {kind}", flush=True)
+    return files
 
 
 # ----------------------------------------------------------------------------- here: receive

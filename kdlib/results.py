@@ -87,7 +87,9 @@ def packed_path(results_dir: str | os.PathLike, run_id: str) -> Path:
 
 
 def git_commit() -> str | None:
-    """Commit of the code that produced a record, '+dirty' when the tree had changes."""
+    """Commit of the code that produced a record, '+dirty' when the tree had changes; outside
+    a git checkout (a lent GPU gets a copy of the tree), ``$KDLIB_GIT_COMMIT`` as the copying
+    side stated it."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
@@ -95,7 +97,7 @@ def git_commit() -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("KDLIB_GIT_COMMIT") or None
     return sha + ("+dirty" if dirty else "")
 
 

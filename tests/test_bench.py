@@ -174,6 +174,50 @@ def test_measure_warms_up_then_interleaves_windows():
     assert all(len(v["cpu"]) == 3 and v["warmup_s"] >= 0 for v in times.values())
 
 
+def test_a_variant_failing_its_warm_up_is_recorded_and_the_others_are_timed(monkeypatch):
+    calls: list[str] = []
+
+    def broken() -> None:
+        calls.append("x")
+        raise RuntimeError("inductor cannot compile this")
+
+    runners = {"ok": bench.Runner(lambda: calls.append("o"), batch_size=1),
+               "broken": bench.Runner(broken, batch_size=1)}
+    times = bench.measure(runners, windows=2, steps=1, warmup=2, device=torch.device("cpu"))
+    assert "".join(calls) == "oo" + "x" + "o" + "oo"  # tried once, never timed (o re-warms 1)
+    assert times["broken"] == {"error": "RuntimeError: inductor cannot compile this"}
+    assert len(times["ok"]["wall"]) == 2
+    # and in a benchmark: that variant says so, the rest keeps its numbers and FLOPs
+    from kdlib.bench import run as bench_run
+
+    real = bench_run.measure
+
+    def measure_with_compile_broken(runners, **kw):
+        runners["kd_w4_compile"].step = broken
+        return real(runners, **kw)
+
+    def no_processes(*args, **kw):
+        raise RuntimeError("2 concurrent kd_w4 processes failed: CUDA out of memory")
+
+    monkeypatch.setattr(bench_run, "measure", measure_with_compile_broken)
+    monkeypatch.setattr(bench_run, "concurrent_throughput", no_processes)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    result = run_benchmark(images, torch.arange(64) % 100, preset="smoke", model="resnet8",
+                           variants=["kd_w4", "kd_w4_compile"], windows=1, steps=1, warmup=1,
+                           matmul_size=64, flops_probe_batch=2, workers=0, concurrency=(1, 2))
+    assert result["variants"]["kd_w4_compile"]["status"] == "failed"
+    assert "inductor" in result["variants"]["kd_w4_compile"]["error"]
+    assert result["variants"]["kd_w4"]["status"] == "ok" and result["variants"]["kd_w4"]["gflops"] > 0
+    assert "out of memory" in result["concurrency"]["error"]
+    text = render_markdown(result)
+    assert "| failed |" in text and "side by side: not measured (RuntimeError: 2 concurrent" in text
+    result["concurrency"] = {"variant": "kd_w4", "seconds": 10.0, "best_jobs": 2, "by_jobs": {
+        "1": {"images_per_s": 9000.0, "per_process": [9000.0]},
+        "2": {"images_per_s": 16000.0, "per_process": [8100.0, 7900.0]}}}
+    assert ("side by side on one device (10 s each): 1 × 9000 = 9000 img/s, 2 × 8000 = 16000 "
+            "img/s; worth running: 2 at a time") in render_markdown(result)
+
+
 def test_matmul_ceiling_step_is_one_product_of_the_recorded_size():
     runner = bench.matmul_runner(torch.device("cpu"), torch.bfloat16, size=64)
     assert runner.info["size"] == 64 and runner.info["dtype"] == "bfloat16"

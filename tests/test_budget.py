@@ -9,7 +9,7 @@ import json
 import pytest
 
 from kdlib import cli, experiments
-from kdlib.budget import Budget, RunTimer, device_kind, load_bench, record_device_kind
+from kdlib.budget import START_ALLOWANCE_S, Budget, RunTimer, device_kind, load_bench, record_device_kind
 from kdlib.device import cpu_model
 from kdlib.executors import execute_processes
 from kdlib.presets import build_config
@@ -87,12 +87,34 @@ def test_without_records_the_benchmark_of_this_device_gives_the_estimate(tmp_pat
     (tmp_path / "cpu.json").write_text(json.dumps(bench_file({"kd_w4": 100.0, "w4a4": 200.0})))
     (tmp_path / "gpu.json").write_text(json.dumps(bench_file({"kd_w4": 9e9}, gpu="NVIDIA H200")))
     timer = RunTimer("cpu", bench=load_bench(tmp_path, "cpu"))
-    assert timer.estimate(student(epochs=2)).seconds == pytest.approx(1.2 * 2 * 200 / 100.0 * 1.25)
+    start = START_ALLOWANCE_S
+    assert timer.estimate(student(epochs=2)).seconds == pytest.approx(
+        1.2 * (2 * 200 / 100.0 * 1.25 + start))
     assert timer.estimate(student("finetune", epochs=2)).seconds == pytest.approx(
-        1.2 * 2 * 200 / 200.0 * 1.25)
+        1.2 * (2 * 200 / 200.0 * 1.25 + start))
     on_gpu = RunTimer("cuda:NVIDIA H200", bench=load_bench(tmp_path, "cuda:NVIDIA H200"))
-    assert on_gpu.estimate(student()).seconds < 1e-3
+    assert on_gpu.estimate(student()).seconds == pytest.approx(1.2 * start, rel=1e-6)
     assert load_bench(tmp_path, "cuda:NVIDIA H100") is None
+
+
+def test_runs_side_by_side_are_estimated_at_their_per_process_rate():
+    bench = bench_file({"kd_w4": 100.0})
+    bench["concurrency"] = {"by_jobs": {"1": {"images_per_s": 100.0},
+                                        "2": {"images_per_s": 160.0},  # 80 a process
+                                        "4": {"images_per_s": 200.0}}}  # 50 a process
+
+    def seconds(jobs, bench=bench):
+        return RunTimer("cpu", bench=bench, jobs=jobs).estimate(student(epochs=2)).seconds
+
+    def at(rate):
+        return 1.2 * (2 * 200 / rate * 1.25 + START_ALLOWANCE_S)
+
+    assert seconds(1) == pytest.approx(at(100.0))
+    assert seconds(2) == pytest.approx(at(80.0))
+    assert seconds(3) == pytest.approx(at(50.0))  # the next measured count up: 4
+    assert seconds(8) == pytest.approx(at(25.0))  # beyond what was measured: the device is full
+    no_concurrency = bench_file({"kd_w4": 100.0})
+    assert seconds(2, no_concurrency) == pytest.approx(at(50.0))
 
 
 def test_the_newest_benchmark_of_a_device_is_used(tmp_path):

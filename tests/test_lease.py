@@ -67,7 +67,7 @@ def test_a_broken_or_missing_part_is_refused_by_name(fake_data_root, tmp_path):
     with pytest.raises(ValueError, match="sha256"):
         lease.store_part(second, tmp_path / "stash")
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
-        lease.pack_data(tmp_path / "nowhere", tmp_path / "x")
+        lease.pack_data(tmp_path / "nowhere", tmp_path / "x", part_mib=1)
 
 
 def test_outputs_split_into_at_most_eight_files_and_come_back_whole(tmp_path):
@@ -154,6 +154,9 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
         sorted(f"{r['run_id']}.weights.pt" for r in head)
     received = {r["run_id"]: r for r in load_records(results)}
     assert all(received[r["run_id"]]["created_at"] == r["created_at"] for r in head)  # not retrained
+    from kdlib.results import CODE_COMMIT  # the device's copy has no .git: the call states it
+
+    assert CODE_COMMIT and {r["git_commit"] for r in received.values()} == {CODE_COMMIT}
     serial = experiments.execute(plan, data_dir=fake_data_root, results_dir=tmp_path / "serial",
                                  progress=False)
     assert sorted(map(comparable, received.values()), key=lambda r: r["run_id"]) == \
@@ -195,3 +198,33 @@ print("ok", sorted(m for m in sys.modules if m.split('.')[0] in {DEVICE_LACKS!r}
                           cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "ok []"
+
+
+def test_a_failing_go_still_returns_what_finished_and_fails_the_call(fake_data_root, tmp_path):
+    """The last call packs whatever became of `go` (here: it fails at once, the earlier parts
+    never stored); its exit status is go's. Minutes that would outlast the call are refused."""
+    here = tmp_path / "here"
+    results = here / "results" / "gpu"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "earlier.json").write_text('{"run_id": "earlier"}')
+    plan = experiments.plan_grid(**GRID, chain=[32, 4], chain_methods=["ta_chain"],
+                                 methods=["direct_kd"])
+    with pytest.raises(ValueError, match="timeout"):
+        lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                      minutes=9.5, jobs=1, preset="smoke", part_mib=0.5)
+    calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                          minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5)
+    assert "timeout -s INT" in calls[-1]["command"] and "lease pack" in calls[-1]["command"]
+    device = tmp_path / "device"
+    shutil.copytree(here, device)
+    shutil.copytree(REPO / "kdlib", device / "kdlib", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "KDLIB_LEASE_STASH": str(tmp_path / "stash"), "OUT": str(out),
+           "PATH": f"{_python3_shim(tmp_path)}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", calls[-1]["command"]], cwd=device, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "lease store" in done.stderr  # which part to carry first
+    assert "packed" in done.stdout
+    lease.receive(out, tmp_path / "back", tmp_path / "bench")
+    assert (tmp_path / "back" / "runs" / "earlier.json").exists()

@@ -60,15 +60,24 @@ def measure(runners: dict[str, Runner], *, windows: int, steps: int, warmup: int
     From the second round on, each window is preceded by ``runner.rewarm`` un-timed steps (the
     typical DataLoader has batches prefetched while the others ran: those are drained first).
     Returns ``{name: {"wall": [s, ...], "cpu": [s, ...], "warmup_s": s}}``.
+    A runner whose warm-up raises is left out of the windows: ``{"error": "Type: message"}``
+    (one variant that a torch version cannot compile must not cost the others their numbers).
     """
     out: dict[str, dict[str, Any]] = {name: {"wall": [], "cpu": []} for name in runners}
+    failed: dict[str, dict[str, Any]] = {}
     for name, runner in runners.items():
         start = time.perf_counter()
-        for _ in range(max(warmup, runner.warmup_min)):
-            runner.step()
-        sync(device)
+        try:
+            for _ in range(max(warmup, runner.warmup_min)):
+                runner.step()
+            sync(device)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the others go on
+            failed[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            log(f"bench: {name} failed in its warm-up ({failed[name]['error']})")
+            continue
         out[name]["warmup_s"] = time.perf_counter() - start
         log(f"bench: warmed up {name} ({out[name]['warmup_s']:.1f} s)")
+    runners = {n: r for n, r in runners.items() if n not in failed}
     for w in range(windows):
         for name, runner in runners.items():
             for _ in range(runner.rewarm if w > 0 else 0):
@@ -80,7 +89,7 @@ def measure(runners: dict[str, Runner], *, windows: int, steps: int, warmup: int
             f"{n} {steps * r.batch_size / out[n]['wall'][-1]:.0f} img/s" if r.batch_size else
             f"{n} {steps * r.flops_per_step / out[n]['wall'][-1] / 1e9:.0f} GFLOP/s"
             for n, r in runners.items()))
-    return out
+    return {**{n: t for n, t in out.items() if n not in failed}, **failed}
 
 
 def summarise(seconds: list[float], steps: int, batch_size: int) -> dict[str, Any]:

@@ -93,6 +93,19 @@ def _ceiling_line(result: dict[str, Any]) -> list[str]:
     return ["- matmul ceilings, timed in the same interleaved windows: " + ", ".join(parts)]
 
 
+def _concurrency_line(result: dict[str, Any]) -> list[str]:
+    c = result.get("concurrency")
+    if not c:
+        return []
+    if "error" in c:
+        return [f"- runs side by side: not measured ({c['error']})"]
+    parts = [f"{k} × {sum(e['per_process']) / len(e['per_process']):.0f} = "
+             f"{e['images_per_s']:.0f} img/s" for k, e in c["by_jobs"].items()]
+    return [f"- `{c['variant']}` training processes side by side on one device ({c['seconds']:g} s "
+            f"each): " + ", ".join(parts) + f"; worth running: {c['best_jobs']} at a time "
+            "(one more must add 10%)"]
+
+
 def _machine_line(result: dict[str, Any]) -> str:
     m, s = result.get("machine", {}), result.get("settings", {})
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
@@ -111,5 +124,5 @@ def _machine_line(result: dict[str, Any]) -> str:
 def render_markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown: table of variants, ceilings, ratios with targets (met or
     missed), machine and settings."""
-    return "\n".join([*_variant_rows(result), "", *_ceiling_line(result), *_ratio_lines(result), "",
-                      _machine_line(result)])
+    return "\n".join([*_variant_rows(result), "", *_ceiling_line(result), *_ratio_lines(result),
+                      *_concurrency_line(result), "", _machine_line(result)])

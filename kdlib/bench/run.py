@@ -47,6 +47,9 @@ def _check_settings(images: Tensor, names: list[str], batch_size: int, windows: 
 
 
 def _variant_entry(name: str, times: dict[str, Any], runner: Runner, steps: int) -> dict[str, Any]:
+    if "error" in times:
+        return {"label": BY_NAME[name].label, "status": "failed", "error": times["error"],
+                "info": runner.info}
     wall, cpu = times["wall"], times["cpu"]
     return {"label": BY_NAME[name].label, **summarise(wall, steps, runner.batch_size),
             "cpu_per_wall_windows": [c / w for c, w in zip(cpu, wall)],
@@ -123,7 +126,7 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
     measured = {n: _variant_entry(n, times[n], runners[n], steps) for n in timed}
     del runners
     for name, entry in measured.items():
-        if BY_NAME[name].flops is not None:
+        if BY_NAME[name].flops is not None and entry["status"] == "ok":
             _add_flops(entry, BY_NAME[name].flops(ctx, flops_probe_batch), base.batch_size, ceilings)
     result["variants"] = {n: measured[n] if n in measured else
                           {**measured[same[n]], "label": BY_NAME[n].label, "same_as": same[n]}
@@ -136,10 +139,14 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
         concurrency = DEVICE_CONCURRENCY
     if concurrency:
         log(f"bench: {', '.join(map(str, concurrency))} concurrent KD processes")
-        result["concurrency"] = concurrent_throughput(
-            ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=concurrency,
-            preset=preset, model=model, device=device, seconds=concurrency_seconds,
-            warmup=max(warmup, 1))
+        try:
+            result["concurrency"] = concurrent_throughput(
+                ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=concurrency,
+                preset=preset, model=model, device=device, seconds=concurrency_seconds,
+                warmup=max(warmup, 1))
+        except Exception as exc:  # noqa: BLE001 - the variants' numbers stand without it
+            result["concurrency"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            log(f"bench: concurrent processes failed ({result['concurrency']['error']})")
     result["load_average_end"] = load_average()
     return result
 
