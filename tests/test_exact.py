@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlib.quant import QConv2d, QLinear, set_precision
+from kdlib.export.codes import encode_weight
+from kdlib.quant import QConv2d, QLinear, dorefa_activation, set_precision
+from kdlib.quant.ste import _RoundSTE
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
@@ -124,3 +126,25 @@ def test_bf16_mode_gradient_is_the_straight_through_one():
 def test_set_precision_rejects_unknown_modes():
     with pytest.raises(ValueError, match="precision='fp8' is unknown; accepted: exact, bf16"):
         set_precision(QConv2d(1, 1, 1), "fp8")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8, 16])
+def test_every_grid_value_is_the_correctly_rounded_k_over_n(device, bits):
+    """On CUDA, ``tensor / n`` with a Python n multiplies by 1/n: one ulp off for some k; the
+    quantizers must give float32(k / n) exactly, the value the packed export rebuilds."""
+    n = (1 << bits) - 1
+    k = torch.arange(n + 1, dtype=torch.float64)
+    expected = (k / n).float()
+    x = ((k + 0.2) / n).clamp(max=1.0).float().to(device)  # rounds to level k
+    assert torch.equal(dorefa_activation(x, bits).cpu(), expected)
+    assert torch.equal(_RoundSTE.apply(x, n).cpu(), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_a_layer_quantized_on_any_device_exports_its_exact_levels(device, bits):
+    torch.manual_seed(bits)
+    layer = QConv2d(32, 64, 3, w_bits=bits, a_bits=bits, quantizer="dorefa").to(device)
+    codes = encode_weight("conv", layer)  # raises unless the levels rebuild the weight bit for bit
+    assert codes.levels.min() >= 0 and codes.levels.max() <= (1 << bits) - 1

@@ -16,13 +16,30 @@ def grid_levels(bits: int) -> int:
     return (1 << bits) - 1
 
 
+_DIVISORS: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
+
+
+def _div_levels_(y: Tensor, n: int) -> Tensor:
+    """``y /= n`` in place, correctly rounded on every device. CUDA divides a tensor by a
+    Python number as ``y * (1/n)``, one ulp off for some ``k/n`` (seen on an H200 at 4, 8 and
+    16 bits: the grid values were then not ``k/n``, and the packed export refused them); by a
+    device tensor it divides. One cached 0-dim divisor per device, dtype and n: no transfer."""
+    if y.device.type == "cpu":  # the CPU kernel divides either way
+        return y.div_(n)
+    key = (y.device, y.dtype, n)
+    divisor = _DIVISORS.get(key)
+    if divisor is None:
+        divisor = _DIVISORS[key] = torch.full((), float(n), dtype=y.dtype, device=y.device)
+    return y.div_(divisor)
+
+
 class _RoundSTE(torch.autograd.Function):
     """round(n * x) / n in float32, gradient passed through unchanged (straight-through)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, n: int) -> Tensor:  # noqa: D102
         y = x.float() * n  # new tensor even for float32 input: the in-place ops below are safe
-        return y.round_().div_(n).to(x.dtype)
+        return _div_levels_(y.round_(), n).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
@@ -62,7 +79,7 @@ class _ClipRoundSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, n: int) -> Tensor:  # noqa: D102
         ctx.save_for_backward(x)  # the ReLU before saves this same tensor: no extra memory
         y = torch.clamp(x.float(), 0.0, 1.0)  # new tensor: the in-place ops below are safe
-        return y.mul_(n).round_().div_(n).to(x.dtype)
+        return _div_levels_(y.mul_(n).round_(), n).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
