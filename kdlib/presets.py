@@ -72,9 +72,9 @@ PRESETS: dict[str, Preset] = {
     ),
     "gpu": Preset(
         name="gpu",
-        description="the quick grid's methods at GPU scale, one seed in about two 8-minute "
-                    "leases of a lent H100/H200 (assuming >= 10k img/s over the runs side by "
-                    "side): full 45k/5k split and 10k test set, teacher 15 epochs (lr 0.2, 1 "
+        description="the quick grid's methods at GPU scale, one seed in about two 9-minute "
+                    "leases of a lent H100/H200 (17k img/s over 4 runs side by side on an "
+                    "H200): full 45k/5k split and 10k test set, teacher 15 epochs (lr 0.2, 1 "
                     "warm-up epoch, cosine), `individual` on the teacher's schedule, 2 epochs "
                     "per chain link (lr 0.05, cosine), channels_last",
         run=dict(train_size=None, val_size=5000, test_size=None, epochs=2, batch_size=128,

@@ -163,9 +163,14 @@ def _seed_coverage(frame: pd.DataFrame) -> str:
 
 
 def _seed_hours(trained: pd.DataFrame) -> str:
-    """Each seed's training time summed over its runs, and the processor(s) it ran on."""
+    """Each seed's training time summed over its runs, and the processor(s) it ran on (the
+    GPU, for a run on one)."""
     cpus = trained["cpu_model"] if "cpu_model" in trained else pd.Series(None, index=trained.index)
-    trained = trained.assign(cpu=cpus.fillna("an unrecorded CPU"))
+    cpus = cpus.fillna("an unrecorded CPU")
+    if "gpu" in trained and "device" in trained:
+        on_gpu = trained["device"].astype(str).str.startswith("cuda") & trained["gpu"].notna()
+        cpus = cpus.where(~on_gpu, "an " + trained["gpu"].astype(str))
+    trained = trained.assign(cpu=cpus)
     parts = []
     for seed, runs in trained.groupby("seed"):
         per_cpu = runs.groupby("cpu")["wall_time_s"].sum().sort_values(ascending=False) / 3600

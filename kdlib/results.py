@@ -87,9 +87,13 @@ def packed_path(results_dir: str | os.PathLike, run_id: str) -> Path:
 
 
 def git_commit() -> str | None:
-    """Commit of the code that produced a record, '+dirty' when the tree had changes; outside
-    a git checkout (a lent GPU gets a copy of the tree), ``$KDLIB_GIT_COMMIT`` as the copying
-    side stated it."""
+    """Commit of the code that produced a record, '+dirty' when the tree had changes. A copy
+    of the tree (a lent GPU's) states it in ``$KDLIB_GIT_COMMIT``, which wins: the copy's own
+    ``.git``, if any, can be older than its files (seen on the first H200 lease: the session's
+    starting commit, so every record read '+dirty')."""
+    stated = os.environ.get("KDLIB_GIT_COMMIT")
+    if stated:
+        return stated
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
@@ -97,7 +101,7 @@ def git_commit() -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("KDLIB_GIT_COMMIT") or None
+        return None
     return sha + ("+dirty" if dirty else "")
 
 
@@ -193,7 +197,7 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                "setting": settings[record["run_id"]], "same_run_as": record.get("same_run_as"),
                "git_commit": record.get("git_commit"),
                "wall_time_s": record.get("wall_time_s"), "images_per_s": record.get("images_per_s"),
-               "device": record.get("device"), "cpu_model": record.get("cpu_model"),
+               "device": record.get("device"), "gpu": record.get("gpu"), "cpu_model": record.get("cpu_model"),
                "created_at": record.get("created_at"), "epochs_run": len(record["history"])}
         if isinstance(row.get("milestones"), list):  # hashable, so that it can be grouped on
             row["milestones"] = tuple(row["milestones"])

@@ -228,3 +228,14 @@ def test_a_failing_go_still_returns_what_finished_and_fails_the_call(fake_data_r
     assert "packed" in done.stdout
     lease.receive(out, tmp_path / "back", tmp_path / "bench")
     assert (tmp_path / "back" / "runs" / "earlier.json").exists()
+
+
+def test_the_stated_commit_wins_over_a_copied_trees_own_git(monkeypatch):
+    """The device's copy of the tree may carry a .git older than its files: the commit the
+    lease states is the code that ran."""
+    from kdlib.results import git_commit
+
+    here = git_commit()
+    assert here  # this checkout is a git repository
+    monkeypatch.setenv("KDLIB_GIT_COMMIT", "5e05d98")
+    assert git_commit() == "5e05d98"

@@ -34,7 +34,8 @@ def test_render_results_without_records(tmp_path):
 
 
 def write_record(results_dir, run_id, method, bits, seed, top1, *, created_at, call_seconds=300.0,
-                 wall_time_s=300.0, host="alpha", cpu_count=2, device="cpu", epochs=1, cpu_model=None):
+                 wall_time_s=300.0, host="alpha", cpu_count=2, device="cpu", epochs=1, cpu_model=None,
+                 gpu=None):
     """A run record as experiments.train_run writes it (a full smoke config), hand-set numbers."""
     w, a = bits if isinstance(bits, tuple) else (bits, bits)
     config = build_config("smoke", "resnet8", teacher=method == "teacher", overrides={
@@ -46,7 +47,8 @@ def write_record(results_dir, run_id, method, bits, seed, top1, *, created_at, c
               "wall_time_s": wall_time_s, "images_per_s": 100.0, "device": device,
               "model_size": {"params": 10, "storage_bits": 320}, "created_at": created_at,
               "call_seconds": call_seconds, "host": host, "cpu_count": cpu_count,
-              **({"cpu_model": cpu_model} if cpu_model else {}), "versions": {"torch": "2.5.0"}, "git_commit": "0123abc"}
+              **({"cpu_model": cpu_model} if cpu_model else {}), **({"gpu": gpu} if gpu else {}),
+              "versions": {"torch": "2.5.0"}, "git_commit": "0123abc"}
     (results_dir / "runs").mkdir(parents=True, exist_ok=True)
     (results_dir / "runs" / f"{run_id}.json").write_text(json.dumps(record))
 
@@ -63,7 +65,7 @@ PUBLISHED = pd.DataFrame([
 
 # Hand-written: teacher 40/42, individual 4-bit 10/12.5, 2/8-bit 5 (one seed), chain 4-bit 20/21.
 # Wall times 600 + 600 + 5 x 300 s = 0.75 h; seed 0: 600 + 3 x 300 s = 0.42 h on alpha, whose
-# records predate cpu_model; seed 1: 600 + 2 x 300 s = 0.33 h, of which 300 s on beta ("Big CPU").
+# records predate cpu_model; seed 1: 600 + 2 x 300 s = 0.33 h, of which 300 s on beta's GPU.
 # The 2/32 published row has w != a: left out.
 EXPECTED_RESULTS = r"""| method \ bits   | 32           | 4            | 2/8   |
 |:----------------|:-------------|:-------------|:------|
@@ -71,7 +73,7 @@ EXPECTED_RESULTS = r"""| method \ bits   | 32           | 4            | 2/8   |
 | individual      |              | 11.25 ± 1.77 | 5.00  |
 | ta_chain        |              | 20.50 ± 0.71 |       |
 
-Test top-1 (%) at the epoch of best validation accuracy; resnet8, preset `smoke`, seed(s) 0, 1 (mean ± std over seeds). Teacher: 41.00% after 2 epochs; `individual`: 1 epochs; every other student: 1 epoch(s) per chain link. 200 training images (class-balanced subset), 100 validation images, 200 test images. 7 records of 7 trained runs, 0.75 h of training summed over runs (seed 0: 0.42 h on an unrecorded CPU; seed 1: 0.33 h (0.25 h on an unrecorded CPU; 0.08 h on Big CPU)), on cpu, cuda (host alpha, 2 CPUs, torch 2.5.0; beta, 8 CPUs, torch 2.5.0).
+Test top-1 (%) at the epoch of best validation accuracy; resnet8, preset `smoke`, seed(s) 0, 1 (mean ± std over seeds). Teacher: 41.00% after 2 epochs; `individual`: 1 epochs; every other student: 1 epoch(s) per chain link. 200 training images (class-balanced subset), 100 validation images, 200 test images. 7 records of 7 trained runs, 0.75 h of training summed over runs (seed 0: 0.42 h on an unrecorded CPU; seed 1: 0.33 h (0.25 h on an unrecorded CPU; 0.08 h on an NVIDIA H200)), on cpu, cuda (host alpha, 2 CPUs, torch 2.5.0; beta, 8 CPUs, torch 2.5.0).
 
 Published numbers for the same network (`kdlib/reference/published.csv`, full training sets and schedules; liao2020 chose its epoch on the **test** set, which flatters it, RepDistiller reports the last epoch):
 
@@ -92,7 +94,7 @@ def write_hand_made_results(results_dir):
     write_record(results_dir, "i28-0", "individual", (2, 8), 0, 5.0, created_at="2026-01-01T10:50:00+00:00")
     write_record(results_dir, "c4-0", "ta_chain", 4, 0, 20.0, created_at="2026-01-01T11:00:00+00:00")
     write_record(results_dir, "c4-1", "ta_chain", 4, 1, 21.0, created_at="2026-01-01T12:20:00+01:00",
-                 host="beta", cpu_count=8, device="cuda", cpu_model="Big CPU")
+                 host="beta", cpu_count=8, device="cuda", cpu_model="Big CPU", gpu="NVIDIA H200")
 
 
 def test_render_results_from_hand_written_records(tmp_path, monkeypatch):
