@@ -218,6 +218,28 @@ def test_a_variant_failing_its_warm_up_is_recorded_and_the_others_are_timed(monk
             "img/s; worth running: 2 at a time") in render_markdown(result)
 
 
+def test_a_profile_counts_the_steps_and_names_where_the_time_goes():
+    from kdlib.bench.profile import profile_runner, profile_variant
+
+    x = torch.randn(64, 64)
+    calls = []
+    result = profile_runner(lambda: calls.append(torch.mm(x, x)), torch.device("cpu"), steps=4,
+                            warmup=2)
+    assert len(calls) == 6 and result["steps"] == 4 and result["kernel_launches_per_step"] == 0
+    assert result["top"][0]["name"] == "aten::mm" and result["top"][0]["calls_per_step"] == 1
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    ctx = make_context(images, torch.arange(64) % 100, preset="smoke", model="resnet8", workers=0)
+    real = profile_variant(ctx, "kd_w4", steps=2, warmup=1)
+    assert real["variant"] == "kd_w4" and real["batch_size"] == ctx.cfg.batch_size
+    assert any("conv" in t["name"] for t in real["top"])  # the step's own operators
+    on_gpu = {"variant": "kd_w4", "steps": 20, "wall_ms_per_step": 35.6, "kernel_launches_per_step": 900,
+              "device_busy_ms_per_step": 3.2, "device_busy_fraction": 0.09,
+              "bound": "host (kernel launches)", "top": [{"name": "sm90_xmma_fprop", "ms_per_step": 0.8}]}
+    text = render_markdown({"variants": {}, "profile": on_gpu})
+    assert ("the GPU busy 3.2 ms of each 35.6 ms step (9%), 900 kernel launches a step; bound by "
+            "host (kernel launches); most time: sm90_xmma_fprop 0.80 ms") in text
+
+
 def test_matmul_ceiling_step_is_one_product_of_the_recorded_size():
     runner = bench.matmul_runner(torch.device("cpu"), torch.bfloat16, size=64)
     assert runner.info["size"] == 64 and runner.info["dtype"] == "bfloat16"

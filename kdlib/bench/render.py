@@ -106,6 +106,23 @@ def _concurrency_line(result: dict[str, Any]) -> list[str]:
             "(one more must add 10%)"]
 
 
+def _profile_line(result: dict[str, Any]) -> list[str]:
+    p = result.get("profile")
+    if not p:
+        return []
+    if "error" in p:
+        return [f"- profile: not taken ({p['error']})"]
+    top = ", ".join(f"{t['name'][:48]} {t['ms_per_step']:.2f} ms" for t in p.get("top", [])[:3])
+    if "device_busy_fraction" in p:
+        what = (f"the GPU busy {p['device_busy_ms_per_step']:.1f} ms of each "
+                f"{p['wall_ms_per_step']:.1f} ms step ({100 * p['device_busy_fraction']:.0f}%), "
+                f"{p['kernel_launches_per_step']:.0f} kernel launches a step")
+    else:
+        what = f"{p['wall_ms_per_step']:.1f} ms a step on the host"
+    return [f"- profile of `{p['variant']}` ({p['steps']} steps, torch.profiler): {what}; bound by "
+            f"{p['bound']}; most time: {top}"]
+
+
 def _machine_line(result: dict[str, Any]) -> str:
     m, s = result.get("machine", {}), result.get("settings", {})
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
@@ -125,4 +142,5 @@ def render_markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown: table of variants, ceilings, ratios with targets (met or
     missed), machine and settings."""
     return "\n".join([*_variant_rows(result), "", *_ceiling_line(result), *_ratio_lines(result),
-                      *_concurrency_line(result), "", _machine_line(result)])
+                      *_concurrency_line(result), *_profile_line(result), "",
+                      _machine_line(result)])

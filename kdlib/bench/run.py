@@ -72,12 +72,16 @@ def _add_flops(entry: dict[str, Any], per_image: float, batch_size: int,
                  of_ceiling={k: gflops / c["gflops"] for k, c in ceilings.items()})
 
 
+PROFILE_STEPS = 20
+
+
 def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model: str = "resnet20",
                   batch_size: int | None = None, windows: int = 5, steps: int = 10,
                   warmup: int = WARMUP_STEPS, device: str | torch.device | None = None,
                   variants: list[str] | None = None, workers: int = TYPICAL_WORKERS, seed: int = 0,
                   data_source: str = "", matmul_size: int = MATMUL_SIZE, flops_probe_batch: int = 8,
                   concurrency: Sequence[int] | None = None, concurrency_seconds: float = 10.0,
+                  profile_steps: int | None = None,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure the variants on ``images`` (uint8 [N,3,32,32], CPU) / ``labels``; the result dict.
 
@@ -85,8 +89,9 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
     ``batch_size``). ``variants``: names from :data:`VARIANTS` (default all). The fp32 and bf16
     matmul ceilings are always timed, in the same interleaved windows. ``concurrency``: numbers
     of processes to run the KD step side by side (default (1, 2, 4) on CUDA, none on a CPU,
-    whose cores one run already uses); see :mod:`kdlib.bench.concurrent`. Everything shrinks
-    for tests.
+    whose cores one run already uses); see :mod:`kdlib.bench.concurrent`. ``profile_steps``:
+    steps of the KD step under ``torch.profiler`` (:mod:`kdlib.bench.profile`; default 20 on
+    CUDA, none on a CPU). Everything shrinks for tests.
     """
     names = list(variants) if variants is not None else [v.name for v in VARIANTS]
     ctx = make_context(images, labels, preset=preset, model=model, batch_size=batch_size, seed=seed,
@@ -147,8 +152,24 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
         except Exception as exc:  # noqa: BLE001 - the variants' numbers stand without it
             result["concurrency"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             log(f"bench: concurrent processes failed ({result['concurrency']['error']})")
+    if profile_steps is None:
+        profile_steps = PROFILE_STEPS if device.type == "cuda" else 0
+    if profile_steps:
+        result["profile"] = profile_or_error(ctx, profile_steps, log)
     result["load_average_end"] = load_average()
     return result
+
+
+def profile_or_error(ctx, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """The KD step's profile, or ``{"error": ...}``: the timings stand without it."""
+    from kdlib.bench.profile import profile_variant  # lazy: torch.profiler
+
+    log(f"bench: profiling {steps} kd_w4 steps")
+    try:
+        return profile_variant(ctx, "kd_w4", steps=steps)
+    except Exception as exc:  # noqa: BLE001 - recorded
+        log(f"bench: the profile failed ({type(exc).__name__}: {exc})")
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def bench_file_name(result: dict[str, Any]) -> str:
