@@ -308,6 +308,13 @@ def command_lease(args: argparse.Namespace) -> int:
         counts = lease.receive(Path(args.folder), results_dir, REPO_ROOT / "results" / "bench")
         print(f"received {counts['records']} records and {counts['bench']} benchmark file(s) into "
               f"{results_dir}; now: python -m kdlib readme")
+        plan = plan_grid(preset=args.preset, model=model_of(args),
+                         seeds=list(get_preset(args.preset).seeds))
+        frontier = lease.frontier_weights(plan, results_dir)
+        if frontier:  # checkpoints/ is ignored: a fresh clone would not have them
+            rel = " ".join(os.path.relpath(p, Path.cwd()) for p in frontier)
+            print(f"the next lease continues from {len(frontier)} weight file(s); commit them "
+                  f"for a later session: git add -f {rel}")
     return 0
 
 
@@ -468,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("folder")
     receive.add_argument("--preset", default="gpu")
     receive.add_argument("--results-dir", default=None)
+    receive.add_argument("--model", default=None, help="default: the preset's model")
     lease.set_defaults(func=command_lease)
     return parser
 

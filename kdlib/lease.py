@@ -100,6 +100,14 @@ def travelling_bytes(repo_root: Path) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
 
+def _tracked(repo_root: Path, path: Path) -> bool:
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "--", os.path.relpath(path, repo_root)],
+                            cwd=repo_root, capture_output=True, text=True)
+    return listed.returncode == 0 and bool(listed.stdout.strip())
+
+
 def part_mib_for(repo_root: Path, carried_bytes: int = 0) -> float:
     """The largest data part that, with the travelling tree and ``carried_bytes`` (the weights
     of the last call), stays under a call's :data:`CALL_MIB`."""
@@ -151,8 +159,11 @@ def pack_data(data_root: Path, folder: Path, part_mib: float,
 
 def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
     """The fp32 weight files of finished runs that an unfinished planned run starts from or
-    learns from (what the lent machine needs to continue the grid)."""
-    from kdlib.results import find_record, weights_path  # lazy: pandas
+    learns from (what the lent machine needs to continue the grid). A 32-bit run whose packed
+    file holds it losslessly needs none: that file is committed, travels with the tree, and a
+    run there loads it when the weight file is missing."""
+    from kdlib.experiments import _is_lossless  # lazy: pandas
+    from kdlib.results import find_record, packed_path, weights_path
 
     needed: dict[str, Path] = {}
     for cfg in plan:
@@ -164,10 +175,13 @@ def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
                 continue
             trained = record.get("same_run_as") or dep
             path = weights_path(results_dir, trained)
+            if _is_lossless(packed_path(results_dir, trained)):
+                continue
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing, but unfinished runs need the weights "
-                                        f"of {trained}: restore it (or delete its record to "
-                                        "train it again)")
+                                        f"of {trained}: restore it (a session after the lease "
+                                        "that trained it needs it committed: `git add -f`), or "
+                                        "delete its record to train it again")
             needed[trained] = path
     return list(needed.values())
 
@@ -183,7 +197,8 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     run_benchmark's arguments on the device (default :data:`DEVICE_BENCH`). ``part_mib``:
     default the largest that keeps each call under :data:`CALL_MIB` (:func:`part_mib_for`)."""
     lease = repo_root / LEASE_DIR
-    frontier = frontier_weights(plan, results_dir)
+    # committed weight files travel with the tree: carry only the others
+    frontier = [p for p in frontier_weights(plan, results_dir) if not _tracked(repo_root, p)]
     if part_mib is None:
         part_mib = part_mib_for(repo_root, sum(p.stat().st_size for p in frontier))
     manifest = pack_data(data_root, lease, part_mib)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kdlib import experiments, lease
-from kdlib.results import load_records, weights_path
+from kdlib.results import load_records, packed_path, weights_path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=1, steps=1, warmup=1,
@@ -96,9 +96,23 @@ def test_frontier_is_the_weights_unfinished_runs_need(fake_data_root, tmp_path):
                                  methods=["direct_kd"])
     teacher = plan[0]
     experiments.execute(plan[:1], data_dir=fake_data_root, results_dir=tmp_path, progress=False)
+    # the 32-bit teacher's packed file holds it bit for bit (and is committed): nothing to carry
+    assert lease.frontier_weights(plan, tmp_path) == []
+    packed = packed_path(tmp_path, teacher.run_id())
+    kept = packed.read_bytes()
+    packed.unlink()
     assert lease.frontier_weights(plan, tmp_path) == [weights_path(tmp_path, teacher.run_id())]
-    weights_path(tmp_path, teacher.run_id()).unlink()
-    with pytest.raises(FileNotFoundError, match="weights"):
+    packed.write_bytes(kept)
+    weights_path(tmp_path, teacher.run_id()).unlink()  # a fresh clone: checkpoints/ is ignored
+    assert lease.frontier_weights(plan, tmp_path) == []
+    link = experiments.execute(plan[:2], data_dir=fake_data_root, results_dir=tmp_path,
+                               progress=False)[1]  # the chain's 4-bit link: direct_kd starts
+    assert link["config"]["w_bits"] == 4              # from nothing, ta_chain@1 would from it
+    plan = experiments.plan_grid(**GRID, chain=[32, 4, 1], chain_methods=["ta_chain"],
+                                 methods=["direct_kd"])
+    assert lease.frontier_weights(plan, tmp_path) == [weights_path(tmp_path, link["run_id"])]
+    weights_path(tmp_path, link["run_id"]).unlink()  # a low-bit packed file is not the fp32 one
+    with pytest.raises(FileNotFoundError, match="git add -f"):
         lease.frontier_weights(plan, tmp_path)
 
 
@@ -153,7 +167,7 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
     bench = json.loads(next((here / "results" / "bench").glob("*.json")).read_text())
     assert bench["profile"]["variant"] == "kd_w4" and bench["profile"]["top"]  # came back
     assert sorted(p.name for p in (tmp_path / "device2" / ".lease" / "weights").iterdir()) == \
-        sorted(f"{r['run_id']}.weights.pt" for r in head)
+        [f"{head[1]['run_id']}.weights.pt"]  # the teacher travels as its committed packed file
     received = {r["run_id"]: r for r in load_records(results)}
     assert all(received[r["run_id"]]["created_at"] == r["created_at"] for r in head)  # not retrained
     from kdlib.results import CODE_COMMIT  # the device's copy has no .git: the call states it
