@@ -129,10 +129,12 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
     plan = experiments.plan_grid(**GRID, **small)  # 5 runs: 4 trained, direct_kd@4 an alias
 
     def one_lease(minutes: float, n: int) -> list[str]:
+        # go's hard limit: minutes + 120 s here, so that a busy CI machine never cuts the
+        # benchmark short (on the device it is minutes + 20 s)
         calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results,
                               repo_root=here, minutes=minutes, jobs=1, preset="smoke",
                               model="resnet8", grid=small, part_mib=0.5,
-                              bench_args=TINY_BENCH)
+                              bench_args=TINY_BENCH, grace_s=120)
         device = tmp_path / f"device{n}"  # the tracked tree: the package, results without
         shutil.copytree(here / "results", device / "results",  # their ignored folders
                         ignore=shutil.ignore_patterns("checkpoints", "logs", "tb"))
