@@ -205,7 +205,7 @@ def load_trained_model(results_dir: str | os.PathLike, run_id: str) -> torch.nn.
     model = _build_model(cfg)
     if path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)
-    elif _is_lossless(packed := packed_path(results_dir, trained_as)):
+    elif is_lossless(packed := packed_path(results_dir, trained_as)):
         state = load_packed(packed).state_dict()
     else:
         raise FileNotFoundError(f"run {run_id} has a record but no weights file {path}"
@@ -219,7 +219,7 @@ def load_trained_model(results_dir: str | os.PathLike, run_id: str) -> torch.nn.
     return model
 
 
-def _is_lossless(packed: Path) -> bool:
+def is_lossless(packed: Path) -> bool:
     """Whether a packed file stores every tensor as it was trained (no integer codes)."""
     return packed.exists() and all(entry["encoding"] == "raw"
                                    for entry in read_packed_header(packed)["tensors"])

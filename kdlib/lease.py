@@ -25,6 +25,7 @@ import json
 import lzma
 import os
 import shutil
+import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -99,8 +100,6 @@ def _join(folder: Path, manifest: dict[str, Any]) -> bytes:
 def travelling_bytes(repo_root: Path) -> int:
     """What every call sends besides its carry: tracked files and untracked ones git does not
     ignore (the device tool's rule)."""
-    import subprocess
-
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             cwd=repo_root, capture_output=True, check=True).stdout
     paths = {repo_root / name for name in listed.decode().split("\0") if name}
@@ -108,8 +107,6 @@ def travelling_bytes(repo_root: Path) -> int:
 
 
 def _tracked(repo_root: Path, path: Path) -> bool:
-    import subprocess
-
     listed = subprocess.run(["git", "ls-files", "--", os.path.relpath(path, repo_root)],
                             cwd=repo_root, capture_output=True, text=True)
     return listed.returncode == 0 and bool(listed.stdout.strip())
@@ -159,7 +156,8 @@ def pack_data(data_root: Path, folder: Path, part_mib: float,
     for old_part in folder.glob("data.xz.*"):
         old_part.unlink()
     manifest = {"sources": sources, "sha256": hashlib.sha256(blob).hexdigest(),
-                "bytes": len(blob), "part_mib": part_mib, "parts": _split(blob, folder, "data.xz", int(part_mib * MIB))}
+                "bytes": len(blob), "part_mib": part_mib,
+                "parts": _split(blob, folder, "data.xz", int(part_mib * MIB))}
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -169,7 +167,7 @@ def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
     learns from (what the lent machine needs to continue the grid). A 32-bit run whose packed
     file holds it losslessly needs none: that file is committed, travels with the tree, and a
     run there loads it when the weight file is missing."""
-    from kdlib.experiments import _is_lossless  # lazy: pandas
+    from kdlib.experiments import is_lossless  # lazy: pandas
     from kdlib.results import find_record, packed_path, weights_path
 
     needed: dict[str, Path] = {}
@@ -182,7 +180,7 @@ def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
                 continue
             trained = record.get("same_run_as") or dep
             path = weights_path(results_dir, trained)
-            if _is_lossless(packed_path(results_dir, trained)):
+            if is_lossless(packed_path(results_dir, trained)):
                 continue
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing, but unfinished runs need the weights "
@@ -219,10 +217,11 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     from kdlib.presets import get_preset
 
     model = model or get_preset(preset).model
-    from kdlib.results import CODE_COMMIT  # the device's copy of the tree has no .git
+    from kdlib.results import CODE_COMMIT  # the device's copy of .git can be stale: state it
 
-    go = (f"env PYTHONUNBUFFERED=1 KDLIB_GIT_COMMIT={CODE_COMMIT or ''} python3 -m kdlib lease go --preset {preset} --model {model} "
-          f"--minutes {minutes:g} --jobs {jobs} --results-dir {rel_results}")
+    go = (f"env PYTHONUNBUFFERED=1 KDLIB_GIT_COMMIT={CODE_COMMIT or ''} python3 -m kdlib lease go "
+          f"--preset {preset} --model {model} --minutes {minutes:g} --jobs {jobs} "
+          f"--results-dir {rel_results}")
     for name, values in (grid or {}).items():
         if values:
             go += f" --{name.replace('_', '-')} " + " ".join(map(str, values))
@@ -349,7 +348,8 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     kind = device_kind(torch_device)
     bench_dir = repo_root / "results" / "bench"
     bench_written = None
-    if bench == "always" or (bench == "auto" and load_bench(bench_dir, kind) is None):
+    existing = load_bench(bench_dir, kind)
+    if bench == "always" or (bench == "auto" and existing is None):
         images, labels = load_cifar100(data_root, train=True, download=False)
         source = f"CIFAR-100 training set, {len(images)} images"
         try:
@@ -363,9 +363,9 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         bench_written = bench_dir / bench_file_name(result)
         write_json_atomic(bench_written, result)
         log(f"benchmark written: {bench_written} ({time.monotonic() - started:.0f} s in)")
-    elif bench == "auto" and "profile" not in load_bench(bench_dir, kind):
-        bench_written = add_profile(load_bench(bench_dir, kind), bench_dir, data_root,
-                                    torch_device, preset=preset, model=model, log=log)
+    elif bench == "auto" and "profile" not in existing:
+        bench_written = add_profile(existing, bench_dir, data_root, torch_device, preset=preset,
+                                    model=model, log=log)
         log(f"profile added to {bench_written} ({time.monotonic() - started:.0f} s in)")
     timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
     if jobs == "auto":

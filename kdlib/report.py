@@ -166,11 +166,9 @@ def _seed_hours(trained: pd.DataFrame) -> str:
     """Each seed's training time summed over its runs, and the processor(s) it ran on (the
     GPU, for a run on one)."""
     cpus = trained["cpu_model"] if "cpu_model" in trained else pd.Series(None, index=trained.index)
-    cpus = cpus.fillna("an unrecorded CPU")
-    if "gpu" in trained and "device" in trained:
-        on_gpu = trained["device"].astype(str).str.startswith("cuda") & trained["gpu"].notna()
-        cpus = cpus.where(~on_gpu, "an " + trained["gpu"].astype(str))
-    trained = trained.assign(cpu=cpus)
+    on_gpu = trained["device"].astype(str).str.startswith("cuda") & trained["gpu"].notna()
+    trained = trained.assign(cpu=cpus.fillna("an unrecorded CPU").where(
+        ~on_gpu, "an " + trained["gpu"].astype(str)))
     parts = []
     for seed, runs in trained.groupby("seed"):
         per_cpu = runs.groupby("cpu")["wall_time_s"].sum().sort_values(ascending=False) / 3600

@@ -34,6 +34,11 @@ class Runner:
     trainer: Any = None  # the objects behind the step, for inspection (never serialised)
 
 
+def error_entry(exc: BaseException) -> dict[str, str]:
+    """What a benchmark records in place of a measurement that raised (the rest stands)."""
+    return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 def check_int(value: Any, name: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name}={value!r} is invalid; expected an integer >= {low}")
@@ -72,7 +77,7 @@ def measure(runners: dict[str, Runner], *, windows: int, steps: int, warmup: int
                 runner.step()
             sync(device)
         except Exception as exc:  # noqa: BLE001 - recorded, and the others go on
-            failed[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            failed[name] = error_entry(exc)
             log(f"bench: {name} failed in its warm-up ({failed[name]['error']})")
             continue
         out[name]["warmup_s"] = time.perf_counter() - start

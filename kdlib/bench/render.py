@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from kdlib.bench.targets import CEILINGS, INFO_RATIOS, TARGETS
@@ -93,25 +94,24 @@ def _ceiling_line(result: dict[str, Any]) -> list[str]:
     return ["- matmul ceilings, timed in the same interleaved windows: " + ", ".join(parts)]
 
 
-def _concurrency_line(result: dict[str, Any]) -> list[str]:
-    c = result.get("concurrency")
-    if not c:
+def _optional_line(result: dict[str, Any], key: str, what: str,
+                   line: Callable[[dict[str, Any]], str]) -> list[str]:
+    """The line of an optional part of the benchmark: none if absent, its error if it failed."""
+    entry = result.get(key)
+    if not entry:
         return []
-    if "error" in c:
-        return [f"- runs side by side: not measured ({c['error']})"]
+    return [f"- {what}: not measured ({entry['error']})" if "error" in entry else line(entry)]
+
+
+def _concurrency_line(c: dict[str, Any]) -> str:
     parts = [f"{k} × {sum(e['per_process']) / len(e['per_process']):.0f} = "
              f"{e['images_per_s']:.0f} img/s" for k, e in c["by_jobs"].items()]
-    return [f"- `{c['variant']}` training processes side by side on one device ({c['seconds']:g} s "
+    return (f"- `{c['variant']}` training processes side by side on one device ({c['seconds']:g} s "
             f"each): " + ", ".join(parts) + f"; worth running: {c['best_jobs']} at a time "
-            "(one more must add 10%)"]
+            "(one more must add 10%)")
 
 
-def _profile_line(result: dict[str, Any]) -> list[str]:
-    p = result.get("profile")
-    if not p:
-        return []
-    if "error" in p:
-        return [f"- profile: not taken ({p['error']})"]
+def _profile_line(p: dict[str, Any]) -> str:
     top = ", ".join(f"{t['name'][:48]} {t['ms_per_step']:.2f} ms" for t in p.get("top", [])[:3])
     if "device_busy_fraction" in p:
         what = (f"the GPU busy {p['device_busy_ms_per_step']:.1f} ms of each "
@@ -119,8 +119,8 @@ def _profile_line(result: dict[str, Any]) -> list[str]:
                 f"{p['kernel_launches_per_step']:.0f} kernel launches a step")
     else:
         what = f"{p['wall_ms_per_step']:.1f} ms a step on the host"
-    return [f"- profile of `{p['variant']}` ({p['steps']} steps, torch.profiler): {what}; bound by "
-            f"{p['bound']}; most time: {top}"]
+    return (f"- profile of `{p['variant']}` ({p['steps']} steps, torch.profiler): {what}; bound by "
+            f"{p['bound']}; most time: {top}")
 
 
 def _machine_line(result: dict[str, Any]) -> str:
@@ -142,5 +142,6 @@ def render_markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown: table of variants, ceilings, ratios with targets (met or
     missed), machine and settings."""
     return "\n".join([*_variant_rows(result), "", *_ceiling_line(result), *_ratio_lines(result),
-                      *_concurrency_line(result), *_profile_line(result), "",
+                      *_optional_line(result, "concurrency", "runs side by side", _concurrency_line),
+                      *_optional_line(result, "profile", "profile", _profile_line), "",
                       _machine_line(result)])

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from kdlib.bench.concurrent import concurrent_throughput
-from kdlib.bench.measure import (MATMUL_SIZE, Runner, check_int, load_average, machine_info,
-                                 matmul_runner, measure, summarise)
+from kdlib.bench.measure import (MATMUL_SIZE, Runner, check_int, error_entry, load_average,
+                                 machine_info, matmul_runner, measure, summarise)
 from kdlib.bench.render import render_markdown
 from kdlib.bench.targets import compute_ratios
 from kdlib.bench.typical import TYPICAL_WORKERS
@@ -150,7 +150,7 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
                 preset=preset, model=model, device=device, seconds=concurrency_seconds,
                 warmup=max(warmup, 1))
         except Exception as exc:  # noqa: BLE001 - the variants' numbers stand without it
-            result["concurrency"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            result["concurrency"] = error_entry(exc)
             log(f"bench: concurrent processes failed ({result['concurrency']['error']})")
     if profile_steps is None:
         profile_steps = PROFILE_STEPS if device.type == "cuda" else 0
@@ -168,8 +168,8 @@ def profile_or_error(ctx, steps: int, log: Callable[[str], None]) -> dict[str, A
     try:
         return profile_variant(ctx, "kd_w4", steps=steps)
     except Exception as exc:  # noqa: BLE001 - recorded
-        log(f"bench: the profile failed ({type(exc).__name__}: {exc})")
-        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        log(f"bench: the profile failed ({error_entry(exc)['error']})")
+        return error_entry(exc)
 
 
 def bench_file_name(result: dict[str, Any]) -> str:
