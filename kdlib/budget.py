@@ -15,12 +15,20 @@ in this order, from
 "The same kind" is the model, whether a teacher's logits are computed (KD), the training-set
 size, batch size, channels_last and precision. A run with no estimate is not started under a
 budget (the message says to run the benchmark first).
+
+A run resumed from its checkpoint is estimated for the epochs it has left. A run too long for
+even the whole budget (the `paper` preset's 200 epochs against a lease's minutes) could never
+start under that rule, so it *spans* calls: it starts when one epoch fits, trains whole epochs
+while the next one fits before the budget ends (:class:`Deadline`), and stops at an epoch
+boundary with its checkpoint; the next call resumes it. Every budgeted run gets that deadline,
+so a run whose estimate was too short also stops cleanly instead of being killed mid-epoch.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,8 +77,31 @@ def train_images(cfg: RunConfig) -> int:
 
 @dataclass
 class Estimate:
-    seconds: float | None  # None: nothing to estimate from
+    seconds: float | None  # None: nothing to estimate from; else SAFETY * (epochs * epoch + extra)
     source: str
+    epoch_s: float = 0.0  # one epoch (training and validation), before SAFETY
+    extra_s: float = 0.0  # what the run spends besides its epochs (start, test pass, saving)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a budgeted run must stop: :func:`kdlib.train.fit` starts an epoch only if
+    ``allows`` it, else it stops after its last checkpoint (``RunSuspended``). Wall-clock
+    (``time.time``), so that it means the same in a worker process."""
+
+    stop_at: float  # time.time() by which the run must be done
+    epoch_s: float  # estimated epoch, before SAFETY: used until the run has timed one itself
+    tail_s: float = 0.0  # after the last epoch: test pass and saving, before SAFETY
+
+    def allows(self, epoch: int, epochs: int, measured: Sequence[float] = (),
+               now: float | None = None) -> bool:
+        """May epoch ``epoch`` (0-based) of ``epochs`` start now? ``measured``: the seconds of
+        the epochs this process has trained (they replace the estimate)."""
+        now = time.time() if now is None else now
+        need = SAFETY * (max(measured) if measured else self.epoch_s)
+        if epoch == epochs - 1:
+            need += SAFETY * self.tail_s
+        return now + need <= self.stop_at
 
 
 @dataclass
@@ -86,7 +117,9 @@ class RunTimer:
         if record is not None and not record.get("same_run_as"):
             self.records.append(record)
 
-    def estimate(self, cfg: RunConfig) -> Estimate:
+    def estimate(self, cfg: RunConfig, epochs_done: int = 0) -> Estimate:
+        """The run's time, for the epochs it has left after ``epochs_done`` (its checkpoint)."""
+        epochs = max(cfg.epochs - epochs_done, 0)
         mine = _kind(cfg.to_dict())
         same = [r for r in self.records
                 if record_device_kind(r) == self.device and _kind(r["config"]) == mine
@@ -95,14 +128,15 @@ class RunTimer:
             epoch_s = max(row["seconds"] for r in same for row in r["history"])
             extra_s = max(max(float(r.get("call_seconds", 0.0))
                               - sum(row["seconds"] for row in r["history"]), 0.0) for r in same)
-            return Estimate(SAFETY * (cfg.epochs * epoch_s + extra_s),
-                            f"{len(same)} finished run(s) of this kind")
+            return Estimate(SAFETY * (epochs * epoch_s + extra_s),
+                            f"{len(same)} finished run(s) of this kind", epoch_s, extra_s)
         rate = self._bench_rate(cfg)
         if rate:
             rate *= self._side_by_side()
             epoch_s = train_images(cfg) / rate * (1 + EVAL_ALLOWANCE)
-            return Estimate(SAFETY * (cfg.epochs * epoch_s + START_ALLOWANCE_S),
-                            f"benchmark, {rate:.0f} img/s a run with {self.jobs} at a time")
+            return Estimate(SAFETY * (epochs * epoch_s + START_ALLOWANCE_S),
+                            f"benchmark, {rate:.0f} img/s a run with {self.jobs} at a time",
+                            epoch_s, START_ALLOWANCE_S)
         return Estimate(None, "no finished run of this kind and no benchmark of this device")
 
     def _side_by_side(self) -> float:
@@ -150,24 +184,54 @@ def load_bench(folder: str | os.PathLike, device: str) -> dict[str, Any] | None:
     return max(found, key=lambda item: item[0])[1] if found else None
 
 
-class Budget:
-    """A wall-clock budget: ``fits(cfg)`` says whether ``cfg`` can start now and finish in time."""
+@dataclass
+class Admission:
+    """Whether a run may start under a budget, and the deadline it then trains under."""
 
-    def __init__(self, seconds: float, timer: RunTimer, *, clock=time.monotonic):
+    start: bool
+    why: str
+    deadline: Deadline | None = None
+    spans: bool = False  # longer than the whole budget: trains epochs until it ends
+
+
+class Budget:
+    """A wall-clock budget: ``admit(cfg)`` says whether ``cfg`` can start now, and until when
+    it may train. ``span``: runs longer than the whole budget start when one epoch fits and
+    continue in the next call (see the module docstring); without it they never start."""
+
+    def __init__(self, seconds: float, timer: RunTimer, *, clock=time.monotonic, span: bool = True):
         if not seconds > 0:
             raise ValueError(f"budget of {seconds!r} s: give a positive number of seconds")
         self.clock = clock
+        self.seconds = float(seconds)
         self.deadline = clock() + float(seconds)
         self.timer = timer
+        self.span = span
 
     def left(self) -> float:
         return self.deadline - self.clock()
 
-    def fits(self, cfg: RunConfig) -> tuple[bool, str]:
-        estimate = self.timer.estimate(cfg)
+    def fits(self, cfg: RunConfig, epochs_done: int = 0) -> tuple[bool, str]:
+        """Whether ``cfg`` (its epochs after ``epochs_done``) can finish in the time left."""
+        admission = self.admit(cfg, epochs_done)
+        return admission.start and not admission.spans, admission.why
+
+    def admit(self, cfg: RunConfig, epochs_done: int = 0) -> Admission:
+        estimate = self.timer.estimate(cfg, epochs_done)
         if estimate.seconds is None:
-            return False, (f"no time estimate ({estimate.source}): run `python -m kdlib bench` on "
-                           "this device first")
+            return Admission(False, f"no time estimate ({estimate.source}): run `python -m kdlib "
+                                    "bench` on this device first")
         left = self.left()
+        # the deadline in wall-clock time, for a worker process; fit() checks it between epochs
+        deadline = Deadline(time.time() + left, estimate.epoch_s, estimate.extra_s)
         why = f"needs ~{estimate.seconds:.0f} s ({estimate.source}), {max(left, 0):.0f} s left"
-        return estimate.seconds <= left, why
+        if estimate.seconds <= left:
+            return Admission(True, why, deadline)
+        one_epoch = SAFETY * (estimate.epoch_s + estimate.extra_s)
+        if self.span and estimate.seconds > self.seconds and one_epoch <= left:
+            epochs = int((left / SAFETY - estimate.extra_s) // max(estimate.epoch_s, 1e-9))
+            left_after = cfg.epochs - epochs_done
+            return Admission(True, f"{why}: longer than the whole {self.seconds:.0f} s budget, so "
+                             f"it trains ~{min(epochs, left_after)} of its {left_after} "
+                             "remaining epochs and continues next call", deadline, spans=True)
+        return Admission(False, why)

@@ -50,3 +50,12 @@ def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     names = sorted(set(stored) | set(current))
     return [n for n in names if n not in EXECUTION_ONLY_FIELDS
             and stored.get(n, "<missing>") != current.get(n, "<missing>")]
+
+
+def epochs_done(path: str | os.PathLike) -> int:
+    """The epochs a run's checkpoint holds (0 when there is none, or none that can be read:
+    fit() then names the problem)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: nothing to resume
+        return 0

@@ -218,7 +218,7 @@ def _grid_budget(args: argparse.Namespace, results_dir: Path) -> Budget | None:
         timer.add(record)
     print(f"budget: {args.budget_min:g} min on {kind}; estimates from {len(timer.records)} "
           f"record(s)" + (" and the benchmark" if timer.bench else ", no benchmark of this device"))
-    return Budget(60.0 * args.budget_min, timer)
+    return Budget(60.0 * args.budget_min, timer, span=not args.no_span)
 
 
 def _run_plan(args: argparse.Namespace) -> list:
@@ -308,13 +308,16 @@ def command_lease(args: argparse.Namespace) -> int:
         counts = lease.receive(Path(args.folder), results_dir, REPO_ROOT / "results" / "bench")
         print(f"received {counts['records']} records and {counts['bench']} benchmark file(s) into "
               f"{results_dir}; now: python -m kdlib readme")
+        if counts["finished_paused"]:
+            print(f"{counts['finished_paused']} paused run(s) finished: their checkpoints were "
+                  f"deleted (commit the deletion: git add -A {os.path.relpath(results_dir)})")
         plan = plan_grid(preset=args.preset, model=model_of(args),
                          seeds=list(get_preset(args.preset).seeds))
-        frontier = lease.frontier_weights(plan, results_dir)
+        frontier = lease.frontier_weights(plan, results_dir) + lease.paused_checkpoints(plan, results_dir)
         if frontier:  # checkpoints/ is ignored: a fresh clone would not have them
             rel = " ".join(os.path.relpath(p, Path.cwd()) for p in frontier)
-            print(f"the next lease continues from {len(frontier)} weight file(s); commit them "
-                  f"for a later session: git add -f {rel}")
+            print(f"the next lease continues from {len(frontier)} weight and checkpoint file(s); "
+                  f"commit them for a later session: git add -f {rel}")
     return 0
 
 
@@ -399,7 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     grid.add_argument("--budget-min", type=float, default=None,
                       help="start a run only if its estimated time fits in what is left of this "
-                           "many minutes (estimates: finished runs here, else --bench-dir)")
+                           "many minutes (estimates: finished runs here, else --bench-dir); a run "
+                           "longer than the whole budget trains whole epochs until it ends and "
+                           "resumes from its checkpoint next call")
+    grid.add_argument("--no-span", action="store_true",
+                      help="with --budget-min: never start a run that cannot finish in this call")
     grid.add_argument("--bench-dir", default=str(REPO_ROOT / "results" / "bench"),
                       help="benchmark files for the time estimates (default: results/bench)")
     grid.set_defaults(func=command_grid)

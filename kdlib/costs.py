@@ -153,3 +153,32 @@ def render_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int = 2) -> 
     return (f"{table}\n\nRates (training images × epochs per wall second of a run, evaluation "
             f"included) measured by the committed records, on {cpus[0]} (the newest records' "
             f"processor, which the estimates are for): {_rates_text(rates)}{others}.")
+
+
+def render_device_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int,
+                        lease_minutes: float) -> str:
+    """Markdown sentence: what ``presets`` cost on the device whose records ``frame`` holds, at
+    their all-in rates (measured with ``jobs`` runs side by side, the way a lease runs them),
+    in run-hours, device hours and leases of ``lease_minutes`` of training."""
+    rates = measured_rates(frame)
+    if not rates:
+        return "_No GPU records yet to estimate the grids' cost from._"
+    parts = []
+    for preset in presets:
+        cost = grid_cost(preset, rates)
+        if cost["run_hours"] is None:
+            parts.append(f"`{preset}`: no measured rate for its runs")
+            continue
+        device_h = cost["run_hours"] / jobs
+        seeds = cost["seeds"]
+        leases = max(round(device_h * 60 / lease_minutes / seeds), 1)
+        parts.append(f"`{preset}` ({cost['runs']} runs, {cost['trained']} trained, "
+                     f"{_amount(cost['image_epochs'])} training images × epochs): "
+                     f"{cost['run_hours']:,.1f} run-hours, ≈ {device_h:,.1f} h of the device"
+                     + (f", {device_h / seeds:,.1f} h a seed" if seeds > 1 else "")
+                     + f", about {leases:,} lease{'s' if leases > 1 else ''} of "
+                     f"{lease_minutes:g} training minutes" + (" a seed" if seeds > 1 else ""))
+    return (f"What the GPU grids cost at the all-in rates of these records ({_rates_text(rates)} "
+            f"training images × epochs per second of a run, {jobs} runs side by side as the "
+            "leases ran them; start-up and evaluation included, so long runs will beat it): "
+            + "; ".join(parts) + ".")

@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 
-from kdlib.budget import Budget
+from kdlib.budget import Admission, Budget, Deadline
 from kdlib.config import RunConfig
 from kdlib.data import load_splits
-from kdlib.experiments import _TrainedIndex, budget_refusal, check_writable, train_run
+from kdlib.experiments import (_TrainedIndex, budget_admission, check_writable, resume_first,
+                               train_run)
 from kdlib.results import find_record
 from kdlib.tblog import TENSORBOARD_ENV
+from kdlib.train import RunSuspended
 
 EXECUTORS = ("serial", "processes", "ray")
 RAY_INSTALL = "pip install -e '.[ray]'"
@@ -110,14 +112,16 @@ def _splits(data_dir: str | None, seed: int, val_size: int, train_size: int | No
 
 
 def _train_task(config: dict[str, Any], data_dir: str | None, results_dir: str,
-                device: str | None, threads: int, tensorboard: bool, *after: Any) -> str:
-    """One run in a Ray worker. ``after``: the results of the tasks it waited for (unused:
-    Ray starts this task only once they are done)."""
+                device: str | None, threads: int, tensorboard: bool, *after: Any,
+                deadline: Deadline | None = None) -> str:
+    """One run in a worker (Ray's or a process pool's). ``after``: the results of the tasks it
+    waited for (unused: Ray starts this task only once they are done)."""
     torch.set_num_threads(threads)
     os.environ[TENSORBOARD_ENV] = "1" if tensorboard else "0"
     cfg = RunConfig.from_dict(config)
     data = _splits(data_dir, cfg.split_seed, cfg.val_size, cfg.train_size, cfg.test_size)
-    return train_run(cfg, data, results_dir, device=device, progress=False)["run_id"]
+    return train_run(cfg, data, results_dir, device=device, progress=False,
+                     deadline=deadline)["run_id"]
 
 
 def execute_ray(plan: Sequence[RunConfig], *, data_dir: str | os.PathLike | None = None,
@@ -192,15 +196,16 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
     """Train ``plan`` with up to ``jobs`` runs at once in worker processes of this machine
     (several small runs share one GPU better than one run uses it); for a lent machine without
     Ray. Dependencies as :func:`execute_ray` (:func:`ray_schedule`); a run is started once its
-    teacher and init runs have records, and, under a ``budget``, only if its estimate fits in
-    the time left. Returns the records that exist at the end, in plan order."""
+    teacher and init runs have records, and, under a ``budget``, only as
+    :func:`kdlib.experiments.execute` starts it (a run paused at the budget's end resumes in the
+    next call). Returns the records that exist at the end, in plan order."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid; expected an integer >= 1")
     results_dir = str(Path(results_dir).resolve())
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
     check_writable(results_dir)
     index = _TrainedIndex(results_dir)  # runs trained before this call, for aliases of them
-    waiting = ray_schedule(plan, results_dir)
+    waiting = ray_schedule(resume_first(plan, results_dir), results_dir)
     log(f"processes: {len(waiting)} of {len(_unique(plan))} planned runs to train, "
         f"{jobs} at a time, {threads} thread(s) each")
     running: dict[futures.Future, str] = {}
@@ -221,14 +226,16 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
                 if not all(d in done for d in after):
                     continue
                 waiting.remove((cfg, after))
-                why = _over_budget(cfg, after, budget, index)
-                if why:
+                admission = _admission(cfg, after, budget, index, results_dir)
+                if admission is not None and not admission.start:
                     left_out.append(cfg.run_id())
-                    log(f"not started {cfg.run_id()}: {why}")
+                    log(f"not started {cfg.run_id()}: {admission.why}")
                     continue
-                log(f"start {cfg.run_id()}")
+                log(f"start {cfg.run_id()}"
+                    + (f": {admission.why}" if admission is not None and admission.spans else ""))
                 running[pool.submit(_train_task, cfg.to_dict(), data_dir, results_dir, device,
-                                    threads, tensorboard)] = cfg.run_id()
+                                    threads, tensorboard,
+                                    deadline=admission and admission.deadline)] = cfg.run_id()
             if not running:
                 continue
             finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
@@ -236,6 +243,10 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
                 run_id = running.pop(future)
                 try:
                     future.result()
+                except RunSuspended as paused:
+                    left_out.append(run_id)
+                    log(f"paused {paused}")
+                    continue
                 except Exception as exc:  # noqa: BLE001 - reported with the others below
                     failed[run_id] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
                     log(f"FAILED {run_id}: {failed[run_id]}")
@@ -247,17 +258,18 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
                 log(f"done {run_id}" + (f" ({record['wall_time_s']:.0f} s)"
                                         if record and "wall_time_s" in record else ""))
     if left_out:
-        log(f"budget: {len(left_out)} run(s) left for the next call; finished runs are skipped then")
+        log(f"budget: {len(left_out)} run(s) left for the next call; finished runs are skipped "
+            "then, paused ones resume")
     if failed:
         detail = "; ".join(f"{run_id}: {error}" for run_id, error in failed.items())
         raise GridRunError(f"{len(failed)} runs failed: {detail}")
     return [r for r in (find_record(results_dir, cfg.run_id()) for cfg in plan) if r is not None]
 
 
-def _over_budget(cfg: RunConfig, after: list[str], budget: Budget | None,
-                 index: _TrainedIndex) -> str | None:
-    """Why ``cfg`` may not start under ``budget``; None for no budget or an alias: of a run of
+def _admission(cfg: RunConfig, after: list[str], budget: Budget | None, index: _TrainedIndex,
+               results_dir: str) -> Admission | None:
+    """Whether ``cfg`` may start under ``budget``; None for no budget or an alias: of a run of
     this call (listed in ``after`` besides its teacher and init) or of an earlier one."""
     if budget is None or set(after) - {cfg.teacher_id, cfg.init_id}:
         return None
-    return budget_refusal(cfg, budget, index)
+    return budget_admission(cfg, budget, index, results_dir)

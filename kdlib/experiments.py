@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 from filelock import FileLock
 
-from kdlib.budget import Budget
+from kdlib.budget import Admission, Budget, Deadline
+from kdlib.checkpoints import epochs_done
 from kdlib.checks import BitsSpec, parse_bits
 from kdlib.config import EXECUTION_ONLY_FIELDS, RunConfig, validate
 from kdlib.data import load_splits
@@ -41,7 +42,7 @@ from kdlib.quant import model_size_report, transfer_weights
 from kdlib.presets import CHAIN_METHODS, STUDENT_METHODS, build_config, get_preset
 from kdlib.results import (METRIC_FIELDS, checkpoint_path, environment_info, find_record,
                            load_records, packed_path, save_record, weights_path)
-from kdlib.train import fit, pick_device
+from kdlib.train import RunSuspended, fit, pick_device
 
 
 # ----------------------------------------------------------------------------- bits & seeds
@@ -301,8 +302,10 @@ class _TrainedIndex:
 
 
 def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
-              progress: bool = True, index: _TrainedIndex | None = None) -> dict[str, Any]:
+              progress: bool = True, index: _TrainedIndex | None = None,
+              deadline: Deadline | None = None) -> dict[str, Any]:
     """Train one configured run (or return its existing record) and write its record.
+    ``deadline``: see :func:`kdlib.train.fit` (raises ``RunSuspended``, nothing recorded).
 
     A run whose training another method's run already did (same :func:`training_key`) is not
     trained again: it gets a record of its own that copies that run's results and names it in
@@ -322,7 +325,7 @@ def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=No
                     index.alias_of[run_id] = same
                     return record
                 record = _train_and_record(cfg, data, results_dir, device=device,
-                                           progress=progress, training_key=key)
+                                           progress=progress, training_key=key, deadline=deadline)
                 index.by_key[key] = run_id
                 return record
     print(f"skip {run_id}: record exists")
@@ -340,7 +343,8 @@ def _alias_record(cfg: RunConfig, trained: dict[str, Any],
 
 
 def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
-                      progress: bool = True, training_key: str | None = None) -> dict[str, Any]:
+                      progress: bool = True, training_key: str | None = None,
+                      deadline: Deadline | None = None) -> dict[str, Any]:
     run_id = cfg.run_id()
     device = pick_device(device)
     model = _build_model(cfg)
@@ -349,7 +353,7 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
     teacher = load_trained_model(results_dir, cfg.teacher_id) if cfg.teacher_id else None
     started = time.time()
     result = fit(model, data, cfg, teacher=teacher, checkpoint_path=checkpoint_path(results_dir, run_id),
-                 device=device, progress=progress)
+                 device=device, progress=progress, deadline=deadline)
     torch_save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
                       weights_path(results_dir, run_id))
     save_packed(model, packed_path(results_dir, run_id), model_name=cfg.model, run_id=run_id)
@@ -377,10 +381,11 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
     """Train every planned run in order (dependencies first); returns their records.
 
     With a ``budget`` (:class:`kdlib.budget.Budget`), a run is started only when its estimate
-    fits in the time left, and a run whose teacher or init run has no record is left for
-    later; the records returned are those that exist at the end, and the next call resumes.
+    fits in the time left (or, longer than the whole budget, when one epoch does), it trains
+    until the budget's end at most, and a run whose teacher or init run has no record is left
+    for later; the records returned are those that exist at the end, and the next call resumes.
     """
-    plan = _dedupe(plan)
+    plan = resume_first(_dedupe(plan), results_dir)
     data = _DataCache(data_dir)
     todo = [cfg for cfg in plan if find_record(results_dir, cfg.run_id()) is None]
     if todo:  # fail on an unwritable folder or missing/bad data before anything is trained
@@ -390,40 +395,56 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
     records, left_out = [], []
     for i, cfg in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {cfg.run_id()}")
-        why = _why_not_now(cfg, results_dir, index, budget) if budget is not None else None
-        if why:
-            print(f"not started {cfg.run_id()}: {why}", flush=True)
+        admission = _admission(cfg, results_dir, index, budget) if budget is not None else None
+        if admission is not None and not admission.start:
+            print(f"not started {cfg.run_id()}: {admission.why}", flush=True)
             left_out.append(cfg.run_id())
             continue
-        record = train_run(cfg, data.get(cfg), results_dir, device=device, progress=progress,
-                           index=index)
+        if admission is not None and admission.spans:
+            print(f"start {cfg.run_id()}: {admission.why}", flush=True)
+        try:
+            record = train_run(cfg, data.get(cfg), results_dir, device=device, progress=progress,
+                               index=index, deadline=admission and admission.deadline)
+        except RunSuspended as paused:
+            print(f"paused {paused}", flush=True)
+            left_out.append(cfg.run_id())
+            continue
         records.append(record)
         if budget is not None:
             budget.timer.add(record)
     if left_out:
         print(f"budget: {len(left_out)} of {len(plan)} runs left for the next call "
-              f"({budget.left():.0f} s of the budget unused); finished runs are skipped then")
+              f"({max(budget.left(), 0):.0f} s of the budget unused); finished runs are skipped "
+              "then, paused ones resume")
     return records
 
 
-def _why_not_now(cfg: RunConfig, results_dir, index: _TrainedIndex, budget: Budget) -> str | None:
-    """Why ``cfg`` may not start under ``budget`` now, or None (record exists, alias, fits)."""
+def resume_first(plan: Sequence[RunConfig], results_dir: str | os.PathLike) -> list[RunConfig]:
+    """``plan`` with the runs that have a checkpoint (paused or interrupted) first, otherwise in
+    order: a budget then finishes what was started before it starts anything new (their
+    teacher and init runs have records already, so no dependency is put after its user)."""
+    return sorted(plan, key=lambda cfg: not checkpoint_path(results_dir, cfg.run_id()).exists())
+
+
+def _admission(cfg: RunConfig, results_dir, index: _TrainedIndex, budget: Budget) -> Admission | None:
+    """Whether ``cfg`` may start under ``budget`` now; None when it costs no training (its record
+    exists, or it is an alias)."""
     if find_record(results_dir, cfg.run_id()) is not None:
         return None
     missing = [d for d in (cfg.teacher_id, cfg.init_id) if d and find_record(results_dir, d) is None]
     if missing:
-        return f"waits for {missing[0]}"
-    return budget_refusal(cfg, budget, index)
+        return Admission(False, f"waits for {missing[0]}")
+    return budget_admission(cfg, budget, index, results_dir)
 
 
-def budget_refusal(cfg: RunConfig, budget: Budget, index: _TrainedIndex) -> str | None:
-    """Why ``cfg`` does not fit in what is left of ``budget``; None if it fits, or if another
+def budget_admission(cfg: RunConfig, budget: Budget, index: _TrainedIndex,
+                     results_dir: str | os.PathLike) -> Admission | None:
+    """``budget.admit`` for ``cfg`` and the epochs its checkpoint already holds; None if another
     run of the index already trained it (recording it under this name costs nothing)."""
     trained_as = index.by_key.get(index.key(cfg))
     if trained_as is not None and trained_as != cfg.run_id():
         return None
-    fits, why = budget.fits(cfg)
-    return None if fits else why
+    return budget.admit(cfg, epochs_done(checkpoint_path(results_dir, cfg.run_id())))
 
 
 # ----------------------------------------------------------------------------- pipelines

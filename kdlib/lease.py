@@ -6,13 +6,14 @@ carries at most 64 MiB of working tree and returns at most 8 files of 16 MiB, an
 is given back 30 s after a call. So:
 
 * here, :func:`prepare` packs CIFAR-100 into compressed parts of at most ``part_mib``, plus the
-  fp32 weights that the grid's unfinished runs start from or learn from, under ``.lease/``
-  (git-ignored), and prints the calls to make;
+  fp32 weights that the grid's unfinished runs start from or learn from and the checkpoints of
+  runs paused at an earlier lease's end, under ``.lease/`` (git-ignored), and prints the calls
+  to make;
 * there, each call stores its part in ``/dev/shm`` (:func:`store_part`); the last one also runs
   :func:`go`: reassemble and check the data, benchmark the device if ``results/bench`` has no
   file for it, train the grid with ``python -m kdlib grid``'s budget until the minutes run
-  out, and pack records, weights, packed models, logs and the benchmark into ``$OUT``
-  (:func:`pack_outputs`: at most 8 files);
+  out, and pack records, weights, packed models, logs, the checkpoints of paused runs and the
+  benchmark into ``$OUT`` (:func:`pack_outputs`: at most 8 files);
 * here again, :func:`receive` unpacks those files into ``results/gpu`` and ``results/bench``.
 
 Every file crossing between the machines is checked against a sha256 written beside it.
@@ -51,6 +52,9 @@ XZ_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_DELTA, "d
               {"id": lzma.FILTER_LZMA2, "preset": 6}]
 CALL_TIMEOUT_S = 600  # the device tool's limit for one command
 GO_GRACE_S = 20  # `go` is interrupted this long after its --minutes (it plans to end before)
+# of a 15-minute lease, what the grid trains for: `go --minutes 9` (the README's) less its 45 s
+# reserve and the data's reassembly; the rest goes to the machine's start and the data calls
+TRAINING_MINUTES = 8.0
 PACK_S = 25  # packing and the return, after `go` ended or was interrupted
 MIB = 1 << 20
 # the device benchmark: fit()'s steps, the bf16 mode, compile and the typical pipeline, in
@@ -191,6 +195,16 @@ def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
     return list(needed.values())
 
 
+def paused_checkpoints(plan: Sequence, results_dir: Path) -> list[Path]:
+    """The checkpoints of planned runs that have no record yet: runs paused at the end of a
+    lease (or interrupted), which the next lease resumes instead of starting over."""
+    from kdlib.results import checkpoint_path, find_record
+
+    return [checkpoint_path(results_dir, cfg.run_id()) for cfg in {c.run_id(): c for c in plan}.values()
+            if checkpoint_path(results_dir, cfg.run_id()).exists()
+            and find_record(results_dir, cfg.run_id()) is None]
+
+
 def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Path,
             minutes: float, jobs: int | str, preset: str, model: str | None = None,
             grid: dict[str, Sequence] | None = None, part_mib: float | None = None,
@@ -203,8 +217,9 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     default the largest that keeps each call under :data:`CALL_MIB` (:func:`part_mib_for`).
     ``grace_s``: how long after ``minutes`` `go` is interrupted (default :data:`GO_GRACE_S`)."""
     lease = repo_root / LEASE_DIR
-    # committed weight files travel with the tree: carry only the others
-    frontier = [p for p in frontier_weights(plan, results_dir) if not _tracked(repo_root, p)]
+    # committed weight files and checkpoints travel with the tree: carry only the others
+    frontier = [p for p in frontier_weights(plan, results_dir) + paused_checkpoints(plan, results_dir)
+                if not _tracked(repo_root, p)]
     if part_mib is None:
         part_mib = part_mib_for(repo_root, sum(p.stat().st_size for p in frontier))
     manifest = pack_data(data_root, lease, part_mib)
@@ -213,6 +228,10 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     weights.mkdir(parents=True)
     for path in frontier:
         shutil.copy2(path, weights / path.name)
+    from kdlib.checkpoints import epochs_done
+
+    for path in paused_checkpoints(plan, results_dir):
+        log(f"resumes: {path.name[:-len('.pt')]} from epoch {epochs_done(path)}")
     rel_results = os.path.relpath(results_dir, repo_root)
     from kdlib.presets import get_preset
 
@@ -247,7 +266,8 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
                       "command": f"{store} && {finish}" if last else store,
                       "timeout_s": CALL_TIMEOUT_S if last else 120})
     log(f"{LEASE_DIR}/: data in {len(manifest['parts'])} part(s) of <= {part_mib:g} MiB "
-        f"({manifest['bytes'] / MIB:.1f} MiB), {len(list(weights.iterdir()))} weight file(s)")
+        f"({manifest['bytes'] / MIB:.1f} MiB), {len(list(weights.iterdir()))} weight and "
+        "checkpoint file(s) to carry")
     (lease / "calls.json").write_text(json.dumps(calls, indent=1))
     return calls
 
@@ -290,14 +310,20 @@ def assemble_data(stash: Path = STASH) -> Path:
 
 def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
                  file_mib: float = OUT_FILE_MIB, max_files: int = OUT_MAX_FILES) -> list[Path]:
-    """Records, best fp32 weights, packed models and logs of ``results_dir`` as a tar split into
-    files of <= ``file_mib`` MiB in ``out``, with ``extra`` files beside them and a manifest."""
+    """Records, best fp32 weights, packed models, logs and the checkpoints of runs without a
+    record (paused or interrupted: the next lease resumes them) of ``results_dir`` as a tar split
+    into files of <= ``file_mib`` MiB in ``out``, with ``extra`` files beside them and a
+    manifest."""
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
+    paused = [p for p in results_dir.glob("checkpoints/*.pt") if not p.name.endswith(".weights.pt")
+              and not (results_dir / "runs" / f"{p.name[:-len('.pt')]}.json").exists()]
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for pattern in ("runs/*.json", "checkpoints/*.weights.pt", "models/*.packed", "logs/*"):
             for path in sorted(results_dir.glob(pattern)):
                 tar.add(path, arcname=str(path.relative_to(results_dir)))
+        for path in sorted(paused):
+            tar.add(path, arcname=str(path.relative_to(results_dir)))
     blob = buffer.getvalue()
     parts = _split(blob, out, RESULTS_ARCHIVE, int(file_mib * MIB))
     extras = []
@@ -311,6 +337,17 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
         raise ValueError(f"{written} files to return, more than {max_files}: the results do not "
                          "fit one call's return; train fewer runs per lease")
     return sorted(out.iterdir())
+
+
+def place_carried(repo_root: Path, results_dir: Path) -> list[Path]:
+    """The carried weight files and paused runs' checkpoints, where the grid reads them."""
+    placed = []
+    for path in sorted((repo_root / LEASE_DIR / "weights").glob("*.pt")):
+        target = results_dir / "checkpoints" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        placed.append(target)
+    return placed
 
 
 def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
@@ -332,7 +369,7 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     from kdlib.experiments import execute, plan_grid
     from kdlib.fileio import write_json_atomic
     from kdlib.presets import get_preset
-    from kdlib.results import load_records, weights_path
+    from kdlib.results import load_records
 
     model = model or get_preset(preset).model
     started = time.monotonic()
@@ -340,10 +377,7 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     reserve_s = min(45.0, 6.0 * minutes) if reserve_s is None else reserve_s
     data_root = data_root or assemble_data(stash)
     log(f"data ready in {time.monotonic() - started:.0f} s: {data_root}")
-    for path in sorted((repo_root / LEASE_DIR / "weights").glob("*.weights.pt")):
-        target = weights_path(results_dir, path.name[:-len(".weights.pt")])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+    place_carried(repo_root, results_dir)
     torch_device = pick_device(device)
     kind = device_kind(torch_device)
     bench_dir = repo_root / "results" / "bench"
@@ -434,7 +468,9 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
 # ----------------------------------------------------------------------------- here: receive
 def receive(folder: Path, results_dir: Path, bench_dir: Path) -> dict[str, int]:
     """Unpack a lease's returned files (``manifest.json`` and its parts) into ``results_dir``
-    and ``bench_dir``; files already here are replaced by the returned ones."""
+    and ``bench_dir``; files already here are replaced by the returned ones. The checkpoint of
+    a run paused at an earlier lease's end is deleted once that run has a record (counted in
+    ``"finished_paused"``)."""
     manifest = json.loads((folder / "manifest.json").read_text())
     blob = _join(folder, manifest)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -447,5 +483,10 @@ def receive(folder: Path, results_dir: Path, bench_dir: Path) -> dict[str, int]:
             raise ValueError(f"{path} does not match its sha256")
         bench_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, bench_dir / extra["name"])
+    finished = [p for p in results_dir.glob("checkpoints/*.pt") if not p.name.endswith(".weights.pt")
+                and (results_dir / "runs" / f"{p.name[:-len('.pt')]}.json").exists()]
+    for path in finished:
+        path.unlink()
     runs = sum(m.name.startswith("runs/") for m in members)
-    return {"records": runs, "files": len(members), "bench": len(manifest["extra"])}
+    return {"records": runs, "files": len(members), "bench": len(manifest["extra"]),
+            "finished_paused": len(finished)}

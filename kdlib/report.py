@@ -222,15 +222,20 @@ def render_bench(bench_dir: str | os.PathLike, gpu: bool = False) -> str:
 
 
 def missing_runs(results_dir: str | os.PathLike, preset: str, model: str | None = None) -> dict[str, list]:
-    """{method: [bits label, ...]} of the preset's planned grid runs without a record."""
+    """{method: [bits label, ...]} of the preset's planned grid runs without a record; a run
+    paused with a checkpoint says how far it got."""
+    from kdlib.checkpoints import epochs_done
     from kdlib.experiments import plan_grid  # lazy: experiments imports the training stack
     from kdlib.presets import get_preset
-    from kdlib.results import find_record
+    from kdlib.results import checkpoint_path, find_record
 
     missing: dict[str, list] = {}
     for cfg in plan_grid(preset=preset, model=model, seeds=list(get_preset(preset).seeds)):
         if find_record(results_dir, cfg.run_id()) is None:
             label = bits_label(cfg.w_bits, cfg.a_bits) + (f" (seed {cfg.seed})" if cfg.seed else "")
+            done = epochs_done(checkpoint_path(results_dir, cfg.run_id()))
+            if done:
+                label += f" (paused at epoch {done} of {cfg.epochs})"
             missing.setdefault(cfg.method, []).append(label)
     return missing
 
@@ -249,6 +254,14 @@ def render_gpu(results_dir: str | os.PathLike, bench_dir: str | os.PathLike,
                          f"{method} {', '.join(bits)}" for method, bits in missing.items()) + ".")
     else:
         lines.append(f"Every run of preset `{preset}` has a record.")
+    newest = newest_bench_file(bench_dir, gpu=True)
+    bench = json.loads(newest.read_text()) if newest else {}
+    jobs = int((bench.get("concurrency") or {}).get("best_jobs", 1))
+    from kdlib.costs import render_device_costs
+    from kdlib.lease import TRAINING_MINUTES
+
+    lines += ["", render_device_costs([preset, "paper"], load_results(results_dir), jobs,
+                                      TRAINING_MINUTES)]
     lines += ["", "GPU benchmark:", "", render_bench(bench_dir, gpu=True)]
     return "\n".join(lines)
 

@@ -46,6 +46,10 @@ Decisions (documented here because they change numbers):
   ``<results_dir>/tb/<run_id>/`` when tensorboard is installed and ``$KDLIB_TENSORBOARD`` is not
   ``0``. A resumed run purges what the interrupted session wrote after its last checkpoint. The
   JSON record stays the source of truth.
+* **Deadline** (``deadline``, a :class:`kdlib.budget.Deadline`): a budgeted run starts an epoch
+  only if it is expected to end (the last one with its test pass) before the deadline; else
+  ``fit`` raises :class:`RunSuspended` after the last epoch's checkpoint, and the same call
+  later resumes there. Needs a ``checkpoint_path``.
 * **Speed**: metrics accumulate on the device; the only per-epoch syncs are the non-finite
   checks and the end-of-epoch read-out. ``images_per_s`` = training images / training seconds
   (evaluation excluded).
@@ -59,7 +63,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -76,8 +80,11 @@ from kdlib.schedules import lr_at
 from kdlib.step import Trainer, autocast, frozen_teacher, make_trainer, train_step
 from kdlib.tblog import scalar_writer, tensorboard_dir, write_scalars
 
-__all__ = ["fit", "evaluate", "FitResult", "NonFiniteLossError", "pick_device", "load_checkpoint",
-           "train_epoch"]
+if TYPE_CHECKING:
+    from kdlib.budget import Deadline
+
+__all__ = ["fit", "evaluate", "FitResult", "NonFiniteLossError", "RunSuspended", "pick_device",
+           "load_checkpoint", "train_epoch"]
 
 NONFINITE_CHECK_EVERY = 25  # steps between reads of the device-side non-finite flag
 
@@ -316,7 +323,8 @@ def _test_at_final_and_best(trainer: Trainer, data, progress: _Progress,
 def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         device: str | torch.device | None = None, progress: bool = True,
-        tensorboard: bool | str | os.PathLike | None = None) -> FitResult:
+        tensorboard: bool | str | os.PathLike | None = None,
+        deadline: Deadline | None = None) -> FitResult:
     """Train ``model`` per ``cfg`` on ``data`` (a :class:`kdlib.data.DataSplits`).
 
     Returns a :class:`FitResult`; ``model`` ends on ``device`` holding the best-validation
@@ -333,6 +341,9 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the training split "
                          f"({int(data.train_labels.shape[0])} images): no full batch to train on")
     path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if deadline is not None and path is None:
+        raise ValueError("fit(deadline=...) needs a checkpoint_path: a run stopped at its deadline "
+                         "resumes from its checkpoint")
     tb_folder = tensorboard_dir(tensorboard, path)
     state = _resume(path, trainer)
     if state.result is not None:
@@ -349,13 +360,17 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
         if device.type == "cuda" else []
     with frozen_teacher(trainer), torch.random.fork_rng(devices=rng_devices), \
             scalar_writer(tb_folder, state.epochs_done) as writer:
+        measured: list[float] = []  # this session's epochs, for the deadline
         for epoch in range(state.epochs_done, cfg.epochs):
+            if deadline is not None and not deadline.allows(epoch, cfg.epochs, measured):
+                raise RunSuspended(cfg.run_id(), state.epochs_done, cfg.epochs)
             started = time.perf_counter()
             stats = train_epoch(trainer, data, epoch, progress=progress, checkpoint=path)
             state.train_seconds += stats["train_seconds"]
             state.train_images += stats["steps"] * cfg.batch_size
             row = _validation_row(trainer, data, epoch, stats, started, ev)
             state.history.append(row)
+            measured.append(row["seconds"])
             is_best = row["val_top1"] > state.best["val_top1"]
             if is_best:
                 state.best = {"epoch": epoch + 1, "val_top1": row["val_top1"],
@@ -379,6 +394,19 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
     state.result = {k: v for k, v in result.to_dict().items() if k != "history"}
     _save_checkpoint(path, trainer, state, time.perf_counter() - wall_start, model_state=final_state)
     return result
+
+
+class RunSuspended(Exception):
+    """fit() stopped at an epoch boundary, its checkpoint written, because the next epoch would
+    end past its deadline; calling it again resumes there."""
+
+    def __init__(self, run_id: str, epochs_done: int, epochs: int):
+        super().__init__(run_id, epochs_done, epochs)  # picklable: it crosses process pools
+        self.run_id, self.epochs_done, self.epochs = run_id, epochs_done, epochs
+
+    def __str__(self) -> str:
+        return (f"{self.run_id} after epoch {self.epochs_done}/{self.epochs} (its checkpoint is "
+                "kept): the next epoch would end past the time budget; the next call resumes it")
 
 
 def _raise_if_nonfinite(bad_step: Tensor, epoch: int, steps: int, path: Path | None) -> None:

@@ -5,11 +5,15 @@ on one machine), which must produce the serial executor's records.
 Smoke preset on real data: ResNet-8, 200 training images, one thread per run.
 """
 import json
+import time
 
 import pytest
+import torch
 
 from kdlib import cli, experiments
-from kdlib.budget import START_ALLOWANCE_S, Budget, RunTimer, device_kind, load_bench, record_device_kind
+from kdlib.budget import (START_ALLOWANCE_S, Admission, Budget, Deadline, RunTimer, device_kind,
+                          load_bench, record_device_kind)
+from kdlib.results import checkpoint_path
 from kdlib.device import cpu_model
 from kdlib.executors import execute_processes
 from kdlib.presets import build_config
@@ -139,6 +143,91 @@ def test_budget_fits_only_what_can_finish_in_the_time_left():
     assert not fits and "kdlib bench" in why  # nothing to estimate from
     with pytest.raises(ValueError, match="positive"):
         Budget(0, timer)
+
+
+def test_a_run_longer_than_the_whole_budget_spans_calls_and_a_shorter_one_waits():
+    clock = Clock()
+    timer = RunTimer("cpu")
+    timer.add(record_of(student(epochs=1), [10.0], 10.0))  # 10 s an epoch, nothing besides
+    budget = Budget(60.0, timer, clock=clock)
+    long = budget.admit(student(epochs=6))  # 72 s: no call of this budget could finish it
+    assert long.start and long.spans and "trains ~5 of its 6 remaining epochs" in long.why
+    assert long.deadline.epoch_s == 10.0 and long.deadline.tail_s == 0.0
+    resumed = budget.admit(student(epochs=6), epochs_done=2)  # 4 epochs left: 48 s
+    assert resumed.start and not resumed.spans and budget.fits(student(epochs=6), epochs_done=2)[0]
+    clock.now += 20.0  # 40 s left
+    waits = budget.admit(student(epochs=4))  # 48 s: a fresh call finishes it, so it waits
+    assert not waits.start and "48 s" in waits.why
+    assert "trains ~3 of its 6" in budget.admit(student(epochs=6)).why
+    clock.now += 30.0  # 10 s left: not even one epoch (12 s with the safety factor)
+    assert not budget.admit(student(epochs=6)).start
+    strict = Budget(60.0, timer, clock=Clock(), span=False)
+    assert not strict.admit(student(epochs=6)).start
+
+
+def test_a_deadline_admits_an_epoch_only_if_it_ends_in_time():
+    deadline = Deadline(stop_at=100.0, epoch_s=10.0, tail_s=5.0)
+    assert deadline.allows(0, 3, now=88.0)  # 88 + 1.2 * 10 = 100
+    assert not deadline.allows(0, 3, now=89.0)
+    assert deadline.allows(1, 3, measured=[2.0, 1.0], now=97.0)  # its own epochs replace 10 s
+    assert not deadline.allows(2, 3, measured=[2.0], now=92.0)  # the last one has a test pass
+    assert deadline.allows(2, 3, measured=[2.0], now=91.0)
+
+
+def test_runs_with_a_checkpoint_go_first_the_rest_in_plan_order(tmp_path):
+    plan = experiments.plan_grid(**GRID)
+    paused = [plan[4], plan[2]]
+    for cfg in paused:
+        checkpoint_path(tmp_path, cfg.run_id()).parent.mkdir(exist_ok=True)
+        checkpoint_path(tmp_path, cfg.run_id()).write_bytes(b"some epochs")
+    ordered = experiments.resume_first(plan, tmp_path)
+    assert ordered == [plan[2], plan[4]] + [c for c in plan if c not in paused]
+
+
+class PausesTheTeacher(Budget):
+    """A budget whose teacher pauses before its last epoch and whose other runs fit (whatever
+    the machine's speed): what a lease that ends in the teacher's training does."""
+
+    def __init__(self):
+        super().__init__(3600.0, RunTimer("cpu"))
+
+    def admit(self, cfg, epochs_done=0):
+        if cfg.method == "teacher":
+            return Admission(True, "longer than the budget", spans=True,
+                             deadline=Deadline(time.time() + 3600, epoch_s=0.01, tail_s=1e6))
+        return Admission(True, "fits")
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("executor", ["serial", "processes"])
+def test_a_paused_run_holds_back_its_students_and_the_next_call_resumes_it(
+        executor, real_data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KDLIB_TENSORBOARD", "0")
+    plan = experiments.plan_grid(**{**GRID, "chain": [32, 4], "chain_methods": ["ta_chain"],
+                                    "methods": ["direct_kd"]})
+    teacher = plan[0]
+    assert teacher.method == "teacher" and teacher.epochs == 2
+
+    def run(budget):
+        if executor == "serial":
+            return experiments.execute(plan, data_dir=real_data_root, results_dir=tmp_path / "b",
+                                       progress=False, budget=budget)
+        return execute_processes(plan, jobs=2, data_dir=real_data_root, results_dir=tmp_path / "b",
+                                 tensorboard=False, budget=budget)
+
+    assert run(PausesTheTeacher()) == []
+    out = capsys.readouterr().out
+    assert f"paused {teacher.run_id()} after epoch 1/2" in out
+    assert torch.load(checkpoint_path(tmp_path / "b", teacher.run_id()),
+                      weights_only=True)["epoch"] == 1
+    resumed = run(None)
+    assert f"resuming from {checkpoint_path(tmp_path / 'b', teacher.run_id())} after epoch 1/2" \
+        in capsys.readouterr().out or executor == "processes"  # a worker's output is its own
+    serial = experiments.execute(plan, data_dir=real_data_root, results_dir=tmp_path / "s",
+                                 progress=False)
+    assert sorted(map(comparable, resumed), key=lambda r: r["run_id"]) == \
+        sorted(map(comparable, serial), key=lambda r: r["run_id"])
+    assert len(resumed) == 3
 
 
 def test_device_kinds_name_the_gpu_and_the_processor(tmp_path):

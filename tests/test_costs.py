@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from kdlib.costs import (SQUEEZENET_TIME_RATIO, UNRECORDED_CPU, grid_cost, machines, measured_rates,
-                         plan_trainings, render_costs, trainings)
+                         plan_trainings, render_costs, render_device_costs, trainings)
 from kdlib.experiments import plan_grid
 
 
@@ -86,3 +86,20 @@ def test_a_multi_seed_grid_states_the_wall_time_of_one_seed():
     hours = cost["run_hours"]
     assert f"≈ {hours / 2:,.1f} h with `--jobs 2`, {hours / 2 / 3:,.1f} h a seed)" in text
     assert "a seed" not in render_costs(["quick_squeezenet"], frame)  # one seed, minutes
+
+
+def test_device_costs_count_device_hours_and_leases_a_seed():
+    """At 10,000 image-epochs a second per run, 4 runs side by side and 8 training minutes a
+    lease, `paper` needs its image-epochs / 10,000 / 3600 run-hours, a quarter of that on the
+    device, and that over 3 seeds and 8/60 h for its leases."""
+    frame = _frame([{"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 4.5,
+                     "cpu_model": "host"},
+                    {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 4.5,
+                     "teacher_id": "t", "cpu_model": "host"}])
+    run_hours = grid_cost("paper", {("resnet20", False): 1e4, ("resnet20", True): 1e4})["run_hours"]
+    assert run_hours == pytest.approx(1134e6 / 1e4 / 3600)
+    text = render_device_costs(["paper"], frame, jobs=4, lease_minutes=8.0)
+    leases = round(run_hours / 4 * 60 / 8.0 / 3)
+    assert f"{run_hours:,.1f} run-hours, ≈ {run_hours / 4:,.1f} h of the device" in text
+    assert f"about {leases} leases of 8 training minutes a seed" in text
+    assert "No GPU records" in render_device_costs(["paper"], pd.DataFrame(), 4, 8.0)

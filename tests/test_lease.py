@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kdlib import experiments, lease
-from kdlib.results import load_records, packed_path, weights_path
+from kdlib.results import checkpoint_path, load_records, packed_path, weights_path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=1, steps=1, warmup=1,
@@ -76,16 +76,21 @@ def test_outputs_split_into_at_most_eight_files_and_come_back_whole(tmp_path):
     (results / "checkpoints").mkdir()
     (results / "runs" / "a.json").write_text('{"run_id": "a"}')
     (results / "checkpoints" / "a.weights.pt").write_bytes(os.urandom(300_000))
-    (results / "checkpoints" / "a.pt").write_bytes(b"resume state stays behind")
+    (results / "checkpoints" / "a.pt").write_bytes(b"a finished run's state stays behind")
+    (results / "checkpoints" / "b.pt").write_bytes(b"a paused run's state comes back")
     bench = tmp_path / "NVIDIA_H200.json"
     bench.write_text("{}")
     files = lease.pack_outputs(results, tmp_path / "out", [bench], file_mib=0.1)
     assert 3 < len(files) <= lease.OUT_MAX_FILES
-    counts = lease.receive(tmp_path / "out", tmp_path / "back", tmp_path / "bench")
-    assert counts == {"records": 1, "files": 2, "bench": 1}
-    assert (tmp_path / "back" / "checkpoints" / "a.weights.pt").read_bytes() == \
+    back = tmp_path / "back"
+    (back / "checkpoints").mkdir(parents=True)  # here, b paused a lease earlier, a finished now
+    (back / "checkpoints" / "a.pt").write_bytes(b"paused here before, finished there")
+    counts = lease.receive(tmp_path / "out", back, tmp_path / "bench")
+    assert counts == {"records": 1, "files": 3, "bench": 1, "finished_paused": 1}
+    assert (back / "checkpoints" / "a.weights.pt").read_bytes() == \
         (results / "checkpoints" / "a.weights.pt").read_bytes()
-    assert not (tmp_path / "back" / "checkpoints" / "a.pt").exists()
+    assert not (back / "checkpoints" / "a.pt").exists()
+    assert (back / "checkpoints" / "b.pt").read_bytes() == b"a paused run's state comes back"
     assert (tmp_path / "bench" / "NVIDIA_H200.json").exists()
     with pytest.raises(ValueError, match="more than 2"):
         lease.pack_outputs(results, tmp_path / "out2", file_mib=0.1, max_files=2)
@@ -114,6 +119,31 @@ def test_frontier_is_the_weights_unfinished_runs_need(fake_data_root, tmp_path):
     weights_path(tmp_path, link["run_id"]).unlink()  # a low-bit packed file is not the fp32 one
     with pytest.raises(FileNotFoundError, match="git add -f"):
         lease.frontier_weights(plan, tmp_path)
+
+
+def test_a_paused_runs_checkpoint_is_carried_and_placed_where_the_grid_resumes_it(
+        fake_data_root, tmp_path):
+    plan = experiments.plan_grid(**GRID, chain=[32, 4], chain_methods=["ta_chain"],
+                                 methods=["direct_kd"])
+    here = tmp_path / "here"
+    results = here / "results" / "smoke"
+    paused = checkpoint_path(results, plan[0].run_id())
+    paused.parent.mkdir(parents=True)
+    paused.write_bytes(b"the teacher after some epochs")
+    checkpoint_path(results, "not-planned").write_bytes(b"another grid's")
+    assert lease.paused_checkpoints(plan, results) == [paused]
+    logs = []
+    lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here, minutes=1,
+                  jobs=1, preset="smoke", model="resnet8", part_mib=0.5, log=logs.append)
+    carried = here / lease.LEASE_DIR / "weights" / paused.name
+    assert carried.read_bytes() == paused.read_bytes()
+    assert any(line.startswith(f"resumes: {plan[0].run_id()} from epoch 0") for line in logs)
+    device = tmp_path / "device"
+    shutil.copytree(here / lease.LEASE_DIR, device / lease.LEASE_DIR)
+    assert lease.place_carried(device, device / "results" / "smoke") == \
+        [checkpoint_path(device / "results" / "smoke", plan[0].run_id())]
+    assert checkpoint_path(device / "results" / "smoke", plan[0].run_id()).read_bytes() == \
+        paused.read_bytes()
 
 
 def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data_root, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from kdlib import report
 from kdlib.presets import build_config
@@ -247,6 +248,12 @@ def test_gpu_block_lists_the_runs_still_missing(tmp_path, monkeypatch):
     assert f"Still missing, {len(plan) - 1} of {len(plan)} runs" in rendered
     assert "teacher 32" not in rendered and "ta_chain 16, 8, 4, 2, 1" in rendered
     assert "61.50" in rendered  # the table of what has come in
+    individual = next(cfg for cfg in plan if cfg.method == "individual" and cfg.w_bits == 8)
+    checkpoint = tmp_path / "gpu" / "checkpoints" / f"{individual.run_id()}.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"epoch": 6}, checkpoint)  # paused at a lease's end
+    assert f"individual 16, 8 (paused at epoch 6 of {individual.epochs}), 4" in \
+        report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
 
 
 def test_second_model_block_states_the_uncontrolled_difference(tmp_path):

@@ -436,6 +436,37 @@ def test_resume_after_interruption_matches_uninterrupted_run(splits, tmp_path, m
     assert metrics(res) == metrics(ref)
 
 
+def test_a_run_paused_at_its_deadline_resumes_to_the_uninterrupted_result(splits, tmp_path):
+    """A deadline that leaves no room for the last epoch's test pass: fit stops after epoch 2
+    of 3 with its checkpoint written and nothing else, and a second call finishes the run to
+    the weights and metrics of a run never paused. Before the first epoch, the deadline uses
+    the estimate: one that does not fit stops the run before any training."""
+    from kdlib.budget import Deadline
+    from kdlib.train import RunSuspended
+
+    cfg = make_cfg(epochs=3, warmup_epochs=1)
+    ref_model = make_model(cfg)
+    ref = fit(ref_model, splits, cfg, progress=False)
+    path = tmp_path / "run.pt"
+    late = Deadline(stop_at=time.time() + 3600, epoch_s=0.01, tail_s=1e6)
+    with pytest.raises(RunSuspended) as paused:
+        fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False, deadline=late)
+    assert (paused.value.epochs_done, paused.value.epochs) == (2, 3)
+    assert "after epoch 2/3 (its checkpoint is kept)" in str(paused.value)
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    too_soon = Deadline(stop_at=time.time() + 60, epoch_s=3600)
+    with pytest.raises(RunSuspended):  # epoch 3 would end past it: nothing trained
+        fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False, deadline=too_soon)
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    model = make_model(cfg, seed=42)
+    res = fit(model, splits, cfg, checkpoint_path=path, progress=False,
+              deadline=Deadline(stop_at=time.time() + 3600, epoch_s=0.01))
+    assert states_equal(model.state_dict(), ref_model.state_dict())
+    assert metrics(res) == metrics(ref)
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        fit(make_model(cfg), splits, cfg, progress=False, deadline=late)
+
+
 def test_finished_checkpoint_returns_without_training(splits, tmp_path, monkeypatch):
     cfg = make_cfg(epochs=1)
     path = tmp_path / "run.pt"
