@@ -397,10 +397,10 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         bench_written = bench_dir / bench_file_name(result)
         write_json_atomic(bench_written, result)
         log(f"benchmark written: {bench_written} ({time.monotonic() - started:.0f} s in)")
-    elif bench == "auto" and "profile" not in existing:
-        bench_written = add_profile(existing, bench_dir, data_root, torch_device, preset=preset,
-                                    model=model, log=log)
-        log(f"profile added to {bench_written} ({time.monotonic() - started:.0f} s in)")
+    elif bench == "auto" and missing_parts(existing, torch_device):
+        bench_written = complete_bench(existing, bench_dir, data_root, torch_device, preset=preset,
+                                       model=model, log=log)
+        log(f"benchmark completed: {bench_written} ({time.monotonic() - started:.0f} s in)")
     timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
     if jobs == "auto":
         jobs = int(((timer.bench or {}).get("concurrency") or {}).get("best_jobs", 1))
@@ -427,18 +427,47 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     return summary
 
 
-def add_profile(result: dict[str, Any], bench_dir: Path, data_root: Path, device, *, preset: str,
-                model: str, steps: int | None = None, log: Callable[[str], None] = print) -> Path:
-    """A benchmark measured before it had a profile gets one (about 20 s on a GPU), in place."""
-    from kdlib.bench.run import PROFILE_STEPS, bench_file_name, profile_or_error
+def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
+    """What a benchmark measured before its parts existed lacks: ``{"profile": True}`` and, on a
+    GPU, ``{"concurrency": [counts]}`` of :func:`kdlib.bench.run.device_concurrency` it has not
+    measured (none once measuring them failed)."""
+    import torch
+
+    from kdlib.bench.run import device_concurrency
+
+    missing: dict[str, Any] = {}
+    if "profile" not in result:
+        missing["profile"] = True
+    concurrency = result.get("concurrency") or {}
+    tried = "error" in concurrency or "added_error" in concurrency  # an answer too: not again
+    if torch.device(device).type == "cuda" and not tried:
+        cores = (result.get("machine") or {}).get("usable_cores")
+        counts = [k for k in device_concurrency(cores)
+                  if str(k) not in concurrency.get("by_jobs", {})]
+        if counts:
+            missing["concurrency"] = counts
+    return missing
+
+
+def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, device, *,
+                   preset: str, model: str, steps: int | None = None,
+                   log: Callable[[str], None] = print) -> Path:
+    """A benchmark measured before it had a profile (about 20 s on a GPU) or the larger counts
+    of processes side by side (about 30 s each) gets them, in place."""
+    from kdlib.bench.run import PROFILE_STEPS, add_concurrency, bench_file_name, profile_or_error
     from kdlib.bench.variants import make_context
     from kdlib.data import load_cifar100
     from kdlib.fileio import write_json_atomic
 
+    missing = missing_parts(result, device)
     images, labels = load_cifar100(data_root, train=True, download=False)
-    ctx = make_context(images, labels, preset=result.get("settings", {}).get("preset", preset),
-                       model=model, device=device, workers=0)
-    result = {**result, "profile": profile_or_error(ctx, steps or PROFILE_STEPS, log)}
+    preset = result.get("settings", {}).get("preset", preset)
+    ctx = make_context(images, labels, preset=preset, model=model, device=device, workers=0)
+    if "concurrency" in missing:
+        result = {**result, "concurrency": add_concurrency(result, missing["concurrency"], ctx,
+                                                           preset=preset, model=model, log=log)}
+    if "profile" in missing:
+        result = {**result, "profile": profile_or_error(ctx, steps or PROFILE_STEPS, log)}
     path = bench_dir / bench_file_name(result)
     write_json_atomic(path, result)
     return path

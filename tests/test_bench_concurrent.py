@@ -35,3 +35,56 @@ def test_a_failing_worker_is_reported_not_waited_for():
 ])
 def test_best_jobs_adds_a_process_only_for_ten_percent_more(rates, expected):
     assert best_jobs({k: {"images_per_s": v} for k, v in rates.items()}) == expected
+
+
+def test_process_counts_follow_the_hosts_cores():
+    from kdlib.bench.run import device_concurrency
+
+    assert device_concurrency(16) == (1, 2, 4, 8, 12)  # the H200's host: 2 cores kept
+    assert device_concurrency(6) == (1, 2, 4)
+    assert device_concurrency(2) == device_concurrency(None) == (1,)
+
+
+def _entries(rates: dict) -> dict:
+    return {str(k): {"images_per_s": float(r), "per_process": [r / k] * k} for k, r in rates.items()}
+
+
+def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
+    """A benchmark that measured 1, 2 and 4 processes on a 16-core host: the next lease measures
+    8 and 12, merges them (dated) and chooses again; where that fails, it is noted and not
+    tried at every lease after."""
+    from types import SimpleNamespace
+
+    from kdlib import lease
+    from kdlib.bench import run
+
+    existing = {"machine": {"usable_cores": 16}, "profile": {"top": []},
+                "concurrency": {"variant": "kd_w4", "seconds": 10.0, "best_jobs": 4,
+                                "by_jobs": _entries({1: 100, 2: 200, 4: 400})}}
+    assert lease.missing_parts(existing, "cuda") == {"concurrency": [8, 12]}
+    assert lease.missing_parts(existing, "cpu") == {}  # a CPU runs one run per core already
+    asked = []
+
+    def measured(images, labels, *, jobs, seconds, **_):
+        asked.append((list(jobs), seconds))
+        return {"variant": "kd_w4", "seconds": seconds, "by_jobs": _entries({8: 800, 12: 850}),
+                "best_jobs": 12}
+
+    monkeypatch.setattr(run, "concurrent_throughput", measured)
+    ctx = SimpleNamespace(images=torch.zeros(4, 3, 32, 32, dtype=torch.uint8),
+                          labels=torch.zeros(4, dtype=torch.int64), device=torch.device("cuda"))
+    merged = run.add_concurrency(existing, [8, 12], ctx, preset="gpu", model="resnet20", log=print)
+    assert asked == [([8, 12], 10.0)]
+    assert list(merged["by_jobs"]) == ["1", "2", "4", "8", "12"]
+    assert merged["best_jobs"] == 8  # 12 adds 6%, under the 10% that one more must add
+    assert "date" in merged["by_jobs"]["8"] and "date" not in merged["by_jobs"]["4"]
+    assert lease.missing_parts({**existing, "concurrency": merged}, "cuda") == {}
+
+    def failing(*_, **__):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(run, "concurrent_throughput", failing)
+    kept = run.add_concurrency(existing, [8, 12], ctx, preset="gpu", model="resnet20", log=print)
+    assert kept["by_jobs"] == existing["concurrency"]["by_jobs"] and kept["best_jobs"] == 4
+    assert "out of memory" in kept["added_error"]
+    assert lease.missing_parts({**existing, "concurrency": kept}, "cuda") == {}

@@ -195,7 +195,7 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
     assert bench["settings"]["model"] == "resnet8" and set(bench["concurrency"]["by_jobs"]) == {"1", "2"}
     head = experiments.execute(plan[:2], data_dir=fake_data_root, results_dir=results, progress=False)
     logs = one_lease(minutes=5, n=2)
-    assert "benchmark written" not in logs[-1] and "profile added" in logs[-1]
+    assert "benchmark written" not in logs[-1] and "benchmark completed" in logs[-1]
     bench = json.loads(next((here / "results" / "bench").glob("*.json")).read_text())
     assert bench["profile"]["variant"] == "kd_w4" and bench["profile"]["top"]  # came back
     assert sorted(p.name for p in (tmp_path / "device2" / ".lease" / "weights").iterdir()) == \

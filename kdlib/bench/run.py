@@ -24,7 +24,11 @@ from kdlib.fileio import write_json_atomic
 
 FORMAT = 2
 WARMUP_STEPS = 3  # un-timed steps before the windows (DataLoader workers start here)
-DEVICE_CONCURRENCY = (1, 2, 4)  # processes side by side, measured on a GPU
+# processes side by side, measured on a GPU: as many of these as the host's cores allow, each
+# process a core and two kept for the parent and the system (on the H200's 16: up to 12; four
+# ran at 4.5x one, so more may still pay)
+CONCURRENCY_COUNTS = (1, 2, 4, 8, 12, 16)
+CORES_KEPT = 2
 CONCURRENCY_IMAGES = 10_240  # images each concurrent process draws its batches from
 CEILING_DTYPES = {"matmul_fp32": torch.float32, "matmul_bf16": torch.bfloat16}
 
@@ -88,8 +92,8 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
     Every variant starts from ``build_config(preset)`` (batch size: the preset's unless
     ``batch_size``). ``variants``: names from :data:`VARIANTS` (default all). The fp32 and bf16
     matmul ceilings are always timed, in the same interleaved windows. ``concurrency``: numbers
-    of processes to run the KD step side by side (default (1, 2, 4) on CUDA, none on a CPU,
-    whose cores one run already uses); see :mod:`kdlib.bench.concurrent`. ``profile_steps``:
+    of processes to run the KD step side by side (default on CUDA :func:`device_concurrency`
+    of the host's cores, none on a CPU, whose cores one run already uses); see :mod:`kdlib.bench.concurrent`. ``profile_steps``:
     steps of the KD step under ``torch.profiler`` (:mod:`kdlib.bench.profile`; default 20 on
     CUDA, none on a CPU). Everything shrinks for tests.
     """
@@ -141,7 +145,7 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if concurrency is None and device.type == "cuda":
-        concurrency = DEVICE_CONCURRENCY
+        concurrency = device_concurrency(result["machine"].get("usable_cores"))
     if concurrency:
         log(f"bench: {', '.join(map(str, concurrency))} concurrent KD processes")
         try:
@@ -158,6 +162,37 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
         result["profile"] = profile_or_error(ctx, profile_steps, log)
     result["load_average_end"] = load_average()
     return result
+
+
+def device_concurrency(cores: int | None) -> tuple[int, ...]:
+    """The numbers of processes side by side to measure on a GPU whose host has ``cores``."""
+    room = max((cores or 1) - CORES_KEPT, 1)
+    return tuple(k for k in CONCURRENCY_COUNTS if k <= room) or (1,)
+
+
+def add_concurrency(result: dict[str, Any], counts: Sequence[int], ctx, *, preset: str,
+                    model: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """``result``'s concurrency with ``counts`` measured now and merged in (each new entry dated:
+    the others came from an earlier machine of the same kind); best_jobs over all of them. The
+    seconds per count are the earlier measurement's."""
+    from kdlib.bench.concurrent import best_jobs
+
+    old = result.get("concurrency") or {}
+    log(f"bench: {', '.join(map(str, counts))} concurrent KD processes, added")
+    try:
+        new = concurrent_throughput(ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES],
+                                    jobs=counts, preset=preset, model=model, device=ctx.device,
+                                    seconds=old.get("seconds", 10.0), warmup=1)
+    except Exception as exc:  # noqa: BLE001 - the earlier counts stand, the failure is noted
+        log(f"bench: the added concurrent processes failed ({error_entry(exc)['error']})")
+        return {**old, "added_error": error_entry(exc)["error"]}
+    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    by_jobs = {**old.get("by_jobs", {}),
+               **{k: {**entry, "date": date} for k, entry in new["by_jobs"].items()}}
+    by_jobs = dict(sorted(by_jobs.items(), key=lambda item: int(item[0])))
+    return {**old, "variant": old.get("variant", new["variant"]),
+            "seconds": old.get("seconds", new["seconds"]), "by_jobs": by_jobs,
+            "best_jobs": best_jobs(by_jobs)}
 
 
 def profile_or_error(ctx, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
