@@ -430,7 +430,8 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
 def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
     """What a benchmark measured before its parts existed lacks: ``{"profile": True}`` and, on a
     GPU, ``{"concurrency": [counts]}`` of :func:`kdlib.bench.run.device_concurrency` it has not
-    measured (none once measuring them failed)."""
+    measured (none once measuring them failed) and ``{"compiled": True}`` (the compiled
+    quantizers' levels and compiled processes side by side, :mod:`kdlib.bench.compiled`)."""
     import torch
 
     from kdlib.bench.run import device_concurrency
@@ -438,6 +439,8 @@ def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
     missing: dict[str, Any] = {}
     if "profile" not in result:
         missing["profile"] = True
+    if torch.device(device).type == "cuda" and "compiled" not in result:
+        missing["compiled"] = True
     concurrency = result.get("concurrency") or {}
     tried = "error" in concurrency or "added_error" in concurrency  # an answer too: not again
     if torch.device(device).type == "cuda" and not tried:
@@ -452,9 +455,11 @@ def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
 def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, device, *,
                    preset: str, model: str, steps: int | None = None,
                    log: Callable[[str], None] = print) -> Path:
-    """A benchmark measured before it had a profile (about 20 s on a GPU) or the larger counts
-    of processes side by side (about 30 s each) gets them, in place."""
-    from kdlib.bench.run import PROFILE_STEPS, add_concurrency, bench_file_name, profile_or_error
+    """A benchmark measured before it had a profile (about 20 s on a GPU), the larger counts of
+    processes side by side (about 30 s each) or the compiled part (a minute or two) gets them,
+    in place."""
+    from kdlib.bench.run import (PROFILE_STEPS, add_concurrency, bench_file_name, compiled_part,
+                                 profile_or_error)
     from kdlib.bench.variants import make_context
     from kdlib.data import load_cifar100
     from kdlib.fileio import write_json_atomic
@@ -466,6 +471,9 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     if "concurrency" in missing:
         result = {**result, "concurrency": add_concurrency(result, missing["concurrency"], ctx,
                                                            preset=preset, model=model, log=log)}
+    if "compiled" in missing:  # at the process count just chosen
+        result = {**result, "compiled": compiled_part(result, ctx, preset=preset, model=model,
+                                                      log=log)}
     if "profile" in missing:
         result = {**result, "profile": profile_or_error(ctx, steps or PROFILE_STEPS, log)}
     path = bench_dir / bench_file_name(result)

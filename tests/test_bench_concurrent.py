@@ -61,7 +61,7 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
     existing = {"machine": {"usable_cores": 16}, "profile": {"top": []},
                 "concurrency": {"variant": "kd_w4", "seconds": 10.0, "best_jobs": 4,
                                 "by_jobs": _entries({1: 100, 2: 200, 4: 400})}}
-    assert lease.missing_parts(existing, "cuda") == {"concurrency": [8, 12]}
+    assert lease.missing_parts(existing, "cuda") == {"concurrency": [8, 12], "compiled": True}
     assert lease.missing_parts(existing, "cpu") == {}  # a CPU runs one run per core already
     asked = []
 
@@ -78,7 +78,7 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
     assert list(merged["by_jobs"]) == ["1", "2", "4", "8", "12"]
     assert merged["best_jobs"] == 8  # 12 adds 6%, under the 10% that one more must add
     assert "date" in merged["by_jobs"]["8"] and "date" not in merged["by_jobs"]["4"]
-    assert lease.missing_parts({**existing, "concurrency": merged}, "cuda") == {}
+    assert lease.missing_parts({**existing, "concurrency": merged, "compiled": {}}, "cuda") == {}
 
     def failing(*_, **__):
         raise RuntimeError("CUDA out of memory")
@@ -87,4 +87,16 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
     kept = run.add_concurrency(existing, [8, 12], ctx, preset="gpu", model="resnet20", log=print)
     assert kept["by_jobs"] == existing["concurrency"]["by_jobs"] and kept["best_jobs"] == 4
     assert "out of memory" in kept["added_error"]
-    assert lease.missing_parts({**existing, "concurrency": kept}, "cuda") == {}
+    assert "concurrency" not in lease.missing_parts({**existing, "concurrency": kept}, "cuda")
+
+
+def test_processes_that_do_not_answer_in_time_are_killed_not_waited_for():
+    import time
+
+    images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.zeros(64, dtype=torch.int64)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="no result within 0.5 s"):
+        concurrent_throughput(images, labels, jobs=(2,), preset="smoke", model="resnet8",
+                              seconds=600.0, timeout=0.5)  # they would time for ten minutes
+    assert time.monotonic() - started < 60  # not 2 x 30 s of joins, nor the ten minutes

@@ -7,6 +7,7 @@ all timed over the same window (they start together at a barrier), for each ``k`
 """
 from __future__ import annotations
 
+import queue as queue_module
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -65,11 +66,17 @@ def concurrent_throughput(images: Tensor, labels: Tensor, *, jobs: Sequence[int]
                  for _ in range(k)]
         for p in procs:
             p.start()
+        results = []
         try:
-            results = [queue.get(timeout=timeout) for _ in procs]
-        finally:
+            for _ in procs:
+                results.append(queue.get(timeout=timeout))
+        except queue_module.Empty:
+            raise RuntimeError(f"{k} concurrent {variant} processes: no result within "
+                               f"{timeout:g} s") from None
+        finally:  # all answered: a shared 30 s to exit; else none is waited for
+            ends = time.monotonic() + (30.0 if len(results) == len(procs) else 0.0)
             for p in procs:
-                p.join(timeout=30)
+                p.join(timeout=max(ends - time.monotonic(), 0.0))
                 if p.is_alive():
                     p.kill()
         errors = [detail for status, detail in results if status != "ok"]

@@ -123,6 +123,24 @@ def _profile_line(p: dict[str, Any]) -> str:
             f"{p['bound']}; most time: {top}")
 
 
+def _compiled_line(c: dict[str, Any]) -> str:
+    levels, side = c.get("levels", {}), c.get("concurrency", {})
+    if "error" in levels:
+        exact = f"not checked ({levels['error']})"
+    else:
+        bits = ", ".join(levels["by_bits"])
+        unlike = sum(e["weight_levels_unlike_eager"] for e in levels["by_bits"].values())
+        exact = (f"{'yes' if levels['exact'] else '**no**'} at {bits} bits"
+                 + (f" ({unlike} weights on another level than eager's, both exact)" if unlike else ""))
+    if "error" in side:
+        speed = f"not measured ({side['error']})"
+    else:
+        (k, entry), = side["by_jobs"].items()
+        speed = f"{k} at once: {entry['images_per_s']:.0f} img/s"
+    return (f"- torch.compile for a grid's runs: every quantizer level exact {exact}; compiled "
+            f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}")
+
+
 def _machine_line(result: dict[str, Any]) -> str:
     m, s = result.get("machine", {}), result.get("settings", {})
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
@@ -143,5 +161,6 @@ def render_markdown(result: dict[str, Any]) -> str:
     missed), machine and settings."""
     return "\n".join([*_variant_rows(result), "", *_ceiling_line(result), *_ratio_lines(result),
                       *_optional_line(result, "concurrency", "runs side by side", _concurrency_line),
+                      *_optional_line(result, "compiled", "compiled runs", _compiled_line),
                       *_optional_line(result, "profile", "profile", _profile_line), "",
                       _machine_line(result)])

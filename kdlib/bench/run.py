@@ -156,6 +156,8 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
         except Exception as exc:  # noqa: BLE001 - the variants' numbers stand without it
             result["concurrency"] = error_entry(exc)
             log(f"bench: concurrent processes failed ({result['concurrency']['error']})")
+    if device.type == "cuda" and "kd_w4_compile" in names:
+        result["compiled"] = compiled_part(result, ctx, preset=preset, model=model, log=log)
     if profile_steps is None:
         profile_steps = PROFILE_STEPS if device.type == "cuda" else 0
     if profile_steps:
@@ -193,6 +195,17 @@ def add_concurrency(result: dict[str, Any], counts: Sequence[int], ctx, *, prese
     return {**old, "variant": old.get("variant", new["variant"]),
             "seconds": old.get("seconds", new["seconds"]), "by_jobs": by_jobs,
             "best_jobs": best_jobs(by_jobs)}
+
+
+def compiled_part(result: dict[str, Any], ctx, *, preset: str, model: str,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`kdlib.bench.compiled.measure_compiled` at the eager step's worth-it process count."""
+    from kdlib.bench.compiled import measure_compiled  # lazy: torch.compile
+
+    concurrency = result.get("concurrency") or {}
+    return measure_compiled(ctx, int(concurrency.get("best_jobs", 1)),
+                            seconds=concurrency.get("seconds", 10.0), preset=preset, model=model,
+                            log=log)
 
 
 def profile_or_error(ctx, steps: int, log: Callable[[str], None]) -> dict[str, Any]:

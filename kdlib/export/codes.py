@@ -100,7 +100,7 @@ def _scale_of(layer: nn.Module, encoding: str, weight_q: Tensor) -> Tensor | Non
     return None
 
 
-def _levels_of(encoding: str, bits: int, weight_q: Tensor, scale: Tensor | None) -> Tensor:
+def levels_of(encoding: str, bits: int, weight_q: Tensor, scale: Tensor | None) -> Tensor:
     """Invert :func:`dequantize` (float64, then rounded: far from any tie)."""
     w = weight_q.double()
     if encoding == "dorefa":
@@ -138,7 +138,7 @@ def encode_weight(name: str, layer: nn.Module) -> WeightCodes | None:
     encoding = _encoding_of(layer)
     weight_q = quantized_weight(layer)
     scale = _scale_of(layer, encoding, weight_q)
-    levels = _levels_of(encoding, bits, weight_q, scale)
+    levels = levels_of(encoding, bits, weight_q, scale)
     low, high = level_range(encoding, bits)
     exact = (scale is None or bool(torch.isfinite(scale))) and bool(
         levels.min() >= low and levels.max() <= high

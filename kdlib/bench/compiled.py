@@ -1,0 +1,94 @@
+"""Whether torch.compile may train a preset's runs on this device: exact levels, and the speed.
+
+A compiled run is only worth its compile time when its runs are long (the `paper` preset's 200
+epochs), and only allowed if the quantizers' low-bit arithmetic stays exact. Triton's ``/`` on
+float32 was an approximate division (``div.full.f32``, up to 2 ulp) until Inductor lowered
+true division to ``div_rn``; an approximate division would make some grid values one ulp off
+k/n, as CUDA's eager division by a Python number did (see :func:`kdlib.quant.ste._div_levels_`).
+So this checks, on the device, the compiled DoReFa quantizers (training mode: inputs that need
+gradients) at each bit width:
+
+* activations: every level is float32(k / n) bit for bit (inputs that round to each k);
+* weights: every value rebuilds from integer levels with the packed export's arithmetic
+  (:func:`kdlib.export.codes.dequantize`), as the eager weights must.
+
+Where compiled and eager pick different levels (a value within float error of a rounding
+midpoint after tanh, whose compiled and eager kernels may differ by an ulp), that is counted,
+not failed: both are exact levels. And it times k compiled KD processes side by side, the
+number the eager ones found worth it, to set against the eager throughput.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from kdlib.quant import dorefa_activation, dorefa_weight
+
+CHECK_BITS = (2, 4, 8, 16)  # 1 bit divides by 1 (activations) or takes a sign (weights)
+# compiled processes that have not compiled and timed by then have answered: too slow to start
+# at every lease (one process compiled in 41 s on the H200's host)
+SIDE_BY_SIDE_TIMEOUT_S = 180.0
+WEIGHTS = 4096  # random weights a bit width is checked on
+
+
+def _compile(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def check_levels(device: str | torch.device, bits: Sequence[int] = CHECK_BITS,
+                 compile_fn: Callable[[Callable], Callable] = _compile) -> dict[str, Any]:
+    """``{"exact": bool, "by_bits": {k: {"activation_exact", "weight_exact",
+    "weight_levels_unlike_eager"}}}`` for the compiled quantizers on ``device``."""
+    from kdlib.export.codes import dequantize, levels_of
+
+    device = torch.device(device)
+    by_bits: dict[str, dict[str, Any]] = {}
+    for b in bits:
+        n = (1 << b) - 1
+        k = torch.arange(n + 1, dtype=torch.float64)
+        expected = (k / n).float()
+        x = ((k + 0.2) / n).clamp(max=1.0).float().to(device).requires_grad_()
+        gen = torch.Generator().manual_seed(b)
+        w = (torch.randn(WEIGHTS, generator=gen) * 0.1).to(device).requires_grad_()
+
+        def quantize(x, w, b=b):
+            return dorefa_activation(x, b), dorefa_weight(w, b)
+
+        activation, weight = (t.detach().cpu() for t in compile_fn(quantize)(x, w))
+        eager = dorefa_weight(w, b).detach().cpu()
+        levels = levels_of("dorefa", b, weight, None)
+        by_bits[str(b)] = {
+            "activation_exact": bool(torch.equal(activation, expected)),
+            "weight_exact": bool(levels.min() >= 0 and levels.max() <= n and torch.equal(
+                dequantize("dorefa", b, levels.float(), None), weight)),
+            "weight_levels_unlike_eager": int((weight != eager).sum()),
+        }
+    exact = all(e["activation_exact"] and e["weight_exact"] for e in by_bits.values())
+    return {"exact": exact, "by_bits": by_bits}
+
+
+def measure_compiled(ctx, jobs: int, *, seconds: float, preset: str, model: str,
+                     log: Callable[[str], None],
+                     compile_fn: Callable[[Callable], Callable] = _compile) -> dict[str, Any]:
+    """The ``compiled`` part of a GPU benchmark: :func:`check_levels`, then ``jobs`` compiled
+    KD processes side by side (``{"error": ...}`` for a part that raised)."""
+    from kdlib.bench.concurrent import concurrent_throughput
+    from kdlib.bench.measure import error_entry
+    from kdlib.bench.run import CONCURRENCY_IMAGES
+
+    log("bench: compiled quantizer levels")
+    try:
+        levels = check_levels(ctx.device, compile_fn=compile_fn)
+    except Exception as exc:  # noqa: BLE001 - recorded: compile then stays off
+        levels = error_entry(exc)
+    log(f"bench: {jobs} compiled KD processes side by side")
+    try:
+        side_by_side = concurrent_throughput(
+            ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=(jobs,),
+            variant="kd_w4_compile", preset=preset, model=model, device=ctx.device,
+            seconds=seconds, warmup=1, timeout=SIDE_BY_SIDE_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - recorded
+        side_by_side = error_entry(exc)
+    return {"levels": levels, "concurrency": side_by_side}
