@@ -128,7 +128,7 @@ def _compiled_line(c: dict[str, Any]) -> str:
     if "error" in levels:
         exact = f"not checked ({levels['error']})"
     else:
-        bits = ", ".join(levels["by_bits"])
+        bits = ", ".join(sorted(levels["by_bits"], key=int))
         unlike = sum(e["weight_levels_unlike_eager"] for e in levels["by_bits"].values())
         exact = (f"{'yes' if levels['exact'] else '**no**'} at {bits} bits"
                  + (f" ({unlike} weights on another level than eager's, both exact)" if unlike else ""))
