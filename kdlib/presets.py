@@ -72,16 +72,17 @@ PRESETS: dict[str, Preset] = {
     ),
     "gpu": Preset(
         name="gpu",
-        description="the quick grid's methods at GPU scale, one seed in about two 9-minute "
+        description="the quick grid's methods at GPU scale, a seed in about two 9-minute "
                     "leases of a lent H100/H200 (17k img/s over 4 runs side by side on an "
-                    "H200): full 45k/5k split and 10k test set, teacher 15 epochs (lr 0.2, 1 "
-                    "warm-up epoch, cosine), `individual` on the teacher's schedule, 2 epochs "
-                    "per chain link (lr 0.05, cosine), channels_last",
+                    "H200), seeds 0, 1 and 2 for the contrasts' intervals: full 45k/5k split "
+                    "and 10k test set, teacher 15 epochs (lr 0.2, 1 warm-up epoch, cosine), "
+                    "`individual` on the teacher's schedule, 2 epochs per chain link (lr 0.05, "
+                    "cosine), channels_last",
         run=dict(train_size=None, val_size=5000, test_size=None, epochs=2, batch_size=128,
                  lr=0.05, weight_decay=5e-4, schedule="cosine", kd_temperature=4.0, kd_alpha=0.9,
                  channels_last=True, eval_batch_size=2500),
         teacher_run=dict(epochs=15, lr=0.2, warmup_epochs=1),
-        seeds=(0,),
+        seeds=(0, 1, 2),
     ),
     "paper": Preset(
         name="paper",

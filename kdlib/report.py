@@ -221,23 +221,39 @@ def render_bench(bench_dir: str | os.PathLike, gpu: bool = False) -> str:
     return render_markdown(json.loads(newest.read_text()))
 
 
-def missing_runs(results_dir: str | os.PathLike, preset: str, model: str | None = None) -> dict[str, list]:
-    """{method: [bits label, ...]} of the preset's planned grid runs without a record; a run
-    paused with a checkpoint says how far it got."""
+def missing_runs(results_dir: str | os.PathLike, preset: str,
+                 model: str | None = None) -> dict[int, tuple[int, dict[str, list]]]:
+    """{seed: (planned runs, {method: [bits label, ...]})} of the preset's planned grid runs
+    without a record; a run paused with a checkpoint says how far it got."""
     from kdlib.checkpoints import epochs_done
     from kdlib.experiments import plan_grid  # lazy: experiments imports the training stack
     from kdlib.presets import get_preset
     from kdlib.results import checkpoint_path, find_record
 
-    missing: dict[str, list] = {}
+    missing: dict[int, tuple[int, dict[str, list]]] = {}
     for cfg in plan_grid(preset=preset, model=model, seeds=list(get_preset(preset).seeds)):
+        planned, methods = missing.get(cfg.seed, (0, {}))
+        missing[cfg.seed] = (planned + 1, methods)
         if find_record(results_dir, cfg.run_id()) is None:
-            label = bits_label(cfg.w_bits, cfg.a_bits) + (f" (seed {cfg.seed})" if cfg.seed else "")
+            label = bits_label(cfg.w_bits, cfg.a_bits)
             done = epochs_done(checkpoint_path(results_dir, cfg.run_id()))
             if done:
                 label += f" (paused at epoch {done} of {cfg.epochs})"
-            missing.setdefault(cfg.method, []).append(label)
+            methods.setdefault(cfg.method, []).append(label)
     return missing
+
+
+def _missing_text(missing: dict[int, tuple[int, dict[str, list]]]) -> str:
+    """One clause a seed: all its runs, or which ones by method."""
+    parts = []
+    for seed, (planned, methods) in missing.items():
+        count = sum(len(v) for v in methods.values())
+        if count == planned:
+            parts.append(f"seed {seed}: all {planned}")
+        elif count:
+            parts.append(f"seed {seed}: " + "; ".join(f"{method} {', '.join(bits)}"
+                                                      for method, bits in methods.items()))
+    return ". ".join(parts)
 
 
 def render_gpu(results_dir: str | os.PathLike, bench_dir: str | os.PathLike,
@@ -245,13 +261,13 @@ def render_gpu(results_dir: str | os.PathLike, bench_dir: str | os.PathLike,
     """Markdown: the GPU grid's results as they come in, the runs still missing, and the newest
     GPU benchmark."""
     missing = missing_runs(results_dir, preset)
-    planned = sum(len(v) for v in missing.values()) + len(list(Path(results_dir).glob("runs/*.json")))
+    planned = sum(n for n, _ in missing.values())
+    left = sum(len(v) for _, methods in missing.values() for v in methods.values())
     lines = [render_results(results_dir) if list(Path(results_dir).glob("runs/*.json"))
              else f"_No GPU run yet (`{_shown(results_dir)}`)._", ""]
-    if missing:
-        lines.append(f"Still missing, {sum(len(v) for v in missing.values())} of {planned} runs of "
-                     f"preset `{preset}`: " + "; ".join(
-                         f"{method} {', '.join(bits)}" for method, bits in missing.items()) + ".")
+    if left:
+        lines.append(f"Still missing, {left} of {planned} runs of preset `{preset}`: "
+                     f"{_missing_text(missing)}.")
     else:
         lines.append(f"Every run of preset `{preset}` has a record.")
     newest = newest_bench_file(bench_dir, gpu=True)

@@ -236,17 +236,22 @@ def test_cpu_and_gpu_benchmarks_render_in_their_own_blocks(tmp_path):
 
 def test_gpu_block_lists_the_runs_still_missing(tmp_path, monkeypatch):
     from kdlib.experiments import plan_grid
+    from kdlib.presets import get_preset
 
-    plan = plan_grid(preset="gpu", seeds=[0])
+    seeds = get_preset("gpu").seeds
+    plan = plan_grid(preset="gpu", seeds=list(seeds))
+    a_seed = len(plan) // len(seeds)
     empty = report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
     assert "No GPU run yet" in empty and f"Still missing, {len(plan)} of {len(plan)} runs" in empty
+    assert f"seed 0: all {a_seed}. seed 1: all {a_seed}" in empty
     teacher = plan[0]
     write_record(tmp_path / "gpu", teacher.run_id(), "teacher", 32, 0, 61.5,
                  created_at="2026-12-02T10:00:00+00:00", device="cuda:0")
     monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
     rendered = report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
     assert f"Still missing, {len(plan) - 1} of {len(plan)} runs" in rendered
-    assert "teacher 32" not in rendered and "ta_chain 16, 8, 4, 2, 1" in rendered
+    assert "seed 0: ta_chain 16, 8, 4, 2, 1;" in rendered and f"seed 1: all {a_seed}" in rendered
+    assert "teacher 32" not in rendered
     assert "61.50" in rendered  # the table of what has come in
     individual = next(cfg for cfg in plan if cfg.method == "individual" and cfg.w_bits == 8)
     checkpoint = tmp_path / "gpu" / "checkpoints" / f"{individual.run_id()}.pt"
