@@ -74,9 +74,8 @@ def measure_compiled(ctx, jobs: int, *, seconds: float, preset: str, model: str,
                      compile_fn: Callable[[Callable], Callable] = _compile) -> dict[str, Any]:
     """The ``compiled`` part of a GPU benchmark: :func:`check_levels`, then ``jobs`` compiled
     KD processes side by side (``{"error": ...}`` for a part that raised)."""
-    from kdlib.bench.concurrent import concurrent_throughput
+    from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput
     from kdlib.bench.measure import error_entry
-    from kdlib.bench.run import CONCURRENCY_IMAGES
 
     log("bench: compiled quantizer levels")
     try:

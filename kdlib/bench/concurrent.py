@@ -18,6 +18,7 @@ from torch import Tensor
 
 from kdlib.device import sync
 
+CONCURRENCY_IMAGES = 10_240  # images each concurrent process draws its batches from
 CHECK_EVERY = 10  # steps between clock reads (each read synchronises the device)
 GAIN_TO_ADD_A_JOB = 1.10  # one more process must add at least 10% throughput to be worth it
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdlib.bench.concurrent import concurrent_throughput
+from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput
 from kdlib.bench.measure import (MATMUL_SIZE, Runner, check_int, error_entry, load_average,
                                  machine_info, matmul_runner, measure, summarise)
 from kdlib.bench.render import render_markdown
@@ -29,7 +29,6 @@ WARMUP_STEPS = 3  # un-timed steps before the windows (DataLoader workers start 
 # ran at 4.5x one, so more may still pay)
 CONCURRENCY_COUNTS = (1, 2, 4, 8, 12, 16)
 CORES_KEPT = 2
-CONCURRENCY_IMAGES = 10_240  # images each concurrent process draws its batches from
 CEILING_DTYPES = {"matmul_fp32": torch.float32, "matmul_bf16": torch.bfloat16}
 
 
