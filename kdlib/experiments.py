@@ -385,7 +385,8 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
     until the budget's end at most, and a run whose teacher or init run has no record is left
     for later; the records returned are those that exist at the end, and the next call resumes.
     """
-    plan = resume_first(_dedupe(plan), results_dir)
+    planned = _dedupe(plan)
+    plan = resume_first(planned, results_dir)
     data = _DataCache(data_dir)
     todo = [cfg for cfg in plan if find_record(results_dir, cfg.run_id()) is None]
     if todo:  # fail on an unwritable folder or missing/bad data before anything is trained
@@ -416,14 +417,19 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
         print(f"budget: {len(left_out)} of {len(plan)} runs left for the next call "
               f"({max(budget.left(), 0):.0f} s of the budget unused); finished runs are skipped "
               "then, paused ones resume")
-    return records
+    order = {cfg.run_id(): i for i, cfg in enumerate(planned)}
+    return sorted(records, key=lambda record: order[record["run_id"]])
 
 
 def resume_first(plan: Sequence[RunConfig], results_dir: str | os.PathLike) -> list[RunConfig]:
-    """``plan`` with the runs that have a checkpoint (paused or interrupted) first, otherwise in
-    order: a budget then finishes what was started before it starts anything new (their
+    """``plan`` with the runs that have a checkpoint but no record (paused or interrupted)
+    first, otherwise in order: a budget then finishes what was started before it starts anything new (their
     teacher and init runs have records already, so no dependency is put after its user)."""
-    return sorted(plan, key=lambda cfg: not checkpoint_path(results_dir, cfg.run_id()).exists())
+    def paused(cfg: RunConfig) -> bool:
+        return (checkpoint_path(results_dir, cfg.run_id()).exists()
+                and find_record(results_dir, cfg.run_id()) is None)
+
+    return sorted(plan, key=lambda cfg: not paused(cfg))
 
 
 def _admission(cfg: RunConfig, results_dir, index: _TrainedIndex, budget: Budget) -> Admission | None:

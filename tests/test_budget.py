@@ -175,11 +175,15 @@ def test_a_deadline_admits_an_epoch_only_if_it_ends_in_time():
 
 
 def test_runs_with_a_checkpoint_go_first_the_rest_in_plan_order(tmp_path):
+    from kdlib.results import save_record
+
     plan = experiments.plan_grid(**GRID)
-    paused = [plan[4], plan[2]]
-    for cfg in paused:
+    paused, finished = [plan[4], plan[2]], plan[6]
+    for cfg in paused + [finished]:
         checkpoint_path(tmp_path, cfg.run_id()).parent.mkdir(exist_ok=True)
         checkpoint_path(tmp_path, cfg.run_id()).write_bytes(b"some epochs")
+    save_record(tmp_path, {"run_id": finished.run_id(), "config": finished.to_dict(),
+                           "metrics": {}, "history": []})  # its checkpoint holds a finished run
     ordered = experiments.resume_first(plan, tmp_path)
     assert ordered == [plan[2], plan[4]] + [c for c in plan if c not in paused]
 
