@@ -29,6 +29,7 @@ WARMUP_STEPS = 3  # un-timed steps before the windows (DataLoader workers start 
 # ran at 4.5x one, so more may still pay)
 CONCURRENCY_COUNTS = (1, 2, 4, 8, 12, 16)
 CORES_KEPT = 2
+COMPILED_JOBS_MAX = 8
 CEILING_DTYPES = {"matmul_fp32": torch.float32, "matmul_bf16": torch.bfloat16}
 
 
@@ -198,11 +199,12 @@ def add_concurrency(result: dict[str, Any], counts: Sequence[int], ctx, *, prese
 
 def compiled_part(result: dict[str, Any], ctx, *, preset: str, model: str,
                   log: Callable[[str], None]) -> dict[str, Any]:
-    """:func:`kdlib.bench.compiled.measure_compiled` at the eager step's worth-it process count."""
+    """:func:`kdlib.bench.compiled.measure_compiled` at the eager step's worth-it process count
+    (at most :data:`COMPILED_JOBS_MAX`: each process compiles at once, on the same cores)."""
     from kdlib.bench.compiled import measure_compiled  # lazy: torch.compile
 
     concurrency = result.get("concurrency") or {}
-    return measure_compiled(ctx, int(concurrency.get("best_jobs", 1)),
+    return measure_compiled(ctx, min(int(concurrency.get("best_jobs", 1)), COMPILED_JOBS_MAX),
                             seconds=concurrency.get("seconds", 10.0), preset=preset, model=model,
                             log=log)
 
