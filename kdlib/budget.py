@@ -211,11 +211,6 @@ class Budget:
     def left(self) -> float:
         return self.deadline - self.clock()
 
-    def fits(self, cfg: RunConfig, epochs_done: int = 0) -> tuple[bool, str]:
-        """Whether ``cfg`` (its epochs after ``epochs_done``) can finish in the time left."""
-        admission = self.admit(cfg, epochs_done)
-        return admission.start and not admission.spans, admission.why
-
     def admit(self, cfg: RunConfig, epochs_done: int = 0) -> Admission:
         estimate = self.timer.estimate(cfg, epochs_done)
         if estimate.seconds is None:

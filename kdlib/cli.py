@@ -313,7 +313,7 @@ def command_lease(args: argparse.Namespace) -> int:
                   f"deleted (commit the deletion: git add -A {os.path.relpath(results_dir)})")
         plan = plan_grid(preset=args.preset, model=model_of(args),
                          seeds=list(get_preset(args.preset).seeds))
-        frontier = lease.frontier_weights(plan, results_dir) + lease.paused_checkpoints(plan, results_dir)
+        frontier = lease.frontier_weights(plan, results_dir) + lease.planned_paused(plan, results_dir)
         if frontier:  # checkpoints/ is ignored: a fresh clone would not have them
             rel = " ".join(os.path.relpath(p, Path.cwd()) for p in frontier)
             print(f"the next lease continues from {len(frontier)} weight and checkpoint file(s); "

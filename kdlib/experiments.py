@@ -41,7 +41,8 @@ from kdlib.models import create_model
 from kdlib.quant import model_size_report, transfer_weights
 from kdlib.presets import CHAIN_METHODS, STUDENT_METHODS, build_config, get_preset
 from kdlib.results import (METRIC_FIELDS, checkpoint_path, environment_info, find_record,
-                           load_records, packed_path, save_record, weights_path)
+                           load_records, packed_path, paused_checkpoints, save_record,
+                           weights_path)
 from kdlib.train import RunSuspended, fit, pick_device
 
 
@@ -423,13 +424,11 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
 
 def resume_first(plan: Sequence[RunConfig], results_dir: str | os.PathLike) -> list[RunConfig]:
     """``plan`` with the runs that have a checkpoint but no record (paused or interrupted)
-    first, otherwise in order: a budget then finishes what was started before it starts anything new (their
-    teacher and init runs have records already, so no dependency is put after its user)."""
-    def paused(cfg: RunConfig) -> bool:
-        return (checkpoint_path(results_dir, cfg.run_id()).exists()
-                and find_record(results_dir, cfg.run_id()) is None)
-
-    return sorted(plan, key=lambda cfg: not paused(cfg))
+    first, otherwise in order: a budget then finishes what was started before it starts
+    anything new (their teacher and init runs have records already, so no dependency is put
+    after its user)."""
+    paused = paused_checkpoints(results_dir)
+    return sorted(plan, key=lambda cfg: cfg.run_id() not in paused)
 
 
 def _admission(cfg: RunConfig, results_dir, index: _TrainedIndex, budget: Budget) -> Admission | None:

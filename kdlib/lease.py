@@ -58,7 +58,7 @@ TRAINING_MINUTES = 8.0
 PACK_S = 25  # packing and the return, after `go` ended or was interrupted
 MIB = 1 << 20
 # the device benchmark: fit()'s steps, the bf16 mode, compile and the typical pipeline, in
-# about two minutes on a GPU (plus 1, 2 and 4 concurrent KD processes)
+# about two minutes on a GPU (plus its concurrent, compiled and profile parts, kdlib.bench.run)
 DEVICE_BENCH = dict(variants=["fp32", "w4a4", "w1a1", "kd_w4", "kd_w4_nchw", "kd_w4_bf16",
                               "kd_w4_compile", "kd_w4_typical", "data_kdlib"],
                     windows=5, steps=50, concurrency_seconds=10.0)
@@ -195,14 +195,13 @@ def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
     return list(needed.values())
 
 
-def paused_checkpoints(plan: Sequence, results_dir: Path) -> list[Path]:
-    """The checkpoints of planned runs that have no record yet: runs paused at the end of a
-    lease (or interrupted), which the next lease resumes instead of starting over."""
-    from kdlib.results import checkpoint_path, find_record
+def planned_paused(plan: Sequence, results_dir: Path) -> list[Path]:
+    """The checkpoints of ``plan``'s runs paused at the end of a lease (or interrupted), which
+    the next lease resumes instead of starting over."""
+    from kdlib.results import paused_checkpoints
 
-    return [checkpoint_path(results_dir, cfg.run_id()) for cfg in {c.run_id(): c for c in plan}.values()
-            if checkpoint_path(results_dir, cfg.run_id()).exists()
-            and find_record(results_dir, cfg.run_id()) is None]
+    planned = {cfg.run_id() for cfg in plan}
+    return [path for run_id, path in paused_checkpoints(results_dir).items() if run_id in planned]
 
 
 def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Path,
@@ -218,7 +217,7 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     ``grace_s``: how long after ``minutes`` `go` is interrupted (default :data:`GO_GRACE_S`)."""
     lease = repo_root / LEASE_DIR
     # committed weight files and checkpoints travel with the tree: carry only the others
-    frontier = [p for p in frontier_weights(plan, results_dir) + paused_checkpoints(plan, results_dir)
+    frontier = [p for p in frontier_weights(plan, results_dir) + planned_paused(plan, results_dir)
                 if not _tracked(repo_root, p)]
     if part_mib is None:
         part_mib = part_mib_for(repo_root, sum(p.stat().st_size for p in frontier))
@@ -230,7 +229,7 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         shutil.copy2(path, weights / path.name)
     from kdlib.checkpoints import epochs_done
 
-    for path in paused_checkpoints(plan, results_dir):
+    for path in planned_paused(plan, results_dir):
         log(f"resumes: {path.name[:-len('.pt')]} from epoch {epochs_done(path)}")
     rel_results = os.path.relpath(results_dir, repo_root)
     from kdlib.presets import get_preset
@@ -314,15 +313,15 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
     record (paused or interrupted: the next lease resumes them) of ``results_dir`` as a tar split
     into files of <= ``file_mib`` MiB in ``out``, with ``extra`` files beside them and a
     manifest."""
+    from kdlib.results import paused_checkpoints
+
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    paused = [p for p in results_dir.glob("checkpoints/*.pt") if not p.name.endswith(".weights.pt")
-              and not (results_dir / "runs" / f"{p.name[:-len('.pt')]}.json").exists()]
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for pattern in ("runs/*.json", "checkpoints/*.weights.pt", "models/*.packed", "logs/*"):
             for path in sorted(results_dir.glob(pattern)):
                 tar.add(path, arcname=str(path.relative_to(results_dir)))
-        for path in sorted(paused):
+        for path in paused_checkpoints(results_dir).values():
             tar.add(path, arcname=str(path.relative_to(results_dir)))
     blob = buffer.getvalue()
     parts = _split(blob, out, RESULTS_ARCHIVE, int(file_mib * MIB))
@@ -520,8 +519,10 @@ def receive(folder: Path, results_dir: Path, bench_dir: Path) -> dict[str, int]:
             raise ValueError(f"{path} does not match its sha256")
         bench_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, bench_dir / extra["name"])
-    finished = [p for p in results_dir.glob("checkpoints/*.pt") if not p.name.endswith(".weights.pt")
-                and (results_dir / "runs" / f"{p.name[:-len('.pt')]}.json").exists()]
+    from kdlib.results import paused_checkpoints, run_checkpoints
+
+    paused = paused_checkpoints(results_dir)
+    finished = [path for run_id, path in run_checkpoints(results_dir).items() if run_id not in paused]
     for path in finished:
         path.unlink()
     runs = sum(m.name.startswith("runs/") for m in members)

@@ -155,6 +155,20 @@ def find_record(results_dir: str | os.PathLike, run_id: str) -> dict[str, Any] |
     return load_record(path) if path.exists() else None
 
 
+def run_checkpoints(results_dir: str | os.PathLike) -> dict[str, Path]:
+    """{run id: path} of the fit() checkpoints in ``results_dir`` (weight files aside)."""
+    suffix = ".pt"
+    return {p.name[:-len(suffix)]: p for p in sorted(Path(results_dir).glob(f"checkpoints/*{suffix}"))
+            if not p.name.endswith(".weights.pt")}
+
+
+def paused_checkpoints(results_dir: str | os.PathLike) -> dict[str, Path]:
+    """The checkpoints of runs without a record: paused at a budget's end (or interrupted), so
+    the next call resumes them; a finished run's checkpoint is not among them."""
+    return {run_id: path for run_id, path in run_checkpoints(results_dir).items()
+            if not record_path(results_dir, run_id).exists()}
+
+
 def records_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """One row per run record: method, bits, seed and its metrics (what a pipeline returned)."""
     return pd.DataFrame([{"method": r["config"]["method"], "w_bits": r["config"]["w_bits"],

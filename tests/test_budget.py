@@ -128,19 +128,19 @@ def test_the_newest_benchmark_of_a_device_is_used(tmp_path):
     assert load_bench(tmp_path, "cpu")["variants"]["kd_w4"]["images_per_s"] == 2.0
 
 
-def test_budget_fits_only_what_can_finish_in_the_time_left():
+def test_budget_admits_only_what_can_finish_in_the_time_left():
     clock = Clock()
     timer = RunTimer("cpu")
     timer.add(record_of(student(epochs=1), [10.0], 10.0))
-    budget = Budget(60.0, timer, clock=clock)
-    assert budget.fits(student(epochs=4))[0]  # 48 s <= 60 s
-    assert budget.fits(student(epochs=5))[0]  # 1.2 * 50 = 60 s: fits exactly
-    assert not budget.fits(student(epochs=6))[0]
+    budget = Budget(60.0, timer, clock=clock, span=False)
+    assert budget.admit(student(epochs=4)).start  # 48 s <= 60 s
+    assert budget.admit(student(epochs=5)).start  # 1.2 * 50 = 60 s: fits exactly
+    assert not budget.admit(student(epochs=6)).start
     clock.now += 20.0
-    fits, why = budget.fits(student(epochs=4))
-    assert not fits and "48 s" in why and "40 s left" in why
-    fits, why = budget.fits(student("finetune"))
-    assert not fits and "kdlib bench" in why  # nothing to estimate from
+    refused = budget.admit(student(epochs=4))
+    assert not refused.start and "48 s" in refused.why and "40 s left" in refused.why
+    refused = budget.admit(student("finetune"))
+    assert not refused.start and "kdlib bench" in refused.why  # nothing to estimate from
     with pytest.raises(ValueError, match="positive"):
         Budget(0, timer)
 
@@ -154,7 +154,7 @@ def test_a_run_longer_than_the_whole_budget_spans_calls_and_a_shorter_one_waits(
     assert long.start and long.spans and "trains ~5 of its 6 remaining epochs" in long.why
     assert long.deadline.epoch_s == 10.0 and long.deadline.tail_s == 0.0
     resumed = budget.admit(student(epochs=6), epochs_done=2)  # 4 epochs left: 48 s
-    assert resumed.start and not resumed.spans and budget.fits(student(epochs=6), epochs_done=2)[0]
+    assert resumed.start and not resumed.spans
     clock.now += 20.0  # 40 s left
     waits = budget.admit(student(epochs=4))  # 48 s: a fresh call finishes it, so it waits
     assert not waits.start and "48 s" in waits.why

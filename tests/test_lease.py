@@ -131,7 +131,7 @@ def test_a_paused_runs_checkpoint_is_carried_and_placed_where_the_grid_resumes_i
     paused.parent.mkdir(parents=True)
     paused.write_bytes(b"the teacher after some epochs")
     checkpoint_path(results, "not-planned").write_bytes(b"another grid's")
-    assert lease.paused_checkpoints(plan, results) == [paused]
+    assert lease.planned_paused(plan, results) == [paused]
     logs = []
     lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here, minutes=1,
                   jobs=1, preset="smoke", model="resnet8", part_mib=0.5, log=logs.append)

@@ -2,8 +2,9 @@
 
 A compiled run is only worth its compile time when its runs are long (the `paper` preset's 200
 epochs), and only allowed if the quantizers' low-bit arithmetic stays exact. Triton's ``/`` on
-float32 was an approximate division (``div.full.f32``, up to 2 ulp) until Inductor lowered
-true division to ``div_rn``; an approximate division would make some grid values one ulp off
+float32 is an approximate division (``div.full.f32``, up to 2 ulp; triton-lang/triton#10661),
+and Inductor lowers float32 true division to ``div_rn`` only since pytorch/pytorch#164144 (late
+2025); an approximate division would make some grid values one ulp off
 k/n, as CUDA's eager division by a Python number did (see :func:`kdlib.quant.ste._div_levels_`).
 So this checks, on the device, the compiled DoReFa quantizers (training mode: inputs that need
 gradients) at each bit width:
@@ -27,8 +28,9 @@ import torch
 from kdlib.quant import dorefa_activation, dorefa_weight
 
 CHECK_BITS = (2, 4, 8, 16)  # 1 bit divides by 1 (activations) or takes a sign (weights)
-# compiled processes that have not compiled and timed by then have answered: too slow to start
-# at every lease (one process compiled in 41 s on the H200's host)
+# compiled processes not done compiling and timing by then count as failed: too slow to pay
+# again at every lease (one process compiled in 41 s on the H200: kd_w4_compile's warmup_s in
+# results/bench/NVIDIA_H200.json)
 SIDE_BY_SIDE_TIMEOUT_S = 180.0
 WEIGHTS = 4096  # random weights a bit width is checked on
 

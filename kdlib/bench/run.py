@@ -93,9 +93,11 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
     ``batch_size``). ``variants``: names from :data:`VARIANTS` (default all). The fp32 and bf16
     matmul ceilings are always timed, in the same interleaved windows. ``concurrency``: numbers
     of processes to run the KD step side by side (default on CUDA :func:`device_concurrency`
-    of the host's cores, none on a CPU, whose cores one run already uses); see :mod:`kdlib.bench.concurrent`. ``profile_steps``:
-    steps of the KD step under ``torch.profiler`` (:mod:`kdlib.bench.profile`; default 20 on
-    CUDA, none on a CPU). Everything shrinks for tests.
+    of the host's cores, none on a CPU, whose cores one run already uses); see
+    :mod:`kdlib.bench.concurrent`. On CUDA, with ``kd_w4_compile`` among the variants, the
+    compiled part (:func:`compiled_part`). ``profile_steps``: steps of the KD step under
+    ``torch.profiler`` (:mod:`kdlib.bench.profile`; default 20 on CUDA, none on a CPU).
+    Everything shrinks for tests.
     """
     names = list(variants) if variants is not None else [v.name for v in VARIANTS]
     ctx = make_context(images, labels, preset=preset, model=model, batch_size=batch_size, seed=seed,
