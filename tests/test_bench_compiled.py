@@ -32,10 +32,13 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
 
     import kdlib.bench.concurrent as concurrent
 
+    asked = []
+
     def side_by_side(images, labels, *, jobs, variant, **_):
-        assert variant == "kd_w4_compile" and tuple(jobs) == (4,)
-        return {"variant": variant, "seconds": 1.0, "best_jobs": 4,
-                "by_jobs": {"4": {"images_per_s": 30000.0, "per_process": [7500.0] * 4}}}
+        asked.append((variant, tuple(jobs)))
+        rate = {"kd_w4_compile": 30000.0, "kd_w4_cudagraphs": 21000.0}[variant]
+        return {"variant": variant, "seconds": 1.0, "best_jobs": jobs[0],
+                "by_jobs": {str(jobs[0]): {"images_per_s": rate, "per_process": [rate / jobs[0]] * jobs[0]}}}
 
     monkeypatch.setattr(concurrent, "concurrent_throughput", side_by_side)
     ctx = SimpleNamespace(device=torch.device("cpu"), images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
@@ -45,11 +48,58 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
     part["levels"]["by_bits"] = dict(sorted(part["levels"]["by_bits"].items()))  # as JSON stores it
     line = render._compiled_line(part)
     assert "every quantizer level exact yes at 2, 4, 8, 16 bits" in line  # the default widths
+    assert asked == [("kd_w4_compile", (4,)), ("kd_w4_cudagraphs", (1,))]
     assert "4 at once: 30000 img/s" in line
+    assert "replayed as CUDA graphs (`kd_w4_cudagraphs`, reduce-overhead), one process: 21000 img/s" in line
+    older = {k: v for k, v in part.items() if k != "cudagraphs"}  # measured before it existed
+    assert "CUDA graphs" not in render._compiled_line(older)
+    part["cudagraphs"]["by_jobs"]["1"]["cudagraph_skips"] = 2
+    assert "21000 img/s (2 compiled graph(s) ran without CUDA graphs)" in render._compiled_line(part)
     broken = measure_compiled(ctx, 4, seconds=1.0, preset="gpu", model="resnet20", log=print,
                               compile_fn=one_ulp_up)
     assert "exact **no**" in render._compiled_line(broken)
     failing = {"levels": {"error": "BackendCompilerFailed: no C compiler"},
-               "concurrency": {"error": "RuntimeError: 4 concurrent processes failed"}}
+               "concurrency": {"error": "RuntimeError: 4 concurrent processes failed"},
+               "cudagraphs": {"error": "RuntimeError: 1 concurrent kd_w4_cudagraphs processes: no result"}}
     assert "not checked (BackendCompilerFailed" in render._compiled_line(failing)
+    assert "replayed as CUDA graphs, not measured (RuntimeError" in render._compiled_line(failing)
     assert "not measured (RuntimeError" in render._compiled_line(failing)
+
+
+def test_the_cuda_graphs_variant_compiles_fit_s_kd_step_in_reduce_overhead_mode(monkeypatch):
+    """Built, not run (compiling takes minutes on this CPU; the lease times it on the GPU)."""
+    from kdlib.bench.variants import BY_NAME, COMPILE_WARMUP_STEPS, make_context
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append((module, kw)) or module)
+    images = torch.zeros(256, 3, 32, 32, dtype=torch.uint8)
+    ctx = make_context(images, torch.zeros(256, dtype=torch.int64), preset="smoke", device="cpu")
+    runner = BY_NAME["kd_w4_cudagraphs"].build(ctx)
+    try:
+        trainer = runner.trainer
+        assert trainer.cfg.method == "direct_kd" and (trainer.cfg.w_bits, trainer.cfg.a_bits) == (4, 4)
+        assert not trainer.cfg.compile  # the run config's compile means the default mode
+        assert [(m, kw["mode"]) for m, kw in compiled] == [(trainer.model, "reduce-overhead"),
+                                                           (trainer.teacher, "reduce-overhead")]
+        assert runner.info["switches"]["compile"] and runner.info["compile_mode"] == "reduce-overhead"
+        assert runner.warmup_min == COMPILE_WARMUP_STEPS
+        runner.step()  # the step fit() runs, through the (here uncompiled) forwards
+    finally:
+        runner.close()
+
+
+def test_a_cuda_graphs_process_reports_the_graphs_inductor_ran_without_them():
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from kdlib.bench.concurrent import _graph_notes
+
+    assert _graph_notes(SimpleNamespace(info={})) == {}  # eager and plain compiled steps: nothing
+    before = counters["inductor"]["cudagraph_skips"]
+    counters["inductor"]["cudagraph_skips"] += 3
+    try:
+        notes = _graph_notes(SimpleNamespace(info={"compile_mode": "reduce-overhead"}))
+        assert notes == {"cudagraph_skips": before + 3}
+    finally:
+        counters["inductor"]["cudagraph_skips"] = before

@@ -16,7 +16,9 @@ gradients) at each bit width:
 Where compiled and eager pick different levels (a value within float error of a rounding
 midpoint after tanh, whose compiled and eager kernels may differ by an ulp), that is counted,
 not failed: both are exact levels. And it times k compiled KD processes side by side, the
-number the eager ones found worth it, to set against the eager throughput.
+number the eager ones found worth it, to set against the eager throughput, and one process of
+the step replayed as CUDA graphs (``kd_w4_cudagraphs``: the same compiled kernels, launched a
+graph at a time), to see how much of a host-bound step the launches are.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ CHECK_BITS = (2, 4, 8, 16)  # 1 bit divides by 1 (activations) or takes a sign (
 # again at every lease (one process compiled in 41 s on the H200: kd_w4_compile's warmup_s in
 # results/bench/NVIDIA_H200.json)
 SIDE_BY_SIDE_TIMEOUT_S = 180.0
+CUDAGRAPHS_TIMEOUT_S = 150.0  # one process: compile, record the graphs, time
 WEIGHTS = 4096  # random weights a bit width is checked on
 
 
@@ -74,8 +77,9 @@ def check_levels(device: str | torch.device, bits: Sequence[int] = CHECK_BITS,
 def measure_compiled(ctx, jobs: int, *, seconds: float, preset: str, model: str,
                      log: Callable[[str], None],
                      compile_fn: Callable[[Callable], Callable] = _compile) -> dict[str, Any]:
-    """The ``compiled`` part of a GPU benchmark: :func:`check_levels`, then ``jobs`` compiled
-    KD processes side by side (``{"error": ...}`` for a part that raised)."""
+    """The ``compiled`` part of a GPU benchmark: :func:`check_levels`, ``jobs`` compiled KD
+    processes side by side, one process replayed as CUDA graphs (``{"error": ...}`` for a part
+    that raised)."""
     from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput
     from kdlib.bench.measure import error_entry
 
@@ -92,4 +96,12 @@ def measure_compiled(ctx, jobs: int, *, seconds: float, preset: str, model: str,
             seconds=seconds, warmup=1, timeout=SIDE_BY_SIDE_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - recorded
         side_by_side = error_entry(exc)
-    return {"levels": levels, "concurrency": side_by_side}
+    log("bench: one KD process replayed as CUDA graphs")
+    try:
+        graphs = concurrent_throughput(
+            ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=(1,),
+            variant="kd_w4_cudagraphs", preset=preset, model=model, device=ctx.device,
+            seconds=seconds, warmup=1, timeout=CUDAGRAPHS_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - recorded
+        graphs = error_entry(exc)
+    return {"levels": levels, "concurrency": side_by_side, "cudagraphs": graphs}

@@ -45,10 +45,20 @@ def _worker(variant: str, images: Tensor, labels: Tensor, preset: str, model: st
             if elapsed >= seconds:
                 break
         runner.close()
-        queue.put(("ok", steps * runner.batch_size / elapsed))
+        queue.put(("ok", steps * runner.batch_size / elapsed, _graph_notes(runner)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
         barrier.abort()
-        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+        queue.put(("error", f"{type(exc).__name__}: {exc}", {}))
+
+
+def _graph_notes(runner) -> dict[str, int]:
+    """For a step compiled to replay CUDA graphs: how many compiled graphs Inductor ran without
+    them (say, for a mutated input), so a rate no faster than compiled can be told apart."""
+    if "compile_mode" not in runner.info:
+        return {}
+    from torch._dynamo.utils import counters
+
+    return {"cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
 
 
 def concurrent_throughput(images: Tensor, labels: Tensor, *, jobs: Sequence[int] = (1, 2, 4),
@@ -80,11 +90,15 @@ def concurrent_throughput(images: Tensor, labels: Tensor, *, jobs: Sequence[int]
                 p.join(timeout=max(ends - time.monotonic(), 0.0))
                 if p.is_alive():
                     p.kill()
-        errors = [detail for status, detail in results if status != "ok"]
+        errors = [detail for status, detail, _ in results if status != "ok"]
         if errors:
             raise RuntimeError(f"{k} concurrent {variant} processes failed: {errors[0]}")
-        rates = [rate for _, rate in results]
-        by_jobs[str(k)] = {"images_per_s": sum(rates), "per_process": rates}
+        rates = [rate for _, rate, _ in results]
+        notes: dict[str, int] = {}
+        for _, _, note in results:  # summed over the processes
+            for key, count in note.items():
+                notes[key] = notes.get(key, 0) + count
+        by_jobs[str(k)] = {"images_per_s": sum(rates), "per_process": rates, **notes}
     return {"variant": variant, "seconds": seconds, "by_jobs": by_jobs,
             "best_jobs": best_jobs(by_jobs)}
 

@@ -137,8 +137,19 @@ def _compiled_line(c: dict[str, Any]) -> str:
     else:
         (k, entry), = side["by_jobs"].items()
         speed = f"{k} at once: {entry['images_per_s']:.0f} img/s"
+    graphs = c.get("cudagraphs")  # measured since 2026-12-04
+    if graphs is None:
+        graphs_txt = ""
+    elif "error" in graphs:
+        graphs_txt = f"; replayed as CUDA graphs, not measured ({graphs['error']})"
+    else:
+        one = graphs["by_jobs"]["1"]
+        skips = one.get("cudagraph_skips")
+        skipped = "" if not skips else f" ({skips} compiled graph(s) ran without CUDA graphs)"
+        graphs_txt = (f"; replayed as CUDA graphs (`{graphs['variant']}`, reduce-overhead), one "
+                      f"process: {one['images_per_s']:.0f} img/s{skipped}")
     return (f"- torch.compile for a grid's runs: every quantizer level exact {exact}; compiled "
-            f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}")
+            f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}{graphs_txt}")
 
 
 def _machine_line(result: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from kdlib.schedules import lr_at
 
 PRESET = "quick"  # kd_w4 is the step fit() runs for this preset
 KD_BITS = 4
+CUDAGRAPHS_MODE = "reduce-overhead"  # torch.compile's mode that replays CUDA graphs
 COMPILE_WARMUP_STEPS = 5  # torch.compile compiles forward and backward in the first steps
 KDLIB_PIPELINE = "kdlib.data.train_batches on device"
 TYPICAL_PIPELINE = f"torch.utils.data.DataLoader over PIL images ({PILImageDataset.__name__})"
@@ -150,6 +151,22 @@ def _kdlib(name: str, label: str, bits: int, kd: bool, **switches: Any) -> Varia
                    lambda ctx, probe: _kdlib_flops(config(ctx.cfg), ctx, probe), config)
 
 
+def _cudagraphs_runner(ctx: Context) -> Runner:
+    """fit()'s KD 4-bit step with student and teacher compiled in ``reduce-overhead`` mode:
+    Inductor's kernels replayed as CUDA graphs, one launch per graph instead of one per kernel
+    (the host-bound step's lever). The same kernels as ``kd_w4_compile``, so the same arithmetic;
+    benchmark-only, since ``compile`` in a run's config means the default mode."""
+    cfg = variant_config(ctx.cfg, KD_BITS, True, {"compile": False})
+    runner = _kdlib_runner(cfg, ctx)
+    trainer = runner.trainer
+    trainer.forward = torch.compile(trainer.model, mode=CUDAGRAPHS_MODE, dynamic=False)
+    trainer.teacher_forward = torch.compile(trainer.teacher, mode=CUDAGRAPHS_MODE, dynamic=False)
+    runner.info["switches"] = {**runner.info["switches"], "compile": True}
+    runner.info["compile_mode"] = CUDAGRAPHS_MODE
+    runner.warmup_min = COMPILE_WARMUP_STEPS
+    return runner
+
+
 # ----------------------------------------------------------------------------- typical step
 def _typical_step(cfg: RunConfig, device: torch.device) -> TypicalKDStep:
     torch.manual_seed(cfg.seed)
@@ -229,4 +246,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("data_kdlib", "data only: batches of (c)", _data_kdlib),
     Variant("data_typical", "data only: batches of (d)", _data_typical),
 )
-BY_NAME = {v.name: v for v in VARIANTS}
+# timed only on a GPU, in the compiled part (kdlib.bench.compiled): CUDA graphs need CUDA
+GPU_VARIANTS: tuple[Variant, ...] = (
+    Variant("kd_w4_cudagraphs", "(c) + torch.compile, CUDA graphs (reduce-overhead)",
+            _cudagraphs_runner),
+)
+BY_NAME = {v.name: v for v in (*VARIANTS, *GPU_VARIANTS)}
