@@ -402,7 +402,9 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         log(f"benchmark completed: {bench_written} ({time.monotonic() - started:.0f} s in)")
     timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
     if jobs == "auto":
-        jobs = int(((timer.bench or {}).get("concurrency") or {}).get("best_jobs", 1))
+        from kdlib.bench.concurrent import worth_running
+
+        jobs = worth_running((timer.bench or {}).get("concurrency"))
     timer.jobs = jobs
     for record in load_records(results_dir):
         timer.add(record)

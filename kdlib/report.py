@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdlib.bench.concurrent import worth_running
 from kdlib.bench.render import render_markdown
 from kdlib.config import describe_fields
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text, in_bits_order,
@@ -272,7 +273,7 @@ def render_gpu(results_dir: str | os.PathLike, bench_dir: str | os.PathLike,
         lines.append(f"Every run of preset `{preset}` has a record.")
     newest = newest_bench_file(bench_dir, gpu=True)
     bench = json.loads(newest.read_text()) if newest else {}
-    jobs = int((bench.get("concurrency") or {}).get("best_jobs", 1))
+    jobs = worth_running(bench.get("concurrency"))
     from kdlib.costs import render_device_costs
     from kdlib.lease import TRAINING_MINUTES
 

@@ -57,12 +57,19 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
     assert "21000 img/s (2 compiled graph(s) ran without CUDA graphs)" in render._compiled_line(part)
     broken = measure_compiled(ctx, 4, seconds=1.0, preset="gpu", model="resnet20", log=print,
                               compile_fn=one_ulp_up)
-    assert "exact **no**" in render._compiled_line(broken)
+    assert "exact **no**: **not** at 2 (activation, weight), 4 (activation, weight)" in render._compiled_line(broken)
+    mixed = {**part, "levels": {"exact": False, "by_bits": {
+        "2": {"activation_exact": True, "weight_exact": True, "weight_levels_unlike_eager": 0},
+        "8": {"activation_exact": False, "weight_exact": True, "weight_levels_unlike_eager": 9}}}}
+    assert ("exact **no**: exact at 2 bits, **not** at 8 (activation) bits;"
+            in render._compiled_line(mixed))
     failing = {"levels": {"error": "BackendCompilerFailed: no C compiler"},
                "concurrency": {"error": "RuntimeError: 4 concurrent processes failed"},
-               "cudagraphs": {"error": "RuntimeError: 1 concurrent kd_w4_cudagraphs processes: no result"}}
+               "cudagraphs": {"error": "RuntimeError: 1 concurrent kd_w4_cudagraphs processes: "
+                                       "no result\nStack trace: File x.py, line 1"}}
     assert "not checked (BackendCompilerFailed" in render._compiled_line(failing)
     assert "replayed as CUDA graphs, not measured (RuntimeError" in render._compiled_line(failing)
+    assert "\n" not in render._compiled_line(failing)  # a stack trace would break the list
     assert "not measured (RuntimeError" in render._compiled_line(failing)
 
 

@@ -5,6 +5,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from kdlib.bench.concurrent import GAIN_PER_DOUBLING, worth_running
 from kdlib.bench.targets import CEILINGS, INFO_RATIOS, TARGETS
 from kdlib.bench.variants import VARIANTS
 
@@ -105,10 +106,11 @@ def _optional_line(result: dict[str, Any], key: str, what: str,
 
 def _concurrency_line(c: dict[str, Any]) -> str:
     parts = [f"{k} × {sum(e['per_process']) / len(e['per_process']):.0f} = "
-             f"{e['images_per_s']:.0f} img/s" for k, e in c["by_jobs"].items()]
+             f"{e['images_per_s']:.0f} img/s"
+             for k, e in sorted(c["by_jobs"].items(), key=lambda item: int(item[0]))]
     return (f"- `{c['variant']}` training processes side by side on one device ({c['seconds']:g} s "
-            f"each): " + ", ".join(parts) + f"; worth running: {c['best_jobs']} at a time "
-            "(one more must add 10%)")
+            f"each): " + ", ".join(parts) + f"; worth running: {worth_running(c)} at a time "
+            f"(twice the processes must add {100 * (GAIN_PER_DOUBLING - 1):.0f}%)")
 
 
 def _profile_line(p: dict[str, Any]) -> str:
@@ -123,17 +125,29 @@ def _profile_line(p: dict[str, Any]) -> str:
             f"{p['bound']}; most time: {top}")
 
 
+def _first_line(error: str) -> str:
+    """An error's first line (a stack trace would break the markdown list it sits in)."""
+    return error.strip().splitlines()[0] if error.strip() else error
+
+
 def _compiled_line(c: dict[str, Any]) -> str:
     levels, side = c.get("levels", {}), c.get("concurrency", {})
     if "error" in levels:
-        exact = f"not checked ({levels['error']})"
+        exact = f"not checked ({_first_line(levels['error'])})"
     else:
-        bits = ", ".join(sorted(levels["by_bits"], key=int))
-        unlike = sum(e["weight_levels_unlike_eager"] for e in levels["by_bits"].values())
-        exact = (f"{'yes' if levels['exact'] else '**no**'} at {bits} bits"
-                 + (f" ({unlike} weights on another level than eager's, both exact)" if unlike else ""))
+        by_bits = sorted(levels["by_bits"].items(), key=lambda item: int(item[0]))
+        good = [b for b, e in by_bits if e["activation_exact"] and e["weight_exact"]]
+        bad = [f"{b} ({', '.join(n for n in ('activation', 'weight') if not e[n + '_exact'])})"
+               for b, e in by_bits if b not in good]
+        unlike = sum(e["weight_levels_unlike_eager"] for b, e in by_bits if b in good)
+        if not bad:
+            exact = f"yes at {', '.join(good)} bits"
+        else:
+            exact = ("**no**: " + (f"exact at {', '.join(good)} bits, " if good else "")
+                     + f"**not** at {', '.join(bad)} bits")
+        exact += f" ({unlike} weights on another level than eager's, both exact)" if unlike else ""
     if "error" in side:
-        speed = f"not measured ({side['error']})"
+        speed = f"not measured ({_first_line(side['error'])})"
     else:
         (k, entry), = side["by_jobs"].items()
         speed = f"{k} at once: {entry['images_per_s']:.0f} img/s"
@@ -141,7 +155,7 @@ def _compiled_line(c: dict[str, Any]) -> str:
     if graphs is None:
         graphs_txt = ""
     elif "error" in graphs:
-        graphs_txt = f"; replayed as CUDA graphs, not measured ({graphs['error']})"
+        graphs_txt = f"; replayed as CUDA graphs, not measured ({_first_line(graphs['error'])})"
     else:
         one = graphs["by_jobs"]["1"]
         skips = one.get("cudagraph_skips")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput
+from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput, worth_running
 from kdlib.bench.measure import (MATMUL_SIZE, Runner, check_int, error_entry, load_average,
                                  machine_info, matmul_runner, measure, summarise)
 from kdlib.bench.render import render_markdown
@@ -206,7 +206,7 @@ def compiled_part(result: dict[str, Any], ctx, *, preset: str, model: str,
     from kdlib.bench.compiled import measure_compiled  # lazy: torch.compile
 
     concurrency = result.get("concurrency") or {}
-    return measure_compiled(ctx, min(int(concurrency.get("best_jobs", 1)), COMPILED_JOBS_MAX),
+    return measure_compiled(ctx, min(worth_running(concurrency), COMPILED_JOBS_MAX),
                             seconds=concurrency.get("seconds", 10.0), preset=preset, model=model,
                             log=log)
 
