@@ -288,7 +288,7 @@ def command_lease(args: argparse.Namespace) -> int:
                   f"   {call['command']}")
         print(f"then: python -m kdlib lease receive FOLDER_OF_RETURNED_FILES --preset {args.preset}")
     elif args.step == "store":
-        lease.store_part(Path(args.part))
+        lease.store([Path(p) for p in args.paths])
     elif args.step == "pack":
         lease.pack(results_dir, Path(args.out), Path.cwd() / "results" / "bench")
     elif args.step == "go":
@@ -313,11 +313,18 @@ def command_lease(args: argparse.Namespace) -> int:
                   f"deleted (commit the deletion: git add -A {os.path.relpath(results_dir)})")
         plan = plan_grid(preset=args.preset, model=model_of(args),
                          seeds=list(get_preset(args.preset).seeds))
-        frontier = lease.frontier_weights(plan, results_dir) + lease.planned_paused(plan, results_dir)
+        frontier = lease.frontier_weights(plan, results_dir)
         if frontier:  # checkpoints/ is ignored: a fresh clone would not have them
             rel = " ".join(os.path.relpath(p, Path.cwd()) for p in frontier)
-            print(f"the next lease continues from {len(frontier)} weight and checkpoint file(s); "
-                  f"commit them for a later session: git add -f {rel}")
+            print(f"the next lease's runs start from or learn from {len(frontier)} weight "
+                  f"file(s); commit them for a later session: git add -f {rel}")
+        paused = lease.planned_paused(plan, results_dir)
+        if paused:  # a lost one costs its run's epochs again, not a result: kept out of git
+            size = sum(p.stat().st_size for p in paused) / lease.MIB
+            print(f"{len(paused)} paused run(s) continue next lease from their checkpoints "
+                  f"({size:.1f} MiB, in {os.path.relpath(results_dir / 'checkpoints')}, "
+                  "ignored by git): the next `lease prepare` carries them; without them those "
+                  "runs start over")
     return 0
 
 
@@ -474,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     go_step.add_argument("--bench", choices=("auto", "always", "never"), default="auto",
                          help="auto: only if results/bench has no file of this device")
     go_step.add_argument("--device", default=None)
-    store = steps.add_parser("store", help="there: keep one carried data part in /dev/shm")
-    store.add_argument("part")
+    store = steps.add_parser("store", help="there: keep carried data parts and weight folders "
+                                           "in /dev/shm")
+    store.add_argument("paths", nargs="+", help="a data part or a folder of carried weights")
     store.add_argument("--preset", default="gpu")
     store.add_argument("--results-dir", default=None)
     receive = steps.add_parser("receive", help="here: unpack the returned files into results/")

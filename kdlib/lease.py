@@ -195,6 +195,48 @@ def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
     return list(needed.values())
 
 
+def plan_carry(part_bytes: Sequence[int], files: Sequence[Path], room_bytes: int
+               ) -> tuple[list[list[Path]], list[list[Path]]]:
+    """Which call carries which weight or checkpoint file: ``(by_part, extra)``, the files that
+    ride with each data part's call (in the room the part leaves of ``room_bytes``) and groups
+    of the rest, each a call of its own. Largest first, each into the first call with room."""
+    by_part: list[list[Path]] = [[] for _ in part_bytes]
+    free = [room_bytes - b for b in part_bytes]
+    extra: list[list[Path]] = []
+    extra_free: list[int] = []
+    for path in sorted(files, key=lambda p: p.stat().st_size, reverse=True):
+        size = path.stat().st_size
+        if size > room_bytes:
+            raise ValueError(f"{path} ({size / MIB:.1f} MiB) is larger than what a call can "
+                             f"carry besides the tree ({room_bytes / MIB:.1f} MiB)")
+        i = next((i for i in range(len(free) - 1, -1, -1) if free[i] >= size), None)
+        if i is not None:  # from the last call back: the data's first calls stay lean
+            by_part[i].append(path)
+            free[i] -= size
+            continue
+        j = next((j for j, f in enumerate(extra_free) if f >= size), None)
+        if j is None:
+            extra.append([])
+            extra_free.append(room_bytes)
+            j = len(extra) - 1
+        extra[j].append(path)
+        extra_free[j] -= size
+    return by_part, extra
+
+
+CARRIED_MANIFEST = "sha256.json"
+
+
+def _write_group(folder: Path, paths: Sequence[Path]) -> Path:
+    """One call's carried files, copied into ``folder`` with their sha256s."""
+    folder.mkdir(parents=True)
+    for path in paths:
+        shutil.copy2(path, folder / path.name)
+    (folder / CARRIED_MANIFEST).write_text(json.dumps(
+        {path.name: sha256_of(folder / path.name) for path in paths}, indent=1))
+    return folder
+
+
 def planned_paused(plan: Sequence, results_dir: Path) -> list[Path]:
     """The checkpoints of ``plan``'s runs paused at the end of a lease (or interrupted), which
     the next lease resumes instead of starting over."""
@@ -219,14 +261,17 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     # committed weight files and checkpoints travel with the tree: carry only the others
     frontier = [p for p in frontier_weights(plan, results_dir) + planned_paused(plan, results_dir)
                 if not _tracked(repo_root, p)]
-    if part_mib is None:
-        part_mib = part_mib_for(repo_root, sum(p.stat().st_size for p in frontier))
+    room_mib = part_mib_for(repo_root) if part_mib is None else part_mib
+    part_mib = room_mib if part_mib is None else part_mib
     manifest = pack_data(data_root, lease, part_mib)
+    by_part, extra_groups = plan_carry([p["bytes"] for p in manifest["parts"]], frontier,
+                                       int(room_mib * MIB))
     weights = lease / "weights"
     shutil.rmtree(weights, ignore_errors=True)
     weights.mkdir(parents=True)
-    for path in frontier:
-        shutil.copy2(path, weights / path.name)
+    groups = [*extra_groups, *by_part]  # the calls in order: weights alone first, then the data
+    group_dirs = [_write_group(weights / f"{i:02d}", paths) if paths else None
+                  for i, paths in enumerate(groups)]
     from kdlib.checkpoints import epochs_done
 
     for path in planned_paused(plan, results_dir):
@@ -256,17 +301,19 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
                          f"{(CALL_TIMEOUT_S - PACK_S - grace_s) / 60:.2f}")
     pack = f"python3 -m kdlib lease pack --results-dir {rel_results} --out \"$OUT\""
     finish = (f"{{ timeout -s INT -k 15 {hard_s} {go}; rc=$?; {pack} && exit $rc; }}")
+    parts = [None] * len(extra_groups) + list(manifest["parts"])
     calls = []
-    for i, part in enumerate(manifest["parts"]):
-        last = i == len(manifest["parts"]) - 1
-        store = f"python3 -m kdlib lease store {LEASE_DIR}/{part['name']}"
-        calls.append({"carry": [f"{LEASE_DIR}/{DATA_MANIFEST}", f"{LEASE_DIR}/{part['name']}"]
-                      + ([f"{LEASE_DIR}/weights"] if last else []),
-                      "command": f"{store} && {finish}" if last else store,
+    for i, (part, group) in enumerate(zip(parts, group_dirs)):
+        last = i == len(parts) - 1
+        carry = ([f"{LEASE_DIR}/{DATA_MANIFEST}", f"{LEASE_DIR}/{part['name']}"] if part else [])
+        carry += [os.path.relpath(group, repo_root)] if group else []
+        store = "python3 -m kdlib lease store " + " ".join(carry[1:] if part else carry)
+        calls.append({"carry": carry, "command": f"{store} && {finish}" if last else store,
                       "timeout_s": CALL_TIMEOUT_S if last else 120})
     log(f"{LEASE_DIR}/: data in {len(manifest['parts'])} part(s) of <= {part_mib:g} MiB "
-        f"({manifest['bytes'] / MIB:.1f} MiB), {len(list(weights.iterdir()))} weight and "
-        "checkpoint file(s) to carry")
+        f"({manifest['bytes'] / MIB:.1f} MiB), {len(frontier)} weight and checkpoint file(s) "
+        f"to carry ({sum(p.stat().st_size for p in frontier) / MIB:.1f} MiB"
+        + (f", {len(extra_groups)} call(s) of their own" if extra_groups else "") + ")")
     (lease / "calls.json").write_text(json.dumps(calls, indent=1))
     return calls
 
@@ -289,6 +336,33 @@ def store_part(part: Path, stash: Path = STASH) -> Path:
     return stash / part.name
 
 
+def store_carried(folder: Path, stash: Path = STASH) -> list[Path]:
+    """Copy one call's carried weight and checkpoint files into the stash, each checked."""
+    folder = Path(folder)
+    expected = json.loads((folder / CARRIED_MANIFEST).read_text())
+    target = stash / "weights"
+    target.mkdir(parents=True, exist_ok=True)
+    stored = []
+    for name, digest in expected.items():
+        if sha256_of(folder / name) != digest:
+            raise ValueError(f"{folder / name} does not match its sha256: the transfer broke; "
+                             "carry it again")
+        shutil.copyfile(folder / name, target / name)
+        stored.append(target / name)
+    print(f"stored {len(stored)} weight and checkpoint file(s) in {target}", flush=True)
+    return stored
+
+
+def store(paths: Sequence[Path], stash: Path = STASH) -> None:
+    """`lease store`: each path a data part (:func:`store_part`) or a folder of carried files
+    (:func:`store_carried`)."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            store_carried(path, stash)
+        else:
+            store_part(path, stash)
+
+
 def assemble_data(stash: Path = STASH) -> Path:
     """The data root (holding cifar-100-python/) rebuilt from the stashed parts."""
 
@@ -307,22 +381,47 @@ def assemble_data(stash: Path = STASH) -> Path:
     return root
 
 
-def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
-                 file_mib: float = OUT_FILE_MIB, max_files: int = OUT_MAX_FILES) -> list[Path]:
+RESULT_PATTERNS = ("runs/*.json", "checkpoints/*.weights.pt", "models/*.packed", "logs/*")
+SNAPSHOT = "results-before.json"
+
+
+def _result_files(results_dir: Path) -> list[Path]:
     """Records, best fp32 weights, packed models, logs and the checkpoints of runs without a
-    record (paused or interrupted: the next lease resumes them) of ``results_dir`` as a tar split
-    into files of <= ``file_mib`` MiB in ``out``, with ``extra`` files beside them and a
-    manifest."""
+    record (paused or interrupted: the next lease resumes them)."""
     from kdlib.results import paused_checkpoints
 
+    files = [path for pattern in RESULT_PATTERNS for path in sorted(results_dir.glob(pattern))]
+    return files + list(paused_checkpoints(results_dir).values())
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def snapshot_results(results_dir: Path, stash: Path = STASH) -> dict[str, list[int]]:
+    """Size and modification time of every result file there before the grid: they came from
+    here (the tree, the carried files), so :func:`pack` leaves them out."""
+    snapshot = {str(p.relative_to(results_dir)): _stamp(p) for p in _result_files(results_dir)}
+    stash.mkdir(parents=True, exist_ok=True)
+    (stash / SNAPSHOT).write_text(json.dumps(snapshot))
+    return snapshot
+
+
+def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
+                 file_mib: float = OUT_FILE_MIB, max_files: int = OUT_MAX_FILES,
+                 unchanged: dict[str, list[int]] | None = None) -> list[Path]:
+    """The result files of ``results_dir`` (:func:`_result_files`) but those ``unchanged`` since
+    a :func:`snapshot_results`, as a tar split into files of <= ``file_mib`` MiB in ``out``,
+    with ``extra`` files beside them and a manifest."""
     out.mkdir(parents=True, exist_ok=True)
+    unchanged = unchanged or {}
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for pattern in ("runs/*.json", "checkpoints/*.weights.pt", "models/*.packed", "logs/*"):
-            for path in sorted(results_dir.glob(pattern)):
-                tar.add(path, arcname=str(path.relative_to(results_dir)))
-        for path in paused_checkpoints(results_dir).values():
-            tar.add(path, arcname=str(path.relative_to(results_dir)))
+        for path in _result_files(results_dir):
+            arcname = str(path.relative_to(results_dir))
+            if unchanged.get(arcname) != _stamp(path):
+                tar.add(path, arcname=arcname)
     blob = buffer.getvalue()
     parts = _split(blob, out, RESULTS_ARCHIVE, int(file_mib * MIB))
     extras = []
@@ -338,10 +437,11 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
     return sorted(out.iterdir())
 
 
-def place_carried(repo_root: Path, results_dir: Path) -> list[Path]:
-    """The carried weight files and paused runs' checkpoints, where the grid reads them."""
+def place_carried(results_dir: Path, stash: Path = STASH) -> list[Path]:
+    """The carried weight files and paused runs' checkpoints (stored by the calls), where the
+    grid reads them."""
     placed = []
-    for path in sorted((repo_root / LEASE_DIR / "weights").glob("*.pt")):
+    for path in sorted((stash / "weights").glob("*.pt")):
         target = results_dir / "checkpoints" / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
@@ -376,7 +476,8 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     reserve_s = min(45.0, 6.0 * minutes) if reserve_s is None else reserve_s
     data_root = data_root or assemble_data(stash)
     log(f"data ready in {time.monotonic() - started:.0f} s: {data_root}")
-    place_carried(repo_root, results_dir)
+    place_carried(results_dir, stash)
+    snapshot_results(results_dir, stash)  # what is here already is not returned
     torch_device = pick_device(device)
     kind = device_kind(torch_device)
     bench_dir = repo_root / "results" / "bench"
@@ -413,7 +514,9 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     plan = plan_grid(preset=preset, model=model, **{"seeds": list(get_preset(preset).seeds), **grid})
     log(f"grid: {len(plan)} planned runs, {budget_s:.0f} s of budget, {jobs} at a time")
     if budget_s > 0:
-        budget = Budget(budget_s, timer)
+        # at most as many runs continue next lease as run at once: their checkpoints come back
+        # and travel again (paper: each run spans leases; gpu: 12 paused at once filled 41 MB)
+        budget = Budget(budget_s, timer, max_spans=jobs)
         if jobs > 1:
             execute_processes(plan, jobs=jobs, data_dir=data_root, results_dir=results_dir,
                               device=str(torch_device), budget=budget, log=log)
@@ -432,7 +535,8 @@ def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
     """What a benchmark measured before its parts existed lacks: ``{"profile": True}`` and, on a
     GPU, ``{"concurrency": [counts]}`` of :func:`kdlib.bench.run.device_concurrency` it has not
     measured (none once measuring them failed) and ``{"compiled": True}`` (the compiled
-    quantizers' levels and compiled processes side by side, :mod:`kdlib.bench.compiled`)."""
+    quantizers' levels and compiled processes side by side, :mod:`kdlib.bench.compiled`; again
+    when measured with another ``COMPILED_DIVISION`` than today's)."""
     import torch
 
     from kdlib.bench.run import device_concurrency
@@ -440,7 +544,11 @@ def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
     missing: dict[str, Any] = {}
     if "profile" not in result:
         missing["profile"] = True
-    if torch.device(device).type == "cuda" and "compiled" not in result:
+    from kdlib.quant.ste import COMPILED_DIVISION
+
+    # measured before compiled graphs divided the levels as they do now: measured again
+    compiled = result.get("compiled") or {}
+    if torch.device(device).type == "cuda" and compiled.get("division") != COMPILED_DIVISION:
         missing["compiled"] = True
     concurrency = result.get("concurrency") or {}
     tried = "error" in concurrency or "added_error" in concurrency  # an answer too: not again
@@ -482,9 +590,11 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     return path
 
 
-def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = None) -> list[Path]:
-    """There, after :func:`go` (finished, failed or interrupted): what finished, and the
-    benchmarks of this device (this lease's among them), into ``out``."""
+def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = None,
+         stash: Path = STASH) -> list[Path]:
+    """There, after :func:`go` (finished, failed or interrupted): what this lease added or
+    changed (everything, if `go` failed before its snapshot), and the benchmarks of this device
+    (this lease's among them), into ``out``."""
     from kdlib.budget import bench_device_kind, device_kind
     from kdlib.device import pick_device
 
@@ -496,7 +606,9 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
                 benches.append(path)
         except (OSError, ValueError, AttributeError):
             continue
-    files = pack_outputs(results_dir, out, benches)
+    snapshot = stash / SNAPSHOT
+    unchanged = json.loads(snapshot.read_text()) if snapshot.exists() else None
+    files = pack_outputs(results_dir, out, benches, unchanged=unchanged)
     print(f"packed {len(files)} file(s) into {out}: "
           f"{len(list(results_dir.glob('runs/*.json')))} record(s), "
           f"{len(benches)} benchmark(s) of {kind}", flush=True)

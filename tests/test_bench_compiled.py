@@ -45,6 +45,7 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
                           labels=torch.zeros(2, dtype=torch.int64))
     part = measure_compiled(ctx, 4, seconds=1.0, preset="gpu", model="resnet20", log=print,
                             compile_fn=lambda fn: fn)
+    assert part["division"] == "float64"  # a later lease measures it again if that changes
     part["levels"]["by_bits"] = dict(sorted(part["levels"]["by_bits"].items()))  # as JSON stores it
     line = render._compiled_line(part)
     assert "every quantizer level exact yes at 2, 4, 8, 16 bits" in line  # the default widths

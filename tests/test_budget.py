@@ -165,6 +165,19 @@ def test_a_run_longer_than_the_whole_budget_spans_calls_and_a_shorter_one_waits(
     assert not strict.admit(student(epochs=6)).start
 
 
+def test_at_most_max_spans_runs_continue_next_call():
+    """Each run that spans ends paused, and its checkpoint travels to the next call: a lease
+    caps them (12 paused ResNet-20s filled 41 MB on the H200)."""
+    timer = RunTimer("cpu")
+    timer.add(record_of(student(epochs=1), [10.0], 10.0))
+    budget = Budget(60.0, timer, clock=Clock(), max_spans=2)
+    assert budget.admit(student(epochs=6)).spans and budget.admit(student(epochs=7)).spans
+    third = budget.admit(student(epochs=8))
+    assert not third.start and "2 run(s) already continue next call (at most 2)" in third.why
+    assert budget.admit(student(epochs=4)).start  # one that finishes in the call still starts
+    assert Budget(60.0, timer, clock=Clock(), max_spans=0).admit(student(epochs=6)).start is False
+
+
 def test_a_deadline_admits_an_epoch_only_if_it_ends_in_time():
     deadline = Deadline(stop_at=100.0, epoch_s=10.0, tail_s=5.0)
     assert deadline.allows(0, 3, now=88.0)  # 88 + 1.2 * 10 = 100

@@ -148,3 +148,56 @@ def test_a_layer_quantized_on_any_device_exports_its_exact_levels(device, bits):
     layer = QConv2d(32, 64, 3, w_bits=bits, a_bits=bits, quantizer="dorefa").to(device)
     codes = encode_weight("conv", layer)  # raises unless the levels rebuild the weight bit for bit
     assert codes.levels.min() >= 0 and codes.levels.max() <= (1 << bits) - 1
+
+
+@pytest.mark.parametrize("bits", range(2, 17))
+def test_a_float64_quotient_rounds_to_the_exact_level_whatever_division_a_compiler_emits(bits):
+    """The compiled route (``_div_levels_`` under torch.compile): divide in float64, round once
+    to float32. Checked for every k against the rational k/n, for the divisions a compiler may
+    emit: a correctly rounded one, a multiply by the reciprocal, and one 2 ulps off either way."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    n = (1 << bits) - 1
+    k = np.arange(n + 1, dtype=np.float64)
+    level = (k / n).astype(np.float32)
+    below = np.nextafter(level, np.float32(-1))
+    above = np.nextafter(level, np.float32(2))
+    for i in range(n + 1):  # level[i] is the nearest float32 to i/n, strictly
+        exact = Fraction(i, n)
+        error = abs(Fraction(float(level[i])) - exact)
+        assert error < abs(Fraction(float(below[i])) - exact)
+        assert error < abs(Fraction(float(above[i])) - exact)
+    quotient = k / n
+    two_up = np.nextafter(np.nextafter(quotient, 2.0), 2.0)
+    two_down = np.nextafter(np.nextafter(quotient, -1.0), -1.0)
+    for emitted in (k * (1.0 / n), two_up, two_down):
+        assert np.array_equal(emitted.astype(np.float32), level)
+    if bits >= 4:  # why the route exists: in float32, the reciprocal misses some levels
+        reciprocal32 = k.astype(np.float32) * np.float32(1.0 / n)
+        assert not np.array_equal(reciprocal32, level)
+
+
+def test_compiled_graphs_take_the_float64_route_and_eager_does_not(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.seen.add(out.dtype)
+            return out
+
+    x = torch.rand(64)
+    with Dtypes() as eager:
+        eager_levels = dorefa_activation(x, 4)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with Dtypes() as compiled:
+        compiled_levels = dorefa_activation(x, 4)
+    assert torch.float64 not in eager.seen and torch.float64 in compiled.seen
+    assert compiled_levels.dtype == torch.float32 and torch.equal(compiled_levels, eager_levels)

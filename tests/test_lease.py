@@ -96,6 +96,47 @@ def test_outputs_split_into_at_most_eight_files_and_come_back_whole(tmp_path):
         lease.pack_outputs(results, tmp_path / "out2", file_mib=0.1, max_files=2)
 
 
+def test_only_what_the_lease_added_or_changed_comes_back(tmp_path):
+    """The files there before the grid came from here: returning them again would fill the
+    eight returned files with weights already here."""
+    results, stash = tmp_path / "results", tmp_path / "stash"
+    (results / "runs").mkdir(parents=True)
+    (results / "checkpoints").mkdir()
+    (results / "runs" / "old.json").write_text('{"run_id": "old"}')
+    (results / "checkpoints" / "old.weights.pt").write_bytes(os.urandom(200_000))
+    (results / "checkpoints" / "p.pt").write_bytes(b"paused at the last lease, carried here")
+    lease.snapshot_results(results, stash)
+    (results / "runs" / "new.json").write_text('{"run_id": "new"}')  # the grid's work
+    (results / "checkpoints" / "new.weights.pt").write_bytes(b"new weights")
+    (results / "checkpoints" / "p.pt").write_bytes(b"paused again, some epochs later")
+    lease.pack(results, tmp_path / "out", tmp_path / "bench", device="cpu", stash=stash)
+    counts = lease.receive(tmp_path / "out", tmp_path / "back", tmp_path / "back-bench")
+    assert counts["records"] == 1 and counts["files"] == 3
+    assert sorted(str(p.relative_to(tmp_path / "back")) for p in (tmp_path / "back").rglob("*.*")) \
+        == ["checkpoints/new.weights.pt", "checkpoints/p.pt", "runs/new.json"]
+    (stash / lease.SNAPSHOT).unlink()  # `go` died before its snapshot: everything comes back
+    lease.pack(results, tmp_path / "out2", tmp_path / "bench", device="cpu", stash=stash)
+    assert lease.receive(tmp_path / "out2", tmp_path / "back2", tmp_path / "b2")["files"] == 5
+
+
+def test_carried_files_ride_in_the_room_data_parts_leave_then_in_calls_of_their_own(tmp_path):
+    def file(name, kib):
+        path = tmp_path / name
+        path.write_bytes(b"w" * (kib * 1024))
+        return path
+
+    a, b, c, d = file("a.pt", 300), file("b.pt", 600), file("c.pt", 700), file("d.pt", 100)
+    room = 1024 * 1024
+    by_part, extra = lease.plan_carry([1024 * 1024, 400 * 1024], [a, b, c, d], room)
+    # largest first: c (700) fits no part's room; b (600) fits the 624 KiB the last part
+    # leaves; a (300) joins c; d (100) fits neither: a third call
+    assert by_part == [[], [b]]
+    assert extra == [[c, a], [d]]
+    assert lease.plan_carry([10], [], room) == ([[]], [])
+    with pytest.raises(ValueError, match="larger than what a call can carry"):
+        lease.plan_carry([10], [file("huge.pt", 1100)], room)
+
+
 def test_frontier_is_the_weights_unfinished_runs_need(fake_data_root, tmp_path):
     plan = experiments.plan_grid(**GRID, chain=[32, 4], chain_methods=["ta_chain"],
                                  methods=["direct_kd"])
@@ -133,17 +174,24 @@ def test_a_paused_runs_checkpoint_is_carried_and_placed_where_the_grid_resumes_i
     checkpoint_path(results, "not-planned").write_bytes(b"another grid's")
     assert lease.planned_paused(plan, results) == [paused]
     logs = []
-    lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here, minutes=1,
-                  jobs=1, preset="smoke", model="resnet8", part_mib=0.5, log=logs.append)
-    carried = here / lease.LEASE_DIR / "weights" / paused.name
-    assert carried.read_bytes() == paused.read_bytes()
+    calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                          minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5,
+                          log=logs.append)
+    carrying = [call for call in calls if any("/weights/" in path for path in call["carry"])]
+    assert carrying == calls[-1:]  # a few bytes: in the room the last data part leaves
+    (group,) = [path for path in carrying[0]["carry"] if "/weights/" in path]
+    assert (here / group / paused.name).read_bytes() == paused.read_bytes()
+    last_part = carrying[0]["carry"][1]
+    assert carrying[0]["command"].startswith(f"python3 -m kdlib lease store {last_part} {group} && ")
     assert any(line.startswith(f"resumes: {plan[0].run_id()} from epoch 0") for line in logs)
-    device = tmp_path / "device"
-    shutil.copytree(here / lease.LEASE_DIR, device / lease.LEASE_DIR)
-    assert lease.place_carried(device, device / "results" / "smoke") == \
-        [checkpoint_path(device / "results" / "smoke", plan[0].run_id())]
-    assert checkpoint_path(device / "results" / "smoke", plan[0].run_id()).read_bytes() == \
-        paused.read_bytes()
+    stash, device = tmp_path / "stash", tmp_path / "device" / "results" / "smoke"
+    (here / group / paused.name).write_bytes(b"broken in transfer")
+    with pytest.raises(ValueError, match="sha256"):
+        lease.store([here / group], stash)
+    (here / group / paused.name).write_bytes(paused.read_bytes())
+    lease.store([here / group], stash)
+    assert lease.place_carried(device, stash) == [checkpoint_path(device, plan[0].run_id())]
+    assert checkpoint_path(device, plan[0].run_id()).read_bytes() == paused.read_bytes()
 
 
 def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data_root, tmp_path):
@@ -198,8 +246,8 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
     assert "benchmark written" not in logs[-1] and "benchmark completed" in logs[-1]
     bench = json.loads(next((here / "results" / "bench").glob("*.json")).read_text())
     assert bench["profile"]["variant"] == "kd_w4" and bench["profile"]["top"]  # came back
-    assert sorted(p.name for p in (tmp_path / "device2" / ".lease" / "weights").iterdir()) == \
-        [f"{head[1]['run_id']}.weights.pt"]  # the teacher travels as its committed packed file
+    carried = sorted(p.name for p in (tmp_path / "device2" / ".lease" / "weights").rglob("*.pt"))
+    assert carried == [f"{head[1]['run_id']}.weights.pt"]  # the teacher: its committed packed file
     received = {r["run_id"]: r for r in load_records(results)}
     assert all(received[r["run_id"]]["created_at"] == r["created_at"] for r in head)  # not retrained
     from kdlib.results import CODE_COMMIT  # the device's copy has no .git: the call states it

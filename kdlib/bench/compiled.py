@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from kdlib.quant import dorefa_activation, dorefa_weight
+from kdlib.quant.ste import COMPILED_DIVISION
 
 CHECK_BITS = (2, 4, 8, 16)  # 1 bit divides by 1 (activations) or takes a sign (weights)
 # compiled processes not done compiling and timing by then count as failed: too slow to pay
@@ -104,4 +105,5 @@ def measure_compiled(ctx, jobs: int, *, seconds: float, preset: str, model: str,
             seconds=seconds, warmup=1, timeout=CUDAGRAPHS_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - recorded
         graphs = error_entry(exc)
-    return {"levels": levels, "concurrency": side_by_side, "cudagraphs": graphs}
+    return {"division": COMPILED_DIVISION, "levels": levels, "concurrency": side_by_side,
+            "cudagraphs": graphs}

@@ -17,13 +17,25 @@ def grid_levels(bits: int) -> int:
 
 
 _DIVISORS: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
+COMPILED_DIVISION = "float64"  # how a compiled graph divides the levels (see _div_levels_)
 
 
 def _div_levels_(y: Tensor, n: int) -> Tensor:
-    """``y /= n`` in place, correctly rounded on every device. CUDA divides a tensor by a
-    Python number as ``y * (1/n)``, one ulp off for some ``k/n`` (seen on an H200 at 4, 8 and
-    16 bits: the grid values were then not ``k/n``, and the packed export refused them); by a
-    device tensor it divides. One cached 0-dim divisor per device, dtype and n: no transfer."""
+    """``y / n`` for integer-valued ``y`` in [0, n], correctly rounded on every device (in
+    place, except when compiled). CUDA divides a tensor by a Python number as ``y * (1/n)``,
+    one ulp off for some ``k/n`` (seen on an H200 at 4, 8 and 16 bits: the grid values were
+    then not ``k/n``, and the packed export refused them); by a device tensor it divides. One
+    cached 0-dim divisor per device, dtype and n: no transfer.
+
+    Compiled, the kernels are Inductor's: Triton's float32 ``/`` may be approximate, and on the
+    H200 (torch 2.11) compiled levels were off at 4, 8 and 16 bits. So a compiled graph divides
+    in float64 and rounds once to float32: whether the compiler divides exactly, approximately
+    or by a reciprocal, the float64 quotient is within 2^-51 of k/n (relative), and k/n (n odd,
+    n < 2^16) is at least 2^-40 (relative) from every float32 rounding boundary, so the result
+    is float32(k/n) exactly (checked exhaustively in tests/test_exact.py). Eager arithmetic is
+    unchanged."""
+    if torch.compiler.is_compiling():
+        return (y.double() / n).to(y.dtype)
     if y.device.type == "cpu":  # the CPU kernel divides either way
         return y.div_(n)
     key = (y.device, y.dtype, n)
