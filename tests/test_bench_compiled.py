@@ -78,8 +78,13 @@ def test_the_cuda_graphs_variant_compiles_fit_s_kd_step_in_reduce_overhead_mode(
     """Built, not run (compiling takes minutes on this CPU; the lease times it on the GPU)."""
     from kdlib.bench.variants import BY_NAME, COMPILE_WARMUP_STEPS, make_context
 
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append((module, kw)) or module)
+    compiled, outputs = [], []
+
+    def fake_compile(module, **kw):
+        compiled.append((module, kw))
+        return lambda x: outputs.append(module(x)) or outputs[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     images = torch.zeros(256, 3, 32, 32, dtype=torch.uint8)
     ctx = make_context(images, torch.zeros(256, dtype=torch.int64), preset="smoke", device="cpu")
     runner = BY_NAME["kd_w4_cudagraphs"].build(ctx)
@@ -91,7 +96,15 @@ def test_the_cuda_graphs_variant_compiles_fit_s_kd_step_in_reduce_overhead_mode(
                                                            (trainer.teacher, "reduce-overhead")]
         assert runner.info["switches"]["compile"] and runner.info["compile_mode"] == "reduce-overhead"
         assert runner.warmup_min == COMPILE_WARMUP_STEPS
+        marks = []
+        monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
         runner.step()  # the step fit() runs, through the (here uncompiled) forwards
+        runner.step()
+        assert len(marks) == 2  # each step starts a new generation of graph outputs
+        x = torch.zeros(2, 3, 32, 32)
+        with torch.inference_mode():
+            logits = trainer.teacher_forward(x)
+        assert torch.equal(logits, outputs[-1]) and logits.data_ptr() != outputs[-1].data_ptr()
     finally:
         runner.close()
 

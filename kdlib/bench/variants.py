@@ -160,10 +160,21 @@ def _cudagraphs_runner(ctx: Context) -> Runner:
     runner = _kdlib_runner(cfg, ctx)
     trainer = runner.trainer
     trainer.forward = torch.compile(trainer.model, mode=CUDAGRAPHS_MODE, dynamic=False)
-    trainer.teacher_forward = torch.compile(trainer.teacher, mode=CUDAGRAPHS_MODE, dynamic=False)
+    teacher = torch.compile(trainer.teacher, mode=CUDAGRAPHS_MODE, dynamic=False)
+    # the teacher's logits live in its graph's output memory, which the student's graph may
+    # reuse before the loss reads them (the H200 raised "accessing tensor output of CUDAGraphs
+    # that has been overwritten" at a logits layer, also with step marks): a copy of its own
+    trainer.teacher_forward = lambda x: teacher(x).clone()
     runner.info["switches"] = {**runner.info["switches"], "compile": True}
     runner.info["compile_mode"] = CUDAGRAPHS_MODE
     runner.warmup_min = COMPILE_WARMUP_STEPS
+    step = runner.step
+
+    def step_marked() -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead
+        step()
+
+    runner.step = step_marked
     return runner
 
 
