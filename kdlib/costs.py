@@ -73,9 +73,13 @@ def machines(frame: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(reversed(order["cpu"].tolist())))
 
 
-def measured_rates(frame: pd.DataFrame, cpu: str | None = None) -> dict[tuple[str, bool], float]:
+def measured_rates(frame: pd.DataFrame, cpu: str | None = None, *,
+                   side_by_side: int | None = None) -> dict[tuple[str, bool], float]:
     """{(model, kd): training images × epochs per wall second of a run} over the trained records
-    of processor ``cpu`` (default: the newest record's; see the module doc)."""
+    of processor ``cpu`` (default: the newest record's; see the module doc). With
+    ``side_by_side``: per second of the device instead, each run's wall time divided by the
+    runs trained beside it (its record's ``side_by_side``; this number where it has none), so
+    that runs timed 4 at a time and runs timed 12 at a time pool."""
     runs = _trained(frame)
     if runs.empty:
         return {}
@@ -83,6 +87,10 @@ def measured_rates(frame: pd.DataFrame, cpu: str | None = None) -> dict[tuple[st
     images = [(t if pd.notna(t) else CIFAR_TRAIN_IMAGES - v) * e
               for t, v, e in zip(runs["train_size"], runs["val_size"], runs["epochs"])]
     runs = runs.assign(image_epochs=images, kd=runs["teacher_id"].notna())
+    if side_by_side is not None:
+        beside = (runs["side_by_side"] if "side_by_side" in runs
+                  else pd.Series(None, index=runs.index, dtype=float))
+        runs = runs.assign(wall_time_s=runs["wall_time_s"] / beside.fillna(side_by_side))
     sums = runs.groupby(["model", "kd"])[["image_epochs", "wall_time_s"]].sum()
     return {(model, bool(kd)): row["image_epochs"] / row["wall_time_s"]
             for (model, kd), row in sums.iterrows()}
@@ -158,27 +166,28 @@ def render_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int = 2) -> 
 def render_device_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int,
                         lease_minutes: float) -> str:
     """Markdown sentence: what ``presets`` cost on the device whose records ``frame`` holds, at
-    their all-in rates (measured with ``jobs`` runs side by side, the way a lease runs them),
-    in run-hours, device hours and leases of ``lease_minutes`` of training."""
-    rates = measured_rates(frame)
+    their all-in rates per second of the device (:func:`measured_rates` with ``side_by_side``;
+    ``jobs`` for records that do not say), in device hours and leases of ``lease_minutes`` of
+    training."""
+    rates = measured_rates(frame, side_by_side=jobs)
     if not rates:
         return "_No GPU records yet to estimate the grids' cost from._"
     parts = []
     for preset in presets:
-        cost = grid_cost(preset, rates)
+        cost = grid_cost(preset, rates)  # its "run_hours" are device hours at these rates
         if cost["run_hours"] is None:
             parts.append(f"`{preset}`: no measured rate for its runs")
             continue
-        device_h = cost["run_hours"] / jobs
+        device_h = cost["run_hours"]
         seeds = cost["seeds"]
         leases = max(round(device_h * 60 / lease_minutes / seeds), 1)
         parts.append(f"`{preset}` ({cost['runs']} runs, {cost['trained']} trained, "
                      f"{_amount(cost['image_epochs'])} training images × epochs): "
-                     f"{cost['run_hours']:,.1f} run-hours, ≈ {device_h:,.1f} h of the device"
+                     f"≈ {device_h:,.1f} h of the device"
                      + (f", {device_h / seeds:,.1f} h a seed" if seeds > 1 else "")
                      + f", about {leases:,} lease{'s' if leases > 1 else ''} of "
                      f"{lease_minutes:g} training minutes" + (" a seed" if seeds > 1 else ""))
     return (f"What the GPU grids cost at the all-in rates of these records ({_rates_text(rates)} "
-            f"training images × epochs per second of a run, {jobs} runs side by side as the "
-            "leases ran them; start-up and evaluation included, so long runs will beat it): "
-            + "; ".join(parts) + ".")
+            "training images × epochs per second of the device: each run's wall time divided by "
+            f"the runs trained beside it, as its record says, else {jobs}; start-up and "
+            "evaluation included, so long runs will beat it): " + "; ".join(parts) + ".")

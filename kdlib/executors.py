@@ -113,7 +113,7 @@ def _splits(data_dir: str | None, seed: int, val_size: int, train_size: int | No
 
 def _train_task(config: dict[str, Any], data_dir: str | None, results_dir: str,
                 device: str | None, threads: int, tensorboard: bool, *after: Any,
-                deadline: Deadline | None = None) -> str:
+                deadline: Deadline | None = None, side_by_side: int | None = None) -> str:
     """One run in a worker (Ray's or a process pool's). ``after``: the results of the tasks it
     waited for (unused: Ray starts this task only once they are done)."""
     torch.set_num_threads(threads)
@@ -121,7 +121,7 @@ def _train_task(config: dict[str, Any], data_dir: str | None, results_dir: str,
     cfg = RunConfig.from_dict(config)
     data = _splits(data_dir, cfg.split_seed, cfg.val_size, cfg.train_size, cfg.test_size)
     return train_run(cfg, data, results_dir, device=device, progress=False,
-                     deadline=deadline)["run_id"]
+                     deadline=deadline, side_by_side=side_by_side)["run_id"]
 
 
 def execute_ray(plan: Sequence[RunConfig], *, data_dir: str | os.PathLike | None = None,
@@ -234,8 +234,8 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
                 log(f"start {cfg.run_id()}"
                     + (f": {admission.why}" if admission is not None and admission.spans else ""))
                 running[pool.submit(_train_task, cfg.to_dict(), data_dir, results_dir, device,
-                                    threads, tensorboard,
-                                    deadline=admission and admission.deadline)] = cfg.run_id()
+                                    threads, tensorboard, deadline=admission and admission.deadline,
+                                    side_by_side=jobs)] = cfg.run_id()
             if not running:
                 continue
             finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)

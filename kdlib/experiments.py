@@ -304,9 +304,11 @@ class _TrainedIndex:
 
 def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
               progress: bool = True, index: _TrainedIndex | None = None,
-              deadline: Deadline | None = None) -> dict[str, Any]:
+              deadline: Deadline | None = None, side_by_side: int | None = 1) -> dict[str, Any]:
     """Train one configured run (or return its existing record) and write its record.
     ``deadline``: see :func:`kdlib.train.fit` (raises ``RunSuspended``, nothing recorded).
+    ``side_by_side``: how many runs the grid trains at once on this machine (None: unknown),
+    recorded so that a run's wall time can be turned into its share of the device's.
 
     A run whose training another method's run already did (same :func:`training_key`) is not
     trained again: it gets a record of its own that copies that run's results and names it in
@@ -326,7 +328,8 @@ def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=No
                     index.alias_of[run_id] = same
                     return record
                 record = _train_and_record(cfg, data, results_dir, device=device,
-                                           progress=progress, training_key=key, deadline=deadline)
+                                           progress=progress, training_key=key, deadline=deadline,
+                                           side_by_side=side_by_side)
                 index.by_key[key] = run_id
                 return record
     print(f"skip {run_id}: record exists")
@@ -345,7 +348,8 @@ def _alias_record(cfg: RunConfig, trained: dict[str, Any],
 
 def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
                       progress: bool = True, training_key: str | None = None,
-                      deadline: Deadline | None = None) -> dict[str, Any]:
+                      deadline: Deadline | None = None, side_by_side: int | None = 1
+                      ) -> dict[str, Any]:
     run_id = cfg.run_id()
     device = pick_device(device)
     model = _build_model(cfg)
@@ -371,6 +375,7 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
         "model_size": model_size_report(model),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "call_seconds": time.time() - started,
+        "side_by_side": side_by_side,
         **environment_info(),
     }
     save_record(results_dir, record)

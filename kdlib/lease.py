@@ -633,12 +633,13 @@ def receive(folder: Path, results_dir: Path, bench_dir: Path) -> dict[str, int]:
             raise ValueError(f"{path} does not match its sha256")
         bench_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, bench_dir / extra["name"])
-    from kdlib.results import paused_checkpoints, run_checkpoints
+    from kdlib.results import note_paused, paused_checkpoints, run_checkpoints
 
     paused = paused_checkpoints(results_dir)
     finished = [path for run_id, path in run_checkpoints(results_dir).items() if run_id not in paused]
     for path in finished:
         path.unlink()
+    note_paused(results_dir)  # for the README of a clone without the checkpoints
     runs = sum(m.name.startswith("runs/") for m in members)
     return {"records": runs, "files": len(members), "bench": len(manifest["extra"]),
             "finished_paused": len(finished)}

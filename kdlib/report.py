@@ -225,11 +225,13 @@ def render_bench(bench_dir: str | os.PathLike, gpu: bool = False) -> str:
 def missing_runs(results_dir: str | os.PathLike, preset: str,
                  model: str | None = None) -> dict[int, tuple[int, dict[str, list]]]:
     """{seed: (planned runs, {method: [bits label, ...]})} of the preset's planned grid runs
-    without a record; a run paused with a checkpoint says how far it got."""
-    from kdlib.checkpoints import epochs_done
+    without a record; a run paused at a lease's end says how far it got (``paused.json``, which
+    `lease receive` writes: the checkpoints are not committed)."""
     from kdlib.experiments import plan_grid  # lazy: experiments imports the training stack
     from kdlib.presets import get_preset
-    from kdlib.results import checkpoint_path, find_record
+    from kdlib.results import find_record, noted_paused
+
+    paused = noted_paused(results_dir)
 
     missing: dict[int, tuple[int, dict[str, list]]] = {}
     for cfg in plan_grid(preset=preset, model=model, seeds=list(get_preset(preset).seeds)):
@@ -237,7 +239,7 @@ def missing_runs(results_dir: str | os.PathLike, preset: str,
         missing[cfg.seed] = (planned + 1, methods)
         if find_record(results_dir, cfg.run_id()) is None:
             label = bits_label(cfg.w_bits, cfg.a_bits)
-            done = epochs_done(checkpoint_path(results_dir, cfg.run_id()))
+            done = paused.get(cfg.run_id())
             if done:
                 label += f" (paused at epoch {done} of {cfg.epochs})"
             methods.setdefault(cfg.method, []).append(label)

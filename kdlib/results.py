@@ -169,6 +169,31 @@ def paused_checkpoints(results_dir: str | os.PathLike) -> dict[str, Path]:
             if not record_path(results_dir, run_id).exists()}
 
 
+PAUSED_FILE = "paused.json"  # committed: the checkpoints themselves are not (see the README)
+
+
+def note_paused(results_dir: str | os.PathLike) -> dict[str, int]:
+    """Write ``results_dir/paused.json``: {run id: epochs done} of the runs paused with a
+    checkpoint here, so that a clone without the (ignored) checkpoints still says how far each
+    got. Returns it."""
+    from kdlib.checkpoints import epochs_done  # lazy: torch.load
+
+    paused = {run_id: epochs_done(path)
+              for run_id, path in sorted(paused_checkpoints(results_dir).items())}
+    path = Path(results_dir) / PAUSED_FILE
+    path.write_text(json.dumps(paused, indent=1, sort_keys=True) + "\n")
+    return paused
+
+
+def noted_paused(results_dir: str | os.PathLike) -> dict[str, int]:
+    """What the last :func:`note_paused` wrote ({} if none) less the runs that have a record
+    since."""
+    path = Path(results_dir) / PAUSED_FILE
+    noted = json.loads(path.read_text()) if path.exists() else {}
+    return {run_id: done for run_id, done in noted.items()
+            if not record_path(results_dir, run_id).exists()}
+
+
 def records_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """One row per run record: method, bits, seed and its metrics (what a pipeline returned)."""
     return pd.DataFrame([{"method": r["config"]["method"], "w_bits": r["config"]["w_bits"],
@@ -212,7 +237,8 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                "git_commit": record.get("git_commit"),
                "wall_time_s": record.get("wall_time_s"), "images_per_s": record.get("images_per_s"),
                "device": record.get("device"), "gpu": record.get("gpu"), "cpu_model": record.get("cpu_model"),
-               "created_at": record.get("created_at"), "epochs_run": len(record["history"])}
+               "created_at": record.get("created_at"), "epochs_run": len(record["history"]),
+               "side_by_side": record.get("side_by_side")}
         if isinstance(row.get("milestones"), list):  # hashable, so that it can be grouped on
             row["milestones"] = tuple(row["milestones"])
         packed = packed_path(results_dir, record.get("same_run_as") or record["run_id"])

@@ -309,6 +309,8 @@ def test_processes_executor_equals_the_serial_grid(real_data_root, tmp_path, mon
         sorted(map(comparable, serial), key=lambda r: r["run_id"])
     aliases = {r["config"]["method"] for r in parallel if r.get("same_run_as")}
     assert aliases == {"finetune", "direct_kd"} and len(parallel) == 9
+    # each record says how many runs trained beside it, for its share of the device's time
+    assert {r["side_by_side"] for r in parallel} == {2} and {r["side_by_side"] for r in serial} == {1}
 
 
 def test_processes_executor_refuses_a_bad_job_count(tmp_path):

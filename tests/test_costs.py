@@ -91,7 +91,8 @@ def test_a_multi_seed_grid_states_the_wall_time_of_one_seed():
 def test_device_costs_count_device_hours_and_leases_a_seed():
     """At 10,000 image-epochs a second per run, 4 runs side by side and 8 training minutes a
     lease, `paper` needs its image-epochs / 10,000 / 3600 run-hours, a quarter of that on the
-    device, and that over 3 seeds and 8/60 h for its leases."""
+    device, and that over 3 seeds and 8/60 h for its leases. A run timed 12 at a time shares
+    the device with 11 others: its rate per device second is 12 times its own."""
     frame = _frame([{"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 4.5,
                      "cpu_model": "host"},
                     {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 4.5,
@@ -100,6 +101,14 @@ def test_device_costs_count_device_hours_and_leases_a_seed():
     assert run_hours == pytest.approx(1134e6 / 1e4 / 3600)
     text = render_device_costs(["paper"], frame, jobs=4, lease_minutes=8.0)
     leases = round(run_hours / 4 * 60 / 8.0 / 3)
-    assert f"{run_hours:,.1f} run-hours, ≈ {run_hours / 4:,.1f} h of the device" in text
+    assert f"≈ {run_hours / 4:,.1f} h of the device" in text and "else 4" in text
     assert f"about {leases} leases of 8 training minutes a seed" in text
     assert "No GPU records" in render_device_costs(["paper"], pd.DataFrame(), 4, 8.0)
+    # the same runs, recorded as timed 12 at a time and 3 times slower each: the same device rate
+    slow = _frame([{"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 13.5,
+                    "cpu_model": "host", "side_by_side": 12},
+                   {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 13.5,
+                    "teacher_id": "t", "cpu_model": "host", "side_by_side": 12}])
+    assert measured_rates(slow, side_by_side=4) == pytest.approx(measured_rates(frame, side_by_side=4))
+    assert render_device_costs(["paper"], slow, jobs=4, lease_minutes=8.0) == text
+    assert measured_rates(slow) == pytest.approx({k: v / 3 for k, v in measured_rates(frame).items()})

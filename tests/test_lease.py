@@ -91,6 +91,7 @@ def test_outputs_split_into_at_most_eight_files_and_come_back_whole(tmp_path):
         (results / "checkpoints" / "a.weights.pt").read_bytes()
     assert not (back / "checkpoints" / "a.pt").exists()
     assert (back / "checkpoints" / "b.pt").read_bytes() == b"a paused run's state comes back"
+    assert json.loads((back / "paused.json").read_text()) == {"b": 0}  # for a clone's README
     assert (tmp_path / "bench" / "NVIDIA_H200.json").exists()
     with pytest.raises(ValueError, match="more than 2"):
         lease.pack_outputs(results, tmp_path / "out2", file_mib=0.1, max_files=2)
@@ -112,7 +113,7 @@ def test_only_what_the_lease_added_or_changed_comes_back(tmp_path):
     lease.pack(results, tmp_path / "out", tmp_path / "bench", device="cpu", stash=stash)
     counts = lease.receive(tmp_path / "out", tmp_path / "back", tmp_path / "back-bench")
     assert counts["records"] == 1 and counts["files"] == 3
-    assert sorted(str(p.relative_to(tmp_path / "back")) for p in (tmp_path / "back").rglob("*.*")) \
+    assert sorted(str(p.relative_to(tmp_path / "back")) for p in (tmp_path / "back").rglob("*/*")) \
         == ["checkpoints/new.weights.pt", "checkpoints/p.pt", "runs/new.json"]
     (stash / lease.SNAPSHOT).unlink()  # `go` died before its snapshot: everything comes back
     lease.pack(results, tmp_path / "out2", tmp_path / "bench", device="cpu", stash=stash)

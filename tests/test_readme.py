@@ -257,8 +257,16 @@ def test_gpu_block_lists_the_runs_still_missing(tmp_path, monkeypatch):
     checkpoint = tmp_path / "gpu" / "checkpoints" / f"{individual.run_id()}.pt"
     checkpoint.parent.mkdir()
     torch.save({"epoch": 6}, checkpoint)  # paused at a lease's end
+    assert "paused" not in report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
+    from kdlib.results import note_paused  # what `lease receive` writes, and git keeps
+
+    assert note_paused(tmp_path / "gpu") == {individual.run_id(): 6}
+    checkpoint.unlink()  # a fresh clone: checkpoints/ is ignored
     assert f"individual 16, 8 (paused at epoch 6 of {individual.epochs}), 4" in \
         report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
+    write_record(tmp_path / "gpu", individual.run_id(), "individual", 8, 0, 50.0,
+                 created_at="2026-12-02T11:00:00+00:00", device="cuda:0")
+    assert "paused" not in report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
 
 
 def test_second_model_block_states_the_uncontrolled_difference(tmp_path):
