@@ -41,6 +41,10 @@ from kdlib.device import cpu_model
 SAFETY = 1.2  # estimates are multiplied by this: the slowest epoch seen can still be beaten
 EVAL_ALLOWANCE = 0.25  # bench-based estimate: evaluation adds this fraction to training time
 START_ALLOWANCE_S = 20.0  # bench-based estimate: a run's start (spawn, imports, CUDA, data)
+# of a 15-minute lease of a GPU (kdlib.lease), what the grid trains for: `go --minutes 9` (the
+# README's) less its 45 s reserve and the data's reassembly; the rest goes to the machine's
+# start and the data calls
+LEASE_TRAINING_MINUTES = 8.0
 CIFAR_TRAIN_IMAGES = 50_000
 
 

@@ -52,9 +52,6 @@ XZ_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_DELTA, "d
               {"id": lzma.FILTER_LZMA2, "preset": 6}]
 CALL_TIMEOUT_S = 600  # the device tool's limit for one command
 GO_GRACE_S = 20  # `go` is interrupted this long after its --minutes (it plans to end before)
-# of a 15-minute lease, what the grid trains for: `go --minutes 9` (the README's) less its 45 s
-# reserve and the data's reassembly; the rest goes to the machine's start and the data calls
-TRAINING_MINUTES = 8.0
 PACK_S = 25  # packing and the return, after `go` ended or was interrupted
 MIB = 1 << 20
 # the device benchmark: fit()'s steps, the bf16 mode, compile and the typical pipeline, in
@@ -503,9 +500,7 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         log(f"benchmark completed: {bench_written} ({time.monotonic() - started:.0f} s in)")
     timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
     if jobs == "auto":
-        from kdlib.bench.concurrent import worth_running
-
-        jobs = worth_running((timer.bench or {}).get("concurrency"))
+        jobs = auto_jobs(timer.bench, preset, model)
     timer.jobs = jobs
     for record in load_records(results_dir):
         timer.add(record)
@@ -529,6 +524,16 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     log(f"lease: {done} of {len(plan)} planned runs have records; {summary['seconds']:.0f} s; "
         "now `python3 -m kdlib lease pack`")
     return summary
+
+
+def auto_jobs(bench: dict[str, Any] | None, preset: str, model: str | None = None) -> int:
+    """`--jobs auto`: as many runs at once as the benchmark found worth it for the preset's
+    step: compiled processes for a preset that compiles, eager ones otherwise (1 without)."""
+    from kdlib.bench.concurrent import worth_running
+    from kdlib.presets import build_config
+
+    part = (bench or {}).get("compiled") if build_config(preset, model).compile else bench
+    return worth_running((part or {}).get("concurrency"))
 
 
 def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:

@@ -277,10 +277,10 @@ def render_gpu(results_dir: str | os.PathLike, bench_dir: str | os.PathLike,
     bench = json.loads(newest.read_text()) if newest else {}
     jobs = worth_running(bench.get("concurrency"))
     from kdlib.costs import render_device_costs
-    from kdlib.lease import TRAINING_MINUTES
+    from kdlib.budget import LEASE_TRAINING_MINUTES
 
     lines += ["", render_device_costs([preset, "paper"], load_results(results_dir), jobs,
-                                      TRAINING_MINUTES)]
+                                      LEASE_TRAINING_MINUTES)]
     lines += ["", "GPU benchmark:", "", render_bench(bench_dir, gpu=True)]
     return "\n".join(lines)
 

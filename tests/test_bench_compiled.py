@@ -38,25 +38,26 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
         asked.append((variant, tuple(jobs)))
         rate = {"kd_w4_compile": 30000.0, "kd_w4_cudagraphs": 21000.0}[variant]
         return {"variant": variant, "seconds": 1.0, "best_jobs": jobs[0],
-                "by_jobs": {str(jobs[0]): {"images_per_s": rate, "per_process": [rate / jobs[0]] * jobs[0]}}}
+                "by_jobs": {str(k): {"images_per_s": rate * k / jobs[0], "ready_s": 40.0 + k,
+                                     "per_process": [rate / jobs[0]] * k} for k in jobs}}
 
     monkeypatch.setattr(concurrent, "concurrent_throughput", side_by_side)
     ctx = SimpleNamespace(device=torch.device("cpu"), images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
                           labels=torch.zeros(2, dtype=torch.int64))
-    part = measure_compiled(ctx, 4, seconds=1.0, preset="gpu", model="resnet20", log=print,
+    part = measure_compiled(ctx, [4, 8], seconds=1.0, preset="gpu", model="resnet20", log=print,
                             compile_fn=lambda fn: fn)
     assert part["division"] == "float64"  # a later lease measures it again if that changes
     part["levels"]["by_bits"] = dict(sorted(part["levels"]["by_bits"].items()))  # as JSON stores it
     line = render._compiled_line(part)
     assert "every quantizer level exact yes at 2, 4, 8, 16 bits" in line  # the default widths
-    assert asked == [("kd_w4_compile", (4,)), ("kd_w4_cudagraphs", (1,))]
-    assert "4 at once: 30000 img/s" in line
+    assert asked == [("kd_w4_compile", (4, 8)), ("kd_w4_cudagraphs", (1,))]
+    assert "4 at once: 30000 img/s (44 s to compile), 8 at once: 60000 img/s (48 s to compile)" in line
     assert "replayed as CUDA graphs (`kd_w4_cudagraphs`, reduce-overhead), one process: 21000 img/s" in line
     older = {k: v for k, v in part.items() if k != "cudagraphs"}  # measured before it existed
     assert "CUDA graphs" not in render._compiled_line(older)
     part["cudagraphs"]["by_jobs"]["1"]["cudagraph_skips"] = 2
     assert "21000 img/s (2 compiled graph(s) ran without CUDA graphs)" in render._compiled_line(part)
-    broken = measure_compiled(ctx, 4, seconds=1.0, preset="gpu", model="resnet20", log=print,
+    broken = measure_compiled(ctx, [4, 8], seconds=1.0, preset="gpu", model="resnet20", log=print,
                               compile_fn=one_ulp_up)
     assert "exact **no**: **not** at 2 (activation, weight), 4 (activation, weight)" in render._compiled_line(broken)
     mixed = {**part, "levels": {"exact": False, "by_bits": {
@@ -124,3 +125,54 @@ def test_a_cuda_graphs_process_reports_the_graphs_inductor_ran_without_them():
         assert notes == {"cudagraph_skips": before + 3}
     finally:
         counters["inductor"]["cudagraph_skips"] = before
+
+
+
+def _bench_with(compiled: dict | None, eager_rates: dict) -> dict:
+    result = {"concurrency": {"variant": "kd_w4", "seconds": 10.0, "by_jobs": {
+        str(k): {"images_per_s": r, "per_process": [r / k] * k} for k, r in eager_rates.items()}},
+        "variants": {"kd_w4_compile": {"warmup_s": 41.0}}}
+    return {**result, "compiled": compiled} if compiled is not None else result
+
+
+def test_compile_pays_only_with_exact_levels_and_more_images_a_lease():
+    from kdlib.bench.compiled import compile_verdict
+
+    eager = {1: 3834.0, 2: 7588.0, 4: 17222.0, 8: 18744.0}  # the H200's: 4 worth running
+    exact = {"exact": True, "by_bits": {}}
+    side = {"variant": "kd_w4_compile", "by_jobs": {
+        "4": {"images_per_s": 30000.0, "ready_s": 50.0}, "8": {"images_per_s": 60000.0, "ready_s": 90.0}}}
+    assert compile_verdict(_bench_with(None, eager), 480.0) is None
+    verdict = compile_verdict(_bench_with(
+        {"division": "float64", "levels": exact, "concurrency": side}, eager), 480.0)
+    assert verdict["pays"]  # 60,000 x 390 s = 23.4 M against 17,222 x 480 s = 8.3 M
+    assert "8 compiled processes 60,000 img/s after 90 s to compile: 23.4 M images" in verdict["why"]
+    assert "4 eager ones 17,222 img/s: 8.3 M" in verdict["why"]
+    slow = {**side, "by_jobs": {"8": {"images_per_s": 60000.0, "ready_s": 400.0}}}
+    assert not compile_verdict(_bench_with(  # 60,000 x 80 s = 4.8 M: the compile eats the lease
+        {"division": "float64", "levels": exact, "concurrency": slow}, eager), 480.0)["pays"]
+    inexact = compile_verdict(_bench_with(
+        {"division": "float64", "levels": {"exact": False}, "concurrency": side}, eager), 480.0)
+    assert not inexact["pays"] and "not exact" in inexact["why"]
+    before = compile_verdict(_bench_with({"levels": exact, "concurrency": side}, eager), 480.0)
+    assert not before["pays"] and "measured again" in before["why"]
+    older = {**side, "by_jobs": {"8": {"images_per_s": 60000.0}}}  # no ready_s: one process's 41 s
+    assert "after 41 s to compile" in compile_verdict(_bench_with(
+        {"division": "float64", "levels": exact, "concurrency": older}, eager), 480.0)["why"]
+    line = render._verdict_line(_bench_with(
+        {"division": "float64", "levels": exact, "concurrency": side}, eager))
+    assert line and line[0].startswith("- torch.compile for a grid of long runs (`paper`, decided "
+                                       "before its first run): **pays** (8 compiled")
+
+
+def test_jobs_auto_follows_the_step_the_preset_runs(monkeypatch):
+    from kdlib import lease, presets
+
+    eager = {1: 3834.0, 2: 7588.0, 4: 17222.0, 8: 18744.0}
+    side = {"by_jobs": {"4": {"images_per_s": 30000.0}, "8": {"images_per_s": 60000.0}}}
+    bench = _bench_with({"division": "float64", "levels": {"exact": True}, "concurrency": side}, eager)
+    assert lease.auto_jobs(bench, "gpu") == 4  # eager: 8 adds under 10%
+    compiling = presets.build_config("gpu").replace(compile=True)
+    monkeypatch.setattr(presets, "build_config", lambda *a, **k: compiling)
+    assert lease.auto_jobs(bench, "gpu") == 8  # compiled: 8 doubles 4
+    assert lease.auto_jobs(None, "gpu") == 1

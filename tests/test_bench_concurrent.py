@@ -16,6 +16,8 @@ def test_k_processes_each_time_the_real_step_over_one_window():
     for k, entry in result["by_jobs"].items():
         assert len(entry["per_process"]) == int(k) and all(r > 0 for r in entry["per_process"])
         assert entry["images_per_s"] == pytest.approx(sum(entry["per_process"]))
+        assert entry["ready_s"] > 0  # the slowest process's build and warm-up (a compile)
+        assert "cudagraph_skips" not in entry  # an eager step: nothing to say about graphs
     assert result["best_jobs"] in (1, 2)
 
 

@@ -75,11 +75,11 @@ def check_levels(device: str | torch.device, bits: Sequence[int] = CHECK_BITS,
     return {"exact": exact, "by_bits": by_bits}
 
 
-def measure_compiled(ctx, jobs: int, *, seconds: float, preset: str, model: str,
+def measure_compiled(ctx, jobs: Sequence[int], *, seconds: float, preset: str, model: str,
                      log: Callable[[str], None],
                      compile_fn: Callable[[Callable], Callable] = _compile) -> dict[str, Any]:
-    """The ``compiled`` part of a GPU benchmark: :func:`check_levels`, ``jobs`` compiled KD
-    processes side by side, one process replayed as CUDA graphs (``{"error": ...}`` for a part
+    """The ``compiled`` part of a GPU benchmark: :func:`check_levels`, compiled KD processes
+    side by side at each count of ``jobs``, one process replayed as CUDA graphs (``{"error": ...}`` for a part
     that raised)."""
     from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput
     from kdlib.bench.measure import error_entry
@@ -89,10 +89,10 @@ def measure_compiled(ctx, jobs: int, *, seconds: float, preset: str, model: str,
         levels = check_levels(ctx.device, compile_fn=compile_fn)
     except Exception as exc:  # noqa: BLE001 - recorded: compile then stays off
         levels = error_entry(exc)
-    log(f"bench: {jobs} compiled KD processes side by side")
+    log(f"bench: {', '.join(map(str, jobs))} compiled KD processes side by side")
     try:
         side_by_side = concurrent_throughput(
-            ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=(jobs,),
+            ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=tuple(jobs),
             variant="kd_w4_compile", preset=preset, model=model, device=ctx.device,
             seconds=seconds, warmup=1, timeout=SIDE_BY_SIDE_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - recorded
@@ -107,3 +107,35 @@ def measure_compiled(ctx, jobs: int, *, seconds: float, preset: str, model: str,
         graphs = error_entry(exc)
     return {"division": COMPILED_DIVISION, "levels": levels, "concurrency": side_by_side,
             "cudagraphs": graphs}
+
+
+def compile_verdict(result: dict[str, Any], lease_s: float) -> dict[str, Any] | None:
+    """Whether a grid of long runs (`paper`) should compile, by the README's rule: only if the
+    compiled levels are exact, and the best count of compiled processes trains more images in a
+    lease's ``lease_s`` of training, less the compile it pays again at every lease, than the best
+    count of eager ones. ``{"pays": bool, "why": str}``; None before a compiled part exists."""
+    from kdlib.bench.concurrent import worth_running
+
+    compiled = result.get("compiled")
+    if not compiled:
+        return None
+    if compiled.get("division") != COMPILED_DIVISION:
+        return {"pays": False, "why": "its compiled part predates compiled graphs dividing the "
+                                      "levels in float64: measured again at the next lease"}
+    levels, side = compiled.get("levels", {}), compiled.get("concurrency", {})
+    if not levels.get("exact"):
+        return {"pays": False, "why": "the compiled levels are not exact"}
+    eager = result.get("concurrency") or {}
+    if "error" in side or not side.get("by_jobs") or not eager.get("by_jobs"):
+        return {"pays": False, "why": "compiled or eager processes side by side not measured"}
+    k, e = worth_running(side), worth_running(eager)
+    entry, eager_rate = side["by_jobs"][str(k)], eager["by_jobs"][str(e)]["images_per_s"]
+    compile_s = entry.get("ready_s")
+    if compile_s is None:  # measured before processes timed their start: one process's compile
+        compile_s = (result.get("variants", {}).get("kd_w4_compile") or {}).get("warmup_s", lease_s)
+    compiled_images = entry["images_per_s"] * max(lease_s - compile_s, 0.0)
+    eager_images = eager_rate * lease_s
+    return {"pays": compiled_images > eager_images,
+            "why": f"{k} compiled processes {entry['images_per_s']:,.0f} img/s after {compile_s:.0f} s "
+                   f"to compile: {compiled_images / 1e6:.1f} M images in {lease_s:.0f} s of "
+                   f"training; {e} eager ones {eager_rate:,.0f} img/s: {eager_images / 1e6:.1f} M"}

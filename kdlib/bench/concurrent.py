@@ -32,12 +32,14 @@ def _worker(variant: str, images: Tensor, labels: Tensor, preset: str, model: st
     from kdlib.bench.variants import BY_NAME, make_context  # in the spawned process
 
     try:
+        started = time.perf_counter()
         torch.set_num_threads(1)
         ctx = make_context(images, labels, preset=preset, model=model, device=device, workers=0)
         runner = BY_NAME[variant].build(ctx)
         for _ in range(max(warmup, runner.warmup_min)):
             runner.step()
         sync(ctx.device)
+        ready_s = time.perf_counter() - started  # built and warmed up: compiled, if it compiles
         barrier.wait()
         start, steps = time.perf_counter(), 0
         while True:
@@ -49,7 +51,8 @@ def _worker(variant: str, images: Tensor, labels: Tensor, preset: str, model: st
             if elapsed >= seconds:
                 break
         runner.close()
-        queue.put(("ok", steps * runner.batch_size / elapsed, _graph_notes(runner)))
+        queue.put(("ok", steps * runner.batch_size / elapsed,
+                   {"ready_s": ready_s, **_graph_notes(runner)}))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
         barrier.abort()
         queue.put(("error", f"{type(exc).__name__}: {exc}", {}))
@@ -98,10 +101,11 @@ def concurrent_throughput(images: Tensor, labels: Tensor, *, jobs: Sequence[int]
         if errors:
             raise RuntimeError(f"{k} concurrent {variant} processes failed: {errors[0]}")
         rates = [rate for _, rate, _ in results]
-        notes: dict[str, int] = {}
-        for _, _, note in results:  # summed over the processes
-            for key, count in note.items():
-                notes[key] = notes.get(key, 0) + count
+        notes: dict[str, float] = {}
+        for _, _, note in results:  # the slowest process's start; counts summed
+            for key, value in note.items():
+                notes[key] = (max(notes.get(key, 0.0), value) if key == "ready_s"
+                              else notes.get(key, 0) + value)
         by_jobs[str(k)] = {"images_per_s": sum(rates), "per_process": rates, **notes}
     return {"variant": variant, "seconds": seconds, "by_jobs": by_jobs,
             "best_jobs": best_jobs(by_jobs)}

@@ -125,6 +125,18 @@ def _profile_line(p: dict[str, Any]) -> str:
             f"{p['bound']}; most time: {top}")
 
 
+def _verdict_line(result: dict[str, Any]) -> list[str]:
+    from kdlib.bench.compiled import compile_verdict  # lazy: torch.compile's module
+    from kdlib.budget import LEASE_TRAINING_MINUTES
+
+    verdict = compile_verdict(result, 60.0 * LEASE_TRAINING_MINUTES)
+    if verdict is None:
+        return []
+    pays = "**pays**" if verdict["pays"] else "does not pay"
+    return [f"- torch.compile for a grid of long runs (`paper`, decided before its first run): "
+            f"{pays} ({verdict['why']})"]
+
+
 def _first_line(error: str) -> str:
     """An error's first line (a stack trace would break the markdown list it sits in)."""
     return error.strip().splitlines()[0] if error.strip() else error
@@ -149,8 +161,10 @@ def _compiled_line(c: dict[str, Any]) -> str:
     if "error" in side:
         speed = f"not measured ({_first_line(side['error'])})"
     else:
-        (k, entry), = side["by_jobs"].items()
-        speed = f"{k} at once: {entry['images_per_s']:.0f} img/s"
+        speed = ", ".join(
+            f"{k} at once: {e['images_per_s']:.0f} img/s"
+            + (f" ({e['ready_s']:.0f} s to compile)" if "ready_s" in e else "")
+            for k, e in sorted(side["by_jobs"].items(), key=lambda item: int(item[0])))
     graphs = c.get("cudagraphs")  # measured since 2026-12-04
     if graphs is None:
         graphs_txt = ""
@@ -187,5 +201,6 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join([*_variant_rows(result), "", *_ceiling_line(result), *_ratio_lines(result),
                       *_optional_line(result, "concurrency", "runs side by side", _concurrency_line),
                       *_optional_line(result, "compiled", "compiled runs", _compiled_line),
+                      *_verdict_line(result),
                       *_optional_line(result, "profile", "profile", _profile_line), "",
                       _machine_line(result)])

@@ -202,11 +202,13 @@ def add_concurrency(result: dict[str, Any], counts: Sequence[int], ctx, *, prese
 def compiled_part(result: dict[str, Any], ctx, *, preset: str, model: str,
                   log: Callable[[str], None]) -> dict[str, Any]:
     """:func:`kdlib.bench.compiled.measure_compiled` at the eager step's worth-it process count
-    (at most :data:`COMPILED_JOBS_MAX`: each process compiles at once, on the same cores)."""
+    and at :data:`COMPILED_JOBS_MAX` (no more: each process compiles at once, on the same
+    cores; a compiled step leans less on the host, so more of them may pay)."""
     from kdlib.bench.compiled import measure_compiled  # lazy: torch.compile
 
     concurrency = result.get("concurrency") or {}
-    return measure_compiled(ctx, min(worth_running(concurrency), COMPILED_JOBS_MAX),
+    counts = sorted({min(worth_running(concurrency), COMPILED_JOBS_MAX), COMPILED_JOBS_MAX})
+    return measure_compiled(ctx, counts,
                             seconds=concurrency.get("seconds", 10.0), preset=preset, model=model,
                             log=log)
 
