@@ -252,7 +252,10 @@ def _missing_text(missing: dict[int, tuple[int, dict[str, list]]]) -> str:
     for seed, (planned, methods) in missing.items():
         count = sum(len(v) for v in methods.values())
         if count == planned:
-            parts.append(f"seed {seed}: all {planned}")
+            paused = [f"{method} {bits}" for method, labels in methods.items()
+                      for bits in labels if "paused" in bits]  # how far the seed has got
+            parts.append(f"seed {seed}: all {planned}"
+                         + (f", of which {'; '.join(paused)}" if paused else ""))
         elif count:
             parts.append(f"seed {seed}: " + "; ".join(f"{method} {', '.join(bits)}"
                                                       for method, bits in methods.items()))

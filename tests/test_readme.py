@@ -258,15 +258,20 @@ def test_gpu_block_lists_the_runs_still_missing(tmp_path, monkeypatch):
     checkpoint.parent.mkdir()
     torch.save({"epoch": 6}, checkpoint)  # paused at a lease's end
     assert "paused" not in report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
+    seed_1 = next(cfg for cfg in plan if cfg.method == "teacher" and cfg.seed == 1)
+    torch.save({"epoch": 3}, checkpoint.parent / f"{seed_1.run_id()}.pt")  # a seed just begun
     from kdlib.results import note_paused  # what `lease receive` writes, and git keeps
 
-    assert note_paused(tmp_path / "gpu") == {individual.run_id(): 6}
+    assert note_paused(tmp_path / "gpu") == {individual.run_id(): 6, seed_1.run_id(): 3}
     checkpoint.unlink()  # a fresh clone: checkpoints/ is ignored
-    assert f"individual 16, 8 (paused at epoch 6 of {individual.epochs}), 4" in \
-        report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
+    rendered = report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
+    assert f"individual 16, 8 (paused at epoch 6 of {individual.epochs}), 4" in rendered
+    assert (f"seed 1: all {a_seed}, of which teacher 32 (paused at epoch 3 of "
+            f"{seed_1.epochs})") in rendered
     write_record(tmp_path / "gpu", individual.run_id(), "individual", 8, 0, 50.0,
                  created_at="2026-12-02T11:00:00+00:00", device="cuda:0")
-    assert "paused" not in report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
+    rendered = report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
+    assert "individual 16, 4" in rendered and "paused at epoch 6" not in rendered  # finished since
 
 
 def test_second_model_block_states_the_uncontrolled_difference(tmp_path):
