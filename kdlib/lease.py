@@ -7,13 +7,13 @@ is given back 30 s after a call. So:
 
 * here, :func:`prepare` packs CIFAR-100 into compressed parts of at most ``part_mib``, plus the
   fp32 weights that the grid's unfinished runs start from or learn from and the checkpoints of
-  runs paused at an earlier lease's end, under ``.lease/`` (git-ignored), and prints the calls
-  to make;
-* there, each call stores its part in ``/dev/shm`` (:func:`store_part`); the last one also runs
-  :func:`go`: reassemble and check the data, benchmark the device if ``results/bench`` has no
-  file for it, train the grid with ``python -m kdlib grid``'s budget until the minutes run
-  out, and pack records, weights, packed models, logs, the checkpoints of paused runs and the
-  benchmark into ``$OUT`` (:func:`pack_outputs`: at most 8 files);
+  runs paused at an earlier lease's end (in the room the parts leave, else calls of their own:
+  :func:`plan_carry`), under ``.lease/`` (git-ignored), and prints the calls to make;
+* there, each call stores what it carries in ``/dev/shm`` (:func:`store`); the last one also
+  runs :func:`go`: reassemble and check the data, benchmark the device if ``results/bench`` has
+  no file for it, train the grid with ``python -m kdlib grid``'s budget until the minutes run
+  out, and pack what it added (records, weights, packed models, logs, the checkpoints of paused
+  runs) and the benchmark into ``$OUT`` (:func:`pack_outputs`: at most 8 files);
 * here again, :func:`receive` unpacks those files into ``results/gpu`` and ``results/bench``.
 
 Every file crossing between the machines is checked against a sha256 written beside it.
