@@ -336,3 +336,30 @@ def test_the_stated_commit_wins_over_a_copied_trees_own_git(monkeypatch):
     assert here  # this checkout is a git repository
     monkeypatch.setenv("KDLIB_GIT_COMMIT", "5e05d98")
     assert git_commit() == "5e05d98"
+
+
+def test_go_caps_the_runs_that_pause_at_the_runs_it_trains_at_once(fake_data_root, tmp_path,
+                                                                    monkeypatch):
+    """`go --jobs auto` takes its count from the benchmark, and its budget lets no more runs
+    pause than that: their checkpoints must come back and travel out again."""
+    import kdlib.budget
+    import kdlib.executors
+
+    budgets = []
+
+    class Recorded(kdlib.budget.Budget):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            budgets.append(self)
+
+    monkeypatch.setattr(kdlib.budget, "Budget", Recorded)
+    monkeypatch.setattr(kdlib.executors, "execute_processes", lambda *a, **k: [])  # no training
+    monkeypatch.setattr(kdlib.budget, "load_bench", lambda folder, kind: {"concurrency": {
+        "by_jobs": {"1": {"images_per_s": 100.0}, "2": {"images_per_s": 200.0},
+                    "4": {"images_per_s": 300.0}}}})  # 4 adds 50% over 2: worth it
+    summary = lease.go(preset="smoke", minutes=1, jobs="auto", results_dir=tmp_path / "results",
+                       repo_root=tmp_path / "repo", model="resnet8", bench="never",
+                       stash=tmp_path / "stash", data_root=fake_data_root, log=lambda m: None)
+    assert summary["planned"] > 0
+    (budget,) = budgets
+    assert budget.max_spans == 4  # 4 at a time, so at most 4 pause
