@@ -211,7 +211,7 @@ def test_a_variant_failing_its_warm_up_is_recorded_and_the_others_are_timed(monk
     assert "out of memory" in result["concurrency"]["error"]
     text = render_markdown(result)
     assert "| failed |" in text and "side by side: not measured (RuntimeError: 2 concurrent" in text
-    result["concurrency"] = {"variant": "kd_w4", "seconds": 10.0, "best_jobs": 2, "by_jobs": {
+    result["concurrency"] = {"variant": "kd_w4", "seconds": 10.0, "by_jobs": {
         "1": {"images_per_s": 9000.0, "per_process": [9000.0]},
         "2": {"images_per_s": 16000.0, "per_process": [8100.0, 7900.0]}}}
     assert ("side by side on one device (10 s each): 1 × 9000 = 9000 img/s, 2 × 8000 = 16000 "

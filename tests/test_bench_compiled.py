@@ -37,7 +37,7 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
     def side_by_side(images, labels, *, jobs, variant, **_):
         asked.append((variant, tuple(jobs)))
         rate = {"kd_w4_compile": 30000.0, "kd_w4_cudagraphs": 21000.0}[variant]
-        return {"variant": variant, "seconds": 1.0, "best_jobs": jobs[0],
+        return {"variant": variant, "seconds": 1.0,
                 "by_jobs": {str(k): {"images_per_s": rate * k / jobs[0], "ready_s": 40.0 + k,
                                      "per_process": [rate / jobs[0]] * k} for k in jobs}}
 

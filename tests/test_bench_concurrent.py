@@ -3,7 +3,7 @@ run here on the CPU with tiny steps; and the choice of how many to run at once."
 import pytest
 import torch
 
-from kdlib.bench.concurrent import best_jobs, concurrent_throughput
+from kdlib.bench.concurrent import best_jobs, concurrent_throughput, worth_running
 
 
 def test_k_processes_each_time_the_real_step_over_one_window():
@@ -18,7 +18,7 @@ def test_k_processes_each_time_the_real_step_over_one_window():
         assert entry["images_per_s"] == pytest.approx(sum(entry["per_process"]))
         assert entry["ready_s"] > 0  # the slowest process's build and warm-up (a compile)
         assert "cudagraph_skips" not in entry  # an eager step: nothing to say about graphs
-    assert result["best_jobs"] in (1, 2)
+    assert "best_jobs" not in result and worth_running(result) in (1, 2)  # derived when read
 
 
 def test_a_failing_worker_is_reported_not_waited_for():
@@ -73,8 +73,7 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
 
     def measured(images, labels, *, jobs, seconds, **_):
         asked.append((list(jobs), seconds))
-        return {"variant": "kd_w4", "seconds": seconds, "by_jobs": _entries({8: 800, 12: 830}),
-                "best_jobs": 12}
+        return {"variant": "kd_w4", "seconds": seconds, "by_jobs": _entries({8: 800, 12: 830})}
 
     monkeypatch.setattr(run, "concurrent_throughput", measured)
     ctx = SimpleNamespace(images=torch.zeros(4, 3, 32, 32, dtype=torch.uint8),
@@ -82,7 +81,8 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
     merged = run.add_concurrency(existing, [8, 12], ctx, preset="gpu", model="resnet20", log=print)
     assert asked == [([8, 12], 10.0)]
     assert list(merged["by_jobs"]) == ["1", "2", "4", "8", "12"]
-    assert merged["best_jobs"] == 8  # 12 adds 3.75%, under the 5.7% that 1.5x must add
+    assert worth_running(merged) == 8  # 12 adds 3.75%, under the 5.7% that 1.5x must add
+    assert "best_jobs" not in merged  # the old file's stored count is not carried on
     assert "date" in merged["by_jobs"]["8"] and "date" not in merged["by_jobs"]["4"]
     measured_now = {"division": "float64"}
     assert lease.missing_parts({**existing, "concurrency": merged, "compiled": measured_now},
@@ -97,7 +97,7 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
 
     monkeypatch.setattr(run, "concurrent_throughput", failing)
     kept = run.add_concurrency(existing, [8, 12], ctx, preset="gpu", model="resnet20", log=print)
-    assert kept["by_jobs"] == existing["concurrency"]["by_jobs"] and kept["best_jobs"] == 4
+    assert kept["by_jobs"] == existing["concurrency"]["by_jobs"] and worth_running(kept) == 4
     assert "out of memory" in kept["added_error"]
     assert "concurrency" not in lease.missing_parts({**existing, "concurrency": kept}, "cuda")
 

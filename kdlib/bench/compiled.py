@@ -15,8 +15,8 @@ gradients) at each bit width:
 
 Where compiled and eager pick different levels (a value within float error of a rounding
 midpoint after tanh, whose compiled and eager kernels may differ by an ulp), that is counted,
-not failed: both are exact levels. And it times k compiled KD processes side by side, the
-number the eager ones found worth it, to set against the eager throughput, and one process of
+not failed: both are exact levels. And it times compiled KD processes side by side (as many
+as the eager ones found worth it, and 8), to set against the eager throughput, and one process of
 the step replayed as CUDA graphs (``kd_w4_cudagraphs``: the same compiled kernels, launched a
 graph at a time), to see how much of a host-bound step the launches are.
 """

@@ -72,9 +72,10 @@ def concurrent_throughput(images: Tensor, labels: Tensor, *, jobs: Sequence[int]
                           variant: str = "kd_w4", preset: str = "quick", model: str = "resnet20",
                           device: str | torch.device = "cpu", warmup: int = 3,
                           seconds: float = 10.0, timeout: float = 300.0) -> dict[str, Any]:
-    """``{"variant", "seconds", "by_jobs": {k: {"images_per_s", "per_process"}}, "best_jobs"}``:
+    """``{"variant", "seconds", "by_jobs": {k: {"images_per_s", "per_process", "ready_s", ...}}}``:
     for each k, k spawned processes each run ``variant``'s step for ``seconds`` after warming
-    up; images/s is the sum over the processes."""
+    up; images/s is the sum over the processes, ``ready_s`` the slowest one's build and warm-up.
+    How many are worth running is :func:`worth_running`'s, computed when read."""
     context = torch_mp.get_context("spawn")  # CUDA cannot be forked
     by_jobs: dict[str, dict[str, Any]] = {}
     for k in jobs:
@@ -102,13 +103,11 @@ def concurrent_throughput(images: Tensor, labels: Tensor, *, jobs: Sequence[int]
             raise RuntimeError(f"{k} concurrent {variant} processes failed: {errors[0]}")
         rates = [rate for _, rate, _ in results]
         notes: dict[str, float] = {}
-        for _, _, note in results:  # the slowest process's start; counts summed
+        for _, _, note in results:  # the worst process's: its start, its graphs run without
             for key, value in note.items():
-                notes[key] = (max(notes.get(key, 0.0), value) if key == "ready_s"
-                              else notes.get(key, 0) + value)
+                notes[key] = max(notes.get(key, value), value)
         by_jobs[str(k)] = {"images_per_s": sum(rates), "per_process": rates, **notes}
-    return {"variant": variant, "seconds": seconds, "by_jobs": by_jobs,
-            "best_jobs": best_jobs(by_jobs)}
+    return {"variant": variant, "seconds": seconds, "by_jobs": by_jobs}
 
 
 def best_jobs(by_jobs: dict[str, dict[str, Any]]) -> int:

@@ -101,7 +101,8 @@ def _optional_line(result: dict[str, Any], key: str, what: str,
     entry = result.get(key)
     if not entry:
         return []
-    return [f"- {what}: not measured ({entry['error']})" if "error" in entry else line(entry)]
+    return [f"- {what}: not measured ({_first_line(entry['error'])})" if "error" in entry
+            else line(entry)]
 
 
 def _concurrency_line(c: dict[str, Any]) -> str:

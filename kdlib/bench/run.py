@@ -25,8 +25,7 @@ from kdlib.fileio import write_json_atomic
 FORMAT = 2
 WARMUP_STEPS = 3  # un-timed steps before the windows (DataLoader workers start here)
 # processes side by side, measured on a GPU: as many of these as the host's cores allow, each
-# process a core and two kept for the parent and the system (on the H200's 16: up to 12; four
-# ran at 4.5x one, so more may still pay)
+# process a core and two kept for the parent and the system (on the H200's 16: up to 12)
 CONCURRENCY_COUNTS = (1, 2, 4, 8, 12, 16)
 CORES_KEPT = 2
 COMPILED_JOBS_MAX = 8
@@ -177,10 +176,8 @@ def device_concurrency(cores: int | None) -> tuple[int, ...]:
 def add_concurrency(result: dict[str, Any], counts: Sequence[int], ctx, *, preset: str,
                     model: str, log: Callable[[str], None]) -> dict[str, Any]:
     """``result``'s concurrency with ``counts`` measured now and merged in (each new entry dated:
-    the others came from an earlier machine of the same kind); best_jobs over all of them. The
-    seconds per count are the earlier measurement's."""
-    from kdlib.bench.concurrent import best_jobs
-
+    the others came from an earlier machine of the same kind). The seconds per count are the
+    earlier measurement's."""
     old = result.get("concurrency") or {}
     log(f"bench: {', '.join(map(str, counts))} concurrent KD processes, added")
     try:
@@ -194,9 +191,9 @@ def add_concurrency(result: dict[str, Any], counts: Sequence[int], ctx, *, prese
     by_jobs = {**old.get("by_jobs", {}),
                **{k: {**entry, "date": date} for k, entry in new["by_jobs"].items()}}
     by_jobs = dict(sorted(by_jobs.items(), key=lambda item: int(item[0])))
+    old = {k: v for k, v in old.items() if k != "best_jobs"}  # stored before it was derived
     return {**old, "variant": old.get("variant", new["variant"]),
-            "seconds": old.get("seconds", new["seconds"]), "by_jobs": by_jobs,
-            "best_jobs": best_jobs(by_jobs)}
+            "seconds": old.get("seconds", new["seconds"]), "by_jobs": by_jobs}
 
 
 def compiled_part(result: dict[str, Any], ctx, *, preset: str, model: str,
