@@ -537,8 +537,9 @@ def auto_jobs(bench: dict[str, Any] | None, preset: str, model: str | None = Non
 
 
 def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
-    """What a benchmark measured before its parts existed lacks: ``{"profile": True}`` and, on a
-    GPU, ``{"concurrency": [counts]}`` of :func:`kdlib.bench.run.device_concurrency` it has not
+    """What a benchmark measured before its parts existed lacks: ``{"profile": True}`` (again
+    when profiled before the weights were quantized together), ``{"grouped": True}``
+    (:mod:`kdlib.bench.grouped`) and, on a GPU, ``{"concurrency": [counts]}`` of :func:`kdlib.bench.run.device_concurrency` it has not
     measured (none once measuring them failed) and ``{"compiled": True}`` (the compiled
     quantizers' levels and compiled processes side by side, :mod:`kdlib.bench.compiled`; again
     when measured with another ``COMPILED_DIVISION`` than today's)."""
@@ -547,8 +548,11 @@ def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
     from kdlib.bench.run import device_concurrency
 
     missing: dict[str, Any] = {}
-    if "profile" not in result:
-        missing["profile"] = True
+    profile = result.get("profile")
+    if profile is None or not (profile.get("grouped_weights") or "error" in profile):
+        missing["profile"] = True  # none, or one of the weights quantized per layer
+    if "grouped" not in result:
+        missing["grouped"] = True
     from kdlib.quant.ste import COMPILED_DIVISION
 
     # measured before compiled graphs divided the levels as they do now: measured again
@@ -573,7 +577,7 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     processes side by side (about 30 s each) or the compiled part (a minute or two) gets them,
     in place."""
     from kdlib.bench.run import (PROFILE_STEPS, add_concurrency, bench_file_name, compiled_part,
-                                 profile_or_error)
+                                 grouped_part, profile_or_error)
     from kdlib.bench.variants import make_context
     from kdlib.data import load_cifar100
     from kdlib.fileio import write_json_atomic
@@ -588,6 +592,8 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     if "compiled" in missing:  # at the process count just chosen
         result = {**result, "compiled": compiled_part(result, ctx, preset=preset, model=model,
                                                       log=log)}
+    if "grouped" in missing:
+        result = {**result, "grouped": grouped_part(ctx, result.get("settings", {}), log)}
     if "profile" in missing:
         result = {**result, "profile": profile_or_error(ctx, steps or PROFILE_STEPS, log)}
     path = bench_dir / bench_file_name(result)

@@ -258,7 +258,7 @@ def test_kd_w4_times_kdlib_step_train_step_with_the_quick_configuration(monkeypa
     monkeypatch.setattr(kdlib.step, "train_step", counting)
     images, labels = _images()
     result = run_benchmark(images, labels, device="cpu", variants=["kd_w4"], log=lambda m: None,
-                           **{**TINY, "windows": 2, "steps": 2, "warmup": 1})
+                           grouped=False, **{**TINY, "windows": 2, "steps": 2, "warmup": 1})
     # warm-up 1, window 2 steps, re-warm 1, window 2 steps, then one step counting the FLOPs
     assert [batch for _, batch, _ in calls] == [4] * 6 + [2]
     assert result["variants"]["kd_w4"]["flops_per_image"] == TRAIN_FLOPS + FORWARD_FLOPS
@@ -456,6 +456,19 @@ def test_render_markdown_shows_every_variant_ceiling_ratio_and_the_machine(tiny_
     m = tiny_result["machine"]
     for text in (m["host"], m["cpu_model"], f"{m['cores']} cores", m["torch"], tiny_result["date"]):
         assert str(text) in lines[-1]
+
+
+def test_the_grouped_weights_part_checks_times_and_counts(tiny_result):
+    grouped = tiny_result["grouped"]
+    assert grouped["check"]["exact"] and set(grouped["check"]["by_bits"]) == {"1", "2", "4", "8", "16"}
+    steps = grouped["steps"]
+    assert {n: len(steps[n]["images_per_s_windows"]) for n in steps} == {
+        "kd_w4": TINY["windows"], "kd_w4_per_layer": TINY["windows"]}
+    ops = grouped["ops_per_step"]
+    assert ops["kd_w4"] < ops["kd_w4_per_layer"] - 300  # ResNet-20's 18 quantized convs
+    line = next(line for line in render_markdown(tiny_result).splitlines()
+                if "quantized together" in line)
+    assert "yes at 1, 2, 4, 8, 16 bits" in line and f"{ops['kd_w4']} vs {ops['kd_w4_per_layer']}" in line
 
 
 def test_render_markdown_handles_missing_measurements():

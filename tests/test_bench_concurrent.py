@@ -64,7 +64,8 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
     from kdlib import lease
     from kdlib.bench import run
 
-    existing = {"machine": {"usable_cores": 16}, "profile": {"top": []},
+    existing = {"machine": {"usable_cores": 16}, "profile": {"top": [], "grouped_weights": True},
+                "grouped": {"check": {"exact": True}},
                 "concurrency": {"variant": "kd_w4", "seconds": 10.0, "best_jobs": 4,
                                 "by_jobs": _entries({1: 100, 2: 200, 4: 400})}}
     assert lease.missing_parts(existing, "cuda") == {"concurrency": [8, 12], "compiled": True}
@@ -100,6 +101,17 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
     assert kept["by_jobs"] == existing["concurrency"]["by_jobs"] and worth_running(kept) == 4
     assert "out of memory" in kept["added_error"]
     assert "concurrency" not in lease.missing_parts({**existing, "concurrency": kept}, "cuda")
+
+
+def test_a_benchmark_from_before_grouped_weights_gets_that_part_and_a_new_profile():
+    from kdlib import lease
+
+    older = {"machine": {"usable_cores": 2}, "profile": {"top": [], "bound": "host"}}
+    assert lease.missing_parts(older, "cpu") == {"profile": True, "grouped": True}
+    done = {**older, "profile": {**older["profile"], "grouped_weights": True},
+            "grouped": {"error": "RuntimeError: x"}}  # failed is an answer too: not again
+    assert lease.missing_parts(done, "cpu") == {}
+    assert lease.missing_parts({**done, "profile": {"error": "RuntimeError: y"}}, "cpu") == {}
 
 
 def test_processes_that_do_not_answer_in_time_are_killed_not_waited_for():

@@ -114,6 +114,36 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+# operators that launch no kernel: views, aliases, allocations, metadata
+NO_KERNEL_OPS = frozenset({
+    "aten.detach", "aten.view", "aten._unsafe_view", "aten.alias", "aten.as_strided", "aten.t",
+    "aten.expand", "aten.permute", "aten.reshape", "aten.slice", "aten.select", "aten.split",
+    "aten.split_with_sizes", "aten.unsqueeze", "aten.squeeze", "aten.transpose",
+    "aten.lift_fresh", "aten.empty", "aten.empty_like", "aten.empty_strided",
+    "aten.new_empty_strided", "aten.scalar_tensor", "aten.flatten", "aten.unbind"})
+
+
+def count_ops(fn: Callable[[], Any]) -> int:
+    """ATen operators that ``fn()`` dispatches, views and allocations left out: on a GPU each
+    launches one kernel or more, and a step bound by launching costs about that many launches.
+    Counted on any device; a CPU's count differs from a GPU's where their code paths do (the
+    optimizer: a loop over the parameters on a CPU, foreach kernels on CUDA; ≤ 8-bit layers
+    convolve integer codes on CUDA)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) not in NO_KERNEL_OPS:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as counter:
+        fn()
+    return counter.count
+
+
 def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, inner: int) -> float:
     sync(a.device)
     start = time.perf_counter()

@@ -82,4 +82,5 @@ def profile_variant(ctx, variant: str = "kd_w4", *, steps: int = 20, warmup: int
                                 warmup=max(warmup, runner.warmup_min))
     finally:
         runner.close()
-    return {"variant": variant, "batch_size": runner.batch_size, **result}
+    # profiled since its DoReFa weights were quantized together (kdlib.quant.grouped)
+    return {"variant": variant, "batch_size": runner.batch_size, "grouped_weights": True, **result}

@@ -181,6 +181,29 @@ def _compiled_line(c: dict[str, Any]) -> str:
             f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}{graphs_txt}")
 
 
+def _grouped_line(g: dict[str, Any]) -> str:
+    check, steps, ops = g.get("check", {}), g.get("steps", {}), g.get("ops_per_step", {})
+    if "error" in check:
+        exact = f"not checked ({_first_line(check['error'])})"
+    else:
+        by_bits = sorted(check["by_bits"].items(), key=lambda item: int(item[0]))
+        bad = [b for b, e in by_bits if not (e["values"] and e["gradients"])]
+        bits = ", ".join(b for b, _ in by_bits)
+        exact = (f"yes at {bits} bits" if not bad else f"**no** at {', '.join(bad)} bits (of {bits})")
+    grouped, single = steps.get("kd_w4", {}), steps.get("kd_w4_per_layer", {})
+    if "error" in steps:
+        speed = f"not timed ({_first_line(steps['error'])})"
+    elif grouped.get("status") == "ok" and single.get("status") == "ok":
+        speed = (f"fit()'s KD 4-bit step {grouped['images_per_s']:.0f} img/s, per layer "
+                 f"{single['images_per_s']:.0f} ({single['step_ms'] / grouped['step_ms']:.2f}×)")
+    else:
+        speed = "not timed (" + _first_line(grouped.get("error") or single.get("error") or "?") + ")"
+    count = (f"; operators dispatched a step {ops['kd_w4']} vs {ops['kd_w4_per_layer']}"
+             if {"kd_w4", "kd_w4_per_layer"} <= set(ops) else "")
+    return (f"- DoReFa weights of all layers quantized together (`kdlib.quant.grouped`): bit for bit "
+            f"as per layer, values and gradients, {exact}; {speed}{count}")
+
+
 def _machine_line(result: dict[str, Any]) -> str:
     m, s = result.get("machine", {}), result.get("settings", {})
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
@@ -201,6 +224,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     missed), machine and settings."""
     return "\n".join([*_variant_rows(result), "", *_ceiling_line(result), *_ratio_lines(result),
                       *_optional_line(result, "concurrency", "runs side by side", _concurrency_line),
+                      *_optional_line(result, "grouped", "weights quantized together", _grouped_line),
                       *_optional_line(result, "compiled", "compiled runs", _compiled_line),
                       *_verdict_line(result),
                       *_optional_line(result, "profile", "profile", _profile_line), "",

@@ -84,7 +84,7 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
                   variants: list[str] | None = None, workers: int = TYPICAL_WORKERS, seed: int = 0,
                   data_source: str = "", matmul_size: int = MATMUL_SIZE, flops_probe_batch: int = 8,
                   concurrency: Sequence[int] | None = None, concurrency_seconds: float = 10.0,
-                  profile_steps: int | None = None,
+                  profile_steps: int | None = None, grouped: bool = True,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure the variants on ``images`` (uint8 [N,3,32,32], CPU) / ``labels``; the result dict.
 
@@ -96,7 +96,8 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
     :mod:`kdlib.bench.concurrent`. On CUDA, with ``kd_w4_compile`` among the variants, the
     compiled part (:func:`compiled_part`). ``profile_steps``: steps of the KD step under
     ``torch.profiler`` (:mod:`kdlib.bench.profile`; default 20 on CUDA, none on a CPU).
-    Everything shrinks for tests.
+    ``grouped``: with ``kd_w4`` among the variants, the grouped-weights part
+    (:mod:`kdlib.bench.grouped`). Everything shrinks for tests.
     """
     names = list(variants) if variants is not None else [v.name for v in VARIANTS]
     ctx = make_context(images, labels, preset=preset, model=model, batch_size=batch_size, seed=seed,
@@ -157,6 +158,8 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
         except Exception as exc:  # noqa: BLE001 - the variants' numbers stand without it
             result["concurrency"] = error_entry(exc)
             log(f"bench: concurrent processes failed ({result['concurrency']['error']})")
+    if grouped and "kd_w4" in names:
+        result["grouped"] = grouped_part(ctx, result["settings"], log)
     if device.type == "cuda" and "kd_w4_compile" in names:
         result["compiled"] = compiled_part(result, ctx, preset=preset, model=model, log=log)
     if profile_steps is None:
@@ -208,6 +211,14 @@ def compiled_part(result: dict[str, Any], ctx, *, preset: str, model: str,
     return measure_compiled(ctx, counts,
                             seconds=concurrency.get("seconds", 10.0), preset=preset, model=model,
                             log=log)
+
+
+def grouped_part(ctx, settings: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`kdlib.bench.grouped.measure_grouped` with the benchmark's windows and steps."""
+    from kdlib.bench.grouped import measure_grouped
+
+    return measure_grouped(ctx, windows=settings.get("windows", 5), steps=settings.get("steps", 10),
+                           warmup=settings.get("warmup", WARMUP_STEPS), log=log)
 
 
 def profile_or_error(ctx, steps: int, log: Callable[[str], None]) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Quantization: straight-through ops, quantizer modules, quantized layers, transfer and size.
 
-Four files, one concern each (brevitas-style), all re-exported here:
+Five files, one concern each (brevitas-style), all re-exported here:
 
 * :mod:`kdlib.quant.ste` -- functional straight-through ops (round, DoReFa, PACT, LSQ)
 * :mod:`kdlib.quant.quantizers` -- one quantizer of one tensor as an ``nn.Module``
 * :mod:`kdlib.quant.layers` -- ``QConv2d`` / ``QLinear`` and frozen teacher weights
 * :mod:`kdlib.quant.transfer` -- moving weights between bit widths, model size, grid facts
+* :mod:`kdlib.quant.grouped` -- every layer's DoReFa weights quantized at once (same bits, fewer kernels)
 
 
 Three quantizer families, selected by name (``quantizer=`` of :class:`QConv2d` / :class:`QLinear`):
@@ -41,6 +42,7 @@ Conventions that change numbers (keep them in mind when reading results):
 from __future__ import annotations
 
 from kdlib.checks import FULL_PRECISION, QUANTIZERS, check_quantizer
+from kdlib.quant.grouped import dorefa_weights, quantize_weights_together, set_weight_grouping
 from kdlib.quant.layers import (PRECISIONS, QConv2d, QLinear, freeze_quantized_weights,
                                 quantized_layers, set_precision, unfreeze_quantized_weights)
 from kdlib.quant.quantizers import (MIN_SCALE, PACT_ALPHA_INIT, DoReFaActivationQuantizer,
@@ -56,5 +58,6 @@ __all__ = [
     "Quantizer", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "PACTActivationQuantizer",
     "LSQQuantizer", "make_quantizers", "positive", "MIN_SCALE", "QConv2d", "QLinear", "quantized_layers",
     "freeze_quantized_weights", "unfreeze_quantized_weights", "set_precision", "PRECISIONS", "transfer_weights",
-    "model_size_report", "level_summary",
+    "model_size_report", "level_summary", "dorefa_weights", "quantize_weights_together",
+    "set_weight_grouping",
 ]

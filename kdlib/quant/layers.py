@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlib.checks import FULL_PRECISION, PRECISIONS, check_bits, check_quantizer
-from kdlib.quant.quantizers import make_quantizers
+from kdlib.quant.quantizers import DoReFaWeightQuantizer, make_quantizers
 from kdlib.quant.ste import round_ste
 
 CODE_BITS_MAX = 8  # integer codes of up to 8 bits (+ sign) are exact as bf16 and TF32 operands
@@ -61,6 +61,9 @@ class _QuantizedLayer:
         self.register_buffer("frozen_weight", None, persistent=False)
         self._frozen_version = -1
         self.precision = "exact"
+        # this forward's quantized weight when the model quantized its layers' weights together
+        # (kdlib.quant.grouped.quantize_weights_together); None otherwise
+        self.pass_weight: Tensor | None = None
 
     @property
     def is_quantized(self) -> bool:
@@ -95,12 +98,24 @@ class _QuantizedLayer:
         return out + self.bias.to(out.dtype).view(shape)
 
     def quantized_weight(self) -> Tensor:
-        """The weight used in forward: frozen copy if valid, else freshly quantized."""
-        frozen = self.frozen_weight
-        if (frozen is not None and not (torch.is_grad_enabled() and self.weight.requires_grad)
-                and (torch.compiler.is_compiling() or self.weight._version == self._frozen_version)):
-            return frozen
+        """The weight used in forward: frozen copy if valid, else the one quantized together
+        with the model's other layers for this forward, else freshly quantized."""
+        if self._frozen_valid():
+            return self.frozen_weight
+        if self.pass_weight is not None and not torch.compiler.is_compiling():
+            return self.pass_weight
         return self.weight_quantizer(self.weight)
+
+    def _frozen_valid(self) -> bool:
+        return (self.frozen_weight is not None
+                and not (torch.is_grad_enabled() and self.weight.requires_grad)
+                and (torch.compiler.is_compiling() or self.weight._version == self._frozen_version))
+
+    def quantizes_weight_afresh(self) -> bool:
+        """Whether this forward quantizes the weight with DoReFa (no valid frozen copy): what
+        :func:`kdlib.quant.grouped.quantize_weights_together` may do for it instead."""
+        return (isinstance(self.weight_quantizer, DoReFaWeightQuantizer)
+                and self.weight_quantizer.active and not self._frozen_valid())
 
     def freeze(self) -> None:
         with torch.no_grad():
