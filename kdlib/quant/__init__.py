@@ -48,13 +48,13 @@ from kdlib.quant.layers import (PRECISIONS, QConv2d, QLinear, freeze_quantized_w
 from kdlib.quant.quantizers import (MIN_SCALE, PACT_ALPHA_INIT, DoReFaActivationQuantizer,
                                     DoReFaWeightQuantizer, LSQQuantizer, PACTActivationQuantizer,
                                     Quantizer, make_quantizers, positive)
-from kdlib.quant.ste import (dorefa_activation, dorefa_weight, lsq_quantize, lsq_range,
+from kdlib.quant.ste import (dorefa_activation, dorefa_activation_codes, dorefa_weight, lsq_quantize, lsq_range,
                              pact_activation, quantize_k)
 from kdlib.quant.transfer import level_summary, model_size_report, transfer_weights
 
 __all__ = [
     "QUANTIZERS", "FULL_PRECISION", "PACT_ALPHA_INIT", "check_quantizer", "quantize_k",
-    "dorefa_weight", "dorefa_activation", "pact_activation", "lsq_range", "lsq_quantize",
+    "dorefa_weight", "dorefa_activation", "dorefa_activation_codes", "pact_activation", "lsq_range", "lsq_quantize",
     "Quantizer", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "PACTActivationQuantizer",
     "LSQQuantizer", "make_quantizers", "positive", "MIN_SCALE", "QConv2d", "QLinear", "quantized_layers",
     "freeze_quantized_weights", "unfreeze_quantized_weights", "set_precision", "PRECISIONS", "transfer_weights",

@@ -79,15 +79,16 @@ class _QuantizedLayer:
         """``op(input, weight, bias)`` the way this layer's precision says (module docstring)."""
         if not self.is_quantized:
             return op(x, self.weight, self.bias)
-        xq = self.input_quantizer(_at_least_fp32(x))
         wq = _at_least_fp32(self.quantized_weight())
         with torch.autocast(device_type=x.device.type, enabled=False):
             on_codes = self.has_integer_codes and (self.precision == "bf16" or x.is_cuda)
             if on_codes:
                 dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-                sx, sw = self.input_quantizer.scale(xq), self.weight_quantizer.scale(wq)
-                out = op(round_ste(xq / sx).to(dtype), round_ste(wq / sw).to(dtype), None)
+                x_codes, sx = self.input_quantizer.codes(_at_least_fp32(x))
+                sw = self.weight_quantizer.scale(wq)
+                out = op(x_codes.to(dtype), round_ste(wq / sw).to(dtype), None)
                 return self._add_bias(out.float() * (sx * sw))
+            xq = self.input_quantizer(_at_least_fp32(x))
             with _no_tf32(x.device):
                 return op(xq, wq, self.bias)
 

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from kdlib.checks import FULL_PRECISION, check_bits, check_quantizer
-from kdlib.quant.ste import (dorefa_activation, dorefa_weight, grid_levels, lsq_quantize, lsq_range,
-                             pact_activation)
+from kdlib.quant.ste import (dorefa_activation, dorefa_activation_codes, dorefa_weight, grid_levels,
+                             lsq_quantize, lsq_range, pact_activation, round_ste)
 
 PACT_ALPHA_INIT = 10.0  # the PACT paper's initial clip level
 
@@ -46,6 +46,14 @@ class Quantizer(nn.Module):
         is a tensor of integer codes (of at most ``bits`` bits plus sign)."""
         raise NotImplementedError(f"{type(self).__name__} has no integer grid")
 
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor | float]:
+        """(integer codes, step) of ``self(x)``: the codes ``round(self(x) / step)`` with a
+        straight-through round. A quantizer may compute them more directly, with the same
+        values and gradients."""
+        q = self(x)
+        step = self.scale(q)
+        return round_ste(q / step), step
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
@@ -71,6 +79,12 @@ class DoReFaActivationQuantizer(Quantizer):
 
     def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
         return 1.0 / grid_levels(self.bits)
+
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor | float]:  # noqa: D102
+        if not self.active:
+            return super().codes(x)
+        step = self.scale(x)
+        return dorefa_activation_codes(x, self.bits, step), step  # no divide and round back
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return dorefa_activation(x, self.bits) if self.active else x
