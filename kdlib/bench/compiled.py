@@ -18,7 +18,9 @@ midpoint after tanh, whose compiled and eager kernels may differ by an ulp), tha
 not failed: both are exact levels. And it times compiled KD processes side by side (as many
 as the eager ones found worth it, and 8), to set against the eager throughput, and one process of
 the step replayed as CUDA graphs (``kd_w4_cudagraphs``: the same compiled kernels, launched a
-graph at a time), to see how much of a host-bound step the launches are.
+graph at a time), to see how much of a host-bound step the launches are, and one process of
+the eager step captured whole as a CUDA graph (``kd_w4_graphed``: the eager kernels, exact as
+eager, launched once a step).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ CHECK_BITS = (2, 4, 8, 16)  # 1 bit divides by 1 (activations) or takes a sign (
 # results/bench/NVIDIA_H200.json)
 SIDE_BY_SIDE_TIMEOUT_S = 180.0
 CUDAGRAPHS_TIMEOUT_S = 150.0  # one process: compile, record the graphs, time
+EAGER_GRAPH_TIMEOUT_S = 60.0  # one process: warm up, capture the eager step, time
 WEIGHTS = 4096  # random weights a bit width is checked on
 
 
@@ -79,8 +82,8 @@ def measure_compiled(ctx, jobs: Sequence[int], *, seconds: float, preset: str, m
                      log: Callable[[str], None],
                      compile_fn: Callable[[Callable], Callable] = _compile) -> dict[str, Any]:
     """The ``compiled`` part of a GPU benchmark: :func:`check_levels`, compiled KD processes
-    side by side at each count of ``jobs``, one process replayed as CUDA graphs (``{"error": ...}`` for a part
-    that raised)."""
+    side by side at each count of ``jobs``, one process replayed as CUDA graphs, one process of
+    the eager step captured as a CUDA graph (``{"error": ...}`` for a part that raised)."""
     from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput
     from kdlib.bench.measure import error_entry
 
@@ -89,24 +92,24 @@ def measure_compiled(ctx, jobs: Sequence[int], *, seconds: float, preset: str, m
         levels = check_levels(ctx.device, compile_fn=compile_fn)
     except Exception as exc:  # noqa: BLE001 - recorded: compile then stays off
         levels = error_entry(exc)
-    log(f"bench: {', '.join(map(str, jobs))} compiled KD processes side by side")
-    try:
-        side_by_side = concurrent_throughput(
-            ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=tuple(jobs),
-            variant="kd_w4_compile", preset=preset, model=model, device=ctx.device,
-            seconds=seconds, warmup=1, timeout=SIDE_BY_SIDE_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001 - recorded
-        side_by_side = error_entry(exc)
-    log("bench: one KD process replayed as CUDA graphs")
-    try:
-        graphs = concurrent_throughput(
-            ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=(1,),
-            variant="kd_w4_cudagraphs", preset=preset, model=model, device=ctx.device,
-            seconds=seconds, warmup=1, timeout=CUDAGRAPHS_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001 - recorded
-        graphs = error_entry(exc)
+    def processes(what: str, variant: str, counts: Sequence[int], timeout: float) -> dict[str, Any]:
+        log(f"bench: {what}")
+        try:
+            return concurrent_throughput(
+                ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=tuple(counts),
+                variant=variant, preset=preset, model=model, device=ctx.device, seconds=seconds,
+                warmup=1, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - recorded
+            return error_entry(exc)
+
+    side_by_side = processes(f"{', '.join(map(str, jobs))} compiled KD processes side by side",
+                             "kd_w4_compile", jobs, SIDE_BY_SIDE_TIMEOUT_S)
+    graphs = processes("one KD process replayed as CUDA graphs", "kd_w4_cudagraphs", (1,),
+                       CUDAGRAPHS_TIMEOUT_S)
+    eager_graph = processes("one eager KD process captured as a CUDA graph", "kd_w4_graphed", (1,),
+                            EAGER_GRAPH_TIMEOUT_S)
     return {"division": COMPILED_DIVISION, "levels": levels, "concurrency": side_by_side,
-            "cudagraphs": graphs}
+            "cudagraphs": graphs, "eager_graph": eager_graph}
 
 
 def compile_verdict(result: dict[str, Any], lease_s: float) -> dict[str, Any] | None:

@@ -177,8 +177,17 @@ def _compiled_line(c: dict[str, Any]) -> str:
         skipped = "" if not skips else f" ({skips} compiled graph(s) ran without CUDA graphs)"
         graphs_txt = (f"; replayed as CUDA graphs (`{graphs['variant']}`, reduce-overhead), one "
                       f"process: {one['images_per_s']:.0f} img/s{skipped}")
+    eager_graph = c.get("eager_graph")  # measured since 2026-12-04 (evening)
+    if eager_graph is None:
+        eager_txt = ""
+    elif "error" in eager_graph:
+        eager_txt = f"; the eager step captured as one CUDA graph, not measured ({_first_line(eager_graph['error'])})"
+    else:
+        eager_txt = (f"; the eager step captured as one CUDA graph (`{eager_graph['variant']}`, no "
+                     f"compiler), one process: {eager_graph['by_jobs']['1']['images_per_s']:.0f} img/s")
     return (f"- torch.compile for a grid's runs: every quantizer level exact {exact}; compiled "
-            f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}{graphs_txt}")
+            f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}{graphs_txt}"
+            f"{eager_txt}")
 
 
 def _grouped_line(g: dict[str, Any]) -> str:

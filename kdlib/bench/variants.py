@@ -178,6 +178,48 @@ def _cudagraphs_runner(ctx: Context) -> Runner:
     return runner
 
 
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (momentum buffers, caches)
+
+
+def _graphed_runner(ctx: Context) -> Runner:
+    """fit()'s KD 4-bit step, eager, captured whole (student forward and backward, teacher
+    forward, loss, SGD update) into one CUDA graph and replayed: the eager kernels themselves,
+    so the same arithmetic, launched once a step. Each step's batch is drawn as fit() draws it
+    and copied into the graph's input. Benchmark-only: the learning rate is the capture step's
+    (a Python number the graph keeps), which changes no kernel's duration."""
+    if ctx.device.type != "cuda":
+        raise ValueError("kd_w4_graphed captures CUDA graphs: it needs a CUDA device")
+    cfg = variant_config(ctx.cfg, KD_BITS, True, {"compile": False})
+    runner = _kdlib_runner(cfg, ctx)
+    trainer = runner.trainer
+    batches = _fit_batches(ctx.images_dev, ctx.labels_dev, cfg)
+    epoch, x, y = next(batches)
+    static_x, static_y, lr = x.clone(), y.clone(), lr_at(epoch, cfg)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP_STEPS):
+            kdlib.step.train_step(trainer, static_x, static_y, lr)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kdlib.step.train_step(trainer, static_x, static_y, lr)
+
+    def step() -> None:
+        _, x, y = next(batches)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+
+    close = runner.close
+    runner.step = step
+    runner.close = lambda: (batches.close(), close())
+    runner.info["step"] = ("kdlib.step.train_step captured once as a CUDA graph (torch.cuda.graph) "
+                           "and replayed, the batch copied in")
+    runner.info["learning_rate"] = f"fixed at the capture step's {lr:g}"
+    return runner
+
+
 # ----------------------------------------------------------------------------- typical step
 def _typical_step(cfg: RunConfig, device: torch.device) -> TypicalKDStep:
     torch.manual_seed(cfg.seed)
@@ -261,5 +303,6 @@ VARIANTS: tuple[Variant, ...] = (
 GPU_VARIANTS: tuple[Variant, ...] = (
     Variant("kd_w4_cudagraphs", "(c) + torch.compile, CUDA graphs (reduce-overhead)",
             _cudagraphs_runner),
+    Variant("kd_w4_graphed", "(c) eager, captured as one CUDA graph", _graphed_runner),
 )
 BY_NAME = {v.name: v for v in (*VARIANTS, *GPU_VARIANTS)}
