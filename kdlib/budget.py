@@ -128,8 +128,10 @@ class RunTimer:
         same = [r for r in self.records
                 if record_device_kind(r) == self.device and _kind(r["config"]) == mine
                 and r.get("history")]
-        if same:
-            epoch_s = max(row["seconds"] for r in same for row in r["history"])
+        if same:  # each epoch's seconds as if trained beside as many runs as now
+            epoch_s = max(row["seconds"] * self._slowdown(row.get("side_by_side")
+                                                          or r.get("side_by_side"))
+                          for r in same for row in r["history"])
             extra_s = max(max(float(r.get("call_seconds", 0.0))
                               - sum(row["seconds"] for row in r["history"]), 0.0) for r in same)
             return Estimate(SAFETY * (epochs * epoch_s + extra_s),
@@ -143,20 +145,29 @@ class RunTimer:
                             epoch_s, START_ALLOWANCE_S)
         return Estimate(None, "no finished run of this kind and no benchmark of this device")
 
-    def _side_by_side(self) -> float:
-        """One run's speed with ``jobs`` side by side over its speed alone, from the
-        benchmark's concurrent processes (the nearest measured count at or above ``jobs``);
-        1/jobs where it measured none (as if the device were already full)."""
-        if self.jobs <= 1:
+    def _side_by_side(self, jobs: int | None = None) -> float:
+        """One run's speed with ``jobs`` (default: this timer's) side by side over its speed
+        alone, from the benchmark's concurrent processes (the nearest measured count at or
+        above ``jobs``); 1/jobs where it measured none (as if the device were already full)."""
+        jobs = self.jobs if jobs is None else jobs
+        if jobs <= 1:
             return 1.0
         by_jobs = ((self.bench or {}).get("concurrency") or {}).get("by_jobs") or {}
         alone = (by_jobs.get("1") or {}).get("images_per_s")
         counts = sorted(int(k) for k in by_jobs)
-        at = next((k for k in counts if k >= self.jobs), counts[-1] if counts else None)
+        at = next((k for k in counts if k >= jobs), counts[-1] if counts else None)
         if not alone or at is None:
-            return 1.0 / self.jobs
+            return 1.0 / jobs
         per_process = by_jobs[str(at)]["images_per_s"] / at
-        return min(1.0, per_process / alone) * (at / self.jobs if at < self.jobs else 1.0)
+        return min(1.0, per_process / alone) * (at / jobs if at < jobs else 1.0)
+
+    def _slowdown(self, then: int | None) -> float:
+        """An epoch timed beside ``then`` runs takes this many times as long beside this
+        timer's ``jobs`` (1 where ``then`` is unknown or the same): say 0.37 for an epoch
+        timed beside 12 runs, now beside 4, by the H200's processes side by side."""
+        if not then or then == self.jobs:
+            return 1.0
+        return self._side_by_side(then) / self._side_by_side()
 
     def _bench_rate(self, cfg: RunConfig) -> float | None:
         """Images/s of the benchmark variant closest to ``cfg``'s step on this device."""

@@ -358,7 +358,7 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
     teacher = load_trained_model(results_dir, cfg.teacher_id) if cfg.teacher_id else None
     started = time.time()
     result = fit(model, data, cfg, teacher=teacher, checkpoint_path=checkpoint_path(results_dir, run_id),
-                 device=device, progress=progress, deadline=deadline)
+                 device=device, progress=progress, deadline=deadline, side_by_side=side_by_side)
     torch_save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
                       weights_path(results_dir, run_id))
     save_packed(model, packed_path(results_dir, run_id), model_name=cfg.model, run_id=run_id)

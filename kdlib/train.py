@@ -324,14 +324,17 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
         checkpoint_path: str | os.PathLike | None = None,
         device: str | torch.device | None = None, progress: bool = True,
         tensorboard: bool | str | os.PathLike | None = None,
-        deadline: Deadline | None = None) -> FitResult:
+        deadline: Deadline | None = None, side_by_side: int | None = None) -> FitResult:
     """Train ``model`` per ``cfg`` on ``data`` (a :class:`kdlib.data.DataSplits`).
 
     Returns a :class:`FitResult`; ``model`` ends on ``device`` holding the best-validation
     weights. ``progress`` shows a tqdm bar per epoch; one summary line per epoch is printed
     either way. ``tensorboard``: False for no scalars, a folder to write them to, True for
     ``<results_dir>/tb/<run_id>``, None for that when tensorboard is installed (see the module
-    docstring). See the module docstring for every convention.
+    docstring). ``side_by_side``: how many runs train on this device at once in this session,
+    noted on each epoch's history row (an epoch's seconds depend on it, and a resumed run's
+    epochs may come from sessions with different counts). See the module docstring for every
+    convention.
     """
     wall_start = time.perf_counter()
     trainer = make_trainer(model, cfg, teacher=teacher, device=device)
@@ -369,6 +372,8 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
             state.train_seconds += stats["train_seconds"]
             state.train_images += stats["steps"] * cfg.batch_size
             row = _validation_row(trainer, data, epoch, stats, started, ev)
+            if side_by_side is not None:
+                row["side_by_side"] = side_by_side
             state.history.append(row)
             measured.append(row["seconds"])
             is_best = row["val_top1"] > state.best["val_top1"]

@@ -23,7 +23,7 @@ TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
 GRID = dict(preset="smoke", model="resnet8", seeds=[0], chain=[32, 4, 1],
             chain_methods=["ta_chain", "progressive"], methods=["finetune", "direct_kd"],
             overrides=TINY)
-TIMING = ("seconds", "images_per_s")
+TIMING = ("seconds", "images_per_s", "side_by_side")  # how long, and beside how many runs
 
 
 def comparable(record: dict) -> dict:
@@ -119,6 +119,46 @@ def test_runs_side_by_side_are_estimated_at_their_per_process_rate():
     assert seconds(8) == pytest.approx(at(25.0))  # beyond what was measured: the device is full
     no_concurrency = bench_file({"kd_w4": 100.0})
     assert seconds(2, no_concurrency) == pytest.approx(at(50.0))
+
+
+def test_epochs_timed_beside_another_number_of_runs_are_scaled_to_this_one():
+    """Lease 3 trained 12 at a time, the next trains 4: its epochs were 100/(830/12) = 1.45×
+    as slow as at 4 (per process 69 vs 100 img/s, by the benchmark's processes side by side)."""
+    bench = bench_file({"kd_w4": 100.0})
+    bench["concurrency"] = {"by_jobs": {"1": {"images_per_s": 100.0},
+                                        "4": {"images_per_s": 400.0},  # 100 a process
+                                        "12": {"images_per_s": 830.0}}}  # 69 a process
+    at_12 = {**record_of(student(epochs=2), [14.5, 14.0], call_seconds=30.0), "side_by_side": 12}
+    per_row = record_of(student(epochs=2), [5.0, 10.0], call_seconds=22.0)
+    per_row["history"][1]["side_by_side"] = 12  # a resumed run: its second epoch beside 12
+
+    def epoch_s(record, jobs):
+        timer = RunTimer("cpu", bench=bench, jobs=jobs)
+        timer.add(record)
+        return timer.estimate(student(epochs=1)).epoch_s
+
+    assert epoch_s(at_12, 12) == pytest.approx(14.5)
+    assert epoch_s(at_12, 4) == pytest.approx(14.5 * (830.0 / 12) / 100.0)
+    assert epoch_s(per_row, 4) == pytest.approx(10.0 * (830.0 / 12) / 100.0)  # only the row beside 12
+    # the record's count (its last session's) stands for rows without one; a row's own wins
+    assert epoch_s({**per_row, "side_by_side": 12}, 4) == pytest.approx(10.0 * (830.0 / 12) / 100.0)
+    assert epoch_s({**per_row, "side_by_side": 1}, 12) == pytest.approx(10.0)
+    unknown = record_of(student(epochs=2), [14.5, 14.0], call_seconds=30.0)  # counts not recorded
+    assert epoch_s(unknown, 4) == pytest.approx(14.5)
+
+
+def test_fit_notes_the_runs_side_by_side_on_each_epoch(real_data_root, tmp_path):
+    from kdlib.data import load_splits
+    from kdlib.models import create_model
+    from kdlib.train import fit
+
+    cfg = student("finetune", epochs=1)
+    data = load_splits(real_data_root, val_size=cfg.val_size, train_size=cfg.train_size,
+                       test_size=cfg.test_size, seed=cfg.split_seed, download=False)
+    torch.manual_seed(0)
+    result = fit(create_model("resnet8", w_bits=4, a_bits=4), data, cfg, device="cpu",
+                 progress=False, tensorboard=False, side_by_side=3)
+    assert [row["side_by_side"] for row in result.history] == [3]
 
 
 def test_the_newest_benchmark_of_a_device_is_used(tmp_path):

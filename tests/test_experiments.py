@@ -105,7 +105,8 @@ def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatc
 
 def without_timing(history):
     """History rows without their wall-clock fields, which differ between any two runs."""
-    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in history]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s", "side_by_side")}
+            for row in history]
 
 
 @pytest.mark.realdata

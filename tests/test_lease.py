@@ -22,7 +22,7 @@ TINY_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=1, steps=1, warmup
                   matmul_size=64, flops_probe_batch=2, concurrency=(1, 2),
                   concurrency_seconds=0.2)
 GRID = dict(preset="smoke", model="resnet8", seeds=[0])
-TIMING = ("seconds", "images_per_s")
+TIMING = ("seconds", "images_per_s", "side_by_side")  # how long, and beside how many runs
 
 
 def fast(raw: bytes) -> bytes:

@@ -26,7 +26,7 @@ GRID = dict(preset="smoke", model="resnet8", seeds=[0], chain=[32, 4, 1],
 GRID_ARGS = ["--preset", "smoke", "--model", "resnet8", "--seeds", "0", "--chain", "32", "4", "1",
              "--chain-methods", "ta_chain", "progressive", "--methods", "finetune", "direct_kd",
              *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
-TIMING = ("seconds", "images_per_s")
+TIMING = ("seconds", "images_per_s", "side_by_side")  # how long, and beside how many runs
 
 
 @pytest.fixture(scope="module")
