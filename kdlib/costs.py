@@ -78,8 +78,9 @@ def measured_rates(frame: pd.DataFrame, cpu: str | None = None, *,
     """{(model, kd): training images × epochs per wall second of a run} over the trained records
     of processor ``cpu`` (default: the newest record's; see the module doc). With
     ``side_by_side``: per second of the device instead, each run's wall time divided by the
-    runs trained beside it (its record's ``side_by_side``; this number where it has none), so
-    that runs timed 4 at a time and runs timed 12 at a time pool."""
+    runs trained beside it (epoch by epoch where its record says, ``device_time_s`` of
+    :func:`kdlib.results.device_seconds`; else its record's ``side_by_side``; this number where
+    it has none), so that runs timed 4 at a time and runs timed 12 at a time pool."""
     runs = _trained(frame)
     if runs.empty:
         return {}
@@ -90,7 +91,10 @@ def measured_rates(frame: pd.DataFrame, cpu: str | None = None, *,
     if side_by_side is not None:
         beside = (runs["side_by_side"] if "side_by_side" in runs
                   else pd.Series(None, index=runs.index, dtype=float))
-        runs = runs.assign(wall_time_s=runs["wall_time_s"] / beside.fillna(side_by_side))
+        shared = runs["wall_time_s"] / beside.fillna(side_by_side)
+        if "device_time_s" in runs:
+            shared = pd.to_numeric(runs["device_time_s"]).combine_first(shared)
+        runs = runs.assign(wall_time_s=shared)
     sums = runs.groupby(["model", "kd"])[["image_epochs", "wall_time_s"]].sum()
     return {(model, bool(kd)): row["image_epochs"] / row["wall_time_s"]
             for (model, kd), row in sums.iterrows()}

@@ -226,6 +226,19 @@ def setting_ids(records: Sequence[dict[str, Any]]) -> dict[str, str]:
     return {run_id: setting(run_id) for run_id in by_id}
 
 
+def device_seconds(record: dict[str, Any]) -> float | None:
+    """A run's share of its device's time: each epoch's seconds over the runs that trained beside
+    it then (its history row's ``side_by_side``, else the record's), the rest of its wall time
+    (start-up, the test passes) over the record's count. None where a count is not recorded."""
+    wall, last = record.get("wall_time_s"), record.get("side_by_side")
+    if wall is None or not last:
+        return None
+    rows = record.get("history") or []
+    epochs_s = sum(float(row.get("seconds", 0.0)) for row in rows)
+    return (sum(float(row.get("seconds", 0.0)) / (row.get("side_by_side") or last) for row in rows)
+            + max(float(wall) - epochs_s, 0.0) / last)
+
+
 def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     """All run records under ``results_dir/runs`` as one row each (config and metrics flattened)."""
     rows = []
@@ -238,7 +251,7 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                "wall_time_s": record.get("wall_time_s"), "images_per_s": record.get("images_per_s"),
                "device": record.get("device"), "gpu": record.get("gpu"), "cpu_model": record.get("cpu_model"),
                "created_at": record.get("created_at"), "epochs_run": len(record["history"]),
-               "side_by_side": record.get("side_by_side")}
+               "side_by_side": record.get("side_by_side"), "device_time_s": device_seconds(record)}
         if isinstance(row.get("milestones"), list):  # hashable, so that it can be grouped on
             row["milestones"] = tuple(row["milestones"])
         packed = packed_path(results_dir, record.get("same_run_as") or record["run_id"])

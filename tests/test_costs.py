@@ -112,3 +112,22 @@ def test_device_costs_count_device_hours_and_leases_a_seed():
     assert measured_rates(slow, side_by_side=4) == pytest.approx(measured_rates(frame, side_by_side=4))
     assert render_device_costs(["paper"], slow, jobs=4, lease_minutes=8.0) == text
     assert measured_rates(slow) == pytest.approx({k: v / 3 for k, v in measured_rates(frame).items()})
+
+
+def test_a_resumed_run_shares_the_device_epoch_by_epoch():
+    """Paused beside 12 runs, finished beside 4: each epoch over the runs beside it then."""
+    from kdlib.results import device_seconds
+
+    record = {"wall_time_s": 25.0, "side_by_side": 4,
+              "history": [{"seconds": 10.0, "side_by_side": 12}, {"seconds": 10.0}]}
+    assert device_seconds(record) == pytest.approx(10 / 12 + 10 / 4 + 5 / 4)
+    assert device_seconds({**record, "side_by_side": None}) is None  # counts not recorded
+    assert device_seconds({"wall_time_s": 8.0, "side_by_side": 4, "history": [{"seconds": 6.0}]}) \
+        == pytest.approx(8.0 / 4)  # one session: the wall time over its count, as before
+    row = {"model": "resnet20", "train_size": None, "epochs": 2, "wall_time_s": 25.0,
+           "cpu_model": "host", "side_by_side": 4}
+    frame = _frame([{**row, "device_time_s": device_seconds(record)}])
+    expected = 2 * 45000 / device_seconds(record)
+    assert measured_rates(frame, side_by_side=4)[("resnet20", False)] == pytest.approx(expected)
+    assert measured_rates(_frame([row]), side_by_side=4)[("resnet20", False)] == pytest.approx(
+        2 * 45000 / (25.0 / 4))  # without it: the record's count for the whole wall time
