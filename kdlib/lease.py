@@ -573,9 +573,9 @@ def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
 def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, device, *,
                    preset: str, model: str, steps: int | None = None,
                    log: Callable[[str], None] = print) -> Path:
-    """A benchmark measured before it had a profile (about 20 s on a GPU), the larger counts of
-    processes side by side (about 30 s each) or the compiled part (a minute or two) gets them,
-    in place."""
+    """A benchmark measured before it had a part gets it, in place: the grouped-weights part
+    (about 20 s on a GPU), the profile (about 15 s), the larger counts of processes side by
+    side (about 30 s each), the compiled part (a few minutes)."""
     from kdlib.bench.run import (PROFILE_STEPS, add_concurrency, bench_file_name, compiled_part,
                                  grouped_part, profile_or_error)
     from kdlib.bench.variants import make_context
@@ -586,18 +586,20 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     images, labels = load_cifar100(data_root, train=True, download=False)
     preset = result.get("settings", {}).get("preset", preset)
     ctx = make_context(images, labels, preset=preset, model=model, device=device, workers=0)
-    if "concurrency" in missing:
-        result = {**result, "concurrency": add_concurrency(result, missing["concurrency"], ctx,
-                                                           preset=preset, model=model, log=log)}
-    if "compiled" in missing:  # at the process count just chosen
-        result = {**result, "compiled": compiled_part(result, ctx, preset=preset, model=model,
-                                                      log=log)}
-    if "grouped" in missing:
-        result = {**result, "grouped": grouped_part(ctx, result.get("settings", {}), log)}
-    if "profile" in missing:
-        result = {**result, "profile": profile_or_error(ctx, steps or PROFILE_STEPS, log)}
+    # the short parts first, the compiled part (minutes) last, at the process count just
+    # chosen; the file is written after each, so a lease cut short keeps what it measured
+    parts = {
+        "grouped": lambda r: grouped_part(ctx, r.get("settings", {}), log),
+        "profile": lambda r: profile_or_error(ctx, steps or PROFILE_STEPS, log),
+        "concurrency": lambda r: add_concurrency(r, missing["concurrency"], ctx, preset=preset,
+                                                 model=model, log=log),
+        "compiled": lambda r: compiled_part(r, ctx, preset=preset, model=model, log=log),
+    }
     path = bench_dir / bench_file_name(result)
-    write_json_atomic(path, result)
+    for name, measure in parts.items():
+        if name in missing:
+            result = {**result, name: measure(result)}
+            write_json_atomic(path, result)
     return path
 
 

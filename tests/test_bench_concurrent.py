@@ -124,3 +124,36 @@ def test_processes_that_do_not_answer_in_time_are_killed_not_waited_for():
         concurrent_throughput(images, labels, jobs=(2,), preset="smoke", model="resnet8",
                               seconds=600.0, timeout=0.5)  # they would time for ten minutes
     assert time.monotonic() - started < 60  # not 2 x 30 s of joins, nor the ten minutes
+
+
+def test_completing_a_benchmark_writes_each_part_as_it_comes(fake_data_root, tmp_path, monkeypatch):
+    """A lease cut short in the compiled part (minutes) keeps the short parts measured before."""
+    import json
+
+    from kdlib import lease
+    from kdlib.bench import run
+
+    order = []
+
+    def part(name, value):
+        def measure(*_, **__):
+            order.append(name)
+            return value
+        return measure
+
+    def interrupted(*_, **__):
+        order.append("compiled")
+        raise KeyboardInterrupt  # what `timeout` does to `go`
+
+    monkeypatch.setattr(run, "grouped_part", part("grouped", {"check": {"exact": True}}))
+    monkeypatch.setattr(run, "profile_or_error", part("profile", {"grouped_weights": True}))
+    monkeypatch.setattr(run, "compiled_part", interrupted)
+    older = {"machine": {"host": "h", "gpu": None}, "settings": {"preset": "smoke"}}
+    monkeypatch.setattr(lease, "missing_parts",
+                        lambda *_: {"compiled": True, "grouped": True, "profile": True})
+    with pytest.raises(KeyboardInterrupt):
+        lease.complete_bench(older, tmp_path, fake_data_root, "cpu", preset="smoke",
+                             model="resnet8", log=print)
+    assert order == ["grouped", "profile", "compiled"]  # the short parts first
+    written = json.loads((tmp_path / "h.json").read_text())
+    assert written["grouped"] == {"check": {"exact": True}} and "compiled" not in written
