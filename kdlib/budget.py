@@ -37,6 +37,7 @@ import torch
 
 from kdlib.config import RunConfig
 from kdlib.device import cpu_model
+from kdlib.results import timed_epochs
 
 SAFETY = 1.2  # estimates are multiplied by this: the slowest epoch seen can still be beaten
 EVAL_ALLOWANCE = 0.25  # bench-based estimate: evaluation adds this fraction to training time
@@ -129,9 +130,8 @@ class RunTimer:
                 if record_device_kind(r) == self.device and _kind(r["config"]) == mine
                 and r.get("history")]
         if same:  # each epoch's seconds as if trained beside as many runs as now
-            epoch_s = max(row["seconds"] * self._slowdown(row.get("side_by_side")
-                                                          or r.get("side_by_side"))
-                          for r in same for row in r["history"])
+            epoch_s = max(seconds * self._slowdown(beside)
+                          for r in same for seconds, beside in timed_epochs(r))
             extra_s = max(max(float(r.get("call_seconds", 0.0))
                               - sum(row["seconds"] for row in r["history"]), 0.0) for r in same)
             return Estimate(SAFETY * (epochs * epoch_s + extra_s),

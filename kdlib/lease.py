@@ -113,16 +113,14 @@ def _tracked(repo_root: Path, path: Path) -> bool:
     return listed.returncode == 0 and bool(listed.stdout.strip())
 
 
-def part_mib_for(repo_root: Path, carried_bytes: int = 0) -> float:
-    """The largest data part that, with the travelling tree and ``carried_bytes`` (the weights
-    of the last call), stays under a call's :data:`CALL_MIB`."""
+def part_mib_for(repo_root: Path) -> float:
+    """The largest data part that, with the travelling tree, stays under a call's
+    :data:`CALL_MIB`: also the room a call has for carried weight files (:func:`plan_carry`)."""
     tree = travelling_bytes(repo_root)
-    part = CALL_MIB - CALL_MARGIN_MIB - (tree + carried_bytes) / MIB
+    part = CALL_MIB - CALL_MARGIN_MIB - tree / MIB
     if part < MIN_PART_MIB:
-        raise ValueError(f"the tracked tree ({tree / MIB:.1f} MiB) and the carried weights "
-                         f"({carried_bytes / MIB:.1f} MiB) leave {part:.1f} MiB of a call's "
-                         f"{CALL_MIB} MiB for data: commit fewer large files, or train the "
-                         "frontier here first")
+        raise ValueError(f"the tracked tree ({tree / MIB:.1f} MiB) leaves {part:.1f} MiB of a "
+                         f"call's {CALL_MIB} MiB for data: commit fewer large files")
     return float(int(part))
 
 
@@ -258,11 +256,10 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     # committed weight files and checkpoints travel with the tree: carry only the others
     frontier = [p for p in frontier_weights(plan, results_dir) + planned_paused(plan, results_dir)
                 if not _tracked(repo_root, p)]
-    room_mib = part_mib_for(repo_root) if part_mib is None else part_mib
-    part_mib = room_mib if part_mib is None else part_mib
+    part_mib = part_mib_for(repo_root) if part_mib is None else part_mib  # also a call's room
     manifest = pack_data(data_root, lease, part_mib)
     by_part, extra_groups = plan_carry([p["bytes"] for p in manifest["parts"]], frontier,
-                                       int(room_mib * MIB))
+                                       int(part_mib * MIB))
     weights = lease / "weights"
     shutil.rmtree(weights, ignore_errors=True)
     weights.mkdir(parents=True)
@@ -539,13 +536,15 @@ def auto_jobs(bench: dict[str, Any] | None, preset: str, model: str | None = Non
 def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
     """What a benchmark measured before its parts existed lacks: ``{"profile": True}`` (again
     when profiled before the weights were quantized together), ``{"grouped": True}``
-    (:mod:`kdlib.bench.grouped`) and, on a GPU, ``{"concurrency": [counts]}`` of :func:`kdlib.bench.run.device_concurrency` it has not
-    measured (none once measuring them failed) and ``{"compiled": True}`` (the compiled
-    quantizers' levels and compiled processes side by side, :mod:`kdlib.bench.compiled`; again
-    when measured with another ``COMPILED_DIVISION`` than today's)."""
+    (:mod:`kdlib.bench.grouped`) and, on a GPU, ``{"concurrency": [counts]}`` of
+    :func:`kdlib.bench.run.device_concurrency` it has not measured (none once measuring them
+    failed) and ``{"compiled": True}`` (the compiled quantizers' levels and compiled processes
+    side by side, :mod:`kdlib.bench.compiled`; again when measured with another
+    ``COMPILED_DIVISION`` than today's)."""
     import torch
 
     from kdlib.bench.run import device_concurrency
+    from kdlib.quant.ste import COMPILED_DIVISION
 
     missing: dict[str, Any] = {}
     profile = result.get("profile")
@@ -553,8 +552,6 @@ def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
         missing["profile"] = True  # none, or one of the weights quantized per layer
     if "grouped" not in result:
         missing["grouped"] = True
-    from kdlib.quant.ste import COMPILED_DIVISION
-
     # measured before compiled graphs divided the levels as they do now: measured again
     compiled = result.get("compiled") or {}
     if torch.device(device).type == "cuda" and compiled.get("division") != COMPILED_DIVISION:

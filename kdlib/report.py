@@ -222,43 +222,46 @@ def render_bench(bench_dir: str | os.PathLike, gpu: bool = False) -> str:
     return render_markdown(json.loads(newest.read_text()))
 
 
-def missing_runs(results_dir: str | os.PathLike, preset: str,
-                 model: str | None = None) -> dict[int, tuple[int, dict[str, list]]]:
-    """{seed: (planned runs, {method: [bits label, ...]})} of the preset's planned grid runs
-    without a record; a run paused at a lease's end says how far it got (``paused.json``, which
-    `lease receive` writes: the checkpoints are not committed)."""
+def missing_runs(results_dir: str | os.PathLike, preset: str, model: str | None = None
+                 ) -> dict[int, tuple[int, dict[str, list[tuple[str, int | None, int]]]]]:
+    """{seed: (planned runs, {method: [(bits label, epochs done or None, epochs), ...]})} of the
+    preset's planned grid runs without a record; epochs done for a run paused at a lease's end
+    (``paused.json``, which `lease receive` writes: the checkpoints are not committed)."""
     from kdlib.experiments import plan_grid  # lazy: experiments imports the training stack
     from kdlib.presets import get_preset
     from kdlib.results import find_record, noted_paused
 
     paused = noted_paused(results_dir)
-
-    missing: dict[int, tuple[int, dict[str, list]]] = {}
+    missing: dict[int, tuple[int, dict[str, list[tuple[str, int | None, int]]]]] = {}
     for cfg in plan_grid(preset=preset, model=model, seeds=list(get_preset(preset).seeds)):
         planned, methods = missing.get(cfg.seed, (0, {}))
         missing[cfg.seed] = (planned + 1, methods)
         if find_record(results_dir, cfg.run_id()) is None:
-            label = bits_label(cfg.w_bits, cfg.a_bits)
-            done = paused.get(cfg.run_id())
-            if done:
-                label += f" (paused at epoch {done} of {cfg.epochs})"
-            methods.setdefault(cfg.method, []).append(label)
+            methods.setdefault(cfg.method, []).append(
+                (bits_label(cfg.w_bits, cfg.a_bits), paused.get(cfg.run_id()) or None, cfg.epochs))
     return missing
 
 
-def _missing_text(missing: dict[int, tuple[int, dict[str, list]]]) -> str:
-    """One clause a seed: all its runs, or which ones by method."""
+def _missing_label(bits: str, done: int | None, epochs: int) -> str:
+    return bits + (f" (paused at epoch {done} of {epochs})" if done else "")
+
+
+def _missing_text(missing: dict[int, tuple[int, dict[str, list[tuple[str, int | None, int]]]]]
+                  ) -> str:
+    """One clause a seed: all its runs (and how far the paused ones got), or which ones by
+    method."""
     parts = []
     for seed, (planned, methods) in missing.items():
         count = sum(len(v) for v in methods.values())
         if count == planned:
-            paused = [f"{method} {bits}" for method, labels in methods.items()
-                      for bits in labels if "paused" in bits]  # how far the seed has got
+            paused = [f"{method} {_missing_label(*run)}" for method, runs in methods.items()
+                      for run in runs if run[1]]
             parts.append(f"seed {seed}: all {planned}"
                          + (f", of which {'; '.join(paused)}" if paused else ""))
         elif count:
-            parts.append(f"seed {seed}: " + "; ".join(f"{method} {', '.join(bits)}"
-                                                      for method, bits in methods.items()))
+            parts.append(f"seed {seed}: " + "; ".join(
+                f"{method} {', '.join(_missing_label(*run) for run in runs)}"
+                for method, runs in methods.items()))
     return ". ".join(parts)
 
 

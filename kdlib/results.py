@@ -226,17 +226,23 @@ def setting_ids(records: Sequence[dict[str, Any]]) -> dict[str, str]:
     return {run_id: setting(run_id) for run_id in by_id}
 
 
+def timed_epochs(record: dict[str, Any]) -> list[tuple[float, int | None]]:
+    """(seconds, runs trained beside it) of each epoch of a run: the count its history row
+    notes (fit's ``side_by_side``), else the record's (its last session's), else None."""
+    return [(float(row.get("seconds", 0.0)), row.get("side_by_side") or record.get("side_by_side"))
+            for row in record.get("history") or []]
+
+
 def device_seconds(record: dict[str, Any]) -> float | None:
     """A run's share of its device's time: each epoch's seconds over the runs that trained beside
-    it then (its history row's ``side_by_side``, else the record's), the rest of its wall time
-    (start-up, the test passes) over the record's count. None where a count is not recorded."""
+    it then (:func:`timed_epochs`), the rest of its wall time (start-up, the test passes) over
+    the record's count. None where a count is not recorded."""
     wall, last = record.get("wall_time_s"), record.get("side_by_side")
     if wall is None or not last:
         return None
-    rows = record.get("history") or []
-    epochs_s = sum(float(row.get("seconds", 0.0)) for row in rows)
-    return (sum(float(row.get("seconds", 0.0)) / (row.get("side_by_side") or last) for row in rows)
-            + max(float(wall) - epochs_s, 0.0) / last)
+    epochs = timed_epochs(record)
+    return (sum(seconds / beside for seconds, beside in epochs)
+            + max(float(wall) - sum(seconds for seconds, _ in epochs), 0.0) / last)
 
 
 def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:

@@ -33,11 +33,11 @@ def post_relu(n: int, bits: int, device: str) -> torch.Tensor:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
 def test_codes_equal_the_rounded_quotient_and_its_gradient(bits, device):
-    step = 1.0 / ((1 << bits) - 1)  # as DoReFaActivationQuantizer.scale states it
+    step = 1.0 / ((1 << bits) - 1)  # the grid's step, as DoReFaActivationQuantizer.scale states it
     x = post_relu(5000, bits, device)
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(device)
     direct, longer = x.clone().requires_grad_(), x.clone().requires_grad_()
-    codes = dorefa_activation_codes(direct, bits, step)
+    codes = dorefa_activation_codes(direct, bits)
     reference = round_ste(dorefa_activation(longer, bits) / step)
     assert same_bits(codes, reference)
     assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() == (1 << bits) - 1
@@ -49,7 +49,7 @@ def test_codes_equal_the_rounded_quotient_and_its_gradient(bits, device):
 
 def test_a_32_bit_activation_has_no_codes():
     with pytest.raises(ValueError, match="no integer codes"):
-        dorefa_activation_codes(torch.rand(4), 32, 1.0)
+        dorefa_activation_codes(torch.rand(4), 32)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

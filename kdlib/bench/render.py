@@ -105,10 +105,16 @@ def _optional_line(result: dict[str, Any], key: str, what: str,
             else line(entry)]
 
 
+def _numeric_order(entries: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Entries keyed by a count or bit width, in numeric order (JSON keys are strings, and
+    "12" < "4")."""
+    return sorted(entries.items(), key=lambda item: int(item[0]))
+
+
 def _concurrency_line(c: dict[str, Any]) -> str:
     parts = [f"{k} × {sum(e['per_process']) / len(e['per_process']):.0f} = "
              f"{e['images_per_s']:.0f} img/s"
-             for k, e in sorted(c["by_jobs"].items(), key=lambda item: int(item[0]))]
+             for k, e in _numeric_order(c["by_jobs"])]
     return (f"- `{c['variant']}` training processes side by side on one device ({c['seconds']:g} s "
             f"each): " + ", ".join(parts) + f"; worth running: {worth_running(c)} at a time "
             f"(twice the processes must add {100 * (GAIN_PER_DOUBLING - 1):.0f}%)")
@@ -148,7 +154,7 @@ def _compiled_line(c: dict[str, Any]) -> str:
     if "error" in levels:
         exact = f"not checked ({_first_line(levels['error'])})"
     else:
-        by_bits = sorted(levels["by_bits"].items(), key=lambda item: int(item[0]))
+        by_bits = _numeric_order(levels["by_bits"])
         good = [b for b, e in by_bits if e["activation_exact"] and e["weight_exact"]]
         bad = [f"{b} ({', '.join(n for n in ('activation', 'weight') if not e[n + '_exact'])})"
                for b, e in by_bits if b not in good]
@@ -165,29 +171,27 @@ def _compiled_line(c: dict[str, Any]) -> str:
         speed = ", ".join(
             f"{k} at once: {e['images_per_s']:.0f} img/s"
             + (f" ({e['ready_s']:.0f} s to compile)" if "ready_s" in e else "")
-            for k, e in sorted(side["by_jobs"].items(), key=lambda item: int(item[0])))
-    graphs = c.get("cudagraphs")  # measured since 2026-12-04
-    if graphs is None:
-        graphs_txt = ""
-    elif "error" in graphs:
-        graphs_txt = f"; replayed as CUDA graphs, not measured ({_first_line(graphs['error'])})"
-    else:
-        one = graphs["by_jobs"]["1"]
-        skips = one.get("cudagraph_skips")
-        skipped = "" if not skips else f" ({skips} compiled graph(s) ran without CUDA graphs)"
-        graphs_txt = (f"; replayed as CUDA graphs (`{graphs['variant']}`, reduce-overhead), one "
-                      f"process: {one['images_per_s']:.0f} img/s{skipped}")
-    eager_graph = c.get("eager_graph")  # measured since 2026-12-04 (evening)
-    if eager_graph is None:
-        eager_txt = ""
-    elif "error" in eager_graph:
-        eager_txt = f"; the eager step captured as one CUDA graph, not measured ({_first_line(eager_graph['error'])})"
-    else:
-        eager_txt = (f"; the eager step captured as one CUDA graph (`{eager_graph['variant']}`, no "
-                     f"compiler), one process: {eager_graph['by_jobs']['1']['images_per_s']:.0f} img/s")
+            for k, e in _numeric_order(side["by_jobs"]))
+    graphs = _one_process(c.get("cudagraphs"), "replayed as CUDA graphs",
+                          "reduce-overhead")  # measured since 2026-12-04
+    eager = _one_process(c.get("eager_graph"), "the eager step captured as one CUDA graph",
+                         "no compiler")  # since the evening of 2026-12-04
     return (f"- torch.compile for a grid's runs: every quantizer level exact {exact}; compiled "
-            f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}{graphs_txt}"
-            f"{eager_txt}")
+            f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}{graphs}"
+            f"{eager}")
+
+
+def _one_process(entry: dict[str, Any] | None, what: str, how: str) -> str:
+    """"; <what> (`variant`, how), one process: N img/s", its error, or "" where not measured."""
+    if entry is None:
+        return ""
+    if "error" in entry:
+        return f"; {what}, not measured ({_first_line(entry['error'])})"
+    one = entry["by_jobs"]["1"]
+    skips = one.get("cudagraph_skips")
+    skipped = "" if not skips else f" ({skips} compiled graph(s) ran without CUDA graphs)"
+    return (f"; {what} (`{entry['variant']}`, {how}), one process: "
+            f"{one['images_per_s']:.0f} img/s{skipped}")
 
 
 def _grouped_line(g: dict[str, Any]) -> str:
@@ -195,7 +199,7 @@ def _grouped_line(g: dict[str, Any]) -> str:
     if "error" in check:
         exact = f"not checked ({_first_line(check['error'])})"
     else:
-        by_bits = sorted(check["by_bits"].items(), key=lambda item: int(item[0]))
+        by_bits = _numeric_order(check["by_bits"])
         bad = [b for b, e in by_bits if not (e["values"] and e["gradients"])]
         bits = ", ".join(b for b, _ in by_bits)
         exact = (f"yes at {bits} bits" if not bad else f"**no** at {', '.join(bad)} bits (of {bits})")

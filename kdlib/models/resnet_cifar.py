@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlib.models import register_model
-from kdlib.quant import QConv2d, QLinear, quantize_weights_together
+from kdlib.quant import QConv2d, QLinear, weights_quantized_together
 
 STAGE_WIDTHS = (16, 32, 64)
 
@@ -103,13 +103,8 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @weights_quantized_together  # the same values as layer by layer, a fraction of the kernels
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        if torch.compiler.is_compiling():  # compiled graphs quantize per layer (fused kernels)
-            return self._forward(x)
-        with quantize_weights_together(self):  # the same values, a fraction of the kernels
-            return self._forward(x)
-
-    def _forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)), inplace=True)
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

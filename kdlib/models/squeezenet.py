@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlib.models import register_model
-from kdlib.quant import QConv2d, quantize_weights_together
+from kdlib.quant import QConv2d, weights_quantized_together
 
 # (in_planes, squeeze, expand1x1, expand3x3) of fire2..fire9; "M" marks a 3x3/2 max pool.
 FIRE_CONFIG_V11 = (
@@ -97,13 +97,8 @@ class SqueezeNetCifar(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    @weights_quantized_together  # the same values as layer by layer, a fraction of the kernels
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        if torch.compiler.is_compiling():  # compiled graphs quantize per layer (fused kernels)
-            return self._forward(x)
-        with quantize_weights_together(self):  # the same values, a fraction of the kernels
-            return self._forward(x)
-
-    def _forward(self, x: Tensor) -> Tensor:
         x = self.features(self.stem(x))
         x = self.classifier(self.dropout(x))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)

@@ -6,7 +6,8 @@ Five files, one concern each (brevitas-style), all re-exported here:
 * :mod:`kdlib.quant.quantizers` -- one quantizer of one tensor as an ``nn.Module``
 * :mod:`kdlib.quant.layers` -- ``QConv2d`` / ``QLinear`` and frozen teacher weights
 * :mod:`kdlib.quant.transfer` -- moving weights between bit widths, model size, grid facts
-* :mod:`kdlib.quant.grouped` -- every layer's DoReFa weights quantized at once (same bits, fewer kernels)
+* :mod:`kdlib.quant.grouped` -- every layer's DoReFa weights quantized at once (same bits,
+  fewer kernels)
 
 
 Three quantizer families, selected by name (``quantizer=`` of :class:`QConv2d` / :class:`QLinear`):
@@ -42,22 +43,24 @@ Conventions that change numbers (keep them in mind when reading results):
 from __future__ import annotations
 
 from kdlib.checks import FULL_PRECISION, QUANTIZERS, check_quantizer
-from kdlib.quant.grouped import dorefa_weights, quantize_weights_together, set_weight_grouping
+from kdlib.quant.grouped import (dorefa_weights, quantize_weights_together, set_weight_grouping,
+                                 weights_quantized_together)
 from kdlib.quant.layers import (PRECISIONS, QConv2d, QLinear, freeze_quantized_weights,
                                 quantized_layers, set_precision, unfreeze_quantized_weights)
 from kdlib.quant.quantizers import (MIN_SCALE, PACT_ALPHA_INIT, DoReFaActivationQuantizer,
                                     DoReFaWeightQuantizer, LSQQuantizer, PACTActivationQuantizer,
                                     Quantizer, make_quantizers, positive)
-from kdlib.quant.ste import (dorefa_activation, dorefa_activation_codes, dorefa_weight, lsq_quantize, lsq_range,
-                             pact_activation, quantize_k)
+from kdlib.quant.ste import (dorefa_activation, dorefa_activation_codes, dorefa_weight,
+                             lsq_quantize, lsq_range, pact_activation, quantize_k)
 from kdlib.quant.transfer import level_summary, model_size_report, transfer_weights
 
 __all__ = [
     "QUANTIZERS", "FULL_PRECISION", "PACT_ALPHA_INIT", "check_quantizer", "quantize_k",
-    "dorefa_weight", "dorefa_activation", "dorefa_activation_codes", "pact_activation", "lsq_range", "lsq_quantize",
+    "dorefa_weight", "dorefa_activation", "dorefa_activation_codes", "pact_activation",
+    "lsq_range", "lsq_quantize",
     "Quantizer", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "PACTActivationQuantizer",
     "LSQQuantizer", "make_quantizers", "positive", "MIN_SCALE", "QConv2d", "QLinear", "quantized_layers",
     "freeze_quantized_weights", "unfreeze_quantized_weights", "set_precision", "PRECISIONS", "transfer_weights",
     "model_size_report", "level_summary", "dorefa_weights", "quantize_weights_together",
-    "set_weight_grouping",
+    "weights_quantized_together", "set_weight_grouping",
 ]

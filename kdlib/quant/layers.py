@@ -103,7 +103,7 @@ class _QuantizedLayer:
         with the model's other layers for this forward, else freshly quantized."""
         if self._frozen_valid():
             return self.frozen_weight
-        if self.pass_weight is not None and not torch.compiler.is_compiling():
+        if self.pass_weight is not None:  # set only for an eager forward, cleared after it
             return self.pass_weight
         return self.weight_quantizer(self.weight)
 

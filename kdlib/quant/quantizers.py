@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from kdlib.checks import FULL_PRECISION, check_bits, check_quantizer
 from kdlib.quant.ste import (dorefa_activation, dorefa_activation_codes, dorefa_weight, grid_levels,
-                             lsq_quantize, lsq_range, pact_activation, round_ste)
+                             grid_step, lsq_quantize, lsq_range, pact_activation, round_ste)
 
 PACT_ALPHA_INIT = 10.0  # the PACT paper's initial clip level
 
@@ -68,7 +68,7 @@ class DoReFaWeightQuantizer(Quantizer):
     def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
         if self.bits == 1:
             return q.detach().float().abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
-        return 1.0 / grid_levels(self.bits)
+        return grid_step(self.bits)
 
     def forward(self, w: Tensor) -> Tensor:  # noqa: D102
         return dorefa_weight(w, self.bits) if self.active else w
@@ -78,13 +78,12 @@ class DoReFaActivationQuantizer(Quantizer):
     """:func:`dorefa_activation` as a module. Codes 0..n, step 1/n (n = 2^k - 1)."""
 
     def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
-        return 1.0 / grid_levels(self.bits)
+        return grid_step(self.bits)
 
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor | float]:  # noqa: D102
         if not self.active:
             return super().codes(x)
-        step = self.scale(x)
-        return dorefa_activation_codes(x, self.bits, step), step  # no divide and round back
+        return dorefa_activation_codes(x, self.bits), grid_step(self.bits)  # no divide and round
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return dorefa_activation(x, self.bits) if self.active else x

@@ -99,34 +99,39 @@ class _ClipRoundSTE(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad, x, 0.0, 1.0), None
 
 
+def grid_step(bits: int) -> float:
+    """The step of a k-bit grid on [0, 1], ``1 / (2^k - 1)``: what a level's code is scaled by."""
+    return 1.0 / grid_levels(bits)
+
+
 class _ClipRoundCodesSTE(torch.autograd.Function):
     """The integer codes of :class:`_ClipRoundSTE`, ``round(n * clamp(x, 0, 1))``, without the
-    division by n that the codes path would undo (``q / scale``, then a round): three kernels
+    division by n that the codes path would undo (``q / step``, then a round): three kernels
     forward instead of six. Its gradient is the one of that longer path, op for op: the
-    incoming gradient divided by the step ``scale`` (the same Python number, the same division
-    kernel), then the clip's ``hardtanh_backward``."""
+    incoming gradient divided by the step (the same Python number, the same division kernel),
+    then the clip's ``hardtanh_backward``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, n: int, scale: float) -> Tensor:  # noqa: D102
+    def forward(ctx, x: Tensor, bits: int) -> Tensor:  # noqa: D102
         ctx.save_for_backward(x)
-        ctx.scale = scale
-        return torch.clamp(x.float(), 0.0, 1.0).mul_(n).round_()
+        ctx.bits = bits
+        return torch.clamp(x.float(), 0.0, 1.0).mul_(grid_levels(bits)).round_()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
         (x,) = ctx.saved_tensors
-        grad_q = (grad / ctx.scale).to(x.dtype)  # d(codes)/d(q) of codes = round(q / scale)
-        return torch.ops.aten.hardtanh_backward(grad_q, x, 0.0, 1.0), None, None
+        grad_q = (grad / grid_step(ctx.bits)).to(x.dtype)  # of codes = round(q / step)
+        return torch.ops.aten.hardtanh_backward(grad_q, x, 0.0, 1.0), None
 
 
-def dorefa_activation_codes(x: Tensor, bits: int, scale: float) -> Tensor:
+def dorefa_activation_codes(x: Tensor, bits: int) -> Tensor:
     """The integer codes ``k`` (float32, 0..n) of ``dorefa_activation(x, bits) = k / n``, with
-    the straight-through gradient of ``round(dorefa_activation(x, bits) / scale)``, ``scale``
-    being the grid's step ``1 / n`` as the quantizer module states it. 1..16 bits."""
+    the straight-through gradient of ``round(dorefa_activation(x, bits) / grid_step(bits))``.
+    1..16 bits."""
     bits = check_bits(bits)
     if bits == FULL_PRECISION:
         raise ValueError("a 32-bit activation has no integer codes")
-    return _ClipRoundCodesSTE.apply(x, grid_levels(bits), scale)
+    return _ClipRoundCodesSTE.apply(x, bits)
 
 
 def quantize_k(x: Tensor, bits: int) -> Tensor:
