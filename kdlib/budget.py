@@ -73,7 +73,7 @@ def _kind(config: dict[str, Any]) -> tuple:
     kd = config.get("teacher_id") is not None
     return (config.get("model"), kd, config.get("train_size"), config.get("val_size"),
             config.get("batch_size"), bool(config.get("channels_last")),
-            config.get("precision", "exact"))
+            config.get("precision", "exact"), bool(config.get("cuda_graphs")))
 
 
 def train_images(cfg: RunConfig) -> int:
@@ -117,6 +117,7 @@ class RunTimer:
     records: list[dict[str, Any]] = field(default_factory=list)
     bench: dict[str, Any] | None = None
     jobs: int = 1  # runs side by side: each one's bench rate is the per-process rate at jobs
+    graphs: bool = False  # the runs replay their steps as CUDA graphs: the bench's graphs rates
 
     def add(self, record: dict[str, Any] | None) -> None:
         if record is not None and not record.get("same_run_as"):
@@ -152,7 +153,7 @@ class RunTimer:
         jobs = self.jobs if jobs is None else jobs
         if jobs <= 1:
             return 1.0
-        by_jobs = ((self.bench or {}).get("concurrency") or {}).get("by_jobs") or {}
+        by_jobs = (self._concurrency() or {}).get("by_jobs") or {}
         alone = (by_jobs.get("1") or {}).get("images_per_s")
         counts = sorted(int(k) for k in by_jobs)
         at = next((k for k in counts if k >= jobs), counts[-1] if counts else None)
@@ -169,12 +170,21 @@ class RunTimer:
             return 1.0
         return self._side_by_side(then) / self._side_by_side()
 
+    def _concurrency(self) -> dict[str, Any] | None:
+        """The benchmark's processes side by side of the step these runs take."""
+        part = (self.bench or {}).get("graphs") if self.graphs else self.bench
+        return (part or {}).get("concurrency")
+
     def _bench_rate(self, cfg: RunConfig) -> float | None:
-        """Images/s of the benchmark variant closest to ``cfg``'s step on this device."""
+        """Images/s of the benchmark variant closest to ``cfg``'s step on this device (for
+        replayed steps: one replaying KD process's, the only replayed step it times)."""
         if not self.bench or bench_device_kind(self.bench) != self.device:
             return None
         if self.bench.get("settings", {}).get("model") != cfg.model:
             return None
+        if self.graphs:
+            alone = ((self._concurrency() or {}).get("by_jobs") or {}).get("1") or {}
+            return alone.get("images_per_s")
         variants = self.bench.get("variants", {})
         name = "kd_w4" if cfg.teacher_id else ("fp32" if cfg.w_bits == 32 else "w4a4")
         rate = (variants.get(name) or {}).get("images_per_s")

@@ -454,6 +454,7 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     ``jobs="auto"``: as many runs at once as the benchmark found worth it (1 without one)."""
     import torch
 
+    from kdlib.bench.graphs import graphs_verdict
     from kdlib.bench.run import run_benchmark, bench_file_name
     from kdlib.budget import Budget, RunTimer, device_kind, load_bench
     from kdlib.data import load_cifar100
@@ -496,6 +497,9 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
                                        model=model, log=log)
         log(f"benchmark completed: {bench_written} ({time.monotonic() - started:.0f} s in)")
     timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
+    timer.graphs = replays_steps(timer.bench, preset, model)
+    if timer.graphs:
+        log(f"grid: steps replayed as CUDA graphs ({graphs_verdict(timer.bench)['why']})")
     if jobs == "auto":
         jobs = auto_jobs(timer.bench, preset, model)
     timer.jobs = jobs
@@ -503,7 +507,8 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         timer.add(record)
     budget_s = deadline - reserve_s - time.monotonic()
     grid = {k: v for k, v in (grid or {}).items() if v}
-    plan = plan_grid(preset=preset, model=model, **{"seeds": list(get_preset(preset).seeds), **grid})
+    plan = plan_grid(preset=preset, model=model, **{"seeds": list(get_preset(preset).seeds), **grid},
+                     overrides={"cuda_graphs": True} if timer.graphs else None)
     log(f"grid: {len(plan)} planned runs, {budget_s:.0f} s of budget, {jobs} at a time")
     if budget_s > 0:
         # at most as many runs continue next lease as run at once: their checkpoints come back
@@ -523,20 +528,40 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     return summary
 
 
+def replays_steps(bench: dict[str, Any] | None, preset: str, model: str | None = None) -> bool:
+    """Whether a lease trains the preset's runs with ``cuda_graphs``: the benchmark's graphs
+    part found the replayed step bit for bit eager's and faster side by side
+    (:func:`kdlib.bench.graphs.graphs_verdict`), and the preset does not compile."""
+    from kdlib.bench.graphs import graphs_verdict
+    from kdlib.presets import build_config
+
+    if bench is None or build_config(preset, model).compile:
+        return False
+    verdict = graphs_verdict(bench)
+    return bool(verdict and verdict["use"])
+
+
 def auto_jobs(bench: dict[str, Any] | None, preset: str, model: str | None = None) -> int:
     """`--jobs auto`: as many runs at once as the benchmark found worth it for the preset's
-    step: compiled processes for a preset that compiles, eager ones otherwise (1 without)."""
+    step: compiled processes for a preset that compiles, replaying ones where a lease replays
+    steps (:func:`replays_steps`), eager ones otherwise (1 without a benchmark)."""
     from kdlib.bench.concurrent import worth_running
     from kdlib.presets import build_config
 
-    part = (bench or {}).get("compiled") if build_config(preset, model).compile else bench
+    if build_config(preset, model).compile:
+        part = (bench or {}).get("compiled")
+    elif replays_steps(bench, preset, model):
+        part = bench["graphs"]
+    else:
+        part = bench
     return worth_running((part or {}).get("concurrency"))
 
 
 def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
     """What a benchmark measured before its parts existed lacks: ``{"profile": True}`` (again
     when profiled before the weights were quantized together), ``{"grouped": True}``
-    (:mod:`kdlib.bench.grouped`) and, on a GPU, ``{"concurrency": [counts]}`` of
+    (:mod:`kdlib.bench.grouped`) and, on a GPU, ``{"graphs": True}`` (the step replayed as a
+    CUDA graph, :mod:`kdlib.bench.graphs`), ``{"concurrency": [counts]}`` of
     :func:`kdlib.bench.run.device_concurrency` it has not measured (none once measuring them
     failed) and ``{"compiled": True}`` (the compiled quantizers' levels and compiled processes
     side by side, :mod:`kdlib.bench.compiled`; again when measured with another
@@ -552,6 +577,8 @@ def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
         missing["profile"] = True  # none, or one of the weights quantized per layer
     if "grouped" not in result:
         missing["grouped"] = True
+    if torch.device(device).type == "cuda" and "graphs" not in result:
+        missing["graphs"] = True
     # measured before compiled graphs divided the levels as they do now: measured again
     compiled = result.get("compiled") or {}
     if torch.device(device).type == "cuda" and compiled.get("division") != COMPILED_DIVISION:
@@ -571,10 +598,11 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
                    preset: str, model: str, steps: int | None = None,
                    log: Callable[[str], None] = print) -> Path:
     """A benchmark measured before it had a part gets it, in place: the grouped-weights part
-    (about 20 s on a GPU), the profile (about 15 s), the larger counts of processes side by
-    side (about 30 s each), the compiled part (a few minutes)."""
+    (about 20 s on a GPU), the profile (about 15 s), the replayed step (about 2 minutes), the
+    larger counts of processes side by side (about 30 s each), the compiled part (a few
+    minutes)."""
     from kdlib.bench.run import (PROFILE_STEPS, add_concurrency, bench_file_name, compiled_part,
-                                 grouped_part, profile_or_error)
+                                 graphs_part, grouped_part, profile_or_error)
     from kdlib.bench.variants import make_context
     from kdlib.data import load_cifar100
     from kdlib.fileio import write_json_atomic
@@ -588,6 +616,7 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     parts = {
         "grouped": lambda r: grouped_part(ctx, r.get("settings", {}), log),
         "profile": lambda r: profile_or_error(ctx, steps or PROFILE_STEPS, log),
+        "graphs": lambda r: graphs_part(r, ctx, preset=preset, model=model, log=log),
         "concurrency": lambda r: add_concurrency(r, missing["concurrency"], ctx, preset=preset,
                                                  model=model, log=log),
         "compiled": lambda r: compiled_part(r, ctx, preset=preset, model=model, log=log),

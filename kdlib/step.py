@@ -1,9 +1,10 @@
 """One training step, the thing both ``fit()`` and the benchmark run.
 
 :func:`make_trainer` builds everything a step needs once (device placement, memory format,
-optimizers, compiled forwards); :func:`train_step` sets the learning rate, computes
-:func:`batch_loss` and updates the weights. The benchmark times :func:`train_step` itself, so
-a change here is measured the moment it is made.
+optimizers, compiled forwards, the CUDA-graph replay); :func:`train_step` sets the learning
+rate, computes :func:`batch_loss` and updates the weights; :func:`run_step` is the step a run
+takes, :func:`train_step` or its replay as a CUDA graph (``cuda_graphs``, :class:`GraphedStep`).
+The benchmark times :func:`run_step` itself, so a change here is measured the moment it is made.
 
 Losses by mode:
 
@@ -42,6 +43,7 @@ class Trainer:
     teacher: nn.Module | None = None
     teacher_forward: Callable[[Tensor], Tensor] | None = None
     teacher_optimizer: torch.optim.Optimizer | None = None
+    graphed: GraphedStep | None = None  # the step replayed as a CUDA graph (cuda_graphs on CUDA)
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -82,11 +84,15 @@ def make_trainer(model: nn.Module, cfg: RunConfig, *, teacher: nn.Module | None 
     if teacher is not None:
         set_precision(teacher.to(device=device, memory_format=fmt), cfg.precision)
     compile_ = torch.compile if cfg.compile else (lambda m: m)
-    return Trainer(
+    trainer = Trainer(
         cfg=cfg, mode=mode, device=device, model=model, forward=compile_(model),
         optimizer=make_optimizer(model, cfg), teacher=teacher,
         teacher_forward=compile_(teacher) if teacher is not None else None,
         teacher_optimizer=make_optimizer(teacher, cfg) if mode == "apprentice" else None)
+    capture = capture_for(device) if cfg.cuda_graphs else None
+    if capture is not None:
+        trainer.graphed = GraphedStep(trainer, capture)
+    return trainer
 
 
 @contextlib.contextmanager
@@ -112,11 +118,13 @@ def frozen_teacher(trainer: Trainer) -> Iterator[None]:
         teacher.train(was_training)
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str, *, cache: bool = True):
     """bf16 autocast for ``precision="bf16"`` (full-precision layers and the losses' inputs;
-    quantized layers follow their own precision), else a no-op context."""
+    quantized layers follow their own precision), else a no-op context. ``cache=False`` casts
+    the weights at every use instead of once per context: the same values, as a captured CUDA
+    graph needs (its casts must be replayed)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=precision == "bf16")
+                          enabled=precision == "bf16", cache_enabled=cache)
 
 
 def batch_loss(trainer: Trainer, x: Tensor, y: Tensor
@@ -126,10 +134,11 @@ def batch_loss(trainer: Trainer, x: Tensor, y: Tensor
     apprentice runs, where the teacher's own CE is added."""
     cfg = trainer.cfg
     t_logits = None
+    cache = trainer.graphed is None
     if trainer.mode == "hinton" and trainer.uses_teacher_logits:
-        with torch.inference_mode(), autocast(trainer.device, cfg.precision):
+        with torch.inference_mode(), autocast(trainer.device, cfg.precision, cache=cache):
             t_logits = trainer.teacher_forward(x)
-    with autocast(trainer.device, cfg.precision):
+    with autocast(trainer.device, cfg.precision, cache=cache):
         logits = trainer.forward(x)
         if trainer.mode == "apprentice":
             t_logits = trainer.teacher_forward(x)
@@ -167,3 +176,125 @@ def train_step(trainer: Trainer, x: Tensor, y: Tensor, lr: float, *,
     if terms_sum is not None and terms is not None:
         terms_sum += torch.stack(terms)
     return loss.detach(), total.detach(), logits.detach()
+
+
+# ----------------------------------------------------------------------------- replayed step
+# fit()'s training step replayed as a CUDA graph (``cuda_graphs=True`` on a CUDA device).
+#
+# On the H200 the eager KD step is bound by the host, not the GPU: 1,134 kernel launches a
+# step, the GPU busy 10% of it (``results/bench/NVIDIA_H200.json``, its profile). A CUDA graph
+# launches a step's kernels at once. What is captured: the batch loss (student and teacher
+# forward, the losses) and its backward, which writes the gradients into the graph's memory.
+# What stays eager: copying each batch into the graph's input, the learning rate and the SGD
+# update (torch's SGD takes its learning rate as a Python number, which a graph would freeze,
+# and the schedule changes it every step; the update is a few multi-tensor kernels), and the
+# epoch's metrics. So a replayed step runs the kernels an eager step runs, in the same order,
+# on the same values: eager's arithmetic (unlike a compiled graph's, see
+# :mod:`kdlib.bench.compiled`). :func:`kdlib.bench.graphs.check_graph_step` compares the two
+# bit for bit on the device.
+#
+# The first GRAPH_WARMUP_STEPS steps of each GraphedStep run eagerly, on the stream the graph
+# is then captured on (cuDNN and cuBLAS handles, kdlib's cached divisors and segment
+# indices, the optimizer's momentum buffers exist before the capture); the next step is
+# captured and replayed, as every later one is. What the step may not do, and does not: change
+# shapes (``train_batches`` drops the last partial batch), read values back to the host, or
+# replace a parameter instead of updating it in place.
+
+GRAPH_WARMUP_STEPS = 3  # eager steps before the capture (the documented recipe warms up a few)
+
+# (the step's forward and backward, the stream to capture on) -> a function that replays it
+Capture = Callable[[Callable[[], None], "torch.cuda.Stream | None"], Callable[[], None]]
+
+
+def cuda_capture(fn: Callable[[], None], stream: torch.cuda.Stream | None) -> Callable[[], None]:
+    """``fn`` captured into one CUDA graph (its kernels recorded, not run); returns its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph.replay
+
+
+def capture_for(device: torch.device) -> Capture | None:
+    """How ``device`` captures a step: CUDA graphs on CUDA; None elsewhere (the step then runs
+    eagerly, so ``cuda_graphs=True`` changes nothing on a CPU)."""
+    return cuda_capture if device.type == "cuda" else None
+
+
+class GraphedStep:
+    """:func:`train_step`'s signature and results, the forward and backward replayed from one
+    captured graph after :data:`GRAPH_WARMUP_STEPS` eager steps. The tensors it returns are the
+    graph's outputs: the next step overwrites them, as it does the gradients."""
+
+    def __init__(self, trainer: Trainer, capture: Capture):
+        self.trainer, self.capture = trainer, capture
+        self.stream = torch.cuda.Stream(trainer.device) if trainer.device.type == "cuda" else None
+        self.eager_steps = 0
+        self.replay: Callable[[], None] | None = None
+        self.static_x: Tensor | None = None
+        self.static_y: Tensor | None = None
+        self.outputs: tuple | None = None
+
+    @property
+    def captured(self) -> bool:
+        return self.replay is not None
+
+    def __call__(self, x: Tensor, y: Tensor, lr: float, *,
+                 terms_sum: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        trainer = self.trainer
+        if self.replay is None:
+            if self.eager_steps < GRAPH_WARMUP_STEPS:
+                self.eager_steps += 1
+                with self._on_capture_stream():
+                    return train_step(trainer, x, y, lr, terms_sum=terms_sum)
+            self._capture(x, y)
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        set_lr(trainer, lr)
+        self.replay()
+        for opt in trainer.optimizers:
+            opt.step()
+        loss, total, logits, terms = self.outputs
+        if terms_sum is not None and terms is not None:
+            terms_sum += torch.stack(terms)
+        return loss, total, logits
+
+    def _capture(self, x: Tensor, y: Tensor) -> None:
+        trainer = self.trainer
+        self.static_x, self.static_y = x.clone(), y.clone()  # clone keeps channels_last
+        params = [p for opt in trainer.optimizers for group in opt.param_groups
+                  for p in group["params"]]
+        for opt in trainer.optimizers:  # the warm-up's gradients are freed before the capture
+            opt.zero_grad(set_to_none=True)
+
+        def forward_backward() -> None:
+            # what train_step computes before its update; the gradients it allocates are the
+            # graph's, rewritten at every replay (so never set to None between steps)
+            for p in params:
+                p.grad = None
+            loss, total, logits, terms = batch_loss(trainer, self.static_x, self.static_y)
+            total.backward()
+            self.outputs = (loss.detach(), total.detach(), logits.detach(), terms)
+
+        self.replay = self.capture(forward_backward, self.stream)
+
+    @contextlib.contextmanager
+    def _on_capture_stream(self) -> Iterator[None]:
+        """Run on the capture stream, after and before the current stream's work (a no-op
+        off CUDA)."""
+        if self.stream is None:
+            yield
+            return
+        current = torch.cuda.current_stream(self.trainer.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)
+
+
+def run_step(trainer: Trainer, x: Tensor, y: Tensor, lr: float, *,
+             terms_sum: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The step a run takes: :func:`train_step`, or its CUDA-graph replay when the trainer has
+    one (the same results; the returned tensors are then overwritten by the next step)."""
+    if trainer.graphed is not None:
+        return trainer.graphed(x, y, lr, terms_sum=terms_sum)
+    return train_step(trainer, x, y, lr, terms_sum=terms_sum)

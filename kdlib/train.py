@@ -1,4 +1,4 @@
-"""The training loop: :func:`fit` over :func:`train_epoch` over :func:`kdlib.step.train_step`.
+"""The training loop: :func:`fit` over :func:`train_epoch` over :func:`kdlib.step.run_step`.
 
 ``fit`` is a short orchestration of named pieces: resume from a checkpoint (``_resume``), one
 epoch (:func:`train_epoch`), the batch loss (:func:`kdlib.step.batch_loss`), a validation row
@@ -52,7 +52,9 @@ Decisions (documented here because they change numbers):
   later resumes there. Needs a ``checkpoint_path``.
 * **Speed**: metrics accumulate on the device; the only per-epoch syncs are the non-finite
   checks and the end-of-epoch read-out. ``images_per_s`` = training images / training seconds
-  (evaluation excluded).
+  (evaluation excluded). ``cuda_graphs`` on CUDA: each fit() call runs a few eager steps, then
+  replays the step's forward and backward as one CUDA graph (:class:`kdlib.step.GraphedStep`; the
+  same kernels, so the same arithmetic; the SGD update stays eager).
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ from kdlib.data import eval_batches, train_batches
 from kdlib.device import pick_device, sync
 from kdlib.fileio import torch_save_atomic
 from kdlib.schedules import lr_at
-from kdlib.step import Trainer, autocast, frozen_teacher, make_trainer, train_step
+from kdlib.step import Trainer, autocast, frozen_teacher, make_trainer, run_step
 from kdlib.tblog import scalar_writer, tensorboard_dir, write_scalars
 
 if TYPE_CHECKING:
@@ -206,8 +208,8 @@ def train_epoch(trainer: Trainer, data, epoch: int, *, progress: bool = True,
     step = -1
     try:
         for step, (x, y) in enumerate(batches):
-            loss, total, logits = train_step(trainer, x, y, lr_at(epoch + step / steps, cfg),
-                                             terms_sum=terms_sum)
+            loss, total, logits = run_step(trainer, x, y, lr_at(epoch + step / steps, cfg),
+                                           terms_sum=terms_sum)
             with torch.no_grad():
                 loss_sum += loss
                 correct += (logits.argmax(dim=1) == y).sum()
@@ -387,6 +389,7 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
 
         for opt in trainer.optimizers:  # gradients of the last step would only mislead
             opt.zero_grad(set_to_none=True)
+        trainer.graphed = None  # its graph's memory goes now, not at the next garbage collection
         final_state = cpu_state(model) if path is not None else None
         final, at_best = _test_at_final_and_best(trainer, data, state, ev)
     result = FitResult(

@@ -251,9 +251,9 @@ def test_kd_w4_times_kdlib_step_train_step_with_the_quick_configuration(monkeypa
     calls = []
     real = kdlib.step.train_step
 
-    def counting(trainer, x, y, lr):
+    def counting(trainer, x, y, lr, **kw):  # run_step's eager step
         calls.append((trainer, x.shape[0], lr))
-        return real(trainer, x, y, lr)
+        return real(trainer, x, y, lr, **kw)
 
     monkeypatch.setattr(kdlib.step, "train_step", counting)
     images, labels = _images()
@@ -322,6 +322,7 @@ def test_every_kdlib_variant_records_and_applies_its_switches():
         "kd_w4_bf16": ("bf16", base.channels_last, base.compile, 4, 32),
         "kd_w4_compile": (base.precision, base.channels_last, True, 4, 32),
         "kd_w4_bf16_compile": ("bf16", base.channels_last, True, 4, 32),
+        "kd_w4_graphs": (base.precision, base.channels_last, base.compile, 4, 32),
     }
     for name, (precision, channels_last, compiled, bits, teacher_bits) in expected.items():
         runner = BY_NAME[name].build(ctx)  # built, not run: compiling would take minutes here
@@ -329,7 +330,9 @@ def test_every_kdlib_variant_records_and_applies_its_switches():
             trainer = runner.trainer
             assert runner.info["switches"] == {
                 "precision": precision, "channels_last": channels_last, "compile": compiled,
-                "w_bits": bits, "a_bits": bits, "teacher_bits": teacher_bits}, name
+                "cuda_graphs": name == "kd_w4_graphs", "w_bits": bits, "a_bits": bits,
+                "teacher_bits": teacher_bits}, name
+            assert trainer.graphed is None  # a CPU has no CUDA graphs: the step stays eager
             assert runner.info["run_config"] == trainer.cfg.to_dict()
             assert (trainer.teacher is not None) == (teacher_bits is not None)
             assert all(layer.precision == precision for _, layer in quantized_layers(trainer.model))

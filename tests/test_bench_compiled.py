@@ -37,8 +37,7 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
 
     def side_by_side(images, labels, *, jobs, variant, **_):
         asked.append((variant, tuple(jobs)))
-        rate = {"kd_w4_compile": 30000.0, "kd_w4_cudagraphs": 21000.0,
-                "kd_w4_graphed": 24000.0}[variant]
+        rate = {"kd_w4_compile": 30000.0, "kd_w4_cudagraphs": 21000.0}[variant]
         return {"variant": variant, "seconds": 1.0,
                 "by_jobs": {str(k): {"images_per_s": rate * k / jobs[0], "ready_s": 40.0 + k,
                                      "per_process": [rate / jobs[0]] * k} for k in jobs}}
@@ -52,12 +51,10 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
     part["levels"]["by_bits"] = dict(sorted(part["levels"]["by_bits"].items()))  # as JSON stores it
     line = render._compiled_line(part)
     assert "every quantizer level exact yes at 2, 4, 8, 16 bits" in line  # the default widths
-    assert asked == [("kd_w4_compile", (4, 8)), ("kd_w4_cudagraphs", (1,)), ("kd_w4_graphed", (1,))]
-    assert ("the eager step captured as one CUDA graph (`kd_w4_graphed`, no compiler), one "
-            "process: 24000 img/s") in line
+    assert asked == [("kd_w4_compile", (4, 8)), ("kd_w4_cudagraphs", (1,))]
     assert "4 at once: 30000 img/s (44 s to compile), 8 at once: 60000 img/s (48 s to compile)" in line
     assert "replayed as CUDA graphs (`kd_w4_cudagraphs`, reduce-overhead), one process: 21000 img/s" in line
-    older = {k: v for k, v in part.items() if k not in ("cudagraphs", "eager_graph")}  # before they existed
+    older = {k: v for k, v in part.items() if k != "cudagraphs"}  # before it existed
     assert "CUDA graph" not in render._compiled_line(older)
     part["cudagraphs"]["by_jobs"]["1"]["cudagraph_skips"] = 2
     assert "21000 img/s (2 compiled graph(s) ran without CUDA graphs)" in render._compiled_line(part)
@@ -72,24 +69,11 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
     failing = {"levels": {"error": "BackendCompilerFailed: no C compiler"},
                "concurrency": {"error": "RuntimeError: 4 concurrent processes failed"},
                "cudagraphs": {"error": "RuntimeError: 1 concurrent kd_w4_cudagraphs processes: "
-                                       "no result\nStack trace: File x.py, line 1"},
-               "eager_graph": {"error": "RuntimeError: operation not permitted when stream is "
-                                        "capturing\nmore"}}
+                                       "no result\nStack trace: File x.py, line 1"}}
     assert "not checked (BackendCompilerFailed" in render._compiled_line(failing)
     assert "replayed as CUDA graphs, not measured (RuntimeError" in render._compiled_line(failing)
-    assert ("one CUDA graph, not measured (RuntimeError: operation not permitted when stream is "
-            "capturing)") in render._compiled_line(failing)
     assert "\n" not in render._compiled_line(failing)  # a stack trace would break the list
     assert "not measured (RuntimeError" in render._compiled_line(failing)
-
-
-def test_the_eager_graph_variant_says_it_needs_cuda():
-    from kdlib.bench.variants import BY_NAME, make_context
-
-    images = torch.zeros(256, 3, 32, 32, dtype=torch.uint8)
-    ctx = make_context(images, torch.zeros(256, dtype=torch.int64), preset="smoke", device="cpu")
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        BY_NAME["kd_w4_graphed"].build(ctx)
 
 
 def test_the_cuda_graphs_variant_compiles_fit_s_kd_step_in_reduce_overhead_mode(monkeypatch):

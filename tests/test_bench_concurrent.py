@@ -68,7 +68,8 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
                 "grouped": {"check": {"exact": True}},
                 "concurrency": {"variant": "kd_w4", "seconds": 10.0, "best_jobs": 4,
                                 "by_jobs": _entries({1: 100, 2: 200, 4: 400})}}
-    assert lease.missing_parts(existing, "cuda") == {"concurrency": [8, 12], "compiled": True}
+    assert lease.missing_parts(existing, "cuda") == {"concurrency": [8, 12], "compiled": True,
+                                                     "graphs": True}
     assert lease.missing_parts(existing, "cpu") == {}  # a CPU runs one run per core already
     asked = []
 
@@ -86,6 +87,7 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
     assert "best_jobs" not in merged  # the old file's stored count is not carried on
     assert "date" in merged["by_jobs"]["8"] and "date" not in merged["by_jobs"]["4"]
     measured_now = {"division": "float64"}
+    existing["graphs"] = {"check": {"error": "RuntimeError: x"}}  # failed is an answer: not again
     assert lease.missing_parts({**existing, "concurrency": merged, "compiled": measured_now},
                                "cuda") == {}
     # compiled levels measured before compiled graphs divided in float64 (the H200's first,
@@ -147,13 +149,15 @@ def test_completing_a_benchmark_writes_each_part_as_it_comes(fake_data_root, tmp
 
     monkeypatch.setattr(run, "grouped_part", part("grouped", {"check": {"exact": True}}))
     monkeypatch.setattr(run, "profile_or_error", part("profile", {"grouped_weights": True}))
+    monkeypatch.setattr(run, "graphs_part", part("graphs", {"check": {"equal": True}}))
     monkeypatch.setattr(run, "compiled_part", interrupted)
     older = {"machine": {"host": "h", "gpu": None}, "settings": {"preset": "smoke"}}
-    monkeypatch.setattr(lease, "missing_parts",
-                        lambda *_: {"compiled": True, "grouped": True, "profile": True})
+    monkeypatch.setattr(lease, "missing_parts", lambda *_: {
+        "compiled": True, "graphs": True, "grouped": True, "profile": True})
     with pytest.raises(KeyboardInterrupt):
         lease.complete_bench(older, tmp_path, fake_data_root, "cpu", preset="smoke",
                              model="resnet8", log=print)
-    assert order == ["grouped", "profile", "compiled"]  # the short parts first
+    assert order == ["grouped", "profile", "graphs", "compiled"]  # the short parts first
     written = json.loads((tmp_path / "h.json").read_text())
     assert written["grouped"] == {"check": {"exact": True}} and "compiled" not in written
+    assert written["graphs"] == {"check": {"equal": True}}

@@ -32,7 +32,7 @@ variant                       one training step
 Every kdlib variant (a)-(c) is the training step itself, not a copy of it: a
 :class:`~kdlib.config.RunConfig` of the quick preset (``build_config("quick")`` with method and
 bits set, plus the variant's switches; the other switches as the preset has them) goes through
-:func:`kdlib.step.make_trainer`, and each timed step is :func:`kdlib.step.train_step` inside
+:func:`kdlib.step.make_trainer`, and each timed step is :func:`kdlib.step.run_step` inside
 :func:`kdlib.step.frozen_teacher`, on batches of :func:`kdlib.data.train_batches` over uint8
 tensors on the device, at the learning rate of :func:`kdlib.schedules.lr_at`, as ``fit()`` does
 (its per-epoch metric sums, three tiny device ops, are not included). Each variant records its
@@ -62,7 +62,11 @@ stdout; :func:`render_markdown` makes the README's table from such a file.
 Modules: :mod:`~kdlib.bench.typical` (the typical pipeline), :mod:`~kdlib.bench.variants` (the
 variants and their steps), :mod:`~kdlib.bench.measure` (timing windows, FLOP counts, matmul
 ceilings, machine info), :mod:`~kdlib.bench.targets` (targets and ratios),
-:mod:`~kdlib.bench.render` (markdown), :mod:`~kdlib.bench.run` (``run_benchmark``, ``main``).
+:mod:`~kdlib.bench.render` (markdown), :mod:`~kdlib.bench.run` (``run_benchmark``, ``main``);
+the parts beside the variants: :mod:`~kdlib.bench.concurrent` (processes side by side),
+:mod:`~kdlib.bench.grouped` (weights quantized together), :mod:`~kdlib.bench.profile`, and on
+a GPU :mod:`~kdlib.bench.graphs` (fit()'s step replayed as a CUDA graph, ``kd_w4_graphs``)
+and :mod:`~kdlib.bench.compiled` (torch.compile's levels and processes).
 """
 from __future__ import annotations
 

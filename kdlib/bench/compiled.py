@@ -18,9 +18,8 @@ midpoint after tanh, whose compiled and eager kernels may differ by an ulp), tha
 not failed: both are exact levels. And it times compiled KD processes side by side (as many
 as the eager ones found worth it, and 8), to set against the eager throughput, and one process of
 the step replayed as CUDA graphs (``kd_w4_cudagraphs``: the same compiled kernels, launched a
-graph at a time), to see how much of a host-bound step the launches are, and one process of
-the eager step captured whole as a CUDA graph (``kd_w4_graphed``: the eager kernels, exact as
-eager, launched once a step).
+graph at a time), to see how much of a host-bound step the launches are. (The eager step
+replayed as a CUDA graph, eager's arithmetic, is :mod:`kdlib.bench.graphs`'s.)
 """
 from __future__ import annotations
 
@@ -38,7 +37,6 @@ CHECK_BITS = (2, 4, 8, 16)  # 1 bit divides by 1 (activations) or takes a sign (
 # results/bench/NVIDIA_H200.json)
 SIDE_BY_SIDE_TIMEOUT_S = 180.0
 CUDAGRAPHS_TIMEOUT_S = 150.0  # one process: compile, record the graphs, time
-EAGER_GRAPH_TIMEOUT_S = 60.0  # one process: warm up, capture the eager step, time
 WEIGHTS = 4096  # random weights a bit width is checked on
 
 
@@ -82,8 +80,8 @@ def measure_compiled(ctx, jobs: Sequence[int], *, seconds: float, preset: str, m
                      log: Callable[[str], None],
                      compile_fn: Callable[[Callable], Callable] = _compile) -> dict[str, Any]:
     """The ``compiled`` part of a GPU benchmark: :func:`check_levels`, compiled KD processes
-    side by side at each count of ``jobs``, one process replayed as CUDA graphs, one process of
-    the eager step captured as a CUDA graph (``{"error": ...}`` for a part that raised)."""
+    side by side at each count of ``jobs``, one process replayed as CUDA graphs
+    (``{"error": ...}`` for a part that raised)."""
     from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput
     from kdlib.bench.measure import error_entry
 
@@ -106,10 +104,8 @@ def measure_compiled(ctx, jobs: Sequence[int], *, seconds: float, preset: str, m
                              "kd_w4_compile", jobs, SIDE_BY_SIDE_TIMEOUT_S)
     graphs = processes("one KD process replayed as CUDA graphs", "kd_w4_cudagraphs", (1,),
                        CUDAGRAPHS_TIMEOUT_S)
-    eager_graph = processes("one eager KD process captured as a CUDA graph", "kd_w4_graphed", (1,),
-                            EAGER_GRAPH_TIMEOUT_S)
     return {"division": COMPILED_DIVISION, "levels": levels, "concurrency": side_by_side,
-            "cudagraphs": graphs, "eager_graph": eager_graph}
+            "cudagraphs": graphs}
 
 
 def compile_verdict(result: dict[str, Any], lease_s: float) -> dict[str, Any] | None:

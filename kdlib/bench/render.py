@@ -174,11 +174,38 @@ def _compiled_line(c: dict[str, Any]) -> str:
             for k, e in _numeric_order(side["by_jobs"]))
     graphs = _one_process(c.get("cudagraphs"), "replayed as CUDA graphs",
                           "reduce-overhead")  # measured since 2026-12-04
-    eager = _one_process(c.get("eager_graph"), "the eager step captured as one CUDA graph",
-                         "no compiler")  # since the evening of 2026-12-04
     return (f"- torch.compile for a grid's runs: every quantizer level exact {exact}; compiled "
-            f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}{graphs}"
-            f"{eager}")
+            f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}{graphs}")
+
+
+def _graphs_line(g: dict[str, Any]) -> str:
+    check, side = g.get("check", {}), g.get("concurrency", {})
+    if "error" in check:
+        same = f"not checked ({_first_line(check['error'])})"
+    elif check.get("equal"):
+        same = f"yes ({check['steps']} KD 4-bit steps, deterministic cuDNN)"
+    else:
+        same = (f"**no** (weights up to {check['max_abs_diff']:.3g} apart after {check['steps']} "
+                f"steps; eager repeats itself: {'yes' if check.get('eager_repeatable') else 'no'})")
+    if "error" in side:
+        speed = f"not measured ({_first_line(side['error'])})"
+    else:
+        speed = ", ".join(f"{k} × {sum(e['per_process']) / len(e['per_process']):.0f} = "
+                          f"{e['images_per_s']:.0f} img/s" for k, e in _numeric_order(side["by_jobs"]))
+    return (f"- fit()'s step replayed as a CUDA graph (`cuda_graphs`, `kdlib.step.GraphedStep`): "
+            f"the same bits as eager steps {same}; `{side.get('variant', 'kd_w4_graphs')}` "
+            f"processes side by side: {speed}")
+
+
+def _graphs_verdict_line(result: dict[str, Any]) -> list[str]:
+    from kdlib.bench.graphs import graphs_verdict
+
+    verdict = graphs_verdict(result)
+    if verdict is None:
+        return []
+    use = "**replay**" if verdict["use"] else "stay eager"
+    return [f"- CUDA graphs for a grid's runs (`lease go` sets `cuda_graphs`): {use} "
+            f"({verdict['why']})"]
 
 
 def _one_process(entry: dict[str, Any] | None, what: str, how: str) -> str:
@@ -238,6 +265,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join([*_variant_rows(result), "", *_ceiling_line(result), *_ratio_lines(result),
                       *_optional_line(result, "concurrency", "runs side by side", _concurrency_line),
                       *_optional_line(result, "grouped", "weights quantized together", _grouped_line),
+                      *_optional_line(result, "graphs", "replayed steps", _graphs_line),
+                      *_graphs_verdict_line(result),
                       *_optional_line(result, "compiled", "compiled runs", _compiled_line),
                       *_verdict_line(result),
                       *_optional_line(result, "profile", "profile", _profile_line), "",

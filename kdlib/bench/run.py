@@ -93,8 +93,8 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
     matmul ceilings are always timed, in the same interleaved windows. ``concurrency``: numbers
     of processes to run the KD step side by side (default on CUDA :func:`device_concurrency`
     of the host's cores, none on a CPU, whose cores one run already uses); see
-    :mod:`kdlib.bench.concurrent`. On CUDA, with ``kd_w4_compile`` among the variants, the
-    compiled part (:func:`compiled_part`). ``profile_steps``: steps of the KD step under
+    :mod:`kdlib.bench.concurrent`. On CUDA, with ``kd_w4`` among the variants, the graphs part
+    (:func:`graphs_part`), and with ``kd_w4_compile`` the compiled part (:func:`compiled_part`). ``profile_steps``: steps of the KD step under
     ``torch.profiler`` (:mod:`kdlib.bench.profile`; default 20 on CUDA, none on a CPU).
     ``grouped``: with ``kd_w4`` among the variants, the grouped-weights part
     (:mod:`kdlib.bench.grouped`). Everything shrinks for tests.
@@ -160,6 +160,8 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
             log(f"bench: concurrent processes failed ({result['concurrency']['error']})")
     if grouped and "kd_w4" in names:
         result["grouped"] = grouped_part(ctx, result["settings"], log)
+    if device.type == "cuda" and "kd_w4" in names:
+        result["graphs"] = graphs_part(result, ctx, preset=preset, model=model, log=log)
     if device.type == "cuda" and "kd_w4_compile" in names:
         result["compiled"] = compiled_part(result, ctx, preset=preset, model=model, log=log)
     if profile_steps is None:
@@ -211,6 +213,16 @@ def compiled_part(result: dict[str, Any], ctx, *, preset: str, model: str,
     return measure_compiled(ctx, counts,
                             seconds=concurrency.get("seconds", 10.0), preset=preset, model=model,
                             log=log)
+
+
+def graphs_part(result: dict[str, Any], ctx, *, preset: str, model: str,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`kdlib.bench.graphs.measure_graphs`, as long a window per count as the eager
+    processes side by side had."""
+    from kdlib.bench.graphs import measure_graphs
+
+    seconds = (result.get("concurrency") or {}).get("seconds", 10.0)
+    return measure_graphs(ctx, seconds=seconds, preset=preset, model=model, log=log)
 
 
 def grouped_part(ctx, settings: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:

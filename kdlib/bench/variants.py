@@ -1,7 +1,7 @@
 """The variants: what one timed step of each is, built from the preset's :class:`RunConfig`.
 
 kdlib's variants call the training step itself: :func:`kdlib.step.make_trainer` on the variant's
-config, then :func:`kdlib.step.train_step` inside :func:`kdlib.step.frozen_teacher` on batches of
+config, then :func:`kdlib.step.run_step` inside :func:`kdlib.step.frozen_teacher` on batches of
 :func:`kdlib.data.train_batches`, with the learning rate of :func:`kdlib.schedules.lr_at`, as
 :func:`kdlib.train.fit` runs it. The typical pipeline (d) comes from :mod:`kdlib.bench.typical`.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import kdlib.step  # train_step looked up per call: the step fit() runs, even when patched
+import kdlib.step  # run_step looked up per call: the step fit() runs, even when patched
 from kdlib.bench.measure import Runner, count_flops
 from kdlib.bench.typical import (TYPICAL_WORKERS, PILImageDataset, ResNet20, TypicalKDStep,
                                  endless, loader_info, typical_loader)
@@ -110,7 +110,8 @@ def _fit_batches(images: Tensor, labels: Tensor, cfg: RunConfig) -> Iterator[tup
 
 def _switches(cfg: RunConfig, teacher_bits: int | None) -> dict[str, Any]:
     return {"precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile,
-            "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "teacher_bits": teacher_bits}
+            "cuda_graphs": cfg.cuda_graphs, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+            "teacher_bits": teacher_bits}
 
 
 def _kdlib_runner(cfg: RunConfig, ctx: Context) -> Runner:
@@ -124,13 +125,15 @@ def _kdlib_runner(cfg: RunConfig, ctx: Context) -> Runner:
 
     def step() -> None:
         epoch, x, y = next(batches)
-        kdlib.step.train_step(trainer, x, y, lr_at(epoch, cfg))
+        kdlib.step.run_step(trainer, x, y, lr_at(epoch, cfg))
 
-    info = {"step": "kdlib.step.train_step inside kdlib.step.frozen_teacher (what fit() runs)",
+    info = {"step": "kdlib.step.run_step inside kdlib.step.frozen_teacher (what fit() runs)",
             "pipeline": KDLIB_PIPELINE, "switches": _switches(cfg, 32 if kd else None),
             "kd_mode": trainer.mode, "run_config": cfg.to_dict()}
+    warmup_min = (COMPILE_WARMUP_STEPS if cfg.compile
+                  else kdlib.step.GRAPH_WARMUP_STEPS + 1 if trainer.graphed is not None else 0)  # + capture
     return Runner(step, stack.close, info, batch_size=cfg.batch_size, trainer=trainer,
-                  warmup_min=COMPILE_WARMUP_STEPS if cfg.compile else 0)
+                  warmup_min=warmup_min)
 
 
 def _kdlib_flops(cfg: RunConfig, ctx: Context, probe: int) -> float:
@@ -175,48 +178,6 @@ def _cudagraphs_runner(ctx: Context) -> Runner:
         step()
 
     runner.step = step_marked
-    return runner
-
-
-GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (momentum buffers, caches)
-
-
-def _graphed_runner(ctx: Context) -> Runner:
-    """fit()'s KD 4-bit step, eager, captured whole (student forward and backward, teacher
-    forward, loss, SGD update) into one CUDA graph and replayed: the eager kernels themselves,
-    so the same arithmetic, launched once a step. Each step's batch is drawn as fit() draws it
-    and copied into the graph's input. Benchmark-only: the learning rate is the capture step's
-    (a Python number the graph keeps), which changes no kernel's duration."""
-    if ctx.device.type != "cuda":
-        raise ValueError("kd_w4_graphed captures CUDA graphs: it needs a CUDA device")
-    cfg = variant_config(ctx.cfg, KD_BITS, True, {"compile": False})
-    runner = _kdlib_runner(cfg, ctx)
-    trainer = runner.trainer
-    batches = _fit_batches(ctx.images_dev, ctx.labels_dev, cfg)
-    epoch, x, y = next(batches)
-    static_x, static_y, lr = x.clone(), y.clone(), lr_at(epoch, cfg)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(GRAPH_WARMUP_STEPS):
-            kdlib.step.train_step(trainer, static_x, static_y, lr)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        kdlib.step.train_step(trainer, static_x, static_y, lr)
-
-    def step() -> None:
-        _, x, y = next(batches)
-        static_x.copy_(x)
-        static_y.copy_(y)
-        graph.replay()
-
-    close = runner.close
-    runner.step = step
-    runner.close = lambda: (batches.close(), close())
-    runner.info["step"] = ("kdlib.step.train_step captured once as a CUDA graph (torch.cuda.graph) "
-                           "and replayed, the batch copied in")
-    runner.info["learning_rate"] = f"fixed at the capture step's {lr:g}"
     return runner
 
 
@@ -299,10 +260,12 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("data_kdlib", "data only: batches of (c)", _data_kdlib),
     Variant("data_typical", "data only: batches of (d)", _data_typical),
 )
-# timed only on a GPU, in the compiled part (kdlib.bench.compiled): CUDA graphs need CUDA
+# timed only on a GPU, in the compiled and graphs parts (kdlib.bench.compiled, .graphs): CUDA
+# graphs need CUDA
 GPU_VARIANTS: tuple[Variant, ...] = (
     Variant("kd_w4_cudagraphs", "(c) + torch.compile, CUDA graphs (reduce-overhead)",
             _cudagraphs_runner),
-    Variant("kd_w4_graphed", "(c) eager, captured as one CUDA graph", _graphed_runner),
+    _kdlib("kd_w4_graphs", "(c) replayed as a CUDA graph (cuda_graphs)", KD_BITS, kd=True,
+           cuda_graphs=True),
 )
 BY_NAME = {v.name: v for v in (*VARIANTS, *GPU_VARIANTS)}

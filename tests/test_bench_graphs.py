@@ -1,0 +1,129 @@
+"""The benchmark's graphs part (kdlib.bench.graphs) and what a lease does with it.
+
+The real CUDA graph runs only on a GPU (tests/test_graphed_step.py's CUDA test, and the lease's
+benchmark); here the check runs with a stand-in capture, and the processes side by side are
+replaced by their recorded numbers.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kdlib import lease
+from kdlib.bench import render
+from kdlib.bench.graphs import check_graph_step, graphs_verdict, measure_graphs
+from kdlib.budget import RunTimer
+from kdlib.presets import build_config
+from test_graphed_step import StandIn
+
+
+def test_the_check_finds_a_faithful_replay_equal_and_a_faulty_one_not():
+    good = check_graph_step("cpu", preset="smoke", steps=6, capture=StandIn())
+    assert good == {"equal": True, "eager_repeatable": True, "steps": 6, "max_abs_diff": 0.0}
+
+    def skips_every_other_replay(fn, stream):
+        calls = []
+
+        def replay():
+            calls.append(1)
+            if len(calls) % 2:
+                fn()
+        return replay
+
+    bad = check_graph_step("cpu", preset="smoke", steps=6, capture=skips_every_other_replay)
+    assert not bad["equal"] and bad["eager_repeatable"] and bad["max_abs_diff"] > 0
+
+
+def test_the_check_needs_cuda_or_a_capture():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        check_graph_step("cpu", preset="smoke")
+
+
+def _eager(rates):
+    return {"variant": "kd_w4", "seconds": 10.0, "by_jobs": {
+        str(k): {"images_per_s": float(r), "per_process": [r / k] * k} for k, r in rates.items()}}
+
+
+EAGER = _eager({1: 3834, 2: 7588, 4: 17222, 8: 18744})
+
+
+def test_the_graphs_part_is_recorded_rendered_and_decides_the_grid(monkeypatch):
+    import kdlib.bench.concurrent as concurrent
+    import kdlib.bench.graphs as graphs
+
+    asked = []
+
+    def side_by_side(images, labels, *, jobs, variant, **_):
+        asked.append((variant, tuple(jobs)))
+        return _eager({1: 20000, 2: 36000, 4: 45000, 8: 47000}) | {"variant": variant}
+
+    monkeypatch.setattr(concurrent, "concurrent_throughput", side_by_side)
+    monkeypatch.setattr(graphs, "check_graph_step", lambda device, **_: {
+        "equal": True, "eager_repeatable": True, "steps": 8, "max_abs_diff": 0.0})
+    ctx = SimpleNamespace(device=torch.device("cpu"), images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+                          labels=torch.zeros(2, dtype=torch.int64))
+    part = measure_graphs(ctx, seconds=10.0, preset="gpu", model="resnet20", log=print)
+    assert asked == [("kd_w4_graphs", (1, 2, 4, 8))]
+    bench = {"concurrency": EAGER, "graphs": part}
+    line = render._graphs_line(part)
+    assert "the same bits as eager steps yes (8 KD 4-bit steps, deterministic cuDNN)" in line
+    assert "1 × 20000 = 20000 img/s" in line and "8 × 5875 = 47000 img/s" in line
+    verdict = graphs_verdict(bench)
+    assert verdict["use"] and "4 replaying processes 45,000 img/s against 4 eager ones 17,222" in verdict["why"]
+    assert render._graphs_verdict_line(bench)[0].startswith("- CUDA graphs for a grid's runs "
+                                                            "(`lease go` sets `cuda_graphs`): **replay**")
+    assert lease.replays_steps(bench, "gpu") and lease.auto_jobs(bench, "gpu") == 4
+    assert not lease.replays_steps({"concurrency": EAGER}, "gpu")  # no graphs part yet
+    assert graphs_verdict({"concurrency": EAGER}) is None
+
+    differs = {**part, "check": {"equal": False, "eager_repeatable": True, "steps": 8,
+                                 "max_abs_diff": 3e-7}}
+    assert not graphs_verdict({**bench, "graphs": differs})["use"]
+    assert "**no** (weights up to 3e-07 apart after 8 steps" in render._graphs_line(differs)
+    slower = {**part, "concurrency": _eager({1: 3000, 2: 6000, 4: 9000})}
+    assert not graphs_verdict({**bench, "graphs": slower})["use"]
+    assert not lease.replays_steps({**bench, "graphs": slower}, "gpu")
+    assert lease.auto_jobs({**bench, "graphs": slower}, "gpu") == 4  # the eager count
+    failed = {"check": {"error": "RuntimeError: operation not permitted when stream is capturing"},
+              "concurrency": {"error": "RuntimeError: 1 concurrent kd_w4_graphs processes failed"}}
+    assert "the check failed" in graphs_verdict({**bench, "graphs": failed})["why"]
+    assert "not checked (RuntimeError: operation not permitted" in render._graphs_line(failed)
+
+
+def test_estimates_of_replayed_runs_use_the_replaying_processes_rates():
+    graphs = {"check": {"equal": True}, "concurrency": _eager({1: 20000, 2: 36000, 4: 45000})}
+    bench = {"machine": {"device": "cuda", "gpu": "G"}, "settings": {"model": "resnet20"},
+             "variants": {"kd_w4": {"images_per_s": 3834.0}}, "concurrency": EAGER,
+             "graphs": graphs}
+    cfg = build_config("gpu", overrides={"method": "direct_kd", "teacher_id": "t", "w_bits": 4,
+                                         "a_bits": 4, "cuda_graphs": True})
+    eager = RunTimer("cuda:G", bench=bench, jobs=4)
+    replayed = RunTimer("cuda:G", bench=bench, jobs=4, graphs=True)
+    assert "3834 img/s a run with 4 at a time" in eager.estimate(cfg).source  # never above alone
+    assert "11250 img/s a run with 4 at a time" in replayed.estimate(cfg).source
+    # a finished eager run does not time a replayed one, nor the other way round
+    record = {"device": "cuda", "gpu": "G", "config": cfg.replace(cuda_graphs=False).to_dict(),
+              "history": [{"seconds": 30.0}]}
+    replayed.add(record)
+    assert replayed.estimate(cfg).source.startswith("benchmark")
+    assert replayed.estimate(cfg.replace(cuda_graphs=False)).source.startswith("1 finished run")
+
+
+def test_go_trains_replayed_runs_where_the_benchmark_says_so(fake_data_root, tmp_path,
+                                                              monkeypatch):
+    import kdlib.budget
+    import kdlib.executors
+
+    planned = []
+    monkeypatch.setattr(kdlib.executors, "execute_processes",
+                        lambda plan, **kw: planned.append((plan, kw["jobs"])) or [])
+    graphs = {"check": {"equal": True}, "concurrency": _eager({1: 200, 2: 400, 4: 800})}
+    monkeypatch.setattr(kdlib.budget, "load_bench", lambda folder, kind: {
+        "concurrency": _eager({1: 100, 2: 200, 4: 300}), "graphs": graphs})
+    lease.go(preset="smoke", minutes=1, jobs="auto", results_dir=tmp_path / "results",
+             repo_root=tmp_path / "repo", model="resnet8", bench="never",
+             stash=tmp_path / "stash", data_root=fake_data_root, log=lambda m: None)
+    ((plan, jobs),) = planned
+    assert jobs == 4 and plan and all(cfg.cuda_graphs for cfg in plan)
+    run_ids = {cfg.run_id() for cfg in plan}  # the same runs as eager ones: records carry over
+    assert run_ids == {cfg.replace(cuda_graphs=False).run_id() for cfg in plan}

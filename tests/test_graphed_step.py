@@ -1,0 +1,114 @@
+"""fit()'s step replayed as a CUDA graph (kdlib.step.GraphedStep): the same training as eager.
+
+On a CPU there are no CUDA graphs, so these tests capture with a stand-in that behaves as a
+graph does for the step's orchestration: the capture records the step without running it, and
+every replay runs it again on the graph's input buffers. A run trained that way must equal the
+eager run bit for bit: the warm-up steps, the captured step (replayed, not skipped or run twice),
+the learning rate of every step, the eager SGD update, the metrics and the KD terms. On a CUDA
+device the real graph is compared with eager steps by kdlib.bench.graphs.check_graph_step.
+"""
+import pytest
+import torch
+
+import kdlib.step as step_mod
+from kdlib.config import RunConfig
+from kdlib.step import GRAPH_WARMUP_STEPS as WARMUP_STEPS, GraphedStep, capture_for
+from kdlib.train import fit
+from test_train import make_cfg, make_model, make_splits, states_equal, untimed
+
+
+class StandIn:
+    """A capture that records ``fn`` unrun, as CUDA graph capture does, and replays it."""
+
+    def __init__(self):
+        self.captures = 0
+        self.replays = 0
+
+    def __call__(self, fn, stream):
+        self.captures += 1
+
+        def replay():
+            self.replays += 1
+            fn()
+
+        return replay
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_splits()
+
+
+def _fit(splits, cfg, stand_in=None, monkeypatch=None):
+    if stand_in is not None:
+        monkeypatch.setattr(step_mod, "capture_for", lambda device: stand_in)
+    teacher = None
+    if cfg.method == "direct_kd":
+        teacher = make_model(cfg.replace(w_bits=32, a_bits=32, method="individual"), seed=7)
+    model = make_model(cfg)
+    result = fit(model, splits, cfg, teacher=teacher, device="cpu", progress=False,
+                 tensorboard=False)
+    return result, model, teacher
+
+
+@pytest.mark.parametrize("kw", [
+    dict(w_bits=4, a_bits=4),
+    dict(method="direct_kd", w_bits=2, a_bits=2),
+    dict(method="direct_kd", kd_mode="apprentice", w_bits=4, a_bits=4),
+], ids=["plain-w4", "hinton-w2", "apprentice-w4"])
+def test_a_replayed_run_equals_the_eager_run_bit_for_bit(splits, monkeypatch, kw):
+    cfg = make_cfg(epochs=2, channels_last=True, **kw)
+    eager, eager_model, eager_teacher = _fit(splits, cfg)
+    stand_in = StandIn()
+    graphed, graphed_model, graphed_teacher = _fit(splits, cfg.replace(cuda_graphs=True),
+                                                   stand_in, monkeypatch)
+    steps = 2 * (320 // cfg.batch_size)
+    assert stand_in.captures == 1 and stand_in.replays == steps - WARMUP_STEPS
+    assert untimed(graphed.history) == untimed(eager.history)
+    assert (graphed.test_top1, graphed.final_test_top1) == (eager.test_top1, eager.final_test_top1)
+    assert states_equal(graphed_model.state_dict(), eager_model.state_dict())
+    if cfg.kd_mode == "apprentice":  # the teacher's own SGD steps after the replay too
+        assert states_equal(graphed_teacher.state_dict(), eager_teacher.state_dict())
+    assert "train_kd" in graphed.history[0] or cfg.method != "direct_kd"
+
+
+def test_cuda_graphs_is_not_part_of_the_run_id_and_a_no_op_on_a_cpu(splits):
+    cfg = make_cfg()
+    assert cfg.replace(cuda_graphs=True).run_id() == cfg.run_id()
+    assert capture_for(torch.device("cpu")) is None
+    trainer = step_mod.make_trainer(make_model(cfg), cfg.replace(cuda_graphs=True), device="cpu")
+    assert trainer.graphed is None  # eager steps: nothing to capture on a CPU
+
+
+def test_cuda_graphs_refuses_compile():
+    with pytest.raises(ValueError, match="cuda_graphs.*compile"):
+        step_mod.make_trainer(make_model(make_cfg()), make_cfg(cuda_graphs=True, compile=True),
+                              device="cpu")
+
+
+def test_the_capture_sees_no_warm_up_gradients(splits, monkeypatch):
+    """Gradients left by the eager warm-up are freed before the capture, whose backward then
+    allocates the graph's own (a graph that accumulated into them would double every step)."""
+    cfg = make_cfg(w_bits=4, a_bits=4)
+    seen = []
+
+    def capture(fn, stream):
+        seen.append([p.grad for p in trainer.model.parameters()])
+        return fn
+
+    trainer = step_mod.make_trainer(make_model(cfg), cfg, device="cpu")
+    trainer.graphed = GraphedStep(trainer, capture)
+    x, y = splits.train_images[:32].float() / 255, splits.train_labels[:32]
+    for _ in range(WARMUP_STEPS + 2):
+        step_mod.run_step(trainer, x, y, 0.05)
+    assert len(seen) == 1 and all(g is None for g in seen[0])
+    assert all(p.grad is not None for p in trainer.model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_graph_replays_the_eager_steps_bit_for_bit():
+    from kdlib.bench.graphs import check_graph_step
+
+    report = check_graph_step("cuda", steps=WARMUP_STEPS + 5)
+    assert report["eager_repeatable"], report
+    assert report["equal"], report
