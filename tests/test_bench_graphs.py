@@ -50,6 +50,7 @@ EAGER = _eager({1: 3834, 2: 7588, 4: 17222, 8: 18744})
 def test_the_graphs_part_is_recorded_rendered_and_decides_the_grid(monkeypatch):
     import kdlib.bench.concurrent as concurrent
     import kdlib.bench.graphs as graphs
+    import kdlib.bench.profile as profile
 
     asked = []
 
@@ -60,11 +61,18 @@ def test_the_graphs_part_is_recorded_rendered_and_decides_the_grid(monkeypatch):
     monkeypatch.setattr(concurrent, "concurrent_throughput", side_by_side)
     monkeypatch.setattr(graphs, "check_graph_step", lambda device, **_: {
         "equal": True, "eager_repeatable": True, "steps": 8, "max_abs_diff": 0.0})
+    profiled = {"variant": "kd_w4_graphs", "steps": 20, "wall_ms_per_step": 5.0,
+                "device_busy_ms_per_step": 4.5, "device_busy_fraction": 0.9,
+                "kernel_launches_per_step": 25.0, "bound": "device (kernels)", "top": []}
+    monkeypatch.setattr(profile, "profile_variant", lambda ctx, variant, **_: profiled)
     ctx = SimpleNamespace(device=torch.device("cpu"), images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
                           labels=torch.zeros(2, dtype=torch.int64))
     part = measure_graphs(ctx, seconds=10.0, preset="gpu", model="resnet20", log=print)
-    assert asked == [("kd_w4_graphs", (1, 2, 4, 8))]
+    assert asked == [("kd_w4_graphs", (1, 2, 4, 8))] and part["profile"] == profiled
     bench = {"concurrency": EAGER, "graphs": part}
+    assert render._optional_line(part, "profile", "?", render._profile_line) == [
+        "- profile of `kd_w4_graphs` (20 steps, torch.profiler): the GPU busy 4.5 ms of each 5.0 ms "
+        "step (90%), 25 kernel launches a step; bound by device (kernels); most time: "]
     line = render._graphs_line(part)
     assert "the same bits as eager steps yes (8 KD 4-bit steps, deterministic cuDNN)" in line
     assert "1 × 20000 = 20000 img/s" in line and "8 × 5875 = 47000 img/s" in line
@@ -127,3 +135,15 @@ def test_go_trains_replayed_runs_where_the_benchmark_says_so(fake_data_root, tmp
     assert jobs == 4 and plan and all(cfg.cuda_graphs for cfg in plan)
     run_ids = {cfg.run_id() for cfg in plan}  # the same runs as eager ones: records carry over
     assert run_ids == {cfg.replace(cuda_graphs=False).run_id() for cfg in plan}
+
+
+def test_the_replayed_variant_profiles_and_times_where_it_cannot_replay():
+    """On a CPU kd_w4_graphs is the eager step (a lease's parts must not fail for want of a
+    GPU where they are rehearsed): it builds, profiles and steps."""
+    from kdlib.bench.profile import profile_variant
+    from kdlib.bench.variants import make_context
+
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
+    ctx = make_context(images, torch.randint(0, 100, (256,)), preset="smoke", device="cpu")
+    result = profile_variant(ctx, "kd_w4_graphs", steps=2, warmup=1)
+    assert result["variant"] == "kd_w4_graphs" and result["bound"] == "host (no device)"

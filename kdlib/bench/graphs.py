@@ -1,13 +1,15 @@
 """fit()'s step replayed as a CUDA graph (``cuda_graphs``, :class:`kdlib.step.GraphedStep`) on the
 device the benchmark runs on: the same bits as eager steps, and the speed.
 
-Two things, about two minutes on a GPU:
+Three things, about two minutes on a GPU:
 
 * :func:`check_graph_step`: KD 4-bit steps of the preset's config, eager twice and replayed
   once, from the same seed on the same batches, with cuDNN's deterministic algorithms (so
   that eager repeats itself bit for bit: its default weight-gradient kernels sum in a
   run-dependent order); the replayed run's weights, buffers and losses must equal eager's,
   raw bits.
+* a ``torch.profiler`` summary of 20 replayed steps (:mod:`kdlib.bench.profile`): with the
+  launches gone, whether the GPU's own work now bounds the step;
 * ``kd_w4_graphs`` processes side by side (:func:`kdlib.bench.concurrent.concurrent_throughput`),
   the count a grid of replayed runs is worth.
 
@@ -26,6 +28,7 @@ import torch
 GRAPH_JOBS = (1, 2, 4, 8)  # replaying processes side by side
 GRAPHS_TIMEOUT_S = 120.0  # a count of processes to start, warm up, capture and time
 CHECK_IMAGES = 1024  # random images the check's batches are drawn from
+PROFILE_STEPS = 20
 
 
 @contextlib.contextmanager
@@ -112,16 +115,23 @@ def check_graph_step(device: str | torch.device, *, steps: int = 8, preset: str 
 
 def measure_graphs(ctx, *, seconds: float, preset: str, model: str,
                    log: Callable[[str], None], jobs: Sequence[int] = GRAPH_JOBS) -> dict[str, Any]:
-    """The ``graphs`` part of a GPU benchmark: :func:`check_graph_step` and ``kd_w4_graphs``
-    processes side by side at each count of ``jobs`` (``{"error": ...}`` for what raised)."""
+    """The ``graphs`` part of a GPU benchmark: :func:`check_graph_step`, a profile of the
+    replayed step and ``kd_w4_graphs`` processes side by side at each count of ``jobs``
+    (``{"error": ...}`` for what raised)."""
     from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput
     from kdlib.bench.measure import error_entry
+    from kdlib.bench.profile import profile_variant
 
     log("bench: the replayed step against eager steps, bit for bit")
     try:
         check = check_graph_step(ctx.device, preset=preset, model=model)
     except Exception as exc:  # noqa: BLE001 - recorded: the grid then stays eager
         check = error_entry(exc)
+    log(f"bench: profiling {PROFILE_STEPS} replayed steps")
+    try:
+        profile = profile_variant(ctx, "kd_w4_graphs", steps=PROFILE_STEPS)
+    except Exception as exc:  # noqa: BLE001 - recorded
+        profile = error_entry(exc)
     log(f"bench: {', '.join(map(str, jobs))} KD processes replaying CUDA graphs side by side")
     try:
         side = concurrent_throughput(
@@ -130,7 +140,7 @@ def measure_graphs(ctx, *, seconds: float, preset: str, model: str,
             seconds=seconds, warmup=1, timeout=GRAPHS_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - recorded
         side = error_entry(exc)
-    return {"check": check, "concurrency": side}
+    return {"check": check, "profile": profile, "concurrency": side}
 
 
 def graphs_verdict(result: dict[str, Any]) -> dict[str, Any] | None:

@@ -18,7 +18,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from kdlib.device import sync
 
-LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+# a CUDA graph's replay is one launch (kdlib.step.GraphedStep), however many kernels it holds
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
+                 "cudaGraphLaunch", "cuGraphLaunch")
 HOST_BOUND_BELOW = 0.5  # device busy under half the wall time: the host is what the step waits on
 TOP = 8
 

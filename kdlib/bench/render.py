@@ -266,6 +266,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                       *_optional_line(result, "concurrency", "runs side by side", _concurrency_line),
                       *_optional_line(result, "grouped", "weights quantized together", _grouped_line),
                       *_optional_line(result, "graphs", "replayed steps", _graphs_line),
+                      *_optional_line(result.get("graphs") or {}, "profile",
+                                      "profile of the replayed step", _profile_line),
                       *_graphs_verdict_line(result),
                       *_optional_line(result, "compiled", "compiled runs", _compiled_line),
                       *_verdict_line(result),
