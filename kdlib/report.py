@@ -265,20 +265,26 @@ def _missing_text(missing: dict[int, tuple[int, dict[str, list[tuple[str, int | 
     return ". ".join(parts)
 
 
-def render_gpu(results_dir: str | os.PathLike, bench_dir: str | os.PathLike,
-               preset: str = "gpu") -> str:
-    """Markdown: the GPU grid's results as they come in, the runs still missing, and the newest
-    GPU benchmark."""
+def render_progress(results_dir: str | os.PathLike, preset: str) -> list[str]:
+    """Markdown lines: a lease-filled grid's results as they come in, and the runs still missing."""
     missing = missing_runs(results_dir, preset)
     planned = sum(n for n, _ in missing.values())
     left = sum(len(v) for _, methods in missing.values() for v in methods.values())
     lines = [render_results(results_dir) if list(Path(results_dir).glob("runs/*.json"))
-             else f"_No GPU run yet (`{_shown(results_dir)}`)._", ""]
+             else f"_No `{preset}` run yet (`{_shown(results_dir)}`)._", ""]
     if left:
         lines.append(f"Still missing, {left} of {planned} runs of preset `{preset}`: "
                      f"{_missing_text(missing)}.")
     else:
         lines.append(f"Every run of preset `{preset}` has a record.")
+    return lines
+
+
+def render_gpu(results_dir: str | os.PathLike, bench_dir: str | os.PathLike,
+               preset: str = "gpu") -> str:
+    """Markdown: the GPU grid's results as they come in, the runs still missing, and the newest
+    GPU benchmark."""
+    lines = render_progress(results_dir, preset)
     newest = newest_bench_file(bench_dir, gpu=True)
     bench = json.loads(newest.read_text()) if newest else {}
     jobs = worth_running(bench.get("concurrency"))
@@ -348,8 +354,10 @@ def render_second_model(results_dir: str | os.PathLike, preset: str) -> str:
     return "\n".join(lines)
 
 
-def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_dir=None) -> str:
+def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_dir=None,
+                  paper_dir=None) -> str:
     gpu_dir = Path(results_dir).parent / "gpu" if gpu_dir is None else gpu_dir
+    paper_dir = Path(results_dir).parent / "paper" if paper_dir is None else paper_dir
     squeezenet_dir = (Path(results_dir).parent / "quick_squeezenet" if squeezenet_dir is None
                       else squeezenet_dir)
     text = replace_block(readme, "results", render_results(results_dir))
@@ -359,6 +367,7 @@ def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_
     cpu_runs = cpu_runs[cpu_runs["device"] == "cpu"] if "device" in cpu_runs else cpu_runs
     text = replace_block(text, "costs", render_costs(COST_PRESETS, cpu_runs))
     text = replace_block(text, "gpu", render_gpu(gpu_dir, bench_dir))
+    text = replace_block(text, "paper", "\n".join(render_progress(paper_dir, "paper")))
     text = replace_block(text, "config", render_config_fields())
     text = replace_block(text, "models", render_packed_models(results_dir))
     return replace_block(text, "bench", render_bench(bench_dir))

@@ -242,7 +242,7 @@ def test_gpu_block_lists_the_runs_still_missing(tmp_path, monkeypatch):
     plan = plan_grid(preset="gpu", seeds=list(seeds))
     a_seed = len(plan) // len(seeds)
     empty = report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
-    assert "No GPU run yet" in empty and f"Still missing, {len(plan)} of {len(plan)} runs" in empty
+    assert "No `gpu` run yet" in empty and f"Still missing, {len(plan)} of {len(plan)} runs" in empty
     assert f"seed 0: all {a_seed}. seed 1: all {a_seed}" in empty
     teacher = plan[0]
     write_record(tmp_path / "gpu", teacher.run_id(), "teacher", 32, 0, 61.5,
@@ -272,6 +272,25 @@ def test_gpu_block_lists_the_runs_still_missing(tmp_path, monkeypatch):
                  created_at="2026-12-02T11:00:00+00:00", device="cuda:0")
     rendered = report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
     assert "individual 16, 4" in rendered and "paused at epoch 6" not in rendered  # finished since
+
+
+def test_the_paper_block_shows_its_runs_as_leases_fill_it(tmp_path, monkeypatch):
+    from kdlib.experiments import plan_grid
+
+    plan = plan_grid(preset="paper", seeds=[0, 1, 2])
+    readme = "x\n<!-- paper:start -->\nold\n<!-- paper:end -->\n"
+    monkeypatch.setattr(report, "replace_block", lambda text, name, body: (
+        text.replace("old", body) if name == "paper" else text))
+    rendered = report.render_readme(readme, tmp_path / "quick", tmp_path / "bench",
+                                    paper_dir=tmp_path / "paper")
+    assert "No `paper` run yet" in rendered
+    assert f"Still missing, {len(plan)} of {len(plan)} runs of preset `paper`" in rendered
+    write_record(tmp_path / "paper", plan[0].run_id(), "teacher", 32, 0, 69.1,
+                 created_at="2026-12-05T10:00:00+00:00", device="cuda:0")
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    rendered = report.render_readme(readme, tmp_path / "quick", tmp_path / "bench",
+                                    paper_dir=tmp_path / "paper")
+    assert "69.10" in rendered and f"Still missing, {len(plan) - 1} of {len(plan)}" in rendered
 
 
 def test_second_model_block_states_the_uncontrolled_difference(tmp_path):
