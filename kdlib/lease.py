@@ -498,8 +498,10 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         log(f"benchmark completed: {bench_written} ({time.monotonic() - started:.0f} s in)")
     timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
     timer.graphs = replays_steps(timer.bench, preset, model)
-    if timer.graphs:
-        log(f"grid: steps replayed as CUDA graphs ({graphs_verdict(timer.bench)['why']})")
+    verdict = graphs_verdict(timer.bench) if timer.bench else None
+    if verdict:
+        log(f"grid: {'steps replayed as CUDA graphs' if timer.graphs else 'eager steps'} "
+            f"({verdict['why']})")
     if jobs == "auto":
         jobs = auto_jobs(timer.bench, preset, model)
     timer.jobs = jobs

@@ -75,7 +75,8 @@ def make_optimizer(module: nn.Module, cfg: RunConfig) -> torch.optim.SGD:
 
 def make_trainer(model: nn.Module, cfg: RunConfig, *, teacher: nn.Module | None = None,
                  device: str | torch.device | None = None) -> Trainer:
-    """Validate ``cfg``, move the models to the device and memory format, build optimizers."""
+    """Validate ``cfg``, move the models to the device and memory format, build optimizers
+    (and, for ``cuda_graphs`` on CUDA, the step's :class:`GraphedStep`)."""
     validate(cfg)
     mode = kd_mode(cfg, teacher)
     device = pick_device(device)
@@ -233,10 +234,6 @@ class GraphedStep:
         self.static_x: Tensor | None = None
         self.static_y: Tensor | None = None
         self.outputs: tuple | None = None
-
-    @property
-    def captured(self) -> bool:
-        return self.replay is not None
 
     def __call__(self, x: Tensor, y: Tensor, lr: float, *,
                  terms_sum: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
