@@ -240,6 +240,23 @@ def test_a_profile_counts_the_steps_and_names_where_the_time_goes():
             "host (kernel launches); most time: sm90_xmma_fprop 0.80 ms") in text
 
 
+def test_device_time_counts_kernels_not_the_ranges_around_them():
+    """The H200's first profile counted "Optimizer.step#SGD.step", a record_function range whose
+    device-side copy spans the update's kernels, as 0.22 ms of GPU work beside those kernels."""
+    from types import SimpleNamespace
+
+    from kdlib.bench.profile import device_kernels
+
+    def event(key, device, us, annotation=False):
+        return SimpleNamespace(key=key, device_type=f"DeviceType.{device}", self_device_time_total=us,
+                               is_user_annotation=annotation)
+
+    events = [event("sm90_xmma_fprop", "CUDA", 800.0), event("aten::conv2d", "CPU", 0.0),
+              event("Optimizer.step#SGD.step", "CUDA", 222.0, annotation=True),
+              event("multi_tensor_apply_kernel", "CUDA", 40.0), event("idle", "CUDA", 0.0)]
+    assert [e.key for e in device_kernels(events)] == ["sm90_xmma_fprop", "multi_tensor_apply_kernel"]
+
+
 def test_matmul_ceiling_step_is_one_product_of_the_recorded_size():
     runner = bench.matmul_runner(torch.device("cpu"), torch.bfloat16, size=64)
     assert runner.info["size"] == 64 and runner.info["dtype"] == "bfloat16"
