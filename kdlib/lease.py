@@ -492,7 +492,7 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         bench_written = bench_dir / bench_file_name(result)
         write_json_atomic(bench_written, result)
         log(f"benchmark written: {bench_written} ({time.monotonic() - started:.0f} s in)")
-    elif bench == "auto" and missing_parts(existing, torch_device):
+    elif bench == "auto" and missing_parts(existing, torch_device, preset):
         bench_written = complete_bench(existing, bench_dir, data_root, torch_device, preset=preset,
                                        model=model, log=log)
         log(f"benchmark completed: {bench_written} ({time.monotonic() - started:.0f} s in)")
@@ -508,6 +508,10 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     for record in load_records(results_dir):
         timer.add(record)
     budget_s = deadline - reserve_s - time.monotonic()
+    undecided = compile_undecided(timer.bench, preset, model, results_dir)
+    if undecided:
+        log(f"grid: not started: {undecided}")
+        budget_s = 0.0
     grid = {k: v for k, v in (grid or {}).items() if v}
     plan = plan_grid(preset=preset, model=model, **{"seeds": list(get_preset(preset).seeds), **grid},
                      overrides={"cuda_graphs": True} if timer.graphs else None)
@@ -528,6 +532,28 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     log(f"lease: {done} of {len(plan)} planned runs have records; {summary['seconds']:.0f} s; "
         "now `python3 -m kdlib lease pack`")
     return summary
+
+
+def compile_undecided(bench: dict[str, Any] | None, preset: str, model: str | None,
+                      results_dir: Path) -> str | None:
+    """Why a lease must not train ``preset`` yet, or None. ``compile`` is in the run id, so a
+    grid of long runs (:func:`kdlib.bench.compiled.compile_may_pay`) whose benchmark says
+    compiling pays, while the preset does not compile, would train runs that the switch then
+    orphans: that is decided first, by hand, before its first run (later, its records stand)."""
+    from kdlib.bench.compiled import compile_may_pay, compile_verdict
+    from kdlib.budget import LEASE_TRAINING_MINUTES
+    from kdlib.presets import build_config
+
+    if bench is None or not compile_may_pay(preset, model) or build_config(preset, model).compile:
+        return None
+    if any((results_dir / "runs").glob("*.json")):
+        return None
+    verdict = compile_verdict(bench, 60.0 * LEASE_TRAINING_MINUTES)
+    if not verdict or not verdict["pays"]:
+        return None
+    return (f"torch.compile pays for `{preset}` ({verdict['why']}) but the preset does not "
+            f"compile: set compile=True in its preset (kdlib/presets.py) before its first run, "
+            "then lease again")
 
 
 def replays_steps(bench: dict[str, Any] | None, preset: str, model: str | None = None) -> bool:
@@ -559,7 +585,7 @@ def auto_jobs(bench: dict[str, Any] | None, preset: str, model: str | None = Non
     return worth_running((part or {}).get("concurrency"))
 
 
-def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
+def missing_parts(result: dict[str, Any], device, preset: str | None = None) -> dict[str, Any]:
     """What a benchmark measured before its parts existed lacks: ``{"profile": True}`` (again
     when profiled before the weights were quantized together), ``{"grouped": True}``
     (:mod:`kdlib.bench.grouped`) and, on a GPU, ``{"graphs": True}`` (the step replayed as a
@@ -567,9 +593,12 @@ def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
     :func:`kdlib.bench.run.device_concurrency` it has not measured (none once measuring them
     failed) and ``{"compiled": True}`` (the compiled quantizers' levels and compiled processes
     side by side, :mod:`kdlib.bench.compiled`; again when measured with another
-    ``COMPILED_DIVISION`` than today's)."""
+    ``COMPILED_DIVISION`` than today's; only for a ``preset`` whose runs are long enough to
+    compile, :func:`kdlib.bench.compiled.compile_may_pay`, so that a `gpu` lease trains instead).
+    ``preset=None``: every part."""
     import torch
 
+    from kdlib.bench.compiled import compile_may_pay
     from kdlib.bench.run import device_concurrency
     from kdlib.quant.ste import COMPILED_DIVISION
 
@@ -583,7 +612,8 @@ def missing_parts(result: dict[str, Any], device) -> dict[str, Any]:
         missing["graphs"] = True
     # measured before compiled graphs divided the levels as they do now: measured again
     compiled = result.get("compiled") or {}
-    if torch.device(device).type == "cuda" and compiled.get("division") != COMPILED_DIVISION:
+    if (torch.device(device).type == "cuda" and compiled.get("division") != COMPILED_DIVISION
+            and (preset is None or compile_may_pay(preset))):
         missing["compiled"] = True
     concurrency = result.get("concurrency") or {}
     tried = "error" in concurrency or "added_error" in concurrency  # an answer too: not again
@@ -609,7 +639,7 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     from kdlib.data import load_cifar100
     from kdlib.fileio import write_json_atomic
 
-    missing = missing_parts(result, device)
+    missing = missing_parts(result, device, preset)
     images, labels = load_cifar100(data_root, train=True, download=False)
     preset = result.get("settings", {}).get("preset", preset)
     ctx = make_context(images, labels, preset=preset, model=model, device=device, workers=0)

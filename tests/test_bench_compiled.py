@@ -177,3 +177,32 @@ def test_jobs_auto_follows_the_step_the_preset_runs(monkeypatch):
     monkeypatch.setattr(presets, "build_config", lambda *a, **k: compiling)
     assert lease.auto_jobs(bench, "gpu") == 8  # compiled: 8 doubles 4
     assert lease.auto_jobs(None, "gpu") == 1
+
+
+def test_a_long_grid_does_not_start_before_its_compile_switch_is_decided(fake_data_root, tmp_path,
+                                                                          monkeypatch):
+    """`compile` is in the run id: a paper lease whose benchmark says compiling pays trains
+    nothing until the preset says compile, or its runs would be orphaned by the switch."""
+    import kdlib.budget
+    import kdlib.executors
+    from kdlib import lease
+
+    pays = _bench_with({"division": "float64", "levels": {"exact": True, "by_bits": {}},
+                        "concurrency": {"variant": "kd_w4_compile", "by_jobs": {
+                            "8": {"images_per_s": 60000.0, "ready_s": 50.0}}}},
+                       {1: 3834.0, 2: 7588.0, 4: 17222.0, 8: 18744.0})
+    assert "set compile=True" in lease.compile_undecided(pays, "paper", None, tmp_path)
+    assert lease.compile_undecided(pays, "gpu", None, tmp_path) is None  # short runs: never compile
+    slower = {**pays, "compiled": {**pays["compiled"], "levels": {"exact": False}}}
+    assert lease.compile_undecided(slower, "paper", None, tmp_path) is None
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text("{}")  # decided already: its records stand
+    assert lease.compile_undecided(pays, "paper", None, tmp_path) is None
+
+    started, logged = [], []
+    monkeypatch.setattr(kdlib.executors, "execute_processes", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(kdlib.budget, "load_bench", lambda folder, kind: pays)
+    lease.go(preset="paper", minutes=1, jobs=2, results_dir=tmp_path / "paper",
+             repo_root=tmp_path / "repo", model="resnet8", bench="never",
+             stash=tmp_path / "stash", data_root=fake_data_root, log=logged.append)
+    assert not started and any("grid: not started: torch.compile pays" in m for m in logged)

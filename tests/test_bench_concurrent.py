@@ -70,6 +70,10 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
                                 "by_jobs": _entries({1: 100, 2: 200, 4: 400})}}
     assert lease.missing_parts(existing, "cuda") == {"concurrency": [8, 12], "compiled": True,
                                                      "graphs": True}
+    # the compiled part decides whether long runs compile: a `paper` lease measures it, a
+    # `gpu` lease (2- to 15-epoch runs, which would compile again each) trains instead
+    assert "compiled" in lease.missing_parts(existing, "cuda", "paper")
+    assert "compiled" not in lease.missing_parts(existing, "cuda", "gpu")
     assert lease.missing_parts(existing, "cpu") == {}  # a CPU runs one run per core already
     asked = []
 

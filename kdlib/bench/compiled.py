@@ -38,6 +38,16 @@ CHECK_BITS = (2, 4, 8, 16)  # 1 bit divides by 1 (activations) or takes a sign (
 SIDE_BY_SIDE_TIMEOUT_S = 180.0
 CUDAGRAPHS_TIMEOUT_S = 150.0  # one process: compile, record the graphs, time
 WEIGHTS = 4096  # random weights a bit width is checked on
+# a grid whose runs train this many epochs or more may compile (paper's 200): shorter runs
+# (gpu's 2 to 15) would pay the compile again for each run, for seconds of training
+LONG_RUN_EPOCHS = 50
+
+
+def compile_may_pay(preset: str, model: str | None = None) -> bool:
+    """Whether ``preset``'s runs are long enough for torch.compile to be worth deciding on."""
+    from kdlib.presets import build_config
+
+    return build_config(preset, model).epochs >= LONG_RUN_EPOCHS
 
 
 def _compile(fn: Callable) -> Callable:
