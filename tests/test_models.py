@@ -287,3 +287,60 @@ def test_compiled_smallest_model_trains_one_step():
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     nn.functional.cross_entropy(out, y).backward()
     assert all(p.grad is not None for p in trainable_net_params(model).values())
+
+
+def _bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16])
+def test_a_quantizer_that_absorbs_relu_gives_the_same_bits_with_and_without_it(bits):
+    """DoReFa's activation clip to [0, 1], forward and gradient (both of its paths: the
+    quantized values, and the integer codes of <= 8 bits), at -0.0, 0, the edges and around."""
+    from kdlib.quant.quantizers import DoReFaActivationQuantizer, PACTActivationQuantizer
+
+    quantizer = DoReFaActivationQuantizer(bits)
+    assert quantizer.absorbs_relu and not DoReFaActivationQuantizer(32).absorbs_relu
+    assert not PACTActivationQuantizer(bits).absorbs_relu
+    x = torch.cat([torch.tensor([-0.0, 0.0, 1.0, -1.0, 1e-30, -1e-30, 1.0 - 2**-24, 1.5]),
+                   torch.randn(4000, generator=torch.Generator().manual_seed(bits))])
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(99))
+    for path in (lambda q, t: q(t), lambda q, t: q.codes(t)[0]):
+        plain, through_relu = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a, b = path(quantizer, plain), path(quantizer, torch.relu(through_relu))
+        a.backward(upstream)
+        b.backward(upstream)
+        assert torch.equal(_bits_of(a), _bits_of(b))
+        assert torch.equal(_bits_of(plain.grad), _bits_of(through_relu.grad))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 16, 32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_leaving_out_the_absorbed_relu_changes_no_bit_of_a_resnet(bits, channels_last, monkeypatch):
+    """A ResNet whose blocks skip the ReLU before a DoReFa-quantized conv, against the same
+    ResNet that keeps it: logits, every gradient and the BatchNorm statistics, raw bits."""
+    from kdlib.quant.layers import QConv2d as Layer
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = images(8).to(memory_format=fmt)
+
+    def train_step(keep_relu: bool):
+        if keep_relu:
+            monkeypatch.setattr(Layer, "input_absorbs_relu", property(lambda self: False))
+        torch.manual_seed(0)
+        model = create_model("resnet8", num_classes=10, w_bits=bits, a_bits=bits).to(memory_format=fmt)
+        logits = model(x)
+        logits.square().sum().backward()
+        monkeypatch.undo()
+        return logits, model
+
+    skipped, skipping = train_step(keep_relu=False)
+    kept, keeping = train_step(keep_relu=True)
+    assert torch.equal(_bits_of(skipped), _bits_of(kept))
+    for (name, p), (_, q) in zip(skipping.named_parameters(), keeping.named_parameters()):
+        assert torch.equal(_bits_of(p.grad), _bits_of(q.grad)), name
+    for (name, b), (_, c) in zip(skipping.named_buffers(), keeping.named_buffers()):
+        if b is not None and b.is_floating_point():
+            assert torch.equal(_bits_of(b), _bits_of(c)), name
+    blocks = [m for m in skipping.modules() if type(m).__name__ == "BasicBlock"]
+    assert blocks and all(block.conv2.input_absorbs_relu == (bits < 32) for block in blocks)

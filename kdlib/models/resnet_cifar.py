@@ -8,6 +8,9 @@ new channels), as in the paper's CIFAR experiments; ResNet-20 then has 0.27 M pa
 Quantization: every 3x3 conv of the residual blocks is a :class:`~kdlib.quant.QConv2d` at
 ``w_bits``/``a_bits`` whose input quantizer sees the block's input or the ReLU output inside the
 block, i.e. always a non-negative post-ReLU tensor (what DoReFa's [0, 1] clip assumes). The
+ReLU inside the block feeds only the second conv: where that conv's input quantizer absorbs it
+(DoReFa's clip, ``input_absorbs_relu``) it is left out, two passes over the activation fewer
+and the same bits forward and backward (``tests/test_models.py``). The
 shortcut carries the full-precision block input, as in the DoReFa / PACT / LSQ ResNets. The
 first conv and the classifier are full precision unless ``quantize_first_last``: then the
 first conv's weights are quantized but never its input (the normalised image, signed), and
@@ -56,7 +59,11 @@ class BasicBlock(nn.Module):
                                     if stride != 1 or in_planes != planes else nn.Identity())
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn1(self.conv1(x))
+        # DoReFa's clip to [0, 1] is this ReLU and more; a layer without the property (the ONNX
+        # export's plain conv) keeps it
+        if not getattr(self.conv2, "input_absorbs_relu", False):
+            out = F.relu(out, inplace=True)
         out = self.bn2(self.conv2(out))
         out = out + self.shortcut(x)
         return F.relu(out, inplace=True)

@@ -70,6 +70,12 @@ class _QuantizedLayer:
         return self.weight_quantizer.active or self.input_quantizer.active
 
     @property
+    def input_absorbs_relu(self) -> bool:
+        """A ReLU whose output only this layer reads changes nothing here (its input quantizer
+        clips at zero, gradient included): the model may leave that ReLU out."""
+        return self.input_quantizer.absorbs_relu
+
+    @property
     def has_integer_codes(self) -> bool:
         """Weights and inputs both on grids of <= CODE_BITS_MAX bits."""
         return (self.weight_quantizer.active and self.input_quantizer.active

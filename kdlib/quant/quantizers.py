@@ -38,6 +38,12 @@ class Quantizer(nn.Module):
     def active(self) -> bool:
         return self.bits != FULL_PRECISION
 
+    @property
+    def absorbs_relu(self) -> bool:
+        """Whether ``self(relu(x))`` equals ``self(x)`` bit for bit, gradient included, so that
+        a ReLU whose output only this quantizer reads can be left out."""
+        return False
+
     def reset_state(self) -> None:
         """Re-initialise learned state (nothing to do for parameter-free quantizers)."""
 
@@ -76,6 +82,12 @@ class DoReFaWeightQuantizer(Quantizer):
 
 class DoReFaActivationQuantizer(Quantizer):
     """:func:`dorefa_activation` as a module. Codes 0..n, step 1/n (n = 2^k - 1)."""
+
+    @property
+    def absorbs_relu(self) -> bool:
+        """Active, it clips to [0, 1] (``clamp(relu(x), 0, 1) == clamp(x, 0, 1)``, -0.0 as
+        -0.0) and passes gradient only where 0 < x < 1, inside the ReLU's x > 0."""
+        return self.active
 
     def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
         return grid_step(self.bits)
