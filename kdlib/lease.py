@@ -62,6 +62,20 @@ DEVICE_BENCH = dict(variants=["fp32", "w4a4", "w1a1", "kd_w4", "kd_w4_nchw", "kd
 FALLBACK_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=3, steps=20, concurrency=())
 
 
+def device_bench_args(preset: str, model: str | None = None,
+                      bench_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """run_benchmark's arguments for a lease of ``preset``: ``bench_args`` (default
+    :data:`DEVICE_BENCH`), without the compiled variants, and so without the compiled part,
+    for a preset whose runs are too short to compile (minutes of the lease it trains instead;
+    a lease of a long-run preset measures that part, see :func:`missing_parts`)."""
+    from kdlib.bench.compiled import compile_may_pay
+
+    args = dict(DEVICE_BENCH if bench_args is None else bench_args)
+    if "variants" in args and not compile_may_pay(preset, model):
+        args["variants"] = [v for v in args["variants"] if "compile" not in v]
+    return args
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -484,7 +498,7 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         try:
             result = run_benchmark(images, labels, device=torch_device, preset=preset, model=model,
                                    data_source=source,
-                                   **(DEVICE_BENCH if bench_args is None else bench_args))
+                                   **device_bench_args(preset, model, bench_args))
         except Exception as exc:  # noqa: BLE001 - the grid needs estimates more than the rest
             log(f"benchmark failed ({type(exc).__name__}: {exc}); timing only fit()'s steps")
             result = run_benchmark(images, labels, device=torch_device, preset=preset, model=model,

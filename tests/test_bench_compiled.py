@@ -206,3 +206,13 @@ def test_a_long_grid_does_not_start_before_its_compile_switch_is_decided(fake_da
              repo_root=tmp_path / "repo", model="resnet8", bench="never",
              stash=tmp_path / "stash", data_root=fake_data_root, log=logged.append)
     assert not started and any("grid: not started: torch.compile pays" in m for m in logged)
+
+
+def test_a_short_grid_s_first_benchmark_leaves_torch_compile_out():
+    from kdlib import lease
+
+    gpu, paper = lease.device_bench_args("gpu"), lease.device_bench_args("paper")
+    assert "kd_w4_compile" in paper["variants"] and "kd_w4_compile" not in gpu["variants"]
+    assert set(paper["variants"]) - set(gpu["variants"]) == {"kd_w4_compile"}
+    assert gpu["windows"] == paper["windows"] == lease.DEVICE_BENCH["windows"]
+    assert lease.device_bench_args("gpu", bench_args={"windows": 2}) == {"windows": 2}
