@@ -162,21 +162,36 @@ def set_lr(trainer: Trainer, lr: float) -> None:
             group["lr"] = lr
 
 
+def forward_backward(trainer: Trainer, x: Tensor, y: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """A step before its update: fresh gradients of :func:`batch_loss`; returns the detached
+    (student loss, total loss, logits, (CE, KD) terms or None). What a replayed step captures."""
+    for opt in trainer.optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss, total, logits, terms = batch_loss(trainer, x, y)
+    total.backward()
+    return loss.detach(), total.detach(), logits.detach(), terms
+
+
+def update(trainer: Trainer, lr: float, terms: tuple[Tensor, Tensor] | None,
+           terms_sum: Tensor | None) -> None:
+    """A step's SGD update at learning rate ``lr``, and its (CE, KD) ``terms`` added to
+    ``terms_sum`` in place when both are given."""
+    set_lr(trainer, lr)
+    for opt in trainer.optimizers:
+        opt.step()
+    if terms_sum is not None and terms is not None:
+        terms_sum += torch.stack(terms)
+
+
 def train_step(trainer: Trainer, x: Tensor, y: Tensor, lr: float, *,
                terms_sum: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One optimizer update at learning rate ``lr``; returns the detached (student loss,
     total loss, logits). Reads nothing back to the host. ``terms_sum`` (2 floats on the
     device): the step's (CE, KD) terms are added to it in place when it uses a teacher."""
-    set_lr(trainer, lr)
-    loss, total, logits, terms = batch_loss(trainer, x, y)
-    for opt in trainer.optimizers:
-        opt.zero_grad(set_to_none=True)
-    total.backward()
-    for opt in trainer.optimizers:
-        opt.step()
-    if terms_sum is not None and terms is not None:
-        terms_sum += torch.stack(terms)
-    return loss.detach(), total.detach(), logits.detach()
+    loss, total, logits, terms = forward_backward(trainer, x, y)
+    update(trainer, lr, terms, terms_sum)
+    return loss, total, logits
 
 
 # ----------------------------------------------------------------------------- replayed step
@@ -246,33 +261,23 @@ class GraphedStep:
             self._capture(x, y)
         self.static_x.copy_(x)
         self.static_y.copy_(y)
-        set_lr(trainer, lr)
         self.replay()
-        for opt in trainer.optimizers:
-            opt.step()
         loss, total, logits, terms = self.outputs
-        if terms_sum is not None and terms is not None:
-            terms_sum += torch.stack(terms)
+        update(trainer, lr, terms, terms_sum)
         return loss, total, logits
 
     def _capture(self, x: Tensor, y: Tensor) -> None:
         trainer = self.trainer
         self.static_x, self.static_y = x.clone(), y.clone()  # clone keeps channels_last
-        params = [p for opt in trainer.optimizers for group in opt.param_groups
-                  for p in group["params"]]
         for opt in trainer.optimizers:  # the warm-up's gradients are freed before the capture
             opt.zero_grad(set_to_none=True)
 
-        def forward_backward() -> None:
-            # what train_step computes before its update; the gradients it allocates are the
-            # graph's, rewritten at every replay (so never set to None between steps)
-            for p in params:
-                p.grad = None
-            loss, total, logits, terms = batch_loss(trainer, self.static_x, self.static_y)
-            total.backward()
-            self.outputs = (loss.detach(), total.detach(), logits.detach(), terms)
+        def captured() -> None:
+            # the gradients it allocates are the graph's, rewritten at every replay: nothing
+            # sets them to None between steps (its own zero_grad runs at the capture only)
+            self.outputs = forward_backward(trainer, self.static_x, self.static_y)
 
-        self.replay = self.capture(forward_backward, self.stream)
+        self.replay = self.capture(captured, self.stream)
 
     @contextlib.contextmanager
     def _on_capture_stream(self) -> Iterator[None]:

@@ -92,7 +92,7 @@ def measure_compiled(ctx, jobs: Sequence[int], *, seconds: float, preset: str, m
     """The ``compiled`` part of a GPU benchmark: :func:`check_levels`, compiled KD processes
     side by side at each count of ``jobs``, one process replayed as CUDA graphs
     (``{"error": ...}`` for a part that raised)."""
-    from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput
+    from kdlib.bench.concurrent import processes_or_error
     from kdlib.bench.measure import error_entry
 
     log("bench: compiled quantizer levels")
@@ -100,20 +100,12 @@ def measure_compiled(ctx, jobs: Sequence[int], *, seconds: float, preset: str, m
         levels = check_levels(ctx.device, compile_fn=compile_fn)
     except Exception as exc:  # noqa: BLE001 - recorded: compile then stays off
         levels = error_entry(exc)
-    def processes(what: str, variant: str, counts: Sequence[int], timeout: float) -> dict[str, Any]:
-        log(f"bench: {what}")
-        try:
-            return concurrent_throughput(
-                ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=tuple(counts),
-                variant=variant, preset=preset, model=model, device=ctx.device, seconds=seconds,
-                warmup=1, timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - recorded
-            return error_entry(exc)
-
-    side_by_side = processes(f"{', '.join(map(str, jobs))} compiled KD processes side by side",
-                             "kd_w4_compile", jobs, SIDE_BY_SIDE_TIMEOUT_S)
-    graphs = processes("one KD process replayed as CUDA graphs", "kd_w4_cudagraphs", (1,),
-                       CUDAGRAPHS_TIMEOUT_S)
+    run = dict(seconds=seconds, preset=preset, model=model, log=log)
+    side_by_side = processes_or_error(
+        ctx, "kd_w4_compile", jobs, timeout=SIDE_BY_SIDE_TIMEOUT_S,
+        what=f"{', '.join(map(str, jobs))} compiled KD processes side by side", **run)
+    graphs = processes_or_error(ctx, "kd_w4_cudagraphs", (1,), timeout=CUDAGRAPHS_TIMEOUT_S,
+                                what="one KD process replayed as CUDA graphs", **run)
     return {"division": COMPILED_DIVISION, "levels": levels, "concurrency": side_by_side,
             "cudagraphs": graphs}
 

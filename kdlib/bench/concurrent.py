@@ -110,6 +110,23 @@ def concurrent_throughput(images: Tensor, labels: Tensor, *, jobs: Sequence[int]
     return {"variant": variant, "seconds": seconds, "by_jobs": by_jobs}
 
 
+def processes_or_error(ctx, variant: str, counts: Sequence[int], *, seconds: float, preset: str,
+                       model: str, timeout: float, what: str, log) -> dict[str, Any]:
+    """:func:`concurrent_throughput` of ``variant`` at ``counts`` on a benchmark context's first
+    :data:`CONCURRENCY_IMAGES` images, or ``{"error": ...}``: a benchmark part records a
+    failure and goes on."""
+    from kdlib.bench.measure import error_entry
+
+    log(f"bench: {what}")
+    try:
+        return concurrent_throughput(
+            ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=tuple(counts),
+            variant=variant, preset=preset, model=model, device=ctx.device, seconds=seconds,
+            warmup=1, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - recorded
+        return error_entry(exc)
+
+
 def best_jobs(by_jobs: dict[str, dict[str, Any]]) -> int:
     """The most processes that add at least :data:`GAIN_PER_DOUBLING` per doubling over the
     best fewer processes did (a count that fails is skipped, a later one may still pay)."""

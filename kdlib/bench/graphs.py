@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from kdlib.bench.measure import same_bits
+
 GRAPH_JOBS = (1, 2, 4, 8)  # replaying processes side by side
 GRAPHS_TIMEOUT_S = 120.0  # a count of processes to start, warm up, capture and time
 CHECK_IMAGES = 1024  # random images the check's batches are drawn from
@@ -39,14 +41,6 @@ def deterministic_cudnn() -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -105,8 +99,8 @@ def check_graph_step(device: str | torch.device, *, steps: int = 8, preset: str 
         replayed, replayed_losses = train(graphed=True)
 
     def same(a, b, la, lb) -> bool:
-        return (a.keys() == b.keys() and all(_same_bits(a[k], b[k]) for k in a)
-                and all(_same_bits(x, y) for x, y in zip(la, lb)))
+        return (a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
+                and all(same_bits(x, y) for x, y in zip(la, lb)))
 
     return {"equal": same(first, replayed, first_losses, replayed_losses),
             "eager_repeatable": same(first, second, first_losses, second_losses),
@@ -118,28 +112,20 @@ def measure_graphs(ctx, *, seconds: float, preset: str, model: str,
     """The ``graphs`` part of a GPU benchmark: :func:`check_graph_step`, a profile of the
     replayed step and ``kd_w4_graphs`` processes side by side at each count of ``jobs``
     (``{"error": ...}`` for what raised)."""
-    from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput
+    from kdlib.bench.concurrent import processes_or_error
     from kdlib.bench.measure import error_entry
-    from kdlib.bench.profile import profile_variant
+    from kdlib.bench.profile import profile_or_error
 
     log("bench: the replayed step against eager steps, bit for bit")
     try:
         check = check_graph_step(ctx.device, preset=preset, model=model)
     except Exception as exc:  # noqa: BLE001 - recorded: the grid then stays eager
         check = error_entry(exc)
-    log(f"bench: profiling {PROFILE_STEPS} replayed steps")
-    try:
-        profile = profile_variant(ctx, "kd_w4_graphs", steps=PROFILE_STEPS)
-    except Exception as exc:  # noqa: BLE001 - recorded
-        profile = error_entry(exc)
-    log(f"bench: {', '.join(map(str, jobs))} KD processes replaying CUDA graphs side by side")
-    try:
-        side = concurrent_throughput(
-            ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=tuple(jobs),
-            variant="kd_w4_graphs", preset=preset, model=model, device=ctx.device,
-            seconds=seconds, warmup=1, timeout=GRAPHS_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001 - recorded
-        side = error_entry(exc)
+    profile = profile_or_error(ctx, PROFILE_STEPS, log, variant="kd_w4_graphs")
+    side = processes_or_error(
+        ctx, "kd_w4_graphs", jobs, seconds=seconds, preset=preset, model=model,
+        timeout=GRAPHS_TIMEOUT_S, log=log,
+        what=f"{', '.join(map(str, jobs))} KD processes replaying CUDA graphs side by side")
     return {"check": check, "profile": profile, "concurrency": side}
 
 

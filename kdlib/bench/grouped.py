@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kdlib.bench.measure import same_bits
 from kdlib.quant import dorefa_weight, dorefa_weights
 from kdlib.quant.grouped import set_weight_grouping
 
@@ -24,11 +25,6 @@ CHECK_BITS = (1, 2, 4, 8, 16)
 # ResNet-20's quantized convs, one of each size (16, 32 and 64 channels, and the stage changes)
 CHECK_SHAPES = ((16, 16, 3, 3), (32, 16, 3, 3), (32, 32, 3, 3), (64, 32, 3, 3), (64, 64, 3, 3))
 PAIR = ("kd_w4", "kd_w4_per_layer")
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
 def check_weights(device: str | torch.device, bits: Sequence[int] = CHECK_BITS) -> dict[str, Any]:
@@ -53,8 +49,8 @@ def check_weights(device: str | torch.device, bits: Sequence[int] = CHECK_BITS) 
             q_single = [dorefa_weight(w, b) for w in single]
             torch.autograd.backward(q_grouped, upstream)
             torch.autograd.backward(q_single, upstream)
-            values &= all(_same_bits(x, y) for x, y in zip(q_grouped, q_single))
-            gradients &= all(_same_bits(x.grad, y.grad) for x, y in zip(grouped, single))
+            values &= all(same_bits(x, y) for x, y in zip(q_grouped, q_single))
+            gradients &= all(same_bits(x.grad, y.grad) for x, y in zip(grouped, single))
         by_bits[str(b)] = {"values": values, "gradients": gradients}
     return {"exact": all(e["values"] and e["gradients"] for e in by_bits.values()),
             "by_bits": by_bits}

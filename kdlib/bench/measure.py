@@ -114,6 +114,14 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` hold the same raw bits (dtype, shape and every byte; -0.0 is not 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.detach().reshape(-1).view(torch.uint8),
+                       b.detach().reshape(-1).view(torch.uint8))
+
+
 # operators that launch no kernel: views, aliases, allocations, metadata
 NO_KERNEL_OPS = frozenset({
     "aten.detach", "aten.view", "aten._unsafe_view", "aten.alias", "aten.as_strided", "aten.t",

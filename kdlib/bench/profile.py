@@ -94,3 +94,15 @@ def profile_variant(ctx, variant: str = "kd_w4", *, steps: int = 20, warmup: int
         runner.close()
     # profiled since its DoReFa weights were quantized together (kdlib.quant.grouped)
     return {"variant": variant, "batch_size": runner.batch_size, "grouped_weights": True, **result}
+
+
+def profile_or_error(ctx, steps: int, log, variant: str = "kd_w4") -> dict[str, Any]:
+    """:func:`profile_variant`, or ``{"error": ...}``: the timings stand without it."""
+    from kdlib.bench.measure import error_entry
+
+    log(f"bench: profiling {steps} {variant} steps")
+    try:
+        return profile_variant(ctx, variant, steps=steps)
+    except Exception as exc:  # noqa: BLE001 - recorded
+        log(f"bench: the profile failed ({error_entry(exc)['error']})")
+        return error_entry(exc)

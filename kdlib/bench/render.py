@@ -111,12 +111,15 @@ def _numeric_order(entries: dict[str, Any]) -> list[tuple[str, Any]]:
     return sorted(entries.items(), key=lambda item: int(item[0]))
 
 
+def _per_count(by_jobs: dict[str, Any]) -> str:
+    """"1 × 3834 = 3834 img/s, 2 × ...": processes, each one's mean rate, their sum."""
+    return ", ".join(f"{k} × {sum(e['per_process']) / len(e['per_process']):.0f} = "
+                     f"{e['images_per_s']:.0f} img/s" for k, e in _numeric_order(by_jobs))
+
+
 def _concurrency_line(c: dict[str, Any]) -> str:
-    parts = [f"{k} × {sum(e['per_process']) / len(e['per_process']):.0f} = "
-             f"{e['images_per_s']:.0f} img/s"
-             for k, e in _numeric_order(c["by_jobs"])]
     return (f"- `{c['variant']}` training processes side by side on one device ({c['seconds']:g} s "
-            f"each): " + ", ".join(parts) + f"; worth running: {worth_running(c)} at a time "
+            f"each): {_per_count(c['by_jobs'])}; worth running: {worth_running(c)} at a time "
             f"(twice the processes must add {100 * (GAIN_PER_DOUBLING - 1):.0f}%)")
 
 
@@ -190,8 +193,7 @@ def _graphs_line(g: dict[str, Any]) -> str:
     if "error" in side:
         speed = f"not measured ({_first_line(side['error'])})"
     else:
-        speed = ", ".join(f"{k} × {sum(e['per_process']) / len(e['per_process']):.0f} = "
-                          f"{e['images_per_s']:.0f} img/s" for k, e in _numeric_order(side["by_jobs"]))
+        speed = _per_count(side["by_jobs"])
     return (f"- fit()'s step replayed as a CUDA graph (`cuda_graphs`, `kdlib.step.GraphedStep`): "
             f"the same bits as eager steps {same}; `{side.get('variant', 'kd_w4_graphs')}` "
             f"processes side by side: {speed}")

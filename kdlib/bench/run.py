@@ -15,6 +15,7 @@ from torch import Tensor
 from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput, worth_running
 from kdlib.bench.measure import (MATMUL_SIZE, Runner, check_int, error_entry, load_average,
                                  machine_info, matmul_runner, measure, summarise)
+from kdlib.bench.profile import profile_or_error
 from kdlib.bench.render import render_markdown
 from kdlib.bench.targets import compute_ratios
 from kdlib.bench.typical import TYPICAL_WORKERS
@@ -94,7 +95,8 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
     of processes to run the KD step side by side (default on CUDA :func:`device_concurrency`
     of the host's cores, none on a CPU, whose cores one run already uses); see
     :mod:`kdlib.bench.concurrent`. On CUDA, with ``kd_w4`` among the variants, the graphs part
-    (:func:`graphs_part`), and with ``kd_w4_compile`` the compiled part (:func:`compiled_part`). ``profile_steps``: steps of the KD step under
+    (:func:`graphs_part`), and with ``kd_w4_compile`` the compiled part (:func:`compiled_part`).
+    ``profile_steps``: steps of the KD step under
     ``torch.profiler`` (:mod:`kdlib.bench.profile`; default 20 on CUDA, none on a CPU).
     ``grouped``: with ``kd_w4`` among the variants, the grouped-weights part
     (:mod:`kdlib.bench.grouped`). Everything shrinks for tests.
@@ -233,16 +235,6 @@ def grouped_part(ctx, settings: dict[str, Any], log: Callable[[str], None]) -> d
                            warmup=settings.get("warmup", WARMUP_STEPS), log=log)
 
 
-def profile_or_error(ctx, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """The KD step's profile, or ``{"error": ...}``: the timings stand without it."""
-    from kdlib.bench.profile import profile_variant  # lazy: torch.profiler
-
-    log(f"bench: profiling {steps} kd_w4 steps")
-    try:
-        return profile_variant(ctx, "kd_w4", steps=steps)
-    except Exception as exc:  # noqa: BLE001 - recorded
-        log(f"bench: the profile failed ({error_entry(exc)['error']})")
-        return error_entry(exc)
 
 
 def bench_file_name(result: dict[str, Any]) -> str:

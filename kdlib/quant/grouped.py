@@ -1,11 +1,11 @@
 """DoReFa weights of many layers quantized at once: the same bits, a fraction of the kernels.
 
 Quantizing one layer's weights is a dozen small kernels forward (tanh, max, divisions,
-rounding) and their gradients backward; for ResNet-20's 18 quantized convs that made a KD step
-dispatch 1,154 operators instead of 670 (``results/bench/vm.json``, counted on a CPU), and on a
-GPU, where that step is bound by launching kernels (1,134 launches a step on the H200, busy
-10% of the time), each operator is a launch. Here the weights of every layer at one bit width are laid end to
-end in one flat tensor, each in its own memory order, and quantized by whole-tensor kernels,
+rounding) and their gradients backward; for ResNet-20's 18 quantized convs that makes a KD step
+dispatch 1,136 operators instead of 652 (``results/bench/vm.json``, its grouped part, counted on
+a CPU), and on a GPU, where that step is bound by launching kernels (1,134 launches a step on
+the H200, busy 10% of the time), each operator is a launch. Here the weights of every layer at
+one bit width are laid end to end in one flat tensor, each in its own memory order, and quantized by whole-tensor kernels,
 a per-layer index standing in for the per-layer maximum and scale.
 
 What is computed does not change, bit for bit: each element goes through the same float32
