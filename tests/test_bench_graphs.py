@@ -1,8 +1,8 @@
 """The benchmark's graphs part (kdlib.bench.graphs) and what a lease does with it.
 
 The real CUDA graph runs only on a GPU (tests/test_graphed_step.py's CUDA test, and the lease's
-benchmark); here the check runs with a stand-in capture, and the processes side by side are
-replaced by their recorded numbers.
+benchmark); here the check runs with the emulated capture (tests/graph_emulator.py), and the
+processes side by side are replaced by their recorded numbers.
 """
 from types import SimpleNamespace
 

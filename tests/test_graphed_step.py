@@ -1,11 +1,12 @@
 """fit()'s step replayed as a CUDA graph (kdlib.step.GraphedStep): the same training as eager.
 
-On a CPU there are no CUDA graphs, so these tests capture with a stand-in that behaves as a
-graph does for the step's orchestration: the capture records the step without running it, and
-every replay runs it again on the graph's input buffers. A run trained that way must equal the
-eager run bit for bit: the warm-up steps, the captured step (replayed, not skipped or run twice),
-the learning rate of every step, the eager SGD update, the metrics and the KD terms. On a CUDA
-device the real graph is compared with eager steps by kdlib.bench.graphs.check_graph_step.
+On a CPU there are no CUDA graphs, so these tests capture with tests/graph_emulator.py, which
+records the step's operators as a capture records its kernels (nothing runs, Python values are
+frozen, the tensors are fixed, reads back to the host and host data are refused) and replays
+them. A run trained that way must equal the eager run bit for bit: the warm-up steps, the
+captured step (replayed, not skipped or run twice), the learning rate of every step, the eager
+SGD update, the metrics and the KD terms. On a CUDA device the real graph is compared with
+eager steps by kdlib.bench.graphs.check_graph_step.
 """
 import pytest
 import torch
@@ -14,11 +15,12 @@ import kdlib.step as step_mod
 from kdlib.config import RunConfig
 from kdlib.step import GRAPH_WARMUP_STEPS as WARMUP_STEPS, GraphedStep, capture_for
 from kdlib.train import fit
+from graph_emulator import emulated_capture
 from test_train import make_cfg, make_model, make_splits, states_equal, untimed
 
 
 class StandIn:
-    """A capture that records ``fn`` unrun, as CUDA graph capture does, and replays it."""
+    """The emulated capture (graph_emulator.emulated_capture), counting captures and replays."""
 
     def __init__(self):
         self.captures = 0
@@ -26,12 +28,13 @@ class StandIn:
 
     def __call__(self, fn, stream):
         self.captures += 1
+        replay = emulated_capture(fn, stream)
 
-        def replay():
+        def counted():
             self.replays += 1
-            fn()
+            replay()
 
-        return replay
+        return counted
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,9 @@ def _fit(splits, cfg, stand_in=None, monkeypatch=None):
     dict(w_bits=4, a_bits=4),
     dict(method="direct_kd", w_bits=2, a_bits=2),
     dict(method="direct_kd", kd_mode="apprentice", w_bits=4, a_bits=4),
-], ids=["plain-w4", "hinton-w2", "apprentice-w4"])
+    dict(model="squeezenet", w_bits=4, a_bits=4),  # dropout: random numbers drawn by replays
+    dict(w_bits=1, a_bits=1, precision="bf16"),  # autocast's casts replayed, not cached
+], ids=["plain-w4", "hinton-w2", "apprentice-w4", "squeezenet-w4", "bf16-w1"])
 def test_a_replayed_run_equals_the_eager_run_bit_for_bit(splits, monkeypatch, kw):
     cfg = make_cfg(epochs=2, channels_last=True, **kw)
     eager, eager_model, eager_teacher = _fit(splits, cfg)

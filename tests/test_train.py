@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdlib.train as train_mod
 from kdlib.config import RunConfig
 from kdlib.data import normalize
 from kdlib.schedules import lr_at
+from graph_emulator import HOST_DATA
+from kdlib.step import frozen_teacher, make_trainer
 from kdlib.train import FitResult, NonFiniteLossError, evaluate, fit, pick_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -550,6 +553,43 @@ def test_nonfinite_loss_is_found_between_periodic_checks(splits, monkeypatch):
     cfg = make_cfg(epochs=1)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2 of"):
         fit(NaNAfter(make_model(cfg), after=1), splits, cfg, progress=False)
+
+
+class HostTraffic(TorchDispatchMode):
+    """Counts the operators that read a tensor back to the host (graph_emulator.HOST_READS)
+    and the tensors built from host data (on CUDA, a copy to the device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = self.host_data = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        self.host_data += func in HOST_DATA
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [dict(w_bits=4, a_bits=4),
+                                dict(method="direct_kd", w_bits=2, a_bits=2)])
+def test_an_epoch_reads_back_only_every_check_and_at_its_end(splits, monkeypatch, kw):
+    """No host sync per step: the only reads are the non-finite flag every
+    NONFINITE_CHECK_EVERY steps and the epoch's metrics, whatever the step count."""
+    monkeypatch.setattr(train_mod, "NONFINITE_CHECK_EVERY", 8)
+    cfg = make_cfg(**kw)
+    teacher = (make_model(cfg.replace(w_bits=32, a_bits=32, method="individual"), seed=7)
+               if cfg.method == "direct_kd" else None)
+    counts = {}
+    for batch_size in (32, 8):  # 10 and 40 steps
+        trainer = make_trainer(make_model(cfg), cfg.replace(batch_size=batch_size),
+                               teacher=teacher, device="cpu")
+        train_mod.train_epoch(trainer, splits, 0, progress=False)  # first-use caches filled
+        with frozen_teacher(trainer), HostTraffic() as traffic:
+            train_mod.train_epoch(trainer, splits, 1, progress=False)
+        counts[batch_size] = traffic
+    ends = 3  # the flag, the loss and accuracy sums (the KD terms' tolist dispatches nothing)
+    for batch_size, steps in ((32, 10), (8, 40)):
+        assert counts[batch_size].reads == steps // 8 + ends, batch_size
+    assert counts[8].host_data == counts[32].host_data  # none per step
 
 
 KILL_SCRIPT = '''

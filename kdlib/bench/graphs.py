@@ -52,7 +52,7 @@ def check_graph_step(device: str | torch.device, *, steps: int = 8, preset: str 
                      model: str | None = None, capture=None) -> dict[str, Any]:
     """``{"equal", "eager_repeatable", "steps", "max_abs_diff"}`` for ``steps`` KD 4-bit steps
     (the first :data:`kdlib.step.GRAPH_WARMUP_STEPS` of them eager in every run).
-    ``capture``: how to capture (default: the device's; a stand-in on a CPU, for tests)."""
+    ``capture``: how to capture (default: the device's; an emulated one on a CPU, for tests)."""
     from kdlib.data import train_batches
     from kdlib.models import create_model
     from kdlib.presets import build_config
