@@ -7,7 +7,8 @@ Python function (what a simple stand-in does) would hide:
 
 * a Python value the function reads (a learning rate, a step counter) is frozen at the capture;
 * a tensor replaced outside the graph (``p.grad = None``, a new buffer) is no longer the one the
-  graph writes or reads;
+  graph writes or reads, and one given other memory (``p.data = ...``) is refused at the next
+  replay;
 * the capture changes nothing: a buffer updated in place (BatchNorm's running statistics) is
   updated by the replays only.
 
@@ -85,8 +86,14 @@ def emulated_capture(fn: Callable[[], None], stream=None) -> Callable[[], None]:
             t.copy_(value)
     torch.set_rng_state(rng)
     ops = recorder.ops
+    addresses = [(t, _storage(t)) for t, _ in recorder.before]
 
     def replay() -> None:
+        for t, address in addresses:  # a graph reads and writes fixed addresses
+            if _storage(t) != address:
+                raise CaptureError(f"a {tuple(t.shape)} tensor the graph uses was given other "
+                                   "memory since the capture (``.data =``, ``set_``): a CUDA "
+                                   "graph would still use the old")
         # inference mode: no autograd bookkeeping (the recorded backward is replayed as the
         # operators it was), and writes into inference tensors (a teacher's logits) allowed
         with torch.inference_mode():

@@ -56,6 +56,15 @@ def test_a_tensor_replaced_outside_is_not_the_one_the_graph_writes():
     assert torch.equal(captured, torch.full((2,), 6.0)) and torch.equal(holder["t"], torch.zeros(2))
 
 
+def test_a_tensor_given_other_memory_after_the_capture_is_refused():
+    w, x = nn.Parameter(torch.ones(2)), torch.ones(2)
+    replay = emulated_capture(lambda: (w * x).sum().backward())
+    replay()
+    w.data = torch.zeros(2)
+    with pytest.raises(CaptureError, match="other memory"):
+        replay()
+
+
 @pytest.mark.parametrize("body", [
     lambda x: x.sum().item(),
     lambda x: bool(x.sum() > 0),

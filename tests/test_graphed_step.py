@@ -8,6 +8,8 @@ captured step (replayed, not skipped or run twice), the learning rate of every s
 SGD update, the metrics and the KD terms. On a CUDA device the real graph is compared with
 eager steps by kdlib.bench.graphs.check_graph_step.
 """
+import time
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from kdlib.config import RunConfig
 from kdlib.step import GRAPH_WARMUP_STEPS as WARMUP_STEPS, GraphedStep, capture_for
 from kdlib.train import fit
 from graph_emulator import emulated_capture
-from test_train import make_cfg, make_model, make_splits, states_equal, untimed
+from test_train import make_cfg, make_model, make_splits, metrics, states_equal, untimed
 
 
 class StandIn:
@@ -75,6 +77,34 @@ def test_a_replayed_run_equals_the_eager_run_bit_for_bit(splits, monkeypatch, kw
     if cfg.kd_mode == "apprentice":  # the teacher's own SGD steps after the replay too
         assert states_equal(graphed_teacher.state_dict(), eager_teacher.state_dict())
     assert "train_kd" in graphed.history[0] or cfg.method != "direct_kd"
+
+
+@pytest.mark.parametrize("first_replayed", [False, True], ids=["eager-then-replayed",
+                                                                 "replayed-then-eager"])
+def test_a_run_paused_one_way_and_resumed_the_other_equals_the_eager_run(
+        splits, monkeypatch, tmp_path, first_replayed):
+    """cuda_graphs is not in the run id, so a paused run may resume with the other setting:
+    its momentum, weights and BN statistics carry over whichever steps trained them."""
+    from kdlib.budget import Deadline
+    from kdlib.train import RunSuspended
+
+    monkeypatch.setattr(step_mod, "capture_for", lambda device: StandIn())
+    cfg = make_cfg(epochs=3, warmup_epochs=1, method="direct_kd", w_bits=2, a_bits=2)
+    teacher = make_model(cfg.replace(w_bits=32, a_bits=32, method="individual"), seed=7)
+    ref_model = make_model(cfg)
+    ref = fit(ref_model, splits, cfg, teacher=teacher, progress=False, tensorboard=False)
+    path = tmp_path / "run.pt"
+    first, second = ((cfg.replace(cuda_graphs=True), cfg) if first_replayed
+                     else (cfg, cfg.replace(cuda_graphs=True)))
+    late = Deadline(stop_at=time.time() + 3600, epoch_s=0.01, tail_s=1e6)  # pauses after 2
+    with pytest.raises(RunSuspended):
+        fit(make_model(cfg), splits, first, teacher=teacher, checkpoint_path=path,
+            progress=False, tensorboard=False, deadline=late)
+    model = make_model(cfg, seed=42)
+    res = fit(model, splits, second, teacher=teacher, checkpoint_path=path, progress=False,
+              tensorboard=False)
+    assert states_equal(model.state_dict(), ref_model.state_dict())
+    assert metrics(res) == metrics(ref)
 
 
 def test_cuda_graphs_is_not_part_of_the_run_id_and_a_no_op_on_a_cpu(splits):
