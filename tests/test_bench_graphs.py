@@ -14,11 +14,11 @@ from kdlib.bench import render
 from kdlib.bench.graphs import check_graph_step, graphs_verdict, measure_graphs
 from kdlib.budget import RunTimer
 from kdlib.presets import build_config
-from test_graphed_step import StandIn
+from test_graphed_step import EmulatedCapture
 
 
 def test_the_check_finds_a_faithful_replay_equal_and_a_faulty_one_not():
-    good = check_graph_step("cpu", preset="smoke", steps=6, capture=StandIn())
+    good = check_graph_step("cpu", preset="smoke", steps=6, capture=EmulatedCapture())
     assert good == {"equal": True, "eager_repeatable": True, "steps": 6, "max_abs_diff": 0.0}
 
     def skips_every_other_replay(fn, stream):

@@ -21,7 +21,7 @@ from graph_emulator import emulated_capture
 from test_train import make_cfg, make_model, make_splits, metrics, states_equal, untimed
 
 
-class StandIn:
+class EmulatedCapture:
     """The emulated capture (graph_emulator.emulated_capture), counting captures and replays."""
 
     def __init__(self):
@@ -44,9 +44,9 @@ def splits():
     return make_splits()
 
 
-def _fit(splits, cfg, stand_in=None, monkeypatch=None):
-    if stand_in is not None:
-        monkeypatch.setattr(step_mod, "capture_for", lambda device: stand_in)
+def _fit(splits, cfg, capture=None, monkeypatch=None):
+    if capture is not None:
+        monkeypatch.setattr(step_mod, "capture_for", lambda device: capture)
     teacher = None
     if cfg.method == "direct_kd":
         teacher = make_model(cfg.replace(w_bits=32, a_bits=32, method="individual"), seed=7)
@@ -61,16 +61,16 @@ def _fit(splits, cfg, stand_in=None, monkeypatch=None):
     dict(method="direct_kd", w_bits=2, a_bits=2),
     dict(method="direct_kd", kd_mode="apprentice", w_bits=4, a_bits=4),
     dict(model="squeezenet", w_bits=4, a_bits=4),  # dropout: random numbers drawn by replays
-    dict(w_bits=1, a_bits=1, precision="bf16"),  # autocast's casts replayed, not cached
+    dict(w_bits=1, a_bits=1, precision="bf16"),  # bf16 autocast: its casts inside the graph
 ], ids=["plain-w4", "hinton-w2", "apprentice-w4", "squeezenet-w4", "bf16-w1"])
 def test_a_replayed_run_equals_the_eager_run_bit_for_bit(splits, monkeypatch, kw):
     cfg = make_cfg(epochs=2, channels_last=True, **kw)
     eager, eager_model, eager_teacher = _fit(splits, cfg)
-    stand_in = StandIn()
+    capture = EmulatedCapture()
     graphed, graphed_model, graphed_teacher = _fit(splits, cfg.replace(cuda_graphs=True),
-                                                   stand_in, monkeypatch)
+                                                   capture, monkeypatch)
     steps = 2 * (320 // cfg.batch_size)
-    assert stand_in.captures == 1 and stand_in.replays == steps - WARMUP_STEPS
+    assert capture.captures == 1 and capture.replays == steps - WARMUP_STEPS
     assert untimed(graphed.history) == untimed(eager.history)
     assert (graphed.test_top1, graphed.final_test_top1) == (eager.test_top1, eager.final_test_top1)
     assert states_equal(graphed_model.state_dict(), eager_model.state_dict())
@@ -88,7 +88,7 @@ def test_a_run_paused_one_way_and_resumed_the_other_equals_the_eager_run(
     from kdlib.budget import Deadline
     from kdlib.train import RunSuspended
 
-    monkeypatch.setattr(step_mod, "capture_for", lambda device: StandIn())
+    monkeypatch.setattr(step_mod, "capture_for", lambda device: EmulatedCapture())
     cfg = make_cfg(epochs=3, warmup_epochs=1, method="direct_kd", w_bits=2, a_bits=2)
     teacher = make_model(cfg.replace(w_bits=32, a_bits=32, method="individual"), seed=7)
     ref_model = make_model(cfg)
