@@ -213,8 +213,9 @@ def train_step(trainer: Trainer, x: Tensor, y: Tensor, lr: float, *,
 # is then captured on (cuDNN and cuBLAS handles, kdlib's cached divisors and segment
 # indices, the optimizer's momentum buffers exist before the capture); the next step is
 # captured and replayed, as every later one is. What the step may not do, and does not: change
-# shapes (``train_batches`` drops the last partial batch), read values back to the host, or
-# replace a parameter instead of updating it in place.
+# shapes (``train_batches`` drops the last partial batch), read values back to the host, build
+# tensors from host data, or replace a parameter instead of updating it in place (checked on a
+# CPU by tests/test_graphed_step.py under the capture emulated in tests/graph_emulator.py).
 
 GRAPH_WARMUP_STEPS = 3  # eager steps before the capture (the documented recipe warms up a few)
 
