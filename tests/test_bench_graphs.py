@@ -147,3 +147,19 @@ def test_the_replayed_variant_profiles_and_times_where_it_cannot_replay():
     ctx = make_context(images, torch.randint(0, 100, (256,)), preset="smoke", device="cpu")
     result = profile_variant(ctx, "kd_w4_graphs", steps=2, warmup=1)
     assert result["variant"] == "kd_w4_graphs" and result["bound"] == "host (no device)"
+
+
+def test_the_replayed_variant_is_profiled_and_timed_on_replays_only(monkeypatch):
+    """kd_w4_graphs' warm-up covers the eager steps and the capture, so every profiled or timed
+    step is a replay (a profile of warm-up steps would count eager launches)."""
+    import kdlib.step as step_mod
+    from kdlib.bench.profile import profile_variant
+    from kdlib.bench.variants import make_context
+
+    capture = EmulatedCapture()
+    monkeypatch.setattr(step_mod, "capture_for", lambda device: capture)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    ctx = make_context(images, torch.arange(64) % 100, preset="smoke", model="resnet8", workers=0)
+    result = profile_variant(ctx, "kd_w4_graphs", steps=3, warmup=1)
+    assert result["steps"] == 3 and capture.captures == 1
+    assert capture.replays == 1 + 3  # the captured step's own replay, then the 3 profiled
