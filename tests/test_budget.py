@@ -241,6 +241,52 @@ def test_runs_with_a_checkpoint_go_first_the_rest_in_plan_order(tmp_path):
     assert ordered == [plan[2], plan[4]] + [c for c in plan if c not in paused]
 
 
+def test_the_runs_heading_the_longest_lines_of_training_start_first(tmp_path):
+    """longest_path_first: a run weighs its epochs left plus its heaviest line of dependents;
+    a run that waits for the run it is recorded as weighs nothing; ties keep plan order."""
+    from kdlib.executors import longest_path_first, ray_schedule
+
+    plan = experiments.plan_grid(**GRID)
+    name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
+    left = lambda cfg: 5 if name[cfg.run_id()] == ("finetune", 1) else 1  # noqa: E731
+    ordered = longest_path_first(ray_schedule(plan, tmp_path), left)
+    assert [name[cfg.run_id()] for cfg, _ in ordered] == [
+        ("teacher", 32),  # 1 + finetune 1's 5
+        ("finetune", 1),  # 5, nobody waits for it
+        ("ta_chain", 4), ("progressive", 4),  # 1 + their next link's 1
+        ("ta_chain", 1), ("progressive", 1), ("direct_kd", 1),
+        ("finetune", 4), ("direct_kd", 4),  # aliases of progressive 4 and ta_chain 4
+    ]
+
+
+def test_a_paused_run_weighs_the_epochs_its_checkpoint_has_left(tmp_path):
+    from kdlib.executors import epochs_left_in
+
+    plan = experiments.plan_grid(**GRID)
+    paused, fresh = plan[0], plan[1]
+    path = checkpoint_path(tmp_path, paused.run_id())
+    path.parent.mkdir(exist_ok=True)
+    torch.save({"epoch": 1}, path)
+    left = epochs_left_in(tmp_path)
+    assert (left(paused), left(fresh)) == (paused.epochs - 1, fresh.epochs)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_longest_path_first_keeps_every_run_after_the_runs_it_waits_for(tmp_path, seed):
+    import random
+
+    from kdlib.executors import longest_path_first, ray_schedule
+
+    rng = random.Random(seed)
+    plan = experiments.plan_grid(**{**GRID, "seeds": [0, 1]})
+    left = {cfg.run_id(): rng.randint(0, 20) for cfg in plan}  # 0: a checkpoint at its end
+    schedule = ray_schedule(plan, tmp_path)
+    ordered = longest_path_first(schedule, lambda cfg: left[cfg.run_id()])
+    assert sorted(cfg.run_id() for cfg, _ in ordered) == sorted(cfg.run_id() for cfg, _ in schedule)
+    position = {cfg.run_id(): i for i, (cfg, _) in enumerate(ordered)}
+    assert all(position[dep] < position[cfg.run_id()] for cfg, after in ordered for dep in after)
+
+
 class PausesTheTeacher(Budget):
     """A budget whose teacher pauses before its last epoch and whose other runs fit (whatever
     the machine's speed): what a lease that ends in the teacher's training does."""
