@@ -99,31 +99,32 @@ def ray_schedule(plan: Sequence[RunConfig],
     return schedule
 
 
-def longest_path_first(schedule: Sequence[tuple[RunConfig, list[str]]],
-                       epochs_left: Callable[[RunConfig], int]
-                       ) -> list[tuple[RunConfig, list[str]]]:
-    """``schedule`` (a dependency order, as :func:`ray_schedule` gives it) with the runs that
-    head the longest line of training first: a run's weight is its epochs still to train
-    (``epochs_left``; nothing for one that waits for another run it is recorded as) plus the
-    heaviest line of runs that wait for it. So a teacher and the first link of a chain start
-    before runs nobody waits for, and a paused teacher before paused runs with no students:
-    the classic critical-path rule, which shortens the leases a grid takes when several runs
-    train at once. Stable among equal weights (plan order, paused runs first), and still a
-    dependency order: a run weighs more than any run that waits for it."""
+def unblocking_first(schedule: Sequence[tuple[RunConfig, list[str]]],
+                     epochs_left: Callable[[RunConfig], int]
+                     ) -> list[tuple[RunConfig, list[str]]]:
+    """``schedule`` (as :func:`ray_schedule` gives it) in the order runs should start when
+    several train at once under a budget: first the runs that other runs wait for, the one
+    holding back the heaviest line of training first (a paused teacher, then a chain's first
+    link); then the rest, the shortest first, so that a lease ends with the most records and
+    what it leaves is long runs, which pause and continue. A run's weight is its epochs
+    still to train (``epochs_left``; nothing for one that waits for the run it is recorded as).
+    Ties in plan order. Not a dependency order (a run that waits for another may come first):
+    the executor starts a run only once what it waits for is done."""
     waits_for_me: dict[str, list[str]] = {}
     own: dict[str, int] = {}
     for cfg, after in schedule:
         run_id = cfg.run_id()
         alias = bool(set(after) - {cfg.teacher_id, cfg.init_id})
-        own[run_id] = 0 if alias else max(epochs_left(cfg), 1)
+        own[run_id] = 0 if alias else max(epochs_left(cfg), 0)
         for dep in after:
             waits_for_me.setdefault(dep, []).append(run_id)
-    weight: dict[str, int] = {}
-    for cfg, _ in reversed(schedule):  # dependents come later in a dependency order
+    held_back: dict[str, int] = {}  # the heaviest line of training that waits for a run
+    for cfg, _ in reversed(schedule):  # in ray_schedule's order, dependents come later
         run_id = cfg.run_id()
-        weight[run_id] = own[run_id] + max((weight[d] for d in waits_for_me.get(run_id, ())),
-                                           default=0)
-    return sorted(schedule, key=lambda item: -weight[item[0].run_id()])
+        held_back[run_id] = max((own[d] + held_back[d] for d in waits_for_me.get(run_id, ())),
+                                default=0)
+    return sorted(schedule, key=lambda item: (-held_back[item[0].run_id()],
+                                              own[item[0].run_id()]))
 
 
 def epochs_left_in(results_dir: str | os.PathLike) -> Callable[[RunConfig], int]:
@@ -232,8 +233,7 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
     """Train ``plan`` with up to ``jobs`` runs at once in worker processes of this machine
     (several small runs share one GPU better than one run uses it); for a lent machine without
     Ray. Dependencies as :func:`execute_ray` (:func:`ray_schedule`); a run is started once its
-    teacher and init runs have records, those heading the longest lines of training first
-    (:func:`longest_path_first`), and, under a ``budget``, only as
+    teacher and init runs have records, in :func:`unblocking_first`'s order, and, under a ``budget``, only as
     :func:`kdlib.experiments.execute` starts it (a run paused at the budget's end resumes in the
     next call). Returns the records that exist at the end, in plan order."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -242,10 +242,11 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
     check_writable(results_dir)
     index = _TrainedIndex(results_dir)  # runs trained before this call, for aliases of them
-    waiting = longest_path_first(ray_schedule(resume_first(plan, results_dir), results_dir),
-                                 epochs_left_in(results_dir))
+    waiting = unblocking_first(ray_schedule(resume_first(plan, results_dir), results_dir),
+                               epochs_left_in(results_dir))
     log(f"processes: {len(waiting)} of {len(_unique(plan))} planned runs to train, "
-        f"{jobs} at a time, {threads} thread(s) each, the longest lines of epochs first")
+        f"{jobs} at a time, {threads} thread(s) each; what others wait for first, then the "
+        "shortest")
     running: dict[futures.Future, str] = {}
     done: set[str] = set()
     failed: dict[str, str] = {}

@@ -241,21 +241,23 @@ def test_runs_with_a_checkpoint_go_first_the_rest_in_plan_order(tmp_path):
     assert ordered == [plan[2], plan[4]] + [c for c in plan if c not in paused]
 
 
-def test_the_runs_heading_the_longest_lines_of_training_start_first(tmp_path):
-    """longest_path_first: a run weighs its epochs left plus its heaviest line of dependents;
-    a run that waits for the run it is recorded as weighs nothing; ties keep plan order."""
-    from kdlib.executors import longest_path_first, ray_schedule
+def test_runs_others_wait_for_start_first_then_the_shortest(tmp_path):
+    """unblocking_first: the runs other runs wait for, the heaviest line of training behind
+    them first; then the rest, shortest first; a run recorded as another weighs nothing; ties
+    in plan order."""
+    from kdlib.executors import ray_schedule, unblocking_first
 
     plan = experiments.plan_grid(**GRID)
     name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
-    left = lambda cfg: 5 if name[cfg.run_id()] == ("finetune", 1) else 1  # noqa: E731
-    ordered = longest_path_first(ray_schedule(plan, tmp_path), left)
+    epochs = {("ta_chain", 1): 3, ("progressive", 1): 5, ("finetune", 1): 4, ("direct_kd", 1): 2}
+    ordered = unblocking_first(ray_schedule(plan, tmp_path),
+                               lambda cfg: epochs.get(name[cfg.run_id()], 1))
     assert [name[cfg.run_id()] for cfg, _ in ordered] == [
-        ("teacher", 32),  # 1 + finetune 1's 5
-        ("finetune", 1),  # 5, nobody waits for it
-        ("ta_chain", 4), ("progressive", 4),  # 1 + their next link's 1
-        ("ta_chain", 1), ("progressive", 1), ("direct_kd", 1),
-        ("finetune", 4), ("direct_kd", 4),  # aliases of progressive 4 and ta_chain 4
+        ("teacher", 32),  # holds back progressive 4 then progressive 1: 1 + 5
+        ("progressive", 4),  # holds back progressive 1's 5 (finetune 4 is it, recorded again)
+        ("ta_chain", 4),  # holds back ta_chain 1's 3
+        ("finetune", 4), ("direct_kd", 4),  # aliases of progressive 4 and ta_chain 4: nothing
+        ("direct_kd", 1), ("ta_chain", 1), ("finetune", 1), ("progressive", 1),  # 2, 3, 4, 5
     ]
 
 
@@ -269,22 +271,6 @@ def test_a_paused_run_weighs_the_epochs_its_checkpoint_has_left(tmp_path):
     torch.save({"epoch": 1}, path)
     left = epochs_left_in(tmp_path)
     assert (left(paused), left(fresh)) == (paused.epochs - 1, fresh.epochs)
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_longest_path_first_keeps_every_run_after_the_runs_it_waits_for(tmp_path, seed):
-    import random
-
-    from kdlib.executors import longest_path_first, ray_schedule
-
-    rng = random.Random(seed)
-    plan = experiments.plan_grid(**{**GRID, "seeds": [0, 1]})
-    left = {cfg.run_id(): rng.randint(0, 20) for cfg in plan}  # 0: a checkpoint at its end
-    schedule = ray_schedule(plan, tmp_path)
-    ordered = longest_path_first(schedule, lambda cfg: left[cfg.run_id()])
-    assert sorted(cfg.run_id() for cfg, _ in ordered) == sorted(cfg.run_id() for cfg, _ in schedule)
-    position = {cfg.run_id(): i for i, (cfg, _) in enumerate(ordered)}
-    assert all(position[dep] < position[cfg.run_id()] for cfg, after in ordered for dep in after)
 
 
 class PausesTheTeacher(Budget):
