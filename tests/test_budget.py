@@ -249,7 +249,8 @@ def test_runs_others_wait_for_start_first_then_the_shortest(tmp_path):
 
     plan = experiments.plan_grid(**GRID)
     name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
-    epochs = {("ta_chain", 1): 3, ("progressive", 1): 5, ("finetune", 1): 4, ("direct_kd", 1): 2}
+    epochs = {("ta_chain", 1): 3, ("progressive", 1): 5, ("finetune", 1): 4, ("direct_kd", 1): 2,
+              ("finetune", 4): 6}  # an alias: trains nothing, whatever its epochs
     ordered = unblocking_first(ray_schedule(plan, tmp_path),
                                lambda cfg: epochs.get(name[cfg.run_id()], 1))
     assert [name[cfg.run_id()] for cfg, _ in ordered] == [
