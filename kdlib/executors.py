@@ -108,8 +108,9 @@ def unblocking_first(schedule: Sequence[tuple[RunConfig, list[str]]],
     link); then the rest, the shortest first, so that a lease ends with the most records and
     what it leaves is long runs, which pause and continue. A run's weight is its epochs
     still to train (``epochs_left``; nothing for one that waits for the run it is recorded as).
-    Ties in plan order. Not a dependency order (a run that waits for another may come first):
-    the executor starts a run only once what it waits for is done."""
+    Ties keep the order given (the executor gives paused runs first, then plan order). Not a
+    dependency order (a run that waits for another may come first): the executor starts a run
+    only once what it waits for is done."""
     waits_for_me: dict[str, list[str]] = {}
     own: dict[str, int] = {}
     for cfg, after in schedule:
