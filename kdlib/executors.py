@@ -115,8 +115,7 @@ def unblocking_first(schedule: Sequence[tuple[RunConfig, list[str]]],
     own: dict[str, int] = {}
     for cfg, after in schedule:
         run_id = cfg.run_id()
-        alias = bool(set(after) - {cfg.teacher_id, cfg.init_id})
-        own[run_id] = 0 if alias else max(epochs_left(cfg), 0)
+        own[run_id] = 0 if _waits_as_alias(cfg, after) else max(epochs_left(cfg), 0)
         for dep in after:
             waits_for_me.setdefault(dep, []).append(run_id)
     held_back: dict[str, int] = {}  # the heaviest line of training that waits for a run
@@ -135,6 +134,12 @@ def epochs_left_in(results_dir: str | os.PathLike) -> Callable[[RunConfig], int]
 
     done = {run_id: epochs_done(path) for run_id, path in paused_checkpoints(results_dir).items()}
     return lambda cfg: cfg.epochs - done.get(cfg.run_id(), 0)
+
+
+def _waits_as_alias(cfg: RunConfig, after: list[str]) -> bool:
+    """Whether ``cfg`` waits (in :func:`ray_schedule`) for a run of this call that it will be
+    recorded as: it trains nothing itself."""
+    return bool(set(after) - {cfg.teacher_id, cfg.init_id})
 
 
 def _unique(plan: Sequence[RunConfig]) -> list[RunConfig]:
@@ -234,9 +239,9 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
     """Train ``plan`` with up to ``jobs`` runs at once in worker processes of this machine
     (several small runs share one GPU better than one run uses it); for a lent machine without
     Ray. Dependencies as :func:`execute_ray` (:func:`ray_schedule`); a run is started once its
-    teacher and init runs have records, in :func:`unblocking_first`'s order, and, under a ``budget``, only as
-    :func:`kdlib.experiments.execute` starts it (a run paused at the budget's end resumes in the
-    next call). Returns the records that exist at the end, in plan order."""
+    teacher and init runs have records, in :func:`unblocking_first`'s order, and, under a
+    ``budget``, only as :func:`kdlib.experiments.execute` starts it (a run paused at the
+    budget's end resumes in the next call). Returns the records that exist at the end, in plan order."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid; expected an integer >= 1")
     results_dir = str(Path(results_dir).resolve())
@@ -310,6 +315,6 @@ def _admission(cfg: RunConfig, after: list[str], budget: Budget | None, index: _
                results_dir: str) -> Admission | None:
     """Whether ``cfg`` may start under ``budget``; None for no budget or an alias: of a run of
     this call (listed in ``after`` besides its teacher and init) or of an earlier one."""
-    if budget is None or set(after) - {cfg.teacher_id, cfg.init_id}:
+    if budget is None or _waits_as_alias(cfg, after):
         return None
     return budget_admission(cfg, budget, index, results_dir)

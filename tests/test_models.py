@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from kdlib.bench.measure import same_bits
 from kdlib.models import create_model, list_models, register_model
 from kdlib.quant import QConv2d, QLinear, dorefa_weight, model_size_report, quantized_layers, transfer_weights
 
@@ -289,10 +290,6 @@ def test_compiled_smallest_model_trains_one_step():
     assert all(p.grad is not None for p in trainable_net_params(model).values())
 
 
-def _bits_of(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(torch.int32)
-
-
 @pytest.mark.parametrize("bits", [1, 2, 4, 8, 16])
 def test_a_quantizer_that_absorbs_relu_gives_the_same_bits_with_and_without_it(bits):
     """DoReFa's activation clip to [0, 1], forward and gradient (both of its paths: the
@@ -310,8 +307,8 @@ def test_a_quantizer_that_absorbs_relu_gives_the_same_bits_with_and_without_it(b
         a, b = path(quantizer, plain), path(quantizer, torch.relu(through_relu))
         a.backward(upstream)
         b.backward(upstream)
-        assert torch.equal(_bits_of(a), _bits_of(b))
-        assert torch.equal(_bits_of(plain.grad), _bits_of(through_relu.grad))
+        assert same_bits(a, b)
+        assert same_bits(plain.grad, through_relu.grad)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 16, 32])
@@ -336,11 +333,11 @@ def test_leaving_out_the_absorbed_relu_changes_no_bit_of_a_resnet(bits, channels
 
     skipped, skipping = train_step(keep_relu=False)
     kept, keeping = train_step(keep_relu=True)
-    assert torch.equal(_bits_of(skipped), _bits_of(kept))
+    assert same_bits(skipped, kept)
     for (name, p), (_, q) in zip(skipping.named_parameters(), keeping.named_parameters()):
-        assert torch.equal(_bits_of(p.grad), _bits_of(q.grad)), name
+        assert same_bits(p.grad, q.grad), name
     for (name, b), (_, c) in zip(skipping.named_buffers(), keeping.named_buffers()):
         if b is not None and b.is_floating_point():
-            assert torch.equal(_bits_of(b), _bits_of(c)), name
+            assert same_bits(b, c), name
     blocks = [m for m in skipping.modules() if type(m).__name__ == "BasicBlock"]
     assert blocks and all(block.conv2.input_absorbs_relu == (bits < 32) for block in blocks)

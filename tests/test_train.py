@@ -556,8 +556,9 @@ def test_nonfinite_loss_is_found_between_periodic_checks(splits, monkeypatch):
 
 
 class HostTraffic(TorchDispatchMode):
-    """Counts the operators that read a tensor back to the host (graph_emulator.HOST_READS)
-    and the tensors built from host data (on CUDA, a copy to the device)."""
+    """Counts the reads of a tensor's value back to the host (``_local_scalar_dense``: item,
+    float, bool; not the integer indexing of train_batches, which reads nothing on CUDA) and
+    the tensors built from host data (graph_emulator.HOST_DATA: on CUDA, a copy to the device)."""
 
     def __init__(self):
         super().__init__()

@@ -29,7 +29,7 @@ class Runner:
     info: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 0  # images per step (0: not an image pipeline, e.g. a matmul)
     flops_per_step: float | None = None  # set where known before timing (matmuls)
-    warmup_min: int = 0  # at least this many warm-up steps (torch.compile)
+    warmup_min: int = 0  # at least this many warm-up steps (compiling; a CUDA graph's capture)
     rewarm: int = 1  # un-timed steps before each later window (see measure)
     trainer: Any = None  # the objects behind the step, for inspection (never serialised)
 

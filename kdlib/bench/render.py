@@ -175,8 +175,7 @@ def _compiled_line(c: dict[str, Any]) -> str:
             f"{k} at once: {e['images_per_s']:.0f} img/s"
             + (f" ({e['ready_s']:.0f} s to compile)" if "ready_s" in e else "")
             for k, e in _numeric_order(side["by_jobs"]))
-    graphs = _one_process(c.get("cudagraphs"), "replayed as CUDA graphs",
-                          "reduce-overhead")  # measured since 2026-12-04
+    graphs = _cudagraphs_text(c.get("cudagraphs"))  # measured since 2026-12-04
     return (f"- torch.compile for a grid's runs: every quantizer level exact {exact}; compiled "
             f"`{side.get('variant', 'kd_w4_compile')}` processes side by side, {speed}{graphs}")
 
@@ -210,16 +209,17 @@ def _graphs_verdict_line(result: dict[str, Any]) -> list[str]:
             f"({verdict['why']})"]
 
 
-def _one_process(entry: dict[str, Any] | None, what: str, how: str) -> str:
-    """"; <what> (`variant`, how), one process: N img/s", its error, or "" where not measured."""
+def _cudagraphs_text(entry: dict[str, Any] | None) -> str:
+    """The compiled step replayed as CUDA graphs: "; ... one process: N img/s", its error, or
+    "" where not measured."""
     if entry is None:
         return ""
     if "error" in entry:
-        return f"; {what}, not measured ({_first_line(entry['error'])})"
+        return f"; replayed as CUDA graphs, not measured ({_first_line(entry['error'])})"
     one = entry["by_jobs"]["1"]
     skips = one.get("cudagraph_skips")
     skipped = "" if not skips else f" ({skips} compiled graph(s) ran without CUDA graphs)"
-    return (f"; {what} (`{entry['variant']}`, {how}), one process: "
+    return (f"; replayed as CUDA graphs (`{entry['variant']}`, reduce-overhead), one process: "
             f"{one['images_per_s']:.0f} img/s{skipped}")
 
 

@@ -235,8 +235,6 @@ def grouped_part(ctx, settings: dict[str, Any], log: Callable[[str], None]) -> d
                            warmup=settings.get("warmup", WARMUP_STEPS), log=log)
 
 
-
-
 def bench_file_name(result: dict[str, Any]) -> str:
     """``<gpu>.json`` for a GPU benchmark (the card decides), ``<host>.json`` for a CPU one."""
     machine = result["machine"]

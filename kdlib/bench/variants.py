@@ -130,8 +130,9 @@ def _kdlib_runner(cfg: RunConfig, ctx: Context) -> Runner:
     info = {"step": "kdlib.step.run_step inside kdlib.step.frozen_teacher (what fit() runs)",
             "pipeline": KDLIB_PIPELINE, "switches": _switches(cfg, 32 if kd else None),
             "kd_mode": trainer.mode, "run_config": cfg.to_dict()}
+    # a compiled step compiles in its first steps; a replayed one runs eager ones, then captures
     warmup_min = (COMPILE_WARMUP_STEPS if cfg.compile
-                  else kdlib.step.GRAPH_WARMUP_STEPS + 1 if trainer.graphed is not None else 0)  # + capture
+                  else kdlib.step.GRAPH_WARMUP_STEPS + 1 if trainer.graphed is not None else 0)
     return Runner(step, stack.close, info, batch_size=cfg.batch_size, trainer=trainer,
                   warmup_min=warmup_min)
 

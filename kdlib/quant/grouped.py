@@ -5,8 +5,9 @@ rounding) and their gradients backward; for ResNet-20's 18 quantized convs that 
 dispatch 1,136 operators instead of 652 (``results/bench/vm.json``, its grouped part, counted on
 a CPU), and on a GPU, where that step is bound by launching kernels (1,134 launches a step on
 the H200, busy 10% of the time), each operator is a launch. Here the weights of every layer at
-one bit width are laid end to end in one flat tensor, each in its own memory order, and quantized by whole-tensor kernels,
-a per-layer index standing in for the per-layer maximum and scale.
+one bit width are laid end to end in one flat tensor, each in its own memory order, and
+quantized by whole-tensor kernels, a per-layer index standing in for the per-layer maximum and
+scale.
 
 What is computed does not change, bit for bit: each element goes through the same float32
 operations as :func:`kdlib.quant.ste.dorefa_weight` and its autograd gradient (the formulas of
