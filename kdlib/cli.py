@@ -286,9 +286,15 @@ def command_lease(args: argparse.Namespace) -> int:
         for i, call in enumerate(calls, 1):
             print(f"{i}. carry={json.dumps(call['carry'])} timeout_s={call['timeout_s']}\n"
                   f"   {call['command']}")
+        print(f"A call that exits {lease.STASH_INCOMPLETE_EXIT} found a fresh machine (the earlier "
+              "calls' files are gone): it names the calls to make again.")
         print(f"then: python -m kdlib lease receive FOLDER_OF_RETURNED_FILES --preset {args.preset}")
     elif args.step == "store":
-        lease.store([Path(p) for p in args.paths])
+        try:
+            lease.store([Path(p) for p in args.paths], call=args.call)
+        except lease.StashIncomplete as exc:
+            print(f"lease store: {exc}", file=sys.stderr)
+            return lease.STASH_INCOMPLETE_EXIT
     elif args.step == "pack":
         lease.pack(results_dir, Path(args.out), Path.cwd() / "results" / "bench")
     elif args.step == "go":
@@ -484,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     store = steps.add_parser("store", help="there: keep carried data parts and weight folders "
                                            "in /dev/shm")
     store.add_argument("paths", nargs="+", help="a data part or a folder of carried weights")
+    store.add_argument("--call", type=int, default=None,
+                       help="this call's number: also check that the stash holds what the "
+                            "calls before it stored (.lease/stash.json)")
     store.add_argument("--preset", default="gpu")
     store.add_argument("--results-dir", default=None)
     receive = steps.add_parser("receive", help="here: unpack the returned files into results/")

@@ -9,7 +9,8 @@ is given back 30 s after a call. So:
   fp32 weights that the grid's unfinished runs start from or learn from and the checkpoints of
   runs paused at an earlier lease's end (in the room the parts leave, else calls of their own:
   :func:`plan_carry`), under ``.lease/`` (git-ignored), and prints the calls to make;
-* there, each call stores what it carries in ``/dev/shm`` (:func:`store`); the last one also
+* there, each call stores what it carries in ``/dev/shm`` (:func:`store`) and checks that the
+  earlier calls' files are still there (:func:`check_stash`: a fresh machine lost them); the last one also
   runs :func:`go`: reassemble and check the data, benchmark the device if ``results/bench`` has
   no file for it, train the grid with ``python -m kdlib grid``'s budget until the minutes run
   out, and pack what it added (records, weights, packed models, logs, the checkpoints of paused
@@ -37,6 +38,8 @@ LEASE_DIR = ".lease"  # in the repository root; ignored by git, named in each ca
 # on the lent machine: survives between calls, not leases ($KDLIB_LEASE_STASH for rehearsals)
 STASH = Path(os.environ.get("KDLIB_LEASE_STASH") or "/dev/shm/kdlib-lease")
 DATA_MANIFEST = "data.json"
+STASH_PLAN = "stash.json"  # what each call stores: checked by every later call's `store`
+STASH_INCOMPLETE_EXIT = 3  # `lease store`'s exit status when earlier calls' files are missing
 DATA_FILES = ("meta", "train", "test")  # of cifar-100-python/
 CALL_MIB = 64  # what one call may carry: the travelling tree, the carried paths
 CALL_MARGIN_MIB = 3  # the manifest, the calls file, files written between prepare and the call
@@ -310,12 +313,18 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     pack = f"python3 -m kdlib lease pack --results-dir {rel_results} --out \"$OUT\""
     finish = (f"{{ timeout -s INT -k 15 {hard_s} {go}; rc=$?; {pack} && exit $rc; }}")
     parts = [None] * len(extra_groups) + list(manifest["parts"])
+    (lease / STASH_PLAN).write_text(json.dumps(
+        [{"parts": {part["name"]: part["sha256"]} if part else {},
+          "weights": {p.name: sha256_of(p) for p in paths}}
+         for part, paths in zip(parts, groups)], indent=1))
     calls = []
     for i, (part, group) in enumerate(zip(parts, group_dirs)):
         last = i == len(parts) - 1
         carry = ([f"{LEASE_DIR}/{DATA_MANIFEST}", f"{LEASE_DIR}/{part['name']}"] if part else [])
         carry += [os.path.relpath(group, repo_root)] if group else []
-        store = "python3 -m kdlib lease store " + " ".join(carry[1:] if part else carry)
+        store = (f"python3 -m kdlib lease store --call {i + 1} "
+                 + " ".join(carry[1:] if part else carry))
+        carry.append(f"{LEASE_DIR}/{STASH_PLAN}")
         calls.append({"carry": carry, "command": f"{store} && {finish}" if last else store,
                       "timeout_s": CALL_TIMEOUT_S if last else 120})
     log(f"{LEASE_DIR}/: data in {len(manifest['parts'])} part(s) of <= {part_mib:g} MiB "
@@ -361,14 +370,54 @@ def store_carried(folder: Path, stash: Path = STASH) -> list[Path]:
     return stored
 
 
-def store(paths: Sequence[Path], stash: Path = STASH) -> None:
+class StashIncomplete(RuntimeError):
+    """The stash lacks what earlier calls stored: the machine is a fresh one."""
+
+
+def store(paths: Sequence[Path], stash: Path = STASH, *, call: int | None = None,
+          plan: Path | None = None) -> None:
     """`lease store`: each path a data part (:func:`store_part`) or a folder of carried files
-    (:func:`store_carried`)."""
+    (:func:`store_carried`). With ``call`` (1-based, as `prepare` numbers them), then checks
+    that the stash holds what the calls before it stored (:func:`check_stash`)."""
     for path in map(Path, paths):
         if path.is_dir():
             store_carried(path, stash)
         else:
             store_part(path, stash)
+    if call is not None:
+        check_stash(Path(plan or Path(LEASE_DIR) / STASH_PLAN), call, stash)
+
+
+def check_stash(plan: Path, call: int, stash: Path = STASH) -> None:
+    """Raise :class:`StashIncomplete` naming the calls to make again when the stash lacks a
+    file that one of the calls before ``call`` stored, or holds another version of it.
+
+    The stash lives in the lent machine's memory, and the machine goes back 30 s after a call:
+    a call made later, or after the machine was taken back, finds a fresh one, and without
+    this check the last call would train paused runs from their start and miss the data."""
+    calls = json.loads(plan.read_text())
+    missing: dict[int, list[str]] = {}
+    for i, entry in enumerate(calls[:call - 1], 1):
+        wanted = [(stash / name, name, digest) for name, digest in entry["parts"].items()]
+        wanted += [(stash / "weights" / name, name, digest)
+                   for name, digest in entry["weights"].items()]
+        lost = [name for path, name, digest in wanted
+                if not path.exists() or sha256_of(path) != digest]
+        if lost:
+            missing[i] = lost
+    if not missing:
+        have = sum(len(e["parts"]) + len(e["weights"]) for e in calls[:call])
+        print(f"call {call} of {len(calls)}: the stash holds all {have} file(s) stored so far",
+              flush=True)
+        return
+    again = ", ".join(map(str, missing))
+    lost = sorted(name for names in missing.values() for name in names)
+    then = ("then this call again" if call == len(calls)
+            else f"then go on with call {call + 1} (this call's files are stored)")
+    raise StashIncomplete(
+        f"this machine lacks what call(s) {again} stored ({', '.join(lost[:4])}"
+        f"{', ...' if len(lost) > 4 else ''}): it is a fresh machine (the last one went back "
+        f"30 s after a call, or was taken back). Make call(s) {again} again, {then}.")
 
 
 def assemble_data(stash: Path = STASH) -> Path:

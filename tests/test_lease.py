@@ -183,7 +183,8 @@ def test_a_paused_runs_checkpoint_is_carried_and_placed_where_the_grid_resumes_i
     (group,) = [path for path in carrying[0]["carry"] if "/weights/" in path]
     assert (here / group / paused.name).read_bytes() == paused.read_bytes()
     last_part = carrying[0]["carry"][1]
-    assert carrying[0]["command"].startswith(f"python3 -m kdlib lease store {last_part} {group} && ")
+    assert carrying[0]["command"].startswith(
+            f"python3 -m kdlib lease store --call {len(calls)} {last_part} {group} && ")
     assert any(line.startswith(f"resumes: {plan[0].run_id()} from epoch 0") for line in logs)
     stash, device = tmp_path / "stash", tmp_path / "device" / "results" / "smoke"
     (here / group / paused.name).write_bytes(b"broken in transfer")
@@ -297,9 +298,59 @@ print("ok", sorted(m for m in sys.modules if m.split('.')[0] in {DEVICE_LACKS!r}
     assert done.stdout.strip().splitlines()[-1] == "ok []"
 
 
+def _device_copy(here: Path, device: Path) -> None:
+    shutil.copytree(here, device)
+    shutil.copytree(REPO / "kdlib", device / "kdlib", ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def _device_env(tmp_path: Path, out: Path) -> dict[str, str]:
+    return {**os.environ, "KDLIB_LEASE_STASH": str(tmp_path / "stash"), "OUT": str(out),
+            "PATH": f"{_python3_shim(tmp_path)}:{os.environ['PATH']}"}
+
+
+def test_a_call_that_finds_a_fresh_machine_names_the_calls_to_make_again(fake_data_root,
+                                                                          tmp_path):
+    """The stash lives in the lent machine's memory and the machine goes back 30 s after a
+    call: a call that finds a fresh one exits 3 naming the earlier calls to make again, and
+    the last call then stores but neither trains nor packs. Made again, the calls go on."""
+    here = tmp_path / "here"
+    results = here / "results" / "smoke"
+    plan = experiments.plan_grid(**GRID, chain=[32, 4], chain_methods=["ta_chain"],
+                                 methods=["direct_kd"])
+    calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                          minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5)
+    assert len(calls) >= 3 and all(f"lease store --call {i}" in call["command"]
+                                   for i, call in enumerate(calls, 1))
+    assert all(f"{lease.LEASE_DIR}/{lease.STASH_PLAN}" in call["carry"] for call in calls)
+    device, out = tmp_path / "device", tmp_path / "out"
+    _device_copy(here, device)
+    out.mkdir()
+    env = _device_env(tmp_path, out)
+
+    def make(i: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", calls[i - 1]["command"]], cwd=device, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    assert make(1).returncode == 0 and make(2).returncode == 0
+    shutil.rmtree(tmp_path / "stash")  # the machine went back: call 3 finds a fresh one
+    third = make(3)
+    assert third.returncode == lease.STASH_INCOMPLETE_EXIT, third.stdout + third.stderr
+    assert "call(s) 1, 2 stored" in third.stderr and "Make call(s) 1, 2 again" in third.stderr
+    assert make(1).returncode == 0 and make(2).returncode == 0  # made again: the stash is whole
+    assert "holds all 3 file(s)" in make(3).stdout
+    assert all(make(i).returncode == 0 for i in range(4, len(calls)))
+    part = tmp_path / "stash" / calls[0]["carry"][1].split("/")[-1]
+    part.write_bytes(part.read_bytes()[:-1])  # another version of call 1's part is refused too
+    last = make(len(calls))
+    assert last.returncode == lease.STASH_INCOMPLETE_EXIT and "call(s) 1 stored" in last.stderr
+    assert "this call again" in last.stderr and "lease go" not in last.stdout + last.stderr
+    assert list(out.iterdir()) == []  # nothing trained, nothing packed
+
+
 def test_a_failing_go_still_returns_what_finished_and_fails_the_call(fake_data_root, tmp_path):
-    """The last call packs whatever became of `go` (here: it fails at once, the earlier parts
-    never stored); its exit status is go's. Minutes that would outlast the call are refused."""
+    """The last call packs whatever became of `go` (here: every part stored, but the archive
+    they make is not the one the manifest names); its exit status is go's. Minutes that would
+    outlast the call are refused."""
     here = tmp_path / "here"
     results = here / "results" / "gpu"
     (results / "runs").mkdir(parents=True)
@@ -312,17 +363,19 @@ def test_a_failing_go_still_returns_what_finished_and_fails_the_call(fake_data_r
     calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
                           minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5)
     assert "timeout -s INT" in calls[-1]["command"] and "lease pack" in calls[-1]["command"]
-    device = tmp_path / "device"
-    shutil.copytree(here, device)
-    shutil.copytree(REPO / "kdlib", device / "kdlib", ignore=shutil.ignore_patterns("__pycache__"))
-    out = tmp_path / "out"
+    device, out = tmp_path / "device", tmp_path / "out"
+    _device_copy(here, device)
     out.mkdir()
-    env = {**os.environ, "KDLIB_LEASE_STASH": str(tmp_path / "stash"), "OUT": str(out),
-           "PATH": f"{_python3_shim(tmp_path)}:{os.environ['PATH']}"}
-    done = subprocess.run(["bash", "-c", calls[-1]["command"]], cwd=device, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "lease store" in done.stderr  # which part to carry first
-    assert "packed" in done.stdout
+    env = _device_env(tmp_path, out)
+    manifest = device / lease.LEASE_DIR / lease.DATA_MANIFEST
+    broken = json.loads(manifest.read_text())
+    broken["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(broken))
+    for call in calls:
+        done = subprocess.run(["bash", "-c", call["command"]], cwd=device, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode not in (0, lease.STASH_INCOMPLETE_EXIT), done.stderr[-2000:]
+    assert "does not match its sha256" in done.stderr and "packed" in done.stdout
     lease.receive(out, tmp_path / "back", tmp_path / "bench")
     assert (tmp_path / "back" / "runs" / "earlier.json").exists()
 
