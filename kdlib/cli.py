@@ -286,6 +286,9 @@ def command_lease(args: argparse.Namespace) -> int:
         for i, call in enumerate(calls, 1):
             print(f"{i}. carry={json.dumps(call['carry'])} timeout_s={call['timeout_s']}\n"
                   f"   {call['command']}")
+        full = plan_grid(preset=args.preset, model=model_of(args),
+                         seeds=list(get_preset(args.preset).seeds))
+        _note_unneeded_weights(full, results_dir, then=" (then prepare again: more room a call)")
         print(f"A call that exits {lease.STASH_INCOMPLETE_EXIT} found a fresh machine (the earlier "
               "calls' files are gone): it names the calls to make again.")
         print(f"then: python -m kdlib lease receive FOLDER_OF_RETURNED_FILES --preset {args.preset}")
@@ -324,6 +327,7 @@ def command_lease(args: argparse.Namespace) -> int:
             rel = " ".join(os.path.relpath(p, Path.cwd()) for p in frontier)
             print(f"the next lease's runs start from or learn from {len(frontier)} weight "
                   f"file(s); commit them for a later session: git add -f {rel}")
+        _note_unneeded_weights(plan, results_dir)
         paused = lease.planned_paused(plan, results_dir)
         if paused:  # a lost one costs its run's epochs again, not a result: kept out of git
             size = sum(p.stat().st_size for p in paused) / lease.MIB
@@ -332,6 +336,19 @@ def command_lease(args: argparse.Namespace) -> int:
                   "ignored by git): the next `lease prepare` carries them; without them those "
                   "runs start over")
     return 0
+
+
+def _note_unneeded_weights(plan, results_dir: Path, then: str = "") -> None:
+    """Print the `git rm` for committed weight files no unfinished run of ``plan`` (the
+    preset's whole grid) needs any more."""
+    from kdlib import lease
+
+    unneeded = lease.unneeded_committed_weights(plan, results_dir, REPO_ROOT)
+    if unneeded:  # every call carries the tracked tree: keep it small
+        rel = " ".join(os.path.relpath(p, Path.cwd()) for p in unneeded)
+        size = sum(p.stat().st_size for p in unneeded) / lease.MIB
+        print(f"no unfinished run needs {len(unneeded)} committed weight file(s) any more "
+              f"({size:.1f} MiB that every device call carries): git rm {rel}{then}")
 
 
 def _lease_grid(args: argparse.Namespace) -> dict[str, list]:

@@ -207,6 +207,22 @@ def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
     return list(needed.values())
 
 
+def unneeded_committed_weights(plan: Sequence, results_dir: Path, repo_root: Path) -> list[Path]:
+    """Committed fp32 weight files of ``results_dir`` that no unfinished run of ``plan`` starts
+    from or learns from any more. They were committed so that a later session could continue
+    the grid (:func:`frontier_weights`); now they only make every call of every lease carry
+    them, and git's history keeps them."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--", os.path.relpath(Path(results_dir) / "checkpoints", repo_root)],
+        cwd=repo_root, capture_output=True)
+    if listed.returncode != 0:  # not a git checkout: nothing is committed
+        return []
+    committed = {(Path(repo_root) / name).resolve() for name in listed.stdout.decode().split("\0")
+                 if name.endswith(".weights.pt")}
+    needed = {p.resolve() for p in frontier_weights(plan, results_dir)}
+    return sorted(p for p in committed - needed if p.exists())
+
+
 def plan_carry(part_bytes: Sequence[int], files: Sequence[Path], room_bytes: int
                ) -> tuple[list[list[Path]], list[list[Path]]]:
     """Which call carries which weight or checkpoint file: ``(by_part, extra)``, the files that

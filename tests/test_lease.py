@@ -163,6 +163,33 @@ def test_frontier_is_the_weights_unfinished_runs_need(fake_data_root, tmp_path):
         lease.frontier_weights(plan, tmp_path)
 
 
+def test_committed_weights_no_unfinished_run_needs_are_named_for_removal(fake_data_root,
+                                                                         tmp_path):
+    """A committed fp32 weight file rides in every call of every lease: once the runs that
+    start from it have records, `receive` and `prepare` name it for `git rm`."""
+    here = tmp_path / "here"
+    results = here / "results" / "smoke"
+    plan = experiments.plan_grid(**GRID, chain=[32, 4, 1], chain_methods=["ta_chain"],
+                                 methods=["direct_kd"])
+    results.mkdir(parents=True)
+    assert lease.unneeded_committed_weights(plan, results, here) == []  # not a git checkout
+    link = experiments.execute(plan[:2], data_dir=fake_data_root, results_dir=results,
+                               progress=False)[1]
+    weights = weights_path(results, link["run_id"])
+    git = dict(cwd=here, check=True, capture_output=True)
+    subprocess.run(["git", "init", "-q"], **git)
+    subprocess.run(["git", "add", "-f", str(weights)], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "w"],
+                   **git)
+    assert lease.frontier_weights(plan, results) == [weights]
+    assert lease.unneeded_committed_weights(plan, results, here) == []  # ta_chain@1 needs it
+    experiments.execute(plan, data_dir=fake_data_root, results_dir=results, progress=False)
+    assert lease.frontier_weights(plan, results) == []
+    assert lease.unneeded_committed_weights(plan, results, here) == [weights.resolve()]
+    weights.unlink()  # removed (`git rm`): nothing left to name
+    assert lease.unneeded_committed_weights(plan, results, here) == []
+
+
 def test_a_paused_runs_checkpoint_is_carried_and_placed_where_the_grid_resumes_it(
         fake_data_root, tmp_path):
     plan = experiments.plan_grid(**GRID, chain=[32, 4], chain_methods=["ta_chain"],
