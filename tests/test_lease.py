@@ -6,6 +6,7 @@ device minute goes to a typo.
 Smoke preset, ResNet-8, on the generated stand-in of CIFAR-100 (no real data needed).
 """
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -208,16 +209,21 @@ def test_a_paused_runs_checkpoint_is_carried_and_placed_where_the_grid_resumes_i
     carrying = [call for call in calls if any("/weights/" in path for path in call["carry"])]
     assert carrying == calls[-1:]  # a few bytes: in the room the last data part leaves
     (group,) = [path for path in carrying[0]["carry"] if "/weights/" in path]
-    assert (here / group / paused.name).read_bytes() == paused.read_bytes()
+    carried = here / group / (paused.name + lease.CARRIED_SUFFIX)
+    assert lzma.decompress(carried.read_bytes()) == paused.read_bytes()  # carried compressed
     last_part = carrying[0]["carry"][1]
     assert carrying[0]["command"].startswith(
             f"python3 -m kdlib lease store --call {len(calls)} {last_part} {group} && ")
     assert any(line.startswith(f"resumes: {plan[0].run_id()} from epoch 0") for line in logs)
     stash, device = tmp_path / "stash", tmp_path / "device" / "results" / "smoke"
-    (here / group / paused.name).write_bytes(b"broken in transfer")
+    good = carried.read_bytes()
+    carried.write_bytes(b"broken in transfer")
+    with pytest.raises(ValueError, match="does not decompress"):
+        lease.store([here / group], stash)
+    carried.write_bytes(lzma.compress(b"the teacher after other epochs"))
     with pytest.raises(ValueError, match="sha256"):
         lease.store([here / group], stash)
-    (here / group / paused.name).write_bytes(paused.read_bytes())
+    carried.write_bytes(good)
     lease.store([here / group], stash)
     assert lease.place_carried(device, stash) == [checkpoint_path(device, plan[0].run_id())]
     assert checkpoint_path(device, plan[0].run_id()).read_bytes() == paused.read_bytes()
@@ -275,8 +281,10 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
     assert "benchmark written" not in logs[-1] and "benchmark completed" in logs[-1]
     bench = json.loads(next((here / "results" / "bench").glob("*.json")).read_text())
     assert bench["profile"]["variant"] == "kd_w4" and bench["profile"]["top"]  # came back
-    carried = sorted(p.name for p in (tmp_path / "device2" / ".lease" / "weights").rglob("*.pt"))
-    assert carried == [f"{head[1]['run_id']}.weights.pt"]  # the teacher: its committed packed file
+    weights = tmp_path / "device2" / ".lease" / "weights"
+    carried = sorted(p.name for p in weights.rglob("*.pt.xz"))
+    # the 4-bit link's, compressed; not the teacher's: its committed packed file holds it
+    assert carried == [f"{head[1]['run_id']}.weights.pt.xz"]
     received = {r["run_id"]: r for r in load_records(results)}
     assert all(received[r["run_id"]]["created_at"] == r["created_at"] for r in head)  # not retrained
     from kdlib.results import CODE_COMMIT  # the device's copy has no .git: the call states it
