@@ -286,12 +286,18 @@ def command_lease(args: argparse.Namespace) -> int:
         for i, call in enumerate(calls, 1):
             print(f"{i}. carry={json.dumps(call['carry'])} timeout_s={call['timeout_s']}\n"
                   f"   {call['command']}")
+        again = json.loads((REPO_ROOT / lease.LEASE_DIR / "again.json").read_text())
+        print(f"{len(calls) + 1}. (if the last reply's lease has warm true and budget_left_s >= "
+              f"{lease.AGAIN_MIN_S}: at once, the same grid for the time left on that machine) "
+              f"carry=[] timeout_s={again['timeout_s']}, {lease.AGAIN_LEFT} replaced by "
+              f"budget_left_s (also in {lease.LEASE_DIR}/again.json):\n   {again['command']}")
         full = plan_grid(preset=args.preset, model=model_of(args),
                          seeds=list(get_preset(args.preset).seeds))
         _note_unneeded_weights(full, results_dir, then=" (then prepare again: more room a call)")
         print(f"A call that exits {lease.STASH_INCOMPLETE_EXIT} found a fresh machine (the earlier "
               "calls' files are gone): it names the calls to make again.")
-        print(f"then: python -m kdlib lease receive FOLDER_OF_RETURNED_FILES --preset {args.preset}")
+        print("then, for each call that returned files, in order: python -m kdlib lease receive "
+              f"FOLDER_OF_RETURNED_FILES --preset {args.preset}")
     elif args.step == "store":
         try:
             lease.store([Path(p) for p in args.paths], call=args.call)
@@ -309,7 +315,8 @@ def command_lease(args: argparse.Namespace) -> int:
             with open(log_path, "a") as f:
                 f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
 
-        lease.go(preset=args.preset, model=model_of(args), minutes=args.minutes, jobs=args.jobs,
+        minutes = args.minutes if args.seconds is None else args.seconds / 60.0
+        lease.go(preset=args.preset, model=model_of(args), minutes=minutes, jobs=args.jobs,
                  results_dir=results_dir, repo_root=Path.cwd(), log=log,
                  bench=args.bench, device=args.device, bench_args=args.bench_args,
                  grid=_lease_grid(args))
@@ -504,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     go_step.add_argument("--bench", choices=("auto", "always", "never"), default="auto",
                          help="auto: only if results/bench has no file of this device")
     go_step.add_argument("--device", default=None)
+    go_step.add_argument("--seconds", type=float, default=None,
+                         help="instead of --minutes (a follow-up call's time, computed in bash)")
     store = steps.add_parser("store", help="there: keep carried data parts and weight folders "
                                            "in /dev/shm")
     store.add_argument("paths", nargs="+", help="a data part or a folder of carried weights")

@@ -56,6 +56,13 @@ XZ_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_DELTA, "d
 CALL_TIMEOUT_S = 600  # the device tool's limit for one command
 GO_GRACE_S = 20  # `go` is interrupted this long after its --minutes (it plans to end before)
 PACK_S = 25  # packing and the return, after `go` ended or was interrupted
+# one more call on the machine while it is warm, for the device time the session has left
+# (the reply's lease.budget_left_s, put in for AGAIN_LEFT): `go` for that less AGAIN_GO_MARGIN_S
+# (the tree's transfer, go's grace, pack, the return, and slack), never under AGAIN_MIN_S
+AGAIN_LEFT = "SECONDS_LEFT"
+AGAIN_GO_MARGIN_S = 100
+AGAIN_MIN_S = 200
+RETURNED = "returned"  # in the stash: a copy of what each `pack` of this machine returned
 MIB = 1 << 20
 # the device benchmark: fit()'s steps, the bf16 mode, compile and the typical pipeline, in
 # about two minutes on a GPU (plus its concurrent, compiled and profile parts, kdlib.bench.run)
@@ -327,8 +334,7 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     from kdlib.results import CODE_COMMIT  # the device's copy of .git can be stale: state it
 
     go = (f"env PYTHONUNBUFFERED=1 KDLIB_GIT_COMMIT={CODE_COMMIT or ''} python3 -m kdlib lease go "
-          f"--preset {preset} --model {model} --minutes {minutes:g} --jobs {jobs} "
-          f"--results-dir {rel_results}")
+          f"--preset {preset} --model {model} --jobs {jobs} --results-dir {rel_results}")
     for name, values in (grid or {}).items():
         if values:
             go += f" --{name.replace('_', '-')} " + " ".join(map(str, values))
@@ -344,7 +350,14 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
                          f"{CALL_TIMEOUT_S} s timeout; at most "
                          f"{(CALL_TIMEOUT_S - PACK_S - grace_s) / 60:.2f}")
     pack = f"python3 -m kdlib lease pack --results-dir {rel_results} --out \"$OUT\""
-    finish = (f"{{ timeout -s INT -k 15 {hard_s} {go}; rc=$?; {pack} && exit $rc; }}")
+    finish = (f"{{ timeout -s INT -k 15 {hard_s} {go} --minutes {minutes:g}; rc=$?; "
+              f"{pack} && exit $rc; }}")
+    # the follow-up: the same grid on the same machine (its stash keeps the data and what the
+    # last call returned, which `go` puts back first), no benchmark, for the time left
+    hard_again = f"$((S - {AGAIN_GO_MARGIN_S - int(grace_s)}))"
+    again = (f"S={AGAIN_LEFT}; S=${{S%.*}}; if [ $S -lt {AGAIN_MIN_S} ]; then echo \"$S s left: "
+             f"too little for another call\"; exit 0; fi; {{ timeout -s INT -k 15 {hard_again} {go} "
+             f"--seconds $((S - {AGAIN_GO_MARGIN_S})) --bench never; rc=$?; {pack} && exit $rc; }}")
     parts = [None] * len(extra_groups) + list(manifest["parts"])
     (lease / STASH_PLAN).write_text(json.dumps(
         [{"parts": {part["name"]: part["sha256"]} if part else {},
@@ -360,6 +373,8 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         carry.append(f"{LEASE_DIR}/{STASH_PLAN}")
         calls.append({"carry": carry, "command": f"{store} && {finish}" if last else store,
                       "timeout_s": CALL_TIMEOUT_S if last else 120})
+    (lease / "again.json").write_text(json.dumps(
+        {"carry": [], "command": again, "timeout_s": CALL_TIMEOUT_S}, indent=1))
     log(f"{LEASE_DIR}/: data in {len(manifest['parts'])} part(s) of <= {part_mib:g} MiB "
         f"({manifest['bytes'] / MIB:.1f} MiB), {len(frontier)} weight and checkpoint file(s) "
         f"to carry ({sum(p.stat().st_size for p in frontier) / MIB:.1f} MiB, "
@@ -547,6 +562,16 @@ def place_carried(results_dir: Path, stash: Path = STASH) -> list[Path]:
     return placed
 
 
+def restore_returned(results_dir: Path, bench_dir: Path, stash: Path = STASH) -> int:
+    """Put back what earlier calls on this machine returned (kept by :func:`pack`), in order:
+    the device tool copies the tree afresh at each call, so a follow-up call's results folder
+    holds only what came from here. Returns how many returns were put back."""
+    kept = sorted((stash / RETURNED).glob("[0-9]*"))
+    for folder in kept:
+        receive(folder, results_dir, bench_dir)
+    return len(kept)
+
+
 def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
        repo_root: Path, model: str | None = None, bench: str = "auto", device: str | None = None,
        stash: Path = STASH, reserve_s: float | None = None, grid: dict[str, Any] | None = None,
@@ -576,10 +601,13 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     data_root = data_root or assemble_data(stash)
     log(f"data ready in {time.monotonic() - started:.0f} s: {data_root}")
     place_carried(results_dir, stash)
+    bench_dir = repo_root / "results" / "bench"
+    restored = restore_returned(results_dir, bench_dir, stash)  # after the carried checkpoints:
+    if restored:                                                # newer versions of some
+        log(f"put back what {restored} earlier call(s) on this machine returned")
     snapshot_results(results_dir, stash)  # what is here already is not returned
     torch_device = pick_device(device)
     kind = device_kind(torch_device)
-    bench_dir = repo_root / "results" / "bench"
     bench_written = None
     existing = load_bench(bench_dir, kind)
     if bench == "always" or (bench == "auto" and existing is None):
@@ -784,6 +812,10 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
     snapshot = stash / SNAPSHOT
     unchanged = json.loads(snapshot.read_text()) if snapshot.exists() else None
     files = pack_outputs(results_dir, out, benches, unchanged=unchanged)
+    kept = stash / RETURNED / f"{len(list((stash / RETURNED).glob('[0-9]*'))):02d}"
+    kept.mkdir(parents=True)
+    for path in files:  # for a follow-up call on this machine (restore_returned)
+        shutil.copyfile(path, kept / path.name)
     print(f"packed {len(files)} file(s) into {out}: "
           f"{len(list(results_dir.glob('runs/*.json')))} record(s), "
           f"{len(benches)} benchmark(s) of {kind}", flush=True)

@@ -296,6 +296,50 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
         sorted(map(comparable, serial), key=lambda r: r["run_id"])
 
 
+def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path):
+    """The follow-up call (`.lease/again.json`, the session's device seconds put in) runs the
+    same grid on the machine the last call left warm: the data is in its stash, and what the
+    last call returned is put back first, though the tool copied the tree afresh, so nothing
+    is trained twice; it runs no benchmark and returns only what it added. Too few seconds
+    left: it does nothing."""
+    here = tmp_path / "here"
+    (here / "results" / "bench").mkdir(parents=True)
+    results = here / "results" / "smoke"
+    small = dict(chain=[32, 4, 1], chain_methods=["ta_chain"], methods=["direct_kd"])
+    plan = experiments.plan_grid(**GRID, **small)
+    calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                          minutes=5, jobs=1, preset="smoke", model="resnet8", grid=small,
+                          part_mib=0.5, bench_args=TINY_BENCH, grace_s=120)
+    again = json.loads((here / lease.LEASE_DIR / "again.json").read_text())
+    assert again["carry"] == [] and lease.AGAIN_LEFT in again["command"]
+    device, outs = tmp_path / "device", [tmp_path / "out1", tmp_path / "out2"]
+    _device_copy(here, device)
+    env = {**_device_env(tmp_path, outs[0]), "KDLIB_TENSORBOARD": "0", "OMP_NUM_THREADS": "1"}
+
+    def make(command: str, out: Path) -> subprocess.CompletedProcess:
+        out.mkdir(exist_ok=True)
+        done = subprocess.run(["bash", "-c", command], cwd=device, env={**env, "OUT": str(out)},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    for call in calls:
+        make(call["command"], outs[0])
+    shutil.rmtree(device / "results")  # the tool copies the tree afresh at each call
+    shutil.copytree(here / "results", device / "results")
+    assert "too little" in make(again["command"].replace(lease.AGAIN_LEFT, "150"), outs[1]).stdout
+    assert list(outs[1].iterdir()) == []
+    follow = make(again["command"].replace(lease.AGAIN_LEFT, "400.7"), outs[1])  # as replied
+    lines = follow.stdout.splitlines()
+    assert "put back what 1 earlier call(s) on this machine returned" in lines
+    assert not any(line.startswith(("bench:", "benchmark ", "done ")) for line in lines)
+    lease.receive(outs[0], results, here / "results" / "bench")
+    first = {r["run_id"]: r["created_at"] for r in load_records(results)}
+    assert len(first) == len(plan)
+    assert lease.receive(outs[1], results, here / "results" / "bench")["records"] == 0
+    assert {r["run_id"]: r["created_at"] for r in load_records(results)} == first
+
+
 def _python3_shim(tmp_path: Path) -> Path:
     """A folder whose python3 runs this interpreter (the device's python3 holds torch)."""
     shim = tmp_path / "bin"
