@@ -54,6 +54,7 @@ RESULTS_ARCHIVE = "results.tar"
 XZ_FILTERS = [{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_DELTA, "dist": 32},
               {"id": lzma.FILTER_LZMA2, "preset": 6}]
 CALL_TIMEOUT_S = 600  # the device tool's limit for one command
+COMMAND_MAX_CHARS = 2000  # and for its command line
 GO_GRACE_S = 20  # `go` is interrupted this long after its --minutes (it plans to end before)
 PACK_S = 25  # packing and the return, after `go` ended or was interrupted
 # one more call on the machine while it is warm, for the device time the session has left
@@ -355,9 +356,11 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     # the follow-up: the same grid on the same machine (its stash keeps the data and what the
     # last call returned, which `go` puts back first), no benchmark, for the time left
     hard_again = f"$((S - {AGAIN_GO_MARGIN_S - int(grace_s)}))"
+    most = CALL_TIMEOUT_S - PACK_S - 10 + AGAIN_GO_MARGIN_S - int(grace_s)  # inside its timeout
     again = (f"S={AGAIN_LEFT}; S=${{S%.*}}; if [ $S -lt {AGAIN_MIN_S} ]; then echo \"$S s left: "
-             f"too little for another call\"; exit 0; fi; {{ timeout -s INT -k 15 {hard_again} {go} "
-             f"--seconds $((S - {AGAIN_GO_MARGIN_S})) --bench never; rc=$?; {pack} && exit $rc; }}")
+             f"too little for another call\"; exit 0; fi; if [ $S -gt {most} ]; then S={most}; "
+             f"fi; {{ timeout -s INT -k 15 {hard_again} {go} --seconds $((S - {AGAIN_GO_MARGIN_S})) "
+             f"--bench never; rc=$?; {pack} && exit $rc; }}")
     parts = [None] * len(extra_groups) + list(manifest["parts"])
     (lease / STASH_PLAN).write_text(json.dumps(
         [{"parts": {part["name"]: part["sha256"]} if part else {},
@@ -373,8 +376,13 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         carry.append(f"{LEASE_DIR}/{STASH_PLAN}")
         calls.append({"carry": carry, "command": f"{store} && {finish}" if last else store,
                       "timeout_s": CALL_TIMEOUT_S if last else 120})
-    (lease / "again.json").write_text(json.dumps(
-        {"carry": [], "command": again, "timeout_s": CALL_TIMEOUT_S}, indent=1))
+    follow_up = {"carry": [], "command": again, "timeout_s": CALL_TIMEOUT_S}
+    for call in [*calls, follow_up]:
+        if len(call["command"]) > COMMAND_MAX_CHARS:
+            raise ValueError(f"a device call's command is {len(call['command'])} characters, "
+                             f"more than the tool's {COMMAND_MAX_CHARS}: shorten --bench-args "
+                             f"or the grid arguments")
+    (lease / "again.json").write_text(json.dumps(follow_up, indent=1))
     log(f"{LEASE_DIR}/: data in {len(manifest['parts'])} part(s) of <= {part_mib:g} MiB "
         f"({manifest['bytes'] / MIB:.1f} MiB), {len(frontier)} weight and checkpoint file(s) "
         f"to carry ({sum(p.stat().st_size for p in frontier) / MIB:.1f} MiB, "

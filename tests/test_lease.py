@@ -439,6 +439,10 @@ def test_a_failing_go_still_returns_what_finished_and_fails_the_call(fake_data_r
     with pytest.raises(ValueError, match="timeout"):
         lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
                       minutes=9.5, jobs=1, preset="smoke", part_mib=0.5)
+    with pytest.raises(ValueError, match="2000"):  # the device tool's limit
+        lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                      minutes=1, jobs=1, preset="smoke", part_mib=0.5,
+                      bench_args={"variants": ["fp32"] * 300})
     calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
                           minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5)
     assert "timeout -s INT" in calls[-1]["command"] and "lease pack" in calls[-1]["command"]
