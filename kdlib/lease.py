@@ -359,8 +359,8 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     most = CALL_TIMEOUT_S - PACK_S - 10 + AGAIN_GO_MARGIN_S - int(grace_s)  # inside its timeout
     again = (f"S={AGAIN_LEFT}; S=${{S%.*}}; if [ $S -lt {AGAIN_MIN_S} ]; then echo \"$S s left: "
              f"too little for another call\"; exit 0; fi; if [ $S -gt {most} ]; then S={most}; "
-             f"fi; {{ timeout -s INT -k 15 {hard_again} {go} --seconds $((S - {AGAIN_GO_MARGIN_S})) "
-             f"--bench never; rc=$?; {pack} && exit $rc; }}")
+             f"fi; {{ timeout -s INT -k 15 {hard_again} {go} "
+             f"--seconds $((S - {AGAIN_GO_MARGIN_S})) --bench never; rc=$?; {pack} && exit $rc; }}")
     parts = [None] * len(extra_groups) + list(manifest["parts"])
     (lease / STASH_PLAN).write_text(json.dumps(
         [{"parts": {part["name"]: part["sha256"]} if part else {},
