@@ -156,7 +156,7 @@ def test_completing_a_benchmark_writes_each_part_as_it_comes(fake_data_root, tmp
     monkeypatch.setattr(run, "graphs_part", part("graphs", {"check": {"equal": True}}))
     monkeypatch.setattr(run, "compiled_part", interrupted)
     older = {"machine": {"host": "h", "gpu": None}, "settings": {"preset": "smoke"}}
-    monkeypatch.setattr(lease, "missing_parts", lambda *_: {
+    monkeypatch.setattr(lease.decisions, "missing_parts", lambda *_: {
         "compiled": True, "graphs": True, "grouped": True, "profile": True})
     with pytest.raises(KeyboardInterrupt):
         lease.complete_bench(older, tmp_path, fake_data_root, "cpu", preset="smoke",

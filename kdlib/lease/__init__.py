@@ -1,0 +1,39 @@
+"""A lent GPU in a few calls: data carried in parts, benchmark, budgeted grid, results back.
+
+The lent machine (see the README, "On a GPU") has no network and our pins don't apply there:
+its python3 has torch 2.11, pandas, tqdm, filelock and tensorboard, no papermill or Ray. A call
+carries at most 64 MiB of working tree and returns at most 8 files of 16 MiB, and the machine
+is given back 30 s after a call. So:
+
+* here, :func:`prepare` packs CIFAR-100 into compressed parts of at most ``part_mib``, plus the
+  fp32 weights that the grid's unfinished runs start from or learn from and the checkpoints of
+  runs paused at an earlier lease's end (in the room the parts leave, else calls of their own:
+  :func:`plan_carry`), under ``.lease/`` (git-ignored), and prints the calls to make;
+* there, each call stores what it carries in ``/dev/shm`` (:func:`store`) and checks that the
+  earlier calls' files are still there (:func:`check_stash`: a fresh machine lost them); the
+  last one also runs :func:`go`: reassemble and check the data, benchmark the device if
+  ``results/bench`` has no file for it, train the grid with ``python -m kdlib grid``'s budget
+  until the minutes run out, and pack what it added (records, weights, packed models, logs,
+  the checkpoints of paused runs) and the benchmark into ``$OUT`` (:func:`pack_outputs`: at
+  most 8 files); a follow-up call for the time left trains on there (:func:`restore_returned`);
+* here again, :func:`receive` unpacks those files into ``results/gpu`` and ``results/bench``.
+
+Every file crossing between the machines is checked against a sha256 written beside it.
+
+Modules: :mod:`~kdlib.lease.transfer` (names, limits, checked parts), :mod:`~kdlib.lease.prepare`
+(here, before), :mod:`~kdlib.lease.device` (there), :mod:`~kdlib.lease.decisions` (what the
+benchmark decides), :mod:`~kdlib.lease.receive` (here, after).
+"""
+from kdlib.lease.decisions import (DEVICE_BENCH, FALLBACK_BENCH, auto_jobs, compile_undecided,
+                                   complete_bench, device_bench_args, missing_parts,
+                                   replays_steps)
+from kdlib.lease.device import (SNAPSHOT, StashIncomplete, assemble_data, check_stash, go, pack,
+                                pack_outputs, place_carried, restore_returned, snapshot_results,
+                                store, store_carried, store_part)
+from kdlib.lease.prepare import (compress_carried, frontier_weights, pack_data, part_mib_for,
+                                 plan_carry, planned_paused, prepare, travelling_bytes,
+                                 unneeded_committed_weights)
+from kdlib.lease.receive import receive
+from kdlib.lease.transfer import (AGAIN_LEFT, AGAIN_MIN_S, CARRIED_SUFFIX, DATA_FILES,
+                                  DATA_MANIFEST, LEASE_DIR, MIB, OUT_MAX_FILES, STASH,
+                                  STASH_INCOMPLETE_EXIT, STASH_PLAN, sha256_of)

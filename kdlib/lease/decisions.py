@@ -1,0 +1,156 @@
+"""What a lease decides from the device's benchmark: what to measure there
+(:func:`device_bench_args`, :func:`missing_parts`, :func:`complete_bench`), and how to train
+the grid (:func:`auto_jobs`, :func:`replays_steps`, :func:`compile_undecided`)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# the device benchmark: fit()'s steps, the bf16 mode, compile and the typical pipeline, in
+# about two minutes on a GPU (plus its concurrent, compiled and profile parts, kdlib.bench.run)
+DEVICE_BENCH = dict(variants=["fp32", "w4a4", "w1a1", "kd_w4", "kd_w4_nchw", "kd_w4_bf16",
+                              "kd_w4_compile", "kd_w4_typical", "data_kdlib"],
+                    windows=5, steps=50, concurrency_seconds=10.0)
+FALLBACK_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=3, steps=20, concurrency=())
+
+
+def device_bench_args(preset: str, model: str | None = None,
+                      bench_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """run_benchmark's arguments for a lease of ``preset``: ``bench_args`` (default
+    :data:`DEVICE_BENCH`), without the compiled variants, and so without the compiled part,
+    for a preset whose runs are too short to compile (minutes of the lease it trains instead;
+    a lease of a long-run preset measures that part, see :func:`missing_parts`)."""
+    from kdlib.bench.compiled import compile_may_pay
+
+    args = dict(DEVICE_BENCH if bench_args is None else bench_args)
+    if "variants" in args and not compile_may_pay(preset, model):
+        args["variants"] = [v for v in args["variants"] if "compile" not in v]
+    return args
+
+
+def compile_undecided(bench: dict[str, Any] | None, preset: str, model: str | None,
+                      results_dir: Path) -> str | None:
+    """Why a lease must not train ``preset`` yet, or None. ``compile`` is in the run id, so a
+    grid of long runs (:func:`kdlib.bench.compiled.compile_may_pay`) whose benchmark says
+    compiling pays, while the preset does not compile, would train runs that the switch then
+    orphans: that is decided first, by hand, before its first run (later, its records stand)."""
+    from kdlib.bench.compiled import compile_may_pay, compile_verdict
+    from kdlib.budget import LEASE_TRAINING_MINUTES
+    from kdlib.presets import build_config
+
+    if bench is None or not compile_may_pay(preset, model) or build_config(preset, model).compile:
+        return None
+    if any((results_dir / "runs").glob("*.json")):
+        return None
+    verdict = compile_verdict(bench, 60.0 * LEASE_TRAINING_MINUTES)
+    if not verdict or not verdict["pays"]:
+        return None
+    return (f"torch.compile pays for `{preset}` ({verdict['why']}) but the preset does not "
+            f"compile: set compile=True in its preset (kdlib/presets.py) before its first run, "
+            "then lease again")
+
+
+def replays_steps(bench: dict[str, Any] | None, preset: str, model: str | None = None) -> bool:
+    """Whether a lease trains the preset's runs with ``cuda_graphs``: the benchmark's graphs
+    part found the replayed step bit for bit eager's and faster side by side
+    (:func:`kdlib.bench.graphs.graphs_verdict`), and the preset does not compile."""
+    from kdlib.bench.graphs import graphs_verdict
+    from kdlib.presets import build_config
+
+    if bench is None or build_config(preset, model).compile:
+        return False
+    verdict = graphs_verdict(bench)
+    return bool(verdict and verdict["use"])
+
+
+def auto_jobs(bench: dict[str, Any] | None, preset: str, model: str | None = None) -> int:
+    """`--jobs auto`: as many runs at once as the benchmark found worth it for the preset's
+    step: compiled processes for a preset that compiles, replaying ones where a lease replays
+    steps (:func:`replays_steps`), eager ones otherwise (1 without a benchmark)."""
+    from kdlib.bench.concurrent import worth_running
+    from kdlib.presets import build_config
+
+    if build_config(preset, model).compile:
+        part = (bench or {}).get("compiled")
+    elif replays_steps(bench, preset, model):
+        part = bench["graphs"]
+    else:
+        part = bench
+    return worth_running((part or {}).get("concurrency"))
+
+
+def missing_parts(result: dict[str, Any], device, preset: str | None = None) -> dict[str, Any]:
+    """What a benchmark measured before its parts existed lacks: ``{"profile": True}`` (again
+    when profiled before the weights were quantized together), ``{"grouped": True}``
+    (:mod:`kdlib.bench.grouped`) and, on a GPU, ``{"graphs": True}`` (the step replayed as a
+    CUDA graph, :mod:`kdlib.bench.graphs`), ``{"concurrency": [counts]}`` of
+    :func:`kdlib.bench.run.device_concurrency` it has not measured (none once measuring them
+    failed) and ``{"compiled": True}`` (the compiled quantizers' levels and compiled processes
+    side by side, :mod:`kdlib.bench.compiled`; again when measured with another
+    ``COMPILED_DIVISION`` than today's; only for a ``preset`` whose runs are long enough to
+    compile, :func:`kdlib.bench.compiled.compile_may_pay`, so that a `gpu` lease trains instead).
+    ``preset=None``: every part."""
+    import torch
+
+    from kdlib.bench.compiled import compile_may_pay
+    from kdlib.bench.run import device_concurrency
+    from kdlib.quant.ste import COMPILED_DIVISION
+
+    missing: dict[str, Any] = {}
+    profile = result.get("profile")
+    if profile is None or not (profile.get("grouped_weights") or "error" in profile):
+        missing["profile"] = True  # none, or one of the weights quantized per layer
+    if "grouped" not in result:
+        missing["grouped"] = True
+    if torch.device(device).type == "cuda" and "graphs" not in result:
+        missing["graphs"] = True
+    # measured before compiled graphs divided the levels as they do now: measured again
+    compiled = result.get("compiled") or {}
+    if (torch.device(device).type == "cuda" and compiled.get("division") != COMPILED_DIVISION
+            and (preset is None or compile_may_pay(preset))):
+        missing["compiled"] = True
+    concurrency = result.get("concurrency") or {}
+    tried = "error" in concurrency or "added_error" in concurrency  # an answer too: not again
+    if torch.device(device).type == "cuda" and not tried:
+        cores = (result.get("machine") or {}).get("usable_cores")
+        counts = [k for k in device_concurrency(cores)
+                  if str(k) not in concurrency.get("by_jobs", {})]
+        if counts:
+            missing["concurrency"] = counts
+    return missing
+
+
+def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, device, *,
+                   preset: str, model: str, steps: int | None = None,
+                   log: Callable[[str], None] = print) -> Path:
+    """A benchmark measured before it had a part gets it, in place: the grouped-weights part
+    (about 20 s on a GPU), the profile (about 15 s), the replayed step (about 2 minutes), the
+    larger counts of processes side by side (about 30 s each), the compiled part (a few
+    minutes)."""
+    from kdlib.bench.run import (PROFILE_STEPS, add_concurrency, bench_file_name, compiled_part,
+                                 graphs_part, grouped_part, profile_or_error)
+    from kdlib.bench.variants import make_context
+    from kdlib.data import load_cifar100
+    from kdlib.fileio import write_json_atomic
+
+    missing = missing_parts(result, device, preset)
+    images, labels = load_cifar100(data_root, train=True, download=False)
+    preset = result.get("settings", {}).get("preset", preset)
+    ctx = make_context(images, labels, preset=preset, model=model, device=device, workers=0)
+    # the short parts first, the compiled part (minutes) last, at the process count just
+    # chosen; the file is written after each, so a lease cut short keeps what it measured
+    parts = {
+        "grouped": lambda r: grouped_part(ctx, r.get("settings", {}), log),
+        "profile": lambda r: profile_or_error(ctx, steps or PROFILE_STEPS, log),
+        "graphs": lambda r: graphs_part(r, ctx, preset=preset, model=model, log=log),
+        "concurrency": lambda r: add_concurrency(r, missing["concurrency"], ctx, preset=preset,
+                                                 model=model, log=log),
+        "compiled": lambda r: compiled_part(r, ctx, preset=preset, model=model, log=log),
+    }
+    path = bench_dir / bench_file_name(result)
+    for name, measure in parts.items():
+        if name in missing:
+            result = {**result, name: measure(result)}
+            write_json_atomic(path, result)
+    return path

@@ -1,0 +1,333 @@
+"""There, on the lent machine: each call stores what it carries (:func:`store`), the last one
+trains the grid (:func:`go`) and returns what it added (:func:`pack`)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import lzma
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kdlib.lease.decisions import (FALLBACK_BENCH, auto_jobs, compile_undecided,
+                                   complete_bench, device_bench_args, missing_parts,
+                                   replays_steps)
+from kdlib.lease.receive import receive
+from kdlib.lease.transfer import (CARRIED_MANIFEST, CARRIED_SUFFIX, DATA_MANIFEST, LEASE_DIR,
+                                  MIB, OUT_FILE_MIB, OUT_MAX_FILES, RESULTS_ARCHIVE, RETURNED,
+                                  STASH, STASH_PLAN, join_parts, sha256_of, split_into_parts)
+
+
+def store_part(part: Path, stash: Path = STASH) -> Path:
+    """Copy one carried part (and the manifest beside it) into the stash, checked."""
+    part = Path(part)
+    manifest = json.loads((part.parent / DATA_MANIFEST).read_text())
+    entry = next((p for p in manifest["parts"] if p["name"] == part.name), None)
+    if entry is None:
+        raise ValueError(f"{part.name} is not in {part.parent / DATA_MANIFEST}")
+    if sha256_of(part) != entry["sha256"]:
+        raise ValueError(f"{part} does not match its sha256: the transfer broke; carry it again")
+    stash.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(part.parent / DATA_MANIFEST, stash / DATA_MANIFEST)
+    shutil.copyfile(part, stash / part.name)
+    have = sum((stash / p["name"]).exists() for p in manifest["parts"])
+    print(f"stored {part.name} in {stash}: {have} of {len(manifest['parts'])} parts", flush=True)
+    return stash / part.name
+
+
+def store_carried(folder: Path, stash: Path = STASH) -> list[Path]:
+    """Decompress one call's carried weight and checkpoint files into the stash, each checked
+    against the sha256 of the file packed here."""
+    folder = Path(folder)
+    expected = json.loads((folder / CARRIED_MANIFEST).read_text())
+    target = stash / "weights"
+    target.mkdir(parents=True, exist_ok=True)
+    stored = []
+    for name, digest in expected.items():
+        carried = folder / (name + CARRIED_SUFFIX)
+        try:
+            content = lzma.decompress(carried.read_bytes())
+        except lzma.LZMAError as exc:
+            raise ValueError(f"{carried} does not decompress ({exc}): the transfer broke; "
+                             "carry it again") from exc
+        if hashlib.sha256(content).hexdigest() != digest:
+            raise ValueError(f"{carried} does not match its sha256: the transfer broke; "
+                             "carry it again")
+        (target / name).write_bytes(content)
+        stored.append(target / name)
+    print(f"stored {len(stored)} weight and checkpoint file(s) in {target}", flush=True)
+    return stored
+
+
+class StashIncomplete(RuntimeError):
+    """The stash lacks what earlier calls stored: the machine is a fresh one."""
+
+
+def store(paths: Sequence[Path], stash: Path = STASH, *, call: int | None = None,
+          plan: Path | None = None) -> None:
+    """`lease store`: each path a data part (:func:`store_part`) or a folder of carried files
+    (:func:`store_carried`). With ``call`` (1-based, as `prepare` numbers them), then checks
+    that the stash holds what the calls before it stored (:func:`check_stash`)."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            store_carried(path, stash)
+        else:
+            store_part(path, stash)
+    if call is not None:
+        check_stash(Path(plan or Path(LEASE_DIR) / STASH_PLAN), call, stash)
+
+
+def check_stash(plan: Path, call: int, stash: Path = STASH) -> None:
+    """Raise :class:`StashIncomplete` naming the calls to make again when the stash lacks a
+    file that one of the calls before ``call`` stored, or holds another version of it.
+
+    The stash lives in the lent machine's memory, and the machine goes back 30 s after a call:
+    a call made later, or after the machine was taken back, finds a fresh one, and without
+    this check the last call would train paused runs from their start and miss the data."""
+    calls = json.loads(plan.read_text())
+    missing: dict[int, list[str]] = {}
+    for i, entry in enumerate(calls[:call - 1], 1):
+        wanted = [(stash / name, name, digest) for name, digest in entry["parts"].items()]
+        wanted += [(stash / "weights" / name, name, digest)
+                   for name, digest in entry["weights"].items()]
+        lost = [name for path, name, digest in wanted
+                if not path.exists() or sha256_of(path) != digest]
+        if lost:
+            missing[i] = lost
+    if not missing:
+        have = sum(len(e["parts"]) + len(e["weights"]) for e in calls[:call])
+        print(f"call {call} of {len(calls)}: the stash holds all {have} file(s) stored so far",
+              flush=True)
+        return
+    again = ", ".join(map(str, missing))
+    lost = sorted(name for names in missing.values() for name in names)
+    then = ("then this call again" if call == len(calls)
+            else f"then go on with call {call + 1} (this call's files are stored)")
+    raise StashIncomplete(
+        f"this machine lacks what call(s) {again} stored ({', '.join(lost[:4])}"
+        f"{', ...' if len(lost) > 4 else ''}): it is a fresh machine (the last one went back "
+        f"30 s after a call, or was taken back). Make call(s) {again} again, {then}.")
+
+
+def assemble_data(stash: Path = STASH) -> Path:
+    """The data root (holding cifar-100-python/) rebuilt from the stashed parts."""
+
+    root = stash / "data"
+    manifest = json.loads((stash / DATA_MANIFEST).read_text())
+    done = root / "cifar-100-python" / ".sha256"
+    if done.exists() and done.read_text() == manifest["sha256"]:
+        return root
+    blob = lzma.decompress(join_parts(stash, manifest))
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(root, filter="data")
+    for name, source in manifest["sources"].items():
+        if sha256_of(root / "cifar-100-python" / name) != source["sha256"]:
+            raise ValueError(f"cifar-100-python/{name} differs from the file packed here")
+    done.write_text(manifest["sha256"])
+    return root
+
+
+RESULT_PATTERNS = ("runs/*.json", "checkpoints/*.weights.pt", "models/*.packed", "logs/*")
+SNAPSHOT = "results-before.json"
+
+
+def _result_files(results_dir: Path) -> list[Path]:
+    """Records, best fp32 weights, packed models, logs and the checkpoints of runs without a
+    record (paused or interrupted: the next lease resumes them)."""
+    from kdlib.results import paused_checkpoints
+
+    files = [path for pattern in RESULT_PATTERNS for path in sorted(results_dir.glob(pattern))]
+    return files + list(paused_checkpoints(results_dir).values())
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def snapshot_results(results_dir: Path, stash: Path = STASH) -> dict[str, list[int]]:
+    """Size and modification time of every result file there before the grid: they came from
+    here (the tree, the carried files), so :func:`pack` leaves them out."""
+    snapshot = {str(p.relative_to(results_dir)): _stamp(p) for p in _result_files(results_dir)}
+    stash.mkdir(parents=True, exist_ok=True)
+    (stash / SNAPSHOT).write_text(json.dumps(snapshot))
+    return snapshot
+
+
+def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
+                 file_mib: float = OUT_FILE_MIB, max_files: int = OUT_MAX_FILES,
+                 unchanged: dict[str, list[int]] | None = None) -> list[Path]:
+    """The result files of ``results_dir`` (:func:`_result_files`) but those ``unchanged`` since
+    a :func:`snapshot_results`, as a tar split into files of <= ``file_mib`` MiB in ``out``,
+    with ``extra`` files beside them and a manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    unchanged = unchanged or {}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in _result_files(results_dir):
+            arcname = str(path.relative_to(results_dir))
+            if unchanged.get(arcname) != _stamp(path):
+                tar.add(path, arcname=arcname)
+    blob = buffer.getvalue()
+    parts = split_into_parts(blob, out, RESULTS_ARCHIVE, int(file_mib * MIB))
+    extras = []
+    for path in extra:
+        shutil.copyfile(path, out / path.name)
+        extras.append({"name": path.name, "sha256": sha256_of(out / path.name)})
+    manifest = {"sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, "extra": extras}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    written = 1 + len(parts) + len(extras)
+    if written > max_files:
+        raise ValueError(f"{written} files to return, more than {max_files}: the results do not "
+                         "fit one call's return; train fewer runs per lease")
+    return sorted(out.iterdir())
+
+
+def place_carried(results_dir: Path, stash: Path = STASH) -> list[Path]:
+    """The carried weight files and paused runs' checkpoints (stored by the calls), where the
+    grid reads them."""
+    placed = []
+    for path in sorted((stash / "weights").glob("*.pt")):
+        target = results_dir / "checkpoints" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        placed.append(target)
+    return placed
+
+
+def restore_returned(results_dir: Path, bench_dir: Path, stash: Path = STASH) -> int:
+    """Put back what earlier calls on this machine returned (kept by :func:`pack`), in order:
+    the device tool copies the tree afresh at each call, so a follow-up call's results folder
+    holds only what came from here. Returns how many returns were put back."""
+    kept = sorted((stash / RETURNED).glob("[0-9]*"))
+    for folder in kept:
+        receive(folder, results_dir, bench_dir)
+    return len(kept)
+
+
+def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
+       repo_root: Path, model: str | None = None, bench: str = "auto", device: str | None = None,
+       stash: Path = STASH, reserve_s: float | None = None, grid: dict[str, Any] | None = None,
+       data_root: Path | None = None, bench_args: dict[str, Any] | None = None,
+       log: Callable[[str], None] = print) -> dict[str, Any]:
+    """On the lent machine: data, benchmark, budgeted grid, outputs. ``minutes``: wall-clock for
+    all of it (less than the call's timeout); ``reserve_s`` of it is kept as slack for runs
+    that overrun their estimate (default a tenth, at most 45 s). Packing is :func:`pack`'s.
+    ``jobs="auto"``: as many runs at once as the benchmark found worth it (1 without one)."""
+    import torch
+
+    from kdlib.bench.graphs import graphs_verdict
+    from kdlib.bench.run import run_benchmark, bench_file_name
+    from kdlib.budget import Budget, RunTimer, device_kind, load_bench
+    from kdlib.data import load_cifar100
+    from kdlib.device import pick_device
+    from kdlib.executors import execute_processes
+    from kdlib.experiments import execute, plan_grid
+    from kdlib.fileio import write_json_atomic
+    from kdlib.presets import get_preset
+    from kdlib.results import load_records
+
+    model = model or get_preset(preset).model
+    started = time.monotonic()
+    deadline = started + 60.0 * minutes
+    reserve_s = min(45.0, 6.0 * minutes) if reserve_s is None else reserve_s
+    data_root = data_root or assemble_data(stash)
+    log(f"data ready in {time.monotonic() - started:.0f} s: {data_root}")
+    place_carried(results_dir, stash)
+    bench_dir = repo_root / "results" / "bench"
+    restored = restore_returned(results_dir, bench_dir, stash)  # after the carried checkpoints:
+    if restored:                                                # newer versions of some
+        log(f"put back what {restored} earlier call(s) on this machine returned")
+    snapshot_results(results_dir, stash)  # what is here already is not returned
+    torch_device = pick_device(device)
+    kind = device_kind(torch_device)
+    bench_written = None
+    existing = load_bench(bench_dir, kind)
+    if bench == "always" or (bench == "auto" and existing is None):
+        images, labels = load_cifar100(data_root, train=True, download=False)
+        source = f"CIFAR-100 training set, {len(images)} images"
+        try:
+            result = run_benchmark(images, labels, device=torch_device, preset=preset, model=model,
+                                   data_source=source,
+                                   **device_bench_args(preset, model, bench_args))
+        except Exception as exc:  # noqa: BLE001 - the grid needs estimates more than the rest
+            log(f"benchmark failed ({type(exc).__name__}: {exc}); timing only fit()'s steps")
+            result = run_benchmark(images, labels, device=torch_device, preset=preset, model=model,
+                                   data_source=source, **FALLBACK_BENCH)
+        bench_written = bench_dir / bench_file_name(result)
+        write_json_atomic(bench_written, result)
+        log(f"benchmark written: {bench_written} ({time.monotonic() - started:.0f} s in)")
+    elif bench == "auto" and missing_parts(existing, torch_device, preset):
+        bench_written = complete_bench(existing, bench_dir, data_root, torch_device, preset=preset,
+                                       model=model, log=log)
+        log(f"benchmark completed: {bench_written} ({time.monotonic() - started:.0f} s in)")
+    timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
+    timer.graphs = replays_steps(timer.bench, preset, model)
+    verdict = graphs_verdict(timer.bench) if timer.bench else None
+    if verdict:
+        log(f"grid: {'steps replayed as CUDA graphs' if timer.graphs else 'eager steps'} "
+            f"({verdict['why']})")
+    if jobs == "auto":
+        jobs = auto_jobs(timer.bench, preset, model)
+    timer.jobs = jobs
+    for record in load_records(results_dir):
+        timer.add(record)
+    budget_s = deadline - reserve_s - time.monotonic()
+    undecided = compile_undecided(timer.bench, preset, model, results_dir)
+    if undecided:
+        log(f"grid: not started: {undecided}")
+        budget_s = 0.0
+    grid = {k: v for k, v in (grid or {}).items() if v}
+    seeds = list(get_preset(preset).seeds)
+    plan = plan_grid(preset=preset, model=model, **{"seeds": seeds, **grid},
+                     overrides={"cuda_graphs": True} if timer.graphs else None)
+    log(f"grid: {len(plan)} planned runs, {budget_s:.0f} s of budget, {jobs} at a time")
+    if budget_s > 0:
+        # at most as many runs continue next lease as run at once: their checkpoints come back
+        # and travel again (paper: each run spans leases; gpu: 12 paused at once filled 41 MB)
+        budget = Budget(budget_s, timer, max_spans=jobs)
+        if jobs > 1:
+            execute_processes(plan, jobs=jobs, data_dir=data_root, results_dir=results_dir,
+                              device=str(torch_device), budget=budget, log=log)
+        else:
+            execute(plan, data_dir=data_root, results_dir=results_dir, device=str(torch_device),
+                    progress=False, budget=budget)
+    done = len(list((results_dir / "runs").glob("*.json")))  # none for a missing folder
+    summary = {"records": done, "planned": len(plan), "seconds": time.monotonic() - started,
+               "bench": str(bench_written) if bench_written else None}
+    log(f"lease: {done} of {len(plan)} planned runs have records; {summary['seconds']:.0f} s; "
+        "now `python3 -m kdlib lease pack`")
+    return summary
+
+
+def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = None,
+         stash: Path = STASH) -> list[Path]:
+    """There, after :func:`go` (finished, failed or interrupted): what this lease added or
+    changed (everything, if `go` failed before its snapshot), and the benchmarks of this device
+    (this lease's among them), into ``out``."""
+    from kdlib.budget import bench_device_kind, device_kind
+    from kdlib.device import pick_device
+
+    kind = device_kind(pick_device(device))
+    benches = []
+    for path in sorted(bench_dir.glob("*.json")):
+        try:
+            if bench_device_kind(json.loads(path.read_text())) == kind:
+                benches.append(path)
+        except (OSError, ValueError, AttributeError):
+            continue
+    snapshot = stash / SNAPSHOT
+    unchanged = json.loads(snapshot.read_text()) if snapshot.exists() else None
+    files = pack_outputs(results_dir, out, benches, unchanged=unchanged)
+    kept = stash / RETURNED / f"{len(list((stash / RETURNED).glob('[0-9]*'))):02d}"
+    kept.mkdir(parents=True)
+    for path in files:  # for a follow-up call on this machine (restore_returned)
+        shutil.copyfile(path, kept / path.name)
+    print(f"packed {len(files)} file(s) into {out}: "
+          f"{len(list(results_dir.glob('runs/*.json')))} record(s), "
+          f"{len(benches)} benchmark(s) of {kind}", flush=True)
+    return files

@@ -1,0 +1,283 @@
+"""Here, before a lease: the data packed into parts, the weight files and checkpoints that the
+grid's unfinished runs need, and the calls to make (:func:`prepare`)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kdlib.lease.transfer import (AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGAIN_MIN_S, CALL_MARGIN_MIB,
+                                  CALL_MIB, CALL_TIMEOUT_S, CARRIED_MANIFEST, CARRIED_SUFFIX,
+                                  CARRIED_XZ_PRESET, COMMAND_MAX_CHARS, DATA_FILES,
+                                  DATA_MANIFEST, GO_GRACE_S, LEASE_DIR, MIB, MIN_PART_MIB,
+                                  PACK_S, STASH_PLAN, XZ_FILTERS, sha256_of, split_into_parts)
+
+
+def travelling_bytes(repo_root: Path) -> int:
+    """What every call sends besides its carry: tracked files and untracked ones git does not
+    ignore (the device tool's rule)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=repo_root, capture_output=True, check=True).stdout
+    paths = {repo_root / name for name in listed.decode().split("\0") if name}
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def _tracked(repo_root: Path, path: Path) -> bool:
+    listed = subprocess.run(["git", "ls-files", "--", os.path.relpath(path, repo_root)],
+                            cwd=repo_root, capture_output=True, text=True)
+    return listed.returncode == 0 and bool(listed.stdout.strip())
+
+
+def part_mib_for(repo_root: Path) -> float:
+    """The largest data part that, with the travelling tree, stays under a call's
+    :data:`CALL_MIB`: also the room a call has for carried weight files (:func:`plan_carry`)."""
+    tree = travelling_bytes(repo_root)
+    part = CALL_MIB - CALL_MARGIN_MIB - tree / MIB
+    if part < MIN_PART_MIB:
+        raise ValueError(f"the tracked tree ({tree / MIB:.1f} MiB) leaves {part:.1f} MiB of a "
+                         f"call's {CALL_MIB} MiB for data: commit fewer large files")
+    return float(int(part))
+
+
+def pack_data(data_root: Path, folder: Path, part_mib: float,
+              compress: Callable[[bytes], bytes] | None = None) -> dict[str, Any]:
+    """``data_root/cifar-100-python/{meta,train,test}`` as an xz tar split into parts of at most
+    ``part_mib`` MiB in ``folder``; returns (and writes) the manifest. Reused when the manifest
+    already describes the same source files and part size (packing takes minutes)."""
+
+    source = Path(data_root) / "cifar-100-python"
+    missing = [n for n in DATA_FILES if not (source / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{source} lacks {missing}: point --data-dir (or $KDLIB_DATA) at "
+                                "the folder holding cifar-100-python/")
+    sources = {n: {"bytes": (source / n).stat().st_size, "sha256": sha256_of(source / n)}
+               for n in DATA_FILES}
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / DATA_MANIFEST
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("sources") == sources and old.get("part_mib") == part_mib and all(
+                (folder / p["name"]).exists() and (folder / p["name"]).stat().st_size == p["bytes"]
+                for p in old["parts"]):
+            return old
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in DATA_FILES:
+            tar.add(source / name, arcname=f"cifar-100-python/{name}")
+    compress = compress or (lambda raw: lzma.compress(raw, format=lzma.FORMAT_XZ,
+                                                      filters=XZ_FILTERS))
+    blob = compress(buffer.getvalue())
+    for old_part in folder.glob("data.xz.*"):
+        old_part.unlink()
+    manifest = {"sources": sources, "sha256": hashlib.sha256(blob).hexdigest(),
+                "bytes": len(blob), "part_mib": part_mib,
+                "parts": split_into_parts(blob, folder, "data.xz", int(part_mib * MIB))}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
+    """The fp32 weight files of finished runs that an unfinished planned run starts from or
+    learns from (what the lent machine needs to continue the grid). A 32-bit run whose packed
+    file holds it losslessly needs none: that file is committed, travels with the tree, and a
+    run there loads it when the weight file is missing."""
+    from kdlib.experiments import is_lossless  # lazy: pandas
+    from kdlib.results import find_record, packed_path, weights_path
+
+    needed: dict[str, Path] = {}
+    for cfg in plan:
+        if find_record(results_dir, cfg.run_id()) is not None:
+            continue
+        for dep in (cfg.teacher_id, cfg.init_id):
+            record = find_record(results_dir, dep) if dep else None
+            if record is None:
+                continue
+            trained = record.get("same_run_as") or dep
+            path = weights_path(results_dir, trained)
+            if is_lossless(packed_path(results_dir, trained)):
+                continue
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing, but unfinished runs need the weights "
+                                        f"of {trained}: restore it (a session after the lease "
+                                        "that trained it needs it committed: `git add -f`), or "
+                                        "delete its record to train it again")
+            needed[trained] = path
+    return list(needed.values())
+
+
+def unneeded_committed_weights(plan: Sequence, results_dir: Path, repo_root: Path) -> list[Path]:
+    """Committed fp32 weight files of ``results_dir`` that no unfinished run of ``plan`` starts
+    from or learns from any more. They were committed so that a later session could continue
+    the grid (:func:`frontier_weights`); now they only make every call of every lease carry
+    them, and git's history keeps them."""
+    folder = os.path.relpath(Path(results_dir) / "checkpoints", repo_root)
+    listed = subprocess.run(["git", "ls-files", "-z", "--", folder], cwd=repo_root,
+                            capture_output=True)
+    if listed.returncode != 0:  # not a git checkout: nothing is committed
+        return []
+    committed = {(Path(repo_root) / name).resolve() for name in listed.stdout.decode().split("\0")
+                 if name.endswith(".weights.pt")}
+    needed = {p.resolve() for p in frontier_weights(plan, results_dir)}
+    return sorted(p for p in committed - needed if p.exists())
+
+
+def plan_carry(part_bytes: Sequence[int], files: Sequence[Path], room_bytes: int,
+               sizes: dict[Path, int] | None = None) -> tuple[list[list[Path]], list[list[Path]]]:
+    """Which call carries which weight or checkpoint file: ``(by_part, extra)``, the files that
+    ride with each data part's call (in the room the part leaves of ``room_bytes``) and groups
+    of the rest, each a call of its own. Largest first, each into the first call with room.
+    ``sizes``: what each file takes in a call (default its size on disk)."""
+    def size_of(path: Path) -> int:
+        return sizes[path] if sizes is not None else path.stat().st_size
+
+    by_part: list[list[Path]] = [[] for _ in part_bytes]
+    free = [room_bytes - b for b in part_bytes]
+    extra: list[list[Path]] = []
+    extra_free: list[int] = []
+    for path in sorted(files, key=size_of, reverse=True):
+        size = size_of(path)
+        if size > room_bytes:
+            raise ValueError(f"{path} ({size / MIB:.1f} MiB) is larger than what a call can "
+                             f"carry besides the tree ({room_bytes / MIB:.1f} MiB)")
+        i = next((i for i in range(len(free) - 1, -1, -1) if free[i] >= size), None)
+        if i is not None:  # from the last call back: the data's first calls stay lean
+            by_part[i].append(path)
+            free[i] -= size
+            continue
+        j = next((j for j, f in enumerate(extra_free) if f >= size), None)
+        if j is None:
+            extra.append([])
+            extra_free.append(room_bytes)
+            j = len(extra) - 1
+        extra[j].append(path)
+        extra_free[j] -= size
+    return by_part, extra
+
+
+def compress_carried(paths: Sequence[Path]) -> dict[Path, bytes]:
+    """Each carried file xz-compressed, as a call carries it."""
+    return {path: lzma.compress(path.read_bytes(), format=lzma.FORMAT_XZ,
+                                preset=CARRIED_XZ_PRESET) for path in paths}
+
+
+def _write_group(folder: Path, paths: Sequence[Path], packed: dict[Path, bytes]) -> Path:
+    """One call's carried files, compressed into ``folder``, with the sha256 of each file as
+    it must come out on the device."""
+    folder.mkdir(parents=True)
+    for path in paths:
+        (folder / (path.name + CARRIED_SUFFIX)).write_bytes(packed[path])
+    (folder / CARRIED_MANIFEST).write_text(json.dumps(
+        {path.name: sha256_of(path) for path in paths}, indent=1))
+    return folder
+
+
+def planned_paused(plan: Sequence, results_dir: Path) -> list[Path]:
+    """The checkpoints of ``plan``'s runs paused at the end of a lease (or interrupted), which
+    the next lease resumes instead of starting over."""
+    from kdlib.results import paused_checkpoints
+
+    planned = {cfg.run_id() for cfg in plan}
+    return [path for run_id, path in paused_checkpoints(results_dir).items() if run_id in planned]
+
+
+def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Path,
+            minutes: float, jobs: int | str, preset: str, model: str | None = None,
+            grid: dict[str, Sequence] | None = None, part_mib: float | None = None,
+            bench_args: dict[str, Any] | None = None, grace_s: float | None = None,
+            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Write ``.lease/`` and return the device calls (carry list and command) to make in order.
+    ``plan`` is the grid to continue; ``grid`` the arguments it was planned with (seeds, chain,
+    chain_methods, methods: None for the preset's), passed on to ``go``. ``bench_args``:
+    run_benchmark's arguments on the device (default :data:`DEVICE_BENCH`). ``part_mib``:
+    default the largest that keeps each call under :data:`CALL_MIB` (:func:`part_mib_for`).
+    ``grace_s``: how long after ``minutes`` `go` is interrupted (default :data:`GO_GRACE_S`)."""
+    lease = repo_root / LEASE_DIR
+    # committed weight files and checkpoints travel with the tree: carry only the others
+    frontier = [p for p in frontier_weights(plan, results_dir) + planned_paused(plan, results_dir)
+                if not _tracked(repo_root, p)]
+    part_mib = part_mib_for(repo_root) if part_mib is None else part_mib  # also a call's room
+    manifest = pack_data(data_root, lease, part_mib)
+    packed = compress_carried(frontier)
+    by_part, extra_groups = plan_carry([p["bytes"] for p in manifest["parts"]], frontier,
+                                       int(part_mib * MIB),
+                                       sizes={p: len(b) for p, b in packed.items()})
+    weights = lease / "weights"
+    shutil.rmtree(weights, ignore_errors=True)
+    weights.mkdir(parents=True)
+    groups = [*extra_groups, *by_part]  # the calls in order: weights alone first, then the data
+    group_dirs = [_write_group(weights / f"{i:02d}", paths, packed) if paths else None
+                  for i, paths in enumerate(groups)]
+    from kdlib.checkpoints import epochs_done
+
+    for path in planned_paused(plan, results_dir):
+        log(f"resumes: {path.name[:-len('.pt')]} from epoch {epochs_done(path)}")
+    rel_results = os.path.relpath(results_dir, repo_root)
+    from kdlib.presets import get_preset
+
+    model = model or get_preset(preset).model
+    from kdlib.results import CODE_COMMIT  # the device's copy of .git can be stale: state it
+
+    go = (f"env PYTHONUNBUFFERED=1 KDLIB_GIT_COMMIT={CODE_COMMIT or ''} python3 -m kdlib lease go "
+          f"--preset {preset} --model {model} --jobs {jobs} --results-dir {rel_results}")
+    for name, values in (grid or {}).items():
+        if values:
+            go += f" --{name.replace('_', '-')} " + " ".join(map(str, values))
+    if bench_args is not None:
+        go += f" --bench-args '{json.dumps(bench_args, separators=(',', ':'))}'"
+    # `go` under a hard limit (its own budget errs long, but a run can still overrun), then
+    # `pack` whatever finished, whatever became of `go`: a call killed at its timeout returns
+    # nothing, so the limit leaves `pack` and the return time before the call's 600 s
+    grace_s = GO_GRACE_S if grace_s is None else grace_s
+    hard_s = int(60 * minutes + grace_s)
+    if hard_s + PACK_S > CALL_TIMEOUT_S:
+        raise ValueError(f"--minutes {minutes:g}: the last call's work would end past its "
+                         f"{CALL_TIMEOUT_S} s timeout; at most "
+                         f"{(CALL_TIMEOUT_S - PACK_S - grace_s) / 60:.2f}")
+    pack = f"python3 -m kdlib lease pack --results-dir {rel_results} --out \"$OUT\""
+    finish = (f"{{ timeout -s INT -k 15 {hard_s} {go} --minutes {minutes:g}; rc=$?; "
+              f"{pack} && exit $rc; }}")
+    # the follow-up: the same grid on the same machine (its stash keeps the data and what the
+    # last call returned, which `go` puts back first), no benchmark, for the time left
+    hard_again = f"$((S - {AGAIN_GO_MARGIN_S - int(grace_s)}))"
+    most = CALL_TIMEOUT_S - PACK_S - 10 + AGAIN_GO_MARGIN_S - int(grace_s)  # inside its timeout
+    again = (f"S={AGAIN_LEFT}; S=${{S%.*}}; if [ $S -lt {AGAIN_MIN_S} ]; then echo \"$S s left: "
+             f"too little for another call\"; exit 0; fi; if [ $S -gt {most} ]; then S={most}; "
+             f"fi; {{ timeout -s INT -k 15 {hard_again} {go} "
+             f"--seconds $((S - {AGAIN_GO_MARGIN_S})) --bench never; rc=$?; {pack} && exit $rc; }}")
+    parts = [None] * len(extra_groups) + list(manifest["parts"])
+    (lease / STASH_PLAN).write_text(json.dumps(
+        [{"parts": {part["name"]: part["sha256"]} if part else {},
+          "weights": json.loads((group / CARRIED_MANIFEST).read_text()) if group else {}}
+         for part, group in zip(parts, group_dirs)], indent=1))
+    calls = []
+    for i, (part, group) in enumerate(zip(parts, group_dirs)):
+        last = i == len(parts) - 1
+        carry = ([f"{LEASE_DIR}/{DATA_MANIFEST}", f"{LEASE_DIR}/{part['name']}"] if part else [])
+        carry += [os.path.relpath(group, repo_root)] if group else []
+        store = (f"python3 -m kdlib lease store --call {i + 1} "
+                 + " ".join(carry[1:] if part else carry))
+        carry.append(f"{LEASE_DIR}/{STASH_PLAN}")
+        calls.append({"carry": carry, "command": f"{store} && {finish}" if last else store,
+                      "timeout_s": CALL_TIMEOUT_S if last else 120})
+    follow_up = {"carry": [], "command": again, "timeout_s": CALL_TIMEOUT_S}
+    for call in [*calls, follow_up]:
+        if len(call["command"]) > COMMAND_MAX_CHARS:
+            raise ValueError(f"a device call's command is {len(call['command'])} characters, "
+                             f"more than the tool's {COMMAND_MAX_CHARS}: shorten --bench-args "
+                             f"or the grid arguments")
+    (lease / "again.json").write_text(json.dumps(follow_up, indent=1))
+    log(f"{LEASE_DIR}/: data in {len(manifest['parts'])} part(s) of <= {part_mib:g} MiB "
+        f"({manifest['bytes'] / MIB:.1f} MiB), {len(frontier)} weight and checkpoint file(s) "
+        f"to carry ({sum(p.stat().st_size for p in frontier) / MIB:.1f} MiB, "
+        f"{sum(map(len, packed.values())) / MIB:.1f} MiB compressed"
+        + (f", {len(extra_groups)} call(s) of their own" if extra_groups else "") + ")")
+    (lease / "calls.json").write_text(json.dumps(calls, indent=1))
+    return calls
