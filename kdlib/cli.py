@@ -296,8 +296,8 @@ def command_lease(args: argparse.Namespace) -> int:
         _note_unneeded_weights(full, results_dir, then=" (then prepare again: more room a call)")
         print(f"A call that exits {lease.STASH_INCOMPLETE_EXIT} found a fresh machine (the earlier "
               "calls' files are gone): it names the calls to make again.")
-        print("then, for each call that returned files, in order: python -m kdlib lease receive "
-              f"FOLDER_OF_RETURNED_FILES --preset {args.preset}")
+        print(f"then: python -m kdlib lease receive FOLDER_OF_CALL_{len(calls)} "
+              f"[FOLDER_OF_CALL_{len(calls) + 1}] --preset {args.preset}")
     elif args.step == "store":
         try:
             lease.store([Path(p) for p in args.paths], call=args.call)
@@ -321,12 +321,17 @@ def command_lease(args: argparse.Namespace) -> int:
                  bench=args.bench, device=args.device, bench_args=args.bench_args,
                  grid=_lease_grid(args))
     else:
-        counts = lease.receive(Path(args.folder), results_dir, REPO_ROOT / "results" / "bench")
-        print(f"received {counts['records']} records and {counts['bench']} benchmark file(s) into "
-              f"{results_dir}; now: python -m kdlib readme")
-        if counts["finished_paused"]:
-            print(f"{counts['finished_paused']} paused run(s) finished: their checkpoints were "
-                  f"deleted (commit the deletion: git add -A {os.path.relpath(results_dir)})")
+        bench_dir = Path(args.bench_dir) if args.bench_dir else REPO_ROOT / "results" / "bench"
+        finished = 0
+        for folder in args.folders:  # in order: a later call's files replace an earlier one's
+            counts = lease.receive(Path(folder), results_dir, bench_dir)
+            finished += counts["finished_paused"]
+            print(f"received {counts['records']} records and {counts['bench']} benchmark file(s) "
+                  f"from {folder} into {results_dir}")
+        print("now: python -m kdlib readme")
+        if finished:
+            print(f"{finished} paused run(s) finished: their checkpoints were deleted (commit "
+                  f"the deletion: git add -A {os.path.relpath(results_dir)})")
         plan = plan_grid(preset=args.preset, model=model_of(args),
                          seeds=list(get_preset(args.preset).seeds))
         frontier = lease.frontier_weights(plan, results_dir)
@@ -522,7 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--preset", default="gpu")
     store.add_argument("--results-dir", default=None)
     receive = steps.add_parser("receive", help="here: unpack the returned files into results/")
-    receive.add_argument("folder")
+    receive.add_argument("folders", nargs="+", metavar="folder",
+                         help="each returning call's folder of files, in the order of the calls")
+    receive.add_argument("--bench-dir", default=None, help="default: results/bench")
     receive.add_argument("--preset", default="gpu")
     receive.add_argument("--results-dir", default=None)
     receive.add_argument("--model", default=None, help="default: the preset's model")

@@ -333,11 +333,18 @@ def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path
     lines = follow.stdout.splitlines()
     assert "put back what 1 earlier call(s) on this machine returned" in lines
     assert not any(line.startswith(("bench:", "benchmark ", "done ")) for line in lines)
-    lease.receive(outs[0], results, here / "results" / "bench")
-    first = {r["run_id"]: r["created_at"] for r in load_records(results)}
+    lease.receive(outs[0], tmp_path / "first", tmp_path / "bench")
+    first = {r["run_id"]: r["created_at"] for r in load_records(tmp_path / "first")}
     assert len(first) == len(plan)
-    assert lease.receive(outs[1], results, here / "results" / "bench")["records"] == 0
+    assert lease.receive(outs[1], tmp_path / "first", tmp_path / "bench")["records"] == 0
+    assert {r["run_id"]: r["created_at"] for r in load_records(tmp_path / "first")} == first
+    from kdlib import cli  # both calls' folders at once, in order
+
+    assert cli.main(["lease", "receive", str(outs[0]), str(outs[1]), "--preset", "smoke",
+                     "--model", "resnet8", "--results-dir", str(results),
+                     "--bench-dir", str(tmp_path / "bench2")]) == 0
     assert {r["run_id"]: r["created_at"] for r in load_records(results)} == first
+    assert list((tmp_path / "bench2").glob("*.json"))
 
 
 def _python3_shim(tmp_path: Path) -> Path:
