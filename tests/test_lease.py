@@ -328,6 +328,9 @@ def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path
     shutil.rmtree(device / "results")  # the tool copies the tree afresh at each call
     shutil.copytree(here / "results", device / "results")
     assert "too little" in make(again["command"].replace(lease.AGAIN_LEFT, "150"), outs[1]).stdout
+    forgot = subprocess.run(["bash", "-c", again["command"]], cwd=device, capture_output=True,
+                            text=True, env={**env, "OUT": str(outs[1])}, timeout=60)
+    assert forgot.returncode == 2 and "budget_left_s" in forgot.stdout  # not put in: refused
     assert list(outs[1].iterdir()) == []
     follow = make(again["command"].replace(lease.AGAIN_LEFT, "400.7"), outs[1])  # as replied
     lines = follow.stdout.splitlines()

@@ -248,7 +248,9 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     # last call returned, which `go` puts back first), no benchmark, for the time left
     hard_again = f"$((S - {AGAIN_GO_MARGIN_S - int(grace_s)}))"
     most = CALL_TIMEOUT_S - PACK_S - 10 + AGAIN_GO_MARGIN_S - int(grace_s)  # inside its timeout
-    again = (f"S={AGAIN_LEFT}; S=${{S%.*}}; if [ $S -lt {AGAIN_MIN_S} ]; then echo \"$S s left: "
+    again = (f"S={AGAIN_LEFT}; S=${{S%.*}}; case $S in ''|*[!0-9]*) echo \"put the reply's "
+             f"lease.budget_left_s for {AGAIN_LEFT}\"; exit 2;; esac; "
+             f"if [ $S -lt {AGAIN_MIN_S} ]; then echo \"$S s left: "
              f"too little for another call\"; exit 0; fi; if [ $S -gt {most} ]; then S={most}; "
              f"fi; {{ timeout -s INT -k 15 {hard_again} {go} "
              f"--seconds $((S - {AGAIN_GO_MARGIN_S})) --bench never; rc=$?; {pack} && exit $rc; }}")
