@@ -218,8 +218,6 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     all of it (less than the call's timeout); ``reserve_s`` of it is kept as slack for runs
     that overrun their estimate (default a tenth, at most 45 s). Packing is :func:`pack`'s.
     ``jobs="auto"``: as many runs at once as the benchmark found worth it (1 without one)."""
-    import torch
-
     from kdlib.bench.graphs import graphs_verdict
     from kdlib.bench.run import run_benchmark, bench_file_name
     from kdlib.budget import Budget, RunTimer, device_kind, load_bench
