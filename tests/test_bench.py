@@ -188,7 +188,7 @@ def test_a_variant_failing_its_warm_up_is_recorded_and_the_others_are_timed(monk
     assert times["broken"] == {"error": "RuntimeError: inductor cannot compile this"}
     assert len(times["ok"]["wall"]) == 2
     # and in a benchmark: that variant says so, the rest keeps its numbers and FLOPs
-    from kdlib.bench import run as bench_run
+    from kdlib.bench import concurrent as bench_concurrent, run as bench_run
 
     real = bench_run.measure
 
@@ -200,7 +200,7 @@ def test_a_variant_failing_its_warm_up_is_recorded_and_the_others_are_timed(monk
         raise RuntimeError("2 concurrent kd_w4 processes failed: CUDA out of memory")
 
     monkeypatch.setattr(bench_run, "measure", measure_with_compile_broken)
-    monkeypatch.setattr(bench_run, "concurrent_throughput", no_processes)
+    monkeypatch.setattr(bench_concurrent, "concurrent_throughput", no_processes)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     result = run_benchmark(images, torch.arange(64) % 100, preset="smoke", model="resnet8",
                            variants=["kd_w4", "kd_w4_compile"], windows=1, steps=1, warmup=1,

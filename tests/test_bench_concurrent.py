@@ -62,7 +62,7 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
     from types import SimpleNamespace
 
     from kdlib import lease
-    from kdlib.bench import run
+    from kdlib.bench import concurrent, run
 
     existing = {"machine": {"usable_cores": 16}, "profile": {"top": [], "grouped_weights": True},
                 "grouped": {"check": {"exact": True}},
@@ -81,7 +81,7 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
         asked.append((list(jobs), seconds))
         return {"variant": "kd_w4", "seconds": seconds, "by_jobs": _entries({8: 800, 12: 830})}
 
-    monkeypatch.setattr(run, "concurrent_throughput", measured)
+    monkeypatch.setattr(concurrent, "concurrent_throughput", measured)
     ctx = SimpleNamespace(images=torch.zeros(4, 3, 32, 32, dtype=torch.uint8),
                           labels=torch.zeros(4, dtype=torch.int64), device=torch.device("cuda"))
     merged = run.add_concurrency(existing, [8, 12], ctx, preset="gpu", model="resnet20", log=print)
@@ -102,7 +102,7 @@ def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):
     def failing(*_, **__):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(run, "concurrent_throughput", failing)
+    monkeypatch.setattr(concurrent, "concurrent_throughput", failing)
     kept = run.add_concurrency(existing, [8, 12], ctx, preset="gpu", model="resnet20", log=print)
     assert kept["by_jobs"] == existing["concurrency"]["by_jobs"] and worth_running(kept) == 4
     assert "out of memory" in kept["added_error"]

@@ -111,7 +111,8 @@ def concurrent_throughput(images: Tensor, labels: Tensor, *, jobs: Sequence[int]
 
 
 def processes_or_error(ctx, variant: str, counts: Sequence[int], *, seconds: float, preset: str,
-                       model: str, timeout: float, what: str, log) -> dict[str, Any]:
+                       model: str, what: str, log, timeout: float = 300.0,
+                       warmup: int = 1) -> dict[str, Any]:
     """:func:`concurrent_throughput` of ``variant`` at ``counts`` on a benchmark context's first
     :data:`CONCURRENCY_IMAGES` images, or ``{"error": ...}``: a benchmark part records a
     failure and goes on."""
@@ -122,8 +123,9 @@ def processes_or_error(ctx, variant: str, counts: Sequence[int], *, seconds: flo
         return concurrent_throughput(
             ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=tuple(counts),
             variant=variant, preset=preset, model=model, device=ctx.device, seconds=seconds,
-            warmup=1, timeout=timeout)
+            warmup=warmup, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - recorded
+        log(f"bench: {what}: failed ({error_entry(exc)['error']})")
         return error_entry(exc)
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdlib.bench.concurrent import CONCURRENCY_IMAGES, concurrent_throughput, worth_running
-from kdlib.bench.measure import (MATMUL_SIZE, Runner, check_int, error_entry, load_average,
-                                 machine_info, matmul_runner, measure, summarise)
+from kdlib.bench.concurrent import processes_or_error, worth_running
+from kdlib.bench.measure import (MATMUL_SIZE, Runner, check_int, load_average, machine_info,
+                                 matmul_runner, measure, summarise)
 from kdlib.bench.profile import profile_or_error
 from kdlib.bench.render import render_markdown
 from kdlib.bench.targets import compute_ratios
@@ -150,16 +150,11 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
         torch.cuda.empty_cache()
     if concurrency is None and device.type == "cuda":
         concurrency = device_concurrency(result["machine"].get("usable_cores"))
-    if concurrency:
-        log(f"bench: {', '.join(map(str, concurrency))} concurrent KD processes")
-        try:
-            result["concurrency"] = concurrent_throughput(
-                ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES], jobs=concurrency,
-                preset=preset, model=model, device=device, seconds=concurrency_seconds,
-                warmup=max(warmup, 1))
-        except Exception as exc:  # noqa: BLE001 - the variants' numbers stand without it
-            result["concurrency"] = error_entry(exc)
-            log(f"bench: concurrent processes failed ({result['concurrency']['error']})")
+    if concurrency:  # the variants' numbers stand without it
+        result["concurrency"] = processes_or_error(
+            ctx, "kd_w4", concurrency, seconds=concurrency_seconds, preset=preset, model=model,
+            what=f"{', '.join(map(str, concurrency))} concurrent KD processes", log=log,
+            warmup=max(warmup, 1))
     if grouped and "kd_w4" in names:
         result["grouped"] = grouped_part(ctx, result["settings"], log)
     if device.type == "cuda" and "kd_w4" in names:
@@ -186,14 +181,11 @@ def add_concurrency(result: dict[str, Any], counts: Sequence[int], ctx, *, prese
     the others came from an earlier machine of the same kind). The seconds per count are the
     earlier measurement's."""
     old = result.get("concurrency") or {}
-    log(f"bench: {', '.join(map(str, counts))} concurrent KD processes, added")
-    try:
-        new = concurrent_throughput(ctx.images[:CONCURRENCY_IMAGES], ctx.labels[:CONCURRENCY_IMAGES],
-                                    jobs=counts, preset=preset, model=model, device=ctx.device,
-                                    seconds=old.get("seconds", 10.0), warmup=1)
-    except Exception as exc:  # noqa: BLE001 - the earlier counts stand, the failure is noted
-        log(f"bench: the added concurrent processes failed ({error_entry(exc)['error']})")
-        return {**old, "added_error": error_entry(exc)["error"]}
+    new = processes_or_error(ctx, "kd_w4", counts, seconds=old.get("seconds", 10.0),
+                             preset=preset, model=model, log=log,
+                             what=f"{', '.join(map(str, counts))} concurrent KD processes, added")
+    if "error" in new:  # the earlier counts stand, the failure is noted
+        return {**old, "added_error": new["error"]}
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     by_jobs = {**old.get("by_jobs", {}),
                **{k: {**entry, "date": date} for k, entry in new["by_jobs"].items()}}
