@@ -184,6 +184,9 @@ def test_committed_weights_no_unfinished_run_needs_are_named_for_removal(fake_da
                    **git)
     assert lease.frontier_weights(plan, results) == [weights]
     assert lease.unneeded_committed_weights(plan, results, here) == []  # ta_chain@1 needs it
+    calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                          minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5)
+    assert not any("/weights/" in path for call in calls for path in call["carry"])  # the tree
     experiments.execute(plan, data_dir=fake_data_root, results_dir=results, progress=False)
     assert lease.frontier_weights(plan, results) == []
     assert lease.unneeded_committed_weights(plan, results, here) == [weights.resolve()]

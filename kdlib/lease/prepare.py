@@ -30,10 +30,14 @@ def travelling_bytes(repo_root: Path) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
 
-def _tracked(repo_root: Path, path: Path) -> bool:
-    listed = subprocess.run(["git", "ls-files", "--", os.path.relpath(path, repo_root)],
-                            cwd=repo_root, capture_output=True, text=True)
-    return listed.returncode == 0 and bool(listed.stdout.strip())
+def committed_files(repo_root: Path, folder: Path) -> set[Path]:
+    """The files under ``folder`` that git tracks (resolved paths; none outside a checkout)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--", os.path.relpath(folder, repo_root)],
+                            cwd=repo_root, capture_output=True)
+    if listed.returncode != 0:
+        return set()
+    return {(Path(repo_root) / name).resolve() for name in listed.stdout.decode().split("\0")
+            if name}
 
 
 def part_mib_for(repo_root: Path) -> float:
@@ -118,13 +122,8 @@ def unneeded_committed_weights(plan: Sequence, results_dir: Path, repo_root: Pat
     from or learns from any more. They were committed so that a later session could continue
     the grid (:func:`frontier_weights`); now they only make every call of every lease carry
     them, and git's history keeps them."""
-    folder = os.path.relpath(Path(results_dir) / "checkpoints", repo_root)
-    listed = subprocess.run(["git", "ls-files", "-z", "--", folder], cwd=repo_root,
-                            capture_output=True)
-    if listed.returncode != 0:  # not a git checkout: nothing is committed
-        return []
-    committed = {(Path(repo_root) / name).resolve() for name in listed.stdout.decode().split("\0")
-                 if name.endswith(".weights.pt")}
+    committed = {p for p in committed_files(repo_root, Path(results_dir) / "checkpoints")
+                 if p.name.endswith(".weights.pt")}
     needed = {p.resolve() for p in frontier_weights(plan, results_dir)}
     return sorted(p for p in committed - needed if p.exists())
 
@@ -201,8 +200,9 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     ``grace_s``: how long after ``minutes`` `go` is interrupted (default :data:`GO_GRACE_S`)."""
     lease = repo_root / LEASE_DIR
     # committed weight files and checkpoints travel with the tree: carry only the others
+    committed = committed_files(repo_root, Path(results_dir) / "checkpoints")
     frontier = [p for p in frontier_weights(plan, results_dir) + planned_paused(plan, results_dir)
-                if not _tracked(repo_root, p)]
+                if p.resolve() not in committed]
     part_mib = part_mib_for(repo_root) if part_mib is None else part_mib  # also a call's room
     manifest = pack_data(data_root, lease, part_mib)
     packed = compress_carried(frontier)
