@@ -67,18 +67,18 @@ class StashIncomplete(RuntimeError):
     """The stash lacks what earlier calls stored: the machine is a fresh one."""
 
 
-def store(paths: Sequence[Path], stash: Path = STASH, *, call: int | None = None,
-          plan: Path | None = None) -> None:
+def store(paths: Sequence[Path], stash: Path = STASH, *, call: int | None = None) -> None:
     """`lease store`: each path a data part (:func:`store_part`) or a folder of carried files
     (:func:`store_carried`). With ``call`` (1-based, as `prepare` numbers them), then checks
-    that the stash holds what the calls before it stored (:func:`check_stash`)."""
+    that the stash holds what the calls before it stored (:func:`check_stash`, by the carried
+    ``.lease/stash.json``)."""
     for path in map(Path, paths):
         if path.is_dir():
             store_carried(path, stash)
         else:
             store_part(path, stash)
     if call is not None:
-        check_stash(Path(plan or Path(LEASE_DIR) / STASH_PLAN), call, stash)
+        check_stash(Path(LEASE_DIR) / STASH_PLAN, call, stash)
 
 
 def check_stash(plan: Path, call: int, stash: Path = STASH) -> None:
@@ -201,8 +201,8 @@ def place_carried(results_dir: Path, stash: Path = STASH) -> list[Path]:
 
 def restore_returned(results_dir: Path, bench_dir: Path, stash: Path = STASH) -> int:
     """Put back what earlier calls on this machine returned (kept by :func:`pack`), in order:
-    the device tool copies the tree afresh at each call, so a follow-up call's results folder
-    holds only what came from here. Returns how many returns were put back."""
+    the device tool copies the tree again at each call, and what a call wrote outside ignored
+    folders may not be there at the next. Returns how many returns were put back."""
     kept = sorted((stash / RETURNED).glob("[0-9]*"))
     for folder in kept:
         receive(folder, results_dir, bench_dir)
