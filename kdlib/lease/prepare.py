@@ -32,6 +32,8 @@ def travelling_bytes(repo_root: Path) -> int:
 
 def committed_files(repo_root: Path, folder: Path) -> set[Path]:
     """The files under ``folder`` that git tracks (resolved paths; none outside a checkout)."""
+    if not Path(repo_root).is_dir():
+        return set()
     listed = subprocess.run(["git", "ls-files", "-z", "--", os.path.relpath(folder, repo_root)],
                             cwd=repo_root, capture_output=True)
     if listed.returncode != 0:
