@@ -288,7 +288,9 @@ def command_lease(args: argparse.Namespace) -> int:
                   f"   {call['command']}")
         again = json.loads((REPO_ROOT / lease.LEASE_DIR / "again.json").read_text())
         print(f"{len(calls) + 1}. (if the last reply's lease has warm true and budget_left_s >= "
-              f"{lease.AGAIN_MIN_S}: at once, the same grid for the time left on that machine) "
+              f"{lease.AGAIN_MIN_S}: at once, the same grid for the time left on that machine; "
+              f"in the same batch, first copy call {len(calls)}'s files_at: cp -r FILES_AT "
+              f"{lease.LEASE_DIR}/back-{len(calls)}, as the tool may reuse the folder) "
               f"carry=[] timeout_s={again['timeout_s']}, {lease.AGAIN_LEFT} replaced by "
               f"budget_left_s (also in {lease.LEASE_DIR}/again.json):\n   {again['command']}")
         full = plan_grid(preset=args.preset, model=model_of(args),
@@ -296,7 +298,7 @@ def command_lease(args: argparse.Namespace) -> int:
         _note_unneeded_weights(full, results_dir, then=" (then prepare again: more room a call)")
         print(f"A call that exits {lease.STASH_INCOMPLETE_EXIT} found a fresh machine (the earlier "
               "calls' files are gone): it names the calls to make again.")
-        print(f"then: python -m kdlib lease receive FOLDER_OF_CALL_{len(calls)} "
+        print(f"then: python -m kdlib lease receive {lease.LEASE_DIR}/back-{len(calls)} "
               f"[FOLDER_OF_CALL_{len(calls) + 1}] --preset {args.preset}")
     elif args.step == "store":
         try:
@@ -323,6 +325,11 @@ def command_lease(args: argparse.Namespace) -> int:
     else:
         bench_dir = Path(args.bench_dir) if args.bench_dir else REPO_ROOT / "results" / "bench"
         finished = 0
+        try:
+            lease.check_returns([Path(f) for f in args.folders], partial=args.partial)
+        except ValueError as exc:
+            print(f"lease receive: {exc}", file=sys.stderr)
+            return 2
         for folder in args.folders:  # in order: a later call's files replace an earlier one's
             counts = lease.receive(Path(folder), results_dir, bench_dir)
             finished += counts["finished_paused"]
@@ -530,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("folders", nargs="+", metavar="folder",
                          help="each returning call's folder of files, in the order of the calls")
     receive.add_argument("--bench-dir", default=None, help="default: results/bench")
+    receive.add_argument("--partial", action="store_true",
+                         help="receive a follow-up's return without the earlier one(s) it "
+                              "builds on (lost)")
     receive.add_argument("--preset", default="gpu")
     receive.add_argument("--results-dir", default=None)
     receive.add_argument("--model", default=None, help="default: the preset's model")

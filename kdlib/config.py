@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kdlib.checks import PRECISIONS, QUANTIZERS, check_bits, check_num_classes

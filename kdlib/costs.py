@@ -11,7 +11,6 @@ machine the workbook last trained on, and the other machines' rates are listed b
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import pandas as pd

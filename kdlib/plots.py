@@ -129,7 +129,6 @@ def plot_chain_curves(records: Sequence[dict], seed: int = 0, title: str = "") -
     fig, ax = plt.subplots(figsize=(8, 4))
     chain = [r for r in records if r["config"]["method"] in ("teacher", "ta_chain")
              and r["config"]["seed"] == seed]
-    by_id = {r["run_id"]: r for r in chain}
     # follow init links from the teacher down, so the order is the chain's
     ordered, current = [], next((r for r in chain if r["config"]["method"] == "teacher"), None)
     while current is not None:

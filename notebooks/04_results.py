@@ -30,7 +30,6 @@ results_dir: str = "../results/smoke"  # folder with runs/; figures/ and summary
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import pandas as pd
 
 from IPython.display import Markdown
 

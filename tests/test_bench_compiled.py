@@ -1,7 +1,6 @@
 """torch.compile's part of a GPU benchmark: do the compiled quantizers keep every level exact,
 and how fast do compiled processes run side by side. The check compiles for real here (the
 CPU's C++ backend, seconds); on a GPU the lease runs it with Triton."""
-import pytest
 import torch
 
 from kdlib.bench import render

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import kdlib.step as step_mod
-from kdlib.config import RunConfig
 from kdlib.step import GRAPH_WARMUP_STEPS as WARMUP_STEPS, GraphedStep, capture_for
 from kdlib.train import fit
 from graph_emulator import emulated_capture

@@ -121,6 +121,39 @@ def test_only_what_the_lease_added_or_changed_comes_back(tmp_path):
     assert lease.receive(tmp_path / "out2", tmp_path / "back2", tmp_path / "b2")["files"] == 5
 
 
+def test_receive_takes_one_machines_returns_each_once_in_order(tmp_path):
+    """A folder the tool reused for the follow-up (the last call's files lost), folders out of
+    order, a follow-up without the return it builds on, or a call that returned nothing: each
+    refused by receive with what to do, before anything is unpacked."""
+    results, stash = tmp_path / "results", tmp_path / "stash"
+    (results / "runs").mkdir(parents=True)
+    outs = [tmp_path / "out0", tmp_path / "out1"]
+    for i, out in enumerate(outs):  # the last call, then the follow-up on the same machine
+        (results / "runs" / f"r{i}.json").write_text(f'{{"run_id": "r{i}"}}')
+        lease.pack(results, out, tmp_path / "bench", device="cpu", stash=stash)
+        lease.snapshot_results(results, stash)
+    assert [json.loads((o / "manifest.json").read_text())["returned"] for o in outs] == [0, 1]
+    lease.check_returns(outs)
+    reused = tmp_path / "reused"
+    shutil.copytree(outs[1], reused)
+    for folders, message in [([reused, outs[1]], "same return"),
+                             ([outs[1], outs[0]], "calls' order"),
+                             ([outs[1]], r"return\(s\) \[0\] are missing"),
+                             ([tmp_path / "bench"], "holds no manifest.json")]:
+        with pytest.raises(ValueError, match=message):
+            lease.check_returns(folders)
+    lease.check_returns([outs[1]], partial=True)
+    from kdlib import cli
+
+    here = tmp_path / "here"
+    assert cli.main(["lease", "receive", str(outs[1]), "--preset", "smoke",
+                     "--results-dir", str(here)]) == 2
+    assert not here.exists()
+    assert cli.main(["lease", "receive", str(outs[1]), "--partial", "--preset", "smoke",
+                     "--results-dir", str(here), "--bench-dir", str(tmp_path / "b")]) == 0
+    assert sorted(p.name for p in (here / "runs").iterdir()) == ["r1.json"]
+
+
 def test_carried_files_ride_in_the_room_data_parts_leave_then_in_calls_of_their_own(tmp_path):
     def file(name, kib):
         path = tmp_path / name

@@ -155,7 +155,7 @@ def test_mixed_weight_and_activation_bits(w_bits, a_bits):
 def test_first_and_last_layer_full_precision_by_default(name):
     model = create_model(name, w_bits=2, a_bits=2)
     layers = quantized_layers(model)
-    (first_name, first), (last_name, last) = layers[0], layers[-1]
+    (_, first), (_, last) = layers[0], layers[-1]
     assert first.w_bits == 32 and not first.quantize_input
     assert last.w_bits == 32 and not last.quantize_input
     assert all(layer.w_bits == 2 and layer.a_bits == 2 and layer.quantize_input for _, layer in layers[1:-1])

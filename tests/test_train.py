@@ -5,7 +5,6 @@ synthetic, learnable data set (class = colour pattern + noise, 16x16 pixels: the
 globally and the augmentation is size-agnostic), so the whole file takes seconds.
 """
 import copy
-import math
 import os
 import signal
 import subprocess

@@ -16,7 +16,8 @@ is given back 30 s after a call. So:
   until the minutes run out, and pack what it added (records, weights, packed models, logs,
   the checkpoints of paused runs) and the benchmark into ``$OUT`` (:func:`pack_outputs`: at
   most 8 files); a follow-up call for the time left trains on there (:func:`restore_returned`);
-* here again, :func:`receive` unpacks those files into ``results/gpu`` and ``results/bench``.
+* here again, :func:`receive` unpacks those files into ``results/gpu`` and ``results/bench``
+  (:func:`check_returns`: one machine's returns, each once, in order).
 
 Every file crossing between the machines is checked against a sha256 written beside it.
 
@@ -33,7 +34,17 @@ from kdlib.lease.device import (SNAPSHOT, StashIncomplete, assemble_data, check_
 from kdlib.lease.prepare import (compress_carried, frontier_weights, pack_data, part_mib_for,
                                  plan_carry, planned_paused, prepare, travelling_bytes,
                                  unneeded_committed_weights)
-from kdlib.lease.receive import receive
+from kdlib.lease.receive import check_returns, receive
 from kdlib.lease.transfer import (AGAIN_LEFT, AGAIN_MIN_S, CARRIED_SUFFIX, DATA_FILES,
                                   DATA_MANIFEST, LEASE_DIR, MIB, OUT_MAX_FILES, STASH,
                                   STASH_INCOMPLETE_EXIT, STASH_PLAN, sha256_of)
+
+__all__ = ["AGAIN_LEFT", "AGAIN_MIN_S", "CARRIED_SUFFIX", "DATA_FILES", "DATA_MANIFEST",
+           "DEVICE_BENCH", "FALLBACK_BENCH", "LEASE_DIR", "MIB", "OUT_MAX_FILES", "SNAPSHOT",
+           "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN", "StashIncomplete", "assemble_data",
+           "auto_jobs", "check_returns", "check_stash", "compile_undecided", "complete_bench",
+           "compress_carried", "device_bench_args", "frontier_weights", "go", "missing_parts",
+           "pack", "pack_data", "pack_outputs", "part_mib_for", "place_carried", "plan_carry",
+           "planned_paused", "prepare", "receive", "replays_steps", "restore_returned",
+           "sha256_of", "snapshot_results", "store", "store_carried", "store_part",
+           "travelling_bytes", "unneeded_committed_weights"]

@@ -160,10 +160,12 @@ def snapshot_results(results_dir: Path, stash: Path = STASH) -> dict[str, list[i
 
 def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
                  file_mib: float = OUT_FILE_MIB, max_files: int = OUT_MAX_FILES,
-                 unchanged: dict[str, list[int]] | None = None) -> list[Path]:
+                 unchanged: dict[str, list[int]] | None = None,
+                 returned: int | None = None) -> list[Path]:
     """The result files of ``results_dir`` (:func:`_result_files`) but those ``unchanged`` since
     a :func:`snapshot_results`, as a tar split into files of <= ``file_mib`` MiB in ``out``,
-    with ``extra`` files beside them and a manifest."""
+    with ``extra`` files beside them and a manifest (``returned``: how many returns this
+    machine made before, which :func:`~kdlib.lease.receive.check_returns` orders by)."""
     out.mkdir(parents=True, exist_ok=True)
     unchanged = unchanged or {}
     buffer = io.BytesIO()
@@ -178,7 +180,8 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
     for path in extra:
         shutil.copyfile(path, out / path.name)
         extras.append({"name": path.name, "sha256": sha256_of(out / path.name)})
-    manifest = {"sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, "extra": extras}
+    manifest = {"sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, "extra": extras,
+                "returned": returned}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     written = 1 + len(parts) + len(extras)
     if written > max_files:
@@ -320,8 +323,9 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
             continue
     snapshot = stash / SNAPSHOT
     unchanged = json.loads(snapshot.read_text()) if snapshot.exists() else None
-    files = pack_outputs(results_dir, out, benches, unchanged=unchanged)
-    kept = stash / RETURNED / f"{len(list((stash / RETURNED).glob('[0-9]*'))):02d}"
+    earlier = len(list((stash / RETURNED).glob("[0-9]*")))
+    files = pack_outputs(results_dir, out, benches, unchanged=unchanged, returned=earlier)
+    kept = stash / RETURNED / f"{earlier:02d}"
     kept.mkdir(parents=True)
     for path in files:  # for a follow-up call on this machine (restore_returned)
         shutil.copyfile(path, kept / path.name)

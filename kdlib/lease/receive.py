@@ -10,12 +10,52 @@ from pathlib import Path
 from kdlib.lease.transfer import join_parts, sha256_of
 
 
+def read_manifest(folder: Path) -> dict:
+    """The manifest a :func:`~kdlib.lease.device.pack` wrote into ``folder``."""
+    path = folder / "manifest.json"
+    if not path.exists():
+        raise ValueError(f"{folder} holds no manifest.json: that call returned nothing (its "
+                         "reply's output_tail says why; did `lease pack` run?)")
+    return json.loads(path.read_text())
+
+
+def check_returns(folders: list[Path], partial: bool = False) -> None:
+    """Refuse folders that cannot be one machine's returns in the calls' order: two holding the
+    same return (the device tool put a later call's files where an earlier call's were, which
+    are then lost here), returns out of order, or, unless ``partial``, a follow-up's return
+    without the ones the machine made before it (it needs their runs: teachers, records)."""
+    numbers = []
+    seen: dict[tuple, Path] = {}
+    for folder in folders:
+        manifest = read_manifest(folder)
+        key = (manifest["sha256"], manifest.get("returned"))
+        if key in seen:
+            raise ValueError(
+                f"{seen[key]} and {folder} hold the same return: the device tool "
+                "reused one folder, and the earlier call's files are gone from it. Copy each "
+                "call's files_at (cp -r FILES_AT .lease/back-N) before making the next call; "
+                "receive the copies")
+        seen[key] = folder
+        numbers.append(manifest.get("returned"))  # None: packed before returns were numbered
+    known = [n for n in numbers if n is not None]
+    if known != sorted(known) or len(set(known)) != len(known):
+        order = ", ".join(f"{f} (return {n})" for f, n in zip(folders, numbers))
+        raise ValueError(f"give the folders in the calls' order: {order} (returns of two "
+                         "machines, each numbered from 0, go in two receive commands)")
+    missing = sorted(set(range(known[-1] + 1)) - set(known)) if known else []
+    if missing and not partial:
+        raise ValueError(
+            f"the machine's return(s) {missing} are missing (the last call's, before a "
+            "follow-up's): its runs are the teachers and records these build on. Add their "
+            "folder first, or pass --partial to receive these alone")
+
+
 def receive(folder: Path, results_dir: Path, bench_dir: Path) -> dict[str, int]:
     """Unpack a lease's returned files (``manifest.json`` and its parts) into ``results_dir``
     and ``bench_dir``; files already here are replaced by the returned ones. The checkpoint of
     a run paused at an earlier lease's end is deleted once that run has a record (counted in
     ``"finished_paused"``)."""
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_manifest(folder)
     blob = join_parts(folder, manifest)
     results_dir.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
