@@ -330,12 +330,15 @@ def command_lease(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"lease receive: {exc}", file=sys.stderr)
             return 2
+        benches = set()
         for folder in args.folders:  # in order: a later call's files replace an earlier one's
+            benches |= {bench_dir / e["name"] for e in lease.read_manifest(Path(folder))["extra"]}
             counts = lease.receive(Path(folder), results_dir, bench_dir)
             finished += counts["finished_paused"]
             print(f"received {counts['records']} records and {counts['bench']} benchmark file(s) "
                   f"from {folder} into {results_dir}")
         print("now: python -m kdlib readme")
+        _note_compile_decisions(sorted(benches))
         if finished:
             print(f"{finished} paused run(s) finished: their checkpoints were deleted (commit "
                   f"the deletion: git add -A {os.path.relpath(results_dir)})")
@@ -355,6 +358,19 @@ def command_lease(args: argparse.Namespace) -> int:
                   "ignored by git): the next `lease prepare` carries them; without them those "
                   "runs start over")
     return 0
+
+
+def _note_compile_decisions(benches: Sequence[Path]) -> None:
+    """Print what a received benchmark decided for a preset whose torch.compile switch is set
+    by hand before its first run (:func:`kdlib.lease.compile_undecided`)."""
+    from kdlib import lease
+
+    for path in benches:
+        bench = json.loads(path.read_text())
+        for name in PRESETS:
+            why = lease.compile_undecided(bench, name, None, default_results_dir(name))
+            if why:
+                print(f"{path.name}: {why}")
 
 
 def _note_unneeded_weights(plan, results_dir: Path, then: str = "") -> None:

@@ -520,6 +520,69 @@ def test_the_stated_commit_wins_over_a_copied_trees_own_git(monkeypatch):
     assert git_commit() == "5e05d98"
 
 
+def test_a_later_presets_compile_decision_is_measured_in_a_done_grids_spare_time(
+        fake_data_root, tmp_path, monkeypatch, capsys):
+    """A `gpu` lease whose grid is done, with time left, measures the compiled part that
+    `paper` decides on before its first run (else paper's first lease would spend its
+    benchmark on it and train nothing); not with too little time, not before the grid is
+    done, not once measured with today's division, never on a CPU; `receive` prints the
+    decision it leads to."""
+    from kdlib.lease import device as lease_device
+    from kdlib.quant.ste import COMPILED_DIVISION
+
+    old = {"compiled": {"division": "an earlier one"}}
+    assert lease.later_compile_parts(old, "cuda", "gpu") == ["paper"]
+    assert lease.later_compile_parts(old, "cuda", "paper") == []  # its own: before its grid
+    assert lease.later_compile_parts(old, "cpu", "gpu") == []
+    assert lease.later_compile_parts({"compiled": {"division": COMPILED_DIVISION}}, "cuda",
+                                     "gpu") == []
+    assert lease.later_compile_parts(None, "cuda", "gpu") == []
+
+    completed, lines = [], []
+    with monkeypatch.context() as patched:
+        patched.setattr(lease_device, "complete_bench",
+                        lambda bench, *a, preset, **k: completed.append(preset) or Path("b.json"))
+        patched.setattr("kdlib.budget.load_bench", lambda folder, kind: old)
+        spare = dict(preset="gpu", model="resnet20", data_root=fake_data_root, log=lines.append)
+        assert lease_device._measure_in_spare_time(tmp_path, "H200", "cuda", seconds=290,
+                                                   **spare) is None
+        assert completed == [] and "too few" in lines[-1]
+        assert lease_device._measure_in_spare_time(tmp_path, "H200", "cuda", seconds=310,
+                                                   **spare) == Path("b.json")
+        assert completed == ["paper"]
+
+    calls = []  # in `go`: only once every planned run has a record
+    monkeypatch.setattr(lease_device, "_measure_in_spare_time",
+                        lambda *a, **k: calls.append(k["seconds"]))
+    small = dict(chain=[32, 1], chain_methods=["ta_chain"], methods=["direct_kd"])
+    results = tmp_path / "results"
+
+    def go(minutes: float) -> dict:
+        return lease.go(preset="smoke", minutes=minutes, jobs=1, results_dir=results,
+                        repo_root=tmp_path / "repo", model="resnet8", bench="auto",
+                        bench_args=TINY_BENCH, stash=tmp_path / "stash",
+                        data_root=fake_data_root, grid=small, reserve_s=0.0, log=lambda m: None)
+
+    assert go(0.001)["records"] == 0 and calls == []  # no time: nothing trained, grid not done
+    summary = go(5)
+    assert summary["records"] == summary["planned"] > 0 and len(calls) == 1 and calls[0] > 0
+
+    from kdlib import cli
+
+    measured = {"compiled": {"division": COMPILED_DIVISION, "levels": {"exact": True},
+                             "concurrency": {"by_jobs": {"1": {"images_per_s": 8000.0,
+                                                               "ready_s": 40.0}}}},
+                "concurrency": {"by_jobs": {"1": {"images_per_s": 3000.0}}}}
+    received = tmp_path / "NVIDIA_H200.json"
+    for exact in (True, False):  # inexact compiled levels: nothing to decide, nothing said
+        measured["compiled"]["levels"]["exact"] = exact
+        received.write_text(json.dumps(measured))
+        capsys.readouterr()
+        cli._note_compile_decisions([received])
+        out = capsys.readouterr().out
+        assert ("set compile=True in its preset" in out) if exact else out == ""
+
+
 def test_go_caps_the_runs_that_pause_at_the_runs_it_trains_at_once(fake_data_root, tmp_path,
                                                                     monkeypatch):
     """`go --jobs auto` takes its count from the benchmark, and its budget lets no more runs

@@ -122,8 +122,8 @@ def compile_verdict(result: dict[str, Any], lease_s: float) -> dict[str, Any] | 
         return None
     if compiled.get("division") != COMPILED_DIVISION:
         return {"pays": False, "why": "its compiled part predates compiled graphs dividing the "
-                                      "levels in float64: measured again at the next lease of a "
-                                      "grid that may compile (paper)"}
+                                      "levels in float64: measured again in the spare time of a "
+                                      "lease whose grid is done, else at paper's first lease"}
     levels, side = compiled.get("levels", {}), compiled.get("concurrency", {})
     if not levels.get("exact"):
         return {"pays": False, "why": "the compiled levels are not exact"}

@@ -25,26 +25,27 @@ Modules: :mod:`~kdlib.lease.transfer` (names, limits, checked parts), :mod:`~kdl
 (here, before), :mod:`~kdlib.lease.device` (there), :mod:`~kdlib.lease.decisions` (what the
 benchmark decides), :mod:`~kdlib.lease.receive` (here, after).
 """
-from kdlib.lease.decisions import (DEVICE_BENCH, FALLBACK_BENCH, auto_jobs, compile_undecided,
-                                   complete_bench, device_bench_args, missing_parts,
-                                   replays_steps)
+from kdlib.lease.decisions import (DEVICE_BENCH, FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
+                                   compile_undecided, complete_bench, device_bench_args,
+                                   later_compile_parts, missing_parts, replays_steps)
 from kdlib.lease.device import (SNAPSHOT, StashIncomplete, assemble_data, check_stash, go, pack,
                                 pack_outputs, place_carried, restore_returned, snapshot_results,
                                 store, store_carried, store_part)
 from kdlib.lease.prepare import (compress_carried, frontier_weights, pack_data, part_mib_for,
                                  plan_carry, planned_paused, prepare, travelling_bytes,
                                  unneeded_committed_weights)
-from kdlib.lease.receive import check_returns, receive
+from kdlib.lease.receive import check_returns, read_manifest, receive
 from kdlib.lease.transfer import (AGAIN_LEFT, AGAIN_MIN_S, CARRIED_SUFFIX, DATA_FILES,
                                   DATA_MANIFEST, LEASE_DIR, MIB, OUT_MAX_FILES, STASH,
                                   STASH_INCOMPLETE_EXIT, STASH_PLAN, sha256_of)
 
 __all__ = ["AGAIN_LEFT", "AGAIN_MIN_S", "CARRIED_SUFFIX", "DATA_FILES", "DATA_MANIFEST",
-           "DEVICE_BENCH", "FALLBACK_BENCH", "LEASE_DIR", "MIB", "OUT_MAX_FILES", "SNAPSHOT",
-           "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN", "StashIncomplete", "assemble_data",
-           "auto_jobs", "check_returns", "check_stash", "compile_undecided", "complete_bench",
-           "compress_carried", "device_bench_args", "frontier_weights", "go", "missing_parts",
-           "pack", "pack_data", "pack_outputs", "part_mib_for", "place_carried", "plan_carry",
-           "planned_paused", "prepare", "receive", "replays_steps", "restore_returned",
-           "sha256_of", "snapshot_results", "store", "store_carried", "store_part",
-           "travelling_bytes", "unneeded_committed_weights"]
+           "DEVICE_BENCH", "FALLBACK_BENCH", "SPARE_COMPILED_S", "LEASE_DIR", "MIB",
+           "OUT_MAX_FILES", "SNAPSHOT", "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
+           "StashIncomplete", "assemble_data", "auto_jobs", "check_returns", "check_stash",
+           "compile_undecided", "complete_bench", "compress_carried", "device_bench_args",
+           "frontier_weights", "go", "later_compile_parts", "missing_parts", "pack", "pack_data",
+           "pack_outputs", "part_mib_for", "place_carried", "plan_carry", "planned_paused",
+           "prepare", "read_manifest", "receive", "replays_steps", "restore_returned", "sha256_of",
+           "snapshot_results", "store", "store_carried", "store_part", "travelling_bytes",
+           "unneeded_committed_weights"]

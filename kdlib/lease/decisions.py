@@ -1,6 +1,7 @@
 """What a lease decides from the device's benchmark: what to measure there
 (:func:`device_bench_args`, :func:`missing_parts`, :func:`complete_bench`), and how to train
-the grid (:func:`auto_jobs`, :func:`replays_steps`, :func:`compile_undecided`)."""
+the grid (:func:`auto_jobs`, :func:`replays_steps`, :func:`compile_undecided`,
+:func:`later_compile_parts`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,6 +50,28 @@ def compile_undecided(bench: dict[str, Any] | None, preset: str, model: str | No
     return (f"torch.compile pays for `{preset}` ({verdict['why']}) but the preset does not "
             f"compile: set compile=True in its preset (kdlib/presets.py) before its first run, "
             "then lease again")
+
+
+# the compiled part of a benchmark (levels, compiled processes at 2 counts, the CUDA-graphs
+# variant): about 4 minutes on the H200 (lease 3's log); measured in a grid's spare time only
+# with this much left
+SPARE_COMPILED_S = 300.0
+
+
+def later_compile_parts(bench: dict[str, Any] | None, device, preset: str) -> list[str]:
+    """The presets other than ``preset`` that have to decide on torch.compile before their
+    first run (long runs; the preset does not compile yet) and whose compiled part the
+    benchmark lacks: measured in the spare time of a lease whose grid is done, so that the
+    decision is made here, by hand, before their first lease (which would otherwise spend
+    its benchmark on it and then train nothing, :func:`compile_undecided`)."""
+    from kdlib.bench.compiled import compile_may_pay
+    from kdlib.presets import PRESETS, build_config
+
+    if bench is None:
+        return []
+    return [name for name in PRESETS
+            if name != preset and compile_may_pay(name) and not build_config(name).compile
+            and "compiled" in missing_parts(bench, device, name)]
 
 
 def replays_steps(bench: dict[str, Any] | None, preset: str, model: str | None = None) -> bool:

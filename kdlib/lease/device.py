@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdlib.lease.decisions import (FALLBACK_BENCH, auto_jobs, compile_undecided,
-                                   complete_bench, device_bench_args, missing_parts,
-                                   replays_steps)
+from kdlib.lease.decisions import (FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
+                                   compile_undecided, complete_bench, device_bench_args,
+                                   later_compile_parts, missing_parts, replays_steps)
 from kdlib.lease.receive import receive
 from kdlib.lease.transfer import (CARRIED_MANIFEST, CARRIED_SUFFIX, DATA_MANIFEST, LEASE_DIR,
                                   MIB, OUT_FILE_MIB, OUT_MAX_FILES, RESULTS_ARCHIVE, RETURNED,
@@ -220,7 +220,9 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     """On the lent machine: data, benchmark, budgeted grid, outputs. ``minutes``: wall-clock for
     all of it (less than the call's timeout); ``reserve_s`` of it is kept as slack for runs
     that overrun their estimate (default a tenth, at most 45 s). Packing is :func:`pack`'s.
-    ``jobs="auto"``: as many runs at once as the benchmark found worth it (1 without one)."""
+    ``jobs="auto"``: as many runs at once as the benchmark found worth it (1 without one).
+    With the grid done and time left, the compiled part a later preset decides on
+    (:func:`_measure_in_spare_time`)."""
     from kdlib.bench.graphs import graphs_verdict
     from kdlib.bench.run import run_benchmark, bench_file_name
     from kdlib.budget import Budget, RunTimer, device_kind, load_bench
@@ -297,12 +299,43 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         else:
             execute(plan, data_dir=data_root, results_dir=results_dir, device=str(torch_device),
                     progress=False, budget=budget)
+    have = {record["run_id"] for record in load_records(results_dir)}
+    if all(cfg.run_id() in have for cfg in plan):
+        bench_written = _measure_in_spare_time(
+            bench_dir, kind, torch_device, preset=preset, model=model, data_root=data_root,
+            seconds=deadline - time.monotonic(), log=log) or bench_written
     done = len(list((results_dir / "runs").glob("*.json")))  # none for a missing folder
     summary = {"records": done, "planned": len(plan), "seconds": time.monotonic() - started,
                "bench": str(bench_written) if bench_written else None}
     log(f"lease: {done} of {len(plan)} planned runs have records; {summary['seconds']:.0f} s; "
         "now `python3 -m kdlib lease pack`")
     return summary
+
+
+def _measure_in_spare_time(bench_dir: Path, kind: str, device, *, preset: str, model: str,
+                           data_root: Path, seconds: float,
+                           log: Callable[[str], None]) -> Path | None:
+    """With the grid done and :data:`SPARE_COMPILED_S` left: the compiled part a later preset
+    decides on (:func:`~kdlib.lease.decisions.later_compile_parts`), into the benchmark."""
+    from kdlib.budget import load_bench
+
+    bench = load_bench(bench_dir, kind)
+    later = later_compile_parts(bench, device, preset)
+    if not later:
+        return None
+    if seconds < SPARE_COMPILED_S:
+        log(f"grid done; {seconds:.0f} s left, too few to measure the compiled part that "
+            f"`{later[0]}` decides on (about {SPARE_COMPILED_S:.0f} s)")
+        return None
+    log(f"grid done; {seconds:.0f} s left: the compiled part that `{later[0]}` decides on")
+    try:
+        path = complete_bench(bench, bench_dir, data_root, device, preset=later[0], model=model,
+                              log=log)
+    except Exception as exc:  # noqa: BLE001 - the lease's records matter more
+        log(f"compiled part failed ({type(exc).__name__}: {exc})")
+        return None
+    log(f"benchmark completed for `{later[0]}`: {path}")
+    return path
 
 
 def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = None,
