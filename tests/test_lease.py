@@ -371,6 +371,10 @@ def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path
     follow = make(again["command"].replace(lease.AGAIN_LEFT, "400.7"), outs[1])  # as replied
     lines = follow.stdout.splitlines()
     assert "put back what 1 earlier call(s) on this machine returned" in lines
+    timeline = [line for line in lines if line.startswith("on this machine before: ")]
+    assert [line.split(": ")[1] for line in timeline] == \
+        [f"store {i}" for i in range(1, len(calls) + 1)] + ["go", "pack"]
+    assert "s after go ended" in timeline[-1]  # the follow-up's margins, measured there
     assert not any(line.startswith(("bench:", "benchmark ", "done ")) for line in lines)
     lease.receive(outs[0], tmp_path / "first", tmp_path / "bench")
     first = {r["run_id"]: r["created_at"] for r in load_records(tmp_path / "first")}
@@ -518,6 +522,22 @@ def test_the_stated_commit_wins_over_a_copied_trees_own_git(monkeypatch):
     assert here  # this checkout is a git repository
     monkeypatch.setenv("KDLIB_GIT_COMMIT", "5e05d98")
     assert git_commit() == "5e05d98"
+
+
+def test_the_call_log_times_each_step_and_the_gaps_between_calls(tmp_path, monkeypatch):
+    """What each `go` logs of the steps before it on the machine: how long each ran, and the
+    gaps (the transfers and starts between calls) that the follow-up's margins must cover."""
+    from kdlib.lease import device as lease_device
+
+    clock = iter([100.0, 102.5, 110.0, 111.0])  # store 1 ran 2.5 s; store 2 began 7.5 s later
+    monkeypatch.setattr(lease_device.time, "time", lambda: next(clock))
+    monkeypatch.setattr(lease_device, "_uptime_s", lambda: 62.5)
+    assert lease.call_timeline(tmp_path) == []
+    lease_device.note_step(tmp_path, "store 1", lease_device.time.time())
+    lease_device.note_step(tmp_path, "store 2", lease_device.time.time())
+    assert lease.call_timeline(tmp_path) == [
+        "store 1: 2.5 s, the machine up 60 s before it started",
+        "store 2: 1.0 s, 7.5 s after store 1 ended"]
 
 
 def test_a_later_presets_compile_decision_is_measured_in_a_done_grids_spare_time(

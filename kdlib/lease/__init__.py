@@ -28,9 +28,10 @@ benchmark decides), :mod:`~kdlib.lease.receive` (here, after).
 from kdlib.lease.decisions import (DEVICE_BENCH, FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
                                    compile_undecided, complete_bench, device_bench_args,
                                    later_compile_parts, missing_parts, replays_steps)
-from kdlib.lease.device import (SNAPSHOT, StashIncomplete, assemble_data, check_stash, go, pack,
-                                pack_outputs, place_carried, restore_returned, snapshot_results,
-                                store, store_carried, store_part)
+from kdlib.lease.device import (SNAPSHOT, StashIncomplete, assemble_data, call_timeline,
+                                check_stash, go, pack, pack_outputs, place_carried,
+                                restore_returned, snapshot_results, store, store_carried,
+                                store_part)
 from kdlib.lease.prepare import (compress_carried, frontier_weights, pack_data, part_mib_for,
                                  plan_carry, planned_paused, prepare, travelling_bytes,
                                  unneeded_committed_weights)
@@ -42,10 +43,10 @@ from kdlib.lease.transfer import (AGAIN_LEFT, AGAIN_MIN_S, CARRIED_SUFFIX, DATA_
 __all__ = ["AGAIN_LEFT", "AGAIN_MIN_S", "CARRIED_SUFFIX", "DATA_FILES", "DATA_MANIFEST",
            "DEVICE_BENCH", "FALLBACK_BENCH", "SPARE_COMPILED_S", "LEASE_DIR", "MIB",
            "OUT_MAX_FILES", "SNAPSHOT", "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
-           "StashIncomplete", "assemble_data", "auto_jobs", "check_returns", "check_stash",
-           "compile_undecided", "complete_bench", "compress_carried", "device_bench_args",
-           "frontier_weights", "go", "later_compile_parts", "missing_parts", "pack", "pack_data",
-           "pack_outputs", "part_mib_for", "place_carried", "plan_carry", "planned_paused",
-           "prepare", "read_manifest", "receive", "replays_steps", "restore_returned", "sha256_of",
-           "snapshot_results", "store", "store_carried", "store_part", "travelling_bytes",
-           "unneeded_committed_weights"]
+           "StashIncomplete", "assemble_data", "call_timeline", "auto_jobs", "check_returns",
+           "check_stash", "compile_undecided", "complete_bench", "compress_carried",
+           "device_bench_args", "frontier_weights", "go", "later_compile_parts", "missing_parts",
+           "pack", "pack_data", "pack_outputs", "part_mib_for", "place_carried", "plan_carry",
+           "planned_paused", "prepare", "read_manifest", "receive", "replays_steps",
+           "restore_returned", "sha256_of", "snapshot_results", "store", "store_carried",
+           "store_part", "travelling_bytes", "unneeded_committed_weights"]

@@ -17,9 +17,48 @@ from kdlib.lease.decisions import (FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
                                    compile_undecided, complete_bench, device_bench_args,
                                    later_compile_parts, missing_parts, replays_steps)
 from kdlib.lease.receive import receive
-from kdlib.lease.transfer import (CARRIED_MANIFEST, CARRIED_SUFFIX, DATA_MANIFEST, LEASE_DIR,
-                                  MIB, OUT_FILE_MIB, OUT_MAX_FILES, RESULTS_ARCHIVE, RETURNED,
-                                  STASH, STASH_PLAN, join_parts, sha256_of, split_into_parts)
+from kdlib.lease.transfer import (CALL_LOG, CARRIED_MANIFEST, CARRIED_SUFFIX, DATA_MANIFEST,
+                                  LEASE_DIR, MIB, OUT_FILE_MIB, OUT_MAX_FILES, RESULTS_ARCHIVE,
+                                  RETURNED, STASH, STASH_PLAN, join_parts, sha256_of,
+                                  split_into_parts)
+
+
+def _uptime_s() -> float | None:
+    """Seconds since the machine booted (Linux), else None."""
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def note_step(stash: Path, step: str, started: float) -> None:
+    """Append when ``step`` (``"store 3"``, ``"go"``, ``"pack"``) ran on this machine to the
+    stash's call log, which each `go` puts in its lease log (:func:`call_timeline`): how long
+    the machine took to start, the transfers between calls, the follow-up's margins."""
+    stash.mkdir(parents=True, exist_ok=True)
+    line = {"step": step, "started": started, "ended": time.time(), "uptime_s": _uptime_s()}
+    with open(stash / CALL_LOG, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def call_timeline(stash: Path) -> list[str]:
+    """The steps of the call log, each with how long it ran and the gap since the step before
+    it ended (a gap between calls holds the return, the next call's transfer and its start)."""
+    path = stash / CALL_LOG
+    if not path.exists():
+        return []
+    lines, previous = [], None
+    for entry in map(json.loads, path.read_text().splitlines()):
+        took = entry["ended"] - entry["started"]
+        if previous is None:
+            up = entry.get("uptime_s")
+            since = (f"the machine up {up - took:.0f} s before it started" if up is not None
+                     else "the first step on this machine")
+        else:
+            since = f"{entry['started'] - previous['ended']:.1f} s after {previous['step']} ended"
+        lines.append(f"{entry['step']}: {took:.1f} s, {since}")
+        previous = entry
+    return lines
 
 
 def store_part(part: Path, stash: Path = STASH) -> Path:
@@ -72,6 +111,7 @@ def store(paths: Sequence[Path], stash: Path = STASH, *, call: int | None = None
     (:func:`store_carried`). With ``call`` (1-based, as `prepare` numbers them), then checks
     that the stash holds what the calls before it stored (:func:`check_stash`, by the carried
     ``.lease/stash.json``)."""
+    started = time.time()
     for path in map(Path, paths):
         if path.is_dir():
             store_carried(path, stash)
@@ -79,6 +119,7 @@ def store(paths: Sequence[Path], stash: Path = STASH, *, call: int | None = None
             store_part(path, stash)
     if call is not None:
         check_stash(Path(LEASE_DIR) / STASH_PLAN, call, stash)
+    note_step(stash, f"store {call}" if call is not None else "store", started)
 
 
 def check_stash(plan: Path, call: int, stash: Path = STASH) -> None:
@@ -235,81 +276,86 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     from kdlib.results import load_records
 
     model = model or get_preset(preset).model
-    started = time.monotonic()
-    deadline = started + 60.0 * minutes
-    reserve_s = min(45.0, 6.0 * minutes) if reserve_s is None else reserve_s
-    data_root = data_root or assemble_data(stash)
-    log(f"data ready in {time.monotonic() - started:.0f} s: {data_root}")
-    place_carried(results_dir, stash)
-    bench_dir = repo_root / "results" / "bench"
-    restored = restore_returned(results_dir, bench_dir, stash)  # after the carried checkpoints:
-    if restored:                                                # newer versions of some
-        log(f"put back what {restored} earlier call(s) on this machine returned")
-    snapshot_results(results_dir, stash)  # what is here already is not returned
-    torch_device = pick_device(device)
-    kind = device_kind(torch_device)
-    bench_written = None
-    existing = load_bench(bench_dir, kind)
-    if bench == "always" or (bench == "auto" and existing is None):
-        images, labels = load_cifar100(data_root, train=True, download=False)
-        source = f"CIFAR-100 training set, {len(images)} images"
-        try:
-            result = run_benchmark(images, labels, device=torch_device, preset=preset, model=model,
-                                   data_source=source,
-                                   **device_bench_args(preset, model, bench_args))
-        except Exception as exc:  # noqa: BLE001 - the grid needs estimates more than the rest
-            log(f"benchmark failed ({type(exc).__name__}: {exc}); timing only fit()'s steps")
-            result = run_benchmark(images, labels, device=torch_device, preset=preset, model=model,
-                                   data_source=source, **FALLBACK_BENCH)
-        bench_written = bench_dir / bench_file_name(result)
-        write_json_atomic(bench_written, result)
-        log(f"benchmark written: {bench_written} ({time.monotonic() - started:.0f} s in)")
-    elif bench == "auto" and missing_parts(existing, torch_device, preset):
-        bench_written = complete_bench(existing, bench_dir, data_root, torch_device, preset=preset,
-                                       model=model, log=log)
-        log(f"benchmark completed: {bench_written} ({time.monotonic() - started:.0f} s in)")
-    timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
-    timer.graphs = replays_steps(timer.bench, preset, model)
-    verdict = graphs_verdict(timer.bench) if timer.bench else None
-    if verdict:
-        log(f"grid: {'steps replayed as CUDA graphs' if timer.graphs else 'eager steps'} "
-            f"({verdict['why']})")
-    if jobs == "auto":
-        jobs = auto_jobs(timer.bench, preset, model)
-    timer.jobs = jobs
-    for record in load_records(results_dir):
-        timer.add(record)
-    budget_s = deadline - reserve_s - time.monotonic()
-    undecided = compile_undecided(timer.bench, preset, model, results_dir)
-    if undecided:
-        log(f"grid: not started: {undecided}")
-        budget_s = 0.0
-    grid = {k: v for k, v in (grid or {}).items() if v}
-    seeds = list(get_preset(preset).seeds)
-    plan = plan_grid(preset=preset, model=model, **{"seeds": seeds, **grid},
-                     overrides={"cuda_graphs": True} if timer.graphs else None)
-    log(f"grid: {len(plan)} planned runs, {budget_s:.0f} s of budget, {jobs} at a time")
-    if budget_s > 0:
-        # at most as many runs continue next lease as run at once: their checkpoints come back
-        # and travel again (paper: each run spans leases; gpu: 12 paused at once filled 41 MB)
-        budget = Budget(budget_s, timer, max_spans=jobs)
-        if jobs > 1:
-            execute_processes(plan, jobs=jobs, data_dir=data_root, results_dir=results_dir,
-                              device=str(torch_device), budget=budget, log=log)
-        else:
-            execute(plan, data_dir=data_root, results_dir=results_dir, device=str(torch_device),
-                    progress=False, budget=budget)
-    have = {record["run_id"] for record in load_records(results_dir)}
-    if all(cfg.run_id() in have for cfg in plan):
-        bench_written = _measure_in_spare_time(
-            bench_dir, kind, torch_device, preset=preset, model=model, data_root=data_root,
-            seconds=deadline - time.monotonic(), log=log) or bench_written
-    done = len(list((results_dir / "runs").glob("*.json")))  # none for a missing folder
-    summary = {"records": done, "planned": len(plan), "seconds": time.monotonic() - started,
-               "bench": str(bench_written) if bench_written else None}
-    log(f"lease: {done} of {len(plan)} planned runs have records; {summary['seconds']:.0f} s; "
-        "now `python3 -m kdlib lease pack`")
-    return summary
+    started, started_at = time.monotonic(), time.time()
+    for line in call_timeline(stash):
+        log(f"on this machine before: {line}")
+    try:
+        deadline = started + 60.0 * minutes
+        reserve_s = min(45.0, 6.0 * minutes) if reserve_s is None else reserve_s
+        data_root = data_root or assemble_data(stash)
+        log(f"data ready in {time.monotonic() - started:.0f} s: {data_root}")
+        place_carried(results_dir, stash)
+        bench_dir = repo_root / "results" / "bench"
+        restored = restore_returned(results_dir, bench_dir, stash)  # after the carried checkpoints:
+        if restored:                                                # newer versions of some
+            log(f"put back what {restored} earlier call(s) on this machine returned")
+        snapshot_results(results_dir, stash)  # what is here already is not returned
+        torch_device = pick_device(device)
+        kind = device_kind(torch_device)
+        bench_written = None
+        existing = load_bench(bench_dir, kind)
+        if bench == "always" or (bench == "auto" and existing is None):
+            images, labels = load_cifar100(data_root, train=True, download=False)
+            source = f"CIFAR-100 training set, {len(images)} images"
+            try:
+                result = run_benchmark(images, labels, device=torch_device, preset=preset,
+                                       model=model, data_source=source,
+                                       **device_bench_args(preset, model, bench_args))
+            except Exception as exc:  # noqa: BLE001 - the grid needs estimates more than the rest
+                log(f"benchmark failed ({type(exc).__name__}: {exc}); timing only fit()'s steps")
+                result = run_benchmark(images, labels, device=torch_device, preset=preset,
+                                       model=model, data_source=source, **FALLBACK_BENCH)
+            bench_written = bench_dir / bench_file_name(result)
+            write_json_atomic(bench_written, result)
+            log(f"benchmark written: {bench_written} ({time.monotonic() - started:.0f} s in)")
+        elif bench == "auto" and missing_parts(existing, torch_device, preset):
+            bench_written = complete_bench(existing, bench_dir, data_root, torch_device,
+                                           preset=preset, model=model, log=log)
+            log(f"benchmark completed: {bench_written} ({time.monotonic() - started:.0f} s in)")
+        timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
+        timer.graphs = replays_steps(timer.bench, preset, model)
+        verdict = graphs_verdict(timer.bench) if timer.bench else None
+        if verdict:
+            log(f"grid: {'steps replayed as CUDA graphs' if timer.graphs else 'eager steps'} "
+                f"({verdict['why']})")
+        if jobs == "auto":
+            jobs = auto_jobs(timer.bench, preset, model)
+        timer.jobs = jobs
+        for record in load_records(results_dir):
+            timer.add(record)
+        budget_s = deadline - reserve_s - time.monotonic()
+        undecided = compile_undecided(timer.bench, preset, model, results_dir)
+        if undecided:
+            log(f"grid: not started: {undecided}")
+            budget_s = 0.0
+        grid = {k: v for k, v in (grid or {}).items() if v}
+        seeds = list(get_preset(preset).seeds)
+        plan = plan_grid(preset=preset, model=model, **{"seeds": seeds, **grid},
+                         overrides={"cuda_graphs": True} if timer.graphs else None)
+        log(f"grid: {len(plan)} planned runs, {budget_s:.0f} s of budget, {jobs} at a time")
+        if budget_s > 0:
+            # at most as many runs continue next lease as run at once: their checkpoints come back
+            # and travel again (paper: each run spans leases; gpu: 12 paused at once filled 41 MB)
+            budget = Budget(budget_s, timer, max_spans=jobs)
+            if jobs > 1:
+                execute_processes(plan, jobs=jobs, data_dir=data_root, results_dir=results_dir,
+                                  device=str(torch_device), budget=budget, log=log)
+            else:
+                execute(plan, data_dir=data_root, results_dir=results_dir, device=str(torch_device),
+                        progress=False, budget=budget)
+        have = {record["run_id"] for record in load_records(results_dir)}
+        if all(cfg.run_id() in have for cfg in plan):
+            bench_written = _measure_in_spare_time(
+                bench_dir, kind, torch_device, preset=preset, model=model, data_root=data_root,
+                seconds=deadline - time.monotonic(), log=log) or bench_written
+        done = len(list((results_dir / "runs").glob("*.json")))  # none for a missing folder
+        summary = {"records": done, "planned": len(plan), "seconds": time.monotonic() - started,
+                   "bench": str(bench_written) if bench_written else None}
+        log(f"lease: {done} of {len(plan)} planned runs have records; {summary['seconds']:.0f} s; "
+            "now `python3 -m kdlib lease pack`")
+        return summary
+    finally:  # interrupted too: the follow-up's log shows how long it ran
+        note_step(stash, "go", started_at)
 
 
 def _measure_in_spare_time(bench_dir: Path, kind: str, device, *, preset: str, model: str,
@@ -346,6 +392,7 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
     from kdlib.budget import bench_device_kind, device_kind
     from kdlib.device import pick_device
 
+    started = time.time()
     kind = device_kind(pick_device(device))
     benches = []
     for path in sorted(bench_dir.glob("*.json")):
@@ -362,6 +409,7 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
     kept.mkdir(parents=True)
     for path in files:  # for a follow-up call on this machine (restore_returned)
         shutil.copyfile(path, kept / path.name)
+    note_step(stash, "pack", started)
     print(f"packed {len(files)} file(s) into {out}: "
           f"{len(list(results_dir.glob('runs/*.json')))} record(s), "
           f"{len(benches)} benchmark(s) of {kind}", flush=True)

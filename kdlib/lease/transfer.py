@@ -38,6 +38,7 @@ AGAIN_LEFT = "SECONDS_LEFT"
 AGAIN_GO_MARGIN_S = 100
 AGAIN_MIN_S = 200
 RETURNED = "returned"  # in the stash: a copy of what each `pack` of this machine returned
+CALL_LOG = "calls.jsonl"  # in the stash: when each step of each call ran on this machine
 MIB = 1 << 20
 CARRIED_MANIFEST = "sha256.json"
 CARRIED_SUFFIX = ".xz"
