@@ -318,10 +318,14 @@ def command_lease(args: argparse.Namespace) -> int:
                 f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
 
         minutes = args.minutes if args.seconds is None else args.seconds / 60.0
-        lease.go(preset=args.preset, model=model_of(args), minutes=minutes, jobs=args.jobs,
-                 results_dir=results_dir, repo_root=Path.cwd(), log=log,
-                 bench=args.bench, device=args.device, bench_args=args.bench_args,
-                 grid=_lease_grid(args))
+        try:
+            lease.go(preset=args.preset, model=model_of(args), minutes=minutes, jobs=args.jobs,
+                     results_dir=results_dir, repo_root=Path.cwd(), log=log,
+                     bench=args.bench, device=args.device, bench_args=args.bench_args,
+                     grid=_lease_grid(args))
+        except lease.StashIncomplete as exc:  # the follow-up then skips its pack
+            log(f"lease go: {exc}")
+            return lease.STASH_INCOMPLETE_EXIT
     else:
         bench_dir = Path(args.bench_dir) if args.bench_dir else REPO_ROOT / "results" / "bench"
         finished = 0

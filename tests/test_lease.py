@@ -368,6 +368,12 @@ def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path
                             text=True, env={**env, "OUT": str(outs[1])}, timeout=60)
     assert forgot.returncode == 2 and "budget_left_s" in forgot.stdout  # not put in: refused
     assert list(outs[1].iterdir()) == []
+    fresh = subprocess.run(["bash", "-c", again["command"].replace(lease.AGAIN_LEFT, "400")],
+                           cwd=device, capture_output=True, text=True, timeout=120,
+                           env={**env, "OUT": str(outs[1]),
+                                "KDLIB_LEASE_STASH": str(tmp_path / "fresh-stash")})
+    assert fresh.returncode == lease.STASH_INCOMPLETE_EXIT and "fresh machine" in fresh.stdout
+    assert list(outs[1].iterdir()) == []  # nothing packed: its tree's results are here already
     follow = make(again["command"].replace(lease.AGAIN_LEFT, "400.7"), outs[1])  # as replied
     lines = follow.stdout.splitlines()
     assert "put back what 1 earlier call(s) on this machine returned" in lines

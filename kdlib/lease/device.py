@@ -282,6 +282,11 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     try:
         deadline = started + 60.0 * minutes
         reserve_s = min(45.0, 6.0 * minutes) if reserve_s is None else reserve_s
+        if data_root is None and not (stash / DATA_MANIFEST).exists():
+            raise StashIncomplete(
+                f"{stash} holds no data: this is a fresh machine (the one the calls stored on "
+                "went back), so a follow-up has nothing to continue; receive the earlier "
+                "calls' folders")
         data_root = data_root or assemble_data(stash)
         log(f"data ready in {time.monotonic() - started:.0f} s: {data_root}")
         place_carried(results_dir, stash)

@@ -18,7 +18,8 @@ from kdlib.lease.transfer import (AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGAIN_MIN_S, CA
                                   CALL_MIB, CALL_TIMEOUT_S, CARRIED_MANIFEST, CARRIED_SUFFIX,
                                   CARRIED_XZ_PRESET, COMMAND_MAX_CHARS, DATA_FILES,
                                   DATA_MANIFEST, GO_GRACE_S, LEASE_DIR, MIB, MIN_PART_MIB,
-                                  PACK_S, STASH_PLAN, XZ_FILTERS, sha256_of, split_into_parts)
+                                  PACK_S, STASH_INCOMPLETE_EXIT, STASH_PLAN, XZ_FILTERS, sha256_of,
+                                  split_into_parts)
 
 
 def travelling_bytes(repo_root: Path) -> int:
@@ -255,7 +256,8 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
              f"if [ $S -lt {AGAIN_MIN_S} ]; then echo \"$S s left: "
              f"too little for another call\"; exit 0; fi; if [ $S -gt {most} ]; then S={most}; "
              f"fi; {{ timeout -s INT -k 15 {hard_again} {go} "
-             f"--seconds $((S - {AGAIN_GO_MARGIN_S})) --bench never; rc=$?; {pack} && exit $rc; }}")
+             f"--seconds $((S - {AGAIN_GO_MARGIN_S})) --bench never; rc=$?; "
+             f"[ $rc -eq {STASH_INCOMPLETE_EXIT} ] && exit $rc; {pack} && exit $rc; }}")
     parts = [None] * len(extra_groups) + list(manifest["parts"])
     (lease / STASH_PLAN).write_text(json.dumps(
         [{"parts": {part["name"]: part["sha256"]} if part else {},
