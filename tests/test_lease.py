@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -535,12 +536,12 @@ def test_the_call_log_times_each_step_and_the_gaps_between_calls(tmp_path, monke
     gaps (the transfers and starts between calls) that the follow-up's margins must cover."""
     from kdlib.lease import device as lease_device
 
-    clock = iter([100.0, 102.5, 110.0, 111.0])  # store 1 ran 2.5 s; store 2 began 7.5 s later
-    monkeypatch.setattr(lease_device.time, "time", lambda: next(clock))
+    clock = iter([102.5, 111.0])  # when each step ended, as note_step reads the clock
+    monkeypatch.setattr(lease_device, "time", SimpleNamespace(time=lambda: next(clock)))
     monkeypatch.setattr(lease_device, "_uptime_s", lambda: 62.5)
     assert lease.call_timeline(tmp_path) == []
-    lease_device.note_step(tmp_path, "store 1", lease_device.time.time())
-    lease_device.note_step(tmp_path, "store 2", lease_device.time.time())
+    lease_device.note_step(tmp_path, "store 1", 100.0)  # ran 2.5 s
+    lease_device.note_step(tmp_path, "store 2", 110.0)  # began 7.5 s after store 1 ended
     assert lease.call_timeline(tmp_path) == [
         "store 1: 2.5 s, the machine up 60 s before it started",
         "store 2: 1.0 s, 7.5 s after store 1 ended"]
