@@ -282,17 +282,18 @@ def command_lease(args: argparse.Namespace) -> int:
                               jobs=args.jobs, preset=args.preset, model=model_of(args), grid=grid,
                               bench_args=args.bench_args, part_mib=args.part_mib)
         print(f"{len(calls)} device calls, one right after the other (the machine goes back "
-              f"30 s after a call); written to {lease.LEASE_DIR}/calls.json:")
+              f"30 s after a call); written to {lease.LEASE_DIR}/{lease.CALLS_FILE}:")
         for i, call in enumerate(calls, 1):
             print(f"{i}. carry={json.dumps(call['carry'])} timeout_s={call['timeout_s']}\n"
                   f"   {call['command']}")
-        again = json.loads((REPO_ROOT / lease.LEASE_DIR / "again.json").read_text())
+        again = json.loads((REPO_ROOT / lease.LEASE_DIR / lease.AGAIN_FILE).read_text())
         print(f"{len(calls) + 1}. (if the last reply's lease has warm true and budget_left_s >= "
               f"{lease.AGAIN_MIN_S}: at once, the same grid for the time left on that machine; "
               f"in the same batch, first copy call {len(calls)}'s files_at: cp -r FILES_AT "
               f"{lease.LEASE_DIR}/back-{len(calls)}, as the tool may reuse the folder) "
               f"carry=[] timeout_s={again['timeout_s']}, {lease.AGAIN_LEFT} replaced by "
-              f"budget_left_s (also in {lease.LEASE_DIR}/again.json):\n   {again['command']}")
+              f"budget_left_s (also in {lease.LEASE_DIR}/{lease.AGAIN_FILE}):\n"
+              f"   {again['command']}")
         full = plan_grid(preset=args.preset, model=model_of(args),
                          seeds=list(get_preset(args.preset).seeds))
         _note_unneeded_weights(full, results_dir, then=" (then prepare again: more room a call)")

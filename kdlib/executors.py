@@ -129,10 +129,9 @@ def unblocking_first(schedule: Sequence[tuple[RunConfig, list[str]]],
 
 def epochs_left_in(results_dir: str | os.PathLike) -> Callable[[RunConfig], int]:
     """A run's epochs still to train: all of them, less what its paused checkpoint holds."""
-    from kdlib.checkpoints import epochs_done
-    from kdlib.results import paused_checkpoints
+    from kdlib.results import paused_epochs
 
-    done = {run_id: epochs_done(path) for run_id, path in paused_checkpoints(results_dir).items()}
+    done = paused_epochs(results_dir)
     return lambda cfg: cfg.epochs - done.get(cfg.run_id(), 0)
 
 
@@ -241,7 +240,8 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
     Ray. Dependencies as :func:`execute_ray` (:func:`ray_schedule`); a run is started once its
     teacher and init runs have records, in :func:`unblocking_first`'s order, and, under a
     ``budget``, only as :func:`kdlib.experiments.execute` starts it (a run paused at the
-    budget's end resumes in the next call). Returns the records that exist at the end, in plan order."""
+    budget's end resumes in the next call). Returns the records that exist at the end, in plan
+    order."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid; expected an integer >= 1")
     results_dir = str(Path(results_dir).resolve())

@@ -172,14 +172,18 @@ def paused_checkpoints(results_dir: str | os.PathLike) -> dict[str, Path]:
 PAUSED_FILE = "paused.json"  # committed: the checkpoints themselves are not (see the README)
 
 
-def note_paused(results_dir: str | os.PathLike) -> dict[str, int]:
-    """Write ``results_dir/paused.json``: {run id: epochs done} of the runs paused with a
-    checkpoint here, so that a clone without the (ignored) checkpoints still says how far each
-    got. Returns it."""
+def paused_epochs(results_dir: str | os.PathLike) -> dict[str, int]:
+    """{run id: epochs done} of the runs paused with a checkpoint here."""
     from kdlib.checkpoints import epochs_done  # lazy: torch.load
 
-    paused = {run_id: epochs_done(path)
-              for run_id, path in sorted(paused_checkpoints(results_dir).items())}
+    return {run_id: epochs_done(path)
+            for run_id, path in sorted(paused_checkpoints(results_dir).items())}
+
+
+def note_paused(results_dir: str | os.PathLike) -> dict[str, int]:
+    """Write ``results_dir/paused.json``: :func:`paused_epochs`, so that a clone without the
+    (ignored) checkpoints still says how far each paused run got. Returns it."""
+    paused = paused_epochs(results_dir)
     path = Path(results_dir) / PAUSED_FILE
     path.write_text(json.dumps(paused, indent=1, sort_keys=True) + "\n")
     return paused

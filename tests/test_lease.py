@@ -347,7 +347,7 @@ def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path
     calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
                           minutes=5, jobs=1, preset="smoke", model="resnet8", grid=small,
                           part_mib=0.5, bench_args=TINY_BENCH, grace_s=120)
-    again = json.loads((here / lease.LEASE_DIR / "again.json").read_text())
+    again = json.loads((here / lease.LEASE_DIR / lease.AGAIN_FILE).read_text())
     assert again["carry"] == [] and lease.AGAIN_LEFT in again["command"]
     device, outs = tmp_path / "device", [tmp_path / "out1", tmp_path / "out2"]
     _device_copy(here, device)
@@ -569,12 +569,11 @@ def test_a_later_presets_compile_decision_is_measured_in_a_done_grids_spare_time
     with monkeypatch.context() as patched:
         patched.setattr(lease_device, "complete_bench",
                         lambda bench, *a, preset, **k: completed.append(preset) or Path("b.json"))
-        patched.setattr("kdlib.budget.load_bench", lambda folder, kind: old)
         spare = dict(preset="gpu", model="resnet20", data_root=fake_data_root, log=lines.append)
-        assert lease_device._measure_in_spare_time(tmp_path, "H200", "cuda", seconds=290,
+        assert lease_device._measure_in_spare_time(old, tmp_path, "cuda", seconds=290,
                                                    **spare) is None
         assert completed == [] and "too few" in lines[-1]
-        assert lease_device._measure_in_spare_time(tmp_path, "H200", "cuda", seconds=310,
+        assert lease_device._measure_in_spare_time(old, tmp_path, "cuda", seconds=310,
                                                    **spare) == Path("b.json")
         assert completed == ["paper"]
 

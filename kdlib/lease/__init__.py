@@ -36,14 +36,15 @@ from kdlib.lease.prepare import (compress_carried, frontier_weights, pack_data, 
                                  plan_carry, planned_paused, prepare, travelling_bytes,
                                  unneeded_committed_weights)
 from kdlib.lease.receive import check_returns, read_manifest, receive
-from kdlib.lease.transfer import (AGAIN_LEFT, AGAIN_MIN_S, CARRIED_SUFFIX, DATA_FILES,
-                                  DATA_MANIFEST, LEASE_DIR, MIB, OUT_MAX_FILES, STASH,
-                                  STASH_INCOMPLETE_EXIT, STASH_PLAN, sha256_of)
+from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_LEFT, AGAIN_MIN_S, CALLS_FILE,
+                                  CARRIED_SUFFIX, DATA_FILES, DATA_MANIFEST, LEASE_DIR, MIB,
+                                  OUT_MAX_FILES, STASH, STASH_INCOMPLETE_EXIT, STASH_PLAN,
+                                  sha256_of)
 
-__all__ = ["AGAIN_LEFT", "AGAIN_MIN_S", "CARRIED_SUFFIX", "DATA_FILES", "DATA_MANIFEST",
-           "DEVICE_BENCH", "FALLBACK_BENCH", "SPARE_COMPILED_S", "LEASE_DIR", "MIB",
-           "OUT_MAX_FILES", "SNAPSHOT", "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
-           "StashIncomplete", "assemble_data", "call_timeline", "auto_jobs", "check_returns",
+__all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "CALLS_FILE", "CARRIED_SUFFIX", "DATA_FILES",
+           "DATA_MANIFEST", "DEVICE_BENCH", "FALLBACK_BENCH", "LEASE_DIR", "MIB", "OUT_MAX_FILES",
+           "SNAPSHOT", "SPARE_COMPILED_S", "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
+           "StashIncomplete", "assemble_data", "auto_jobs", "call_timeline", "check_returns",
            "check_stash", "compile_undecided", "complete_bench", "compress_carried",
            "device_bench_args", "frontier_weights", "go", "later_compile_parts", "missing_parts",
            "pack", "pack_data", "pack_outputs", "part_mib_for", "place_carried", "plan_carry",

@@ -2,6 +2,7 @@
 trains the grid (:func:`go`) and returns what it added (:func:`pack`)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -9,7 +10,7 @@ import lzma
 import shutil
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from kdlib.lease.decisions import (FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
 from kdlib.lease.receive import receive
 from kdlib.lease.transfer import (CALL_LOG, CARRIED_MANIFEST, CARRIED_SUFFIX, DATA_MANIFEST,
                                   LEASE_DIR, MIB, OUT_FILE_MIB, OUT_MAX_FILES, RESULTS_ARCHIVE,
-                                  RETURNED, STASH, STASH_PLAN, join_parts, sha256_of,
-                                  split_into_parts)
+                                  RETURN_MANIFEST, RETURNED, STASH, STASH_PLAN, join_parts,
+                                  sha256_of, split_into_parts)
 
 
 def _uptime_s() -> float | None:
@@ -39,6 +40,16 @@ def note_step(stash: Path, step: str, started: float) -> None:
     line = {"step": step, "started": started, "ended": time.time(), "uptime_s": _uptime_s()}
     with open(stash / CALL_LOG, "a") as f:
         f.write(json.dumps(line) + "\n")
+
+
+@contextlib.contextmanager
+def timed_step(stash: Path, step: str) -> Iterator[None]:
+    """:func:`note_step` for the block inside, however it ends (an interrupted `go` too)."""
+    started = time.time()
+    try:
+        yield
+    finally:
+        note_step(stash, step, started)
 
 
 def call_timeline(stash: Path) -> list[str]:
@@ -111,15 +122,14 @@ def store(paths: Sequence[Path], stash: Path = STASH, *, call: int | None = None
     (:func:`store_carried`). With ``call`` (1-based, as `prepare` numbers them), then checks
     that the stash holds what the calls before it stored (:func:`check_stash`, by the carried
     ``.lease/stash.json``)."""
-    started = time.time()
-    for path in map(Path, paths):
-        if path.is_dir():
-            store_carried(path, stash)
-        else:
-            store_part(path, stash)
-    if call is not None:
-        check_stash(Path(LEASE_DIR) / STASH_PLAN, call, stash)
-    note_step(stash, f"store {call}" if call is not None else "store", started)
+    with timed_step(stash, f"store {call}" if call is not None else "store"):
+        for path in map(Path, paths):
+            if path.is_dir():
+                store_carried(path, stash)
+            else:
+                store_part(path, stash)
+        if call is not None:
+            check_stash(Path(LEASE_DIR) / STASH_PLAN, call, stash)
 
 
 def check_stash(plan: Path, call: int, stash: Path = STASH) -> None:
@@ -155,9 +165,13 @@ def check_stash(plan: Path, call: int, stash: Path = STASH) -> None:
 
 
 def assemble_data(stash: Path = STASH) -> Path:
-    """The data root (holding cifar-100-python/) rebuilt from the stashed parts."""
-
+    """The data root (holding cifar-100-python/) rebuilt from the stashed parts; a stash
+    without them is a fresh machine (:class:`StashIncomplete`)."""
     root = stash / "data"
+    if not (stash / DATA_MANIFEST).exists():
+        raise StashIncomplete(
+            f"{stash} holds no data: this is a fresh machine (the one the calls stored on went "
+            "back), so there is nothing to continue; receive the earlier calls' folders")
     manifest = json.loads((stash / DATA_MANIFEST).read_text())
     done = root / "cifar-100-python" / ".sha256"
     if done.exists() and done.read_text() == manifest["sha256"]:
@@ -223,7 +237,7 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
         extras.append({"name": path.name, "sha256": sha256_of(out / path.name)})
     manifest = {"sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, "extra": extras,
                 "returned": returned}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (out / RETURN_MANIFEST).write_text(json.dumps(manifest, indent=1))
     written = 1 + len(parts) + len(extras)
     if written > max_files:
         raise ValueError(f"{written} files to return, more than {max_files}: the results do not "
@@ -265,28 +279,20 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     With the grid done and time left, the compiled part a later preset decides on
     (:func:`_measure_in_spare_time`)."""
     from kdlib.bench.graphs import graphs_verdict
-    from kdlib.bench.run import run_benchmark, bench_file_name
     from kdlib.budget import Budget, RunTimer, device_kind, load_bench
-    from kdlib.data import load_cifar100
     from kdlib.device import pick_device
     from kdlib.executors import execute_processes
     from kdlib.experiments import execute, plan_grid
-    from kdlib.fileio import write_json_atomic
     from kdlib.presets import get_preset
     from kdlib.results import load_records
 
     model = model or get_preset(preset).model
-    started, started_at = time.monotonic(), time.time()
     for line in call_timeline(stash):
         log(f"on this machine before: {line}")
-    try:
+    with timed_step(stash, "go"):
+        started = time.monotonic()
         deadline = started + 60.0 * minutes
         reserve_s = min(45.0, 6.0 * minutes) if reserve_s is None else reserve_s
-        if data_root is None and not (stash / DATA_MANIFEST).exists():
-            raise StashIncomplete(
-                f"{stash} holds no data: this is a fresh machine (the one the calls stored on "
-                "went back), so a follow-up has nothing to continue; receive the earlier "
-                "calls' folders")
         data_root = data_root or assemble_data(stash)
         log(f"data ready in {time.monotonic() - started:.0f} s: {data_root}")
         place_carried(results_dir, stash)
@@ -297,26 +303,9 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         snapshot_results(results_dir, stash)  # what is here already is not returned
         torch_device = pick_device(device)
         kind = device_kind(torch_device)
-        bench_written = None
-        existing = load_bench(bench_dir, kind)
-        if bench == "always" or (bench == "auto" and existing is None):
-            images, labels = load_cifar100(data_root, train=True, download=False)
-            source = f"CIFAR-100 training set, {len(images)} images"
-            try:
-                result = run_benchmark(images, labels, device=torch_device, preset=preset,
-                                       model=model, data_source=source,
-                                       **device_bench_args(preset, model, bench_args))
-            except Exception as exc:  # noqa: BLE001 - the grid needs estimates more than the rest
-                log(f"benchmark failed ({type(exc).__name__}: {exc}); timing only fit()'s steps")
-                result = run_benchmark(images, labels, device=torch_device, preset=preset,
-                                       model=model, data_source=source, **FALLBACK_BENCH)
-            bench_written = bench_dir / bench_file_name(result)
-            write_json_atomic(bench_written, result)
-            log(f"benchmark written: {bench_written} ({time.monotonic() - started:.0f} s in)")
-        elif bench == "auto" and missing_parts(existing, torch_device, preset):
-            bench_written = complete_bench(existing, bench_dir, data_root, torch_device,
-                                           preset=preset, model=model, log=log)
-            log(f"benchmark completed: {bench_written} ({time.monotonic() - started:.0f} s in)")
+        bench_written = _bench_device(bench, bench_dir, kind, torch_device, data_root,
+                                      preset=preset, model=model, bench_args=bench_args,
+                                      started=started, log=log)
         timer = RunTimer(kind, bench=load_bench(bench_dir, kind))
         timer.graphs = replays_steps(timer.bench, preset, model)
         verdict = graphs_verdict(timer.bench) if timer.bench else None
@@ -339,38 +328,70 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
                          overrides={"cuda_graphs": True} if timer.graphs else None)
         log(f"grid: {len(plan)} planned runs, {budget_s:.0f} s of budget, {jobs} at a time")
         if budget_s > 0:
-            # at most as many runs continue next lease as run at once: their checkpoints come back
-            # and travel again (paper: each run spans leases; gpu: 12 paused at once filled 41 MB)
+            # at most as many runs continue next lease as run at once: their checkpoints come
+            # back and travel again (paper: each run spans leases; gpu: 12 paused filled 41 MB)
             budget = Budget(budget_s, timer, max_spans=jobs)
             if jobs > 1:
                 execute_processes(plan, jobs=jobs, data_dir=data_root, results_dir=results_dir,
                                   device=str(torch_device), budget=budget, log=log)
             else:
-                execute(plan, data_dir=data_root, results_dir=results_dir, device=str(torch_device),
-                        progress=False, budget=budget)
+                execute(plan, data_dir=data_root, results_dir=results_dir,
+                        device=str(torch_device), progress=False, budget=budget)
         have = {record["run_id"] for record in load_records(results_dir)}
         if all(cfg.run_id() in have for cfg in plan):
             bench_written = _measure_in_spare_time(
-                bench_dir, kind, torch_device, preset=preset, model=model, data_root=data_root,
-                seconds=deadline - time.monotonic(), log=log) or bench_written
-        done = len(list((results_dir / "runs").glob("*.json")))  # none for a missing folder
-        summary = {"records": done, "planned": len(plan), "seconds": time.monotonic() - started,
+                timer.bench, bench_dir, torch_device, preset=preset, model=model,
+                data_root=data_root, seconds=deadline - time.monotonic(), log=log) or bench_written
+        summary = {"records": len(have), "planned": len(plan),
+                   "seconds": time.monotonic() - started,
                    "bench": str(bench_written) if bench_written else None}
-        log(f"lease: {done} of {len(plan)} planned runs have records; {summary['seconds']:.0f} s; "
-            "now `python3 -m kdlib lease pack`")
+        log(f"lease: {len(have)} of {len(plan)} planned runs have records; "
+            f"{summary['seconds']:.0f} s; now `python3 -m kdlib lease pack`")
         return summary
-    finally:  # interrupted too: the follow-up's log shows how long it ran
-        note_step(stash, "go", started_at)
 
 
-def _measure_in_spare_time(bench_dir: Path, kind: str, device, *, preset: str, model: str,
-                           data_root: Path, seconds: float,
+def _bench_device(bench: str, bench_dir: Path, kind: str, device, data_root: Path, *,
+                  preset: str, model: str, bench_args: dict[str, Any] | None, started: float,
+                  log: Callable[[str], None]) -> Path | None:
+    """`go`'s benchmark (``bench``: auto | always | never): a new one where ``bench_dir`` has
+    none for this device kind (a minimal one if the full one fails: the grid needs estimates
+    more than the rest), else the parts an older one lacks. Returns the file it wrote; logs it
+    with the seconds since ``started`` (monotonic)."""
+    from kdlib.bench.run import bench_file_name, run_benchmark
+    from kdlib.budget import load_bench
+    from kdlib.data import load_cifar100
+    from kdlib.fileio import write_json_atomic
+
+    existing = load_bench(bench_dir, kind)
+    if bench == "auto" and existing is not None:
+        if not missing_parts(existing, device, preset):
+            return None
+        path = complete_bench(existing, bench_dir, data_root, device, preset=preset,
+                              model=model, log=log)
+        log(f"benchmark completed: {path} ({time.monotonic() - started:.0f} s in)")
+        return path
+    if bench == "never":
+        return None
+    images, labels = load_cifar100(data_root, train=True, download=False)
+    source = f"CIFAR-100 training set, {len(images)} images"
+    try:
+        result = run_benchmark(images, labels, device=device, preset=preset, model=model,
+                               data_source=source, **device_bench_args(preset, model, bench_args))
+    except Exception as exc:  # noqa: BLE001 - the grid needs estimates more than the rest
+        log(f"benchmark failed ({type(exc).__name__}: {exc}); timing only fit()'s steps")
+        result = run_benchmark(images, labels, device=device, preset=preset, model=model,
+                               data_source=source, **FALLBACK_BENCH)
+    path = bench_dir / bench_file_name(result)
+    write_json_atomic(path, result)
+    log(f"benchmark written: {path} ({time.monotonic() - started:.0f} s in)")
+    return path
+
+
+def _measure_in_spare_time(bench: dict[str, Any] | None, bench_dir: Path, device, *,
+                           preset: str, model: str, data_root: Path, seconds: float,
                            log: Callable[[str], None]) -> Path | None:
     """With the grid done and :data:`SPARE_COMPILED_S` left: the compiled part a later preset
     decides on (:func:`~kdlib.lease.decisions.later_compile_parts`), into the benchmark."""
-    from kdlib.budget import load_bench
-
-    bench = load_bench(bench_dir, kind)
     later = later_compile_parts(bench, device, preset)
     if not later:
         return None
@@ -397,7 +418,6 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
     from kdlib.budget import bench_device_kind, device_kind
     from kdlib.device import pick_device
 
-    started = time.time()
     kind = device_kind(pick_device(device))
     benches = []
     for path in sorted(bench_dir.glob("*.json")):
@@ -409,12 +429,12 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
     snapshot = stash / SNAPSHOT
     unchanged = json.loads(snapshot.read_text()) if snapshot.exists() else None
     earlier = len(list((stash / RETURNED).glob("[0-9]*")))
-    files = pack_outputs(results_dir, out, benches, unchanged=unchanged, returned=earlier)
-    kept = stash / RETURNED / f"{earlier:02d}"
-    kept.mkdir(parents=True)
-    for path in files:  # for a follow-up call on this machine (restore_returned)
-        shutil.copyfile(path, kept / path.name)
-    note_step(stash, "pack", started)
+    with timed_step(stash, "pack"):
+        files = pack_outputs(results_dir, out, benches, unchanged=unchanged, returned=earlier)
+        kept = stash / RETURNED / f"{earlier:02d}"
+        kept.mkdir(parents=True)
+        for path in files:  # for a follow-up call on this machine (restore_returned)
+            shutil.copyfile(path, kept / path.name)
     print(f"packed {len(files)} file(s) into {out}: "
           f"{len(list(results_dir.glob('runs/*.json')))} record(s), "
           f"{len(benches)} benchmark(s) of {kind}", flush=True)

@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdlib.lease.transfer import (AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGAIN_MIN_S, CALL_MARGIN_MIB,
-                                  CALL_MIB, CALL_TIMEOUT_S, CARRIED_MANIFEST, CARRIED_SUFFIX,
-                                  CARRIED_XZ_PRESET, COMMAND_MAX_CHARS, DATA_FILES,
-                                  DATA_MANIFEST, GO_GRACE_S, LEASE_DIR, MIB, MIN_PART_MIB,
-                                  PACK_S, STASH_INCOMPLETE_EXIT, STASH_PLAN, XZ_FILTERS, sha256_of,
-                                  split_into_parts)
+from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGAIN_MIN_S,
+                                  CALL_MARGIN_MIB, CALL_MIB, CALL_TIMEOUT_S, CALLS_FILE,
+                                  CARRIED_MANIFEST, CARRIED_SUFFIX, CARRIED_XZ_PRESET,
+                                  COMMAND_MAX_CHARS, DATA_FILES, DATA_MANIFEST, GO_GRACE_S,
+                                  LEASE_DIR, MIB, MIN_PART_MIB, PACK_S, STASH_INCOMPLETE_EXIT,
+                                  STASH_PLAN, XZ_FILTERS, sha256_of, split_into_parts)
 
 
 def travelling_bytes(repo_root: Path) -> int:
@@ -201,10 +201,15 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     run_benchmark's arguments on the device (default :data:`DEVICE_BENCH`). ``part_mib``:
     default the largest that keeps each call under :data:`CALL_MIB` (:func:`part_mib_for`).
     ``grace_s``: how long after ``minutes`` `go` is interrupted (default :data:`GO_GRACE_S`)."""
+    from kdlib.checkpoints import epochs_done
+    from kdlib.presets import get_preset
+    from kdlib.results import CODE_COMMIT  # the device's copy of .git can be stale: state it
+
     lease = repo_root / LEASE_DIR
     # committed weight files and checkpoints travel with the tree: carry only the others
     committed = committed_files(repo_root, Path(results_dir) / "checkpoints")
-    frontier = [p for p in frontier_weights(plan, results_dir) + planned_paused(plan, results_dir)
+    paused = planned_paused(plan, results_dir)
+    frontier = [p for p in frontier_weights(plan, results_dir) + paused
                 if p.resolve() not in committed]
     part_mib = part_mib_for(repo_root) if part_mib is None else part_mib  # also a call's room
     manifest = pack_data(data_root, lease, part_mib)
@@ -218,16 +223,10 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     groups = [*extra_groups, *by_part]  # the calls in order: weights alone first, then the data
     group_dirs = [_write_group(weights / f"{i:02d}", paths, packed) if paths else None
                   for i, paths in enumerate(groups)]
-    from kdlib.checkpoints import epochs_done
-
-    for path in planned_paused(plan, results_dir):
+    for path in paused:
         log(f"resumes: {path.name[:-len('.pt')]} from epoch {epochs_done(path)}")
     rel_results = os.path.relpath(results_dir, repo_root)
-    from kdlib.presets import get_preset
-
     model = model or get_preset(preset).model
-    from kdlib.results import CODE_COMMIT  # the device's copy of .git can be stale: state it
-
     go = (f"env PYTHONUNBUFFERED=1 KDLIB_GIT_COMMIT={CODE_COMMIT or ''} python3 -m kdlib lease go "
           f"--preset {preset} --model {model} --jobs {jobs} --results-dir {rel_results}")
     for name, values in (grid or {}).items():
@@ -279,11 +278,11 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
             raise ValueError(f"a device call's command is {len(call['command'])} characters, "
                              f"more than the tool's {COMMAND_MAX_CHARS}: shorten --bench-args "
                              f"or the grid arguments")
-    (lease / "again.json").write_text(json.dumps(follow_up, indent=1))
+    (lease / AGAIN_FILE).write_text(json.dumps(follow_up, indent=1))
     log(f"{LEASE_DIR}/: data in {len(manifest['parts'])} part(s) of <= {part_mib:g} MiB "
         f"({manifest['bytes'] / MIB:.1f} MiB), {len(frontier)} weight and checkpoint file(s) "
         f"to carry ({sum(p.stat().st_size for p in frontier) / MIB:.1f} MiB, "
         f"{sum(map(len, packed.values())) / MIB:.1f} MiB compressed"
         + (f", {len(extra_groups)} call(s) of their own" if extra_groups else "") + ")")
-    (lease / "calls.json").write_text(json.dumps(calls, indent=1))
+    (lease / CALLS_FILE).write_text(json.dumps(calls, indent=1))
     return calls

@@ -7,14 +7,14 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from kdlib.lease.transfer import join_parts, sha256_of
+from kdlib.lease.transfer import RETURN_MANIFEST, join_parts, sha256_of
 
 
 def read_manifest(folder: Path) -> dict:
     """The manifest a :func:`~kdlib.lease.device.pack` wrote into ``folder``."""
-    path = folder / "manifest.json"
+    path = folder / RETURN_MANIFEST
     if not path.exists():
-        raise ValueError(f"{folder} holds no manifest.json: that call returned nothing (its "
+        raise ValueError(f"{folder} holds no {RETURN_MANIFEST}: that call returned nothing (its "
                          "reply's output_tail says why; did `lease pack` run?)")
     return json.loads(path.read_text())
 

@@ -21,6 +21,9 @@ MIN_PART_MIB = 4
 OUT_FILE_MIB = 15  # returned files: at most 16 MiB each
 OUT_MAX_FILES = 8
 RESULTS_ARCHIVE = "results.tar"
+RETURN_MANIFEST = "manifest.json"  # beside the returned parts
+CALLS_FILE = "calls.json"  # in LEASE_DIR: the calls prepare printed
+AGAIN_FILE = "again.json"  # in LEASE_DIR: the follow-up call
 # CIFAR's pixels are rows of 32 bytes, one plane after another: xz's delta filters at 1 and 32
 # bytes store each byte as its difference from left + up - upper-left, which xz compresses to
 # 66% of the raw bytes instead of 74% (measured on the test file); lzma reads
@@ -38,7 +41,7 @@ AGAIN_LEFT = "SECONDS_LEFT"
 AGAIN_GO_MARGIN_S = 100
 AGAIN_MIN_S = 200
 RETURNED = "returned"  # in the stash: a copy of what each `pack` of this machine returned
-CALL_LOG = "calls.jsonl"  # in the stash: when each step of each call ran on this machine
+CALL_LOG = "calls.jsonl"  # in the stash: when each step of each call ran there
 MIB = 1 << 20
 CARRIED_MANIFEST = "sha256.json"
 CARRIED_SUFFIX = ".xz"
