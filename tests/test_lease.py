@@ -228,6 +228,26 @@ def test_committed_weights_no_unfinished_run_needs_are_named_for_removal(fake_da
     assert lease.unneeded_committed_weights(plan, results, here) == []
 
 
+def test_the_tree_every_call_sends_is_counted_and_its_largest_folders_named(tmp_path):
+    from kdlib.lease.prepare import largest_folders, travelling_bytes, travelling_files
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    sizes = {"results/a/m.bin": 5000, "results/a/deep/n.bin": 400, "results/b/m.bin": 3000,
+             "kdlib/x.py": 100, "README.md": 50, "results/a/ignored.pt": 9000, "notes.txt": 70}
+    for name, size in sizes.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * size)
+    (tmp_path / ".gitignore").write_text("*.pt\n")
+    subprocess.run(["git", "add", "results", "kdlib", "README.md", ".gitignore"], cwd=tmp_path,
+                   check=True)
+    sent = travelling_files(tmp_path)
+    assert "results/a/ignored.pt" not in sent  # ignored: stays here
+    assert sent["notes.txt"] == 70  # untracked but not ignored: travels too
+    assert travelling_bytes(tmp_path) == 5000 + 400 + 3000 + 100 + 50 + 70 + 5
+    assert largest_folders(sent, top=2) == [("results/a", 5400), ("results/b", 3000),
+                                            ("the rest", 100 + 50 + 70 + 5)]
+    assert largest_folders(sent, depth=1, top=1) == [("results", 8400), ("the rest", 225)]
+
+
 def test_a_paused_runs_checkpoint_is_carried_and_placed_where_the_grid_resumes_it(
         fake_data_root, tmp_path):
     plan = experiments.plan_grid(**GRID, chain=[32, 4], chain_methods=["ta_chain"],

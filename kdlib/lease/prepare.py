@@ -22,13 +22,32 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGA
                                   STASH_PLAN, XZ_FILTERS, sha256_of, split_into_parts)
 
 
-def travelling_bytes(repo_root: Path) -> int:
-    """What every call sends besides its carry: tracked files and untracked ones git does not
-    ignore (the device tool's rule)."""
+def travelling_files(repo_root: Path) -> dict[str, int]:
+    """What every call sends besides its carry, path (relative) to size: tracked files and
+    untracked ones git does not ignore (the device tool's rule); none outside a checkout."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=repo_root, capture_output=True, check=True).stdout
-    paths = {repo_root / name for name in listed.decode().split("\0") if name}
-    return sum(p.stat().st_size for p in paths if p.is_file())
+                            cwd=repo_root, capture_output=True)
+    if listed.returncode != 0:
+        return {}
+    names = {name for name in listed.stdout.decode().split("\0") if name}
+    return {name: (repo_root / name).stat().st_size for name in sorted(names)
+            if (repo_root / name).is_file()}
+
+
+def travelling_bytes(repo_root: Path) -> int:
+    return sum(travelling_files(repo_root).values())
+
+
+def largest_folders(files: dict[str, int], depth: int = 2, top: int = 3) -> list[tuple[str, int]]:
+    """The ``top`` folders (``depth`` levels down) holding most of ``files``' bytes, largest
+    first, then ``("the rest", bytes)``: what makes the tree every call sends, so what to
+    commit less of when the data takes more calls than it should."""
+    by_folder: dict[str, int] = {}
+    for name, size in files.items():
+        folder = "/".join(name.split("/")[:-1][:depth]) or "(top files)"
+        by_folder[folder] = by_folder.get(folder, 0) + size
+    ranked = sorted(by_folder.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ranked[:top] + [("the rest", sum(size for _, size in ranked[top:]))]
 
 
 def committed_files(repo_root: Path, folder: Path) -> set[Path]:
@@ -212,6 +231,11 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     frontier = [p for p in frontier_weights(plan, results_dir) + paused
                 if p.resolve() not in committed]
     part_mib = part_mib_for(repo_root) if part_mib is None else part_mib  # also a call's room
+    tree = travelling_files(repo_root)
+    if tree:
+        log(f"every call also sends the tree, {sum(tree.values()) / MIB:.1f} MiB ("
+            + ", ".join(f"{name} {size / MIB:.1f}" for name, size in largest_folders(tree))
+            + f"): what it leaves of a call's {CALL_MIB} MiB sizes the data's parts")
     manifest = pack_data(data_root, lease, part_mib)
     packed = compress_carried(frontier)
     by_part, extra_groups = plan_carry([p["bytes"] for p in manifest["parts"]], frontier,
