@@ -259,7 +259,10 @@ class GraphedStep:
                 self.eager_steps += 1
                 with self._on_capture_stream():
                     return train_step(trainer, x, y, lr, terms_sum=terms_sum)
-            self._capture(x, y)
+            try:
+                self._capture(x, y)
+            except RuntimeError as err:  # an operation the device's capture refuses
+                return self._stay_eager(err, x, y, lr, terms_sum)
         self.static_x.copy_(x)
         self.static_y.copy_(y)
         self.replay()
@@ -279,6 +282,19 @@ class GraphedStep:
             self.outputs = forward_backward(trainer, self.static_x, self.static_y)
 
         self.replay = self.capture(captured, self.stream)
+
+    def _stay_eager(self, err: RuntimeError, x: Tensor, y: Tensor, lr: float,
+                    terms_sum: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """A capture that failed ran none of its kernels (the weights, statistics and momentum
+        are as the last eager step left them): the run goes on with eager steps, which compute
+        what a replay would, and says so rather than lose its epochs."""
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        print(f"cuda_graphs: the step could not be captured ({type(err).__name__}: "
+              f"{first_line}); this run's steps stay eager (the same arithmetic, slower)",
+              flush=True)
+        self.replay = self.outputs = None
+        self.trainer.graphed = None  # run_step takes eager steps from now on
+        return train_step(self.trainer, x, y, lr, terms_sum=terms_sum)
 
     @contextlib.contextmanager
     def _on_capture_stream(self) -> Iterator[None]:

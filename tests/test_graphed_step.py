@@ -139,6 +139,31 @@ def test_the_capture_sees_no_warm_up_gradients(splits, monkeypatch):
     assert all(p.grad is not None for p in trainer.model.parameters())
 
 
+def test_a_step_the_capture_refuses_stays_eager_and_the_run_is_the_eager_run(
+        splits, monkeypatch, capsys):
+    """A real capture refuses some operations (a sync, a host copy) that the emulator may not
+    know: the run then takes eager steps, which compute the same, instead of failing."""
+    attempts = []
+
+    def refusing(fn, stream):
+        attempts.append(1)
+        emulated_capture(fn, stream)  # records the step without running it, as a capture does
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n"
+                           "more lines")
+
+    cfg = make_cfg(method="direct_kd", epochs=2, w_bits=4, a_bits=4)
+    eager, eager_model, _ = _fit(splits, cfg)
+    graphed, graphed_model, _ = _fit(splits, cfg.replace(cuda_graphs=True),
+                                     refusing, monkeypatch)
+    assert len(attempts) == 1  # tried once, not at every step
+    assert untimed(graphed.history) == untimed(eager.history)
+    assert (graphed.test_top1, graphed.final_test_top1) == (eager.test_top1, eager.final_test_top1)
+    assert states_equal(graphed_model.state_dict(), eager_model.state_dict())
+    out = capsys.readouterr().out
+    assert out.count("could not be captured") == 1
+    assert "operation not permitted when stream is capturing); this run's steps stay eager" in out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_graph_replays_the_eager_steps_bit_for_bit():
     from kdlib.bench.graphs import check_graph_step
