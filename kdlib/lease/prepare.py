@@ -25,6 +25,8 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGA
 def travelling_files(repo_root: Path) -> dict[str, int]:
     """What every call sends besides its carry, path (relative) to size: tracked files and
     untracked ones git does not ignore (the device tool's rule); none outside a checkout."""
+    if not Path(repo_root).is_dir():
+        return {}
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             cwd=repo_root, capture_output=True)
     if listed.returncode != 0:
