@@ -29,7 +29,7 @@ RECIPE_VERSION = 2
 KD_METHODS = ("direct_kd", "ta_chain", "progressive_kd32", "direct_kd_matched")  # distil
 # Fields that change how fast a run goes, never what it computes: left out of the run id, and
 # a checkpoint written with other values resumes.
-EXECUTION_ONLY_FIELDS = ("eval_batch_size", "preset", "cuda_graphs")
+EXECUTION_ONLY_FIELDS = ("eval_batch_size", "preset", "cuda_graphs", "group_weights")
 
 
 @dataclass
@@ -72,6 +72,7 @@ class RunConfig:
     channels_last: bool = False  # NHWC memory format (faster convolutions on most devices)
     compile: bool = False  # torch.compile the model
     cuda_graphs: bool = False  # on CUDA, replay each step as one CUDA graph (eager kernels: speed only)
+    group_weights: bool = True  # DoReFa weights of all layers quantized at once (same bits: speed only)
     preset: str = "custom"  # name of the preset the config came from (recorded)
     recipe: int = RECIPE_VERSION  # training-code version (see RECIPE_VERSION); part of the run id
 
@@ -182,6 +183,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_number(cfg.kd_alpha, "kd_alpha", low=0.0, high=1.0)
     for m in cfg.milestones:
         _check_number(m, "milestones", low=0.0, high=1.0, low_inclusive=False)
+    for name in ("channels_last", "compile", "cuda_graphs", "group_weights"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is invalid; expected True or False")
     if cfg.cuda_graphs and cfg.compile:
         raise ValueError("cuda_graphs=True replays the eager step's kernels; it does not combine "
                          "with compile=True (set one of them False)")

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from kdlib.config import KD_METHODS, RunConfig, validate
 from kdlib.device import pick_device
 from kdlib.losses import ce_loss, kd_loss_terms
-from kdlib.quant import freeze_quantized_weights, set_precision, unfreeze_quantized_weights
+from kdlib.quant import (freeze_quantized_weights, set_precision, set_weight_grouping,
+                         unfreeze_quantized_weights)
 
 
 @dataclass
@@ -81,9 +82,9 @@ def make_trainer(model: nn.Module, cfg: RunConfig, *, teacher: nn.Module | None 
     mode = kd_mode(cfg, teacher)
     device = pick_device(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    set_precision(model.to(device=device, memory_format=fmt), cfg.precision)
-    if teacher is not None:
-        set_precision(teacher.to(device=device, memory_format=fmt), cfg.precision)
+    for net in (model, teacher) if teacher is not None else (model,):
+        set_precision(net.to(device=device, memory_format=fmt), cfg.precision)
+        set_weight_grouping(net, cfg.group_weights)  # a quantized assistant teaches too
     compile_ = torch.compile if cfg.compile else (lambda m: m)
     trainer = Trainer(
         cfg=cfg, mode=mode, device=device, model=model, forward=compile_(model),

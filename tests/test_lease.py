@@ -654,3 +654,35 @@ def test_go_caps_the_runs_that_pause_at_the_runs_it_trains_at_once(fake_data_roo
     assert summary["planned"] > 0
     (budget,) = budgets
     assert budget.max_spans == 4  # 4 at a time, so at most 4 pause
+
+
+@pytest.mark.parametrize("check, grouped", [
+    ({"exact": True, "by_bits": {"4": {"values": True, "gradients": True}}}, True),
+    ({"exact": False, "by_bits": {"4": {"values": True, "gradients": True},
+                                  "8": {"values": True, "gradients": False}}}, False),
+    ({"error": "RuntimeError: no kernel image"}, False),
+    (None, True),  # a benchmark without the part: the default, cross-checked on the CPU
+], ids=["equal", "differs", "check-failed", "no-check"])
+def test_go_quantizes_weights_per_layer_where_the_device_check_found_grouped_ones_differ(
+        fake_data_root, tmp_path, monkeypatch, check, grouped):
+    import kdlib.budget
+    import kdlib.executors
+
+    plans = []
+    monkeypatch.setattr(kdlib.executors, "execute_processes",
+                        lambda plan, **k: plans.append(plan) or [])
+    bench = {"concurrency": {"by_jobs": {"1": {"images_per_s": 100.0},
+                                         "2": {"images_per_s": 200.0}}}}
+    if check is not None:
+        bench["grouped"] = {"check": check}
+    monkeypatch.setattr(kdlib.budget, "load_bench", lambda folder, kind: bench)
+    logged = []
+    lease.go(preset="smoke", minutes=1, jobs="auto", results_dir=tmp_path / "results",
+             repo_root=tmp_path / "repo", model="resnet8", bench="never",
+             stash=tmp_path / "stash", data_root=fake_data_root, log=logged.append)
+    (plan,) = plans
+    assert plan and all(cfg.group_weights is grouped for cfg in plan)
+    line = next(m for m in logged if m.startswith("grid: weights"))
+    assert ("together" in line) is grouped
+    if check and not grouped:
+        assert ("at 8 bits" in line) if "by_bits" in check else ("no kernel image" in line)

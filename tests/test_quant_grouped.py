@@ -143,6 +143,37 @@ def test_a_kd_step_dispatches_far_fewer_operators_with_grouped_weights():
     assert counts[True] < counts[False] - 18 * 20, counts
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_a_runs_group_weights_switch_decides_how_student_and_assistant_quantize(grouped,
+                                                                               monkeypatch):
+    """``group_weights`` (execution only) reaches both models a step runs: a lease turns it off
+    where the benchmark's device check found grouped weights differing from per-layer ones."""
+    import kdlib.quant.grouped as grouped_module
+    from kdlib.config import RunConfig
+    from kdlib.step import make_trainer, run_step
+
+    monkeypatch.setattr(grouped_module, "_SEGMENTS", {})  # built afresh, in inference_mode first
+
+    cfg = RunConfig(model="resnet8", method="ta_chain", w_bits=4, a_bits=4, epochs=1,
+                    group_weights=grouped)
+    assert RunConfig(**{**cfg.to_dict(), "group_weights": not grouped}).run_id() == cfg.run_id()
+    student = create_model("resnet8", w_bits=4, a_bits=4)
+    assistant = create_model("resnet8", w_bits=8, a_bits=8)
+    trainer = make_trainer(student, cfg, teacher=assistant, device="cpu")
+    calls = []
+    original = DoReFaWeightQuantizer.forward
+    monkeypatch.setattr(DoReFaWeightQuantizer, "forward",
+                        lambda self, w: calls.append(1) or original(self, w))
+    # the assistant not frozen, as fit() would: its weights grouped under inference_mode
+    # first, then the student's, whose backward keeps the same cached per-layer index
+    run_step(trainer, torch.rand(4, 3, 32, 32), torch.randint(0, 100, (4,)), 0.05)
+    per_layer = sum(layer.weight_quantizer.active for m in (student, assistant)
+                    for _, layer in quantized_layers(m))
+    assert per_layer > 4 and len(calls) == (0 if grouped else per_layer)
+    with pytest.raises(ValueError, match="group_weights='no' is invalid; expected True or False"):
+        make_trainer(student, cfg.replace(group_weights="no"), device="cpu")
+
+
 def test_dorefa_weights_refuses_what_it_cannot_group():
     with pytest.raises(ValueError, match="float32"):
         dorefa_weights([torch.zeros(4, 4, dtype=torch.bfloat16)], 4)

@@ -27,7 +27,8 @@ benchmark decides), :mod:`~kdlib.lease.receive` (here, after).
 """
 from kdlib.lease.decisions import (DEVICE_BENCH, FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
                                    compile_undecided, complete_bench, device_bench_args,
-                                   later_compile_parts, missing_parts, replays_steps)
+                                   groups_weights, later_compile_parts, missing_parts,
+                                   replays_steps)
 from kdlib.lease.device import (SNAPSHOT, StashIncomplete, assemble_data, call_timeline,
                                 check_stash, go, pack, pack_outputs, place_carried,
                                 restore_returned, snapshot_results, store, store_carried,
@@ -46,7 +47,8 @@ __all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "CALLS_FILE", "CARRIED_SUF
            "SNAPSHOT", "SPARE_COMPILED_S", "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
            "StashIncomplete", "assemble_data", "auto_jobs", "call_timeline", "check_returns",
            "check_stash", "compile_undecided", "complete_bench", "compress_carried",
-           "device_bench_args", "frontier_weights", "go", "later_compile_parts", "missing_parts",
+           "device_bench_args", "frontier_weights", "go", "groups_weights", "later_compile_parts",
+           "missing_parts",
            "pack", "pack_data", "pack_outputs", "part_mib_for", "place_carried", "plan_carry",
            "planned_paused", "prepare", "read_manifest", "receive", "replays_steps",
            "restore_returned", "sha256_of", "snapshot_results", "store", "store_carried",

@@ -1,7 +1,7 @@
 """What a lease decides from the device's benchmark: what to measure there
 (:func:`device_bench_args`, :func:`missing_parts`, :func:`complete_bench`), and how to train
-the grid (:func:`auto_jobs`, :func:`replays_steps`, :func:`compile_undecided`,
-:func:`later_compile_parts`)."""
+the grid (:func:`auto_jobs`, :func:`replays_steps`, :func:`groups_weights`,
+:func:`compile_undecided`, :func:`later_compile_parts`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -85,6 +85,23 @@ def replays_steps(bench: dict[str, Any] | None, preset: str, model: str | None =
         return False
     verdict = graphs_verdict(bench)
     return bool(verdict and verdict["use"])
+
+
+def groups_weights(bench: dict[str, Any] | None) -> tuple[bool, str]:
+    """Whether a lease trains with the weights of all layers quantized together
+    (``group_weights``, :mod:`kdlib.quant.grouped`), and why. Yes, unless the benchmark's device
+    check found them differing from per-layer ones there, or failed to run: then per layer, the
+    quantizer that the unit tests cross-check and that the first leases trained with."""
+    check = ((bench or {}).get("grouped") or {}).get("check")
+    if check is None:
+        return True, "no device check in the benchmark"
+    if "error" in check:
+        return False, f"the device check of grouped weights failed: {check['error']}"
+    if not check.get("exact"):
+        differ = [b for b, e in check.get("by_bits", {}).items()
+                  if not (e["values"] and e["gradients"])]
+        return False, f"grouped weights differ from per-layer ones here at {', '.join(differ)} bits"
+    return True, "grouped weights equal per-layer ones here, bit for bit"
 
 
 def auto_jobs(bench: dict[str, Any] | None, preset: str, model: str | None = None) -> int:

@@ -16,7 +16,8 @@ from typing import Any
 
 from kdlib.lease.decisions import (FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
                                    compile_undecided, complete_bench, device_bench_args,
-                                   later_compile_parts, missing_parts, replays_steps)
+                                   groups_weights, later_compile_parts, missing_parts,
+                                   replays_steps)
 from kdlib.lease.receive import receive
 from kdlib.lease.transfer import (CALL_LOG, CARRIED_MANIFEST, CARRIED_SUFFIX, DATA_MANIFEST,
                                   LEASE_DIR, MIB, OUT_FILE_MIB, OUT_MAX_FILES, RESULTS_ARCHIVE,
@@ -312,6 +313,9 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
         if verdict:
             log(f"grid: {'steps replayed as CUDA graphs' if timer.graphs else 'eager steps'} "
                 f"({verdict['why']})")
+        grouped, why = groups_weights(timer.bench)
+        how = "of all layers quantized together" if grouped else "quantized per layer"
+        log(f"grid: weights {how} ({why})")
         if jobs == "auto":
             jobs = auto_jobs(timer.bench, preset, model)
         timer.jobs = jobs
@@ -324,8 +328,10 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
             budget_s = 0.0
         grid = {k: v for k, v in (grid or {}).items() if v}
         seeds = list(get_preset(preset).seeds)
+        overrides = {**({"cuda_graphs": True} if timer.graphs else {}),
+                     **({} if grouped else {"group_weights": False})}
         plan = plan_grid(preset=preset, model=model, **{"seeds": seeds, **grid},
-                         overrides={"cuda_graphs": True} if timer.graphs else None)
+                         overrides=overrides or None)
         log(f"grid: {len(plan)} planned runs, {budget_s:.0f} s of budget, {jobs} at a time")
         if budget_s > 0:
             # at most as many runs continue next lease as run at once: their checkpoints come

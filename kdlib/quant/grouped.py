@@ -56,9 +56,12 @@ def _segments(device: torch.device, sizes: tuple[int, ...]) -> Tensor:
     key = (device, sizes)
     seg = _SEGMENTS.get(key)
     if seg is None:
-        counts = torch.tensor(sizes, dtype=torch.int64)
-        seg = _SEGMENTS[key] = torch.repeat_interleave(
-            torch.arange(len(sizes)), counts).to(device)
+        # a normal tensor even when first built for a teacher under inference_mode: a student's
+        # backward saves it later, which an inference tensor refuses
+        with torch.inference_mode(False):
+            counts = torch.tensor(sizes, dtype=torch.int64)
+            seg = _SEGMENTS[key] = torch.repeat_interleave(
+                torch.arange(len(sizes)), counts).to(device)
     return seg
 
 
