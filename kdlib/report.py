@@ -21,7 +21,7 @@ from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_te
                            in_method_order, load_published, load_results, paired_contrast,
                            results_table, shared_cells, summarise)
 from kdlib.costs import render_costs
-from kdlib.verdict import render_answer
+from kdlib.verdict import contrast_verdicts, render_answer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COST_PRESETS = ("quick", "quick_squeezenet", "paper")  # the README's cost table
@@ -266,12 +266,16 @@ def _missing_text(missing: dict[int, tuple[int, dict[str, list[tuple[str, int | 
 
 
 def render_progress(results_dir: str | os.PathLike, preset: str) -> list[str]:
-    """Markdown lines: a lease-filled grid's results as they come in, and the runs still missing."""
+    """Markdown lines: a lease-filled grid's results as they come in, its answer so far (once
+    the chain and a control share a width), and the runs still missing."""
     missing = missing_runs(results_dir, preset)
     planned = sum(n for n, _ in missing.values())
     left = sum(len(v) for _, methods in missing.values() for v in methods.values())
-    lines = [render_results(results_dir) if list(Path(results_dir).glob("runs/*.json"))
+    frame = load_results(results_dir)
+    lines = [render_results(results_dir) if not frame.empty
              else f"_No `{preset}` run yet (`{_shown(results_dir)}`)._", ""]
+    if not frame.empty and not contrast_verdicts(frame).empty:  # the answer as it fills
+        lines += [render_answer(frame), ""]
     if left:
         lines.append(f"Still missing, {left} of {planned} runs of preset `{preset}`: "
                      f"{_missing_text(missing)}.")

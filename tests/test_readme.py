@@ -274,6 +274,23 @@ def test_gpu_block_lists_the_runs_still_missing(tmp_path, monkeypatch):
     assert "individual 16, 4" in rendered and "paused at epoch 6" not in rendered  # finished since
 
 
+def test_a_lease_filled_grid_states_its_answer_as_it_fills(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    gpu = tmp_path / "gpu"
+    write_record(gpu, "t0", "teacher", 32, 0, 61.0, created_at="2026-12-02T10:00:00+00:00")
+    assert "The answer so far" not in report.render_gpu(gpu, tmp_path / "bench")  # no contrast
+    for seed, (chain, control) in enumerate([(50.0, 51.0), (50.5, 51.8), (49.9, 51.2)]):
+        write_record(gpu, f"c{seed}", "ta_chain", 8, seed, chain,
+                     created_at="2026-12-02T10:00:00+00:00")
+        write_record(gpu, f"p{seed}", "progressive_kd32", 8, seed, control,
+                     created_at="2026-12-02T10:00:00+00:00")
+        rendered = report.render_gpu(gpu, tmp_path / "bench")
+        assert "**The answer so far** (resnet8, preset `smoke`" in rendered
+        assert ("one seed, no interval yet (8: -1.00 points)" in rendered) is (seed == 0)
+    assert "n = 3 seeds: the 32-bit teacher is better at 8 bit (8: -1.20 [" in rendered
+    assert rendered.index("The answer so far") < rendered.index("Still missing")
+
+
 def test_the_paper_block_shows_its_runs_as_leases_fill_it(tmp_path, monkeypatch):
     from kdlib.experiments import plan_grid
 
