@@ -165,3 +165,46 @@ def test_completing_a_benchmark_writes_each_part_as_it_comes(fake_data_root, tmp
     written = json.loads((tmp_path / "h.json").read_text())
     assert written["grouped"] == {"check": {"exact": True}} and "compiled" not in written
     assert written["graphs"] == {"check": {"equal": True}}
+
+
+def test_a_benchmark_part_that_fails_is_recorded_and_the_rest_goes_on(fake_data_root, tmp_path,
+                                                                      monkeypatch):
+    """`go` trains after completing its benchmark: a part that raises (not an interruption)
+    must not stop the parts after it, nor the grid. Recorded as failed, it is not measured
+    again; a failed count of processes leaves the counts measured before."""
+    import json
+
+    from kdlib import lease
+    from kdlib.bench import run
+    from kdlib.bench.graphs import graphs_verdict
+    from kdlib.bench.compiled import compile_verdict
+    from kdlib.quant.ste import COMPILED_DIVISION
+
+    def failing(*_, **__):
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    monkeypatch.setattr(run, "grouped_part", failing)
+    monkeypatch.setattr(run, "profile_or_error", lambda *_, **__: {"grouped_weights": True})
+    monkeypatch.setattr(run, "graphs_part", failing)
+    monkeypatch.setattr(run, "add_concurrency", failing)
+    monkeypatch.setattr(run, "compiled_part", failing)
+    counts = {"by_jobs": {"1": {"images_per_s": 100.0}}}
+    older = {"machine": {"host": "h", "gpu": None}, "settings": {"preset": "smoke"},
+             "concurrency": counts}
+    monkeypatch.setattr(lease.decisions, "missing_parts", lambda *_: {
+        "compiled": True, "graphs": True, "grouped": True, "profile": True, "concurrency": [8]})
+    logged = []
+    lease.complete_bench(older, tmp_path, fake_data_root, "cpu", preset="smoke", model="resnet8",
+                         log=logged.append)
+    written = json.loads((tmp_path / "h.json").read_text())
+    assert written["profile"] == {"grouped_weights": True}  # measured after a failed part
+    assert written["concurrency"] == counts
+    for name in ("grouped", "graphs", "compiled"):
+        assert "no kernel image" in written[name]["error"], name
+        assert any(f"the {name} part failed" in line for line in logged)
+    assert written["compiled"]["division"] == COMPILED_DIVISION  # not measured again
+    assert not graphs_verdict(written)["use"] and not compile_verdict(written, 480)["pays"]
+    assert lease.groups_weights(written)[0] is False  # its check never ran: per layer
+    monkeypatch.undo()
+    missing = lease.missing_parts(written, "cpu", "paper")
+    assert "grouped" not in missing and "compiled" not in missing

@@ -120,6 +120,8 @@ def compile_verdict(result: dict[str, Any], lease_s: float) -> dict[str, Any] | 
     compiled = result.get("compiled")
     if not compiled:
         return None
+    if "error" in compiled:
+        return {"pays": False, "why": f"the compiled part failed: {compiled['error']}"}
     if compiled.get("division") != COMPILED_DIVISION:
         return {"pays": False, "why": "its compiled part predates compiled graphs dividing the "
                                       "levels in float64: measured again in the spare time of a "

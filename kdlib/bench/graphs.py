@@ -137,6 +137,8 @@ def graphs_verdict(result: dict[str, Any]) -> dict[str, Any] | None:
     graphs = result.get("graphs")
     if not graphs:
         return None
+    if "error" in graphs:
+        return {"use": False, "why": f"the graphs part failed: {graphs['error']}"}
     check, side = graphs.get("check") or {}, graphs.get("concurrency") or {}
     if "error" in check:
         return {"use": False, "why": f"the check failed: {check['error']}"}

@@ -92,7 +92,8 @@ def groups_weights(bench: dict[str, Any] | None) -> tuple[bool, str]:
     (``group_weights``, :mod:`kdlib.quant.grouped`), and why. Yes, unless the benchmark's device
     check found them differing from per-layer ones there, or failed to run: then per layer, the
     quantizer that the unit tests cross-check and that the first leases trained with."""
-    check = ((bench or {}).get("grouped") or {}).get("check")
+    part = (bench or {}).get("grouped") or {}
+    check = {"error": part["error"]} if "error" in part else part.get("check")
     if check is None:
         return True, "no device check in the benchmark"
     if "error" in check:
@@ -170,9 +171,11 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     minutes)."""
     from kdlib.bench.run import (PROFILE_STEPS, add_concurrency, bench_file_name, compiled_part,
                                  graphs_part, grouped_part, profile_or_error)
+    from kdlib.bench.measure import error_entry
     from kdlib.bench.variants import make_context
     from kdlib.data import load_cifar100
     from kdlib.fileio import write_json_atomic
+    from kdlib.quant.ste import COMPILED_DIVISION
 
     missing = missing_parts(result, device, preset)
     images, labels = load_cifar100(data_root, train=True, download=False)
@@ -190,7 +193,17 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     }
     path = bench_dir / bench_file_name(result)
     for name, measure in parts.items():
-        if name in missing:
-            result = {**result, name: measure(result)}
-            write_json_atomic(path, result)
+        if name not in missing:
+            continue
+        try:
+            value = measure(result)
+        except Exception as exc:  # noqa: BLE001 - the grid after it matters more than one part
+            log(f"bench: the {name} part failed ({type(exc).__name__}: {exc}); the rest goes on")
+            if name == "concurrency":
+                continue  # the counts measured before stand
+            # recorded as failed, so later leases neither wait for it nor measure it again
+            value = {**error_entry(exc), **({"division": COMPILED_DIVISION}
+                                            if name == "compiled" else {})}
+        result = {**result, name: value}
+        write_json_atomic(path, result)
     return path
