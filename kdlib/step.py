@@ -251,6 +251,7 @@ class GraphedStep:
         self.static_x: Tensor | None = None
         self.static_y: Tensor | None = None
         self.outputs: tuple | None = None
+        self.refused: str | None = None  # why the capture failed, when it did (steps stay eager)
 
     def __call__(self, x: Tensor, y: Tensor, lr: float, *,
                  terms_sum: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -290,9 +291,9 @@ class GraphedStep:
         are as the last eager step left them): the run goes on with eager steps, which compute
         what a replay would, and says so rather than lose its epochs."""
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        print(f"cuda_graphs: the step could not be captured ({type(err).__name__}: "
-              f"{first_line}); this run's steps stay eager (the same arithmetic, slower)",
-              flush=True)
+        self.refused = f"{type(err).__name__}: {first_line}"
+        print(f"cuda_graphs: the step could not be captured ({self.refused}); this run's steps "
+              "stay eager (the same arithmetic, slower)", flush=True)
         self.replay = self.outputs = None
         self.trainer.graphed = None  # run_step takes eager steps from now on
         return train_step(self.trainer, x, y, lr, terms_sum=terms_sum)

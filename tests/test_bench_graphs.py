@@ -34,6 +34,33 @@ def test_the_check_finds_a_faithful_replay_equal_and_a_faulty_one_not():
     assert not bad["equal"] and bad["eager_repeatable"] and bad["max_abs_diff"] > 0
 
 
+def test_a_capture_the_device_refuses_is_a_failed_check_not_an_equal_one(monkeypatch):
+    """A run whose capture is refused goes on eagerly (tests/test_graphed_step.py); the check
+    and the replaying variant must not take those eager steps for replayed ones."""
+    import kdlib.step as step_mod
+    from kdlib.bench.variants import BY_NAME, make_context
+    from graph_emulator import emulated_capture
+
+    def refusing(fn, stream):
+        emulated_capture(fn, stream)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="could not be captured: RuntimeError: operation not"):
+        check_graph_step("cpu", preset="smoke", steps=6, capture=refusing)
+    monkeypatch.setattr(step_mod, "capture_for", lambda device: refusing)
+    gen = torch.Generator().manual_seed(0)
+    ctx = make_context(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                       torch.randint(0, 100, (64,), generator=gen), batch_size=8, device="cpu")
+    runner = BY_NAME["kd_w4_graphs"].build(ctx)
+    try:
+        for _ in range(step_mod.GRAPH_WARMUP_STEPS):
+            runner.step()  # eager warm-up steps
+        with pytest.raises(RuntimeError, match="could not be captured"):
+            runner.step()
+    finally:
+        runner.close()
+
+
 def test_the_check_needs_cuda_or_a_capture():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         check_graph_step("cpu", preset="smoke")

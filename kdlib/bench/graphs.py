@@ -77,8 +77,7 @@ def check_graph_step(device: str | torch.device, *, steps: int = 8, preset: str 
 
     def train(graphed: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         trainer = make_trainer(build(4), cfg, teacher=build(32), device=device)
-        if graphed:
-            trainer.graphed = GraphedStep(trainer, capture)
+        step = trainer.graphed = GraphedStep(trainer, capture) if graphed else None
         losses = []
         batches = train_batches(images, labels, cfg.batch_size, seed=cfg.seed, epoch=0,
                                 channels_last=cfg.channels_last)
@@ -87,6 +86,8 @@ def check_graph_step(device: str | torch.device, *, steps: int = 8, preset: str 
             for i, (x, y) in zip(range(steps), batches):
                 loss, _, _ = run_step(trainer, x, y, lr_at(i / per_epoch, cfg))
                 losses.append(loss.clone())
+        if step is not None and step.refused:  # eager steps in its place would compare equal
+            raise RuntimeError(f"the step could not be captured: {step.refused}")
         state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
         return state, [t.cpu() for t in losses]
 
