@@ -48,8 +48,7 @@ __all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "CALLS_FILE", "CARRIED_SUF
            "StashIncomplete", "assemble_data", "auto_jobs", "call_timeline", "check_returns",
            "check_stash", "compile_undecided", "complete_bench", "compress_carried",
            "device_bench_args", "frontier_weights", "go", "groups_weights", "later_compile_parts",
-           "missing_parts",
-           "pack", "pack_data", "pack_outputs", "part_mib_for", "place_carried", "plan_carry",
-           "planned_paused", "prepare", "read_manifest", "receive", "replays_steps",
+           "missing_parts", "pack", "pack_data", "pack_outputs", "part_mib_for", "place_carried",
+           "plan_carry", "planned_paused", "prepare", "read_manifest", "receive", "replays_steps",
            "restore_returned", "sha256_of", "snapshot_results", "store", "store_carried",
            "store_part", "travelling_bytes", "unneeded_committed_weights"]
