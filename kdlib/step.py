@@ -298,6 +298,12 @@ class GraphedStep:
         self.trainer.graphed = None  # run_step takes eager steps from now on
         return train_step(self.trainer, x, y, lr, terms_sum=terms_sum)
 
+    def check_replayed(self) -> None:
+        """Raise if the capture was refused: what measures replayed steps must not time or
+        compare the eager steps taken in their place."""
+        if self.refused:
+            raise RuntimeError(f"the step could not be captured: {self.refused}")
+
     @contextlib.contextmanager
     def _on_capture_stream(self) -> Iterator[None]:
         """Run on the capture stream, after and before the current stream's work (a no-op
