@@ -83,11 +83,13 @@ def test_notebook_parameters_fill_unset_options_from_the_preset_not_the_notebook
         params = notebook_parameters(args, name, tmp_path)
         assert params["preset"] == "quick_squeezenet" and params["results_dir"] == str(tmp_path)
         assert (params["data_dir"], params["device"], params["overrides"]) == ("", "", {})
-        assert params["seeds"] == [0]
-    assert notebook_parameters(args, "02_ta_chain", tmp_path)["methods"] == ["ta_chain"]
+        assert params["seeds"] == [0, 1, 2]  # the notebooks' own: [0]
+    assert notebook_parameters(args, "02_ta_chain", tmp_path)["methods"] == [
+        "ta_chain", "progressive", "progressive_kd32"]
     assert notebook_parameters(args, "02_ta_chain", tmp_path)["chain"] == [32, 16, 8, 4, 2, 1]
     students = notebook_parameters(args, "03_individual", tmp_path)
-    assert students["methods"] == ["individual", "direct_kd"] and students["bits"] == [16, 8, 4, 2, 1]
+    assert students["methods"] == ["individual", "direct_kd", "direct_kd_matched"]
+    assert students["bits"] == [16, 8, 4, 2, 1]
 
 
 def _injected_parameters(notebook: Path) -> str:

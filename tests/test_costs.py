@@ -85,7 +85,7 @@ def test_a_multi_seed_grid_states_the_wall_time_of_one_seed():
     text = render_costs(["quick"], frame, jobs=2)
     hours = cost["run_hours"]
     assert f"≈ {hours / 2:,.1f} h with `--jobs 2`, {hours / 2 / 3:,.1f} h a seed)" in text
-    assert "a seed" not in render_costs(["quick_squeezenet"], frame)  # one seed, minutes
+    assert "a seed" not in render_costs(["smoke"], frame)  # one seed
 
 
 def test_device_costs_count_device_hours_and_leases_a_seed():
