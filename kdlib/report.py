@@ -338,23 +338,25 @@ def render_answer_block(results_dir: str | os.PathLike) -> str:
 
 
 def render_second_model(results_dir: str | os.PathLike, preset: str) -> str:
-    """Markdown: a second architecture's table and its chain-vs-direct-KD difference (its grid
-    has no controls, so the difference is stated with its unequal budget), or what to run."""
+    """Markdown: a second architecture's grid as it fills (:func:`render_progress`: its table,
+    its answer once the chain and a control share a width, the runs still missing), or what to
+    run. Without a control yet, the chain-vs-direct-KD difference, stated with its unequal
+    budget."""
     frame = load_results(results_dir)
     if frame.empty:
         return (f"_Not trained yet: `python -m kdlib grid --preset {preset}`, then "
                 f"`python -m kdlib run --preset {preset}` for its figures in "
                 f"`{_shown(results_dir)}/figures/`._")
-    lines = [render_results(results_dir)]
-    if {"ta_chain", "direct_kd"} <= set(frame["method"]):
+    lines = render_progress(results_dir, preset)
+    if contrast_verdicts(frame).empty and {"ta_chain", "direct_kd"} <= set(frame["method"]):
         diff = paired_contrast(frame, "ta_chain", "direct_kd")
         diff = diff[diff["n"] > 0].sort_values("w_bits", ascending=False)
         cells = ", ".join(f"{bits_label(r.w_bits, r.a_bits)}: "
                           + difference_text(r.mean, r.ci95_low, r.ci95_high, r.n)
                           for r in diff.itertuples())
-        lines += ["", f"`ta_chain − direct_kd`, test top-1 points (n = {int(diff['n'].max())} "
-                  f"seed(s)): {cells}. Not a controlled contrast: the chain's k-th link has k "
-                  "link budgets behind it, direct KD one."]
+        lines[-1:-1] = [f"`ta_chain − direct_kd`, test top-1 points (n = {int(diff['n'].max())} "
+                        f"seed(s)): {cells}. Not a controlled contrast: the chain's k-th link has "
+                        "k link budgets behind it, direct KD one.", ""]
     return "\n".join(lines)
 
 

@@ -686,3 +686,21 @@ def test_go_quantizes_weights_per_layer_where_the_device_check_found_grouped_one
     assert ("together" in line) is grouped
     if check and not grouped:
         assert ("at 8 bits" in line) if "by_bits" in check else ("no kernel image" in line)
+
+
+# CIFAR-100's three files as `lease prepare` packs them (xz), measured on the committed data:
+# 123,234,560 bytes
+CIFAR100_XZ_MIB = 117.5
+
+
+def test_this_checkout_sends_the_data_in_at_most_five_calls():
+    """Every tracked byte travels with each call of a lease and leaves that much less of the
+    call for the data's parts: a commit of large files that costs a lease a sixth data call
+    fails here (keep such files out of git: .gitignore's results/*/models rules)."""
+    import math
+
+    from kdlib.lease.prepare import part_mib_for
+
+    root = Path(__file__).resolve().parents[1]
+    part = part_mib_for(root)
+    assert math.ceil(CIFAR100_XZ_MIB / part) <= 5, f"data parts of {part:g} MiB"

@@ -320,7 +320,25 @@ def test_second_model_block_states_the_uncontrolled_difference(tmp_path):
     text = report.render_second_model(tmp_path, "quick_squeezenet")
     assert text.startswith(render_results(tmp_path))
     assert "`ta_chain − direct_kd`, test top-1 points (n = 2 seed(s)): 2: +2.25 [" in text
-    assert "Not a controlled contrast" in text
+    assert "Not a controlled contrast" in text and "The answer so far" not in text
+    from kdlib.experiments import plan_grid
+
+    planned = len(plan_grid(preset="quick_squeezenet", seeds=[0, 1, 2]))  # hand-set ids: none
+    assert f"Still missing, {planned} of {planned} runs of preset `quick_squeezenet`" in text
+
+
+def test_second_model_block_gives_the_answer_once_a_control_shares_a_width(tmp_path):
+    """With `progressive_kd32` beside the chain the controlled answer replaces the uncontrolled
+    difference."""
+    for seed, (chain, direct, control) in enumerate([(30.0, 28.0, 31.0), (31.0, 28.5, 33.0)]):
+        write_record(tmp_path, f"t{seed}", "teacher", 32, seed, 50.0, created_at="2024-01-01T10:00:00+00:00")
+        write_record(tmp_path, f"c{seed}", "ta_chain", 2, seed, chain, created_at="2024-01-01T11:00:00+00:00")
+        write_record(tmp_path, f"d{seed}", "direct_kd", 2, seed, direct, created_at="2024-01-01T11:00:00+00:00")
+        write_record(tmp_path, f"p{seed}", "progressive_kd32", 2, seed, control,
+                     created_at="2024-01-01T11:00:00+00:00")
+    text = report.render_second_model(tmp_path, "quick_squeezenet")
+    assert "The answer so far" in text and "Not a controlled contrast" not in text
+    assert "2: -1.50 [" in text  # ta_chain − progressive_kd32 = (-1 - 2) / 2
 
 
 def test_every_figure_the_readme_shows_is_committed():
