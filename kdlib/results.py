@@ -86,19 +86,21 @@ def packed_path(results_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(results_dir) / "models" / f"{run_id}.packed"
 
 
-def git_commit() -> str | None:
-    """Commit of the code that produced a record, '+dirty' when the tree had changes. A copy
-    of the tree (a lent GPU's) states it in ``$KDLIB_GIT_COMMIT``, which wins: the copy's own
-    ``.git``, if any, can be older than its files (seen on the first H200 lease: the session's
-    starting commit, so every record read '+dirty')."""
+def git_commit(here: Path | None = None) -> str | None:
+    """Commit of the code that produced a record, '+dirty' when tracked files outside
+    ``results/`` had changes (records and weights change while a grid runs; they are not the
+    code). A copy of the tree (a lent GPU's) states it in ``$KDLIB_GIT_COMMIT``, which wins: the
+    copy's own ``.git``, if any, can be older than its files (seen on the first H200 lease: the
+    session's starting commit, so every record read '+dirty')."""
     stated = os.environ.get("KDLIB_GIT_COMMIT")
     if stated:
         return stated
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent if here is None else here
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top)", ":(top,exclude)results"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

@@ -167,3 +167,29 @@ def test_tables_order_methods_teacher_first_and_bits_widest_first():
         "teacher", "individual", "ta_chain", "zzz_new"]
     assert in_bits_order(["2", "16", "2/8", "32", "4"])[:2] == ["32", "16"]
     assert in_bits_order(["1", "8", "8"]) == ["8", "1"]
+
+
+def test_a_changed_record_or_weights_file_is_not_changed_code(tmp_path, monkeypatch):
+    """Records and weights change under results/ while a grid runs (a record moved aside to
+    retrain a run): the runs' code is still the commit. A changed tracked file elsewhere is."""
+    import subprocess
+
+    from kdlib.results import git_commit
+
+    monkeypatch.delenv("KDLIB_GIT_COMMIT", raising=False)
+    git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True,  # noqa: E731
+                                       capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    for name in ("kdlib/train.py", "results/quick/runs/a.json", "results/quick/models/a.packed"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("0")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    sha = git("rev-parse", "HEAD")
+    package = tmp_path / "kdlib"
+    (tmp_path / "results/quick/runs/a.json").unlink()
+    (tmp_path / "results/quick/models/a.packed").write_text("1")
+    (tmp_path / "untracked.py").write_text("1")
+    assert git_commit(package) == sha
+    (tmp_path / "kdlib/train.py").write_text("1")
+    assert git_commit(package) == sha + "+dirty"
