@@ -337,7 +337,10 @@ def paired_contrast(frame: pd.DataFrame, method: str, baseline: str,
     several settings at a bit width (say, two chains), the pairs would mix them: that is a
     ``ValueError`` naming them, never a silent pool.
     """
-    shared = [c for c in frame.columns if c in CONFIG_FIELDS and c not in METHOD_FIELDS]
+    # execution-only fields compute the same numbers, and records older than such a field
+    # lack it (NaN), which would unpair them from a newer record of the same seed
+    shared = [c for c in frame.columns
+              if c in CONFIG_FIELDS and c not in (*METHOD_FIELDS, *EXECUTION_ONLY_FIELDS)]
     keys = list(dict.fromkeys(["model", "w_bits", "a_bits", "seed", *shared]))
     side_a = frame[frame["method"] == method]
     side_b = frame[frame["method"] == baseline]

@@ -82,6 +82,25 @@ def test_contrast_refuses_to_mix_settings(tmp_path):
         paired_contrast(mixed, "direct_kd", "progressive")
 
 
+def test_a_record_older_than_an_execution_only_field_still_pairs(tmp_path):
+    """A seed's chain trained before `group_weights` existed (its record lacks the field) pairs
+    with that seed's control trained after: the field never changes what is computed."""
+    rows = []
+    for seed in (0, 1):
+        t = _teacher(seed)
+        chain16 = _link("ta_chain", 16, seed, t, t)
+        rows += [(t, 50.0), (chain16, 45.0), (_link("ta_chain", 8, seed, chain16, chain16), 40.0),
+                 (_link("progressive_kd32", 8, seed, chain16, t), 41.0 + seed)]
+    for cfg, top1 in rows:
+        record = _record(cfg, top1)
+        if cfg.method == "ta_chain" and cfg.seed == 0:
+            del record["config"]["group_weights"], record["config"]["cuda_graphs"]
+        save_record(tmp_path, record)
+    got = chain_contrasts(load_results(tmp_path))
+    row = got[(got["contrast"] == "ta_chain − progressive_kd32") & (got["w_bits"] == 8)].iloc[0]
+    assert row["n"] == 2 and row["mean"] == pytest.approx(-1.5)
+
+
 def test_contrast_interval_matches_a_paired_t_test_and_drops_unpaired_seeds(tmp_path):
     a = [41.0, 43.5, 42.0, 44.0]
     b = [40.0, 41.0, 41.5, 42.0]
