@@ -18,8 +18,8 @@ from kdlib.bench.concurrent import worth_running
 from kdlib.bench.render import render_markdown
 from kdlib.config import describe_fields
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text, in_bits_order,
-                           in_method_order, load_published, load_results, paired_contrast,
-                           results_table, shared_cells, summarise)
+                           in_method_order, load_published, load_results, results_table,
+                           shared_cells, summarise)
 from kdlib.costs import render_costs
 from kdlib.verdict import contrast_verdicts, render_answer
 
@@ -337,29 +337,6 @@ def render_answer_block(results_dir: str | os.PathLike) -> str:
     return render_answer(frame)
 
 
-def render_second_model(results_dir: str | os.PathLike, preset: str) -> str:
-    """Markdown: a second architecture's grid as it fills (:func:`render_progress`: its table,
-    its answer once the chain and a control share a width, the runs still missing), or what to
-    run. Without a control yet, the chain-vs-direct-KD difference, stated with its unequal
-    budget."""
-    frame = load_results(results_dir)
-    if frame.empty:
-        return (f"_Not trained yet: `python -m kdlib grid --preset {preset}`, then "
-                f"`python -m kdlib run --preset {preset}` for its figures in "
-                f"`{_shown(results_dir)}/figures/`._")
-    lines = render_progress(results_dir, preset)
-    if contrast_verdicts(frame).empty and {"ta_chain", "direct_kd"} <= set(frame["method"]):
-        diff = paired_contrast(frame, "ta_chain", "direct_kd")
-        diff = diff[diff["n"] > 0].sort_values("w_bits", ascending=False)
-        cells = ", ".join(f"{bits_label(r.w_bits, r.a_bits)}: "
-                          + difference_text(r.mean, r.ci95_low, r.ci95_high, r.n)
-                          for r in diff.itertuples())
-        lines[-1:-1] = [f"`ta_chain − direct_kd`, test top-1 points (n = {int(diff['n'].max())} "
-                        f"seed(s)): {cells}. Not a controlled contrast: the chain's k-th link has "
-                        "k link budgets behind it, direct KD one.", ""]
-    return "\n".join(lines)
-
-
 def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_dir=None,
                   paper_dir=None) -> str:
     gpu_dir = Path(results_dir).parent / "gpu" if gpu_dir is None else gpu_dir
@@ -368,7 +345,8 @@ def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_
                       else squeezenet_dir)
     text = replace_block(readme, "results", render_results(results_dir))
     text = replace_block(text, "answer", render_answer_block(results_dir))
-    text = replace_block(text, "squeezenet", render_second_model(squeezenet_dir, "quick_squeezenet"))
+    text = replace_block(text, "squeezenet",
+                         "\n".join(render_progress(squeezenet_dir, "quick_squeezenet")))
     cpu_runs = pd.concat([load_results(d) for d in (results_dir, squeezenet_dir)], ignore_index=True)
     cpu_runs = cpu_runs[cpu_runs["device"] == "cpu"] if "device" in cpu_runs else cpu_runs
     text = replace_block(text, "costs", render_costs(COST_PRESETS, cpu_runs))

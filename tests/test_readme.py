@@ -291,54 +291,28 @@ def test_a_lease_filled_grid_states_its_answer_as_it_fills(tmp_path, monkeypatch
     assert rendered.index("The answer so far") < rendered.index("Still missing")
 
 
-def test_the_paper_block_shows_its_runs_as_leases_fill_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("block, preset, folder", [("paper", "paper", "paper_dir"),
+                                                   ("squeezenet", "quick_squeezenet", "squeezenet_dir")])
+def test_a_grid_block_shows_its_runs_as_they_come_in(tmp_path, monkeypatch, block, preset, folder):
+    """The paper grid (lease after lease) and SqueezeNet's (session after session): the table,
+    the answer once there is one (`render_progress`, tested with the gpu block), the runs
+    still missing."""
     from kdlib.experiments import plan_grid
+    from kdlib.presets import get_preset
 
-    plan = plan_grid(preset="paper", seeds=[0, 1, 2])
-    readme = "x\n<!-- paper:start -->\nold\n<!-- paper:end -->\n"
+    plan = plan_grid(preset=preset, seeds=list(get_preset(preset).seeds))
+    readme = f"x\n<!-- {block}:start -->\nold\n<!-- {block}:end -->\n"
     monkeypatch.setattr(report, "replace_block", lambda text, name, body: (
-        text.replace("old", body) if name == "paper" else text))
-    rendered = report.render_readme(readme, tmp_path / "quick", tmp_path / "bench",
-                                    paper_dir=tmp_path / "paper")
-    assert "No `paper` run yet" in rendered
-    assert f"Still missing, {len(plan)} of {len(plan)} runs of preset `paper`" in rendered
-    write_record(tmp_path / "paper", plan[0].run_id(), "teacher", 32, 0, 69.1,
+        text.replace("old", body) if name == block else text))
+    results = {folder: tmp_path / preset}
+    rendered = report.render_readme(readme, tmp_path / "quick", tmp_path / "bench", **results)
+    assert f"No `{preset}` run yet" in rendered
+    assert f"Still missing, {len(plan)} of {len(plan)} runs of preset `{preset}`" in rendered
+    write_record(tmp_path / preset, plan[0].run_id(), "teacher", 32, 0, 69.1,
                  created_at="2026-12-05T10:00:00+00:00", device="cuda:0")
     monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
-    rendered = report.render_readme(readme, tmp_path / "quick", tmp_path / "bench",
-                                    paper_dir=tmp_path / "paper")
+    rendered = report.render_readme(readme, tmp_path / "quick", tmp_path / "bench", **results)
     assert "69.10" in rendered and f"Still missing, {len(plan) - 1} of {len(plan)}" in rendered
-
-
-def test_second_model_block_states_the_uncontrolled_difference(tmp_path):
-    assert "Not trained yet: `python -m kdlib grid --preset quick_squeezenet`" in \
-        report.render_second_model(tmp_path, "quick_squeezenet")
-    for seed, (chain, direct) in enumerate([(30.0, 28.0), (31.0, 28.5)]):
-        write_record(tmp_path, f"t{seed}", "teacher", 32, seed, 50.0, created_at="2024-01-01T10:00:00+00:00")
-        write_record(tmp_path, f"c{seed}", "ta_chain", 2, seed, chain, created_at="2024-01-01T11:00:00+00:00")
-        write_record(tmp_path, f"d{seed}", "direct_kd", 2, seed, direct, created_at="2024-01-01T11:00:00+00:00")
-    text = report.render_second_model(tmp_path, "quick_squeezenet")
-    assert text.startswith(render_results(tmp_path))
-    assert "`ta_chain − direct_kd`, test top-1 points (n = 2 seed(s)): 2: +2.25 [" in text
-    assert "Not a controlled contrast" in text and "The answer so far" not in text
-    from kdlib.experiments import plan_grid
-
-    planned = len(plan_grid(preset="quick_squeezenet", seeds=[0, 1, 2]))  # hand-set ids: none
-    assert f"Still missing, {planned} of {planned} runs of preset `quick_squeezenet`" in text
-
-
-def test_second_model_block_gives_the_answer_once_a_control_shares_a_width(tmp_path):
-    """With `progressive_kd32` beside the chain the controlled answer replaces the uncontrolled
-    difference."""
-    for seed, (chain, direct, control) in enumerate([(30.0, 28.0, 31.0), (31.0, 28.5, 33.0)]):
-        write_record(tmp_path, f"t{seed}", "teacher", 32, seed, 50.0, created_at="2024-01-01T10:00:00+00:00")
-        write_record(tmp_path, f"c{seed}", "ta_chain", 2, seed, chain, created_at="2024-01-01T11:00:00+00:00")
-        write_record(tmp_path, f"d{seed}", "direct_kd", 2, seed, direct, created_at="2024-01-01T11:00:00+00:00")
-        write_record(tmp_path, f"p{seed}", "progressive_kd32", 2, seed, control,
-                     created_at="2024-01-01T11:00:00+00:00")
-    text = report.render_second_model(tmp_path, "quick_squeezenet")
-    assert "The answer so far" in text and "Not a controlled contrast" not in text
-    assert "2: -1.50 [" in text  # ta_chain − progressive_kd32 = (-1 - 2) / 2
 
 
 def test_every_figure_the_readme_shows_is_committed():
