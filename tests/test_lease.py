@@ -15,9 +15,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from kdlib import experiments, lease
-from kdlib.results import checkpoint_path, load_records, packed_path, weights_path
+from kdlib.results import (checkpoint_path, load_records, note_paused, packed_path,
+                           weights_path)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=1, steps=1, warmup=1,
@@ -284,6 +286,33 @@ def test_a_paused_runs_checkpoint_is_carried_and_placed_where_the_grid_resumes_i
     lease.store([here / group], stash)
     assert lease.place_carried(device, stash) == [checkpoint_path(device, plan[0].run_id())]
     assert checkpoint_path(device, plan[0].run_id()).read_bytes() == paused.read_bytes()
+
+
+def test_a_run_a_lease_paused_whose_checkpoint_this_clone_lacks_is_said_to_start_over(
+        fake_data_root, tmp_path):
+    """paused.json is committed, the checkpoints are not: a fresh clone's prepare says which
+    paused runs lost theirs, and names the others as resumed."""
+    plan = experiments.plan_grid(**GRID, chain=[32, 4], chain_methods=["ta_chain"],
+                                 methods=["direct_kd"])
+    here = tmp_path / "here"
+    results = here / "results" / "smoke"
+    kept, lost = plan[0].run_id(), plan[1].run_id()
+    checkpoint = checkpoint_path(results, kept)
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"epoch": 2}, checkpoint)
+    torch.save({"epoch": 1}, checkpoint_path(results, lost))
+    note_paused(results)  # what the receive of the lease that paused both wrote
+    checkpoint_path(results, lost).unlink()  # this clone never had it
+    assert lease.lost_paused(plan, results) == {lost: 1}
+    assert lease.lost_paused(plan[:1], results) == {}  # not planned: not this lease's concern
+    logs = []
+    lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                  minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5,
+                  log=logs.append)
+    assert any(line.startswith(f"resumes: {kept} from epoch 2") for line in logs)
+    assert [line for line in logs if line.startswith("starts over:")] == [
+        f"starts over: {lost} (a lease paused it after epoch 1, but its checkpoint is not in "
+        f"this checkout: checkpoints/ is not committed)"]
 
 
 def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data_root, tmp_path):

@@ -33,9 +33,9 @@ from kdlib.lease.device import (SNAPSHOT, StashIncomplete, assemble_data, call_t
                                 check_stash, go, pack, pack_outputs, place_carried,
                                 restore_returned, snapshot_results, store, store_carried,
                                 store_part)
-from kdlib.lease.prepare import (compress_carried, frontier_weights, pack_data, part_mib_for,
-                                 plan_carry, planned_paused, prepare, travelling_bytes,
-                                 unneeded_committed_weights)
+from kdlib.lease.prepare import (compress_carried, frontier_weights, lost_paused, pack_data,
+                                 part_mib_for, plan_carry, planned_paused, prepare,
+                                 travelling_bytes, unneeded_committed_weights)
 from kdlib.lease.receive import check_returns, read_manifest, receive
 from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_LEFT, AGAIN_MIN_S, CALLS_FILE,
                                   CARRIED_SUFFIX, DATA_FILES, DATA_MANIFEST, LEASE_DIR, MIB,
@@ -48,7 +48,8 @@ __all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "CALLS_FILE", "CARRIED_SUF
            "StashIncomplete", "assemble_data", "auto_jobs", "call_timeline", "check_returns",
            "check_stash", "compile_undecided", "complete_bench", "compress_carried",
            "device_bench_args", "frontier_weights", "go", "groups_weights", "later_compile_parts",
-           "missing_parts", "pack", "pack_data", "pack_outputs", "part_mib_for", "place_carried",
-           "plan_carry", "planned_paused", "prepare", "read_manifest", "receive", "replays_steps",
+           "lost_paused", "missing_parts", "pack", "pack_data", "pack_outputs", "part_mib_for",
+           "place_carried", "plan_carry", "planned_paused", "prepare", "read_manifest", "receive",
+           "replays_steps",
            "restore_returned", "sha256_of", "snapshot_results", "store", "store_carried",
            "store_part", "travelling_bytes", "unneeded_committed_weights"]

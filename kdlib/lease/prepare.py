@@ -211,6 +211,17 @@ def planned_paused(plan: Sequence, results_dir: Path) -> list[Path]:
     return [path for run_id, path in paused_checkpoints(results_dir).items() if run_id in planned]
 
 
+def lost_paused(plan: Sequence, results_dir: Path) -> dict[str, int]:
+    """{run id: epochs done} of ``plan``'s runs that a lease paused (``paused.json``) but whose
+    checkpoint this checkout lacks (a fresh clone): the next lease trains them from the start."""
+    from kdlib.results import noted_paused
+
+    planned = {cfg.run_id() for cfg in plan}
+    here = {path.name[:-len(".pt")] for path in planned_paused(plan, results_dir)}
+    return {run_id: done for run_id, done in noted_paused(results_dir).items()
+            if run_id in planned and run_id not in here}
+
+
 def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Path,
             minutes: float, jobs: int | str, preset: str, model: str | None = None,
             grid: dict[str, Sequence] | None = None, part_mib: float | None = None,
@@ -251,6 +262,9 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
                   for i, paths in enumerate(groups)]
     for path in paused:
         log(f"resumes: {path.name[:-len('.pt')]} from epoch {epochs_done(path)}")
+    for run_id, done in lost_paused(plan, results_dir).items():
+        log(f"starts over: {run_id} (a lease paused it after epoch {done}, but its checkpoint "
+            f"is not in this checkout: checkpoints/ is not committed)")
     rel_results = os.path.relpath(results_dir, repo_root)
     model = model or get_preset(preset).model
     go = (f"env PYTHONUNBUFFERED=1 KDLIB_GIT_COMMIT={CODE_COMMIT or ''} python3 -m kdlib lease go "
