@@ -21,7 +21,7 @@ from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_te
                            in_method_order, load_published, load_results, results_table,
                            shared_cells, summarise)
 from kdlib.costs import render_costs
-from kdlib.verdict import contrast_verdicts, render_answer
+from kdlib.verdict import contrast_verdicts, render_agreement, render_answer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COST_PRESETS = ("quick", "quick_squeezenet", "paper")  # the README's cost table
@@ -347,6 +347,8 @@ def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_
     text = replace_block(text, "answer", render_answer_block(results_dir))
     text = replace_block(text, "squeezenet",
                          "\n".join(render_progress(squeezenet_dir, "quick_squeezenet")))
+    text = replace_block(text, "agreement", render_agreement(load_results(results_dir),
+                                                             load_results(squeezenet_dir)))
     cpu_runs = pd.concat([load_results(d) for d in (results_dir, squeezenet_dir)], ignore_index=True)
     cpu_runs = cpu_runs[cpu_runs["device"] == "cpu"] if "device" in cpu_runs else cpu_runs
     text = replace_block(text, "costs", render_costs(COST_PRESETS, cpu_runs))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from kdlib.results import CONTRASTS, bits_label, chain_contrasts, difference_text
+from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text,
+                           in_bits_order)
 
 # What each side of a contrast stands for, in the answer's words: (method side, baseline side).
 SIDES = {
@@ -17,6 +18,7 @@ SIDES = {
     ("ta_chain", "progressive"): ("distillation", "cross-entropy alone"),
 }
 RESOLVED_BY = "its 95% paired interval excludes 0"
+CIFAR100_TRAIN_IMAGES = 50_000  # the training file's images, validation split included
 
 
 def classify(row: pd.Series) -> str:
@@ -118,3 +120,85 @@ def render_answer(frame: pd.DataFrame) -> str:
                 "effect existed anywhere, so a lone resolved width is weak evidence; a pattern "
                 "across neighbouring widths is stronger.")
     return "\n".join([intro, "", *lines, "", tail])
+
+
+# How the same contrast at the same width reads in two grids (:func:`compare_answers`), from the
+# strongest agreement to the strongest disagreement.
+AGREEMENT = {
+    "both": "resolved in both, same side",
+    "one": "resolved in one, the same sign in the other",
+    "neither": "resolved in neither",
+    "leans": "resolved in one, the other's mean on the other side",
+    "conflict": "resolved in both, opposite sides",
+}
+
+
+def agreement(first: pd.Series, second: pd.Series) -> str:
+    """A key of :data:`AGREEMENT` for one contrast at one width in two grids (both tested)."""
+    resolved = [row["verdict"] in ("method", "baseline") for row in (first, second)]
+    same_sign = (first["mean"] > 0) == (second["mean"] > 0)
+    if all(resolved):
+        return "both" if first["verdict"] == second["verdict"] else "conflict"
+    if any(resolved):
+        return "one" if same_sign else "leans"
+    return "neither"
+
+
+def compare_answers(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+    """One row per contrast × width that both grids test with two seeds or more: each grid's
+    mean, interval and verdict (suffixes ``_1``, ``_2``) and their :func:`agreement`. Sizes
+    are not compared: two grids of different budgets can only agree on directions."""
+    keys = ["contrast", "w_bits", "a_bits", "bits"]
+    fields = ["mean", "ci95_low", "ci95_high", "n", "verdict"]
+    tested = [v[v["verdict"] != "one seed"][keys + fields]
+              for v in (contrast_verdicts(first), contrast_verdicts(second))]
+    if any(t.empty for t in tested):
+        return pd.DataFrame(columns=[*keys, *(f + s for s in ("_1", "_2") for f in fields),
+                                     "agreement"])
+    pairs = tested[0].merge(tested[1], on=keys, suffixes=("_1", "_2"))
+    pairs["agreement"] = [
+        agreement(pd.Series({f: getattr(r, f + "_1") for f in fields}),
+                  pd.Series({f: getattr(r, f + "_2") for f in fields}))
+        for r in pairs.itertuples()]
+    order = {f"{a} − {b}": i for i, (a, b, _) in enumerate(CONTRASTS)}
+    return pairs.sort_values(["contrast", "w_bits", "a_bits"], key=lambda s: (
+        s.map(order) if s.name == "contrast" else -s), ignore_index=True)
+
+
+def _grid_words(frame: pd.DataFrame) -> str:
+    first = frame.iloc[0]
+    teacher = frame[frame["method"] == "teacher"]["test_top1"]
+    seeds = frame["seed"].nunique()
+    images = (f"{int(first['train_size']):,}" if pd.notna(first.get("train_size"))
+              else f"{CIFAR100_TRAIN_IMAGES - int(first['val_size']):,}")  # None: all but val
+    return (f"{first['model']} (preset `{first['preset']}`, {seeds} seed(s), {images} "
+            f"training images"
+            + (f", teacher {teacher.mean():.2f}%" if not teacher.empty else "") + ")")
+
+
+def render_agreement(first: pd.DataFrame, second: pd.DataFrame) -> str:
+    """Markdown: does the second grid answer as the first does? One cell per contrast × width
+    (the second grid's mean and interval, and the agreement's key), and the counts."""
+    if first.empty or second.empty:
+        return "_Two grids' answers are compared once both have records._"
+    pairs = compare_answers(first, second)
+    head = f"**{_grid_words(second)} beside {_grid_words(first)}**"
+    if pairs.empty:
+        return (f"{head}: no contrast that both test with two seeds or more yet.")
+    pairs["cell"] = [f"{r.agreement}: {r.mean_1:+.2f} / {r.mean_2:+.2f}"
+                     for r in pairs.itertuples()]
+    table = pairs.pivot_table(index="contrast", columns="bits", values="cell", aggfunc="first")
+    table = table.reindex(index=list(dict.fromkeys(pairs["contrast"])),
+                          columns=in_bits_order(table.columns)).fillna("")
+    table.index.name = "contrast \\ bits"
+    counts = pairs["agreement"].value_counts()
+    summary = "; ".join(f"{key} ({AGREEMENT[key]}): {counts[key]}" for key in AGREEMENT
+                        if key in counts)
+    return "\n".join([
+        f"{head}: the same contrasts, width by width (cell: agreement, then the mean in points "
+        f"of `{first.iloc[0]['preset']}` / of `{second.iloc[0]['preset']}`; a width is resolved "
+        f"when {RESOLVED_BY}). The budgets differ, so only directions are compared, not sizes.",
+        "",
+        table.to_markdown(),
+        "",
+        f"Of {len(pairs)} widths both grids test: {summary}."])

@@ -203,6 +203,8 @@ def test_cli_readme_rewrites_the_blocks_then_check_agrees(stale_readme, tmp_path
     after = stale_readme.read_text()
     assert block(after, "results") == EXPECTED_RESULTS
     assert block(after, "bench") == "_No benchmark yet: `make bench` creates one._"
+    # no quick_squeezenet beside these results: nothing to set beside their answer
+    assert block(after, "agreement") == "_Two grids' answers are compared once both have records._"
     assert blank_blocks(after) == blank_blocks(before)  # nothing outside the blocks changed
     assert cli.main(["readme", "--check", *args]) == 0
     assert capsys.readouterr().out == "README.md agrees with the result files\n"

@@ -6,7 +6,8 @@ from scipy import stats
 
 from kdlib.config import RunConfig
 from kdlib.results import load_results, save_record
-from kdlib.verdict import classify, contrast_verdicts, one_training, render_answer
+from kdlib.verdict import (agreement, classify, compare_answers, contrast_verdicts, one_training,
+                           render_agreement, render_answer)
 
 
 def _save(folder, cfg: RunConfig, top1: float, same_run_as: str | None = None) -> None:
@@ -80,3 +81,39 @@ def test_classify_reads_only_the_interval():
     assert classify({"n": 3, "ci95_low": -2.0, "ci95_high": -0.1}) == "baseline"
     assert classify({"n": 3, "ci95_low": -0.1, "ci95_high": 2.0}) == "unresolved"
     assert classify({"n": 1, "ci95_low": float("nan"), "ci95_high": float("nan")}) == "one seed"
+
+
+@pytest.mark.parametrize("first, second, expected", [
+    (("method", +1.0), ("method", +0.5), "both"),
+    (("baseline", -1.0), ("baseline", -2.0), "both"),
+    (("method", +1.0), ("baseline", -0.5), "conflict"),
+    (("method", +1.0), ("unresolved", +0.3), "one"),
+    (("unresolved", -0.3), ("baseline", -1.0), "one"),
+    (("method", +1.0), ("unresolved", -0.3), "leans"),
+    (("unresolved", +0.2), ("baseline", -1.0), "leans"),
+    (("unresolved", +0.2), ("unresolved", -0.4), "neither"),
+])
+def test_agreement_reads_both_verdicts_and_the_signs(first, second, expected):
+    rows = [{"verdict": verdict, "mean": mean} for verdict, mean in (first, second)]
+    assert agreement(*rows) == expected
+    assert agreement(*rows[::-1]) == expected  # symmetric
+
+
+def test_two_grids_are_compared_width_by_width_on_directions_only(tmp_path):
+    resnet = _chains(tmp_path / "a", {2: [1.0, 1.2, 0.8]})  # resolved for the assistant
+    for name, gains, expected in (("same", [3.0, 3.5, 2.8], "both"),
+                                  ("noisy", [1.5, -1.0, 0.2], "one"),
+                                  ("flipped", [-1.0, -1.3, -0.9], "conflict")):
+        other = _chains(tmp_path / name, {2: gains})
+        pairs = compare_answers(resnet, other)
+        assert pairs["bits"].tolist() == ["2"]  # 16 bit is one training in each: no finding
+        assert pairs["agreement"].tolist() == [expected]
+        assert pairs["mean_2"].iloc[0] == pytest.approx(sum(gains) / 3)
+        text = render_agreement(resnet, other)
+        assert f"| ta_chain − progressive_kd32 | {expected}: +1.00 / {sum(gains) / 3:+.2f} |" in text
+        assert f"Of 1 widths both grids test: {expected} (" in text
+    one_seed = _chains(tmp_path / "one", {2: [2.0]}, seeds=(0,))
+    assert compare_answers(resnet, one_seed).empty  # no interval: nothing to compare
+    assert "no contrast that both test with two seeds or more yet" in render_agreement(
+        resnet, one_seed)
+    assert "compared once both have records" in render_agreement(resnet, one_seed.iloc[:0])
