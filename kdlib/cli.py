@@ -29,7 +29,7 @@ from kdlib.experiments import execute, plan_grid, plan_students
 from kdlib.data import resolve_data_root
 from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS, build_config,
                            get_preset)
-from kdlib.report import render_readme
+from kdlib.report import render_readme, shown_path, stale_readme_figures
 from kdlib.results import find_record, load_records, load_results, summarise
 from kdlib.tblog import TENSORBOARD_ENV
 
@@ -254,13 +254,21 @@ def command_readme(args: argparse.Namespace) -> int:
     readme = REPO_ROOT / "README.md"
     text = readme.read_text()
     updated = render_readme(text, args.results_dir, args.bench_dir)
+    stale = "; ".join(f"{', '.join(p.name for p in paths)} of {shown_path(folder)} (python -m "
+                      f"kdlib run --preset {folder.name} --only 04)"
+                      for folder, paths in stale_readme_figures(updated, REPO_ROOT).items())
+    stale = stale and f"figures the README shows were drawn from other records than now: {stale}"
     if args.check:
         if updated != text:
             raise UserError("README.md is out of date with the result files: run python -m kdlib readme")
+        if stale:
+            raise UserError(stale)
         print("README.md agrees with the result files")
         return 0
     readme.write_text(updated)
     print(f"README.md updated from {args.results_dir} and {args.bench_dir}")
+    if stale:
+        print(f"warning: {stale}", file=sys.stderr)
     return 0
 
 

@@ -179,8 +179,37 @@ def plot_accuracy_vs_size(frame: pd.DataFrame, title: str = "") -> plt.Figure:
     return fig
 
 
-def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
+DRAWN_FROM = "kdlib drawn from"  # the PNG text field holding drawn_from_digest()
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike, drawn_from: str | None = None) -> Path:
+    """Save ``fig`` as a PNG; ``drawn_from``: :func:`kdlib.results.drawn_from_digest` of the
+    results it shows, stored in the file, so that :func:`stale_figures` can tell it is old."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, metadata={DRAWN_FROM: drawn_from} if drawn_from else None)
     return path
+
+
+def figure_stamp(path: str | os.PathLike) -> str | None:
+    """The ``drawn_from`` a PNG was saved with (None: none, or not a readable PNG)."""
+    from PIL import Image  # matplotlib's own dependency
+
+    try:
+        with Image.open(path) as image:
+            return image.text.get(DRAWN_FROM)
+    except (OSError, AttributeError):
+        return None
+
+
+def stale_figures(results_dir: str | os.PathLike, names: Sequence[str] | None = None
+                  ) -> list[Path]:
+    """The figures of ``results_dir`` (``names`` in figures/, default every PNG there; a named
+    one that is missing counts) not drawn from its records as they are now."""
+    from kdlib.results import drawn_from_digest
+
+    folder = Path(results_dir) / "figures"
+    paths = ([folder / name for name in names] if names is not None
+             else sorted(folder.glob("*.png")))
+    now = drawn_from_digest(results_dir)
+    return [path for path in paths if not path.exists() or figure_stamp(path) != now]

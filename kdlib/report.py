@@ -75,7 +75,7 @@ def _contrast_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _shown(path: str | os.PathLike) -> str:
+def shown_path(path: str | os.PathLike) -> str:
     """A path as the README shows it: relative to the checkout when inside it."""
     path = Path(path).resolve()
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
@@ -85,7 +85,7 @@ def render_results(results_dir: str | os.PathLike) -> str:
     """Markdown: test top-1 per method × bit width, the chain's contrasts, cost and machine."""
     frame = load_results(results_dir)
     if frame.empty:
-        return f"_No run records in `{_shown(results_dir)}` yet: `make run` creates them._"
+        return f"_No run records in `{shown_path(results_dir)}` yet: `make run` creates them._"
     summary = summarise(frame)
     marked = shared_cells(frame)
     table = results_table(summary, marked)
@@ -273,7 +273,7 @@ def render_progress(results_dir: str | os.PathLike, preset: str) -> list[str]:
     left = sum(len(v) for _, methods in missing.values() for v in methods.values())
     frame = load_results(results_dir)
     lines = [render_results(results_dir) if not frame.empty
-             else f"_No `{preset}` run yet (`{_shown(results_dir)}`)._", ""]
+             else f"_No `{preset}` run yet (`{shown_path(results_dir)}`)._", ""]
     if not frame.empty and not contrast_verdicts(frame).empty:  # the answer as it fills
         lines += [render_answer(frame), ""]
     if left:
@@ -312,7 +312,7 @@ def render_packed_models(results_dir: str | os.PathLike, seed: int = 0) -> str:
     """Markdown: the committed packed weights files of one seed, size per method × bits (KiB)."""
     frame = load_results(results_dir)
     if frame.empty or "packed_bytes" not in frame or frame["packed_bytes"].isna().all():
-        return (f"_No packed models in `{_shown(results_dir)}/models` yet: `make run` "
+        return (f"_No packed models in `{shown_path(results_dir)}/models` yet: `make run` "
                 "writes them._")
     rows = frame[(frame["seed"] == seed) & frame["packed_bytes"].notna()]
     rows = rows.assign(kib=[f"{b / 1024:.1f}" for b in rows["packed_bytes"]])
@@ -333,8 +333,22 @@ def render_answer_block(results_dir: str | os.PathLike) -> str:
     """Markdown: the answer paragraph of :mod:`kdlib.verdict` for the records in ``results_dir``."""
     frame = load_results(results_dir)
     if frame.empty:
-        return f"_No run records in `{_shown(results_dir)}` yet._"
+        return f"_No run records in `{shown_path(results_dir)}` yet._"
     return render_answer(frame)
+
+
+def stale_readme_figures(readme: str, root: str | os.PathLike) -> dict[Path, list[Path]]:
+    """{results folder: its figures the README shows that were not drawn from its records as
+    they are now (or are missing)}, for each ``results/<preset>/figures/*.png`` the README links
+    whose folder holds records (:func:`kdlib.plots.stale_figures`)."""
+    from kdlib.plots import stale_figures  # lazy: matplotlib
+
+    linked: dict[Path, list[str]] = {}
+    for folder, name in re.findall(r"\]\((results/[\w.-]+)/figures/([\w.-]+\.png)\)", readme):
+        linked.setdefault(Path(root) / folder, []).append(name)
+    stale = {folder: stale_figures(folder, names) for folder, names in linked.items()
+             if any((folder / "runs").glob("*.json"))}
+    return {folder: paths for folder, paths in stale.items() if paths}
 
 
 def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_dir=None,

@@ -287,6 +287,16 @@ def load_published(model: str = "resnet20") -> pd.DataFrame:
     return frame[frame["model"] == model].reset_index(drop=True)
 
 
+def drawn_from_digest(results_dir: str | os.PathLike) -> str:
+    """sha256 of what a preset's figures are drawn from: every run record's file (name and
+    bytes) and the published table. A figure stamped with another digest is stale."""
+    digest = hashlib.sha256()
+    for path in sorted(runs_dir(results_dir).glob("*.json")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(resources.files("kdlib.reference").joinpath("published.csv").read_bytes())
+    return digest.hexdigest()
+
+
 def t_interval_halfwidth(std: float, n: int, confidence: float = 0.95) -> float:
     """Half-width of the Student-t confidence interval of a mean; NaN for n < 2."""
     if n < 2 or not math.isfinite(std):

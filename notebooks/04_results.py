@@ -34,13 +34,14 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown
 
 from kdlib import plots
-from kdlib.results import (chain_contrasts, load_published, load_records, load_results,
-                           paired_gain, results_table, summarise, summary_table)
+from kdlib.results import (chain_contrasts, drawn_from_digest, load_published, load_records,
+                           load_results, paired_gain, results_table, summarise, summary_table)
 from kdlib.verdict import render_answer
 
 figures = Path(results_dir) / "figures"
 frame = load_results(results_dir)
 records = load_records(results_dir)
+drawn_from = drawn_from_digest(results_dir)  # stamped into each figure: `readme --check` reads it
 if frame.empty:
     raise FileNotFoundError(f"no run records in {Path(results_dir) / 'runs'}: run notebooks 01-03 first")
 summary = summarise(frame)
@@ -66,7 +67,7 @@ published[published["source"] == "liao2020"].pivot_table(index="method", columns
 # %%
 fig = plots.plot_accuracy_vs_bits(summary, teacher_acc=teacher_acc, published=published,
                                   title=f"{frame['model'].iloc[0]} on CIFAR-100, preset {preset}")
-plots.save_figure(fig, figures / "accuracy_vs_bits.png")
+plots.save_figure(fig, figures / "accuracy_vs_bits.png", drawn_from)
 plt.show()
 
 # %% [markdown]
@@ -75,7 +76,7 @@ plt.show()
 # %%
 gains = paired_gain(frame)
 fig = plots.plot_gain_over_individual(gains)
-plots.save_figure(fig, figures / "gain_over_individual.png")
+plots.save_figure(fig, figures / "gain_over_individual.png", drawn_from)
 plt.show()
 gains
 
@@ -92,7 +93,7 @@ gains
 contrasts = chain_contrasts(frame)
 if not contrasts.empty:
     fig = plots.plot_chain_contrasts(contrasts)
-    plots.save_figure(fig, figures / "chain_contrasts.png")
+    plots.save_figure(fig, figures / "chain_contrasts.png", drawn_from)
     plt.show()
 contrasts
 
@@ -110,7 +111,7 @@ Markdown(render_answer(frame))
 
 # %%
 fig = plots.plot_chain_curves(records, seed=int(frame["seed"].min()))
-plots.save_figure(fig, figures / "chain_curves.png")
+plots.save_figure(fig, figures / "chain_curves.png", drawn_from)
 plt.show()
 
 # %% [markdown]
@@ -118,7 +119,7 @@ plt.show()
 
 # %%
 fig = plots.plot_accuracy_vs_size(frame)
-plots.save_figure(fig, figures / "accuracy_vs_size.png")
+plots.save_figure(fig, figures / "accuracy_vs_size.png", drawn_from)
 plt.show()
 
 # %% [markdown]

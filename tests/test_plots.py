@@ -160,6 +160,27 @@ def test_save_figure_creates_the_folder_and_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_figure_drawn_from_other_records_than_now_is_stale(tmp_path):
+    from kdlib.results import drawn_from_digest
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text('{"run_id": "a"}')
+    fig, ax = plt.subplots()
+    drawn = plots.save_figure(fig, tmp_path / "figures" / "drawn.png", drawn_from_digest(tmp_path))
+    unstamped = plots.save_figure(fig, tmp_path / "figures" / "unstamped.png")
+    assert plots.figure_stamp(drawn) == drawn_from_digest(tmp_path)
+    assert plots.figure_stamp(unstamped) is None
+    assert plots.stale_figures(tmp_path) == [unstamped]
+    assert plots.stale_figures(tmp_path, ["drawn.png", "gone.png"]) == [
+        tmp_path / "figures" / "gone.png"]  # a named figure that is missing counts
+    (tmp_path / "runs" / "b.json").write_text('{"run_id": "b"}')  # a record more
+    assert plots.stale_figures(tmp_path, ["drawn.png"]) == [drawn]
+    (tmp_path / "runs" / "b.json").unlink()
+    assert plots.stale_figures(tmp_path, ["drawn.png"]) == []
+    (tmp_path / "runs" / "a.json").write_text('{"run_id": "a", "more": 1}')  # a record changed
+    assert plots.stale_figures(tmp_path, ["drawn.png"]) == [drawn]
+
+
 def test_chain_contrasts_bars_are_the_paired_means_with_their_intervals():
     contrasts = pd.DataFrame([
         {"contrast": "ta_chain − progressive_kd32", "w_bits": 4, "a_bits": 4, "mean": 0.5,

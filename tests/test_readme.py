@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import torch
@@ -222,6 +223,34 @@ def test_cli_readme_check_fails_when_a_number_is_out_of_date(stale_readme, tmp_p
     assert capsys.readouterr().err == ("error: README.md is out of date with the result files: "
                                        "run python -m kdlib readme\n")
     assert stale_readme.read_text() == edited  # --check never writes
+
+
+def test_cli_readme_check_fails_on_a_shown_figure_older_than_its_records(stale_readme, tmp_path,
+                                                                      capsys):
+    """The README shows results/quick/figures/*.png: drawn from other records than
+    results/quick/runs holds now (or missing), --check names them and the command that redraws."""
+    from kdlib import cli, plots
+    from kdlib.results import drawn_from_digest
+
+    args = ["--results-dir", str(tmp_path / "results"), "--bench-dir", str(tmp_path / "bench")]
+    assert cli.main(["readme", *args]) == 0  # no results/quick here: nothing to check
+    quick = tmp_path / "results" / "quick"
+    write_hand_made_results(quick)
+    capsys.readouterr()
+    assert cli.main(["readme", "--check", *args]) == 2
+    err = capsys.readouterr().err
+    assert "chain_contrasts.png, accuracy_vs_bits.png of " in err
+    assert "(python -m kdlib run --preset quick --only 04)" in err
+    fig = plt.figure()
+    for name in ("chain_contrasts.png", "accuracy_vs_bits.png"):
+        plots.save_figure(fig, quick / "figures" / name, drawn_from_digest(quick))
+    assert cli.main(["readme", "--check", *args]) == 0
+    write_record(quick, "c4-2", "ta_chain", 4, 2, 22.0)
+    assert cli.main(["readme", "--check", *args]) == 2
+    assert capsys.readouterr().err.count(".png") == 2
+    assert cli.main(["readme", *args]) == 0  # writes the README, warns
+    assert "warning: figures the README shows were drawn from other records" in (
+        capsys.readouterr().err)
 
 
 def test_cpu_and_gpu_benchmarks_render_in_their_own_blocks(tmp_path):
