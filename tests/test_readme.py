@@ -245,7 +245,7 @@ def test_cli_readme_check_fails_on_a_shown_figure_older_than_its_records(stale_r
     for name in ("chain_contrasts.png", "accuracy_vs_bits.png"):
         plots.save_figure(fig, quick / "figures" / name, drawn_from_digest(quick))
     assert cli.main(["readme", "--check", *args]) == 0
-    write_record(quick, "c4-2", "ta_chain", 4, 2, 22.0)
+    write_record(quick, "c4-2", "ta_chain", 4, 2, 22.0, created_at="2026-01-02T10:00:00+00:00")
     assert cli.main(["readme", "--check", *args]) == 2
     assert capsys.readouterr().err.count(".png") == 2
     assert cli.main(["readme", *args]) == 0  # writes the README, warns
