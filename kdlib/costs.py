@@ -6,8 +6,9 @@ per kind of step (with or without a teacher's forward pass): the 1-epoch KD link
 quick grid pay their evaluation once per epoch, and that is what a grid is made of.
 
 Rates are kept per processor too (a record's ``cpu_model``; records older than that field are
-"an unrecorded CPU"): the estimate is for the processor of the newest trained record, the
-machine the workbook last trained on, and the other machines' rates are listed beside it.
+"an unrecorded CPU"): a preset's estimate is for the processor of the newest trained record of
+its model, the machine the workbook last trained that model on (a machine that trained only
+the other model has no rate for it), and every machine's rates are listed beside them.
 """
 from __future__ import annotations
 
@@ -70,6 +71,16 @@ def machines(frame: pd.DataFrame) -> list[str]:
         return []
     order = runs.sort_values("created_at", na_position="first") if "created_at" in runs else runs
     return list(dict.fromkeys(reversed(order["cpu"].tolist())))
+
+
+def machine_for(frame: pd.DataFrame, model: str) -> str | None:
+    """The processor of the newest trained record of ``model`` (else of the reference model,
+    whose rate a model without records borrows: :func:`_rate`); None without either."""
+    for name in (model, REFERENCE_MODEL):
+        cpus = machines(frame[frame["model"] == name]) if not frame.empty else []
+        if cpus:
+            return cpus[0]
+    return None
 
 
 def measured_rates(frame: pd.DataFrame, cpu: str | None = None, *,
@@ -136,11 +147,13 @@ def _rates_text(rates: dict[tuple[str, bool], float]) -> str:
 
 def render_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int = 2) -> str:
     """Markdown: one row per preset, estimated from ``frame``'s records (see module doc)."""
+    from kdlib.presets import get_preset
+
     cpus = machines(frame)
-    rates = measured_rates(frame, cpus[0]) if cpus else {}
     rows = []
     for preset in presets:
-        cost = grid_cost(preset, rates)
+        cpu = machine_for(frame, get_preset(preset).model)
+        cost = grid_cost(preset, measured_rates(frame, cpu) if cpu else {})
         hours = cost["run_hours"]
         if hours is None:
             estimate = "no measured rate for this model"
@@ -155,15 +168,15 @@ def render_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int = 2) -> 
         rows.append({"preset": f"`{preset}`", "model": cost["model"], "runs (trained)":
                      f"{cost['runs']} ({cost['trained']})",
                      "training images × epochs": _amount(cost["image_epochs"]),
-                     "estimated cost here": estimate})
+                     "estimated cost": estimate, "at the rates of": cpu or "none"})
     table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
     if not cpus:
         return (f"{table}\n\nRates (training images × epochs per wall second of a run, evaluation "
                 "included) measured by the committed records: none yet.")
-    others = "".join(f"; on {cpu}: {_rates_text(measured_rates(frame, cpu))}" for cpu in cpus[1:])
+    each = "; ".join(f"on {cpu}: {_rates_text(measured_rates(frame, cpu))}" for cpu in cpus)
     return (f"{table}\n\nRates (training images × epochs per wall second of a run, evaluation "
-            f"included) measured by the committed records, on {cpus[0]} (the newest records' "
-            f"processor, which the estimates are for): {_rates_text(rates)}{others}.")
+            f"included) measured by the committed records, newest processor first (a row's "
+            f"estimate is at the rates of the newest processor that trained its model): {each}.")
 
 
 def render_device_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int,

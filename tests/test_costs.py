@@ -4,8 +4,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from kdlib.costs import (SQUEEZENET_TIME_RATIO, UNRECORDED_CPU, grid_cost, machines, measured_rates,
-                         plan_trainings, render_costs, render_device_costs, trainings)
+from kdlib.costs import (SQUEEZENET_TIME_RATIO, UNRECORDED_CPU, grid_cost, machine_for, machines,
+                         measured_rates, plan_trainings, render_costs, render_device_costs,
+                         trainings)
 from kdlib.experiments import plan_grid
 
 
@@ -70,8 +71,33 @@ def test_rates_of_two_processors_never_pool_and_the_newest_machine_is_estimated(
     assert measured_rates(frame) == {("resnet20", False): pytest.approx(500.0)}
     assert measured_rates(frame, UNRECORDED_CPU) == {("resnet20", False): pytest.approx(100.0)}
     text = render_costs(["quick"], frame)
-    assert "on AMD EPYC (the newest records' processor" in text and "resnet20 CE 500" in text
+    assert "| AMD EPYC " in text  # the row's processor
+    assert "newest processor first" in text and "on AMD EPYC: resnet20 CE 500" in text
     assert f"on {UNRECORDED_CPU}: resnet20 CE 100" in text
+
+
+def test_each_row_is_estimated_on_the_newest_processor_that_trained_its_model():
+    """A new machine that trained only SqueezeNet leaves ResNet-20's rows at the rates of the
+    machine before it, instead of without an estimate."""
+    frame = _frame([  # 500 image-epochs/s for ResNet-20, 80 for SqueezeNet, CE and KD alike
+        *({"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 90.0,
+           "cpu_model": "AMD EPYC", "created_at": "2026-12-03T10:00:00+00:00", "teacher_id": t}
+          for t in (None, "t")),
+        *({"model": "squeezenet", "train_size": 8000, "epochs": 1, "wall_time_s": 100.0,
+           "cpu_model": "Intel Xeon", "created_at": "2026-12-05T10:00:00+00:00", "teacher_id": t}
+          for t in (None, "t")),
+    ])
+    assert machines(frame) == ["Intel Xeon", "AMD EPYC"]
+    assert machine_for(frame, "resnet20") == "AMD EPYC"
+    assert machine_for(frame, "squeezenet") == "Intel Xeon"
+    assert machine_for(frame[frame["model"] == "resnet20"], "squeezenet") == "AMD EPYC"  # borrows
+    assert machine_for(frame.iloc[:0], "resnet20") is None
+    text = render_costs(["quick", "quick_squeezenet"], frame)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")}
+    hours = grid_cost("quick", {("resnet20", False): 500.0, ("resnet20", True): 500.0})
+    assert "no measured rate" not in text
+    assert f"{hours['run_hours']:,.1f} run-hours" in rows["`quick`"] and "AMD EPYC" in rows["`quick`"]
+    assert "Intel Xeon" in rows["`quick_squeezenet`"]
 
 
 def test_a_multi_seed_grid_states_the_wall_time_of_one_seed():
