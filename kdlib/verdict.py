@@ -6,8 +6,11 @@ interval was, so "no difference" is never claimed where the seeds could not have
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pandas as pd
 
+from kdlib.budget import CIFAR_TRAIN_IMAGES
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text,
                            in_bits_order)
 
@@ -18,7 +21,6 @@ SIDES = {
     ("ta_chain", "progressive"): ("distillation", "cross-entropy alone"),
 }
 RESOLVED_BY = "its 95% paired interval excludes 0"
-CIFAR100_TRAIN_IMAGES = 50_000  # the training file's images, validation split included
 
 
 def classify(row: pd.Series) -> str:
@@ -133,7 +135,7 @@ AGREEMENT = {
 }
 
 
-def agreement(first: pd.Series, second: pd.Series) -> str:
+def agreement(first: Mapping, second: Mapping) -> str:
     """A key of :data:`AGREEMENT` for one contrast at one width in two grids (both tested)."""
     resolved = [row["verdict"] in ("method", "baseline") for row in (first, second)]
     same_sign = (first["mean"] > 0) == (second["mean"] > 0)
@@ -157,9 +159,8 @@ def compare_answers(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
                                      "agreement"])
     pairs = tested[0].merge(tested[1], on=keys, suffixes=("_1", "_2"))
     pairs["agreement"] = [
-        agreement(pd.Series({f: getattr(r, f + "_1") for f in fields}),
-                  pd.Series({f: getattr(r, f + "_2") for f in fields}))
-        for r in pairs.itertuples()]
+        agreement({f: row[f + "_1"] for f in fields}, {f: row[f + "_2"] for f in fields})
+        for _, row in pairs.iterrows()]
     order = {f"{a} − {b}": i for i, (a, b, _) in enumerate(CONTRASTS)}
     return pairs.sort_values(["contrast", "w_bits", "a_bits"], key=lambda s: (
         s.map(order) if s.name == "contrast" else -s), ignore_index=True)
@@ -170,7 +171,7 @@ def _grid_words(frame: pd.DataFrame) -> str:
     teacher = frame[frame["method"] == "teacher"]["test_top1"]
     seeds = frame["seed"].nunique()
     images = (f"{int(first['train_size']):,}" if pd.notna(first.get("train_size"))
-              else f"{CIFAR100_TRAIN_IMAGES - int(first['val_size']):,}")  # None: all but val
+              else f"{CIFAR_TRAIN_IMAGES - int(first['val_size']):,}")  # None: all but val
     return (f"{first['model']} (preset `{first['preset']}`, {seeds} seed(s), {images} "
             f"training images"
             + (f", teacher {teacher.mean():.2f}%" if not teacher.empty else "") + ")")
@@ -178,7 +179,7 @@ def _grid_words(frame: pd.DataFrame) -> str:
 
 def render_agreement(first: pd.DataFrame, second: pd.DataFrame) -> str:
     """Markdown: does the second grid answer as the first does? One cell per contrast × width
-    (the second grid's mean and interval, and the agreement's key), and the counts."""
+    (the agreement's key, then the first grid's mean / the second's), and the counts."""
     if first.empty or second.empty:
         return "_Two grids' answers are compared once both have records._"
     pairs = compare_answers(first, second)
