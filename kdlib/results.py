@@ -280,9 +280,12 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     return frame
 
 
+PUBLISHED = resources.files("kdlib.reference").joinpath("published.csv")
+
+
 def load_published(model: str = "resnet20") -> pd.DataFrame:
     """Published CIFAR-100 top-1 numbers shipped with kdlib (see kdlib/reference/)."""
-    with resources.files("kdlib.reference").joinpath("published.csv").open() as handle:
+    with PUBLISHED.open() as handle:
         frame = pd.read_csv(handle)
     return frame[frame["model"] == model].reset_index(drop=True)
 
@@ -293,7 +296,7 @@ def drawn_from_digest(results_dir: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     for path in sorted(runs_dir(results_dir).glob("*.json")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(resources.files("kdlib.reference").joinpath("published.csv").read_bytes())
+    digest.update(PUBLISHED.read_bytes())
     return digest.hexdigest()
 
 

@@ -214,10 +214,10 @@ def planned_paused(plan: Sequence, results_dir: Path) -> list[Path]:
 def lost_paused(plan: Sequence, results_dir: Path) -> dict[str, int]:
     """{run id: epochs done} of ``plan``'s runs that a lease paused (``paused.json``) but whose
     checkpoint this checkout lacks (a fresh clone): the next lease trains them from the start."""
-    from kdlib.results import noted_paused
+    from kdlib.results import noted_paused, paused_checkpoints
 
     planned = {cfg.run_id() for cfg in plan}
-    here = {path.name[:-len(".pt")] for path in planned_paused(plan, results_dir)}
+    here = paused_checkpoints(results_dir)
     return {run_id: done for run_id, done in noted_paused(results_dir).items()
             if run_id in planned and run_id not in here}
 
