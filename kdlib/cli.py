@@ -353,23 +353,23 @@ def command_lease(args: argparse.Namespace) -> int:
         print("now: python -m kdlib readme")
         _note_compile_decisions(sorted(benches))
         if finished:
-            print(f"{finished} paused run(s) finished: their checkpoints were deleted (commit "
-                  f"the deletion: git add -A {os.path.relpath(results_dir)})")
+            print(f"{finished} paused run(s) finished: their checkpoints were deleted")
         plan = plan_grid(preset=args.preset, model=model_of(args),
                          seeds=list(get_preset(args.preset).seeds))
-        frontier = lease.frontier_weights(plan, results_dir)
-        if frontier:  # checkpoints/ is ignored: a fresh clone would not have them
-            rel = " ".join(os.path.relpath(p, Path.cwd()) for p in frontier)
-            print(f"the next lease's runs start from or learn from {len(frontier)} weight "
-                  f"file(s); commit them for a later session: git add -f {rel}")
-        _note_unneeded_weights(plan, results_dir)
+        staged = lease.stage_for_next_lease(plan, results_dir, REPO_ROOT)
+        if staged["added"]:  # checkpoints/ is ignored, and a later session is a fresh checkout
+            size = sum(p.stat().st_size for p in staged["added"]) / lease.MIB
+            print(f"staged in git: {len(staged['added'])} weight or checkpoint file(s) "
+                  f"({size:.1f} MiB) that the next lease's unfinished runs need; commit them "
+                  f"with the records: {_relative(staged['added'])}")
+        if staged["removed"]:
+            print(f"staged in git: the removal of {len(staged['removed'])} weight or checkpoint "
+                  f"file(s) no unfinished run needs any more: {_relative(staged['removed'])}")
         paused = lease.planned_paused(plan, results_dir)
-        if paused:  # a lost one costs its run's epochs again, not a result: kept out of git
-            size = sum(p.stat().st_size for p in paused) / lease.MIB
+        if paused:
             print(f"{len(paused)} paused run(s) continue next lease from their checkpoints "
-                  f"({size:.1f} MiB, in {os.path.relpath(results_dir / 'checkpoints')}, "
-                  "ignored by git): the next `lease prepare` carries them; without them those "
-                  "runs start over")
+                  "(staged above): the next `lease prepare` carries them")
+        _note_unneeded_weights(plan, results_dir)
     return 0
 
 
@@ -393,10 +393,15 @@ def _note_unneeded_weights(plan, results_dir: Path, then: str = "") -> None:
 
     unneeded = lease.unneeded_committed_weights(plan, results_dir, REPO_ROOT)
     if unneeded:  # every call carries the tracked tree: keep it small
-        rel = " ".join(os.path.relpath(p, Path.cwd()) for p in unneeded)
         size = sum(p.stat().st_size for p in unneeded) / lease.MIB
         print(f"no unfinished run needs {len(unneeded)} committed weight file(s) any more "
-              f"({size:.1f} MiB that every device call carries): git rm {rel}{then}")
+              f"({size:.1f} MiB that every device call carries): git rm {_relative(unneeded)}"
+              f"{then}")
+
+
+def _relative(paths: Sequence[Path]) -> str:
+    """``paths`` relative to the working directory, for a command to copy."""
+    return " ".join(os.path.relpath(p, Path.cwd()) for p in paths)
 
 
 def _lease_grid(args: argparse.Namespace) -> dict[str, list]:

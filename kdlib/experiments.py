@@ -214,8 +214,9 @@ def load_trained_model(results_dir: str | os.PathLike, run_id: str) -> torch.nn.
                                 + (f" (its packed file {packed.name} keeps only the quantized "
                                    "weights, not the latent ones training starts from)"
                                    if packed.exists() else "")
-                                + ": checkpoints are not committed; restore that folder from the "
-                                "machine that trained it, or delete the record (and the records "
+                                + ": checkpoints/ is ignored by git (`lease receive` stages "
+                                "what a lease's unfinished runs need); restore that folder from "
+                                "the machine that trained it, or delete the record (and the records "
                                 "of the runs that start from it) to train it again")
     model.load_state_dict(state)
     return model

@@ -226,7 +226,7 @@ def missing_runs(results_dir: str | os.PathLike, preset: str, model: str | None 
                  ) -> dict[int, tuple[int, dict[str, list[tuple[str, int | None, int]]]]]:
     """{seed: (planned runs, {method: [(bits label, epochs done or None, epochs), ...]})} of the
     preset's planned grid runs without a record; epochs done for a run paused at a lease's end
-    (``paused.json``, which `lease receive` writes: the checkpoints are not committed)."""
+    (``paused.json``, which `lease receive` writes)."""
     from kdlib.experiments import plan_grid  # lazy: experiments imports the training stack
     from kdlib.presets import get_preset
     from kdlib.results import find_record, noted_paused

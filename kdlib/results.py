@@ -3,7 +3,8 @@
 Layout under a results directory::
 
     runs/<run_id>.json          committed records
-    checkpoints/<run_id>.pt     per-epoch training state (resumable, not committed)
+    checkpoints/<run_id>.pt     per-epoch training state (resumable; ignored by git, but for a
+                                lease's paused runs, which `lease receive` stages)
     checkpoints/<run_id>.weights.pt  best-val weights, what later links start from / learn from
     models/<run_id>.packed           the same weights packed at their bit width (seed 0 and
                                      every teacher committed)
@@ -171,7 +172,7 @@ def paused_checkpoints(results_dir: str | os.PathLike) -> dict[str, Path]:
             if not record_path(results_dir, run_id).exists()}
 
 
-PAUSED_FILE = "paused.json"  # committed: the checkpoints themselves are not (see the README)
+PAUSED_FILE = "paused.json"  # committed: how far each paused run got, even with its checkpoint lost
 
 
 def paused_epochs(results_dir: str | os.PathLike) -> dict[str, int]:

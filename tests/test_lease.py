@@ -220,9 +220,6 @@ def test_committed_weights_no_unfinished_run_needs_are_named_for_removal(fake_da
                    **git)
     assert lease.frontier_weights(plan, results) == [weights]
     assert lease.unneeded_committed_weights(plan, results, here) == []  # ta_chain@1 needs it
-    calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
-                          minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5)
-    assert not any("/weights/" in path for call in calls for path in call["carry"])  # the tree
     experiments.execute(plan, data_dir=fake_data_root, results_dir=results, progress=False)
     assert lease.frontier_weights(plan, results) == []
     assert lease.unneeded_committed_weights(plan, results, here) == [weights.resolve()]
@@ -231,7 +228,7 @@ def test_committed_weights_no_unfinished_run_needs_are_named_for_removal(fake_da
 
 
 def test_the_tree_every_call_sends_is_counted_and_its_largest_folders_named(tmp_path):
-    from kdlib.lease.prepare import largest_folders, travelling_bytes, travelling_files
+    from kdlib.lease.tracked import largest_folders, travelling_bytes, travelling_files
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     sizes = {"results/a/m.bin": 5000, "results/a/deep/n.bin": 400, "results/b/m.bin": 3000,
              "kdlib/x.py": 100, "README.md": 50, "results/a/ignored.pt": 9000, "notes.txt": 70}
@@ -312,7 +309,74 @@ def test_a_run_a_lease_paused_whose_checkpoint_this_clone_lacks_is_said_to_start
     assert any(line.startswith(f"resumes: {kept} from epoch 2") for line in logs)
     assert [line for line in logs if line.startswith("starts over:")] == [
         f"starts over: {lost} (a lease paused it after epoch 1, but its checkpoint is not in "
-        f"this checkout: checkpoints/ is not committed)"]
+        f"this checkout: it was not committed)"]
+
+
+def test_what_the_next_lease_needs_is_committed_and_travels_once(fake_data_root, tmp_path,
+                                                                  monkeypatch, capsys):
+    """A later session is a fresh checkout: `receive` stages the weights and paused checkpoints
+    the unfinished runs need (checkpoints/ is ignored), and `prepare` takes them out of git's
+    index again, so that they ride once in a carry rather than with the tree in every call."""
+    from kdlib import cli
+    from kdlib.lease.tracked import travelling_files
+
+    here = tmp_path / "here"
+    results = here / "results" / "smoke"
+    plan = experiments.plan_grid(preset="smoke", model="resnet8", seeds=[0])  # `receive`'s
+    link = experiments.execute(plan[:2], data_dir=fake_data_root, results_dir=results,
+                               progress=False)[1]  # the teacher and the chain's first link
+    weights = weights_path(results, link["run_id"])
+    assert lease.frontier_weights(plan, results) == [weights]
+    paused = checkpoint_path(results, plan[2].run_id())
+    torch.save({"epoch": 1}, paused)  # the chain's next link, as a lease's pause leaves it
+    assert lease.stage_for_next_lease(plan, results, here) == {"added": [], "removed": []}
+    git = dict(cwd=here, check=True, capture_output=True, text=True)
+    subprocess.run(["git", "init", "-q"], **git)
+    (here / ".gitignore").write_text("results/*/checkpoints\n")
+
+    def tracked() -> set[str]:
+        return set(subprocess.run(["git", "ls-files", "results"], **git).stdout.split())
+
+    rel = {str(p.relative_to(here)) for p in (weights, paused)}
+    staged = lease.stage_for_next_lease(plan, results, here)  # what `lease receive` does
+    assert sorted(staged["added"]) == sorted([weights.resolve(), paused.resolve()])
+    assert rel <= tracked() and staged["removed"] == []
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "r"],
+                   **git)
+    assert rel <= set(travelling_files(here))  # committed: would ride in every call
+    with pytest.raises(FileNotFoundError):  # a prepare that fails leaves the index alone
+        lease.prepare(plan, data_root=tmp_path / "nowhere", results_dir=results, repo_root=here,
+                      minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5)
+    assert rel <= tracked()
+    logs = []
+    calls = lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                          minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5,
+                          log=logs.append)
+    assert not rel & tracked() and not rel & set(travelling_files(here))  # out of the index
+    assert weights.exists() and paused.exists()  # kept on disk, carried once instead:
+    carried = {p.name for call in calls for path in call["carry"] if "/weights/" in path
+               for p in (here / path).glob("*" + lease.CARRIED_SUFFIX)}
+    assert carried == {weights.name + lease.CARRIED_SUFFIX, paused.name + lease.CARRIED_SUFFIX}
+    assert any(line.startswith("out of git's index for this lease") and "git reset -q --" in line
+               for line in logs)
+    assert any(line.startswith(f"resumes: {plan[2].run_id()} from epoch 1") for line in logs)
+    paused.unlink()  # its run finished there: `receive` deletes the checkpoint of such a run
+    out = tmp_path / "out"
+    lease.pack(results, out, tmp_path / "bench", device="cpu", stash=tmp_path / "stash")
+    monkeypatch.setattr(cli, "REPO_ROOT", here)
+    monkeypatch.chdir(here)
+    capsys.readouterr()
+    assert cli.main(["lease", "receive", str(out), "--preset", "smoke", "--model", "resnet8",
+                     "--results-dir", str(results), "--bench-dir", str(tmp_path / "b")]) == 0
+    said = capsys.readouterr().out
+    assert (f"staged in git: 1 weight or checkpoint file(s) ({weights.stat().st_size / 2**20:.1f}"
+            f" MiB) that the next lease's unfinished runs need; commit them with the records: "
+            f"{weights.relative_to(here)}") in said
+    assert (f"staged in git: the removal of 1 weight or checkpoint file(s) no unfinished run "
+            f"needs any more: {paused.relative_to(here)}") in said
+    assert tracked() == {str(weights.relative_to(here))}
+    status = subprocess.run(["git", "status", "--porcelain", "--", str(paused)], **git).stdout
+    assert status == f"D  {paused.relative_to(here)}\n"  # committed with the records
 
 
 def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data_root, tmp_path):

@@ -17,12 +17,17 @@ is given back 30 s after a call. So:
   the checkpoints of paused runs) and the benchmark into ``$OUT`` (:func:`pack_outputs`: at
   most 8 files); a follow-up call for the time left trains on there (:func:`restore_returned`);
 * here again, :func:`receive` unpacks those files into ``results/gpu`` and ``results/bench``
-  (:func:`check_returns`: one machine's returns, each once, in order).
+  (:func:`check_returns`: one machine's returns, each once, in order), and
+  :func:`stage_for_next_lease` stages in git the weights and paused checkpoints the next lease
+  needs (a later session is a fresh checkout); :func:`prepare` takes them out of the index
+  again, so that they travel once rather than with the tree in every call
+  (:mod:`~kdlib.lease.tracked`).
 
 Every file crossing between the machines is checked against a sha256 written beside it.
 
 Modules: :mod:`~kdlib.lease.transfer` (names, limits, checked parts), :mod:`~kdlib.lease.prepare`
-(here, before), :mod:`~kdlib.lease.device` (there), :mod:`~kdlib.lease.decisions` (what the
+(here, before), :mod:`~kdlib.lease.tracked` (what git tracks, so what every call
+sends), :mod:`~kdlib.lease.device` (there), :mod:`~kdlib.lease.decisions` (what the
 benchmark decides), :mod:`~kdlib.lease.receive` (here, after).
 """
 from kdlib.lease.decisions import (DEVICE_BENCH, FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
@@ -36,7 +41,8 @@ from kdlib.lease.device import (SNAPSHOT, StashIncomplete, assemble_data, call_t
 from kdlib.lease.prepare import (compress_carried, frontier_weights, lost_paused, pack_data,
                                  part_mib_for, plan_carry, planned_paused, prepare,
                                  travelling_bytes, unneeded_committed_weights)
-from kdlib.lease.receive import check_returns, read_manifest, receive
+from kdlib.lease.receive import (check_returns, read_manifest, receive,
+                                 stage_for_next_lease)
 from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_LEFT, AGAIN_MIN_S, CALLS_FILE,
                                   CARRIED_SUFFIX, DATA_FILES, DATA_MANIFEST, LEASE_DIR, MIB,
                                   OUT_MAX_FILES, STASH, STASH_INCOMPLETE_EXIT, STASH_PLAN,
@@ -50,6 +56,6 @@ __all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "CALLS_FILE", "CARRIED_SUF
            "device_bench_args", "frontier_weights", "go", "groups_weights", "later_compile_parts",
            "lost_paused", "missing_parts", "pack", "pack_data", "pack_outputs", "part_mib_for",
            "place_carried", "plan_carry", "planned_paused", "prepare", "read_manifest", "receive",
-           "replays_steps",
+           "replays_steps", "stage_for_next_lease",
            "restore_returned", "sha256_of", "snapshot_results", "store", "store_carried",
            "store_part", "travelling_bytes", "unneeded_committed_weights"]

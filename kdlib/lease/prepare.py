@@ -8,7 +8,6 @@ import json
 import lzma
 import os
 import shutil
-import subprocess
 import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,54 +19,15 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGA
                                   COMMAND_MAX_CHARS, DATA_FILES, DATA_MANIFEST, GO_GRACE_S,
                                   LEASE_DIR, MIB, MIN_PART_MIB, PACK_S, STASH_INCOMPLETE_EXIT,
                                   STASH_PLAN, XZ_FILTERS, sha256_of, split_into_parts)
+from kdlib.lease.tracked import (committed_files, largest_folders, tracked_among,
+                                 travelling_bytes, travelling_files, untrack_for_lease)
 
 
-def travelling_files(repo_root: Path) -> dict[str, int]:
-    """What every call sends besides its carry, path (relative) to size: tracked files and
-    untracked ones git does not ignore (the device tool's rule); none outside a checkout."""
-    if not Path(repo_root).is_dir():
-        return {}
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=repo_root, capture_output=True)
-    if listed.returncode != 0:
-        return {}
-    names = {name for name in listed.stdout.decode().split("\0") if name}
-    return {name: (repo_root / name).stat().st_size for name in sorted(names)
-            if (repo_root / name).is_file()}
-
-
-def travelling_bytes(repo_root: Path) -> int:
-    return sum(travelling_files(repo_root).values())
-
-
-def largest_folders(files: dict[str, int], depth: int = 2, top: int = 3) -> list[tuple[str, int]]:
-    """The ``top`` folders (``depth`` levels down) holding most of ``files``' bytes, largest
-    first, then ``("the rest", bytes)``: what makes the tree every call sends, so what to
-    commit less of when the data takes more calls than it should."""
-    by_folder: dict[str, int] = {}
-    for name, size in files.items():
-        folder = "/".join(name.split("/")[:-1][:depth]) or "(top files)"
-        by_folder[folder] = by_folder.get(folder, 0) + size
-    ranked = sorted(by_folder.items(), key=lambda kv: (-kv[1], kv[0]))
-    return ranked[:top] + [("the rest", sum(size for _, size in ranked[top:]))]
-
-
-def committed_files(repo_root: Path, folder: Path) -> set[Path]:
-    """The files under ``folder`` that git tracks (resolved paths; none outside a checkout)."""
-    if not Path(repo_root).is_dir():
-        return set()
-    listed = subprocess.run(["git", "ls-files", "-z", "--", os.path.relpath(folder, repo_root)],
-                            cwd=repo_root, capture_output=True)
-    if listed.returncode != 0:
-        return set()
-    return {(Path(repo_root) / name).resolve() for name in listed.stdout.decode().split("\0")
-            if name}
-
-
-def part_mib_for(repo_root: Path) -> float:
+def part_mib_for(repo_root: Path, leaving: Sequence[Path] = ()) -> float:
     """The largest data part that, with the travelling tree, stays under a call's
-    :data:`CALL_MIB`: also the room a call has for carried weight files (:func:`plan_carry`)."""
-    tree = travelling_bytes(repo_root)
+    :data:`CALL_MIB`: also the room a call has for carried weight files (:func:`plan_carry`).
+    ``leaving``: tracked files the lease takes out of the index (:func:`untrack_for_lease`)."""
+    tree = travelling_bytes(repo_root, leaving)
     part = CALL_MIB - CALL_MARGIN_MIB - tree / MIB
     if part < MIN_PART_MIB:
         raise ValueError(f"the tracked tree ({tree / MIB:.1f} MiB) leaves {part:.1f} MiB of a "
@@ -238,13 +198,14 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     from kdlib.results import CODE_COMMIT  # the device's copy of .git can be stale: state it
 
     lease = repo_root / LEASE_DIR
-    # committed weight files and checkpoints travel with the tree: carry only the others
-    committed = committed_files(repo_root, Path(results_dir) / "checkpoints")
     paused = planned_paused(plan, results_dir)
-    frontier = [p for p in frontier_weights(plan, results_dir) + paused
-                if p.resolve() not in committed]
-    part_mib = part_mib_for(repo_root) if part_mib is None else part_mib  # also a call's room
-    tree = travelling_files(repo_root)
+    frontier = frontier_weights(plan, results_dir) + paused
+    # committed ones (for a later session: see stage_for_later) would ride in every call with
+    # the tree: taken out of the index for the lease (last, once all is written), they travel
+    # once, in a carry
+    leaving = tracked_among(repo_root, frontier)
+    part_mib = part_mib_for(repo_root, leaving) if part_mib is None else part_mib  # a call's room
+    tree = travelling_files(repo_root, leaving)
     if tree:
         log(f"every call also sends the tree, {sum(tree.values()) / MIB:.1f} MiB ("
             + ", ".join(f"{name} {size / MIB:.1f}" for name, size in largest_folders(tree))
@@ -264,7 +225,7 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         log(f"resumes: {path.name[:-len('.pt')]} from epoch {epochs_done(path)}")
     for run_id, done in lost_paused(plan, results_dir).items():
         log(f"starts over: {run_id} (a lease paused it after epoch {done}, but its checkpoint "
-            f"is not in this checkout: checkpoints/ is not committed)")
+            f"is not in this checkout: it was not committed)")
     rel_results = os.path.relpath(results_dir, repo_root)
     model = model or get_preset(preset).model
     go = (f"env PYTHONUNBUFFERED=1 KDLIB_GIT_COMMIT={CODE_COMMIT or ''} python3 -m kdlib lease go "
@@ -325,4 +286,11 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         f"{sum(map(len, packed.values())) / MIB:.1f} MiB compressed"
         + (f", {len(extra_groups)} call(s) of their own" if extra_groups else "") + ")")
     (lease / CALLS_FILE).write_text(json.dumps(calls, indent=1))
+    if leaving:
+        untrack_for_lease(repo_root, leaving)
+        log(f"out of git's index for this lease, to travel once rather than in every call: "
+            f"{len(leaving)} committed weight or checkpoint file(s) "
+            f"({sum(p.stat().st_size for p in leaving) / MIB:.1f} MiB); `lease receive` stages "
+            f"those still needed again (undo, without a lease: git reset -q -- "
+            f"{' '.join(os.path.relpath(p, repo_root) for p in leaving)})")
     return calls

@@ -7,6 +7,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from kdlib.lease.tracked import stage_for_later
 from kdlib.lease.transfer import RETURN_MANIFEST, join_parts, sha256_of
 
 
@@ -78,3 +79,15 @@ def receive(folder: Path, results_dir: Path, bench_dir: Path) -> dict[str, int]:
     runs = sum(m.name.startswith("runs/") for m in members)
     return {"records": runs, "files": len(members), "bench": len(manifest["extra"]),
             "finished_paused": len(finished)}
+
+
+def stage_for_next_lease(plan, results_dir: Path, repo_root: Path) -> dict[str, list[Path]]:
+    """Stage in git the files the unfinished runs of ``plan`` (the preset's grid) need from
+    this checkout: the fp32 weights they start from or learn from and the checkpoints of runs
+    paused at the lease's end; and the removal of the checkpoints of runs that finished. A later
+    session is a fresh checkout (ignored files do not outlive a session), and a `paper` run
+    spans several leases, so its checkpoint must be committed to ever finish."""
+    from kdlib.lease.prepare import frontier_weights, planned_paused
+
+    keep = frontier_weights(plan, results_dir) + planned_paused(plan, results_dir)
+    return stage_for_later(repo_root, keep, Path(results_dir) / "checkpoints")
