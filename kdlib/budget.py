@@ -76,8 +76,16 @@ def _kind(config: dict[str, Any]) -> tuple:
             config.get("precision", "exact"), bool(config.get("cuda_graphs")))
 
 
+def training_images(train_size: float | None, val_size: float) -> int:
+    """How many images a run trains on: its class-balanced subset's ``train_size``, or (None,
+    or NaN in a records table) every CIFAR-100 training image but the ``val_size`` held out."""
+    if train_size is None or train_size != train_size:
+        return CIFAR_TRAIN_IMAGES - int(val_size)
+    return int(train_size)
+
+
 def train_images(cfg: RunConfig) -> int:
-    return cfg.train_size if cfg.train_size is not None else CIFAR_TRAIN_IMAGES - cfg.val_size
+    return training_images(cfg.train_size, cfg.val_size)
 
 
 @dataclass

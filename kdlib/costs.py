@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from kdlib.budget import CIFAR_TRAIN_IMAGES, train_images
+from kdlib.budget import train_images, training_images
 from kdlib.config import RunConfig
 
 # SqueezeNet's training-step time over ResNet-20's, used until SqueezeNet records exist:
@@ -95,7 +95,7 @@ def measured_rates(frame: pd.DataFrame, cpu: str | None = None, *,
     if runs.empty:
         return {}
     runs = runs[runs["cpu"] == (cpu or machines(frame)[0])]
-    images = [(t if pd.notna(t) else CIFAR_TRAIN_IMAGES - v) * e
+    images = [training_images(t, v) * e
               for t, v, e in zip(runs["train_size"], runs["val_size"], runs["epochs"])]
     runs = runs.assign(image_epochs=images, kd=runs["teacher_id"].notna())
     if side_by_side is not None:

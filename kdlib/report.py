@@ -16,6 +16,7 @@ import pandas as pd
 
 from kdlib.bench.concurrent import worth_running
 from kdlib.bench.render import render_markdown
+from kdlib.budget import training_images
 from kdlib.config import describe_fields
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text, in_bits_order,
                            in_method_order, load_published, load_results, results_table,
@@ -95,8 +96,9 @@ def render_results(results_dir: str | os.PathLike) -> str:
     devices = sorted(frame["device"].dropna().unique())
     trained = frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
     hours = trained["wall_time_s"].sum() / 3600
-    size = (f"{int(first['train_size'])} training images (class-balanced subset)"
-            if pd.notna(first.get("train_size")) else "All 45,000 training images")
+    images = training_images(first.get("train_size"), first["val_size"])
+    size = (f"{images} training images (class-balanced subset)"
+            if pd.notna(first.get("train_size")) else f"All {images:,} training images")
     lines = [
         _markdown(table),
         "",

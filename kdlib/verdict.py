@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from kdlib.budget import CIFAR_TRAIN_IMAGES
+from kdlib.budget import training_images
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text,
                            in_bits_order)
 
@@ -170,8 +170,7 @@ def _grid_words(frame: pd.DataFrame) -> str:
     first = frame.iloc[0]
     teacher = frame[frame["method"] == "teacher"]["test_top1"]
     seeds = frame["seed"].nunique()
-    images = (f"{int(first['train_size']):,}" if pd.notna(first.get("train_size"))
-              else f"{CIFAR_TRAIN_IMAGES - int(first['val_size']):,}")  # None: all but val
+    images = f"{training_images(first.get('train_size'), first['val_size']):,}"
     return (f"{first['model']} (preset `{first['preset']}`, {seeds} seed(s), {images} "
             f"training images"
             + (f", teacher {teacher.mean():.2f}%" if not teacher.empty else "") + ")")

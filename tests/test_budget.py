@@ -12,7 +12,7 @@ import torch
 
 from kdlib import cli, experiments
 from kdlib.budget import (START_ALLOWANCE_S, Admission, Budget, Deadline, RunTimer, device_kind,
-                          load_bench, record_device_kind)
+                          load_bench, record_device_kind, training_images)
 from kdlib.results import checkpoint_path
 from kdlib.device import cpu_model
 from kdlib.executors import execute_processes
@@ -57,6 +57,12 @@ class Clock:
 
     def __call__(self):
         return self.now
+
+
+def test_a_run_trains_on_its_subset_or_on_all_but_its_validation_images():
+    assert training_images(8000, 2500) == 8000
+    assert training_images(None, 5000) == 45_000
+    assert training_images(float("nan"), 2500) == 47_500  # a records table's missing value
 
 
 def test_estimate_takes_the_slowest_epoch_and_the_overhead_of_runs_of_the_same_kind():

@@ -119,6 +119,17 @@ def test_a_method_missing_a_seed_is_named_under_the_table(tmp_path, monkeypatch)
     assert ("seed(s) 0, 1, 2 for `teacher`, `ta_chain`; seed(s) 0, 1 for `individual`." in text)
 
 
+def test_a_full_split_says_how_many_images_trained(tmp_path, monkeypatch):
+    """No train_size: every training image but the validation split, as many as that leaves."""
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    write_hand_made_results(tmp_path)
+    for path in (tmp_path / "runs").glob("*.json"):
+        record = json.loads(path.read_text())
+        record["config"].update(train_size=None, val_size=2500)
+        path.write_text(json.dumps(record))
+    assert "All 47,500 training images, 2500 validation images" in render_results(tmp_path)
+
+
 def test_a_model_without_published_numbers_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED[PUBLISHED["model"] == model])
     write_hand_made_results(tmp_path)
