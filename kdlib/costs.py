@@ -18,6 +18,7 @@ import pandas as pd
 
 from kdlib.budget import train_images, training_images
 from kdlib.config import RunConfig
+from kdlib.trained import training_key
 
 # SqueezeNet's training-step time over ResNet-20's, used until SqueezeNet records exist:
 # 3.27 (fp32) and 3.38 (4-bit), 1 thread, batch 128, channels_last, on the 2-core VM.
@@ -28,8 +29,6 @@ REFERENCE_MODEL = "resnet20"
 def trainings(plan: Sequence[RunConfig]) -> list[RunConfig]:
     """The runs of ``plan`` that train: one per training under several names (the grid's
     ``same_run_as`` aliases, found by the same training key)."""
-    from kdlib.experiments import training_key  # lazy: the training stack
-
     alias: dict[str, str] = {}
     first: dict[str, str] = {}
     out = []

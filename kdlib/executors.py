@@ -11,7 +11,7 @@ per-epoch checkpoint (a retried task resumes where the killed one stopped) and a
 writes. Ray retries a task whose worker died (``max_retries``), not one that raised.
 
 Two planned runs that are one training under two method names (same training key, see
-:func:`kdlib.experiments.training_key`) are scheduled as :func:`execute` would run them: the
+:func:`kdlib.trained.training_key`) are scheduled as :func:`execute` would run them: the
 first in plan order trains, the other's task waits for it and then records ``same_run_as``.
 """
 from __future__ import annotations
@@ -29,8 +29,10 @@ import torch
 from kdlib.budget import Admission, Budget, Deadline
 from kdlib.config import RunConfig
 from kdlib.data import load_splits
-from kdlib.experiments import (_TrainedIndex, budget_admission, check_writable, resume_first,
-                               train_run)
+from kdlib.experiments import budget_admission, check_writable, train_run
+from kdlib.run_order import (dependency_schedule, epochs_left_in, resume_first, unblocking_first,
+                             unique_runs, waits_as_alias)
+from kdlib.trained import TrainedIndex
 from kdlib.results import find_record
 from kdlib.tblog import TENSORBOARD_ENV
 from kdlib.train import RunSuspended
@@ -75,76 +77,6 @@ def check_resources(cpus_per_run: int, gpus_per_run: float, max_retries: int,
                          "uses; pass --gpus-per-run (e.g. 1, or 0.5 for two runs per GPU)")
 
 
-def ray_schedule(plan: Sequence[RunConfig],
-                 results_dir: str | os.PathLike) -> list[tuple[RunConfig, list[str]]]:
-    """Each planned run without a record, in plan order, with the planned run ids its task
-    waits for: its teacher and init runs and, for a run another planned run trains under
-    another name, that run (the choice :func:`kdlib.experiments.execute` makes)."""
-    index = _TrainedIndex(results_dir)
-    planned: set[str] = set()
-    schedule = []
-    for cfg in _unique(plan):
-        run_id = cfg.run_id()
-        if find_record(results_dir, run_id) is not None:
-            continue
-        after = [d for d in (cfg.teacher_id, cfg.init_id) if d in planned]
-        key = index.key(cfg)
-        trained_as = index.by_key.setdefault(key, run_id)
-        if trained_as != run_id:
-            index.alias_of[run_id] = trained_as
-            if trained_as in planned:
-                after.append(trained_as)
-        planned.add(run_id)
-        schedule.append((cfg, list(dict.fromkeys(after))))
-    return schedule
-
-
-def unblocking_first(schedule: Sequence[tuple[RunConfig, list[str]]],
-                     epochs_left: Callable[[RunConfig], int]
-                     ) -> list[tuple[RunConfig, list[str]]]:
-    """``schedule`` (as :func:`ray_schedule` gives it) in the order runs should start when
-    several train at once under a budget: first the runs that other runs wait for, the one
-    holding back the heaviest line of training first (a paused teacher, then a chain's first
-    link); then the rest, the shortest first, so that a lease ends with the most records and
-    what it leaves is long runs, which pause and continue. A run's weight is its epochs
-    still to train (``epochs_left``; nothing for one that waits for the run it is recorded as).
-    Ties keep the order given (the executor gives paused runs first, then plan order). Not a
-    dependency order (a run that waits for another may come first): the executor starts a run
-    only once what it waits for is done."""
-    waits_for_me: dict[str, list[str]] = {}
-    own: dict[str, int] = {}
-    for cfg, after in schedule:
-        run_id = cfg.run_id()
-        own[run_id] = 0 if _waits_as_alias(cfg, after) else max(epochs_left(cfg), 0)
-        for dep in after:
-            waits_for_me.setdefault(dep, []).append(run_id)
-    held_back: dict[str, int] = {}  # the heaviest line of training that waits for a run
-    for cfg, _ in reversed(schedule):  # in ray_schedule's order, dependents come later
-        run_id = cfg.run_id()
-        held_back[run_id] = max((own[d] + held_back[d] for d in waits_for_me.get(run_id, ())),
-                                default=0)
-    return sorted(schedule, key=lambda item: (-held_back[item[0].run_id()],
-                                              own[item[0].run_id()]))
-
-
-def epochs_left_in(results_dir: str | os.PathLike) -> Callable[[RunConfig], int]:
-    """A run's epochs still to train: all of them, less what its paused checkpoint holds."""
-    from kdlib.results import paused_epochs
-
-    done = paused_epochs(results_dir)
-    return lambda cfg: cfg.epochs - done.get(cfg.run_id(), 0)
-
-
-def _waits_as_alias(cfg: RunConfig, after: list[str]) -> bool:
-    """Whether ``cfg`` waits (in :func:`ray_schedule`) for a run of this call that it will be
-    recorded as: it trains nothing itself."""
-    return bool(set(after) - {cfg.teacher_id, cfg.init_id})
-
-
-def _unique(plan: Sequence[RunConfig]) -> list[RunConfig]:
-    return list({cfg.run_id(): cfg for cfg in plan}.values())  # one config per run id
-
-
 @functools.lru_cache(maxsize=2)
 def _splits(data_dir: str | None, seed: int, val_size: int, train_size: int | None,
             test_size: int | None):
@@ -186,8 +118,8 @@ def execute_ray(plan: Sequence[RunConfig], *, data_dir: str | os.PathLike | None
     results_dir = str(Path(results_dir).resolve())
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
     check_writable(results_dir)
-    schedule = ray_schedule(plan, results_dir)
-    log(f"ray: {len(schedule)} of {len(_unique(plan))} planned runs to train "
+    schedule = dependency_schedule(plan, results_dir)
+    log(f"ray: {len(schedule)} of {len(unique_runs(plan))} planned runs to train "
         f"({cpus_per_run} CPU, {gpus_per_run:g} GPU per run)")
     started_here = not ray.is_initialized()
     if started_here:
@@ -237,8 +169,8 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
                       log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train ``plan`` with up to ``jobs`` runs at once in worker processes of this machine
     (several small runs share one GPU better than one run uses it); for a lent machine without
-    Ray. Dependencies as :func:`execute_ray` (:func:`ray_schedule`); a run is started once its
-    teacher and init runs have records, in :func:`unblocking_first`'s order, and, under a
+    Ray. Dependencies as :func:`execute_ray` (:func:`~kdlib.run_order.dependency_schedule`); a run is started once its
+    teacher and init runs have records, in :func:`~kdlib.run_order.unblocking_first`'s order, and, under a
     ``budget``, only as :func:`kdlib.experiments.execute` starts it (a run paused at the
     budget's end resumes in the next call). Returns the records that exist at the end, in plan
     order."""
@@ -247,10 +179,10 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
     results_dir = str(Path(results_dir).resolve())
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
     check_writable(results_dir)
-    index = _TrainedIndex(results_dir)  # runs trained before this call, for aliases of them
-    waiting = unblocking_first(ray_schedule(resume_first(plan, results_dir), results_dir),
+    index = TrainedIndex(results_dir)  # runs trained before this call, for aliases of them
+    waiting = unblocking_first(dependency_schedule(resume_first(plan, results_dir), results_dir),
                                epochs_left_in(results_dir))
-    log(f"processes: {len(waiting)} of {len(_unique(plan))} planned runs to train, "
+    log(f"processes: {len(waiting)} of {len(unique_runs(plan))} planned runs to train, "
         f"{jobs} at a time, {threads} thread(s) each; what others wait for first, then the "
         "shortest")
     running: dict[futures.Future, str] = {}
@@ -311,10 +243,10 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
     return [r for r in (find_record(results_dir, cfg.run_id()) for cfg in plan) if r is not None]
 
 
-def _admission(cfg: RunConfig, after: list[str], budget: Budget | None, index: _TrainedIndex,
+def _admission(cfg: RunConfig, after: list[str], budget: Budget | None, index: TrainedIndex,
                results_dir: str) -> Admission | None:
     """Whether ``cfg`` may start under ``budget``; None for no budget or an alias: of a run of
     this call (listed in ``after`` besides its teacher and init) or of an earlier one."""
-    if budget is None or _waits_as_alias(cfg, after):
+    if budget is None or waits_as_alias(cfg, after):
         return None
     return budget_admission(cfg, budget, index, results_dir)

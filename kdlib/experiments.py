@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
@@ -33,7 +30,7 @@ from filelock import FileLock
 from kdlib.budget import Admission, Budget, Deadline
 from kdlib.checkpoints import epochs_done
 from kdlib.checks import BitsSpec, parse_bits
-from kdlib.config import EXECUTION_ONLY_FIELDS, RunConfig, validate
+from kdlib.config import RunConfig, validate
 from kdlib.data import load_splits
 from kdlib.export import load_packed, read_packed_header, save_packed
 from kdlib.fileio import torch_save_atomic
@@ -41,9 +38,10 @@ from kdlib.models import create_model
 from kdlib.quant import model_size_report, transfer_weights
 from kdlib.presets import CHAIN_METHODS, STUDENT_METHODS, build_config, get_preset
 from kdlib.results import (METRIC_FIELDS, checkpoint_path, environment_info, find_record,
-                           load_records, packed_path, paused_checkpoints, save_record,
-                           weights_path)
+                           packed_path, save_record, weights_path)
+from kdlib.run_order import resume_first, start_order
 from kdlib.train import RunSuspended, fit, pick_device
+from kdlib.trained import TrainedIndex
 
 
 # ----------------------------------------------------------------------------- bits & seeds
@@ -274,37 +272,8 @@ def _run_lock(results_dir: str | os.PathLike, run_id: str):
         yield
 
 
-def training_key(cfg: RunConfig, canonical: Callable[[str | None], str | None]) -> str:
-    """What a run trains, whatever it is called: its config without the method name and the
-    execution-only fields, with its teacher and init runs replaced by the runs that actually
-    trained them (``canonical``). Two methods with one key are one training run."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in (*EXECUTION_ONLY_FIELDS, "method")}
-    d["teacher_id"], d["init_id"] = canonical(cfg.teacher_id), canonical(cfg.init_id)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class _TrainedIndex:
-    """Which run trained what, in one results folder: training key -> run id, and each alias
-    run id -> the run id that trained it."""
-
-    def __init__(self, results_dir: str | os.PathLike):
-        self.by_key: dict[str, str] = {}
-        self.alias_of: dict[str, str] = {}
-        for record in load_records(results_dir):
-            if record.get("same_run_as"):
-                self.alias_of[record["run_id"]] = record["same_run_as"]
-            elif record.get("training_key"):
-                self.by_key.setdefault(record["training_key"], record["run_id"])
-
-    def canonical(self, run_id: str | None) -> str | None:
-        return self.alias_of.get(run_id, run_id) if run_id is not None else None
-
-    def key(self, cfg: RunConfig) -> str:
-        return training_key(cfg, self.canonical)
-
-
 def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
-              progress: bool = True, index: _TrainedIndex | None = None,
+              progress: bool = True, index: TrainedIndex | None = None,
               deadline: Deadline | None = None, side_by_side: int | None = 1) -> dict[str, Any]:
     """Train one configured run (or return its existing record) and write its record.
     ``deadline``: see :func:`kdlib.train.fit` (raises ``RunSuspended``, nothing recorded).
@@ -321,7 +290,7 @@ def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=No
         with _run_lock(results_dir, run_id):
             existing = find_record(results_dir, run_id)  # another pipeline may have finished it
             if existing is None:
-                index = index or _TrainedIndex(results_dir)
+                index = index or TrainedIndex(results_dir)
                 key = index.key(cfg)
                 same = index.by_key.get(key)
                 if same is not None and same != run_id:
@@ -387,19 +356,23 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
             progress: bool = True, budget: Budget | None = None) -> list[dict[str, Any]]:
     """Train every planned run in order (dependencies first); returns their records.
 
-    With a ``budget`` (:class:`kdlib.budget.Budget`), a run is started only when its estimate
-    fits in the time left (or, longer than the whole budget, when one epoch does), it trains
-    until the budget's end at most, and a run whose teacher or init run has no record is left
-    for later; the records returned are those that exist at the end, and the next call resumes.
+    With a ``budget`` (:class:`kdlib.budget.Budget`), the runs come in the order the processes
+    executor starts them (:func:`kdlib.run_order.start_order`: what others wait for first, then
+    the shortest), a run is started only when its estimate fits in the time left (or, longer
+    than the whole budget, when one epoch does), it trains until the budget's end at most, and
+    a run whose teacher or init run has no record is left for later; the records returned are
+    those that exist at the end, and the next call resumes.
     """
     planned = _dedupe(plan)
-    plan = resume_first(planned, results_dir)
+    # under a budget, one run at a time in the order the processes executor starts them
+    plan = start_order(planned, results_dir) if budget is not None else resume_first(
+        planned, results_dir)
     data = _DataCache(data_dir)
     todo = [cfg for cfg in plan if find_record(results_dir, cfg.run_id()) is None]
     if todo:  # fail on an unwritable folder or missing/bad data before anything is trained
         data.get(todo[0])
         check_writable(results_dir)
-    index = _TrainedIndex(results_dir)
+    index = TrainedIndex(results_dir)
     records, left_out = [], []
     for i, cfg in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {cfg.run_id()}")
@@ -428,16 +401,7 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
     return sorted(records, key=lambda record: order[record["run_id"]])
 
 
-def resume_first(plan: Sequence[RunConfig], results_dir: str | os.PathLike) -> list[RunConfig]:
-    """``plan`` with the runs that have a checkpoint but no record (paused or interrupted)
-    first, otherwise in order: a budget then finishes what was started before it starts
-    anything new (their teacher and init runs have records already, so no dependency is put
-    after its user)."""
-    paused = paused_checkpoints(results_dir)
-    return sorted(plan, key=lambda cfg: cfg.run_id() not in paused)
-
-
-def _admission(cfg: RunConfig, results_dir, index: _TrainedIndex, budget: Budget) -> Admission | None:
+def _admission(cfg: RunConfig, results_dir, index: TrainedIndex, budget: Budget) -> Admission | None:
     """Whether ``cfg`` may start under ``budget`` now; None when it costs no training (its record
     exists, or it is an alias)."""
     if find_record(results_dir, cfg.run_id()) is not None:
@@ -448,7 +412,7 @@ def _admission(cfg: RunConfig, results_dir, index: _TrainedIndex, budget: Budget
     return budget_admission(cfg, budget, index, results_dir)
 
 
-def budget_admission(cfg: RunConfig, budget: Budget, index: _TrainedIndex,
+def budget_admission(cfg: RunConfig, budget: Budget, index: TrainedIndex,
                      results_dir: str | os.PathLike) -> Admission | None:
     """``budget.admit`` for ``cfg`` and the epochs its checkpoint already holds; None if another
     run of the index already trained it (recording it under this name costs nothing)."""

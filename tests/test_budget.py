@@ -17,6 +17,8 @@ from kdlib.results import checkpoint_path
 from kdlib.device import cpu_model
 from kdlib.executors import execute_processes
 from kdlib.presets import build_config
+from kdlib.run_order import (dependency_schedule, epochs_left_in, resume_first, start_order,
+                             unblocking_first)
 from kdlib.results import load_records
 
 TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
@@ -243,7 +245,7 @@ def test_runs_with_a_checkpoint_go_first_the_rest_in_plan_order(tmp_path):
         checkpoint_path(tmp_path, cfg.run_id()).write_bytes(b"some epochs")
     save_record(tmp_path, {"run_id": finished.run_id(), "config": finished.to_dict(),
                            "metrics": {}, "history": []})  # its checkpoint holds a finished run
-    ordered = experiments.resume_first(plan, tmp_path)
+    ordered = resume_first(plan, tmp_path)
     assert ordered == [plan[2], plan[4]] + [c for c in plan if c not in paused]
 
 
@@ -251,13 +253,11 @@ def test_runs_others_wait_for_start_first_then_the_shortest(tmp_path):
     """unblocking_first: the runs other runs wait for, the heaviest line of training behind
     them first; then the rest, shortest first; a run recorded as another weighs nothing; ties
     in plan order."""
-    from kdlib.executors import ray_schedule, unblocking_first
-
     plan = experiments.plan_grid(**GRID)
     name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
     epochs = {("ta_chain", 1): 3, ("progressive", 1): 5, ("finetune", 1): 4, ("direct_kd", 1): 2,
               ("finetune", 4): 6}  # an alias: trains nothing, whatever its epochs
-    ordered = unblocking_first(ray_schedule(plan, tmp_path),
+    ordered = unblocking_first(dependency_schedule(plan, tmp_path),
                                lambda cfg: epochs.get(name[cfg.run_id()], 1))
     assert [name[cfg.run_id()] for cfg, _ in ordered] == [
         ("teacher", 32),  # holds back progressive 4 then progressive 1: 1 + 5
@@ -268,9 +268,34 @@ def test_runs_others_wait_for_start_first_then_the_shortest(tmp_path):
     ]
 
 
-def test_a_paused_run_weighs_the_epochs_its_checkpoint_has_left(tmp_path):
-    from kdlib.executors import epochs_left_in
+def test_one_run_at_a_time_starts_in_that_order_but_never_before_what_it_waits_for(tmp_path):
+    """start_order, the serial loop's order under a budget: unblocking_first's, except that a
+    run waits for its teacher, init and the run it is recorded as. Here progressive@1 has no
+    epochs left, so progressive@4 holds nothing back and its alias finetune@4 (nothing to
+    train) would sort before it."""
+    plan = experiments.plan_grid(**GRID)
+    name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
+    epochs = {("ta_chain", 1): 3, ("progressive", 1): 0, ("finetune", 1): 4, ("direct_kd", 1): 2}
 
+    def left(cfg):
+        return epochs.get(name[cfg.run_id()], 1)
+
+    ranked = [name[cfg.run_id()] for cfg, _ in unblocking_first(
+        dependency_schedule(plan, tmp_path), left)]
+    assert ranked.index(("finetune", 4)) < ranked.index(("progressive", 4))
+    ordered = [name[cfg.run_id()] for cfg in start_order(plan, tmp_path, left)]
+    assert ordered == [
+        ("teacher", 32),  # holds back ta_chain 4 then ta_chain 1: 1 + 3
+        ("ta_chain", 4),  # holds back ta_chain 1's 3
+        # progressive 1 (0 epochs) and finetune 4 (an alias) rank next, but wait for:
+        ("direct_kd", 4),  # ta_chain 4's alias: nothing to train, and ready
+        ("progressive", 4),  # 1 epoch; then what waited for it, in their rank
+        ("progressive", 1), ("finetune", 4),
+        ("direct_kd", 1), ("ta_chain", 1), ("finetune", 1),  # 2, 3, 4 epochs
+    ]
+
+
+def test_a_paused_run_weighs_the_epochs_its_checkpoint_has_left(tmp_path):
     plan = experiments.plan_grid(**GRID)
     paused, fresh = plan[0], plan[1]
     path = checkpoint_path(tmp_path, paused.run_id())
@@ -345,7 +370,8 @@ def test_device_kinds_name_the_gpu_and_the_processor(tmp_path):
 
 
 @pytest.mark.realdata
-def test_budgeted_grid_trains_what_fits_and_the_next_call_finishes(real_data_root, tmp_path):
+def test_budgeted_grid_trains_what_fits_and_the_next_call_finishes(real_data_root, tmp_path,
+                                                                   capsys):
     """A benchmark that makes every KD run too long for the budget: the teacher and the
     plain-CE runs (timed by the teacher's record once it exists) train, the KD runs wait; a
     second call with a generous budget trains them, and the records equal an unbudgeted grid's."""
@@ -358,8 +384,14 @@ def test_budgeted_grid_trains_what_fits_and_the_next_call_finishes(real_data_roo
         cpu=cpu_model())))
     here = device_kind("cpu")  # this processor: the records these runs write are timed as its
     timer = RunTimer(here, bench=load_bench(tmp_path / "bench", here))
+    order = [cfg.run_id() for cfg in start_order(plan, tmp_path / "b")]
+    assert order != [cfg.run_id() for cfg in plan]  # under a budget, not the plan's order:
+    capsys.readouterr()
     first = experiments.execute(plan, data_dir=real_data_root, results_dir=tmp_path / "b",
                                 progress=False, budget=Budget(30.0, timer))
+    tried = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("[")]
+    assert tried == order  # the processes executor's, one run at a time
     assert {r["config"]["method"] for r in first} == {"teacher", "progressive", "finetune"}
     assert all(r["config"]["teacher_id"] is None for r in first)
     code = cli.main(["grid", "--preset", "smoke", "--model", "resnet8", "--chain", "32", "4", "1",

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from kdlib import cli, experiments
-from kdlib.executors import check_resources, execute_ray, ray_schedule
+from kdlib.executors import check_resources, execute_ray
+from kdlib.run_order import dependency_schedule
 from kdlib.results import checkpoint_path, find_record, load_records
 
 TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
@@ -47,7 +48,7 @@ def comparable(record: dict) -> dict:
 
 def test_schedule_waits_for_teacher_init_and_the_run_that_trains_an_alias(tmp_path):
     plan = experiments.plan_grid(**GRID)
-    schedule = ray_schedule(plan, tmp_path)
+    schedule = dependency_schedule(plan, tmp_path)
     name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
     waits = {name[cfg.run_id()]: sorted(name[d] for d in after) for cfg, after in schedule}
     assert waits == {

@@ -1,0 +1,110 @@
+"""In which order a grid's runs start: dependencies first (a run after its teacher and init
+runs, an alias after the run that trains it), runs paused at a budget's end resumed, and,
+under a budget, what other runs wait for first, then the shortest. The serial loop
+(:func:`kdlib.experiments.execute`) and the processes executor share it, so that one budget
+starts the same runs whichever trains them."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from kdlib.config import RunConfig
+from kdlib.results import find_record, paused_checkpoints, paused_epochs
+from kdlib.trained import TrainedIndex
+
+
+def resume_first(plan: Sequence[RunConfig], results_dir: str | os.PathLike) -> list[RunConfig]:
+    """``plan`` with the runs that have a checkpoint but no record (paused or interrupted)
+    first, otherwise in order: what was started before goes on before anything new starts
+    (their teacher and init runs have records already, so no dependency is put after its
+    user). Without a budget, the serial loop's order; under one, :func:`start_order`'s ties."""
+    paused = paused_checkpoints(results_dir)
+    return sorted(plan, key=lambda cfg: cfg.run_id() not in paused)
+
+
+def dependency_schedule(plan: Sequence[RunConfig],
+                        results_dir: str | os.PathLike) -> list[tuple[RunConfig, list[str]]]:
+    """Each planned run without a record, in plan order, with the planned run ids its task
+    waits for: its teacher and init runs and, for a run another planned run trains under
+    another name, that run (the choice :func:`kdlib.experiments.execute` makes)."""
+    index = TrainedIndex(results_dir)
+    planned: set[str] = set()
+    schedule = []
+    for cfg in unique_runs(plan):
+        run_id = cfg.run_id()
+        if find_record(results_dir, run_id) is not None:
+            continue
+        after = [d for d in (cfg.teacher_id, cfg.init_id) if d in planned]
+        key = index.key(cfg)
+        trained_as = index.by_key.setdefault(key, run_id)
+        if trained_as != run_id:
+            index.alias_of[run_id] = trained_as
+            if trained_as in planned:
+                after.append(trained_as)
+        planned.add(run_id)
+        schedule.append((cfg, list(dict.fromkeys(after))))
+    return schedule
+
+
+def unblocking_first(schedule: Sequence[tuple[RunConfig, list[str]]],
+                     epochs_left: Callable[[RunConfig], int]
+                     ) -> list[tuple[RunConfig, list[str]]]:
+    """``schedule`` (as :func:`dependency_schedule` gives it) in the order runs should start
+    under a budget: first the runs that other runs wait for, the one
+    holding back the heaviest line of training first (a paused teacher, then a chain's first
+    link); then the rest, the shortest first, so that a lease ends with the most records and
+    what it leaves is long runs, which pause and continue. A run's weight is its epochs
+    still to train (``epochs_left``; nothing for one that waits for the run it is recorded as).
+    Ties keep the order given (paused runs first, then plan order: :func:`resume_first`). Not a
+    dependency order (a run that waits for another may come first): a run starts only once
+    what it waits for is done (:func:`start_order` for one run at a time)."""
+    waits_for_me: dict[str, list[str]] = {}
+    own: dict[str, int] = {}
+    for cfg, after in schedule:
+        run_id = cfg.run_id()
+        own[run_id] = 0 if waits_as_alias(cfg, after) else max(epochs_left(cfg), 0)
+        for dep in after:
+            waits_for_me.setdefault(dep, []).append(run_id)
+    held_back: dict[str, int] = {}  # the heaviest line of training that waits for a run
+    for cfg, _ in reversed(schedule):  # in dependency_schedule's order, dependents come later
+        run_id = cfg.run_id()
+        held_back[run_id] = max((own[d] + held_back[d] for d in waits_for_me.get(run_id, ())),
+                                default=0)
+    return sorted(schedule, key=lambda item: (-held_back[item[0].run_id()],
+                                              own[item[0].run_id()]))
+
+
+def epochs_left_in(results_dir: str | os.PathLike) -> Callable[[RunConfig], int]:
+    """A run's epochs still to train: all of them, less what its paused checkpoint holds."""
+    done = paused_epochs(results_dir)
+    return lambda cfg: cfg.epochs - done.get(cfg.run_id(), 0)
+
+
+def waits_as_alias(cfg: RunConfig, after: list[str]) -> bool:
+    """Whether ``cfg`` waits (in :func:`dependency_schedule`) for a run of this call that it
+    will be recorded as: it trains nothing itself."""
+    return bool(set(after) - {cfg.teacher_id, cfg.init_id})
+
+
+def unique_runs(plan: Sequence[RunConfig]) -> list[RunConfig]:
+    return list({cfg.run_id(): cfg for cfg in plan}.values())  # one config per run id
+
+
+def start_order(plan: Sequence[RunConfig], results_dir: str | os.PathLike,
+                epochs_left: Callable[[RunConfig], int] | None = None) -> list[RunConfig]:
+    """``plan`` (one config per run id) in the order one run at a time starts it under a
+    budget, as :func:`kdlib.executors.execute_processes` with ``jobs=1`` does: the runs with a
+    record first (nothing to train), then, again and again, the first run in
+    :func:`unblocking_first`'s order that waits for no run still to come. ``epochs_left``:
+    default :func:`epochs_left_in` the results."""
+    waiting = unblocking_first(dependency_schedule(resume_first(plan, results_dir), results_dir),
+                               epochs_left or epochs_left_in(results_dir))
+    to_train = {cfg.run_id() for cfg, _ in waiting}
+    ordered = [cfg for cfg in unique_runs(plan) if cfg.run_id() not in to_train]
+    started: set[str] = set()
+    while waiting:
+        ready = next(i for i, (_, after) in enumerate(waiting) if started.issuperset(after))
+        cfg, _ = waiting.pop(ready)
+        started.add(cfg.run_id())
+        ordered.append(cfg)
+    return ordered
