@@ -39,7 +39,7 @@ from kdlib.quant import model_size_report, transfer_weights
 from kdlib.presets import CHAIN_METHODS, STUDENT_METHODS, build_config, get_preset
 from kdlib.results import (METRIC_FIELDS, checkpoint_path, environment_info, find_record,
                            packed_path, save_record, weights_path)
-from kdlib.run_order import resume_first, start_order
+from kdlib.run_order import resume_first, start_order, unique_runs
 from kdlib.train import RunSuspended, fit, pick_device
 from kdlib.trained import TrainedIndex
 
@@ -177,13 +177,6 @@ def plan_table(plan: Sequence[RunConfig]) -> pd.DataFrame:
     """One row per planned run: method, bits, and the run ids it starts from / learns from."""
     return pd.DataFrame([{"method": c.method, "w_bits": c.w_bits, "a_bits": c.a_bits,
                           "teacher": c.teacher_id, "init": c.init_id} for c in plan])
-
-
-def _dedupe(plan: Iterable[RunConfig]) -> list[RunConfig]:
-    seen: dict[str, RunConfig] = {}
-    for cfg in plan:
-        seen.setdefault(cfg.run_id(), cfg)
-    return list(seen.values())
 
 
 # ----------------------------------------------------------------------------- execution
@@ -363,7 +356,7 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
     a run whose teacher or init run has no record is left for later; the records returned are
     those that exist at the end, and the next call resumes.
     """
-    planned = _dedupe(plan)
+    planned = unique_runs(plan)
     # under a budget, one run at a time in the order the processes executor starts them
     plan = start_order(planned, results_dir) if budget is not None else resume_first(
         planned, results_dir)
@@ -487,7 +480,7 @@ def plan_grid(*, preset: str = "smoke", model: str | None = None, seeds: Sequenc
         for m in chain_methods:
             plan += plan_chain(preset, model, s, chain, overrides, method=m)
         plan += plan_students(preset, model, s, methods, chain[1:], overrides)
-    return _dedupe(plan)
+    return unique_runs(plan)
 
 
 def run_grid(*, data_dir=None, results_dir="results", device=None, progress: bool = True,

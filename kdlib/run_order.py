@@ -6,7 +6,7 @@ starts the same runs whichever trains them."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from kdlib.config import RunConfig
 from kdlib.results import find_record, paused_checkpoints, paused_epochs
@@ -86,8 +86,12 @@ def waits_as_alias(cfg: RunConfig, after: list[str]) -> bool:
     return bool(set(after) - {cfg.teacher_id, cfg.init_id})
 
 
-def unique_runs(plan: Sequence[RunConfig]) -> list[RunConfig]:
-    return list({cfg.run_id(): cfg for cfg in plan}.values())  # one config per run id
+def unique_runs(plan: Iterable[RunConfig]) -> list[RunConfig]:
+    """``plan`` with one config per run id, the first of each, in order."""
+    seen: dict[str, RunConfig] = {}
+    for cfg in plan:
+        seen.setdefault(cfg.run_id(), cfg)
+    return list(seen.values())
 
 
 def start_order(plan: Sequence[RunConfig], results_dir: str | os.PathLike,

@@ -22,14 +22,17 @@ def _git(repo_root: Path, *args: str) -> subprocess.CompletedProcess | None:
     return done if done.returncode == 0 else None
 
 
+def _names(done: subprocess.CompletedProcess | None) -> list[str]:
+    """The NUL-separated paths a ``git ... -z`` printed (none for a refused command)."""
+    return [name for name in done.stdout.decode().split("\0") if name] if done else []
+
+
 def travelling_files(repo_root: Path, leaving: Sequence[Path] = ()) -> dict[str, int]:
     """What every call sends besides its carry, path (relative) to size: tracked files and
     untracked ones git does not ignore (the device tool's rule); none outside a checkout.
     ``leaving``: files :func:`untrack_for_lease` is about to take out of the index."""
-    listed = _git(repo_root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
-    if listed is None:
-        return {}
-    names = {name for name in listed.stdout.decode().split("\0") if name}
+    names = set(_names(_git(repo_root, "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard")))
     names -= set(_inside(repo_root, leaving))
     return {name: (repo_root / name).stat().st_size for name in sorted(names)
             if (repo_root / name).is_file()}
@@ -53,11 +56,7 @@ def largest_folders(files: dict[str, int], depth: int = 2, top: int = 3) -> list
 
 def committed_files(repo_root: Path, folder: Path) -> set[Path]:
     """The files under ``folder`` that git tracks (resolved paths; none outside a checkout)."""
-    listed = _git(repo_root, "ls-files", "-z", "--", os.path.relpath(folder, repo_root))
-    if listed is None:
-        return set()
-    return {(Path(repo_root) / name).resolve() for name in listed.stdout.decode().split("\0")
-            if name}
+    return set(tracked_among(repo_root, [folder]))
 
 
 def _inside(repo_root: Path, paths: Sequence[Path]) -> list[str]:
@@ -72,12 +71,12 @@ def _inside(repo_root: Path, paths: Sequence[Path]) -> list[str]:
 
 
 def tracked_among(repo_root: Path, paths: Sequence[Path]) -> list[Path]:
-    """Those of ``paths`` git tracks (resolved; none outside a checkout)."""
+    """The files git tracks among ``paths`` (files, or folders for what they hold; resolved;
+    none outside a checkout)."""
     names = _inside(repo_root, paths)
-    listed = _git(repo_root, "ls-files", "-z", "--", *names) if names else None
     root = Path(repo_root).resolve()
-    return [root / name for name in (listed.stdout.decode().split("\0") if listed else [])
-            if name]
+    return [root / name for name in _names(_git(repo_root, "ls-files", "-z", "--", *names)
+                                           if names else None)]
 
 
 def untrack_for_lease(repo_root: Path, paths: Sequence[Path]) -> None:
@@ -104,14 +103,11 @@ def stage_for_later(repo_root: Path, keep: Sequence[Path], folder: Path) -> dict
     if added and _git(repo_root, "add", "-f", "--", *added) is None:
         raise RuntimeError(f"git add -f failed in {repo_root} for {added}")
     where = os.path.relpath(folder, repo_root)
-    gone = _git(repo_root, "ls-files", "-z", "--deleted", "--", where)
-    gone = [name for name in (gone.stdout.decode().split("\0") if gone else []) if name]
+    gone = _names(_git(repo_root, "ls-files", "-z", "--deleted", "--", where))
     if gone and _git(repo_root, "rm", "--cached", "-q", "--", *gone) is None:
         raise RuntimeError(f"git rm --cached failed in {repo_root} for {gone}")
     # what the commit removes, also what untrack_for_lease took out and nobody needs now
-    removed = _git(repo_root, "diff", "--cached", "--relative", "--name-only", "-z",
-                   "--diff-filter=D", "--", where)
+    removed = _names(_git(repo_root, "diff", "--cached", "--relative", "--name-only", "-z",
+                          "--diff-filter=D", "--", where))
     root = Path(repo_root).resolve()
-    return {"added": [root / name for name in added],
-            "removed": [root / name for name in (removed.stdout.decode().split("\0")
-                                                 if removed else []) if name]}
+    return {"added": [root / name for name in added], "removed": [root / n for n in removed]}
