@@ -5,13 +5,14 @@ its python3 has torch 2.11, pandas, tqdm, filelock and tensorboard, no papermill
 carries at most 64 MiB of working tree and returns at most 8 files of 16 MiB, and the machine
 is given back 30 s after a call. So:
 
-* here, :func:`prepare` packs CIFAR-100 into compressed parts of at most ``part_mib``, plus the
+* here, :func:`prepare` packs CIFAR-100 (its pixels as prediction residuals,
+  :mod:`~kdlib.lease.pixels`) into compressed parts of at most ``part_mib``, plus the
   fp32 weights that the grid's unfinished runs start from or learn from and the checkpoints of
   runs paused at an earlier lease's end (in the room the parts leave, else calls of their own:
   :func:`plan_carry`), under ``.lease/`` (git-ignored), and prints the calls to make;
 * there, each call stores what it carries in ``/dev/shm`` (:func:`store`) and checks that the
   earlier calls' files are still there (:func:`check_stash`: a fresh machine lost them); the
-  last one also runs :func:`go`: reassemble and check the data, benchmark the device if
+  last one also runs :func:`go`: reassemble, decode and check the data, benchmark the device if
   ``results/bench`` has no file for it, train the grid with ``python -m kdlib grid``'s budget
   until the minutes run out, and pack what it added (records, weights, packed models, logs,
   the checkpoints of paused runs) and the benchmark into ``$OUT`` (:func:`pack_outputs`: at
@@ -27,8 +28,9 @@ Every file crossing between the machines is checked against a sha256 written bes
 
 Modules: :mod:`~kdlib.lease.transfer` (names, limits, checked parts), :mod:`~kdlib.lease.prepare`
 (here, before), :mod:`~kdlib.lease.tracked` (what git tracks, so what every call
-sends), :mod:`~kdlib.lease.device` (there), :mod:`~kdlib.lease.decisions` (what the
-benchmark decides), :mod:`~kdlib.lease.receive` (here, after).
+sends), :mod:`~kdlib.lease.pixels` (the data's coding), :mod:`~kdlib.lease.device` (there),
+:mod:`~kdlib.lease.decisions` (what the benchmark decides), :mod:`~kdlib.lease.receive` (here,
+after).
 """
 from kdlib.lease.decisions import (DEVICE_BENCH, FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
                                    compile_undecided, complete_bench, device_bench_args,

@@ -18,6 +18,7 @@ from kdlib.lease.decisions import (FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
                                    compile_undecided, complete_bench, device_bench_args,
                                    groups_weights, later_compile_parts, missing_parts,
                                    replays_steps)
+from kdlib.lease.pixels import recode_file
 from kdlib.lease.receive import receive
 from kdlib.lease.transfer import (CALL_LOG, CARRIED_MANIFEST, CARRIED_SUFFIX, DATA_MANIFEST,
                                   LEASE_DIR, MIB, OUT_FILE_MIB, OUT_MAX_FILES, RESULTS_ARCHIVE,
@@ -180,6 +181,9 @@ def assemble_data(stash: Path = STASH) -> Path:
     blob = lzma.decompress(join_parts(stash, manifest))
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         tar.extractall(root, filter="data")
+    for name, span in manifest.get("pixels", {}).items():  # residuals back to pixels
+        path = root / "cifar-100-python" / name
+        path.write_bytes(recode_file(path.read_bytes(), span, encode=False))
     for name, source in manifest["sources"].items():
         if sha256_of(root / "cifar-100-python" / name) != source["sha256"]:
             raise ValueError(f"cifar-100-python/{name} differs from the file packed here")

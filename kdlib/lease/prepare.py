@@ -19,6 +19,7 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGA
                                   COMMAND_MAX_CHARS, DATA_FILES, DATA_MANIFEST, GO_GRACE_S,
                                   LEASE_DIR, MIB, MIN_PART_MIB, PACK_S, STASH_INCOMPLETE_EXIT,
                                   STASH_PLAN, XZ_FILTERS, sha256_of, split_into_parts)
+from kdlib.lease.pixels import PIXEL_CODING, locate_pixels, recode_file
 from kdlib.lease.tracked import (committed_files, largest_folders, tracked_among,
                                  travelling_bytes, travelling_files, untrack_for_lease)
 
@@ -38,8 +39,10 @@ def part_mib_for(repo_root: Path, leaving: Sequence[Path] = ()) -> float:
 def pack_data(data_root: Path, folder: Path, part_mib: float,
               compress: Callable[[bytes], bytes] | None = None) -> dict[str, Any]:
     """``data_root/cifar-100-python/{meta,train,test}`` as an xz tar split into parts of at most
-    ``part_mib`` MiB in ``folder``; returns (and writes) the manifest. Reused when the manifest
-    already describes the same source files and part size (packing takes minutes)."""
+    ``part_mib`` MiB in ``folder``; returns (and writes) the manifest. The pixels of train and
+    test go as prediction residuals (:mod:`kdlib.lease.pixels`; the manifest's ``pixels`` says
+    where, for the device to decode). Reused when the manifest already describes the same
+    source files, part size and coding (packing takes minutes)."""
 
     source = Path(data_root) / "cifar-100-python"
     missing = [n for n in DATA_FILES if not (source / n).exists()]
@@ -52,21 +55,28 @@ def pack_data(data_root: Path, folder: Path, part_mib: float,
     manifest_path = folder / DATA_MANIFEST
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        if old.get("sources") == sources and old.get("part_mib") == part_mib and all(
+        if old.get("sources") == sources and old.get("part_mib") == part_mib \
+                and old.get("coding") == PIXEL_CODING and all(
                 (folder / p["name"]).exists() and (folder / p["name"]).stat().st_size == p["bytes"]
                 for p in old["parts"]):
             return old
-    buffer = io.BytesIO()
+    buffer, pixels = io.BytesIO(), {}
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name in DATA_FILES:
-            tar.add(source / name, arcname=f"cifar-100-python/{name}")
+            raw, span = (source / name).read_bytes(), locate_pixels(source / name)
+            if span:  # the pixels as residuals (kdlib.lease.pixels), decoded on the device
+                raw, pixels[name] = recode_file(raw, span, encode=True), span
+            member = tarfile.TarInfo(f"cifar-100-python/{name}")
+            member.size = len(raw)
+            tar.addfile(member, io.BytesIO(raw))
     compress = compress or (lambda raw: lzma.compress(raw, format=lzma.FORMAT_XZ,
                                                       filters=XZ_FILTERS))
     blob = compress(buffer.getvalue())
     for old_part in folder.glob("data.xz.*"):
         old_part.unlink()
-    manifest = {"sources": sources, "sha256": hashlib.sha256(blob).hexdigest(),
-                "bytes": len(blob), "part_mib": part_mib,
+    manifest = {"sources": sources, "coding": PIXEL_CODING, "pixels": pixels,
+                "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+                "part_mib": part_mib,
                 "parts": split_into_parts(blob, folder, "data.xz", int(part_mib * MIB))}
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return manifest
