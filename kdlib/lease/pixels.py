@@ -6,9 +6,9 @@ the fewer calls the data takes (and the more the tree may grow before it takes o
 image is coded as its green plane and the red and blue planes' signed differences from green
 (the colours move together), each pixel as its difference (mod 256) from the median edge
 detector's prediction (LOCO-I / JPEG-LS: from the left, upper and upper-left pixels, zero
-outside the image). Only the pickled pixel array's bytes change, in place and in length, so the
-file around it (labels, names) stays as it was and the decoded file is checked against the
-original's sha256 on the device.
+outside the image). Only the pickled pixel array's bytes change, in place and at the same
+length, so the file around them (labels, names) stays as it was, and the decoded file is
+checked against the original's sha256 on the device.
 """
 from __future__ import annotations
 
