@@ -7,6 +7,7 @@ Smoke preset, ResNet-8, on the generated stand-in of CIFAR-100 (no real data nee
 """
 import json
 import lzma
+import math
 import os
 import shutil
 import subprocess
@@ -786,11 +787,26 @@ def test_go_quantizes_weights_per_layer_where_the_device_check_found_grouped_one
 CIFAR100_XZ_MIB = 95.9
 
 
+@pytest.mark.parametrize("tree_mib", [10.0, 30.0, 35.4, 37.0, 44.25])
+def test_prepare_says_how_far_the_tree_may_grow_before_the_data_takes_another_call(tree_mib):
+    from kdlib.lease.prepare import room_before_another_call
+    from kdlib.lease.transfer import CALL_MARGIN_MIB, CALL_MIB
+
+    data = int(95.9 * lease.MIB)
+
+    def calls(tree):  # as prepare sizes the parts: whole MiB, what the tree leaves of a call
+        return math.ceil(data / (int(CALL_MIB - CALL_MARGIN_MIB - tree) * lease.MIB))
+
+    room = room_before_another_call(data, int(tree_mib * lease.MIB))
+    assert room >= 0
+    assert calls(tree_mib + room - 0.01) == calls(tree_mib)
+    assert calls(tree_mib + room + 0.01) == calls(tree_mib) + 1
+
+
 def test_this_checkout_sends_the_data_in_at_most_five_calls():
     """Every tracked byte travels with each call of a lease and leaves that much less of the
     call for the data's parts: a commit of large files that costs a lease a sixth data call
     fails here (keep such files out of git: .gitignore's results/*/models rules)."""
-    import math
 
     from kdlib.lease.prepare import part_mib_for
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import lzma
+import math
 import os
 import shutil
 import tarfile
@@ -34,6 +35,18 @@ def part_mib_for(repo_root: Path, leaving: Sequence[Path] = ()) -> float:
         raise ValueError(f"the tracked tree ({tree / MIB:.1f} MiB) leaves {part:.1f} MiB of a "
                          f"call's {CALL_MIB} MiB for data: commit fewer large files")
     return float(int(part))
+
+
+def room_before_another_call(data_bytes: int, tree_bytes: int) -> float:
+    """How many MiB the travelling tree may grow before the data (``data_bytes``, in parts
+    sized by :func:`part_mib_for`) takes one more call than it does now (negative: the tree
+    leaves too little room for any part)."""
+    part = CALL_MIB - CALL_MARGIN_MIB - tree_bytes / MIB
+    if part < MIN_PART_MIB:
+        return part - MIN_PART_MIB
+    calls = math.ceil(data_bytes / (int(part) * MIB))
+    needed = math.ceil(data_bytes / calls / MIB)  # the smallest whole-MiB part for that many
+    return CALL_MIB - CALL_MARGIN_MIB - needed - tree_bytes / MIB
 
 
 def pack_data(data_root: Path, folder: Path, part_mib: float,
@@ -214,6 +227,7 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     # the tree: taken out of the index for the lease (last, once all is written), they travel
     # once, in a carry
     leaving = tracked_among(repo_root, frontier)
+    forced_part = part_mib
     part_mib = part_mib_for(repo_root, leaving) if part_mib is None else part_mib  # a call's room
     tree = travelling_files(repo_root, leaving)
     if tree:
@@ -295,6 +309,9 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         f"to carry ({sum(p.stat().st_size for p in frontier) / MIB:.1f} MiB, "
         f"{sum(map(len, packed.values())) / MIB:.1f} MiB compressed"
         + (f", {len(extra_groups)} call(s) of their own" if extra_groups else "") + ")")
+    if tree and forced_part is None:  # what the next commits of results may add
+        room = room_before_another_call(manifest["bytes"], sum(tree.values()))
+        log(f"the tracked tree may grow {room:.1f} MiB before the data takes one more call")
     (lease / CALLS_FILE).write_text(json.dumps(calls, indent=1))
     if leaving:
         untrack_for_lease(repo_root, leaving)
