@@ -9,9 +9,9 @@ in this order, from
    spends besides its epochs (loading, the test pass, saving). A run's median, not its slowest
    epoch, because one epoch slowed by something beside it would set every later estimate.
    Each committed run, estimated from the others (:func:`leave_one_out`): 1.41 times its time
-   on the H200 (median; 1.81 by the slowest epoch and the largest overhead), 1.55 on the quick
-   grid's CPUs (1.77), 1.51 for SqueezeNet (2.02); none shorter than its run but one of the
-   quick grid's 160, by either rule;
+   on the H200 (median; 1.81 by the rule before 390d845: the slowest epoch and the largest
+   overhead), 1.55 on the quick grid's CPUs (1.77), 1.51 for SqueezeNet (2.02); none shorter
+   than its run but one of the quick grid's 160, by either rule;
 2. the benchmark of this machine (``results/bench/<name>.json``): training images over the
    measured images/s of the matching step, slowed by what the benchmark measured for as many
    processes side by side as the grid runs (``jobs``), plus allowances for evaluation and for
@@ -233,14 +233,15 @@ def leave_one_out(records: Sequence[dict[str, Any]],
     from the other records, beside as many runs as it trained beside (scaled by its device's
     benchmark in ``bench_dir``, if any). Records with no other run of their kind are left out,
     as are aliases."""
-    ratios = []
+    ratios, benches = [], {}
     for record in records:
         if record.get("same_run_as") or not record.get("history") \
                 or not record.get("call_seconds"):
             continue
         device = record_device_kind(record)
-        timer = RunTimer(device, bench=load_bench(bench_dir, device) if bench_dir else None,
-                         jobs=record.get("side_by_side") or 1)
+        if device not in benches:
+            benches[device] = load_bench(bench_dir, device) if bench_dir else None
+        timer = RunTimer(device, bench=benches[device], jobs=record.get("side_by_side") or 1)
         for other in records:
             if other is not record:
                 timer.add(other)

@@ -169,11 +169,11 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
                       log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train ``plan`` with up to ``jobs`` runs at once in worker processes of this machine
     (several small runs share one GPU better than one run uses it); for a lent machine without
-    Ray. Dependencies as :func:`execute_ray` (:func:`~kdlib.run_order.dependency_schedule`); a run is started once its
-    teacher and init runs have records, in :func:`~kdlib.run_order.unblocking_first`'s order, and, under a
-    ``budget``, only as :func:`kdlib.experiments.execute` starts it (a run paused at the
-    budget's end resumes in the next call). Returns the records that exist at the end, in plan
-    order."""
+    Ray. Dependencies as :func:`execute_ray` (:func:`~kdlib.run_order.dependency_schedule`);
+    a run is started once its teacher and init runs have records, in
+    :func:`~kdlib.run_order.unblocking_first`'s order, and, under a ``budget``, only as
+    :func:`kdlib.experiments.execute` starts it (a run paused at the budget's end resumes in
+    the next call). Returns the records that exist at the end, in plan order."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid; expected an integer >= 1")
     results_dir = str(Path(results_dir).resolve())

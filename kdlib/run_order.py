@@ -2,7 +2,7 @@
 runs, an alias after the run that trains it), runs paused at a budget's end resumed, and,
 under a budget, what other runs wait for first, then the shortest. The serial loop
 (:func:`kdlib.experiments.execute`) and the processes executor share it, so that one budget
-starts the same runs whichever trains them."""
+starts runs in the same order whichever trains them (one at a time, fewer may fit)."""
 from __future__ import annotations
 
 import os
@@ -50,10 +50,10 @@ def unblocking_first(schedule: Sequence[tuple[RunConfig, list[str]]],
                      epochs_left: Callable[[RunConfig], int]
                      ) -> list[tuple[RunConfig, list[str]]]:
     """``schedule`` (as :func:`dependency_schedule` gives it) in the order runs should start
-    under a budget: first the runs that other runs wait for, the one
-    holding back the heaviest line of training first (a paused teacher, then a chain's first
-    link); then the rest, the shortest first, so that a lease ends with the most records and
-    what it leaves is long runs, which pause and continue. A run's weight is its epochs
+    under a budget: first the runs that other runs wait for, the one holding back the
+    heaviest line of training first (a paused teacher, then a chain's first link); then the
+    rest, the shortest first, so that a lease ends with the most records and what it leaves
+    is long runs, which pause and continue. A run's weight is its epochs
     still to train (``epochs_left``; nothing for one that waits for the run it is recorded as).
     Ties keep the order given (paused runs first, then plan order: :func:`resume_first`). Not a
     dependency order (a run that waits for another may come first): a run starts only once

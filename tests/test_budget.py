@@ -6,13 +6,14 @@ Smoke preset on real data: ResNet-8, 200 training images, one thread per run.
 """
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from kdlib import cli, experiments
 from kdlib.budget import (START_ALLOWANCE_S, Admission, Budget, Deadline, RunTimer, device_kind,
-                          load_bench, record_device_kind, training_images)
+                          leave_one_out, load_bench, record_device_kind, training_images)
 from kdlib.results import checkpoint_path
 from kdlib.device import cpu_model
 from kdlib.executors import execute_processes
@@ -88,10 +89,6 @@ def test_the_committed_runs_estimated_from_one_another_err_long(folder):
     stops those at an epoch boundary, but a run it admits should finish). On these records the
     rule is short for 1 run of 300; without the margin, on the median of the runs' medians,
     for 54 to 64% of each folder's runs."""
-    from pathlib import Path
-
-    from kdlib.budget import leave_one_out
-
     results = Path(__file__).resolve().parents[1] / "results"
     ratios = sorted(leave_one_out(load_records(results / folder), results / "bench"))
     assert len(ratios) >= 20

@@ -42,7 +42,11 @@ def comparable(record):
 
 
 def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path):
+    """The pixels travel as residuals (kdlib.lease.pixels): the device decodes them back."""
+    from kdlib.lease.pixels import PIXEL_CODING
+
     manifest = lease.pack_data(fake_data_root, tmp_path / "lease", part_mib=0.2, compress=fast)
+    assert manifest["coding"] == PIXEL_CODING and set(manifest["pixels"]) == {"train", "test"}
     assert len(manifest["parts"]) >= 2
     assert all(p["bytes"] <= 0.2 * lease.MIB for p in manifest["parts"])
     for part in manifest["parts"]:
@@ -58,6 +62,10 @@ def test_pack_data_reuses_its_parts_for_the_same_source(fake_data_root, tmp_path
     stamp = (tmp_path / first["parts"][0]["name"]).stat().st_mtime_ns
     assert lease.pack_data(fake_data_root, tmp_path, part_mib=0.2, compress=fast) == first
     assert (tmp_path / first["parts"][0]["name"]).stat().st_mtime_ns == stamp
+    # a manifest of the archive before the pixels were coded is rebuilt, not reused
+    old = {k: v for k, v in first.items() if k not in ("coding", "pixels")}
+    (tmp_path / lease.DATA_MANIFEST).write_text(json.dumps(old))
+    assert lease.pack_data(fake_data_root, tmp_path, part_mib=0.2, compress=fast) == first
 
 
 def test_a_broken_or_missing_part_is_refused_by_name(fake_data_root, tmp_path):

@@ -30,23 +30,28 @@ def part_mib_for(repo_root: Path, leaving: Sequence[Path] = ()) -> float:
     :data:`CALL_MIB`: also the room a call has for carried weight files (:func:`plan_carry`).
     ``leaving``: tracked files the lease takes out of the index (:func:`untrack_for_lease`)."""
     tree = travelling_bytes(repo_root, leaving)
-    part = CALL_MIB - CALL_MARGIN_MIB - tree / MIB
+    part = _room_beside(tree)
     if part < MIN_PART_MIB:
         raise ValueError(f"the tracked tree ({tree / MIB:.1f} MiB) leaves {part:.1f} MiB of a "
                          f"call's {CALL_MIB} MiB for data: commit fewer large files")
     return float(int(part))
 
 
+def _room_beside(tree_bytes: int) -> float:
+    """The MiB a call has for data beside a travelling tree of ``tree_bytes``."""
+    return CALL_MIB - CALL_MARGIN_MIB - tree_bytes / MIB
+
+
 def room_before_another_call(data_bytes: int, tree_bytes: int) -> float:
     """How many MiB the travelling tree may grow before the data (``data_bytes``, in parts
     sized by :func:`part_mib_for`) takes one more call than it does now (negative: the tree
     leaves too little room for any part)."""
-    part = CALL_MIB - CALL_MARGIN_MIB - tree_bytes / MIB
-    if part < MIN_PART_MIB:
-        return part - MIN_PART_MIB
-    calls = math.ceil(data_bytes / (int(part) * MIB))
+    room = _room_beside(tree_bytes)
+    if room < MIN_PART_MIB:
+        return room - MIN_PART_MIB
+    calls = math.ceil(data_bytes / (int(room) * MIB))
     needed = math.ceil(data_bytes / calls / MIB)  # the smallest whole-MiB part for that many
-    return CALL_MIB - CALL_MARGIN_MIB - needed - tree_bytes / MIB
+    return room - needed
 
 
 def pack_data(data_root: Path, folder: Path, part_mib: float,

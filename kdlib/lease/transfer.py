@@ -27,8 +27,8 @@ AGAIN_FILE = "again.json"  # in LEASE_DIR: the follow-up call
 # the data archive's pixels are prediction residuals (kdlib.lease.pixels), small numbers
 # around 0 with little left for a delta filter: plain LZMA2 whose literals are coded in the
 # context of the byte before them (lc=4) and not of their position (lp=pb=0): 95.9 MiB for
-# the three files, 117.5 MiB with xz's delta filters on the raw pixels (on the test file's
-# pixels alone, 55% and 67% of their bytes). lzma reads the filters back on the device.
+# the three files (`lease prepare` prints it), 117.5 MiB with xz's delta filters on the raw
+# pixels (tests/test_lease_pixels.py compares the two). lzma reads the filters back there.
 XZ_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 4, "lp": 0, "pb": 0}]
 CALL_TIMEOUT_S = 600  # the device tool's limit for one command
 COMMAND_MAX_CHARS = 2000  # and for its command line
