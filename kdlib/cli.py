@@ -309,6 +309,10 @@ def command_lease(args: argparse.Namespace) -> int:
               "calls' files are gone): it names the calls to make again.")
         print(f"then: python -m kdlib lease receive {lease.LEASE_DIR}/back-{len(calls)} "
               f"[FOLDER_OF_CALL_{len(calls) + 1}] --preset {args.preset}")
+    elif args.step == "restore":
+        checkpoints = results_dir / "checkpoints"
+        _note_put_back(lease.unhide_after_lease(REPO_ROOT, also=[checkpoints]))
+        print(f"{os.path.relpath(checkpoints, REPO_ROOT)}: in git's index as committed")
     elif args.step == "store":
         try:
             lease.store([Path(p) for p in args.paths], call=args.call)
@@ -370,7 +374,15 @@ def command_lease(args: argparse.Namespace) -> int:
             print(f"{len(paused)} paused run(s) continue next lease from their checkpoints "
                   "(staged above): the next `lease prepare` carries them")
         _note_unneeded_weights(plan, results_dir)
+        _note_put_back(lease.unhide_after_lease(REPO_ROOT))
     return 0
+
+
+def _note_put_back(folders: Sequence[str]) -> None:
+    """Say which folders `lease prepare` had hidden from the calls are in git's index again."""
+    if folders:
+        print(f"back in git's index: {', '.join(folders)} (hidden from the lease's calls, on "
+              "disk all along)")
 
 
 def _note_compile_decisions(benches: Sequence[Path]) -> None:
@@ -524,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variants", nargs="+", default=None, help="only these (default: all)")
     bench.set_defaults(func=command_bench)
 
-    lease = sub.add_parser("lease", help="a lent GPU: prepare | store | go | receive "
+    lease = sub.add_parser("lease", help="a lent GPU: prepare | store | go | receive | restore "
                                          "(README, 'On a GPU')")
     steps = lease.add_subparsers(dest="step", required=True)
     for name, text in (("prepare", "here: pack data and weights into .lease/, print the calls"),
@@ -567,6 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "calls before it stored (.lease/stash.json)")
     store.add_argument("--preset", default="gpu")
     store.add_argument("--results-dir", default=None)
+    restore = steps.add_parser("restore", help="here, for a lease that never ran: git's index "
+                                               "as before `prepare`")
+    restore.add_argument("--preset", default="gpu")
+    restore.add_argument("--results-dir", default=None)
     receive = steps.add_parser("receive", help="here: unpack the returned files into results/")
     receive.add_argument("folders", nargs="+", metavar="folder",
                          help="each returning call's folder of files, in the order of the calls")

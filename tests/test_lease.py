@@ -256,6 +256,103 @@ def test_the_tree_every_call_sends_is_counted_and_its_largest_folders_named(tmp_
     assert largest_folders(sent, depth=1, top=1) == [("results", 8400), ("the rest", 225)]
 
 
+def _committed_checkout(here: Path, files: dict[str, str]) -> dict:
+    """A git checkout under ``here`` with this repository's .gitignore and ``files`` committed
+    (those its rules ignore are written, not committed); the keyword arguments of its git."""
+    git = dict(cwd=here, check=True, capture_output=True, text=True)
+    here.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], **git)
+    shutil.copy(REPO / ".gitignore", here / ".gitignore")
+    for name, text in files.items():
+        (here / name).parent.mkdir(parents=True, exist_ok=True)
+        (here / name).write_text(text)
+    subprocess.run(["git", "add", "-A"], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
+                   **git)
+    return git
+
+
+def test_the_other_presets_results_stay_here_during_a_lease(fake_data_root, tmp_path,
+                                                           monkeypatch, capsys):
+    """The device reads its preset's results and the benchmarks, nothing else of results/:
+    `prepare` takes the other presets' folders out of git's index and ignores them in
+    .git/info/exclude (against .gitignore's negations, which keep their models tracked), so
+    that no call sends them; a second `prepare` keeps them out; `restore` (a lease that never
+    ran) leaves git's index and the exclude file as they were."""
+    from kdlib import cli
+    from kdlib.lease.tracked import travelling_files
+
+    here = tmp_path / "here"
+    teacher = "results/quick/models/resnet20-teacher-w32a32-s1-a.packed"  # a negated rule's
+    git = _committed_checkout(here, {
+        teacher: "t" * 3000, "results/quick/runs/a.json": "{}", "results/quick_x/runs/b.json": "{}",
+        "results/quick/models/resnet20-individual-w4a4-s1-b.packed": "ignored",
+        "results/bench/dev.json": "{}", "kdlib/x.py": "", "README.md": ""})
+    exclude = here / ".git" / "info" / "exclude"
+    exclude.write_text("# mine\n/scratch/\n")
+    (here / "results/quick/new.json").write_text("{}")  # untracked, not ignored: would travel
+    quick = {teacher, "results/quick/runs/a.json", "results/quick/new.json"}
+    assert quick | {"results/quick_x/runs/b.json"} <= set(travelling_files(here))
+
+    def status() -> str:
+        return subprocess.run(["git", "status", "--porcelain"], **git).stdout
+
+    results = here / "results" / "smoke"
+    plan = experiments.plan_grid(preset="smoke", model="resnet8", seeds=[0])
+    for _ in range(2):  # a second prepare, say with other minutes, finds them hidden
+        logs = []
+        lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                      minutes=1, jobs=1, preset="smoke", model="resnet8", log=logs.append)
+        sent = set(travelling_files(here))
+        assert not {n for n in sent if n.startswith("results/quick")}
+        assert {"results/bench/dev.json", "kdlib/x.py", "README.md"} <= sent
+        assert all((here / name).exists() for name in quick)  # on disk all along
+        assert status() == ("D  results/quick/models/resnet20-teacher-w32a32-s1-a.packed\n"
+                            "D  results/quick/runs/a.json\nD  results/quick_x/runs/b.json\n")
+        assert exclude.read_text().count("# kdlib lease") == 2  # one block
+        hidden = next(line for line in logs if line.startswith("out of git's index and ignored"))
+        assert "results/quick (0.0 MiB), results/quick_x (0.0 MiB)" in hidden
+        assert "python -m kdlib lease restore --preset smoke" in hidden
+    assert logs[0].startswith("every call also sends the tree, 0.0 MiB")
+    monkeypatch.setattr(cli, "REPO_ROOT", here)
+    capsys.readouterr()
+    assert cli.main(["lease", "restore", "--preset", "smoke", "--results-dir", str(results)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "back in git's index: results/quick, results/quick_x (hidden from the lease's calls, on "
+        "disk all along)", "results/smoke/checkpoints: in git's index as committed"]
+    assert status() == "?? results/quick/new.json\n"
+    assert exclude.read_text() == "# mine\n/scratch/\n"
+    assert quick <= set(travelling_files(here))
+
+
+def test_results_hidden_for_a_lease_come_back_though_a_commit_dropped_them(tmp_path):
+    """A commit made during the lease (`git commit -a`) removes the hidden folders' files and
+    the carried checkpoints from the branch; putting them back (`lease restore`) takes them
+    from the commit `prepare` saw."""
+    from kdlib.lease.tracked import (hidden_folders, hide_for_lease, unhide_after_lease,
+                                     untrack_for_lease)
+
+    here = tmp_path / "here"
+    git = _committed_checkout(here, {"results/quick/runs/a.json": "{}", "kdlib/x.py": ""})
+    checkpoint = here / "results" / "gpu" / "checkpoints" / "r.pt"  # ignored: added by force
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("c")
+    subprocess.run(["git", "add", "-f", str(checkpoint)], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
+                   **git)
+    untrack_for_lease(here, [checkpoint])  # what prepare does to a carried checkpoint
+    hide_for_lease(here, [here / "results" / "quick"])
+    assert hidden_folders(here) == ["results/quick"]
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "d"],
+                   **git)
+    assert subprocess.run(["git", "ls-files", "results"], **git).stdout == ""
+    assert unhide_after_lease(here, also=[checkpoint.parent]) == ["results/quick"]
+    assert hidden_folders(here) == []
+    assert subprocess.run(["git", "status", "--porcelain"], **git).stdout == \
+        "A  results/gpu/checkpoints/r.pt\nA  results/quick/runs/a.json\n"  # back next commit
+    assert unhide_after_lease(here) == []  # nothing hidden: nothing to do
+
+
 def test_a_paused_runs_checkpoint_is_carried_and_placed_where_the_grid_resumes_it(
         fake_data_root, tmp_path):
     plan = experiments.plan_grid(**GRID, chain=[32, 4], chain_methods=["ta_chain"],
@@ -350,6 +447,10 @@ def test_what_the_next_lease_needs_is_committed_and_travels_once(fake_data_root,
     staged = lease.stage_for_next_lease(plan, results, here)  # what `lease receive` does
     assert sorted(staged["added"]) == sorted([weights.resolve(), paused.resolve()])
     assert rel <= tracked() and staged["removed"] == []
+    other = here / "results" / "quick" / "runs" / "a.json"  # another preset's: hidden, put back
+    other.parent.mkdir(parents=True)
+    other.write_text("{}")
+    subprocess.run(["git", "add", str(other)], **git)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "r"],
                    **git)
     assert rel <= set(travelling_files(here))  # committed: would ride in every call
@@ -366,8 +467,9 @@ def test_what_the_next_lease_needs_is_committed_and_travels_once(fake_data_root,
     carried = {p.name for call in calls for path in call["carry"] if "/weights/" in path
                for p in (here / path).glob("*" + lease.CARRIED_SUFFIX)}
     assert carried == {weights.name + lease.CARRIED_SUFFIX, paused.name + lease.CARRIED_SUFFIX}
-    assert any(line.startswith("out of git's index for this lease") and "git reset -q --" in line
+    assert any(line.startswith("out of git's index for this lease") and "lease restore" in line
                for line in logs)
+    assert "results/quick/runs/a.json" not in tracked() | set(travelling_files(here))
     assert any(line.startswith(f"resumes: {plan[2].run_id()} from epoch 1") for line in logs)
     paused.unlink()  # its run finished there: `receive` deletes the checkpoint of such a run
     out = tmp_path / "out"
@@ -383,7 +485,8 @@ def test_what_the_next_lease_needs_is_committed_and_travels_once(fake_data_root,
             f"{weights.relative_to(here)}") in said
     assert (f"staged in git: the removal of 1 weight or checkpoint file(s) no unfinished run "
             f"needs any more: {paused.relative_to(here)}") in said
-    assert tracked() == {str(weights.relative_to(here))}
+    assert "back in git's index: results/quick (hidden from the lease's calls" in said
+    assert tracked() == {str(weights.relative_to(here)), "results/quick/runs/a.json"}
     status = subprocess.run(["git", "status", "--porcelain", "--", str(paused)], **git).stdout
     assert status == f"D  {paused.relative_to(here)}\n"  # committed with the records
 
@@ -811,13 +914,18 @@ def test_prepare_says_how_far_the_tree_may_grow_before_the_data_takes_another_ca
     assert calls(tree_mib + room + 0.01) == calls(tree_mib) + 1
 
 
-def test_this_checkout_sends_the_data_in_at_most_five_calls():
-    """Every tracked byte travels with each call of a lease and leaves that much less of the
-    call for the data's parts: a commit of large files that costs a lease a sixth data call
-    fails here (keep such files out of git: .gitignore's results/*/models rules)."""
+@pytest.mark.parametrize("preset", ["gpu", "paper"])
+def test_this_checkout_sends_the_data_in_at_most_three_calls(preset):
+    """Every byte the tree sends travels with each call of a lease and leaves that much less of
+    the call for the data's parts: the package, the tests and notebooks, the preset's results
+    and the benchmarks (the other presets' are hidden for the lease). Two calls on 2026-12-05
+    (`lease prepare` prints how far the tree may grow before a third); a commit of large files
+    that costs a lease a fourth data call fails here (keep such files out of git:
+    .gitignore's results/*/models rules)."""
 
     from kdlib.lease.prepare import part_mib_for
+    from kdlib.lease.tracked import untravelled_results
 
     root = Path(__file__).resolve().parents[1]
-    part = part_mib_for(root)
-    assert math.ceil(CIFAR100_XZ_MIB / part) <= 5, f"data parts of {part:g} MiB"
+    part = part_mib_for(root, untravelled_results(root, root / "results" / preset))
+    assert math.ceil(CIFAR100_XZ_MIB / part) <= 3, f"data parts of {part:g} MiB"

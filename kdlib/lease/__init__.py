@@ -21,8 +21,9 @@ is given back 30 s after a call. So:
   (:func:`check_returns`: one machine's returns, each once, in order), and
   :func:`stage_for_next_lease` stages in git the weights and paused checkpoints the next lease
   needs (a later session is a fresh checkout); :func:`prepare` takes them out of the index
-  again, so that they travel once rather than with the tree in every call
-  (:mod:`~kdlib.lease.tracked`).
+  again, so that they travel once rather than with the tree in every call, and hides the other
+  presets' results, which the device never reads, from the calls until :func:`receive`
+  (:mod:`~kdlib.lease.tracked`: :func:`hide_for_lease`, :func:`unhide_after_lease`).
 
 Every file crossing between the machines is checked against a sha256 written beside it.
 
@@ -45,6 +46,7 @@ from kdlib.lease.prepare import (compress_carried, frontier_weights, lost_paused
                                  travelling_bytes, unneeded_committed_weights)
 from kdlib.lease.receive import (check_returns, read_manifest, receive,
                                  stage_for_next_lease)
+from kdlib.lease.tracked import hide_for_lease, unhide_after_lease, untravelled_results
 from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_LEFT, AGAIN_MIN_S, CALLS_FILE,
                                   CARRIED_SUFFIX, DATA_FILES, DATA_MANIFEST, LEASE_DIR, MIB,
                                   OUT_MAX_FILES, STASH, STASH_INCOMPLETE_EXIT, STASH_PLAN,
@@ -53,11 +55,12 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_LEFT, AGAIN_MIN_S, CALLS_FIL
 __all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "CALLS_FILE", "CARRIED_SUFFIX", "DATA_FILES",
            "DATA_MANIFEST", "DEVICE_BENCH", "FALLBACK_BENCH", "LEASE_DIR", "MIB", "OUT_MAX_FILES",
            "SNAPSHOT", "SPARE_COMPILED_S", "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
-           "StashIncomplete", "assemble_data", "auto_jobs", "call_timeline", "check_returns",
-           "check_stash", "compile_undecided", "complete_bench", "compress_carried",
-           "device_bench_args", "frontier_weights", "go", "groups_weights", "later_compile_parts",
+           "assemble_data", "auto_jobs", "call_timeline", "check_returns", "check_stash",
+           "compile_undecided", "complete_bench", "compress_carried", "device_bench_args",
+           "frontier_weights", "go", "groups_weights", "hide_for_lease", "later_compile_parts",
            "lost_paused", "missing_parts", "pack", "pack_data", "pack_outputs", "part_mib_for",
            "place_carried", "plan_carry", "planned_paused", "prepare", "read_manifest", "receive",
-           "replays_steps", "stage_for_next_lease",
-           "restore_returned", "sha256_of", "snapshot_results", "store", "store_carried",
-           "store_part", "travelling_bytes", "unneeded_committed_weights"]
+           "replays_steps", "restore_returned", "sha256_of", "snapshot_results",
+           "stage_for_next_lease", "StashIncomplete", "store", "store_carried", "store_part",
+           "travelling_bytes", "unhide_after_lease", "unneeded_committed_weights",
+           "untravelled_results"]

@@ -21,8 +21,9 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGA
                                   LEASE_DIR, MIB, MIN_PART_MIB, PACK_S, STASH_INCOMPLETE_EXIT,
                                   STASH_PLAN, XZ_FILTERS, sha256_of, split_into_parts)
 from kdlib.lease.pixels import PIXEL_CODING, locate_pixels, recode_file
-from kdlib.lease.tracked import (committed_files, largest_folders, tracked_among,
-                                 travelling_bytes, travelling_files, untrack_for_lease)
+from kdlib.lease.tracked import (committed_files, hide_for_lease, largest_folders, tracked_among,
+                                 travelling_bytes, travelling_files, unhide_after_lease,
+                                 untrack_for_lease, untravelled_results)
 
 
 def part_mib_for(repo_root: Path, leaving: Sequence[Path] = ()) -> float:
@@ -226,15 +227,21 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     from kdlib.results import CODE_COMMIT  # the device's copy of .git can be stale: state it
 
     lease = repo_root / LEASE_DIR
+    unhide_after_lease(repo_root)  # an earlier prepare's, so that its folders are seen again
     paused = planned_paused(plan, results_dir)
     frontier = frontier_weights(plan, results_dir) + paused
     # committed ones (for a later session: see stage_for_later) would ride in every call with
     # the tree: taken out of the index for the lease (last, once all is written), they travel
-    # once, in a carry
+    # once, in a carry; the other presets' results, which the device never reads, not at all
     leaving = tracked_among(repo_root, frontier)
+    hidden = untravelled_results(repo_root, results_dir)
     forced_part = part_mib
-    part_mib = part_mib_for(repo_root, leaving) if part_mib is None else part_mib  # a call's room
-    tree = travelling_files(repo_root, leaving)
+    part_mib = (part_mib_for(repo_root, [*leaving, *hidden]) if part_mib is None
+                else part_mib)  # a call's room
+    tree = travelling_files(repo_root, [*leaving, *hidden])
+    sent = travelling_files(repo_root, leaving)  # before hiding: what each hidden folder weighs
+    hidden_mib = {folder: sum(size for name, size in sent.items() if name.startswith(
+        os.path.relpath(folder, repo_root) + "/")) / MIB for folder in hidden}
     if tree:
         log(f"every call also sends the tree, {sum(tree.values()) / MIB:.1f} MiB ("
             + ", ".join(f"{name} {size / MIB:.1f}" for name, size in largest_folders(tree))
@@ -318,11 +325,18 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         room = room_before_another_call(manifest["bytes"], sum(tree.values()))
         log(f"the tracked tree may grow {room:.1f} MiB before the data takes one more call")
     (lease / CALLS_FILE).write_text(json.dumps(calls, indent=1))
+    undo = f"undo, for a lease that never runs: python -m kdlib lease restore --preset {preset}"
     if leaving:
         untrack_for_lease(repo_root, leaving)
         log(f"out of git's index for this lease, to travel once rather than in every call: "
             f"{len(leaving)} committed weight or checkpoint file(s) "
             f"({sum(p.stat().st_size for p in leaving) / MIB:.1f} MiB); `lease receive` stages "
-            f"those still needed again (undo, without a lease: git reset -q -- "
-            f"{' '.join(os.path.relpath(p, repo_root) for p in leaving)})")
+            f"those still needed again ({undo})")
+    if hidden:
+        hide_for_lease(repo_root, hidden)
+        log(f"out of git's index and ignored for this lease, as the device reads only "
+            f"{os.path.relpath(results_dir, repo_root)} and the benchmarks: "
+            + ", ".join(f"{os.path.relpath(folder, repo_root)} ({mib:.1f} MiB)"
+                        for folder, mib in hidden_mib.items())
+            + f"; `lease receive` puts them back ({undo})")
     return calls

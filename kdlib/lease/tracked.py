@@ -1,10 +1,12 @@
 """What git tracks, seen from a lease: the tree every device call sends (the tool's rule:
-tracked files and untracked ones git does not ignore), and the weight files and checkpoints a
+tracked files and untracked ones git does not ignore); the weight files and checkpoints a
 later session needs, which must be committed because a session's ignored files do not outlive
-it (:func:`untrack_for_lease`, :func:`stage_for_later`)."""
+it (:func:`untrack_for_lease`, :func:`stage_for_later`); and the other presets' results, which
+the device never reads, hidden from the lease's calls (:func:`hide_for_lease`)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,10 +32,13 @@ def _names(done: subprocess.CompletedProcess | None) -> list[str]:
 def travelling_files(repo_root: Path, leaving: Sequence[Path] = ()) -> dict[str, int]:
     """What every call sends besides its carry, path (relative) to size: tracked files and
     untracked ones git does not ignore (the device tool's rule); none outside a checkout.
-    ``leaving``: files :func:`untrack_for_lease` is about to take out of the index."""
+    ``leaving``: files :func:`untrack_for_lease` is about to take out of the index, and
+    folders :func:`hide_for_lease` is about to hide."""
     names = set(_names(_git(repo_root, "ls-files", "-z", "--cached", "--others",
                             "--exclude-standard")))
-    names -= set(_inside(repo_root, leaving))
+    gone = _inside(repo_root, leaving)  # files, or folders for all they hold
+    names = {name for name in names
+             if not any(name == path or name.startswith(path + "/") for path in gone)}
     return {name: (repo_root / name).stat().st_size for name in sorted(names)
             if (repo_root / name).is_file()}
 
@@ -111,3 +116,93 @@ def stage_for_later(repo_root: Path, keep: Sequence[Path], folder: Path) -> dict
                           "--diff-filter=D", "--", where))
     root = Path(repo_root).resolve()
     return {"added": [root / name for name in added], "removed": [root / n for n in removed]}
+
+
+# The lines `lease prepare` writes into .git/info/exclude (the device tool honours it) around
+# the folders it hides; `lease receive` and `lease restore` remove them.
+EXCLUDE_BEGIN = "# kdlib lease, from commit {commit}: out of git's index for the lease's calls"
+EXCLUDE_END = "# kdlib lease: end (python -m kdlib lease restore puts them back)"
+_BEGIN = re.compile(r"^# kdlib lease, from commit (\S*):")
+BENCH_FOLDER = "bench"  # results/bench: the device reads its benchmark file there
+
+
+def untravelled_results(repo_root: Path, results_dir: Path) -> list[Path]:
+    """The folders beside ``results_dir`` but the benchmarks' (the other presets' results)
+    that hold files every call would send. The device reads only its preset's results and
+    ``results/bench``, and the other presets' committed weights (quick's teachers and seed 0,
+    SqueezeNet's teachers: 26.4 MiB on 2026-12-05) would take most of each call's 64 MiB from
+    the data; :func:`hide_for_lease` keeps them here."""
+    root, results_dir = Path(repo_root).resolve(), Path(results_dir).resolve()
+    parent = results_dir.parent
+    if parent == root or not parent.is_relative_to(root):
+        return []
+    prefix = str(parent.relative_to(root)) + "/"
+    folders = {name[len(prefix):].split("/")[0] for name in travelling_files(root)
+               if name.startswith(prefix) and "/" in name[len(prefix):]}
+    return [parent / name for name in sorted(folders - {results_dir.name, BENCH_FOLDER})]
+
+
+def _exclude_file(repo_root: Path) -> Path | None:
+    done = _git(repo_root, "rev-parse", "--git-path", "info/exclude")
+    return Path(repo_root) / done.stdout.decode().strip() if done else None
+
+
+def _split_exclude(text: str) -> tuple[list[str], list[str], str | None]:
+    """``text`` of .git/info/exclude as (its lines but the lease's block, the folders in that
+    block, the commit the block names, None where there is no block)."""
+    kept, folders, commit, inside = [], [], None, False
+    for line in text.splitlines():
+        begin = _BEGIN.match(line)
+        if begin:
+            inside, commit = True, begin.group(1)
+        elif inside and line == EXCLUDE_END:
+            inside = False
+        elif inside:
+            folders.append(line.strip("/"))
+        else:
+            kept.append(line)
+    return kept, folders, commit
+
+
+def hidden_folders(repo_root: Path) -> list[str]:
+    """The folders (relative) an earlier :func:`hide_for_lease` hid and nothing put back."""
+    exclude = _exclude_file(repo_root)
+    return _split_exclude(exclude.read_text())[1] if exclude and exclude.exists() else []
+
+
+def hide_for_lease(repo_root: Path, folders: Sequence[Path]) -> None:
+    """Keep ``folders`` (:func:`untravelled_results`) out of the lease's calls: their files
+    taken out of git's index (kept on disk) and the folders ignored in .git/info/exclude, for
+    the tool sends tracked files and untracked ones git does not ignore. A rule that ignores a
+    folder there also holds against .gitignore's negations (``!results/*/models/*-s0-*.packed``):
+    git does not look inside an ignored folder. :func:`unhide_after_lease` undoes it."""
+    names = _inside(repo_root, folders)
+    exclude = _exclude_file(repo_root)
+    if not names or exclude is None:
+        return
+    head = _git(repo_root, "rev-parse", "--verify", "-q", "HEAD")
+    commit = head.stdout.decode().strip() if head else ""
+    if _git(repo_root, "rm", "-r", "--cached", "-q", "--ignore-unmatch", "--", *names) is None:
+        raise RuntimeError(f"git rm --cached failed in {repo_root} for {names}")
+    kept = _split_exclude(exclude.read_text())[0] if exclude.exists() else []
+    block = [EXCLUDE_BEGIN.format(commit=commit), *(f"/{name}/" for name in names), EXCLUDE_END]
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    exclude.write_text("\n".join([*kept, *block]) + "\n")
+
+
+def unhide_after_lease(repo_root: Path, also: Sequence[Path] = ()) -> list[str]:
+    """Undo :func:`hide_for_lease`: the hidden folders' files back in git's index as the
+    commit it saw had them (a commit made since, which would have removed them, is undone
+    for them too), and its lines gone from .git/info/exclude. ``also``: more paths put back
+    the same way (the checkpoints :func:`untrack_for_lease` took out, for a lease that never
+    ran). Returns the folders put back (relative)."""
+    exclude = _exclude_file(repo_root)
+    kept, folders, seen = (_split_exclude(exclude.read_text()) if exclude and exclude.exists()
+                           else ([], [], None))
+    commit = seen or (_git(repo_root, "rev-parse", "--verify", "-q", "HEAD") and "HEAD")
+    names = folders + _inside(repo_root, also)
+    if names and commit and _git(repo_root, "reset", "-q", commit, "--", *names) is None:
+        raise RuntimeError(f"git reset failed in {repo_root} for {names}")
+    if seen is not None:  # the block was there
+        exclude.write_text("\n".join(kept) + "\n" if kept else "")
+    return folders
