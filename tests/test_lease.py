@@ -492,14 +492,20 @@ def test_what_the_next_lease_needs_is_committed_and_travels_once(fake_data_root,
 
 
 def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data_root, tmp_path):
-    """`lease prepare`'s calls, run by bash in a fresh 'device' folder holding only the tracked
-    tree and the carried paths, the returned files received here. Lease 1 has no time for the
-    grid: only the benchmark comes back. Then the teacher and a first link are trained here; lease
-    2 carries their weights, trains the rest without retraining them and without a second
-    benchmark. The records equal a plain serial grid's."""
+    """`lease prepare`'s calls, run by bash in a fresh 'device' folder holding only what the
+    tool sends (the tree, by git's rule, and the carried paths), the returned files received
+    here. Lease 1 has no time for the grid: only the benchmark comes back. Then the teacher and
+    a first link are trained here; lease 2 carries their weights, trains the rest without
+    retraining them and without a second benchmark. The records equal a plain serial grid's.
+    Another preset's results stay here throughout, and are tracked again afterwards."""
+    from kdlib.lease.tracked import travelling_files, unhide_after_lease
+
     here = tmp_path / "here"
     (here / "results" / "bench").mkdir(parents=True)
     results = here / "results" / "smoke"
+    other = "results/quick/runs/resnet20-teacher-w32a32-s0-a.json"
+    git = _committed_checkout(here, {other: "{}", ".gitignore": (
+        "results/*/checkpoints\nresults/*/logs/*\n!results/*/logs/lease-*.log\n/.lease/\n")})
     small = dict(chain=[32, 4, 1], chain_methods=["ta_chain"], methods=["direct_kd"])
     plan = experiments.plan_grid(**GRID, **small)  # 5 runs: 4 trained, direct_kd@4 an alias
 
@@ -510,9 +516,11 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
                               repo_root=here, minutes=minutes, jobs=1, preset="smoke",
                               model="resnet8", grid=small, part_mib=0.5,
                               bench_args=TINY_BENCH, grace_s=120)
-        device = tmp_path / f"device{n}"  # the tracked tree: the package, results without
-        shutil.copytree(here / "results", device / "results",  # their ignored folders
-                        ignore=shutil.ignore_patterns("checkpoints", "logs", "tb"))
+        device = tmp_path / f"device{n}"  # what the tool sends, and this repository's package
+        for name in travelling_files(here):
+            (device / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(here / name, device / name)
+        assert not (device / "results" / "quick").exists()
         shutil.copytree(REPO / "kdlib", device / "kdlib",
                         ignore=shutil.ignore_patterns("__pycache__"))
         out = tmp_path / f"out{n}"
@@ -556,6 +564,8 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
                                  progress=False)
     assert sorted(map(comparable, received.values()), key=lambda r: r["run_id"]) == \
         sorted(map(comparable, serial), key=lambda r: r["run_id"])
+    assert unhide_after_lease(here) == ["results/quick"]  # as `lease receive` does
+    assert subprocess.run(["git", "ls-files", "results/quick"], **git).stdout == other + "\n"
 
 
 def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path):
