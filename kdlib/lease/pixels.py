@@ -1,7 +1,7 @@
 """CIFAR's pixels coded as prediction residuals for the lease's data archive: a byte-for-byte
 bijection that xz compresses about 18% smaller than the raw pixels under delta filters.
 
-Every call of a lease carries the tracked tree beside a data part, so the smaller the archive,
+Every call of a lease carries the tree beside a data part, so the smaller the archive,
 the fewer calls the data takes (and the more the tree may grow before it takes one more). Each
 image is coded as its green plane and the red and blue planes' signed differences from green
 (the colours move together), each pixel as its difference (mod 256) from the median edge

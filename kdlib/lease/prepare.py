@@ -29,12 +29,13 @@ from kdlib.lease.tracked import (committed_files, hide_for_lease, largest_folder
 def part_mib_for(repo_root: Path, leaving: Sequence[Path] = ()) -> float:
     """The largest data part that, with the travelling tree, stays under a call's
     :data:`CALL_MIB`: also the room a call has for carried weight files (:func:`plan_carry`).
-    ``leaving``: tracked files the lease takes out of the index (:func:`untrack_for_lease`)."""
+    ``leaving``: tracked files the lease takes out of the index (:func:`untrack_for_lease`)
+    and folders it hides (:func:`hide_for_lease`)."""
     tree = travelling_bytes(repo_root, leaving)
     part = _room_beside(tree)
     if part < MIN_PART_MIB:
-        raise ValueError(f"the tracked tree ({tree / MIB:.1f} MiB) leaves {part:.1f} MiB of a "
-                         f"call's {CALL_MIB} MiB for data: commit fewer large files")
+        raise ValueError(f"the tree every call sends ({tree / MIB:.1f} MiB) leaves {part:.1f} "
+                         f"MiB of a call's {CALL_MIB} MiB for data: commit fewer large files")
     return float(int(part))
 
 
@@ -323,7 +324,7 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         + (f", {len(extra_groups)} call(s) of their own" if extra_groups else "") + ")")
     if tree and forced_part is None:  # what the next commits of results may add
         room = room_before_another_call(manifest["bytes"], sum(tree.values()))
-        log(f"the tracked tree may grow {room:.1f} MiB before the data takes one more call")
+        log(f"the tree the calls send may grow {room:.1f} MiB before the data takes one more call")
     (lease / CALLS_FILE).write_text(json.dumps(calls, indent=1))
     undo = f"undo, for a lease that never runs: python -m kdlib lease restore --preset {preset}"
     if leaving:
