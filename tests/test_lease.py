@@ -299,6 +299,14 @@ def test_the_other_presets_results_stay_here_during_a_lease(fake_data_root, tmp_
 
     results = here / "results" / "smoke"
     plan = experiments.plan_grid(preset="smoke", model="resnet8", seeds=[0])
+    (here / "results/quick/runs/a.json").write_text('{"a": 1}')  # staged: would be unstaged
+    subprocess.run(["git", "add", "results/quick/runs/a.json"], **git)
+    with pytest.raises(ValueError, match=r"changes staged .* \(results/quick/runs/a.json\): "
+                                         r"commit them first"):
+        lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                      minutes=1, jobs=1, preset="smoke", model="resnet8")
+    assert status() == "M  results/quick/runs/a.json\n?? results/quick/new.json\n"
+    subprocess.run(["git", "checkout", "HEAD", "--", "results/quick/runs/a.json"], **git)
     for _ in range(2):  # a second prepare, say with other minutes, finds them hidden
         logs = []
         lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,

@@ -21,9 +21,9 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGA
                                   LEASE_DIR, MIB, MIN_PART_MIB, PACK_S, STASH_INCOMPLETE_EXIT,
                                   STASH_PLAN, XZ_FILTERS, sha256_of, split_into_parts)
 from kdlib.lease.pixels import PIXEL_CODING, locate_pixels, recode_file
-from kdlib.lease.tracked import (committed_files, hide_for_lease, largest_folders, tracked_among,
-                                 travelling_bytes, travelling_files, unhide_after_lease,
-                                 untrack_for_lease, untravelled_results)
+from kdlib.lease.tracked import (committed_files, hide_for_lease, largest_folders, staged_among,
+                                 tracked_among, travelling_bytes, travelling_files,
+                                 unhide_after_lease, untrack_for_lease, untravelled_results)
 
 
 def part_mib_for(repo_root: Path, leaving: Sequence[Path] = ()) -> float:
@@ -236,6 +236,11 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     # once, in a carry; the other presets' results, which the device never reads, not at all
     leaving = tracked_among(repo_root, frontier)
     hidden = untravelled_results(repo_root, results_dir)
+    staged = staged_among(repo_root, hidden)
+    if staged:
+        raise ValueError(f"git has changes staged in the results a lease hides and then puts back "
+                         f"as committed ({', '.join(staged[:3])}{' ...' if len(staged) > 3 else ''}"
+                         f"): commit them first (or unstage them: git reset -q -- PATHS)")
     forced_part = part_mib
     part_mib = (part_mib_for(repo_root, [*leaving, *hidden]) if part_mib is None
                 else part_mib)  # a call's room

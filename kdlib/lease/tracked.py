@@ -142,6 +142,14 @@ def untravelled_results(repo_root: Path, results_dir: Path) -> list[Path]:
     return [parent / name for name in sorted(folders - {results_dir.name, BENCH_FOLDER})]
 
 
+def staged_among(repo_root: Path, folders: Sequence[Path]) -> list[str]:
+    """Changes staged in git under ``folders`` (relative paths): hiding them for a lease and
+    putting them back as committed would unstage them (:func:`unhide_after_lease`)."""
+    names = _inside(repo_root, folders)
+    return _names(_git(repo_root, "diff", "--cached", "--name-only", "-z", "--", *names)
+                  if names else None)
+
+
 def _exclude_file(repo_root: Path) -> Path | None:
     done = _git(repo_root, "rev-parse", "--git-path", "info/exclude")
     return Path(repo_root) / done.stdout.decode().strip() if done else None
