@@ -18,7 +18,8 @@ import pandas as pd
 
 from kdlib.budget import train_images, training_images
 from kdlib.config import RunConfig
-from kdlib.trained import training_key
+from kdlib.run_order import unique_runs
+from kdlib.trained import TrainedIndex
 
 # SqueezeNet's training-step time over ResNet-20's, used until SqueezeNet records exist:
 # 3.27 (fp32) and 3.38 (4-bit), 1 thread, batch 128, channels_last, on the 2-core VM.
@@ -29,17 +30,8 @@ REFERENCE_MODEL = "resnet20"
 def trainings(plan: Sequence[RunConfig]) -> list[RunConfig]:
     """The runs of ``plan`` that train: one per training under several names (the grid's
     ``same_run_as`` aliases, found by the same training key)."""
-    alias: dict[str, str] = {}
-    first: dict[str, str] = {}
-    out = []
-    for cfg in plan:
-        key = training_key(cfg, lambda run_id: alias.get(run_id, run_id) if run_id else None)
-        if key in first:
-            alias[cfg.run_id()] = first[key]
-        else:
-            first[key] = cfg.run_id()
-            out.append(cfg)
-    return out
+    index = TrainedIndex()
+    return [cfg for cfg in unique_runs(plan) if index.claim(cfg) == cfg.run_id()]
 
 
 def plan_trainings(preset: str, seeds: Sequence[int] | None = None) -> tuple[int, list[RunConfig]]:

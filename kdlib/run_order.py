@@ -35,12 +35,9 @@ def dependency_schedule(plan: Sequence[RunConfig],
         if find_record(results_dir, run_id) is not None:
             continue
         after = [d for d in (cfg.teacher_id, cfg.init_id) if d in planned]
-        key = index.key(cfg)
-        trained_as = index.by_key.setdefault(key, run_id)
-        if trained_as != run_id:
-            index.alias_of[run_id] = trained_as
-            if trained_as in planned:
-                after.append(trained_as)
+        trained_as = index.claim(cfg)
+        if trained_as != run_id and trained_as in planned:
+            after.append(trained_as)
         planned.add(run_id)
         schedule.append((cfg, list(dict.fromkeys(after))))
     return schedule

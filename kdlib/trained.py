@@ -25,10 +25,10 @@ class TrainedIndex:
     """Which run trained what, in one results folder: training key -> run id, and each alias
     run id -> the run id that trained it."""
 
-    def __init__(self, results_dir: str | os.PathLike):
+    def __init__(self, results_dir: str | os.PathLike | None = None):
         self.by_key: dict[str, str] = {}
         self.alias_of: dict[str, str] = {}
-        for record in load_records(results_dir):
+        for record in load_records(results_dir) if results_dir is not None else []:
             if record.get("same_run_as"):
                 self.alias_of[record["run_id"]] = record["same_run_as"]
             elif record.get("training_key"):
@@ -39,3 +39,12 @@ class TrainedIndex:
 
     def key(self, cfg: RunConfig) -> str:
         return training_key(cfg, self.canonical)
+
+    def claim(self, cfg: RunConfig) -> str:
+        """The run id that trains ``cfg``: a run known to train the same thing, else ``cfg``'s
+        own, noted so that a later run that trains the same thing is its alias."""
+        run_id = cfg.run_id()
+        trained_as = self.by_key.setdefault(self.key(cfg), run_id)
+        if trained_as != run_id:
+            self.alias_of[run_id] = trained_as
+        return trained_as
