@@ -301,8 +301,8 @@ def test_the_other_presets_results_stay_here_during_a_lease(fake_data_root, tmp_
     plan = experiments.plan_grid(preset="smoke", model="resnet8", seeds=[0])
     (here / "results/quick/runs/a.json").write_text('{"a": 1}')  # staged: would be unstaged
     subprocess.run(["git", "add", "results/quick/runs/a.json"], **git)
-    with pytest.raises(ValueError, match=r"changes staged .* \(results/quick/runs/a.json\): "
-                                         r"commit them first"):
+    with pytest.raises(ValueError, match=r"changes staged .* as committed "
+                                         r"\(results/quick/runs/a.json\): commit them first"):
         lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
                       minutes=1, jobs=1, preset="smoke", model="resnet8")
     assert status() == "M  results/quick/runs/a.json\n?? results/quick/new.json\n"
@@ -459,6 +459,9 @@ def test_what_the_next_lease_needs_is_committed_and_travels_once(fake_data_root,
     other.parent.mkdir(parents=True)
     other.write_text("{}")
     subprocess.run(["git", "add", str(other)], **git)
+    with pytest.raises(ValueError, match="results/smoke/checkpoints/.*: commit them first"):
+        lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                      minutes=1, jobs=1, preset="smoke", model="resnet8", part_mib=0.5)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "r"],
                    **git)
     assert rel <= set(travelling_files(here))  # committed: would ride in every call

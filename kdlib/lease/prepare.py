@@ -236,11 +236,13 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     # once, in a carry; the other presets' results, which the device never reads, not at all
     leaving = tracked_among(repo_root, frontier)
     hidden = untravelled_results(repo_root, results_dir)
-    staged = staged_among(repo_root, hidden)
+    # what a lease takes out of git's index comes back as committed (receive, restore)
+    staged = staged_among(repo_root, [*hidden, Path(results_dir) / "checkpoints"])
     if staged:
-        raise ValueError(f"git has changes staged in the results a lease hides and then puts back "
-                         f"as committed ({', '.join(staged[:3])}{' ...' if len(staged) > 3 else ''}"
-                         f"): commit them first (or unstage them: git reset -q -- PATHS)")
+        raise ValueError(f"git has changes staged in what a lease takes out of its index and "
+                         f"puts back as committed ({', '.join(staged[:3])}"
+                         f"{' ...' if len(staged) > 3 else ''}): commit them first (or unstage "
+                         "them: git reset -q -- PATHS)")
     forced_part = part_mib
     part_mib = (part_mib_for(repo_root, [*leaving, *hidden]) if part_mib is None
                 else part_mib)  # a call's room

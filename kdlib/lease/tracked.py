@@ -143,8 +143,9 @@ def untravelled_results(repo_root: Path, results_dir: Path) -> list[Path]:
 
 
 def staged_among(repo_root: Path, folders: Sequence[Path]) -> list[str]:
-    """Changes staged in git under ``folders`` (relative paths): hiding them for a lease and
-    putting them back as committed would unstage them (:func:`unhide_after_lease`)."""
+    """Changes staged in git under ``folders`` (relative paths): taking them out of the index
+    for a lease and putting them back as committed would unstage them
+    (:func:`unhide_after_lease`)."""
     names = _inside(repo_root, folders)
     return _names(_git(repo_root, "diff", "--cached", "--name-only", "-z", "--", *names)
                   if names else None)
