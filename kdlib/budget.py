@@ -10,16 +10,20 @@ in this order, from
    epoch, because one epoch slowed by something beside it would set every later estimate.
    Each committed run, estimated from the others (:func:`leave_one_out`): 1.41 times its time
    on the H200 (median; 1.81 by the rule before 390d845: the slowest epoch and the largest
-   overhead), 1.55 on the quick grid's CPUs (1.77), 1.51 for SqueezeNet (2.02); none shorter
-   than its run but one of the quick grid's 160, by either rule;
+   overhead), 1.55 on the quick grid's CPUs (1.77), 1.39 for SqueezeNet (2.02; 1.51 while
+   grouped and per-layer weights were one kind); none shorter than its run but one of the
+   quick grid's 160, by either rule;
 2. the benchmark of this machine (``results/bench/<name>.json``): training images over the
-   measured images/s of the matching step, slowed by what the benchmark measured for as many
+   measured images/s of the matching step (a KD run's from the grouped-weights part, which
+   times fit()'s step both ways, where the benchmark has it), slowed by what the benchmark
+   measured for as many
    processes side by side as the grid runs (``jobs``), plus allowances for evaluation and for
    a run's start (a worker's imports and CUDA context, loading the data).
 
 "The same kind" is the model, whether a teacher's logits are computed (KD), the training-set
-size, batch size, channels_last and precision. A run with no estimate is not started under a
-budget (the message says to run the benchmark first).
+size, batch size, channels_last, precision, replayed steps and grouped weights (the last two
+change how many operators a step launches, not its bits). A run with no estimate is not
+started under a budget (the message says to run the benchmark first).
 
 A run resumed from its checkpoint is estimated for the epochs it has left. A run too long for
 even the whole budget (the `paper` preset's 200 epochs against a lease's minutes) could never
@@ -76,10 +80,14 @@ def record_device_kind(record: dict[str, Any]) -> str:
 
 
 def _kind(config: dict[str, Any]) -> tuple:
+    """What sets a run's speed besides its device: runs of one kind time one another. A record
+    older than the ``group_weights`` switch quantized its weights layer by layer (1,136
+    operators a KD step against 652 grouped, on the CPU), as ``False`` says."""
     kd = config.get("teacher_id") is not None
     return (config.get("model"), kd, config.get("train_size"), config.get("val_size"),
             config.get("batch_size"), bool(config.get("channels_last")),
-            config.get("precision", "exact"), bool(config.get("cuda_graphs")))
+            config.get("precision", "exact"), bool(config.get("cuda_graphs")),
+            bool(config.get("group_weights", False)))
 
 
 def training_images(train_size: float | None, val_size: float) -> int:
@@ -205,6 +213,10 @@ class RunTimer:
         variants = self.bench.get("variants", {})
         name = "kd_w4" if cfg.teacher_id else ("fp32" if cfg.w_bits == 32 else "w4a4")
         rate = (variants.get(name) or {}).get("images_per_s")
+        if cfg.teacher_id:  # the grouped-weights part times fit()'s KD step both ways
+            steps = ((self.bench.get("grouped") or {}).get("steps") or {})
+            timed = steps.get("kd_w4" if cfg.group_weights else "kd_w4_per_layer") or {}
+            rate = timed.get("images_per_s") or rate
         return float(rate) if rate else None
 
 
@@ -245,7 +257,9 @@ def leave_one_out(records: Sequence[dict[str, Any]],
         for other in records:
             if other is not record:
                 timer.add(other)
-        estimate = timer.estimate(RunConfig.from_dict(record["config"]))
+        # as the record ran: one older than the group_weights switch, per layer
+        estimate = timer.estimate(RunConfig.from_dict({"group_weights": False,
+                                                       **record["config"]}))
         if estimate.runs:
             ratios.append(estimate.seconds / float(record["call_seconds"]))
     return ratios
