@@ -16,9 +16,9 @@ in this order, from
 2. the benchmark of this machine (``results/bench/<name>.json``): training images over the
    measured images/s of the matching step (a KD run's from the grouped-weights part, which
    times fit()'s step both ways, where the benchmark has it), slowed by what the benchmark
-   measured for as many
-   processes side by side as the grid runs (``jobs``), plus allowances for evaluation and for
-   a run's start (a worker's imports and CUDA context, loading the data).
+   measured for as many processes side by side as the grid runs (``jobs``), plus allowances
+   for evaluation and for a run's start (a worker's imports and CUDA context, loading the
+   data).
 
 "The same kind" is the model, whether a teacher's logits are computed (KD), the training-set
 size, batch size, channels_last, precision, replayed steps and grouped weights (the last two

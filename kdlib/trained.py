@@ -22,8 +22,8 @@ def training_key(cfg: RunConfig, canonical: Callable[[str | None], str | None]) 
 
 
 class TrainedIndex:
-    """Which run trained what, in one results folder: training key -> run id, and each alias
-    run id -> the run id that trained it."""
+    """Which run trained what, in one results folder (none: an empty index, for a plan alone):
+    training key -> run id, and each alias run id -> the run id that trained it."""
 
     def __init__(self, results_dir: str | os.PathLike | None = None):
         self.by_key: dict[str, str] = {}
