@@ -320,7 +320,7 @@ def test_the_other_presets_results_stay_here_during_a_lease(fake_data_root, tmp_
         assert exclude.read_text().count("# kdlib lease") == 2  # one block
         hidden = next(line for line in logs if line.startswith("out of git's index and ignored"))
         assert "results/quick (0.0 MiB), results/quick_x (0.0 MiB)" in hidden
-        assert "python -m kdlib lease restore --preset smoke" in hidden
+        assert "python -m kdlib lease restore --preset smoke --results-dir results/smoke" in hidden
     assert logs[0].startswith("every call also sends the tree, 0.0 MiB")
     monkeypatch.setattr(cli, "REPO_ROOT", here)
     capsys.readouterr()

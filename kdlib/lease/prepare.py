@@ -333,7 +333,8 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         room = room_before_another_call(manifest["bytes"], sum(tree.values()))
         log(f"the tree the calls send may grow {room:.1f} MiB before the data takes one more call")
     (lease / CALLS_FILE).write_text(json.dumps(calls, indent=1))
-    undo = f"undo, for a lease that never runs: python -m kdlib lease restore --preset {preset}"
+    undo = (f"undo, for a lease that never runs: python -m kdlib lease restore --preset {preset} "
+            f"--results-dir {rel_results}")
     if leaving:
         untrack_for_lease(repo_root, leaving)
         log(f"out of git's index for this lease, to travel once rather than in every call: "
