@@ -10,9 +10,9 @@ in this order, from
    epoch, because one epoch slowed by something beside it would set every later estimate.
    Each committed run, estimated from the others (:func:`leave_one_out`): 1.41 times its time
    on the H200 (median; 1.81 by the rule before 390d845: the slowest epoch and the largest
-   overhead), 1.55 on the quick grid's CPUs (1.77), 1.39 for SqueezeNet (2.02; 1.51 while
-   grouped and per-layer weights were one kind); none shorter than its run but one of the
-   quick grid's 160, by either rule;
+   overhead), 1.55 on the quick grid's CPUs (1.77), 1.48 for SqueezeNet (2.10; 1.61 with
+   grouped and per-layer weights as one kind), on the records of 2026-12-05 (28, 160 and 140
+   runs); none shorter than its run but one of the quick grid's, by either rule;
 2. the benchmark of this machine (``results/bench/<name>.json``): training images over the
    measured images/s of the matching step (a KD run's from the grouped-weights part, which
    times fit()'s step both ways, where the benchmark has it), slowed by what the benchmark
@@ -79,15 +79,25 @@ def record_device_kind(record: dict[str, Any]) -> str:
     return f"cuda:{record.get('gpu')}" if device == "cuda" else cpu_kind(record.get("cpu_model"))
 
 
+# what a record older than a speed switch ran with: the weights quantized layer by layer
+# (1,136 operators a KD step against 652 grouped, on the CPU: results/bench/vm.json)
+BEFORE_SWITCHES = {"group_weights": False}
+
+
+def as_recorded(config: dict[str, Any]) -> dict[str, Any]:
+    """A record's config with the switches it predates set as it ran (:data:`BEFORE_SWITCHES`;
+    ``RunConfig`` would fill today's defaults)."""
+    return {**BEFORE_SWITCHES, **config}
+
+
 def _kind(config: dict[str, Any]) -> tuple:
-    """What sets a run's speed besides its device: runs of one kind time one another. A record
-    older than the ``group_weights`` switch quantized its weights layer by layer (1,136
-    operators a KD step against 652 grouped, on the CPU), as ``False`` says."""
+    """What sets a run's speed besides its device: runs of one kind time one another."""
+    config = as_recorded(config)
     kd = config.get("teacher_id") is not None
     return (config.get("model"), kd, config.get("train_size"), config.get("val_size"),
             config.get("batch_size"), bool(config.get("channels_last")),
             config.get("precision", "exact"), bool(config.get("cuda_graphs")),
-            bool(config.get("group_weights", False)))
+            bool(config["group_weights"]))
 
 
 def training_images(train_size: float | None, val_size: float) -> int:
@@ -257,9 +267,7 @@ def leave_one_out(records: Sequence[dict[str, Any]],
         for other in records:
             if other is not record:
                 timer.add(other)
-        # as the record ran: one older than the group_weights switch, per layer
-        estimate = timer.estimate(RunConfig.from_dict({"group_weights": False,
-                                                       **record["config"]}))
+        estimate = timer.estimate(RunConfig.from_dict(as_recorded(record["config"])))
         if estimate.runs:
             ratios.append(estimate.seconds / float(record["call_seconds"]))
     return ratios
