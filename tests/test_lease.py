@@ -322,6 +322,12 @@ def test_the_other_presets_results_stay_here_during_a_lease(fake_data_root, tmp_
         assert "results/quick (0.0 MiB), results/quick_x (0.0 MiB)" in hidden
         assert "python -m kdlib lease restore --preset smoke --results-dir results/smoke" in hidden
     assert logs[0].startswith("every call also sends the tree, 0.0 MiB")
+    largest = next(line for line in logs if line.startswith("the largest call sends"))
+    carried = sum((here / path).stat().st_size for path in
+                  json.loads((here / lease.LEASE_DIR / lease.CALLS_FILE).read_text())[0]["carry"])
+    tree = sum(travelling_files(here).values())
+    assert largest == (f"the largest call sends {(tree + carried) / lease.MIB:.1f} MiB of the "
+                       f"tool's 64")
     monkeypatch.setattr(cli, "REPO_ROOT", here)
     capsys.readouterr()
     assert cli.main(["lease", "restore", "--preset", "smoke", "--results-dir", str(results)]) == 0

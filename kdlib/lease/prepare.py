@@ -23,7 +23,8 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGA
 from kdlib.lease.pixels import PIXEL_CODING, locate_pixels, recode_file
 from kdlib.lease.tracked import (committed_files, hide_for_lease, largest_folders, staged_among,
                                  tracked_among, travelling_bytes, travelling_files,
-                                 unhide_after_lease, untrack_for_lease, untravelled_results)
+                                 unhide_after_lease, untrack_for_lease, untravelled_results,
+                                 within)
 
 
 def part_mib_for(repo_root: Path, leaving: Sequence[Path] = ()) -> float:
@@ -31,17 +32,28 @@ def part_mib_for(repo_root: Path, leaving: Sequence[Path] = ()) -> float:
     :data:`CALL_MIB`: also the room a call has for carried weight files (:func:`plan_carry`).
     ``leaving``: tracked files the lease takes out of the index (:func:`untrack_for_lease`)
     and folders it hides (:func:`hide_for_lease`)."""
-    tree = travelling_bytes(repo_root, leaving)
-    part = _room_beside(tree)
+    return part_mib_beside(travelling_bytes(repo_root, leaving))
+
+
+def part_mib_beside(tree_bytes: int) -> float:
+    """The largest whole-MiB data part a call holds beside a travelling tree of ``tree_bytes``."""
+    part = _room_beside(tree_bytes)
     if part < MIN_PART_MIB:
-        raise ValueError(f"the tree every call sends ({tree / MIB:.1f} MiB) leaves {part:.1f} "
-                         f"MiB of a call's {CALL_MIB} MiB for data: commit fewer large files")
+        raise ValueError(f"the tree every call sends ({tree_bytes / MIB:.1f} MiB) leaves "
+                         f"{part:.1f} MiB of a call's {CALL_MIB} MiB for data: commit fewer "
+                         "large files")
     return float(int(part))
 
 
 def _room_beside(tree_bytes: int) -> float:
     """The MiB a call has for data beside a travelling tree of ``tree_bytes``."""
     return CALL_MIB - CALL_MARGIN_MIB - tree_bytes / MIB
+
+
+def _bytes_of(path: Path) -> int:
+    """A carried file's size, or all a carried folder holds."""
+    return (sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir()
+            else path.stat().st_size)
 
 
 def room_before_another_call(data_bytes: int, tree_bytes: int) -> float:
@@ -243,13 +255,13 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
                          f"puts back as committed ({', '.join(staged[:3])}"
                          f"{' ...' if len(staged) > 3 else ''}): commit them first (or unstage "
                          "them: git reset -q -- PATHS)")
-    forced_part = part_mib
-    part_mib = (part_mib_for(repo_root, [*leaving, *hidden]) if part_mib is None
-                else part_mib)  # a call's room
-    tree = travelling_files(repo_root, [*leaving, *hidden])
     sent = travelling_files(repo_root, leaving)  # before hiding: what each hidden folder weighs
-    hidden_mib = {folder: sum(size for name, size in sent.items() if name.startswith(
-        os.path.relpath(folder, repo_root) + "/")) / MIB for folder in hidden}
+    hidden_rel = {folder: os.path.relpath(folder, repo_root) for folder in hidden}
+    tree = {name: size for name, size in sent.items() if not within(name, hidden_rel.values())}
+    hidden_mib = {folder: sum(size for name, size in sent.items() if within(name, [rel])) / MIB
+                  for folder, rel in hidden_rel.items()}
+    forced_part = part_mib
+    part_mib = part_mib_beside(sum(tree.values())) if part_mib is None else part_mib
     if tree:
         log(f"every call also sends the tree, {sum(tree.values()) / MIB:.1f} MiB ("
             + ", ".join(f"{name} {size / MIB:.1f}" for name, size in largest_folders(tree))
@@ -329,6 +341,9 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         f"to carry ({sum(p.stat().st_size for p in frontier) / MIB:.1f} MiB, "
         f"{sum(map(len, packed.values())) / MIB:.1f} MiB compressed"
         + (f", {len(extra_groups)} call(s) of their own" if extra_groups else "") + ")")
+    largest = max(sum(tree.values()) + sum(_bytes_of(repo_root / path) for path in call["carry"])
+                  for call in calls)
+    log(f"the largest call sends {largest / MIB:.1f} MiB of the tool's {CALL_MIB}")
     if tree and forced_part is None:  # what the next commits of results may add
         room = room_before_another_call(manifest["bytes"], sum(tree.values()))
         log(f"the tree the calls send may grow {room:.1f} MiB before the data takes one more call")

@@ -36,11 +36,14 @@ def travelling_files(repo_root: Path, leaving: Sequence[Path] = ()) -> dict[str,
     folders :func:`hide_for_lease` is about to hide."""
     names = set(_names(_git(repo_root, "ls-files", "-z", "--cached", "--others",
                             "--exclude-standard")))
-    gone = _inside(repo_root, leaving)  # files, or folders for all they hold
-    names = {name for name in names
-             if not any(name == path or name.startswith(path + "/") for path in gone)}
+    gone = _inside(repo_root, leaving)
     return {name: (repo_root / name).stat().st_size for name in sorted(names)
-            if (repo_root / name).is_file()}
+            if not within(name, gone) and (repo_root / name).is_file()}
+
+
+def within(name: str, paths: Sequence[str]) -> bool:
+    """Whether the relative path ``name`` is one of ``paths`` (files) or inside one (folders)."""
+    return any(name == path or name.startswith(path + "/") for path in paths)
 
 
 def travelling_bytes(repo_root: Path, leaving: Sequence[Path] = ()) -> int:
