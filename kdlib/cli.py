@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=command_bench)
 
     lease = sub.add_parser("lease", help="a lent GPU: prepare | store | go | receive | restore "
-                                         "(README, 'On a GPU')")
+                                         "(kdlib/lease/README.md)")
     steps = lease.add_subparsers(dest="step", required=True)
     for name, text in (("prepare", "here: pack data and weights into .lease/, print the calls"),
                        ("go", "there: data, benchmark, budgeted grid, files into --out")):

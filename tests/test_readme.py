@@ -366,6 +366,32 @@ def test_every_figure_the_readme_shows_is_committed():
     assert not missing, f"README shows figures that are not committed: {missing}"
 
 
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a file's headings: lower case, punctuation but '-' dropped,
+    spaces as '-'."""
+    headings = re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("document", ["README.md", "kdlib/lease/README.md"])
+def test_every_link_between_the_documents_lands(document):
+    """A relative link names a tracked file, and its #anchor a heading there: the lease
+    mechanics live in kdlib/lease/README.md, which the README points to."""
+    text = (ROOT / document).read_text()
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    links = [link for link in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in link]
+    assert links, f"{document} links nowhere: the pattern no longer finds its links"
+    for link in links:
+        path, _, anchor = link.partition("#")
+        target = (ROOT / document).parent / path if path else ROOT / document
+        relative = target.resolve().relative_to(ROOT).as_posix()
+        assert relative in tracked, f"{document} links to {link}, which is not committed"
+        if anchor:
+            assert anchor in heading_anchors(target.read_text()), \
+                f"{document} links to {link}: no such heading in {relative}"
+
 @pytest.mark.realdata
 def test_use_a_trained_model_lines_give_back_the_records_accuracy(real_data_root, monkeypatch, capsys):
     """The README's three lines, run on a committed 1-bit model, print its record's test top-1.

@@ -1,6 +1,6 @@
 """A lent GPU in a few calls: data carried in parts, benchmark, budgeted grid, results back.
 
-The lent machine (see the README, "On a GPU") has no network and our pins don't apply there:
+The lent machine (see README.md beside this file) has no network and our pins don't apply there:
 its python3 has torch 2.11, pandas, tqdm, filelock and tensorboard, no papermill or Ray. A call
 carries at most 64 MiB of working tree and returns at most 8 files of 16 MiB, and the machine
 is given back 30 s after a call. So:
