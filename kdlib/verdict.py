@@ -3,12 +3,17 @@
 A width is *resolved* for a contrast when its 95% paired interval excludes 0; the sentence
 then names the side that won. Everything else is *unresolved*, and says how wide the
 interval was, so "no difference" is never claimed where the seeds could not have seen one.
+Thirteen widths tested at 95% each would call about 0.7 of them by chance if nothing differed,
+so the answer also says which calls stand when all of them together may err 5% of the time
+(Holm's step-down correction of the same paired t-tests, :func:`holm_stands`).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
+from scipy import stats
 
 from kdlib.budget import training_images
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text,
@@ -32,6 +37,31 @@ def classify(row: pd.Series) -> str:
     if row["ci95_high"] < 0:
         return "baseline"
     return "unresolved"
+
+
+def paired_p_value(mean: float, std: float, n: int) -> float:
+    """Two-sided p of the paired t-test whose 95% interval :func:`classify` reads (p < 0.05
+    exactly when that interval excludes 0); NaN under two seeds. Differences that are all
+    equal (std 0) give p 0, or 1 when they are all 0."""
+    if n < 2 or not math.isfinite(std):
+        return float("nan")
+    if std == 0:
+        return 0.0 if mean != 0 else 1.0
+    t = abs(mean) / (std / math.sqrt(n))
+    return float(2 * stats.t.sf(t, df=n - 1))
+
+
+def holm_stands(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Which of ``p_values`` are rejected by Holm's step-down procedure at family-wise error
+    ``alpha``: the i-th smallest p (i from 0) is compared with alpha / (m − i), and testing
+    stops at the first that is not under it."""
+    m = len(p_values)
+    stands = [False] * m
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        if not p_values[index] <= alpha / (m - rank):
+            break
+        stands[index] = True
+    return stands
 
 
 def one_training(frame: pd.DataFrame, method: str, baseline: str) -> set[tuple[int, int]]:
@@ -97,6 +127,20 @@ def _sentence(method: str, baseline: str, meaning: str, rows: pd.DataFrame) -> s
     return f"{head}, n = {n} seeds: " + "; ".join(parts) + "."
 
 
+def _family_wise(tested: pd.DataFrame) -> str:
+    """The sentence on which calls stand when all ``tested`` widths together may err 5%."""
+    p = [paired_p_value(r.mean, r.std, int(r.n)) for r in tested.itertuples()]
+    stands = tested[holm_stands(p)]
+    m = len(tested)
+    head = (f"Holding all {m} to a 5% chance of any false call (Holm's correction of the same "
+            f"paired t-tests), ")
+    if stands.empty:
+        return head + "none stands."
+    calls = "; ".join(f"`{method} − {baseline}` at {_widths(rows)}" for method, baseline, _ in CONTRASTS
+                      if not (rows := stands[stands["contrast"] == f"{method} − {baseline}"]).empty)
+    return head + f"{len(stands)} stand: {calls}."
+
+
 def render_answer(frame: pd.DataFrame) -> str:
     """Markdown: the answer paragraph, one line per contrast, and how sure it is."""
     verdicts = contrast_verdicts(frame)
@@ -120,7 +164,7 @@ def render_answer(frame: pd.DataFrame) -> str:
         tail = (f"{resolved} of {len(tested)} intervals exclude 0. At 95% each, about "
                 f"{0.05 * len(tested):.1f} of {len(tested)} would exclude 0 by chance if no "
                 "effect existed anywhere, so a lone resolved width is weak evidence; a pattern "
-                "across neighbouring widths is stronger.")
+                "across neighbouring widths is stronger. " + _family_wise(tested))
     return "\n".join([intro, "", *lines, "", tail])
 
 

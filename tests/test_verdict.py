@@ -1,13 +1,14 @@
 """The README's answer paragraph follows the intervals, whatever they say."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from scipy import stats
 
 from kdlib.config import RunConfig
 from kdlib.results import load_results, save_record
-from kdlib.verdict import (agreement, classify, compare_answers, contrast_verdicts, one_training,
-                           render_agreement, render_answer)
+from kdlib.verdict import (agreement, classify, compare_answers, contrast_verdicts, holm_stands,
+                           one_training, paired_p_value, render_agreement, render_answer)
 
 
 def _save(folder, cfg: RunConfig, top1: float, same_run_as: str | None = None) -> None:
@@ -49,6 +50,7 @@ def test_a_consistent_gain_is_resolved_for_the_winning_side(tmp_path):
     text = render_answer(frame)
     assert "n = 3 seeds: the assistant is better at 2 bit (2: +1.00 [" in text
     assert "unresolved" not in text and "1 of 1 intervals exclude 0" in text
+    assert "1 stand: `ta_chain − progressive_kd32` at 2 bit." in text
 
 
 def test_a_loss_names_the_baseline_and_noise_stays_unresolved(tmp_path):
@@ -58,7 +60,7 @@ def test_a_loss_names_the_baseline_and_noise_stays_unresolved(tmp_path):
     text = render_answer(noisy)
     assert contrast_verdicts(noisy)["verdict"].tolist() == ["unresolved"]
     assert "unresolved at 2 bit (median interval ±" in text and "is better" not in text
-    assert "0 of 1 intervals exclude 0" in text
+    assert "0 of 1 intervals exclude 0" in text and "none stands" in text
 
 
 def test_one_training_under_two_names_is_no_finding(tmp_path):
@@ -117,3 +119,43 @@ def test_two_grids_are_compared_width_by_width_on_directions_only(tmp_path):
     assert "no contrast that both test with two seeds or more yet" in render_agreement(
         resnet, one_seed)
     assert "compared once both have records" in render_agreement(resnet, one_seed.iloc[:0])
+
+
+def test_the_p_value_is_scipys_paired_t_test_and_agrees_with_the_interval():
+    """Checked against scipy's one-sample t-test of the differences, and p < 0.05 exactly
+    where the 95% interval that classify reads excludes 0."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 9))
+        diffs = rng.normal(rng.normal(0, 1), rng.uniform(0.1, 2), size=n)
+        mean, std = float(diffs.mean()), float(diffs.std(ddof=1))
+        p = paired_p_value(mean, std, n)
+        assert p == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue, rel=1e-9)
+        half = stats.t.ppf(0.975, n - 1) * std / n ** 0.5
+        excludes = mean - half > 0 or mean + half < 0
+        assert (p < 0.05) == excludes
+    assert np.isnan(paired_p_value(1.0, 0.5, 1))
+    assert paired_p_value(0.5, 0.0, 3) == 0.0 and paired_p_value(0.0, 0.0, 3) == 1.0
+
+
+def holm_by_adjusted_p(p_values, alpha=0.05):
+    """Holm's procedure written the other way: adjusted p_(i) = max over j <= i of
+    (m - j) p_(j), capped at 1; a hypothesis stands when its adjusted p is at most alpha."""
+    m = len(p_values)
+    order = np.argsort(p_values, kind="stable")
+    adjusted = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * np.asarray(p_values)[order]))
+    stands = np.zeros(m, dtype=bool)
+    stands[order] = adjusted <= alpha
+    return stands.tolist()
+
+
+def test_holm_steps_down_and_stops_at_the_first_p_it_keeps():
+    # stricter than one test at 5%, looser than Bonferroni's alpha / m for all
+    assert holm_stands([0.001, 0.015, 0.02, 0.5]) == [True, True, True, False]
+    # 0.02 is over 0.05 / 3: testing stops there, though 0.04 alone would be under 0.05 / 1
+    assert holm_stands([0.001, 0.03, 0.02, 0.04]) == [True, False, False, False]
+    assert holm_stands([]) == [] and holm_stands([0.049]) == [True]
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        p = (rng.uniform(0, 0.08, size=int(rng.integers(1, 14))) ** 2 * 10).tolist()
+        assert holm_stands(p) == holm_by_adjusted_p(p)
