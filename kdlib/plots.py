@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import matplotlib
 
@@ -98,9 +98,12 @@ def plot_gain_over_individual(gains: pd.DataFrame, title: str = "") -> plt.Figur
     return fig
 
 
-def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "") -> plt.Figure:
+def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "",
+                         stands: Collection[tuple[str, int, int]] | None = None) -> plt.Figure:
     """The three contrasts that attribute the chain's gain (kdlib.results.chain_contrasts) per
-    bit width: mean paired difference, error bar = its 95% t-interval (none with one seed)."""
+    bit width: mean paired difference, error bar = its 95% t-interval (none with one seed).
+    ``stands``: (contrast, w_bits, a_bits) of the calls that stand when all widths together may
+    err 5% (kdlib.verdict.holm_standing), each marked * beyond its error bar."""
     fig, ax = plt.subplots(figsize=(9.5, 4))
     names = list(dict.fromkeys(contrasts["contrast"])) if not contrasts.empty else []
     pos = _bit_positions(contrasts["w_bits"]) if not contrasts.empty else {}
@@ -112,12 +115,22 @@ def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "") -> plt.Figure
         half = rows["ci95_high"] - rows["mean"]
         ax.bar(x, rows["mean"], width=width, yerr=None if half.isna().all() else half.fillna(0),
                capsize=3, color=colors[i], label=f"{name} (n = {int(rows['n'].max())})")
+        for xi, row in zip(x, rows.itertuples()):
+            if (name, int(row.w_bits), int(row.a_bits)) in (stands or ()):
+                up = row.mean > 0
+                ax.annotate("*", (xi, row.ci95_high if up else row.ci95_low),
+                            xytext=(0, 2 if up else -2), textcoords="offset points",
+                            ha="center", va="bottom" if up else "top", fontsize=12)
     ax.axhline(0, color="black", linewidth=0.8)
+    ax.margins(y=0.1)  # room for the * beyond the longest error bars
     _set_bit_axis(ax, pos)
     ax.set_ylabel("paired difference (top-1 points)")
     one_seed = contrasts.empty or contrasts["n"].max() < 2
     ax.set_title(title or "Where the chain's gain comes from " + (
         "(one seed: no interval yet)" if one_seed else "(error bar: 95% paired interval over seeds)"))
+    if stands is not None and not one_seed:
+        ax.text(1.01, 0.0, "* stands when all tested widths\ntogether may err 5% (Holm)",
+                transform=ax.transAxes, fontsize=8, va="bottom")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

@@ -127,10 +127,29 @@ def _sentence(method: str, baseline: str, meaning: str, rows: pd.DataFrame) -> s
     return f"{head}, n = {n} seeds: " + "; ".join(parts) + "."
 
 
+def family_wise(frame: pd.DataFrame) -> pd.DataFrame:
+    """:func:`contrast_verdicts`' rows tested with two seeds or more, with ``p`` (the paired
+    t-test's) and ``holm``: whether the width's call stands when all of them together may err
+    5% (:func:`holm_stands`)."""
+    verdicts = contrast_verdicts(frame)
+    tested = verdicts[verdicts["verdict"] != "one seed"] if not verdicts.empty else verdicts
+    p = [paired_p_value(r.mean, r.std, int(r.n)) for r in tested.itertuples()]
+    # typed columns: an empty object column would select columns, not rows, as a mask
+    return tested.assign(p=pd.Series(p, index=tested.index, dtype=float),
+                         holm=pd.Series(holm_stands(p), index=tested.index, dtype=bool))
+
+
+def holm_standing(frame: pd.DataFrame) -> set[tuple[str, int, int]]:
+    """(contrast, w_bits, a_bits) of the calls that stand under Holm's correction: what the
+    contrasts figure marks."""
+    rows = family_wise(frame)
+    rows = rows[rows["holm"]]
+    return set(zip(rows["contrast"], rows["w_bits"].astype(int), rows["a_bits"].astype(int)))
+
+
 def _family_wise(tested: pd.DataFrame) -> str:
     """The sentence on which calls stand when all ``tested`` widths together may err 5%."""
-    p = [paired_p_value(r.mean, r.std, int(r.n)) for r in tested.itertuples()]
-    stands = tested[holm_stands(p)]
+    stands = tested[tested["holm"]]
     m = len(tested)
     head = (f"Holding all {m} to a 5% chance of any false call (Holm's correction of the same "
             f"paired t-tests), ")
@@ -151,7 +170,7 @@ def render_answer(frame: pd.DataFrame) -> str:
         rows = verdicts[verdicts["contrast"] == f"{method} − {baseline}"]
         if not rows.empty:
             lines.append(_sentence(method, baseline, meaning, rows))
-    tested = verdicts[verdicts["verdict"] != "one seed"]
+    tested = family_wise(frame)
     first = frame.iloc[0]
     intro = (f"**The answer so far** ({first['model']}, preset `{first['preset']}`; test top-1 "
              f"points, mean [95% paired interval] over seeds; a width counts as resolved when "

@@ -203,6 +203,24 @@ def test_chain_contrasts_bars_are_the_paired_means_with_their_intervals():
     plt.close(fig)
 
 
+
+def test_chain_contrasts_mark_the_calls_that_stand_beyond_their_error_bars():
+    """* at the far end of each interval that Holm's correction keeps (above a gain, below a
+    loss), none elsewhere, and a note that says what * means."""
+    contrasts = pd.DataFrame([
+        {"contrast": "ta_chain − progressive_kd32", "w_bits": b, "a_bits": b, "mean": m,
+         "ci95_low": m - 0.5, "ci95_high": m + 0.5, "n": 5} for b, m in ((8, 1.0), (4, -2.0), (1, 0.2))])
+    fig = plots.plot_chain_contrasts(contrasts, stands={("ta_chain − progressive_kd32", 8, 8),
+                                                        ("ta_chain − progressive_kd32", 4, 4)})
+    ax = fig.axes[0]
+    marks = sorted((round(float(a.xy[1]), 6), a.get_va()) for a in ax.texts if a.get_text() == "*")
+    assert marks == [(-2.5, "top"), (1.5, "bottom")]
+    assert any("Holm" in a.get_text() for a in ax.texts)
+    plt.close(fig)
+    unmarked = plots.plot_chain_contrasts(contrasts)
+    assert not [a for a in unmarked.axes[0].texts if a.get_text() == "*"]
+    plt.close(unmarked)
+
 def test_chain_contrasts_with_one_seed_say_so_and_draw_no_error_bars():
     contrasts = pd.DataFrame([
         {"contrast": "ta_chain − progressive", "w_bits": b, "a_bits": b, "mean": m,

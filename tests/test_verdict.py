@@ -7,8 +7,8 @@ from scipy import stats
 
 from kdlib.config import RunConfig
 from kdlib.results import load_results, save_record
-from kdlib.verdict import (agreement, classify, compare_answers, contrast_verdicts, holm_stands,
-                           one_training, paired_p_value, render_agreement, render_answer)
+from kdlib.verdict import (agreement, classify, compare_answers, contrast_verdicts, holm_standing,
+                           holm_stands, one_training, paired_p_value, render_agreement, render_answer)
 
 
 def _save(folder, cfg: RunConfig, top1: float, same_run_as: str | None = None) -> None:
@@ -51,6 +51,7 @@ def test_a_consistent_gain_is_resolved_for_the_winning_side(tmp_path):
     assert "n = 3 seeds: the assistant is better at 2 bit (2: +1.00 [" in text
     assert "unresolved" not in text and "1 of 1 intervals exclude 0" in text
     assert "1 stand: `ta_chain − progressive_kd32` at 2 bit." in text
+    assert holm_standing(frame) == {("ta_chain − progressive_kd32", 2, 2)}  # what the figure marks
 
 
 def test_a_loss_names_the_baseline_and_noise_stays_unresolved(tmp_path):
@@ -61,6 +62,7 @@ def test_a_loss_names_the_baseline_and_noise_stays_unresolved(tmp_path):
     assert contrast_verdicts(noisy)["verdict"].tolist() == ["unresolved"]
     assert "unresolved at 2 bit (median interval ±" in text and "is better" not in text
     assert "0 of 1 intervals exclude 0" in text and "none stands" in text
+    assert holm_standing(noisy) == set()
 
 
 def test_one_training_under_two_names_is_no_finding(tmp_path):
@@ -76,6 +78,7 @@ def test_one_seed_claims_nothing(tmp_path):
     text = render_answer(frame)
     assert "one seed, no interval yet (2: +2.00 points)" in text
     assert "nothing is resolved" in text and "is better" not in text
+    assert holm_standing(frame) == set()  # what notebook 04 asks of a one-seed smoke grid
 
 
 def test_classify_reads_only_the_interval():
