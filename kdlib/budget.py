@@ -10,11 +10,10 @@ in this order, from
    epoch, because one epoch slowed by something beside it would set every later estimate.
    Each committed run, estimated from the others (:func:`leave_one_out`): 1.41 times its time
    on the H200 (median; 1.81 by the rule before 390d845: the slowest epoch and the largest
-   overhead), 1.55 on the quick grid's CPUs (1.77), 1.73 for SqueezeNet, on the records of
-   2026-12-05 (28, 160 and 168 runs); none shorter than its run but one of the quick grid's,
-   by either rule. SqueezeNet's seed 5 (28 runs, estimated at 2.06 times their time, median)
-   trained faster than the slowest typical epochs of its earlier seeds; those 140 runs alone: 1.48
-   (2.10 by the old rule; 1.61 with grouped and per-layer weights as one kind);
+   overhead), 1.55 on the quick grid's CPUs (1.77), 1.73 for SqueezeNet (its seed 5, faster
+   than the slowest typical epochs of the seeds before, at 2.06), on the records of 2026-12-05
+   (28, 160 and 168 runs); none shorter than its run but one of the quick grid's, by either
+   rule;
 2. the benchmark of this machine (``results/bench/<name>.json``): training images over the
    measured images/s of the matching step (a KD run's from the grouped-weights part, which
    times fit()'s step both ways, where the benchmark has it), slowed by what the benchmark

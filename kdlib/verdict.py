@@ -127,11 +127,10 @@ def _sentence(method: str, baseline: str, meaning: str, rows: pd.DataFrame) -> s
     return f"{head}, n = {n} seeds: " + "; ".join(parts) + "."
 
 
-def family_wise(frame: pd.DataFrame) -> pd.DataFrame:
-    """:func:`contrast_verdicts`' rows tested with two seeds or more, with ``p`` (the paired
-    t-test's) and ``holm``: whether the width's call stands when all of them together may err
-    5% (:func:`holm_stands`)."""
-    verdicts = contrast_verdicts(frame)
+def family_wise(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``verdicts`` (:func:`contrast_verdicts`) tested with two seeds or more, with
+    ``p`` (the paired t-test's) and ``holm``: whether the width's call stands when all of them
+    together may err 5% (:func:`holm_stands`)."""
     tested = verdicts[verdicts["verdict"] != "one seed"] if not verdicts.empty else verdicts
     p = [paired_p_value(r.mean, r.std, int(r.n)) for r in tested.itertuples()]
     # typed columns: an empty object column would select columns, not rows, as a mask
@@ -142,12 +141,12 @@ def family_wise(frame: pd.DataFrame) -> pd.DataFrame:
 def holm_standing(frame: pd.DataFrame) -> set[tuple[str, int, int]]:
     """(contrast, w_bits, a_bits) of the calls that stand under Holm's correction: what the
     contrasts figure marks."""
-    rows = family_wise(frame)
+    rows = family_wise(contrast_verdicts(frame))
     rows = rows[rows["holm"]]
     return set(zip(rows["contrast"], rows["w_bits"].astype(int), rows["a_bits"].astype(int)))
 
 
-def _family_wise(tested: pd.DataFrame) -> str:
+def _holm_sentence(tested: pd.DataFrame) -> str:
     """The sentence on which calls stand when all ``tested`` widths together may err 5%."""
     stands = tested[tested["holm"]]
     m = len(tested)
@@ -170,7 +169,7 @@ def render_answer(frame: pd.DataFrame) -> str:
         rows = verdicts[verdicts["contrast"] == f"{method} − {baseline}"]
         if not rows.empty:
             lines.append(_sentence(method, baseline, meaning, rows))
-    tested = family_wise(frame)
+    tested = family_wise(verdicts)
     first = frame.iloc[0]
     intro = (f"**The answer so far** ({first['model']}, preset `{first['preset']}`; test top-1 "
              f"points, mean [95% paired interval] over seeds; a width counts as resolved when "
@@ -183,7 +182,7 @@ def render_answer(frame: pd.DataFrame) -> str:
         tail = (f"{resolved} of {len(tested)} intervals exclude 0. At 95% each, about "
                 f"{0.05 * len(tested):.1f} of {len(tested)} would exclude 0 by chance if no "
                 "effect existed anywhere, so a lone resolved width is weak evidence; a pattern "
-                "across neighbouring widths is stronger. " + _family_wise(tested))
+                "across neighbouring widths is stronger. " + _holm_sentence(tested))
     return "\n".join([intro, "", *lines, "", tail])
 
 

@@ -109,9 +109,8 @@ def test_estimate_takes_the_slowest_typical_epoch_and_the_typical_overhead_of_it
 def test_the_committed_runs_estimated_from_one_another_err_long(folder):
     """Each committed run timed by the others, as a budget would time it: typically long (the
     1.2 margin over typical epochs), and short for at most 1 run in 10 (a budget's deadline
-    stops those at an epoch boundary, but a run it admits should finish). On these records the
-    rule is short for 1 run of 300; without the margin, on the median of the runs' medians,
-    for 54 to 64% of each folder's runs."""
+    stops those at an epoch boundary, but a run it admits should finish). On the records of
+    2026-12-05 the rule is short for one run, one of `quick`'s."""
     results = Path(__file__).resolve().parents[1] / "results"
     ratios = sorted(leave_one_out(load_records(results / folder), results / "bench"))
     assert len(ratios) >= 20

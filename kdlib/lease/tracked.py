@@ -133,7 +133,7 @@ def untravelled_results(repo_root: Path, results_dir: Path) -> list[Path]:
     """The folders beside ``results_dir`` but the benchmarks' (the other presets' results)
     that hold files every call would send. The device reads only its preset's results and
     ``results/bench``, and the other presets' committed weights (quick's teachers and seed 0,
-    SqueezeNet's teachers: 29.5 MiB on 2026-12-05) would take most of each call's 64 MiB from
+    SqueezeNet's teachers: 32.4 MiB at commit 04c0cf1) would take most of each call's 64 MiB from
     the data; :func:`hide_for_lease` keeps them here."""
     root, results_dir = Path(repo_root).resolve(), Path(results_dir).resolve()
     parent = results_dir.parent
