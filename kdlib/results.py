@@ -27,8 +27,6 @@ from typing import Any, Sequence
 import numpy
 import pandas as pd
 import torch
-import torchvision
-from scipy import stats
 
 import kdlib
 from kdlib.config import EXECUTION_ONLY_FIELDS, RunConfig
@@ -114,6 +112,8 @@ CODE_COMMIT = git_commit()
 
 
 def environment_info() -> dict[str, Any]:
+    import torchvision  # lazy: importing it takes about a second, which every CLI call paid
+
     return {
         "host": socket.gethostname(),
         "platform": platform.platform(),
@@ -303,6 +303,8 @@ def drawn_from_digest(results_dir: str | os.PathLike) -> str:
 
 def t_interval_halfwidth(std: float, n: int, confidence: float = 0.95) -> float:
     """Half-width of the Student-t confidence interval of a mean; NaN for n < 2."""
+    from scipy import stats  # lazy: a third of a second that most CLI calls never need
+
     if n < 2 or not math.isfinite(std):
         return float("nan")
     return float(stats.t.ppf(0.5 + confidence / 2, df=n - 1) * std / math.sqrt(n))

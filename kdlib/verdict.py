@@ -13,7 +13,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
-from scipy import stats
 
 from kdlib.budget import training_images
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text,
@@ -43,6 +42,8 @@ def paired_p_value(mean: float, std: float, n: int) -> float:
     """Two-sided p of the paired t-test whose 95% interval :func:`classify` reads (p < 0.05
     exactly when that interval excludes 0); NaN under two seeds. Differences that are all
     equal (std 0) give p 0, or 1 when they are all 0."""
+    from scipy import stats  # lazy, as in results.t_interval_halfwidth
+
     if n < 2 or not math.isfinite(std):
         return float("nan")
     if std == 0:

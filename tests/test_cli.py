@@ -59,6 +59,23 @@ def test_missing_data_folder(tmp_path):
     assert not (tmp_path / "res" / "runs").exists()
 
 
+def test_the_command_line_imports_what_only_some_commands_need_on_first_use():
+    """torchvision (whose import loads torch._dynamo) and scipy cost every `python -m kdlib`
+    call, the lease's device steps included, about 1.7 s on this Xeon before they were
+    imported where used (a record's environment, a t quantile). A record still names the
+    torchvision it ran with."""
+    heavy = ("torchvision", "scipy", "torch._dynamo", "matplotlib", "papermill")
+    code = ("import sys, kdlib.cli; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    from kdlib.results import environment_info
+
+    import torchvision
+    assert environment_info()["versions"]["torchvision"] == torchvision.__version__
+
+
 @pytest.mark.realdata
 def test_train_one_job_from_the_shell(real_data_root, tmp_path):
     proc = kdlib("train", "--model", "resnet8", "--w-bits", "4", "--data-dir", str(real_data_root),
