@@ -208,3 +208,95 @@ def test_a_benchmark_part_that_fails_is_recorded_and_the_rest_goes_on(fake_data_
     monkeypatch.undo()
     missing = lease.missing_parts(written, "cpu", "paper")
     assert "grouped" not in missing and "compiled" not in missing
+
+
+def test_a_lease_leaves_the_parts_its_benchmark_allowance_cannot_hold_for_the_next(
+        fake_data_root, tmp_path, monkeypatch):
+    """A part whose estimate exceeds what is left of the allowance waits for a later lease
+    (said in the log); the parts after it still go, and the compiled part, which a preset
+    needs before its first run, never waits. The next lease measures what waited. The parts
+    here take their estimates on a clock of the test's own."""
+    import json
+    from types import SimpleNamespace
+
+    from kdlib import lease
+    from kdlib.bench import run
+    from kdlib.lease import decisions
+
+    now = [0.0]
+    monkeypatch.setattr(decisions, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    order = []
+
+    def part(name, value):
+        def measure(*_, **__):
+            order.append(name)
+            now[0] += decisions.part_seconds(name, {"concurrency": [8, 12]})
+            return value
+        return measure
+
+    monkeypatch.setattr(run, "grouped_part", part("grouped", {"check": {"exact": True}}))
+    monkeypatch.setattr(run, "profile_or_error", part("profile", {"grouped_weights": True}))
+    monkeypatch.setattr(run, "graphs_part", part("graphs", {"check": {"equal": True}}))
+    monkeypatch.setattr(run, "add_concurrency", part("concurrency", {"by_jobs": {"8": {}}}))
+    monkeypatch.setattr(run, "compiled_part", part("compiled", {"division": "float64"}))
+
+    def missing(result, *_):
+        out = {k: True for k in ("grouped", "profile", "graphs", "compiled") if k not in result}
+        return {**out, **({} if "8" in result["concurrency"]["by_jobs"]
+                          else {"concurrency": [8, 12]})}
+
+    monkeypatch.setattr(decisions, "missing_parts", missing)
+    first = {"machine": {"host": "h", "gpu": None}, "settings": {"preset": "smoke"},
+             "concurrency": {"by_jobs": {"1": {}, "2": {}, "4": {}}}}
+    logged = []
+    lease.complete_bench(first, tmp_path, fake_data_root, "cpu", preset="smoke",
+                         model="resnet8", seconds=60.0, log=logged.append)
+    assert order == ["grouped", "profile", "compiled"]  # 20 + 15 s; then 25 s were left
+    assert "bench: the graphs part (about 120 s) waits for a later lease: 25 s of the " \
+           "benchmark's allowance left" in logged
+    assert any(line.startswith("bench: the concurrency part (about 48 s) waits")
+               for line in logged)
+    written = json.loads((tmp_path / "h.json").read_text())
+    assert set(missing(written)) == {"graphs", "concurrency"}
+    order.clear()
+    lease.complete_bench(written, tmp_path, fake_data_root, "cpu", preset="smoke",
+                         model="resnet8", seconds=lease.BENCH_ALLOWANCE_S, log=logged.append)
+    assert order == ["graphs", "concurrency"]  # the next lease: 168 s of its 180
+    assert missing(json.loads((tmp_path / "h.json").read_text())) == {}
+
+
+def test_a_new_gpu_benchmark_times_the_variants_and_four_processes_then_parts_that_fit(
+        fake_data_root, tmp_path, monkeypatch):
+    """`go`'s first benchmark on a GPU: the variants and 1, 2, 4 processes side by side (what
+    the grid's estimates need), written at once; then the later parts, given what is left of
+    the allowance. No GPU is touched: the measuring is replaced."""
+    import sys
+
+    from kdlib.bench import run
+    from kdlib.lease import device as lease_device
+
+    measure = sys.modules["kdlib.bench.measure"]  # kdlib.bench.measure is also a function
+    asked, completed = {}, {}
+
+    def benchmark(images, labels, **kwargs):
+        asked.update(kwargs)
+        return {"machine": {"host": "h", "gpu": "NVIDIA H100 80GB HBM3", "usable_cores": 16},
+                "settings": {"preset": "gpu"},
+                "concurrency": {"by_jobs": {str(k): {} for k in kwargs["concurrency"]}}}
+
+    def complete(result, bench_dir, data_root, device, **kwargs):
+        completed.update(kwargs, result=result)
+        return bench_dir / "h.json"
+
+    monkeypatch.setattr(run, "run_benchmark", benchmark)
+    monkeypatch.setattr(measure, "usable_cores", lambda: 16)
+    monkeypatch.setattr(lease_device, "complete_bench", complete)
+    logged = []
+    path = lease_device._bench_device("auto", tmp_path, "NVIDIA_H100", "cuda", fake_data_root,
+                                      preset="gpu", model="resnet20", bench_args=None,
+                                      started=0.0, log=logged.append)
+    assert asked["later_parts"] is False and asked["concurrency"] == [1, 2, 4]
+    assert path.exists() and any(line.startswith("benchmark written") for line in logged)
+    assert set(lease_device.missing_parts(completed["result"], "cuda", "gpu")) == \
+        {"grouped", "profile", "graphs", "concurrency"}
+    assert lease_device.BENCH_ALLOWANCE_S - 5 < completed["seconds"] <= 180.0

@@ -193,17 +193,21 @@ def _cpu_bf16_native() -> bool | None:
         return None
 
 
+def usable_cores() -> int | None:
+    """The cores this process may run on (its affinity), else all of the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
 def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     """Host, CPU model, cores, versions, threads and device of this process."""
     import torchvision  # lazy, only for its version: importing it takes seconds
 
     device = torch.device(device)
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
     info = {"host": socket.gethostname(), "cpu_model": cpu_model() or "unknown", "cores": os.cpu_count(),
-            "usable_cores": usable, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "usable_cores": usable_cores(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "cpu_bf16_native": _cpu_bf16_native(), "device": str(device), "gpu": None}

@@ -86,6 +86,7 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
                   data_source: str = "", matmul_size: int = MATMUL_SIZE, flops_probe_batch: int = 8,
                   concurrency: Sequence[int] | None = None, concurrency_seconds: float = 10.0,
                   profile_steps: int | None = None, grouped: bool = True,
+                  later_parts: bool = True,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure the variants on ``images`` (uint8 [N,3,32,32], CPU) / ``labels``; the result dict.
 
@@ -99,7 +100,10 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
     ``profile_steps``: steps of the KD step under
     ``torch.profiler`` (:mod:`kdlib.bench.profile`; default 20 on CUDA, none on a CPU).
     ``grouped``: with ``kd_w4`` among the variants, the grouped-weights part
-    (:mod:`kdlib.bench.grouped`). Everything shrinks for tests.
+    (:mod:`kdlib.bench.grouped`). ``later_parts=False``: the variants and the concurrency only,
+    the grouped, graphs, compiled and profile parts left to
+    :func:`kdlib.lease.decisions.complete_bench`, which a lease gives the time it has left for
+    its benchmark. Everything shrinks for tests.
     """
     names = list(variants) if variants is not None else [v.name for v in VARIANTS]
     ctx = make_context(images, labels, preset=preset, model=model, batch_size=batch_size, seed=seed,
@@ -155,6 +159,9 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
             ctx, "kd_w4", concurrency, seconds=concurrency_seconds, preset=preset, model=model,
             what=f"{', '.join(map(str, concurrency))} concurrent KD processes", log=log,
             warmup=max(warmup, 1))
+    if not later_parts:
+        result["load_average_end"] = load_average()
+        return result
     if grouped and "kd_w4" in names:
         result["grouped"] = grouped_part(ctx, result["settings"], log)
     if device.type == "cuda" and "kd_w4" in names:

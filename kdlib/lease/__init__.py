@@ -33,7 +33,8 @@ sends), :mod:`~kdlib.lease.pixels` (the data's coding), :mod:`~kdlib.lease.devic
 :mod:`~kdlib.lease.decisions` (what the benchmark decides), :mod:`~kdlib.lease.receive` (here,
 after).
 """
-from kdlib.lease.decisions import (DEVICE_BENCH, FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
+from kdlib.lease.decisions import (BENCH_ALLOWANCE_S, DEVICE_BENCH, FALLBACK_BENCH,
+                                   SPARE_COMPILED_S, auto_jobs,
                                    compile_undecided, complete_bench, device_bench_args,
                                    groups_weights, later_compile_parts, missing_parts,
                                    replays_steps)
@@ -52,7 +53,7 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_LEFT, AGAIN_MIN_S, CALLS_FIL
                                   OUT_MAX_FILES, STASH, STASH_INCOMPLETE_EXIT, STASH_PLAN,
                                   sha256_of)
 
-__all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "CALLS_FILE", "CARRIED_SUFFIX", "DATA_FILES",
+__all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "BENCH_ALLOWANCE_S", "CALLS_FILE", "CARRIED_SUFFIX", "DATA_FILES",
            "DATA_MANIFEST", "DEVICE_BENCH", "FALLBACK_BENCH", "LEASE_DIR", "MIB", "OUT_MAX_FILES",
            "SNAPSHOT", "SPARE_COMPILED_S", "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
            "assemble_data", "auto_jobs", "call_timeline", "check_returns", "check_stash",

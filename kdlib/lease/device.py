@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdlib.lease.decisions import (FALLBACK_BENCH, SPARE_COMPILED_S, auto_jobs,
+from kdlib.lease.decisions import (BENCH_ALLOWANCE_S, FALLBACK_BENCH, FIRST_COUNTS_MAX,
+                                   SPARE_COMPILED_S, auto_jobs,
                                    compile_undecided, complete_bench, device_bench_args,
                                    groups_weights, later_compile_parts, missing_parts,
                                    replays_steps)
@@ -365,9 +366,14 @@ def _bench_device(bench: str, bench_dir: Path, kind: str, device, data_root: Pat
                   log: Callable[[str], None]) -> Path | None:
     """`go`'s benchmark (``bench``: auto | always | never): a new one where ``bench_dir`` has
     none for this device kind (a minimal one if the full one fails: the grid needs estimates
-    more than the rest), else the parts an older one lacks. Returns the file it wrote; logs it
+    more than the rest), else the parts an older one lacks. Either way it spends at most
+    :data:`BENCH_ALLOWANCE_S` beyond a new one's variants and first counts of processes: the
+    later parts that do not fit wait for the next lease. Returns the file it wrote; logs it
     with the seconds since ``started`` (monotonic)."""
-    from kdlib.bench.run import bench_file_name, run_benchmark
+    import torch
+
+    from kdlib.bench.measure import usable_cores
+    from kdlib.bench.run import bench_file_name, device_concurrency, run_benchmark
     from kdlib.budget import load_bench
     from kdlib.data import load_cifar100
     from kdlib.fileio import write_json_atomic
@@ -377,23 +383,33 @@ def _bench_device(bench: str, bench_dir: Path, kind: str, device, data_root: Pat
         if not missing_parts(existing, device, preset):
             return None
         path = complete_bench(existing, bench_dir, data_root, device, preset=preset,
-                              model=model, log=log)
+                              model=model, seconds=BENCH_ALLOWANCE_S, log=log)
         log(f"benchmark completed: {path} ({time.monotonic() - started:.0f} s in)")
         return path
     if bench == "never":
         return None
     images, labels = load_cifar100(data_root, train=True, download=False)
     source = f"CIFAR-100 training set, {len(images)} images"
+    bench_started = time.monotonic()
+    args = device_bench_args(preset, model, bench_args)
+    if "concurrency" not in args and torch.device(device).type == "cuda":
+        args["concurrency"] = [k for k in device_concurrency(usable_cores())
+                               if k <= FIRST_COUNTS_MAX]
     try:
         result = run_benchmark(images, labels, device=device, preset=preset, model=model,
-                               data_source=source, **device_bench_args(preset, model, bench_args))
+                               data_source=source, later_parts=False, **args)
     except Exception as exc:  # noqa: BLE001 - the grid needs estimates more than the rest
         log(f"benchmark failed ({type(exc).__name__}: {exc}); timing only fit()'s steps")
         result = run_benchmark(images, labels, device=device, preset=preset, model=model,
-                               data_source=source, **FALLBACK_BENCH)
+                               data_source=source, later_parts=False, **FALLBACK_BENCH)
     path = bench_dir / bench_file_name(result)
     write_json_atomic(path, result)
     log(f"benchmark written: {path} ({time.monotonic() - started:.0f} s in)")
+    if missing_parts(result, device, preset):
+        spent = time.monotonic() - bench_started
+        complete_bench(result, bench_dir, data_root, device, preset=preset, model=model,
+                       seconds=BENCH_ALLOWANCE_S - spent, log=log)
+        log(f"benchmark completed: {path} ({time.monotonic() - started:.0f} s in)")
     return path
 
 
