@@ -213,9 +213,10 @@ def test_a_benchmark_part_that_fails_is_recorded_and_the_rest_goes_on(fake_data_
 def test_a_lease_leaves_the_parts_its_benchmark_allowance_cannot_hold_for_the_next(
         fake_data_root, tmp_path, monkeypatch):
     """A part whose estimate exceeds what is left of the allowance waits for a later lease
-    (said in the log); the parts after it still go, and the compiled part, which a preset
-    needs before its first run, never waits. The next lease measures what waited. The parts
-    here take their estimates on a clock of the test's own."""
+    (said in the log); the parts after it that fit still go, and the grouped check (this
+    lease's grid decides on it) and the compiled part (a preset needs it before its first run)
+    never wait. The next lease measures what waited. The parts take the seconds of a clock of
+    the test's own."""
     import json
     from types import SimpleNamespace
 
@@ -226,11 +227,12 @@ def test_a_lease_leaves_the_parts_its_benchmark_allowance_cannot_hold_for_the_ne
     now = [0.0]
     monkeypatch.setattr(decisions, "time", SimpleNamespace(monotonic=lambda: now[0]))
     order = []
+    takes = {"grouped": 20, "profile": 15, "graphs": 120, "concurrency": 48, "compiled": 150}
 
     def part(name, value):
         def measure(*_, **__):
             order.append(name)
-            now[0] += decisions.part_seconds(name, {"concurrency": [8, 12]})
+            now[0] += takes[name]
             return value
         return measure
 
@@ -263,6 +265,10 @@ def test_a_lease_leaves_the_parts_its_benchmark_allowance_cannot_hold_for_the_ne
                          model="resnet8", seconds=lease.BENCH_ALLOWANCE_S, log=logged.append)
     assert order == ["graphs", "concurrency"]  # the next lease: 168 s of its 180
     assert missing(json.loads((tmp_path / "h.json").read_text())) == {}
+    order.clear()
+    lease.complete_bench(first, tmp_path, fake_data_root, "cpu", preset="smoke",
+                         model="resnet8", seconds=-10.0, log=logged.append)
+    assert order == ["grouped", "compiled"]  # first timings that overran the allowance
 
 
 def test_a_new_gpu_benchmark_times_the_variants_and_four_processes_then_parts_that_fit(

@@ -15,18 +15,22 @@ DEVICE_BENCH = dict(variants=["fp32", "w4a4", "w1a1", "kd_w4", "kd_w4_nchw", "kd
                               "kd_w4_compile", "kd_w4_typical", "data_kdlib"],
                     windows=5, steps=50, concurrency_seconds=10.0)
 FALLBACK_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=3, steps=20, concurrency=())
-# A lease spends at most this on its benchmark, from its start (issue 15: "≤ 3 min"); only a
-# new benchmark's variants and 1, 2 and 4 processes side by side, which the grid's estimates
-# need, run whatever they take. A later part that would not end within it waits for a later
-# lease (all of a new GPU's parts in one lease: 5 to 7 minutes of a 15-minute session).
+# The seconds a lease gives its benchmark, from its start (issue 15: "≤ 3 min"): a later part
+# that would not end within them waits for a later lease (all of a new GPU's parts in one
+# lease: 5 to 7 minutes of a 15-minute session). A new benchmark's variants and 1, 2 and 4
+# processes side by side, which the grid's estimates need, run whatever they take, as do the
+# parts of NEVER_HELD_BACK.
 BENCH_ALLOWANCE_S = 180.0
 FIRST_COUNTS_MAX = 4  # processes side by side that a new benchmark measures before the grid
 # What a later part takes on a GPU, to decide whether it fits: measured in the H200's lease 3
 # (2026-12-04, its log) for the profile (13 s) and the counts of processes (47 s for 8 and 12),
-# estimated for the grouped part and the replayed step, which no GPU has run yet. The compiled
-# part is not held back: a preset that needs it trains nothing before it (compile_undecided).
-PART_SECONDS = {"grouped": 20.0, "profile": 15.0, "graphs": 120.0}
+# estimated for the replayed step, which no GPU has run yet.
+PART_SECONDS = {"profile": 15.0, "graphs": 120.0}
 COUNT_SECONDS = 24.0  # one more number of processes side by side
+# Never held back: the grouped part's device check (about 20 s) decides how this lease's own
+# grid quantizes its weights (652 operators a KD step grouped, 1,136 per layer, counted on the
+# CPU), and a preset that needs the compiled part trains nothing before it (compile_undecided).
+NEVER_HELD_BACK = ("grouped", "compiled")
 
 
 def device_bench_args(preset: str, model: str | None = None,
@@ -176,11 +180,10 @@ def missing_parts(result: dict[str, Any], device, preset: str | None = None) -> 
 
 
 def part_seconds(name: str, missing: dict[str, Any]) -> float:
-    """About how long the missing part ``name`` takes on a GPU (:data:`PART_SECONDS`); 0 for
-    the compiled part, which is never held back."""
+    """About how long the missing part ``name`` takes on a GPU (:data:`PART_SECONDS`)."""
     if name == "concurrency":
         return COUNT_SECONDS * len(missing["concurrency"])
-    return PART_SECONDS.get(name, 0.0)
+    return PART_SECONDS[name]
 
 
 def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, device, *,
@@ -190,7 +193,8 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     (about 20 s on a GPU), the profile (about 15 s), the replayed step (about 2 minutes), the
     larger counts of processes side by side (about 25 s each), the compiled part (a few
     minutes). ``seconds``: a part that would not end within them (:func:`part_seconds`, from
-    this call's start) is left for a later lease, and the parts after it that fit still go."""
+    this call's start) is left for a later lease, and the parts after it that fit still go;
+    those of :data:`NEVER_HELD_BACK` always go."""
     from kdlib.bench.run import (PROFILE_STEPS, add_concurrency, bench_file_name, compiled_part,
                                  graphs_part, grouped_part, profile_or_error)
     from kdlib.bench.measure import error_entry
@@ -218,7 +222,7 @@ def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, dev
     for name, measure in parts.items():
         if name not in missing:
             continue
-        if seconds is not None:
+        if seconds is not None and name not in NEVER_HELD_BACK:
             left = seconds - (time.monotonic() - started)
             if part_seconds(name, missing) > left:
                 log(f"bench: the {name} part (about {part_seconds(name, missing):.0f} s) waits "
