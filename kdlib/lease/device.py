@@ -366,10 +366,10 @@ def _bench_device(bench: str, bench_dir: Path, kind: str, device, data_root: Pat
                   log: Callable[[str], None]) -> Path | None:
     """`go`'s benchmark (``bench``: auto | always | never): a new one where ``bench_dir`` has
     none for this device kind (a minimal one if the full one fails: the grid needs estimates
-    more than the rest), else the parts an older one lacks. Either way it spends at most
-    :data:`BENCH_ALLOWANCE_S` beyond a new one's variants and first counts of processes: the
-    later parts that do not fit wait for the next lease. Returns the file it wrote; logs it
-    with the seconds since ``started`` (monotonic)."""
+    more than the rest), else the parts an older one lacks. Either way the later parts get what
+    is left of :data:`BENCH_ALLOWANCE_S` from the benchmark's start; those that do not fit wait
+    for the next lease. Returns the file it wrote; logs it with the seconds since ``started``
+    (monotonic)."""
     import torch
 
     from kdlib.bench.measure import usable_cores
@@ -388,9 +388,9 @@ def _bench_device(bench: str, bench_dir: Path, kind: str, device, data_root: Pat
         return path
     if bench == "never":
         return None
+    bench_started = time.monotonic()
     images, labels = load_cifar100(data_root, train=True, download=False)
     source = f"CIFAR-100 training set, {len(images)} images"
-    bench_started = time.monotonic()
     args = device_bench_args(preset, model, bench_args)
     if "concurrency" not in args and torch.device(device).type == "cuda":
         args["concurrency"] = [k for k in device_concurrency(usable_cores())
