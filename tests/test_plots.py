@@ -203,7 +203,6 @@ def test_chain_contrasts_bars_are_the_paired_means_with_their_intervals():
     plt.close(fig)
 
 
-
 def test_chain_contrasts_mark_the_calls_that_stand_beyond_their_error_bars():
     """* at the far end of each interval that Holm's correction keeps (above a gain, below a
     loss), none elsewhere, and a note that says what * means."""
@@ -220,6 +219,7 @@ def test_chain_contrasts_mark_the_calls_that_stand_beyond_their_error_bars():
     unmarked = plots.plot_chain_contrasts(contrasts)
     assert not [a for a in unmarked.axes[0].texts if a.get_text() == "*"]
     plt.close(unmarked)
+
 
 def test_chain_contrasts_with_one_seed_say_so_and_draw_no_error_bars():
     contrasts = pd.DataFrame([

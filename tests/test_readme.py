@@ -366,7 +366,6 @@ def test_every_figure_the_readme_shows_is_committed():
     assert not missing, f"README shows figures that are not committed: {missing}"
 
 
-
 def heading_anchors(markdown: str) -> set[str]:
     """The anchors GitHub gives a file's headings: lower case, punctuation but '-' dropped,
     spaces as '-'."""
@@ -391,6 +390,7 @@ def test_every_link_between_the_documents_lands(document):
         if anchor:
             assert anchor in heading_anchors(target.read_text()), \
                 f"{document} links to {link}: no such heading in {relative}"
+
 
 @pytest.mark.realdata
 def test_use_a_trained_model_lines_give_back_the_records_accuracy(real_data_root, monkeypatch, capsys):

@@ -207,7 +207,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
 
     device = torch.device(device)
     info = {"host": socket.gethostname(), "cpu_model": cpu_model() or "unknown", "cores": os.cpu_count(),
-            "usable_cores": usable_cores(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "usable_cores": usable_cores(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "cpu_bf16_native": _cpu_bf16_native(), "device": str(device), "gpu": None}

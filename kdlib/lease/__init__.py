@@ -53,8 +53,8 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_LEFT, AGAIN_MIN_S, CALLS_FIL
                                   OUT_MAX_FILES, STASH, STASH_INCOMPLETE_EXIT, STASH_PLAN,
                                   sha256_of)
 
-__all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "BENCH_ALLOWANCE_S", "CALLS_FILE", "CARRIED_SUFFIX", "DATA_FILES",
-           "DATA_MANIFEST", "DEVICE_BENCH", "FALLBACK_BENCH", "LEASE_DIR", "MIB", "OUT_MAX_FILES",
+__all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "BENCH_ALLOWANCE_S", "CALLS_FILE",
+           "CARRIED_SUFFIX", "DATA_FILES", "DATA_MANIFEST", "DEVICE_BENCH", "FALLBACK_BENCH", "LEASE_DIR", "MIB", "OUT_MAX_FILES",
            "SNAPSHOT", "SPARE_COMPILED_S", "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
            "assemble_data", "auto_jobs", "call_timeline", "check_returns", "check_stash",
            "compile_undecided", "complete_bench", "compress_carried", "device_bench_args",

@@ -34,16 +34,25 @@ NEVER_HELD_BACK = ("grouped", "compiled")
 
 
 def device_bench_args(preset: str, model: str | None = None,
-                      bench_args: dict[str, Any] | None = None) -> dict[str, Any]:
+                      bench_args: dict[str, Any] | None = None, device=None) -> dict[str, Any]:
     """run_benchmark's arguments for a lease of ``preset``: ``bench_args`` (default
     :data:`DEVICE_BENCH`), without the compiled variants, and so without the compiled part,
     for a preset whose runs are too short to compile (minutes of the lease it trains instead;
-    a lease of a long-run preset measures that part, see :func:`missing_parts`)."""
+    a lease of a long-run preset measures that part, see :func:`missing_parts`). On a CUDA
+    ``device``, the counts of processes side by side up to :data:`FIRST_COUNTS_MAX` unless
+    ``bench_args`` names some (the larger ones are a later part, :func:`complete_bench`)."""
+    import torch
+
     from kdlib.bench.compiled import compile_may_pay
+    from kdlib.bench.measure import usable_cores
+    from kdlib.bench.run import device_concurrency
 
     args = dict(DEVICE_BENCH if bench_args is None else bench_args)
     if "variants" in args and not compile_may_pay(preset, model):
         args["variants"] = [v for v in args["variants"] if "compile" not in v]
+    if device is not None and torch.device(device).type == "cuda" and "concurrency" not in args:
+        args["concurrency"] = [k for k in device_concurrency(usable_cores())
+                               if k <= FIRST_COUNTS_MAX]
     return args
 
 
@@ -189,12 +198,11 @@ def part_seconds(name: str, missing: dict[str, Any]) -> float:
 def complete_bench(result: dict[str, Any], bench_dir: Path, data_root: Path, device, *,
                    preset: str, model: str, steps: int | None = None,
                    seconds: float | None = None, log: Callable[[str], None] = print) -> Path:
-    """A benchmark measured before it had a part gets it, in place: the grouped-weights part
-    (about 20 s on a GPU), the profile (about 15 s), the replayed step (about 2 minutes), the
-    larger counts of processes side by side (about 25 s each), the compiled part (a few
-    minutes). ``seconds``: a part that would not end within them (:func:`part_seconds`, from
-    this call's start) is left for a later lease, and the parts after it that fit still go;
-    those of :data:`NEVER_HELD_BACK` always go."""
+    """A benchmark measured before it had a part gets it, in place, in this order: the
+    grouped-weights part, the profile, the replayed step, the larger counts of processes side
+    by side, the compiled part (minutes). ``seconds``: a part that would not end within them
+    (:func:`part_seconds`, from this call's start) is left for a later lease, and the parts
+    after it that fit still go; those of :data:`NEVER_HELD_BACK` always go."""
     from kdlib.bench.run import (PROFILE_STEPS, add_concurrency, bench_file_name, compiled_part,
                                  graphs_part, grouped_part, profile_or_error)
     from kdlib.bench.measure import error_entry

@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdlib.lease.decisions import (BENCH_ALLOWANCE_S, FALLBACK_BENCH, FIRST_COUNTS_MAX,
-                                   SPARE_COMPILED_S, auto_jobs,
-                                   compile_undecided, complete_bench, device_bench_args,
+from kdlib.lease.decisions import (BENCH_ALLOWANCE_S, FALLBACK_BENCH, SPARE_COMPILED_S,
+                                   auto_jobs, compile_undecided, complete_bench, device_bench_args,
                                    groups_weights, later_compile_parts, missing_parts,
                                    replays_steps)
 from kdlib.lease.pixels import recode_file
@@ -370,10 +369,7 @@ def _bench_device(bench: str, bench_dir: Path, kind: str, device, data_root: Pat
     is left of :data:`BENCH_ALLOWANCE_S` from the benchmark's start; those that do not fit wait
     for the next lease. Returns the file it wrote; logs it with the seconds since ``started``
     (monotonic)."""
-    import torch
-
-    from kdlib.bench.measure import usable_cores
-    from kdlib.bench.run import bench_file_name, device_concurrency, run_benchmark
+    from kdlib.bench.run import bench_file_name, run_benchmark
     from kdlib.budget import load_bench
     from kdlib.data import load_cifar100
     from kdlib.fileio import write_json_atomic
@@ -384,20 +380,18 @@ def _bench_device(bench: str, bench_dir: Path, kind: str, device, data_root: Pat
             return None
         path = complete_bench(existing, bench_dir, data_root, device, preset=preset,
                               model=model, seconds=BENCH_ALLOWANCE_S, log=log)
-        log(f"benchmark completed: {path} ({time.monotonic() - started:.0f} s in)")
+        log(f"benchmark completed as far as its {BENCH_ALLOWANCE_S:.0f} s allow: {path} "
+            f"({time.monotonic() - started:.0f} s in)")
         return path
     if bench == "never":
         return None
     bench_started = time.monotonic()
     images, labels = load_cifar100(data_root, train=True, download=False)
     source = f"CIFAR-100 training set, {len(images)} images"
-    args = device_bench_args(preset, model, bench_args)
-    if "concurrency" not in args and torch.device(device).type == "cuda":
-        args["concurrency"] = [k for k in device_concurrency(usable_cores())
-                               if k <= FIRST_COUNTS_MAX]
     try:
         result = run_benchmark(images, labels, device=device, preset=preset, model=model,
-                               data_source=source, later_parts=False, **args)
+                               data_source=source, later_parts=False,
+                               **device_bench_args(preset, model, bench_args, device))
     except Exception as exc:  # noqa: BLE001 - the grid needs estimates more than the rest
         log(f"benchmark failed ({type(exc).__name__}: {exc}); timing only fit()'s steps")
         result = run_benchmark(images, labels, device=device, preset=preset, model=model,
@@ -409,7 +403,8 @@ def _bench_device(bench: str, bench_dir: Path, kind: str, device, data_root: Pat
         spent = time.monotonic() - bench_started
         complete_bench(result, bench_dir, data_root, device, preset=preset, model=model,
                        seconds=BENCH_ALLOWANCE_S - spent, log=log)
-        log(f"benchmark completed: {path} ({time.monotonic() - started:.0f} s in)")
+        log(f"benchmark completed as far as its {BENCH_ALLOWANCE_S:.0f} s allow: {path} "
+            f"({time.monotonic() - started:.0f} s in)")
     return path
 
 
