@@ -34,6 +34,7 @@ from kdlib.results import find_record, load_records, load_results, summarise
 from kdlib.tblog import TENSORBOARD_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = ("01_baseline", "02_ta_chain", "03_individual", "04_results")
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -65,11 +66,21 @@ def default_results_dir(preset: str) -> Path:
     return REPO_ROOT / "results" / preset
 
 
+def _seen_from_notebooks(folder: str | Path) -> str:
+    """A folder as the kernel (working directory notebooks/) names it: relative when inside this
+    checkout, so an executed notebook reads the same in every clone; absolute otherwise."""
+    folder = Path(folder).resolve()
+    if not folder.is_relative_to(REPO_ROOT):
+        return str(folder)
+    return os.path.relpath(folder, NOTEBOOKS_DIR)
+
+
 def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) -> dict[str, Any]:
     params: dict[str, Any] = {
         "preset": args.preset, "model": model_of(args),
         "seeds": list(args.seeds or get_preset(args.preset).seeds),
-        "data_dir": str(args.data_dir or ""), "results_dir": str(results_dir),
+        "data_dir": _seen_from_notebooks(args.data_dir) if args.data_dir else "",
+        "results_dir": _seen_from_notebooks(results_dir),
         "overrides": parse_overrides(args.set), "device": args.device or "",
     }
     # The grid is the preset's unless the command line says otherwise (never the notebook's own
@@ -109,6 +120,28 @@ def _outputs(path: Path) -> list | None:
     return [(c.get("source"), c.get("outputs")) for c in cells]
 
 
+def _seen_from_checkout(path: str | Path) -> str:
+    path = Path(path).resolve()
+    return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def _name_paths_from_the_checkout(executed: Path, target: Path) -> None:
+    """Papermill records where it read and wrote the notebook as absolute paths (and wrote it to a
+    temporary name), and gives the cell it injects a random id: record the notebook and its final
+    place as seen from the checkout, and a fixed id, so that a rerun in another clone reads the same."""
+    import nbformat  # lazy, as papermill (which writes notebooks with it)
+
+    notebook = nbformat.read(executed, as_version=nbformat.NO_CONVERT)
+    recorded = notebook.metadata.setdefault("papermill", {})
+    if recorded.get("input_path"):
+        recorded["input_path"] = _seen_from_checkout(recorded["input_path"])
+    recorded["output_path"] = _seen_from_checkout(target)
+    for cell in notebook.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.id = "injected-parameters"
+    nbformat.write(notebook, executed)
+
+
 def _announce_plan(args: argparse.Namespace, results_dir: Path) -> None:
     """How much of the grid is already trained, so nobody waits for training that won't happen."""
     seeds = list(args.seeds or get_preset(args.preset).seeds)
@@ -122,10 +155,19 @@ def _announce_plan(args: argparse.Namespace, results_dir: Path) -> None:
              if done else ""), flush=True)
 
 
+def _kernels_import_this_checkout() -> None:
+    """The kernels start in notebooks/ and import kdlib from the environment's install, which may
+    be another checkout's (an editable install follows the last `pip install -e`): put this
+    checkout first on their path, so that the notebooks run the code of the command that runs them."""
+    paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+
+
 def command_run(args: argparse.Namespace) -> int:
     import papermill  # lazy: a heavy import (jupyter client) only `run` needs
 
     get_preset(args.preset)  # fail fast on an unknown preset
+    _kernels_import_this_checkout()
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
     _announce_plan(args, results_dir)
     executed = results_dir / "executed"
@@ -146,14 +188,15 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"== {name}  {json.dumps(params)}", flush=True)
         try:
             papermill.execute_notebook(
-                str(REPO_ROOT / "notebooks" / f"{name}.ipynb"), str(fresh),
-                parameters=params, cwd=str(REPO_ROOT / "notebooks"), kernel_name="python3",
+                str(NOTEBOOKS_DIR / f"{name}.ipynb"), str(fresh),
+                parameters=params, cwd=str(NOTEBOOKS_DIR), kernel_name="python3",
                 log_output=True, progress_bar=not args.log_output)
         except papermill.PapermillExecutionError as exc:
             fresh.replace(target)
             print(f"error: notebook {name} failed: {exc.ename}: {exc.evalue} "
                   f"(executed copy: {target})", file=sys.stderr)
             return EXIT_FAILED
+        _name_paths_from_the_checkout(fresh, target)
         if _outputs(fresh) == _outputs(target):  # nothing changed: keep the committed file as is
             fresh.unlink()
         else:

@@ -63,6 +63,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,8 +71,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 from torch import Tensor
-from tqdm.auto import tqdm
-from tqdm.std import tqdm as text_tqdm
+from tqdm.std import TqdmWarning, tqdm as text_tqdm
+
+with warnings.catch_warnings():  # in a kernel without ipywidgets, tqdm.auto warns (with this
+    warnings.simplefilter("ignore", TqdmWarning)  # machine's paths) and falls back to text bars
+    from tqdm.auto import tqdm
 
 from kdlib.checkpoints import CHECKPOINT_FORMAT, config_differences, cpu_state, load_checkpoint
 from kdlib.config import RunConfig

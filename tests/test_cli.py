@@ -98,6 +98,19 @@ def test_run_stops_on_failing_notebook(real_data_root, tmp_path):
     assert len(logs) == 1 and "Executing notebook" in logs[0].read_text()
 
 
+@pytest.mark.realdata
+def test_the_notebooks_import_the_kdlib_of_the_checkout_that_runs_them(real_data_root, tmp_path):
+    """Another kdlib on the path (as when the environment's editable install is another clone's)
+    must not be what the kernels import."""
+    other = tmp_path / "other_checkout" / "kdlib"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("raise ImportError('the kdlib of another checkout')\n")
+    proc = kdlib("run", "--model", "resnet8", "--only", "04", "--data-dir", str(real_data_root),
+                 "--results-dir", str(tmp_path / "results"), env={"PYTHONPATH": str(other.parent)})
+    assert "another checkout" not in proc.stderr
+    assert "notebook 04_results failed: FileNotFoundError" in proc.stderr  # this kdlib ran: no records
+
+
 def test_run_refuses_a_bad_chain_before_any_notebook(tmp_path):
     proc = kdlib("run", "--model", "resnet8", "--chain", "32", "8", "16", "--only", "02",
                  "--results-dir", str(tmp_path), *TINY)

@@ -61,6 +61,19 @@ def test_notebook_parameters_per_notebook(tmp_path):
     assert notebook_parameters(args, "04_results", tmp_path) == {"preset": "smoke", "results_dir": str(tmp_path)}
 
 
+def test_folders_inside_the_checkout_reach_the_notebooks_relative_to_their_folder(monkeypatch, tmp_path):
+    """The kernel runs in notebooks/: a folder of this checkout is named from there (the same text
+    in every clone, so a rerun elsewhere leaves the committed notebooks as they are) and still
+    names the same folder; a folder outside the checkout stays absolute."""
+    monkeypatch.chdir(ROOT)  # --data-dir is relative to where the command is typed, not notebooks/
+    args = build_parser().parse_args(["run", "--preset", "quick", "--data-dir", "data"])
+    params = notebook_parameters(args, "01_baseline", ROOT / "results" / "quick")
+    assert (params["results_dir"], params["data_dir"]) == ("../results/quick", "../data")
+    assert (ROOT / "notebooks" / params["data_dir"]).resolve() == ROOT / "data"
+    outside = notebook_parameters(args, "04_results", tmp_path / "elsewhere")
+    assert outside["results_dir"] == str(tmp_path / "elsewhere")
+
+
 def test_the_preset_names_the_model_unless_the_command_line_does(tmp_path):
     """`--preset quick_squeezenet` alone trains SqueezeNet, not a ResNet-20 under its name."""
     from kdlib.experiments import plan_grid
@@ -123,6 +136,14 @@ def test_run_smoke_preset_end_to_end(real_data_root, tmp_path):
     teacher_id = records[("teacher", 32)]["run_id"]
     assert records[("ta_chain", 4)]["config"]["teacher_id"] == teacher_id
     assert records[("individual", 4)]["config"]["init_id"] is None
+    executed = json.loads((tmp_path / "executed" / "02_ta_chain.ipynb").read_text())
+    assert executed["metadata"]["papermill"]["input_path"] == "notebooks/02_ta_chain.ipynb"
+    assert executed["metadata"]["papermill"]["output_path"] == str(tmp_path / "executed" / "02_ta_chain.ipynb")
+    assert "injected-parameters" in [c["id"] for c in executed["cells"]]
+    for name in ("01_baseline", "02_ta_chain", "03_individual", "04_results"):
+        shown = json.dumps([c.get("outputs", []) for c in
+                            json.loads((tmp_path / "executed" / f"{name}.ipynb").read_text())["cells"]])
+        assert "Warning" not in shown and str(ROOT) not in shown, name  # reads the same in every clone
     injected = _injected_parameters(tmp_path / "executed" / "02_ta_chain.ipynb")
     assert 'model = "resnet8"' in injected and "chain = [32, 4]" in injected
     assert f'data_dir = "{real_data_root}"' in injected

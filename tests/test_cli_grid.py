@@ -61,3 +61,25 @@ def test_executed_notebook_is_replaced_only_when_its_outputs_change(tmp_path):
     assert cli._outputs(a) == cli._outputs(b)
     assert cli._outputs(a) != cli._outputs(c)
     assert cli._outputs(tmp_path / "missing.ipynb") is None
+
+
+def test_an_executed_notebook_names_its_paths_from_the_checkout_and_its_injected_cell_by_a_fixed_id(tmp_path):
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    injected = nbformat.v4.new_code_cell("preset = 'quick'", metadata={"tags": ["injected-parameters"]})
+    notebook.cells = [nbformat.v4.new_code_cell("x = 1"), injected]
+    notebook.metadata["papermill"] = {"input_path": str(cli.REPO_ROOT / "notebooks" / "01_baseline.ipynb"),
+                                      "output_path": str(tmp_path / ".01_baseline.running.ipynb")}
+    running = tmp_path / ".01_baseline.running.ipynb"
+    nbformat.write(notebook, running)
+    first_id = notebook.cells[0].id
+    for target, shown in ((cli.REPO_ROOT / "results" / "quick" / "executed" / "01_baseline.ipynb",
+                           "results/quick/executed/01_baseline.ipynb"),
+                          (tmp_path / "01_baseline.ipynb", str(tmp_path / "01_baseline.ipynb"))):
+        cli._name_paths_from_the_checkout(running, target)  # writes the running copy only
+        written = nbformat.read(running, as_version=4)
+        assert written.metadata["papermill"]["input_path"] == "notebooks/01_baseline.ipynb"
+        assert written.metadata["papermill"]["output_path"] == shown
+        assert [c.id for c in written.cells] == [first_id, "injected-parameters"]
+        nbformat.validate(written)
