@@ -142,6 +142,7 @@ def test_accuracy_vs_size_means_over_seeds_at_each_storage():
     fig = plots.plot_accuracy_vs_size(frame)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
+    assert ax.get_xlabel() == "model size (KiB, quantized layers at their bit width, log scale)"
     entries = legend_entries(ax)
     assert set(entries) == {"teacher", METHOD_LABELS["individual"], METHOD_LABELS["ta_chain"]}
     assert errorbar_data(entries["teacher"]) == ([100.0], [71.0], pytest.approx([math.sqrt(2)]))
@@ -150,6 +151,29 @@ def test_accuracy_vs_size_means_over_seeds_at_each_storage():
     assert errorbar_data(entries[METHOD_LABELS["ta_chain"]]) == ([10.0], [46.0], pytest.approx([math.sqrt(2)]))
     teacher_line = entries["teacher"].lines[0]
     assert teacher_line.get_marker() == "s" and to_rgba(teacher_line.get_color()) == to_rgba("black")
+
+
+def test_accuracy_vs_size_sizes_every_seed_of_a_setting_by_its_packed_files():
+    """Seed 0 keeps a packed file, the other seeds none, and two files of one layout differ by
+    header bytes: each setting is still one point, at its files' median size."""
+    kib = 1024
+    frame = pd.DataFrame([
+        {"method": "individual", "storage_bits": 8 * 20 * kib, "packed_bytes": 21 * kib + 10, "test_top1": 50.0},
+        {"method": "individual", "storage_bits": 8 * 20 * kib, "packed_bytes": NAN, "test_top1": 54.0},
+        {"method": "direct_kd", "storage_bits": 8 * 20 * kib, "packed_bytes": 21 * kib + 30, "test_top1": 60.0},
+        {"method": "direct_kd", "storage_bits": 8 * 20 * kib, "packed_bytes": NAN, "test_top1": 62.0},
+        {"method": "individual", "storage_bits": 8 * 10 * kib, "packed_bytes": NAN, "test_top1": 40.0},
+    ])
+    ax = plots.plot_accuracy_vs_size(frame).axes[0]
+    entries = legend_entries(ax)
+    assert errorbar_data(entries[METHOD_LABELS["individual"]]) == (
+        [10.0, 21.0 + 20 / kib], [40.0, 52.0], pytest.approx([0.0, math.sqrt(8)]))
+    assert errorbar_data(entries[METHOD_LABELS["direct_kd"]]) == (
+        [21.0 + 20 / kib], [61.0], pytest.approx([math.sqrt(2)]))
+    # the 10 KiB setting has no file: the axis says that some sizes are on paper
+    assert ax.get_xlabel().endswith("\non paper (quantized layers at their bit width) where no run kept a file")
+    filed_only = plots.plot_accuracy_vs_size(frame[frame["storage_bits"] > 8 * 10 * kib]).axes[0]
+    assert filed_only.get_xlabel() == "model size (KiB, packed weights file, log scale)"
 
 
 def test_save_figure_creates_the_folder_and_a_png(tmp_path):
