@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import logging
 import os
 import sys
 import time
@@ -19,23 +18,23 @@ from typing import Any, Sequence
 
 import torch
 
+from kdlib import notebook_runs
 from kdlib.bench import main as bench_main
+from kdlib.checkout import REPO_ROOT, shown_path
 from kdlib.checks import format_bits, parse_bits
 from kdlib.budget import Budget, RunTimer, device_kind, load_bench
 from kdlib.device import pick_device
 from kdlib.executors import (EXECUTORS, GridRunError, MissingExtraError, check_resources,
                              execute_processes, execute_ray, import_ray)
 from kdlib.experiments import execute, plan_grid, plan_students
+from kdlib.notebook_runs import NOTEBOOKS, seen_from_notebooks
 from kdlib.data import resolve_data_root
 from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS, build_config,
                            get_preset)
-from kdlib.report import render_readme, shown_path, stale_readme_figures
+from kdlib.report import render_readme, stale_readme_figures
 from kdlib.results import find_record, load_records, load_results, summarise
 from kdlib.tblog import TENSORBOARD_ENV
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-NOTEBOOKS = ("01_baseline", "02_ta_chain", "03_individual", "04_results")
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
@@ -66,21 +65,12 @@ def default_results_dir(preset: str) -> Path:
     return REPO_ROOT / "results" / preset
 
 
-def _seen_from_notebooks(folder: str | Path) -> str:
-    """A folder as the kernel (working directory notebooks/) names it: relative when inside this
-    checkout, so an executed notebook reads the same in every clone; absolute otherwise."""
-    folder = Path(folder).resolve()
-    if not folder.is_relative_to(REPO_ROOT):
-        return str(folder)
-    return os.path.relpath(folder, NOTEBOOKS_DIR)
-
-
 def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) -> dict[str, Any]:
     params: dict[str, Any] = {
         "preset": args.preset, "model": model_of(args),
         "seeds": list(args.seeds or get_preset(args.preset).seeds),
-        "data_dir": _seen_from_notebooks(args.data_dir) if args.data_dir else "",
-        "results_dir": _seen_from_notebooks(results_dir),
+        "data_dir": seen_from_notebooks(args.data_dir) if args.data_dir else "",
+        "results_dir": seen_from_notebooks(results_dir),
         "overrides": parse_overrides(args.set), "device": args.device or "",
     }
     # The grid is the preset's unless the command line says otherwise (never the notebook's own
@@ -98,50 +88,6 @@ def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) 
     return params
 
 
-def _start_log(folder: Path, echo: bool) -> Path:
-    """Send every cell's output (papermill's logger) to a timestamped file, and to stderr too
-    when ``echo``; the executed notebooks hold the same output per cell."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    logger = logging.getLogger("papermill")
-    logger.setLevel(logging.INFO)
-    handlers = [logging.FileHandler(path)] + ([logging.StreamHandler()] if echo else [])
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        logger.addHandler(handler)
-    return path
-
-
-def _outputs(path: Path) -> list | None:
-    """A notebook's cells (source and outputs) without run-to-run metadata (times, durations)."""
-    if not path.exists():
-        return None
-    cells = json.loads(path.read_text()).get("cells", [])
-    return [(c.get("source"), c.get("outputs")) for c in cells]
-
-
-def _seen_from_checkout(path: str | Path) -> str:
-    path = Path(path).resolve()
-    return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else str(path)
-
-
-def _name_paths_from_the_checkout(executed: Path, target: Path) -> None:
-    """Papermill records where it read and wrote the notebook as absolute paths (and wrote it to a
-    temporary name), and gives the cell it injects a random id: record the notebook and its final
-    place as seen from the checkout, and a fixed id, so that a rerun in another clone reads the same."""
-    import nbformat  # lazy, as papermill (which writes notebooks with it)
-
-    notebook = nbformat.read(executed, as_version=nbformat.NO_CONVERT)
-    recorded = notebook.metadata.setdefault("papermill", {})
-    if recorded.get("input_path"):
-        recorded["input_path"] = _seen_from_checkout(recorded["input_path"])
-    recorded["output_path"] = _seen_from_checkout(target)
-    for cell in notebook.cells:
-        if "injected-parameters" in cell.metadata.get("tags", []):
-            cell.id = "injected-parameters"
-    nbformat.write(notebook, executed)
-
-
 def _announce_plan(args: argparse.Namespace, results_dir: Path) -> None:
     """How much of the grid is already trained, so nobody waits for training that won't happen."""
     seeds = list(args.seeds or get_preset(args.preset).seeds)
@@ -155,24 +101,14 @@ def _announce_plan(args: argparse.Namespace, results_dir: Path) -> None:
              if done else ""), flush=True)
 
 
-def _kernels_import_this_checkout() -> None:
-    """The kernels start in notebooks/ and import kdlib from the environment's install, which may
-    be another checkout's (an editable install follows the last `pip install -e`): put this
-    checkout first on their path, so that the notebooks run the code of the command that runs them."""
-    paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-
-
 def command_run(args: argparse.Namespace) -> int:
-    import papermill  # lazy: a heavy import (jupyter client) only `run` needs
-
     get_preset(args.preset)  # fail fast on an unknown preset
-    _kernels_import_this_checkout()
+    notebook_runs.kernels_import_this_checkout()
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
     _announce_plan(args, results_dir)
     executed = results_dir / "executed"
     executed.mkdir(parents=True, exist_ok=True)
-    log_path = _start_log(results_dir / "logs", echo=args.log_output)
+    log_path = notebook_runs.start_log(results_dir / "logs", echo=args.log_output)
     print(f"log: {log_path}", flush=True)
     names = [n for n in NOTEBOOKS if not args.only or any(n.startswith(o) for o in args.only)]
     if args.executor == "ray" and set(names) - {"04_results"}:
@@ -183,24 +119,13 @@ def command_run(args: argparse.Namespace) -> int:
                           tensorboard=not args.no_tensorboard)
     for name in names:
         params = notebook_parameters(args, name, results_dir)
-        target = executed / f"{name}.ipynb"
-        fresh = executed / f".{name}.running.ipynb"
         print(f"== {name}  {json.dumps(params)}", flush=True)
         try:
-            papermill.execute_notebook(
-                str(NOTEBOOKS_DIR / f"{name}.ipynb"), str(fresh),
-                parameters=params, cwd=str(NOTEBOOKS_DIR), kernel_name="python3",
-                log_output=True, progress_bar=not args.log_output)
-        except papermill.PapermillExecutionError as exc:
-            fresh.replace(target)
-            print(f"error: notebook {name} failed: {exc.ename}: {exc.evalue} "
-                  f"(executed copy: {target})", file=sys.stderr)
+            notebook_runs.execute(name, params, executed, progress_bar=not args.log_output)
+        except notebook_runs.NotebookFailed as exc:
+            print(f"error: notebook {name} failed: {exc} (executed copy: {exc.executed})",
+                  file=sys.stderr)
             return EXIT_FAILED
-        _name_paths_from_the_checkout(fresh, target)
-        if _outputs(fresh) == _outputs(target):  # nothing changed: keep the committed file as is
-            fresh.unlink()
-        else:
-            fresh.replace(target)
     print(f"done: records in {results_dir / 'runs'}, executed notebooks in {executed}")
     return 0
 

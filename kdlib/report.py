@@ -17,6 +17,7 @@ import pandas as pd
 from kdlib.bench.concurrent import worth_running
 from kdlib.bench.render import render_markdown
 from kdlib.budget import training_images
+from kdlib.checkout import shown_path
 from kdlib.config import describe_fields
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text, in_bits_order,
                            in_method_order, load_published, load_results, results_table,
@@ -24,7 +25,6 @@ from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_te
 from kdlib.costs import render_costs
 from kdlib.verdict import contrast_verdicts, render_agreement, render_answer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 COST_PRESETS = ("quick", "quick_squeezenet", "paper")  # the README's cost table
 
 
@@ -74,12 +74,6 @@ def _contrast_table(frame: pd.DataFrame) -> pd.DataFrame:
     table.index = [f"{name} (n = {int(n[name])})" for name in table.index]
     table.index.name = "contrast \\ bits"
     return table
-
-
-def shown_path(path: str | os.PathLike) -> str:
-    """A path as the README shows it: relative to the checkout when inside it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def render_results(results_dir: str | os.PathLike) -> str:

@@ -357,6 +357,18 @@ def test_a_grid_block_shows_its_runs_as_they_come_in(tmp_path, monkeypatch, bloc
     assert "69.10" in rendered and f"Still missing, {len(plan) - 1} of {len(plan)}" in rendered
 
 
+def test_the_map_of_the_package_names_every_module():
+    """"How it fits together" lists kdlib's modules and subpackages: a new one must appear there."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## How it fits together"):]
+    listing = re.search(r"^kdlib/\s+(.*?)^results/", section, re.S | re.M)
+    named = {name.strip() for name in listing.group(1).split("·")}
+    package = ROOT / "kdlib"
+    modules = {p.stem for p in package.glob("*.py") if not p.stem.startswith("__")}
+    subpackages = {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").exists()}
+    assert named == modules | subpackages
+
+
 def test_every_figure_the_readme_shows_is_committed():
     """An image link that points nowhere renders as a broken picture on the project page."""
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "README.md").read_text())
