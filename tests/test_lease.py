@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from kdlib import experiments, lease
+from kdlib.lease import commands as lease_commands
 from kdlib.results import (checkpoint_path, load_records, note_paused, packed_path,
                            weights_path)
 
@@ -328,7 +329,7 @@ def test_the_other_presets_results_stay_here_during_a_lease(fake_data_root, tmp_
     tree = sum(travelling_files(here).values())
     assert largest == (f"the largest call sends {(tree + carried) / lease.MIB:.1f} MiB of the "
                        f"tool's 64")
-    monkeypatch.setattr(cli, "REPO_ROOT", here)
+    monkeypatch.setattr(lease_commands, "REPO_ROOT", here)
     capsys.readouterr()
     assert cli.main(["lease", "restore", "--preset", "smoke", "--results-dir", str(results)]) == 0
     assert capsys.readouterr().out.splitlines() == [
@@ -491,7 +492,7 @@ def test_what_the_next_lease_needs_is_committed_and_travels_once(fake_data_root,
     paused.unlink()  # its run finished there: `receive` deletes the checkpoint of such a run
     out = tmp_path / "out"
     lease.pack(results, out, tmp_path / "bench", device="cpu", stash=tmp_path / "stash")
-    monkeypatch.setattr(cli, "REPO_ROOT", here)
+    monkeypatch.setattr(lease_commands, "REPO_ROOT", here)
     monkeypatch.chdir(here)
     capsys.readouterr()
     assert cli.main(["lease", "receive", str(out), "--preset", "smoke", "--model", "resnet8",
@@ -686,6 +687,27 @@ print("ok", sorted(m for m in sys.modules if m.split('.')[0] in {DEVICE_LACKS!r}
     assert done.stdout.strip().splitlines()[-1] == "ok []"
 
 
+def test_the_device_steps_that_only_move_files_start_without_torch(tmp_path):
+    """`lease store` and `lease pack` begin and end the device's calls: `python -m kdlib` runs
+    them without importing torch, pandas or the rest of the command line."""
+    code = """
+import runpy, sys
+sys.argv = ["kdlib", *sys.argv[1:]]
+try:
+    runpy.run_module("kdlib", run_name="__main__")
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+print(sorted(m for m in ("torch", "pandas", "kdlib.cli") if m in sys.modules))
+"""
+    for step in ("store", "pack", "go"):
+        done = subprocess.run([sys.executable, "-c", code, "lease", step, "--help"], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"usage: python -m kdlib lease {step}" in done.stdout
+        imported = done.stdout.strip().splitlines()[-1]
+        assert imported == ("['kdlib.cli', 'pandas', 'torch']" if step == "go" else "[]"), step
+
+
 def _device_copy(here: Path, device: Path) -> None:
     shutil.copytree(here, device)
     shutil.copytree(REPO / "kdlib", device / "kdlib", ignore=shutil.ignore_patterns("__pycache__"))
@@ -845,8 +867,6 @@ def test_a_later_presets_compile_decision_is_measured_in_a_done_grids_spare_time
     summary = go(5)
     assert summary["records"] == summary["planned"] > 0 and len(calls) == 1 and calls[0] > 0
 
-    from kdlib import cli
-
     measured = {"compiled": {"division": COMPILED_DIVISION, "levels": {"exact": True},
                              "concurrency": {"by_jobs": {"1": {"images_per_s": 8000.0,
                                                                "ready_s": 40.0}}}},
@@ -856,7 +876,7 @@ def test_a_later_presets_compile_decision_is_measured_in_a_done_grids_spare_time
         measured["compiled"]["levels"]["exact"] = exact
         received.write_text(json.dumps(measured))
         capsys.readouterr()
-        cli._note_compile_decisions([received])
+        lease_commands._note_compile_decisions([received])
         out = capsys.readouterr().out
         assert ("set compile=True in its preset" in out) if exact else out == ""
 
