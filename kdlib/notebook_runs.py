@@ -29,11 +29,12 @@ class NotebookFailed(Exception):
 
 def seen_from_notebooks(folder: str | os.PathLike) -> str:
     """A folder as the kernel (working directory notebooks/) names it: relative when inside this
-    checkout, so an executed notebook reads the same in every clone; absolute otherwise."""
-    folder = Path(folder).resolve()
-    if not folder.is_relative_to(REPO_ROOT):
-        return str(folder)
-    return os.path.relpath(folder, NOTEBOOKS_DIR)
+    checkout, so an executed notebook reads the same in every clone; absolute otherwise, as
+    given (a link is not followed: it may be the name that every machine has)."""
+    absolute = os.path.abspath(folder)
+    if not Path(absolute).resolve().is_relative_to(REPO_ROOT):
+        return absolute
+    return os.path.relpath(Path(absolute).resolve(), NOTEBOOKS_DIR)
 
 
 def start_log(folder: Path, echo: bool) -> Path:

@@ -688,8 +688,9 @@ print("ok", sorted(m for m in sys.modules if m.split('.')[0] in {DEVICE_LACKS!r}
 
 
 def test_the_device_steps_that_only_move_files_start_without_torch(tmp_path):
-    """`lease store` and `lease pack` begin and end the device's calls: `python -m kdlib` runs
-    them without importing torch, pandas or the rest of the command line."""
+    """`lease store` and `lease pack` begin and end the device's calls: `python -m kdlib` parses
+    them without importing torch, pandas or the rest of the command line (`pack` then imports
+    torch to name its device, `store` never)."""
     code = """
 import runpy, sys
 sys.argv = ["kdlib", *sys.argv[1:]]

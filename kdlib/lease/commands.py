@@ -1,8 +1,9 @@
 """``python -m kdlib lease``: the command line of a lent GPU's steps (see kdlib/lease/README.md).
 
-``store`` and ``pack`` run on the device at the start and end of its calls and only move files:
-:func:`main_light` runs them without importing torch or the rest of the command line (about
-2 s a call, on a fresh machine more). The other steps plan grids and import them lazily.
+``store`` and ``pack`` run on the device at the start and end of its calls and move files:
+:func:`main_light` runs them without the imports of :mod:`kdlib.cli` (torch, pandas, the
+trainers); ``store`` needs none of them, ``pack`` only torch, to name its device. The other
+steps plan grids and import what they need when they run.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Sequence
 
 from kdlib import lease
 from kdlib.checkout import REPO_ROOT, default_results_dir
+
 
 def main_light(argv: Sequence[str] | None = None) -> int:
     """``python -m kdlib lease store|pack`` (kdlib/__main__.py sends them here): the same
