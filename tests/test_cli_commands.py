@@ -73,7 +73,7 @@ def test_folders_inside_the_checkout_reach_the_notebooks_relative_to_their_folde
     outside = notebook_parameters(args, "04_results", tmp_path / "elsewhere")
     assert outside["results_dir"] == str(tmp_path / "elsewhere")
     (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")  # as ../shared is in CI: kept as given
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")  # a linked data folder: named as given
     assert notebook_parameters(args, "04_results", tmp_path / "link")["results_dir"] == str(tmp_path / "link")
 
 
