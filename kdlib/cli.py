@@ -3,8 +3,9 @@
 ``run`` executes the numbered notebooks with papermill, injecting the parameters; ``train``
 trains one configured model; ``grid`` trains a preset's grid without notebooks; ``bench``
 measures training throughput; ``summary`` prints the results table of a results folder;
-``readme`` rewrites the README's generated blocks; ``lease`` is :mod:`kdlib.lease.commands`. Errors in what the user asked for print one line and exit
-non-zero; nothing is trained or written before the configuration has been validated.
+``readme`` rewrites the README's generated blocks; ``lease`` is :mod:`kdlib.lease.commands`.
+Errors in what the user asked for print one line and exit non-zero; nothing is trained or
+written before the configuration has been validated.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from kdlib.executors import (EXECUTORS, GridRunError, MissingExtraError, check_r
                              execute_processes, execute_ray, import_ray)
 from kdlib.experiments import execute, plan_grid, plan_students
 from kdlib.lease.commands import add_lease_parser
-from kdlib.notebook_runs import NOTEBOOKS, seen_from_notebooks
 from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS, build_config,
                            get_preset)
 from kdlib.report import render_readme, stale_readme_figures
@@ -65,8 +65,8 @@ def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) 
     params: dict[str, Any] = {
         "preset": args.preset, "model": model_of(args),
         "seeds": list(args.seeds or get_preset(args.preset).seeds),
-        "data_dir": seen_from_notebooks(args.data_dir) if args.data_dir else "",
-        "results_dir": seen_from_notebooks(results_dir),
+        "data_dir": notebook_runs.seen_from_notebooks(args.data_dir) if args.data_dir else "",
+        "results_dir": notebook_runs.seen_from_notebooks(results_dir),
         "overrides": parse_overrides(args.set), "device": args.device or "",
     }
     # The grid is the preset's unless the command line says otherwise (never the notebook's own
@@ -106,7 +106,8 @@ def command_run(args: argparse.Namespace) -> int:
     executed.mkdir(parents=True, exist_ok=True)
     log_path = notebook_runs.start_log(results_dir / "logs", echo=args.log_output)
     print(f"log: {log_path}", flush=True)
-    names = [n for n in NOTEBOOKS if not args.only or any(n.startswith(o) for o in args.only)]
+    names = [n for n in notebook_runs.NOTEBOOKS
+             if not args.only or any(n.startswith(o) for o in args.only)]
     if args.executor == "ray" and set(names) - {"04_results"}:
         _train_on_ray(_run_plan(args), args, results_dir)  # the notebooks then find the records
     elif args.executor == "processes" and set(names) - {"04_results"}:

@@ -54,7 +54,8 @@ def start_log(folder: Path, echo: bool) -> Path:
 def kernels_import_this_checkout() -> None:
     """The kernels start in notebooks/ and import kdlib from the environment's install, which may
     be another checkout's (an editable install follows the last `pip install -e`): put this
-    checkout first on their path, so that the notebooks run the code of the command that runs them."""
+    checkout first on their path, so that the notebooks run the code of the command that runs
+    them."""
     paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
@@ -69,7 +70,8 @@ def execute(name: str, parameters: dict[str, Any], executed_dir: Path, progress_
     try:
         papermill.execute_notebook(
             str(NOTEBOOKS_DIR / f"{name}.ipynb"), str(fresh), parameters=parameters,
-            cwd=str(NOTEBOOKS_DIR), kernel_name="python3", log_output=True, progress_bar=progress_bar)
+            cwd=str(NOTEBOOKS_DIR), kernel_name="python3", log_output=True,
+            progress_bar=progress_bar)
     except papermill.PapermillExecutionError as exc:
         fresh.replace(target)
         raise NotebookFailed(f"{exc.ename}: {exc.evalue}", target) from exc
@@ -92,7 +94,8 @@ def outputs(path: Path) -> list | None:
 def name_paths_from_the_checkout(executed: Path, target: Path) -> None:
     """Papermill records where it read and wrote the notebook as absolute paths (and wrote it to a
     temporary name), and gives the cell it injects a random id: record the notebook and its final
-    place as seen from the checkout, and a fixed id, so that a rerun in another clone reads the same."""
+    place as seen from the checkout, and a fixed id, so that a rerun in another clone reads the
+    same."""
     import nbformat  # lazy, as papermill (which writes notebooks with it)
 
     notebook = nbformat.read(executed, as_version=nbformat.NO_CONVERT)

@@ -163,7 +163,8 @@ def command_lease(args: argparse.Namespace) -> int:
 
         minutes = args.minutes if args.seconds is None else args.seconds / 60.0
         try:
-            lease.go(preset=args.preset, model=preset_model(args.preset, args.model), minutes=minutes, jobs=args.jobs,
+            lease.go(preset=args.preset, model=preset_model(args.preset, args.model),
+                     minutes=minutes, jobs=args.jobs,
                      results_dir=results_dir, repo_root=Path.cwd(), log=log,
                      bench=args.bench, device=args.device, bench_args=args.bench_args,
                      grid=_lease_grid(args))
