@@ -155,3 +155,12 @@ def test_run_smoke_preset_end_to_end(real_data_root, tmp_path):
     # one seed: one summary row (n = 1) per run; the other rows are the chain's contrasts
     assert sorted((row["method"], int(row["w_bits"]), row["n"]) for row in summary) == sorted(
         (r["config"]["method"], r["config"]["w_bits"], "1") for r in all_records)
+
+    # run again on the same records: nothing the notebooks show changed, so no file does
+    shown = sorted([*(tmp_path / "executed").glob("*.ipynb"), *(tmp_path / "figures").glob("*.png")])
+    before = {path: path.read_bytes() for path in shown}
+    again = subprocess.run([sys.executable, "-m", "kdlib", "run", "--preset", "smoke", "--only", "04",
+                            "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(before) > 5 and {path: path.read_bytes() for path in shown} == before
