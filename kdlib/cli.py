@@ -23,6 +23,7 @@ from kdlib import notebook_runs
 from kdlib.bench import main as bench_main
 from kdlib.checkout import REPO_ROOT, default_results_dir, shown_path
 from kdlib.checks import format_bits, parse_bits
+from kdlib.config import INIT_METHODS, KD_METHODS
 from kdlib.budget import Budget, RunTimer, device_kind, load_bench
 from kdlib.device import pick_device
 from kdlib.executors import (EXECUTORS, GridRunError, MissingExtraError, check_resources,
@@ -99,6 +100,12 @@ def _announce_plan(args: argparse.Namespace, results_dir: Path) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     get_preset(args.preset)  # fail fast on an unknown preset
+    known = notebook_runs.NOTEBOOKS
+    unknown = [o for o in args.only or [] if not any(n.startswith(o) for n in known)]
+    if unknown:
+        raise UserError(f"--only {' '.join(unknown)} names no notebook; accepted: "
+                        f"{', '.join(known)} or their first digits (01 ... 04)")
+    names = [n for n in known if not args.only or any(n.startswith(o) for o in args.only)]
     notebook_runs.kernels_import_this_checkout()
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
     _announce_plan(args, results_dir)
@@ -106,8 +113,6 @@ def command_run(args: argparse.Namespace) -> int:
     executed.mkdir(parents=True, exist_ok=True)
     log_path = notebook_runs.start_log(results_dir / "logs", echo=args.log_output)
     print(f"log: {log_path}", flush=True)
-    names = [n for n in notebook_runs.NOTEBOOKS
-             if not args.only or any(n.startswith(o) for o in args.only)]
     if args.executor == "ray" and set(names) - {"04_results"}:
         _train_on_ray(_run_plan(args), args, results_dir)  # the notebooks then find the records
     elif args.executor == "processes" and set(names) - {"04_results"}:
@@ -127,7 +132,23 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_starting_points(args: argparse.Namespace, results_dir: Path) -> None:
+    """A method that starts from trained weights or distils needs their run ids: without them
+    `finetune` would train from random weights under its name, and a KD method fail later."""
+    needed = {"--init-id": args.method in INIT_METHODS and not args.init_id,
+              "--teacher-id": args.method in KD_METHODS and not args.teacher_id}
+    missing = [flag for flag, lacking in needed.items() if lacking]
+    if missing:
+        trained = sorted(p.stem for p in (results_dir / "runs").glob("*-teacher-*.json"))[:3]
+        raise UserError(f"--method {args.method} starts from a trained model: pass "
+                        f"{' and '.join(f'{flag} RUN_ID' for flag in missing)} (run ids are the "
+                        f"names of {results_dir / 'runs'}/*.json"
+                        + (f", e.g. the teacher {trained[0]}" if trained else "") + ")")
+
+
 def command_train(args: argparse.Namespace) -> int:
+    results_dir = Path(args.results_dir or default_results_dir(args.preset))
+    _check_starting_points(args, results_dir)
     overrides = {**parse_overrides(args.set), "method": args.method, "seed": args.seed,
                  "teacher_id": args.teacher_id, "init_id": args.init_id}
     if args.w_bits is not None:
@@ -136,7 +157,6 @@ def command_train(args: argparse.Namespace) -> int:
     if args.a_bits is not None:
         overrides["a_bits"] = args.a_bits
     cfg = build_config(args.preset, model_of(args), teacher=args.method == "teacher", overrides=overrides)
-    results_dir = Path(args.results_dir or default_results_dir(args.preset))
     record = execute([cfg], data_dir=args.data_dir or None, results_dir=results_dir,
                      device=args.device or None)[0]
     print(json.dumps({"run_id": record["run_id"], **record["metrics"]}, indent=1))

@@ -27,6 +27,9 @@ KD_MODES = ("hinton", "apprentice")
 # 1: the code of the first quick records (no `recipe` field); 2: exact quantized layers, precision.
 RECIPE_VERSION = 2
 KD_METHODS = ("direct_kd", "ta_chain", "progressive_kd32", "direct_kd_matched")  # distil
+# start from a trained model's weights (the teacher's, or the chain's link above)
+INIT_METHODS = ("finetune", "direct_kd", "ta_chain", "progressive", "progressive_kd32",
+                "direct_kd_matched")
 # Fields that change how fast a run goes, never what it computes: left out of the run id, and
 # a checkpoint written with other values resumes.
 EXECUTION_ONLY_FIELDS = ("eval_batch_size", "preset", "cuda_graphs", "group_weights")

@@ -43,6 +43,11 @@ def test_parse_overrides_literals():
     (["train", "--preset", "fast"], "preset='fast' is unknown"),
     (["run", "--preset", "fast"], "preset='fast' is unknown"),
     (["train", "--set", "epochs"], "not KEY=VALUE"),
+    (["run", "--only", "01", "05"], "--only 05 names no notebook; accepted: 01_baseline, "),
+    (["train", "--method", "finetune", "--w-bits", "4"],
+     "--method finetune starts from a trained model: pass --init-id RUN_ID (run ids are"),
+    (["train", "--method", "direct_kd", "--init-id", "r"], "pass --teacher-id RUN_ID ("),
+    (["train", "--method", "ta_chain"], "pass --init-id RUN_ID and --teacher-id RUN_ID ("),
 ])
 def test_bad_arguments_one_line_error(tmp_path, args, message):
     proc = kdlib(*args, "--results-dir", str(tmp_path / "res"), "--data-dir", str(tmp_path / "nodata"))

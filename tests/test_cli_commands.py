@@ -77,6 +77,13 @@ def test_folders_inside_the_checkout_reach_the_notebooks_relative_to_their_folde
     assert notebook_parameters(args, "04_results", tmp_path / "link")["results_dir"] == str(tmp_path / "link")
 
 
+def test_train_names_a_trained_teacher_when_a_starting_point_is_missing(tmp_path, capsys):
+    save_record(tmp_path, _record("teacher", 32, 0, 60.0) | {"run_id": "resnet8-teacher-w32a32-s0-abc"})
+    assert main(["train", "--preset", "smoke", "--method", "finetune", "--results-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith("e.g. the teacher resnet8-teacher-w32a32-s0-abc)")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["resnet8-teacher-w32a32-s0-abc.json"]
+
+
 def test_the_preset_names_the_model_unless_the_command_line_does(tmp_path):
     """`--preset quick_squeezenet` alone trains SqueezeNet, not a ResNet-20 under its name."""
     from kdlib.experiments import plan_grid

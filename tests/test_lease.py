@@ -687,6 +687,13 @@ print("ok", sorted(m for m in sys.modules if m.split('.')[0] in {DEVICE_LACKS!r}
     assert done.stdout.strip().splitlines()[-1] == "ok []"
 
 
+def test_store_names_a_path_the_call_did_not_carry(tmp_path):
+    part = tmp_path / "data.xz.00"
+    with pytest.raises(FileNotFoundError, match=f"not found: {part} \\(a call must carry each"):
+        lease.store([part], stash=tmp_path / "stash")
+    assert not (tmp_path / "stash").exists()
+
+
 def test_the_device_steps_that_only_move_files_start_without_torch(tmp_path):
     """`lease store` and `lease pack` begin and end the device's calls: `python -m kdlib` parses
     them without importing torch, pandas or the rest of the command line (`pack` then imports

@@ -124,6 +124,10 @@ def store(paths: Sequence[Path], stash: Path = STASH, *, call: int | None = None
     (:func:`store_carried`). With ``call`` (1-based, as `prepare` numbers them), then checks
     that the stash holds what the calls before it stored (:func:`check_stash`, by the carried
     ``.lease/stash.json``)."""
+    missing = [str(path) for path in map(Path, paths) if not path.exists()]
+    if missing:  # on the device: a path the call's carry did not name
+        raise FileNotFoundError(f"not found: {', '.join(missing)} (a call must carry each data "
+                                "part and weight folder it stores)")
     with timed_step(stash, f"store {call}" if call is not None else "store"):
         for path in map(Path, paths):
             if path.is_dir():
