@@ -66,7 +66,7 @@ def execute(name: str, parameters: dict[str, Any], executed_dir: Path, progress_
     import papermill  # lazy: a heavy import (jupyter client) only `run` needs
 
     target = executed_dir / f"{name}.ipynb"
-    fresh = executed_dir / f".{name}.running.ipynb"
+    fresh = running_copy(executed_dir, name)
     try:
         papermill.execute_notebook(
             str(NOTEBOOKS_DIR / f"{name}.ipynb"), str(fresh), parameters=parameters,
@@ -81,6 +81,12 @@ def execute(name: str, parameters: dict[str, Any], executed_dir: Path, progress_
     else:
         fresh.replace(target)
     return target
+
+
+def running_copy(executed_dir: Path, name: str) -> Path:
+    """Where papermill writes a notebook cell by cell (ignored by git: an interrupted run may
+    leave it behind) until it replaces ``executed_dir/<name>.ipynb``."""
+    return executed_dir / f".{name}.running.ipynb"
 
 
 def outputs(path: Path) -> list | None:

@@ -1,6 +1,7 @@
 """Running the notebooks with papermill: an executed copy is replaced only when a result
 changed, and reads the same in every clone."""
 import json
+import subprocess
 
 import nbformat
 
@@ -41,3 +42,9 @@ def test_an_executed_notebook_names_its_paths_from_the_checkout_and_its_injected
         assert written.metadata["papermill"]["output_path"] == shown
         assert [c.id for c in written.cells] == [first_id, "injected-parameters"]
         nbformat.validate(written)
+
+
+def test_the_copy_an_interrupted_run_leaves_behind_is_not_a_change_to_commit():
+    running = notebook_runs.running_copy(REPO_ROOT / "results" / "quick" / "executed", "01_baseline")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(running)], cwd=REPO_ROOT)
+    assert ignored.returncode == 0
