@@ -31,7 +31,7 @@ from kdlib.executors import (EXECUTORS, GridRunError, MissingExtraError, check_r
 from kdlib.experiments import execute, plan_grid, plan_students
 from kdlib.lease.commands import add_lease_parser
 from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS, build_config,
-                           get_preset)
+                           get_preset, preset_model)
 from kdlib.report import render_readme, stale_readme_figures
 from kdlib.results import find_record, load_records, load_results, summarise
 from kdlib.tblog import TENSORBOARD_ENV
@@ -59,7 +59,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def model_of(args: argparse.Namespace) -> str:
     """--model, else the preset's model (quick_squeezenet trains SqueezeNet without being told)."""
-    return args.model or get_preset(args.preset).model
+    return preset_model(args.preset, args.model)
 
 
 def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) -> dict[str, Any]:

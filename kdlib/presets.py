@@ -101,6 +101,11 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def preset_model(preset: str, model: str | None = None) -> str:
+    """``model`` when given, else the model the preset trains (quick_squeezenet: SqueezeNet)."""
+    return model or get_preset(preset).model
+
+
 def build_config(preset: str, model: str | None = None, *, teacher: bool = False,
                  overrides: dict[str, Any] | None = None) -> RunConfig:
     """Preset + (teacher overrides) + explicit overrides -> one validated RunConfig.

@@ -32,18 +32,18 @@ def main_light(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def preset_model(preset: str, model: str | None) -> str:
-    from kdlib.presets import get_preset  # lazy: imports torch (through the config)
+def _model(args: argparse.Namespace) -> str:
+    from kdlib.presets import preset_model  # lazy: imports torch (through the config)
 
-    return model or get_preset(preset).model
+    return preset_model(args.preset, args.model)
 
 
-def _plan(preset: str, model: str | None, **grid):
+def _plan(args: argparse.Namespace, **grid):
     from kdlib.experiments import plan_grid  # lazy: imports torch
     from kdlib.presets import get_preset
 
-    return plan_grid(preset=preset, model=preset_model(preset, model),
-                     **{"seeds": list(get_preset(preset).seeds), **grid})
+    return plan_grid(preset=args.preset, model=_model(args),
+                     **{"seeds": list(get_preset(args.preset).seeds), **grid})
 
 
 def add_lease_parser(subparsers) -> None:
@@ -115,11 +115,10 @@ def command_lease(args: argparse.Namespace) -> int:
         from kdlib.data import resolve_data_root
 
         grid = _lease_grid(args)
-        plan = _plan(args.preset, args.model, **grid)
+        plan = _plan(args, **grid)
         calls = lease.prepare(plan, data_root=resolve_data_root(args.data_dir),
                               results_dir=results_dir, repo_root=REPO_ROOT, minutes=args.minutes,
-                              jobs=args.jobs, preset=args.preset,
-                              model=preset_model(args.preset, args.model), grid=grid,
+                              jobs=args.jobs, preset=args.preset, model=_model(args), grid=grid,
                               bench_args=args.bench_args, part_mib=args.part_mib)
         print(f"{len(calls)} device calls, one right after the other (the machine goes back "
               f"30 s after a call); written to {lease.LEASE_DIR}/{lease.CALLS_FILE}:")
@@ -134,7 +133,7 @@ def command_lease(args: argparse.Namespace) -> int:
               f"carry=[] timeout_s={again['timeout_s']}, {lease.AGAIN_LEFT} replaced by "
               f"budget_left_s (also in {lease.LEASE_DIR}/{lease.AGAIN_FILE}):\n"
               f"   {again['command']}")
-        full = _plan(args.preset, args.model)
+        full = _plan(args)
         _note_unneeded_weights(full, results_dir, then=" (then prepare again: more room a call)")
         print(f"A call that exits {lease.STASH_INCOMPLETE_EXIT} found a fresh machine (the earlier "
               "calls' files are gone): it names the calls to make again.")
@@ -163,8 +162,7 @@ def command_lease(args: argparse.Namespace) -> int:
 
         minutes = args.minutes if args.seconds is None else args.seconds / 60.0
         try:
-            lease.go(preset=args.preset, model=preset_model(args.preset, args.model),
-                     minutes=minutes, jobs=args.jobs,
+            lease.go(preset=args.preset, model=_model(args), minutes=minutes, jobs=args.jobs,
                      results_dir=results_dir, repo_root=Path.cwd(), log=log,
                      bench=args.bench, device=args.device, bench_args=args.bench_args,
                      grid=_lease_grid(args))
@@ -190,7 +188,7 @@ def command_lease(args: argparse.Namespace) -> int:
         _note_compile_decisions(sorted(benches))
         if finished:
             print(f"{finished} paused run(s) finished: their checkpoints were deleted")
-        plan = _plan(args.preset, args.model)
+        plan = _plan(args)
         staged = lease.stage_for_next_lease(plan, results_dir, REPO_ROOT)
         if staged["added"]:  # checkpoints/ is ignored, and a later session is a fresh checkout
             size = sum(p.stat().st_size for p in staged["added"]) / lease.MIB
