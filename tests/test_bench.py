@@ -60,6 +60,7 @@ def _tiny_context(batch_size: int = 4):
 
 
 # ----------------------------------------------------------------------------- the result dict
+@pytest.mark.slow
 def test_result_has_every_field_and_consistent_times(tiny_result):
     r = json.loads(json.dumps(tiny_result, allow_nan=False))  # plain JSON, no NaN
     assert r["format"] == bench.FORMAT and r["date"]
@@ -174,6 +175,7 @@ def test_measure_warms_up_then_interleaves_windows():
     assert all(len(v["cpu"]) == 3 and v["warmup_s"] >= 0 for v in times.values())
 
 
+@pytest.mark.slow
 def test_a_variant_failing_its_warm_up_is_recorded_and_the_others_are_timed(monkeypatch):
     calls: list[str] = []
 
@@ -542,6 +544,7 @@ def test_cli_bench_bad_argument_is_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_bench_on_real_cifar100(tmp_path, real_data_root):
     assert bench.main(_args(tmp_path, real_data_root, variants=["kd_w4", "kd_w4_typical"])) == 0
     result = json.loads(next((tmp_path / "bench").iterdir()).read_text())

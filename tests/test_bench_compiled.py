@@ -1,12 +1,14 @@
 """torch.compile's part of a GPU benchmark: do the compiled quantizers keep every level exact,
 and how fast do compiled processes run side by side. The check compiles for real here (the
 CPU's C++ backend, seconds); on a GPU the lease runs it with Triton."""
+import pytest
 import torch
 
 from kdlib.bench import render
 from kdlib.bench.compiled import check_levels, measure_compiled
 
 
+@pytest.mark.slow
 def test_compiled_quantizers_give_exact_levels_here():
     result = check_levels("cpu", bits=(4, 16))
     assert result["exact"] and set(result["by_bits"]) == {"4", "16"}

@@ -6,6 +6,7 @@ import torch
 from kdlib.bench.concurrent import best_jobs, concurrent_throughput, worth_running
 
 
+@pytest.mark.slow
 def test_k_processes_each_time_the_real_step_over_one_window():
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=gen)

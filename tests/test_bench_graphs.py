@@ -17,6 +17,7 @@ from kdlib.presets import build_config
 from test_graphed_step import EmulatedCapture
 
 
+@pytest.mark.slow
 def test_the_check_finds_a_faithful_replay_equal_and_a_faulty_one_not():
     good = check_graph_step("cpu", preset="smoke", steps=6, capture=EmulatedCapture())
     assert good == {"equal": True, "eager_repeatable": True, "steps": 6, "max_abs_diff": 0.0}
@@ -34,6 +35,7 @@ def test_the_check_finds_a_faithful_replay_equal_and_a_faulty_one_not():
     assert not bad["equal"] and bad["eager_repeatable"] and bad["max_abs_diff"] > 0
 
 
+@pytest.mark.slow
 def test_a_capture_the_device_refuses_is_a_failed_check_not_an_equal_one(monkeypatch):
     """A run whose capture is refused goes on eagerly (tests/test_graphed_step.py); the check
     and the replaying variant must not take those eager steps for replayed ones."""

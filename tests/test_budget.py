@@ -364,6 +364,7 @@ class PausesTheTeacher(Budget):
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("executor", ["serial", "processes"])
+@pytest.mark.slow
 def test_a_paused_run_holds_back_its_students_and_the_next_call_resumes_it(
         executor, real_data_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KDLIB_TENSORBOARD", "0")
@@ -413,6 +414,7 @@ def test_device_kinds_name_the_gpu_and_the_processor(tmp_path):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_budgeted_grid_trains_what_fits_and_the_next_call_finishes(real_data_root, tmp_path,
                                                                    capsys):
     """A benchmark that makes every KD run too long for the budget: the teacher and the
@@ -452,6 +454,7 @@ def test_budgeted_grid_trains_what_fits_and_the_next_call_finishes(real_data_roo
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_processes_executor_equals_the_serial_grid(real_data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("KDLIB_TENSORBOARD", "0")
     plan = experiments.plan_grid(**GRID)

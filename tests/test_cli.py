@@ -49,6 +49,7 @@ def test_parse_overrides_literals():
     (["train", "--method", "direct_kd", "--init-id", "r"], "pass --teacher-id RUN_ID ("),
     (["train", "--method", "ta_chain"], "pass --init-id RUN_ID and --teacher-id RUN_ID ("),
 ])
+@pytest.mark.slow
 def test_bad_arguments_one_line_error(tmp_path, args, message):
     proc = kdlib(*args, "--results-dir", str(tmp_path / "res"), "--data-dir", str(tmp_path / "nodata"))
     assert proc.returncode == 2, proc.stderr
@@ -57,6 +58,7 @@ def test_bad_arguments_one_line_error(tmp_path, args, message):
     assert not (tmp_path / "res").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_folder(tmp_path):
     proc = kdlib("train", "--results-dir", str(tmp_path / "res"), "--data-dir", str(tmp_path / "nodata"),
                  env={"KDLIB_OFFLINE": "1"})
@@ -64,6 +66,7 @@ def test_missing_data_folder(tmp_path):
     assert not (tmp_path / "res" / "runs").exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_imports_what_only_some_commands_need_on_first_use():
     """torchvision (whose import loads torch._dynamo) and scipy cost every `python -m kdlib`
     call, the lease's device steps included, about 1.7 s on this Xeon before they were
@@ -82,6 +85,7 @@ def test_the_command_line_imports_what_only_some_commands_need_on_first_use():
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_train_one_job_from_the_shell(real_data_root, tmp_path):
     proc = kdlib("train", "--model", "resnet8", "--w-bits", "4", "--data-dir", str(real_data_root),
                  "--results-dir", str(tmp_path), *TINY)
@@ -92,6 +96,7 @@ def test_train_one_job_from_the_shell(real_data_root, tmp_path):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_run_stops_on_failing_notebook(real_data_root, tmp_path):
     proc = kdlib("run", "--model", "resnet8", "--only", "04", "--data-dir", str(real_data_root),
                  "--results-dir", str(tmp_path), *TINY)  # 04 with no records to show
@@ -104,6 +109,7 @@ def test_run_stops_on_failing_notebook(real_data_root, tmp_path):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_the_notebooks_import_the_kdlib_of_the_checkout_that_runs_them(real_data_root, tmp_path):
     """Another kdlib on the path (as when the environment's editable install is another clone's)
     must not be what the kernels import."""
@@ -116,6 +122,7 @@ def test_the_notebooks_import_the_kdlib_of_the_checkout_that_runs_them(real_data
     assert "notebook 04_results failed: FileNotFoundError" in proc.stderr  # this kdlib ran: no records
 
 
+@pytest.mark.slow
 def test_run_refuses_a_bad_chain_before_any_notebook(tmp_path):
     proc = kdlib("run", "--model", "resnet8", "--chain", "32", "8", "16", "--only", "02",
                  "--results-dir", str(tmp_path), *TINY)

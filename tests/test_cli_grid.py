@@ -24,6 +24,7 @@ def kdlib(*args):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_grid_trains_without_notebooks_then_announces_everything_skipped(real_data_root, tmp_path):
     args = ["--data-dir", str(real_data_root), "--results-dir", str(tmp_path), *GRID]
     first = kdlib("grid", *args, "--threads", "1", "--no-progress")

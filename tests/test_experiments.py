@@ -66,6 +66,7 @@ def test_plans_wire_teachers_and_inits():
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatch):
     records = experiments.run_grid(preset="smoke", model="resnet8", chain=[32, 8, 1], seeds=[0],
                                    data_dir=real_data_root, results_dir=tmp_path, overrides=TINY,
@@ -110,6 +111,7 @@ def without_timing(history):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_two_seeds_give_two_chains(real_data_root, tmp_path):
     records = experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 4], seeds=[0, 1],
                                        methods=["ta_chain"],
@@ -133,6 +135,7 @@ experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 8, 1], meth
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_killed_chain_resumes_to_the_same_records(real_data_root, tmp_path):
     overrides = {**TINY, "epochs": 2}
     script = tmp_path / "chain.py"
@@ -173,6 +176,7 @@ def test_a_record_without_its_weights_says_why_and_what_to_do(tmp_path):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_a_new_machine_distils_from_the_committed_packed_teacher(real_data_root, tmp_path):
     """Checkpoints are not committed; a 32-bit parent's packed file (all tensors raw) stands in
     for them bit for bit, so a student trained on a fresh clone is the student trained here."""

@@ -77,6 +77,7 @@ def test_pack_codes_layout_is_little_endian_bit_stream():
 @pytest.mark.parametrize("quantize_first_last", [False, True], ids=["fp_edges", "q_edges"])
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.slow
 def test_load_packed_gives_equal_eval_logits(tmp_path, quantizer, bits, quantize_first_last):
     model = trained_like(quantizer, bits, quantize_first_last=quantize_first_last)
     x = images()
@@ -311,6 +312,7 @@ def run_onnx(path, x: torch.Tensor, *, fuse: bool = True) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.slow
 def test_onnx_quantized_weights_within_1e4(tmp_path, quantizer, bits):
     """Quantized weights (first and last layer too), full-precision activations: no rounding
     between layers, so ONNX Runtime differs from kdlib by float summation order only."""
@@ -528,6 +530,7 @@ def compare_codes(scaled: list[np.ndarray], codes: list[np.ndarray], n_images: i
 
 
 @pytest.mark.parametrize("bits", [32, 16, 8, 4, 2, 1])
+@pytest.mark.slow
 def test_onnx_matches_committed_models_up_to_activation_codes_flipped_at_ties(
         tmp_path, real_test_images, bits):
     need("onnxruntime")

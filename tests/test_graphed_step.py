@@ -62,6 +62,7 @@ def _fit(splits, cfg, capture=None, monkeypatch=None):
     dict(model="squeezenet", w_bits=4, a_bits=4),  # dropout: random numbers drawn by replays
     dict(w_bits=1, a_bits=1, precision="bf16"),  # bf16 autocast: its casts inside the graph
 ], ids=["plain-w4", "hinton-w2", "apprentice-w4", "squeezenet-w4", "bf16-w1"])
+@pytest.mark.slow
 def test_a_replayed_run_equals_the_eager_run_bit_for_bit(splits, monkeypatch, kw):
     cfg = make_cfg(epochs=2, channels_last=True, **kw)
     eager, eager_model, eager_teacher = _fit(splits, cfg)
@@ -80,6 +81,7 @@ def test_a_replayed_run_equals_the_eager_run_bit_for_bit(splits, monkeypatch, kw
 
 @pytest.mark.parametrize("first_replayed", [False, True], ids=["eager-then-replayed",
                                                                  "replayed-then-eager"])
+@pytest.mark.slow
 def test_a_run_paused_one_way_and_resumed_the_other_equals_the_eager_run(
         splits, monkeypatch, tmp_path, first_replayed):
     """cuda_graphs is not in the run id, so a paused run may resume with the other setting:

@@ -210,6 +210,7 @@ def test_frontier_is_the_weights_unfinished_runs_need(fake_data_root, tmp_path):
         lease.frontier_weights(plan, tmp_path)
 
 
+@pytest.mark.slow
 def test_committed_weights_no_unfinished_run_needs_are_named_for_removal(fake_data_root,
                                                                          tmp_path):
     """A committed fp32 weight file rides in every call of every lease: once the runs that
@@ -433,6 +434,7 @@ def test_a_run_a_lease_paused_whose_checkpoint_this_clone_lacks_is_said_to_start
         f"this checkout: it was not committed)"]
 
 
+@pytest.mark.slow
 def test_what_the_next_lease_needs_is_committed_and_travels_once(fake_data_root, tmp_path,
                                                                   monkeypatch, capsys):
     """A later session is a fresh checkout: `receive` stages the weights and paused checkpoints
@@ -509,6 +511,7 @@ def test_what_the_next_lease_needs_is_committed_and_travels_once(fake_data_root,
     assert status == f"D  {paused.relative_to(here)}\n"  # committed with the records
 
 
+@pytest.mark.slow
 def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data_root, tmp_path):
     """`lease prepare`'s calls, run by bash in a fresh 'device' folder holding only what the
     tool sends (the tree, by git's rule, and the carried paths), the returned files received
@@ -586,6 +589,7 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
     assert subprocess.run(["git", "ls-files", "results/quick"], **git).stdout == other + "\n"
 
 
+@pytest.mark.slow
 def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path):
     """The follow-up call (`.lease/again.json`, the session's device seconds put in) runs the
     same grid on the machine the last call left warm: the data is in its stash, and what the
@@ -663,6 +667,7 @@ def _python3_shim(tmp_path: Path) -> Path:
 DEVICE_LACKS = ("papermill", "jupytext", "nbformat", "nbclient", "ipykernel", "ray", "nbval")
 
 
+@pytest.mark.slow
 def test_the_device_steps_need_no_notebook_packages(tmp_path):
     """The lent machine has no papermill, jupytext, ipykernel or Ray: the grid, the lease steps
     and the benchmark must import and parse without them."""
@@ -694,6 +699,7 @@ def test_store_names_a_path_the_call_did_not_carry(tmp_path):
     assert not (tmp_path / "stash").exists()
 
 
+@pytest.mark.slow
 def test_the_device_steps_that_only_move_files_start_without_torch(tmp_path):
     """`lease store` and `lease pack` begin and end the device's calls: `python -m kdlib` parses
     them without importing torch, pandas or the rest of the command line (`pack` then imports
@@ -765,6 +771,7 @@ def test_a_call_that_finds_a_fresh_machine_names_the_calls_to_make_again(fake_da
     assert list(out.iterdir()) == []  # nothing trained, nothing packed
 
 
+@pytest.mark.slow
 def test_a_failing_go_still_returns_what_finished_and_fails_the_call(fake_data_root, tmp_path):
     """The last call packs whatever became of `go` (here: every part stored, but the archive
     they make is not the one the manifest names); its exit status is go's. Minutes that would
@@ -829,6 +836,7 @@ def test_the_call_log_times_each_step_and_the_gaps_between_calls(tmp_path, monke
         "store 2: 1.0 s, 7.5 s after store 1 ended"]
 
 
+@pytest.mark.slow
 def test_a_later_presets_compile_decision_is_measured_in_a_done_grids_spare_time(
         fake_data_root, tmp_path, monkeypatch, capsys):
     """A `gpu` lease whose grid is done, with time left, measures the compiled part that

@@ -86,6 +86,7 @@ def test_a_file_is_recoded_only_inside_its_pixels(fake_data_root, tmp_path):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_real_images_coded_take_fewer_bytes_than_delta_filtered(real_data_root):
     pixels = np.ascontiguousarray(
         _unpickle(real_data_root / "cifar-100-python" / "test")["data"][:2000])

@@ -20,6 +20,7 @@ def _execute(name, out_dir, **parameters):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_notebooks_01_to_04_with_injected_parameters(real_data_root, tmp_path):
     results = tmp_path / "results"
     common = dict(preset="smoke", model="resnet8", seeds=[0], data_dir=str(real_data_root),
@@ -54,6 +55,7 @@ def test_notebooks_01_to_04_with_injected_parameters(real_data_root, tmp_path):
     ("01_baseline", {"overrides": {"epochs": -1}}, "epochs=-1 is invalid"),
     ("01_baseline", {"data_dir": "/nonexistent/cifar"}, "/nonexistent/cifar"),
 ])
+@pytest.mark.slow
 def test_bad_injected_value_fails_with_message_and_writes_nothing(tmp_path, name, parameters, error):
     results = tmp_path / "results"
     with pytest.raises(papermill.PapermillExecutionError) as info:
@@ -63,6 +65,7 @@ def test_bad_injected_value_fails_with_message_and_writes_nothing(tmp_path, name
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_nbval_regression_checks(real_data_root, tmp_path):
     """The committed notebooks, run as they are (smoke defaults), reproduce their checked outputs."""
     shutil.copytree(NOTEBOOKS, tmp_path / "notebooks", ignore=shutil.ignore_patterns("*.py", ".ipynb*"))

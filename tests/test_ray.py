@@ -65,6 +65,7 @@ def test_schedule_waits_for_teacher_init_and_the_run_that_trains_an_alias(tmp_pa
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_cli_grid_on_ray_equals_the_serial_grid(ray_cluster, real_data_root, tmp_path, monkeypatch):
     monkeypatch.delenv("KDLIB_TENSORBOARD", raising=False)
     serial = experiments.execute(experiments.plan_grid(**GRID), data_dir=real_data_root,
@@ -95,6 +96,7 @@ def _worker_pid(run_id: str) -> int | None:
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_killed_worker_is_retried_and_resumes_to_the_uninterrupted_record(ray_cluster, real_data_root,
                                                                           tmp_path):
     plan = [experiments.plan_teacher("smoke", "resnet8", 0, {**TINY, "epochs": 4})]

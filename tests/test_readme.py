@@ -18,6 +18,7 @@ from kdlib.report import newest_bench_file, published_table, render_bench, rende
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_readme_blocks_match_result_files():
     proc = subprocess.run([sys.executable, "-m", "kdlib", "readme", "--check"], cwd=ROOT,
                           capture_output=True, text=True)
@@ -405,6 +406,7 @@ def test_every_link_between_the_documents_lands(document):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_use_a_trained_model_lines_give_back_the_records_accuracy(real_data_root, monkeypatch, capsys):
     """The README's three lines, run on a committed 1-bit model, print its record's test top-1.
     (This model scores 42.31 in NCHW against its record's 42.30: the layout matters.)"""

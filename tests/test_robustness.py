@@ -68,6 +68,7 @@ def assert_clean_failure(proc, results, *needles, code=2):
     (["--set", "kd_alpha=1.2"], "kd_alpha=1.2"), (["--set", "kd_alpha=-0.5"], "kd_alpha=-0.5"),
     (["--set", "kd_temperature=0"], "kd_temperature=0"), (["--set", "no_such_field=1"], "no_such_field"),
 ])
+@pytest.mark.slow
 def test_cli_rejects_invalid_config(results, tmp_path, args, needle):
     proc = kdlib("train", *args, "--results-dir", str(results), "--data-dir", str(tmp_path / "none"))
     assert_clean_failure(proc, results, needle)
@@ -85,6 +86,7 @@ def test_cli_rejects_invalid_config(results, tmp_path, args, needle):
     ("03_individual", {"bits": [33]}, "w_bits=33"),
     ("03_individual", {"overrides": {"kd_alpha": 1.5}}, "kd_alpha=1.5"),
 ])
+@pytest.mark.slow
 def test_notebooks_reject_invalid_parameters(results, tmp_path, name, parameters, needle):
     import papermill
 
@@ -131,6 +133,7 @@ class _Exploit:
     ("shape", "'data' must have shape (N, 3072)"), ("labels", "is outside 0..99"),
     ("exploit", "refused to load global"),
 ])
+@pytest.mark.slow
 def test_cli_reports_bad_data_in_one_line(results, tmp_path, damage, needle):
     data = write_fake_cifar100(tmp_path / "data", n_train_per_class=3, n_test_per_class=1)
     train_file = data / "cifar-100-python" / "train"
@@ -154,6 +157,7 @@ def test_cli_reports_bad_data_in_one_line(results, tmp_path, damage, needle):
 
 # --------------------------------------------------------------------------- checkpoints and folders
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_corrupted_checkpoint_is_named_and_kept(real_data_root, results):
     from kdlib.presets import build_config
     from kdlib.results import checkpoint_path
@@ -190,6 +194,7 @@ def read_only(folder: Path):
         subprocess.run(["chattr", "-R", "-i", str(folder)], check=True)
 
 
+@pytest.mark.slow
 def test_read_only_results_folder(results, fake_data_root):
     with read_only(results):
         proc = kdlib("train", "--model", "resnet8", "--data-dir", str(fake_data_root),
@@ -251,6 +256,7 @@ def _wait_for_mid_run_checkpoints(proc, folder, count, since_ns, timeout=180.0):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(real_data_root, tmp_path):
     script = _chain_script(tmp_path, "chain")
     killed, clean = tmp_path / "killed", tmp_path / "clean"
@@ -284,6 +290,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(real_data_roo
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_two_pipelines_on_one_results_folder(real_data_root, tmp_path):
     shared = tmp_path / "shared"
     scripts = [_chain_script(tmp_path, "a", chain=(32, 8), epochs=1),

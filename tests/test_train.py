@@ -571,6 +571,7 @@ class HostTraffic(TorchDispatchMode):
 
 @pytest.mark.parametrize("kw", [dict(w_bits=4, a_bits=4),
                                 dict(method="direct_kd", w_bits=2, a_bits=2)])
+@pytest.mark.slow
 def test_an_epoch_reads_back_only_every_check_and_at_its_end(splits, monkeypatch, kw):
     """No host sync per step: the only reads are the non-finite flag every
     NONFINITE_CHECK_EVERY steps and the epoch's metrics, whatever the step count."""
@@ -608,6 +609,7 @@ torch.save({{"state": model.state_dict(), "result": result.to_dict()}}, sys.argv
 '''
 
 
+@pytest.mark.slow
 def test_sigkill_and_rerun_resumes_to_the_same_weights(tmp_path):
     """A run SIGKILLed after its first checkpoint, started again with the same arguments,
     ends with exactly the weights and metrics of an uninterrupted run (in another folder)."""
