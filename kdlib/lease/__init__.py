@@ -34,10 +34,9 @@ sends), :mod:`~kdlib.lease.pixels` (the data's coding), :mod:`~kdlib.lease.devic
 after).
 """
 from kdlib.lease.decisions import (BENCH_ALLOWANCE_S, DEVICE_BENCH, FALLBACK_BENCH,
-                                   SPARE_COMPILED_S, auto_jobs,
-                                   compile_undecided, complete_bench, device_bench_args,
-                                   groups_weights, later_compile_parts, missing_parts,
-                                   replays_steps)
+                                   SPARE_COMPILED_S, auto_jobs, compile_undecided, complete_bench,
+                                   device_bench_args, groups_weights, later_compile_parts,
+                                   missing_parts, replays_steps)
 from kdlib.lease.device import (SNAPSHOT, StashIncomplete, assemble_data, call_timeline,
                                 check_stash, go, pack, pack_outputs, place_carried,
                                 restore_returned, snapshot_results, store, store_carried,
@@ -54,8 +53,9 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_LEFT, AGAIN_MIN_S, CALLS_FIL
                                   sha256_of)
 
 __all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "BENCH_ALLOWANCE_S", "CALLS_FILE",
-           "CARRIED_SUFFIX", "DATA_FILES", "DATA_MANIFEST", "DEVICE_BENCH", "FALLBACK_BENCH", "LEASE_DIR", "MIB", "OUT_MAX_FILES",
-           "SNAPSHOT", "SPARE_COMPILED_S", "STASH", "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
+           "CARRIED_SUFFIX", "DATA_FILES", "DATA_MANIFEST", "DEVICE_BENCH", "FALLBACK_BENCH",
+           "LEASE_DIR", "MIB", "OUT_MAX_FILES", "SNAPSHOT", "SPARE_COMPILED_S", "STASH",
+           "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
            "assemble_data", "auto_jobs", "call_timeline", "check_returns", "check_stash",
            "compile_undecided", "complete_bench", "compress_carried", "device_bench_args",
            "frontier_weights", "go", "groups_weights", "hide_for_lease", "later_compile_parts",
