@@ -324,7 +324,8 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
                  device=device, progress=progress, deadline=deadline, side_by_side=side_by_side)
     torch_save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
                       weights_path(results_dir, run_id))
-    save_packed(model, packed_path(results_dir, run_id), model_name=cfg.model, run_id=run_id)
+    packed = save_packed(model, packed_path(results_dir, run_id), model_name=cfg.model,
+                         run_id=run_id)
     record = {
         "run_id": run_id,
         "config": cfg.to_dict(),
@@ -336,6 +337,9 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
         "device": result.device,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "model_size": model_size_report(model),
+        # the packed file's size: a clone that lacks the file (only seed 0's and the teachers'
+        # are committed) still knows what a deployment of this run ships
+        "packed_bytes": packed.stat().st_size,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "call_seconds": time.time() - started,
         "side_by_side": side_by_side,

@@ -171,9 +171,10 @@ def plot_accuracy_vs_size(frame: pd.DataFrame, title: str = "") -> plt.Figure:
     file (``packed_bytes``: what a deployment ships) of the runs with the same storage on paper
     (``storage_bits``), their median, where one of them has a file, else ``storage_bits`` / 8.
 
-    Only some runs keep a packed file (seed 0's are committed), and files of one layout differ
-    by a few header bytes (run id, a scale written as a decimal): sizing each run by its own
-    file would split a setting's seeds into points of their own."""
+    A record holds its file's size; older records have one only where the file is in the
+    checkout (seed 0's and the teachers' are committed). Files of one layout differ by a few
+    header bytes (run id, a scale written as a decimal): sizing each run by its own file would
+    split a setting's seeds into points of their own."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {**palette(), "teacher": "black"}
     paper = frame["storage_bits"] / 8 if "storage_bits" in frame else pd.Series(float("nan"), frame.index)

@@ -307,10 +307,10 @@ def replace_block(text: str, name: str, body: str) -> str:
 def render_packed_models(results_dir: str | os.PathLike, seed: int = 0) -> str:
     """Markdown: the committed packed weights files of one seed, size per method × bits (KiB)."""
     frame = load_results(results_dir)
-    if frame.empty or "packed_bytes" not in frame or frame["packed_bytes"].isna().all():
+    if frame.empty or not frame["packed_file"].any():
         return (f"_No packed models in `{shown_path(results_dir)}/models` yet: `make run` "
                 "writes them._")
-    rows = frame[(frame["seed"] == seed) & frame["packed_bytes"].notna()]
+    rows = frame[(frame["seed"] == seed) & frame["packed_file"]]
     rows = rows.assign(kib=[f"{b / 1024:.1f}" for b in rows["packed_bytes"]])
     table = rows.pivot_table(index="method", columns="bits", values="kib", aggfunc="first")
     table = table.reindex(index=in_method_order(table.index), columns=in_bits_order(table.columns)).fillna("")

@@ -253,7 +253,10 @@ def device_seconds(record: dict[str, Any]) -> float | None:
 
 
 def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
-    """All run records under ``results_dir/runs`` as one row each (config and metrics flattened)."""
+    """All run records under ``results_dir/runs`` as one row each (config and metrics flattened).
+
+    ``packed_bytes``: the record's size of its packed file, else that file's size where this
+    checkout has it (records older than the field); ``packed_file``: whether it has it."""
     rows = []
     records = load_records(results_dir)
     settings = setting_ids(records)
@@ -268,7 +271,9 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
         if isinstance(row.get("milestones"), list):  # hashable, so that it can be grouped on
             row["milestones"] = tuple(row["milestones"])
         packed = packed_path(results_dir, record.get("same_run_as") or record["run_id"])
-        row["packed_bytes"] = packed.stat().st_size if packed.exists() else None
+        row["packed_file"] = packed.exists()  # in this checkout (seed 0's, teachers' committed)
+        row["packed_bytes"] = (record.get("packed_bytes")
+                               or (packed.stat().st_size if row["packed_file"] else None))
         size = record.get("model_size") or {}
         row["storage_bits"] = size.get("storage_bits")
         row["params"] = size.get("params")

@@ -16,7 +16,7 @@ from kdlib.results import load_results, record_path
 TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
 RECORD_FIELDS = {"run_id", "config", "metrics", "history", "wall_time_s", "images_per_s", "device",
                  "versions", "git_commit", "host", "model_size", "created_at",
-                 "cpu_model"}
+                 "cpu_model", "packed_bytes"}
 CONFIG_FIELDS = {"preset", "seed", "method", "w_bits", "a_bits", "teacher_id", "init_id", "epochs", "lr",
                  "kd_temperature", "kd_alpha", "quantizer", "model"}
 METRICS = {"best_epoch", "best_val_top1", "best_val_top5", "test_top1", "test_top5",
@@ -93,6 +93,8 @@ def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatc
         assert CONFIG_FIELDS <= set(stored["config"]) and METRICS <= set(stored["metrics"])
         assert len(stored["history"]) == stored["config"]["epochs"]
         assert 0 <= stored["metrics"]["test_top1"] <= 100
+        packed = tmp_path / "models" / f"{stored.get('same_run_as') or stored['run_id']}.packed"
+        assert stored["packed_bytes"] == packed.stat().st_size
     frame = load_results(tmp_path)
     assert set(frame["method"]) == {"teacher", "ta_chain", "progressive", "progressive_kd32",
                                     "individual", "finetune", "direct_kd", "direct_kd_matched"}

@@ -62,6 +62,32 @@ def test_load_results_empty_and_full(tmp_path):
     assert {"test_top1", "storage_bits", "wall_time_s"} <= set(frame.columns)
 
 
+def test_packed_size_comes_from_the_record_else_from_the_file_in_the_checkout(tmp_path):
+    """A clone without a run's packed file (seeds > 0) still sizes it by its record; records
+    older than the field are sized by the file where the checkout has it, and an alias by the
+    file of the run it points to. The packed-models table lists only files that are there."""
+    from kdlib.report import render_packed_models
+
+    (tmp_path / "models").mkdir()
+    recorded = _record("individual", 4, 1, 50.0) | {"packed_bytes": 1234}
+    old_with_file = _record("individual", 4, 0, 52.0)
+    (tmp_path / "models" / f"{old_with_file['run_id']}.packed").write_bytes(b"x" * 777)
+    alias = _record("direct_kd", 4, 0, 52.0) | {"same_run_as": old_with_file["run_id"]}
+    old_without_file = _record("individual", 4, 2, 54.0)
+    for record in (recorded, old_with_file, alias, old_without_file):
+        save_record(tmp_path, record)
+    frame = load_results(tmp_path).set_index("run_id")
+    assert frame.loc[recorded["run_id"], "packed_bytes"] == 1234
+    assert frame.loc[old_with_file["run_id"], "packed_bytes"] == 777
+    assert frame.loc[alias["run_id"], "packed_bytes"] == 777
+    assert pd.isna(frame.loc[old_without_file["run_id"], "packed_bytes"])
+    assert frame["packed_file"].to_dict() == {recorded["run_id"]: False, old_with_file["run_id"]: True,
+                                              alias["run_id"]: True, old_without_file["run_id"]: False}
+    seed1 = render_packed_models(tmp_path, seed=1)  # seed 1's size is recorded, its file absent
+    assert "individual" not in seed1 and "1.2" not in seed1
+    assert "| individual           | 0.8 |" in render_packed_models(tmp_path, seed=0)
+
+
 def test_summarise_matches_independent_statistics():
     accs = np.array([50.0, 52.0, 57.0])
     frame = pd.DataFrame({"model": "m", "method": "individual", "w_bits": 4, "a_bits": 4,
