@@ -60,9 +60,33 @@ def test_plans_wire_teachers_and_inits():
     assert by[("finetune", 2, 8)].init_id == teacher.run_id() and by[("finetune", 2, 8)].teacher_id is None
     assert by[("direct_kd", 4, 4)].init_id == by[("direct_kd", 4, 4)].teacher_id == teacher.run_id()
     assert all(c.seed == 3 for c in students)
+    # individual trains on the teacher's schedule (the fair trained-alone baseline), every other
+    # student on a link's: in `quick` 8 epochs at lr 0.2 with a warm-up epoch against 1 at 0.05
+    quick = experiments.plan_students("quick", "resnet20", 0, ["individual", "direct_kd"], [4])
+    schedule = lambda c: (c.epochs, c.lr, c.warmup_epochs)  # noqa: E731
+    assert schedule(quick[1]) == schedule(quick[0]) == (8, 0.2, 1)
+    assert schedule(quick[2]) == (1, 0.05, 0)
     # the seed-s chain hangs off the seed-s teacher
     other = experiments.plan_ta_chain("smoke", "resnet8", 1, [32, 8])
     assert other[1].teacher_id == other[0].run_id() != chain[0].run_id()
+
+
+def test_a_run_started_from_an_alias_is_the_same_training_as_one_started_from_its_original():
+    """ta_chain's and direct_kd's 8-bit runs are one training (alias); two 4-bit runs that
+    differ only in which of the two names they start from are then one training too."""
+    from kdlib.trained import TrainedIndex
+
+    teacher = experiments.plan_teacher("smoke", "resnet8", 0)
+    link = lambda method, start: experiments._student(  # noqa: E731
+        "smoke", "resnet8", 0, method, (8, 8) if start is teacher else (4, 4), None,
+        teacher_id=teacher.run_id(), init_id=start.run_id())
+    index = TrainedIndex()
+    chain8, direct8 = link("ta_chain", teacher), link("direct_kd", teacher)
+    assert index.claim(chain8) == chain8.run_id() and index.claim(direct8) == chain8.run_id()
+    from_chain, from_direct = link("progressive_kd32", chain8), link("direct_kd", direct8)
+    assert from_chain.init_id != from_direct.init_id
+    assert index.claim(from_chain) == from_chain.run_id()
+    assert index.claim(from_direct) == from_chain.run_id()
 
 
 @pytest.mark.realdata

@@ -378,6 +378,19 @@ def test_lsq_step_initialised_from_first_batch_and_kept_in_state_dict():
     assert torch.equal(fresh.input_quantizer.step, aq.step)
 
 
+@pytest.mark.parametrize("bits, signed, expected", [
+    (1, True, lambda m: m),  # signed 1 bit: the least-squares scale of a binary tensor, mean|x|
+    (2, True, lambda m: 2 * m / np.sqrt(1)),  # Qp = 1, as at 1 bit: the formula still applies
+    (4, True, lambda m: 2 * m / np.sqrt(7)),
+    (1, False, lambda m: 2 * m / np.sqrt(1)),
+    (3, False, lambda m: 2 * m / np.sqrt(7))])
+def test_lsq_step_initialisation_per_bit_width_and_sign(bits, signed, expected):
+    x = torch.randn(64, generator=torch.Generator().manual_seed(bits)) + 0.3
+    quantizer = LSQQuantizer(bits, signed=signed)
+    quantizer(x)
+    torch.testing.assert_close(quantizer.step.detach(), expected(x.abs().mean()))
+
+
 def test_lsq_gradient_scale_uses_features_per_example():
     layer = QConv2d(4, 4, 3, w_bits=32, a_bits=2, quantizer="lsq")
     step = layer.input_quantizer.step

@@ -226,6 +226,40 @@ def test_best_epoch_is_selected_on_val_and_test_is_seen_at_final_then_best(
     assert states_equal(ckpt["best"]["state"], epoch2_state) and ckpt["best"]["epoch"] == 2
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_optimizer_applies_the_configs_weight_decay_and_momentum(nesterov):
+    """With zero loss gradients the only gradient is the weight decay's, d = wd * w: two SGD
+    steps as PyTorch documents them (velocity b = m * b + d; step d + m * b with Nesterov, else
+    b), computed here by hand."""
+    from kdlib.step import make_optimizer
+
+    lr, wd, m = 0.5, 0.01, 0.9
+    layer = nn.Linear(3, 2)
+    w0 = layer.weight.detach().clone()
+    optimizer = make_optimizer(layer, make_cfg(lr=lr, weight_decay=wd, momentum=m,
+                                               nesterov=nesterov))
+    for p in layer.parameters():
+        p.grad = torch.zeros_like(p)
+    expected, velocity = w0, torch.zeros_like(w0)
+    for _ in range(2):
+        optimizer.step()
+        d = wd * expected
+        velocity = m * velocity + d
+        expected = expected - lr * (d + m * velocity if nesterov else velocity)
+        torch.testing.assert_close(layer.weight.detach(), expected)
+
+
+def test_a_tie_in_validation_keeps_the_earlier_epoch(splits, monkeypatch):
+    """Validation top-1 50, 80, 80: the best epoch is 2, the first to reach 80 (a later epoch
+    that only equals it trained longer for no measured gain)."""
+    cfg = make_cfg(epochs=3)
+    model = make_model(cfg)
+    calls = spy_on_evaluate(monkeypatch, splits, model, [50.0, 80.0, 80.0])
+    result = fit(model, splits, cfg, progress=False)
+    assert (result.best_epoch, result.best_val_top1) == (2, 80.0)
+    assert states_equal(model.state_dict(), calls[1][1])
+
+
 def test_test_split_seen_once_when_the_last_epoch_is_best(splits, monkeypatch):
     cfg = make_cfg(epochs=2)
     model = make_model(cfg)

@@ -86,6 +86,10 @@ def test_classify_reads_only_the_interval():
     assert classify({"n": 3, "ci95_low": -2.0, "ci95_high": -0.1}) == "baseline"
     assert classify({"n": 3, "ci95_low": -0.1, "ci95_high": 2.0}) == "unresolved"
     assert classify({"n": 1, "ci95_low": float("nan"), "ci95_high": float("nan")}) == "one seed"
+    # an interval that ends at 0 does not exclude it (all differences 0: [0, 0])
+    assert classify({"n": 3, "ci95_low": 0.0, "ci95_high": 0.0}) == "unresolved"
+    assert classify({"n": 3, "ci95_low": 0.0, "ci95_high": 1.0}) == "unresolved"
+    assert classify({"n": 3, "ci95_low": -1.0, "ci95_high": 0.0}) == "unresolved"
 
 
 @pytest.mark.parametrize("first, second, expected", [
