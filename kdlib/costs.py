@@ -175,7 +175,10 @@ def render_device_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int,
     """Markdown sentence: what ``presets`` cost on the device whose records ``frame`` holds, at
     their all-in rates per second of the device (:func:`measured_rates` with ``side_by_side``;
     ``jobs`` for records that do not say), in device hours and leases of ``lease_minutes`` of
-    training."""
+    training. Only runs trained on a GPU count (a preset's runs may also have trained on a
+    CPU, whose rates are not the device's)."""
+    if "device" in frame:
+        frame = frame[frame["device"].astype(str).str.startswith("cuda")]
     rates = measured_rates(frame, side_by_side=jobs)
     if not rates:
         return "_No GPU records yet to estimate the grids' cost from._"

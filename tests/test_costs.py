@@ -138,6 +138,13 @@ def test_device_costs_count_device_hours_and_leases_a_seed():
     assert measured_rates(slow, side_by_side=4) == pytest.approx(measured_rates(frame, side_by_side=4))
     assert render_device_costs(["paper"], slow, jobs=4, lease_minutes=8.0) == text
     assert measured_rates(slow) == pytest.approx({k: v / 3 for k, v in measured_rates(frame).items()})
+    # a run of the same preset trained on a CPU, the newest record, leaves the device's rates be
+    on_gpu = frame.assign(device="cuda:0", created_at="2026-12-04T10:00:00+00:00")
+    cpu_run = _frame([{"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 450.0,
+                       "cpu_model": "laptop", "device": "cpu",
+                       "created_at": "2026-12-05T10:00:00+00:00"}])
+    assert render_device_costs(["paper"], pd.concat([on_gpu, cpu_run]), 4, 8.0) == text
+    assert "No GPU records" in render_device_costs(["paper"], cpu_run, 4, 8.0)
 
 
 def test_a_resumed_run_shares_the_device_epoch_by_epoch():
