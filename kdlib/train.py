@@ -2,10 +2,11 @@
 
 ``fit`` is a short orchestration of named pieces: resume from a checkpoint (``_resume``), one
 epoch (:func:`train_epoch`), the batch loss (:func:`kdlib.step.batch_loss`), a validation row
-per epoch, and the final test evaluation (``_test_at_final_and_best``). It trains ``model`` on ``data.train_*`` with the hyperparameters of one
-:class:`~kdlib.config.RunConfig`, selects the epoch with the best validation top-1 (the earliest
-of tied epochs), evaluates the test split for the record only (at the best-val weights and at the final weights), and returns
-a :class:`FitResult` with ``model`` holding the best-val weights.
+per epoch, and the final test evaluation (``_test_at_final_and_best``). It trains ``model`` on
+``data.train_*`` with the hyperparameters of one :class:`~kdlib.config.RunConfig`, selects the
+epoch with the best validation top-1 (the earliest of tied epochs), evaluates the test split for
+the record only (at the best-val weights and at the final weights), and returns a
+:class:`FitResult` with ``model`` holding the best-val weights.
 
 Decisions (documented here because they change numbers):
 
