@@ -5,10 +5,11 @@ pass), so training images × epochs over it is an all-in rate. Rates are kept pe
 per kind of step (with or without a teacher's forward pass): the 1-epoch KD links of the
 quick grid pay their evaluation once per epoch, and that is what a grid is made of.
 
-Rates are kept per processor too (a record's ``cpu_model``; records older than that field are
-"an unrecorded CPU"): a preset's estimate is for the processor of the newest trained record of
-its model, the machine the workbook last trained that model on (a machine that trained only
-the other model has no rate for it), and every machine's rates are listed beside them.
+Rates are kept per processor too (a record's ``cpu_model``, its GPU for a run on one; records
+older than that field are "an unrecorded CPU"): a preset's estimate is for the processor of
+the newest trained record of its model, the machine the workbook last trained that model on
+(a machine that trained only the other model has no rate for it), and every machine's rates
+are listed beside them.
 """
 from __future__ import annotations
 
@@ -46,13 +47,23 @@ def plan_trainings(preset: str, seeds: Sequence[int] | None = None) -> tuple[int
 UNRECORDED_CPU = "an unrecorded CPU"
 
 
+def processor(frame: pd.DataFrame) -> pd.Series:
+    """What trained each record: ``an <GPU>`` for a run on a GPU (its host's CPU did not set
+    its speed, and an H100's host may be an H200's model), else its ``cpu_model``."""
+    cpus = (frame["cpu_model"] if "cpu_model" in frame
+            else pd.Series(None, index=frame.index, dtype=object)).fillna(UNRECORDED_CPU)
+    if "gpu" not in frame or "device" not in frame:
+        return cpus
+    on_gpu = frame["device"].astype(str).str.startswith("cuda") & frame["gpu"].notna()
+    return cpus.where(~on_gpu, "an " + frame["gpu"].astype(str))
+
+
 def _trained(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame
     runs = frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
     runs = runs[runs["wall_time_s"].fillna(0) > 0]
-    cpus = runs["cpu_model"] if "cpu_model" in runs else pd.Series(None, index=runs.index, dtype=object)
-    return runs.assign(cpu=cpus.fillna(UNRECORDED_CPU))
+    return runs.assign(cpu=processor(runs))
 
 
 def machines(frame: pd.DataFrame) -> list[str]:

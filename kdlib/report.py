@@ -22,7 +22,7 @@ from kdlib.config import describe_fields
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text, in_bits_order,
                            in_method_order, load_published, load_results, results_table,
                            shared_cells, summarise)
-from kdlib.costs import render_costs
+from kdlib.costs import processor, render_costs
 from kdlib.verdict import contrast_verdicts, render_agreement, render_answer
 
 COST_PRESETS = ("quick", "quick_squeezenet", "paper")  # the README's cost table
@@ -162,10 +162,7 @@ def _seed_coverage(frame: pd.DataFrame) -> str:
 def _seed_hours(trained: pd.DataFrame) -> str:
     """Each seed's training time summed over its runs, and the processor(s) it ran on (the
     GPU, for a run on one)."""
-    cpus = trained["cpu_model"] if "cpu_model" in trained else pd.Series(None, index=trained.index)
-    on_gpu = trained["device"].astype(str).str.startswith("cuda") & trained["gpu"].notna()
-    trained = trained.assign(cpu=cpus.fillna("an unrecorded CPU").where(
-        ~on_gpu, "an " + trained["gpu"].astype(str)))
+    trained = trained.assign(cpu=processor(trained))
     parts = []
     for seed, runs in trained.groupby("seed"):
         per_cpu = runs.groupby("cpu")["wall_time_s"].sum().sort_values(ascending=False) / 3600

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from kdlib.costs import (SQUEEZENET_TIME_RATIO, UNRECORDED_CPU, grid_cost, machine_for, machines,
-                         measured_rates, plan_trainings, render_costs, render_device_costs,
-                         trainings)
+                         measured_rates, plan_trainings, processor, render_costs,
+                         render_device_costs, trainings)
 from kdlib.experiments import plan_grid
 
 
@@ -145,6 +145,25 @@ def test_device_costs_count_device_hours_and_leases_a_seed():
                        "created_at": "2026-12-05T10:00:00+00:00"}])
     assert render_device_costs(["paper"], pd.concat([on_gpu, cpu_run]), 4, 8.0) == text
     assert "No GPU records" in render_device_costs(["paper"], cpu_run, 4, 8.0)
+
+
+def test_gpu_runs_are_named_by_their_gpu_so_two_gpus_on_one_host_model_never_pool():
+    """An H100 and an H200 lent on hosts of one CPU model: each GPU's rate is its own, and the
+    newest GPU's sets the device cost."""
+    row = {"model": "resnet20", "train_size": None, "epochs": 1, "cpu_model": "Intel Xeon",
+           "device": "cuda:0"}
+    frame = _frame([{**row, "gpu": "NVIDIA H200", "wall_time_s": 4.5,
+                     "created_at": "2026-12-04T10:00:00+00:00"},     # 10,000 image-epochs/s
+                    {**row, "gpu": "NVIDIA H100", "wall_time_s": 9.0,
+                     "created_at": "2026-12-05T10:00:00+00:00"},     # 5,000
+                    {**row, "device": "cpu", "gpu": None, "wall_time_s": 450.0,
+                     "created_at": "2026-12-03T10:00:00+00:00"}])    # 100, on the host CPU
+    assert list(processor(frame)) == ["an NVIDIA H200", "an NVIDIA H100", "Intel Xeon"]
+    assert machines(frame) == ["an NVIDIA H100", "an NVIDIA H200", "Intel Xeon"]
+    assert measured_rates(frame) == {("resnet20", False): pytest.approx(5_000.0)}
+    assert measured_rates(frame, "an NVIDIA H200") == {("resnet20", False): pytest.approx(1e4)}
+    assert measured_rates(frame, "Intel Xeon") == {("resnet20", False): pytest.approx(100.0)}
+    assert "resnet20 CE 5000 " in render_device_costs(["paper"], frame, jobs=1, lease_minutes=8.0)
 
 
 def test_a_resumed_run_shares_the_device_epoch_by_epoch():
