@@ -22,7 +22,7 @@ run: $(VENV)/.installed  ## the workbook end to end: notebooks 01-04 with paperm
 test: $(VENV)/.installed  ## the whole test suite (unit, papermill smoke, nbval)
 	$(PY) -m pytest $(ARGS)
 
-bench: $(VENV)/.installed  ## training throughput -> results/bench/<host>.json
+bench: $(VENV)/.installed  ## training throughput -> results/bench/<host>-<processor>.json
 	$(PY) -m kdlib bench $(ARGS)
 
 lab: $(VENV)/.installed  ## JupyterLab on the notebooks

@@ -81,7 +81,8 @@ def record_device_kind(record: dict[str, Any]) -> str:
 
 
 # what a record older than a speed switch ran with: the weights quantized layer by layer
-# (1,136 operators a KD step against 652 grouped, on the CPU: results/bench/vm.json)
+# (1,136 operators a KD step against 652 grouped, on a CPU: the grouped part of
+# results/bench/vm-AMD_EPYC_family_26_model_2.json)
 BEFORE_SWITCHES = {"group_weights": False}
 
 

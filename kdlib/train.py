@@ -368,6 +368,9 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
               channels_last=cfg.channels_last)
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
+    # runs side by side print into one log: each epoch's line then says whose it is
+    label = (f"{cfg.method} w{cfg.w_bits}a{cfg.a_bits} s{cfg.seed}: "
+             if side_by_side is not None and side_by_side > 1 else "")
     with frozen_teacher(trainer), torch.random.fork_rng(devices=rng_devices), \
             scalar_writer(tb_folder, state.epochs_done) as writer:
         measured: list[float] = []  # this session's epochs, for the deadline
@@ -387,7 +390,7 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
             if is_best:
                 state.best = {"epoch": epoch + 1, "val_top1": row["val_top1"],
                               "val_top5": row["val_top5"], "state": cpu_state(model)}
-            print(_format_summary(row, cfg.epochs, is_best), flush=True)
+            print(label + _format_summary(row, cfg.epochs, is_best), flush=True)
             write_scalars(writer, row)  # before the checkpoint: a resume purges it if lost
             state.epochs_done = epoch + 1
             _save_checkpoint(path, trainer, state, time.perf_counter() - wall_start)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import kdlib.step
 from kdlib import bench
 from kdlib.bench import render_markdown, run_benchmark, typical
-from kdlib.bench.run import _safe_host
+from kdlib.bench.run import bench_file_name
 from kdlib.bench.targets import CEILINGS, INFO_RATIOS, TARGETS, compute_ratios
 from kdlib.bench.variants import BY_NAME, COMPILE_WARMUP_STEPS, make_context
 from kdlib.experiments import plan_students
@@ -509,12 +509,27 @@ def _args(tmp_path, data_dir, **kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
+def test_bench_files_of_two_processors_on_one_host_name_never_overwrite_each_other():
+    """Every VM here is called `vm`: a CPU benchmark is named by host and processor, a GPU's by
+    its card alone (its host's CPU does not set its speed)."""
+    def name(**machine):
+        return bench_file_name({"machine": {"gpu": None, "host": "vm", **machine}})
+
+    amd = name(cpu_model="AMD EPYC (family 26, model 2)")
+    xeon = name(cpu_model="Intel(R) Xeon(R) Processor (family 6, model 167)")
+    assert amd == "vm-AMD_EPYC_family_26_model_2.json"
+    assert xeon == "vm-Intel_R_Xeon_R_Processor_family_6_model_167.json" != amd
+    assert name(cpu_model=None) == "vm.json"  # a machine that does not name its processor
+    assert name(gpu="NVIDIA H200", cpu_model="Intel Xeon") == "NVIDIA_H200.json"
+
+
 def test_main_writes_host_json_and_prints_the_table(tmp_path, fake_data_root, capsys):
     assert bench.main(_args(tmp_path, fake_data_root)) == 0
     files = list((tmp_path / "bench").iterdir())
     assert len(files) == 1 and files[0].suffix == ".json"  # no stray temporary file
     result = json.loads(files[0].read_text())
-    assert files[0].stem == _safe_host(result["machine"]["host"])
+    assert files[0].name == bench_file_name(result)
+    assert files[0].name.startswith(result["machine"]["host"] + "-")  # <host>-<processor>
     assert set(result["variants"]) == {"fp32", "w4a4", "kd_w4", "kd_w4_typical"}
     assert result["ratios"]["quant_overhead_w1"]["value"] is None  # w1a1 not run
     assert "500 images" in result["settings"]["data"]

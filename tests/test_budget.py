@@ -198,7 +198,7 @@ def test_epochs_timed_beside_another_number_of_runs_are_scaled_to_this_one():
     assert epoch_s(unknown, 4) == pytest.approx(14.25)
 
 
-def test_fit_notes_the_runs_side_by_side_on_each_epoch(real_data_root, tmp_path):
+def test_fit_notes_the_runs_side_by_side_on_each_epoch(real_data_root, tmp_path, capsys):
     from kdlib.data import load_splits
     from kdlib.models import create_model
     from kdlib.train import fit
@@ -210,6 +210,11 @@ def test_fit_notes_the_runs_side_by_side_on_each_epoch(real_data_root, tmp_path)
     result = fit(create_model("resnet8", w_bits=4, a_bits=4), data, cfg, device="cpu",
                  progress=False, tensorboard=False, side_by_side=3)
     assert [row["side_by_side"] for row in result.history] == [3]
+    # three runs print into one log: each epoch's line names its run; a run alone's does not
+    assert capsys.readouterr().out.startswith("finetune w4a4 s0: epoch   1/1  lr ")
+    fit(create_model("resnet8", w_bits=4, a_bits=4), data, cfg, device="cpu", progress=False,
+        tensorboard=False, side_by_side=1)
+    assert capsys.readouterr().out.startswith("epoch   1/1  lr ")
 
 
 def test_the_newest_benchmark_of_a_device_is_used(tmp_path):

@@ -74,12 +74,17 @@ def test_plans_wire_teachers_and_inits():
 def test_a_run_started_from_an_alias_is_the_same_training_as_one_started_from_its_original():
     """ta_chain's and direct_kd's 8-bit runs are one training (alias); two 4-bit runs that
     differ only in which of the two names they start from are then one training too."""
+    from kdlib.presets import build_config
     from kdlib.trained import TrainedIndex
 
     teacher = experiments.plan_teacher("smoke", "resnet8", 0)
-    link = lambda method, start: experiments._student(  # noqa: E731
-        "smoke", "resnet8", 0, method, (8, 8) if start is teacher else (4, 4), None,
-        teacher_id=teacher.run_id(), init_id=start.run_id())
+
+    def link(method, start):
+        bits = 8 if start is teacher else 4
+        return build_config("smoke", "resnet8", overrides={
+            "method": method, "w_bits": bits, "a_bits": bits, "seed": 0,
+            "teacher_id": teacher.run_id(), "init_id": start.run_id()})
+
     index = TrainedIndex()
     chain8, direct8 = link("ta_chain", teacher), link("direct_kd", teacher)
     assert index.claim(chain8) == chain8.run_id() and index.claim(direct8) == chain8.run_id()

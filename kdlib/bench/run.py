@@ -235,17 +235,25 @@ def grouped_part(ctx, settings: dict[str, Any], log: Callable[[str], None]) -> d
 
 
 def bench_file_name(result: dict[str, Any]) -> str:
-    """``<gpu>.json`` for a GPU benchmark (the card decides), ``<host>.json`` for a CPU one."""
+    """``<gpu>.json`` for a GPU benchmark (the card decides), ``<host>-<processor>.json`` for a
+    CPU one: machines of one host name (every VM here is ``vm``) keep one file each instead of
+    overwriting the last one's."""
     machine = result["machine"]
-    return f"{_safe_host(machine['gpu'] or machine['host'])}.json"
+    if machine.get("gpu"):
+        return f"{_safe_name(machine['gpu'])}.json"
+    cpu = machine.get("cpu_model")
+    return f"{_safe_name(machine['host'])}{'-' + _safe_name(cpu) if cpu else ''}.json"
 
 
-def _safe_host(host: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in host) or "host"
+def _safe_name(text: str) -> str:
+    """``text`` with what a file name should not hold as ``_``, runs of them as one."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return "_".join(part for part in safe.split("_") if part) or "host"
 
 
 def main(args: argparse.Namespace) -> int:
-    """``python -m kdlib bench``: measure, write ``<out>/<host>.json``, print the table."""
+    """``python -m kdlib bench``: measure, write ``<out>/`` :func:`bench_file_name`, print the
+    table."""
     windows = check_int(getattr(args, "windows", 5), "windows")
     steps = check_int(getattr(args, "steps", 10), "steps")
     batch_size = getattr(args, "batch_size", None)

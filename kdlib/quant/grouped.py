@@ -2,9 +2,10 @@
 
 Quantizing one layer's weights is a dozen small kernels forward (tanh, max, divisions,
 rounding) and their gradients backward; for ResNet-20's 18 quantized convs that makes a KD step
-dispatch 1,136 operators instead of 652 (``results/bench/vm.json``, its grouped part, counted on
-a CPU), and on a GPU, where that step is bound by launching kernels (1,134 launches a step on
-the H200, busy 10% of the time), each operator is a launch. Here the weights of every layer at
+dispatch 1,136 operators instead of 652 (the grouped part of
+``results/bench/vm-AMD_EPYC_family_26_model_2.json``, counted on a CPU), and on a GPU, where
+that step is bound by launching kernels (1,134 launches a step on the H200, busy 10% of the
+time), each operator is a launch. Here the weights of every layer at
 one bit width are laid end to end in one flat tensor, each in its own memory order, and
 quantized by whole-tensor kernels, a per-layer index standing in for the per-layer maximum and
 scale.
