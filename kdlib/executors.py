@@ -30,8 +30,8 @@ from kdlib.budget import Admission, Budget, Deadline
 from kdlib.config import RunConfig
 from kdlib.data import load_splits
 from kdlib.experiments import budget_admission, check_writable, train_run
-from kdlib.run_order import (dependency_schedule, epochs_left_in, resume_first, unblocking_first,
-                             unique_runs, waits_as_alias)
+from kdlib.run_order import (dependency_schedule, epochs_left_in, resume_first, submission_order,
+                             unblocking_first, unique_runs, waits_as_alias)
 from kdlib.trained import TrainedIndex
 from kdlib.results import find_record
 from kdlib.tblog import TENSORBOARD_ENV
@@ -118,7 +118,7 @@ def execute_ray(plan: Sequence[RunConfig], *, data_dir: str | os.PathLike | None
     results_dir = str(Path(results_dir).resolve())
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
     check_writable(results_dir)
-    schedule = dependency_schedule(plan, results_dir)
+    schedule = submission_order(plan, results_dir)
     log(f"ray: {len(schedule)} of {len(unique_runs(plan))} planned runs to train "
         f"({cpus_per_run} CPU, {gpus_per_run:g} GPU per run)")
     started_here = not ray.is_initialized()

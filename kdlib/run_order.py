@@ -2,7 +2,8 @@
 runs, an alias after the run that trains it), runs paused at a budget's end resumed, and,
 under a budget, what other runs wait for first, then the shortest. The serial loop
 (:func:`kdlib.experiments.execute`) and the processes executor share it, so that one budget
-starts runs in the same order whichever trains them (one at a time, fewer may fit)."""
+starts runs in the same order whichever trains them (one at a time, fewer may fit); Ray is
+handed its tasks in that order too (:func:`submission_order`)."""
 from __future__ import annotations
 
 import os
@@ -109,3 +110,13 @@ def start_order(plan: Sequence[RunConfig], results_dir: str | os.PathLike,
         started.add(cfg.run_id())
         ordered.append(cfg)
     return ordered
+
+
+def submission_order(plan: Sequence[RunConfig],
+                     results_dir: str | os.PathLike) -> list[tuple[RunConfig, list[str]]]:
+    """:func:`dependency_schedule` in :func:`start_order`'s order, the order Ray is handed the
+    tasks: every run still after what it waits for (its task takes their results), and what
+    other runs wait for before the rest, as the processes executor starts them. Ray promises
+    no order, but a local scheduler mostly dispatches ready tasks of one shape as queued."""
+    rank = {cfg.run_id(): i for i, cfg in enumerate(start_order(plan, results_dir))}
+    return sorted(dependency_schedule(plan, results_dir), key=lambda item: rank[item[0].run_id()])

@@ -64,6 +64,38 @@ def test_schedule_waits_for_teacher_init_and_the_run_that_trains_an_alias(tmp_pa
     }
 
 
+def test_ray_is_handed_what_other_runs_wait_for_first(tmp_path, monkeypatch):
+    """The tasks go to Ray in start_order's order (each after what it waits for): the
+    chains' links before finetune and direct_kd at 1 bit, which nothing waits for."""
+    from kdlib import executors
+    from kdlib.run_order import start_order
+
+    submitted = []
+
+    class FakeRemote:
+        def options(self, name, **_):
+            submitted.append(name.removeprefix("train "))
+            return self
+
+        def remote(self, *args):
+            return submitted[-1]
+
+    class FakeRay:
+        is_initialized = staticmethod(lambda: True)  # an instance of the caller's: not started
+        remote = staticmethod(lambda fn: FakeRemote())
+
+    monkeypatch.setattr(executors, "import_ray", lambda: FakeRay)
+    monkeypatch.setattr(executors, "_wait_for_all", lambda ray, refs, log: None)
+    plan = experiments.plan_grid(**GRID)
+    execute_ray(plan, results_dir=tmp_path, log=lambda _: None)
+    assert submitted == [cfg.run_id() for cfg in start_order(plan, tmp_path)]
+    by_id = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
+    name = [by_id[run_id] for run_id in submitted]
+    assert name.index(("ta_chain", 1)) < name.index(("finetune", 1))
+    planned = [cfg.run_id() for cfg, _ in dependency_schedule(plan, tmp_path)]
+    assert submitted != planned and sorted(submitted) == sorted(planned)
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_cli_grid_on_ray_equals_the_serial_grid(ray_cluster, real_data_root, tmp_path, monkeypatch):
