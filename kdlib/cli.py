@@ -44,7 +44,8 @@ class UserError(Exception):
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["epochs=3", "lr=0.05", "nesterov=False"]`` -> dict of Python literals (strings stay strings)."""
+    """``["epochs=3", "lr=0.05", "nesterov=False"]`` -> dict of Python literals (strings stay
+    strings)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -78,7 +79,8 @@ def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) 
         params["chain"] = chain
         params["methods"] = list(args.chain_methods or spec.chain_methods)
     if name == "03_individual":
-        params["bits"] = [format_bits(*parse_bits(b)) for b in args.bits] if args.bits else chain[1:]
+        params["bits"] = ([format_bits(*parse_bits(b)) for b in args.bits] if args.bits
+                          else chain[1:])
         params["methods"] = list(args.methods or spec.methods)
     if name == "04_results":
         params = {k: params[k] for k in ("preset", "results_dir")}
@@ -156,7 +158,8 @@ def command_train(args: argparse.Namespace) -> int:
         overrides.setdefault("a_bits", args.w_bits)
     if args.a_bits is not None:
         overrides["a_bits"] = args.a_bits
-    cfg = build_config(args.preset, model_of(args), teacher=args.method == "teacher", overrides=overrides)
+    cfg = build_config(args.preset, model_of(args), teacher=args.method == "teacher",
+                       overrides=overrides)
     record = execute([cfg], data_dir=args.data_dir or None, results_dir=results_dir,
                      device=args.device or None)[0]
     print(json.dumps({"run_id": record["run_id"], **record["metrics"]}, indent=1))
@@ -210,13 +213,14 @@ def _run_plan(args: argparse.Namespace) -> list:
     """What `run`'s notebooks train: the grid, plus notebook 03's students at --bits."""
     seeds = list(args.seeds or get_preset(args.preset).seeds)
     overrides = parse_overrides(args.set)
-    plan = plan_grid(preset=args.preset, model=model_of(args), seeds=seeds, chain=args.chain or None,
-                     chain_methods=args.chain_methods or None, methods=args.methods or None,
-                     overrides=overrides)
+    plan = plan_grid(preset=args.preset, model=model_of(args), seeds=seeds,
+                     chain=args.chain or None, chain_methods=args.chain_methods or None,
+                     methods=args.methods or None, overrides=overrides)
     if args.bits:
         methods = list(args.methods or get_preset(args.preset).methods)
-        plan += [cfg for s in seeds for cfg in plan_students(args.preset, model_of(args), s, methods,
-                                                            args.bits, overrides)]
+        plan += [cfg for s in seeds
+                 for cfg in plan_students(args.preset, model_of(args), s, methods, args.bits,
+                                          overrides)]
     return plan
 
 
@@ -245,7 +249,8 @@ def command_readme(args: argparse.Namespace) -> int:
     stale = stale and f"figures the README shows were drawn from other records than now: {stale}"
     if args.check:
         if updated != text:
-            raise UserError("README.md is out of date with the result files: run python -m kdlib readme")
+            raise UserError("README.md is out of date with the result files: run python -m "
+                            "kdlib readme")
         if stale:
             raise UserError(stale)
         print("README.md agrees with the result files")
@@ -269,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--preset", default=DEFAULT_PRESET,
                        help=f"{' | '.join(PRESETS)} (default: {DEFAULT_PRESET})")
         p.add_argument("--model", default=None,
-                       help="registry name (default: the preset's, resnet20 but for quick_squeezenet)")
+                       help="registry name (default: the preset's, resnet20 but for "
+                            "quick_squeezenet)")
         p.add_argument("--data-dir", default=None, help="folder holding cifar-100-python/ "
                        "(default: $KDLIB_DATA, else ./data; downloaded when missing)")
         p.add_argument("--results-dir", default=None, help="default: results/<preset>")
@@ -312,10 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-output", action="store_true", help="stream cell output to the log")
     run.set_defaults(func=command_run)
 
-    grid = sub.add_parser("grid", help="train the whole grid without notebooks (then `run` shows it)")
+    grid = sub.add_parser("grid",
+                          help="train the whole grid without notebooks (then `run` shows it)")
     common(grid)
     executor(grid)
-    grid.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the preset's seeds")
+    grid.add_argument("--seeds", nargs="+", type=int, default=None,
+                      help="default: the preset's seeds")
     grid.add_argument("--chain", nargs="+", default=None, help="TA chain, e.g. 32 16 8 4 2 1")
     grid.add_argument("--chain-methods", nargs="+", default=None, help="default: the preset's")
     grid.add_argument("--methods", nargs="+", default=None, help="default: the preset's")

@@ -44,8 +44,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "quick": Preset(
         name="quick",
-        description="the whole grid on the full 45k/5k split of real CIFAR-100 and the full 10k test "
-                    "set, for a 2-core CPU: teacher 8 epochs (lr 0.2, 1 "
+        description="the whole grid on the full 45k/5k split of real CIFAR-100 and the full "
+                    "10k test set, for a 2-core CPU: teacher 8 epochs (lr 0.2, 1 "
                     "warm-up epoch, cosine), `individual` on the teacher's schedule, every other "
                     "student 1 epoch per chain link (lr 0.05, cosine), channels_last",
         run=dict(train_size=None, val_size=5000, test_size=None, epochs=1, batch_size=128,
@@ -59,8 +59,8 @@ PRESETS: dict[str, Preset] = {
         description="SqueezeNet (about 3.3x ResNet-20's time per image here) on this 2-core CPU, "
                     "seeds 0, 1 and 2 for the contrasts' intervals: an 8k class-balanced training "
                     "subset and a 2.5k validation split (the full 10k test set), teacher 5 epochs "
-                    "(lr 0.2, 1 warm-up epoch), `individual` on the teacher's schedule, 1 epoch per "
-                    "chain link, the quick grid's methods but finetune",
+                    "(lr 0.2, 1 warm-up epoch), `individual` on the teacher's schedule, 1 epoch "
+                    "per chain link, the quick grid's methods but finetune",
         run=dict(train_size=8000, val_size=2500, test_size=None, epochs=1, batch_size=128,
                  lr=0.05, weight_decay=5e-4, schedule="cosine", kd_temperature=4.0, kd_alpha=0.9,
                  channels_last=True),
