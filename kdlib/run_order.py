@@ -96,27 +96,28 @@ def start_order(plan: Sequence[RunConfig], results_dir: str | os.PathLike,
                 epochs_left: Callable[[RunConfig], int] | None = None) -> list[RunConfig]:
     """``plan`` (one config per run id) in the order one run at a time starts it under a
     budget, as :func:`kdlib.executors.execute_processes` with ``jobs=1`` does: the runs with a
-    record first (nothing to train), then, again and again, the first run in
-    :func:`unblocking_first`'s order that waits for no run still to come. ``epochs_left``:
+    record first (nothing to train), then :func:`submission_order`'s. ``epochs_left``:
     default :func:`epochs_left_in` the results."""
+    to_train = [cfg for cfg, _ in submission_order(plan, results_dir, epochs_left)]
+    training = {cfg.run_id() for cfg in to_train}
+    return [cfg for cfg in unique_runs(plan) if cfg.run_id() not in training] + to_train
+
+
+def submission_order(plan: Sequence[RunConfig], results_dir: str | os.PathLike,
+                     epochs_left: Callable[[RunConfig], int] | None = None
+                     ) -> list[tuple[RunConfig, list[str]]]:
+    """The runs still to train, with what each waits for (:func:`dependency_schedule`), in
+    the order they start one at a time: again and again, the first run in
+    :func:`unblocking_first`'s order that waits for no run still to come. Every run comes
+    after what it waits for, so Ray is handed its tasks in this order (each task takes the
+    results of those it waits for); Ray promises no order of its own."""
     waiting = unblocking_first(dependency_schedule(resume_first(plan, results_dir), results_dir),
                                epochs_left or epochs_left_in(results_dir))
-    to_train = {cfg.run_id() for cfg, _ in waiting}
-    ordered = [cfg for cfg in unique_runs(plan) if cfg.run_id() not in to_train]
     started: set[str] = set()
+    ordered = []
     while waiting:
         ready = next(i for i, (_, after) in enumerate(waiting) if started.issuperset(after))
-        cfg, _ = waiting.pop(ready)
+        cfg, after = waiting.pop(ready)
         started.add(cfg.run_id())
-        ordered.append(cfg)
+        ordered.append((cfg, after))
     return ordered
-
-
-def submission_order(plan: Sequence[RunConfig],
-                     results_dir: str | os.PathLike) -> list[tuple[RunConfig, list[str]]]:
-    """:func:`dependency_schedule` in :func:`start_order`'s order, the order Ray is handed the
-    tasks: every run still after what it waits for (its task takes their results), and what
-    other runs wait for before the rest, as the processes executor starts them. Ray promises
-    no order, but a local scheduler mostly dispatches ready tasks of one shape as queued."""
-    rank = {cfg.run_id(): i for i, cfg in enumerate(start_order(plan, results_dir))}
-    return sorted(dependency_schedule(plan, results_dir), key=lambda item: rank[item[0].run_id()])
