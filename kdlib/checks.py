@@ -18,7 +18,8 @@ BitsSpec = int | str | tuple[int, int]
 
 def check_bits(value: Any, name: str = "bits") -> int:
     """Accept 1..16 or 32 (ints only); anything else -> ValueError naming value and range."""
-    if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 16 or value == 32):
+    if (isinstance(value, bool) or not isinstance(value, int)
+            or not (1 <= value <= 16 or value == 32)):
         raise ValueError(f"{name}={value!r} is not supported; accepted: {SUPPORTED_BITS_HINT}")
     return value
 
@@ -43,7 +44,8 @@ def parse_bits(spec: BitsSpec) -> tuple[int, int]:
         try:
             w, a = (int(p) for p in spec.split("/"))
         except ValueError:
-            raise ValueError(f"bits={spec!r} is not 'W/A' with integer W and A, e.g. '4/8'") from None
+            raise ValueError(f"bits={spec!r} is not 'W/A' with integer W and A, "
+                             "e.g. '4/8'") from None
     elif isinstance(spec, str) and spec.strip().isdigit():
         w = a = int(spec)
     elif isinstance(spec, (tuple, list)) and len(spec) == 2:
@@ -54,5 +56,6 @@ def parse_bits(spec: BitsSpec) -> tuple[int, int]:
 
 
 def format_bits(w_bits: int, a_bits: int) -> int | str:
-    """The inverse of :func:`parse_bits`: ``4`` when weights and activations agree, else ``"4/8"``."""
+    """The inverse of :func:`parse_bits`: ``4`` when weights and activations agree, else
+    ``"4/8"``."""
     return w_bits if w_bits == a_bits else f"{w_bits}/{a_bits}"

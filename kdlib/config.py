@@ -71,11 +71,11 @@ class RunConfig:
     kd_mode: str = "hinton"  # hinton | apprentice (teacher trained jointly)
     # --- execution
     eval_batch_size: int = 1000  # evaluation batch (speed only: not in the run id)
-    precision: str = "exact"  # exact (fp32; TF32 on integer codes of <= 8-bit layers on CUDA) | bf16
+    precision: str = "exact"  # exact (fp32, TF32 on <= 8-bit layers' integer codes on CUDA) | bf16
     channels_last: bool = False  # NHWC memory format (faster convolutions on most devices)
     compile: bool = False  # torch.compile the model
-    cuda_graphs: bool = False  # on CUDA, replay each step as one CUDA graph (eager kernels: speed only)
-    group_weights: bool = True  # DoReFa weights of all layers quantized at once (same bits: speed only)
+    cuda_graphs: bool = False  # on CUDA, replay each step as a graph (eager kernels: speed only)
+    group_weights: bool = True  # quantize all DoReFa weights in one go (same bits: speed only)
     preset: str = "custom"  # name of the preset the config came from (recorded)
     recipe: int = RECIPE_VERSION  # training-code version (see RECIPE_VERSION); part of the run id
 
@@ -173,7 +173,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_number(cfg.eval_batch_size, "eval_batch_size", low=1, integer=True)
     _check_number(cfg.val_size, "val_size", low=100, high=10000, integer=True)
     if cfg.train_size is not None:
-        _check_number(cfg.train_size, "train_size", low=100, high=50000 - cfg.val_size, integer=True)
+        _check_number(cfg.train_size, "train_size", low=100, high=50000 - cfg.val_size,
+                      integer=True)
     if cfg.test_size is not None:
         _check_number(cfg.test_size, "test_size", low=100, high=10000, integer=True)
     _check_number(cfg.lr, "lr", low=0.0, low_inclusive=False)
@@ -193,5 +194,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError("cuda_graphs=True replays the eager step's kernels; it does not combine "
                          "with compile=True (set one of them False)")
     if list(cfg.milestones) != sorted(cfg.milestones):
-        raise ValueError(f"milestones={list(cfg.milestones)!r} must be increasing fractions of epochs")
+        raise ValueError(f"milestones={list(cfg.milestones)!r} must be increasing fractions "
+                         "of epochs")
     return cfg

@@ -314,7 +314,8 @@ def split_train_val(labels: Tensor, val_size: int = 5000, seed: int = 0) -> tupl
     cover every sample.
     """
     _check_labels_tensor(labels)
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < len(labels):
+    if (isinstance(val_size, bool) or not isinstance(val_size, int)
+            or not 0 <= val_size < len(labels)):
         raise ValueError(f"val_size must be an integer in 0..{len(labels) - 1}, got {val_size!r}")
     val_idx = stratified_indices(labels, val_size, seed)
     in_val = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
@@ -382,7 +383,8 @@ def load_splits(
 # --------------------------------------------------------------------------------------------
 def _check_images_u8(images: Tensor, name: str = "images") -> None:
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images)
+        got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor)
+               else type(images))
         raise ValueError(f"{name} must be a uint8 tensor [N,C,H,W], got {got}")
 
 
@@ -478,7 +480,8 @@ def train_batches(
             "drop_last=True would yield no batch; lower batch_size or pass drop_last=False"
         )
     generator = torch.Generator(device=images.device).manual_seed(_epoch_seed(seed, epoch))
-    return _train_batch_iter(images, labels, batch_size, generator, augment, drop_last, channels_last)
+    return _train_batch_iter(images, labels, batch_size, generator, augment, drop_last,
+                             channels_last)
 
 
 def _train_batch_iter(images, labels, batch_size, generator, do_augment, drop_last, channels_last):
@@ -504,4 +507,5 @@ def eval_batches(
 
 def _eval_batch_iter(images, labels, batch_size, channels_last):
     for start in range(0, len(images), batch_size):
-        yield _finish(images[start : start + batch_size], channels_last), labels[start : start + batch_size]
+        yield (_finish(images[start : start + batch_size], channels_last),
+               labels[start : start + batch_size])

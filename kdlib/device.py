@@ -15,8 +15,8 @@ def pick_device(preference: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(preference)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device={preference!r} is unknown; accepted: None, 'auto', 'cpu', 'cuda', "
-                         "'cuda:N'") from None
+        raise ValueError(f"device={preference!r} is unknown; accepted: None, 'auto', 'cpu', "
+                         "'cuda', 'cuda:N'") from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
@@ -24,9 +24,11 @@ def pick_device(preference: str | torch.device | None = None) -> torch.device:
             raise ValueError(f"device={preference!r} was requested but CUDA is not available here; "
                              "use 'cpu' or None (auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={preference!r}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"device={preference!r}: only {torch.cuda.device_count()} "
+                             "CUDA device(s)")
         return device
-    raise ValueError(f"device={preference!r} is not supported; accepted: None, 'auto', 'cpu', 'cuda'")
+    raise ValueError(f"device={preference!r} is not supported; accepted: None, 'auto', 'cpu', "
+                     "'cuda'")
 
 
 def sync(device: torch.device) -> None:

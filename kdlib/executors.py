@@ -163,7 +163,8 @@ def _wait_for_all(ray, refs: dict[str, Any], log: Callable[[str], None]) -> None
         raise GridRunError(f"{len(failed)} of {len(refs)} runs failed on Ray: {detail}")
 
 
-def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | os.PathLike | None = None,
+def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
+                      data_dir: str | os.PathLike | None = None,
                       results_dir: str | os.PathLike = "results", device: str | None = None,
                       threads: int = 1, tensorboard: bool = True, budget: Budget | None = None,
                       log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -225,7 +226,8 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int, data_dir: str | o
                     log(f"paused {paused}")
                     continue
                 except Exception as exc:  # noqa: BLE001 - reported with the others below
-                    failed[run_id] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                    failed[run_id] = (f"{type(exc).__name__}: "
+                                      f"{(str(exc).strip().splitlines() or [''])[0]}")
                     log(f"FAILED {run_id}: {failed[run_id]}")
                     continue
                 done.add(run_id)

@@ -52,11 +52,13 @@ def check_chain(chain: Sequence[BitsSpec], *, has_teacher: bool = False) -> list
         raise ValueError(f"chain={chain!r} must be a list of bit widths, e.g. [32, 16, 8, 4, 2, 1]")
     links = [parse_bits(b) for b in chain]
     if len(links) < 2:
-        raise ValueError(f"chain={list(chain)!r} needs at least two links (teacher and one student)")
+        raise ValueError(f"chain={list(chain)!r} needs at least two links (teacher and one "
+                         "student)")
     for (w0, a0), (w1, a1) in zip(links, links[1:]):
         if not (w1 <= w0 and a1 <= a0 and (w1, a1) != (w0, a0)):
             raise ValueError(f"chain={list(chain)!r} is not descending: each link must have fewer "
-                             "bits than the one before (e.g. [32, 16, 8, 4, 2, 1] or [32, 8, 2, 1])")
+                             "bits than the one before (e.g. [32, 16, 8, 4, 2, 1] or "
+                             "[32, 8, 2, 1])")
     if links[0] != (32, 32) and not has_teacher:
         raise ValueError(f"chain={list(chain)!r} does not start at 32 bits; start it at 32 or "
                          "pass teacher_run_id= of a trained run with the first link's bits")
@@ -207,8 +209,8 @@ def load_trained_model(results_dir: str | os.PathLike, run_id: str) -> torch.nn.
                                    if packed.exists() else "")
                                 + ": checkpoints/ is ignored by git (`lease receive` stages "
                                 "what a lease's unfinished runs need); restore that folder from "
-                                "the machine that trained it, or delete the record (and the records "
-                                "of the runs that start from it) to train it again")
+                                "the machine that trained it, or delete the record (and the "
+                                "records of the runs that start from it) to train it again")
     model.load_state_dict(state)
     return model
 
@@ -235,7 +237,8 @@ def check_writable(results_dir: str | os.PathLike) -> None:
             pass
     except OSError as exc:
         raise PermissionError(f"results folder {Path(results_dir).resolve()} is not writable "
-                              f"({exc.strerror}); pass another results_dir / --results-dir") from None
+                              f"({exc.strerror}); pass another results_dir / "
+                              "--results-dir") from None
 
 
 class _DataCache:
@@ -320,7 +323,8 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
         transfer_weights(load_trained_model(results_dir, cfg.init_id), model)
     teacher = load_trained_model(results_dir, cfg.teacher_id) if cfg.teacher_id else None
     started = time.time()
-    result = fit(model, data, cfg, teacher=teacher, checkpoint_path=checkpoint_path(results_dir, run_id),
+    result = fit(model, data, cfg, teacher=teacher,
+                 checkpoint_path=checkpoint_path(results_dir, run_id),
                  device=device, progress=progress, deadline=deadline, side_by_side=side_by_side)
     torch_save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
                       weights_path(results_dir, run_id))
@@ -398,12 +402,14 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
     return sorted(records, key=lambda record: order[record["run_id"]])
 
 
-def _admission(cfg: RunConfig, results_dir, index: TrainedIndex, budget: Budget) -> Admission | None:
+def _admission(cfg: RunConfig, results_dir, index: TrainedIndex,
+               budget: Budget) -> Admission | None:
     """Whether ``cfg`` may start under ``budget`` now; None when it costs no training (its record
     exists, or it is an alias)."""
     if find_record(results_dir, cfg.run_id()) is not None:
         return None
-    missing = [d for d in (cfg.teacher_id, cfg.init_id) if d and find_record(results_dir, d) is None]
+    missing = [d for d in (cfg.teacher_id, cfg.init_id)
+               if d and find_record(results_dir, d) is None]
     if missing:
         return Admission(False, f"waits for {missing[0]}")
     return budget_admission(cfg, budget, index, results_dir)
@@ -425,7 +431,8 @@ def run_teacher(*, preset: str = "smoke", model: str | None = None, seeds: Seque
                 progress: bool = True) -> list[dict[str, Any]]:
     """The 32-bit full-precision teacher, one per seed."""
     plan = [plan_teacher(preset, model, s, overrides) for s in check_seeds(seeds)]
-    return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device, progress=progress)
+    return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device,
+                   progress=progress)
 
 
 def run_ta_chain(*, preset: str = "smoke", model: str | None = None, seeds: Sequence[int] = (0,),
@@ -444,13 +451,15 @@ def run_ta_chain(*, preset: str = "smoke", model: str | None = None, seeds: Sequ
     if teacher_run_id is not None:
         record = find_record(results_dir, teacher_run_id)
         if record is None:
-            raise ValueError(f"teacher_run_id={teacher_run_id!r} has no record in {results_dir}/runs")
+            raise ValueError(f"teacher_run_id={teacher_run_id!r} has no record in "
+                             f"{results_dir}/runs")
         head = RunConfig.from_dict(record["config"])
         if len(seeds) > 1:
             raise ValueError("teacher_run_id fixes one teacher: give a single seed with it")
     plan = [cfg for s in seeds for m in methods
             for cfg in plan_chain(preset, model, s, chain, overrides, head, m)]
-    return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device, progress=progress)
+    return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device,
+                   progress=progress)
 
 
 def run_students(*, preset: str = "smoke", model: str | None = None, seeds: Sequence[int] = (0,),
@@ -464,7 +473,8 @@ def run_students(*, preset: str = "smoke", model: str | None = None, seeds: Sequ
     bits = list(spec.chain[1:] if bits is None else bits)
     plan = [cfg for s in check_seeds(seeds)
             for cfg in plan_students(preset, model, s, methods, bits, overrides)]
-    return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device, progress=progress)
+    return execute(plan, data_dir=data_dir, results_dir=results_dir, device=device,
+                   progress=progress)
 
 
 def plan_grid(*, preset: str = "smoke", model: str | None = None, seeds: Sequence[int] = (0,),

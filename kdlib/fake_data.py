@@ -83,7 +83,8 @@ def write_fake_cifar100(
 
     Same seed -> byte-identical files. `root` is created if needed.
     """
-    for name, value in (("n_train_per_class", n_train_per_class), ("n_test_per_class", n_test_per_class)):
+    for name, value in (("n_train_per_class", n_train_per_class),
+                        ("n_test_per_class", n_test_per_class)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     root = Path(root)

@@ -15,7 +15,8 @@ import seaborn as sns  # noqa: E402
 
 from kdlib.results import METHOD_ORDER  # noqa: E402
 
-METHOD_LABELS = {"individual": "individual (random init, CE)", "finetune": "finetune (teacher init, CE)",
+METHOD_LABELS = {"individual": "individual (random init, CE)",
+                 "finetune": "finetune (teacher init, CE)",
                  "direct_kd": "direct KD (from 32-bit)",
                  "direct_kd_matched": "direct KD, chain's budget",
                  "progressive": "progressive (chain init, CE)",
@@ -54,7 +55,8 @@ def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = Non
         ax.errorbar(x, rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3,
                     color=colors[method], label=METHOD_LABELS[method])
     if published is not None and not published.empty:
-        pub = published[published["method"].isin(PUBLISHED_AS) & (published["w_bits"] == published["a_bits"])
+        pub = published[published["method"].isin(PUBLISHED_AS)
+                        & (published["w_bits"] == published["a_bits"])
                         & published["w_bits"].isin(list(pos))]
         for (source, method), rows in pub.groupby(["source", "method"]):
             rows = rows.sort_values("w_bits", ascending=False)
@@ -127,7 +129,8 @@ def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "",
     ax.set_ylabel("paired difference (top-1 points)")
     one_seed = contrasts.empty or contrasts["n"].max() < 2
     ax.set_title(title or "Where the chain's gain comes from " + (
-        "(one seed: no interval yet)" if one_seed else "(error bar: 95% paired interval over seeds)"))
+        "(one seed: no interval yet)" if one_seed
+        else "(error bar: 95% paired interval over seeds)"))
     if stands is not None and not one_seed:
         ax.text(1.01, 0.0, "* stands when all tested widths\ntogether may err 5% (Holm)",
                 transform=ax.transAxes, fontsize=8, va="bottom")
@@ -152,7 +155,8 @@ def plot_chain_curves(records: Sequence[dict], seed: int = 0, title: str = "") -
     for i, rec in enumerate(ordered):
         hist = rec["history"]
         epochs = [start + h["epoch"] for h in hist]
-        label = f"{rec['config']['w_bits']}-bit" + (" teacher" if rec["config"]["method"] == "teacher" else "")
+        label = (f"{rec['config']['w_bits']}-bit"
+                 + (" teacher" if rec["config"]["method"] == "teacher" else ""))
         ax.plot(epochs, [h["val_top1"] for h in hist], marker=".", color=cmap(i), label=label)
         ax.axvline(start + 0.5, color="grey", linewidth=0.5, alpha=0.5)
         start = epochs[-1] if epochs else start
@@ -177,10 +181,13 @@ def plot_accuracy_vs_size(frame: pd.DataFrame, title: str = "") -> plt.Figure:
     split a setting's seeds into points of their own."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {**palette(), "teacher": "black"}
-    paper = frame["storage_bits"] / 8 if "storage_bits" in frame else pd.Series(float("nan"), frame.index)
-    packed = frame["packed_bytes"] if "packed_bytes" in frame else pd.Series(float("nan"), frame.index)
+    paper = (frame["storage_bits"] / 8 if "storage_bits" in frame
+             else pd.Series(float("nan"), frame.index))
+    packed = (frame["packed_bytes"] if "packed_bytes" in frame
+              else pd.Series(float("nan"), frame.index))
     shared = packed.astype(float).groupby(paper).transform("median")
-    data = frame.assign(size_bytes=shared.fillna(paper), filed=shared.notna()).dropna(subset=["size_bytes"])
+    data = frame.assign(size_bytes=shared.fillna(paper),
+                        filed=shared.notna()).dropna(subset=["size_bytes"])
     for method, rows in data.groupby("method"):
         grouped = rows.groupby("size_bytes")["test_top1"].agg(["mean", "std"]).reset_index()
         ax.errorbar(grouped["size_bytes"] / 1024, grouped["mean"], yerr=grouped["std"].fillna(0),

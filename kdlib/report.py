@@ -11,6 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -28,7 +29,14 @@ from kdlib.verdict import contrast_verdicts, render_agreement, render_answer
 COST_PRESETS = ("quick", "quick_squeezenet", "paper")  # the README's cost table
 
 
+def _escape_pipes(value: Any) -> Any:
+    return value.replace("|", r"\|") if isinstance(value, str) else value
+
+
 def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
+    """A GitHub table of ``frame``; a ``|`` in a cell or label is escaped, since a bare one
+    ends the cell there (``dorefa | pact | lsq`` would show as ``dorefa``)."""
+    frame = frame.map(_escape_pipes).rename(index=_escape_pipes, columns=_escape_pipes)
     return frame.to_markdown(index=index, disable_numparse=True)  # keep "4.30", not 4.3
 
 
@@ -45,7 +53,8 @@ def _epochs_sentence(frame: pd.DataFrame) -> str:
         same = not teacher.empty and set(individual["epochs"]) == set(teacher["epochs"]) \
             and set(individual["lr"]) == set(teacher["lr"])
         parts.append(f"`individual`: {', '.join(map(str, epochs_of(['individual'])))} epochs"
-                     + (" (the teacher's own schedule: the fair trained-alone baseline)" if same else ""))
+                     + (" (the teacher's own schedule: the fair trained-alone baseline)"
+                        if same else ""))
     link = epochs_of([m for m in frame["method"].unique()
                       if m not in ("teacher", "individual", "direct_kd_matched")])
     if link:
@@ -101,9 +110,10 @@ def render_results(results_dir: str | os.PathLike) -> str:
         f"({'mean ± std over seeds' if len(seeds) > 1 else 'one seed: no error bars'}). "
         f"{_epochs_sentence(frame)}. "
         f"{size}, {int(first['val_size'])} validation images, "
-        f"{'the full 10,000' if pd.isna(first.get('test_size')) else int(first['test_size'])} test images. "
-        f"{len(frame)} records of {len(trained)} trained runs, {hours:.2f} h of training summed over "
-        f"runs ({_seed_hours(trained)}), on {', '.join(devices)} (host {_hosts(results_dir)}).",
+        f"{'the full 10,000' if pd.isna(first.get('test_size')) else int(first['test_size'])} "
+        f"test images. {len(frame)} records of {len(trained)} trained runs, {hours:.2f} h of "
+        f"training summed over runs ({_seed_hours(trained)}), on {', '.join(devices)} (host "
+        f"{_hosts(results_dir)}).",
     ]
     coverage = _seed_coverage(frame)
     if coverage:
@@ -119,16 +129,18 @@ def render_results(results_dir: str | os.PathLike) -> str:
                   _markdown(contrasts)]
     dirty = frame["git_commit"].fillna("").str.endswith("+dirty") if "git_commit" in frame else None
     if dirty is not None and dirty.any():
-        lines += ["", f"**{int(dirty.sum())} of {len(frame)} runs were made from a modified working "
-                  "tree** (their `git_commit` ends in `+dirty`): the code they ran is not exactly "
-                  "any commit."]
+        lines += ["", f"**{int(dirty.sum())} of {len(frame)} runs were made from a modified "
+                  "working tree** (their `git_commit` ends in `+dirty`): the code they ran is not "
+                  "exactly any commit."]
     published = published_table(str(first["model"]))
     if published.empty:
-        lines += ["", f"No published numbers for {first['model']} in `kdlib/reference/published.csv`."]
+        lines += ["", f"No published numbers for {first['model']} in "
+                  "`kdlib/reference/published.csv`."]
     else:
-        lines += ["", "Published numbers for the same network (`kdlib/reference/published.csv`, full "
-                  "training sets and schedules; liao2020 chose its epoch on the **test** set, which "
-                  "flatters it, RepDistiller reports the last epoch):", "", _markdown(published)]
+        lines += ["", "Published numbers for the same network "
+                  "(`kdlib/reference/published.csv`, full training sets and schedules; liao2020 "
+                  "chose its epoch on the **test** set, which flatters it, RepDistiller reports "
+                  "the last epoch):", "", _markdown(published)]
     return "\n".join(lines)
 
 
@@ -136,7 +148,8 @@ def published_table(model: str) -> pd.DataFrame:
     """The published top-1 per source/method × bit width, in the README's column order."""
     pub = load_published(model)
     pub = pub[pub["w_bits"] == pub["a_bits"]]
-    table = pub.pivot_table(index=["source", "method"], columns="w_bits", values="top1", aggfunc="first")
+    table = pub.pivot_table(index=["source", "method"], columns="w_bits", values="top1",
+                            aggfunc="first")
     table = table.reindex(columns=sorted(table.columns, reverse=True))
     table.columns = [str(c) for c in table.columns]
     table.index = [f"{s} {m}" for s, m in table.index]
@@ -176,7 +189,8 @@ def _hosts(results_dir: str | os.PathLike) -> str:
     hosts = set()
     for path in (Path(results_dir) / "runs").glob("*.json"):
         record = json.loads(path.read_text())
-        hosts.add(f"{record.get('host')}, {record.get('cpu_count')} CPUs, torch {record.get('versions', {}).get('torch')}")
+        hosts.add(f"{record.get('host')}, {record.get('cpu_count')} CPUs, torch "
+                  f"{record.get('versions', {}).get('torch')}")
     return "; ".join(sorted(hosts))
 
 
@@ -310,7 +324,8 @@ def render_packed_models(results_dir: str | os.PathLike, seed: int = 0) -> str:
     rows = frame[(frame["seed"] == seed) & frame["packed_file"]]
     rows = rows.assign(kib=[f"{b / 1024:.1f}" for b in rows["packed_bytes"]])
     table = rows.pivot_table(index="method", columns="bits", values="kib", aggfunc="first")
-    table = table.reindex(index=in_method_order(table.index), columns=in_bits_order(table.columns)).fillna("")
+    table = table.reindex(index=in_method_order(table.index),
+                          columns=in_bits_order(table.columns)).fillna("")
     table.index.name = "KiB: method \\ bits"
     return _markdown(table)
 
@@ -356,7 +371,8 @@ def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_
                          "\n".join(render_progress(squeezenet_dir, "quick_squeezenet")))
     text = replace_block(text, "agreement", render_agreement(load_results(results_dir),
                                                              load_results(squeezenet_dir)))
-    cpu_runs = pd.concat([load_results(d) for d in (results_dir, squeezenet_dir)], ignore_index=True)
+    cpu_runs = pd.concat([load_results(d) for d in (results_dir, squeezenet_dir)],
+                         ignore_index=True)
     cpu_runs = cpu_runs[cpu_runs["device"] == "cpu"] if "device" in cpu_runs else cpu_runs
     text = replace_block(text, "costs", render_costs(COST_PRESETS, cpu_runs))
     text = replace_block(text, "gpu", render_gpu(gpu_dir, bench_dir))

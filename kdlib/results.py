@@ -147,7 +147,8 @@ def load_record(path: str | os.PathLike) -> dict[str, Any]:
         with open(path) as handle:
             record = json.load(handle)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"run record {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise ValueError(f"run record {path} is not valid JSON ({exc.msg} at line "
+                         f"{exc.lineno})") from exc
     if not isinstance(record, dict) or "run_id" not in record or "config" not in record:
         raise ValueError(f"run record {path} lacks run_id/config: not a kdlib run record")
     return record
@@ -161,7 +162,8 @@ def find_record(results_dir: str | os.PathLike, run_id: str) -> dict[str, Any] |
 def run_checkpoints(results_dir: str | os.PathLike) -> dict[str, Path]:
     """{run id: path} of the fit() checkpoints in ``results_dir`` (weight files aside)."""
     suffix = ".pt"
-    return {p.name[:-len(suffix)]: p for p in sorted(Path(results_dir).glob(f"checkpoints/*{suffix}"))
+    return {p.name[:-len(suffix)]: p
+            for p in sorted(Path(results_dir).glob(f"checkpoints/*{suffix}"))
             if not p.name.endswith(".weights.pt")}
 
 
@@ -265,7 +267,8 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                "setting": settings[record["run_id"]], "same_run_as": record.get("same_run_as"),
                "git_commit": record.get("git_commit"),
                "wall_time_s": record.get("wall_time_s"), "images_per_s": record.get("images_per_s"),
-               "device": record.get("device"), "gpu": record.get("gpu"), "cpu_model": record.get("cpu_model"),
+               "device": record.get("device"), "gpu": record.get("gpu"),
+               "cpu_model": record.get("cpu_model"),
                "created_at": record.get("created_at"), "epochs_run": len(record["history"]),
                "side_by_side": record.get("side_by_side"), "device_time_s": device_seconds(record)}
         if isinstance(row.get("milestones"), list):  # hashable, so that it can be grouped on
@@ -370,8 +373,9 @@ def paired_contrast(frame: pd.DataFrame, method: str, baseline: str,
             counts = side.groupby(keys, dropna=False)["setting"].nunique()
             if (counts > 1).any():
                 raise ValueError(f"method {name!r} has several settings at "
-                                 f"{counts[counts > 1].index.tolist()[:3]}: filter the frame to one "
-                                 "setting before comparing (runs pool only when all but the seed agree)")
+                                 f"{counts[counts > 1].index.tolist()[:3]}: filter the frame to "
+                                 "one setting before comparing (runs pool only when all but the "
+                                 "seed agree)")
     merged = side_a.merge(side_b[[*keys, metric]].rename(columns={metric: "baseline"}),
                           on=keys, how="inner")
     merged["gain"] = merged[metric] - merged["baseline"]
@@ -388,7 +392,8 @@ def paired_gain(frame: pd.DataFrame, baseline: str = "individual",
     if not parts:
         return summarise(frame.iloc[:0].assign(gain=[]), metric="gain", by=GROUP_KEYS)
     return (pd.concat(parts, ignore_index=True).drop(columns="contrast")
-            .sort_values(list(GROUP_KEYS), ascending=[True, True, False, False]).reset_index(drop=True))
+            .sort_values(list(GROUP_KEYS), ascending=[True, True, False, False])
+            .reset_index(drop=True))
 
 
 def chain_contrasts(frame: pd.DataFrame, metric: str = "test_top1") -> pd.DataFrame:
@@ -430,7 +435,8 @@ def shared_cells(frame: pd.DataFrame) -> set[tuple[str, str]]:
     return {key for key, value in alias.items() if value}
 
 
-def results_table(summary: pd.DataFrame, marked: set[tuple[str, str]] = frozenset()) -> pd.DataFrame:
+def results_table(summary: pd.DataFrame,
+                  marked: set[tuple[str, str]] = frozenset()) -> pd.DataFrame:
     """Method × bit-width table of 'mean ± std' strings (std shown only when n > 1); cells in
     ``marked`` (see :func:`shared_cells`) get a ``*``. A method with two settings at one bit
     width cannot share one cell: ValueError."""
@@ -447,9 +453,11 @@ def results_table(summary: pd.DataFrame, marked: set[tuple[str, str]] = frozense
     clash = s[s.duplicated(["model", "method", "bits"], keep=False)]
     if not clash.empty:
         first = clash.iloc[0]
-        raise ValueError(f"method {first['method']!r} has {int((clash['method'] == first['method']).sum())} "
-                         f"settings at {first['bits']} bits: one table shows one setting; filter "
+        raise ValueError(f"method {first['method']!r} has "
+                         f"{int((clash['method'] == first['method']).sum())} settings at "
+                         f"{first['bits']} bits: one table shows one setting; filter "
                          "the runs (e.g. by their `setting` column) first")
     s["cell"] = s.apply(cell, axis=1)
     table = s.pivot_table(index="method", columns="bits", values="cell", aggfunc="first")
-    return table.reindex(index=in_method_order(table.index), columns=in_bits_order(s["bits"])).fillna("")
+    return table.reindex(index=in_method_order(table.index),
+                         columns=in_bits_order(s["bits"])).fillna("")

@@ -43,8 +43,10 @@ def cosine_factor(epoch: float, epochs: float, warmup_epochs: float = 0) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def multistep_factor(epoch: float, epochs: float, milestones: Sequence[float], gamma: float) -> float:
-    """``gamma ** k`` where ``k`` = number of milestones (fractions of ``epochs``) already passed."""
+def multistep_factor(epoch: float, epochs: float, milestones: Sequence[float],
+                     gamma: float) -> float:
+    """``gamma ** k`` where ``k`` = number of milestones (fractions of ``epochs``) already
+    passed."""
     passed = sum(1 for m in milestones if epoch >= m * epochs)
     return gamma ** passed
 

@@ -179,7 +179,8 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 def _format_summary(row: dict, epochs: int, is_best: bool) -> str:
     line = (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4g}  "
             f"train loss {row['train_loss']:.4f} top1 {row['train_top1']:5.2f}%  |  "
-            f"val top1 {row['val_top1']:5.2f}% top5 {row['val_top5']:5.2f}% loss {row['val_loss']:.4f}")
+            f"val top1 {row['val_top1']:5.2f}% top5 {row['val_top5']:5.2f}% "
+            f"loss {row['val_loss']:.4f}")
     if "teacher_val_top1" in row:
         line += f"  teacher val top1 {row['teacher_val_top1']:5.2f}%"
     line += f"  |  {row['seconds']:.1f}s {row['images_per_s']:.0f} img/s"
@@ -267,7 +268,8 @@ def _resume(path: Path | None, trainer: Trainer) -> _Progress:
         raise ValueError(f"checkpoint {str(path)!r} was written with a different config "
                          f"(fields {diff}: {detail}); use another checkpoint path or delete it")
     if ckpt["epoch"] > cfg.epochs:
-        raise ValueError(f"checkpoint {str(path)!r} is at epoch {ckpt['epoch']} > epochs={cfg.epochs}")
+        raise ValueError(f"checkpoint {str(path)!r} is at epoch {ckpt['epoch']} > "
+                         f"epochs={cfg.epochs}")
     try:
         trainer.model.load_state_dict(ckpt["model"])
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
@@ -275,7 +277,8 @@ def _resume(path: Path | None, trainer: Trainer) -> _Progress:
             trainer.teacher.load_state_dict(ckpt["teacher"])
             trainer.teacher_optimizer.load_state_dict(ckpt["teacher_optimizer"])
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise ValueError(f"checkpoint {str(path)!r} does not fit this model/teacher: {exc}") from exc
+        raise ValueError(f"checkpoint {str(path)!r} does not fit this model/teacher: "
+                         f"{exc}") from exc
     return _Progress(history=[dict(row) for row in ckpt["history"]], best=dict(ckpt["best"]),
                      train_seconds=float(ckpt["train_seconds"]),
                      train_images=int(ckpt["train_images"]), wall_before=float(ckpt["wall_time_s"]),
@@ -358,8 +361,8 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
     state = _resume(path, trainer)
     if state.result is not None:
         model.load_state_dict(state.best["state"])
-        print(f"fit: {path} holds a finished run ({state.epochs_done} epochs); returning its result "
-              "without training", flush=True)
+        print(f"fit: {path} holds a finished run ({state.epochs_done} epochs); returning its "
+              "result without training", flush=True)
         return FitResult.from_dict({**state.result, "history": state.history})
     if state.epochs_done:
         print(f"fit: resuming from {path} after epoch {state.epochs_done}/{cfg.epochs}", flush=True)
@@ -408,7 +411,8 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
         wall_time_s=state.wall_before + time.perf_counter() - wall_start,
         train_images_per_s=state.train_images / max(state.train_seconds, 1e-9), device=str(device))
     state.result = {k: v for k, v in result.to_dict().items() if k != "history"}
-    _save_checkpoint(path, trainer, state, time.perf_counter() - wall_start, model_state=final_state)
+    _save_checkpoint(path, trainer, state, time.perf_counter() - wall_start,
+                     model_state=final_state)
     return result
 
 
@@ -432,5 +436,5 @@ def _raise_if_nonfinite(bad_step: Tensor, epoch: int, steps: int, path: Path | N
     where = (f"; the last checkpoint {str(path)!r} (after epoch {epoch}) is untouched"
              if path is not None and path.exists() else "")
     raise NonFiniteLossError(f"non-finite training loss (nan/inf) at epoch {epoch + 1}, "
-                             f"step {bad + 1} of {steps}{where}. Lower the learning rate, check the "
-                             "data, or use precision='exact'")
+                             f"step {bad + 1} of {steps}{where}. Lower the learning rate, "
+                             "check the data, or use precision='exact'")

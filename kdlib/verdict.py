@@ -74,7 +74,8 @@ def one_training(frame: pd.DataFrame, method: str, baseline: str) -> set[tuple[i
     keys = ["w_bits", "a_bits", "seed"]
     pairs = (canonical[canonical["method"] == method][[*keys, "training"]]
              .merge(canonical[canonical["method"] == baseline][[*keys, "training"]], on=keys))
-    same = (pairs["training_x"] == pairs["training_y"]).groupby([pairs["w_bits"], pairs["a_bits"]]).all()
+    same = ((pairs["training_x"] == pairs["training_y"])
+            .groupby([pairs["w_bits"], pairs["a_bits"]]).all())
     return {bits for bits, value in same.items() if value}
 
 
@@ -155,8 +156,9 @@ def _holm_sentence(tested: pd.DataFrame) -> str:
             f"paired t-tests), ")
     if stands.empty:
         return head + "none stands."
-    calls = "; ".join(f"`{method} − {baseline}` at {_widths(rows)}" for method, baseline, _ in CONTRASTS
-                      if not (rows := stands[stands["contrast"] == f"{method} − {baseline}"]).empty)
+    calls = "; ".join(
+        f"`{method} − {baseline}` at {_widths(rows)}" for method, baseline, _ in CONTRASTS
+        if not (rows := stands[stands["contrast"] == f"{method} − {baseline}"]).empty)
     return head + f"{len(stands)} stand: {calls}."
 
 

@@ -37,7 +37,8 @@ RESNET20_MACS = (STEM_MACS + 6 * 32 * 32 * 16 * 16 * 9
                  + 16 * 16 * 32 * 16 * 9 + 5 * 16 * 16 * 32 * 32 * 9
                  + 8 * 8 * 64 * 32 * 9 + 5 * 8 * 8 * 64 * 64 * 9 + 64 * 100)
 FORWARD_FLOPS = 2 * RESNET20_MACS  # 81.1 MFLOP per image
-# backward: input and weight gradients of every layer (2x forward), but no input gradient of the stem
+# backward: input and weight gradients of every layer (2x forward), but no input gradient of
+# the stem
 TRAIN_FLOPS = 3 * FORWARD_FLOPS - 2 * STEM_MACS
 
 
@@ -108,12 +109,14 @@ def test_gflops_are_flops_over_the_median_step_time(tiny_result):
     assert set(ceilings) == set(CEILINGS)
     assert [ceilings[c]["dtype"] for c in CEILINGS] == ["float32", "bfloat16"]
     for c in ceilings.values():
-        assert c["gflops"] == statistics.median(c["gflops_windows"]) and len(c["gflops_windows"]) == 3
+        assert c["gflops"] == statistics.median(c["gflops_windows"]) \
+            and len(c["gflops_windows"]) == 3
     for name, entry in tiny_result["variants"].items():
         if "gflops" not in entry:
             continue
         assert entry["flops_per_step"] == entry["flops_per_image"] * 4
-        assert entry["gflops"] == pytest.approx(entry["flops_per_step"] / (entry["step_ms"] / 1000) / 1e9)
+        assert entry["gflops"] == pytest.approx(entry["flops_per_step"]
+                                                / (entry["step_ms"] / 1000) / 1e9)
         for c in CEILINGS:
             assert entry["of_ceiling"][c] == pytest.approx(entry["gflops"] / ceilings[c]["gflops"])
 
@@ -125,7 +128,8 @@ def test_ratios_are_computed_from_the_measurements(tiny_result):
         entry = c.get(name) or v.get(name)
         return None if entry is None else entry[q]
 
-    specs = [(k, *s) for k, s in TARGETS.items()] + [(k, *s, None, None) for k, s in INFO_RATIOS.items()]
+    specs = [(k, *s) for k, s in TARGETS.items()] \
+        + [(k, *s, None, None) for k, s in INFO_RATIOS.items()]
     for key, _what, q, num, den, op, target in specs:
         ratio = tiny_result["ratios"][key]
         a, b = quantity(num, q), quantity(den, q)
@@ -209,7 +213,8 @@ def test_a_variant_failing_its_warm_up_is_recorded_and_the_others_are_timed(monk
                            matmul_size=64, flops_probe_batch=2, workers=0, concurrency=(1, 2))
     assert result["variants"]["kd_w4_compile"]["status"] == "failed"
     assert "inductor" in result["variants"]["kd_w4_compile"]["error"]
-    assert result["variants"]["kd_w4"]["status"] == "ok" and result["variants"]["kd_w4"]["gflops"] > 0
+    assert result["variants"]["kd_w4"]["status"] == "ok" \
+        and result["variants"]["kd_w4"]["gflops"] > 0
     assert "out of memory" in result["concurrency"]["error"]
     text = render_markdown(result)
     assert "| failed |" in text and "side by side: not measured (RuntimeError: 2 concurrent" in text
@@ -234,9 +239,11 @@ def test_a_profile_counts_the_steps_and_names_where_the_time_goes():
     real = profile_variant(ctx, "kd_w4", steps=2, warmup=1)
     assert real["variant"] == "kd_w4" and real["batch_size"] == ctx.cfg.batch_size
     assert any("conv" in t["name"] for t in real["top"])  # the step's own operators
-    on_gpu = {"variant": "kd_w4", "steps": 20, "wall_ms_per_step": 35.6, "kernel_launches_per_step": 900,
+    on_gpu = {"variant": "kd_w4", "steps": 20, "wall_ms_per_step": 35.6,
+              "kernel_launches_per_step": 900,
               "device_busy_ms_per_step": 3.2, "device_busy_fraction": 0.09,
-              "bound": "host (kernel launches)", "top": [{"name": "sm90_xmma_fprop", "ms_per_step": 0.8}]}
+              "bound": "host (kernel launches)",
+              "top": [{"name": "sm90_xmma_fprop", "ms_per_step": 0.8}]}
     text = render_markdown({"variants": {}, "profile": on_gpu})
     assert ("the GPU busy 3.2 ms of each 35.6 ms step (9%), 900 kernel launches a step; bound by "
             "host (kernel launches); most time: sm90_xmma_fprop 0.80 ms") in text
@@ -250,13 +257,14 @@ def test_device_time_counts_kernels_not_the_ranges_around_them():
     from kdlib.bench.profile import device_kernels
 
     def event(key, device, us, annotation=False):
-        return SimpleNamespace(key=key, device_type=f"DeviceType.{device}", self_device_time_total=us,
-                               is_user_annotation=annotation)
+        return SimpleNamespace(key=key, device_type=f"DeviceType.{device}",
+                               self_device_time_total=us, is_user_annotation=annotation)
 
     events = [event("sm90_xmma_fprop", "CUDA", 800.0), event("aten::conv2d", "CPU", 0.0),
               event("Optimizer.step#SGD.step", "CUDA", 222.0, annotation=True),
               event("multi_tensor_apply_kernel", "CUDA", 40.0), event("idle", "CUDA", 0.0)]
-    assert [e.key for e in device_kernels(events)] == ["sm90_xmma_fprop", "multi_tensor_apply_kernel"]
+    assert [e.key for e in device_kernels(events)] == ["sm90_xmma_fprop",
+                                                       "multi_tensor_apply_kernel"]
 
 
 def test_matmul_ceiling_step_is_one_product_of_the_recorded_size():
@@ -289,7 +297,8 @@ def test_kd_w4_times_kdlib_step_train_step_with_the_quick_configuration(monkeypa
     assert {k: x for k, x in got.items() if k not in ids} == {
         **{k: x for k, x in planned.items() if k not in ids}, "batch_size": 4}
     assert trainer.mode == "hinton" and lr == lr_at(0.0, trainer.cfg)  # the first step of fit()
-    assert {layer.w_bits for _, layer in quantized_layers(trainer.model) if layer.is_quantized} == {4}
+    assert {layer.w_bits for _, layer in quantized_layers(trainer.model)
+            if layer.is_quantized} == {4}
     assert not any(layer.is_quantized for _, layer in quantized_layers(trainer.teacher))
     assert len({id(t) for t, _, _ in calls[:6]}) == 1  # every timed step trains the same trainer
 
@@ -321,7 +330,8 @@ def test_kd_w4_teacher_runs_in_inference_mode_with_frozen_unchanged_weights():
     assert all(torch.equal(after[k], teacher_before[k]) for k in teacher_before)
     assert all(p.grad is None for p in trainer.teacher.parameters())
     # the student did train: its weights moved and it has gradients
-    assert not torch.equal(trainer.model.state_dict()["conv1.weight"], student_before["conv1.weight"])
+    assert not torch.equal(trainer.model.state_dict()["conv1.weight"],
+                           student_before["conv1.weight"])
     assert all(p.grad is not None for p in trainer.model.parameters() if p.requires_grad)
     # closing leaves the teacher as make_trainer got it: train mode, no frozen copies
     assert trainer.teacher.training
@@ -411,7 +421,8 @@ def test_typical_step_keeps_the_teacher_graph_and_requantizes_every_step(monkeyp
     runner = BY_NAME["kd_w4_typical"].build(_tiny_context())
     kd_step = runner.trainer
     seen = []
-    kd_step.teacher.register_forward_hook(lambda m, i, out: seen.append((out.requires_grad, m.training)))
+    kd_step.teacher.register_forward_hook(
+        lambda m, i, out: seen.append((out.requires_grad, m.training)))
     try:
         runner.step()
         runner.step()
@@ -462,7 +473,8 @@ def test_render_markdown_shows_every_variant_ceiling_ratio_and_the_machine(tiny_
     rows = lines[2:lines.index("")]  # after the header and the separator
     assert [r.split("`")[1] for r in rows] == FAST
     bf16_row = rows[FAST.index("kd_w4_bf16")]
-    assert "| bf16, " in bf16_row and f"{tiny_result['variants']['kd_w4_bf16']['gflops']:.1f}" in bf16_row
+    assert "| bf16, " in bf16_row \
+        and f"{tiny_result['variants']['kd_w4_bf16']['gflops']:.1f}" in bf16_row
     assert "channels_last" in rows[FAST.index("kd_w4_channels_last")]
     for key, (what, _q, _n, _d, op, _t) in TARGETS.items():
         line = next(line for line in lines if line.startswith(f"- {what}:"))
@@ -470,7 +482,8 @@ def test_render_markdown_shows_every_variant_ceiling_ratio_and_the_machine(tiny_
         assert f"target {op} " in line
         assert ("**met**" if ratio["met"] else "**missed**") in line
     line = next(line for line in lines if line.startswith(f"- {TARGETS['quant_overhead_w4'][0]}:"))
-    assert f"{tiny_result['ratios']['quant_overhead_w4']['value']:.2f}×" in line and "1.05×" in line
+    assert f"{tiny_result['ratios']['quant_overhead_w4']['value']:.2f}×" in line \
+        and "1.05×" in line
     assert "(target >= 85%)" in md
     ceiling = next(line for line in lines if "matmul ceilings" in line)
     for c in tiny_result["ceilings"].values():
@@ -482,7 +495,8 @@ def test_render_markdown_shows_every_variant_ceiling_ratio_and_the_machine(tiny_
 
 def test_the_grouped_weights_part_checks_times_and_counts(tiny_result):
     grouped = tiny_result["grouped"]
-    assert grouped["check"]["exact"] and set(grouped["check"]["by_bits"]) == {"1", "2", "4", "8", "16"}
+    assert grouped["check"]["exact"] \
+        and set(grouped["check"]["by_bits"]) == {"1", "2", "4", "8", "16"}
     steps = grouped["steps"]
     assert {n: len(steps[n]["images_per_s_windows"]) for n in steps} == {
         "kd_w4": TINY["windows"], "kd_w4_per_layer": TINY["windows"]}
@@ -490,7 +504,8 @@ def test_the_grouped_weights_part_checks_times_and_counts(tiny_result):
     assert ops["kd_w4"] < ops["kd_w4_per_layer"] - 300  # ResNet-20's 18 quantized convs
     line = next(line for line in render_markdown(tiny_result).splitlines()
                 if "quantized together" in line)
-    assert "yes at 1, 2, 4, 8, 16 bits" in line and f"{ops['kd_w4']} vs {ops['kd_w4_per_layer']}" in line
+    assert "yes at 1, 2, 4, 8, 16 bits" in line \
+        and f"{ops['kd_w4']} vs {ops['kd_w4_per_layer']}" in line
 
 
 def test_render_markdown_handles_missing_measurements():

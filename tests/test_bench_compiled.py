@@ -44,7 +44,8 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
                                      "per_process": [rate / jobs[0]] * k} for k in jobs}}
 
     monkeypatch.setattr(concurrent, "concurrent_throughput", side_by_side)
-    ctx = SimpleNamespace(device=torch.device("cpu"), images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+    ctx = SimpleNamespace(device=torch.device("cpu"),
+                          images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
                           labels=torch.zeros(2, dtype=torch.int64))
     part = measure_compiled(ctx, [4, 8], seconds=1.0, preset="gpu", model="resnet20", log=print,
                             compile_fn=lambda fn: fn)
@@ -53,15 +54,19 @@ def test_the_compiled_part_is_recorded_and_rendered(monkeypatch):
     line = render._compiled_line(part)
     assert "every quantizer level exact yes at 2, 4, 8, 16 bits" in line  # the default widths
     assert asked == [("kd_w4_compile", (4, 8)), ("kd_w4_cudagraphs", (1,))]
-    assert "4 at once: 30000 img/s (44 s to compile), 8 at once: 60000 img/s (48 s to compile)" in line
-    assert "replayed as CUDA graphs (`kd_w4_cudagraphs`, reduce-overhead), one process: 21000 img/s" in line
+    assert ("4 at once: 30000 img/s (44 s to compile), "
+            "8 at once: 60000 img/s (48 s to compile)") in line
+    assert ("replayed as CUDA graphs (`kd_w4_cudagraphs`, reduce-overhead), "
+            "one process: 21000 img/s") in line
     older = {k: v for k, v in part.items() if k != "cudagraphs"}  # before it existed
     assert "CUDA graph" not in render._compiled_line(older)
     part["cudagraphs"]["by_jobs"]["1"]["cudagraph_skips"] = 2
-    assert "21000 img/s (2 compiled graph(s) ran without CUDA graphs)" in render._compiled_line(part)
+    assert "21000 img/s (2 compiled graph(s) ran without CUDA graphs)" \
+        in render._compiled_line(part)
     broken = measure_compiled(ctx, [4, 8], seconds=1.0, preset="gpu", model="resnet20", log=print,
                               compile_fn=one_ulp_up)
-    assert "exact **no**: **not** at 2 (activation, weight), 4 (activation, weight)" in render._compiled_line(broken)
+    assert ("exact **no**: **not** at 2 (activation, weight), 4 (activation, weight)"
+            in render._compiled_line(broken))
     mixed = {**part, "levels": {"exact": False, "by_bits": {
         "2": {"activation_exact": True, "weight_exact": True, "weight_levels_unlike_eager": 0},
         "8": {"activation_exact": False, "weight_exact": True, "weight_levels_unlike_eager": 9}}}}
@@ -93,11 +98,13 @@ def test_the_cuda_graphs_variant_compiles_fit_s_kd_step_in_reduce_overhead_mode(
     runner = BY_NAME["kd_w4_cudagraphs"].build(ctx)
     try:
         trainer = runner.trainer
-        assert trainer.cfg.method == "direct_kd" and (trainer.cfg.w_bits, trainer.cfg.a_bits) == (4, 4)
+        assert trainer.cfg.method == "direct_kd" \
+            and (trainer.cfg.w_bits, trainer.cfg.a_bits) == (4, 4)
         assert not trainer.cfg.compile  # the run config's compile means the default mode
         assert [(m, kw["mode"]) for m, kw in compiled] == [(trainer.model, "reduce-overhead"),
                                                            (trainer.teacher, "reduce-overhead")]
-        assert runner.info["switches"]["compile"] and runner.info["compile_mode"] == "reduce-overhead"
+        assert runner.info["switches"]["compile"] \
+            and runner.info["compile_mode"] == "reduce-overhead"
         assert runner.warmup_min == COMPILE_WARMUP_STEPS
         marks = []
         monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
@@ -143,12 +150,14 @@ def test_compile_pays_only_with_exact_levels_and_more_images_a_lease():
     eager = {1: 3834.0, 2: 7588.0, 4: 17222.0, 8: 18744.0}  # the H200's: 4 worth running
     exact = {"exact": True, "by_bits": {}}
     side = {"variant": "kd_w4_compile", "by_jobs": {
-        "4": {"images_per_s": 30000.0, "ready_s": 50.0}, "8": {"images_per_s": 60000.0, "ready_s": 90.0}}}
+        "4": {"images_per_s": 30000.0, "ready_s": 50.0},
+        "8": {"images_per_s": 60000.0, "ready_s": 90.0}}}
     assert compile_verdict(_bench_with(None, eager), 480.0) is None
     verdict = compile_verdict(_bench_with(
         {"division": "float64", "levels": exact, "concurrency": side}, eager), 480.0)
     assert verdict["pays"]  # 60,000 x 390 s = 23.4 M against 17,222 x 480 s = 8.3 M
-    assert "8 compiled processes 60,000 img/s after 90 s to compile: 23.4 M images" in verdict["why"]
+    assert "8 compiled processes 60,000 img/s after 90 s to compile: 23.4 M images" \
+        in verdict["why"]
     assert "4 eager ones 17,222 img/s: 8.3 M" in verdict["why"]
     slow = {**side, "by_jobs": {"8": {"images_per_s": 60000.0, "ready_s": 400.0}}}
     assert not compile_verdict(_bench_with(  # 60,000 x 80 s = 4.8 M: the compile eats the lease
@@ -172,7 +181,8 @@ def test_jobs_auto_follows_the_step_the_preset_runs(monkeypatch):
 
     eager = {1: 3834.0, 2: 7588.0, 4: 17222.0, 8: 18744.0}
     side = {"by_jobs": {"4": {"images_per_s": 30000.0}, "8": {"images_per_s": 60000.0}}}
-    bench = _bench_with({"division": "float64", "levels": {"exact": True}, "concurrency": side}, eager)
+    bench = _bench_with({"division": "float64", "levels": {"exact": True},
+                         "concurrency": side}, eager)
     assert lease.auto_jobs(bench, "gpu") == 4  # eager: 8 adds under 10%
     compiling = presets.build_config("gpu").replace(compile=True)
     monkeypatch.setattr(presets, "build_config", lambda *a, **k: compiling)

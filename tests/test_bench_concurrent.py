@@ -53,7 +53,8 @@ def test_process_counts_follow_the_hosts_cores():
 
 
 def _entries(rates: dict) -> dict:
-    return {str(k): {"images_per_s": float(r), "per_process": [r / k] * k} for k, r in rates.items()}
+    return {str(k): {"images_per_s": float(r), "per_process": [r / k] * k}
+            for k, r in rates.items()}
 
 
 def test_an_older_gpu_benchmark_gets_the_process_counts_it_lacks(monkeypatch):

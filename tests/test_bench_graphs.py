@@ -94,21 +94,23 @@ def test_the_graphs_part_is_recorded_rendered_and_decides_the_grid(monkeypatch):
                 "device_busy_ms_per_step": 4.5, "device_busy_fraction": 0.9,
                 "kernel_launches_per_step": 25.0, "bound": "device (kernels)", "top": []}
     monkeypatch.setattr(profile, "profile_variant", lambda ctx, variant, **_: profiled)
-    ctx = SimpleNamespace(device=torch.device("cpu"), images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+    ctx = SimpleNamespace(device=torch.device("cpu"),
+                          images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
                           labels=torch.zeros(2, dtype=torch.int64))
     part = measure_graphs(ctx, seconds=10.0, preset="gpu", model="resnet20", log=print)
     assert asked == [("kd_w4_graphs", (1, 2, 4, 8))] and part["profile"] == profiled
     bench = {"concurrency": EAGER, "graphs": part}
     assert render._optional_line(part, "profile", "?", render._profile_line) == [
-        "- profile of `kd_w4_graphs` (20 steps, torch.profiler): the GPU busy 4.5 ms of each 5.0 ms "
-        "step (90%), 25 kernel launches a step; bound by device (kernels); most time: "]
+        "- profile of `kd_w4_graphs` (20 steps, torch.profiler): the GPU busy 4.5 ms of each "
+        "5.0 ms step (90%), 25 kernel launches a step; bound by device (kernels); most time: "]
     line = render._graphs_line(part)
     assert "the same bits as eager steps yes (8 KD 4-bit steps, deterministic cuDNN)" in line
     assert "1 × 20000 = 20000 img/s" in line and "8 × 5875 = 47000 img/s" in line
     verdict = graphs_verdict(bench)
-    assert verdict["use"] and "4 replaying processes 45,000 img/s against 4 eager ones 17,222" in verdict["why"]
-    assert render._graphs_verdict_line(bench)[0].startswith("- CUDA graphs for a grid's runs "
-                                                            "(`lease go` sets `cuda_graphs`): **replay**")
+    assert verdict["use"] \
+        and "4 replaying processes 45,000 img/s against 4 eager ones 17,222" in verdict["why"]
+    assert render._graphs_verdict_line(bench)[0].startswith(
+        "- CUDA graphs for a grid's runs (`lease go` sets `cuda_graphs`): **replay**")
     assert lease.replays_steps(bench, "gpu") and lease.auto_jobs(bench, "gpu") == 4
     assert not lease.replays_steps({"concurrency": EAGER}, "gpu")  # no graphs part yet
     assert graphs_verdict({"concurrency": EAGER}) is None

@@ -32,7 +32,8 @@ TIMING = ("seconds", "images_per_s", "side_by_side")  # how long, and beside how
 def comparable(record: dict) -> dict:
     return {"run_id": record["run_id"], "config": record["config"], "metrics": record["metrics"],
             "same_run_as": record.get("same_run_as"),
-            "history": [{k: v for k, v in row.items() if k not in TIMING} for row in record["history"]]}
+            "history": [{k: v for k, v in row.items() if k not in TIMING}
+                        for row in record["history"]]}
 
 
 def student(method="direct_kd", bits=4, epochs=3, **extra):
@@ -49,7 +50,8 @@ def record_of(cfg, epoch_seconds, call_seconds, device="cpu", gpu=None):
 
 
 def bench_file(rates: dict, gpu=None, model="resnet8", date="2026-12-01T00:00:00+00:00", cpu=None):
-    return {"date": date, "machine": {"gpu": gpu, "device": "cuda" if gpu else "cpu", "cpu_model": cpu},
+    return {"date": date,
+            "machine": {"gpu": gpu, "device": "cuda" if gpu else "cpu", "cpu_model": cpu},
             "settings": {"model": model},
             "variants": {name: {"images_per_s": r} for name, r in rates.items()}}
 
@@ -472,7 +474,8 @@ def test_processes_executor_equals_the_serial_grid(real_data_root, tmp_path, mon
     aliases = {r["config"]["method"] for r in parallel if r.get("same_run_as")}
     assert aliases == {"finetune", "direct_kd"} and len(parallel) == 9
     # each record says how many runs trained beside it, for its share of the device's time
-    assert {r["side_by_side"] for r in parallel} == {2} and {r["side_by_side"] for r in serial} == {1}
+    assert {r["side_by_side"] for r in parallel} == {2} \
+        and {r["side_by_side"] for r in serial} == {1}
 
 
 def test_processes_executor_refuses_a_bad_job_count(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from kdlib.cli import parse_overrides, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--set", "train_size=200", "--set", "val_size=100", "--set", "test_size=100", "--set", "batch_size=50"]
+TINY = ["--set", "train_size=200", "--set", "val_size=100", "--set", "test_size=100",
+        "--set", "batch_size=50"]
 
 
 def smoke_by_default(args):
@@ -22,12 +23,13 @@ def smoke_by_default(args):
 
 def kdlib(*args, env=None):
     args = smoke_by_default(args)
-    return subprocess.run([sys.executable, "-m", "kdlib", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run([sys.executable, "-m", "kdlib", *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def test_parse_overrides_literals():
-    assert parse_overrides(["epochs=3", "lr=0.05", "nesterov=False", "schedule=cosine", "milestones=[0.5]"]) == {
+    assert parse_overrides(["epochs=3", "lr=0.05", "nesterov=False", "schedule=cosine",
+                            "milestones=[0.5]"]) == {
         "epochs": 3, "lr": 0.05, "nesterov": False, "schedule": "cosine", "milestones": [0.5]}
     with pytest.raises(UserError, match="not KEY=VALUE"):
         parse_overrides(["epochs"])
@@ -51,7 +53,8 @@ def test_parse_overrides_literals():
 ])
 @pytest.mark.slow
 def test_bad_arguments_one_line_error(tmp_path, args, message):
-    proc = kdlib(*args, "--results-dir", str(tmp_path / "res"), "--data-dir", str(tmp_path / "nodata"))
+    proc = kdlib(*args, "--results-dir", str(tmp_path / "res"),
+                 "--data-dir", str(tmp_path / "nodata"))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().startswith("error: ") and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -60,8 +63,8 @@ def test_bad_arguments_one_line_error(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_missing_data_folder(tmp_path):
-    proc = kdlib("train", "--results-dir", str(tmp_path / "res"), "--data-dir", str(tmp_path / "nodata"),
-                 env={"KDLIB_OFFLINE": "1"})
+    proc = kdlib("train", "--results-dir", str(tmp_path / "res"),
+                 "--data-dir", str(tmp_path / "nodata"), env={"KDLIB_OFFLINE": "1"})
     assert proc.returncode == 2 and str(tmp_path / "nodata") in proc.stderr
     assert not (tmp_path / "res" / "runs").exists()
 
@@ -119,7 +122,8 @@ def test_the_notebooks_import_the_kdlib_of_the_checkout_that_runs_them(real_data
     proc = kdlib("run", "--model", "resnet8", "--only", "04", "--data-dir", str(real_data_root),
                  "--results-dir", str(tmp_path / "results"), env={"PYTHONPATH": str(other.parent)})
     assert "another checkout" not in proc.stderr
-    assert "notebook 04_results failed: FileNotFoundError" in proc.stderr  # this kdlib ran: no records
+    # this kdlib ran: no records
+    assert "notebook 04_results failed: FileNotFoundError" in proc.stderr
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ def _record(method, bits, seed, top1):
     metrics = {"best_epoch": 1, "best_val_top1": top1, "best_val_top5": top1, "test_top1": top1,
                "test_top5": top1, "final_test_top1": top1, "final_test_top5": top1}
     return {"run_id": f"r-{method}-{bits}-{seed}", "metrics": metrics, "history": [{"epoch": 1}],
-            "config": {"model": "resnet8", "method": method, "w_bits": bits, "a_bits": bits, "seed": seed}}
+            "config": {"model": "resnet8", "method": method, "w_bits": bits, "a_bits": bits,
+                       "seed": seed}}
 
 
 def test_summary_prints_mean_std_and_interval_per_group(tmp_path, capsys):
@@ -34,7 +35,8 @@ def test_summary_prints_mean_std_and_interval_per_group(tmp_path, capsys):
     std = math.sqrt(((50 - 53) ** 2 + (52 - 53) ** 2 + (57 - 53) ** 2) / 2)
     half = 4.302652729911275 * std / math.sqrt(3)  # t(0.975, df=2)
     assert shown == [
-        ["resnet8", "individual", "4", "4", "53.00", f"{std:.2f}", "3", f"{53 - half:.2f}", f"{53 + half:.2f}"],
+        ["resnet8", "individual", "4", "4", "53.00", f"{std:.2f}", "3", f"{53 - half:.2f}",
+         f"{53 + half:.2f}"],
         ["resnet8", "teacher", "32", "32", "70.00", "NaN", "1", "NaN", "NaN"],
     ]
 
@@ -48,20 +50,25 @@ def test_summary_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
 
 def test_notebook_parameters_per_notebook(tmp_path):
     args = build_parser().parse_args([
-        "run", "--preset", "smoke", "--model", "resnet8", "--seeds", "0", "2", "--data-dir", "/data/c100",
-        "--device", "cpu", "--set", "epochs=3", "--set", "schedule=cosine", "--chain", "32", "8", "4/8",
-        "--bits", "4", "2/8", "--methods", "individual", "direct_kd"])
+        "run", "--preset", "smoke", "--model", "resnet8", "--seeds", "0", "2",
+        "--data-dir", "/data/c100", "--device", "cpu", "--set", "epochs=3",
+        "--set", "schedule=cosine", "--chain", "32", "8", "4/8", "--bits", "4", "2/8",
+        "--methods", "individual", "direct_kd"])
     common = {"preset": "smoke", "model": "resnet8", "seeds": [0, 2], "data_dir": "/data/c100",
-              "results_dir": str(tmp_path), "overrides": {"epochs": 3, "schedule": "cosine"}, "device": "cpu"}
+              "results_dir": str(tmp_path), "overrides": {"epochs": 3, "schedule": "cosine"},
+              "device": "cpu"}
     assert notebook_parameters(args, "01_baseline", tmp_path) == common
     assert notebook_parameters(args, "02_ta_chain", tmp_path) == {
-        **common, "chain": [32, 8, "4/8"], "methods": ["ta_chain", "progressive", "progressive_kd32"]}
+        **common, "chain": [32, 8, "4/8"],
+        "methods": ["ta_chain", "progressive", "progressive_kd32"]}
     assert notebook_parameters(args, "03_individual", tmp_path) == {
         **common, "bits": [4, "2/8"], "methods": ["individual", "direct_kd"]}
-    assert notebook_parameters(args, "04_results", tmp_path) == {"preset": "smoke", "results_dir": str(tmp_path)}
+    assert notebook_parameters(args, "04_results", tmp_path) == {
+        "preset": "smoke", "results_dir": str(tmp_path)}
 
 
-def test_folders_inside_the_checkout_reach_the_notebooks_relative_to_their_folder(monkeypatch, tmp_path):
+def test_folders_inside_the_checkout_reach_the_notebooks_relative_to_their_folder(monkeypatch,
+                                                                                  tmp_path):
     """The kernel runs in notebooks/: a folder of this checkout is named from there (the same text
     in every clone, so a rerun elsewhere leaves the committed notebooks as they are) and still
     names the same folder; a folder outside the checkout stays absolute."""
@@ -74,14 +81,19 @@ def test_folders_inside_the_checkout_reach_the_notebooks_relative_to_their_folde
     assert outside["results_dir"] == str(tmp_path / "elsewhere")
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "elsewhere")  # a linked data folder: named as given
-    assert notebook_parameters(args, "04_results", tmp_path / "link")["results_dir"] == str(tmp_path / "link")
+    assert notebook_parameters(args, "04_results", tmp_path / "link")["results_dir"] \
+        == str(tmp_path / "link")
 
 
 def test_train_names_a_trained_teacher_when_a_starting_point_is_missing(tmp_path, capsys):
-    save_record(tmp_path, _record("teacher", 32, 0, 60.0) | {"run_id": "resnet8-teacher-w32a32-s0-abc"})
-    assert main(["train", "--preset", "smoke", "--method", "finetune", "--results-dir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip().endswith("e.g. the teacher resnet8-teacher-w32a32-s0-abc)")
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["resnet8-teacher-w32a32-s0-abc.json"]
+    save_record(tmp_path,
+                _record("teacher", 32, 0, 60.0) | {"run_id": "resnet8-teacher-w32a32-s0-abc"})
+    assert main(["train", "--preset", "smoke", "--method", "finetune",
+                 "--results-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "e.g. the teacher resnet8-teacher-w32a32-s0-abc)")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) \
+        == ["resnet8-teacher-w32a32-s0-abc.json"]
 
 
 def test_the_preset_names_the_model_unless_the_command_line_does(tmp_path):
@@ -91,17 +103,20 @@ def test_the_preset_names_the_model_unless_the_command_line_does(tmp_path):
     args = build_parser().parse_args(["run", "--preset", "quick_squeezenet"])
     assert notebook_parameters(args, "01_baseline", tmp_path)["model"] == "squeezenet"
     for command in ("grid", "train"):
-        assert model_of(build_parser().parse_args([command, "--preset", "quick_squeezenet"])) == "squeezenet"
+        assert model_of(build_parser().parse_args([command, "--preset", "quick_squeezenet"])) \
+            == "squeezenet"
     assert {c.model for c in plan_grid(preset="quick_squeezenet")} == {"squeezenet"}
     assert {c.model for c in plan_grid(preset="quick")} == {"resnet20"}
-    explicit = build_parser().parse_args(["run", "--preset", "quick_squeezenet", "--model", "resnet8"])
+    explicit = build_parser().parse_args(["run", "--preset", "quick_squeezenet",
+                                          "--model", "resnet8"])
     assert notebook_parameters(explicit, "01_baseline", tmp_path)["model"] == "resnet8"
     assert {c.model for c in plan_grid(preset="quick_squeezenet", model="resnet8")} == {"resnet8"}
 
 
 def test_notebook_parameters_fill_unset_options_from_the_preset_not_the_notebook(tmp_path):
     """A notebook's own defaults are the smoke settings: `run` always injects the preset's grid."""
-    args = build_parser().parse_args(["run", "--preset", "quick_squeezenet", "--model", "squeezenet"])
+    args = build_parser().parse_args(["run", "--preset", "quick_squeezenet",
+                                      "--model", "squeezenet"])
     for name in ("01_baseline", "02_ta_chain", "03_individual"):
         params = notebook_parameters(args, name, tmp_path)
         assert params["preset"] == "quick_squeezenet" and params["results_dir"] == str(tmp_path)
@@ -117,7 +132,8 @@ def test_notebook_parameters_fill_unset_options_from_the_preset_not_the_notebook
 
 def _injected_parameters(notebook: Path) -> str:
     cells = json.loads(notebook.read_text())["cells"]
-    return next("".join(c["source"]) for c in cells if "injected-parameters" in c["metadata"].get("tags", []))
+    return next("".join(c["source"]) for c in cells
+                if "injected-parameters" in c["metadata"].get("tags", []))
 
 
 @pytest.mark.realdata
@@ -125,13 +141,14 @@ def _injected_parameters(notebook: Path) -> str:
 def test_run_smoke_preset_end_to_end(real_data_root, tmp_path):
     sets = [a for k, v in {**TINY, "epochs": 1}.items() for a in ("--set", f"{k}={v}")]
     proc = subprocess.run(
-        [sys.executable, "-m", "kdlib", "run", "--preset", "smoke", "--model", "resnet8", "--chain", "32", "4",
+        [sys.executable, "-m", "kdlib", "run", "--preset", "smoke", "--model", "resnet8",
+         "--chain", "32", "4",
          "--bits", "4", "--methods", "individual", "--data-dir", str(real_data_root),
          "--results-dir", str(tmp_path), *sets],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines()[-1] == (f"done: records in {tmp_path / 'runs'}, executed notebooks in "
-                                            f"{tmp_path / 'executed'}")
+    assert proc.stdout.splitlines()[-1] == (f"done: records in {tmp_path / 'runs'}, "
+                                            f"executed notebooks in {tmp_path / 'executed'}")
     all_records = load_records(tmp_path)
     records = {(r["config"]["method"], r["config"]["w_bits"]): r for r in all_records}
     # --chain 32 4, --bits 4, --methods individual: nothing at other widths, no other student method
@@ -140,7 +157,8 @@ def test_run_smoke_preset_end_to_end(real_data_root, tmp_path):
     assert not {"finetune", "direct_kd"} & {m for m, _ in records}
     for record in all_records:
         config = record["config"]
-        assert (config["model"], config["preset"], config["seed"], config["epochs"]) == ("resnet8", "smoke", 0, 1)
+        assert (config["model"], config["preset"], config["seed"], config["epochs"]) \
+            == ("resnet8", "smoke", 0, 1)
         assert {k: config[k] for k in TINY} == TINY
         assert len(record["history"]) == 1
     teacher_id = records[("teacher", 32)]["run_id"]
@@ -148,26 +166,30 @@ def test_run_smoke_preset_end_to_end(real_data_root, tmp_path):
     assert records[("individual", 4)]["config"]["init_id"] is None
     executed = json.loads((tmp_path / "executed" / "02_ta_chain.ipynb").read_text())
     assert executed["metadata"]["papermill"]["input_path"] == "notebooks/02_ta_chain.ipynb"
-    assert executed["metadata"]["papermill"]["output_path"] == str(tmp_path / "executed" / "02_ta_chain.ipynb")
+    assert executed["metadata"]["papermill"]["output_path"] \
+        == str(tmp_path / "executed" / "02_ta_chain.ipynb")
     assert "injected-parameters" in [c["id"] for c in executed["cells"]]
     for name in ("01_baseline", "02_ta_chain", "03_individual", "04_results"):
-        shown = json.dumps([c.get("outputs", []) for c in
-                            json.loads((tmp_path / "executed" / f"{name}.ipynb").read_text())["cells"]])
-        assert "Warning" not in shown and str(ROOT) not in shown, name  # reads the same in every clone
+        shown = json.dumps([c.get("outputs", []) for c in json.loads(
+            (tmp_path / "executed" / f"{name}.ipynb").read_text())["cells"]])
+        # reads the same in every clone
+        assert "Warning" not in shown and str(ROOT) not in shown, name
     injected = _injected_parameters(tmp_path / "executed" / "02_ta_chain.ipynb")
     assert 'model = "resnet8"' in injected and "chain = [32, 4]" in injected
     assert f'data_dir = "{real_data_root}"' in injected
     with open(tmp_path / "summary.csv", newline="") as handle:
-        summary = [row for row in csv.DictReader(handle) if (row["method"], int(row["w_bits"])) in records]
+        summary = [row for row in csv.DictReader(handle)
+                   if (row["method"], int(row["w_bits"])) in records]
     # one seed: one summary row (n = 1) per run; the other rows are the chain's contrasts
     assert sorted((row["method"], int(row["w_bits"]), row["n"]) for row in summary) == sorted(
         (r["config"]["method"], r["config"]["w_bits"], "1") for r in all_records)
 
     # run again on the same records: nothing the notebooks show changed, so no file does
-    shown = sorted([*(tmp_path / "executed").glob("*.ipynb"), *(tmp_path / "figures").glob("*.png")])
+    shown = sorted([*(tmp_path / "executed").glob("*.ipynb"),
+                    *(tmp_path / "figures").glob("*.png")])
     before = {path: path.read_bytes() for path in shown}
-    again = subprocess.run([sys.executable, "-m", "kdlib", "run", "--preset", "smoke", "--only", "04",
-                            "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                           timeout=900)
+    again = subprocess.run([sys.executable, "-m", "kdlib", "run", "--preset", "smoke",
+                            "--only", "04", "--results-dir", str(tmp_path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(before) > 5 and {path: path.read_bytes() for path in shown} == before

@@ -32,7 +32,8 @@ def test_grid_trains_without_notebooks_then_announces_everything_skipped(real_da
     # teacher, ta_chain 4-bit, finetune 4-bit, direct_kd 4-bit (= ta_chain's first link)
     assert "grid: 4 runs" in first.stdout and "0 already have records" in first.stdout
     records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
-    assert sorted(r["config"]["method"] for r in records) == ["direct_kd", "finetune", "ta_chain", "teacher"]
+    assert sorted(r["config"]["method"] for r in records) \
+        == ["direct_kd", "finetune", "ta_chain", "teacher"]
     assert sum(bool(r.get("same_run_as")) for r in records) == 1
     assert len(list((tmp_path / "models").glob("*.packed"))) == 3  # one per trained run
     again = kdlib("grid", *args)

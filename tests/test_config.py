@@ -1,5 +1,6 @@
 """Config validation, presets, run ids."""
 import dataclasses
+import re
 
 import pytest
 
@@ -82,7 +83,8 @@ def test_overrides_win_over_preset_and_are_validated():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match=r"preset='fast' is unknown; accepted: smoke, quick, quick_squeezenet, gpu, paper"):
+    with pytest.raises(ValueError, match=r"preset='fast' is unknown; accepted: smoke, quick, "
+                                         r"quick_squeezenet, gpu, paper"):
         get_preset("fast")
 
 
@@ -95,3 +97,16 @@ def test_every_field_is_documented_beside_its_definition():
     assert [r["field"] for r in rows if not r["meaning"]] == []
     assert {"field": "kd_alpha", "default": "0.9",
             "meaning": "weight of the KD term; 1-alpha on the CE term"} in rows
+
+
+def test_field_list_keeps_every_meaning_in_its_cell():
+    """GitHub ends a table cell at a bare '|': `dorefa | pact | lsq` showed as `dorefa`, and
+    kd_temperature's formula was cut at its '||'."""
+    from kdlib.report import render_config_fields
+
+    rows = render_config_fields().splitlines()[2:]
+    cells = {row.split("|")[1].strip(): re.split(r"(?<!\\)\|", row)[1:-1] for row in rows}
+    assert cells.keys() == {f.name for f in dataclasses.fields(RunConfig)}
+    assert {len(parts) for parts in cells.values()} == {3}
+    assert cells["quantizer"][2].strip() == r"dorefa \| pact \| lsq"
+    assert r"softmax(t/T) \|\| softmax(s/T)" in cells["kd_temperature"][2]

@@ -28,9 +28,10 @@ def test_rates_are_image_epochs_over_wall_time_per_kind():
     frame = _frame([
         {"model": "resnet20", "train_size": None, "epochs": 2, "wall_time_s": 900.0},   # 90k
         {"model": "resnet20", "train_size": 1000, "epochs": 1, "wall_time_s": 100.0},   # 1k
-        {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 450.0, "teacher_id": "t"},
-        {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 1.0, "teacher_id": "t",
-         "same_run_as": "x"},  # an alias trained nothing
+        {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 450.0,
+         "teacher_id": "t"},
+        {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 1.0,
+         "teacher_id": "t", "same_run_as": "x"},  # an alias trained nothing
     ])
     rates = measured_rates(frame)
     assert rates[("resnet20", False)] == pytest.approx(91_000 / 1000.0)
@@ -44,7 +45,8 @@ def test_squeezenet_borrows_resnets_rate_until_it_has_its_own():
     expected = sum(8000 * c.epochs / ((75.0 if c.teacher_id else 150.0) / SQUEEZENET_TIME_RATIO)
                    for c in trainings) / 3600
     assert scaled["run_hours"] == pytest.approx(expected) and scaled["basis"] == {"scaled"}
-    own = grid_cost("quick_squeezenet", {**rates, ("squeezenet", False): 50.0, ("squeezenet", True): 25.0})
+    own = grid_cost("quick_squeezenet",
+                    {**rates, ("squeezenet", False): 50.0, ("squeezenet", True): 25.0})
     assert own["basis"] == {"measured"} and own["run_hours"] < scaled["run_hours"]
     assert grid_cost("quick", {})["run_hours"] is None
     assert "no measured rate" in render_costs(["quick"], pd.DataFrame())
@@ -93,10 +95,12 @@ def test_each_row_is_estimated_on_the_newest_processor_that_trained_its_model():
     assert machine_for(frame[frame["model"] == "resnet20"], "squeezenet") == "AMD EPYC"  # borrows
     assert machine_for(frame.iloc[:0], "resnet20") is None
     text = render_costs(["quick", "quick_squeezenet"], frame)
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")}
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| `")}
     hours = grid_cost("quick", {("resnet20", False): 500.0, ("resnet20", True): 500.0})
     assert "no measured rate" not in text
-    assert f"{hours['run_hours']:,.1f} run-hours" in rows["`quick`"] and "AMD EPYC" in rows["`quick`"]
+    assert f"{hours['run_hours']:,.1f} run-hours" in rows["`quick`"] \
+        and "AMD EPYC" in rows["`quick`"]
     assert "Intel Xeon" in rows["`quick_squeezenet`"]
 
 
@@ -135,9 +139,11 @@ def test_device_costs_count_device_hours_and_leases_a_seed():
                     "cpu_model": "host", "side_by_side": 12},
                    {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 13.5,
                     "teacher_id": "t", "cpu_model": "host", "side_by_side": 12}])
-    assert measured_rates(slow, side_by_side=4) == pytest.approx(measured_rates(frame, side_by_side=4))
+    assert measured_rates(slow, side_by_side=4) \
+        == pytest.approx(measured_rates(frame, side_by_side=4))
     assert render_device_costs(["paper"], slow, jobs=4, lease_minutes=8.0) == text
-    assert measured_rates(slow) == pytest.approx({k: v / 3 for k, v in measured_rates(frame).items()})
+    assert measured_rates(slow) \
+        == pytest.approx({k: v / 3 for k, v in measured_rates(frame).items()})
     # a run of the same preset trained on a CPU, the newest record, leaves the device's rates be
     on_gpu = frame.assign(device="cuda:0", created_at="2026-12-04T10:00:00+00:00")
     cpu_run = _frame([{"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 450.0,

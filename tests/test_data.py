@@ -99,7 +99,8 @@ def test_real_default_split_is_stratified_and_disjoint(real_train):
 @pytest.mark.realdata
 def test_real_load_splits_subsets(real_data_root):
     splits = D.load_splits(real_data_root, train_size=1000, test_size=500, download=False)
-    assert (len(splits.train_labels), len(splits.val_labels), len(splits.test_labels)) == (1000, 5000, 500)
+    assert (len(splits.train_labels), len(splits.val_labels), len(splits.test_labels)) \
+        == (1000, 5000, 500)
     assert torch.equal(torch.bincount(splits.train_labels, minlength=100), torch.full((100,), 10))
     assert torch.equal(torch.bincount(splits.test_labels, minlength=100), torch.full((100,), 5))
 
@@ -303,7 +304,8 @@ def test_resolve_root_order(monkeypatch, tmp_path):
 def test_load_uses_env_var_and_accepts_the_folder_itself(fake_data_root, monkeypatch):
     monkeypatch.setenv("KDLIB_DATA", str(fake_data_root))
     assert len(D.load_cifar100(download=False)[1]) == N_FAKE_TRAIN
-    assert len(D.load_cifar100(fake_data_root / "cifar-100-python", download=False)[1]) == N_FAKE_TRAIN
+    assert len(D.load_cifar100(fake_data_root / "cifar-100-python", download=False)[1]) \
+        == N_FAKE_TRAIN
 
 
 def test_missing_folder_without_download_says_where_and_how(tmp_path, monkeypatch):
@@ -426,7 +428,8 @@ def _row_set(images: torch.Tensor) -> set[bytes]:
 def test_load_splits_holds_val_out_of_train(fake_data_root):
     s = D.load_splits(fake_data_root, val_size=100, seed=0, download=False)
     assert (len(s.train_labels), len(s.val_labels), len(s.test_labels)) == (400, 100, N_FAKE_TEST)
-    assert torch.equal(torch.bincount(s.val_labels, minlength=100), torch.ones(100, dtype=torch.long))
+    assert torch.equal(torch.bincount(s.val_labels, minlength=100),
+                       torch.ones(100, dtype=torch.long))
     assert s.train_images.dtype == torch.uint8 and s.train_labels.dtype == torch.int64
     assert not (_row_set(s.train_images) & _row_set(s.val_images))
     assert len(_row_set(s.train_images) | _row_set(s.val_images)) == N_FAKE_TRAIN
@@ -437,11 +440,13 @@ def test_load_splits_holds_val_out_of_train(fake_data_root):
 def test_load_splits_subsets_and_seed(fake_data_root):
     s = D.load_splits(fake_data_root, val_size=100, train_size=200, test_size=100, seed=0)
     assert torch.equal(torch.bincount(s.train_labels, minlength=100), torch.full((100,), 2))
-    assert torch.equal(torch.bincount(s.test_labels, minlength=100), torch.ones(100, dtype=torch.long))
+    assert torch.equal(torch.bincount(s.test_labels, minlength=100),
+                       torch.ones(100, dtype=torch.long))
     assert not (_row_set(s.train_images) & _row_set(s.val_images))
     same = D.load_splits(fake_data_root, val_size=100, train_size=200, test_size=100, seed=0)
     other = D.load_splits(fake_data_root, val_size=100, train_size=200, test_size=100, seed=1)
-    assert torch.equal(same.val_images, s.val_images) and torch.equal(same.train_images, s.train_images)
+    assert torch.equal(same.val_images, s.val_images) \
+        and torch.equal(same.train_images, s.train_images)
     assert not torch.equal(other.val_images, s.val_images)
 
 
@@ -524,7 +529,8 @@ def id_data():
 
 def test_train_batches_cover_each_sample_once_shuffled(id_data):
     images, ids = id_data
-    batches = list(D.train_batches(images, ids, 16, seed=0, epoch=0, augment=False, drop_last=False))
+    batches = list(D.train_batches(images, ids, 16, seed=0, epoch=0, augment=False,
+                                   drop_last=False))
     assert [len(y) for _, y in batches] == [16, 16, 16, 2]
     y = torch.cat([y for _, y in batches])
     assert torch.equal(torch.sort(y).values, ids) and not torch.equal(y, ids)

@@ -25,7 +25,8 @@ BF16_OUTPUT = 2.0 ** -8
 def _layer(kind: str, bits: int, quantizer: str, device: str):
     torch.manual_seed(bits)
     if kind == "conv":
-        layer = QConv2d(16, 8, 3, padding=1, bias=True, w_bits=bits, a_bits=bits, quantizer=quantizer)
+        layer = QConv2d(16, 8, 3, padding=1, bias=True, w_bits=bits, a_bits=bits,
+                        quantizer=quantizer)
         x = torch.relu(torch.randn(4, 16, 8, 8)) * 0.7  # post-ReLU, some above the clip at 1
     else:
         layer = QLinear(64, 10, w_bits=bits, a_bits=bits, quantizer=quantizer)
@@ -120,7 +121,8 @@ def test_bf16_mode_gradient_is_the_straight_through_one():
     layer.weight.grad = None
     set_precision(layer, "bf16")
     layer(x).sum().backward()
-    torch.testing.assert_close(layer.weight.grad, exact, rtol=2e-2, atol=2e-2 * float(exact.abs().max()))
+    torch.testing.assert_close(layer.weight.grad, exact, rtol=2e-2,
+                               atol=2e-2 * float(exact.abs().max()))
 
 
 def test_set_precision_rejects_unknown_modes():

@@ -17,8 +17,8 @@ TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
 RECORD_FIELDS = {"run_id", "config", "metrics", "history", "wall_time_s", "images_per_s", "device",
                  "versions", "git_commit", "host", "model_size", "created_at",
                  "cpu_model", "packed_bytes"}
-CONFIG_FIELDS = {"preset", "seed", "method", "w_bits", "a_bits", "teacher_id", "init_id", "epochs", "lr",
-                 "kd_temperature", "kd_alpha", "quantizer", "model"}
+CONFIG_FIELDS = {"preset", "seed", "method", "w_bits", "a_bits", "teacher_id", "init_id",
+                 "epochs", "lr", "kd_temperature", "kd_alpha", "quantizer", "model"}
 METRICS = {"best_epoch", "best_val_top1", "best_val_top5", "test_top1", "test_top5",
            "final_test_top1", "final_test_top5"}
 
@@ -50,14 +50,17 @@ def test_missing_data_fails_before_training(tmp_path):
 
 def test_plans_wire_teachers_and_inits():
     chain = experiments.plan_ta_chain("smoke", "resnet8", 0, [32, 8, 2, 1])
-    assert [(c.method, c.w_bits) for c in chain] == [("teacher", 32), ("ta_chain", 8), ("ta_chain", 2), ("ta_chain", 1)]
+    assert [(c.method, c.w_bits) for c in chain] == [("teacher", 32), ("ta_chain", 8),
+                                                     ("ta_chain", 2), ("ta_chain", 1)]
     for prev, link in zip(chain, chain[1:]):
         assert link.teacher_id == link.init_id == prev.run_id()
-    students = experiments.plan_students("smoke", "resnet8", 3, ["individual", "finetune", "direct_kd"], [4, "2/8"])
+    students = experiments.plan_students("smoke", "resnet8", 3,
+                                         ["individual", "finetune", "direct_kd"], [4, "2/8"])
     teacher = students[0]
     by = {(c.method, c.w_bits, c.a_bits): c for c in students[1:]}
     assert by[("individual", 4, 4)].init_id is None and by[("individual", 4, 4)].teacher_id is None
-    assert by[("finetune", 2, 8)].init_id == teacher.run_id() and by[("finetune", 2, 8)].teacher_id is None
+    assert by[("finetune", 2, 8)].init_id == teacher.run_id() \
+        and by[("finetune", 2, 8)].teacher_id is None
     assert by[("direct_kd", 4, 4)].init_id == by[("direct_kd", 4, 4)].teacher_id == teacher.run_id()
     assert all(c.seed == 3 for c in students)
     # individual trains on the teacher's schedule (the fair trained-alone baseline), every other
@@ -109,13 +112,15 @@ def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatc
     same = {(r["config"]["method"], r["config"]["w_bits"]): r.get("same_run_as") for r in records}
     trained = {r["run_id"]: r for r in records if not r.get("same_run_as")}
     assert len(trained) == 11
-    chain8 = next(r for r in records if r["config"]["method"] == "ta_chain" and r["config"]["w_bits"] == 8)
+    chain8 = next(r for r in records
+                  if r["config"]["method"] == "ta_chain" and r["config"]["w_bits"] == 8)
     for method in ("direct_kd", "progressive_kd32", "direct_kd_matched"):
         assert same[(method, 8)] == chain8["run_id"]
     assert trained[same[("finetune", 8)]]["config"]["method"] == "progressive"
     assert all(v is None for (m, b), v in same.items() if b == 1)
     by_name = {(r["config"]["method"], r["config"]["w_bits"]): r for r in records}
-    assert by_name[("direct_kd_matched", 1)]["config"]["epochs"] == 2 * by_name[("direct_kd", 1)]["config"]["epochs"]
+    assert by_name[("direct_kd_matched", 1)]["config"]["epochs"] \
+        == 2 * by_name[("direct_kd", 1)]["config"]["epochs"]
     for rec in records:
         stored = json.loads(record_path(tmp_path, rec["run_id"]).read_text())
         assert RECORD_FIELDS <= set(stored), RECORD_FIELDS - set(stored)
@@ -130,8 +135,9 @@ def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatc
     assert sorted(frame.loc[frame["method"] == "ta_chain", "w_bits"]) == [1, 8]
     # a re-run trains nothing
     monkeypatch.setattr(experiments, "fit", lambda *a, **k: pytest.fail("re-run trained a model"))
-    again = experiments.run_grid(preset="smoke", model="resnet8", chain=[32, 8, 1], data_dir=real_data_root,
-                                 results_dir=tmp_path, overrides=TINY, progress=False)
+    again = experiments.run_grid(preset="smoke", model="resnet8", chain=[32, 8, 1],
+                                 data_dir=real_data_root, results_dir=tmp_path, overrides=TINY,
+                                 progress=False)
     assert [r["run_id"] for r in again] == [r["run_id"] for r in records]
 
 
@@ -146,8 +152,8 @@ def without_timing(history):
 def test_two_seeds_give_two_chains(real_data_root, tmp_path):
     records = experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 4], seeds=[0, 1],
                                        methods=["ta_chain"],
-                                       data_dir=real_data_root, results_dir=tmp_path, overrides=TINY,
-                                       progress=False)
+                                       data_dir=real_data_root, results_dir=tmp_path,
+                                       overrides=TINY, progress=False)
     assert [(r["config"]["method"], r["config"]["seed"]) for r in records] == [
         ("teacher", 0), ("ta_chain", 0), ("teacher", 1), ("ta_chain", 1)]
     assert records[1]["config"]["teacher_id"] == records[0]["run_id"]
@@ -173,8 +179,8 @@ def test_killed_chain_resumes_to_the_same_records(real_data_root, tmp_path):
     script.write_text(CHAIN_SCRIPT.format(overrides=overrides))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen([sys.executable, str(script), str(real_data_root), str(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(script), str(real_data_root), str(killed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list((killed / "runs").glob("*.json")):
         time.sleep(0.05)
@@ -182,16 +188,17 @@ def test_killed_chain_resumes_to_the_same_records(real_data_root, tmp_path):
     proc.wait()
     done_before = {p.name: p.stat().st_mtime_ns for p in (killed / "runs").glob("*.json")}
     assert 1 <= len(done_before) < 3
-    subprocess.run([sys.executable, str(script), str(real_data_root), str(killed)], env=env, check=True,
-                   capture_output=True)
-    subprocess.run([sys.executable, str(script), str(real_data_root), str(clean)], env=env, check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(script), str(real_data_root), str(killed)], env=env,
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(real_data_root), str(clean)], env=env,
+                   check=True, capture_output=True)
     for name, mtime in done_before.items():
         assert (killed / "runs" / name).stat().st_mtime_ns == mtime, "finished run was retrained"
     a, b = load_results(killed), load_results(clean)
     cols = ["run_id", "test_top1", "test_top5", "final_test_top1", "best_val_top1", "best_epoch"]
     assert len(a) == 3
-    assert a[cols].sort_values("run_id").values.tolist() == b[cols].sort_values("run_id").values.tolist()
+    assert a[cols].sort_values("run_id").values.tolist() \
+        == b[cols].sort_values("run_id").values.tolist()
 
 
 def test_a_record_without_its_weights_says_why_and_what_to_do(tmp_path):
@@ -200,7 +207,8 @@ def test_a_record_without_its_weights_says_why_and_what_to_do(tmp_path):
     cfg = experiments.plan_teacher("smoke", "resnet8", 0)
     save_record(tmp_path, {"run_id": cfg.run_id(), "config": cfg.to_dict(), "metrics": {},
                            "history": []})
-    with pytest.raises(FileNotFoundError, match="has a record but no weights file .*delete the record"):
+    with pytest.raises(FileNotFoundError,
+                       match="has a record but no weights file .*delete the record"):
         experiments.load_trained_model(tmp_path, cfg.run_id())
     with pytest.raises(FileNotFoundError, match="no finished record"):
         experiments.load_trained_model(tmp_path, "resnet8-teacher-w32a32-s9-0000000000")
@@ -218,7 +226,8 @@ def test_a_new_machine_distils_from_the_committed_packed_teacher(real_data_root,
     from kdlib.results import weights_path
 
     kept, fresh = tmp_path / "kept", tmp_path / "fresh"
-    chain = experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 8], methods=["ta_chain"],
+    chain = experiments.run_ta_chain(preset="smoke", model="resnet8", chain=[32, 8],
+                                     methods=["ta_chain"],
                                      data_dir=real_data_root, results_dir=kept, overrides=TINY,
                                      progress=False)
     teacher_id, link_id = chain[0]["run_id"], chain[1]["run_id"]
@@ -235,5 +244,6 @@ def test_a_new_machine_distils_from_the_committed_packed_teacher(real_data_root,
         records = experiments.run_students(preset="smoke", model="resnet8", methods=["direct_kd"],
                                            bits=[4], data_dir=real_data_root, results_dir=folder,
                                            overrides=TINY, progress=False)
-        students[folder] = [without_timing(r["history"]) for r in records if r["config"]["w_bits"] == 4]
+        students[folder] = [without_timing(r["history"]) for r in records
+                            if r["config"]["w_bits"] == 4]
     assert students[kept] == students[fresh] and students[kept]

@@ -32,12 +32,14 @@ QUANTIZERS = ("dorefa", "pact", "lsq")
 ALL_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 
 
-def trained_like(quantizer: str, bits: int, *, name: str = "resnet8", quantize_first_last: bool = False,
-                 a_bits: int | None = None, seed: int = 0) -> nn.Module:
+def trained_like(quantizer: str, bits: int, *, name: str = "resnet8",
+                 quantize_first_last: bool = False, a_bits: int | None = None,
+                 seed: int = 0) -> nn.Module:
     """A model after one train-mode forward (LSQ initialised, BN statistics set), in eval mode."""
     torch.manual_seed(seed)
-    model = create_model(name, num_classes=10, w_bits=bits, a_bits=bits if a_bits is None else a_bits,
-                         quantizer=quantizer, quantize_first_last=quantize_first_last)
+    model = create_model(name, num_classes=10, w_bits=bits,
+                         a_bits=bits if a_bits is None else a_bits, quantizer=quantizer,
+                         quantize_first_last=quantize_first_last)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = None  # running statistics = this batch's: activations of unit scale
@@ -102,7 +104,8 @@ def test_everything_but_quantized_weights_is_stored_exactly(tmp_path, quantizer)
     original, restored = model.state_dict(), loaded.state_dict()
     assert original.keys() == restored.keys()
     for key in original.keys() - coded:  # BN statistics, fp32 layers, LSQ steps, PACT alpha
-        assert torch.equal(original[key], restored[key]) and original[key].dtype == restored[key].dtype, key
+        assert torch.equal(original[key], restored[key]) \
+            and original[key].dtype == restored[key].dtype, key
     for name, layer in quantized_layers(loaded):  # the coded weights are the quantized ones
         if f"{name}.weight" in coded:
             with torch.no_grad():
@@ -171,9 +174,11 @@ def test_file_size_agrees_with_model_size_report(tmp_path, quantizer, bits):
     file_size = path.stat().st_size
     assert file_size == _PREAMBLE.size + header_bytes + header["payload_length"]
     params = dict(model.named_parameters())
-    buffer_bytes = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in params)
+    buffer_bytes = sum(v.numel() * v.element_size() for k, v in model.state_dict().items()
+                       if k not in params)
     packed_layers = sum(layer.w_bits < 32 for _, layer in quantized_layers(model))
-    excess_bits = 8 * header["payload_length"] - model_size_report(model)["storage_bits"] - 8 * buffer_bytes
+    excess_bits = (8 * header["payload_length"] - model_size_report(model)["storage_bits"]
+                   - 8 * buffer_bytes)
     assert 0 <= excess_bits < 8 * max(packed_layers, 1)
     assert header_bytes < 200 * len(header["tensors"])
 
@@ -268,7 +273,8 @@ def test_no_pickle_involved(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("load_packed must not unpickle")
 
-    for target, attr in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+    for target, attr in ((torch, "load"), (pickle, "load"), (pickle, "loads"),
+                         (pickle, "Unpickler")):
         monkeypatch.setattr(target, attr, refuse)
     x = images()
     with torch.inference_mode():
@@ -288,7 +294,8 @@ def test_save_needs_the_model_registry_name(tmp_path):
 
 def test_save_refuses_uninitialised_lsq(tmp_path):
     model = create_model("resnet8", num_classes=10, w_bits=2, a_bits=2, quantizer="lsq")
-    with pytest.raises(ValueError, match="LSQ quantizer 'layer1.0.conv1.weight_quantizer' is not initialised"):
+    with pytest.raises(ValueError,
+                       match="LSQ quantizer 'layer1.0.conv1.weight_quantizer' is not initialised"):
         saved(model, tmp_path)
     assert not (tmp_path / "model.packed").exists()
 
@@ -392,7 +399,8 @@ def dyadic_resnet8(quantizer: str, w_bits: int, a_bits: int) -> nn.Module:
     with torch.no_grad():
         for _, layer in quantized_layers(model):
             if w_bits == 1 and quantizer != "lsq":  # DoReFa 1 bit: E|w| must be a power of two
-                layer.weight.copy_((torch.randint(0, 2, layer.weight.shape, generator=g) * 2 - 1) / 8)
+                layer.weight.copy_(
+                    (torch.randint(0, 2, layer.weight.shape, generator=g) * 2 - 1) / 8)
             else:
                 layer.weight.copy_(k_over(layer.weight.shape, 8))
             if layer.bias is not None:
@@ -425,7 +433,8 @@ def test_onnx_whole_quantized_model_within_1e4(tmp_path, quantizer, w_bits, a_bi
     assert expected.std(axis=0).min() > 0  # every logit varies across images
 
 
-@pytest.mark.parametrize("bits, dtype", [(1, "INT8"), (4, "INT8"), (8, "INT8"), (16, "INT16"), (32, None)])
+@pytest.mark.parametrize("bits, dtype",
+                         [(1, "INT8"), (4, "INT8"), (8, "INT8"), (16, "INT16"), (32, None)])
 def test_onnx_stores_integer_weights(tmp_path, bits, dtype):
     """<= 8 bits: one byte per weight; 16 bits: two; 32 bits: fp32 as before."""
     onnx = need("onnx")
@@ -438,15 +447,17 @@ def test_onnx_stores_integer_weights(tmp_path, bits, dtype):
     for init in proto.graph.initializer:
         name = onnx.TensorProto.DataType.Name(init.data_type)
         by_type[name] = by_type.get(name, 0) + int(np.prod(init.dims))
-    quantized = sum(layer.weight.numel() for _, layer in quantized_layers(model) if layer.w_bits < 32)
+    quantized = sum(layer.weight.numel() for _, layer in quantized_layers(model)
+                    if layer.w_bits < 32)
     if dtype is None:
         assert set(by_type) == {"FLOAT"}
     else:
         assert by_type[dtype] == quantized
-    assert by_type["FLOAT"] < sum(p.numel() for p in model.parameters()) - (quantized if dtype else 0) + 2000
+    assert by_type["FLOAT"] \
+        < sum(p.numel() for p in model.parameters()) - (quantized if dtype else 0) + 2000
 
 
-# ============================================================================ ONNX: committed models
+# =========================================================================== ONNX: committed models
 # The committed quick-grid models on real CIFAR-100 test images. ONNX Runtime convolves in
 # another summation order than PyTorch (and PyTorch's own order changes with the batch size), so
 # a pre-activation lying within float rounding error of a rounding tie of the next activation
@@ -479,7 +490,8 @@ def real_test_images(real_data_root) -> torch.Tensor:
     return normalize(images_u8[:N_REAL_IMAGES])
 
 
-def kdlib_quantizer_inputs(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
+def kdlib_quantizer_inputs(model: nn.Module,
+                           x: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
     """kdlib's logits and, per active DoReFa input quantizer in call order, ``n * clamp(x, 0, 1)``
     (its input on the level scale: the codes are this value rounded)."""
     scaled, hooks = [], []
@@ -489,7 +501,8 @@ def kdlib_quantizer_inputs(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarra
             assert isinstance(quantizer, DoReFaActivationQuantizer)
             levels = (1 << quantizer.bits) - 1
             hooks.append(quantizer.register_forward_pre_hook(
-                lambda _, inputs, n=levels: scaled.append((torch.clamp(inputs[0], 0, 1) * n).numpy())))
+                lambda _, inputs, n=levels: scaled.append(
+                    (torch.clamp(inputs[0], 0, 1) * n).numpy())))
     try:
         with torch.inference_mode():
             logits = model(x).numpy()
@@ -508,7 +521,8 @@ def onnx_activation_codes(path, x: torch.Tensor) -> tuple[np.ndarray, list[np.nd
     proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in rounds)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(proto.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
     logits, *codes = session.run(None, {"images": x.numpy()})
     return logits, codes
 

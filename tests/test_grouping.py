@@ -1,4 +1,5 @@
-"""Runs pool only when their whole configuration but the seed agrees (issue: trustworthy records)."""
+"""Runs pool only when their whole configuration but the seed agrees (issue: trustworthy
+records)."""
 from __future__ import annotations
 
 import math

@@ -39,7 +39,8 @@ def fast(raw: bytes) -> bytes:
 def comparable(record):
     return {"run_id": record["run_id"], "metrics": record["metrics"],
             "same_run_as": record.get("same_run_as"),
-            "history": [{k: v for k, v in row.items() if k not in TIMING} for row in record["history"]]}
+            "history": [{k: v for k, v in row.items() if k not in TIMING}
+                        for row in record["history"]]}
 
 
 def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path):
@@ -567,9 +568,11 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
     assert "benchmark written" in logs[-1] and load_records(results) == []
     assert "benchmark completed" in logs[-1]  # its later parts: seconds, in the allowance
     bench = json.loads(next((here / "results" / "bench").glob("*.json")).read_text())
-    assert bench["settings"]["model"] == "resnet8" and set(bench["concurrency"]["by_jobs"]) == {"1", "2"}
+    assert bench["settings"]["model"] == "resnet8" \
+        and set(bench["concurrency"]["by_jobs"]) == {"1", "2"}
     assert bench["profile"]["variant"] == "kd_w4" and bench["profile"]["top"]  # came back
-    head = experiments.execute(plan[:2], data_dir=fake_data_root, results_dir=results, progress=False)
+    head = experiments.execute(plan[:2], data_dir=fake_data_root, results_dir=results,
+                               progress=False)
     logs = one_lease(minutes=5, n=2)
     assert "benchmark " not in logs[-1]  # nothing left to measure
     weights = tmp_path / "device2" / ".lease" / "weights"
@@ -577,7 +580,8 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
     # the 4-bit link's, compressed; not the teacher's: its committed packed file holds it
     assert carried == [f"{head[1]['run_id']}.weights.pt.xz"]
     received = {r["run_id"]: r for r in load_records(results)}
-    assert all(received[r["run_id"]]["created_at"] == r["created_at"] for r in head)  # not retrained
+    # not retrained
+    assert all(received[r["run_id"]]["created_at"] == r["created_at"] for r in head)
     from kdlib.results import CODE_COMMIT  # the device's copy has no .git: the call states it
 
     assert CODE_COMMIT and {r["git_commit"] for r in received.values()} == {CODE_COMMIT}

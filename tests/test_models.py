@@ -7,12 +7,14 @@ from torch import nn
 
 from kdlib.bench.measure import same_bits
 from kdlib.models import create_model, list_models, register_model
-from kdlib.quant import QConv2d, QLinear, dorefa_weight, model_size_report, quantized_layers, transfer_weights
+from kdlib.quant import (QConv2d, QLinear, dorefa_weight, model_size_report, quantized_layers,
+                         transfer_weights)
 
 CHAIN_BITS = [32, 16, 8, 4, 2, 1]
 QUANTIZERS = ["dorefa", "pact", "lsq"]
 SMALL_MODELS = ["resnet8", "resnet20", "squeezenet"]  # tested thoroughly; the rest: build + count
-RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
+RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56,
+                 "resnet110": 110}
 NUM_CLASSES = 100
 
 
@@ -48,13 +50,14 @@ def test_registry_lists_the_models():
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"model='resnet21' is unknown; accepted: .*resnet20.*squeezenet"):
+    with pytest.raises(ValueError,
+                       match=r"model='resnet21' is unknown; accepted: .*resnet20.*squeezenet"):
         create_model("resnet21")
 
 
-@pytest.mark.parametrize("kwargs", [{"w_bits": 0}, {"a_bits": 33}, {"w_bits": 2.5}, {"a_bits": "four"},
-                                    {"w_bits": True}, {"quantizer": "xnor"}, {"num_classes": 0},
-                                    {"quantize_first_last": "yes"}])
+@pytest.mark.parametrize("kwargs", [{"w_bits": 0}, {"a_bits": 33}, {"w_bits": 2.5},
+                                    {"a_bits": "four"}, {"w_bits": True}, {"quantizer": "xnor"},
+                                    {"num_classes": 0}, {"quantize_first_last": "yes"}])
 def test_create_model_rejects_bad_arguments(kwargs):
     (key, value), = kwargs.items()
     with pytest.raises(ValueError, match=rf"{key}={value!r}"):
@@ -109,7 +112,8 @@ def squeezenet_param_count(num_classes: int = NUM_CLASSES) -> int:
 def test_squeezenet_parameter_count():
     params = model_size_report(create_model("squeezenet"))["params"]
     assert params == squeezenet_param_count() == 776_740
-    assert model_size_report(create_model("squeezenet", num_classes=10))["params"] == squeezenet_param_count(10)
+    assert model_size_report(create_model("squeezenet", num_classes=10))["params"] \
+        == squeezenet_param_count(10)
 
 
 def test_model_size_report_counts_quantized_conv_weights_at_w_bits():
@@ -121,13 +125,14 @@ def test_model_size_report_counts_quantized_conv_weights_at_w_bits():
     assert 5 < report["compression"] < 8
 
 
-# ============================================================================ forward / backward matrix
+# ======================================================================== forward / backward matrix
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
 @pytest.mark.parametrize("bits", CHAIN_BITS)
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_forward_shape_and_every_parameter_gets_a_gradient(name, bits, quantizer):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=NUM_CLASSES, w_bits=bits, a_bits=bits, quantizer=quantizer)
+    model = create_model(name, num_classes=NUM_CLASSES, w_bits=bits, a_bits=bits,
+                         quantizer=quantizer)
     out = model(images(2))
     assert out.shape == (2, NUM_CLASSES)
     assert torch.isfinite(out).all()
@@ -158,7 +163,8 @@ def test_first_and_last_layer_full_precision_by_default(name):
     (_, first), (_, last) = layers[0], layers[-1]
     assert first.w_bits == 32 and not first.quantize_input
     assert last.w_bits == 32 and not last.quantize_input
-    assert all(layer.w_bits == 2 and layer.a_bits == 2 and layer.quantize_input for _, layer in layers[1:-1])
+    assert all(layer.w_bits == 2 and layer.a_bits == 2 and layer.quantize_input
+               for _, layer in layers[1:-1])
     model = create_model(name, w_bits=2, a_bits=2, quantize_first_last=True)
     layers = quantized_layers(model)
     first, last = layers[0][1], layers[-1][1]
@@ -261,8 +267,10 @@ def test_transfer_between_quantizer_families_copies_the_network():
 @pytest.mark.parametrize("src_kw,dst_kw,pattern", [
     (dict(name="resnet8"), dict(name="resnet20"), r"missing in source: layer1\.1\."),
     (dict(name="resnet20"), dict(name="resnet8"), r"extra in source: layer1\.1\."),
-    (dict(name="resnet8"), dict(name="resnet8", num_classes=10), r"shape mismatch.*fc\.weight \(100, 64\) vs \(10, 64\)"),
-    (dict(name="resnet8"), dict(name="squeezenet"), r"architectures differ; missing in source: classifier\.bias.*extra in source: bn1\.bias"),
+    (dict(name="resnet8"), dict(name="resnet8", num_classes=10),
+     r"shape mismatch.*fc\.weight \(100, 64\) vs \(10, 64\)"),
+    (dict(name="resnet8"), dict(name="squeezenet"),
+     r"architectures differ; missing in source: classifier\.bias.*extra in source: bn1\.bias"),
 ])
 def test_transfer_between_different_architectures_fails_clearly(src_kw, dst_kw, pattern):
     src = create_model(src_kw.pop("name"), **src_kw)
@@ -325,7 +333,8 @@ def test_leaving_out_the_absorbed_relu_changes_no_bit_of_a_resnet(bits, channels
         if keep_relu:
             monkeypatch.setattr(Layer, "input_absorbs_relu", property(lambda self: False))
         torch.manual_seed(0)
-        model = create_model("resnet8", num_classes=10, w_bits=bits, a_bits=bits).to(memory_format=fmt)
+        model = create_model("resnet8", num_classes=10, w_bits=bits, a_bits=bits).to(
+            memory_format=fmt)
         logits = model(x)
         logits.square().sum().backward()
         monkeypatch.undo()

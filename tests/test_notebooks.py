@@ -14,7 +14,8 @@ TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
 
 
 def _execute(name, out_dir, **parameters):
-    return papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out_dir / f"{name}.ipynb"),
+    return papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"),
+                                      str(out_dir / f"{name}.ipynb"),
                                       parameters=parameters, cwd=str(NOTEBOOKS), progress_bar=False,
                                       kernel_name="python3")
 
@@ -56,7 +57,8 @@ def test_notebooks_01_to_04_with_injected_parameters(real_data_root, tmp_path):
     ("01_baseline", {"data_dir": "/nonexistent/cifar"}, "/nonexistent/cifar"),
 ])
 @pytest.mark.slow
-def test_bad_injected_value_fails_with_message_and_writes_nothing(tmp_path, name, parameters, error):
+def test_bad_injected_value_fails_with_message_and_writes_nothing(tmp_path, name,
+                                                                  parameters, error):
     results = tmp_path / "results"
     with pytest.raises(papermill.PapermillExecutionError) as info:
         _execute(name, tmp_path, results_dir=str(results), **parameters)
@@ -67,9 +69,12 @@ def test_bad_injected_value_fails_with_message_and_writes_nothing(tmp_path, name
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_nbval_regression_checks(real_data_root, tmp_path):
-    """The committed notebooks, run as they are (smoke defaults), reproduce their checked outputs."""
-    shutil.copytree(NOTEBOOKS, tmp_path / "notebooks", ignore=shutil.ignore_patterns("*.py", ".ipynb*"))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider",
+    """The committed notebooks, run as they are (smoke defaults), reproduce their checked
+    outputs."""
+    shutil.copytree(NOTEBOOKS, tmp_path / "notebooks",
+                    ignore=shutil.ignore_patterns("*.py", ".ipynb*"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q",
+                           "-p", "no:cacheprovider",
                            "--rootdir", str(tmp_path), str(tmp_path / "notebooks")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -18,7 +18,8 @@ def test_environment_yml_matches_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     listed = {s for s in pip_section if not s.startswith("-e")}
-    assert listed == wanted, f"only in environment.yml: {listed - wanted}; only in pyproject: {wanted - listed}"
+    assert listed == wanted, \
+        f"only in environment.yml: {listed - wanted}; only in pyproject: {wanted - listed}"
     assert "-e .[dev]" in pip_section
 
 
@@ -36,7 +37,8 @@ def test_ci_runs_the_readme_test_command():
 def test_only_ci_mentions_the_shared_folder():
     offenders = []
     for path in ROOT.rglob("*"):
-        if any(part in {".venv", ".git", "results", "data", "__pycache__"} for part in path.relative_to(ROOT).parts):
+        if any(part in {".venv", ".git", "results", "data", "__pycache__"}
+               for part in path.relative_to(ROOT).parts):
             continue
         if path.is_file() and path.suffix in {".py", ".ipynb", ".md", ".toml", ".yml", ""} \
                 and path != ROOT / ".ci" / "run" and path != Path(__file__):
@@ -59,5 +61,6 @@ def test_notebook_pairs_in_sync():
 def test_notebooks_are_thin():
     for py in sorted((ROOT / "notebooks").glob("[0-9]*.py")):
         text = py.read_text()
-        assert not re.search(r"^\s*(def|class) ", text, re.M), f"{py.name} defines logic: move it to kdlib"
+        assert not re.search(r"^\s*(def|class) ", text, re.M), \
+            f"{py.name} defines logic: move it to kdlib"
         assert 'tags=["parameters"]' in text

@@ -43,14 +43,20 @@ def test_accuracy_vs_bits_draws_means_errors_teacher_and_published():
         {"method": "individual", "w_bits": 2, "a_bits": 2, "mean": 50.0, "std": NAN},  # one seed
         {"method": "ta_chain", "w_bits": 2, "a_bits": 2, "mean": 55.0, "std": 2.0},
         {"method": "ta_chain", "w_bits": 8, "a_bits": 8, "mean": 62.0, "std": 0.5},
-        {"method": "teacher", "w_bits": 32, "a_bits": 32, "mean": 70.0, "std": 0.0},  # drawn as a line
+        # drawn as a line
+        {"method": "teacher", "w_bits": 32, "a_bits": 32, "mean": 70.0, "std": 0.0},
     ])
     published = pd.DataFrame([
-        {"source": "liao2020", "method": "individual", "w_bits": 2, "a_bits": 2, "top1": 54.0, "selection": "test"},
-        {"source": "liao2020", "method": "individual", "w_bits": 8, "a_bits": 8, "top1": 61.0, "selection": "test"},
-        {"source": "liao2020", "method": "individual", "w_bits": 4, "a_bits": 4, "top1": 58.0, "selection": "test"},
-        {"source": "liao2020", "method": "kd_no_ta", "w_bits": 8, "a_bits": 8, "top1": 63.0, "selection": "test"},
-        {"source": "shin2019", "method": "kd_ternary", "w_bits": 2, "a_bits": 32, "top1": 67.0, "selection": NAN},
+        {"source": "liao2020", "method": "individual", "w_bits": 2, "a_bits": 2, "top1": 54.0,
+         "selection": "test"},
+        {"source": "liao2020", "method": "individual", "w_bits": 8, "a_bits": 8, "top1": 61.0,
+         "selection": "test"},
+        {"source": "liao2020", "method": "individual", "w_bits": 4, "a_bits": 4, "top1": 58.0,
+         "selection": "test"},
+        {"source": "liao2020", "method": "kd_no_ta", "w_bits": 8, "a_bits": 8, "top1": 63.0,
+         "selection": "test"},
+        {"source": "shin2019", "method": "kd_ternary", "w_bits": 2, "a_bits": 32, "top1": 67.0,
+         "selection": NAN},
         {"source": "repdistiller", "method": "individual", "w_bits": 32, "a_bits": 32, "top1": 69.0,
          "selection": "last_epoch"},
     ])
@@ -65,9 +71,11 @@ def test_accuracy_vs_bits_draws_means_errors_teacher_and_published():
         "liao2020 individual (epoch chosen on test)", "liao2020 kd_no_ta (epoch chosen on test)",
         "repdistiller individual (epoch chosen on last_epoch)"}
     x, y, half = errorbar_data(entries[METHOD_LABELS["individual"]])
-    assert x == pytest.approx([0.88, 1.88]) and y == [60.0, 50.0] and half == pytest.approx([1.5, 0.0])
+    assert x == pytest.approx([0.88, 1.88]) and y == [60.0, 50.0] \
+        and half == pytest.approx([1.5, 0.0])
     x, y, half = errorbar_data(entries[METHOD_LABELS["ta_chain"]])
-    assert x == pytest.approx([1.12, 2.12]) and y == [62.0, 55.0] and half == pytest.approx([0.5, 2.0])
+    assert x == pytest.approx([1.12, 2.12]) and y == [62.0, 55.0] \
+        and half == pytest.approx([0.5, 2.0])
     assert list(entries["32-bit teacher (70.0%)"].get_ydata()) == [70.0, 70.0]
     # published numbers at the bit widths we ran (4 bits is not among them), in our method's colour
     liao = entries["liao2020 individual (epoch chosen on test)"]
@@ -99,12 +107,15 @@ def test_gain_over_individual_bars_and_intervals():
         return centres, heights, error_halfwidths(container.errorbar)
 
     # two methods share each bit width's 0.8-wide slot: centres at -0.2 and +0.2
-    assert bars(METHOD_LABELS["direct_kd"]) == (pytest.approx([-0.2, 0.8]), [2.0, 4.0], pytest.approx([1.0, 0.0]))
-    assert bars(METHOD_LABELS["ta_chain"]) == (pytest.approx([0.2, 1.2]), [3.0, -1.0], pytest.approx([2.0, 1.5]))
+    assert bars(METHOD_LABELS["direct_kd"]) == (pytest.approx([-0.2, 0.8]), [2.0, 4.0],
+                                                pytest.approx([1.0, 0.0]))
+    assert bars(METHOD_LABELS["ta_chain"]) == (pytest.approx([0.2, 1.2]), [3.0, -1.0],
+                                               pytest.approx([2.0, 1.5]))
 
 
 def _record(run_id, method, w_bits, seed, val_top1, init_id=None):
-    return {"run_id": run_id, "config": {"method": method, "w_bits": w_bits, "seed": seed, "init_id": init_id},
+    return {"run_id": run_id,
+            "config": {"method": method, "w_bits": w_bits, "seed": seed, "init_id": init_id},
             "history": [{"epoch": e, "val_top1": v} for e, v in enumerate(val_top1, 1)]}
 
 
@@ -120,10 +131,12 @@ def test_chain_curves_follow_the_init_links_one_after_another():
     ax = fig.axes[0]
     entries = legend_entries(ax)
     assert list(entries) == ["32-bit teacher", "8-bit", "1-bit"]
-    curves = {label: (list(line.get_xdata()), list(line.get_ydata())) for label, line in entries.items()}
-    assert curves == {"32-bit teacher": ([1, 2], [10.0, 20.0]), "8-bit": ([3, 4, 5], [15.0, 25.0, 30.0]),
-                      "1-bit": ([6], [5.0])}
-    separators = [line.get_xdata()[0] for line in ax.get_lines() if line.get_label().startswith("_")]
+    curves = {label: (list(line.get_xdata()), list(line.get_ydata()))
+              for label, line in entries.items()}
+    assert curves == {"32-bit teacher": ([1, 2], [10.0, 20.0]),
+                      "8-bit": ([3, 4, 5], [15.0, 25.0, 30.0]), "1-bit": ([6], [5.0])}
+    separators = [line.get_xdata()[0] for line in ax.get_lines()
+                  if line.get_label().startswith("_")]
     assert separators == [0.5, 2.5, 5.5]
 
 
@@ -148,9 +161,11 @@ def test_accuracy_vs_size_means_over_seeds_at_each_storage():
     assert errorbar_data(entries["teacher"]) == ([100.0], [71.0], pytest.approx([math.sqrt(2)]))
     assert errorbar_data(entries[METHOD_LABELS["individual"]]) == (
         [10.0, 20.0], [40.0, 52.0], pytest.approx([0.0, math.sqrt(8)]))
-    assert errorbar_data(entries[METHOD_LABELS["ta_chain"]]) == ([10.0], [46.0], pytest.approx([math.sqrt(2)]))
+    assert errorbar_data(entries[METHOD_LABELS["ta_chain"]]) == ([10.0], [46.0],
+                                                                 pytest.approx([math.sqrt(2)]))
     teacher_line = entries["teacher"].lines[0]
-    assert teacher_line.get_marker() == "s" and to_rgba(teacher_line.get_color()) == to_rgba("black")
+    assert teacher_line.get_marker() == "s" \
+        and to_rgba(teacher_line.get_color()) == to_rgba("black")
 
 
 def test_accuracy_vs_size_sizes_every_seed_of_a_setting_by_its_packed_files():
@@ -158,11 +173,16 @@ def test_accuracy_vs_size_sizes_every_seed_of_a_setting_by_its_packed_files():
     header bytes: each setting is still one point, at its files' median size."""
     kib = 1024
     frame = pd.DataFrame([
-        {"method": "individual", "storage_bits": 8 * 20 * kib, "packed_bytes": 21 * kib + 10, "test_top1": 50.0},
-        {"method": "individual", "storage_bits": 8 * 20 * kib, "packed_bytes": NAN, "test_top1": 54.0},
-        {"method": "direct_kd", "storage_bits": 8 * 20 * kib, "packed_bytes": 21 * kib + 30, "test_top1": 60.0},
-        {"method": "direct_kd", "storage_bits": 8 * 20 * kib, "packed_bytes": NAN, "test_top1": 62.0},
-        {"method": "individual", "storage_bits": 8 * 10 * kib, "packed_bytes": NAN, "test_top1": 40.0},
+        {"method": "individual", "storage_bits": 8 * 20 * kib, "packed_bytes": 21 * kib + 10,
+         "test_top1": 50.0},
+        {"method": "individual", "storage_bits": 8 * 20 * kib, "packed_bytes": NAN,
+         "test_top1": 54.0},
+        {"method": "direct_kd", "storage_bits": 8 * 20 * kib, "packed_bytes": 21 * kib + 30,
+         "test_top1": 60.0},
+        {"method": "direct_kd", "storage_bits": 8 * 20 * kib, "packed_bytes": NAN,
+         "test_top1": 62.0},
+        {"method": "individual", "storage_bits": 8 * 10 * kib, "packed_bytes": NAN,
+         "test_top1": 40.0},
     ])
     ax = plots.plot_accuracy_vs_size(frame).axes[0]
     entries = legend_entries(ax)
@@ -171,7 +191,8 @@ def test_accuracy_vs_size_sizes_every_seed_of_a_setting_by_its_packed_files():
     assert errorbar_data(entries[METHOD_LABELS["direct_kd"]]) == (
         [21.0 + 20 / kib], [61.0], pytest.approx([math.sqrt(2)]))
     # the 10 KiB setting has no file: the axis says that some sizes are on paper
-    assert ax.get_xlabel().endswith("\non paper (quantized layers at their bit width) where no run kept a file")
+    assert ax.get_xlabel().endswith(
+        "\non paper (quantized layers at their bit width) where no run kept a file")
     filed_only = plots.plot_accuracy_vs_size(frame[frame["storage_bits"] > 8 * 10 * kib]).axes[0]
     assert filed_only.get_xlabel() == "model size (KiB, packed weights file, log scale)"
 
@@ -232,7 +253,8 @@ def test_chain_contrasts_mark_the_calls_that_stand_beyond_their_error_bars():
     loss), none elsewhere, and a note that says what * means."""
     contrasts = pd.DataFrame([
         {"contrast": "ta_chain − progressive_kd32", "w_bits": b, "a_bits": b, "mean": m,
-         "ci95_low": m - 0.5, "ci95_high": m + 0.5, "n": 5} for b, m in ((8, 1.0), (4, -2.0), (1, 0.2))])
+         "ci95_low": m - 0.5, "ci95_high": m + 0.5, "n": 5}
+        for b, m in ((8, 1.0), (4, -2.0), (1, 0.2))])
     fig = plots.plot_chain_contrasts(contrasts, stands={("ta_chain − progressive_kd32", 8, 8),
                                                         ("ta_chain − progressive_kd32", 4, 4)})
     ax = fig.axes[0]
@@ -248,7 +270,8 @@ def test_chain_contrasts_mark_the_calls_that_stand_beyond_their_error_bars():
 def test_chain_contrasts_with_one_seed_say_so_and_draw_no_error_bars():
     contrasts = pd.DataFrame([
         {"contrast": "ta_chain − progressive", "w_bits": b, "a_bits": b, "mean": m,
-         "ci95_low": float("nan"), "ci95_high": float("nan"), "n": 1} for b, m in ((4, 0.5), (1, -1.0))])
+         "ci95_low": float("nan"), "ci95_high": float("nan"), "n": 1}
+        for b, m in ((4, 0.5), (1, -1.0))])
     fig = plots.plot_chain_contrasts(contrasts)
     ax = fig.axes[0]
     assert ax.get_title().endswith("(one seed: no interval yet)")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from kdlib.quant import (QConv2d, QLinear, dorefa_activation, dorefa_weight, freeze_quantized_weights,
-                         lsq_quantize, make_quantizers, model_size_report, pact_activation, quantize_k,
-                         transfer_weights, unfreeze_quantized_weights)
+from kdlib.quant import (QConv2d, QLinear, dorefa_activation, dorefa_weight,
+                         freeze_quantized_weights, lsq_quantize, make_quantizers, model_size_report,
+                         pact_activation, quantize_k, transfer_weights, unfreeze_quantized_weights)
 from kdlib.quant import LSQQuantizer, PACTActivationQuantizer
 
 BITS = range(1, 9)
@@ -36,7 +36,8 @@ def np_dorefa_activation(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def np_dorefa_weight_levels(w: np.ndarray, k: int) -> np.ndarray:
-    """Integer level j in 0..2^k-1 of each DoReFa k-bit weight (value 2 j / (2^k - 1) - 1), float64."""
+    """Integer level j in 0..2^k-1 of each DoReFa k-bit weight (value 2 j / (2^k - 1) - 1),
+    float64."""
     t = np.tanh(w.astype(np.float64))
     u = t / (2 * np.abs(t).max()) + 0.5
     return np.round(u * (2 ** k - 1))
@@ -51,7 +52,8 @@ def np_lsq(x: np.ndarray, s: float, qn: int, qp: int) -> np.ndarray:
     return np.round(np.clip(x / s, -qn, qp)) * s
 
 
-def np_lsq_step_grad(x: np.ndarray, s: float, qn: int, qp: int, upstream: np.ndarray, g: float) -> float:
+def np_lsq_step_grad(x: np.ndarray, s: float, qn: int, qp: int, upstream: np.ndarray,
+                     g: float) -> float:
     """LSQ eq. (3) times the gradient scale g: dL/ds = g * sum(upstream * dq/ds)."""
     v = x.astype(np.float64) / s
     dq_ds = np.where(v <= -qn, -qn, np.where(v >= qp, qp, np.round(v) - v))
@@ -114,7 +116,8 @@ def test_dorefa_weight_levels_and_range(k):
     if k > 1:
         assert levels.min() == -1 and levels.max() == 1
         # the k-bit grid 2j/(2^k-1) - 1, no zero level
-        torch.testing.assert_close(levels, 2 * torch.arange(2 ** k, dtype=torch.float32) / (2 ** k - 1) - 1)
+        torch.testing.assert_close(levels,
+                                   2 * torch.arange(2 ** k, dtype=torch.float32) / (2 ** k - 1) - 1)
 
 
 def test_one_bit_activation_rounds_at_half_not_sign():
@@ -131,13 +134,15 @@ def test_bits_32_is_identity():
     assert lsq_quantize(x, torch.tensor(0.1), 32, True, 1.0) is x
 
 
-# ============================================================================ agreement with formulas
+# ========================================================================== agreement with formulas
 @pytest.mark.parametrize("k", list(BITS) + [12, 16])
 def test_quantize_k_and_activation_match_numpy_exactly(k):
     x = np.random.default_rng(k).uniform(-0.5, 1.5, 5000).astype(np.float32)
     inside = np.clip(x, 0, 1)
-    np.testing.assert_array_equal(quantize_k(torch.from_numpy(inside), k).numpy(), np_quantize_k(inside, k))
-    np.testing.assert_array_equal(dorefa_activation(torch.from_numpy(x), k).numpy(), np_dorefa_activation(x, k))
+    np.testing.assert_array_equal(quantize_k(torch.from_numpy(inside), k).numpy(),
+                                  np_quantize_k(inside, k))
+    np.testing.assert_array_equal(dorefa_activation(torch.from_numpy(x), k).numpy(),
+                                  np_dorefa_activation(x, k))
 
 
 @pytest.mark.parametrize("k", range(2, 9))
@@ -171,7 +176,8 @@ def test_all_zero_weight_tensor_is_finite(k):
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
 def test_pact_matches_formula(k):
     alpha, n = np.float32(5.5), 2 ** k - 1
-    x = tie_free_sample(lambda rng: rng.uniform(-1, 8, 1000), lambda x: np.clip(x, 0, alpha) * n / alpha)
+    x = tie_free_sample(lambda rng: rng.uniform(-1, 8, 1000),
+                        lambda x: np.clip(x, 0, alpha) * n / alpha)
     v = np.clip(x, 0, alpha).astype(np.float64) * n / alpha
     out = pact_activation(torch.from_numpy(x), torch.tensor(alpha), k).numpy()
     np.testing.assert_allclose(out, np.round(v) * alpha / n, rtol=0, atol=1e-5)
@@ -188,8 +194,9 @@ def test_lsq_matches_formula(k, signed):
         expected = np.where(x >= 0, 1.0, -1.0) * s
     else:
         qn, qp = (2 ** (k - 1), 2 ** (k - 1) - 1) if signed else (0, 2 ** k - 1)
-        x = tie_free_sample(lambda rng: rng.normal(0, 1, 1000) if signed else rng.uniform(0, 3, 1000),
-                            lambda x: np.clip(x / s, -qn, qp))
+        x = tie_free_sample(
+            lambda rng: rng.normal(0, 1, 1000) if signed else rng.uniform(0, 3, 1000),
+            lambda x: np.clip(x / s, -qn, qp))
         expected = np_lsq(x.astype(np.float64), s, qn, qp)
     out = lsq_quantize(torch.from_numpy(x), torch.tensor(s), k, signed, 1.0).numpy()
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
@@ -197,7 +204,8 @@ def test_lsq_matches_formula(k, signed):
 
 
 def test_8bit_matches_torch_fake_quantize():
-    """dorefa_activation at 8 bits == torch.fake_quantize_per_tensor_affine(scale 1/255, zp 0, 0..255).
+    """dorefa_activation at 8 bits == torch.fake_quantize_per_tensor_affine(scale 1/255, zp 0,
+    0..255).
 
     Ties: both round half to even, but fake_quantize multiplies by a float32 reciprocal of the
     scale and returns level * scale (not level / 255), so an exact .5 tie can land on either
@@ -269,7 +277,8 @@ def test_pact_gradients(k):
     assert alpha.grad.item() == 5.0 + 6.0 + 7.0  # x >= alpha
 
 
-@pytest.mark.parametrize("k,signed", [(2, True), (4, True), (8, True), (1, True), (2, False), (4, False)])
+@pytest.mark.parametrize("k,signed",
+                         [(2, True), (4, True), (8, True), (1, True), (2, False), (4, False)])
 def test_lsq_gradients_match_formula(k, signed):
     rng = np.random.default_rng(10 + k)
     x_np = rng.normal(0, 1, 2000) if signed else rng.uniform(0, 3, 2000)
@@ -277,7 +286,8 @@ def test_lsq_gradients_match_formula(k, signed):
     s, g = 0.3, 0.05
     x = torch.tensor(x_np, dtype=torch.float32, requires_grad=True)
     step = torch.tensor(s, requires_grad=True)
-    (lsq_quantize(x, step, k, signed, g) * torch.tensor(up_np, dtype=torch.float32)).sum().backward()
+    (lsq_quantize(x, step, k, signed, g)
+     * torch.tensor(up_np, dtype=torch.float32)).sum().backward()
     if signed and k == 1:
         qn = qp = 1
         v = x_np / s
@@ -294,8 +304,9 @@ def test_lsq_gradients_match_formula(k, signed):
 # ============================================================================ precision
 def _all_quantizer_outputs(x: torch.Tensor) -> list[torch.Tensor]:
     xs = x.abs()
-    return [quantize_k(xs.clamp(0, 1), 4), dorefa_activation(x, 2), dorefa_weight(x, 4), dorefa_weight(x, 1),
-            pact_activation(xs, torch.tensor(1.5), 3), lsq_quantize(x, torch.tensor(0.2), 4, True, 1.0)]
+    return [quantize_k(xs.clamp(0, 1), 4), dorefa_activation(x, 2), dorefa_weight(x, 4),
+            dorefa_weight(x, 1), pact_activation(xs, torch.tensor(1.5), 3),
+            lsq_quantize(x, torch.tensor(0.2), 4, True, 1.0)]
 
 
 def test_quantizer_math_is_fp32_under_bf16_autocast():
@@ -338,11 +349,13 @@ def test_qconv_equals_conv_on_quantized_tensors():
     torch.manual_seed(0)
     layer = QConv2d(4, 6, 3, padding=1, w_bits=3, a_bits=2)
     x = torch.rand(2, 4, 8, 8) * 1.4
-    expected = nn.functional.conv2d(dorefa_activation(x, 2), dorefa_weight(layer.weight, 3), layer.bias, padding=1)
+    expected = nn.functional.conv2d(dorefa_activation(x, 2), dorefa_weight(layer.weight, 3),
+                                    layer.bias, padding=1)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
     lin = QLinear(5, 3, w_bits=2, a_bits=4)
     h = torch.rand(2, 5)
-    torch.testing.assert_close(lin(h), nn.functional.linear(dorefa_activation(h, 4), dorefa_weight(lin.weight, 2),
+    torch.testing.assert_close(lin(h), nn.functional.linear(dorefa_activation(h, 4),
+                                                            dorefa_weight(lin.weight, 2),
                                                             lin.bias), rtol=0, atol=0)
 
 
@@ -350,7 +363,8 @@ def test_quantize_input_false_keeps_input_full_precision():
     torch.manual_seed(0)
     layer = QConv2d(3, 4, 3, w_bits=2, a_bits=2, quantize_input=False)
     x = torch.randn(1, 3, 6, 6)  # signed, like a normalised image
-    torch.testing.assert_close(layer(x), nn.functional.conv2d(x, dorefa_weight(layer.weight, 2), layer.bias))
+    torch.testing.assert_close(layer(x),
+                               nn.functional.conv2d(x, dorefa_weight(layer.weight, 2), layer.bias))
 
 
 @pytest.mark.parametrize("quantizer", ["pact", "lsq"])
@@ -368,7 +382,8 @@ def test_lsq_step_initialised_from_first_batch_and_kept_in_state_dict():
     layer(x)
     aq, wq = layer.input_quantizer, layer.weight_quantizer
     torch.testing.assert_close(aq.step.detach(), 2 * x.abs().mean() / np.sqrt(7))
-    torch.testing.assert_close(wq.step.detach(), 2 * layer.weight.detach().abs().mean() / np.sqrt(7))
+    torch.testing.assert_close(wq.step.detach(),
+                               2 * layer.weight.detach().abs().mean() / np.sqrt(7))
     assert bool(aq.initialized)
     layer(x * 5)  # only the first batch initialises
     torch.testing.assert_close(aq.step.detach(), 2 * x.abs().mean() / np.sqrt(7))
@@ -409,7 +424,8 @@ def _small_net(quantizer: str = "dorefa") -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(QConv2d(3, 8, 3, padding=1, w_bits=4, a_bits=4, quantizer=quantizer,
                                  quantize_input=False),
-                         nn.ReLU(), QConv2d(8, 8, 3, padding=1, w_bits=2, a_bits=2, quantizer=quantizer),
+                         nn.ReLU(),
+                         QConv2d(8, 8, 3, padding=1, w_bits=2, a_bits=2, quantizer=quantizer),
                          nn.ReLU(), nn.Flatten(), QLinear(8 * 6 * 6, 5, w_bits=1, a_bits=2,
                                                           quantizer=quantizer))
 
@@ -463,15 +479,20 @@ def test_frozen_weights_move_with_the_model():
 def test_transfer_copies_parameters_and_buffers_and_resets_quantizers():
     torch.manual_seed(0)
     src = nn.Sequential(QConv2d(3, 4, 3, w_bits=8, a_bits=8, quantizer="lsq", quantize_input=False),
-                        nn.BatchNorm2d(4), nn.ReLU(), QConv2d(4, 4, 3, w_bits=8, a_bits=8, quantizer="lsq"))
+                        nn.BatchNorm2d(4), nn.ReLU(),
+                        QConv2d(4, 4, 3, w_bits=8, a_bits=8, quantizer="lsq"))
     src(torch.randn(4, 3, 8, 8))  # moves BN running stats, initialises LSQ steps
-    same = nn.Sequential(QConv2d(3, 4, 3, w_bits=8, a_bits=8, quantizer="lsq", quantize_input=False),
-                         nn.BatchNorm2d(4), nn.ReLU(), QConv2d(4, 4, 3, w_bits=8, a_bits=8, quantizer="lsq"))
+    same = nn.Sequential(QConv2d(3, 4, 3, w_bits=8, a_bits=8, quantizer="lsq",
+                                 quantize_input=False),
+                         nn.BatchNorm2d(4), nn.ReLU(),
+                         QConv2d(4, 4, 3, w_bits=8, a_bits=8, quantizer="lsq"))
     transfer_weights(src, same)
     for (k, a), b in zip(src.state_dict().items(), same.state_dict().values()):
         assert torch.equal(a, b), k
-    lower = nn.Sequential(QConv2d(3, 4, 3, w_bits=2, a_bits=2, quantizer="lsq", quantize_input=False),
-                          nn.BatchNorm2d(4), nn.ReLU(), QConv2d(4, 4, 3, w_bits=2, a_bits=2, quantizer="lsq"))
+    lower = nn.Sequential(QConv2d(3, 4, 3, w_bits=2, a_bits=2, quantizer="lsq",
+                                  quantize_input=False),
+                          nn.BatchNorm2d(4), nn.ReLU(),
+                          QConv2d(4, 4, 3, w_bits=2, a_bits=2, quantizer="lsq"))
     transfer_weights(src, lower)
     for k, v in src.state_dict().items():
         if not k.endswith(("step", "initialized")):
@@ -488,7 +509,8 @@ def test_transfer_rejects_different_architectures():
 
 
 def test_model_size_report():
-    net = nn.Sequential(QConv2d(3, 4, 3, w_bits=4, bias=True), nn.BatchNorm2d(4), QLinear(4, 2, w_bits=32))
+    net = nn.Sequential(QConv2d(3, 4, 3, w_bits=4, bias=True), nn.BatchNorm2d(4),
+                        QLinear(4, 2, w_bits=32))
     report = model_size_report(net)
     params = 108 + 4 + 8 + 8 + 2
     assert report["params"] == params
@@ -500,9 +522,10 @@ def test_model_size_report():
 # ============================================================================ bad input
 @pytest.mark.parametrize("bits", BAD_BITS)
 def test_bad_bits_are_rejected_with_the_value_named(bits):
-    for call in (lambda: quantize_k(torch.rand(3), bits), lambda: dorefa_weight(torch.rand(3), bits),
-                 lambda: dorefa_activation(torch.rand(3), bits), lambda: QConv2d(3, 4, 3, w_bits=bits),
-                 lambda: QLinear(3, 4, a_bits=bits)):
+    for call in (lambda: quantize_k(torch.rand(3), bits),
+                 lambda: dorefa_weight(torch.rand(3), bits),
+                 lambda: dorefa_activation(torch.rand(3), bits),
+                 lambda: QConv2d(3, 4, 3, w_bits=bits), lambda: QLinear(3, 4, a_bits=bits)):
         with pytest.raises(ValueError, match=r"accepted: an integer in 1\.\.16 or 32") as info:
             call()
         assert repr(bits) in str(info.value)
@@ -522,15 +545,18 @@ def test_unknown_quantizer_is_rejected_listing_the_known_ones():
 def test_compiled_quantized_layers_match_eager():
     """One small graph with all three quantizer families; fullgraph: no graph breaks, no .item()."""
     torch.manual_seed(0)
-    net = nn.Sequential(QConv2d(3, 4, 3, padding=1, w_bits=4, a_bits=4, quantizer="dorefa"), nn.ReLU(),
-                        QConv2d(4, 4, 3, padding=1, w_bits=2, a_bits=2, quantizer="pact"), nn.ReLU(),
+    net = nn.Sequential(QConv2d(3, 4, 3, padding=1, w_bits=4, a_bits=4, quantizer="dorefa"),
+                        nn.ReLU(),
+                        QConv2d(4, 4, 3, padding=1, w_bits=2, a_bits=2, quantizer="pact"),
+                        nn.ReLU(),
                         QConv2d(4, 4, 3, padding=1, w_bits=1, a_bits=3, quantizer="lsq"))
     x = torch.rand(2, 3, 8, 8)
     net(x)  # eager first call initialises the LSQ steps
     y = torch.compile(net, fullgraph=True)(x)
     torch.testing.assert_close(y, net(x), rtol=1e-4, atol=1e-4)
     y.sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in net.parameters() if p.requires_grad)
 
 
 def test_level_summary_counts_the_grid():
@@ -538,13 +564,14 @@ def test_level_summary_counts_the_grid():
 
     assert level_summary(1)["weights_seen"] == 2 and level_summary(1)["activations_seen"] == 2
     assert level_summary(2)["weights_seen"] == 4 and level_summary(4)["activations_seen"] == 16
-    assert level_summary(8)["weights_seen"] == 256 and level_summary(8)["activation_range"] == "[0, 1]"
+    assert level_summary(8)["weights_seen"] == 256 \
+        and level_summary(8)["activation_range"] == "[0, 1]"
     assert level_summary(16)["grid"] == "2^16 = 65536" and level_summary(32)["grid"] == "fp32"
     assert level_summary(2)["lowest_weights"] == "-1.000, -0.333, +0.333, +1.000"
     assert level_summary(1)["lowest_weights"] == "-1.500, +1.500"  # sign(w)·E|w| of the sweep
 
 
-# ============================================================================ learned scales stay positive
+# ==================================================================== learned scales stay positive
 @pytest.mark.parametrize("make", [lambda: PACTActivationQuantizer(4),
                                   lambda: LSQQuantizer(4, signed=False),
                                   lambda: LSQQuantizer(4, signed=True)])
@@ -560,6 +587,7 @@ def test_learned_scale_at_or_below_zero_is_clamped(make, bad):
     out = q(x)
     assert torch.isfinite(out).all()
     assert float(out.detach().abs().max()) <= 1e-8 * 2 ** 4  # a grid of step <= MIN_SCALE
-    assert float(out.detach().abs().max()) > 0  # and not collapsed to zero (x has values > MIN_SCALE)
+    # and not collapsed to zero (x has values > MIN_SCALE)
+    assert float(out.detach().abs().max()) > 0
     out.sum().backward()
     assert param.grad is not None and torch.isfinite(param.grad).all()

@@ -44,7 +44,8 @@ def ref_activation(x: torch.Tensor, k: int) -> torch.Tensor:
     return straight_through(c, torch.round(c.detach() * n) / n)
 
 
-def ref_conv(layer: QConv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def ref_conv(layer: QConv2d, x: torch.Tensor, w: torch.Tensor,
+             b: torch.Tensor | None) -> torch.Tensor:
     return F.conv2d(ref_activation(x, layer.a_bits), ref_weight(w, layer.w_bits), b, layer.stride,
                     layer.padding)
 
@@ -118,11 +119,13 @@ def test_qconv_output_and_gradients_equal_the_reference_bit_for_bit(bits, fmt, n
     w0 = layer.weight.detach().clone()
     x = x0.clone().requires_grad_(needs != "weight only")
     layer.weight.requires_grad_(needs != "input only")
-    xr, wr = x0.clone().requires_grad_(x.requires_grad), w0.clone().requires_grad_(layer.weight.requires_grad)
+    xr, wr = (x0.clone().requires_grad_(x.requires_grad),
+              w0.clone().requires_grad_(layer.weight.requires_grad))
 
     out = layer(x)
     ref = ref_conv(layer, xr, wr, None)
-    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(bits)).to(memory_format=FORMATS[fmt])
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(bits)).to(
+        memory_format=FORMATS[fmt])
     (out * up).sum().backward()
     (ref * up).sum().backward()
     assert same_bits(out.detach(), ref.detach())
@@ -141,7 +144,8 @@ def test_qconv_with_bias_and_stride_equals_the_reference_bit_for_bit(fmt):
     out, ref = layer(x), ref_conv(layer, xr, wr, br)
     out.square().sum().backward()
     ref.square().sum().backward()
-    for a, b in ((out, ref), (x.grad, xr.grad), (layer.weight.grad, wr.grad), (layer.bias.grad, br.grad)):
+    for a, b in ((out, ref), (x.grad, xr.grad), (layer.weight.grad, wr.grad),
+                 (layer.bias.grad, br.grad)):
         assert same_bits(a.detach(), b.detach())
 
 

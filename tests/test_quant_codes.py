@@ -25,7 +25,8 @@ def post_relu(n: int, bits: int, device: str) -> torch.Tensor:
     """Every level, the midpoints between levels, values above the clip, and exact 0s and 1s."""
     levels = (1 << bits) - 1
     k = torch.arange(levels + 1, dtype=torch.float64)
-    special = torch.cat([k / levels, (k + 0.5) / levels, torch.tensor([0.0, 1.0, 1.5, 3.0])]).float()
+    special = torch.cat([k / levels, (k + 0.5) / levels,
+                         torch.tensor([0.0, 1.0, 1.5, 3.0])]).float()
     gen = torch.Generator().manual_seed(bits)
     return torch.cat([special, torch.rand(n, generator=gen) * 1.3]).to(device)
 

@@ -43,7 +43,8 @@ def comparable(record: dict) -> dict:
     """A record without what differs between any two trainings: times, host, dates."""
     return {"run_id": record["run_id"], "config": record["config"], "metrics": record["metrics"],
             "same_run_as": record.get("same_run_as"), "training_key": record.get("training_key"),
-            "history": [{k: v for k, v in row.items() if k not in TIMING} for row in record["history"]]}
+            "history": [{k: v for k, v in row.items() if k not in TIMING}
+                        for row in record["history"]]}
 
 
 def test_schedule_waits_for_teacher_init_and_the_run_that_trains_an_alias(tmp_path):
@@ -107,7 +108,8 @@ def test_cli_grid_on_ray_equals_the_serial_grid(ray_cluster, real_data_root, tmp
                      "--results-dir", str(tmp_path / "ray")])
     assert code == 0
     on_ray = sorted(load_records(tmp_path / "ray"), key=lambda r: r["run_id"])
-    assert [comparable(r) for r in on_ray] == sorted(map(comparable, serial), key=lambda r: r["run_id"])
+    assert [comparable(r) for r in on_ray] == \
+        sorted(map(comparable, serial), key=lambda r: r["run_id"])
     aliases = {r["config"]["method"]: r["same_run_as"] for r in on_ray if r.get("same_run_as")}
     assert set(aliases) == {"finetune", "direct_kd"} and len(on_ray) == 9
     # each trained run wrote its TensorBoard scalars; an alias trained nothing
@@ -129,8 +131,8 @@ def _worker_pid(run_id: str) -> int | None:
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_killed_worker_is_retried_and_resumes_to_the_uninterrupted_record(ray_cluster, real_data_root,
-                                                                          tmp_path):
+def test_killed_worker_is_retried_and_resumes_to_the_uninterrupted_record(ray_cluster,
+                                                                          real_data_root, tmp_path):
     plan = [experiments.plan_teacher("smoke", "resnet8", 0, {**TINY, "epochs": 4})]
     run_id = plan[0].run_id()
     folder, ckpt = tmp_path / "killed", checkpoint_path(tmp_path / "killed", run_id)

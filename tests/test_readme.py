@@ -13,7 +13,8 @@ import torch
 
 from kdlib import report
 from kdlib.presets import build_config
-from kdlib.report import newest_bench_file, published_table, render_bench, render_results, replace_block
+from kdlib.report import (newest_bench_file, published_table, render_bench, render_results,
+                          replace_block)
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_BENCH = ROOT / "results" / "bench" / "vm-AMD_EPYC_family_26_model_2.json"  # a committed one
@@ -28,7 +29,8 @@ def test_readme_blocks_match_result_files():
 
 def test_replace_block_rewrites_only_between_markers():
     text = "a\n<!-- results:start -->\nold\n<!-- results:end -->\nz\n"
-    assert replace_block(text, "results", "new") == "a\n<!-- results:start -->\nnew\n<!-- results:end -->\nz\n"
+    assert replace_block(text, "results", "new") \
+        == "a\n<!-- results:start -->\nnew\n<!-- results:end -->\nz\n"
     with pytest.raises(ValueError, match="no <!-- bench:start -->"):
         replace_block(text, "bench", "x")
 
@@ -38,15 +40,16 @@ def test_render_results_without_records(tmp_path):
 
 
 def write_record(results_dir, run_id, method, bits, seed, top1, *, created_at, call_seconds=300.0,
-                 wall_time_s=300.0, host="alpha", cpu_count=2, device="cpu", epochs=1, cpu_model=None,
-                 gpu=None):
+                 wall_time_s=300.0, host="alpha", cpu_count=2, device="cpu", epochs=1,
+                 cpu_model=None, gpu=None):
     """A run record as experiments.train_run writes it (a full smoke config), hand-set numbers."""
     w, a = bits if isinstance(bits, tuple) else (bits, bits)
     config = build_config("smoke", "resnet8", teacher=method == "teacher", overrides={
         "method": method, "w_bits": w, "a_bits": a, "seed": seed, "epochs": epochs,
         "train_size": 200, "val_size": 100, "test_size": 200}).to_dict()
-    metrics = {"best_epoch": epochs, "best_val_top1": top1, "best_val_top5": top1, "test_top1": top1,
-               "test_top5": top1, "final_test_top1": top1, "final_test_top5": top1}
+    metrics = {"best_epoch": epochs, "best_val_top1": top1, "best_val_top5": top1,
+               "test_top1": top1, "test_top5": top1, "final_test_top1": top1,
+               "final_test_top5": top1}
     record = {"run_id": run_id, "config": config, "metrics": metrics, "history": [{"epoch": 1}],
               "wall_time_s": wall_time_s, "images_per_s": 100.0, "device": device,
               "model_size": {"params": 10, "storage_bits": 320}, "created_at": created_at,
@@ -58,46 +61,66 @@ def write_record(results_dir, run_id, method, bits, seed, top1, *, created_at, c
 
 
 PUBLISHED = pd.DataFrame([
-    {"source": "liao2020", "model": "resnet8", "method": "individual", "w_bits": 32, "a_bits": 32, "top1": 63.81},
-    {"source": "liao2020", "model": "resnet8", "method": "individual", "w_bits": 4, "a_bits": 4, "top1": 60.8},
-    {"source": "liao2020", "model": "resnet8", "method": "individual", "w_bits": 2, "a_bits": 2, "top1": 53.69},
-    {"source": "liao2020", "model": "resnet8", "method": "kd_no_ta", "w_bits": 4, "a_bits": 4, "top1": 62.24},
-    {"source": "shin2019", "model": "resnet8", "method": "kd_ternary", "w_bits": 2, "a_bits": 32, "top1": 67.0},
-    {"source": "repdistiller", "model": "resnet8", "method": "individual", "w_bits": 32, "a_bits": 32,
-     "top1": 69.06},
+    {"source": "liao2020", "model": "resnet8", "method": "individual", "w_bits": 32, "a_bits": 32,
+     "top1": 63.81},
+    {"source": "liao2020", "model": "resnet8", "method": "individual", "w_bits": 4, "a_bits": 4,
+     "top1": 60.8},
+    {"source": "liao2020", "model": "resnet8", "method": "individual", "w_bits": 2, "a_bits": 2,
+     "top1": 53.69},
+    {"source": "liao2020", "model": "resnet8", "method": "kd_no_ta", "w_bits": 4, "a_bits": 4,
+     "top1": 62.24},
+    {"source": "shin2019", "model": "resnet8", "method": "kd_ternary", "w_bits": 2, "a_bits": 32,
+     "top1": 67.0},
+    {"source": "repdistiller", "model": "resnet8", "method": "individual", "w_bits": 32,
+     "a_bits": 32, "top1": 69.06},
 ])
 
 # Hand-written: teacher 40/42, individual 4-bit 10/12.5, 2/8-bit 5 (one seed), chain 4-bit 20/21.
 # Wall times 600 + 600 + 5 x 300 s = 0.75 h; seed 0: 600 + 3 x 300 s = 0.42 h on alpha, whose
 # records predate cpu_model; seed 1: 600 + 2 x 300 s = 0.33 h, of which 300 s on beta's GPU.
 # The 2/32 published row has w != a: left out.
-EXPECTED_RESULTS = r"""| method \ bits   | 32           | 4            | 2/8   |
+EXPECTED_RESULTS = (r"""| method \ bits   | 32           | 4            | 2/8   |
 |:----------------|:-------------|:-------------|:------|
 | teacher         | 41.00 ± 1.41 |              |       |
 | individual      |              | 11.25 ± 1.77 | 5.00  |
 | ta_chain        |              | 20.50 ± 0.71 |       |
 
-Test top-1 (%) at the epoch of best validation accuracy; resnet8, preset `smoke`, seed(s) 0, 1 (mean ± std over seeds). Teacher: 41.00% after 2 epochs; `individual`: 1 epochs; every other student: 1 epoch(s) per chain link. 200 training images (class-balanced subset), 100 validation images, 200 test images. 7 records of 7 trained runs, 0.75 h of training summed over runs (seed 0: 0.42 h on an unrecorded CPU; seed 1: 0.33 h (0.25 h on an unrecorded CPU; 0.08 h on an NVIDIA H200)), on cpu, cuda (host alpha, 2 CPUs, torch 2.5.0; beta, 8 CPUs, torch 2.5.0).
-
-Published numbers for the same network (`kdlib/reference/published.csv`, full training sets and schedules; liao2020 chose its epoch on the **test** set, which flatters it, RepDistiller reports the last epoch):
-
+"""
+                    "Test top-1 (%) at the epoch of best validation accuracy; resnet8, preset "
+                    "`smoke`, seed(s) 0, 1 (mean ± std over seeds). Teacher: 41.00% after 2 "
+                    "epochs; `individual`: 1 epochs; every other student: 1 epoch(s) per chain "
+                    "link. 200 training images (class-balanced subset), 100 validation images, "
+                    "200 test images. 7 records of 7 trained runs, 0.75 h of training summed "
+                    "over runs (seed 0: 0.42 h on an unrecorded CPU; seed 1: 0.33 h (0.25 h on "
+                    "an unrecorded CPU; 0.08 h on an NVIDIA H200)), on cpu, cuda (host alpha, 2 "
+                    "CPUs, torch 2.5.0; beta, 8 CPUs, torch 2.5.0).\n"
+                    "\n"
+                    "Published numbers for the same network (`kdlib/reference/published.csv`, "
+                    "full training sets and schedules; liao2020 chose its epoch on the **test** "
+                    "set, which flatters it, RepDistiller reports the last epoch):\n"
+                    r"""
 | source method \ bits    | 32    | 4     | 2     |
 |:------------------------|:------|:------|:------|
 | liao2020 individual     | 63.81 | 60.80 | 53.69 |
 | liao2020 kd_no_ta       |       | 62.24 |       |
-| repdistiller individual | 69.06 |       |       |"""
+| repdistiller individual | 69.06 |       |       |""")
 
 
 def write_hand_made_results(results_dir):
-    write_record(results_dir, "t0", "teacher", 32, 0, 40.0, epochs=2, wall_time_s=600.0, call_seconds=600.0,
-                 created_at="2026-01-01T10:00:00+00:00")
-    write_record(results_dir, "t1", "teacher", 32, 1, 42.0, epochs=2, wall_time_s=600.0, call_seconds=600.0,
-                 created_at="2026-01-01T10:30:00+00:00")
-    write_record(results_dir, "i4-0", "individual", 4, 0, 10.0, created_at="2026-01-01T10:40:00+00:00")
-    write_record(results_dir, "i4-1", "individual", 4, 1, 12.5, created_at="2026-01-01T10:45:00+00:00")
-    write_record(results_dir, "i28-0", "individual", (2, 8), 0, 5.0, created_at="2026-01-01T10:50:00+00:00")
-    write_record(results_dir, "c4-0", "ta_chain", 4, 0, 20.0, created_at="2026-01-01T11:00:00+00:00")
-    write_record(results_dir, "c4-1", "ta_chain", 4, 1, 21.0, created_at="2026-01-01T12:20:00+01:00",
+    write_record(results_dir, "t0", "teacher", 32, 0, 40.0, epochs=2, wall_time_s=600.0,
+                 call_seconds=600.0, created_at="2026-01-01T10:00:00+00:00")
+    write_record(results_dir, "t1", "teacher", 32, 1, 42.0, epochs=2, wall_time_s=600.0,
+                 call_seconds=600.0, created_at="2026-01-01T10:30:00+00:00")
+    write_record(results_dir, "i4-0", "individual", 4, 0, 10.0,
+                 created_at="2026-01-01T10:40:00+00:00")
+    write_record(results_dir, "i4-1", "individual", 4, 1, 12.5,
+                 created_at="2026-01-01T10:45:00+00:00")
+    write_record(results_dir, "i28-0", "individual", (2, 8), 0, 5.0,
+                 created_at="2026-01-01T10:50:00+00:00")
+    write_record(results_dir, "c4-0", "ta_chain", 4, 0, 20.0,
+                 created_at="2026-01-01T11:00:00+00:00")
+    write_record(results_dir, "c4-1", "ta_chain", 4, 1, 21.0,
+                 created_at="2026-01-01T12:20:00+01:00",
                  host="beta", cpu_count=8, device="cuda", cpu_model="Big CPU", gpu="NVIDIA H200")
 
 
@@ -115,7 +138,8 @@ def test_a_method_missing_a_seed_is_named_under_the_table(tmp_path, monkeypatch)
     monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
     write_hand_made_results(tmp_path)
     assert "Not every method has every seed" not in render_results(tmp_path)
-    write_record(tmp_path, "t2", "teacher", 32, 2, 41.0, epochs=2, created_at="2026-01-02T10:00:00+00:00")
+    write_record(tmp_path, "t2", "teacher", 32, 2, 41.0, epochs=2,
+                 created_at="2026-01-02T10:00:00+00:00")
     write_record(tmp_path, "c4-2", "ta_chain", 4, 2, 22.0, created_at="2026-01-02T11:00:00+00:00")
     text = render_results(tmp_path)
     assert ("seed(s) 0, 1, 2 for `teacher`, `ta_chain`; seed(s) 0, 1 for `individual`." in text)
@@ -133,7 +157,8 @@ def test_a_full_split_says_how_many_images_trained(tmp_path, monkeypatch):
 
 
 def test_a_model_without_published_numbers_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED[PUBLISHED["model"] == model])
+    monkeypatch.setattr(report, "load_published",
+                        lambda model: PUBLISHED[PUBLISHED["model"] == model])
     write_hand_made_results(tmp_path)
     assert "Published numbers for the same network" in render_results(tmp_path)
     for path in (tmp_path / "runs").glob("*.json"):
@@ -147,8 +172,10 @@ def test_a_model_without_published_numbers_says_so(tmp_path, monkeypatch):
 def test_published_table_from_the_shipped_csv():
     table = published_table("resnet20")
     assert list(table.columns) == ["32", "16", "8", "4", "2", "1"]
-    assert table.loc["liao2020 ta_chain", "2"] == "57.84" and table.loc["liao2020 individual", "1"] == "37.00"
-    assert table.loc["lqnet_repro lqnet", "2"] == "63.10" and table.loc["lqnet_repro lqnet", "32"] == ""
+    assert table.loc["liao2020 ta_chain", "2"] == "57.84" \
+        and table.loc["liao2020 individual", "1"] == "37.00"
+    assert table.loc["lqnet_repro lqnet", "2"] == "63.10" \
+        and table.loc["lqnet_repro lqnet", "32"] == ""
     assert "shin2019 kd_ternary" not in table.index  # 2-bit weights, 32-bit activations
     assert not any(name.startswith("takd2020") for name in table.index)  # a resnet8 source
 
@@ -163,7 +190,8 @@ def _bench_file(folder, name, date, mtime):
 def test_newest_bench_file_goes_by_the_date_inside(tmp_path):
     assert newest_bench_file(tmp_path) is None
     _bench_file(tmp_path, "a.json", "2026-03-01T12:00:00+00:00", mtime=3_000_000)
-    newest = _bench_file(tmp_path, "b.json", "2026-03-01T10:00:00-03:00", mtime=1_000_000)  # 13:00 UTC
+    newest = _bench_file(tmp_path, "b.json", "2026-03-01T10:00:00-03:00",  # 13:00 UTC
+                         mtime=1_000_000)
     _bench_file(tmp_path, "c.json", "2026-02-01T12:00:00+00:00", mtime=9_000_000)  # touched last
     assert newest_bench_file(tmp_path) == newest
     tie = _bench_file(tmp_path, "d.json", "2026-03-01T13:00:00+00:00", mtime=2_000_000)
@@ -205,7 +233,8 @@ def stale_readme(tmp_path, monkeypatch):
     return tmp_path / "README.md"
 
 
-def test_cli_readme_rewrites_the_blocks_then_check_agrees(stale_readme, tmp_path, monkeypatch, capsys):
+def test_cli_readme_rewrites_the_blocks_then_check_agrees(stale_readme, tmp_path,
+                                                          monkeypatch, capsys):
     from kdlib import cli
 
     monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
@@ -272,7 +301,8 @@ def test_cpu_and_gpu_benchmarks_render_in_their_own_blocks(tmp_path):
            "machine": {**measured["machine"], "gpu": "NVIDIA H200", "device": "cuda:0"}}
     (tmp_path / "vm.json").write_text(json.dumps(measured))
     (tmp_path / "NVIDIA_H200.json").write_text(json.dumps(gpu))
-    assert newest_bench_file(tmp_path) == tmp_path / "vm.json"  # the newer GPU file is not the CPU's
+    # the newer GPU file is not the CPU's
+    assert newest_bench_file(tmp_path) == tmp_path / "vm.json"
     assert newest_bench_file(tmp_path, gpu=True) == tmp_path / "NVIDIA_H200.json"
     assert "2099-01-01" in render_bench(tmp_path, gpu=True)
     assert "No GPU benchmark yet" in render_bench(tmp_path / "none", gpu=True)
@@ -286,7 +316,8 @@ def test_gpu_block_lists_the_runs_still_missing(tmp_path, monkeypatch):
     plan = plan_grid(preset="gpu", seeds=list(seeds))
     a_seed = len(plan) // len(seeds)
     empty = report.render_gpu(tmp_path / "gpu", tmp_path / "bench")
-    assert "No `gpu` run yet" in empty and f"Still missing, {len(plan)} of {len(plan)} runs" in empty
+    assert "No `gpu` run yet" in empty \
+        and f"Still missing, {len(plan)} of {len(plan)} runs" in empty
     assert f"seed 0: all {a_seed}. seed 1: all {a_seed}" in empty
     teacher = plan[0]
     write_record(tmp_path / "gpu", teacher.run_id(), "teacher", 32, 0, 61.5,
@@ -335,8 +366,9 @@ def test_a_lease_filled_grid_states_its_answer_as_it_fills(tmp_path, monkeypatch
     assert rendered.index("The answer so far") < rendered.index("Still missing")
 
 
-@pytest.mark.parametrize("block, preset, folder", [("paper", "paper", "paper_dir"),
-                                                   ("squeezenet", "quick_squeezenet", "squeezenet_dir")])
+@pytest.mark.parametrize("block, preset, folder", [
+    ("paper", "paper", "paper_dir"),
+    ("squeezenet", "quick_squeezenet", "squeezenet_dir")])
 def test_a_grid_block_shows_its_runs_as_they_come_in(tmp_path, monkeypatch, block, preset, folder):
     """The paper grid (lease after lease) and SqueezeNet's (session after session): the table,
     the answer once there is one (`render_progress`, tested with the gpu block), the runs
@@ -408,13 +440,16 @@ def test_every_link_between_the_documents_lands(document):
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_use_a_trained_model_lines_give_back_the_records_accuracy(real_data_root, monkeypatch, capsys):
+def test_use_a_trained_model_lines_give_back_the_records_accuracy(real_data_root,
+                                                                  monkeypatch, capsys):
     """The README's three lines, run on a committed 1-bit model, print its record's test top-1.
     (This model scores 42.31 in NCHW against its record's 42.30: the layout matters.)"""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Use a trained model"):]
-    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
-    packed = sorted((ROOT / "results" / "quick" / "models").glob("*direct_kd_matched-w1a1-s0-*.packed"))[0]
+    code = section[section.index("```python\n") + len("```python\n"):
+                   section.index("```\n", section.index("```python"))]
+    packed = sorted((ROOT / "results" / "quick" / "models").glob(
+        "*direct_kd_matched-w1a1-s0-*.packed"))[0]
     record = json.loads((ROOT / "results" / "quick" / "runs" / f"{packed.stem}.json").read_text())
     monkeypatch.setenv("KDLIB_DATA", str(real_data_root))
     exec(code.replace("results/quick/models/<run_id>.packed", str(packed)), {})  # noqa: S102

@@ -27,12 +27,15 @@ def test_needs_real_data(real_data_root):
 def run_tiny_realdata_suite(folder: Path, **env_vars: str) -> subprocess.CompletedProcess:
     """pytest in a subprocess on one real-data test, under the suite's own conftest.py."""
     shutil.copy(ROOT / "tests" / "conftest.py", folder / "conftest.py")
-    (folder / "pytest.ini").write_text("[pytest]\nmarkers =\n    realdata: needs the real CIFAR-100\n")
+    (folder / "pytest.ini").write_text("[pytest]\nmarkers =\n"
+                                       "    realdata: needs the real CIFAR-100\n")
     (folder / "test_tiny_realdata.py").write_text(TINY_REALDATA_TEST)
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "KDLIB_DATA")}
     env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # nbval & co. are slow to import and not needed
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_tiny_realdata.py"],
-                          cwd=folder, env={**env, **env_vars}, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                           "test_tiny_realdata.py"],
+                          cwd=folder, env={**env, **env_vars}, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture

@@ -14,9 +14,11 @@ from kdlib.results import (load_record, load_results, paired_gain, results_table
 
 def _record(method, bits, seed, acc):
     return {"run_id": f"r-{method}-{bits}-{seed}",
-            "config": {"model": "resnet20", "method": method, "w_bits": bits, "a_bits": bits, "seed": seed},
-            "metrics": {"best_epoch": 1, "best_val_top1": acc, "best_val_top5": acc, "test_top1": acc,
-                        "test_top5": acc, "final_test_top1": acc, "final_test_top5": acc},
+            "config": {"model": "resnet20", "method": method, "w_bits": bits, "a_bits": bits,
+                       "seed": seed},
+            "metrics": {"best_epoch": 1, "best_val_top1": acc, "best_val_top5": acc,
+                        "test_top1": acc, "test_top5": acc, "final_test_top1": acc,
+                        "final_test_top5": acc},
             "history": [{"epoch": 1, "val_top1": acc}], "wall_time_s": 1.0, "images_per_s": 10.0,
             "model_size": {"params": 10, "storage_bits": 10 * bits}}
 
@@ -81,8 +83,9 @@ def test_packed_size_comes_from_the_record_else_from_the_file_in_the_checkout(tm
     assert frame.loc[old_with_file["run_id"], "packed_bytes"] == 777
     assert frame.loc[alias["run_id"], "packed_bytes"] == 777
     assert pd.isna(frame.loc[old_without_file["run_id"], "packed_bytes"])
-    assert frame["packed_file"].to_dict() == {recorded["run_id"]: False, old_with_file["run_id"]: True,
-                                              alias["run_id"]: True, old_without_file["run_id"]: False}
+    assert frame["packed_file"].to_dict() == {
+        recorded["run_id"]: False, old_with_file["run_id"]: True, alias["run_id"]: True,
+        old_without_file["run_id"]: False}
     seed1 = render_packed_models(tmp_path, seed=1)  # seed 1's size is recorded, its file absent
     assert "individual" not in seed1 and "1.2" not in seed1
     assert "| individual           | 0.8 |" in render_packed_models(tmp_path, seed=0)
@@ -106,15 +109,18 @@ def test_summarise_matches_independent_statistics():
 def test_paired_gain_pairs_by_seed():
     rows = []
     for seed, (base, kd) in enumerate([(50.0, 53.0), (60.0, 62.0), (40.0, 44.0)]):
-        rows += [{"model": "m", "method": "individual", "w_bits": 2, "a_bits": 2, "seed": seed, "test_top1": base},
-                 {"model": "m", "method": "ta_chain", "w_bits": 2, "a_bits": 2, "seed": seed, "test_top1": kd}]
+        rows += [{"model": "m", "method": "individual", "w_bits": 2, "a_bits": 2, "seed": seed,
+                  "test_top1": base},
+                 {"model": "m", "method": "ta_chain", "w_bits": 2, "a_bits": 2, "seed": seed,
+                  "test_top1": kd}]
     gain = paired_gain(pd.DataFrame(rows)).iloc[0]
     assert gain["method"] == "ta_chain" and math.isclose(gain["mean"], 3.0)
     assert math.isclose(gain["std"], np.std([3.0, 2.0, 4.0], ddof=1))
 
 
 def _rows(method, bits, accs, model="m", first_seed=0):
-    return [{"model": model, "method": method, "w_bits": bits, "a_bits": bits, "seed": seed, "test_top1": acc}
+    return [{"model": model, "method": method, "w_bits": bits, "a_bits": bits, "seed": seed,
+             "test_top1": acc}
             for seed, acc in enumerate(accs, first_seed)]
 
 
@@ -143,7 +149,8 @@ def test_paired_gain_leaves_out_teacher_baseline_and_unpaired_seeds():
         + _rows("teacher", 32, [80.0, 80.0, 80.0])  # would pair with individual at 32 bits
         + _rows("individual", 2, [0.0, 0.0, 0.0], model="other"))  # another model's baseline
     gains = paired_gain(frame)
-    assert list(zip(gains["method"], gains["w_bits"], gains["n"])) == [("direct_kd", 2, 2), ("ta_chain", 2, 3)]
+    assert list(zip(gains["method"], gains["w_bits"], gains["n"])) == [("direct_kd", 2, 2),
+                                                                       ("ta_chain", 2, 3)]
     ta = gains[gains["method"] == "ta_chain"].iloc[0]
     assert math.isclose(ta["mean"], 3.0) and math.isclose(ta["std"], 1.0)
     half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, df=2) * s / sqrt(n)
@@ -153,7 +160,8 @@ def test_paired_gain_leaves_out_teacher_baseline_and_unpaired_seeds():
 
 
 def test_paired_gain_of_one_seed_has_no_interval():
-    gain = paired_gain(pd.DataFrame(_rows("individual", 4, [50.0]) + _rows("ta_chain", 4, [52.0]))).iloc[0]
+    gain = paired_gain(pd.DataFrame(_rows("individual", 4, [50.0])
+                                    + _rows("ta_chain", 4, [52.0]))).iloc[0]
     assert gain["n"] == 1 and gain["mean"] == 2.0
     assert math.isnan(gain["ci95_low"]) and math.isnan(gain["ci95_high"])
 
@@ -172,7 +180,8 @@ def test_t_interval_halfwidth_formula():
 
 
 def test_results_table_shape():
-    frame = pd.DataFrame([{"model": "m", "method": m, "w_bits": b, "a_bits": b, "seed": s, "test_top1": 10.0 * b + s}
+    frame = pd.DataFrame([{"model": "m", "method": m, "w_bits": b, "a_bits": b, "seed": s,
+                           "test_top1": 10.0 * b + s}
                           for m in ("ta_chain", "individual") for b in (1, 8) for s in (0, 1)])
     table = results_table(summarise(frame))
     assert list(table.index) == ["individual", "ta_chain"]

@@ -66,11 +66,13 @@ def assert_clean_failure(proc, results, *needles, code=2):
     (["--set", "quantizer=xnor"], "quantizer='xnor'"), (["--preset", "huge"], "preset='huge'"),
     (["--set", "lr=-0.1"], "lr=-0.1"), (["--set", "epochs=-2"], "epochs=-2"),
     (["--set", "kd_alpha=1.2"], "kd_alpha=1.2"), (["--set", "kd_alpha=-0.5"], "kd_alpha=-0.5"),
-    (["--set", "kd_temperature=0"], "kd_temperature=0"), (["--set", "no_such_field=1"], "no_such_field"),
+    (["--set", "kd_temperature=0"], "kd_temperature=0"),
+    (["--set", "no_such_field=1"], "no_such_field"),
 ])
 @pytest.mark.slow
 def test_cli_rejects_invalid_config(results, tmp_path, args, needle):
-    proc = kdlib("train", *args, "--results-dir", str(results), "--data-dir", str(tmp_path / "none"))
+    proc = kdlib("train", *args, "--results-dir", str(results),
+                 "--data-dir", str(tmp_path / "none"))
     assert_clean_failure(proc, results, needle)
 
 
@@ -91,9 +93,11 @@ def test_notebooks_reject_invalid_parameters(results, tmp_path, name, parameters
     import papermill
 
     with pytest.raises(papermill.PapermillExecutionError) as info:
-        papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(tmp_path / "out.ipynb"),
+        papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"),
+                                   str(tmp_path / "out.ipynb"),
                                    parameters={"results_dir": str(results), **parameters},
-                                   cwd=str(ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+                                   cwd=str(ROOT / "notebooks"), progress_bar=False,
+                                   kernel_name="python3")
     assert needle in info.value.evalue
     assert sorted(p.name for p in results.rglob("*") if p.is_file()) == ["old.json"]
 
@@ -148,14 +152,15 @@ def test_cli_reports_bad_data_in_one_line(results, tmp_path, damage, needle):
         _bad_labels(train_file)
     elif damage == "exploit":
         train_file.write_bytes(pickle.dumps({"data": _Exploit(marker)}, protocol=2))
-    proc = kdlib("train", "--model", "resnet8", "--data-dir", str(data), "--results-dir", str(results),
+    proc = kdlib("train", "--model", "resnet8", "--data-dir", str(data),
+                 "--results-dir", str(results),
                  "--set", "train_size=100", "--set", "val_size=100", "--set", "test_size=100")
     named_file = str(data / "cifar-100-python") if damage == "missing" else str(train_file)
     assert_clean_failure(proc, results, needle, named_file)
     assert not marker.exists(), "the hostile pickle was executed"
 
 
-# --------------------------------------------------------------------------- checkpoints and folders
+# ------------------------------------------------------------------------- checkpoints and folders
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_corrupted_checkpoint_is_named_and_kept(real_data_root, results):
@@ -166,8 +171,8 @@ def test_corrupted_checkpoint_is_named_and_kept(real_data_root, results):
     ckpt = checkpoint_path(results, cfg.run_id())
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"PK\x03\x04 not really a checkpoint")
-    proc = kdlib("train", "--model", "resnet8", "--data-dir", str(real_data_root), "--results-dir", str(results),
-                 *TINY_ARGS)
+    proc = kdlib("train", "--model", "resnet8", "--data-dir", str(real_data_root),
+                 "--results-dir", str(results), *TINY_ARGS)
     assert proc.returncode == 2 and "corrupted" in proc.stderr and str(ckpt) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert ckpt.read_bytes() == b"PK\x03\x04 not really a checkpoint"
@@ -187,7 +192,8 @@ def read_only(folder: Path):
                 p.chmod(0o755 if p.is_dir() else 0o644)
         return
     if subprocess.run(["chattr", "-R", "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("running as root on a filesystem without chattr +i: cannot make a folder read-only")
+        pytest.skip("running as root on a filesystem without chattr +i: "
+                    "cannot make a folder read-only")
     try:
         yield
     finally:
@@ -198,23 +204,25 @@ def read_only(folder: Path):
 def test_read_only_results_folder(results, fake_data_root):
     with read_only(results):
         proc = kdlib("train", "--model", "resnet8", "--data-dir", str(fake_data_root),
-                     "--results-dir", str(results), "--set", "train_size=100", "--set", "val_size=100",
-                     "--set", "test_size=100")
+                     "--results-dir", str(results), "--set", "train_size=100",
+                     "--set", "val_size=100", "--set", "test_size=100")
     assert_clean_failure(proc, results, "is not writable", str(results))
 
 
-# --------------------------------------------------------------------------- killed and concurrent runs
+# ---------------------------------------------------------------------- killed and concurrent runs
 CHAIN_SCRIPT = """
 import sys
 from kdlib import experiments
-experiments.run_ta_chain(preset="smoke", model="resnet8", chain={chain}, methods=["ta_chain"], seeds=[{seed}],
-                         data_dir=sys.argv[1], results_dir=sys.argv[2], overrides={overrides!r}, progress=False)
+experiments.run_ta_chain(preset="smoke", model="resnet8", chain={chain}, methods=["ta_chain"],
+                         seeds=[{seed}], data_dir=sys.argv[1], results_dir=sys.argv[2],
+                         overrides={overrides!r}, progress=False)
 """
 
 
 def _chain_script(tmp_path, name, chain=(32, 8, 1), seed=0, epochs=3):
     script = tmp_path / f"{name}.py"
-    script.write_text(CHAIN_SCRIPT.format(chain=list(chain), seed=seed, overrides={**TINY, "epochs": epochs}))
+    script.write_text(CHAIN_SCRIPT.format(chain=list(chain), seed=seed,
+                                          overrides={**TINY, "epochs": epochs}))
     return script
 
 
@@ -263,19 +271,20 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(real_data_roo
     rng = random.Random(9)  # kills in the teacher's 3rd, link 1's 3rd and link 2's 2nd epoch
     for kill in range(3):
         since_ns = time.time_ns()
-        proc = subprocess.Popen([sys.executable, str(script), str(real_data_root), str(killed)], env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, str(script), str(real_data_root), str(killed)],
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # random points in training, not in the torch import: after 1 or 2 non-final epochs of
         # this process, early in the next epoch (3 kills x 2 <= the chain's 6 non-final epochs)
         epoch_s = _wait_for_mid_run_checkpoints(proc, killed, rng.randint(1, 2), since_ns)
         time.sleep(rng.uniform(0.0, 0.4) * epoch_s)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert _runs_with_checkpoint_but_no_record(killed), f"kill {kill + 1} did not land mid-training"
-    subprocess.run([sys.executable, str(script), str(real_data_root), str(killed)], env=_env(), check=True,
-                   capture_output=True)
-    subprocess.run([sys.executable, str(script), str(real_data_root), str(clean)], env=_env(), check=True,
-                   capture_output=True)
+        assert _runs_with_checkpoint_but_no_record(killed), \
+            f"kill {kill + 1} did not land mid-training"
+    subprocess.run([sys.executable, str(script), str(real_data_root), str(killed)], env=_env(),
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(real_data_root), str(clean)], env=_env(),
+                   check=True, capture_output=True)
     cols = ["run_id", "best_epoch", "best_val_top1", "test_top1", "test_top5", "final_test_top1"]
     a = load_results(killed)[cols].sort_values("run_id")
     b = load_results(clean)[cols].sort_values("run_id")
@@ -296,13 +305,15 @@ def test_two_pipelines_on_one_results_folder(real_data_root, tmp_path):
     scripts = [_chain_script(tmp_path, "a", chain=(32, 8), epochs=1),
                _chain_script(tmp_path, "b", chain=(32, 4), epochs=1),
                _chain_script(tmp_path, "c", chain=(32, 2), seed=1, epochs=1)]
-    procs = [subprocess.Popen([sys.executable, str(s), str(real_data_root), str(shared)], env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in scripts]
+    procs = [subprocess.Popen([sys.executable, str(s), str(real_data_root), str(shared)],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for s in scripts]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-1500:] for o in outputs]
     frame = load_results(shared)  # every record parses
     assert sorted(zip(frame["method"], frame["w_bits"], frame["seed"])) == [
-        ("ta_chain", 2, 1), ("ta_chain", 4, 0), ("ta_chain", 8, 0), ("teacher", 32, 0), ("teacher", 32, 1)]
+        ("ta_chain", 2, 1), ("ta_chain", 4, 0), ("ta_chain", 8, 0), ("teacher", 32, 0),
+        ("teacher", 32, 1)]
     # the seed-0 teacher, wanted by two pipelines, was trained once: the other waited and skipped it
     teacher0 = frame.loc[(frame["method"] == "teacher") & (frame["seed"] == 0), "run_id"].item()
     assert sum(f"skip {teacher0}" in out for out, _ in outputs[:2]) == 1

@@ -30,22 +30,23 @@ def make_splits(n_train=128, n_val=64, n_test=64, seed=0) -> DataSplits:
     def part(n):
         labels = torch.arange(n) % 10
         base = torch.nn.functional.interpolate(protos[labels], size=16, mode="nearest")
-        return (base + torch.randn(n, 3, 16, 16, generator=g) * 40).clamp(0, 255).to(torch.uint8), labels
+        return ((base + torch.randn(n, 3, 16, 16, generator=g) * 40).clamp(0, 255).to(torch.uint8),
+                labels)
 
     (a, b), (c, d), (e, f) = part(n_train), part(n_val), part(n_test)
     return DataSplits(a, b, c, d, e, f)
 
 
 def make_cfg(**kw) -> RunConfig:
-    base = dict(model="resnet8", num_classes=10, epochs=2, batch_size=32, lr=0.05, eval_batch_size=64,
-                method="individual", seed=0, schedule="cosine")
+    base = dict(model="resnet8", num_classes=10, epochs=2, batch_size=32, lr=0.05,
+                eval_batch_size=64, method="individual", seed=0, schedule="cosine")
     return RunConfig(**{**base, **kw})
 
 
 def make_model(cfg: RunConfig, seed: int = 0):
     torch.manual_seed(seed)
-    return create_model(cfg.model, num_classes=cfg.num_classes, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
-                        quantizer=cfg.quantizer)
+    return create_model(cfg.model, num_classes=cfg.num_classes, w_bits=cfg.w_bits,
+                        a_bits=cfg.a_bits, quantizer=cfg.quantizer)
 
 
 def kd_fit(splits, **fit_kwargs):
@@ -98,7 +99,8 @@ def test_default_folder_is_results_tb_run_id_and_can_be_turned_off(splits, tmp_p
     # off: by argument, by environment (what --no-tensorboard sets), or outside a results folder
     fit(make_model(cfg), splits, cfg, progress=False, tensorboard=False,
         checkpoint_path=tmp_path / "arg" / "checkpoints" / "run-a.pt")
-    fit(make_model(cfg), splits, cfg, progress=False, checkpoint_path=tmp_path / "elsewhere" / "run-a.pt")
+    fit(make_model(cfg), splits, cfg, progress=False,
+        checkpoint_path=tmp_path / "elsewhere" / "run-a.pt")
     monkeypatch.setenv(TENSORBOARD_ENV, "0")
     fit(make_model(cfg), splits, cfg, progress=False,
         checkpoint_path=tmp_path / "env" / "checkpoints" / "run-a.pt")

@@ -325,7 +325,8 @@ def test_bf16_and_channels_last_train_like_fp32(splits, fast):
     got = fit(make_model(base), splits, base.replace(**fast), progress=False)
     tol = 1e-2 if fast.get("precision") == "bf16" else 5e-3
     assert got.history[0]["train_loss"] == pytest.approx(ref.history[0]["train_loss"], rel=tol)
-    assert got.history[0]["train_loss"] != ref.history[0]["train_loss"]  # the mode did change something
+    # the mode did change something
+    assert got.history[0]["train_loss"] != ref.history[0]["train_loss"]
 
 
 def test_batch_larger_than_train_split_is_an_error(splits):
@@ -517,7 +518,8 @@ def test_finished_checkpoint_returns_without_training(splits, tmp_path, monkeypa
     monkeypatch.setattr(train_mod, "train_batches", boom)
     monkeypatch.setattr(train_mod, "evaluate", boom)
     again = make_model(cfg, seed=9)
-    second = fit(again, splits, cfg.replace(eval_batch_size=7), checkpoint_path=path, progress=False)
+    second = fit(again, splits, cfg.replace(eval_batch_size=7), checkpoint_path=path,
+                 progress=False)
     assert second == first
     assert states_equal(again.state_dict(), model.state_dict())
     assert path.stat().st_mtime_ns == mtime

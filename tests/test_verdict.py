@@ -8,7 +8,8 @@ from scipy import stats
 from kdlib.config import RunConfig
 from kdlib.results import load_results, save_record
 from kdlib.verdict import (agreement, classify, compare_answers, contrast_verdicts, holm_standing,
-                           holm_stands, one_training, paired_p_value, render_agreement, render_answer)
+                           holm_stands, one_training, paired_p_value, render_agreement,
+                           render_answer)
 
 
 def _save(folder, cfg: RunConfig, top1: float, same_run_as: str | None = None) -> None:
@@ -51,7 +52,8 @@ def test_a_consistent_gain_is_resolved_for_the_winning_side(tmp_path):
     assert "n = 3 seeds: the assistant is better at 2 bit (2: +1.00 [" in text
     assert "unresolved" not in text and "1 of 1 intervals exclude 0" in text
     assert "1 stand: `ta_chain − progressive_kd32` at 2 bit." in text
-    assert holm_standing(frame) == {("ta_chain − progressive_kd32", 2, 2)}  # what the figure marks
+    # what the figure marks
+    assert holm_standing(frame) == {("ta_chain − progressive_kd32", 2, 2)}
 
 
 def test_a_loss_names_the_baseline_and_noise_stays_unresolved(tmp_path):
@@ -119,7 +121,8 @@ def test_two_grids_are_compared_width_by_width_on_directions_only(tmp_path):
         assert pairs["agreement"].tolist() == [expected]
         assert pairs["mean_2"].iloc[0] == pytest.approx(sum(gains) / 3)
         text = render_agreement(resnet, other)
-        assert f"| ta_chain − progressive_kd32 | {expected}: +1.00 / {sum(gains) / 3:+.2f} |" in text
+        assert f"| ta_chain − progressive_kd32 | {expected}: +1.00 / {sum(gains) / 3:+.2f} |" \
+            in text
         assert f"Of 1 widths both grids test: {expected} (" in text
     one_seed = _chains(tmp_path / "one", {2: [2.0]}, seeds=(0,))
     assert compare_answers(resnet, one_seed).empty  # no interval: nothing to compare
@@ -150,7 +153,8 @@ def holm_by_adjusted_p(p_values, alpha=0.05):
     (m - j) p_(j), capped at 1; a hypothesis stands when its adjusted p is at most alpha."""
     m = len(p_values)
     order = np.argsort(p_values, kind="stable")
-    adjusted = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * np.asarray(p_values)[order]))
+    adjusted = np.maximum.accumulate(
+        np.minimum(1.0, (m - np.arange(m)) * np.asarray(p_values)[order]))
     stands = np.zeros(m, dtype=bool)
     stands[order] = adjusted <= alpha
     return stands.tolist()

@@ -140,6 +140,7 @@ def compile_verdict(result: dict[str, Any], lease_s: float) -> dict[str, Any] | 
     compiled_images = entry["images_per_s"] * max(lease_s - compile_s, 0.0)
     eager_images = eager_rate * lease_s
     return {"pays": compiled_images > eager_images,
-            "why": f"{k} compiled processes {entry['images_per_s']:,.0f} img/s after {compile_s:.0f} s "
+            "why": f"{k} compiled processes {entry['images_per_s']:,.0f} img/s after "
+                   f"{compile_s:.0f} s "
                    f"to compile: {compiled_images / 1e6:.1f} M images in {lease_s:.0f} s of "
                    f"training; {e} eager ones {eager_rate:,.0f} img/s: {eager_images / 1e6:.1f} M"}

@@ -80,8 +80,9 @@ def concurrent_throughput(images: Tensor, labels: Tensor, *, jobs: Sequence[int]
     by_jobs: dict[str, dict[str, Any]] = {}
     for k in jobs:
         barrier, queue = context.Barrier(k), context.Queue()
-        procs = [context.Process(target=_worker, args=(variant, images, labels, preset, model,
-                                                       str(device), warmup, seconds, barrier, queue))
+        procs = [context.Process(target=_worker,
+                                 args=(variant, images, labels, preset, model, str(device),
+                                       warmup, seconds, barrier, queue))
                  for _ in range(k)]
         for p in procs:
             p.start()

@@ -152,7 +152,8 @@ def graphs_verdict(result: dict[str, Any]) -> dict[str, Any] | None:
     if "error" in side or not side.get("by_jobs") or not eager.get("by_jobs"):
         return {"use": False, "why": "replaying or eager processes side by side not measured"}
     k, e = worth_running(side), worth_running(eager)
-    rate, eager_rate = side["by_jobs"][str(k)]["images_per_s"], eager["by_jobs"][str(e)]["images_per_s"]
+    rate, eager_rate = (side["by_jobs"][str(k)]["images_per_s"],
+                        eager["by_jobs"][str(e)]["images_per_s"])
     return {"use": rate > eager_rate,
             "why": f"{k} replaying processes {rate:,.0f} img/s against {e} eager ones "
                    f"{eager_rate:,.0f} img/s, the same bits"}

@@ -206,8 +206,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     import torchvision  # lazy, only for its version: importing it takes seconds
 
     device = torch.device(device)
-    info = {"host": socket.gethostname(), "cpu_model": cpu_model() or "unknown", "cores": os.cpu_count(),
-            "usable_cores": usable_cores(), "torch": torch.__version__,
+    info = {"host": socket.gethostname(), "cpu_model": cpu_model() or "unknown",
+            "cores": os.cpu_count(), "usable_cores": usable_cores(), "torch": torch.__version__,
             "torchvision": torchvision.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),

@@ -43,7 +43,8 @@ def device_kernels(events) -> list[Any]:
             and not getattr(e, "is_user_annotation", False)]
 
 
-def profile_runner(step, device: torch.device, *, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
+def profile_runner(step, device: torch.device, *, steps: int = 20,
+                   warmup: int = 3) -> dict[str, Any]:
     """Profile ``steps`` calls of ``step`` (one training step each) on ``device``."""
     for _ in range(warmup):
         step()
@@ -82,7 +83,8 @@ def profile_runner(step, device: torch.device, *, steps: int = 20, warmup: int =
     return out
 
 
-def profile_variant(ctx, variant: str = "kd_w4", *, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
+def profile_variant(ctx, variant: str = "kd_w4", *, steps: int = 20,
+                    warmup: int = 3) -> dict[str, Any]:
     """:func:`profile_runner` on one benchmark variant's step (built from ``ctx``)."""
     from kdlib.bench.variants import BY_NAME
 

@@ -11,7 +11,8 @@ from kdlib.bench.variants import VARIANTS
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    return ("n/a" if value is None or (isinstance(value, float) and math.isnan(value))
+            else format(value, spec))
 
 
 def _order(result: dict[str, Any]) -> list[str]:
@@ -33,7 +34,8 @@ def _switches(info: dict[str, Any]) -> str:
 
 def _ceiling_fractions(v: dict[str, Any]) -> str:
     of = v.get("of_ceiling", {})
-    return " / ".join(_fmt(None if of.get(c) is None else 100 * of[c], ".0f") + "%" for c in CEILINGS)
+    return " / ".join(_fmt(None if of.get(c) is None else 100 * of[c], ".0f") + "%"
+                      for c in CEILINGS)
 
 
 def _variant_rows(result: dict[str, Any]) -> list[str]:
@@ -58,7 +60,8 @@ def _variant_rows(result: dict[str, Any]) -> list[str]:
             rel = f"{v['step_ms'] / fp32_ms:.{digits}f}×"
         flops = (f"{_fmt(v.get('gflops'), '.1f')} | {_ceiling_fractions(v)}" if "gflops" in v
                  else "— | —")
-        rows.append(f"| {label} `{name}` | {_switches(v.get('info', {}))} | {v['images_per_s']:.0f} | "
+        rows.append(f"| {label} `{name}` | {_switches(v.get('info', {}))} | "
+                    f"{v['images_per_s']:.0f} | "
                     f"{v['step_ms']:.1f} | {flops} | {windows} | {rel} |")
     return rows
 
@@ -79,7 +82,8 @@ def _ratio_lines(result: dict[str, Any]) -> list[str]:
         if r.get("target") is None:
             lines.append(f"- {r['what']}: {value} (no target)")
             continue
-        verdict = "not measured" if r.get("met") is None else ("**met**" if r["met"] else "**missed**")
+        verdict = ("not measured" if r.get("met") is None
+                   else ("**met**" if r["met"] else "**missed**"))
         target = (f"{100 * r['target']:g}%" if r.get("denominator") in CEILINGS
                   else f"{r['target']:g}×")
         lines.append(f"- {r['what']}: {value} (target {r['op']} {target}) — {verdict}")
@@ -90,7 +94,8 @@ def _ceiling_line(result: dict[str, Any]) -> list[str]:
     ceilings = result.get("ceilings", {})
     if not ceilings:
         return []
-    parts = [f"{c.get('dtype')} {_fmt(c.get('gflops'), '.1f')} GFLOP/s ({c.get('size')}×{c.get('size')})"
+    parts = [f"{c.get('dtype')} {_fmt(c.get('gflops'), '.1f')} GFLOP/s "
+             f"({c.get('size')}×{c.get('size')})"
              for c in (ceilings.get(n, {}) for n in CEILINGS) if c]
     return ["- matmul ceilings, timed in the same interleaved windows: " + ", ".join(parts)]
 
@@ -231,7 +236,8 @@ def _grouped_line(g: dict[str, Any]) -> str:
         by_bits = _numeric_order(check["by_bits"])
         bad = [b for b, e in by_bits if not (e["values"] and e["gradients"])]
         bits = ", ".join(b for b, _ in by_bits)
-        exact = (f"yes at {bits} bits" if not bad else f"**no** at {', '.join(bad)} bits (of {bits})")
+        exact = (f"yes at {bits} bits" if not bad
+                 else f"**no** at {', '.join(bad)} bits (of {bits})")
     grouped, single = steps.get("kd_w4", {}), steps.get("kd_w4_per_layer", {})
     if "error" in steps:
         speed = f"not timed ({_first_line(steps['error'])})"
@@ -239,11 +245,12 @@ def _grouped_line(g: dict[str, Any]) -> str:
         speed = (f"fit()'s KD 4-bit step {grouped['images_per_s']:.0f} img/s, per layer "
                  f"{single['images_per_s']:.0f} ({single['step_ms'] / grouped['step_ms']:.2f}×)")
     else:
-        speed = "not timed (" + _first_line(grouped.get("error") or single.get("error") or "?") + ")"
+        speed = ("not timed ("
+                 + _first_line(grouped.get("error") or single.get("error") or "?") + ")")
     count = (f"; operators dispatched a step {ops['kd_w4']} vs {ops['kd_w4_per_layer']}"
              if {"kd_w4", "kd_w4_per_layer"} <= set(ops) else "")
-    return (f"- DoReFa weights of all layers quantized together (`kdlib.quant.grouped`): bit for bit "
-            f"as per layer, values and gradients, {exact}; {speed}{count}")
+    return (f"- DoReFa weights of all layers quantized together (`kdlib.quant.grouped`): bit "
+            f"for bit as per layer, values and gradients, {exact}; {speed}{count}")
 
 
 def _machine_line(result: dict[str, Any]) -> str:
@@ -256,8 +263,9 @@ def _machine_line(result: dict[str, Any]) -> str:
     return (f"Measured on host `{m.get('host')}`: {m.get('cpu_model')}, {m.get('cores')} cores "
             f"({m.get('threads')} torch threads{bf16}){gpu}, device {m.get('device')}, torch "
             f"{m.get('torch')}, {result.get('date', '?')}{load_txt}. Batch "
-            f"{s.get('batch_size')}{preset}, median of {s.get('windows')} windows × {s.get('steps')} steps "
-            f"after {s.get('warmup')} warm-up steps, interleaved across variants, on {s.get('data')}; "
+            f"{s.get('batch_size')}{preset}, median of {s.get('windows')} windows × "
+            f"{s.get('steps')} steps after {s.get('warmup')} warm-up steps, interleaved across "
+            f"variants, on {s.get('data')}; "
             "data loading included in every variant. `make bench` reproduces it.")
 
 
@@ -265,8 +273,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     """The benchmark as markdown: table of variants, ceilings, ratios with targets (met or
     missed), machine and settings."""
     return "\n".join([*_variant_rows(result), "", *_ceiling_line(result), *_ratio_lines(result),
-                      *_optional_line(result, "concurrency", "runs side by side", _concurrency_line),
-                      *_optional_line(result, "grouped", "weights quantized together", _grouped_line),
+                      *_optional_line(result, "concurrency", "runs side by side",
+                                      _concurrency_line),
+                      *_optional_line(result, "grouped", "weights quantized together",
+                                      _grouped_line),
                       *_optional_line(result, "graphs", "replayed steps", _graphs_line),
                       *_optional_line(result.get("graphs") or {}, "profile",
                                       "profile of the replayed step", _profile_line),

@@ -44,7 +44,8 @@ def _check_settings(images: Tensor, names: list[str], batch_size: int, windows: 
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; accepted: {', '.join(BY_NAME)}")
     if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, 32, 32):
-        raise ValueError(f"images must be uint8 [N,3,32,32], got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(f"images must be uint8 [N,3,32,32], got {images.dtype} "
+                         f"{tuple(images.shape)}")
     for value, name in ((batch_size, "batch_size"), (flops_probe_batch, "flops_probe_batch")):
         if len(images) < value:
             raise ValueError(f"{name}={value} is larger than the {len(images)} images given")
@@ -135,7 +136,8 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
             runners[name] = BY_NAME[name].build(ctx)
         for name, dtype in CEILING_DTYPES.items():
             runners[name] = matmul_runner(device, dtype, matmul_size)
-        times = measure(runners, windows=windows, steps=steps, warmup=warmup, device=device, log=log)
+        times = measure(runners, windows=windows, steps=steps, warmup=warmup, device=device,
+                        log=log)
     finally:
         for runner in runners.values():
             runner.close()
@@ -144,7 +146,8 @@ def run_benchmark(images: Tensor, labels: Tensor, *, preset: str = PRESET, model
     del runners
     for name, entry in measured.items():
         if BY_NAME[name].flops is not None and entry["status"] == "ok":
-            _add_flops(entry, BY_NAME[name].flops(ctx, flops_probe_batch), base.batch_size, ceilings)
+            _add_flops(entry, BY_NAME[name].flops(ctx, flops_probe_batch), base.batch_size,
+                       ceilings)
     result["variants"] = {n: measured[n] if n in measured else
                           {**measured[same[n]], "label": BY_NAME[n].label, "same_as": same[n]}
                           for n in names}

@@ -26,7 +26,8 @@ INFO_RATIOS: dict[str, tuple[str, str, str, str]] = {
                               "step_ms", "kd_w4_typical", "kd_w4"),
     "quant_overhead_w1": ("quantization overhead, plain 1-bit / 32-bit step time",
                           "step_ms", "w1a1", "fp32"),
-    "kd_overhead_w4": ("KD overhead, KD 4-bit (c) / plain 4-bit step time", "step_ms", "kd_w4", "w4a4"),
+    "kd_overhead_w4": ("KD overhead, KD 4-bit (c) / plain 4-bit step time",
+                       "step_ms", "kd_w4", "w4a4"),
     "channels_last_speedup": ("channels_last speed-up of (c), step time NCHW / channels_last",
                               "step_ms", "kd_w4_nchw", "kd_w4_channels_last"),
     "compile_speedup": ("torch.compile speed-up of (c)", "step_ms", "kd_w4", "kd_w4_compile"),
@@ -35,7 +36,8 @@ INFO_RATIOS: dict[str, tuple[str, str, str, str]] = {
     "bf16_kd_of_bf16_ceiling": ("bf16-mode KD step, achieved GFLOP/s / bf16 matmul ceiling",
                                 "gflops", "kd_w4_bf16", "matmul_bf16"),
     "data_speedup_vs_typical": ("data pipeline alone, kdlib vs typical (time per batch, typical / "
-                                "kdlib; it bounds (c)/(d) where the model step is short, e.g. on a GPU)",
+                                "kdlib; it bounds (c)/(d) where the model step is short, e.g. on "
+                                "a GPU)",
                                 "step_ms", "data_typical", "data_kdlib"),
 }
 

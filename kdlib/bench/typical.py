@@ -115,7 +115,8 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, bits: int):
         super().__init__()
         self.act_q = ActivationQuantizer(bits)
-        self.conv1 = QuantConv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False, bits=bits)
+        self.conv1 = QuantConv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False,
+                                 bits=bits)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = QuantConv2d(planes, planes, 3, stride=1, padding=1, bias=False, bits=bits)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -123,7 +124,8 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_planes != planes:  # option A: subsample, zero-pad the channels
             pad = (planes - in_planes) // 2
             self.shortcut = LambdaLayer(
-                lambda x: F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, pad, planes - in_planes - pad)))
+                lambda x: F.pad(x[:, :, ::stride, ::stride],
+                                (0, 0, 0, 0, pad, planes - in_planes - pad)))
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         out = F.relu(self.bn1(self.conv1(self.act_q(x))))
@@ -203,7 +205,8 @@ class PILImageDataset(torch.utils.data.Dataset):
 def typical_loader(images_u8: Tensor, labels: Tensor, batch_size: int, *,
                    workers: int = TYPICAL_WORKERS, seed: int = 0,
                    pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """``DataLoader(PILImageDataset(..., typical_transform()), shuffle=True, num_workers=workers)``."""
+    """``DataLoader(PILImageDataset(..., typical_transform()), shuffle=True,
+    num_workers=workers)``."""
     dataset = PILImageDataset(images_u8, labels, typical_transform())
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
@@ -216,7 +219,8 @@ def loader_info(loader: torch.utils.data.DataLoader) -> dict[str, Any]:
     return {"class": f"{type(loader).__module__}.{type(loader).__qualname__}",
             "dataset": type(loader.dataset).__name__, "num_workers": loader.num_workers,
             "batch_size": loader.batch_size, "pin_memory": loader.pin_memory,
-            "prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers,
+            "prefetch_factor": loader.prefetch_factor,
+            "persistent_workers": loader.persistent_workers,
             "transforms": [repr(t) for t in steps]}
 
 

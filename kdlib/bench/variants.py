@@ -49,7 +49,8 @@ class Context:
 
 def make_context(images: Tensor, labels: Tensor, *, preset: str = PRESET, model: str = "resnet20",
                  batch_size: int | None = None, seed: int = 0,
-                 device: str | torch.device | None = None, workers: int = TYPICAL_WORKERS) -> Context:
+                 device: str | torch.device | None = None,
+                 workers: int = TYPICAL_WORKERS) -> Context:
     """The context of ``build_config(preset)`` (its batch size unless ``batch_size``), with
     the images (uint8 [N,3,32,32]) on the CPU and on the device."""
     sized = {} if batch_size is None else {"batch_size": batch_size}
@@ -96,7 +97,8 @@ def _model(cfg: RunConfig, bits: int) -> nn.Module:
                         quantizer=cfg.quantizer, quantize_first_last=cfg.quantize_first_last)
 
 
-def _fit_batches(images: Tensor, labels: Tensor, cfg: RunConfig) -> Iterator[tuple[float, Tensor, Tensor]]:
+def _fit_batches(images: Tensor, labels: Tensor,
+                 cfg: RunConfig) -> Iterator[tuple[float, Tensor, Tensor]]:
     """(fractional epoch, x, y) over endless epochs of train_batches, drawn as fit() draws them."""
     steps = len(labels) // cfg.batch_size
     epoch = 0
@@ -218,7 +220,8 @@ def _typical_runner(ctx: Context) -> Runner:
                                            "compile": False, "w_bits": KD_BITS, "a_bits": KD_BITS,
                                            "teacher_bits": 32},
             "teacher": "eval, no no_grad (logits detached), weights quantized every step",
-            "loss_item_per_step": True, "kd_temperature": cfg.kd_temperature, "kd_alpha": cfg.kd_alpha}
+            "loss_item_per_step": True, "kd_temperature": cfg.kd_temperature,
+            "kd_alpha": cfg.kd_alpha}
     return Runner(step, batches.close, info, batch_size=cfg.batch_size, rewarm=in_flight + 1,
                   trainer=kd_step)
 

@@ -9,5 +9,6 @@
 from kdlib.export.onnx_graph import to_onnx
 from kdlib.export.packed import FORMAT, FORMAT_VERSION, load_packed, read_packed_header, save_packed
 
-__all__ = ["save_packed", "load_packed", "read_packed_header", "to_onnx", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_packed", "load_packed", "read_packed_header", "to_onnx", "FORMAT",
+           "FORMAT_VERSION"]
 

@@ -117,7 +117,8 @@ def check_lsq_initialized(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, LSQQuantizer) and module.active and not bool(module.initialized):
             raise ValueError(f"LSQ quantizer {name!r} is not initialised (its step is set by the "
-                             "first forward pass): train the model or run one batch through it first")
+                             "first forward pass): train the model or run one batch through it "
+                             "first")
 
 
 def quantized_weight(layer: nn.Module) -> Tensor:
@@ -183,5 +184,6 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
 
 def unpack_codes(data: bytes, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`: ``count`` codes (int64)."""
-    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits, bitorder="little")
+    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits,
+                           bitorder="little")
     return stream.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))

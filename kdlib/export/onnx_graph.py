@@ -140,7 +140,8 @@ class PlainConv2d(nn.Module):
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r}; accepted: 'zeros'")
         self.weight, self.activation = weight, activation
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+        self.register_buffer("bias", None if layer.bias is None
+                             else layer.bias.detach().float().clone())
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
 
@@ -155,7 +156,8 @@ class PlainLinear(nn.Module):
     def __init__(self, layer: nn.Linear, weight: nn.Module, activation: nn.Module):
         super().__init__()
         self.weight, self.activation = weight, activation
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+        self.register_buffer("bias", None if layer.bias is None
+                             else layer.bias.detach().float().clone())
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         return F.linear(self.activation(x), self.weight(), self.bias)
@@ -168,7 +170,8 @@ def _plain_layer(layer: nn.Module, codes: WeightCodes | None) -> nn.Module:
         return PlainConv2d(layer, weight, activation)
     if isinstance(layer, nn.Linear):
         return PlainLinear(layer, weight, activation)
-    raise ValueError(f"no ONNX form for quantized layer {type(layer).__name__}; accepted: QConv2d, QLinear")
+    raise ValueError(f"no ONNX form for quantized layer {type(layer).__name__}; accepted: "
+                     "QConv2d, QLinear")
 
 
 def export_copy(model: nn.Module) -> nn.Module:
@@ -182,15 +185,16 @@ def export_copy(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model).cpu().eval()
     for name, layer in quantized_layers(plain):
         if not name:
-            raise ValueError("the model is a single quantized layer; export a model that contains it")
+            raise ValueError("the model is a single quantized layer; export a model that "
+                             "contains it")
         parent_name, _, child = name.rpartition(".")
         parent = plain.get_submodule(parent_name)
         setattr(parent, child, _plain_layer(layer, coded.get(f"{name}.weight")))
     return plain.requires_grad_(False)
 
 
-def to_onnx(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...] = (3, 32, 32),
-            opset: int = OPSET) -> Path:
+def to_onnx(model: nn.Module, path: str | os.PathLike, *,
+            input_shape: tuple[int, ...] = (3, 32, 32), opset: int = OPSET) -> Path:
     """Write an ONNX graph of ``model`` (its eval-mode computation) to ``path``; returns the path.
 
     Input ``images``: float32 ``[batch, *input_shape]`` (normalised images, as kdlib feeds the
@@ -222,12 +226,13 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int
     37 % of the images within 1e-4 at 8 bits, 92 % at 4, and differs by up to 0.8 at 2 bits. The
     criterion holds exactly where no code flips; no graph can meet it on every image, as kdlib's
     CPU convolutions of fp32 values round in PyTorch's summation order (convolving exact integer
-    codes in the graph, as kdlib does on CUDA, agrees less well with kdlib on the CPU). ORT's default graph
-    optimisations (constant folding, fusions) round some operations differently again and move
-    these rates by a few points (see tests/test_export.py for what is asserted).
+    codes in the graph, as kdlib does on CUDA, agrees less well with kdlib on the CPU). ORT's
+    default graph optimisations (constant folding, fusions) round some operations differently
+    again and move these rates by a few points (see tests/test_export.py for what is asserted).
     """
     if importlib.util.find_spec("onnx") is None:
-        raise ImportError("to_onnx needs the onnx package: pip install -e '.[export]' (or onnx onnxruntime)")
+        raise ImportError("to_onnx needs the onnx package: pip install -e '.[export]' (or onnx "
+                          "onnxruntime)")
     plain = export_copy(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,8 @@ def _build_model(name: str, args: dict[str, Any]) -> nn.Module:
 def _architecture(model: nn.Module) -> list[tuple]:
     """What must agree for a rebuilt model to hold the same tensors and quantize the same way."""
     tensors = [(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]
-    layers = [(n, m.w_bits, m.a_bits, m.quantizer, m.quantize_input) for n, m in quantized_layers(model)]
+    layers = [(n, m.w_bits, m.a_bits, m.quantizer, m.quantize_input)
+              for n, m in quantized_layers(model)]
     return tensors + layers
 
 
@@ -144,7 +145,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike, *, model_name: str,
     header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     path = Path(path)
     with atomic_open(path, "wb") as handle:
-        handle.write(_PREAMBLE.pack(MAGIC, len(header_bytes), hashlib.sha256(header_bytes).digest()))
+        handle.write(_PREAMBLE.pack(MAGIC, len(header_bytes),
+                                    hashlib.sha256(header_bytes).digest()))
         handle.write(header_bytes)
         handle.write(payload)
     return path
@@ -161,16 +163,19 @@ def _split_file(path: Path) -> tuple[dict[str, Any], bytes]:
     _, header_length, header_digest = _PREAMBLE.unpack_from(blob)
     header_end = _PREAMBLE.size + header_length
     if len(blob) < header_end:
-        raise ValueError(f"{path} is truncated: {len(blob)} bytes, the header alone ends at {header_end}")
+        raise ValueError(f"{path} is truncated: {len(blob)} bytes, the header alone ends at "
+                         f"{header_end}")
     header_bytes = blob[_PREAMBLE.size:header_end]
     if hashlib.sha256(header_bytes).digest() != header_digest:
         raise ValueError(f"{path} is corrupt: its header does not match its sha256")
     header = json.loads(header_bytes)
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {header.get('format')!r} version "
-                         f"{header.get('format_version')!r}; accepted: {FORMAT!r} version {FORMAT_VERSION}")
+                         f"{header.get('format_version')!r}; accepted: {FORMAT!r} version "
+                         f"{FORMAT_VERSION}")
     if header.get("byte_order") != sys.byteorder:
-        raise ValueError(f"{path} holds {header.get('byte_order')}-endian data; this machine is {sys.byteorder}-endian")
+        raise ValueError(f"{path} holds {header.get('byte_order')}-endian data; this machine is "
+                         f"{sys.byteorder}-endian")
     payload = blob[header_end:]
     if len(payload) != header["payload_length"]:
         raise ValueError(f"{path} is truncated or has trailing bytes: payload of {len(payload)} "
@@ -195,7 +200,8 @@ def _expected_length(entry: dict[str, Any]) -> int:
 def _decode(entry: dict[str, Any], data: bytes) -> torch.Tensor:
     shape = tuple(entry["shape"])
     if entry["encoding"] == "raw":
-        return torch.frombuffer(bytearray(data), dtype=RAW_DTYPES[entry["dtype"]]).reshape(shape).clone()
+        return torch.frombuffer(bytearray(data),
+                                dtype=RAW_DTYPES[entry["dtype"]]).reshape(shape).clone()
     encoding, bits = entry["encoding"], entry["bits"]
     count = int(np.prod(shape, dtype=np.int64))
     levels = codes_to_levels(encoding, bits, unpack_codes(data, bits, count))
@@ -215,7 +221,8 @@ def _read_state(path: Path, header: dict[str, Any], payload: bytes,
     state = {}
     for entry in header["tensors"]:
         name, offset, length = entry["name"], entry["offset"], entry["length"]
-        if tuple(entry["shape"]) != tuple(expected[name].shape) or length != _expected_length(entry) \
+        if tuple(entry["shape"]) != tuple(expected[name].shape) \
+                or length != _expected_length(entry) \
                 or offset < 0 or offset + length > len(payload):
             raise ValueError(f"{path}: tensor {name!r} has an inconsistent shape/offset/length")
         try:
@@ -267,5 +274,6 @@ def _rebuild(path: Path, header: dict[str, Any], payload: bytes) -> nn.Module:
         raise ValueError(f"{path}: {exc}") from None
     state = _read_state(path, header, payload, model.state_dict())
     model.load_state_dict(state, strict=True)
-    _install_quantized_weights(model, {e["name"] for e in header["tensors"] if e["encoding"] != "raw"})
+    _install_quantized_weights(model, {e["name"] for e in header["tensors"]
+                                       if e["encoding"] != "raw"})
     return model.eval()

@@ -52,7 +52,8 @@ def create_model(name: str, num_classes: int = 100, w_bits: int = 32, a_bits: in
     check_bits(a_bits, "a_bits")
     check_quantizer(quantizer)
     if not isinstance(quantize_first_last, bool):
-        raise ValueError(f"quantize_first_last={quantize_first_last!r} is invalid; expected True or False")
+        raise ValueError(f"quantize_first_last={quantize_first_last!r} is invalid; expected True "
+                         "or False")
     return _REGISTRY[name](num_classes=num_classes, w_bits=w_bits, a_bits=a_bits,
                            quantizer=quantizer, quantize_first_last=quantize_first_last, **kw)
 

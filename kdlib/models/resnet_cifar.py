@@ -76,7 +76,8 @@ class CifarResNet(nn.Module):
                  quantizer: str = "dorefa", quantize_first_last: bool = False):
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
-            raise ValueError(f"depth={depth!r} is invalid; expected 6n+2 with n >= 1 (8, 14, 20, ...)")
+            raise ValueError(f"depth={depth!r} is invalid; expected 6n+2 with n >= 1 "
+                             "(8, 14, 20, ...)")
         blocks = (depth - 2) // 6
         qkw = dict(w_bits=w_bits, a_bits=a_bits, quantizer=quantizer)
         edge_w_bits = w_bits if quantize_first_last else 32

@@ -59,8 +59,9 @@ __all__ = [
     "dorefa_weight", "dorefa_activation", "dorefa_activation_codes", "pact_activation",
     "lsq_range", "lsq_quantize",
     "Quantizer", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "PACTActivationQuantizer",
-    "LSQQuantizer", "make_quantizers", "positive", "MIN_SCALE", "QConv2d", "QLinear", "quantized_layers",
-    "freeze_quantized_weights", "unfreeze_quantized_weights", "set_precision", "PRECISIONS", "transfer_weights",
+    "LSQQuantizer", "make_quantizers", "positive", "MIN_SCALE", "QConv2d", "QLinear",
+    "quantized_layers", "freeze_quantized_weights", "unfreeze_quantized_weights",
+    "set_precision", "PRECISIONS", "transfer_weights",
     "model_size_report", "level_summary", "dorefa_weights", "quantize_weights_together",
     "weights_quantized_together", "set_weight_grouping",
 ]

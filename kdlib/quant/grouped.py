@@ -102,7 +102,8 @@ class _GroupedDoReFaWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor | None):  # noqa: D102
         sizes = ctx.sizes
-        g = torch.cat([_flat_grad(gr, layout, ctx.device) for gr, layout in zip(grads, ctx.layouts)])
+        g = torch.cat([_flat_grad(gr, layout, ctx.device)
+                       for gr, layout in zip(grads, ctx.layouts)])
         if ctx.bits == 1:
             g_w = g  # d(binary + (w - w.detach()))/dw = 1
         else:

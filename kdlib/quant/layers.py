@@ -49,7 +49,8 @@ class _QuantizedLayer:
 
     weight: nn.Parameter
 
-    def _init_quantizers(self, w_bits: int, a_bits: int, quantizer: str, quantize_input: bool) -> None:
+    def _init_quantizers(self, w_bits: int, a_bits: int, quantizer: str,
+                         quantize_input: bool) -> None:
         self.w_bits = check_bits(w_bits, "w_bits")
         self.a_bits = check_bits(a_bits, "a_bits")
         self.quantizer = check_quantizer(quantizer)

@@ -173,7 +173,8 @@ class LSQQuantizer(Quantizer):
             self._init_step(x)
         per_example = x.numel() if self.signed else x.numel() // max(x.shape[0], 1)
         qp = max(lsq_range(self.bits, self.signed)[1], 1)
-        return lsq_quantize(x, positive(self.step), self.bits, self.signed, (per_example * qp) ** -0.5)
+        return lsq_quantize(x, positive(self.step), self.bits, self.signed,
+                            (per_example * qp) ** -0.5)
 
     def scale(self, q: Tensor) -> Tensor | float:  # noqa: D102
         return positive(self.step).detach().float()  # codes -Qn..Qp (signed 1 bit: -1, +1)
@@ -188,5 +189,6 @@ def make_quantizers(quantizer: str, w_bits: int, a_bits: int) -> tuple[Quantizer
     w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
     if quantizer == "lsq":
         return LSQQuantizer(w_bits, signed=True), LSQQuantizer(a_bits, signed=False)
-    act = PACTActivationQuantizer(a_bits) if quantizer == "pact" else DoReFaActivationQuantizer(a_bits)
+    act = (PACTActivationQuantizer(a_bits) if quantizer == "pact"
+           else DoReFaActivationQuantizer(a_bits))
     return DoReFaWeightQuantizer(w_bits), act

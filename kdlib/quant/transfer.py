@@ -102,12 +102,13 @@ def level_summary(bits: int) -> dict[str, Any]:
     if bits == 32:
         return {"bits": 32, "grid": "fp32", "weights_seen": "-", "activations_seen": "-",
                 "activation_range": "unclipped", "lowest_weights": "-"}
-    row = {"bits": bits, "grid": f"2^{bits} = {2 ** bits}", "weights_seen": "-", "activations_seen": "-",
-           "activation_range": "[0, 1]", "lowest_weights": "-"}
+    row = {"bits": bits, "grid": f"2^{bits} = {2 ** bits}", "weights_seen": "-",
+           "activations_seen": "-", "activation_range": "[0, 1]", "lowest_weights": "-"}
     if bits <= 8:
         w = dorefa_weight(torch.linspace(-3.0, 3.0, 20001), bits).unique()
         a = dorefa_activation(torch.linspace(-0.5, 1.5, 20001), bits).unique()
         row.update(weights_seen=len(w), activations_seen=len(a),
                    activation_range=f"[{a.min().item():.0f}, {a.max().item():.0f}]",
-                   lowest_weights=", ".join(f"{v:+.3f}" for v in w[:4].tolist()) + (", ..." if len(w) > 4 else ""))
+                   lowest_weights=(", ".join(f"{v:+.3f}" for v in w[:4].tolist())
+                                   + (", ..." if len(w) > 4 else "")))
     return row
