@@ -29,7 +29,7 @@ import torch
 from kdlib.budget import Admission, Budget, Deadline
 from kdlib.config import RunConfig
 from kdlib.data import load_splits
-from kdlib.experiments import budget_admission, check_writable, train_run
+from kdlib.experiments import budget_admission, check_writable, start_line, train_run
 from kdlib.run_order import (dependency_schedule, epochs_left_in, resume_first, submission_order,
                              unblocking_first, unique_runs, waits_as_alias)
 from kdlib.trained import TrainedIndex
@@ -209,8 +209,7 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
                     left_out.append(cfg.run_id())
                     log(f"not started {cfg.run_id()}: {admission.why}")
                     continue
-                log(f"start {cfg.run_id()}"
-                    + (f": {admission.why}" if admission is not None and admission.spans else ""))
+                log(start_line(cfg, admission))
                 running[pool.submit(_train_task, cfg.to_dict(), data_dir, results_dir, device,
                                     threads, tensorboard, deadline=admission and admission.deadline,
                                     side_by_side=jobs)] = cfg.run_id()

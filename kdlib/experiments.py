@@ -382,8 +382,8 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
             print(f"not started {cfg.run_id()}: {admission.why}", flush=True)
             left_out.append(cfg.run_id())
             continue
-        if admission is not None and admission.spans:
-            print(f"start {cfg.run_id()}: {admission.why}", flush=True)
+        if admission is not None:
+            print(start_line(cfg, admission), flush=True)
         try:
             record = train_run(cfg, data.get(cfg), results_dir, device=device, progress=progress,
                                index=index, deadline=admission and admission.deadline)
@@ -413,6 +413,12 @@ def _admission(cfg: RunConfig, results_dir, index: TrainedIndex,
     if missing:
         return Admission(False, f"waits for {missing[0]}")
     return budget_admission(cfg, budget, index, results_dir)
+
+
+def start_line(cfg: RunConfig, admission: Admission | None) -> str:
+    """The log's line as a run starts; under a budget with its estimate and the time left, so
+    that a call's estimates can be read beside the seconds of its ``done`` lines."""
+    return f"start {cfg.run_id()}" + (f": {admission.why}" if admission is not None else "")
 
 
 def budget_admission(cfg: RunConfig, budget: Budget, index: TrainedIndex,

@@ -243,6 +243,18 @@ def test_budget_admits_only_what_can_finish_in_the_time_left():
         Budget(0, timer)
 
 
+def test_a_budgeted_start_line_names_its_estimate_and_the_time_left():
+    """Every budgeted start, not only one that spans calls, so that a call's `done` seconds can
+    be read against what was expected; no budget: the run id alone."""
+    timer = RunTimer("cpu")
+    timer.add(record_of(student(epochs=1), [10.0], 10.0))
+    run = student(epochs=4)
+    admitted = Budget(60.0, timer, clock=Clock(), span=False).admit(run)
+    assert experiments.start_line(run, admitted) == \
+        f"start {run.run_id()}: needs ~48 s (1 finished run(s) of this kind), 60 s left"
+    assert experiments.start_line(run, None) == f"start {run.run_id()}"
+
+
 def test_a_run_longer_than_the_whole_budget_spans_calls_and_a_shorter_one_waits():
     clock = Clock()
     timer = RunTimer("cpu")
@@ -441,9 +453,12 @@ def test_budgeted_grid_trains_what_fits_and_the_next_call_finishes(real_data_roo
     capsys.readouterr()
     first = experiments.execute(plan, data_dir=real_data_root, results_dir=tmp_path / "b",
                                 progress=False, budget=Budget(30.0, timer))
-    tried = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()
-             if line.startswith("[")]
+    out = capsys.readouterr().out.splitlines()
+    tried = [line.split("] ", 1)[1] for line in out if line.startswith("[")]
     assert tried == order  # the processes executor's, one run at a time
+    started = [line for line in out if line.startswith("start ")]
+    assert started[0].startswith(f"start {order[0]}: needs ~25 s (benchmark, ")
+    assert len(started) == 4 and all(" s left" in line for line in started)  # trained, not aliases
     assert {r["config"]["method"] for r in first} == {"teacher", "progressive", "finetune"}
     assert all(r["config"]["teacher_id"] is None for r in first)
     code = cli.main(["grid", "--preset", "smoke", "--model", "resnet8", "--chain", "32", "4", "1",
