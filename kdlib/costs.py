@@ -19,6 +19,7 @@ import pandas as pd
 
 from kdlib.budget import train_images, training_images
 from kdlib.config import RunConfig
+from kdlib.markdown import markdown_table
 from kdlib.run_order import unique_runs
 from kdlib.trained import TrainedIndex
 
@@ -171,7 +172,7 @@ def render_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int = 2) -> 
                      f"{cost['runs']} ({cost['trained']})",
                      "training images × epochs": _amount(cost["image_epochs"]),
                      "estimated cost": estimate, "at the rates of": cpu or "none"})
-    table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    table = markdown_table(pd.DataFrame(rows), index=False)
     if not cpus:
         return (f"{table}\n\nRates (training images × epochs per wall second of a run, evaluation "
                 "included) measured by the committed records: none yet.")

@@ -11,7 +11,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -24,20 +23,10 @@ from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_te
                            in_method_order, load_published, load_results, results_table,
                            shared_cells, summarise)
 from kdlib.costs import processor, render_costs
+from kdlib.markdown import markdown_table
 from kdlib.verdict import contrast_verdicts, render_agreement, render_answer
 
 COST_PRESETS = ("quick", "quick_squeezenet", "paper")  # the README's cost table
-
-
-def _escape_pipes(value: Any) -> Any:
-    return value.replace("|", r"\|") if isinstance(value, str) else value
-
-
-def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
-    """A GitHub table of ``frame``; a ``|`` in a cell or label is escaped, since a bare one
-    ends the cell there (``dorefa | pact | lsq`` would show as ``dorefa``)."""
-    frame = frame.map(_escape_pipes).rename(index=_escape_pipes, columns=_escape_pipes)
-    return frame.to_markdown(index=index, disable_numparse=True)  # keep "4.30", not 4.3
 
 
 def _epochs_sentence(frame: pd.DataFrame) -> str:
@@ -103,7 +92,7 @@ def render_results(results_dir: str | os.PathLike) -> str:
     size = (f"{images} training images (class-balanced subset)"
             if pd.notna(first.get("train_size")) else f"All {images:,} training images")
     lines = [
-        _markdown(table),
+        markdown_table(table),
         "",
         f"Test top-1 (%) at the epoch of best validation accuracy; {first['model']}, preset "
         f"`{first['preset']}`, seed(s) {', '.join(map(str, seeds))} "
@@ -126,7 +115,7 @@ def render_results(results_dir: str | os.PathLike) -> str:
     if not contrasts.empty:
         lines += ["", "Where the chain's gain comes from: paired (by seed) differences in test "
                   "top-1 points, mean [95% interval] (an interval needs two seeds or more):", "",
-                  _markdown(contrasts)]
+                  markdown_table(contrasts)]
     dirty = frame["git_commit"].fillna("").str.endswith("+dirty") if "git_commit" in frame else None
     if dirty is not None and dirty.any():
         lines += ["", f"**{int(dirty.sum())} of {len(frame)} runs were made from a modified "
@@ -140,7 +129,7 @@ def render_results(results_dir: str | os.PathLike) -> str:
         lines += ["", "Published numbers for the same network "
                   "(`kdlib/reference/published.csv`, full training sets and schedules; liao2020 "
                   "chose its epoch on the **test** set, which flatters it, RepDistiller reports "
-                  "the last epoch):", "", _markdown(published)]
+                  "the last epoch):", "", markdown_table(published)]
     return "\n".join(lines)
 
 
@@ -327,14 +316,14 @@ def render_packed_models(results_dir: str | os.PathLike, seed: int = 0) -> str:
     table = table.reindex(index=in_method_order(table.index),
                           columns=in_bits_order(table.columns)).fillna("")
     table.index.name = "KiB: method \\ bits"
-    return _markdown(table)
+    return markdown_table(table)
 
 
 def render_config_fields() -> str:
     """The README's list of RunConfig fields, from the comments beside them in kdlib/config.py."""
     frame = pd.DataFrame(describe_fields()).set_index("field")
     frame["default"] = [f"`{v}`" for v in frame["default"]]
-    return _markdown(frame)
+    return markdown_table(frame)
 
 
 def render_answer_block(results_dir: str | os.PathLike) -> str:

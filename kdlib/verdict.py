@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 
 from kdlib.budget import training_images
+from kdlib.markdown import markdown_table
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text,
                            in_bits_order)
 
@@ -264,6 +265,6 @@ def render_agreement(first: pd.DataFrame, second: pd.DataFrame) -> str:
         f"of `{first.iloc[0]['preset']}` / of `{second.iloc[0]['preset']}`; a width is resolved "
         f"when {RESOLVED_BY}). The budgets differ, so only directions are compared, not sizes.",
         "",
-        table.to_markdown(),
+        markdown_table(table),
         "",
         f"Of {len(pairs)} widths both grids test: {summary}."])

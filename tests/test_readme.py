@@ -455,3 +455,15 @@ def test_use_a_trained_model_lines_give_back_the_records_accuracy(real_data_root
     exec(code.replace("results/quick/models/<run_id>.packed", str(packed)), {})  # noqa: S102
     printed = capsys.readouterr().out
     assert f"'top1': {record['metrics']['test_top1']}," in printed
+
+
+def test_every_rendered_table_escapes_pipes_in_cells_and_labels():
+    """report, costs and verdict write their tables through markdown_table: a bare '|' would
+    end a GitHub cell early."""
+    from kdlib.markdown import markdown_table
+
+    frame = pd.DataFrame({"a|b": ["x || y", 4.30]}, index=pd.Index(["p|q", "r"], name="i|j"))
+    lines = markdown_table(frame).splitlines()
+    assert lines[0].split() == ["|", r"i\|j", "|", r"a\|b", "|"]
+    cells = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[2:]]
+    assert cells == [[r"p\|q", r"x \|\| y"], ["r", "4.3"]]
