@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from kdlib.results import METHOD_ORDER  # noqa: E402
+from kdlib.results import METHOD_ORDER, seeds_label  # noqa: E402
 
 METHOD_LABELS = {"individual": "individual (random init, CE)",
                  "finetune": "finetune (teacher init, CE)",
@@ -116,7 +116,7 @@ def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "",
         x = [pos[b] - 0.4 + width * (i + 0.5) for b in rows["w_bits"]]
         half = rows["ci95_high"] - rows["mean"]
         ax.bar(x, rows["mean"], width=width, yerr=None if half.isna().all() else half.fillna(0),
-               capsize=3, color=colors[i], label=f"{name} (n = {int(rows['n'].max())})")
+               capsize=3, color=colors[i], label=f"{name} ({seeds_label(rows['n'])})")
         for xi, row in zip(x, rows.itertuples()):
             if (name, int(row.w_bits), int(row.a_bits)) in (stands or ()):
                 up = row.mean > 0

@@ -21,7 +21,7 @@ from kdlib.checkout import shown_path
 from kdlib.config import describe_fields
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text, in_bits_order,
                            in_method_order, load_published, load_results, results_table,
-                           shared_cells, summarise)
+                           seeds_label, shared_cells, summarise)
 from kdlib.costs import processor, render_costs
 from kdlib.markdown import markdown_table
 from kdlib.verdict import contrast_verdicts, render_agreement, render_answer
@@ -68,8 +68,8 @@ def _contrast_table(frame: pd.DataFrame) -> pd.DataFrame:
     order = in_bits_order(contrasts["bits"])
     names = [f"{a} − {b}" for a, b, _ in CONTRASTS if f"{a} − {b}" in table.index]
     table = table.reindex(index=names, columns=order).fillna("")
-    n = contrasts.groupby("contrast")["n"].max()
-    table.index = [f"{name} (n = {int(n[name])})" for name in table.index]
+    n = contrasts.groupby("contrast")["n"]
+    table.index = [f"{name} ({seeds_label(n.get_group(name))})" for name in table.index]
     table.index.name = "contrast \\ bits"
     return table
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy
 import pandas as pd
@@ -418,6 +418,13 @@ def difference_text(mean: float, low: float, high: float, n: int) -> str:
     """A paired difference as the README writes it: ``+1.00 [+0.50, +1.50]``, or ``+1.00``
     when there is no interval (one seed)."""
     return f"{mean:+.2f}" if n < 2 else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def seeds_label(counts: Iterable[int]) -> str:
+    """How many seeds a set of paired differences rests on: ``n = 3``, or ``n = 2–3`` when the
+    widths differ (a grid still filling in), so no width is credited with seeds it lacks."""
+    counts = sorted({int(c) for c in counts})
+    return f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}–{counts[-1]}"
 
 
 def bits_label(w_bits: int, a_bits: int) -> str:

@@ -17,7 +17,7 @@ import pandas as pd
 from kdlib.budget import training_images
 from kdlib.markdown import markdown_table
 from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text,
-                           in_bits_order)
+                           in_bits_order, seeds_label)
 
 # What each side of a contrast stands for, in the answer's words: (method side, baseline side).
 SIDES = {
@@ -113,7 +113,6 @@ def _sentence(method: str, baseline: str, meaning: str, rows: pd.DataFrame) -> s
     won, lost = SIDES.get((method, baseline), (f"`{method}`", f"`{baseline}`"))
     budget = meaning[meaning.find("(") + 1:meaning.rfind(")")] if "(" in meaning else meaning
     head = f"- **{won[0].upper() + won[1:]} vs {lost}** (`{method} − {baseline}`, {budget})"
-    n = int(rows["n"].max())
     if (rows["verdict"] == "one seed").all():
         signs = ", ".join(f"{r.bits}: {r.mean:+.2f}" for r in rows.itertuples())
         return f"{head}: one seed, no interval yet ({signs} points)."
@@ -127,7 +126,7 @@ def _sentence(method: str, baseline: str, meaning: str, rows: pd.DataFrame) -> s
         half = ((open_["ci95_high"] - open_["ci95_low"]) / 2).median()
         parts.append(f"unresolved at {_widths(open_)} (median interval ±{half:.2f} points: an "
                      f"effect smaller than that could not be seen; {_values(open_)})")
-    return f"{head}, n = {n} seeds: " + "; ".join(parts) + "."
+    return f"{head}, {seeds_label(rows['n'])} seeds: " + "; ".join(parts) + "."
 
 
 def family_wise(verdicts: pd.DataFrame) -> pd.DataFrame:

@@ -240,7 +240,7 @@ def test_chain_contrasts_bars_are_the_paired_means_with_their_intervals():
     heights = sorted(p.get_height() for p in ax.patches)
     assert heights == [-1.0, 0.5, 2.0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "ta_chain − progressive_kd32 (n = 3)", "ta_chain − progressive (n = 3)"]
+        "ta_chain − progressive_kd32 (n = 1–3)", "ta_chain − progressive (n = 3)"]
     half_widths = sorted(float(np.ptp(seg[:, 1])) / 2 for c in ax.collections
                          for seg in c.get_segments())
     assert half_widths == [0.0, 1.0, 1.0]  # one seed: no interval drawn

@@ -363,7 +363,16 @@ def test_a_lease_filled_grid_states_its_answer_as_it_fills(tmp_path, monkeypatch
         assert "**The answer so far** (resnet8, preset `smoke`" in rendered
         assert ("one seed, no interval yet (8: -1.00 points)" in rendered) is (seed == 0)
     assert "n = 3 seeds: the 32-bit teacher is better at 8 bit (8: -1.20 [" in rendered
+    assert "| ta_chain − progressive_kd32 (n = 3) " in rendered
     assert rendered.index("The answer so far") < rendered.index("Still missing")
+    for seed, (chain, control) in enumerate([(40.0, 41.0), (40.4, 41.0)]):  # 4 bit: 2 seeds yet
+        write_record(gpu, f"c4-{seed}", "ta_chain", 4, seed, chain,
+                     created_at="2026-12-02T10:00:00+00:00")
+        write_record(gpu, f"p4-{seed}", "progressive_kd32", 4, seed, control,
+                     created_at="2026-12-02T10:00:00+00:00")
+    rendered = report.render_gpu(gpu, tmp_path / "bench")  # no width credited with 3 seeds
+    assert "| ta_chain − progressive_kd32 (n = 2–3) " in rendered
+    assert "n = 2–3 seeds: the 32-bit teacher is better at 8 bit" in rendered
 
 
 @pytest.mark.parametrize("block, preset, folder", [

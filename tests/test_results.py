@@ -9,7 +9,7 @@ import pytest
 
 from kdlib.fileio import atomic_open, write_json_atomic
 from kdlib.results import (load_record, load_results, paired_gain, results_table, save_record,
-                           summarise, t_interval_halfwidth)
+                           seeds_label, summarise, t_interval_halfwidth)
 
 
 def _record(method, bits, seed, acc):
@@ -169,6 +169,11 @@ def test_paired_gain_of_one_seed_has_no_interval():
 @pytest.mark.parametrize("std, n", [(float("nan"), 5), (float("inf"), 5), (2.0, 1), (2.0, 0)])
 def test_t_interval_halfwidth_is_nan_without_a_finite_spread(std, n):
     assert math.isnan(t_interval_halfwidth(std, n))
+
+
+def test_seeds_label_gives_the_range_when_widths_have_different_seed_counts():
+    assert seeds_label([3, 3, 3]) == "n = 3"
+    assert seeds_label(pd.Series([3, 2, 3, 1])) == "n = 1–3"
 
 
 def test_t_interval_halfwidth_formula():
