@@ -29,7 +29,8 @@ import torch
 from kdlib.budget import Admission, Budget, Deadline
 from kdlib.config import RunConfig
 from kdlib.data import load_splits
-from kdlib.experiments import budget_admission, check_writable, start_line, train_run
+from kdlib.experiments import (budget_admission, check_writable, done_line, start_line,
+                               train_run)
 from kdlib.run_order import (dependency_schedule, epochs_left_in, resume_first, submission_order,
                              unblocking_first, unique_runs, waits_as_alias)
 from kdlib.trained import TrainedIndex
@@ -150,14 +151,14 @@ def _wait_for_all(ray, refs: dict[str, Any], log: Callable[[str], None]) -> None
         ready, _ = ray.wait(list(pending), num_returns=1)
         run_id = pending.pop(ready[0])
         try:
-            ray.get(ready[0])
+            record = ray.get(ready[0])
         except ray.exceptions.RayError as exc:
             cause = getattr(exc, "cause", None) or exc
             first_line = (str(cause).strip().splitlines() or [""])[0]
             failed[run_id] = f"{type(cause).__name__}: {first_line}"
             log(f"[{len(refs) - len(pending)}/{len(refs)}] FAILED {run_id}: {failed[run_id]}")
         else:
-            log(f"[{len(refs) - len(pending)}/{len(refs)}] done {run_id}")
+            log(f"[{len(refs) - len(pending)}/{len(refs)}] {done_line(run_id, record)}")
     if failed:
         detail = "; ".join(f"{run_id}: {error}" for run_id, error in failed.items())
         raise GridRunError(f"{len(failed)} of {len(refs)} runs failed on Ray: {detail}")
@@ -233,8 +234,7 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
                 record = find_record(results_dir, run_id)
                 if budget is not None:
                     budget.timer.add(record)
-                log(f"done {run_id}" + (f" ({record['wall_time_s']:.0f} s)"
-                                        if record and "wall_time_s" in record else ""))
+                log(done_line(run_id, record))
     if left_out:
         log(f"budget: {len(left_out)} run(s) left for the next call; finished runs are skipped "
             "then, paused ones resume")

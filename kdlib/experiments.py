@@ -374,6 +374,7 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
         data.get(todo[0])
         check_writable(results_dir)
     index = TrainedIndex(results_dir)
+    untrained = {cfg.run_id() for cfg in todo}  # a done line for each, none for skipped runs
     records, left_out = [], []
     for i, cfg in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {cfg.run_id()}")
@@ -392,6 +393,8 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
             left_out.append(cfg.run_id())
             continue
         records.append(record)
+        if cfg.run_id() in untrained:
+            print(done_line(cfg.run_id(), record), flush=True)
         if budget is not None:
             budget.timer.add(record)
     if left_out:
@@ -419,6 +422,16 @@ def start_line(cfg: RunConfig, admission: Admission | None) -> str:
     """The log's line as a run starts; under a budget with its estimate and the time left, so
     that a call's estimates can be read beside the seconds of its ``done`` lines."""
     return f"start {cfg.run_id()}" + (f": {admission.why}" if admission is not None else "")
+
+
+def done_line(run_id: str, record: dict[str, Any] | None) -> str:
+    """The log's line as a run's record is written: the seconds it trained, or the run whose
+    training it is (an alias's record carries that run's seconds, not its own)."""
+    record = record or {}
+    if record.get("same_run_as"):
+        return f"done {run_id} (same run as {record['same_run_as']})"
+    seconds = record.get("wall_time_s")
+    return f"done {run_id}" + (f" ({seconds:.0f} s)" if seconds is not None else "")
 
 
 def budget_admission(cfg: RunConfig, budget: Budget, index: TrainedIndex,

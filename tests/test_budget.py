@@ -255,6 +255,14 @@ def test_a_budgeted_start_line_names_its_estimate_and_the_time_left():
     assert experiments.start_line(run, None) == f"start {run.run_id()}"
 
 
+def test_a_done_line_gives_the_seconds_trained_or_the_run_an_alias_is():
+    trained = {"run_id": "a", "wall_time_s": 47.6}
+    assert experiments.done_line("a", trained) == "done a (48 s)"
+    alias = {**trained, "run_id": "b", "same_run_as": "a"}  # copied seconds are not its own
+    assert experiments.done_line("b", alias) == "done b (same run as a)"
+    assert experiments.done_line("c", None) == "done c"
+
+
 def test_a_run_longer_than_the_whole_budget_spans_calls_and_a_shorter_one_waits():
     clock = Clock()
     timer = RunTimer("cpu")
@@ -460,6 +468,9 @@ def test_budgeted_grid_trains_what_fits_and_the_next_call_finishes(real_data_roo
     assert started[0].startswith(f"start {order[0]}: needs ~25 s (benchmark, ")
     assert len(started) == 4 and all(" s left" in line for line in started)  # trained, not aliases
     assert {r["config"]["method"] for r in first} == {"teacher", "progressive", "finetune"}
+    done = [line for line in out if line.startswith("done ")]  # the serial loop's, as processes'
+    assert sorted(done) == sorted(experiments.done_line(r["run_id"], r) for r in first)
+    assert sum(line.endswith(" s)") for line in done) == 4  # the trained ones carry seconds
     assert all(r["config"]["teacher_id"] is None for r in first)
     code = cli.main(["grid", "--preset", "smoke", "--model", "resnet8", "--chain", "32", "4", "1",
                      "--chain-methods", "ta_chain", "progressive", "--methods", "finetune",

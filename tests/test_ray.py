@@ -97,6 +97,22 @@ def test_ray_is_handed_what_other_runs_wait_for_first(tmp_path, monkeypatch):
     assert submitted != planned and sorted(submitted) == sorted(planned)
 
 
+def test_each_finished_ray_task_is_logged_as_the_other_executors_log_it():
+    """`[k/n] done <run> (N s)`, or which run an alias's training is, from the task's record."""
+    from kdlib import executors
+
+    records = {"t": {"run_id": "t", "wall_time_s": 12.4},
+               "a": {"run_id": "a", "wall_time_s": 12.4, "same_run_as": "t"}}
+
+    class FakeRay:
+        wait = staticmethod(lambda refs, num_returns: ([refs[0]], refs[1:]))
+        get = staticmethod(lambda ref: records[ref])
+
+    lines = []
+    executors._wait_for_all(FakeRay, {"t": "t", "a": "a"}, lines.append)
+    assert lines == ["[1/2] done t (12 s)", "[2/2] done a (same run as t)"]
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_cli_grid_on_ray_equals_the_serial_grid(ray_cluster, real_data_root, tmp_path, monkeypatch):
