@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -49,9 +49,11 @@ print(pd.Series(config.to_dict()).to_string())
 print(model, model_size_report(create_model(model, num_classes=config.num_classes)))
 
 # %%
-records = experiments.run_teacher(preset=preset, model=model, seeds=seeds, data_dir=data_dir or None,
-                                  results_dir=results_dir, overrides=overrides, device=device or None)
+records = experiments.run_teacher(preset=preset, model=model, seeds=seeds,
+                                  data_dir=data_dir or None, results_dir=results_dir,
+                                  overrides=overrides, device=device or None)
 
 # %%
 pd.DataFrame([{"run_id": r["run_id"], "seed": r["config"]["seed"], **r["metrics"],
-               "wall_time_s": r["wall_time_s"], "images_per_s": r["images_per_s"]} for r in records])
+               "wall_time_s": r["wall_time_s"], "images_per_s": r["images_per_s"]}
+              for r in records])

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -57,16 +57,17 @@ plan = experiments.plan_chain(preset, model, seeds[0], chain, overrides, method=
 print(experiments.plan_table(plan).to_string())
 
 # %% [markdown]
-# The weight grid of each link (DoReFa: 2·q_k(tanh w / 2 max|tanh w| + ½) − 1; 1 bit: sign(w)·E|w|)
-# and its activations (clipped to [0, 1], then 2^k levels):
+# The weight grid of each link (DoReFa: 2·q_k(tanh w / 2 max|tanh w| + ½) − 1;
+# 1 bit: sign(w)·E|w|) and its activations (clipped to [0, 1], then 2^k levels):
 
 # %% tags=["nbval-check-output"]
 print(pd.DataFrame([level_summary(c.w_bits) for c in plan]).to_string(index=False))
 
 # %%
-records = experiments.run_ta_chain(preset=preset, model=model, seeds=seeds, chain=chain, methods=methods,
-                                   data_dir=data_dir or None, results_dir=results_dir,
-                                   overrides=overrides, device=device or None)
+records = experiments.run_ta_chain(preset=preset, model=model, seeds=seeds, chain=chain,
+                                   methods=methods, data_dir=data_dir or None,
+                                   results_dir=results_dir, overrides=overrides,
+                                   device=device or None)
 
 # %%
 records_table(records)

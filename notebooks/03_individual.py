@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -32,7 +32,8 @@
 preset: str = "smoke"  # smoke | quick | paper: every hyperparameter lives in kdlib/presets.py
 model: str = "resnet20"  # registry name, see kdlib.models.list_models()
 seeds: list = [0]  # one grid per seed
-bits: list = [4, 1]  # student bit widths, the chain's links in order; `kdlib run` injects the preset's
+# student bit widths, the chain's links in order; `kdlib run` injects the preset's
+bits: list = [4, 1]
 methods: list = ["individual", "finetune", "direct_kd", "direct_kd_matched"]  # any of these
 data_dir: str = ""  # folder holding cifar-100-python/; "" -> $KDLIB_DATA, else ./data
 results_dir: str = "../results/smoke"  # run records, checkpoints and figures go here
@@ -48,9 +49,10 @@ plan = experiments.plan_students(preset, model, seeds[0], methods, bits, overrid
 print(experiments.plan_table(plan).to_string())
 
 # %%
-records = experiments.run_students(preset=preset, model=model, seeds=seeds, methods=methods, bits=bits,
-                                   data_dir=data_dir or None, results_dir=results_dir,
-                                   overrides=overrides, device=device or None)
+records = experiments.run_students(preset=preset, model=model, seeds=seeds, methods=methods,
+                                   bits=bits, data_dir=data_dir or None,
+                                   results_dir=results_dir, overrides=overrides,
+                                   device=device or None)
 
 # %%
 records_table(records)

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -24,7 +24,8 @@
 
 # %% tags=["parameters"]
 preset: str = "smoke"  # preset whose results are shown (used in titles)
-results_dir: str = "../results/smoke"  # folder with runs/; figures/ and summary.csv are written here
+# folder with runs/; figures/ and summary.csv are written here
+results_dir: str = "../results/smoke"
 
 # %%
 from pathlib import Path
@@ -43,7 +44,8 @@ frame = load_results(results_dir)
 records = load_records(results_dir)
 drawn_from = drawn_from_digest(results_dir)  # stamped into each figure: `readme --check` reads it
 if frame.empty:
-    raise FileNotFoundError(f"no run records in {Path(results_dir) / 'runs'}: run notebooks 01-03 first")
+    raise FileNotFoundError(f"no run records in {Path(results_dir) / 'runs'}: "
+                            "run notebooks 01-03 first")
 summary = summarise(frame)
 summary_table(frame).to_csv(Path(results_dir) / "summary.csv", index=False)
 teacher_acc = frame.loc[frame["method"] == "teacher", "test_top1"].mean()
@@ -59,7 +61,8 @@ table
 
 # %%
 published = load_published(frame["model"].iloc[0])
-published[published["source"] == "liao2020"].pivot_table(index="method", columns="w_bits", values="top1")
+published[published["source"] == "liao2020"].pivot_table(index="method", columns="w_bits",
+                                                          values="top1")
 
 # %% [markdown]
 # ## Accuracy vs bit width
@@ -127,5 +130,6 @@ plt.show()
 # ## Cost of the runs
 
 # %%
-frame.groupby("method").agg(runs=("run_id", "count"), wall_time_min=("wall_time_s", lambda s: s.sum() / 60),
+frame.groupby("method").agg(runs=("run_id", "count"),
+                            wall_time_min=("wall_time_s", lambda s: s.sum() / 60),
                             images_per_s=("images_per_s", "median"))
