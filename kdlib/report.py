@@ -24,7 +24,7 @@ from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_te
                            seeds_label, shared_cells, summarise)
 from kdlib.costs import processor, render_costs
 from kdlib.markdown import markdown_table
-from kdlib.verdict import contrast_verdicts, render_agreement, render_answer
+from kdlib.verdict import contrast_verdicts, one_training, render_agreement, render_answer
 
 COST_PRESETS = ("quick", "quick_squeezenet", "paper")  # the README's cost table
 
@@ -55,21 +55,28 @@ def _epochs_sentence(frame: pd.DataFrame) -> str:
 
 
 def _contrast_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Contrast × bits table of 'mean [low, high]' (95% paired interval; n in the row name)."""
+    """Contrast × bits table of 'mean [low, high]' (95% paired interval; n in the row name), or
+    'same run' where both sides are one training (:func:`kdlib.verdict.one_training`)."""
     contrasts = chain_contrasts(frame)
     if contrasts.empty:
         return pd.DataFrame()
     contrasts = contrasts.assign(bits=[bits_label(w, a) for w, a in
                                        zip(contrasts["w_bits"], contrasts["a_bits"])])
 
-    contrasts["cell"] = [difference_text(r.mean, r.ci95_low, r.ci95_high, r.n)
+    identical = {f"{a} − {b}": one_training(frame, a, b) for a, b, _ in CONTRASTS}
+    contrasts["same"] = [(w, a) in identical.get(c, set()) for c, w, a in
+                         zip(contrasts["contrast"], contrasts["w_bits"], contrasts["a_bits"])]
+    # one training under both names: 0 by construction, no finding (nor seeds of one)
+    contrasts["cell"] = ["same run" if r.same else
+                         difference_text(r.mean, r.ci95_low, r.ci95_high, r.n)
                          for r in contrasts.itertuples()]
     table = contrasts.pivot_table(index="contrast", columns="bits", values="cell", aggfunc="first")
     order = in_bits_order(contrasts["bits"])
     names = [f"{a} − {b}" for a, b, _ in CONTRASTS if f"{a} − {b}" in table.index]
     table = table.reindex(index=names, columns=order).fillna("")
-    n = contrasts.groupby("contrast")["n"]
-    table.index = [f"{name} ({seeds_label(n.get_group(name))})" for name in table.index]
+    compared = contrasts[~contrasts["same"]].groupby("contrast")["n"]
+    table.index = [f"{name} ({seeds_label(compared.get_group(name))})"
+                   if name in compared.groups else name for name in table.index]
     table.index.name = "contrast \\ bits"
     return table
 
@@ -114,7 +121,8 @@ def render_results(results_dir: str | os.PathLike) -> str:
     contrasts = _contrast_table(frame)
     if not contrasts.empty:
         lines += ["", "Where the chain's gain comes from: paired (by seed) differences in test "
-                  "top-1 points, mean [95% interval] (an interval needs two seeds or more):", "",
+                  "top-1 points, mean [95% interval] (an interval needs two seeds or more; "
+                  "_same run_: one training under both names, no comparison):", "",
                   markdown_table(contrasts)]
     dirty = frame["git_commit"].fillna("").str.endswith("+dirty") if "git_commit" in frame else None
     if dirty is not None and dirty.any():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from kdlib import report
 from kdlib.config import RunConfig
 from kdlib.results import load_results, save_record
 from kdlib.verdict import (agreement, classify, compare_answers, contrast_verdicts, holm_standing,
@@ -73,6 +74,10 @@ def test_one_training_under_two_names_is_no_finding(tmp_path):
     assert one_training(frame, "ta_chain", "progressive_kd32") == {(16, 16)}
     assert contrast_verdicts(frame)["bits"].tolist() == ["2"]
     assert "16:" not in render_answer(frame)
+    table = report._contrast_table(frame)  # the README's: said so, not shown as +0.00 [0, 0]
+    assert table.index.tolist() == ["ta_chain − progressive_kd32 (n = 3)"]
+    assert table.columns.tolist() == ["16", "2"] and table.iloc[0, 0] == "same run"
+    assert table.iloc[0, 1].startswith("+1.00 [")
 
 
 def test_one_seed_claims_nothing(tmp_path):
