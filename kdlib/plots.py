@@ -101,11 +101,14 @@ def plot_gain_over_individual(gains: pd.DataFrame, title: str = "") -> plt.Figur
 
 
 def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "",
-                         stands: Collection[tuple[str, int, int]] | None = None) -> plt.Figure:
+                         stands: Collection[tuple[str, int, int]] | None = None,
+                         same_run: Collection[tuple[str, int, int]] = ()) -> plt.Figure:
     """The three contrasts that attribute the chain's gain (kdlib.results.chain_contrasts) per
     bit width: mean paired difference, error bar = its 95% t-interval (none with one seed).
     ``stands``: (contrast, w_bits, a_bits) of the calls that stand when all widths together may
-    err 5% (kdlib.verdict.holm_standing), each marked * beyond its error bar."""
+    err 5% (kdlib.verdict.holm_standing), each marked * beyond its error bar. ``same_run``:
+    those where both sides are one training (kdlib.verdict.same_run_widths): labelled, no bar
+    (a zero by construction is no measured null), no seeds counted in the legend."""
     fig, ax = plt.subplots(figsize=(9.5, 4))
     names = list(dict.fromkeys(contrasts["contrast"])) if not contrasts.empty else []
     pos = _bit_positions(contrasts["w_bits"]) if not contrasts.empty else {}
@@ -113,10 +116,16 @@ def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "",
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         rows = contrasts[contrasts["contrast"] == name]
+        same = [(name, int(w), int(a)) in same_run for w, a in zip(rows["w_bits"], rows["a_bits"])]
+        for b in rows["w_bits"][same]:
+            ax.text(pos[b] - 0.4 + width * (i + 0.5), 0, " same run", rotation=90, fontsize=7,
+                    ha="center", va="bottom", color=colors[i])
+        rows = rows[[not s for s in same]]
         x = [pos[b] - 0.4 + width * (i + 0.5) for b in rows["w_bits"]]
         half = rows["ci95_high"] - rows["mean"]
         ax.bar(x, rows["mean"], width=width, yerr=None if half.isna().all() else half.fillna(0),
-               capsize=3, color=colors[i], label=f"{name} ({seeds_label(rows['n'])})")
+               capsize=3, color=colors[i],
+               label=f"{name} ({seeds_label(rows['n'])})" if len(rows) else name)
         for xi, row in zip(x, rows.itertuples()):
             if (name, int(row.w_bits), int(row.a_bits)) in (stands or ()):
                 up = row.mean > 0
@@ -125,6 +134,8 @@ def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "",
                             ha="center", va="bottom" if up else "top", fontsize=12)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.margins(y=0.1)  # room for the * beyond the longest error bars
+    if pos:  # every width's slot, a labelled one without bars too
+        ax.set_xlim(min(pos.values()) - 0.5, max(pos.values()) + 0.5)
     _set_bit_axis(ax, pos)
     ax.set_ylabel("paired difference (top-1 points)")
     one_seed = contrasts.empty or contrasts["n"].max() < 2

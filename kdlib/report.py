@@ -24,7 +24,8 @@ from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_te
                            seeds_label, shared_cells, summarise)
 from kdlib.costs import processor, render_costs
 from kdlib.markdown import markdown_table
-from kdlib.verdict import contrast_verdicts, one_training, render_agreement, render_answer
+from kdlib.verdict import (contrast_verdicts, is_same_run, render_agreement, render_answer,
+                           same_run_widths)
 
 COST_PRESETS = ("quick", "quick_squeezenet", "paper")  # the README's cost table
 
@@ -56,16 +57,14 @@ def _epochs_sentence(frame: pd.DataFrame) -> str:
 
 def _contrast_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Contrast × bits table of 'mean [low, high]' (95% paired interval; n in the row name), or
-    'same run' where both sides are one training (:func:`kdlib.verdict.one_training`)."""
+    'same run' where both sides are one training (:func:`kdlib.verdict.same_run_widths`)."""
     contrasts = chain_contrasts(frame)
     if contrasts.empty:
         return pd.DataFrame()
     contrasts = contrasts.assign(bits=[bits_label(w, a) for w, a in
                                        zip(contrasts["w_bits"], contrasts["a_bits"])])
 
-    identical = {f"{a} − {b}": one_training(frame, a, b) for a, b, _ in CONTRASTS}
-    contrasts["same"] = [(w, a) in identical.get(c, set()) for c, w, a in
-                         zip(contrasts["contrast"], contrasts["w_bits"], contrasts["a_bits"])]
+    contrasts["same"] = is_same_run(contrasts, same_run_widths(frame))
     # one training under both names: 0 by construction, no finding (nor seeds of one)
     contrasts["cell"] = ["same run" if r.same else
                          difference_text(r.mean, r.ci95_low, r.ci95_high, r.n)

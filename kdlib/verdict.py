@@ -80,15 +80,26 @@ def one_training(frame: pd.DataFrame, method: str, baseline: str) -> set[tuple[i
     return {bits for bits, value in same.items() if value}
 
 
+def same_run_widths(frame: pd.DataFrame) -> set[tuple[str, int, int]]:
+    """(contrast, w_bits, a_bits) of the :data:`CONTRASTS` whose two sides are one training
+    there (:func:`one_training`): no comparison, to be said so rather than shown as 0."""
+    return {(f"{a} − {b}", w, a_bits) for a, b, _ in CONTRASTS
+            for w, a_bits in one_training(frame, a, b)}
+
+
+def is_same_run(contrasts: pd.DataFrame, same: set[tuple[str, int, int]]) -> list[bool]:
+    """Per row of ``contrasts`` (:func:`~kdlib.results.chain_contrasts`): in ``same``?"""
+    return [(c, int(w), int(a)) in same for c, w, a in
+            zip(contrasts["contrast"], contrasts["w_bits"], contrasts["a_bits"])]
+
+
 def contrast_verdicts(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per contrast × bit width: mean, interval, n and :func:`classify`'s verdict;
-    widths where the two sides are one training run are left out (:func:`one_training`)."""
+    widths where the two sides are one training run are left out (:func:`same_run_widths`)."""
     contrasts = chain_contrasts(frame)
     if contrasts.empty:
         return contrasts
-    identical = {f"{a} − {b}": one_training(frame, a, b) for a, b, _ in CONTRASTS}
-    keep = [(w, a) not in identical.get(c, set())
-            for c, w, a in zip(contrasts["contrast"], contrasts["w_bits"], contrasts["a_bits"])]
+    keep = [not same for same in is_same_run(contrasts, same_run_widths(frame))]
     contrasts = contrasts[keep]
     if contrasts.empty:
         return contrasts

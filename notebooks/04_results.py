@@ -37,7 +37,7 @@ from IPython.display import Markdown
 from kdlib import plots
 from kdlib.results import (chain_contrasts, drawn_from_digest, load_published, load_records,
                            load_results, paired_gain, results_table, summarise, summary_table)
-from kdlib.verdict import holm_standing, render_answer
+from kdlib.verdict import holm_standing, render_answer, same_run_widths
 
 figures = Path(results_dir) / "figures"
 frame = load_results(results_dir)
@@ -96,7 +96,8 @@ gains
 # %%
 contrasts = chain_contrasts(frame)
 if not contrasts.empty:
-    fig = plots.plot_chain_contrasts(contrasts, stands=holm_standing(frame))
+    fig = plots.plot_chain_contrasts(contrasts, stands=holm_standing(frame),
+                                     same_run=same_run_widths(frame))
     plots.save_figure(fig, figures / "chain_contrasts.png", drawn_from)
     plt.show()
 contrasts

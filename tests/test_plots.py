@@ -248,6 +248,27 @@ def test_chain_contrasts_bars_are_the_paired_means_with_their_intervals():
     plt.close(fig)
 
 
+def test_a_width_where_both_sides_are_one_training_is_labelled_not_drawn_as_a_zero():
+    row = {"contrast": "ta_chain − progressive_kd32", "a_bits": 16, "w_bits": 16, "mean": 0.0,
+           "ci95_low": 0.0, "ci95_high": 0.0, "n": 3}
+    contrasts = pd.DataFrame([row, {**row, "w_bits": 2, "a_bits": 2, "mean": -1.0,
+                                    "ci95_low": -2.0, "ci95_high": 0.0, "n": 2}])
+    fig = plots.plot_chain_contrasts(contrasts,
+                                     same_run={("ta_chain − progressive_kd32", 16, 16)})
+    ax = fig.axes[0]
+    assert [p.get_height() for p in ax.patches] == [-1.0]  # no bar at 16
+    assert ax.get_xlim() == (-0.5, 1.5)  # but its slot, where the label stands
+    assert [t.get_text().strip() for t in ax.texts if "same" in t.get_text()] == ["same run"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "ta_chain − progressive_kd32 (n = 2)"]  # 16 bits' three seeds compared nothing
+    plt.close(fig)
+    only_same = plots.plot_chain_contrasts(contrasts.iloc[:1],
+                                           same_run={("ta_chain − progressive_kd32", 16, 16)})
+    assert [t.get_text() for t in only_same.axes[0].get_legend().get_texts()] == [
+        "ta_chain − progressive_kd32"]
+    plt.close(only_same)
+
+
 def test_chain_contrasts_mark_the_calls_that_stand_beyond_their_error_bars():
     """* at the far end of each interval that Holm's correction keeps (above a gain, below a
     loss), none elsewhere, and a note that says what * means."""

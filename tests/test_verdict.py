@@ -10,7 +10,7 @@ from kdlib.config import RunConfig
 from kdlib.results import load_results, save_record
 from kdlib.verdict import (agreement, classify, compare_answers, contrast_verdicts, holm_standing,
                            holm_stands, one_training, paired_p_value, render_agreement,
-                           render_answer)
+                           render_answer, same_run_widths)
 
 
 def _save(folder, cfg: RunConfig, top1: float, same_run_as: str | None = None) -> None:
@@ -72,6 +72,7 @@ def test_one_training_under_two_names_is_no_finding(tmp_path):
     """At 16 bits both chains are the same run: a 0 by construction, left out of the answer."""
     frame = _chains(tmp_path, {2: [1.0, 1.2, 0.8]})
     assert one_training(frame, "ta_chain", "progressive_kd32") == {(16, 16)}
+    assert same_run_widths(frame) == {("ta_chain − progressive_kd32", 16, 16)}
     assert contrast_verdicts(frame)["bits"].tolist() == ["2"]
     assert "16:" not in render_answer(frame)
     table = report._contrast_table(frame)  # the README's: said so, not shown as +0.00 [0, 0]
