@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from kdlib.results import METHOD_ORDER, seeds_label  # noqa: E402
+from kdlib.verdict import is_same_run  # noqa: E402
 
 METHOD_LABELS = {"individual": "individual (random init, CE)",
                  "finetune": "finetune (teacher init, CE)",
@@ -116,7 +117,7 @@ def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "",
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         rows = contrasts[contrasts["contrast"] == name]
-        same = [(name, int(w), int(a)) in same_run for w, a in zip(rows["w_bits"], rows["a_bits"])]
+        same = is_same_run(rows, same_run)
         for b in rows["w_bits"][same]:
             ax.text(pos[b] - 0.4 + width * (i + 0.5), 0, " same run", rotation=90, fontsize=7,
                     ha="center", va="bottom", color=colors[i])

@@ -10,7 +10,7 @@ so the answer also says which calls stand when all of them together may err 5% o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import pandas as pd
 
@@ -83,11 +83,11 @@ def one_training(frame: pd.DataFrame, method: str, baseline: str) -> set[tuple[i
 def same_run_widths(frame: pd.DataFrame) -> set[tuple[str, int, int]]:
     """(contrast, w_bits, a_bits) of the :data:`CONTRASTS` whose two sides are one training
     there (:func:`one_training`): no comparison, to be said so rather than shown as 0."""
-    return {(f"{a} − {b}", w, a_bits) for a, b, _ in CONTRASTS
-            for w, a_bits in one_training(frame, a, b)}
+    return {(f"{method} − {baseline}", w_bits, a_bits) for method, baseline, _ in CONTRASTS
+            for w_bits, a_bits in one_training(frame, method, baseline)}
 
 
-def is_same_run(contrasts: pd.DataFrame, same: set[tuple[str, int, int]]) -> list[bool]:
+def is_same_run(contrasts: pd.DataFrame, same: Collection[tuple[str, int, int]]) -> list[bool]:
     """Per row of ``contrasts`` (:func:`~kdlib.results.chain_contrasts`): in ``same``?"""
     return [(c, int(w), int(a)) in same for c, w, a in
             zip(contrasts["contrast"], contrasts["w_bits"], contrasts["a_bits"])]
