@@ -23,7 +23,8 @@ METHODS = ("teacher", "individual", "finetune", "direct_kd", "ta_chain", "progre
 SCHEDULES = ("cosine", "multistep")
 KD_MODES = ("hinton", "apprentice")
 # The version of the training recipe: bump it whenever a change to kdlib changes what a given
-# config computes, so that records made by older code get other run ids and are never reused.
+# config computes, so that records made by older code get other run ids and are never reused
+# (tests/test_recipe.py compares a tiny grid's numbers with those stored for this version).
 # 1: the code of the first quick records (no `recipe` field); 2: exact quantized layers, precision.
 RECIPE_VERSION = 2
 KD_METHODS = ("direct_kd", "ta_chain", "progressive_kd32", "direct_kd_matched")  # distil
