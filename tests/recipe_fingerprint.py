@@ -52,9 +52,9 @@ def fingerprint(data_root: str | os.PathLike, results_dir: str | os.PathLike,
     """sha256 of every run's per-epoch numbers and test metrics, one thread, no TensorBoard."""
     from kdlib import experiments
 
-    os.environ["KDLIB_TENSORBOARD"] = "0"
-    threads = torch.get_num_threads()
+    threads, tensorboard = torch.get_num_threads(), os.environ.get("KDLIB_TENSORBOARD")
     torch.set_num_threads(1)  # another thread count may sum in another order
+    os.environ["KDLIB_TENSORBOARD"] = "0"
     try:
         numbers = {}
         for i, grid in enumerate(grids):
@@ -64,8 +64,12 @@ def fingerprint(data_root: str | os.PathLike, results_dir: str | os.PathLike,
                 numbers[record["run_id"]] = {
                     "history": [{k: row[k] for k in NUMBERS} for row in record["history"]],
                     "metrics": record["metrics"]}
-    finally:
+    finally:  # as it was: the tests that run after this one see no difference
         torch.set_num_threads(threads)
+        if tensorboard is None:
+            os.environ.pop("KDLIB_TENSORBOARD", None)
+        else:
+            os.environ["KDLIB_TENSORBOARD"] = tensorboard
     return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,6 +1,8 @@
 """A change of training code that changes the numbers must bump RECIPE_VERSION (DESIGN.md)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import kdlib.step
@@ -44,4 +46,6 @@ def test_the_fingerprint_sees_a_change_in_the_last_bit_of_the_kd_loss(tmp_path, 
         return loss * (1 + 2 ** -20), ce, kd
 
     monkeypatch.setattr(kdlib.step, "kd_loss_terms", nudged)
+    monkeypatch.setenv("KDLIB_TENSORBOARD", "1")
     assert recipe.fingerprint(fake_data_root, tmp_path / "c", grid) != before
+    assert os.environ["KDLIB_TENSORBOARD"] == "1"  # left as it was for the tests after it
