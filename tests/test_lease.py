@@ -21,7 +21,7 @@ import torch
 from kdlib import experiments, lease
 from kdlib.lease import commands as lease_commands
 from kdlib.results import (checkpoint_path, load_records, note_paused, packed_path,
-                           weights_path)
+                           save_record, weights_path)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=1, steps=1, warmup=1,
@@ -41,6 +41,27 @@ def comparable(record):
             "same_run_as": record.get("same_run_as"),
             "history": [{k: v for k, v in row.items() if k not in TIMING}
                         for row in record["history"]]}
+
+
+def test_a_lease_with_nothing_to_train_is_refused_before_anything_is_packed(tmp_path):
+    plan = experiments.plan_grid(preset="smoke", model="resnet8", seeds=[0], chain=[32, 4],
+                                 chain_methods=["ta_chain"], methods=["direct_kd"])
+    results = tmp_path / "results" / "gpu"
+    for cfg in plan[:-1]:
+        save_record(results, {"run_id": cfg.run_id(), "config": cfg.to_dict(), "metrics": {},
+                              "history": [{}]})
+    lease.check_something_to_train(plan, results, "gpu")  # one run left: a lease has work
+    last = plan[-1]
+    save_record(results, {"run_id": last.run_id(), "config": last.to_dict(), "metrics": {},
+                          "history": [{}]})
+    with pytest.raises(ValueError, match=r"nothing for a lease to train: all 3 planned runs of "
+                                         r"preset 'gpu' have records .* lease prepare --preset "
+                                         r"paper"):
+        lease.prepare(plan, data_root=tmp_path / "no-data", results_dir=results,
+                      repo_root=tmp_path, minutes=9, jobs=1, preset="gpu")
+    assert not (tmp_path / lease.LEASE_DIR).exists()  # refused before packing anything
+    with pytest.raises(ValueError, match="add seeds"):
+        lease.check_something_to_train(plan, results, "paper")
 
 
 def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path):

@@ -41,9 +41,10 @@ from kdlib.lease.device import (SNAPSHOT, StashIncomplete, assemble_data, call_t
                                 check_stash, go, pack, pack_outputs, place_carried,
                                 restore_returned, snapshot_results, store, store_carried,
                                 store_part)
-from kdlib.lease.prepare import (compress_carried, frontier_weights, lost_paused, pack_data,
-                                 part_mib_for, plan_carry, planned_paused, prepare,
-                                 travelling_bytes, unneeded_committed_weights)
+from kdlib.lease.prepare import (check_something_to_train, compress_carried, frontier_weights,
+                                 lost_paused, pack_data, part_mib_for, plan_carry,
+                                 planned_paused, prepare, travelling_bytes,
+                                 unneeded_committed_weights)
 from kdlib.lease.receive import (check_returns, read_manifest, receive,
                                  stage_for_next_lease)
 from kdlib.lease.tracked import hide_for_lease, unhide_after_lease, untravelled_results
@@ -56,7 +57,8 @@ __all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "BENCH_ALLOWANCE_S", "CALL
            "CARRIED_SUFFIX", "DATA_FILES", "DATA_MANIFEST", "DEVICE_BENCH", "FALLBACK_BENCH",
            "LEASE_DIR", "MIB", "OUT_MAX_FILES", "SNAPSHOT", "SPARE_COMPILED_S", "STASH",
            "STASH_INCOMPLETE_EXIT", "STASH_PLAN",
-           "assemble_data", "auto_jobs", "call_timeline", "check_returns", "check_stash",
+           "assemble_data", "auto_jobs", "call_timeline", "check_returns",
+           "check_something_to_train", "check_stash",
            "compile_undecided", "complete_bench", "compress_carried", "device_bench_args",
            "frontier_weights", "go", "groups_weights", "hide_for_lease", "later_compile_parts",
            "lost_paused", "missing_parts", "pack", "pack_data", "pack_outputs", "part_mib_for",

@@ -224,6 +224,22 @@ def lost_paused(plan: Sequence, results_dir: Path) -> dict[str, int]:
             if run_id in planned and run_id not in here}
 
 
+NEXT_PRESET = {"gpu": "paper"}  # what the leases fill once a preset's grid is done
+
+
+def check_something_to_train(plan: Sequence, results_dir: Path, preset: str) -> None:
+    """ValueError, before anything is packed, when every planned run already has a record: a
+    lease would spend its minutes carrying data in to train nothing."""
+    from kdlib.results import find_record
+
+    if plan and all(find_record(results_dir, cfg.run_id()) is not None for cfg in plan):
+        nxt = NEXT_PRESET.get(preset)
+        raise ValueError(f"nothing for a lease to train: all {len(plan)} planned runs of preset "
+                         f"{preset!r} have records in {results_dir}"
+                         + (f"; the next grid to fill is {nxt!r}: python -m kdlib lease prepare "
+                            f"--preset {nxt}" if nxt else "; add seeds (--seeds) or methods"))
+
+
 def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Path,
             minutes: float, jobs: int | str, preset: str, model: str | None = None,
             grid: dict[str, Sequence] | None = None, part_mib: float | None = None,
@@ -239,6 +255,7 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     from kdlib.presets import get_preset
     from kdlib.results import CODE_COMMIT  # the device's copy of .git can be stale: state it
 
+    check_something_to_train(plan, results_dir, preset)
     lease = repo_root / LEASE_DIR
     unhide_after_lease(repo_root)  # an earlier prepare's, so that its folders are seen again
     paused = planned_paused(plan, results_dir)
