@@ -23,7 +23,7 @@ from kdlib import notebook_runs
 from kdlib.bench import main as bench_main
 from kdlib.checkout import REPO_ROOT, default_results_dir, shown_path
 from kdlib.checks import format_bits, parse_bits
-from kdlib.config import INIT_METHODS, KD_METHODS
+from kdlib.config import INIT_METHODS, KD_METHODS, METHODS
 from kdlib.budget import Budget, RunTimer, device_kind, load_bench
 from kdlib.device import pick_device
 from kdlib.executors import (EXECUTORS, GridRunError, MissingExtraError, check_resources,
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one model from the shell")
     common(train)
     train.add_argument("--method", default="individual",
-                       help="teacher | individual | finetune | direct_kd | ta_chain")
+                       help=" | ".join(METHODS))
     train.add_argument("--w-bits", type=int, default=None, help="default: 32")
     train.add_argument("--a-bits", type=int, default=None, help="default: same as --w-bits")
     train.add_argument("--seed", type=int, default=0)

@@ -132,3 +132,13 @@ def test_run_refuses_a_bad_chain_before_any_notebook(tmp_path):
                  "--results-dir", str(tmp_path), *TINY)
     assert proc.returncode == 2 and "not descending" in proc.stderr
     assert not (tmp_path / "executed").exists() and not (tmp_path / "runs").exists()
+
+
+def test_train_help_names_every_method_a_config_accepts(capsys):
+    from kdlib.cli import build_parser
+    from kdlib.config import METHODS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert all(f" {method} " in f" {shown} " for method in METHODS)
