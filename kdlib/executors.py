@@ -135,29 +135,32 @@ def execute_ray(plan: Sequence[RunConfig], *, data_dir: str | os.PathLike | None
                 name=f"train {cfg.run_id()}",
             ).remote(cfg.to_dict(), data_dir, results_dir, device, cpus_per_run, tensorboard,
                      *(refs[d] for d in after))
-        _wait_for_all(ray, refs, log)
+        _wait_for_all(ray, refs, log, results_dir)
     finally:
         if started_here:
             ray.shutdown()
     return [find_record(results_dir, cfg.run_id()) for cfg in plan]
 
 
-def _wait_for_all(ray, refs: dict[str, Any], log: Callable[[str], None]) -> None:
-    """Report each run as it finishes; GridRunError naming every failed run at the end (a run
-    whose teacher or init run failed fails with that run's error)."""
+def _wait_for_all(ray, refs: dict[str, Any], log: Callable[[str], None],
+                  results_dir: str) -> None:
+    """Report each run as it finishes (:func:`done_line`, from the record it wrote);
+    GridRunError naming every failed run at the end (a run whose teacher or init run failed
+    fails with that run's error)."""
     pending = {ref: run_id for run_id, ref in refs.items()}
     failed: dict[str, str] = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         run_id = pending.pop(ready[0])
         try:
-            record = ray.get(ready[0])
+            ray.get(ready[0])  # the run id
         except ray.exceptions.RayError as exc:
             cause = getattr(exc, "cause", None) or exc
             first_line = (str(cause).strip().splitlines() or [""])[0]
             failed[run_id] = f"{type(cause).__name__}: {first_line}"
             log(f"[{len(refs) - len(pending)}/{len(refs)}] FAILED {run_id}: {failed[run_id]}")
         else:
+            record = find_record(results_dir, run_id)
             log(f"[{len(refs) - len(pending)}/{len(refs)}] {done_line(run_id, record)}")
     if failed:
         detail = "; ".join(f"{run_id}: {error}" for run_id, error in failed.items())

@@ -16,7 +16,7 @@ import torch
 from kdlib import cli, experiments
 from kdlib.executors import check_resources, execute_ray
 from kdlib.run_order import dependency_schedule
-from kdlib.results import checkpoint_path, find_record, load_records
+from kdlib.results import checkpoint_path, find_record, load_records, save_record
 
 TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
 # teacher, ta_chain and progressive along 32 -> 4 -> 1, finetune and direct_kd at 4 and 1 bits:
@@ -86,7 +86,7 @@ def test_ray_is_handed_what_other_runs_wait_for_first(tmp_path, monkeypatch):
         remote = staticmethod(lambda fn: FakeRemote())
 
     monkeypatch.setattr(executors, "import_ray", lambda: FakeRay)
-    monkeypatch.setattr(executors, "_wait_for_all", lambda ray, refs, log: None)
+    monkeypatch.setattr(executors, "_wait_for_all", lambda ray, refs, log, results_dir: None)
     plan = experiments.plan_grid(**GRID)
     execute_ray(plan, results_dir=tmp_path, log=lambda _: None)
     assert submitted == [cfg.run_id() for cfg in start_order(plan, tmp_path)]
@@ -97,19 +97,22 @@ def test_ray_is_handed_what_other_runs_wait_for_first(tmp_path, monkeypatch):
     assert submitted != planned and sorted(submitted) == sorted(planned)
 
 
-def test_each_finished_ray_task_is_logged_as_the_other_executors_log_it():
-    """`[k/n] done <run> (N s)`, or which run an alias's training is, from the task's record."""
+def test_each_finished_ray_task_is_logged_as_the_other_executors_log_it(tmp_path):
+    """`[k/n] done <run> (N s)`, or which run an alias's training is, from the record the
+    task wrote (a task returns its run id)."""
     from kdlib import executors
 
-    records = {"t": {"run_id": "t", "wall_time_s": 12.4},
-               "a": {"run_id": "a", "wall_time_s": 12.4, "same_run_as": "t"}}
+    save_record(tmp_path, {"run_id": "t", "config": {}, "metrics": {}, "history": [{}],
+                           "wall_time_s": 12.4})
+    save_record(tmp_path, {"run_id": "a", "config": {}, "metrics": {}, "history": [{}],
+                           "wall_time_s": 12.4, "same_run_as": "t"})
 
     class FakeRay:
         wait = staticmethod(lambda refs, num_returns: ([refs[0]], refs[1:]))
-        get = staticmethod(lambda ref: records[ref])
+        get = staticmethod(lambda ref: ref)  # what _train_task returns: the run id
 
     lines = []
-    executors._wait_for_all(FakeRay, {"t": "t", "a": "a"}, lines.append)
+    executors._wait_for_all(FakeRay, {"t": "t", "a": "a"}, lines.append, str(tmp_path))
     assert lines == ["[1/2] done t (12 s)", "[2/2] done a (same run as t)"]
 
 
