@@ -154,17 +154,27 @@ def published_table(model: str) -> pd.DataFrame:
 
 
 def _seed_coverage(frame: pd.DataFrame) -> str:
-    """A sentence naming each method's seeds when not every method has the same ones: a cell's
-    mean ± std is over the seeds its method has, and the reader should know which."""
-    per_method = frame.groupby("method")["seed"].agg(lambda s: tuple(sorted(s.unique())))
-    if per_method.nunique() <= 1:
+    """A sentence naming the seeds of each method (or of each of its widths, where they differ)
+    when not every cell has the same ones: a cell's mean ± std is over the seeds it has, and the
+    reader should know which."""
+    cells = frame.assign(bits=[bits_label(w, a) for w, a in zip(frame["w_bits"], frame["a_bits"])])
+    per_cell = cells.groupby(["method", "bits"])["seed"].agg(lambda s: tuple(sorted(s.unique())))
+    if per_cell.nunique() <= 1:
         return ""
     groups: dict[tuple, list[str]] = {}
-    for method in in_method_order(per_method.index):
-        groups.setdefault(per_method[method], []).append(f"`{method}`")
-    parts = [f"seed(s) {', '.join(map(str, seeds))} for {', '.join(methods)}"
-             for seeds, methods in sorted(groups.items(), key=lambda g: (-len(g[0]), g[0]))]
-    return ("Not every method has every seed (a cell is over its method's seeds; a contrast pairs "
+    for method in in_method_order(per_cell.index.get_level_values("method")):
+        by_bits = per_cell[method]
+        if by_bits.nunique() == 1:
+            groups.setdefault(by_bits.iloc[0], []).append(f"`{method}`")
+            continue
+        widths: dict[tuple, list[str]] = {}
+        for bits in in_bits_order(by_bits.index):
+            widths.setdefault(by_bits[bits], []).append(bits)
+        for seeds, labels in widths.items():
+            groups.setdefault(seeds, []).append(f"`{method}` at bits {', '.join(labels)}")
+    parts = [f"seed(s) {', '.join(map(str, seeds))} for {', '.join(names)}"
+             for seeds, names in sorted(groups.items(), key=lambda g: (-len(g[0]), g[0]))]
+    return ("Not every cell has every seed (a cell is over the seeds it has; a contrast pairs "
             f"only the seeds both sides have): {'; '.join(parts)}.")
 
 

@@ -95,6 +95,10 @@ EXPECTED_RESULTS = (r"""| method \ bits   | 32           | 4            | 2/8   
                     "an unrecorded CPU; 0.08 h on an NVIDIA H200)), on cpu, cuda (host alpha, 2 "
                     "CPUs, torch 2.5.0; beta, 8 CPUs, torch 2.5.0).\n"
                     "\n"
+                    "Not every cell has every seed (a cell is over the seeds it has; a contrast "
+                    "pairs only the seeds both sides have): seed(s) 0, 1 for `teacher`, "
+                    "`individual` at bits 4, `ta_chain`; seed(s) 0 for `individual` at bits 2/8.\n"
+                    "\n"
                     "Published numbers for the same network (`kdlib/reference/published.csv`, "
                     "full training sets and schedules; liao2020 chose its epoch on the **test** "
                     "set, which flatters it, RepDistiller reports the last epoch):\n"
@@ -133,16 +137,24 @@ def test_render_results_from_hand_written_records(tmp_path, monkeypatch):
 
 
 def test_a_method_missing_a_seed_is_named_under_the_table(tmp_path, monkeypatch):
-    """Every method has seeds 0 and 1 in the hand-made records; a third seed of the teacher and
-    the chain, but not of `individual`, must be said, not silently averaged over."""
+    """A third seed of the teacher and the chain, but not of `individual`, must be said, not
+    silently averaged over; so must a width of one method that has fewer seeds than its others."""
     monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
-    write_hand_made_results(tmp_path)
-    assert "Not every method has every seed" not in render_results(tmp_path)
-    write_record(tmp_path, "t2", "teacher", 32, 2, 41.0, epochs=2,
-                 created_at="2026-01-02T10:00:00+00:00")
-    write_record(tmp_path, "c4-2", "ta_chain", 4, 2, 22.0, created_at="2026-01-02T11:00:00+00:00")
+    noon = "2026-01-01T12:00:00+00:00"
+    write_record(tmp_path, "t0", "teacher", 32, 0, 40.0, epochs=2, created_at=noon)
+    write_record(tmp_path, "t1", "teacher", 32, 1, 42.0, epochs=2, created_at=noon)
+    for seed in (0, 1):
+        write_record(tmp_path, f"i4-{seed}", "individual", 4, seed, 10.0 + seed, created_at=noon)
+        write_record(tmp_path, f"c4-{seed}", "ta_chain", 4, seed, 20.0 + seed, created_at=noon)
+    assert "has every seed" not in render_results(tmp_path)
+    write_record(tmp_path, "t2", "teacher", 32, 2, 41.0, epochs=2, created_at=noon)
+    write_record(tmp_path, "c4-2", "ta_chain", 4, 2, 22.0, created_at=noon)
     text = render_results(tmp_path)
-    assert ("seed(s) 0, 1, 2 for `teacher`, `ta_chain`; seed(s) 0, 1 for `individual`." in text)
+    assert "seed(s) 0, 1, 2 for `teacher`, `ta_chain`; seed(s) 0, 1 for `individual`." in text
+    write_record(tmp_path, "c2-0", "ta_chain", 2, 0, 15.0, created_at=noon)
+    text = render_results(tmp_path)
+    assert ("seed(s) 0, 1, 2 for `teacher`, `ta_chain` at bits 4; seed(s) 0, 1 for "
+            "`individual`; seed(s) 0 for `ta_chain` at bits 2." in text)
 
 
 def test_a_full_split_says_how_many_images_trained(tmp_path, monkeypatch):
