@@ -33,7 +33,7 @@ from kdlib.lease.commands import add_lease_parser
 from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS, build_config,
                            get_preset, preset_model)
 from kdlib.report import render_readme, stale_readme_figures
-from kdlib.results import find_record, load_records, load_results, summarise
+from kdlib.results import load_records, load_results, summarise, untrained
 from kdlib.tblog import TENSORBOARD_ENV
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -93,7 +93,7 @@ def _announce_plan(args: argparse.Namespace, results_dir: Path) -> None:
     plan = plan_grid(preset=args.preset, model=model_of(args), seeds=seeds,
                      chain=args.chain or None, chain_methods=args.chain_methods or None,
                      methods=args.methods or None, overrides=parse_overrides(args.set))
-    done = sum(find_record(results_dir, cfg.run_id()) is not None for cfg in plan)
+    done = len(plan) - len(untrained(plan, results_dir))
     print(f"grid: {len(plan)} runs (preset {args.preset}, seeds {seeds}); {done} already have "
           f"records in {results_dir / 'runs'} and are skipped, {len(plan) - done} to train"
           + (f". To retrain from scratch, delete {results_dir} or pass --results-dir"

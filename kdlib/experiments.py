@@ -38,7 +38,7 @@ from kdlib.models import create_model
 from kdlib.quant import model_size_report, transfer_weights
 from kdlib.presets import CHAIN_METHODS, STUDENT_METHODS, build_config, get_preset
 from kdlib.results import (METRIC_FIELDS, checkpoint_path, environment_info, find_record,
-                           packed_path, save_record, weights_path)
+                           packed_path, save_record, untrained, weights_path)
 from kdlib.run_order import resume_first, start_order, unique_runs
 from kdlib.train import RunSuspended, fit, pick_device
 from kdlib.trained import TrainedIndex
@@ -369,12 +369,12 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
     plan = start_order(planned, results_dir) if budget is not None else resume_first(
         planned, results_dir)
     data = _DataCache(data_dir)
-    todo = [cfg for cfg in plan if find_record(results_dir, cfg.run_id()) is None]
+    todo = untrained(plan, results_dir)
     if todo:  # fail on an unwritable folder or missing/bad data before anything is trained
         data.get(todo[0])
         check_writable(results_dir)
     index = TrainedIndex(results_dir)
-    untrained = {cfg.run_id() for cfg in todo}  # a done line for each, none for skipped runs
+    todo_ids = {cfg.run_id() for cfg in todo}  # a done line for each, none for skipped runs
     records, left_out = [], []
     for i, cfg in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {cfg.run_id()}")
@@ -393,7 +393,7 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
             left_out.append(cfg.run_id())
             continue
         records.append(record)
-        if cfg.run_id() in untrained:
+        if cfg.run_id() in todo_ids:
             print(done_line(cfg.run_id(), record), flush=True)
         if budget is not None:
             budget.timer.add(record)

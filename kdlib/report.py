@@ -157,8 +157,7 @@ def _seed_coverage(frame: pd.DataFrame) -> str:
     """A sentence naming the seeds of each method (or of each of its widths, where they differ)
     when not every cell has the same ones: a cell's mean ± std is over the seeds it has, and the
     reader should know which."""
-    cells = frame.assign(bits=[bits_label(w, a) for w, a in zip(frame["w_bits"], frame["a_bits"])])
-    per_cell = cells.groupby(["method", "bits"])["seed"].agg(lambda s: tuple(sorted(s.unique())))
+    per_cell = frame.groupby(["method", "bits"])["seed"].agg(lambda s: tuple(sorted(s.unique())))
     if per_cell.nunique() <= 1:
         return ""
     groups: dict[tuple, list[str]] = {}

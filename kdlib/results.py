@@ -159,6 +159,11 @@ def find_record(results_dir: str | os.PathLike, run_id: str) -> dict[str, Any] |
     return load_record(path) if path.exists() else None
 
 
+def untrained(plan: Iterable, results_dir: str | os.PathLike) -> list:
+    """The configs of ``plan`` (RunConfigs) whose run has no record in ``results_dir`` yet."""
+    return [cfg for cfg in plan if find_record(results_dir, cfg.run_id()) is None]
+
+
 def run_checkpoints(results_dir: str | os.PathLike) -> dict[str, Path]:
     """{run id: path} of the fit() checkpoints in ``results_dir`` (weight files aside)."""
     suffix = ".pt"

@@ -230,9 +230,9 @@ NEXT_PRESET = {"gpu": "paper"}  # what the leases fill once a preset's grid is d
 def check_something_to_train(plan: Sequence, results_dir: Path, preset: str) -> None:
     """ValueError, before anything is packed, when every planned run already has a record: a
     lease would spend its minutes carrying data in to train nothing."""
-    from kdlib.results import find_record
+    from kdlib.results import untrained
 
-    if plan and all(find_record(results_dir, cfg.run_id()) is not None for cfg in plan):
+    if plan and not untrained(plan, results_dir):
         nxt = NEXT_PRESET.get(preset)
         raise ValueError(f"nothing for a lease to train: all {len(plan)} planned runs of preset "
                          f"{preset!r} have records in {results_dir}"
