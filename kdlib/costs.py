@@ -91,9 +91,10 @@ def measured_rates(frame: pd.DataFrame, cpu: str | None = None, *,
     """{(model, kd): training images × epochs per wall second of a run} over the trained records
     of processor ``cpu`` (default: the newest record's; see the module doc). With
     ``side_by_side``: per second of the device instead, each run's wall time divided by the
-    runs trained beside it (epoch by epoch where its record says, ``device_time_s`` of
-    :func:`kdlib.results.device_seconds`; else its record's ``side_by_side``; this number where
-    it has none), so that runs timed 4 at a time and runs timed 12 at a time pool."""
+    runs in flight beside it (``device_time_s`` of :func:`kdlib.results.device_seconds`:
+    measured epoch by epoch where its record says, else inferred from the overlap of its
+    device's records; else its record's ``side_by_side``; this number where it has none), so
+    that runs timed 4 at a time and runs timed 12 at a time pool."""
     runs = _trained(frame)
     if runs.empty:
         return {}
@@ -211,5 +212,8 @@ def render_device_costs(presets: Sequence[str], frame: pd.DataFrame, jobs: int,
                      f"{lease_minutes:g} training minutes" + (" a seed" if seeds > 1 else ""))
     return (f"What the GPU grids cost at the all-in rates of these records ({_rates_text(rates)} "
             "training images × epochs per second of the device: each run's wall time divided by "
-            f"the runs trained beside it, as its record says, else {jobs}; start-up and "
-            "evaluation included, so long runs will beat it): " + "; ".join(parts) + ".")
+            "the runs in flight beside it, itself included, as its record measured them, else "
+            "as the records of its device overlap in time, at most the grid's `--jobs` (which "
+            "older records note instead: a teacher that trained alone while its students waited "
+            f"counted as sharing the device), else {jobs}; start-up and evaluation included, so "
+            "long runs will beat it): " + "; ".join(parts) + ".")

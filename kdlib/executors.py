@@ -17,6 +17,7 @@ first in plan order trains, the other's task waits for it and then records ``sam
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -86,6 +87,35 @@ def _splits(data_dir: str | None, seed: int, val_size: int, train_size: int | No
                        seed=seed)
 
 
+# a process pool's count of the runs its workers are training now, shared with each worker
+# (:func:`_share_in_flight`): a run notes it epoch by epoch (``runs_in_flight`` of
+# :func:`kdlib.train.fit`), its measured share of the device; None outside such a worker
+_in_flight = None
+
+
+def _share_in_flight(counter) -> None:
+    """A pool worker's initializer: keep the pool's count of runs in flight."""
+    global _in_flight
+    _in_flight = counter
+
+
+@contextlib.contextmanager
+def _counted_in_flight():
+    """While a run trains in this worker, it counts in the pool's runs in flight; yields the
+    function that reads the count (None outside a counting pool)."""
+    counter = _in_flight
+    if counter is None:
+        yield None
+        return
+    with counter.get_lock():
+        counter.value += 1
+    try:
+        yield lambda: counter.value
+    finally:
+        with counter.get_lock():
+            counter.value -= 1
+
+
 def _train_task(config: dict[str, Any], data_dir: str | None, results_dir: str,
                 device: str | None, threads: int, tensorboard: bool, *after: Any,
                 deadline: Deadline | None = None, side_by_side: int | None = None) -> str:
@@ -95,8 +125,10 @@ def _train_task(config: dict[str, Any], data_dir: str | None, results_dir: str,
     os.environ[TENSORBOARD_ENV] = "1" if tensorboard else "0"
     cfg = RunConfig.from_dict(config)
     data = _splits(data_dir, cfg.split_seed, cfg.val_size, cfg.train_size, cfg.test_size)
-    return train_run(cfg, data, results_dir, device=device, progress=False,
-                     deadline=deadline, side_by_side=side_by_side)["run_id"]
+    with _counted_in_flight() as runs_in_flight:
+        return train_run(cfg, data, results_dir, device=device, progress=False,
+                         deadline=deadline, side_by_side=side_by_side,
+                         runs_in_flight=runs_in_flight)["run_id"]
 
 
 def execute_ray(plan: Sequence[RunConfig], *, data_dir: str | os.PathLike | None = None,
@@ -195,7 +227,10 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
     failed: dict[str, str] = {}
     left_out: list[str] = []
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into workers
-    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    in_flight = context.Value("i", 0)  # what each run measures beside it (_counted_in_flight)
+    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                     initializer=_share_in_flight,
+                                     initargs=(in_flight,)) as pool:
         while waiting or running:
             for cfg, after in list(waiting):
                 if len(running) >= jobs:

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -270,11 +270,14 @@ def _run_lock(results_dir: str | os.PathLike, run_id: str):
 
 def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
               progress: bool = True, index: TrainedIndex | None = None,
-              deadline: Deadline | None = None, side_by_side: int | None = 1) -> dict[str, Any]:
+              deadline: Deadline | None = None, side_by_side: int | None = 1,
+              runs_in_flight: Callable[[], int] | None = None) -> dict[str, Any]:
     """Train one configured run (or return its existing record) and write its record.
     ``deadline``: see :func:`kdlib.train.fit` (raises ``RunSuspended``, nothing recorded).
     ``side_by_side``: how many runs the grid trains at once on this machine (None: unknown),
-    recorded so that a run's wall time can be turned into its share of the device's.
+    recorded so that a run's wall time can be turned into its share of the device's;
+    ``runs_in_flight``: the live count of runs training now, where the executor keeps one (see
+    :func:`kdlib.train.fit`), which measures that share epoch by epoch.
 
     A run whose training another method's run already did (same :func:`training_key`) is not
     trained again: it gets a record of its own that copies that run's results and names it in
@@ -295,7 +298,8 @@ def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=No
                     return record
                 record = _train_and_record(cfg, data, results_dir, device=device,
                                            progress=progress, training_key=key, deadline=deadline,
-                                           side_by_side=side_by_side)
+                                           side_by_side=side_by_side,
+                                           runs_in_flight=runs_in_flight)
                 index.by_key[key] = run_id
                 return record
     print(f"skip {run_id}: record exists")
@@ -314,8 +318,8 @@ def _alias_record(cfg: RunConfig, trained: dict[str, Any],
 
 def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,
                       progress: bool = True, training_key: str | None = None,
-                      deadline: Deadline | None = None, side_by_side: int | None = 1
-                      ) -> dict[str, Any]:
+                      deadline: Deadline | None = None, side_by_side: int | None = 1,
+                      runs_in_flight: Callable[[], int] | None = None) -> dict[str, Any]:
     run_id = cfg.run_id()
     device = pick_device(device)
     model = _build_model(cfg)
@@ -325,7 +329,8 @@ def _train_and_record(cfg: RunConfig, data, results_dir: str | os.PathLike, *, d
     started = time.time()
     result = fit(model, data, cfg, teacher=teacher,
                  checkpoint_path=checkpoint_path(results_dir, run_id),
-                 device=device, progress=progress, deadline=deadline, side_by_side=side_by_side)
+                 device=device, progress=progress, deadline=deadline, side_by_side=side_by_side,
+                 runs_in_flight=runs_in_flight)
     torch_save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()},
                       weights_path(results_dir, run_id))
     packed = save_packed(model, packed_path(results_dir, run_id), model_name=cfg.model,

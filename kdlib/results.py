@@ -32,6 +32,7 @@ import kdlib
 from kdlib.config import EXECUTION_ONLY_FIELDS, RunConfig
 from kdlib.device import cpu_model
 from kdlib.fileio import write_json_atomic
+from kdlib.in_flight import inferred_in_flight
 
 RECORD_VERSION = 1
 GROUP_KEYS = ("model", "method", "w_bits", "a_bits")
@@ -240,23 +241,38 @@ def setting_ids(records: Sequence[dict[str, Any]]) -> dict[str, str]:
     return {run_id: setting(run_id) for run_id in by_id}
 
 
-def timed_epochs(record: dict[str, Any]) -> list[tuple[float, int | None]]:
-    """(seconds, runs trained beside it) of each epoch of a run: the count its history row
-    notes (fit's ``side_by_side``), else the record's (its last session's), else None."""
-    return [(float(row.get("seconds", 0.0)), row.get("side_by_side") or record.get("side_by_side"))
+# history fields that depend on the machine and what else ran on it, not on the training
+TIMING_FIELDS = ("seconds", "images_per_s", "side_by_side", "runs_in_flight")
+
+
+def timed_epochs(record: dict[str, Any],
+                 inferred: float | None = None) -> list[tuple[float, float | None]]:
+    """(seconds, runs trained beside it, itself included) of each epoch of a run: the count its
+    history row measured (fit's ``runs_in_flight``), else ``inferred`` (see
+    :func:`kdlib.in_flight.inferred_in_flight`), else the grid's ``--jobs`` its row notes
+    (fit's ``side_by_side``), else the record's (its last session's), else None."""
+    return [(float(row.get("seconds", 0.0)),
+             row.get("runs_in_flight") or inferred or row.get("side_by_side")
+             or record.get("side_by_side"))
             for row in record.get("history") or []]
 
 
-def device_seconds(record: dict[str, Any]) -> float | None:
+def device_seconds(record: dict[str, Any], inferred: float | None = None) -> float | None:
     """A run's share of its device's time: each epoch's seconds over the runs that trained beside
-    it then (:func:`timed_epochs`), the rest of its wall time (start-up, the test passes) over
-    the record's count. None where a count is not recorded."""
-    wall, last = record.get("wall_time_s"), record.get("side_by_side")
-    if wall is None or not last:
+    it then (:func:`timed_epochs`, ``inferred`` as there), the rest of its wall time (start-up,
+    the test passes) over the mean count of its measured epochs, else ``inferred``, else the
+    record's ``side_by_side``. None where no count is known."""
+    wall = record.get("wall_time_s")
+    epochs = timed_epochs(record, inferred)
+    measured = [(row.get("seconds", 0.0), row["runs_in_flight"])
+                for row in record.get("history") or [] if row.get("runs_in_flight")]
+    rest = (sum(s * n for s, n in measured) / sum(s for s, _ in measured)
+            if measured and sum(s for s, _ in measured) > 0
+            else inferred or record.get("side_by_side"))
+    if wall is None or not rest or not all(beside for _, beside in epochs):
         return None
-    epochs = timed_epochs(record)
     return (sum(seconds / beside for seconds, beside in epochs)
-            + max(float(wall) - sum(seconds for seconds, _ in epochs), 0.0) / last)
+            + max(float(wall) - sum(seconds for seconds, _ in epochs), 0.0) / rest)
 
 
 def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
@@ -267,6 +283,7 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     rows = []
     records = load_records(results_dir)
     settings = setting_ids(records)
+    inferred = inferred_in_flight(records)
     for record in records:
         row = {"run_id": record["run_id"], **record["config"], **record["metrics"],
                "setting": settings[record["run_id"]], "same_run_as": record.get("same_run_as"),
@@ -275,7 +292,8 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                "device": record.get("device"), "gpu": record.get("gpu"),
                "cpu_model": record.get("cpu_model"),
                "created_at": record.get("created_at"), "epochs_run": len(record["history"]),
-               "side_by_side": record.get("side_by_side"), "device_time_s": device_seconds(record)}
+               "side_by_side": record.get("side_by_side"),
+               "device_time_s": device_seconds(record, inferred.get(record["run_id"]))}
         if isinstance(row.get("milestones"), list):  # hashable, so that it can be grouped on
             row["milestones"] = tuple(row["milestones"])
         packed = packed_path(results_dir, record.get("same_run_as") or record["run_id"])

@@ -65,6 +65,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -334,7 +335,8 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
         checkpoint_path: str | os.PathLike | None = None,
         device: str | torch.device | None = None, progress: bool = True,
         tensorboard: bool | str | os.PathLike | None = None,
-        deadline: Deadline | None = None, side_by_side: int | None = None) -> FitResult:
+        deadline: Deadline | None = None, side_by_side: int | None = None,
+        runs_in_flight: Callable[[], int] | None = None) -> FitResult:
     """Train ``model`` per ``cfg`` on ``data`` (a :class:`kdlib.data.DataSplits`).
 
     Returns a :class:`FitResult`; ``model`` ends on ``device`` holding the best-validation
@@ -343,8 +345,11 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
     ``<results_dir>/tb/<run_id>``, None for that when tensorboard is installed (see the module
     docstring). ``side_by_side``: how many runs train on this device at once in this session,
     noted on each epoch's history row (an epoch's seconds depend on it, and a resumed run's
-    epochs may come from sessions with different counts). See the module docstring for every
-    convention.
+    epochs may come from sessions with different counts). ``runs_in_flight``: the live count of
+    the runs training on this device now (this one included), where the executor keeps one:
+    each epoch's row then notes the mean of its counts at the epoch's start and end (a run can
+    train alone although ``side_by_side`` runs were allowed, as a teacher does while its
+    students wait). See the module docstring for every convention.
     """
     wall_start = time.perf_counter()
     trainer = make_trainer(model, cfg, teacher=teacher, device=device)
@@ -381,12 +386,15 @@ def fit(model: nn.Module, data, cfg: RunConfig, *, teacher: nn.Module | None = N
             if deadline is not None and not deadline.allows(epoch, cfg.epochs, measured):
                 raise RunSuspended(cfg.run_id(), state.epochs_done, cfg.epochs)
             started = time.perf_counter()
+            beside_before = runs_in_flight() if runs_in_flight is not None else None
             stats = train_epoch(trainer, data, epoch, progress=progress, checkpoint=path)
             state.train_seconds += stats["train_seconds"]
             state.train_images += stats["steps"] * cfg.batch_size
             row = _validation_row(trainer, data, epoch, stats, started, ev)
             if side_by_side is not None:
                 row["side_by_side"] = side_by_side
+            if beside_before is not None:
+                row["runs_in_flight"] = (beside_before + runs_in_flight()) / 2
             state.history.append(row)
             measured.append(row["seconds"])
             is_best = row["val_top1"] > state.best["val_top1"]

@@ -20,19 +20,18 @@ from kdlib.executors import execute_processes
 from kdlib.presets import build_config
 from kdlib.run_order import (dependency_schedule, epochs_left_in, resume_first, start_order,
                              unblocking_first)
-from kdlib.results import load_records
+from kdlib.results import TIMING_FIELDS, load_records
 
 TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
 GRID = dict(preset="smoke", model="resnet8", seeds=[0], chain=[32, 4, 1],
             chain_methods=["ta_chain", "progressive"], methods=["finetune", "direct_kd"],
             overrides=TINY)
-TIMING = ("seconds", "images_per_s", "side_by_side")  # how long, and beside how many runs
 
 
 def comparable(record: dict) -> dict:
     return {"run_id": record["run_id"], "config": record["config"], "metrics": record["metrics"],
             "same_run_as": record.get("same_run_as"),
-            "history": [{k: v for k, v in row.items() if k not in TIMING}
+            "history": [{k: v for k, v in row.items() if k not in TIMING_FIELDS}
                         for row in record["history"]]}
 
 
@@ -212,11 +211,15 @@ def test_fit_notes_the_runs_side_by_side_on_each_epoch(real_data_root, tmp_path,
     result = fit(create_model("resnet8", w_bits=4, a_bits=4), data, cfg, device="cpu",
                  progress=False, tensorboard=False, side_by_side=3)
     assert [row["side_by_side"] for row in result.history] == [3]
+    assert "runs_in_flight" not in result.history[0]  # no executor counted them
     # three runs print into one log: each epoch's line names its run; a run alone's does not
     assert capsys.readouterr().out.startswith("finetune w4a4 s0: epoch   1/1  lr ")
-    fit(create_model("resnet8", w_bits=4, a_bits=4), data, cfg, device="cpu", progress=False,
-        tensorboard=False, side_by_side=1)
+    counts = iter([1, 3])  # one run in flight as the epoch starts, three as it ends
+    result = fit(create_model("resnet8", w_bits=4, a_bits=4), data, cfg, device="cpu",
+                 progress=False, tensorboard=False, side_by_side=1,
+                 runs_in_flight=lambda: next(counts))
     assert capsys.readouterr().out.startswith("epoch   1/1  lr ")
+    assert [(row["side_by_side"], row["runs_in_flight"]) for row in result.history] == [(1, 2.0)]
 
 
 def test_the_newest_benchmark_of_a_device_is_used(tmp_path):
@@ -499,9 +502,16 @@ def test_processes_executor_equals_the_serial_grid(real_data_root, tmp_path, mon
         sorted(map(comparable, serial), key=lambda r: r["run_id"])
     aliases = {r["config"]["method"] for r in parallel if r.get("same_run_as")}
     assert aliases == {"finetune", "direct_kd"} and len(parallel) == 9
-    # each record says how many runs trained beside it, for its share of the device's time
+    # each record says how many runs the grid allowed at once and, epoch by epoch, how many
+    # were in flight (itself included): the teacher's alone, as the others wait for it
     assert {r["side_by_side"] for r in parallel} == {2} \
         and {r["side_by_side"] for r in serial} == {1}
+    trained = [r for r in parallel if not r.get("same_run_as")]
+    in_flight = {r["config"]["method"]: [row["runs_in_flight"] for row in r["history"]]
+                 for r in trained}
+    assert in_flight["teacher"] == [1.0] * len(in_flight["teacher"])
+    assert all(1.0 <= n <= 2.0 for counts in in_flight.values() for n in counts)
+    assert not any("runs_in_flight" in row for r in serial for row in r["history"])
 
 
 def test_processes_executor_refuses_a_bad_job_count(tmp_path):

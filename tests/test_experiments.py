@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kdlib import experiments
-from kdlib.results import load_results, record_path
+from kdlib.results import TIMING_FIELDS, load_results, record_path
 
 # The smallest real-data grid that still exercises everything: ResNet-8, 100 images per split.
 TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
@@ -143,7 +143,7 @@ def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatc
 
 def without_timing(history):
     """History rows without their wall-clock fields, which differ between any two runs."""
-    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s", "side_by_side")}
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS}
             for row in history]
 
 

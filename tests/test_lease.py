@@ -20,15 +20,14 @@ import torch
 
 from kdlib import experiments, lease
 from kdlib.lease import commands as lease_commands
-from kdlib.results import (checkpoint_path, load_records, note_paused, packed_path,
-                           save_record, weights_path)
+from kdlib.results import (TIMING_FIELDS, checkpoint_path, load_records, note_paused,
+                           packed_path, save_record, weights_path)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BENCH = dict(variants=["fp32", "w4a4", "kd_w4"], windows=1, steps=1, warmup=1,
                   matmul_size=64, flops_probe_batch=2, concurrency=(1, 2),
                   concurrency_seconds=0.2)
 GRID = dict(preset="smoke", model="resnet8", seeds=[0])
-TIMING = ("seconds", "images_per_s", "side_by_side")  # how long, and beside how many runs
 
 
 def fast(raw: bytes) -> bytes:
@@ -39,7 +38,7 @@ def fast(raw: bytes) -> bytes:
 def comparable(record):
     return {"run_id": record["run_id"], "metrics": record["metrics"],
             "same_run_as": record.get("same_run_as"),
-            "history": [{k: v for k, v in row.items() if k not in TIMING}
+            "history": [{k: v for k, v in row.items() if k not in TIMING_FIELDS}
                         for row in record["history"]]}
 
 

@@ -16,7 +16,8 @@ import torch
 from kdlib import cli, experiments
 from kdlib.executors import check_resources, execute_ray
 from kdlib.run_order import dependency_schedule
-from kdlib.results import checkpoint_path, find_record, load_records, save_record
+from kdlib.results import (TIMING_FIELDS, checkpoint_path, find_record, load_records,
+                           save_record)
 
 TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
 # teacher, ta_chain and progressive along 32 -> 4 -> 1, finetune and direct_kd at 4 and 1 bits:
@@ -27,7 +28,6 @@ GRID = dict(preset="smoke", model="resnet8", seeds=[0], chain=[32, 4, 1],
 GRID_ARGS = ["--preset", "smoke", "--model", "resnet8", "--seeds", "0", "--chain", "32", "4", "1",
              "--chain-methods", "ta_chain", "progressive", "--methods", "finetune", "direct_kd",
              *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
-TIMING = ("seconds", "images_per_s", "side_by_side")  # how long, and beside how many runs
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def comparable(record: dict) -> dict:
     """A record without what differs between any two trainings: times, host, dates."""
     return {"run_id": record["run_id"], "config": record["config"], "metrics": record["metrics"],
             "same_run_as": record.get("same_run_as"), "training_key": record.get("training_key"),
-            "history": [{k: v for k, v in row.items() if k not in TIMING}
+            "history": [{k: v for k, v in row.items() if k not in TIMING_FIELDS}
                         for row in record["history"]]}
 
 

@@ -23,6 +23,7 @@ import kdlib.train as train_mod
 from kdlib.config import RunConfig
 from kdlib.data import normalize
 from kdlib.schedules import lr_at
+from kdlib.results import TIMING_FIELDS
 from graph_emulator import HOST_DATA
 from kdlib.step import frozen_teacher, make_trainer
 from kdlib.train import FitResult, NonFiniteLossError, evaluate, fit, pick_device
@@ -31,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 HISTORY_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_top1", "val_top5", "val_loss",
                 "seconds", "images_per_s"}
-TIMING_KEYS = {"seconds", "images_per_s"}
 
 
 def make_splits(n_train=320, n_val=100, n_test=120, seed=0):
@@ -72,7 +72,7 @@ def states_equal(a: dict, b: dict) -> bool:
 
 
 def untimed(history):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in history]
 
 
 def metrics(result: FitResult) -> dict:

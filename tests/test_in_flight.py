@@ -1,0 +1,100 @@
+"""Runs in flight beside a run: counted by the processes executor, inferred for older records,
+and what a run's share of its device's time makes of them."""
+import datetime as dt
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from kdlib import executors
+from kdlib.in_flight import inferred_in_flight, mean_overlap
+from kdlib.results import device_seconds, load_results
+
+REPO = Path(__file__).resolve().parent.parent
+START = dt.datetime(2026, 12, 4, 11, 0, tzinfo=dt.timezone.utc)
+
+
+def record(run_id, start_s, seconds, *, side_by_side=4, host="vm", gpu="H200", **extra):
+    """A trained record whose one call ran from ``start_s`` for ``seconds``."""
+    end = START + dt.timedelta(seconds=start_s + seconds)
+    return {"run_id": run_id, "created_at": end.isoformat(timespec="seconds"),
+            "call_seconds": seconds, "wall_time_s": seconds, "side_by_side": side_by_side,
+            "host": host, "device": "cuda:0", "gpu": gpu, "cpu_model": "host cpu",
+            "history": [{"seconds": seconds * 0.8, "side_by_side": side_by_side}], **extra}
+
+
+def test_mean_overlap_weighs_each_moment_by_the_runs_covering_it():
+    assert mean_overlap((0, 10), [(0, 10)]) == 1.0
+    assert mean_overlap((0, 10), [(0, 10), (0, 10), (20, 30)]) == 2.0
+    assert mean_overlap((0, 10), [(0, 10), (5, 15)]) == pytest.approx(1.5)
+    assert mean_overlap((0, 10), [(0, 10), (0, 5), (0, 5), (-3, 2)]) == pytest.approx(
+        (2 * 4 + 3 * 3 + 5 * 1) / 10)
+
+
+def test_a_teacher_alone_and_students_together_get_their_own_counts():
+    records = [record("teacher", 0, 50),
+               *(record(f"student{i}", 60, 20) for i in range(3)),
+               record("late", 70, 20)]
+    inferred = inferred_in_flight(records)
+    assert inferred["teacher"] == 1.0  # the grid allowed 4; none trained beside it
+    assert inferred["student0"] == pytest.approx((10 * 3 + 10 * 4) / 20)
+    assert inferred["late"] == pytest.approx((10 * 4 + 10 * 1) / 20)
+
+
+def test_what_cannot_be_told_is_left_to_the_recorded_count():
+    records = [record("capped", 0, 20, side_by_side=2),
+               *(record(f"beside{i}", 0, 20, side_by_side=12) for i in range(3)),
+               record("alone_allowed", 0, 20, side_by_side=1),
+               record("resumed", 0, 20, wall_time_s=60.0),  # earlier calls: no span for them
+               {**record("alias", 0, 20), "same_run_as": "beside0"},
+               record("measured", 0, 20,
+                      history=[{"seconds": 16.0, "side_by_side": 4, "runs_in_flight": 2.5}]),
+               record("elsewhere", 0, 20, host="other"),
+               record("other_gpu", 0, 20, gpu="H100")]
+    inferred = inferred_in_flight(records)
+    # capped at the grid's --jobs: more overlap there is another grid on a same-named machine
+    assert inferred["capped"] == 2.0
+    # beside0: itself, the other two, capped, alone_allowed and measured; not the alias (one
+    # training, already counted), the resumed run (its record spans no call), nor another
+    # host's or another GPU's runs
+    assert inferred["beside0"] == 6.0
+    assert inferred_in_flight(records[1:4])["beside0"] == 3.0
+    assert inferred["elsewhere"] == 1.0 and inferred["other_gpu"] == 1.0
+    assert {"alone_allowed", "resumed", "alias", "measured"}.isdisjoint(inferred)
+
+
+def test_a_measured_count_beats_an_inferred_and_a_recorded_one():
+    row = {"seconds": 10.0, "side_by_side": 4}
+    recorded = {"wall_time_s": 30.0, "side_by_side": 4, "history": [row, row]}
+    assert device_seconds(recorded) == pytest.approx(30.0 / 4)
+    assert device_seconds(recorded, inferred=1.5) == pytest.approx(30.0 / 1.5)
+    measured = {**recorded, "history": [{**row, "runs_in_flight": 1.0},
+                                        {**row, "runs_in_flight": 3.0}]}
+    # the rest of the wall time (start-up, the test passes) at the epochs' mean count
+    assert device_seconds(measured, inferred=1.5) == pytest.approx(10 / 1 + 10 / 3 + 10 / 2)
+
+
+def test_the_pool_counts_the_runs_its_workers_train(monkeypatch):
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    monkeypatch.setattr(executors, "_in_flight", None)
+    with executors._counted_in_flight() as read:
+        assert read is None  # not in a counting pool (the serial loop, a Ray task)
+    executors._share_in_flight(counter)
+    with executors._counted_in_flight() as first:
+        assert first() == 1
+        with executors._counted_in_flight() as second:
+            assert first() == second() == 2
+        assert first() == 1
+    with pytest.raises(RuntimeError):
+        with executors._counted_in_flight():
+            raise RuntimeError("a run that fails leaves the count")
+    assert counter.value == 0
+
+
+def test_the_committed_gpu_teacher_that_trained_alone_counts_alone():
+    """Seed 0's teacher trained first on the lent H200, the grid allowing 4 at once, with
+    nothing beside it (its students needed it): its share of the device is all its wall time."""
+    frame = load_results(REPO / "results" / "gpu")
+    teacher = frame[(frame["method"] == "teacher") & (frame["seed"] == 0)].iloc[0]
+    assert teacher["side_by_side"] == 4 and str(teacher["device"]).startswith("cuda")
+    assert teacher["device_time_s"] == pytest.approx(teacher["wall_time_s"])
