@@ -8,7 +8,7 @@ import pytest
 
 from kdlib import executors
 from kdlib.in_flight import inferred_in_flight, mean_overlap
-from kdlib.results import device_seconds, load_results
+from kdlib.results import device_seconds, load_records, load_results
 
 REPO = Path(__file__).resolve().parent.parent
 START = dt.datetime(2026, 12, 4, 11, 0, tzinfo=dt.timezone.utc)
@@ -98,3 +98,26 @@ def test_the_committed_gpu_teacher_that_trained_alone_counts_alone():
     teacher = frame[(frame["method"] == "teacher") & (frame["seed"] == 0)].iloc[0]
     assert teacher["side_by_side"] == 4 and str(teacher["device"]).startswith("cuda")
     assert teacher["device_time_s"] == pytest.approx(teacher["wall_time_s"])
+
+
+def test_the_shares_of_the_committed_gpu_runs_add_up_to_the_time_the_device_was_busy():
+    """Each run's share of the device (its wall time over the runs in flight beside it) summed
+    over the lent H200's runs is the time the device had a run in flight: the union of their
+    calls, less each call's saving after its wall time (442 of 482 s; the grid's --jobs as the
+    count gave 214 s)."""
+    records = [r for r in load_records(REPO / "results" / "gpu")
+               if str(r.get("device")).startswith("cuda") and not r.get("same_run_as")]
+    calls = []
+    for r in records:
+        end = dt.datetime.fromisoformat(r["created_at"]).timestamp()
+        calls.append((end - r["call_seconds"], end))
+    busy, reach = 0.0, None
+    for start, end in sorted(calls):
+        if reach is None or start > reach:
+            busy += end - start
+        elif end > reach:
+            busy += end - reach
+        reach = end if reach is None else max(reach, end)
+    shares = load_results(REPO / "results" / "gpu").set_index("run_id")["device_time_s"]
+    assert len(records) >= 20
+    assert 0.85 * busy <= sum(shares[r["run_id"]] for r in records) <= busy
