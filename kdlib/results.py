@@ -245,27 +245,30 @@ def setting_ids(records: Sequence[dict[str, Any]]) -> dict[str, str]:
 TIMING_FIELDS = ("seconds", "images_per_s", "side_by_side", "runs_in_flight")
 
 
-def timed_epochs(record: dict[str, Any],
-                 inferred: float | None = None) -> list[tuple[float, float | None]]:
-    """(seconds, runs trained beside it, itself included) of each epoch of a run: the count its
-    history row measured (fit's ``runs_in_flight``), else ``inferred`` (see
-    :func:`kdlib.in_flight.inferred_in_flight`), else the grid's ``--jobs`` its row notes
-    (fit's ``side_by_side``), else the record's (its last session's), else None."""
-    return [(float(row.get("seconds", 0.0)),
-             row.get("runs_in_flight") or inferred or row.get("side_by_side")
-             or record.get("side_by_side"))
+def timed_epochs(record: dict[str, Any]) -> list[tuple[float, int | None]]:
+    """(seconds, runs the grid allowed at once) of each epoch of a run: the ``--jobs`` its
+    history row notes (fit's ``side_by_side``), else the record's (its last session's), else
+    None. The budget scales epochs by these counts: the benchmark's per-process slowdown at the
+    allowed count fits the committed runs better than at the count in flight (each H200 run
+    estimated from the others: 1.41 times its time, median, against 2.12 with the counts of
+    :func:`kdlib.in_flight.inferred_in_flight`)."""
+    return [(float(row.get("seconds", 0.0)), row.get("side_by_side") or record.get("side_by_side"))
             for row in record.get("history") or []]
 
 
 def device_seconds(record: dict[str, Any], inferred: float | None = None) -> float | None:
-    """A run's share of its device's time: each epoch's seconds over the runs that trained beside
-    it then (:func:`timed_epochs`, ``inferred`` as there), the rest of its wall time (start-up,
-    the test passes) over the mean count of its measured epochs, else ``inferred``, else the
-    record's ``side_by_side``. None where no count is known."""
+    """A run's share of its device's time: each epoch's seconds over the runs in flight beside
+    it then, itself included (the count its history row measured, fit's ``runs_in_flight``;
+    else ``inferred``, see :func:`kdlib.in_flight.inferred_in_flight`; else the ``--jobs`` of
+    :func:`timed_epochs`), the rest of its wall time (start-up, the test passes) over the mean
+    count of its measured epochs, else ``inferred``, else the record's ``side_by_side``. None
+    where no count is known."""
     wall = record.get("wall_time_s")
-    epochs = timed_epochs(record, inferred)
-    measured = [(row.get("seconds", 0.0), row["runs_in_flight"])
-                for row in record.get("history") or [] if row.get("runs_in_flight")]
+    history = record.get("history") or []
+    epochs = [(seconds, row.get("runs_in_flight") or inferred or allowed)
+              for row, (seconds, allowed) in zip(history, timed_epochs(record))]
+    measured = [(seconds, row["runs_in_flight"])
+                for row, (seconds, _) in zip(history, epochs) if row.get("runs_in_flight")]
     rest = (sum(s * n for s, n in measured) / sum(s for s, _ in measured)
             if measured and sum(s for s, _ in measured) > 0
             else inferred or record.get("side_by_side"))

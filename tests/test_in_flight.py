@@ -8,7 +8,7 @@ import pytest
 
 from kdlib import executors
 from kdlib.in_flight import inferred_in_flight, mean_overlap
-from kdlib.results import device_seconds, load_records, load_results
+from kdlib.results import device_seconds, load_records, load_results, timed_epochs
 
 REPO = Path(__file__).resolve().parent.parent
 START = dt.datetime(2026, 12, 4, 11, 0, tzinfo=dt.timezone.utc)
@@ -72,6 +72,8 @@ def test_a_measured_count_beats_an_inferred_and_a_recorded_one():
                                         {**row, "runs_in_flight": 3.0}]}
     # the rest of the wall time (start-up, the test passes) at the epochs' mean count
     assert device_seconds(measured, inferred=1.5) == pytest.approx(10 / 1 + 10 / 3 + 10 / 2)
+    # the budget scales epochs by the allowed count, which its benchmark slowdown fits better
+    assert timed_epochs(measured) == [(10.0, 4), (10.0, 4)]
 
 
 def test_the_pool_counts_the_runs_its_workers_train(monkeypatch):
