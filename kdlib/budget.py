@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from kdlib.config import RunConfig
-from kdlib.device import cpu_model
+from kdlib.device import cpu_kind, cpu_model, record_device_kind
 from kdlib.results import timed_epochs
 
 SAFETY = 1.2  # estimates are multiplied by this: a run can be slower than the slowest seen
@@ -60,12 +60,6 @@ LEASE_TRAINING_MINUTES = 8.0
 CIFAR_TRAIN_IMAGES = 50_000
 
 
-def cpu_kind(processor: str | None) -> str:
-    """``"cpu:<processor>"``; plain ``"cpu"`` for a record or benchmark that does not name its
-    processor, which then times no run of a machine that does."""
-    return f"cpu:{processor}" if processor else "cpu"
-
-
 def device_kind(device: str | torch.device) -> str:
     """``"cpu:<processor>"`` or ``"cuda:<GPU name>"`` (records of an H100 do not time an H200,
     nor those of one CPU another)."""
@@ -73,11 +67,6 @@ def device_kind(device: str | torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return cpu_kind(cpu_model())
-
-
-def record_device_kind(record: dict[str, Any]) -> str:
-    device = str(record.get("device", "cpu")).split(":")[0]
-    return f"cuda:{record.get('gpu')}" if device == "cuda" else cpu_kind(record.get("cpu_model"))
 
 
 # what a record older than a speed switch ran with: the weights quantized layer by layer

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,3 +54,16 @@ def cpu_model() -> str | None:
     if name and "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
     return name
+
+
+def cpu_kind(processor: str | None) -> str:
+    """``"cpu:<processor>"``; plain ``"cpu"`` for a record or benchmark that does not name its
+    processor, which then times no run of a machine that does."""
+    return f"cpu:{processor}" if processor else "cpu"
+
+
+def record_device_kind(record: dict[str, Any]) -> str:
+    """``"cuda:<GPU name>"`` or ``"cpu:<processor>"`` of the machine a record's run trained on:
+    runs of one kind time, and share, one kind of device."""
+    device = str(record.get("device", "cpu")).split(":")[0]
+    return f"cuda:{record.get('gpu')}" if device == "cuda" else cpu_kind(record.get("cpu_model"))

@@ -16,14 +16,10 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from kdlib.device import record_device_kind
+
 # a resumed run's wall time includes earlier calls, whose spans its record does not give
 ONE_CALL = 0.95
-
-
-def _device(record: dict[str, Any]) -> tuple:
-    kind = str(record.get("device", "cpu")).split(":")[0]
-    return (record.get("host"), kind, record.get("gpu") if kind == "cuda"
-            else record.get("cpu_model"))
 
 
 def _span(record: dict[str, Any]) -> tuple[float, float] | None:
@@ -59,7 +55,8 @@ def inferred_in_flight(records: Iterable[dict[str, Any]]) -> dict[str, float]:
     more at once: a larger overlap is another grid on a machine of the same name). Only the
     records given are seen: runs of another results folder beside them are not counted."""
     records = list(records)
-    spans = {r["run_id"]: (_device(r), _span(r)) for r in records}
+    # one device: one host's GPU (by name) or processor
+    spans = {r["run_id"]: ((r.get("host"), record_device_kind(r)), _span(r)) for r in records}
     by_device: dict[tuple, list[tuple[float, float]]] = {}
     for device, span in spans.values():
         if span is not None:

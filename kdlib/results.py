@@ -249,9 +249,10 @@ def timed_epochs(record: dict[str, Any]) -> list[tuple[float, int | None]]:
     """(seconds, runs the grid allowed at once) of each epoch of a run: the ``--jobs`` its
     history row notes (fit's ``side_by_side``), else the record's (its last session's), else
     None. The budget scales epochs by these counts: the benchmark's per-process slowdown at the
-    allowed count fits the committed runs better than at the count in flight (each H200 run
-    estimated from the others: 1.41 times its time, median, against 2.12 with the counts of
-    :func:`kdlib.in_flight.inferred_in_flight`)."""
+    allowed count fits the committed runs better than at the count in flight (each of the 28
+    H200 runs of 2026-12-04, estimated from the others: 1.41 times its time, median, none
+    short, against 2.12, two short, with the counts of
+    :func:`kdlib.in_flight.inferred_in_flight`; a test in tests/test_in_flight.py)."""
     return [(float(row.get("seconds", 0.0)), row.get("side_by_side") or record.get("side_by_side"))
             for row in record.get("history") or []]
 
@@ -267,10 +268,10 @@ def device_seconds(record: dict[str, Any], inferred: float | None = None) -> flo
     history = record.get("history") or []
     epochs = [(seconds, row.get("runs_in_flight") or inferred or allowed)
               for row, (seconds, allowed) in zip(history, timed_epochs(record))]
-    measured = [(seconds, row["runs_in_flight"])
-                for row, (seconds, _) in zip(history, epochs) if row.get("runs_in_flight")]
-    rest = (sum(s * n for s, n in measured) / sum(s for s, _ in measured)
-            if measured and sum(s for s, _ in measured) > 0
+    measured = [(seconds, beside) for row, (seconds, beside) in zip(history, epochs)
+                if row.get("runs_in_flight")]
+    measured_s = sum(seconds for seconds, _ in measured)
+    rest = (sum(seconds * beside for seconds, beside in measured) / measured_s if measured_s
             else inferred or record.get("side_by_side"))
     if wall is None or not rest or not all(beside for _, beside in epochs):
         return None
