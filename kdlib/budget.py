@@ -44,10 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kdlib.config import RunConfig
-from kdlib.device import cpu_kind, cpu_model, record_device_kind
+from kdlib.device import bench_device_kind, record_device_kind
 from kdlib.results import timed_epochs
 
 SAFETY = 1.2  # estimates are multiplied by this: a run can be slower than the slowest seen
@@ -58,15 +56,6 @@ START_ALLOWANCE_S = 20.0  # bench-based estimate: a run's start (spawn, imports,
 # start and the data calls
 LEASE_TRAINING_MINUTES = 8.0
 CIFAR_TRAIN_IMAGES = 50_000
-
-
-def device_kind(device: str | torch.device) -> str:
-    """``"cpu:<processor>"`` or ``"cuda:<GPU name>"`` (records of an H100 do not time an H200,
-    nor those of one CPU another)."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return cpu_kind(cpu_model())
 
 
 # what a record older than a speed switch ran with: the weights quantized layer by layer
@@ -137,7 +126,7 @@ class Deadline:
 class RunTimer:
     """Estimates from finished records (added as runs finish) and an optional benchmark."""
 
-    device: str  # a device_kind()
+    device: str  # a kdlib.device.device_kind()
     records: list[dict[str, Any]] = field(default_factory=list)
     bench: dict[str, Any] | None = None
     jobs: int = 1  # runs side by side: each one's bench rate is the per-process rate at jobs
@@ -221,13 +210,9 @@ class RunTimer:
         return float(rate) if rate else None
 
 
-def bench_device_kind(bench: dict[str, Any]) -> str:
-    machine = bench.get("machine", {})
-    return f"cuda:{machine['gpu']}" if machine.get("gpu") else cpu_kind(machine.get("cpu_model"))
-
-
 def load_bench(folder: str | os.PathLike, device: str) -> dict[str, Any] | None:
-    """The newest benchmark file in ``folder`` measured on ``device`` (a device_kind())."""
+    """The newest benchmark file in ``folder`` measured on ``device`` (a
+    :func:`kdlib.device.device_kind`)."""
     found = []
     for path in Path(folder).glob("*.json"):
         try:

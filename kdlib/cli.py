@@ -24,8 +24,8 @@ from kdlib.bench import main as bench_main
 from kdlib.checkout import REPO_ROOT, default_results_dir, shown_path
 from kdlib.checks import format_bits, parse_bits
 from kdlib.config import INIT_METHODS, KD_METHODS, METHODS
-from kdlib.budget import Budget, RunTimer, device_kind, load_bench
-from kdlib.device import pick_device
+from kdlib.budget import Budget, RunTimer, load_bench
+from kdlib.device import device_kind, pick_device
 from kdlib.executors import (EXECUTORS, GridRunError, MissingExtraError, check_resources,
                              execute_processes, execute_ray, import_ray)
 from kdlib.experiments import execute, plan_grid, plan_students

@@ -1,4 +1,5 @@
-"""The device a run trains on, and host synchronisation (only where a timing needs it)."""
+"""The device a run trains on, the kind of machine a device, a record or a benchmark names
+(timings of one kind time one another), and host synchronisation (only where a timing needs it)."""
 from __future__ import annotations
 
 import platform
@@ -67,3 +68,18 @@ def record_device_kind(record: dict[str, Any]) -> str:
     runs of one kind time, and share, one kind of device."""
     device = str(record.get("device", "cpu")).split(":")[0]
     return f"cuda:{record.get('gpu')}" if device == "cuda" else cpu_kind(record.get("cpu_model"))
+
+
+def device_kind(device: str | torch.device) -> str:
+    """``"cpu:<processor>"`` or ``"cuda:<GPU name>"`` (records of an H100 do not time an H200,
+    nor those of one CPU another)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return cpu_kind(cpu_model())
+
+
+def bench_device_kind(bench: dict[str, Any]) -> str:
+    """The kind (as :func:`device_kind`) of the machine a benchmark file measured."""
+    machine = bench.get("machine", {})
+    return f"cuda:{machine['gpu']}" if machine.get("gpu") else cpu_kind(machine.get("cpu_model"))

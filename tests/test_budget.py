@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from kdlib import cli, experiments
-from kdlib.budget import (START_ALLOWANCE_S, Admission, Budget, Deadline, RunTimer, device_kind,
-                          leave_one_out, load_bench, record_device_kind, training_images)
+from kdlib.budget import (START_ALLOWANCE_S, Admission, Budget, Deadline, RunTimer, leave_one_out,
+                          load_bench, training_images)
 from kdlib.results import checkpoint_path
-from kdlib.device import cpu_model
+from kdlib.device import cpu_model, device_kind, record_device_kind
 from kdlib.executors import execute_processes
 from kdlib.presets import build_config
 from kdlib.run_order import (dependency_schedule, epochs_left_in, resume_first, start_order,

@@ -288,8 +288,8 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
     With the grid done and time left, the compiled part a later preset decides on
     (:func:`_measure_in_spare_time`)."""
     from kdlib.bench.graphs import graphs_verdict
-    from kdlib.budget import Budget, RunTimer, device_kind, load_bench
-    from kdlib.device import pick_device
+    from kdlib.budget import Budget, RunTimer, load_bench
+    from kdlib.device import device_kind, pick_device
     from kdlib.executors import execute_processes
     from kdlib.experiments import execute, plan_grid
     from kdlib.presets import get_preset
@@ -440,7 +440,7 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
     """There, after :func:`go` (finished, failed or interrupted): what this lease added or
     changed (everything, if `go` failed before its snapshot), and the benchmarks of this device
     (this lease's among them), into ``out``."""
-    from kdlib.budget import bench_device_kind, device_kind
+    from kdlib.device import bench_device_kind, device_kind
     from kdlib.device import pick_device
 
     kind = device_kind(pick_device(device))
