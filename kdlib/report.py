@@ -241,14 +241,16 @@ def missing_runs(results_dir: str | os.PathLike, preset: str, model: str | None 
     (``paused.json``, which `lease receive` writes)."""
     from kdlib.experiments import plan_grid  # lazy: experiments imports the training stack
     from kdlib.presets import get_preset
-    from kdlib.results import find_record, noted_paused
+    from kdlib.results import noted_paused, untrained
 
     paused = noted_paused(results_dir)
+    plan = plan_grid(preset=preset, model=model, seeds=list(get_preset(preset).seeds))
+    unfinished = {cfg.run_id() for cfg in untrained(plan, results_dir)}
     missing: dict[int, tuple[int, dict[str, list[tuple[str, int | None, int]]]]] = {}
-    for cfg in plan_grid(preset=preset, model=model, seeds=list(get_preset(preset).seeds)):
+    for cfg in plan:
         planned, methods = missing.get(cfg.seed, (0, {}))
         missing[cfg.seed] = (planned + 1, methods)
-        if find_record(results_dir, cfg.run_id()) is None:
+        if cfg.run_id() in unfinished:
             methods.setdefault(cfg.method, []).append(
                 (bits_label(cfg.w_bits, cfg.a_bits), paused.get(cfg.run_id()) or None, cfg.epochs))
     return missing

@@ -120,12 +120,10 @@ def frontier_weights(plan: Sequence, results_dir: Path) -> list[Path]:
     file holds it losslessly needs none: that file is committed, travels with the tree, and a
     run there loads it when the weight file is missing."""
     from kdlib.experiments import is_lossless  # lazy: pandas
-    from kdlib.results import find_record, packed_path, weights_path
+    from kdlib.results import find_record, packed_path, untrained, weights_path
 
     needed: dict[str, Path] = {}
-    for cfg in plan:
-        if find_record(results_dir, cfg.run_id()) is not None:
-            continue
+    for cfg in untrained(plan, results_dir):
         for dep in (cfg.teacher_id, cfg.init_id):
             record = find_record(results_dir, dep) if dep else None
             if record is None:
