@@ -19,9 +19,9 @@ from kdlib.bench.render import render_markdown
 from kdlib.budget import training_images
 from kdlib.checkout import shown_path
 from kdlib.config import describe_fields
-from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text, in_bits_order,
-                           in_method_order, load_published, load_results, results_table,
-                           seeds_label, shared_cells, summarise)
+from kdlib.results import (CONTRASTS, bits_label, bits_labels, chain_contrasts, difference_text,
+                           in_bits_order, in_method_order, load_published, load_results,
+                           results_table, seeds_label, shared_cells, summarise)
 from kdlib.costs import processor, render_costs
 from kdlib.markdown import markdown_table
 from kdlib.verdict import (contrast_verdicts, is_same_run, render_agreement, render_answer,
@@ -61,8 +61,7 @@ def _contrast_table(frame: pd.DataFrame) -> pd.DataFrame:
     contrasts = chain_contrasts(frame)
     if contrasts.empty:
         return pd.DataFrame()
-    contrasts = contrasts.assign(bits=[bits_label(w, a) for w, a in
-                                       zip(contrasts["w_bits"], contrasts["a_bits"])])
+    contrasts = contrasts.assign(bits=bits_labels(contrasts))
 
     contrasts["same"] = is_same_run(contrasts, same_run_widths(frame))
     # one training under both names: 0 by construction, no finding (nor seeds of one)

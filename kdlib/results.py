@@ -312,7 +312,7 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=columns)
-    frame["bits"] = [bits_label(w, a) for w, a in zip(frame["w_bits"], frame["a_bits"])]
+    frame["bits"] = bits_labels(frame)
     return frame
 
 
@@ -459,12 +459,16 @@ def bits_label(w_bits: int, a_bits: int) -> str:
     return f"{w_bits}" if w_bits == a_bits else f"{w_bits}/{a_bits}"
 
 
+def bits_labels(frame: pd.DataFrame) -> list[str]:
+    """:func:`bits_label` of each row of a frame with ``w_bits`` and ``a_bits`` columns."""
+    return [bits_label(w, a) for w, a in zip(frame["w_bits"], frame["a_bits"])]
+
+
 def shared_cells(frame: pd.DataFrame) -> set[tuple[str, str]]:
     """(method, bits label) cells whose every run is another method's training (same_run_as)."""
     if "same_run_as" not in frame.columns or frame.empty:
         return set()
-    shared = frame.assign(bits=[bits_label(w, a) for w, a in zip(frame["w_bits"], frame["a_bits"])],
-                          alias=frame["same_run_as"].notna())
+    shared = frame.assign(bits=bits_labels(frame), alias=frame["same_run_as"].notna())
     alias = shared.groupby(["method", "bits"])["alias"].all()
     return {key for key, value in alias.items() if value}
 
@@ -483,7 +487,7 @@ def results_table(summary: pd.DataFrame,
     if summary.empty:
         return pd.DataFrame()
     s = summary.copy()
-    s["bits"] = [bits_label(w, a) for w, a in zip(s["w_bits"], s["a_bits"])]
+    s["bits"] = bits_labels(s)
     clash = s[s.duplicated(["model", "method", "bits"], keep=False)]
     if not clash.empty:
         first = clash.iloc[0]

@@ -16,7 +16,7 @@ import pandas as pd
 
 from kdlib.budget import training_images
 from kdlib.markdown import markdown_table
-from kdlib.results import (CONTRASTS, bits_label, chain_contrasts, difference_text,
+from kdlib.results import (CONTRASTS, bits_labels, chain_contrasts, difference_text,
                            in_bits_order, seeds_label)
 
 # What each side of a contrast stands for, in the answer's words: (method side, baseline side).
@@ -104,8 +104,7 @@ def contrast_verdicts(frame: pd.DataFrame) -> pd.DataFrame:
     if contrasts.empty:
         return contrasts
     contrasts = contrasts.assign(
-        bits=[bits_label(w, a) for w, a in zip(contrasts["w_bits"], contrasts["a_bits"])],
-        verdict=contrasts.apply(classify, axis=1))
+        bits=bits_labels(contrasts), verdict=contrasts.apply(classify, axis=1))
     return contrasts.sort_values(["contrast", "w_bits", "a_bits"], ascending=[True, False, False],
                                  ignore_index=True)
 
