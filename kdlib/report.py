@@ -278,9 +278,28 @@ def _missing_text(missing: dict[int, tuple[int, dict[str, list[tuple[str, int | 
     return ". ".join(parts)
 
 
+# the figures of notebook 04 that a grid's block shows once drawn: (file, what it shows)
+BLOCK_FIGURES = (
+    ("chain_contrasts.png", "the chain's three paired contrasts per bit width, with 95% "
+                            "intervals; * where the call stands under Holm's correction"),
+    ("accuracy_vs_bits.png", "test top-1 per method and bit width, with the published numbers "
+                             "faint"),
+)
+
+
+def figure_links(results_dir: str | os.PathLike, preset: str, model: str) -> list[str]:
+    """Markdown image links to the :data:`BLOCK_FIGURES` drawn in ``results_dir/figures``
+    (none before notebook 04 has run there; `readme --check` fails once they are older than
+    the records)."""
+    folder = Path(results_dir) / "figures"
+    return [f"![{model}, preset {preset}: {what}]({shown_path(folder / name)})"
+            for name, what in BLOCK_FIGURES if (folder / name).exists()]
+
+
 def render_progress(results_dir: str | os.PathLike, preset: str) -> list[str]:
     """Markdown lines: a lease-filled grid's results as they come in, its answer so far (once
-    the chain and a control share a width), and the runs still missing."""
+    the chain and a control share a width), its figures once drawn, and the runs still
+    missing."""
     missing = missing_runs(results_dir, preset)
     planned = sum(n for n, _ in missing.values())
     left = sum(len(v) for _, methods in missing.values() for v in methods.values())
@@ -289,6 +308,9 @@ def render_progress(results_dir: str | os.PathLike, preset: str) -> list[str]:
              else f"_No `{preset}` run yet (`{shown_path(results_dir)}`)._", ""]
     if not frame.empty and not contrast_verdicts(frame).empty:  # the answer as it fills
         lines += [render_answer(frame), ""]
+    figures = [] if frame.empty else figure_links(results_dir, preset, frame["model"].iloc[0])
+    if figures:
+        lines += [*figures, ""]
     if left:
         lines.append(f"Still missing, {left} of {planned} runs of preset `{preset}`: "
                      f"{_missing_text(missing)}.")
@@ -298,10 +320,13 @@ def render_progress(results_dir: str | os.PathLike, preset: str) -> list[str]:
 
 
 def render_gpu(results_dir: str | os.PathLike, bench_dir: str | os.PathLike,
-               preset: str = "gpu") -> str:
-    """Markdown: the GPU grid's results as they come in, the runs still missing, and the newest
-    GPU benchmark."""
+               preset: str = "gpu", beside: str | os.PathLike | None = None) -> str:
+    """Markdown: the GPU grid's results as they come in, the runs still missing, whether it
+    answers as the grid in ``beside`` (the same network on a smaller budget) does, and the
+    newest GPU benchmark."""
     lines = render_progress(results_dir, preset)
+    if beside is not None:
+        lines += ["", render_agreement(load_results(beside), load_results(results_dir))]
     newest = newest_bench_file(bench_dir, gpu=True)
     bench = json.loads(newest.read_text()) if newest else {}
     jobs = worth_running(bench.get("concurrency"))
@@ -381,7 +406,7 @@ def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_
                          ignore_index=True)
     cpu_runs = cpu_runs[cpu_runs["device"] == "cpu"] if "device" in cpu_runs else cpu_runs
     text = replace_block(text, "costs", render_costs(COST_PRESETS, cpu_runs))
-    text = replace_block(text, "gpu", render_gpu(gpu_dir, bench_dir))
+    text = replace_block(text, "gpu", render_gpu(gpu_dir, bench_dir, beside=results_dir))
     text = replace_block(text, "paper", "\n".join(render_progress(paper_dir, "paper")))
     text = replace_block(text, "config", render_config_fields())
     text = replace_block(text, "models", render_packed_models(results_dir))

@@ -227,9 +227,9 @@ def compare_answers(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
     are not compared: two grids of different budgets can only agree on directions."""
     keys = ["contrast", "w_bits", "a_bits", "bits"]
     fields = ["mean", "ci95_low", "ci95_high", "n", "verdict"]
-    tested = [v[v["verdict"] != "one seed"][keys + fields]
-              for v in (contrast_verdicts(first), contrast_verdicts(second))]
-    if any(t.empty for t in tested):
+    verdicts = [contrast_verdicts(first), contrast_verdicts(second)]
+    tested = [v[v["verdict"] != "one seed"][keys + fields] for v in verdicts if not v.empty]
+    if len(tested) < 2 or any(t.empty for t in tested):  # a grid without a contrast yet
         return pd.DataFrame(columns=[*keys, *(f + s for s in ("_1", "_2") for f in fields),
                                      "agreement"])
     pairs = tested[0].merge(tested[1], on=keys, suffixes=("_1", "_2"))
@@ -246,9 +246,18 @@ def _grid_words(frame: pd.DataFrame) -> str:
     teacher = frame[frame["method"] == "teacher"]["test_top1"]
     seeds = frame["seed"].nunique()
     images = f"{training_images(first.get('train_size'), first['val_size']):,}"
+    teacher_epochs = frame.loc[frame["method"] == "teacher", "epochs"]
+    link_epochs = frame.loc[frame["method"] == "ta_chain", "epochs"]
     return (f"{first['model']} (preset `{first['preset']}`, {seeds} seed(s), {images} "
             f"training images"
-            + (f", teacher {teacher.mean():.2f}%" if not teacher.empty else "") + ")")
+            + (f", teacher {teacher.mean():.2f}%" if not teacher.empty else "")
+            + (f" after {_epochs(teacher_epochs.max())}" if not teacher_epochs.empty else "")
+            + (f", {_epochs(link_epochs.max())} a chain link" if not link_epochs.empty else "")
+            + ")")
+
+
+def _epochs(count: float) -> str:
+    return f"{int(count)} epoch" + ("" if int(count) == 1 else "s")
 
 
 def render_agreement(first: pd.DataFrame, second: pd.DataFrame) -> str:

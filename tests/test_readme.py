@@ -387,6 +387,28 @@ def test_a_lease_filled_grid_states_its_answer_as_it_fills(tmp_path, monkeypatch
     assert "n = 2–3 seeds: the 32-bit teacher is better at 8 bit" in rendered
 
 
+def test_a_grid_block_shows_the_figures_notebook_04_drew_and_sets_its_answer_beside_another(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    gpu, quick = tmp_path / "gpu", tmp_path / "quick"
+    write_record(gpu, "t0", "teacher", 32, 0, 61.0, created_at="2026-12-02T10:00:00+00:00",
+                 epochs=3)
+    assert "![" not in report.render_gpu(gpu, tmp_path / "bench")  # none drawn yet
+    (gpu / "figures").mkdir()
+    (gpu / "figures" / "chain_contrasts.png").write_bytes(b"drawn")
+    rendered = report.render_gpu(gpu, tmp_path / "bench")
+    assert ("![resnet8, preset gpu: the chain's three paired contrasts per bit width"
+            in rendered) and f"]({gpu / 'figures' / 'chain_contrasts.png'})" in rendered
+    assert "accuracy_vs_bits.png" not in rendered  # only what exists
+    assert rendered.index("chain_contrasts.png") < rendered.index("Still missing")
+    assert "beside" not in rendered
+    write_record(quick, "t0", "teacher", 32, 0, 54.0, created_at="2026-12-02T10:00:00+00:00")
+    rendered = report.render_gpu(gpu, tmp_path / "bench", beside=quick)
+    assert ("**resnet8 (preset `smoke`, 1 seed(s), 200 training images, teacher 61.00% after 3 "
+            "epochs) beside resnet8 (preset `smoke`, 1 seed(s), 200 training images, teacher "
+            "54.00% after 1 epoch)**: no contrast that both test") in rendered
+
+
 @pytest.mark.parametrize("block, preset, folder", [
     ("paper", "paper", "paper_dir"),
     ("squeezenet", "quick_squeezenet", "squeezenet_dir")])

@@ -130,6 +130,9 @@ def test_two_grids_are_compared_width_by_width_on_directions_only(tmp_path):
         assert f"| ta_chain − progressive_kd32 | {expected}: +1.00 / {sum(gains) / 3:+.2f} |" \
             in text
         assert f"Of 1 widths both grids test: {expected} (" in text
+        # each grid's budget named: the teacher's epochs and a chain link's
+        assert (f"teacher 50.00% after 2 epochs, {RunConfig().epochs} epoch"
+                f"{'' if RunConfig().epochs == 1 else 's'} a chain link) beside") in text
     one_seed = _chains(tmp_path / "one", {2: [2.0]}, seeds=(0,))
     assert compare_answers(resnet, one_seed).empty  # no interval: nothing to compare
     assert "no contrast that both test with two seeds or more yet" in render_agreement(
