@@ -440,8 +440,7 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
     """There, after :func:`go` (finished, failed or interrupted): what this lease added or
     changed (everything, if `go` failed before its snapshot), and the benchmarks of this device
     (this lease's among them), into ``out``."""
-    from kdlib.device import bench_device_kind, device_kind
-    from kdlib.device import pick_device
+    from kdlib.device import bench_device_kind, device_kind, pick_device
 
     kind = device_kind(pick_device(device))
     benches = []
