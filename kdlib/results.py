@@ -428,7 +428,10 @@ def chain_contrasts(frame: pd.DataFrame, metric: str = "test_top1") -> pd.DataFr
     parts = [paired_contrast(frame, a, b, metric) for a, b, _ in CONTRASTS
              if {a, b} <= set(frame["method"])]
     parts = [p for p in parts if not p.empty]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if not parts:  # the columns still, so that what reads them needs no special case
+        return summarise(frame.iloc[:0].assign(gain=[], contrast=[]), metric="gain",
+                         by=[*GROUP_KEYS, "contrast"])
+    return pd.concat(parts, ignore_index=True)
 
 
 def summary_table(frame: pd.DataFrame, metric: str = "test_top1") -> pd.DataFrame:

@@ -97,14 +97,9 @@ def contrast_verdicts(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per contrast × bit width: mean, interval, n and :func:`classify`'s verdict;
     widths where the two sides are one training run are left out (:func:`same_run_widths`)."""
     contrasts = chain_contrasts(frame)
-    if contrasts.empty:
-        return contrasts
-    keep = [not same for same in is_same_run(contrasts, same_run_widths(frame))]
-    contrasts = contrasts[keep]
-    if contrasts.empty:
-        return contrasts
-    contrasts = contrasts.assign(
-        bits=bits_labels(contrasts), verdict=contrasts.apply(classify, axis=1))
+    contrasts = contrasts.loc[[not same for same in is_same_run(contrasts, same_run_widths(frame))]]
+    contrasts = contrasts.assign(bits=bits_labels(contrasts),
+                                 verdict=[classify(row) for _, row in contrasts.iterrows()])
     return contrasts.sort_values(["contrast", "w_bits", "a_bits"], ascending=[True, False, False],
                                  ignore_index=True)
 
@@ -143,7 +138,7 @@ def family_wise(verdicts: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``verdicts`` (:func:`contrast_verdicts`) tested with two seeds or more, with
     ``p`` (the paired t-test's) and ``holm``: whether the width's call stands when all of them
     together may err 5% (:func:`holm_stands`)."""
-    tested = verdicts[verdicts["verdict"] != "one seed"] if not verdicts.empty else verdicts
+    tested = verdicts[verdicts["verdict"] != "one seed"]
     p = [paired_p_value(r.mean, r.std, int(r.n)) for r in tested.itertuples()]
     # typed columns: an empty object column would select columns, not rows, as a mask
     return tested.assign(p=pd.Series(p, index=tested.index, dtype=float),
@@ -227,9 +222,9 @@ def compare_answers(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
     are not compared: two grids of different budgets can only agree on directions."""
     keys = ["contrast", "w_bits", "a_bits", "bits"]
     fields = ["mean", "ci95_low", "ci95_high", "n", "verdict"]
-    verdicts = [contrast_verdicts(first), contrast_verdicts(second)]
-    tested = [v[v["verdict"] != "one seed"][keys + fields] for v in verdicts if not v.empty]
-    if len(tested) < 2 or any(t.empty for t in tested):  # a grid without a contrast yet
+    tested = [v[v["verdict"] != "one seed"][keys + fields]
+              for v in (contrast_verdicts(first), contrast_verdicts(second))]
+    if any(t.empty for t in tested):
         return pd.DataFrame(columns=[*keys, *(f + s for s in ("_1", "_2") for f in fields),
                                      "agreement"])
     pairs = tested[0].merge(tested[1], on=keys, suffixes=("_1", "_2"))
