@@ -151,7 +151,7 @@ def execute_ray(plan: Sequence[RunConfig], *, data_dir: str | os.PathLike | None
     results_dir = str(Path(results_dir).resolve())
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
     check_writable(results_dir)
-    schedule = submission_order(plan, results_dir)
+    schedule = submission_order(plan, results_dir, longest_first=True)  # Ray has no budget
     log(f"ray: {len(schedule)} of {len(unique_runs(plan))} planned runs to train "
         f"({cpus_per_run} CPU, {gpus_per_run:g} GPU per run)")
     started_here = not ray.is_initialized()
@@ -208,7 +208,8 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
     (several small runs share one GPU better than one run uses it); for a lent machine without
     Ray. Dependencies as :func:`execute_ray` (:func:`~kdlib.run_order.dependency_schedule`);
     a run is started once its teacher and init runs have records, in
-    :func:`~kdlib.run_order.unblocking_first`'s order, and, under a ``budget``, only as
+    :func:`~kdlib.run_order.unblocking_first`'s order (then the shortest under a ``budget``,
+    else the longest), and, under a ``budget``, only as
     :func:`kdlib.experiments.execute` starts it (a run paused at the budget's end resumes in
     the next call). Returns the records that exist at the end, in plan order."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -218,10 +219,10 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
     check_writable(results_dir)
     index = TrainedIndex(results_dir)  # runs trained before this call, for aliases of them
     waiting = unblocking_first(dependency_schedule(resume_first(plan, results_dir), results_dir),
-                               epochs_left_in(results_dir))
+                               epochs_left_in(results_dir), longest_first=budget is None)
     log(f"processes: {len(waiting)} of {len(unique_runs(plan))} planned runs to train, "
         f"{jobs} at a time, {threads} thread(s) each; what others wait for first, then the "
-        "shortest")
+        + ("shortest" if budget is not None else "longest"))
     running: dict[futures.Future, str] = {}
     done: set[str] = set()
     failed: dict[str, str] = {}

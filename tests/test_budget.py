@@ -341,6 +341,67 @@ def test_runs_others_wait_for_start_first_then_the_shortest(tmp_path):
     ]
 
 
+def test_without_a_budget_the_rest_start_longest_first(tmp_path):
+    """longest_first (runs side by side, no budget): the runs others wait for first as under a
+    budget, then the longest, so that a call does not end on a long run beside idle workers."""
+    plan = experiments.plan_grid(**GRID)
+    name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
+    epochs = {("ta_chain", 1): 3, ("progressive", 1): 5, ("finetune", 1): 4, ("direct_kd", 1): 2}
+    ordered = unblocking_first(dependency_schedule(plan, tmp_path),
+                               lambda cfg: epochs.get(name[cfg.run_id()], 1), longest_first=True)
+    assert [name[cfg.run_id()] for cfg, _ in ordered] == [
+        ("teacher", 32), ("progressive", 4), ("ta_chain", 4),  # as under a budget
+        ("progressive", 1), ("finetune", 1), ("ta_chain", 1), ("direct_kd", 1),  # 5, 4, 3, 2
+        ("finetune", 4), ("direct_kd", 4),  # aliases: nothing to train
+    ]
+
+
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_the_processes_executor_starts_the_longest_first_unless_under_a_budget(
+        budgeted, tmp_path, monkeypatch):
+    """The order runs are handed to the workers (one worker thread here, so the order they
+    train in): the 2-epoch `individual` at 1 bit before the 1-epoch students without a
+    budget, after them under one."""
+    from concurrent import futures
+
+    from kdlib import executors
+    from kdlib.config import RunConfig
+    from kdlib.results import save_record
+
+    trained = []
+
+    def train(config, data_dir, results_dir, *after, **options):
+        cfg = RunConfig.from_dict(config)
+        trained.append((cfg.method, cfg.w_bits, cfg.epochs))
+        save_record(results_dir, {**record_of(cfg, [1.0] * cfg.epochs, 1.0 + cfg.epochs),
+                                  "metrics": {}})
+        return cfg.run_id()
+
+    monkeypatch.setattr(executors, "_train_task", train)
+    monkeypatch.setattr(executors.futures, "ProcessPoolExecutor",
+                        lambda max_workers, **_: futures.ThreadPoolExecutor(1))
+    plan = experiments.plan_grid(**{**GRID, "chain_methods": ["ta_chain"],
+                                    "methods": ["individual", "direct_kd"]})
+    budget = None
+    if budgeted:  # generous: every run fits
+        (tmp_path / "bench").mkdir()
+        (tmp_path / "bench" / "cpu.json").write_text(json.dumps(bench_file(
+            {"fp32": 1e6, "kd_w4": 1e6, "w4a4": 1e6}, cpu=cpu_model())))
+        here = device_kind("cpu")
+        budget = Budget(1e6, RunTimer(here, bench=load_bench(tmp_path / "bench", here)))
+    lines = []
+    execute_processes(plan, jobs=2, results_dir=tmp_path / "b", tensorboard=False,
+                      budget=budget, log=lines.append)
+    assert lines[0].endswith("then the " + ("shortest" if budgeted else "longest"))
+    assert trained[0] == ("teacher", 32, 2) and len(trained) == 7
+    position = {(method, bits): i for i, (method, bits, _) in enumerate(trained)}
+    one_epoch = [position["ta_chain", 1], position["direct_kd", 1]]
+    if budgeted:
+        assert position["individual", 1] > max(one_epoch)
+    else:
+        assert position["individual", 1] < min(one_epoch)
+
+
 def test_one_run_at_a_time_starts_in_that_order_but_never_before_what_it_waits_for(tmp_path):
     """start_order, the serial loop's order under a budget: unblocking_first's, except that a
     run waits for its teacher, init and the run it is recorded as. Here progressive@1 has no

@@ -66,10 +66,12 @@ def test_schedule_waits_for_teacher_init_and_the_run_that_trains_an_alias(tmp_pa
 
 
 def test_ray_is_handed_what_other_runs_wait_for_first(tmp_path, monkeypatch):
-    """The tasks go to Ray in start_order's order (each after what it waits for): the
-    chains' links before finetune and direct_kd at 1 bit, which nothing waits for."""
+    """The tasks go to Ray in submission_order's order without a budget (each after what it
+    waits for, then the longest first): the chains' links before finetune and direct_kd at 1
+    bit, which nothing waits for; `individual` (the teacher's 2 epochs) before those 1-epoch
+    runs."""
     from kdlib import executors
-    from kdlib.run_order import start_order
+    from kdlib.run_order import submission_order
 
     submitted = []
 
@@ -87,12 +89,14 @@ def test_ray_is_handed_what_other_runs_wait_for_first(tmp_path, monkeypatch):
 
     monkeypatch.setattr(executors, "import_ray", lambda: FakeRay)
     monkeypatch.setattr(executors, "_wait_for_all", lambda ray, refs, log, results_dir: None)
-    plan = experiments.plan_grid(**GRID)
+    plan = experiments.plan_grid(**{**GRID, "methods": ["finetune", "direct_kd", "individual"]})
     execute_ray(plan, results_dir=tmp_path, log=lambda _: None)
-    assert submitted == [cfg.run_id() for cfg in start_order(plan, tmp_path)]
+    assert submitted == [cfg.run_id() for cfg, _ in submission_order(plan, tmp_path,
+                                                                      longest_first=True)]
     by_id = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
     name = [by_id[run_id] for run_id in submitted]
     assert name.index(("ta_chain", 1)) < name.index(("finetune", 1))
+    assert name.index(("individual", 1)) < name.index(("finetune", 1))
     planned = [cfg.run_id() for cfg, _ in dependency_schedule(plan, tmp_path)]
     assert submitted != planned and sorted(submitted) == sorted(planned)
 
