@@ -3,8 +3,8 @@ runs, an alias after the run that trains it), runs paused at a budget's end resu
 what other runs wait for first, then, under a budget, the shortest (the most records by the
 end), without one the longest (the soonest end for runs side by side). The serial loop
 (:func:`kdlib.experiments.execute`) and the processes executor share it, so that one budget
-starts runs in the same order whichever trains them (one at a time, fewer may fit); Ray is
-handed its tasks in that order too (:func:`submission_order`)."""
+starts runs in the same order whichever trains them (one at a time, fewer may fit); Ray, which
+takes no budget, is handed its tasks longest first (:func:`submission_order`)."""
 from __future__ import annotations
 
 import os
@@ -54,9 +54,9 @@ def unblocking_first(schedule: Sequence[tuple[RunConfig, list[str]]],
     first, so that a budget (a lease) ends with the most records and what it leaves is long
     runs, which pause and continue; or, ``longest_first`` (no budget, several runs at once),
     the longest first, so that the last runs to end are short ones and the call ends sooner
-    (a 28.6-minute run started last keeps one worker busy while the other idles). A run's
-    weight is its epochs
-    still to train (``epochs_left``; nothing for one that waits for the run it is recorded as).
+    (a long run started last keeps one worker busy while the others idle). A run's weight is
+    its epochs still to train (``epochs_left``; nothing for one that waits for the run it is
+    recorded as).
     Ties keep the order given (paused runs first, then plan order: :func:`resume_first`). Not a
     dependency order (a run that waits for another may come first): a run starts only once
     what it waits for is done (:func:`start_order` for one run at a time)."""
