@@ -224,9 +224,6 @@ def compare_answers(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
     fields = ["mean", "ci95_low", "ci95_high", "n", "verdict"]
     tested = [v[v["verdict"] != "one seed"][keys + fields]
               for v in (contrast_verdicts(first), contrast_verdicts(second))]
-    if any(t.empty for t in tested):
-        return pd.DataFrame(columns=[*keys, *(f + s for s in ("_1", "_2") for f in fields),
-                                     "agreement"])
     pairs = tested[0].merge(tested[1], on=keys, suffixes=("_1", "_2"))
     pairs["agreement"] = [
         agreement({f: row[f + "_1"] for f in fields}, {f: row[f + "_2"] for f in fields})

@@ -147,7 +147,8 @@ def test_a_grid_without_a_contrast_yet_has_no_verdict_no_call_and_nothing_to_com
     verdicts = contrast_verdicts(teacher_only)
     assert verdicts.empty and {"contrast", "bits", "verdict", "mean", "n"} <= set(verdicts.columns)
     assert holm_standing(teacher_only) == set()
-    assert compare_answers(resnet, teacher_only).empty
+    compared = compare_answers(resnet, teacher_only)
+    assert compared.empty and {"mean_1", "verdict_2", "agreement"} <= set(compared.columns)
     assert "no contrast that both test" in render_agreement(teacher_only, resnet)
 
 
