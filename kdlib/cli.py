@@ -109,6 +109,7 @@ def command_run(args: argparse.Namespace) -> int:
                         f"{', '.join(known)} or their first digits (01 ... 04)")
     names = [n for n in known if not args.only or any(n.startswith(o) for o in args.only)]
     notebook_runs.kernels_import_this_checkout()
+    notebook_runs.kernels_read_the_commands_data_root()
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
     _announce_plan(args, results_dir)
     executed = results_dir / "executed"

@@ -273,6 +273,7 @@ def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=No
               deadline: Deadline | None = None, side_by_side: int | None = 1,
               runs_in_flight: Callable[[], int] | None = None) -> dict[str, Any]:
     """Train one configured run (or return its existing record) and write its record.
+    ``data``: its splits (:func:`kdlib.data.load_splits`), not read when it has a record.
     ``deadline``: see :func:`kdlib.train.fit` (raises ``RunSuspended``, nothing recorded).
     ``side_by_side``: how many runs the grid trains at once on this machine (None: unknown),
     recorded so that a run's wall time can be turned into its share of the device's;
@@ -391,7 +392,9 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
         if admission is not None:
             print(start_line(cfg, admission), flush=True)
         try:
-            record = train_run(cfg, data.get(cfg), results_dir, device=device, progress=progress,
+            # a run recorded before this call returns its record: no data to load for it
+            split = data.get(cfg) if cfg.run_id() in todo_ids else None
+            record = train_run(cfg, split, results_dir, device=device, progress=progress,
                                index=index, deadline=admission and admission.deadline)
         except RunSuspended as paused:
             print(f"paused {paused}", flush=True)

@@ -60,6 +60,15 @@ def kernels_import_this_checkout() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
 
+def kernels_read_the_commands_data_root() -> None:
+    """The kernels start in notebooks/, where the default data root ``./data`` would be another
+    folder than the command's (a second 186 MB download, into a folder git does not ignore):
+    give them the command's own, ``$KDLIB_DATA`` if set, else ``./data`` where it runs."""
+    from kdlib.data import ENV_VAR, resolve_data_root  # lazy: it imports torch
+
+    os.environ[ENV_VAR] = str(resolve_data_root())
+
+
 def execute(name: str, parameters: dict[str, Any], executed_dir: Path, progress_bar: bool) -> Path:
     """Run ``notebooks/<name>.ipynb`` with ``parameters`` injected into
     ``executed_dir/<name>.ipynb``; raises :class:`NotebookFailed` when a cell raises."""
@@ -90,11 +99,48 @@ def running_copy(executed_dir: Path, name: str) -> Path:
 
 
 def outputs(path: Path) -> list | None:
-    """A notebook's cells (source and outputs) without run-to-run metadata (times, durations)."""
+    """A notebook's cells (source and outputs) without run-to-run metadata (times, durations),
+    each cell's printed text whole (:func:`joined_streams`)."""
     if not path.exists():
         return None
     cells = json.loads(path.read_text()).get("cells", [])
-    return [(c.get("source"), c.get("outputs")) for c in cells]
+    return [(c.get("source"), joined_streams(c.get("outputs"))) for c in cells]
+
+
+def joined_streams(outputs: list | None) -> list | None:
+    """``outputs`` with each run of consecutive prints to one stream as one text: where the
+    kernel cuts printed text into messages depends on timing (a pause between two prints), not
+    on what was printed."""
+    if outputs is None:
+        return None
+    joined: list = []
+    for output in outputs:
+        if output.get("output_type") != "stream":
+            joined.append(output)
+            continue
+        text = "".join(output.get("text", ""))
+        last = joined[-1] if joined else {}
+        if last.get("output_type") == "stream" and last.get("name") == output.get("name"):
+            joined[-1] = {**last, "text": last["text"] + text}
+        else:
+            joined.append({**output, "text": text})
+    return joined
+
+
+def sources(path: Path) -> list[str]:
+    """A notebook's cell sources as one string each, the cell papermill injects left out."""
+    cells = json.loads(path.read_text()).get("cells", [])
+    return ["".join(c.get("source", "")) for c in cells
+            if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+
+
+def changed_cells(executed: Path) -> list[int]:
+    """The cells (0-based, as in the notebook) whose source differs between an executed copy and
+    the notebook it is a copy of, ``notebooks/<name>.ipynb``: a committed copy run from an older
+    notebook, which the next ``kdlib run`` rewrites even though no result changed."""
+    ran, now = sources(executed), sources(NOTEBOOKS_DIR / executed.name)
+    return [i for i in range(max(len(ran), len(now)))
+            if i >= len(ran) or i >= len(now) or ran[i] != now[i]]
 
 
 def name_paths_from_the_checkout(executed: Path, target: Path) -> None:

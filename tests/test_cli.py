@@ -142,3 +142,17 @@ def test_train_help_names_every_method_a_config_accepts(capsys):
         build_parser().parse_args(["train", "--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
     assert all(f" {method} " in f" {shown} " for method in METHODS)
+
+
+def test_run_gives_its_notebooks_the_data_root_of_the_command(tmp_path, monkeypatch):
+    from kdlib import cli, notebook_runs
+
+    seen = []
+    monkeypatch.setattr(notebook_runs, "execute",
+                        lambda name, *args, **kwargs: seen.append(os.environ.get("KDLIB_DATA")))
+    monkeypatch.delenv("KDLIB_DATA", raising=False)
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # run puts this checkout first on it
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--preset", "smoke", "--only", "04",
+                     "--results-dir", str(tmp_path / "results")]) == 0
+    assert seen == [str(tmp_path / "data")]

@@ -133,8 +133,10 @@ def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatc
     assert set(frame["method"]) == {"teacher", "ta_chain", "progressive", "progressive_kd32",
                                     "individual", "finetune", "direct_kd", "direct_kd_matched"}
     assert sorted(frame.loc[frame["method"] == "ta_chain", "w_bits"]) == [1, 8]
-    # a re-run trains nothing
+    # a re-run trains nothing, and needs no data (a clone shows its committed results without)
     monkeypatch.setattr(experiments, "fit", lambda *a, **k: pytest.fail("re-run trained a model"))
+    monkeypatch.setattr(experiments, "load_splits",
+                        lambda *a, **k: pytest.fail("re-run loaded the data"))
     again = experiments.run_grid(preset="smoke", model="resnet8", chain=[32, 8, 1],
                                  data_dir=real_data_root, results_dir=tmp_path, overrides=TINY,
                                  progress=False)

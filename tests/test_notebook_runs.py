@@ -1,7 +1,9 @@
 """Running the notebooks with papermill: an executed copy is replaced only when a result
 changed, and reads the same in every clone."""
 import json
+import os
 import subprocess
+import sys
 
 import nbformat
 
@@ -24,6 +26,20 @@ def test_executed_notebook_is_replaced_only_when_its_outputs_change(tmp_path):
     assert notebook_runs.outputs(a) == notebook_runs.outputs(b)
     assert notebook_runs.outputs(a) != notebook_runs.outputs(c)
     assert notebook_runs.outputs(tmp_path / "missing.ipynb") is None
+
+
+def test_printed_text_cut_into_other_messages_is_the_same_output(tmp_path):
+    def notebook(path, *texts, name="stdout"):
+        outputs = [{"output_type": "stream", "name": name, "text": text} for text in texts]
+        cell = {"cell_type": "code", "source": "run()", "metadata": {}, "outputs": outputs}
+        path.write_text(json.dumps({"cells": [cell], "metadata": {}}))
+        return notebook_runs.outputs(path)
+
+    whole = notebook(tmp_path / "a.ipynb", ["[1/2] a\n", "skip a\n", "[2/2] b\n"])
+    assert notebook(tmp_path / "b.ipynb", ["[1/2] a\n"], ["skip a\n", "[2/2] b\n"]) == whole
+    assert notebook(tmp_path / "c.ipynb", "[1/2] a\nskip a\n", "[2/2] b\n") == whole
+    assert notebook(tmp_path / "d.ipynb", "[1/2] a\n", "skip a\n[2/2] c\n") != whole
+    assert notebook(tmp_path / "e.ipynb", "[1/2] a\nskip a\n[2/2] b\n", name="stderr") != whole
 
 
 def test_an_executed_notebook_names_its_paths_from_the_checkout_and_its_injected_cell_by_a_fixed_id(
@@ -54,3 +70,48 @@ def test_the_copy_an_interrupted_run_leaves_behind_is_not_a_change_to_commit():
                                          "01_baseline")
     ignored = subprocess.run(["git", "check-ignore", "-q", str(running)], cwd=REPO_ROOT)
     assert ignored.returncode == 0
+
+
+def test_changed_cells_names_the_cells_an_executed_copy_ran_that_the_notebook_no_longer_has(
+        tmp_path):
+    source = nbformat.read(notebook_runs.NOTEBOOKS_DIR / "01_baseline.ipynb", as_version=4)
+    executed = tmp_path / "01_baseline.ipynb"
+    injected = nbformat.v4.new_code_cell("preset = 'quick'",
+                                         metadata={"tags": ["injected-parameters"]})
+    source.cells.insert(2, injected)
+    nbformat.write(source, executed)
+    assert notebook_runs.changed_cells(executed) == []  # the injected cell is not a change
+    source.cells[4].source += "\n# edited"
+    source.cells.pop()
+    nbformat.write(source, executed)
+    last = len(notebook_runs.sources(notebook_runs.NOTEBOOKS_DIR / "01_baseline.ipynb")) - 1
+    assert notebook_runs.changed_cells(executed) == [3, last]
+
+
+def test_every_committed_executed_notebook_ran_the_notebook_as_it_is_now():
+    """Else the next `kdlib run` rewrites the copy though no result changed (a clone's git is
+    no longer clean after the README's `make run`)."""
+    stale = {str(path.relative_to(REPO_ROOT)): notebook_runs.changed_cells(path)
+             for path in sorted(REPO_ROOT.glob("results/*/executed/*.ipynb"))}
+    stale = {path: cells for path, cells in stale.items() if cells}
+    assert not stale, ("executed from an older notebook (cells " + "; ".join(
+        f"{path}: {cells}" for path, cells in stale.items()) + "): rerun it with `python -m kdlib "
+        "run --preset <its folder> --only NN`, which retrains nothing already finished")
+
+
+def test_the_kernels_read_the_data_root_of_the_command_not_one_of_their_own(tmp_path, monkeypatch):
+    """A kernel starts in notebooks/: its own default ./data would be notebooks/data."""
+    def kernels_data_root():  # as a kernel resolves it: another process, started in notebooks/
+        return subprocess.run(
+            [sys.executable, "-c", "from kdlib.data import resolve_data_root as r; print(r())"],
+            cwd=notebook_runs.NOTEBOOKS_DIR, env=os.environ, capture_output=True, text=True,
+            check=True).stdout.strip()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KDLIB_DATA", raising=False)
+    assert kernels_data_root() == str(notebook_runs.NOTEBOOKS_DIR / "data")  # without the fix
+    notebook_runs.kernels_read_the_commands_data_root()
+    assert kernels_data_root() == str(tmp_path / "data")
+    monkeypatch.setenv("KDLIB_DATA", "elsewhere")  # relative: to where the command runs
+    notebook_runs.kernels_read_the_commands_data_root()
+    assert kernels_data_root() == str(tmp_path / "elsewhere")
