@@ -60,6 +60,29 @@ def test_run_id_stable_and_sensitive():
     assert a.run_id().startswith("resnet20-individual-w32a32-s0-")
 
 
+def _another(value):
+    """A value of another kind than ``value``'s default, for the run id only (not validated)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, tuple):
+        return (*value, 0.9)
+    return f"{value}-other"  # str, or None
+
+
+def test_every_field_but_the_execution_only_ones_is_in_the_run_id():
+    """Above all ``recipe``: a code change that changes numbers bumps it, so old records of the
+    same settings are not taken for new ones."""
+    from kdlib.config import EXECUTION_ONLY_FIELDS
+
+    base = RunConfig()
+    for field in dataclasses.fields(RunConfig):
+        changed = base.replace(**{field.name: _another(getattr(base, field.name))})
+        assert (changed.run_id() == base.run_id()) == (field.name in EXECUTION_ONLY_FIELDS), \
+            field.name
+
+
 def test_round_trip_through_dict():
     cfg = RunConfig(milestones=(0.3, 0.6), w_bits=4)
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
