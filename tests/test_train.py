@@ -387,6 +387,30 @@ def test_hinton_teacher_runs_in_eval_under_inference_mode(splits):
     assert seen == {(False, True, False)}
 
 
+@pytest.mark.parametrize("teacher_bits", [32, 8])
+def test_a_kd_step_distils_each_image_towards_the_teachers_logits_of_that_image(teacher_bits):
+    """The step's loss is kd_loss of the student's logits and the teacher's (in eval) for the
+    same images, at the run's temperature and alpha: computed here from the two models."""
+    from kdlib.losses import kd_loss
+    from kdlib.step import batch_loss
+
+    cfg = make_cfg(method="direct_kd", w_bits=4, a_bits=4, teacher_id="t", kd_temperature=3.0,
+                   kd_alpha=0.7)
+    teacher = make_model(cfg.replace(w_bits=teacher_bits, a_bits=teacher_bits), seed=7)
+    trainer = make_trainer(make_model(cfg), cfg, teacher=teacher, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 32, 32, generator=generator)
+    y = torch.randint(0, NUM_CLASSES, (16,), generator=generator)
+    with frozen_teacher(trainer):
+        loss, _, logits, _ = batch_loss(trainer, x, y)
+    with torch.no_grad():
+        student_logits = trainer.model(x)  # train mode: batch statistics, as in the step
+        teacher.eval()
+        teacher_logits = teacher(x)
+    torch.testing.assert_close(logits.detach(), student_logits)
+    torch.testing.assert_close(loss.detach(), kd_loss(student_logits, teacher_logits, y, 3.0, 0.7))
+
+
 def test_method_and_teacher_must_agree(splits):
     cfg = make_cfg(method="direct_kd", epochs=1)
     with pytest.raises(ValueError, match="teacher"):
