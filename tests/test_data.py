@@ -432,6 +432,15 @@ def test_load_splits_holds_val_out_of_train(fake_data_root):
                        torch.ones(100, dtype=torch.long))
     assert s.train_images.dtype == torch.uint8 and s.train_labels.dtype == torch.int64
     assert not (_row_set(s.train_images) & _row_set(s.val_images))
+    # every image of the training file, each in one of the two with its own label; none of the
+    # test file's (the validation set selects the epoch: it must never see a test image)
+    images, labels = D.load_cifar100(fake_data_root, train=True, download=False)
+    label_of = dict(zip((bytes(r) for r in images.reshape(len(images), -1).numpy()),
+                        labels.tolist()))
+    for split_images, split_labels in ((s.train_images, s.train_labels),
+                                       (s.val_images, s.val_labels)):
+        rows = (bytes(r) for r in split_images.reshape(len(split_images), -1).numpy())
+        assert [label_of.get(row) for row in rows] == split_labels.tolist()
     assert len(_row_set(s.train_images) | _row_set(s.val_images)) == N_FAKE_TRAIN
     test_images, test_labels = D.load_cifar100(fake_data_root, train=False, download=False)
     assert torch.equal(s.test_images, test_images) and torch.equal(s.test_labels, test_labels)
