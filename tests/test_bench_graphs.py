@@ -127,6 +127,12 @@ def test_the_graphs_part_is_recorded_rendered_and_decides_the_grid(monkeypatch):
               "concurrency": {"error": "RuntimeError: 1 concurrent kd_w4_graphs processes failed"}}
     assert "the check failed" in graphs_verdict({**bench, "graphs": failed})["why"]
     assert "not checked (RuntimeError: operation not permitted" in render._graphs_line(failed)
+    # a preset that compiles (`paper`, once decided) runs compiled processes, never replaying ones
+    import kdlib.presets
+
+    monkeypatch.setattr(kdlib.presets, "build_config",
+                        lambda *args, **kwargs: build_config(*args, **kwargs).replace(compile=True))
+    assert not lease.replays_steps(bench, "gpu") and lease.auto_jobs(bench, "gpu") == 1
 
 
 def test_estimates_of_replayed_runs_use_the_replaying_processes_rates():
