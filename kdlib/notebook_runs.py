@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +139,8 @@ def changed_cells(executed: Path) -> list[int]:
     """The cells (0-based, as in the notebook) whose source differs between an executed copy and
     the notebook it is a copy of, ``notebooks/<name>.ipynb``: a committed copy run from an older
     notebook, which the next ``kdlib run`` rewrites even though no result changed."""
-    ran, now = sources(executed), sources(NOTEBOOKS_DIR / executed.name)
-    return [i for i in range(max(len(ran), len(now)))
-            if i >= len(ran) or i >= len(now) or ran[i] != now[i]]
+    pairs = zip_longest(sources(executed), sources(NOTEBOOKS_DIR / executed.name))
+    return [i for i, (ran, now) in enumerate(pairs) if ran != now]
 
 
 def name_paths_from_the_checkout(executed: Path, target: Path) -> None:
