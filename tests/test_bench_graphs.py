@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import kdlib.presets
 from kdlib import lease
 from kdlib.bench import render
 from kdlib.bench.graphs import check_graph_step, graphs_verdict, measure_graphs
@@ -128,8 +129,6 @@ def test_the_graphs_part_is_recorded_rendered_and_decides_the_grid(monkeypatch):
     assert "the check failed" in graphs_verdict({**bench, "graphs": failed})["why"]
     assert "not checked (RuntimeError: operation not permitted" in render._graphs_line(failed)
     # a preset that compiles (`paper`, once decided) runs compiled processes, never replaying ones
-    import kdlib.presets
-
     monkeypatch.setattr(kdlib.presets, "build_config",
                         lambda *args, **kwargs: build_config(*args, **kwargs).replace(compile=True))
     assert not lease.replays_steps(bench, "gpu") and lease.auto_jobs(bench, "gpu") == 1
