@@ -229,20 +229,68 @@ def test_tampered_header_is_refused(tmp_path):
         load_packed(path)
 
 
-def _rewrite_header(path, change) -> None:
-    """Change the header and re-seal it (a consistent file whose table is wrong)."""
+def _seal_header(path, change) -> None:
+    """Replace the header's bytes by ``change(bytes)`` and re-seal them (its digest matches)."""
     blob = path.read_bytes()
     length = _PREAMBLE.unpack_from(blob)[1]
-    header = json.loads(blob[_PREAMBLE.size:_PREAMBLE.size + length])
-    change(header)
-    new = json.dumps(header).encode()
+    new = change(blob[_PREAMBLE.size:_PREAMBLE.size + length])
     path.write_bytes(_PREAMBLE.pack(MAGIC, len(new), hashlib.sha256(new).digest())
                      + new + blob[_PREAMBLE.size + length:])
+
+
+def _rewrite_header(path, change) -> None:
+    """Change the header and re-seal it (a consistent file whose table is wrong)."""
+    def rewritten(header_bytes):
+        header = json.loads(header_bytes)
+        change(header)
+        return json.dumps(header).encode()
+    _seal_header(path, rewritten)
+
+
+def _first_coded(header):
+    return next(e for e in header["tensors"] if e["encoding"] != "raw")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h.pop("payload_length"), "'payload_length' is missing"),
+    (lambda h: h.pop("model"), "'model' is missing"),
+    (lambda h: h["model"].pop("name"), "no registry 'name'"),
+    (lambda h: h.update(tensors={}), "'tensors' is missing or not a list"),
+    (lambda h: h["tensors"].__setitem__(2, "conv"), "tensor entry 2 is not an object"),
+    (lambda h: _first_coded(h).pop("bits"), r"\['bits'\]"),
+    (lambda h: _first_coded(h).update(bits=True), r"\['bits'\]"),
+    (lambda h: _first_coded(h).update(scale="0.5"), r"\['scale'\]"),
+    (lambda h: h["tensors"][3].update(offset="0"), r"\['offset'\]"),
+    (lambda h: h["tensors"][3].update(shape=[16, -1]), r"\['shape'\]"),
+    (lambda h: h["tensors"][-1].update(dtype="complex64"), r"\['dtype'\]"),
+])
+def test_a_sealed_header_without_a_field_the_reader_needs_is_refused_naming_the_file(
+        tmp_path, change, message):
+    """Its digest matches (a header made by hand or by a faulty writer): still a ValueError that
+    names the file and the field, never a KeyError or TypeError from deep in the reader."""
+    path = saved(trained_like("pact", 1), tmp_path)
+    _rewrite_header(path, change)
+    with pytest.raises(ValueError, match=f"model.packed: .*{message}"):
+        load_packed(path)
+
+
+@pytest.mark.parametrize("header_bytes, message", [
+    (b"\xff\xfe", "not UTF-8 JSON"), (b"{\"format\": ", "not UTF-8 JSON"),
+    (b"[1, 2]", "a JSON list, not an object")])
+def test_a_sealed_header_that_is_no_json_object_is_refused_naming_the_file(
+        tmp_path, header_bytes, message):
+    path = saved(trained_like("dorefa", 2), tmp_path)
+    _seal_header(path, lambda _: header_bytes)
+    with pytest.raises(ValueError, match=f"model.packed: its header is {message}"):
+        read_packed_header(path)
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda h: h["tensors"][0].update(shape=[16, 3, 3, 4]), "conv1.weight.*inconsistent"),
     (lambda h: h["tensors"][3].update(offset=10 ** 9), "inconsistent"),
+    # a negative offset that Python slicing would read as another place in the payload
+    (lambda h: h["tensors"][3].update(offset=h["tensors"][3]["offset"] - h["payload_length"]),
+     "inconsistent"),
     (lambda h: h["tensors"].pop(), "do not match"),
     (lambda h: h["model"].update(w_bits=99), "w_bits=99"),
     (lambda h: h["model"].update(name="resnet20"), "do not match"),
@@ -290,6 +338,23 @@ def test_save_needs_the_model_registry_name(tmp_path):
         saved(model, tmp_path, name="resnet9")
     with pytest.raises(ValueError, match="no QConv2d/QLinear"):
         save_packed(nn.Linear(2, 2), tmp_path / "x.packed", model_name="resnet8")
+
+
+@pytest.mark.parametrize("quantizer, bits, level", [("dorefa", 2, 4), ("dorefa", 4, 16),
+                                                     ("lsq", 2, 2), ("lsq", 3, -5)])
+def test_save_refuses_a_weight_level_outside_the_bit_width(tmp_path, quantizer, bits, level):
+    """A weight that is an exact level of the encoding's arithmetic, but one past its k-bit
+    range, has no k-bit code: packing it would keep its low bits only (another weight)."""
+    model = trained_like(quantizer, bits)
+    name, layer = next((n, m) for n, m in quantized_layers(model) if m.w_bits == bits)
+    weight = layer.quantized_weight().detach().clone()
+    level = torch.tensor(float(level))
+    weight.view(-1)[0] = (2 * (level / ((1 << bits) - 1)) - 1 if quantizer == "dorefa"
+                          else level * layer.weight_quantizer.step.detach())
+    layer.quantized_weight = lambda: weight
+    with pytest.raises(ValueError, match=f"layer '{name}'.*cannot store it exactly"):
+        saved(model, tmp_path)
+    assert not (tmp_path / "model.packed").exists()
 
 
 def test_save_refuses_uninitialised_lsq(tmp_path):

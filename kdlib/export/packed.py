@@ -168,11 +168,19 @@ def _split_file(path: Path) -> tuple[dict[str, Any], bytes]:
     header_bytes = blob[_PREAMBLE.size:header_end]
     if hashlib.sha256(header_bytes).digest() != header_digest:
         raise ValueError(f"{path} is corrupt: its header does not match its sha256")
-    header = json.loads(header_bytes)
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise ValueError(f"{path}: its header is not UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: its header is a JSON {type(header).__name__}, not an object")
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {header.get('format')!r} version "
                          f"{header.get('format_version')!r}; accepted: {FORMAT!r} version "
                          f"{FORMAT_VERSION}")
+    problem = _header_problem(header)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     if header.get("byte_order") != sys.byteorder:
         raise ValueError(f"{path} holds {header.get('byte_order')}-endian data; this machine is "
                          f"{sys.byteorder}-endian")
@@ -183,6 +191,45 @@ def _split_file(path: Path) -> tuple[dict[str, Any], bytes]:
     if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise ValueError(f"{path} is corrupt: its payload does not match the sha256 in its header")
     return header, payload
+
+
+_HEADER_FIELDS = {"model": dict, "payload_length": int, "payload_sha256": str, "tensors": list}
+_TENSOR_FIELDS = {"name": str, "dtype": str, "shape": list, "offset": int, "length": int,
+                  "encoding": str}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """JSON type check: a bool is not a number here (Python counts it as an int)."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _header_problem(header: dict[str, Any]) -> str | None:
+    """What in a header (whose digest matched: made by hand, or by a faulty writer) the reader
+    could not use, or None: every field it reads, with its JSON type."""
+    for key, kind in _HEADER_FIELDS.items():
+        if not _is(header.get(key), kind):
+            return f"header field {key!r} is missing or not a {kind.__name__}"
+    if not _is(header["model"].get("name"), str):
+        return "header field 'model' has no registry 'name'"
+    for i, entry in enumerate(header["tensors"]):
+        if not _is(entry, dict):
+            return f"tensor entry {i} is not an object"
+        coded = entry.get("encoding") != "raw"
+        fields = {**_TENSOR_FIELDS, **({"bits": int} if coded else {}),
+                  **({"scale": float} if "scale" in entry else {})}
+        wrong = [key for key, kind in fields.items() if not _is(entry.get(key), kind)]
+        if not all(_is(size, int) and size >= 0 for size in entry.get("shape") or ()):
+            wrong.append("shape")
+        if not coded and entry.get("dtype") not in RAW_DTYPES:
+            wrong.append("dtype")
+        if wrong:
+            return (f"tensor entry {i} ({entry.get('name')!r}): field(s) {sorted(set(wrong))} "
+                    "missing or of the wrong type or value")
+    return None
 
 
 def read_packed_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -251,7 +298,8 @@ def load_packed(path: str | os.PathLike) -> nn.Module:
 
     Reads only this format (no pickle). FileNotFoundError for a missing file; ValueError naming
     the file for anything else: not this format, a truncated file, a header or payload that does
-    not match its sha256, or a tensor table that does not fit the model.
+    not match its sha256, a header without a field it reads (or of another type), or a tensor
+    table that does not fit the model.
 
     The quantized layers hold the stored (dequantized) weights as ``.weight`` and as their
     frozen quantized weight, with ``requires_grad=False``: the original full-precision latent
