@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from kdlib.checks import check_bits
+from kdlib.checks import check_bits, check_num_classes, format_bits, parse_bits
 from kdlib.config import RunConfig, validate
 from kdlib.presets import PRESETS, build_config, get_preset
 
@@ -18,6 +18,18 @@ def test_supported_bits_accepted(bits):
 def test_bad_bits_name_value_and_accepted(bits):
     with pytest.raises(ValueError, match=r"w_bits=.*accepted: an integer in 1\.\.16 or 32"):
         check_bits(bits, "w_bits")
+
+
+@pytest.mark.parametrize("value", [1, 0, -3, True, 2.0, "10"])
+def test_bad_num_classes_refused(value):
+    with pytest.raises(ValueError, match="num_classes="):
+        check_num_classes(value)
+    assert check_num_classes(2) == 2
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(4, 8), (8, 4), (1, 32), (2, 2)])
+def test_format_bits_is_the_inverse_of_parse_bits(w_bits, a_bits):
+    assert parse_bits(format_bits(w_bits, a_bits)) == (w_bits, a_bits)
 
 
 @pytest.mark.parametrize("field, value, pattern", [

@@ -286,6 +286,25 @@ def test_malicious_pickle_is_refused_and_never_executed(case, fake_data_root, tm
     assert payload.fn.__name__ in message  # names the refused global
 
 
+def test_pickle_reaching_a_method_through_getattr_is_refused_and_never_executed(
+        fake_data_root, tmp_path):
+    """Every global in the allow-list builds an array and nothing else: ``builtins.getattr``
+    would reach any method of an allowed object (here ``ndarray.tofile``, which writes a file)."""
+    marker = tmp_path / "marker.bin"
+    payload = _Payload(np.zeros(1).tofile, str(marker))  # pickles as getattr(array, "tofile")
+    root = _copy_fake(fake_data_root, tmp_path / "data")
+    path = root / "cifar-100-python" / "train"
+    # protocol 4 names the global "builtins.getattr" (protocol 2: "__builtin__.getattr")
+    path.write_bytes(pickle.dumps({"data": payload, "fine_labels": [0]}, protocol=4))
+    _raw(path)  # live: a plain unpickler writes the marker
+    assert marker.exists()
+    marker.unlink()
+
+    with pytest.raises(ValueError, match="refused to load global 'builtins.getattr'"):
+        D.load_cifar100(root, train=True, download=False)
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # where the data comes from: root resolution and download
 # --------------------------------------------------------------------------------------------
@@ -362,6 +381,19 @@ def test_offline_switch_forbids_downloads(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"downloads disabled by KDLIB_OFFLINE=1") as err:
         D.load_cifar100(tmp_path, download=True)
     assert str(tmp_path / "cifar-100-python") in str(err.value)
+
+
+def test_offline_switch_set_to_0_allows_downloads(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(url, download_root, **kwargs):
+        calls.append(url)
+        write_fake_cifar100(download_root)
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    monkeypatch.setenv("KDLIB_OFFLINE", "0")
+    assert len(D.load_cifar100(tmp_path, download=True)[1]) == N_FAKE_TRAIN
+    assert calls == [D.CIFAR100_URL]
 
 
 # --------------------------------------------------------------------------------------------

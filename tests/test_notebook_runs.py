@@ -42,6 +42,15 @@ def test_printed_text_cut_into_other_messages_is_the_same_output(tmp_path):
     assert notebook(tmp_path / "e.ipynb", "[1/2] a\nskip a\n[2/2] b\n", name="stderr") != whole
 
 
+def test_text_moved_from_one_stream_to_the_other_is_another_output():
+    def stream(name, text):
+        return {"output_type": "stream", "name": name, "text": text}
+
+    printed = [stream("stdout", "a\n"), stream("stderr", "b\n")]
+    moved = [stream("stdout", "a\n"), stream("stdout", "b\n")]
+    assert notebook_runs.joined_streams(printed) != notebook_runs.joined_streams(moved)
+
+
 def test_an_executed_notebook_names_its_paths_from_the_checkout_and_its_injected_cell_by_a_fixed_id(
         tmp_path):
     notebook = nbformat.v4.new_notebook()

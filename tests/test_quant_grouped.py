@@ -67,6 +67,19 @@ def test_an_unused_output_gets_no_gradient_and_the_rest_are_unchanged():
     assert not grouped[1].grad.any() and not grouped[2].grad.any()
 
 
+def test_grouped_one_bit_weights_give_zero_the_sign_plus_as_per_layer():
+    """sign(0) = +1 at 1 bit: a weight of exactly 0 in a layer that is not all zero."""
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen) * 0.1 for s in SHAPES[:3]]
+    for w in base:
+        w.view(-1)[::3] = 0.0
+    grouped = dorefa_weights(base, 1)
+    single = [dorefa_weight(w, 1) for w in base]
+    for w, a, b in zip(base, grouped, single):
+        assert same_bits(a, b)
+        assert (a[w == 0] > 0).all()
+
+
 def test_the_benchmarks_device_check_passes_here():
     result = check_weights("cpu", bits=(1, 4, 16))
     assert result["exact"] and set(result["by_bits"]) == {"1", "4", "16"}

@@ -387,6 +387,45 @@ def test_hinton_teacher_runs_in_eval_under_inference_mode(splits):
     assert seen == {(False, True, False)}
 
 
+def test_a_hinton_step_with_kd_alpha_0_never_runs_the_teacher():
+    """kd_alpha = 0 weighs the KD term by zero: the step is the student's CE alone, and the
+    teacher's forward (as costly as the student's) is not run."""
+    from kdlib.losses import ce_loss
+    from kdlib.step import batch_loss
+
+    calls = []
+
+    class SpyTeacher(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.inner(x)
+
+    cfg = make_cfg(method="direct_kd", w_bits=4, a_bits=4, teacher_id="t", kd_alpha=0.0)
+    trainer = make_trainer(make_model(cfg), cfg, teacher=SpyTeacher(make_model(cfg, seed=7)),
+                           device="cpu")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % NUM_CLASSES
+    with frozen_teacher(trainer):
+        loss, _, logits, terms = batch_loss(trainer, x, y)
+    assert calls == [] and terms is None
+    torch.testing.assert_close(loss, ce_loss(logits, y, cfg.label_smoothing))
+
+
+@pytest.mark.parametrize("kd_mode", ["hinton", "apprentice"])
+def test_frozen_teacher_gives_the_teacher_back_in_the_mode_it_came_in(kd_mode):
+    cfg = make_cfg(method="direct_kd", kd_mode=kd_mode, w_bits=4, a_bits=4, teacher_id="t")
+    for was_training in (False, True):
+        teacher = make_model(cfg, seed=7).train(was_training)
+        trainer = make_trainer(make_model(cfg), cfg, teacher=teacher, device="cpu")
+        with frozen_teacher(trainer):
+            assert teacher.training == (kd_mode == "apprentice")
+        assert teacher.training == was_training
+
+
 @pytest.mark.parametrize("teacher_bits", [32, 8])
 def test_a_kd_step_distils_each_image_towards_the_teachers_logits_of_that_image(teacher_bits):
     """The step's loss is kd_loss of the student's logits and the teacher's (in eval) for the
