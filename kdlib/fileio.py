@@ -1,8 +1,9 @@
 """Atomic file writes: a reader never sees a half-written record or checkpoint.
 
 Write to a uniquely named temporary file in the target directory, flush + fsync, then
-``os.replace`` (atomic on POSIX). A crash leaves at worst a stray ``.tmp`` file, never a
-truncated target; two writers never share a temporary file.
+``os.replace`` (atomic on POSIX), then fsync the directory (so that the rename, too, outlives a
+power cut). A crash leaves at worst a stray ``.tmp`` file, never a truncated target; two writers
+never share a temporary file.
 """
 from __future__ import annotations
 
@@ -35,6 +36,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename in ``folder`` durable where the system allows it (Windows cannot open a
+    directory; some network file systems refuse to fsync one: the file itself is synced)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

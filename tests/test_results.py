@@ -47,6 +47,45 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
     assert os.listdir(tmp_path) == ["a.json"]
 
 
+def test_atomic_write_interrupted_by_ctrl_c_leaves_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "a.json"
+    write_json_atomic(target, {"v": 1})
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(target, "w") as handle:
+            handle.write('{"v": 2, "trunc')
+            raise KeyboardInterrupt
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_atomic_write_is_on_disk_before_it_replaces_the_old_file_and_the_rename_after(
+        tmp_path, monkeypatch):
+    # a power cut must leave the old file or the whole new one: the data is fsynced before the
+    # rename, and the folder (which holds the rename) after it
+    import stat
+
+    import kdlib.fileio as fileio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync", "folder" if stat.S_ISDIR(info.st_mode) else info.st_size))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", os.path.basename(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    write_json_atomic(tmp_path / "r.json", {"a": 1})
+    size = (tmp_path / "r.json").stat().st_size
+    expected = [("fsync", size), ("replace", "r.json")]
+    assert events == expected + ([("fsync", "folder")] if os.name == "posix" else [])
+
+
 def test_corrupt_record_is_named(tmp_path):
     bad = tmp_path / "runs" / "bad.json"
     bad.parent.mkdir()

@@ -239,7 +239,13 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
             if unchanged.get(arcname) != _stamp(path):
                 tar.add(path, arcname=arcname)
     blob = buffer.getvalue()
-    parts = split_into_parts(blob, out, RESULTS_ARCHIVE, int(file_mib * MIB))
+    extra = list(extra)
+    part_bytes = int(file_mib * MIB)
+    written = 1 + -(-len(blob) // part_bytes) + len(extra)  # the manifest, parts, extras
+    if written > max_files:  # refused before any is written: no partial return in `out`
+        raise ValueError(f"{written} files to return, more than {max_files}: the results do not "
+                         "fit one call's return; train fewer runs per lease")
+    parts = split_into_parts(blob, out, RESULTS_ARCHIVE, part_bytes)
     extras = []
     for path in extra:
         shutil.copyfile(path, out / path.name)
@@ -247,10 +253,6 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
     manifest = {"sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, "extra": extras,
                 "returned": returned}
     (out / RETURN_MANIFEST).write_text(json.dumps(manifest, indent=1))
-    written = 1 + len(parts) + len(extras)
-    if written > max_files:
-        raise ValueError(f"{written} files to return, more than {max_files}: the results do not "
-                         "fit one call's return; train fewer runs per lease")
     return sorted(out.iterdir())
 
 

@@ -58,16 +58,17 @@ def receive(folder: Path, results_dir: Path, bench_dir: Path) -> dict[str, int]:
     ``"finished_paused"``)."""
     manifest = read_manifest(folder)
     blob = join_parts(folder, manifest)
+    for extra in manifest["extra"]:  # every file checked before any is unpacked here
+        path = folder / extra["name"]
+        if sha256_of(path) != extra["sha256"]:
+            raise ValueError(f"{path} does not match its sha256")
     results_dir.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         members = tar.getmembers()
         tar.extractall(results_dir, filter="data")
     for extra in manifest["extra"]:
-        path = folder / extra["name"]
-        if sha256_of(path) != extra["sha256"]:
-            raise ValueError(f"{path} does not match its sha256")
         bench_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, bench_dir / extra["name"])
+        shutil.copyfile(folder / extra["name"], bench_dir / extra["name"])
     from kdlib.results import note_paused, paused_checkpoints, run_checkpoints
 
     paused = paused_checkpoints(results_dir)
