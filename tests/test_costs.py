@@ -189,3 +189,10 @@ def test_a_resumed_run_shares_the_device_epoch_by_epoch():
     assert measured_rates(frame, side_by_side=4)[("resnet20", False)] == pytest.approx(expected)
     assert measured_rates(_frame([row]), side_by_side=4)[("resnet20", False)] == pytest.approx(
         2 * 45000 / (25.0 / 4))  # without it: the record's count for the whole wall time
+
+
+def test_a_grid_shorter_than_a_lease_still_takes_one():
+    frame = _frame([{"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 0.01,
+                     "cpu_model": "host", "teacher_id": teacher} for teacher in (None, "t")])
+    text = render_device_costs(["smoke"], frame, jobs=4, lease_minutes=8.0)
+    assert "about 1 lease of 8 training minutes" in text

@@ -65,6 +65,14 @@ def test_what_cannot_be_told_is_left_to_the_recorded_count():
     assert {"alone_allowed", "resumed", "alias", "measured"}.isdisjoint(inferred)
 
 
+def test_a_call_timed_a_little_short_of_its_run_still_spans_it():
+    # call and wall time are timed apart: 3% short is one call, not a run resumed across calls
+    records = [record("a", 0, 20), {**record("b", 0, 20), "call_seconds": 19.4}]
+    inferred = inferred_in_flight(records)
+    assert inferred["b"] == pytest.approx(2.0)
+    assert inferred["a"] == pytest.approx((0.6 * 1 + 19.4 * 2) / 20)
+
+
 def test_a_measured_count_beats_an_inferred_and_a_recorded_one():
     row = {"seconds": 10.0, "side_by_side": 4}
     recorded = {"wall_time_s": 30.0, "side_by_side": 4, "history": [row, row]}

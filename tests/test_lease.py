@@ -1016,3 +1016,121 @@ def test_this_checkout_sends_the_data_in_at_most_three_calls(preset):
     root = Path(__file__).resolve().parents[1]
     part = part_mib_for(root, untravelled_results(root, root / "results" / preset))
     assert math.ceil(CIFAR100_XZ_MIB / part) <= 3, f"data parts of {part:g} MiB"
+
+
+def test_a_returned_benchmark_damaged_in_transfer_is_refused(tmp_path):
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "a.json").write_text('{"run_id": "a"}')
+    bench = tmp_path / "NVIDIA_H200.json"
+    bench.write_text('{"device": "H200"}')
+    lease.pack_outputs(results, tmp_path / "out", [bench])
+    (tmp_path / "out" / bench.name).write_text('{"device": "H2OO"}')  # one byte off
+    with pytest.raises(ValueError, match="NVIDIA_H200.json does not match its sha256"):
+        lease.receive(tmp_path / "out", tmp_path / "back", tmp_path / "bench")
+    # refused before anything is unpacked: no return half received
+    assert not (tmp_path / "bench" / bench.name).exists()
+    assert not (tmp_path / "back" / "runs" / "a.json").exists()
+
+
+def test_a_result_rewritten_at_the_same_size_comes_back(tmp_path):
+    results, stash = tmp_path / "results", tmp_path / "stash"
+    (results / "runs").mkdir(parents=True)
+    record = results / "runs" / "r.json"
+    record.write_text('{"run_id": "r", "acc": 1}')
+    lease.snapshot_results(results, stash)
+    record.write_text('{"run_id": "r", "acc": 2}')  # the grid rewrote it: same size, later
+    later = record.stat().st_mtime_ns + 10**9
+    os.utime(record, ns=(later, later))
+    lease.pack(results, tmp_path / "out", tmp_path / "bench", device="cpu", stash=stash)
+    lease.receive(tmp_path / "out", tmp_path / "back", tmp_path / "back-bench")
+    assert (tmp_path / "back" / "runs" / "r.json").read_text() == '{"run_id": "r", "acc": 2}'
+
+
+def test_a_stash_that_assembled_other_data_assembles_the_new_parts(fake_data_root, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(fake_data_root, other)
+    source = other / "cifar-100-python"  # other files: train and test swapped
+    (source / "train").rename(source / "swap")
+    (source / "test").rename(source / "train")
+    (source / "swap").rename(source / "test")
+    stash = tmp_path / "stash"
+    for root, folder in ((fake_data_root, tmp_path / "lease1"), (other, tmp_path / "lease2")):
+        manifest = lease.pack_data(root, folder, part_mib=0.2, compress=fast)
+        for part in manifest["parts"]:
+            lease.store_part(folder / part["name"], stash)
+        data = lease.assemble_data(stash)
+        for name in lease.DATA_FILES:
+            assert (data / "cifar-100-python" / name).read_bytes() == \
+                (root / "cifar-100-python" / name).read_bytes()
+
+
+def test_pack_data_packs_again_for_another_part_size(fake_data_root, tmp_path):
+    lease.pack_data(fake_data_root, tmp_path, part_mib=0.4, compress=fast)
+    smaller = lease.pack_data(fake_data_root, tmp_path, part_mib=0.2, compress=fast)
+    assert all(p["bytes"] <= 0.2 * lease.MIB for p in smaller["parts"])
+    assert sorted(p.name for p in tmp_path.glob("data.xz.*")) == \
+        [p["name"] for p in smaller["parts"]]
+
+
+def test_two_returns_that_brought_nothing_new_are_still_two_returns(tmp_path):
+    results, stash = tmp_path / "results", tmp_path / "stash"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "old.json").write_text('{"run_id": "old"}')
+    outs = [tmp_path / "out0", tmp_path / "out1"]
+    for out in outs:  # the last call and its follow-up, both with nothing left to train
+        lease.snapshot_results(results, stash)
+        lease.pack(results, out, tmp_path / "bench", device="cpu", stash=stash)
+    lease.check_returns(outs)
+
+
+def test_a_folder_left_out_of_the_tree_leaves_folders_whose_names_it_begins(tmp_path):
+    from kdlib.lease.tracked import travelling_files
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    for name in ("results/quick/m.bin", "results/quick_squeezenet/m.bin"):
+        (tmp_path / name).parent.mkdir(parents=True)
+        (tmp_path / name).write_bytes(b"x" * 10)
+    sent = travelling_files(tmp_path, leaving=[tmp_path / "results" / "quick"])
+    assert sent == {"results/quick_squeezenet/m.bin": 10}
+
+
+def test_a_carried_file_that_exactly_fills_the_room_a_part_leaves_rides_with_it(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"w" * 1000)
+    assert lease.plan_carry([4000], [weights], 5000) == ([[weights]], [])
+
+
+@pytest.mark.parametrize("minutes, reserve_s", [(1, 6.0), (10, 45.0)])
+def test_go_keeps_a_tenth_of_its_minutes_at_most_45_s_for_runs_that_overrun(
+        fake_data_root, tmp_path, monkeypatch, minutes, reserve_s):
+    import re
+    import kdlib.executors
+
+    monkeypatch.setattr(kdlib.executors, "execute_processes", lambda *a, **k: [])  # no training
+    logged = []
+    lease.go(preset="smoke", minutes=minutes, jobs=2, results_dir=tmp_path / "results",
+             repo_root=tmp_path / "repo", model="resnet8", bench="never",
+             stash=tmp_path / "stash", data_root=fake_data_root, log=logged.append)
+    line = next(m for m in logged if m.startswith("grid: ") and "s of budget" in m)
+    budget_s = float(re.search(r"(\d+) s of budget", line).group(1))
+    assert 60 * minutes - reserve_s - 3 <= budget_s <= 60 * minutes - reserve_s + 0.5
+
+
+def test_a_return_one_file_over_the_limit_is_refused(tmp_path):
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "a.json").write_text('{"run_id": "a"}')
+    assert len(lease.pack_outputs(results, tmp_path / "fits", max_files=2)) == 2  # manifest, part
+    with pytest.raises(ValueError, match="2 files to return, more than 1"):
+        lease.pack_outputs(results, tmp_path / "over", max_files=1)
+    assert not list((tmp_path / "over").iterdir())  # refused before any file is written
+
+
+def test_go_takes_a_follow_ups_seconds_as_seconds(tmp_path, monkeypatch):
+    from kdlib import cli
+
+    minutes = []
+    monkeypatch.setattr(lease, "go", lambda **kwargs: minutes.append(kwargs["minutes"]))
+    assert cli.main(["lease", "go", "--preset", "smoke", "--results-dir", str(tmp_path),
+                     "--seconds", "150", "--bench", "never"]) == 0
+    assert minutes == [2.5]

@@ -85,6 +85,12 @@ def test_a_file_is_recoded_only_inside_its_pixels(fake_data_root, tmp_path):
     assert locate_pixels(floats) is None  # not CIFAR's bytes: the file travels as it is
 
 
+def test_rows_that_are_not_32x32_rgb_images_travel_uncoded(tmp_path):
+    grey = tmp_path / "grey"
+    write_pickle({b"data": np.arange(2 * 1024, dtype=np.uint8).reshape(2, 1024)}, grey)
+    assert locate_pixels(grey) is None
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_real_images_coded_take_fewer_bytes_than_delta_filtered(real_data_root):

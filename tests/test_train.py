@@ -599,7 +599,7 @@ def test_checkpoint_with_other_config_is_refused(splits, tmp_path):
     assert path.read_bytes() == data
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "not_a_checkpoint"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "not_a_checkpoint", "other_format"])
 def test_corrupted_checkpoint_is_a_clear_error_and_kept(splits, tmp_path, damage):
     cfg = make_cfg(epochs=1)
     path = tmp_path / "run.pt"
@@ -608,8 +608,11 @@ def test_corrupted_checkpoint_is_a_clear_error_and_kept(splits, tmp_path, damage
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "garbage":
         path.write_bytes(b"\x00not a zip file at all" * 10)
-    else:
+    elif damage == "not_a_checkpoint":
         torch.save({"weights": torch.zeros(3)}, path)
+    else:  # a kdlib checkpoint of a format this kdlib does not read
+        ckpt = torch.load(path, weights_only=True)
+        torch.save({**ckpt, "format": ckpt["format"] + 1}, path)
     data = path.read_bytes()
     with pytest.raises(ValueError, match=str(path)):
         fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
