@@ -262,6 +262,7 @@ def _first_coded(header):
     (lambda h: _first_coded(h).update(scale="0.5"), r"\['scale'\]"),
     (lambda h: h["tensors"][3].update(offset="0"), r"\['offset'\]"),
     (lambda h: h["tensors"][3].update(shape=[16, -1]), r"\['shape'\]"),
+    (lambda h: h["tensors"][3].update(shape=16), r"\['shape'\]"),
     (lambda h: h["tensors"][-1].update(dtype="complex64"), r"\['dtype'\]"),
 ])
 def test_a_sealed_header_without_a_field_the_reader_needs_is_refused_naming_the_file(

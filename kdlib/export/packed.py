@@ -222,7 +222,8 @@ def _header_problem(header: dict[str, Any]) -> str | None:
         fields = {**_TENSOR_FIELDS, **({"bits": int} if coded else {}),
                   **({"scale": float} if "scale" in entry else {})}
         wrong = [key for key, kind in fields.items() if not _is(entry.get(key), kind)]
-        if not all(_is(size, int) and size >= 0 for size in entry.get("shape") or ()):
+        shape = entry.get("shape")
+        if isinstance(shape, list) and not all(_is(size, int) and size >= 0 for size in shape):
             wrong.append("shape")
         if not coded and entry.get("dtype") not in RAW_DTYPES:
             wrong.append("dtype")
