@@ -113,6 +113,10 @@ def build_config(preset: str, model: str | None = None, *, teacher: bool = False
     ``overrides`` win over the preset, also for the teacher (an explicit ``epochs`` applies
     to every run). ``model`` defaults to the preset's.
     """
+    named = sorted({"model", "preset"} & set(overrides or {}))
+    if named:  # they would be replaced by the arguments below: refused instead of ignored
+        raise ValueError(f"overrides name {named}: give them as build_config's own arguments "
+                         "(on the command line --model / --preset)")
     spec = get_preset(preset)
     fields: dict[str, Any] = {**spec.run, **(spec.teacher_run if teacher else {})}
     fields.update(overrides or {})

@@ -193,3 +193,27 @@ def test_run_smoke_preset_end_to_end(real_data_root, tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(before) > 5 and {path: path.read_bytes() for path in shown} == before
+
+
+def test_train_with_only_w_bits_quantizes_activations_alike(tmp_path, monkeypatch):
+    import kdlib.cli as cli
+
+    planned = []
+    monkeypatch.setattr(cli, "execute", lambda plan, **kw: planned.extend(plan) or [
+        {"run_id": plan[0].run_id(), "metrics": {}}])
+    assert main(["train", "--preset", "smoke", "--model", "resnet8", "--w-bits", "4",
+                 "--results-dir", str(tmp_path)]) == 0
+    assert [(c.w_bits, c.a_bits) for c in planned] == [(4, 4)]
+    planned.clear()
+    assert main(["train", "--preset", "smoke", "--model", "resnet8", "--w-bits", "4",
+                 "--a-bits", "8", "--results-dir", str(tmp_path)]) == 0
+    assert [(c.w_bits, c.a_bits) for c in planned] == [(4, 8)]
+
+
+@pytest.mark.parametrize("key, flag", [("seed", "--seed"), ("method", "--method"),
+                                       ("teacher_id", "--teacher-id"), ("init_id", "--init-id")])
+def test_train_refuses_a_set_of_a_field_that_has_its_own_option(tmp_path, capsys, key, flag):
+    assert main(["train", "--preset", "smoke", "--set", f"{key}=3",
+                 "--results-dir", str(tmp_path)]) == 2
+    assert f"--set {key} (use {flag})" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

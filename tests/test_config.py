@@ -145,3 +145,32 @@ def test_field_list_keeps_every_meaning_in_its_cell():
     assert {len(parts) for parts in cells.values()} == {3}
     assert cells["quantizer"][2].strip() == r"dorefa \| pact \| lsq"
     assert r"softmax(t/T) \|\| softmax(s/T)" in cells["kd_temperature"][2]
+
+
+def test_preset_descriptions_state_their_epochs():
+    checked = 0
+    for preset in PRESETS.values():
+        teacher = re.search(r"teacher (\d+) epochs", preset.description)
+        if teacher:
+            assert int(teacher.group(1)) == build_config(preset.name, teacher=True).epochs, preset.name
+            checked += 1
+        link = re.search(r"(\d+) epochs? per chain link", preset.description)
+        if link:
+            assert int(link.group(1)) == build_config(preset.name).epochs, preset.name
+            checked += 1
+    assert checked >= 4
+
+
+def test_a_legacy_record_config_is_read_as_recipe_1():
+    legacy = {k: v for k, v in RunConfig().to_dict().items() if k not in ("precision", "recipe")}
+    cfg = RunConfig.from_dict({**legacy, "bf16": False})
+    assert cfg.recipe == 1 and cfg.precision == "exact"
+    assert cfg.run_id() != RunConfig().run_id()
+
+
+@pytest.mark.parametrize("overrides", [{"preset": "paper"}, {"model": "resnet20"}])
+def test_an_override_of_the_preset_or_model_is_refused_not_ignored(overrides):
+    with pytest.raises(ValueError, match=f"overrides name \\['{next(iter(overrides))}'\\]"):
+        build_config("smoke", "resnet8", overrides=overrides)
+    cfg = build_config("smoke", "resnet8", overrides={"epochs": 3})
+    assert (cfg.preset, cfg.model, cfg.epochs) == ("smoke", "resnet8", 3)

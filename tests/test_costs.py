@@ -196,3 +196,13 @@ def test_a_grid_shorter_than_a_lease_still_takes_one():
                      "cpu_model": "host", "teacher_id": teacher} for teacher in (None, "t")])
     text = render_device_costs(["smoke"], frame, jobs=4, lease_minutes=8.0)
     assert "about 1 lease of 8 training minutes" in text
+
+
+def test_a_wall_time_shorter_than_the_epochs_adds_no_negative_remainder():
+    """A resumed run's wall time can be its last session's alone, shorter than all its epochs."""
+    from kdlib.results import device_seconds
+
+    epochs_only = {"wall_time_s": 20.0, "side_by_side": 2,
+                   "history": [{"seconds": 10.0}, {"seconds": 10.0}]}
+    assert device_seconds({**epochs_only, "wall_time_s": 5.0}) == pytest.approx(
+        device_seconds(epochs_only))

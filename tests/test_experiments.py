@@ -249,3 +249,23 @@ def test_a_new_machine_distils_from_the_committed_packed_teacher(real_data_root,
         students[folder] = [without_timing(r["history"]) for r in records
                             if r["config"]["w_bits"] == 4]
     assert students[kept] == students[fresh] and students[kept]
+
+
+def test_progressive_kd32_links_learn_from_the_chain_head_and_start_from_the_link_above():
+    from kdlib.experiments import plan_chain
+
+    plan = plan_chain("smoke", "resnet8", 0, [32, 8, 4, 1], method="progressive_kd32")
+    head, links = plan[0], plan[1:]
+    assert head.method == "teacher" and len(links) == 3
+    assert all(link.teacher_id == head.run_id() for link in links)
+    assert [link.init_id for link in links] == [cfg.run_id() for cfg in plan[:-1]]
+
+
+@pytest.mark.parametrize("field", ["seed", "method", "w_bits", "a_bits", "teacher_id", "init_id"])
+def test_an_override_of_what_the_plan_sets_is_refused_not_ignored(field):
+    from kdlib.experiments import plan_grid
+
+    with pytest.raises(ValueError, match=f"overrides name \\['{field}'\\], which the plan sets"):
+        plan_grid(preset="smoke", model="resnet8", overrides={field: 3})
+    assert {cfg.epochs for cfg in plan_grid(preset="smoke", model="resnet8", chain=[32, 8],
+                                            overrides={"epochs": 3})} == {3}

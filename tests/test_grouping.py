@@ -140,3 +140,14 @@ def test_settings_of_unknown_teachers_fall_back_to_their_seedless_name():
     recs = [_record(_link("direct_kd", 4, s, t, t), 1.0) for s, t in ((0, t0), (1, t1))]
     ids = setting_ids(recs)
     assert len(set(ids.values())) == 1  # the teachers' seeds and hashes are stripped
+
+
+def test_execution_only_fields_do_not_split_a_setting():
+    teacher = _teacher(0)
+    base = _link("individual", 4, 0, teacher, None)
+    other = base.replace(seed=1, eval_batch_size=base.eval_batch_size * 2, preset="other")
+    records = [_record(teacher, 60.0), _record(base, 40.0), _record(other, 41.0)]
+    ids = setting_ids(records)
+    assert ids[base.run_id()] == ids[other.run_id()]
+    changed = base.replace(lr=base.lr / 2)  # a field that changes the numbers still splits
+    assert setting_ids([*records, _record(changed, 40.0)])[changed.run_id()] != ids[base.run_id()]

@@ -272,3 +272,28 @@ def test_a_changed_record_or_weights_file_is_not_changed_code(tmp_path, monkeypa
     assert git_commit(package) == sha
     (tmp_path / "kdlib/train.py").write_text("1")
     assert git_commit(package) == sha + "+dirty"
+
+
+def test_summarise_lists_the_widest_bits_first():
+    frame = pd.DataFrame([_record("individual", b, s, 50.0 + b + s)["config"]
+                          | {"test_top1": 50.0 + b + s} for b in (2, 8, 4) for s in (0, 1)])
+    out = summarise(frame, by=["model", "method", "w_bits", "a_bits"])
+    assert list(out["w_bits"]) == sorted(out["w_bits"], reverse=True)
+
+
+def test_shared_cells_marks_a_cell_only_when_all_its_runs_are_aliases():
+    from kdlib.results import shared_cells
+
+    rows = [{"method": "direct_kd", "w_bits": 8, "a_bits": 8, "same_run_as": "x"},
+            {"method": "direct_kd", "w_bits": 8, "a_bits": 8, "same_run_as": "y"},
+            {"method": "direct_kd", "w_bits": 4, "a_bits": 4, "same_run_as": "z"},
+            {"method": "direct_kd", "w_bits": 4, "a_bits": 4, "same_run_as": None}]
+    assert shared_cells(pd.DataFrame(rows)) == {("direct_kd", "8")}
+
+
+def test_noted_paused_forgets_runs_recorded_since(tmp_path):
+    from kdlib.results import PAUSED_FILE, noted_paused
+
+    (tmp_path / PAUSED_FILE).write_text(json.dumps({"r-individual-4-0": 3, "r-individual-2-0": 5}))
+    save_record(tmp_path, _record("individual", 4, 0, 50.0))
+    assert noted_paused(tmp_path) == {"r-individual-2-0": 5}
