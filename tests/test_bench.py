@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import json
 import math
 import statistics
@@ -26,6 +27,7 @@ from kdlib.quant import dorefa_activation, dorefa_weight, quantized_layers
 from kdlib.schedules import lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
+MEASURE = importlib.import_module("kdlib.bench.measure")  # kdlib.bench.measure: the function
 # Every variant but the compiled ones (compiling takes minutes on a CPU; built, not run, below).
 FAST = ["fp32", "w4a4", "kd_w4", "kd_w4_nchw", "kd_w4_channels_last", "kd_w4_bf16",
         "kd_w4_typical", "data_kdlib", "data_typical"]
@@ -161,6 +163,40 @@ def test_compute_ratios_targets_and_unmeasured_variants():
     assert compute_ratios(variants, ceilings)["quant_overhead_w4"]["met"] is False
     del variants["kd_w4_bf16"]
     assert compute_ratios(variants, ceilings)["bf16_kd_speedup"]["met"] is None
+
+
+def test_a_ratio_exactly_at_its_target_meets_it():
+    # targets are "at least" / "at most": a ratio on the target itself meets it
+    for key, (_what, quantity, num, den, op, target) in TARGETS.items():
+        variants = {num: {"status": "ok", quantity: target}}
+        ceilings = {den: {"status": "ok", quantity: 1.0}}
+        if den not in CEILINGS:
+            variants[den] = ceilings.pop(den)
+        ratio = compute_ratios(variants, ceilings)[key]
+        assert ratio["value"] == target and ratio["met"] is True, key
+
+
+def test_a_ratio_ignores_a_variant_whose_measurement_did_not_succeed():
+    variants = {"w4a4": {"status": "ok", "step_ms": 100.0},
+                "fp32": {"status": "error", "step_ms": 100.0, "error": "RuntimeError: boom"}}
+    ratio = compute_ratios(variants)["quant_overhead_w4"]
+    assert ratio["value"] is None and ratio["met"] is None
+
+
+def test_summarise_counts_every_step_of_a_window():
+    steps, batch_size, seconds = 5, 4, [2.0, 1.0, 4.0]
+    s = MEASURE.summarise(seconds, steps, batch_size)
+    assert s["images_per_s_windows"] == pytest.approx([steps * batch_size / x for x in seconds])
+    assert s["step_ms_windows"] == pytest.approx([1000.0 * x / steps for x in seconds])
+    assert s["images_per_s"] == pytest.approx(steps * batch_size / 2.0)  # the median window
+
+
+def test_a_timing_window_waits_for_the_device_after_its_last_step(monkeypatch):
+    events: list[str] = []
+    monkeypatch.setattr(MEASURE, "sync", lambda device: events.append("sync"))
+    MEASURE.time_window(lambda: events.append("step"), 3, torch.device("cpu"))
+    # queued device work is waited for before the clock starts and before it stops
+    assert events == ["sync", "step", "step", "step", "sync"]
 
 
 def test_measure_warms_up_then_interleaves_windows():
@@ -514,6 +550,19 @@ def test_render_markdown_handles_missing_measurements():
     md = render_markdown({"variants": variants, "ratios": compute_ratios(variants), "machine": {},
                           "settings": {}})
     assert md.count("not measured") == len(TARGETS) and "12800" in md
+
+
+def test_render_markdown_gives_each_process_count_its_mean_rate_and_total_in_numeric_order():
+    rates = {"12": [90.0, 110.0] * 6, "2": [100.0, 200.0], "1": [120.0]}
+    concurrency = {"variant": "kd_w4", "seconds": 10.0,
+                   "by_jobs": {k: {"images_per_s": sum(r), "per_process": r}
+                               for k, r in rates.items()}}
+    md = render_markdown({"variants": {}, "ratios": {}, "machine": {}, "settings": {},
+                          "concurrency": concurrency})
+    line = next(line for line in md.splitlines() if "side by side" in line)
+    expected = [f"{k} × {sum(rates[k]) / len(rates[k]):.0f} = {sum(rates[k]):.0f} img/s"
+                for k in ("1", "2", "12")]
+    assert ", ".join(expected) in line
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -308,3 +308,67 @@ def test_a_new_gpu_benchmark_times_the_variants_and_four_processes_then_parts_th
     assert set(lease_device.missing_parts(completed["result"], "cuda", "gpu")) == \
         {"grouped", "profile", "graphs", "concurrency"}
     assert lease_device.BENCH_ALLOWANCE_S - 5 < completed["seconds"] <= 180.0
+
+
+def test_k_processes_sum_their_rates_and_report_the_slowest_start(monkeypatch):
+    """The parent's bookkeeping, with threads standing in for the spawned processes."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    import kdlib.bench.concurrent as concurrent
+
+    class Process(threading.Thread):
+        def __init__(self, target, args):
+            super().__init__(target=target, args=args, daemon=True)
+
+        def kill(self):
+            pass
+
+    answers = iter([(100.0, 3.0), (300.0, 7.0), (200.0, 5.0)])  # (images/s, ready_s) each
+
+    def worker(*args):
+        rate, ready = next(answers)
+        args[-1].put(("ok", rate, {"ready_s": ready}))
+
+    context = SimpleNamespace(Barrier=threading.Barrier, Queue=queue.Queue, Process=Process)
+    monkeypatch.setattr(concurrent, "torch_mp", SimpleNamespace(get_context=lambda kind: context))
+    monkeypatch.setattr(concurrent, "_worker", worker)
+    images, labels = torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64)
+    entry = concurrent_throughput(images, labels, jobs=(3,), seconds=0.1)["by_jobs"]["3"]
+    assert sorted(entry["per_process"]) == [100.0, 200.0, 300.0]
+    assert entry["images_per_s"] == 600.0  # all processes' images together
+    assert entry["ready_s"] == 7.0  # the slowest one's build and warm-up
+
+
+def test_a_process_times_only_the_steps_after_its_warm_up_and_the_barrier(monkeypatch):
+    """On a fake clock that advances 0.5 s a step: batch 4 is 8 images/s, warm-up or not."""
+    import queue
+    from types import SimpleNamespace
+
+    import kdlib.bench.concurrent as concurrent
+    import kdlib.bench.variants as variants
+    from kdlib.bench.measure import Runner
+
+    clock, events = {"t": 0.0}, []
+
+    def step():
+        clock["t"] += 0.5
+        events.append("step")
+
+    runner = Runner(step=step, batch_size=4)
+    monkeypatch.setattr(variants, "make_context",
+                        lambda *a, **kw: SimpleNamespace(device=torch.device("cpu")))
+    monkeypatch.setattr(variants, "BY_NAME", {"fake": SimpleNamespace(build=lambda ctx: runner)})
+    monkeypatch.setattr(concurrent, "time", SimpleNamespace(perf_counter=lambda: clock["t"]))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # a worker's, not this process's
+    monkeypatch.setattr(concurrent, "sync", lambda device: events.append("sync"))
+    barrier = SimpleNamespace(wait=lambda: events.append("barrier"), abort=lambda: None)
+    out: queue.Queue = queue.Queue()
+    concurrent._worker("fake", None, None, "smoke", "resnet8", "cpu", 3, 2.0,
+                       barrier, out)
+    status, rate, notes = out.get_nowait()
+    assert status == "ok" and rate == pytest.approx(4 / 0.5)
+    assert notes["ready_s"] == pytest.approx(3 * 0.5)  # the three warm-up steps
+    # the warm-up's device work is done before the processes start timing together
+    assert events[:5] == ["step", "step", "step", "sync", "barrier"]

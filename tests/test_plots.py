@@ -197,6 +197,18 @@ def test_accuracy_vs_size_sizes_every_seed_of_a_setting_by_its_packed_files():
     assert filed_only.get_xlabel() == "model size (KiB, packed weights file, log scale)"
 
 
+def test_accuracy_vs_size_places_a_setting_at_the_median_of_its_files_not_their_mean():
+    """Three seeds kept files, one of them an outlier: the point sits at the middle file."""
+    kib = 1024
+    sizes = [21 * kib, 21 * kib + 10, 30 * kib]  # the median is the middle one, the mean is not
+    frame = pd.DataFrame([{"method": "individual", "storage_bits": 8 * 20 * kib,
+                           "packed_bytes": b, "test_top1": 50.0 + i}
+                          for i, b in enumerate(sizes)])
+    ax = plots.plot_accuracy_vs_size(frame).axes[0]
+    x, _y, _half = errorbar_data(legend_entries(ax)[METHOD_LABELS["individual"]])
+    assert x == pytest.approx([sorted(sizes)[1] / kib])
+
+
 def test_save_figure_creates_the_folder_and_a_png(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])

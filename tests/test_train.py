@@ -117,6 +117,15 @@ def test_pick_device_cuda_unavailable_is_a_clear_error():
         pick_device("cuda")
 
 
+def test_pick_device_refuses_a_cuda_index_past_the_last_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1")  # the last one there is
+    for index in (2, 3):
+        with pytest.raises(ValueError, match="only 2 CUDA device"):
+            pick_device(f"cuda:{index}")
+
+
 # ----------------------------------------------------------------------------- evaluate
 def test_evaluate_matches_manual_computation(splits):
     torch.manual_seed(1)
