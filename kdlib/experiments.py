@@ -104,7 +104,8 @@ def _planned(overrides: dict | None, **fields: Any) -> dict[str, Any]:
     clash = sorted(set(overrides or {}) & set(PLANNED_FIELDS))
     if clash:
         raise ValueError(f"overrides name {clash}, which the plan sets for each run: give seeds, "
-                         "bits and methods as the grid's own arguments (--seeds, --bits, --methods)")
+                         "bits and methods as the grid's own arguments (--seeds, --chain, --bits, "
+                         "--methods, --chain-methods)")
     return {**(overrides or {}), **fields}
 
 
