@@ -153,20 +153,15 @@ def command_train(args: argparse.Namespace) -> int:
     results_dir = Path(args.results_dir or default_results_dir(args.preset))
     _check_starting_points(args, results_dir)
     overrides = parse_overrides(args.set)
-    flagged = {"method": "--method", "seed": "--seed", "teacher_id": "--teacher-id",
-               "init_id": "--init-id"}
-    named = [f"--set {key} (use {flag})" for key, flag in flagged.items() if key in overrides]
-    if named:  # the flags' values (or defaults) would replace them
-        raise UserError(f"{', '.join(named)}: these fields have their own option")
-    overrides.update(method=args.method, seed=args.seed, teacher_id=args.teacher_id,
-                     init_id=args.init_id)
     if args.w_bits is not None:
         overrides["w_bits"] = args.w_bits
         overrides.setdefault("a_bits", args.w_bits)
     if args.a_bits is not None:
         overrides["a_bits"] = args.a_bits
     cfg = build_config(args.preset, model_of(args), teacher=args.method == "teacher",
-                       overrides=overrides)
+                       overrides=overrides, planned=dict(method=args.method, seed=args.seed,
+                                                         teacher_id=args.teacher_id,
+                                                         init_id=args.init_id))
     record = execute([cfg], data_dir=args.data_dir or None, results_dir=results_dir,
                      device=args.device or None)[0]
     print(json.dumps({"run_id": record["run_id"], **record["metrics"]}, indent=1))

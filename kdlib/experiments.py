@@ -94,32 +94,16 @@ def check_methods(methods: Iterable[str], allowed: Sequence[str] = STUDENT_METHO
 
 
 # ----------------------------------------------------------------------------- planning
-# what a plan sets for each run itself: seeds, bits and methods are the planners' arguments
-PLANNED_FIELDS = ("method", "w_bits", "a_bits", "seed", "teacher_id", "init_id")
-
-
-def _planned(overrides: dict | None, **fields: Any) -> dict[str, Any]:
-    """``overrides`` and the ``fields`` the plan sets; ValueError if ``overrides`` names one of
-    :data:`PLANNED_FIELDS` (the plan would replace it: an override silently ignored)."""
-    clash = sorted(set(overrides or {}) & set(PLANNED_FIELDS))
-    if clash:
-        raise ValueError(f"overrides name {clash}, which the plan sets for each run: give seeds, "
-                         "bits and methods as the grid's own arguments (--seeds, --chain, --bits, "
-                         "--methods, --chain-methods)")
-    return {**(overrides or {}), **fields}
-
-
 def plan_teacher(preset: str, model: str, seed: int, overrides: dict | None = None) -> RunConfig:
-    return build_config(preset, model, teacher=True, overrides=_planned(
-        overrides, method="teacher", w_bits=32, a_bits=32, seed=seed, teacher_id=None,
-        init_id=None))
+    return build_config(preset, model, teacher=True, overrides=overrides, planned=dict(
+        method="teacher", w_bits=32, a_bits=32, seed=seed, teacher_id=None, init_id=None))
 
 
 def _student(preset: str, model: str, seed: int, method: str, bits: tuple[int, int],
              overrides: dict | None, teacher_id: str | None, init_id: str | None) -> RunConfig:
-    return build_config(preset, model, overrides=_planned(
-        overrides, method=method, w_bits=bits[0], a_bits=bits[1], seed=seed,
-        teacher_id=teacher_id, init_id=init_id))
+    return build_config(preset, model, overrides=overrides, planned=dict(
+        method=method, w_bits=bits[0], a_bits=bits[1], seed=seed, teacher_id=teacher_id,
+        init_id=init_id))
 
 
 def plan_chain(preset: str, model: str, seed: int, chain: Sequence[BitsSpec],
@@ -178,9 +162,9 @@ def plan_students(preset: str, model: str, seed: int, methods: Sequence[str],
     for method in methods:
         for k, w in enumerate(widths, 1):
             if method == "individual":
-                plan.append(build_config(preset, model, teacher=True, overrides=_planned(
-                    overrides, method=method, w_bits=w[0], a_bits=w[1], seed=seed,
-                    teacher_id=None, init_id=None)))
+                plan.append(build_config(preset, model, teacher=True, overrides=overrides,
+                                         planned=dict(method=method, w_bits=w[0], a_bits=w[1],
+                                                      seed=seed, teacher_id=None, init_id=None)))
                 continue
             cfg = _student(preset, model, seed, method, w, overrides, init_id=teacher.run_id(),
                            teacher_id=None if method == "finetune" else teacher.run_id())

@@ -107,18 +107,25 @@ def preset_model(preset: str, model: str | None = None) -> str:
 
 
 def build_config(preset: str, model: str | None = None, *, teacher: bool = False,
-                 overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Preset + (teacher overrides) + explicit overrides -> one validated RunConfig.
+                 overrides: dict[str, Any] | None = None,
+                 planned: dict[str, Any] | None = None) -> RunConfig:
+    """Preset + (teacher overrides) + explicit overrides + planned fields -> one validated
+    RunConfig.
 
-    ``overrides`` win over the preset, also for the teacher (an explicit ``epochs`` applies
-    to every run). ``model`` defaults to the preset's.
+    ``overrides`` (the user's: ``--set``, a notebook's ``overrides``) win over the preset, also
+    for the teacher (an explicit ``epochs`` applies to every run). ``planned``: the fields the
+    caller sets for this run itself (a grid's method, bits, seed, ids; `train`'s options).
+    ``model`` defaults to the preset's. ValueError for an override of ``model``, ``preset`` or a
+    planned field: it would be replaced, so it is refused rather than silently ignored.
     """
-    named = sorted({"model", "preset"} & set(overrides or {}))
-    if named:  # they would be replaced by the arguments below: refused instead of ignored
-        raise ValueError(f"overrides name {named}: give them as build_config's own arguments "
-                         "(on the command line --model / --preset)")
+    planned = dict(planned or {})
+    clash = sorted(set(overrides or {}) & ({"model", "preset"} | set(planned)))
+    if clash:
+        raise ValueError(f"overrides name {clash}, which this run's own arguments set: give them "
+                         "as options (--model, --preset, --seed(s), --method(s), --chain, --bits, "
+                         "--w-bits/--a-bits, --teacher-id, --init-id), not as --set/overrides")
     spec = get_preset(preset)
     fields: dict[str, Any] = {**spec.run, **(spec.teacher_run if teacher else {})}
     fields.update(overrides or {})
-    fields.update(model=model or spec.model, preset=preset)
+    fields.update(planned, model=model or spec.model, preset=preset)
     return validate(RunConfig.from_dict(fields))

@@ -265,7 +265,7 @@ def test_progressive_kd32_links_learn_from_the_chain_head_and_start_from_the_lin
 def test_an_override_of_what_the_plan_sets_is_refused_not_ignored(field):
     from kdlib.experiments import plan_grid
 
-    with pytest.raises(ValueError, match=f"overrides name \\['{field}'\\], which the plan sets"):
+    with pytest.raises(ValueError, match=f"overrides name \\['{field}'\\], which this run's own"):
         plan_grid(preset="smoke", model="resnet8", overrides={field: 3})
     assert {cfg.epochs for cfg in plan_grid(preset="smoke", model="resnet8", chain=[32, 8],
                                             overrides={"epochs": 3})} == {3}

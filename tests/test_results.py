@@ -36,24 +36,15 @@ def test_save_rejects_incomplete_record(tmp_path):
     assert not (tmp_path / "runs" / "x.json").exists()
 
 
-def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
+@pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])  # a failure, Ctrl-C
+def test_atomic_write_interrupted_mid_write_leaves_old_file_and_no_temporary(tmp_path,
+                                                                            interruption):
     target = tmp_path / "a.json"
     write_json_atomic(target, {"v": 1})
-    with pytest.raises(RuntimeError):
+    with pytest.raises(interruption):
         with atomic_open(target, "w") as handle:
             handle.write('{"v": 2, "trunc')
-            raise RuntimeError("killed mid-write")
-    assert json.loads(target.read_text()) == {"v": 1}
-    assert os.listdir(tmp_path) == ["a.json"]
-
-
-def test_atomic_write_interrupted_by_ctrl_c_leaves_old_file_and_no_temporary(tmp_path):
-    target = tmp_path / "a.json"
-    write_json_atomic(target, {"v": 1})
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_open(target, "w") as handle:
-            handle.write('{"v": 2, "trunc')
-            raise KeyboardInterrupt
+            raise interruption("killed mid-write")
     assert json.loads(target.read_text()) == {"v": 1}
     assert os.listdir(tmp_path) == ["a.json"]
 

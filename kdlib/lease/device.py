@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import lzma
+import math
 import shutil
 import tarfile
 import time
@@ -241,7 +242,7 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
     blob = buffer.getvalue()
     extra = list(extra)
     part_bytes = int(file_mib * MIB)
-    written = 1 + -(-len(blob) // part_bytes) + len(extra)  # the manifest, parts, extras
+    written = 1 + math.ceil(len(blob) / part_bytes) + len(extra)  # manifest, parts, extras
     if written > max_files:  # refused before any is written: no partial return in `out`
         raise ValueError(f"{written} files to return, more than {max_files}: the results do not "
                          "fit one call's return; train fewer runs per lease")
