@@ -183,6 +183,14 @@ def test_a_ratio_ignores_a_variant_whose_measurement_did_not_succeed():
     assert ratio["value"] is None and ratio["met"] is None
 
 
+def test_a_ratio_over_a_zero_measurement_has_no_value():
+    # a ceiling that measured 0 GFLOP/s (a timer too coarse for it) gives no ratio, not a crash
+    variants = {"kd_w4": {"status": "ok", "gflops": 80.0}}
+    ceilings = {"matmul_fp32": {"status": "ok", "gflops": 0.0}}
+    ratio = compute_ratios(variants, ceilings)["kd_w4_of_fp32_ceiling"]
+    assert ratio["value"] is None and ratio["met"] is None
+
+
 def test_summarise_counts_every_step_of_a_window():
     steps, batch_size, seconds = 5, 4, [2.0, 1.0, 4.0]
     s = MEASURE.summarise(seconds, steps, batch_size)

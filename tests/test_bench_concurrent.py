@@ -39,6 +39,7 @@ def test_a_failing_worker_is_reported_not_waited_for():
     # three times the processes (1.1^log2 3 = 16% needed)
     ({"1": 3834.0, "2": 7588.0, "4": 17222.0, "8": 18744.0, "12": 18989.0}, 4),
     ({"1": 100.0, "2": 200.0, "4": 400.0, "8": 800.0, "12": 1000.0}, 12),  # +25% for 1.5x: worth it
+    ({"1": 100.0, "2": 1.1 * 100.0}, 2),  # exactly 10% more: "at least" counts it
 ])
 def test_best_jobs_adds_a_process_only_for_ten_percent_more(rates, expected):
     assert best_jobs({k: {"images_per_s": v} for k, v in rates.items()}) == expected
