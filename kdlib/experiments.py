@@ -94,19 +94,20 @@ def check_methods(methods: Iterable[str], allowed: Sequence[str] = STUDENT_METHO
 
 
 # ----------------------------------------------------------------------------- planning
-def plan_teacher(preset: str, model: str, seed: int, overrides: dict | None = None) -> RunConfig:
+def plan_teacher(preset: str, model: str | None, seed: int,
+                 overrides: dict | None = None) -> RunConfig:
     return build_config(preset, model, teacher=True, overrides=overrides, planned=dict(
         method="teacher", w_bits=32, a_bits=32, seed=seed, teacher_id=None, init_id=None))
 
 
-def _student(preset: str, model: str, seed: int, method: str, bits: tuple[int, int],
+def _student(preset: str, model: str | None, seed: int, method: str, bits: tuple[int, int],
              overrides: dict | None, teacher_id: str | None, init_id: str | None) -> RunConfig:
     return build_config(preset, model, overrides=overrides, planned=dict(
         method=method, w_bits=bits[0], a_bits=bits[1], seed=seed, teacher_id=teacher_id,
         init_id=init_id))
 
 
-def plan_chain(preset: str, model: str, seed: int, chain: Sequence[BitsSpec],
+def plan_chain(preset: str, model: str | None, seed: int, chain: Sequence[BitsSpec],
                overrides: dict | None = None, head: RunConfig | None = None,
                method: str = "ta_chain") -> list[RunConfig]:
     """Teacher (unless ``head`` is a trained run) followed by one config per chain link; every
@@ -140,7 +141,7 @@ def plan_ta_chain(preset: str, model: str, seed: int, chain: Sequence[BitsSpec],
     return plan_chain(preset, model, seed, chain, overrides, head, "ta_chain")
 
 
-def plan_students(preset: str, model: str, seed: int, methods: Sequence[str],
+def plan_students(preset: str, model: str | None, seed: int, methods: Sequence[str],
                   bits: Sequence[BitsSpec], overrides: dict | None = None) -> list[RunConfig]:
     """Teacher + each method at each bit width. ``bits`` are the chain's links in order (the
     k-th is k links below the teacher). At 32 bits ``individual`` *is* the teacher, and the

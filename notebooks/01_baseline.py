@@ -22,8 +22,8 @@
 # record lands in `results_dir/runs/`. A finished run is skipped, an interrupted one resumes.
 
 # %% tags=["parameters"]
-preset: str = "smoke"  # smoke | quick | paper: every hyperparameter lives in kdlib/presets.py
-model: str = "resnet20"  # registry name, see kdlib.models.list_models()
+preset: str = "smoke"  # smoke | quick | quick_squeezenet | gpu | paper (kdlib/presets.py)
+model: str = ""  # "" -> the preset's; else a name of kdlib.models.list_models()
 seeds: list = [0]  # one teacher per seed
 data_dir: str = ""  # folder holding cifar-100-python/; "" -> $KDLIB_DATA, else ./data
 results_dir: str = "../results/smoke"  # run records, checkpoints and figures go here
@@ -35,21 +35,20 @@ import pandas as pd
 
 from kdlib import experiments
 from kdlib.models import create_model
-from kdlib.presets import build_config
 from kdlib.quant import model_size_report
 
 # %% [markdown]
 # The configuration, validated once before anything is trained:
 
 # %% tags=["nbval-check-output"]
-config = build_config(preset, model, teacher=True, overrides={**overrides, "method": "teacher"})
+config = experiments.plan_teacher(preset, model or None, seeds[0], overrides)  # as trained
 print(pd.Series(config.to_dict()).to_string())
 
 # %% tags=["nbval-check-output"]
-print(model, model_size_report(create_model(model, num_classes=config.num_classes)))
+print(config.model, model_size_report(create_model(config.model, num_classes=config.num_classes)))
 
 # %%
-records = experiments.run_teacher(preset=preset, model=model, seeds=seeds,
+records = experiments.run_teacher(preset=preset, model=model or None, seeds=seeds,
                                   data_dir=data_dir or None, results_dir=results_dir,
                                   overrides=overrides, device=device or None)
 

@@ -32,8 +32,8 @@
 # distillation) is trained once and recorded under each name (`same_run_as`).
 
 # %% tags=["parameters"]
-preset: str = "smoke"  # smoke | quick | paper: every hyperparameter lives in kdlib/presets.py
-model: str = "resnet20"  # registry name, see kdlib.models.list_models()
+preset: str = "smoke"  # smoke | quick | quick_squeezenet | gpu | paper (kdlib/presets.py)
+model: str = ""  # "" -> the preset's; else a name of kdlib.models.list_models()
 seeds: list = [0]  # one chain per seed
 chain: list = [32, 4, 1]  # descending bit widths ("W/A": apart); `kdlib run` injects the preset's
 methods: list = ["ta_chain", "progressive", "progressive_kd32"]  # who teaches each link (see below)
@@ -53,7 +53,7 @@ from kdlib.quant import level_summary
 # The planned runs (validated before anything is trained; ids derive from the configs):
 
 # %% tags=["nbval-check-output"]
-plan = experiments.plan_chain(preset, model, seeds[0], chain, overrides, method="ta_chain")
+plan = experiments.plan_chain(preset, model or None, seeds[0], chain, overrides, method="ta_chain")
 print(experiments.plan_table(plan).to_string())
 
 # %% [markdown]
@@ -64,7 +64,7 @@ print(experiments.plan_table(plan).to_string())
 print(pd.DataFrame([level_summary(c.w_bits) for c in plan]).to_string(index=False))
 
 # %%
-records = experiments.run_ta_chain(preset=preset, model=model, seeds=seeds, chain=chain,
+records = experiments.run_ta_chain(preset=preset, model=model or None, seeds=seeds, chain=chain,
                                    methods=methods, data_dir=data_dir or None,
                                    results_dir=results_dir, overrides=overrides,
                                    device=device or None)

@@ -29,8 +29,8 @@
 # without `direct_kd_matched`, it could just be more training.
 
 # %% tags=["parameters"]
-preset: str = "smoke"  # smoke | quick | paper: every hyperparameter lives in kdlib/presets.py
-model: str = "resnet20"  # registry name, see kdlib.models.list_models()
+preset: str = "smoke"  # smoke | quick | quick_squeezenet | gpu | paper (kdlib/presets.py)
+model: str = ""  # "" -> the preset's; else a name of kdlib.models.list_models()
 seeds: list = [0]  # one grid per seed
 # student bit widths, the chain's links in order; `kdlib run` injects the preset's
 bits: list = [4, 1]
@@ -45,11 +45,11 @@ from kdlib import experiments
 from kdlib.results import records_table
 
 # %% tags=["nbval-check-output"]
-plan = experiments.plan_students(preset, model, seeds[0], methods, bits, overrides)
+plan = experiments.plan_students(preset, model or None, seeds[0], methods, bits, overrides)
 print(experiments.plan_table(plan).to_string())
 
 # %%
-records = experiments.run_students(preset=preset, model=model, seeds=seeds, methods=methods,
+records = experiments.run_students(preset=preset, model=model or None, seeds=seeds, methods=methods,
                                    bits=bits, data_dir=data_dir or None,
                                    results_dir=results_dir, overrides=overrides,
                                    device=device or None)

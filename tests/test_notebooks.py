@@ -66,6 +66,19 @@ def test_bad_injected_value_fails_with_message_and_writes_nothing(tmp_path, name
     assert not (results / "runs").exists()
 
 
+@pytest.mark.parametrize("name", ["01_baseline", "02_ta_chain", "03_individual"])
+def test_a_notebook_opened_by_hand_trains_the_presets_model_and_names_every_preset(name):
+    import ast
+
+    from kdlib.presets import PRESETS, preset_model
+
+    parameters = papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))
+    # "Run All" with preset = "quick_squeezenet" set by hand must not train a ResNet under it
+    model = ast.literal_eval(parameters["model"]["default"]) or None
+    assert all(preset_model(p, model) == PRESETS[p].model for p in PRESETS)
+    assert all(p in parameters["preset"]["help"].split() for p in PRESETS)
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_nbval_regression_checks(real_data_root, tmp_path):
