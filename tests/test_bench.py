@@ -644,3 +644,80 @@ def test_bench_on_real_cifar100(tmp_path, real_data_root):
         assert entry["images_per_s"] * entry["step_ms"] / 1000 == pytest.approx(8)
         assert entry["gflops"] == pytest.approx(
             (TRAIN_FLOPS + FORWARD_FLOPS) * 8 / (entry["step_ms"] / 1000) / 1e9)
+
+
+def test_a_profile_waits_for_the_device_around_its_steps_and_times_each(monkeypatch):
+    import time
+
+    profile = importlib.import_module("kdlib.bench.profile")
+    events: list[str] = []
+    monkeypatch.setattr(profile, "sync", lambda device: events.append("sync"))
+    profile.profile_runner(lambda: events.append("step"), torch.device("cpu"), steps=3, warmup=2)
+    # the warm-up's queued work is done before the clock starts, the last step's before it stops
+    assert events == ["step"] * 2 + ["sync"] + ["step"] * 3 + ["sync"]
+
+    start = time.perf_counter()
+    result = profile.profile_runner(lambda: time.sleep(0.02), torch.device("cpu"), steps=4,
+                                    warmup=1)
+    elapsed_ms = 1000.0 * (time.perf_counter() - start)
+    assert 20.0 <= result["wall_ms_per_step"] and 4 * result["wall_ms_per_step"] <= elapsed_ms
+    assert result["host_cpu_per_wall"] < 0.5  # a sleeping host: not busy all along
+
+
+def test_a_profiles_top_operators_take_their_time_per_step():
+    from kdlib.bench.profile import profile_runner
+
+    x = torch.randn(256, 256)
+    result = profile_runner(lambda: torch.mm(x, x), torch.device("cpu"), steps=8, warmup=1)
+    top = result["top"][0]
+    assert top["name"] == "aten::mm" and top["calls_per_step"] == 1
+    assert 0 < top["ms_per_step"] <= result["wall_ms_per_step"]  # one step's share, not all 8
+
+
+def test_the_benchmark_parts_close_the_runners_they_build(monkeypatch):
+    """A runner holds a prefetching batch iterator and the teacher's frozen state (the typical
+    variant: DataLoader workers): a profile or grouped part that raised must not leak them."""
+    import dataclasses
+
+    from kdlib.bench.grouped import PAIR, measure_grouped
+    from kdlib.bench.profile import profile_or_error
+
+    built, closed = [], []
+    real = BY_NAME["kd_w4"]
+
+    def counted(ctx):
+        runner = real.build(ctx)
+        inner = runner.close
+        runner.close = lambda: closed.append(1) or inner()
+        built.append(1)
+        return runner
+
+    monkeypatch.setitem(BY_NAME, "kd_w4", dataclasses.replace(real, build=counted))
+    profile = importlib.import_module("kdlib.bench.profile")
+
+    def no_profiler(step, device, **kw):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(profile, "profile_runner", no_profiler)
+    ctx = _tiny_context()
+    assert profile_or_error(ctx, 2, lambda m: None) == {"error": "RuntimeError: CUPTI unavailable"}
+    assert len(built) == len(closed) == 1
+
+    def fails(runners, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(MEASURE, "measure", fails)
+    part = measure_grouped(ctx, windows=2, steps=3, warmup=0, log=lambda m: None)
+    assert part["steps"] == {"error": "RuntimeError: out of memory"}
+    assert len(built) == len(closed) == 1 + len(PAIR)
+
+
+def test_the_grouped_part_rates_count_every_step_of_a_window(monkeypatch):
+    from kdlib.bench.grouped import PAIR, measure_grouped
+
+    monkeypatch.setattr(MEASURE, "measure", lambda runners, *, windows, steps, **kw: {
+        name: {"wall": [0.5] * windows} for name in runners})
+    part = measure_grouped(_tiny_context(batch_size=4), windows=2, steps=5, warmup=0,
+                           log=lambda m: None)
+    for name in PAIR:
+        assert part["steps"][name]["images_per_s"] == pytest.approx(5 * 4 / 0.5)

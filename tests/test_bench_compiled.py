@@ -227,3 +227,106 @@ def test_a_short_grid_s_first_benchmark_leaves_torch_compile_out():
     assert set(paper["variants"]) - set(gpu["variants"]) == {"kd_w4_compile"}
     assert gpu["windows"] == paper["windows"] == lease.DEVICE_BENCH["windows"]
     assert lease.device_bench_args("gpu", bench_args={"windows": 2}) == {"windows": 2}
+
+
+def test_a_grid_may_compile_from_the_long_runs_epochs_on(monkeypatch):
+    from kdlib import presets
+    from kdlib.bench.compiled import LONG_RUN_EPOCHS, compile_may_pay
+
+    assert compile_may_pay("paper") and not compile_may_pay("gpu")
+    real = presets.build_config
+    for epochs, may in ((LONG_RUN_EPOCHS - 1, False), (LONG_RUN_EPOCHS, True)):
+        monkeypatch.setattr(presets, "build_config",
+                            lambda *a, epochs=epochs, **k: real(*a, **k).replace(epochs=epochs))
+        assert compile_may_pay("gpu") is may
+
+
+def test_the_quantizers_are_compiled_as_training_runs_them():
+    """Inputs that need gradients: the graph a compiled run's forward trains with."""
+    seen = []
+
+    def recording(fn):
+        def run(x, w):
+            seen.append((x.requires_grad, w.requires_grad))
+            return fn(x, w)
+        return run
+
+    check_levels("cpu", bits=(4,), compile_fn=recording)
+    assert seen == [(True, True)]
+
+
+def test_one_inexact_quantizer_at_one_width_makes_the_levels_inexact():
+    def activations_one_ulp_up_at_2_bits(fn):
+        def run(x, w):
+            a, q = fn(x, w)
+            return (torch.nextafter(a, torch.full_like(a, 2.0)) if x.numel() == 4 else a), q
+        return run
+
+    result = check_levels("cpu", bits=(2, 4), compile_fn=activations_one_ulp_up_at_2_bits)
+    assert not result["exact"]
+    assert not result["by_bits"]["2"]["activation_exact"] and result["by_bits"]["2"]["weight_exact"]
+    assert result["by_bits"]["4"]["activation_exact"] and result["by_bits"]["4"]["weight_exact"]
+
+
+def test_other_exact_weight_levels_than_eager_s_are_counted_not_failed():
+    def extremes_flipped(fn):  # +1 and -1 are both exact levels: a level unlike eager's
+        def run(x, w):
+            a, q = fn(x, w)
+            return a, torch.where(q.abs() == 1, -q, q)
+        return run
+
+    result = check_levels("cpu", bits=(4,), compile_fn=extremes_flipped)
+    assert result["exact"] and result["by_bits"]["4"]["weight_levels_unlike_eager"] > 0
+    assert check_levels("cpu", bits=(4,), compile_fn=lambda fn: fn)["by_bits"]["4"][
+        "weight_levels_unlike_eager"] == 0
+
+
+def test_a_weight_on_the_grid_but_past_its_top_level_is_not_exact():
+    """Level n + 1 (1 + 2/n) rebuilds from its integer, but no packed code holds it."""
+    from kdlib.export.codes import dequantize
+
+    past_top = dequantize("dorefa", 4, torch.tensor([16.0]), None)  # 4 bits: n = 15
+
+    def one_past_the_top(fn):
+        def run(x, w):
+            a, q = fn(x, w)
+            return a, torch.where(q == q.max(), past_top, q)
+        return run
+
+    result = check_levels("cpu", bits=(4,), compile_fn=one_past_the_top)
+    assert not result["exact"] and not result["by_bits"]["4"]["weight_exact"]
+
+
+def test_a_compile_verdict_without_a_usable_measurement_says_why_and_does_not_pay():
+    from kdlib.bench.compiled import compile_verdict
+
+    eager = {1: 3834.0, 2: 7588.0, 4: 17222.0, 8: 18744.0}
+    failed = compile_verdict(_bench_with({"error": "RuntimeError: no GPU"}, eager), 480.0)
+    assert failed == {"pays": False, "why": "the compiled part failed: RuntimeError: no GPU"}
+    side = {"by_jobs": {"8": {"images_per_s": 60000.0}}}  # no ready_s, no one-process warm-up
+    unknown = {k: v for k, v in _bench_with({"division": "float64", "levels": {"exact": True},
+                                             "concurrency": side}, eager).items()
+               if k != "variants"}
+    verdict = compile_verdict(unknown, 480.0)  # the compile may take the whole lease
+    assert not verdict["pays"] and "after 480 s to compile" in verdict["why"]
+
+
+def test_the_compile_verdict_weighs_the_count_of_processes_a_grid_would_run():
+    from kdlib.bench.compiled import compile_verdict
+
+    eager = {1: 3834.0, 2: 7588.0, 4: 17222.0, 8: 18744.0}
+    side = {"by_jobs": {"4": {"images_per_s": 30000.0, "ready_s": 50.0},  # 8 adds under 10%
+                        "8": {"images_per_s": 31000.0, "ready_s": 90.0}}}
+    verdict = compile_verdict(_bench_with({"division": "float64", "levels": {"exact": True},
+                                           "concurrency": side}, eager), 480.0)
+    assert verdict["pays"] and "4 compiled processes 30,000 img/s after 50 s" in verdict["why"]
+
+
+def test_compiling_as_fast_as_eager_does_not_pay():
+    from kdlib.bench.compiled import compile_verdict
+
+    side = {"by_jobs": {"1": {"images_per_s": 20000.0, "ready_s": 240.0}}}
+    tie = compile_verdict(_bench_with({"division": "float64", "levels": {"exact": True},
+                                       "concurrency": side}, {1: 10000.0}), 480.0)
+    assert "4.8 M images" in tie["why"] and "4.8 M" in tie["why"].split(";")[1]
+    assert not tie["pays"]  # the same images a lease: not worth a switch in the run id

@@ -200,3 +200,126 @@ def test_the_replayed_variant_is_profiled_on_replays_only(monkeypatch):
     result = profile_variant(ctx, "kd_w4_graphs", steps=3, warmup=1)
     assert result["steps"] == 3 and capture.captures == 1
     assert capture.replays == 1 + 3  # the captured step's own replay, then the 3 profiled
+
+
+def test_the_check_runs_with_deterministic_cudnn_and_restores_the_settings():
+    from kdlib.bench.graphs import deterministic_cudnn
+
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    inside = []
+    try:
+        cudnn.deterministic, cudnn.benchmark = False, True
+        with pytest.raises(RuntimeError, match="a failing check"):
+            with deterministic_cudnn():
+                inside.append((cudnn.deterministic, cudnn.benchmark))
+                raise RuntimeError("a failing check")
+        assert inside == [(True, False)]  # eager repeats itself bit for bit
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)  # the run's own again
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
+def test_the_check_s_largest_difference_counts_either_sign_and_only_floats():
+    from kdlib.bench.graphs import _max_abs_diff
+
+    eager = {"w": torch.tensor([0.5, 1.0]), "n": torch.tensor(3)}
+    replayed = {"w": torch.tensor([0.5, 0.75]), "n": torch.tensor(9)}
+    assert _max_abs_diff(eager, replayed) == _max_abs_diff(replayed, eager) == 0.25
+    assert _max_abs_diff(eager, eager) == 0.0
+
+
+def test_the_check_refuses_steps_that_all_run_before_the_capture():
+    from kdlib.step import GRAPH_WARMUP_STEPS
+
+    capture = EmulatedCapture()
+    with pytest.raises(ValueError, match="none would be replayed"):
+        check_graph_step("cpu", preset="smoke", model="resnet8", steps=GRAPH_WARMUP_STEPS,
+                         capture=capture)
+    assert capture.captures == 0
+
+
+def test_the_check_refuses_more_steps_than_one_epoch_of_its_images():
+    from kdlib.bench.graphs import CHECK_IMAGES
+
+    per_epoch = CHECK_IMAGES // build_config("smoke").batch_size
+    with pytest.raises(ValueError, match="more than one epoch"):
+        check_graph_step("cpu", preset="smoke", steps=per_epoch + 1, capture=EmulatedCapture())
+
+
+@pytest.mark.slow
+def test_the_check_compares_every_step_and_its_losses(monkeypatch):
+    """Replays of every step after the warm-up; a replay whose weights are right but whose loss
+    is not (a stale graph output) is not the same bits; an eager run that does not repeat itself
+    is reported."""
+    import kdlib.step as step_mod
+
+    steps = step_mod.GRAPH_WARMUP_STEPS + 2
+    capture = EmulatedCapture()
+    good = check_graph_step("cpu", preset="smoke", model="resnet8", steps=steps, capture=capture)
+    assert good["equal"] and good["eager_repeatable"]
+    assert capture.captures == 1 and capture.replays == steps - step_mod.GRAPH_WARMUP_STEPS
+
+    real_call = step_mod.GraphedStep.__call__
+
+    def wrong_loss(self, x, y, lr, **kw):
+        loss, total, logits = real_call(self, x, y, lr, **kw)
+        return loss + 1, total, logits
+
+    with monkeypatch.context() as m:
+        m.setattr(step_mod.GraphedStep, "__call__", wrong_loss)
+        bad = check_graph_step("cpu", preset="smoke", model="resnet8", steps=steps,
+                               capture=EmulatedCapture())
+    assert not bad["equal"] and bad["eager_repeatable"] and bad["max_abs_diff"] == 0.0
+
+    real_make_trainer, made = step_mod.make_trainer, []
+
+    def second_eager_run_differs(model, *args, **kw):
+        made.append(1)
+        if len(made) == 2:  # the second eager run: as a run-dependent kernel would
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] += 1e-3
+        return real_make_trainer(model, *args, **kw)
+
+    monkeypatch.setattr(step_mod, "make_trainer", second_eager_run_differs)
+    unrepeatable = check_graph_step("cpu", preset="smoke", model="resnet8", steps=steps,
+                                    capture=EmulatedCapture())
+    assert unrepeatable["equal"] and not unrepeatable["eager_repeatable"] and len(made) == 3
+
+
+def test_the_graphs_part_profiles_the_replayed_step_and_records_a_failed_check(monkeypatch):
+    import kdlib.bench.concurrent as concurrent
+    import kdlib.bench.graphs as graphs
+    import kdlib.bench.profile as profile
+
+    profiled = []
+    monkeypatch.setattr(concurrent, "concurrent_throughput",
+                        lambda images, labels, *, jobs, variant, **_: _eager({1: 20000}))
+
+    def refused(device, **_):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "check_graph_step", refused)
+    monkeypatch.setattr(profile, "profile_variant",
+                        lambda ctx, variant, **kw: profiled.append((variant, kw)) or {"steps": 1})
+    ctx = SimpleNamespace(device=torch.device("cpu"),
+                          images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+                          labels=torch.zeros(2, dtype=torch.int64))
+    part = measure_graphs(ctx, seconds=1.0, preset="gpu", model="resnet20", log=print, jobs=(1,))
+    assert profiled == [("kd_w4_graphs", {"steps": graphs.PROFILE_STEPS})]
+    assert part["check"] == {"error": "RuntimeError: operation not permitted when stream is "
+                                      "capturing"}
+    assert part["concurrency"]["by_jobs"]["1"]["images_per_s"] == 20000
+
+
+def test_replaying_only_pays_for_more_images_a_second_and_says_when_eager_is_unsteady():
+    equal = {"equal": True, "eager_repeatable": True, "steps": 8, "max_abs_diff": 0.0}
+    tie = {"concurrency": _eager({1: 5000}),
+           "graphs": {"check": equal, "concurrency": _eager({1: 5000})}}
+    assert not graphs_verdict(tie)["use"]  # the same speed: nothing to gain
+    steady = {**equal, "equal": False, "max_abs_diff": 1e-7}
+    why = graphs_verdict({**tie, "graphs": {**tie["graphs"], "check": steady}})["why"]
+    assert "differ from eager ones (at most 1e-07)" in why and "either" not in why
+    unsteady = {**steady, "eager_repeatable": False}
+    why = graphs_verdict({**tie, "graphs": {**tie["graphs"], "check": unsteady}})["why"]
+    assert why.endswith("; eager steps did not repeat themselves either")

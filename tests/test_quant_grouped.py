@@ -209,3 +209,48 @@ def test_the_benchmark_line_says_what_was_measured():
     assert "6000 img/s, per layer 4000 (1.50×)" in line and "442 vs 923" in line
     part["steps"] = {"error": "RuntimeError: out of memory\nstack"}
     assert "not timed (RuntimeError: out of memory)" in _grouped_line(part)
+
+
+def wrong_where(when, values: bool):
+    """dorefa_weights, wrong for the layers ``when(w)`` picks: values one ulp up, or (values
+    right) gradients doubled -- what a device's grouped kernels could get wrong."""
+    def group(ws, bits):
+        out = []
+        for w, q in zip(ws, dorefa_weights(ws, bits)):
+            if when(w) and values:
+                q = q + (torch.nextafter(q, torch.full_like(q, 2.0)) - q).detach()
+            elif when(w):
+                q.register_hook(lambda g: 2 * g)
+            out.append(q)
+        return out
+    return group
+
+
+def nchw(w):
+    return w.is_contiguous()
+
+
+def channels_last(w):
+    return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
+
+def tied_maxima(w):
+    top = w.detach().abs().max()
+    return bool(top > 0 and (w.detach().abs() == top).sum() > 1)
+
+
+@pytest.mark.parametrize("when", [nchw, channels_last], ids=["nchw", "channels_last"])
+def test_the_benchmarks_device_check_catches_values_off_in_either_layout(when, monkeypatch):
+    import kdlib.bench.grouped as grouped_module
+
+    monkeypatch.setattr(grouped_module, "dorefa_weights", wrong_where(when, values=True))
+    result = check_weights("cpu", bits=(4,))
+    assert not result["exact"] and result["by_bits"]["4"] == {"values": False, "gradients": True}
+
+
+def test_the_benchmarks_device_check_catches_gradients_off_at_tied_maxima(monkeypatch):
+    import kdlib.bench.grouped as grouped_module
+
+    monkeypatch.setattr(grouped_module, "dorefa_weights", wrong_where(tied_maxima, values=False))
+    result = check_weights("cpu", bits=(4,))
+    assert not result["exact"] and result["by_bits"]["4"] == {"values": True, "gradients": False}

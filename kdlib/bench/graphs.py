@@ -57,7 +57,8 @@ def check_graph_step(device: str | torch.device, *, steps: int = 8, preset: str 
     from kdlib.models import create_model
     from kdlib.presets import build_config
     from kdlib.schedules import lr_at
-    from kdlib.step import GraphedStep, capture_for, frozen_teacher, make_trainer, run_step
+    from kdlib.step import (GRAPH_WARMUP_STEPS, GraphedStep, capture_for, frozen_teacher,
+                            make_trainer, run_step)
 
     device = torch.device(device)
     capture = capture or capture_for(device)
@@ -91,6 +92,9 @@ def check_graph_step(device: str | torch.device, *, steps: int = 8, preset: str 
         state = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
         return state, [t.cpu() for t in losses]
 
+    if steps <= GRAPH_WARMUP_STEPS:  # all eager: "equal" would compare eager with eager
+        raise ValueError(f"steps={steps}: the first {GRAPH_WARMUP_STEPS} steps run eagerly "
+                         "before the capture, so none would be replayed")
     if steps > CHECK_IMAGES // cfg.batch_size:
         raise ValueError(f"steps={steps} is more than one epoch of the check's "
                          f"{CHECK_IMAGES} images at batch {cfg.batch_size}")
