@@ -417,6 +417,33 @@ def test_every_kdlib_variant_records_and_applies_its_switches():
             runner.close()
 
 
+def test_kdlib_variants_draw_the_batches_and_learning_rates_fit_draws(monkeypatch):
+    """Step after step, kd_w4 trains on fit()'s batches (train_batches of epoch 0, then of
+    epoch 1, ...) at lr_at of the fractional epoch, the schedule wrapping at the run's end."""
+    from kdlib.data import train_batches
+
+    seen = []
+    monkeypatch.setattr(kdlib.step, "run_step",
+                        lambda trainer, x, y, lr: seen.append((x.clone(), y.clone(), lr)))
+    ctx = _tiny_context()  # 48 images, batches of 4: 12 steps an epoch
+    runner = BY_NAME["kd_w4"].build(ctx)
+    try:
+        for _ in range(14):
+            runner.step()
+    finally:
+        runner.close()
+    cfg = runner.trainer.cfg
+    expected = []
+    for epoch in (0, 1):
+        for i, (x, y) in enumerate(train_batches(ctx.images_dev, ctx.labels_dev, 4, seed=cfg.seed,
+                                                 epoch=epoch, channels_last=cfg.channels_last)):
+            expected.append((x, y, lr_at(epoch % cfg.epochs + i / 12, cfg)))
+    for (x, y, lr), (x_fit, y_fit, lr_fit) in zip(seen, expected):
+        assert torch.equal(y, y_fit) and torch.equal(x, x_fit)
+        assert lr == lr_fit
+    assert len({lr for _, _, lr in seen}) > 1  # the schedule moves within an epoch
+
+
 # ----------------------------------------------------------------------------- typical pipeline
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
 def test_typical_quantizers_agree_with_kdlib(bits):
@@ -507,6 +534,58 @@ def test_pil_dataset_keeps_pixels_and_layout():
     assert torch.equal(torch.tensor(np.asarray(img)).permute(2, 0, 1), images[2])
     with pytest.raises(ValueError, match="uint8"):
         bench.PILImageDataset(images.float(), labels)
+
+
+def test_typical_step_computes_kdlibs_kd_loss_with_kdlibs_optimizer():
+    """(d) computes what (c) computes, written another way: Hinton's loss at the run's
+    temperature and alpha (kdlib.losses.kd_loss), SGD with the run's settings."""
+    import copy
+
+    from kdlib.losses import kd_loss
+
+    ctx = _tiny_context()
+    typical_runner, kdlib_runner = (BY_NAME[n].build(ctx) for n in ("kd_w4_typical", "kd_w4"))
+    try:
+        kd_step, trainer = typical_runner.trainer, kdlib_runner.trainer
+        ours, theirs = trainer.optimizer.param_groups[0], kd_step.optimizer.param_groups[0]
+        for key in ("lr", "momentum", "nesterov", "weight_decay", "dampening"):
+            assert theirs[key] == ours[key], key
+        cfg = trainer.cfg
+        assert cfg.kd_temperature != 1 and cfg.kd_alpha != 0.5  # so a swap or a lost T shows
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(4, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 100, (4,), generator=gen)
+        student = copy.deepcopy(kd_step.student)  # the weights the step's loss is taken at
+        with torch.no_grad():
+            expected = kd_loss(student(x), kd_step.teacher(x), y, cfg.kd_temperature,
+                               cfg.kd_alpha).item()
+        kd_step(x, y)
+        assert kd_step.count == 4
+        assert kd_step.loss_sum / kd_step.count == pytest.approx(expected, rel=1e-5)
+    finally:
+        typical_runner.close()
+        kdlib_runner.close()
+
+
+def test_typical_loader_shuffles_each_epoch():
+    images, labels = _images(20)
+    loader = bench.typical_loader(images, torch.arange(20), batch_size=4, workers=0)
+    epochs = [torch.cat([y for _, y in loader]) for _ in range(2)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(20))  # every image once
+    assert epochs[0].tolist() != list(range(20)) and epochs[0].tolist() != epochs[1].tolist()
+
+
+def test_typical_variants_rewarm_past_the_batches_their_workers_prefetched():
+    """Between windows the DataLoader's workers keep filling their queues; the un-timed steps
+    before a later window use those up (workers x prefetch_factor), then one more."""
+    ctx = _tiny_context()
+    for name in ("kd_w4_typical", "data_typical"):
+        runner = BY_NAME[name].build(ctx)
+        try:
+            assert ctx.workers == 2 and runner.rewarm == 2 * 2 + 1, name
+        finally:
+            runner.close()
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -610,6 +689,49 @@ def test_main_writes_host_json_and_prints_the_table(tmp_path, fake_data_root, ca
 
     from kdlib.report import render_bench  # what the README shows
     assert render_bench(tmp_path / "bench") == render_markdown(result)
+
+
+def test_window_rates_are_per_window_work_over_its_seconds():
+    """A ceiling's GFLOP/s per window is FLOPs per step x steps / wall seconds; a variant's
+    cpu_per_wall is the window's CPU seconds over its wall seconds."""
+    from types import SimpleNamespace
+
+    from kdlib.bench.run import _ceiling_entry, _variant_entry
+
+    times = {"wall": [2.0, 4.0, 1.0], "cpu": [1.0, 4.0, 3.0], "warmup_s": 0.5}
+    ceiling = _ceiling_entry(times, SimpleNamespace(flops_per_step=1e9, info={}), steps=10)
+    assert ceiling["gflops_windows"] == [5.0, 2.5, 10.0] and ceiling["gflops"] == 5.0
+    assert ceiling["cpu_per_wall_windows"] == [0.5, 1.0, 3.0]
+    entry = _variant_entry("kd_w4", times, SimpleNamespace(batch_size=4, info={}), steps=10)
+    assert entry["cpu_per_wall_windows"] == [0.5, 1.0, 3.0]
+    assert entry["step_ms"] == 200.0  # 2 s over 10 steps, the median window
+
+
+def test_a_benchmark_over_exactly_one_batch_of_images_runs():
+    images, labels = _images(4)
+    result = run_benchmark(images, labels, device="cpu", variants=["data_kdlib"],
+                           log=lambda m: None, later_parts=False,
+                           **{**TINY, "windows": 1, "flops_probe_batch": 4})
+    assert result["variants"]["data_kdlib"]["status"] == "ok"
+
+
+def test_the_grouped_part_is_measured_only_with_kd_w4(monkeypatch):
+    from kdlib.bench import run
+
+    def grouped_part(*_, **__):
+        raise AssertionError("the grouped part measures kd_w4's step, which was not asked for")
+
+    monkeypatch.setattr(run, "grouped_part", grouped_part)
+    images, labels = _images(8)
+    result = run_benchmark(images, labels, device="cpu", variants=["data_kdlib"],
+                           log=lambda m: None, grouped=True, **{**TINY, "windows": 1})
+    assert "grouped" not in result and result["variants"]["data_kdlib"]["status"] == "ok"
+
+
+def test_main_passes_the_warmup_it_is_given(tmp_path, fake_data_root):
+    assert bench.main(_args(tmp_path, fake_data_root, variants=["data_kdlib"], warmup=2)) == 0
+    result = json.loads(next((tmp_path / "bench").iterdir()).read_text())
+    assert result["settings"]["warmup"] == 2
 
 
 def test_bad_settings_fail_before_anything_is_measured(tmp_path, fake_data_root):

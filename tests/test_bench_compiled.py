@@ -330,3 +330,22 @@ def test_compiling_as_fast_as_eager_does_not_pay():
                                        "concurrency": side}, {1: 10000.0}), 480.0)
     assert "4.8 M images" in tie["why"] and "4.8 M" in tie["why"].split(";")[1]
     assert not tie["pays"]  # the same images a lease: not worth a switch in the run id
+
+
+@pytest.mark.parametrize("rates, counts", [
+    ({1: 100.0, 2: 200.0, 4: 400.0, 8: 440.0}, [4, 8]),  # the eager step's worth-it count and 8
+    ({1: 100.0, 2: 200.0, 4: 400.0, 8: 800.0, 12: 1000.0}, [8]),  # 12 worth it: still at most 8
+])
+def test_the_compiled_part_runs_at_most_eight_processes_compiling_at_once(rates, counts,
+                                                                          monkeypatch):
+    import kdlib.bench.compiled
+    from kdlib.bench import run
+
+    asked = []
+    monkeypatch.setattr(kdlib.bench.compiled, "measure_compiled",
+                        lambda ctx, jobs, **_: asked.append(list(jobs)) or {})
+    concurrency = {"seconds": 3.0, "by_jobs": {str(k): {"images_per_s": r}
+                                               for k, r in rates.items()}}
+    run.compiled_part({"concurrency": concurrency}, None, preset="gpu", model="resnet20",
+                      log=print)
+    assert asked == [counts]

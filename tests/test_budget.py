@@ -578,3 +578,148 @@ def test_processes_executor_equals_the_serial_grid(real_data_root, tmp_path, mon
 def test_processes_executor_refuses_a_bad_job_count(tmp_path):
     with pytest.raises(ValueError, match="jobs=0"):
         execute_processes([], jobs=0, results_dir=tmp_path)
+
+
+CHAIN4 = {**GRID, "chain": [32, 4], "chain_methods": ["ta_chain"], "methods": ["direct_kd"]}
+
+
+def run_in_threads(monkeypatch, train, workers=2):
+    """execute_processes with ``train`` as each run's task, in a pool of threads."""
+    from concurrent import futures
+
+    from kdlib import executors
+    from kdlib.config import RunConfig
+
+    def task(config, data_dir, results_dir, *after, **options):
+        return train(RunConfig.from_dict(config), results_dir)
+
+    monkeypatch.setattr(executors, "_train_task", task)
+    monkeypatch.setattr(executors.futures, "ProcessPoolExecutor",
+                        lambda max_workers, **_: futures.ThreadPoolExecutor(workers))
+
+
+def write_record(cfg, results_dir):
+    from kdlib.results import save_record
+
+    save_record(results_dir, {**record_of(cfg, [1.0] * cfg.epochs, 1.0 + cfg.epochs),
+                              "cpu_model": cpu_model(), "metrics": {}})
+    return cfg.run_id()
+
+
+def test_the_processes_executor_starts_a_run_only_once_what_it_waits_for_is_recorded(
+        tmp_path, monkeypatch):
+    from kdlib.results import find_record
+
+    plan = experiments.plan_grid(**GRID)
+    waits = {cfg.run_id(): after for cfg, after in dependency_schedule(plan, tmp_path / "b")}
+    early = []
+
+    def train(cfg, results_dir):
+        early.extend((cfg.run_id(), d) for d in waits[cfg.run_id()]
+                     if find_record(results_dir, d) is None)
+        time.sleep(0.02)  # the other workers are free meanwhile
+        return write_record(cfg, results_dir)
+
+    run_in_threads(monkeypatch, train, workers=3)
+    records = execute_processes(plan, jobs=3, results_dir=tmp_path / "b", tensorboard=False,
+                                log=lambda _: None)
+    assert early == [] and len(records) == 9
+
+
+def test_the_processes_executor_reports_a_failed_run_and_starts_nothing_that_needs_it(
+        tmp_path, monkeypatch):
+    from kdlib.executors import GridRunError
+
+    plan = experiments.plan_grid(**{**GRID, "chain_methods": ["ta_chain"],
+                                    "methods": ["direct_kd"]})
+    name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
+    broken = next(run_id for run_id, n in name.items() if n == ("ta_chain", 4))
+    trained = []
+
+    def train(cfg, results_dir):
+        if cfg.run_id() == broken:
+            raise RuntimeError("loss is nan\n(the traceback's other lines)")
+        trained.append(name[cfg.run_id()])
+        return write_record(cfg, results_dir)
+
+    run_in_threads(monkeypatch, train)
+    lines = []
+    with pytest.raises(GridRunError) as failed:
+        execute_processes(plan, jobs=2, results_dir=tmp_path / "b", tensorboard=False,
+                          log=lines.append)
+    assert str(failed.value) == f"1 runs failed: {broken}: RuntimeError: loss is nan"
+    assert f"FAILED {broken}: RuntimeError: loss is nan" in lines
+    # ta_chain@1 starts from it and direct_kd@4 is its training under another name
+    assert sorted(trained) == [("direct_kd", 1), ("teacher", 32)]
+    held = sorted(name[line.split()[2].rstrip(":")] for line in lines
+                  if line.startswith("not started ") and "a run it needs did not finish" in line)
+    assert held == [("direct_kd", 4), ("ta_chain", 1)]
+
+
+@pytest.mark.timeout(30)  # a scheduler still waiting for the paused run would spin until then
+def test_a_run_paused_in_a_worker_holds_back_its_students_and_fails_nothing(tmp_path,
+                                                                           monkeypatch):
+    from kdlib.train import RunSuspended
+
+    plan = experiments.plan_grid(**CHAIN4)
+    teacher = plan[0]
+    started = []
+
+    def train(cfg, results_dir):
+        started.append(cfg.method)
+        if cfg.method == "teacher":
+            raise RunSuspended(cfg.run_id(), 1, cfg.epochs)
+        return write_record(cfg, results_dir)
+
+    run_in_threads(monkeypatch, train)
+    lines = []
+    assert execute_processes(plan, jobs=2, results_dir=tmp_path / "b", tensorboard=False,
+                             log=lines.append) == []
+    assert started == ["teacher"]
+    assert f"paused {teacher.run_id()} after epoch 1/2 (its checkpoint is kept): the next " \
+        "epoch would end past the time budget; the next call resumes it" in lines
+    assert sum(line.startswith("not started ") for line in lines) == len(plan) - 1
+    assert lines[-1].startswith(f"budget: {len(plan)} run(s) left for the next call")
+
+
+def test_under_a_budget_the_processes_executor_times_later_runs_by_the_ones_it_finished(
+        tmp_path, monkeypatch):
+    """The benchmark times only the teacher's 32-bit step; `progressive` at 4 bits (plain CE,
+    the teacher's kind) is timed by the teacher's record once it exists, as in the serial loop."""
+    plan = experiments.plan_grid(**{**CHAIN4, "chain_methods": ["progressive"],
+                                    "methods": ["finetune"]})
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "cpu.json").write_text(json.dumps(bench_file({"fp32": 1e6},
+                                                                       cpu=cpu_model())))
+    here = device_kind("cpu")
+    budget = Budget(1e6, RunTimer(here, bench=load_bench(tmp_path / "bench", here)))
+    assert budget.timer.estimate(plan[1]).seconds is None  # before the teacher's record
+    run_in_threads(monkeypatch, write_record)
+    lines = []
+    records = execute_processes(plan, jobs=2, results_dir=tmp_path / "b", tensorboard=False,
+                                budget=budget, log=lines.append)
+    assert not [line for line in lines if line.startswith("not started ")]
+    assert [r["config"]["method"] for r in records] == ["teacher", "progressive", "finetune"]
+
+
+def test_under_a_budget_a_run_recorded_as_another_run_of_the_call_is_never_refused(
+        tmp_path, monkeypatch):
+    """finetune@4 is progressive@4's training: once that is done, recording it costs nothing,
+    whatever the budget would say of training it."""
+    class RefusesFinetune(Budget):
+        def __init__(self):
+            super().__init__(3600.0, RunTimer("cpu"))
+
+        def admit(self, cfg, epochs_done=0):
+            if cfg.method == "finetune":
+                return Admission(False, "longer than the time left")
+            return Admission(True, "fits")
+
+    plan = experiments.plan_grid(**{**CHAIN4, "chain_methods": ["progressive"],
+                                    "methods": ["finetune"]})
+    run_in_threads(monkeypatch, write_record)
+    lines = []
+    records = execute_processes(plan, jobs=2, results_dir=tmp_path / "b", tensorboard=False,
+                                budget=RefusesFinetune(), log=lines.append)
+    assert not [line for line in lines if line.startswith("not started ")]
+    assert [r["config"]["method"] for r in records] == ["teacher", "progressive", "finetune"]

@@ -132,6 +132,22 @@ def test_fake_files_are_deterministic_per_seed(tmp_path):
     assert read(a) != read(c)
 
 
+@pytest.mark.parametrize("kwargs", [{"n_train_per_class": 0}, {"n_test_per_class": 0},
+                                    {"n_train_per_class": True}, {"n_test_per_class": 2.0}])
+def test_fake_files_refuse_a_count_per_class_that_is_not_a_positive_integer(kwargs, tmp_path):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        write_fake_cifar100(tmp_path, **kwargs)
+    assert not (tmp_path / "cifar-100-python").exists()
+
+
+def test_written_pickles_keep_strings_of_every_length(tmp_path):
+    """Python 2 strings: one length byte up to 255 (SHORT_BINSTRING), four from 256 on."""
+    value = {b"k%d" % n: bytes(range(256)) * (n // 256) + b"x" * (n % 256)
+             for n in (0, 1, 255, 256, 257, 70_000)}
+    write_pickle(value, tmp_path / "f")
+    assert _raw(tmp_path / "f") == {k.decode(): v.decode("latin1") for k, v in value.items()}
+
+
 def test_load_fake_matches_file_layout(fake_data_root, monkeypatch):
     # An existing folder must never trigger a download.
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", _must_not_download)

@@ -124,3 +124,18 @@ def test_the_kernels_read_the_data_root_of_the_command_not_one_of_their_own(tmp_
     monkeypatch.setenv("KDLIB_DATA", "elsewhere")  # relative: to where the command runs
     notebook_runs.kernels_read_the_commands_data_root()
     assert kernels_data_root() == str(tmp_path / "elsewhere")
+
+
+def test_paths_are_named_from_the_checkout_whatever_the_working_directory(tmp_path,
+                                                                           monkeypatch):
+    """A preset's results folder is the checkout's, and a path inside the checkout is shown
+    relative to it, from any working directory (a notebook runs in notebooks/)."""
+    from kdlib.checkout import default_results_dir, shown_path
+
+    monkeypatch.chdir(notebook_runs.NOTEBOOKS_DIR)
+    assert default_results_dir("quick") == REPO_ROOT / "results" / "quick"
+    assert shown_path("../results/quick/executed/01_baseline.ipynb") \
+        == "results/quick/executed/01_baseline.ipynb"
+    monkeypatch.chdir(tmp_path)
+    assert default_results_dir("smoke") == REPO_ROOT / "results" / "smoke"
+    assert shown_path("a/b.ipynb") == str((tmp_path / "a" / "b.ipynb").resolve())

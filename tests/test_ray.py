@@ -120,6 +120,66 @@ def test_each_finished_ray_task_is_logged_as_the_other_executors_log_it(tmp_path
     assert lines == ["[1/2] done t (12 s)", "[2/2] done a (same run as t)"]
 
 
+def test_runs_that_reserve_no_gpu_are_handed_the_cpu_and_the_tasks_they_wait_for(tmp_path,
+                                                                                  monkeypatch):
+    """gpus_per_run=0: Ray leaves every GPU visible to the task, so the run is told to train on
+    the CPU; each task gets the ObjectRefs of the tasks it waits for (Ray starts it after)."""
+    from kdlib import executors
+
+    handed = {}
+
+    class FakeRemote:
+        def options(self, name, **_):
+            self.run_id = name.removeprefix("train ")
+            return self
+
+        def remote(self, config, data_dir, results_dir, device, threads, tensorboard, *after):
+            handed[self.run_id] = (device, sorted(after))
+            return f"ref of {self.run_id}"
+
+    class FakeRay:
+        is_initialized = staticmethod(lambda: True)
+        remote = staticmethod(lambda fn: FakeRemote())
+
+    monkeypatch.setattr(executors, "import_ray", lambda: FakeRay)
+    monkeypatch.setattr(executors, "_wait_for_all", lambda ray, refs, log, results_dir: None)
+    plan = experiments.plan_grid(**GRID)
+    execute_ray(plan, results_dir=tmp_path, gpus_per_run=0, log=lambda _: None)
+    assert handed == {cfg.run_id(): ("cpu", sorted(f"ref of {d}" for d in after))
+                      for cfg, after in dependency_schedule(plan, tmp_path)}
+
+
+def test_a_failed_ray_task_is_logged_and_the_grid_fails_naming_it(tmp_path):
+    """A task that raised (or whose teacher's task did) is a `[k/n] FAILED` line with the
+    first line of its error; the others are reported; then GridRunError names every failure."""
+    from types import SimpleNamespace
+
+    from kdlib import executors
+
+    save_record(tmp_path, {"run_id": "t", "config": {}, "metrics": {}, "history": [{}],
+                           "wall_time_s": 12.4})
+
+    class TaskError(Exception):  # a RayTaskError: the task's own exception as its cause
+        def __init__(self, cause):
+            super().__init__(f"ray task failed: {cause}")
+            self.cause = cause
+
+    def get(ref):
+        if ref == "s":
+            raise TaskError(FileNotFoundError("run t has no finished record\n(traceback)"))
+        return ref
+
+    fake_ray = SimpleNamespace(exceptions=SimpleNamespace(RayError=TaskError), get=get,
+                               wait=lambda refs, num_returns: ([refs[0]], refs[1:]))
+    lines = []
+    with pytest.raises(executors.GridRunError) as failed:
+        executors._wait_for_all(fake_ray, {"s": "s", "t": "t"}, lines.append, str(tmp_path))
+    assert lines == ["[1/2] FAILED s: FileNotFoundError: run t has no finished record",
+                     "[2/2] done t (12 s)"]
+    assert str(failed.value) == \
+        "1 of 2 runs failed on Ray: s: FileNotFoundError: run t has no finished record"
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_cli_grid_on_ray_equals_the_serial_grid(ray_cluster, real_data_root, tmp_path, monkeypatch):
