@@ -571,6 +571,15 @@ def test_level_summary_counts_the_grid():
     assert level_summary(1)["lowest_weights"] == "-1.500, +1.500"  # sign(w)·E|w| of the sweep
 
 
+def test_level_summary_shows_the_lowest_levels_of_a_grid_finer_than_four():
+    """A grid of more than four weights shows its four lowest, -1 + 2k / (2^bits - 1), then
+    '...': the bottom of the grid, not its top."""
+    from kdlib.quant import level_summary
+
+    assert level_summary(4)["lowest_weights"] == "-1.000, -0.867, -0.733, -0.600, ..."
+    assert level_summary(3)["lowest_weights"] == "-1.000, -0.714, -0.429, -0.143, ..."
+
+
 # ==================================================================== learned scales stay positive
 @pytest.mark.parametrize("make", [lambda: PACTActivationQuantizer(4),
                                   lambda: LSQQuantizer(4, signed=False),

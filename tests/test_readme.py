@@ -168,6 +168,68 @@ def test_a_full_split_says_how_many_images_trained(tmp_path, monkeypatch):
     assert "All 47,500 training images, 2500 validation images" in render_results(tmp_path)
 
 
+def _edit_record(results_dir, run_id, **fields):
+    path = results_dir / "runs" / f"{run_id}.json"
+    record = json.loads(path.read_text())
+    for key, value in fields.items():
+        if key in ("lr", "epochs"):
+            record["config"][key] = value
+        else:
+            record[key] = value
+    path.write_text(json.dumps(record))
+
+
+def test_a_record_of_another_methods_run_adds_no_training_time(tmp_path, monkeypatch):
+    """A `same_run_as` record (one training shown under two names) is counted as a record, not
+    as a trained run, and its copied wall time is not summed again."""
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    write_hand_made_results(tmp_path)
+    write_record(tmp_path, "k4-0", "direct_kd", 4, 0, 20.0, created_at="2026-01-01T11:05:00+00:00")
+    _edit_record(tmp_path, "k4-0", same_run_as="c4-0")
+    text = render_results(tmp_path)
+    assert "8 records of 7 trained runs, 0.75 h of training summed over runs (seed 0: 0.42 h" \
+        in text
+    assert "| direct_kd       |              | 20.00*       |" in text
+
+
+def test_one_seed_is_said_to_have_no_error_bars(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    write_record(tmp_path, "t0", "teacher", 32, 0, 40.0, epochs=2,
+                 created_at="2026-01-01T10:00:00+00:00")
+    write_record(tmp_path, "i4-0", "individual", 4, 0, 10.0, epochs=2,
+                 created_at="2026-01-01T10:40:00+00:00")
+    text = render_results(tmp_path)
+    assert "seed(s) 0 (one seed: no error bars)." in text and "mean ± std" not in text
+
+
+def test_individual_is_called_the_fair_baseline_only_on_the_teachers_schedule(tmp_path,
+                                                                             monkeypatch):
+    """The claim needs the teacher's epochs and learning rate both; the hand-made records
+    (individual: 1 epoch, teacher: 2) make no such claim."""
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    claim = "`individual`: 2 epochs (the teacher's own schedule: the fair trained-alone baseline)"
+    write_record(tmp_path, "t0", "teacher", 32, 0, 40.0, epochs=2,
+                 created_at="2026-01-01T10:00:00+00:00")
+    write_record(tmp_path, "i4-0", "individual", 4, 0, 10.0, epochs=2,
+                 created_at="2026-01-01T10:40:00+00:00")
+    assert claim in render_results(tmp_path)
+    _edit_record(tmp_path, "i4-0", lr=0.2)  # the teacher's epochs, another learning rate
+    text = render_results(tmp_path)
+    assert "`individual`: 2 epochs." in text and "fair trained-alone" not in text
+    _edit_record(tmp_path, "i4-0", lr=0.05, epochs=1)
+    assert "fair trained-alone" not in render_results(tmp_path)
+
+
+def test_runs_from_a_modified_working_tree_are_counted_under_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    write_hand_made_results(tmp_path)
+    assert "modified working tree" not in render_results(tmp_path)
+    _edit_record(tmp_path, "i4-0", git_commit="0123abc+dirty")
+    _edit_record(tmp_path, "c4-1", git_commit="0123abc+dirty")
+    assert ("**2 of 7 runs were made from a modified working tree** (their `git_commit` ends in "
+            "`+dirty`)") in render_results(tmp_path)
+
+
 def test_a_model_without_published_numbers_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "load_published",
                         lambda model: PUBLISHED[PUBLISHED["model"] == model])

@@ -131,6 +131,20 @@ def test_resumed_run_replaces_the_scalars_of_the_lost_epoch(splits, tmp_path, mo
     assert scalars(tmp_path / "tb" / "run") == as_scalars(resumed.history, KD_KEYS)
 
 
+def test_each_epochs_scalars_are_on_disk_before_the_writer_closes(tmp_path):
+    """The curves are live: an epoch's row can be read back while the run goes on (the
+    writer's own queue would hold it for minutes)."""
+    from kdlib.tblog import scalar_writer, write_scalars
+
+    rows = [{"epoch": 1, "train_loss": 2.5, "val_top1": 12.5, "lr": 0.1},
+            {"epoch": 2, "train_loss": 2.0, "val_top1": 25.0, "lr": 0.05}]
+    with scalar_writer(tmp_path, epochs_done=0) as writer:
+        write_scalars(writer, rows[0])
+        assert scalars(tmp_path) == as_scalars(rows[:1], ["train_loss", "val_top1", "lr"])
+        write_scalars(writer, rows[1])
+        assert scalars(tmp_path) == as_scalars(rows, ["train_loss", "val_top1", "lr"])
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9, 1.0])
 def test_kd_loss_terms_total_is_kd_loss_bit_for_bit(alpha):
     g = torch.Generator().manual_seed(3)

@@ -459,6 +459,101 @@ def test_a_kd_step_distils_each_image_towards_the_teachers_logits_of_that_image(
     torch.testing.assert_close(loss.detach(), kd_loss(student_logits, teacher_logits, y, 3.0, 0.7))
 
 
+def _batch(n=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, 32, 32, generator=generator),
+            torch.randint(0, NUM_CLASSES, (n,), generator=generator))
+
+
+def test_a_hinton_teacher_quantizes_its_weights_once_for_the_run_and_afresh_after_it():
+    """Inside frozen_teacher the teacher's quantized weights are computed once, not at every
+    step; on leaving it they are dropped, so the teacher quantizes afresh (as it must once
+    trained again, or compiled, where a stale copy would not be noticed)."""
+    from kdlib.quant import quantized_layers
+    from kdlib.step import train_step
+
+    cfg = make_cfg(method="direct_kd", w_bits=4, a_bits=4, teacher_id="t", group_weights=False)
+    teacher = make_model(cfg, seed=7)  # a 4-bit assistant teacher
+    calls = []
+    for _, layer in quantized_layers(teacher):
+        layer.weight_quantizer.register_forward_hook(lambda *_: calls.append(1))
+    trainer = make_trainer(make_model(cfg), cfg, teacher=teacher, device="cpu")
+    x, y = _batch()
+    with frozen_teacher(trainer):
+        frozen = len(calls)
+        assert frozen > 0  # quantized once, on entering
+        for _ in range(2):
+            train_step(trainer, x, y, 0.05)
+        assert len(calls) == frozen  # and not again at any step
+    assert all(layer.frozen_weight is None for _, layer in quantized_layers(teacher))
+    with torch.inference_mode():
+        teacher(x)
+    assert len(calls) > frozen  # its quantized layers quantize their weights again
+
+
+def test_the_teacher_gets_the_runs_precision_memory_format_and_weight_grouping():
+    """A quantized teacher computes as the run says, like the student: bf16 quantized layers,
+    channels_last weights, grouped weight quantization as configured."""
+    from kdlib.quant import quantized_layers
+
+    cfg = make_cfg(method="direct_kd", w_bits=4, a_bits=4, teacher_id="t", precision="bf16",
+                   channels_last=True, group_weights=False)
+    teacher = make_model(cfg, seed=7)
+    make_trainer(make_model(cfg), cfg, teacher=teacher, device="cpu")
+    assert {layer.precision for _, layer in quantized_layers(teacher)} == {"bf16"}
+    convs = [m.weight for m in teacher.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert teacher._group_quantized_weights is False
+
+
+@pytest.mark.parametrize("kd_mode", ["hinton", "apprentice"])
+def test_a_bf16_step_runs_the_full_precision_layers_under_bf16_autocast(kd_mode):
+    """precision="bf16": the fp32 layers (here the last linear, whose output is the logits) of
+    the student and of the teacher compute in bf16; "exact" keeps them in fp32."""
+    from kdlib.step import batch_loss
+
+    seen = {}
+    for precision in ("exact", "bf16"):
+        cfg = make_cfg(method="direct_kd", kd_mode=kd_mode, w_bits=4, a_bits=4,
+                       teacher_id="t", precision=precision)
+        teacher = make_model(cfg.replace(w_bits=32, a_bits=32), seed=7)
+        teacher.register_forward_hook(lambda m, i, out, p=precision: seen.update({
+            (p, "teacher"): out.dtype}))
+        trainer = make_trainer(make_model(cfg), cfg, teacher=teacher, device="cpu")
+        with frozen_teacher(trainer):
+            loss, _, logits, _ = batch_loss(trainer, *_batch())
+        seen[precision, "student"] = logits.dtype
+        assert loss.dtype == torch.float32  # the losses cast the logits up
+    assert seen == {("exact", "student"): torch.float32, ("exact", "teacher"): torch.float32,
+                    ("bf16", "student"): torch.bfloat16, ("bf16", "teacher"): torch.bfloat16}
+
+
+@pytest.mark.parametrize("kd_mode", [None, "apprentice"])
+def test_a_step_updates_the_weights_at_the_learning_rate_it_is_given(kd_mode):
+    """The step's own learning rate, not the optimizer's previous one: a step at lr 0 moves no
+    parameter (weight decay and momentum enter SGD's update through lr), of the student nor of
+    an apprentice teacher; the next step, at lr 0.05, moves them."""
+    from kdlib.step import train_step
+
+    kw = dict(method="direct_kd", kd_mode=kd_mode, teacher_id="t") if kd_mode else {}
+    cfg = make_cfg(w_bits=4, a_bits=4, lr=0.05, **kw)
+    teacher = make_model(cfg, seed=7) if kd_mode else None
+    trainer = make_trainer(make_model(cfg), cfg, teacher=teacher, device="cpu")
+    nets = [trainer.model] + ([teacher] if kd_mode else [])
+
+    def parameters():
+        return [p.detach().clone() for net in nets for p in net.parameters()]
+
+    x, y = _batch()
+    start = parameters()
+    with frozen_teacher(trainer):
+        train_step(trainer, x, y, 0.0)
+        assert all(torch.equal(a, b) for a, b in zip(parameters(), start))
+        train_step(trainer, x, y, 0.05)
+    moved = [not torch.equal(a, b) for a, b in zip(parameters(), start)]
+    assert sum(moved) > len(moved) // 2
+
+
 def test_method_and_teacher_must_agree(splits):
     cfg = make_cfg(method="direct_kd", epochs=1)
     with pytest.raises(ValueError, match="teacher"):
