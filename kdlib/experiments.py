@@ -135,7 +135,7 @@ def plan_chain(preset: str, model: str | None, seed: int, chain: Sequence[BitsSp
     return plan
 
 
-def plan_ta_chain(preset: str, model: str, seed: int, chain: Sequence[BitsSpec],
+def plan_ta_chain(preset: str, model: str | None, seed: int, chain: Sequence[BitsSpec],
                   overrides: dict | None = None, head: RunConfig | None = None) -> list[RunConfig]:
     """The teacher-assistant chain: :func:`plan_chain` with ``method="ta_chain"``."""
     return plan_chain(preset, model, seed, chain, overrides, head, "ta_chain")

@@ -41,6 +41,7 @@ from kdlib.quant import model_size_report
 # The configuration, validated once before anything is trained:
 
 # %% tags=["nbval-check-output"]
+seeds = experiments.check_seeds(seeds)  # [] or a repeated seed: a clear error, here
 config = experiments.plan_teacher(preset, model or None, seeds[0], overrides)  # as trained
 print(pd.Series(config.to_dict()).to_string())
 

@@ -53,6 +53,7 @@ from kdlib.quant import level_summary
 # The planned runs (validated before anything is trained; ids derive from the configs):
 
 # %% tags=["nbval-check-output"]
+seeds = experiments.check_seeds(seeds)  # [] or a repeated seed: a clear error, here
 plan = experiments.plan_chain(preset, model or None, seeds[0], chain, overrides, method="ta_chain")
 print(experiments.plan_table(plan).to_string())
 

@@ -45,6 +45,7 @@ from kdlib import experiments
 from kdlib.results import records_table
 
 # %% tags=["nbval-check-output"]
+seeds = experiments.check_seeds(seeds)  # [] or a repeated seed: a clear error, here
 plan = experiments.plan_students(preset, model or None, seeds[0], methods, bits, overrides)
 print(experiments.plan_table(plan).to_string())
 

@@ -82,6 +82,8 @@ def test_cli_rejects_invalid_config(results, tmp_path, args, needle):
     ("01_baseline", {"overrides": {"kd_temperature": -1.0}}, "kd_temperature=-1.0"),
     ("01_baseline", {"overrides": {"lr": -1.0}}, "lr=-1.0"),
     ("01_baseline", {"overrides": {"quantizer": "xnor"}}, "quantizer='xnor'"),
+    ("02_ta_chain", {"seeds": []}, "seeds=[] is empty"),
+    ("03_individual", {"seeds": [1, 1]}, "seeds=[1, 1] has duplicates"),
     ("02_ta_chain", {"chain": [32, 16, 16, 8]}, "is not descending"),
     ("02_ta_chain", {"chain": [32, "four"]}, "'four'"),
     ("03_individual", {"bits": [0]}, "w_bits=0"),
