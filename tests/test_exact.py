@@ -203,3 +203,25 @@ def test_compiled_graphs_take_the_float64_route_and_eager_does_not(monkeypatch):
         compiled_levels = dorefa_activation(x, 4)
     assert torch.float64 not in eager.seen and torch.float64 in compiled.seen
     assert compiled_levels.dtype == torch.float32 and torch.equal(compiled_levels, eager_levels)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bf16_mode_rounds_the_code_sums_to_bf16(bits):
+    """bf16 mode really convolves the codes in bf16: in code units (output / (sx * sw)) every
+    output is a bf16 number (up to the fp32 rounding of the scaling); the exact sums (144 terms
+    of 4- or 8-bit codes) are not all bf16 numbers."""
+    torch.manual_seed(bits)
+    layer = QConv2d(16, 8, 3, padding=1, bias=False, w_bits=bits, a_bits=bits)
+    x = torch.relu(torch.randn(4, 16, 8, 8)) * 0.7
+
+    def off_bf16_grid(t):  # relative distance to the nearest bf16 number
+        return (t - t.bfloat16().float()).abs() / t.abs().clamp_min(1.0)
+
+    with torch.no_grad():
+        _, sx = layer.input_quantizer.codes(x)
+        sw = layer.weight_quantizer.scale(layer.quantized_weight())
+        exact = layer(x) / (sx * sw)
+        set_precision(layer, "bf16")
+        sums = layer(x) / (sx * sw)
+    assert float(off_bf16_grid(sums).max()) < 1e-5
+    assert float(off_bf16_grid(exact).max()) > 1e-4

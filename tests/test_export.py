@@ -636,3 +636,20 @@ def test_onnx_matches_committed_models_up_to_activation_codes_flipped_at_ties(
     default = run_onnx(path, x)  # ORT's default optimisations: what a user runs
     # Worst measured on 10,000 images: 99.73 % (4 bits), i.e. 0.5 expected misses of 200 here.
     assert np.mean(default.argmax(1) == expected.argmax(1)) >= 0.98
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(4, 32), (32, 32)])
+def test_the_export_copy_of_a_model_with_unquantized_activations_keeps_the_blocks_relu(
+        w_bits, a_bits):
+    """A plain conv has no input quantizer to stand in for the ReLU inside a residual block:
+    the export copy must keep that ReLU and compute what the model computes."""
+    from kdlib.export.onnx_graph import export_copy
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=10, w_bits=w_bits, a_bits=a_bits).train()
+    with torch.no_grad():
+        model(images(8))  # BN running statistics off their identity start
+    model.eval()
+    x = images(4)
+    with torch.inference_mode():
+        torch.testing.assert_close(export_copy(model)(x), model(x), rtol=1e-5, atol=1e-5)

@@ -148,3 +148,34 @@ def test_bad_arguments_raise(logits, bad):
     kw = {"temperature": 4.0, "alpha": 0.5, **bad}
     with pytest.raises(ValueError, match=next(iter(bad))):
         kd_loss(s, t, y, **kw)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_apprentice_losses_smooth_both_the_students_and_the_teachers_labels(logits, alpha):
+    s, t, y = logits
+    student_loss, teacher_loss = apprentice_losses(s, t, y, 4.0, alpha, label_smoothing=0.1)
+    assert teacher_loss.item() == pytest.approx(_np_ce(t.double().numpy(), y.numpy(), 0.1))
+    assert student_loss.item() == pytest.approx(kd_loss(s, t, y, 4.0, alpha, 0.1).item())
+    assert teacher_loss.item() != pytest.approx(_np_ce(t.double().numpy(), y.numpy()))
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.9])
+def test_kd_loss_gradient_mixes_the_ce_and_kd_gradients(logits, alpha):
+    """d/ds [(1-a) CE + a T^2 KL] = (1-a)/B (softmax(s) - onehot) + a T/B (softmax(s/T) -
+    softmax(t/T)): both terms pass their gradient to the student."""
+    s, t, y = logits
+    T = 3.0
+    s = s.clone().double().requires_grad_(True)
+    kd_loss(s, t.double(), y, T, alpha).backward()
+    sn, tn, B = s.detach().numpy(), t.double().numpy(), s.shape[0]
+    onehot = np.eye(s.shape[1])[y.numpy()]
+    want = ((1 - alpha) / B * (_np_softmax(sn) - onehot)
+            + alpha * T / B * (_np_softmax(sn / T) - _np_softmax(tn / T)))
+    np.testing.assert_allclose(s.grad.double().numpy(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_kd_term_of_a_single_image_is_its_kl_summed_over_classes(logits):
+    s, t, _ = logits
+    got = kd_term(s[:1], t[:1], 4.0).item()
+    want = _np_kd_term(s[:1].double().numpy(), t[:1].double().numpy(), 4.0)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)

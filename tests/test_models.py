@@ -350,3 +350,120 @@ def test_leaving_out_the_absorbed_relu_changes_no_bit_of_a_resnet(bits, channels
             assert same_bits(b, c), name
     blocks = [m for m in skipping.modules() if type(m).__name__ == "BasicBlock"]
     assert blocks and all(block.conv2.input_absorbs_relu == (bits < 32) for block in blocks)
+
+
+# ============================================================================ ResNet structure
+def test_option_a_shortcut_subsamples_the_even_pixels_and_pads_channels_on_both_sides():
+    """He et al.'s option A as in the reference CIFAR code: x[:, :, ::2, ::2] (the pixels a
+    stride-2, padding-1 3x3 conv centres on), zero channels split evenly before and after."""
+    from kdlib.models.resnet_cifar import ShortcutA
+
+    x = torch.randn(2, 16, 8, 8)
+    out = ShortcutA(16, 32, 2)(x)
+    assert out.shape == (2, 32, 4, 4)
+    assert torch.equal(out[:, 8:24], x[:, :, ::2, ::2])
+    assert not out[:, :8].any() and not out[:, 24:].any()
+
+
+def test_basic_block_adds_the_shortcut_before_its_last_relu():
+    """relu(bn2(conv2(relu(bn1(conv1(x))))) + x): the block output is never negative, even
+    for a signed input, and equals that formula at 32 bits."""
+    from kdlib.models.resnet_cifar import BasicBlock
+
+    torch.manual_seed(0)
+    block = BasicBlock(16, 16, 1).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        inner = torch.relu(block.bn1(block.conv1(x)))
+        expected = torch.relu(block.bn2(block.conv2(inner)) + x)
+        out = block(x)
+    torch.testing.assert_close(out, expected)
+
+
+def test_resnet20_halves_the_resolution_at_the_first_conv_of_stages_2_and_3():
+    model = create_model("resnet20").eval()
+    sizes, first_convs = [], []
+    for stage in (model.layer1, model.layer2, model.layer3):
+        for block in stage:
+            block.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[1:])))
+        stage[0].conv1.register_forward_hook(lambda m, i, o: first_convs.append(o.shape[-1]))
+    with torch.no_grad():
+        model(images(2))
+    assert sizes == [(16, 32, 32)] * 3 + [(32, 16, 16)] * 3 + [(64, 8, 8)] * 3
+    assert first_convs == [32, 16, 8]  # the block's first conv strides, as in He et al.
+
+
+def test_resnet_convs_start_with_he_fan_in_normal_weights():
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            std = float(m.weight.detach().std())
+            assert abs(std / (2.0 / fan_in) ** 0.5 - 1) < 0.2, (name, std, fan_in)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "squeezenet"])
+def test_every_quantized_input_is_a_post_relu_activation(name):
+    """The activation quantizers assume non-negative inputs: in train mode (batch statistics, so
+    a BN after a ReLU would make negatives) every quantizing layer sees x >= 0. (PACT: its
+    layers keep every ReLU, DoReFa's let the clip stand in for the one inside a block.)"""
+    torch.manual_seed(0)
+    model = create_model(name, w_bits=4, a_bits=4, quantizer="pact",
+                         quantize_first_last=True).train()
+    seen = {}
+    for n, layer in quantized_layers(model):
+        if layer.quantize_input:
+            layer.register_forward_pre_hook(lambda m, i, n=n: seen.update({n: float(i[0].min())}))
+    with torch.no_grad():
+        model(images(2))
+    assert seen and all(v >= 0 for v in seen.values()), seen
+
+
+def test_resnet_classifier_reads_the_global_average_of_the_last_stage():
+    model = create_model("resnet8").eval()
+    seen = {}
+    model.layer3.register_forward_hook(lambda m, i, o: seen.update(features=o.clone()))
+    model.fc.register_forward_pre_hook(lambda m, i: seen.update(pooled=i[0].clone()))
+    with torch.no_grad():
+        model(images(2))
+    torch.testing.assert_close(seen["pooled"], seen["features"].mean(dim=(2, 3)))
+
+
+# ============================================================================ SqueezeNet structure
+def test_squeezenet_feature_maps_go_32_16_8():
+    """Max pools of 3x3/2 with ceil_mode after fire 3 and fire 5: 32 -> 16 -> 8 (floor would
+    give 15 and 7)."""
+    model = create_model("squeezenet").eval()
+    sizes = []
+    for m in model.features:
+        m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    with torch.no_grad():
+        model(images(2))
+    assert sizes == [32, 32, 16, 16, 16, 8, 8, 8, 8, 8]
+
+
+def test_squeezenet_dropout_acts_on_the_classifiers_input():
+    torch.manual_seed(0)
+    model = create_model("squeezenet").train()
+    seen = {}
+    model.features.register_forward_hook(lambda m, i, o: seen.update(features=o.clone()))
+    model.classifier.register_forward_pre_hook(lambda m, i: seen.update(fed=i[0].clone()))
+    with torch.no_grad():
+        model(images(2))
+    features, fed = seen["features"], seen["fed"]
+    kept = fed != 0
+    torch.testing.assert_close(fed[kept], 2 * features[kept])  # inverted dropout at p = 0.5
+    dropped = (features != 0) & ~kept
+    assert 0.4 < dropped.sum() / (features != 0).sum() < 0.6
+
+
+def test_squeezenet_classifier_starts_small_as_in_torchvision():
+    """Normal(0, 0.01) classifier weights and zero bias (torchvision's SqueezeNet init), so the
+    first logits are near zero; the other convs are Kaiming-uniform."""
+    torch.manual_seed(0)
+    model = create_model("squeezenet")
+    w = model.classifier.weight.detach()
+    assert abs(float(w.std()) / 0.01 - 1) < 0.1 and not model.classifier.bias.any()
+    stem = model.stem.conv.weight.detach()
+    assert float(stem.std()) > 0.1

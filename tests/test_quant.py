@@ -453,6 +453,28 @@ def test_frozen_forward_equals_unfrozen_and_skips_weight_quantizer(quantizer, mo
     assert len(calls) == 3
 
 
+def test_frozen_weights_serve_frozen_parameters_in_grad_mode(monkeypatch):
+    """Grad mode alone does not void the frozen copy: weights that need no gradient (a teacher
+    with requires_grad off, an input that needs one) still skip the weight quantizer."""
+    net = _small_net().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = net(x)
+    freeze_quantized_weights(net)
+    net.requires_grad_(False)
+    calls = []
+    for m in net.modules():
+        if isinstance(m, (QConv2d, QLinear)):
+            original = m.weight_quantizer.forward
+            monkeypatch.setattr(m.weight_quantizer, "forward",
+                                lambda w, _f=original: calls.append(1) or _f(w))
+    x.requires_grad_(True)
+    out = net(x)
+    assert torch.equal(out, expected) and calls == []
+    out.sum().backward()
+    assert x.grad is not None
+
+
 def test_frozen_weights_not_used_when_weights_change_or_need_gradients():
     net = _small_net()
     x = torch.randn(2, 3, 6, 6)

@@ -853,3 +853,83 @@ def test_sigkill_and_rerun_resumes_to_the_same_weights(tmp_path):
                     progress=False)
     assert states_equal(resumed["state"], model.state_dict())
     assert metrics(FitResult.from_dict(resumed["result"])) == metrics(reference)
+
+
+def test_a_student_handed_over_in_eval_mode_trains_in_train_mode_and_train_top1_counts_its_steps(
+        splits, monkeypatch):
+    """train_top1 is the student's hits over the images of the epoch's full batches (320 // 48
+    = 6 batches, 288 images, not 320), every step in train mode whatever mode fit got."""
+    cfg = make_cfg(epochs=1, batch_size=48)
+    model = make_model(cfg).eval()
+    modes, hits = [], []
+    real = train_mod.run_step
+
+    def spy(trainer, x, y, lr, **kw):
+        modes.append(trainer.model.training)
+        loss, total, logits = real(trainer, x, y, lr, **kw)
+        hits.append(int((logits.argmax(dim=1) == y).sum()))
+        return loss, total, logits
+
+    monkeypatch.setattr(train_mod, "run_step", spy)
+    result = fit(model, splits, cfg, progress=False)
+    assert modes == [True] * 6 and sum(hits) > 0
+    assert result.history[0]["train_top1"] == pytest.approx(100.0 * sum(hits) / 288)
+
+
+def test_fit_leaves_no_gradients_behind(splits):
+    cfg = make_cfg(epochs=1)
+    model = make_model(cfg)
+    fit(model, splits, cfg, progress=False)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_gives_the_model_back_in_the_mode_it_came_in(splits, training):
+    model = make_model(make_cfg()).train(training)
+    evaluate(model, splits.val_images[:8], splits.val_labels[:8])
+    assert all(m.training == training for m in model.modules())
+
+
+def test_each_epoch_reseeds_the_global_rng_differently(splits, monkeypatch):
+    """Dropout draws from the global RNG, reseeded from (seed, epoch): epoch 2 must not replay
+    epoch 1's random numbers (its dropout masks)."""
+    cfg = make_cfg(epochs=2)
+    states = []
+    real = train_mod.run_step
+
+    def spy(*args, **kw):
+        states.append(torch.random.get_rng_state())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "run_step", spy)
+    fit(make_model(cfg), splits, cfg, progress=False)
+    steps = len(splits.train_labels) // cfg.batch_size
+    assert len(states) == 2 * steps
+    assert not torch.equal(states[0], states[steps])
+
+
+def test_a_finished_checkpoint_gives_back_the_best_not_the_final_weights(
+        splits, tmp_path, monkeypatch):
+    """Validation scripted to peak at epoch 1 of 2: rerunning the finished run returns epoch
+    1's weights (those fit returned), though the checkpoint's model is the final one."""
+    cfg = make_cfg(epochs=2)
+    path = tmp_path / "run.pt"
+    model = make_model(cfg)
+    calls = spy_on_evaluate(monkeypatch, splits, model, [80.0, 50.0])
+    first = fit(model, splits, cfg, checkpoint_path=path, progress=False)
+    monkeypatch.undo()
+    assert first.best_epoch == 1 and states_equal(model.state_dict(), calls[0][1])
+    again = make_model(cfg, seed=9)
+    assert fit(again, splits, cfg, checkpoint_path=path, progress=False) == first
+    assert states_equal(again.state_dict(), model.state_dict())
+
+
+def test_a_checkpoint_past_the_configs_last_epoch_is_refused(splits, tmp_path):
+    cfg = make_cfg(epochs=1)
+    path = tmp_path / "run.pt"
+    fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["epoch"] = 2
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"at epoch 2 > epochs=1"):
+        fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
