@@ -459,6 +459,26 @@ def test_a_kd_step_distils_each_image_towards_the_teachers_logits_of_that_image(
     torch.testing.assert_close(loss.detach(), kd_loss(student_logits, teacher_logits, y, 3.0, 0.7))
 
 
+def test_an_apprentice_step_computes_apprentice_losses_of_both_models_logits():
+    """kdlib.losses.apprentice_losses is the apprentice scheme's definition; the step computes
+    it from its terms apart (to report them): the student's loss and the sum it back-propagates
+    are that function's, labels smoothed for both models."""
+    from kdlib.losses import apprentice_losses
+    from kdlib.step import batch_loss
+
+    cfg = make_cfg(method="direct_kd", kd_mode="apprentice", w_bits=4, a_bits=4, teacher_id="t",
+                   kd_temperature=3.0, kd_alpha=0.7, label_smoothing=0.1)
+    teacher = make_model(cfg.replace(w_bits=32, a_bits=32), seed=7)
+    trainer = make_trainer(make_model(cfg), cfg, teacher=teacher, device="cpu")
+    x, y = _batch()
+    with frozen_teacher(trainer):
+        loss, total, _, _ = batch_loss(trainer, x, y)
+    with torch.no_grad():  # both in train mode (batch statistics), as in the step
+        student, taught = apprentice_losses(trainer.model(x), teacher(x), y, 3.0, 0.7, 0.1)
+    torch.testing.assert_close(loss.detach(), student)
+    torch.testing.assert_close(total.detach(), student + taught)
+
+
 def _batch(n=16, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 3, 32, 32, generator=generator),
