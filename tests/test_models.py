@@ -420,14 +420,20 @@ def test_every_quantized_input_is_a_post_relu_activation(name):
     assert seen and all(v >= 0 for v in seen.values()), seen
 
 
-def test_resnet_classifier_reads_the_global_average_of_the_last_stage():
-    model = create_model("resnet8").eval()
+def _output_and_next_input(model, producer, consumer):
+    """One forward pass of two images: what ``producer`` put out and what ``consumer`` took in."""
     seen = {}
-    model.layer3.register_forward_hook(lambda m, i, o: seen.update(features=o.clone()))
-    model.fc.register_forward_pre_hook(lambda m, i: seen.update(pooled=i[0].clone()))
+    producer.register_forward_hook(lambda m, i, o: seen.update(out=o.clone()))
+    consumer.register_forward_pre_hook(lambda m, i: seen.update(into=i[0].clone()))
     with torch.no_grad():
         model(images(2))
-    torch.testing.assert_close(seen["pooled"], seen["features"].mean(dim=(2, 3)))
+    return seen["out"], seen["into"]
+
+
+def test_resnet_classifier_reads_the_global_average_of_the_last_stage():
+    model = create_model("resnet8").eval()
+    features, pooled = _output_and_next_input(model, model.layer3, model.fc)
+    torch.testing.assert_close(pooled, features.mean(dim=(2, 3)))
 
 
 # ============================================================================ SqueezeNet structure
@@ -446,12 +452,7 @@ def test_squeezenet_feature_maps_go_32_16_8():
 def test_squeezenet_dropout_acts_on_the_classifiers_input():
     torch.manual_seed(0)
     model = create_model("squeezenet").train()
-    seen = {}
-    model.features.register_forward_hook(lambda m, i, o: seen.update(features=o.clone()))
-    model.classifier.register_forward_pre_hook(lambda m, i: seen.update(fed=i[0].clone()))
-    with torch.no_grad():
-        model(images(2))
-    features, fed = seen["features"], seen["fed"]
+    features, fed = _output_and_next_input(model, model.features, model.classifier)
     kept = fed != 0
     torch.testing.assert_close(fed[kept], 2 * features[kept])  # inverted dropout at p = 0.5
     dropped = (features != 0) & ~kept

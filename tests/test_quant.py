@@ -430,6 +430,17 @@ def _small_net(quantizer: str = "dorefa") -> nn.Sequential:
                                                           quantizer=quantizer))
 
 
+def _count_weight_quantizer_calls(net, monkeypatch) -> list:
+    """A list that grows by one at each call of any of ``net``'s weight quantizers."""
+    calls = []
+    for m in net.modules():
+        if isinstance(m, (QConv2d, QLinear)):
+            original = m.weight_quantizer.forward
+            monkeypatch.setattr(m.weight_quantizer, "forward",
+                                lambda w, _f=original: calls.append(1) or _f(w))
+    return calls
+
+
 @pytest.mark.parametrize("quantizer", ["dorefa", "pact", "lsq"])
 def test_frozen_forward_equals_unfrozen_and_skips_weight_quantizer(quantizer, monkeypatch):
     net = _small_net(quantizer).eval()
@@ -437,12 +448,7 @@ def test_frozen_forward_equals_unfrozen_and_skips_weight_quantizer(quantizer, mo
     with torch.inference_mode():
         expected = net(x)
     freeze_quantized_weights(net)
-    calls = []
-    for m in net.modules():
-        if isinstance(m, (QConv2d, QLinear)):
-            original = m.weight_quantizer.forward
-            monkeypatch.setattr(m.weight_quantizer, "forward",
-                                lambda w, _f=original: calls.append(1) or _f(w))
+    calls = _count_weight_quantizer_calls(net, monkeypatch)
     with torch.inference_mode():
         frozen = net(x)
     assert torch.equal(frozen, expected)
@@ -462,12 +468,7 @@ def test_frozen_weights_serve_frozen_parameters_in_grad_mode(monkeypatch):
         expected = net(x)
     freeze_quantized_weights(net)
     net.requires_grad_(False)
-    calls = []
-    for m in net.modules():
-        if isinstance(m, (QConv2d, QLinear)):
-            original = m.weight_quantizer.forward
-            monkeypatch.setattr(m.weight_quantizer, "forward",
-                                lambda w, _f=original: calls.append(1) or _f(w))
+    calls = _count_weight_quantizer_calls(net, monkeypatch)
     x.requires_grad_(True)
     out = net(x)
     assert torch.equal(out, expected) and calls == []
