@@ -269,7 +269,8 @@ def command_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kdlib", description=__doc__.split("\n")[0])
+    summary = __doc__.split("\n")[0].replace("``", "`")  # the docstring's RST, as plain text
+    parser = argparse.ArgumentParser(prog="python -m kdlib", description=summary)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

@@ -144,6 +144,28 @@ def test_train_help_names_every_method_a_config_accepts(capsys):
     assert all(f" {method} " in f" {shown} " for method in METHODS)
 
 
+def _every_parser(parser):
+    """``parser`` and its subcommands' parsers, all the way down (``lease prepare`` too)."""
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _every_parser(sub)
+
+
+def test_no_help_text_shows_the_docstrings_rst_markup():
+    """Docstrings are reStructuredText; --help is read in a terminal, where ``x`` and
+    :func:`x` are noise."""
+    from kdlib.cli import build_parser
+
+    helps = {p.prog: p.format_help() for p in _every_parser(build_parser())}
+    assert len(helps) > 10  # the lease subcommands are reached
+    for markup in ("``", ":func:", ":mod:", ":class:", ":data:"):
+        assert not [prog for prog, text in helps.items() if markup in text], markup
+
+
 def test_run_gives_its_notebooks_the_data_root_of_the_command(tmp_path, monkeypatch):
     from kdlib import cli, notebook_runs
 
