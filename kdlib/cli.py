@@ -30,8 +30,8 @@ from kdlib.executors import (EXECUTORS, GridRunError, MissingExtraError, check_r
                              execute_processes, execute_ray, import_ray)
 from kdlib.experiments import execute, plan_grid, plan_students
 from kdlib.lease.commands import add_lease_parser
-from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS, build_config,
-                           get_preset, preset_model)
+from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS,
+                           TEACHER_SCHEDULE_METHODS, build_config, get_preset, preset_model)
 from kdlib.report import render_readme, stale_readme_figures
 from kdlib.results import load_records, load_results, summarise, untrained
 from kdlib.tblog import TENSORBOARD_ENV
@@ -158,7 +158,8 @@ def command_train(args: argparse.Namespace) -> int:
         overrides.setdefault("a_bits", args.w_bits)
     if args.a_bits is not None:
         overrides["a_bits"] = args.a_bits
-    cfg = build_config(args.preset, model_of(args), teacher=args.method == "teacher",
+    cfg = build_config(args.preset, model_of(args),
+                       teacher=args.method in TEACHER_SCHEDULE_METHODS,
                        overrides=overrides, planned=dict(method=args.method, seed=args.seed,
                                                          teacher_id=args.teacher_id,
                                                          init_id=args.init_id))
@@ -257,8 +258,11 @@ def command_readme(args: argparse.Namespace) -> int:
             raise UserError(stale)
         print("README.md agrees with the result files")
         return 0
-    readme.write_text(updated)
-    print(f"README.md updated from {args.results_dir} and {args.bench_dir}")
+    if updated == text:
+        print("README.md already agrees with the result files: unchanged")
+    else:
+        readme.write_text(updated)
+        print(f"README.md updated from {args.results_dir} and {args.bench_dir}")
     if stale:
         print(f"warning: {stale}", file=sys.stderr)
     return 0

@@ -36,7 +36,8 @@ from kdlib.export import load_packed, read_packed_header, save_packed
 from kdlib.fileio import torch_save_atomic
 from kdlib.models import create_model
 from kdlib.quant import model_size_report, transfer_weights
-from kdlib.presets import CHAIN_METHODS, STUDENT_METHODS, build_config, get_preset
+from kdlib.presets import (CHAIN_METHODS, STUDENT_METHODS, TEACHER_SCHEDULE_METHODS, build_config,
+                           get_preset)
 from kdlib.results import (METRIC_FIELDS, checkpoint_path, environment_info, find_record,
                            packed_path, save_record, untrained, weights_path)
 from kdlib.run_order import resume_first, start_order, unique_runs
@@ -102,9 +103,10 @@ def plan_teacher(preset: str, model: str | None, seed: int,
 
 def _student(preset: str, model: str | None, seed: int, method: str, bits: tuple[int, int],
              overrides: dict | None, teacher_id: str | None, init_id: str | None) -> RunConfig:
-    return build_config(preset, model, overrides=overrides, planned=dict(
-        method=method, w_bits=bits[0], a_bits=bits[1], seed=seed, teacher_id=teacher_id,
-        init_id=init_id))
+    return build_config(preset, model, teacher=method in TEACHER_SCHEDULE_METHODS,
+                        overrides=overrides, planned=dict(
+                            method=method, w_bits=bits[0], a_bits=bits[1], seed=seed,
+                            teacher_id=teacher_id, init_id=init_id))
 
 
 def plan_chain(preset: str, model: str | None, seed: int, chain: Sequence[BitsSpec],
@@ -163,9 +165,8 @@ def plan_students(preset: str, model: str | None, seed: int, methods: Sequence[s
     for method in methods:
         for k, w in enumerate(widths, 1):
             if method == "individual":
-                plan.append(build_config(preset, model, teacher=True, overrides=overrides,
-                                         planned=dict(method=method, w_bits=w[0], a_bits=w[1],
-                                                      seed=seed, teacher_id=None, init_id=None)))
+                plan.append(_student(preset, model, seed, method, w, overrides,
+                                     teacher_id=None, init_id=None))
                 continue
             cfg = _student(preset, model, seed, method, w, overrides, init_id=teacher.run_id(),
                            teacher_id=None if method == "finetune" else teacher.run_id())

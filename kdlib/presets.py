@@ -18,6 +18,9 @@ DEFAULT_PRESET = "quick"  # of the command line and make: the preset of the comm
 CHAIN_METHODS = ("ta_chain", "progressive", "progressive_kd32")
 # ... and methods that start from random weights or from the teacher (notebook 03).
 STUDENT_METHODS = ("individual", "finetune", "direct_kd", "direct_kd_matched")
+# Methods trained from random weights without a teacher: on the teacher's schedule (its epochs,
+# lr, warm-up: ``teacher_run``), so that `individual` is the fair trained-alone baseline.
+TEACHER_SCHEDULE_METHODS = ("teacher", "individual")
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,29 @@ def test_train_names_a_trained_teacher_when_a_starting_point_is_missing(tmp_path
         == ["resnet8-teacher-w32a32-s0-abc.json"]
 
 
+@pytest.mark.parametrize("preset", ["quick", "quick_squeezenet"])
+def test_train_builds_the_grids_own_run_for_each_method(preset, tmp_path, monkeypatch):
+    """`train --method individual --w-bits 4` is the table's `individual` run (the teacher's
+    schedule), so it finds its record instead of training a run the table cannot pool."""
+    from kdlib import cli
+    from kdlib.experiments import plan_grid
+
+    built = []
+    monkeypatch.setattr(cli, "execute", lambda plan, **_: built.extend(plan) or [
+        {"run_id": cfg.run_id(), "metrics": {}} for cfg in plan])
+    monkeypatch.setattr(cli, "_check_starting_points", lambda *_: None)
+    grid = {(c.method, c.w_bits): c for c in plan_grid(preset=preset, seeds=[1])}
+    teacher = grid["teacher", 32].run_id()
+    starts = {"teacher": [], "individual": [], "finetune": ["--init-id", teacher],
+              "direct_kd": ["--init-id", teacher, "--teacher-id", teacher]}
+    for (method, bits), cfg in grid.items():
+        if method in starts:
+            assert main(["train", "--preset", preset, "--method", method, "--w-bits", str(bits),
+                         "--seed", "1", "--results-dir", str(tmp_path), *starts[method]]) == 0
+            assert built.pop().run_id() == cfg.run_id(), (method, bits)
+    assert sum(method == "individual" for method, _ in grid) == 5
+
+
 def test_the_preset_names_the_model_unless_the_command_line_does(tmp_path):
     """`--preset quick_squeezenet` alone trains SqueezeNet, not a ResNet-20 under its name."""
     from kdlib.experiments import plan_grid

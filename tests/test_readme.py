@@ -325,6 +325,10 @@ def test_cli_readme_rewrites_the_blocks_then_check_agrees(stale_readme, tmp_path
     assert blank_blocks(after) == blank_blocks(before)  # nothing outside the blocks changed
     assert cli.main(["readme", "--check", *args]) == 0
     assert capsys.readouterr().out == "README.md agrees with the result files\n"
+    written = stale_readme.stat().st_mtime_ns
+    assert cli.main(["readme", *args]) == 0  # nothing to change: says so, leaves the file
+    assert capsys.readouterr().out == "README.md already agrees with the result files: unchanged\n"
+    assert stale_readme.stat().st_mtime_ns == written
 
 
 def test_cli_readme_check_fails_when_a_number_is_out_of_date(stale_readme, tmp_path, capsys):
