@@ -206,3 +206,76 @@ def test_a_wall_time_shorter_than_the_epochs_adds_no_negative_remainder():
                    "history": [{"seconds": 10.0}, {"seconds": 10.0}]}
     assert device_seconds({**epochs_only, "wall_time_s": 5.0}) == pytest.approx(
         device_seconds(epochs_only))
+
+
+def test_a_gpu_run_without_a_recorded_gpu_is_named_by_its_cpu():
+    """``device`` cuda but no ``gpu`` name: the record's processor is its host CPU, not
+    "an None"."""
+    frame = _frame([{"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 4.5,
+                     "cpu_model": "Intel Xeon", "device": "cuda:0", "gpu": None}])
+    assert list(processor(frame)) == ["Intel Xeon"]
+
+
+def test_records_without_a_wall_time_are_not_rated_nor_named():
+    """A record that took no measured time (0 or missing) has no rate: it neither adds its
+    image-epochs for free nor makes its processor the newest."""
+    row = {"model": "resnet20", "train_size": None, "epochs": 1}
+    timed = {**row, "wall_time_s": 450.0, "cpu_model": "AMD EPYC",
+             "created_at": "2026-12-01T10:00:00+00:00"}
+    frame = _frame([timed, *({**row, "wall_time_s": w, "cpu_model": "laptop",
+                              "created_at": "2026-12-05T10:00:00+00:00"} for w in (0.0, None))])
+    assert machines(frame) == ["AMD EPYC"]
+    assert measured_rates(frame) == measured_rates(_frame([timed])) \
+        == {("resnet20", False): pytest.approx(45_000 / 450.0)}
+
+
+def test_a_record_without_a_date_counts_as_the_oldest():
+    """Records from before ``created_at`` existed are older than any dated one."""
+    row = {"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 450.0}
+    frame = _frame([{**row, "cpu_model": "AMD EPYC", "created_at": "2026-12-01T10:00:00+00:00"},
+                    {**row, "cpu_model": "old box", "created_at": None}])
+    assert machines(frame) == ["AMD EPYC", "old box"]
+
+
+def test_a_grid_without_a_rate_still_counts_its_runs_and_image_epochs():
+    rates = {("resnet20", False): 1e4, ("resnet20", True): 1e4}
+    priced, unpriced = grid_cost("quick", rates), grid_cost("quick", {})
+    assert unpriced["run_hours"] is None and priced["run_hours"] is not None
+    assert {k: v for k, v in unpriced.items() if k not in ("run_hours", "basis")} \
+        == {k: v for k, v in priced.items() if k not in ("run_hours", "basis")}
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    return {cells[1].strip(): [c.strip() for c in cells[1:-1]]
+            for cells in (line.split("|") for line in text.splitlines() if line.startswith("| `"))}
+
+
+def test_the_table_states_amounts_in_millions_from_one_million_and_short_grids_in_minutes():
+    """SqueezeNet's quick grid (1 to 10 million image-epochs) is in millions, the smoke grid
+    (under a million) in full; a grid of under an hour is in run-minutes, and SqueezeNet without
+    records of its own says that it borrowed ResNet-20's rate."""
+    frame = _frame([{"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 4.5,
+                     "cpu_model": "host", "created_at": "2026-12-03T10:00:00+00:00",
+                     "teacher_id": teacher} for teacher in (None, "t")])  # 10,000 a second
+    rates = {("resnet20", False): 1e4, ("resnet20", True): 1e4}
+    squeeze, smoke = grid_cost("quick_squeezenet", rates), grid_cost("smoke", rates)
+    assert 1e6 <= squeeze["image_epochs"] < 1e7 and smoke["image_epochs"] < 1e6
+    assert smoke["run_hours"] < 1
+    rows = _rows(render_costs(["quick_squeezenet", "smoke"], frame))
+    assert f"{squeeze['image_epochs'] / 1e6:,.2f} M" in rows["`quick_squeezenet`"]
+    assert f"{smoke['image_epochs']:,}" in rows["`smoke`"]
+    assert f"{smoke['run_hours'] * 60:.1f} run-minutes" in rows["`smoke`"][4]
+    assert f"ResNet-20's rate / {SQUEEZENET_TIME_RATIO}" in rows["`quick_squeezenet`"][4]
+    assert "ResNet-20's rate" not in rows["`smoke`"][4]
+
+
+def test_without_records_the_rates_are_none_yet():
+    assert render_costs(["quick"], pd.DataFrame()).endswith(
+        "measured by the committed records: none yet.")
+
+
+def test_a_one_seed_grid_states_no_share_of_a_seed_on_the_device():
+    frame = _frame([{"model": "resnet20", "train_size": None, "epochs": 1, "wall_time_s": 0.01,
+                     "cpu_model": "host", "teacher_id": teacher} for teacher in (None, "t")])
+    text = render_device_costs(["smoke"], frame, jobs=4, lease_minutes=8.0)
+    assert "a seed" not in text and "h of the device, about 1 lease" in text

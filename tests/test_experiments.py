@@ -97,6 +97,38 @@ def test_a_run_started_from_an_alias_is_the_same_training_as_one_started_from_it
     assert index.claim(from_direct) == from_chain.run_id()
 
 
+def test_the_index_of_a_results_folder_knows_its_trainings_and_aliases(tmp_path):
+    """A results folder's records say which run trained each key (the first record of a key:
+    records are read in run-id order) and which runs are aliases; a student of an alias teacher
+    is then the same training as one of its original. Records older than training keys are
+    left out."""
+    from kdlib.presets import build_config
+    from kdlib.results import runs_dir
+    from kdlib.trained import TrainedIndex
+
+    teacher = experiments.plan_teacher("smoke", "resnet8", 0)
+
+    def link(method, teacher_id):
+        return build_config("smoke", "resnet8", overrides={
+            "method": method, "w_bits": 8, "a_bits": 8, "seed": 0,
+            "teacher_id": teacher_id, "init_id": teacher.run_id()})
+
+    chain8, direct8 = link("ta_chain", teacher.run_id()), link("direct_kd", teacher.run_id())
+    key = TrainedIndex().key(chain8)
+    assert chain8.run_id() < "zz-later"
+    folder = runs_dir(tmp_path)
+    folder.mkdir(parents=True)
+    for record in ({"run_id": chain8.run_id(), "training_key": key},
+                   {"run_id": "zz-later", "training_key": key},
+                   {"run_id": "teacher-copy", "same_run_as": teacher.run_id()},
+                   {"run_id": "untracked"}):
+        (folder / f"{record['run_id']}.json").write_text(json.dumps({**record, "config": {}}))
+    index = TrainedIndex(tmp_path)
+    assert index.claim(direct8) == chain8.run_id()
+    assert index.key(link("direct_kd", "teacher-copy")) == index.key(direct8)
+    assert index.key(link("direct_kd", "another-teacher")) != index.key(direct8)
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_whole_grid_records_and_rerun_skips(real_data_root, tmp_path, monkeypatch):

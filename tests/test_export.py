@@ -75,6 +75,15 @@ def test_pack_codes_layout_is_little_endian_bit_stream():
     assert pack_codes(np.array([0x1234]), 16) == bytes([0x34, 0x12])
 
 
+def test_encoded_weights_are_keyed_by_state_dict_key_for_a_bare_layer_too():
+    """The keys are ``state_dict`` keys: a bare quantized layer's weight is ``weight``."""
+    from kdlib.export.codes import encode_model_weights
+
+    for layer in (QLinear(4, 3, w_bits=4), nn.Sequential(QLinear(4, 3, w_bits=4))):
+        coded = encode_model_weights(layer)
+        assert set(coded) == {k for k in layer.state_dict() if k.endswith("weight")}
+
+
 # ============================================================================ packed: exactness
 @pytest.mark.parametrize("quantize_first_last", [False, True], ids=["fp_edges", "q_edges"])
 @pytest.mark.parametrize("bits", ALL_BITS)
@@ -197,7 +206,7 @@ def test_truncated_files_are_refused(tmp_path):
     path = saved(trained_like("dorefa", 4), tmp_path)
     blob = path.read_bytes()
     header_end = _PREAMBLE.size + _PREAMBLE.unpack_from(blob)[1]
-    for cut in (len(blob) - 1, header_end + 10, header_end - 5, 20):
+    for cut in (len(blob) - 1, header_end + 10, header_end - 1, header_end - 5, 20):
         bad = tmp_path / f"cut{cut}.packed"
         bad.write_bytes(blob[:cut])
         with pytest.raises(ValueError, match=f"{bad.name}.*(truncated|not a kdlib)"):
@@ -296,12 +305,48 @@ def test_a_sealed_header_that_is_no_json_object_is_refused_naming_the_file(
     (lambda h: h["model"].update(w_bits=99), "w_bits=99"),
     (lambda h: h["model"].update(name="resnet20"), "do not match"),
     (lambda h: h.update(format_version=2), "version 2"),
+    # a length that disagrees with the shape, though the slice stays inside the payload
+    (lambda h: h["tensors"][3].update(length=h["tensors"][3]["length"] - 1), "inconsistent"),
+    (lambda h: _first_coded(h).update(length=_first_coded(h)["length"] + 1), "inconsistent"),
+    # create_model would fill a missing argument with its default: another model, silently
+    (lambda h: h["model"].pop("a_bits"), "model arguments"),
+    (lambda h: h["model"].update(dropout=0.5), "model arguments"),
+    (lambda h: _first_coded(h).update(encoding="ternary"), "cannot be decoded"),
+    (lambda h: h.update(byte_order="big" if h["byte_order"] == "little" else "little"),
+     "-endian data"),
 ])
 def test_inconsistent_header_is_refused(tmp_path, change, message):
     path = saved(trained_like("dorefa", 2), tmp_path)
     _rewrite_header(path, change)
     with pytest.raises(ValueError, match=f"model.packed.*{message}"):
         load_packed(path)
+
+
+@pytest.mark.parametrize("quantizer, bits", [("lsq", 2), ("pact", 1), ("dorefa", 1)])
+def test_a_scaled_entry_without_its_scale_is_refused_naming_the_file(tmp_path, quantizer, bits):
+    """LSQ's and 1-bit weights are levels times a stored scale: without it the file cannot be
+    read (a ValueError naming the file, as for any header field the reader needs)."""
+    path = saved(trained_like(quantizer, bits), tmp_path)
+    assert "scale" in _first_coded(read_packed_header(path))
+    _rewrite_header(path, lambda h: _first_coded(h).pop("scale"))
+    with pytest.raises(ValueError, match=r"model.packed.*\['scale'\] missing"):
+        load_packed(path)
+
+
+def test_a_hand_written_integer_scale_is_a_json_number_like_any_other(tmp_path):
+    """JSON has one number type: a scale written as ``2`` rather than ``2.0`` is read as 2."""
+    path = saved(trained_like("pact", 1), tmp_path)
+    name = _first_coded(read_packed_header(path))["name"]
+    _rewrite_header(path, lambda h: _first_coded(h).update(scale=2))
+    weight = load_packed(path).state_dict()[name]
+    assert set(weight.unique().tolist()) == {-2.0, 2.0}
+
+
+def test_save_refuses_a_model_that_mixes_quantizers(tmp_path):
+    model = trained_like("dorefa", 2)
+    model.fc = QLinear(64, 10, quantizer="lsq")  # a full-precision classifier, but of LSQ
+    with pytest.raises(ValueError, match=r"mixes quantizers \['dorefa', 'lsq'\]"):
+        saved(model, tmp_path)
 
 
 def test_not_a_packed_file(tmp_path):
@@ -653,3 +698,102 @@ def test_the_export_copy_of_a_model_with_unquantized_activations_keeps_the_block
     x = images(4)
     with torch.inference_mode():
         torch.testing.assert_close(export_copy(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def _conv_model_with_every_conv_option() -> nn.Module:
+    """A quantized conv with a bias, groups, dilation, stride and padding (ResNet's convs have
+    none of these but stride and padding), then a quantized linear; left in train mode."""
+    from kdlib.quant import QConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QConv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=True, w_bits=4, a_bits=4),
+        nn.BatchNorm2d(6), nn.Flatten(), QLinear(6 * 4 * 4, 5, w_bits=4, a_bits=4))
+    with torch.no_grad():
+        model[0].bias.uniform_(-1, 1)
+        model(torch.rand(8, 4, 8, 8))  # BN running statistics off their identity start
+    return model.train()
+
+
+def test_the_export_copy_keeps_every_conv_option_and_is_an_eval_copy():
+    """Bias, groups and dilation of a conv reach the plain conv; the copy computes the model's
+    eval-mode output even when the model is left in train mode, and has nothing to train."""
+    from kdlib.export.onnx_graph import export_copy
+
+    model = _conv_model_with_every_conv_option()
+    plain = export_copy(model)
+    assert model.training  # the model itself is not switched
+    assert not any(m.training for m in plain.modules())  # BatchNorm on running statistics
+    assert not any(p.requires_grad for p in plain.parameters())
+    x = torch.rand(3, 4, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_export_copy_refuses_a_conv_padding_mode_other_than_zeros():
+    """A plain conv pads with zeros only: another padding mode would change the values."""
+    from kdlib.export.onnx_graph import export_copy
+    from kdlib.quant import QConv2d
+
+    model = nn.Sequential(QConv2d(3, 4, 3, padding=1, padding_mode="reflect", w_bits=4, a_bits=4))
+    with pytest.raises(ValueError, match="padding_mode"):
+        export_copy(model.eval())
+
+
+def test_the_export_copy_of_signed_1_bit_lsq_activations_maps_zero_to_plus_one():
+    """Signed 1-bit LSQ quantizes with sign(0) = +1; the plain module must agree at exactly 0."""
+    from kdlib.export.onnx_graph import export_copy
+
+    model = nn.Sequential(QLinear(8, 8, bias=False, a_bits=32))
+    model[0].input_quantizer = LSQQuantizer(1, signed=True)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(8))
+        model(torch.rand(2, 8))  # initialises the step
+    x = torch.tensor([[0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 0.0, 2.0]])
+    with torch.inference_mode():
+        expected = model.eval()(x)
+        assert torch.equal(expected[0, :2].sign(), torch.ones(2))  # kdlib: sign(0) = +1
+        torch.testing.assert_close(export_copy(model)(x), expected, rtol=0, atol=0)
+
+
+def test_to_onnx_creates_the_missing_parent_folders(tmp_path):
+    need("onnx")
+    model = _activation_reference_model("dorefa", 4)
+    path = to_onnx(model, tmp_path / "a" / "b" / "m.onnx", input_shape=(64,))
+    assert path == tmp_path / "a" / "b" / "m.onnx" and path.stat().st_size > 0
+
+
+def test_the_export_copy_of_pact_activations_is_exact_for_any_alpha():
+    """The plain PACT module scales by ``n / alpha`` computed as kdlib computes it: over many
+    alphas and the inputs at and next to each rounding tie, its levels are kdlib's bit for bit."""
+    from kdlib.export.onnx_graph import export_copy
+
+    for bits in (2, 3, 4, 8):
+        n = (1 << bits) - 1
+        for alpha in torch.linspace(0.3, 7.0, 97).tolist():
+            model = _activation_reference_model("pact", bits, scale=alpha)
+            ties = (torch.arange(n, dtype=torch.float32) + 0.5) * (alpha / n)
+            near = torch.cat([ties, torch.nextafter(ties, ties + 1),
+                              torch.nextafter(ties, ties - 1)])
+            x = torch.cat([near, torch.zeros(-len(near) % 64)]).reshape(-1, 64)
+            with torch.no_grad():
+                assert torch.equal(export_copy(model)(x), model[0].input_quantizer(x)), \
+                    (bits, alpha)
+
+
+def test_the_export_copy_refuses_a_bare_quantized_layer():
+    """A bare layer has no parent to hold its plain replacement."""
+    from kdlib.export.onnx_graph import export_copy
+
+    with pytest.raises(ValueError, match="single quantized layer"):
+        export_copy(QLinear(4, 3, w_bits=4).eval())
+
+
+def test_to_onnx_writes_the_documented_opset(tmp_path):
+    onnx = need("onnx")
+    from kdlib.export.onnx_graph import OPSET
+
+    path = to_onnx(_activation_reference_model("dorefa", 4), tmp_path / "m.onnx", input_shape=(64,))
+    assert {o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")} \
+        == {OPSET}
+    assert OPSET == 17  # the module docstring's opset

@@ -65,6 +65,29 @@ def test_what_cannot_be_told_is_left_to_the_recorded_count():
     assert {"alone_allowed", "resumed", "alias", "measured"}.isdisjoint(inferred)
 
 
+def test_records_without_a_date_or_a_wall_time_have_no_span():
+    """Records from before ``created_at`` or without a wall time cannot be placed in time: they
+    are neither inferred nor counted beside the others, and do not fail the rest."""
+    records = [record("a", 0, 20), record("b", 0, 20),
+               {**record("undated", 0, 20), "created_at": None},
+               {**record("untimed", 0, 20), "wall_time_s": None}]
+    inferred = inferred_in_flight(records)
+    assert inferred == {"a": 2.0, "b": 2.0}
+
+
+def test_a_count_measured_in_some_epochs_only_is_still_measured_and_no_history_is_none():
+    """One epoch that noted its runs in flight makes the record's count measured (not
+    inferred); a record without a history (older) has none measured: inferred."""
+    partly = record("partly", 0, 20, history=[{"seconds": 8.0, "side_by_side": 4},
+                                               {"seconds": 8.0, "runs_in_flight": 2.0}])
+    inferred = inferred_in_flight([partly, record("old", 0, 20, history=None)])
+    assert inferred == {"old": 2.0}
+
+
+def test_an_empty_span_counts_one_run():
+    assert mean_overlap((5.0, 5.0), [(5.0, 5.0), (0.0, 10.0)]) == 1.0
+
+
 def test_a_call_timed_a_little_short_of_its_run_still_spans_it():
     # call and wall time are timed apart: 3% short is one call, not a run resumed across calls
     records = [record("a", 0, 20), {**record("b", 0, 20), "call_seconds": 19.4}]

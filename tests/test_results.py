@@ -77,6 +77,55 @@ def test_atomic_write_is_on_disk_before_it_replaces_the_old_file_and_the_rename_
     assert events == expected + ([("fsync", "folder")] if os.name == "posix" else [])
 
 
+def test_atomic_open_refuses_modes_that_would_not_replace_the_whole_file(tmp_path):
+    """Append or read modes make no sense for a file that is written anew and swapped in."""
+    for mode in ("a", "r", "w+"):
+        with pytest.raises(ValueError, match="accepted: 'w', 'wb'"):
+            with atomic_open(tmp_path / "a.json", mode):
+                pass
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_temporary_file_lives_beside_its_target(tmp_path):
+    """In the target's folder, so that the rename is one file system's (atomic) rename."""
+    target = tmp_path / "a.json"
+    with atomic_open(target, "w") as handle:
+        handle.write("{}")
+        temporaries = os.listdir(tmp_path)
+    assert len(temporaries) == 1 and temporaries[0].startswith(".a.json.") \
+        and temporaries[0].endswith(".tmp")
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_a_folder_that_refuses_fsync_still_gets_the_file(tmp_path, monkeypatch):
+    """Some network file systems refuse to fsync a directory: the write succeeds anyway."""
+    import stat
+
+    import kdlib.fileio as fileio
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError("fsync of a directory refused")
+        real_fsync(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    write_json_atomic(tmp_path / "r.json", {"a": 1})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+
+
+def test_json_records_are_sorted_indented_newline_ended_and_keep_nan(tmp_path):
+    """Stable, diffable record files: keys sorted, one per line, a final newline; a NaN metric
+    (a diverged run) is written, not refused."""
+    obj = {"b": 1, "a": {"d": float("nan"), "c": [1, 2]}}
+    write_json_atomic(tmp_path / "r.json", obj)
+    text = (tmp_path / "r.json").read_text()
+    assert text == json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    assert text.index('"a"') < text.index('"b"') and "NaN" in text
+    assert len(text.splitlines()) > 1 and text.endswith("}\n")
+
+
 def test_corrupt_record_is_named(tmp_path):
     bad = tmp_path / "runs" / "bad.json"
     bad.parent.mkdir()

@@ -30,6 +30,7 @@ from kdlib.quant.quantizers import positive
 
 FULL_PRECISION = 32
 ENCODINGS = ("dorefa", "lsq", "sign")
+SCALED_ENCODINGS = ("lsq", "sign")  # levels times a stored fp32 scale; DoReFa's grid is fixed
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def dequantize(encoding: str, bits: int, levels: Tensor, scale: Tensor | None) -
     """
     if encoding == "dorefa":
         return 2 * (levels / ((1 << bits) - 1)) - 1
-    if encoding in ("lsq", "sign"):
+    if encoding in SCALED_ENCODINGS:
         return levels * scale
     raise ValueError(f"encoding={encoding!r} is unknown; accepted: {', '.join(ENCODINGS)}")
 

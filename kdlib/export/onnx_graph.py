@@ -190,7 +190,7 @@ def export_copy(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = plain.get_submodule(parent_name)
         setattr(parent, child, _plain_layer(layer, coded.get(f"{name}.weight")))
-    return plain.requires_grad_(False)
+    return plain.eval().requires_grad_(False)  # eval() again: the plain modules are new
 
 
 def to_onnx(model: nn.Module, path: str | os.PathLike, *,

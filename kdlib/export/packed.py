@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 import kdlib
-from kdlib.export.codes import (WeightCodes, codes_to_levels, dequantize, encode_model_weights,
-                                level_range, pack_codes, packed_length, unpack_codes)
+from kdlib.export.codes import (SCALED_ENCODINGS, WeightCodes, codes_to_levels, dequantize,
+                                encode_model_weights, level_range, pack_codes, packed_length,
+                                unpack_codes)
 from kdlib.fileio import atomic_open
 from kdlib.models import create_model
 from kdlib.quant import quantized_layers
@@ -220,7 +221,8 @@ def _header_problem(header: dict[str, Any]) -> str | None:
             return f"tensor entry {i} is not an object"
         coded = entry.get("encoding") != "raw"
         fields = {**_TENSOR_FIELDS, **({"bits": int} if coded else {}),
-                  **({"scale": float} if "scale" in entry else {})}
+                  **({"scale": float} if "scale" in entry
+                     or entry.get("encoding") in SCALED_ENCODINGS else {})}
         wrong = [key for key, kind in fields.items() if not _is(entry.get(key), kind)]
         shape = entry.get("shape")
         if isinstance(shape, list) and not all(_is(size, int) and size >= 0 for size in shape):
