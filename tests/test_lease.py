@@ -177,6 +177,9 @@ def test_receive_takes_one_machines_returns_each_once_in_order(tmp_path):
         with pytest.raises(ValueError, match=message):
             lease.check_returns(folders)
     lease.check_returns([outs[1]], partial=True)
+    with pytest.raises(ValueError, match="do not name their preset .*: give --preset"):
+        lease.returned_preset(outs, None)  # packed without one (as before manifests named it)
+    assert lease.returned_preset(outs, "smoke") == "smoke"
     from kdlib import cli
 
     here = tmp_path / "here"
@@ -330,6 +333,7 @@ def test_the_other_presets_results_stay_here_during_a_lease(fake_data_root, tmp_
                       minutes=1, jobs=1, preset="smoke", model="resnet8")
     assert status() == "M  results/quick/runs/a.json\n?? results/quick/new.json\n"
     subprocess.run(["git", "checkout", "HEAD", "--", "results/quick/runs/a.json"], **git)
+    whole = sum(travelling_files(here).values())  # the tree, before prepare hides folders
     for _ in range(2):  # a second prepare, say with other minutes, finds them hidden
         logs = []
         lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
@@ -345,6 +349,13 @@ def test_the_other_presets_results_stay_here_during_a_lease(fake_data_root, tmp_
         assert "results/quick (0.0 MiB), results/quick_x (0.0 MiB)" in hidden
         assert "python -m kdlib lease restore --preset smoke --results-dir results/smoke" in hidden
     assert logs[0].startswith("every call also sends the tree, 0.0 MiB")
+    from kdlib.lease.transfer import CALL_MARGIN_MIB, CALL_MIB
+
+    data = json.loads((here / lease.LEASE_DIR / lease.DATA_MANIFEST).read_text())["bytes"]
+    room = int(CALL_MIB - CALL_MARGIN_MIB - whole / lease.MIB)  # beside it, hidden folders too
+    assert (f"should the tool refuse call 1 as over 64 MiB (sending the hidden folders too: "
+            f"0.0 MiB of tree), prepare again with --part-mib {room}: "
+            f"{-(-data // (room * lease.MIB))} data calls") in logs
     largest = next(line for line in logs if line.startswith("the largest call sends"))
     carried = sum((here / path).stat().st_size for path in
                   json.loads((here / lease.LEASE_DIR / lease.CALLS_FILE).read_text())[0]["carry"])
@@ -360,6 +371,21 @@ def test_the_other_presets_results_stay_here_during_a_lease(fake_data_root, tmp_
     assert status() == "?? results/quick/new.json\n"
     assert exclude.read_text() == "# mine\n/scratch/\n"
     assert quick <= set(travelling_files(here))
+    checkpoint = here / "results/smoke/checkpoints/r.pt"  # the leased preset's, committed
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("c")
+    subprocess.run(["git", "add", "-f", str(checkpoint)], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
+                   **git)
+    lease.prepare(plan, data_root=fake_data_root, results_dir=results, repo_root=here,
+                  minutes=1, jobs=1, preset="smoke", model="resnet8", log=logs.append)
+    subprocess.run(["git", "rm", "-q", "--cached", str(checkpoint)], **git)  # as if carried
+    capsys.readouterr()
+    assert cli.main(["lease", "restore"]) == 0  # no preset: every results folder's checkpoints
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "results/smoke/checkpoints: in git's index as committed"
+    assert status() == "?? results/quick/new.json\n"
+    assert exclude.read_text() == "# mine\n/scratch/\n"
 
 
 def test_results_hidden_for_a_lease_come_back_though_a_commit_dropped_them(tmp_path):
@@ -671,7 +697,13 @@ def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path
     assert {r["run_id"]: r["created_at"] for r in load_records(tmp_path / "first")} == first
     from kdlib import cli  # both calls' folders at once, in order
 
-    assert cli.main(["lease", "receive", str(outs[0]), str(outs[1]), "--preset", "smoke",
+    assert [lease.read_manifest(o)["preset"] for o in outs] == ["smoke", "smoke"]
+    wrong = tmp_path / "wrong"  # a preset other than the returns' own: refused, nothing written
+    assert cli.main(["lease", "receive", str(outs[0]), "--preset", "gpu",
+                     "--results-dir", str(wrong)]) == 2
+    assert not wrong.exists()
+    # no --preset: the returns' own (the printed pack names it), as the README's receive says
+    assert cli.main(["lease", "receive", str(outs[0]), str(outs[1]),
                      "--model", "resnet8", "--results-dir", str(results),
                      "--bench-dir", str(tmp_path / "bench2")]) == 0
     assert {r["run_id"]: r["created_at"] for r in load_records(results)} == first

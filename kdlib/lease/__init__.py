@@ -45,7 +45,7 @@ from kdlib.lease.prepare import (check_something_to_train, compress_carried, fro
                                  lost_paused, pack_data, part_mib_for, plan_carry,
                                  planned_paused, prepare, travelling_bytes,
                                  unneeded_committed_weights)
-from kdlib.lease.receive import (check_returns, read_manifest, receive,
+from kdlib.lease.receive import (check_returns, read_manifest, receive, returned_preset,
                                  stage_for_next_lease)
 from kdlib.lease.tracked import hide_for_lease, unhide_after_lease, untravelled_results
 from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_LEFT, AGAIN_MIN_S, CALLS_FILE,
@@ -63,7 +63,7 @@ __all__ = ["AGAIN_FILE", "AGAIN_LEFT", "AGAIN_MIN_S", "BENCH_ALLOWANCE_S", "CALL
            "frontier_weights", "go", "groups_weights", "hide_for_lease", "later_compile_parts",
            "lost_paused", "missing_parts", "pack", "pack_data", "pack_outputs", "part_mib_for",
            "place_carried", "plan_carry", "planned_paused", "prepare", "read_manifest", "receive",
-           "replays_steps", "restore_returned", "sha256_of", "snapshot_results",
+           "replays_steps", "restore_returned", "returned_preset", "sha256_of", "snapshot_results",
            "stage_for_next_lease", "StashIncomplete", "store", "store_carried", "store_part",
            "travelling_bytes", "unhide_after_lease", "unneeded_committed_weights",
            "untravelled_results"]

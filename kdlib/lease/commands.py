@@ -76,7 +76,7 @@ def add_lease_parser(subparsers) -> None:
     pack_step = steps.add_parser("pack", help="there, after go: finished runs and GPU "
                                               "benchmarks into --out")
     pack_step.add_argument("--out", required=True, help="folder of the files to return ($OUT)")
-    pack_step.add_argument("--preset", default="gpu")
+    pack_step.add_argument("--preset", required=True, help="the grid's (named in the manifest)")
     pack_step.add_argument("--results-dir", default=None)
     go_step.add_argument("--bench", choices=("auto", "always", "never"), default="auto",
                          help="auto: only if results/bench has no file of this device")
@@ -93,7 +93,8 @@ def add_lease_parser(subparsers) -> None:
     store.add_argument("--results-dir", default=None)
     restore = steps.add_parser("restore", help="here, for a lease that never ran: git's index "
                                                "as before `prepare`")
-    restore.add_argument("--preset", default="gpu")
+    restore.add_argument("--preset", default=None,
+                         help="default: every results folder's checkpoints")
     restore.add_argument("--results-dir", default=None)
     receive = steps.add_parser("receive", help="here: unpack the returned files into results/")
     receive.add_argument("folders", nargs="+", metavar="folder",
@@ -102,7 +103,8 @@ def add_lease_parser(subparsers) -> None:
     receive.add_argument("--partial", action="store_true",
                          help="receive a follow-up's return without the earlier one(s) it "
                               "builds on (lost)")
-    receive.add_argument("--preset", default="gpu")
+    receive.add_argument("--preset", default=None,
+                         help="default: the one the returned files name (results/<preset>)")
     receive.add_argument("--results-dir", default=None)
     receive.add_argument("--model", default=None, help="default: the preset's model")
     command.set_defaults(func=command_lease)
@@ -110,7 +112,14 @@ def add_lease_parser(subparsers) -> None:
 
 def command_lease(args: argparse.Namespace) -> int:
     """The steps of a lent GPU (see kdlib.lease): prepare and receive here, store and go there."""
-    results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
+    if args.step == "receive":  # the preset of the returns, not a default that may be another
+        try:
+            args.preset = lease.returned_preset([Path(f) for f in args.folders], args.preset)
+        except ValueError as exc:
+            print(f"lease receive: {exc}", file=sys.stderr)
+            return 2
+    results_dir = (Path(args.results_dir or default_results_dir(args.preset)).resolve()
+                   if args.results_dir or args.preset else None)  # None: restore, every folder
     if args.step == "prepare":
         from kdlib.data import resolve_data_root
 
@@ -140,9 +149,12 @@ def command_lease(args: argparse.Namespace) -> int:
         print(f"then: python -m kdlib lease receive {lease.LEASE_DIR}/back-{len(calls)} "
               f"[FOLDER_OF_CALL_{len(calls) + 1}] --preset {args.preset}")
     elif args.step == "restore":
-        checkpoints = results_dir / "checkpoints"
-        _note_put_back(lease.unhide_after_lease(REPO_ROOT, also=[checkpoints]))
-        print(f"{os.path.relpath(checkpoints, REPO_ROOT)}: in git's index as committed")
+        checkpoints = ([results_dir / "checkpoints"] if results_dir is not None
+                       else sorted(p for p in (REPO_ROOT / "results").glob("*/checkpoints")
+                                   if p.is_dir()))  # on disk all along, if out of the index
+        _note_put_back(lease.unhide_after_lease(REPO_ROOT, also=checkpoints))
+        print(f"{', '.join(os.path.relpath(c, REPO_ROOT) for c in checkpoints) or 'checkpoints'}"
+              ": in git's index as committed")
     elif args.step == "store":
         try:
             lease.store([Path(p) for p in args.paths], call=args.call)
@@ -150,7 +162,8 @@ def command_lease(args: argparse.Namespace) -> int:
             print(f"lease store: {exc}", file=sys.stderr)
             return lease.STASH_INCOMPLETE_EXIT
     elif args.step == "pack":
-        lease.pack(results_dir, Path(args.out), Path.cwd() / "results" / "bench")
+        lease.pack(results_dir, Path(args.out), Path.cwd() / "results" / "bench",
+                   preset=args.preset)
     elif args.step == "go":
         log_path = results_dir / "logs" / f"lease-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -226,11 +226,12 @@ def snapshot_results(results_dir: Path, stash: Path = STASH) -> dict[str, list[i
 def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
                  file_mib: float = OUT_FILE_MIB, max_files: int = OUT_MAX_FILES,
                  unchanged: dict[str, list[int]] | None = None,
-                 returned: int | None = None) -> list[Path]:
+                 returned: int | None = None, preset: str | None = None) -> list[Path]:
     """The result files of ``results_dir`` (:func:`_result_files`) but those ``unchanged`` since
     a :func:`snapshot_results`, as a tar split into files of <= ``file_mib`` MiB in ``out``,
     with ``extra`` files beside them and a manifest (``returned``: how many returns this
-    machine made before, which :func:`~kdlib.lease.receive.check_returns` orders by)."""
+    machine made before, which :func:`~kdlib.lease.receive.check_returns` orders by;
+    ``preset``: the grid's, which `receive` takes them into)."""
     out.mkdir(parents=True, exist_ok=True)
     unchanged = unchanged or {}
     buffer = io.BytesIO()
@@ -252,7 +253,7 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
         shutil.copyfile(path, out / path.name)
         extras.append({"name": path.name, "sha256": sha256_of(out / path.name)})
     manifest = {"sha256": hashlib.sha256(blob).hexdigest(), "parts": parts, "extra": extras,
-                "returned": returned}
+                "returned": returned, "preset": preset}
     (out / RETURN_MANIFEST).write_text(json.dumps(manifest, indent=1))
     return sorted(out.iterdir())
 
@@ -439,10 +440,10 @@ def _measure_in_spare_time(bench: dict[str, Any] | None, bench_dir: Path, device
 
 
 def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = None,
-         stash: Path = STASH) -> list[Path]:
+         stash: Path = STASH, preset: str | None = None) -> list[Path]:
     """There, after :func:`go` (finished, failed or interrupted): what this lease added or
     changed (everything, if `go` failed before its snapshot), and the benchmarks of this device
-    (this lease's among them), into ``out``."""
+    (this lease's among them), into ``out``; the manifest names ``preset``."""
     from kdlib.device import bench_device_kind, device_kind, pick_device
 
     kind = device_kind(pick_device(device))
@@ -457,7 +458,8 @@ def pack(results_dir: Path, out: Path, bench_dir: Path, device: str | None = Non
     unchanged = json.loads(snapshot.read_text()) if snapshot.exists() else None
     earlier = len(list((stash / RETURNED).glob("[0-9]*")))
     with timed_step(stash, "pack"):
-        files = pack_outputs(results_dir, out, benches, unchanged=unchanged, returned=earlier)
+        files = pack_outputs(results_dir, out, benches, unchanged=unchanged, returned=earlier,
+                             preset=preset)
         kept = stash / RETURNED / f"{earlier:02d}"
         kept.mkdir(parents=True)
         for path in files:  # for a follow-up call on this machine (restore_returned)

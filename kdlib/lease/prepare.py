@@ -68,6 +68,19 @@ def room_before_another_call(data_bytes: int, tree_bytes: int) -> float:
     return room - needed
 
 
+def fallback_parts(data_bytes: int, whole_tree_bytes: int) -> str:
+    """What to do should the device tool refuse a call as over its 64 MiB because it sends the
+    folders a lease hides (``whole_tree_bytes``: the tree with them): the part size that fits
+    beside that tree, and how many data calls it makes."""
+    room = int(_room_beside(whole_tree_bytes))
+    head = (f"should the tool refuse call 1 as over {CALL_MIB} MiB (sending the hidden folders "
+            f"too: {whole_tree_bytes / MIB:.1f} MiB of tree), ")
+    if room < MIN_PART_MIB:
+        return head + "no data part fits beside that tree: commit fewer large files"
+    return (head + f"prepare again with --part-mib {room}: "
+            f"{math.ceil(data_bytes / (room * MIB))} data calls")
+
+
 def pack_data(data_root: Path, folder: Path, part_mib: float,
               compress: Callable[[bytes], bytes] | None = None) -> dict[str, Any]:
     """``data_root/cifar-100-python/{meta,train,test}`` as an xz tar split into parts of at most
@@ -315,7 +328,8 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
         raise ValueError(f"--minutes {minutes:g}: the last call's work would end past its "
                          f"{CALL_TIMEOUT_S} s timeout; at most "
                          f"{(CALL_TIMEOUT_S - PACK_S - grace_s) / 60:.2f}")
-    pack = f"python3 -m kdlib lease pack --results-dir {rel_results} --out \"$OUT\""
+    pack = (f"python3 -m kdlib lease pack --preset {preset} --results-dir {rel_results} "
+            f"--out \"$OUT\"")
     finish = (f"{{ timeout -s INT -k 15 {hard_s} {go} --minutes {minutes:g}; rc=$?; "
               f"{pack} && exit $rc; }}")
     # the follow-up: the same grid on the same machine (its stash keeps the data and what the
@@ -362,6 +376,8 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     if tree and forced_part is None:  # what the next commits of results may add
         room = room_before_another_call(manifest["bytes"], sum(tree.values()))
         log(f"the tree the calls send may grow {room:.1f} MiB before the data takes one more call")
+    if hidden:  # untried: that the tool leaves out what git's index and exclude file leave out
+        log(fallback_parts(manifest["bytes"], sum(sent.values())))
     (lease / CALLS_FILE).write_text(json.dumps(calls, indent=1))
     undo = (f"undo, for a lease that never runs: python -m kdlib lease restore --preset {preset} "
             f"--results-dir {rel_results}")

@@ -20,6 +20,25 @@ def read_manifest(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def returned_preset(folders: list[Path], preset: str | None) -> str:
+    """The preset whose grid the returns hold, as their manifests name it; ``preset`` (the
+    command line's), when given, must agree. Returns whose manifests name none (packed before
+    they did) need ``preset``."""
+    named = {read_manifest(f).get("preset") for f in folders} - {None}
+    if len(named) > 1:
+        raise ValueError(f"these returns hold the grids of several presets "
+                         f"({', '.join(sorted(named))}): receive each in its own command")
+    if named and preset is not None and named != {preset}:
+        raise ValueError(f"these returns hold preset {next(iter(named))!r}'s grid, not "
+                         f"{preset!r}'s: receive them with --preset {next(iter(named))}")
+    if named:
+        return next(iter(named))
+    if preset is None:
+        raise ValueError("these returns do not name their preset (packed before manifests "
+                         "did): give --preset, the one `lease prepare` was given")
+    return preset
+
+
 def check_returns(folders: list[Path], partial: bool = False) -> None:
     """Refuse folders that cannot be one machine's returns in the calls' order: two holding the
     same return (the device tool put a later call's files where an earlier call's were, which
