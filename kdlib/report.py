@@ -37,7 +37,7 @@ def _epochs_sentence(frame: pd.DataFrame) -> str:
 
     teacher = frame[frame["method"] == "teacher"]
     parts = [f"Teacher: {teacher['test_top1'].mean():.2f}% after "
-             f"{int(teacher['epochs'].iloc[0])} epochs"] if not teacher.empty else []
+             f"{', '.join(map(str, epochs_of(['teacher'])))} epochs"] if not teacher.empty else []
     individual = frame[frame["method"] == "individual"]
     if not individual.empty:
         same = not teacher.empty and set(individual["epochs"]) == set(teacher["epochs"]) \

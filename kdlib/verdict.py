@@ -56,7 +56,7 @@ def paired_p_value(mean: float, std: float, n: int) -> float:
 def holm_stands(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
     """Which of ``p_values`` are rejected by Holm's step-down procedure at family-wise error
     ``alpha``: the i-th smallest p (i from 0) is compared with alpha / (m − i), and testing
-    stops at the first that is not under it."""
+    stops at the first above it (a p equal to its threshold stands)."""
     m = len(p_values)
     stands = [False] * m
     for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
@@ -131,6 +131,10 @@ def _sentence(method: str, baseline: str, meaning: str, rows: pd.DataFrame) -> s
         half = ((open_["ci95_high"] - open_["ci95_low"]) / 2).median()
         parts.append(f"unresolved at {_widths(open_)} (median interval ±{half:.2f} points: an "
                      f"effect smaller than that could not be seen; {_values(open_)})")
+    single = rows[rows["verdict"] == "one seed"]  # counted in the seeds above: named too
+    if not single.empty:
+        signs = ", ".join(f"{r.bits}: {r.mean:+.2f}" for r in single.itertuples())
+        parts.append(f"one seed, no interval yet, at {_widths(single)} ({signs} points)")
     return f"{head}, {seeds_label(rows['n'])} seeds: " + "; ".join(parts) + "."
 
 
@@ -243,13 +247,15 @@ def _grid_words(frame: pd.DataFrame) -> str:
     return (f"{first['model']} (preset `{first['preset']}`, {seeds} seed(s), {images} "
             f"training images"
             + (f", teacher {teacher.mean():.2f}%" if not teacher.empty else "")
-            + (f" after {_epochs(teacher_epochs.max())}" if not teacher_epochs.empty else "")
-            + (f", {_epochs(link_epochs.max())} a chain link" if not link_epochs.empty else "")
+            + (f" after {_epochs(teacher_epochs)}" if not teacher_epochs.empty else "")
+            + (f", {_epochs(link_epochs)} a chain link" if not link_epochs.empty else "")
             + ")")
 
 
-def _epochs(count: float) -> str:
-    return f"{int(count)} epoch" + ("" if int(count) == 1 else "s")
+def _epochs(counts: pd.Series) -> str:
+    """'8 epochs'; every count the records hold ('5 or 8 epochs'), not one chosen of them."""
+    values = sorted({int(c) for c in counts})
+    return " or ".join(map(str, values)) + " epoch" + ("" if values == [1] else "s")
 
 
 def render_agreement(first: pd.DataFrame, second: pd.DataFrame) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -151,3 +152,42 @@ def test_execution_only_fields_do_not_split_a_setting():
     assert ids[base.run_id()] == ids[other.run_id()]
     changed = base.replace(lr=base.lr / 2)  # a field that changes the numbers still splits
     assert setting_ids([*records, _record(changed, 40.0)])[changed.run_id()] != ids[base.run_id()]
+
+
+def test_the_same_init_under_another_teacher_is_another_setting():
+    """A distilled run's setting includes its teacher's setting: the same init and config
+    distilled from two different teachers must not pool as seeds of one setting."""
+    teacher, longer = _teacher(0), _teacher(0).replace(epochs=3)
+    a = _link("direct_kd", 2, 0, teacher, teacher)
+    b = _link("direct_kd", 2, 0, teacher, longer)  # same init, another teacher
+    ids = setting_ids([_record(cfg, 1.0) for cfg in (teacher, longer, a, b)])
+    assert a.run_id() != b.run_id() and ids[a.run_id()] != ids[b.run_id()]
+    again = _link("direct_kd", 2, 1, _teacher(1), _teacher(1))  # another seed, same setting
+    ids = setting_ids([_record(cfg, 1.0) for cfg in (teacher, _teacher(1), a, again)])
+    assert ids[a.run_id()] == ids[again.run_id()]
+
+
+def test_the_same_teacher_from_another_init_is_another_setting():
+    """A run's setting includes its init run's setting: the same teacher and config started
+    from two different inits (32-bit teacher vs an 8-bit link) are two settings."""
+    teacher = _teacher(0)
+    link8 = _link("ta_chain", 8, 0, teacher, teacher)
+    a = _link("ta_chain", 2, 0, teacher, teacher)
+    b = _link("ta_chain", 2, 0, link8, teacher)  # same teacher, another init
+    ids = setting_ids([_record(cfg, 1.0) for cfg in (teacher, link8, a, b)])
+    assert a.run_id() != b.run_id() and ids[a.run_id()] != ids[b.run_id()]
+
+
+def test_a_contrast_does_not_pair_runs_of_another_kd_temperature():
+    """Pairs must agree on every shared hyperparameter: the KD temperature is not a method
+    field, so a chain at T = 4 has no pair in a control at T = 2 (nothing, not a mixed
+    difference), and pairs once both are at T = 4."""
+    rows = [{"model": "resnet8", "method": method, "w_bits": 2, "a_bits": 2, "seed": seed,
+             "kd_temperature": temp, "test_top1": 40.0 + seed + gain}
+            for seed in (0, 1, 2)
+            for method, temp, gain in (("ta_chain", 4.0, 1.0), ("progressive_kd32", 2.0, 0.0))]
+    frame = pd.DataFrame(rows)
+    assert paired_contrast(frame, "ta_chain", "progressive_kd32").empty
+    same = frame.assign(kd_temperature=4.0)
+    row = paired_contrast(same, "ta_chain", "progressive_kd32").iloc[0]
+    assert row["n"] == 3 and row["mean"] == pytest.approx(1.0)

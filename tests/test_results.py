@@ -337,3 +337,63 @@ def test_noted_paused_forgets_runs_recorded_since(tmp_path):
     (tmp_path / PAUSED_FILE).write_text(json.dumps({"r-individual-4-0": 3, "r-individual-2-0": 5}))
     save_record(tmp_path, _record("individual", 4, 0, 50.0))
     assert noted_paused(tmp_path) == {"r-individual-2-0": 5}
+
+
+def test_summarise_counts_only_seeds_with_a_value():
+    """A seed without a number (NaN metric) is not a seed of the mean: n, and so the
+    t-interval's degrees of freedom, count only the values there are."""
+    from scipy import stats
+
+    accs = [50.0, 52.0, float("nan"), 57.0]
+    frame = pd.DataFrame({"model": "m", "method": "individual", "w_bits": 4, "a_bits": 4,
+                          "seed": [0, 1, 2, 3], "test_top1": accs})
+    row = summarise(frame).iloc[0]
+    finite = [50.0, 52.0, 57.0]
+    low, high = stats.t.interval(0.95, df=2, loc=np.mean(finite), scale=stats.sem(finite))
+    assert row["n"] == 3 and math.isclose(row["mean"], np.mean(finite))
+    assert math.isclose(row["ci95_low"], low) and math.isclose(row["ci95_high"], high)
+
+
+def test_summarise_keeps_a_group_whose_key_is_missing():
+    """A group keyed by NaN (train_size None: the full training set) is summarised like any
+    other, not dropped."""
+    frame = pd.DataFrame({"method": "individual", "train_size": [None, None, 5000.0, 5000.0],
+                          "seed": [0, 1, 0, 1], "test_top1": [60.0, 62.0, 40.0, 44.0]})
+    out = summarise(frame, by=["method", "train_size"])
+    assert len(out) == 2 and out["n"].tolist() == [2, 2]
+    full = out[out["train_size"].isna()].iloc[0]
+    assert full["mean"] == 61.0 and math.isclose(full["std"], math.sqrt(2.0))
+
+
+def test_difference_text_shows_the_interval_from_two_seeds_on():
+    """Two seeds already have an interval (df = 1): it is written, only one seed is bare."""
+    from kdlib.results import difference_text
+
+    assert difference_text(1.5, 0.5, 2.5, 2) == "+1.50 [+0.50, +2.50]"
+    assert difference_text(-0.25, -1.0, 0.5, 3) == "-0.25 [-1.00, +0.50]"
+    assert difference_text(1.5, float("nan"), float("nan"), 1) == "+1.50"
+
+
+def test_paired_gain_lists_the_widest_bits_first():
+    """Like every table of the workbook: per method, the widest bit width first."""
+    frame = pd.DataFrame(_rows("individual", 2, [50.0, 60.0]) + _rows("ta_chain", 2, [51.0, 61.0])
+                         + _rows("individual", 8, [70.0, 71.0]) + _rows("ta_chain", 8, [72.0, 73.0]))
+    gains = paired_gain(frame)
+    assert gains["w_bits"].tolist() == [8, 2] and gains["mean"].tolist() == [2.0, 1.0]
+
+
+def test_results_table_names_how_many_settings_clash():
+    """Two settings of one method at one width: the error counts both of them."""
+    summary = pd.DataFrame({"model": "m", "method": "ta_chain", "w_bits": 4, "a_bits": 4,
+                            "setting": ["a", "b"], "mean": [50.0, 51.0], "std": [1.0, 1.0],
+                            "n": [3, 3]})
+    with pytest.raises(ValueError, match="'ta_chain' has 2 settings at 4 bits"):
+        results_table(summary)
+
+
+def test_epochs_run_counts_the_history_rows(tmp_path):
+    """epochs_run is the number of epochs the record's history holds."""
+    record = _record("individual", 4, 0, 50.0)
+    record["history"] = [{"epoch": e, "val_top1": 40.0 + e} for e in (1, 2, 3)]
+    save_record(tmp_path, record)
+    assert load_results(tmp_path)["epochs_run"].tolist() == [3]

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
-from kdlib import report
+from kdlib import report, verdict
 from kdlib.config import RunConfig
 from kdlib.results import load_results, save_record
 from kdlib.verdict import (agreement, classify, compare_answers, contrast_verdicts, holm_standing,
@@ -191,3 +192,112 @@ def test_holm_steps_down_and_stops_at_the_first_p_it_keeps():
     for _ in range(500):
         p = (rng.uniform(0, 0.08, size=int(rng.integers(1, 14))) ** 2 * 10).tolist()
         assert holm_stands(p) == holm_by_adjusted_p(p)
+
+
+def test_two_seeds_are_enough_for_an_interval_and_a_verdict(tmp_path):
+    """Two seeds give a paired t-interval (df = 1): the width is classified by it, not as
+    'one seed'."""
+    gains = [1.0, 1.02]
+    frame = _chains(tmp_path, {2: gains}, seeds=(0, 1))
+    low, high = stats.ttest_1samp(gains, 0.0).confidence_interval(0.95)
+    assert low > 0  # a tight pair: resolved for the assistant even at df = 1
+    row = contrast_verdicts(frame).set_index("bits").loc["2"]
+    assert row["n"] == 2 and row["ci95_low"] == pytest.approx(low)
+    assert row["verdict"] == "method"
+    assert classify({"n": 2, "ci95_low": -1.0, "ci95_high": -0.5}) == "baseline"
+
+
+def test_holm_rejects_a_p_value_equal_to_its_threshold():
+    """Holm's rule rejects while p_(i) <= alpha / (m - i) (adjusted p <= alpha): a p exactly at
+    its threshold stands, as one test at 5% rejects p = 0.05."""
+    assert holm_stands([0.05]) == [True]
+    assert holm_stands([0.05 / 2, 0.05]) == [True, True]
+    assert holm_stands([0.05 / 3, 0.05 / 2, 0.05 + 1e-12]) == [True, True, False]
+    assert holm_stands([0.05 / 2, 0.05]) == holm_by_adjusted_p([0.05 / 2, 0.05])
+
+
+def test_a_width_is_one_training_only_when_every_seed_is():
+    """A width where one seed's pair is one training but another seed's pair is two is a
+    real comparison (for the second seed): it stays in the answer."""
+    rows = [  # seed 0: progressive_kd32 is ta_chain's run; seed 1: trained on its own
+        {"method": "ta_chain", "w_bits": 16, "a_bits": 16, "seed": 0, "run_id": "c0",
+         "same_run_as": None},
+        {"method": "progressive_kd32", "w_bits": 16, "a_bits": 16, "seed": 0, "run_id": "p0",
+         "same_run_as": "c0"},
+        {"method": "ta_chain", "w_bits": 16, "a_bits": 16, "seed": 1, "run_id": "c1",
+         "same_run_as": None},
+        {"method": "progressive_kd32", "w_bits": 16, "a_bits": 16, "seed": 1, "run_id": "p1",
+         "same_run_as": None}]
+    frame = pd.DataFrame(rows)
+    assert one_training(frame, "ta_chain", "progressive_kd32") == set()
+    both = frame.assign(same_run_as=[None, "c0", None, "c1"])
+    assert one_training(both, "ta_chain", "progressive_kd32") == {(16, 16)}
+
+
+def test_agreement_is_symmetric_when_a_mean_is_exactly_zero():
+    """A mean of exactly 0 has no side: whichever grid comes first, the call is the same."""
+    for resolved in (("method", +1.0), ("baseline", -1.0)):
+        rows = [{"verdict": resolved[0], "mean": resolved[1]},
+                {"verdict": "unresolved", "mean": 0.0}]
+        assert agreement(*rows) == agreement(*rows[::-1])
+
+
+def test_the_chance_count_is_over_the_tested_widths_only(tmp_path):
+    """'About 0.05 × m would exclude 0 by chance' counts the m widths with an interval, not
+    the one-seed widths beside them."""
+    _chains(tmp_path, {2: [1.0, 1.2, 0.8]})  # one tested width (2 bit, three seeds)
+    teacher = RunConfig(model="resnet8", method="teacher", seed=0, epochs=2)
+    for bits in (3, 4, 8):  # three one-seed widths of ta_chain − progressive
+        for method in ("ta_chain", "progressive"):
+            _save(tmp_path, RunConfig(model="resnet8", method=method, w_bits=bits, a_bits=bits,
+                                      seed=0, init_id=teacher.run_id(),
+                                      teacher_id=teacher.run_id()), 40.0 + bits)
+    frame = load_results(tmp_path)
+    verdicts = contrast_verdicts(frame)
+    assert len(verdicts) == 4 and (verdicts["verdict"] == "one seed").sum() == 3
+    # 5% of 1 tested width is 0.05, written to one decimal: 0.1 (not 5% of all 4 rows, 0.2)
+    assert "1 of 1 intervals exclude 0. At 95% each, about 0.1 of 1 would" in render_answer(frame)
+
+
+def test_a_contrast_with_one_seed_at_some_widths_still_reads_its_tested_ones(tmp_path):
+    """One width with a single seed does not turn the whole contrast into 'one seed, no
+    interval yet': its three-seed width is still called by its interval, and the one-seed
+    width, counted in the sentence's seeds, is named with its sign."""
+    _chains(tmp_path, {2: [1.0, 1.2, 0.8]})
+    teacher = RunConfig(model="resnet8", method="teacher", seed=0, epochs=2)
+    for method in ("ta_chain", "progressive_kd32"):  # 4 bit: seed 0 only
+        _save(tmp_path, RunConfig(model="resnet8", method=method, w_bits=4, a_bits=4, seed=0,
+                                  init_id=teacher.run_id(), teacher_id=teacher.run_id()), 41.0)
+    frame = load_results(tmp_path)
+    verdicts = contrast_verdicts(frame).set_index("bits")["verdict"]
+    assert verdicts.to_dict() == {"4": "one seed", "2": "method"}
+    text = render_answer(frame)
+    assert "the assistant is better at 2 bit (2: +1.00 [" in text
+    assert "one seed, no interval yet, at 4 bit (4: +0.00 points)." in text
+    assert "one seed, no interval yet (" not in text  # not the all-one-seed sentence
+
+
+def test_the_contrast_table_counts_seeds_only_where_it_compares(tmp_path):
+    """The row's n is over the widths with a comparison: a 'same run' width with more seeds
+    does not credit the contrast with them."""
+    _chains(tmp_path, {2: [1.0, 1.2, 0.8]})  # seeds 0-2 at 16 (same run) and 2 bit
+    teacher = RunConfig(model="resnet8", method="teacher", seed=3, epochs=2)
+    _save(tmp_path, teacher, 50.0)
+    link16 = RunConfig(model="resnet8", method="ta_chain", w_bits=16, a_bits=16, seed=3,
+                       init_id=teacher.run_id(), teacher_id=teacher.run_id())
+    _save(tmp_path, link16, 48.0)  # seed 3: the 16-bit link only, so 4 seeds there
+    _save(tmp_path, RunConfig(**{**link16.to_dict(), "method": "progressive_kd32"}), 48.0,
+          same_run_as=link16.run_id())
+    table = report._contrast_table(load_results(tmp_path))
+    assert table.index.tolist() == ["ta_chain − progressive_kd32 (n = 3)"]
+    assert table.iloc[0].tolist() == ["same run", table.iloc[0, 1]]
+
+
+def test_teachers_of_several_epoch_counts_are_each_named(tmp_path):
+    """Both places that state the teacher's epochs give every count the records hold, not one
+    picked by position (the first row) or by size (the longest)."""
+    _chains(tmp_path, {2: [1.0, 1.2, 0.8]})  # teachers of 2 epochs
+    _save(tmp_path, RunConfig(model="resnet8", method="teacher", seed=3, epochs=5), 52.0)
+    frame = load_results(tmp_path)
+    assert " after 2 or 5 epochs" in verdict._grid_words(frame)
+    assert "after 2, 5 epochs" in report._epochs_sentence(frame)
