@@ -24,8 +24,8 @@ from kdlib.results import (CONTRASTS, bits_label, bits_labels, chain_contrasts, 
                            results_table, seeds_label, shared_cells, summarise)
 from kdlib.costs import processor, render_costs
 from kdlib.markdown import markdown_table
-from kdlib.verdict import (contrast_verdicts, is_same_run, render_agreement, render_answer,
-                           same_run_widths)
+from kdlib.verdict import (contrast_verdicts, epochs_text, is_same_run, render_agreement,
+                           render_answer, same_run_widths)
 
 COST_PRESETS = ("quick", "quick_squeezenet", "paper")  # the README's cost table
 
@@ -37,12 +37,12 @@ def _epochs_sentence(frame: pd.DataFrame) -> str:
 
     teacher = frame[frame["method"] == "teacher"]
     parts = [f"Teacher: {teacher['test_top1'].mean():.2f}% after "
-             f"{', '.join(map(str, epochs_of(['teacher'])))} epochs"] if not teacher.empty else []
+             f"{epochs_text(teacher['epochs'])}"] if not teacher.empty else []
     individual = frame[frame["method"] == "individual"]
     if not individual.empty:
         same = not teacher.empty and set(individual["epochs"]) == set(teacher["epochs"]) \
             and set(individual["lr"]) == set(teacher["lr"])
-        parts.append(f"`individual`: {', '.join(map(str, epochs_of(['individual'])))} epochs"
+        parts.append(f"`individual`: {epochs_text(individual['epochs'])}"
                      + (" (the teacher's own schedule: the fair trained-alone baseline)"
                         if same else ""))
     link = epochs_of([m for m in frame["method"].unique()

@@ -247,12 +247,12 @@ def _grid_words(frame: pd.DataFrame) -> str:
     return (f"{first['model']} (preset `{first['preset']}`, {seeds} seed(s), {images} "
             f"training images"
             + (f", teacher {teacher.mean():.2f}%" if not teacher.empty else "")
-            + (f" after {_epochs(teacher_epochs)}" if not teacher_epochs.empty else "")
-            + (f", {_epochs(link_epochs)} a chain link" if not link_epochs.empty else "")
+            + (f" after {epochs_text(teacher_epochs)}" if not teacher_epochs.empty else "")
+            + (f", {epochs_text(link_epochs)} a chain link" if not link_epochs.empty else "")
             + ")")
 
 
-def _epochs(counts: pd.Series) -> str:
+def epochs_text(counts: pd.Series) -> str:
     """'8 epochs'; every count the records hold ('5 or 8 epochs'), not one chosen of them."""
     values = sorted({int(c) for c in counts})
     return " or ".join(map(str, values)) + " epoch" + ("" if values == [1] else "s")

@@ -88,7 +88,7 @@ EXPECTED_RESULTS = (r"""| method \ bits   | 32           | 4            | 2/8   
 """
                     "Test top-1 (%) at the epoch of best validation accuracy; resnet8, preset "
                     "`smoke`, seed(s) 0, 1 (mean ± std over seeds). Teacher: 41.00% after 2 "
-                    "epochs; `individual`: 1 epochs; every other student: 1 epoch(s) per chain "
+                    "epochs; `individual`: 1 epoch; every other student: 1 epoch(s) per chain "
                     "link. 200 training images (class-balanced subset), 100 validation images, "
                     "200 test images. 7 records of 7 trained runs, 0.75 h of training summed "
                     "over runs (seed 0: 0.42 h on an unrecorded CPU; seed 1: 0.33 h (0.25 h on "
@@ -576,3 +576,34 @@ def test_every_rendered_table_escapes_pipes_in_cells_and_labels():
     assert lines[0].split() == ["|", r"i\|j", "|", r"a\|b", "|"]
     cells = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[2:]]
     assert cells == [[r"p\|q", r"x \|\| y"], ["r", "4.3"]]
+
+
+def test_the_epochs_sentence_gives_the_teachers_mean_and_the_chain_links_own_epochs(tmp_path,
+                                                                                    monkeypatch):
+    """The teachers' top-1 under the table is their mean over seeds (as the table's ± is), and
+    `direct_kd_matched`, trained k times a link's epochs, is not counted as a chain link."""
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    noon = "2026-01-01T12:00:00+00:00"
+    for seed, top1 in enumerate((40.0, 40.0, 49.0)):  # mean 43.00, median 40.00
+        write_record(tmp_path, f"t{seed}", "teacher", 32, seed, top1, epochs=2, created_at=noon)
+        write_record(tmp_path, f"c4-{seed}", "ta_chain", 4, seed, 20.0, epochs=1, created_at=noon)
+        write_record(tmp_path, f"m2-{seed}", "direct_kd_matched", 2, seed, 15.0, epochs=3,
+                     created_at=noon)
+    text = render_results(tmp_path)
+    assert ("Teacher: 43.00% after 2 epochs; every other student: 1 epoch(s) per chain link; "
+            "`direct_kd_matched`: k times that") in text
+
+
+def test_a_grid_block_says_when_every_planned_run_has_a_record(tmp_path, monkeypatch):
+    """Once the last planned run is recorded the block says the grid is complete, rather than
+    listing 'still missing, 0 of N runs'."""
+    from kdlib.experiments import plan_grid
+
+    monkeypatch.setattr(report, "load_published", lambda model: PUBLISHED)
+    plan = plan_grid(preset="smoke", seeds=[0])
+    for cfg in plan:
+        write_record(tmp_path, cfg.run_id(), cfg.method, (cfg.w_bits, cfg.a_bits), cfg.seed,
+                     50.0, created_at="2026-12-02T10:00:00+00:00")
+    lines = report.render_progress(tmp_path, "smoke")
+    assert lines[-1] == "Every run of preset `smoke` has a record."
+    assert "Still missing" not in "\n".join(lines)

@@ -397,3 +397,16 @@ def test_epochs_run_counts_the_history_rows(tmp_path):
     record["history"] = [{"epoch": e, "val_top1": 40.0 + e} for e in (1, 2, 3)]
     save_record(tmp_path, record)
     assert load_results(tmp_path)["epochs_run"].tolist() == [3]
+
+
+def test_packed_models_are_sized_in_kibibytes(tmp_path):
+    """The table's unit is KiB (1024 bytes), as the packed files' sizes are read: 10240 bytes
+    is 10.0 KiB, where dividing by 1000 would say 10.2."""
+    from kdlib.report import render_packed_models
+
+    (tmp_path / "models").mkdir()
+    record = _record("individual", 4, 0, 50.0)
+    (tmp_path / "models" / f"{record['run_id']}.packed").write_bytes(b"x" * 10240)
+    save_record(tmp_path, record)
+    table = render_packed_models(tmp_path, seed=0)
+    assert "| 10.0 |" in table and "10.2" not in table

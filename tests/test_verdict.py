@@ -295,9 +295,63 @@ def test_the_contrast_table_counts_seeds_only_where_it_compares(tmp_path):
 
 def test_teachers_of_several_epoch_counts_are_each_named(tmp_path):
     """Both places that state the teacher's epochs give every count the records hold, not one
-    picked by position (the first row) or by size (the longest)."""
+    picked by position (the first row) or by size (the longest), in one wording."""
     _chains(tmp_path, {2: [1.0, 1.2, 0.8]})  # teachers of 2 epochs
     _save(tmp_path, RunConfig(model="resnet8", method="teacher", seed=3, epochs=5), 52.0)
     frame = load_results(tmp_path)
     assert " after 2 or 5 epochs" in verdict._grid_words(frame)
-    assert "after 2, 5 epochs" in report._epochs_sentence(frame)
+    assert "after 2 or 5 epochs" in report._epochs_sentence(frame)
+
+
+def _widths_frame(folder, diffs: dict[int, list[float]]):
+    """ta_chain and progressive_kd32 trained apart at each width w/w of ``diffs``, one seed per
+    difference: ta_chain − progressive_kd32 = diffs[w][seed]."""
+    for seed in range(len(next(iter(diffs.values())))):
+        teacher = RunConfig(model="resnet8", method="teacher", seed=seed, epochs=2)
+        _save(folder, teacher, 50.0)
+        for bits, gains in diffs.items():
+            for method, top1 in (("ta_chain", 40.0 + gains[seed]), ("progressive_kd32", 40.0)):
+                _save(folder, RunConfig(model="resnet8", method=method, w_bits=bits, a_bits=bits,
+                                        seed=seed, init_id=teacher.run_id(),
+                                        teacher_id=teacher.run_id()), top1)
+    return load_results(folder)
+
+
+def test_unresolved_widths_read_widest_first_with_the_median_half_width(tmp_path):
+    """The sentence's '±' is the median half-width of the unresolved intervals (one wide width
+    must not inflate it, as a mean would), and widths are named widest first, as the tables."""
+    # differences -d, 0, +d: mean 0, sd d, so each interval is 0 ± t(0.975, 2) d / sqrt(3)
+    frame = _widths_frame(tmp_path, {8: [-1.0, 0.0, 1.0], 4: [-2.0, 0.0, 2.0],
+                                     2: [-6.0, 0.0, 6.0]})
+    t = stats.t.ppf(0.975, 2)  # 4.3027
+    halves = [t * d / 3 ** 0.5 for d in (1.0, 2.0, 6.0)]  # 2.48, 4.97, 14.91: median 4.97
+    assert contrast_verdicts(frame)["bits"].tolist() == ["8", "4", "2"]
+    text = render_answer(frame)
+    assert f"unresolved at 8 bit, 4 bit and 2 bit (median interval ±{halves[1]:.2f} points" in text
+    assert "±4.97 points" in text  # the hand value: 4.3027 × 2 / 1.7321
+
+
+def test_the_resolved_count_takes_both_sides_and_holm_counts_only_the_calls_that_stand(tmp_path):
+    """'k of m intervals exclude 0' counts a width won by either side; Holm's sentence says how
+    many of the m calls stand, which can be fewer than m."""
+    frame = _widths_frame(tmp_path, {8: [4.9, 5.0, 5.1],       # t = 86.6: p ~ 1e-4
+                                     4: [-2.0, -3.0, -4.0],    # t = 5.20: p ~ 0.035
+                                     2: [-1.0, 0.0, 1.0]})     # mean 0: unresolved
+    p4 = stats.ttest_1samp([-2.0, -3.0, -4.0], 0.0).pvalue
+    assert 0.05 / 2 < p4 < 0.05  # resolved alone, but over Holm's second threshold
+    assert contrast_verdicts(frame)["verdict"].tolist() == ["method", "baseline", "unresolved"]
+    text = render_answer(frame)
+    assert "2 of 3 intervals exclude 0." in text
+    assert ("Holding all 3 to a 5% chance of any false call (Holm's correction of the same paired "
+            "t-tests), 1 stand: `ta_chain − progressive_kd32` at 8 bit.") in text
+
+
+def test_a_grids_words_give_its_teachers_mean_and_how_many_seeds(tmp_path):
+    """Beside another grid, a grid is named by its seed count (not its largest seed number) and
+    its teachers' mean top-1 (not their median)."""
+    frame = _chains(tmp_path, {2: [1.0, 1.2, 0.8]}, seeds=(0, 1, 2))
+    teachers = frame["method"] == "teacher"
+    frame.loc[teachers & (frame["seed"] == 2), "test_top1"] = 59.0  # 50, 50, 59: mean 53
+    words = render_agreement(frame, frame)
+    assert "resnet8 (preset `" in words and ", 3 seed(s), " in words
+    assert ", teacher 53.00% after 2 epochs" in words and "50.00%" not in words
