@@ -169,7 +169,8 @@ def test_corrupted_checkpoint_is_named_and_kept(real_data_root, results):
     from kdlib.presets import build_config
     from kdlib.results import checkpoint_path
 
-    cfg = build_config("smoke", "resnet8", overrides={**TINY, "method": "individual"})
+    cfg = build_config("smoke", "resnet8", teacher=True,  # individual: the teacher's schedule
+                       overrides={**TINY, "method": "individual"})
     ckpt = checkpoint_path(results, cfg.run_id())
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"PK\x03\x04 not really a checkpoint")
