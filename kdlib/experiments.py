@@ -164,12 +164,10 @@ def plan_students(preset: str, model: str | None, seed: int, methods: Sequence[s
     plan = [teacher]
     for method in methods:
         for k, w in enumerate(widths, 1):
-            if method == "individual":
-                plan.append(_student(preset, model, seed, method, w, overrides,
-                                     teacher_id=None, init_id=None))
-                continue
-            cfg = _student(preset, model, seed, method, w, overrides, init_id=teacher.run_id(),
-                           teacher_id=None if method == "finetune" else teacher.run_id())
+            alone = method == "individual"  # random weights, cross-entropy
+            cfg = _student(preset, model, seed, method, w, overrides,
+                           init_id=None if alone else teacher.run_id(),
+                           teacher_id=None if alone or method == "finetune" else teacher.run_id())
             if method == "direct_kd_matched":
                 cfg = validate(cfg.replace(epochs=k * cfg.epochs))
             plan.append(cfg)

@@ -114,13 +114,17 @@ def _values(rows: pd.DataFrame) -> str:
                      for r in rows.itertuples())
 
 
+def _signs(rows: pd.DataFrame) -> str:
+    """Each one-seed width's difference, '4: +0.50, 2: -1.00'."""
+    return ", ".join(f"{r.bits}: {r.mean:+.2f}" for r in rows.itertuples())
+
+
 def _sentence(method: str, baseline: str, meaning: str, rows: pd.DataFrame) -> str:
     won, lost = SIDES.get((method, baseline), (f"`{method}`", f"`{baseline}`"))
     budget = meaning[meaning.find("(") + 1:meaning.rfind(")")] if "(" in meaning else meaning
     head = f"- **{won[0].upper() + won[1:]} vs {lost}** (`{method} − {baseline}`, {budget})"
     if (rows["verdict"] == "one seed").all():
-        signs = ", ".join(f"{r.bits}: {r.mean:+.2f}" for r in rows.itertuples())
-        return f"{head}: one seed, no interval yet ({signs} points)."
+        return f"{head}: one seed, no interval yet ({_signs(rows)} points)."
     parts = []
     for side, name in (("method", won), ("baseline", lost)):
         part = rows[rows["verdict"] == side]
@@ -133,8 +137,7 @@ def _sentence(method: str, baseline: str, meaning: str, rows: pd.DataFrame) -> s
                      f"effect smaller than that could not be seen; {_values(open_)})")
     single = rows[rows["verdict"] == "one seed"]  # counted in the seeds above: named too
     if not single.empty:
-        signs = ", ".join(f"{r.bits}: {r.mean:+.2f}" for r in single.itertuples())
-        parts.append(f"one seed, no interval yet, at {_widths(single)} ({signs} points)")
+        parts.append(f"one seed, no interval yet, at {_widths(single)} ({_signs(single)} points)")
     return f"{head}, {seeds_label(rows['n'])} seeds: " + "; ".join(parts) + "."
 
 
