@@ -11,6 +11,7 @@ Teacher logits are always detached: no gradient ever reaches the teacher through
 * :func:`kd_loss_terms`  -- the same total and its two terms apart (for the training curves)
 * :func:`apprentice_losses` -- Mishra & Marr (2018) joint training: the teacher learns from its
   own CE, the student from ``kd_loss`` against the (detached) teacher logits
+* :func:`apprentice_loss_terms` -- the same two losses and the student's two terms apart
 """
 from __future__ import annotations
 
@@ -79,9 +80,20 @@ def apprentice_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     ``student_loss = kd_loss(student, teacher.detach(), ...)``; ``teacher_loss = CE(teacher)``.
     Their sum can be back-propagated once: the teacher's gradient comes from its CE alone.
     """
-    student = kd_loss(student_logits, teacher_logits, labels, temperature, alpha, label_smoothing)
+    return apprentice_loss_terms(student_logits, teacher_logits, labels, temperature, alpha,
+                                 label_smoothing)[:2]
+
+
+def apprentice_loss_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                          temperature: float, alpha: float, label_smoothing: float = 0.0
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(student_loss, teacher_loss, student CE, KD term)``: :func:`apprentice_losses` with the
+    student's two terms apart (:func:`kd_loss_terms`, the same total)."""
+    student, ce, kd = kd_loss_terms(student_logits, teacher_logits, labels, temperature, alpha,
+                                    label_smoothing)
     teacher = ce_loss(teacher_logits, labels, label_smoothing)
-    return student, teacher
+    return student, teacher, ce, kd
 
 
-__all__ = ["ce_loss", "kd_term", "kd_loss", "kd_loss_terms", "apprentice_losses"]
+__all__ = ["ce_loss", "kd_term", "kd_loss", "kd_loss_terms", "apprentice_losses",
+           "apprentice_loss_terms"]

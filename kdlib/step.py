@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from kdlib.config import KD_METHODS, RunConfig, validate
 from kdlib.device import pick_device
-from kdlib.losses import ce_loss, kd_loss_terms
+from kdlib.losses import apprentice_loss_terms, ce_loss, kd_loss_terms
 from kdlib.quant import (freeze_quantized_weights, set_precision, set_weight_grouping,
                          unfreeze_quantized_weights)
 
@@ -147,14 +147,14 @@ def batch_loss(trainer: Trainer, x: Tensor, y: Tensor
     if t_logits is None:
         loss = ce_loss(logits, y, cfg.label_smoothing)
         return loss, loss, logits, None
-    # kd_loss (hinton) or the student's half of apprentice_losses, with its terms apart
-    loss, ce, kd = kd_loss_terms(logits, t_logits, y, cfg.kd_temperature, cfg.kd_alpha,
-                                 cfg.label_smoothing)
-    terms = (ce.detach(), kd.detach())
     if trainer.mode == "hinton":
-        return loss, loss, logits, terms
-    t_loss = ce_loss(t_logits, y, cfg.label_smoothing)  # the teacher learns from its own CE
-    return loss, loss + t_loss, logits, terms
+        loss, ce, kd = kd_loss_terms(logits, t_logits, y, cfg.kd_temperature, cfg.kd_alpha,
+                                     cfg.label_smoothing)
+        return loss, loss, logits, (ce.detach(), kd.detach())
+    # the teacher learns from its own CE, the student from kd_loss against its detached logits
+    loss, t_loss, ce, kd = apprentice_loss_terms(logits, t_logits, y, cfg.kd_temperature,
+                                                 cfg.kd_alpha, cfg.label_smoothing)
+    return loss, loss + t_loss, logits, (ce.detach(), kd.detach())
 
 
 def set_lr(trainer: Trainer, lr: float) -> None:

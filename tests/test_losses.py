@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlib.losses import apprentice_losses, ce_loss, kd_loss, kd_term
+from kdlib.losses import (apprentice_loss_terms, apprentice_losses, ce_loss, kd_loss,
+                          kd_loss_terms, kd_term)
 
 
 def _np_softmax(z):
@@ -157,6 +158,19 @@ def test_apprentice_losses_smooth_both_the_students_and_the_teachers_labels(logi
     assert teacher_loss.item() == pytest.approx(_np_ce(t.double().numpy(), y.numpy(), 0.1))
     assert student_loss.item() == pytest.approx(kd_loss(s, t, y, 4.0, alpha, 0.1).item())
     assert teacher_loss.item() != pytest.approx(_np_ce(t.double().numpy(), y.numpy()))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_apprentice_loss_terms_are_the_two_losses_and_the_students_terms(logits, alpha):
+    """The terms the apprentice step reports: the two losses bit for bit apprentice_losses', the
+    student's CE and KD term kd_loss_terms' (the KD term even at alpha = 0)."""
+    s, t, y = logits
+    student, teacher, ce, kd = apprentice_loss_terms(s, t, y, 4.0, alpha, 0.1)
+    assert torch.equal(torch.stack([student, teacher]),
+                       torch.stack(apprentice_losses(s, t, y, 4.0, alpha, 0.1)))
+    _, want_ce, want_kd = kd_loss_terms(s, t, y, 4.0, alpha, 0.1)
+    assert torch.equal(ce, want_ce) and torch.equal(kd, want_kd)
+    assert torch.equal(ce, ce_loss(s, y, 0.1)) and torch.equal(kd, kd_term(s, t, 4.0))
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.9])

@@ -460,9 +460,9 @@ def test_a_kd_step_distils_each_image_towards_the_teachers_logits_of_that_image(
 
 
 def test_an_apprentice_step_computes_apprentice_losses_of_both_models_logits():
-    """kdlib.losses.apprentice_losses is the apprentice scheme's definition; the step computes
-    it from its terms apart (to report them): the student's loss and the sum it back-propagates
-    are that function's, labels smoothed for both models."""
+    """kdlib.losses.apprentice_losses is the apprentice scheme's definition: the student's loss
+    and the sum the step back-propagates are that function's, labels smoothed for both
+    models."""
     from kdlib.losses import apprentice_losses
     from kdlib.step import batch_loss
 
