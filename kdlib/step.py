@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kdlib.compile_check import require_exact_levels
 from kdlib.config import KD_METHODS, RunConfig, validate
 from kdlib.device import pick_device
 from kdlib.losses import apprentice_loss_terms, ce_loss, kd_loss_terms
@@ -77,12 +78,17 @@ def make_optimizer(module: nn.Module, cfg: RunConfig) -> torch.optim.SGD:
 def make_trainer(model: nn.Module, cfg: RunConfig, *, teacher: nn.Module | None = None,
                  device: str | torch.device | None = None) -> Trainer:
     """Validate ``cfg``, move the models to the device and memory format, build optimizers
-    (and, for ``cuda_graphs`` on CUDA, the step's :class:`GraphedStep`)."""
+    (and, for ``cuda_graphs`` on CUDA, the step's :class:`GraphedStep`). A compiled run
+    (``compile``) first checks that its quantizers' compiled levels are exact on the device
+    (:func:`kdlib.compile_check.require_exact_levels`)."""
     validate(cfg)
     mode = kd_mode(cfg, teacher)
     device = pick_device(device)
+    nets = (model, teacher) if teacher is not None else (model,)
+    if cfg.compile:  # never a compiled run whose low-bit levels are not exact on this device
+        require_exact_levels(nets, device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    for net in (model, teacher) if teacher is not None else (model,):
+    for net in nets:
         set_precision(net.to(device=device, memory_format=fmt), cfg.precision)
         set_weight_grouping(net, cfg.group_weights)  # a quantized assistant teaches too
     compile_ = torch.compile if cfg.compile else (lambda m: m)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kdlib.bench import render
-from kdlib.bench.compiled import check_levels, measure_compiled
+from kdlib.bench.compiled import measure_compiled
+from kdlib.compile_check import check_levels
 
 
 @pytest.mark.slow
@@ -217,6 +218,33 @@ def test_a_long_grid_does_not_start_before_its_compile_switch_is_decided(fake_da
              repo_root=tmp_path / "repo", model="resnet8", bench="never",
              stash=tmp_path / "stash", data_root=fake_data_root, log=logged.append)
     assert not started and any("grid: not started: torch.compile pays" in m for m in logged)
+
+
+@pytest.mark.parametrize("compiled, why", [
+    ({"division": "float64", "levels": {"exact": False, "by_bits": {}}}, "found them not exact"),
+    ({"division": "float64", "levels": {"error": "RuntimeError: no C++ compiler"}},
+     "could not check them (RuntimeError: no C++ compiler)"),
+    ({"division": "float64", "error": "RuntimeError: boom"}, "could not check them (RuntimeError"),
+    ({"division": "float64", "levels": {"exact": True, "by_bits": {}}}, None),
+    ({"division": "float32", "levels": {"exact": False}}, None),  # old code: each run checks
+    (None, None),  # not measured here: each run checks for itself
+])
+def test_a_compiling_grid_does_not_start_where_the_benchmark_found_its_levels_not_exact(
+        monkeypatch, tmp_path, compiled, why):
+    from kdlib import lease, presets
+
+    real = presets.build_config
+    monkeypatch.setattr(presets, "build_config",
+                        lambda *a, **k: real(*a, **k).replace(compile=True))
+    bench = _bench_with(compiled, {1: 3834.0}) if compiled else {"variants": {}}
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text("{}")  # records already: still refused
+    reason = lease.compile_undecided(bench, "paper", None, tmp_path)
+    if why is None:
+        assert reason is None
+    else:
+        assert reason.startswith("`paper` compiles, but this device's benchmark " + why)
+        assert "train only where the compiled quantizer levels are exact" in reason
 
 
 def test_a_short_grid_s_first_benchmark_leaves_torch_compile_out():

@@ -1,43 +1,28 @@
 """Whether torch.compile may train a preset's runs on this device: exact levels, and the speed.
 
 A compiled run is only worth its compile time when its runs are long (the `paper` preset's 200
-epochs), and only allowed if the quantizers' low-bit arithmetic stays exact. Triton's ``/`` on
-float32 is an approximate division (``div.full.f32``, up to 2 ulp; triton-lang/triton#10661),
-and Inductor lowers float32 true division to ``div_rn`` only since pytorch/pytorch#164144 (late
-2025); an approximate division would make some grid values one ulp off
-k/n, as CUDA's eager division by a Python number did (see :func:`kdlib.quant.ste._div_levels_`).
-So this checks, on the device, the compiled DoReFa quantizers (training mode: inputs that need
-gradients) at each bit width:
-
-* activations: every level is float32(k / n) bit for bit (inputs that round to each k);
-* weights: every value rebuilds from integer levels with the packed export's arithmetic
-  (:func:`kdlib.export.codes.dequantize`), as the eager weights must.
-
-Where compiled and eager pick different levels (a value within float error of a rounding
-midpoint after tanh, whose compiled and eager kernels may differ by an ulp), that is counted,
-not failed: both are exact levels. And it times compiled KD processes side by side (as many
-as the eager ones found worth it, and 8), to set against the eager throughput, and one process of
-the step replayed as CUDA graphs (``kd_w4_cudagraphs``: the same compiled kernels, launched a
-graph at a time), to see how much of a host-bound step the launches are. (The eager step
-replayed as a CUDA graph, eager's arithmetic, is :mod:`kdlib.bench.graphs`'s.)
+epochs), and only allowed if the quantizers' low-bit arithmetic stays exact
+(:func:`kdlib.compile_check.check_levels`, which every compiled run also passes before it
+trains). This part of a GPU benchmark records that check, and times compiled KD processes side
+by side (as many as the eager ones found worth it, and 8), to set against the eager throughput,
+and one process of the step replayed as CUDA graphs (``kd_w4_cudagraphs``: the same compiled
+kernels, launched a graph at a time), to see how much of a host-bound step the launches are.
+(The eager step replayed as a CUDA graph, eager's arithmetic, is :mod:`kdlib.bench.graphs`'s.)
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 
-from kdlib.quant import dorefa_activation, dorefa_weight
+from kdlib.compile_check import check_levels, compile_for_check
 from kdlib.quant.ste import COMPILED_DIVISION
 
-CHECK_BITS = (2, 4, 8, 16)  # 1 bit divides by 1 (activations) or takes a sign (weights)
 # compiled processes not done compiling and timing by then count as failed: too slow to pay
 # again at every lease (one process compiled in 41 s on the H200: kd_w4_compile's warmup_s in
 # results/bench/NVIDIA_H200.json)
 SIDE_BY_SIDE_TIMEOUT_S = 180.0
 CUDAGRAPHS_TIMEOUT_S = 150.0  # one process: compile, record the graphs, time
-WEIGHTS = 4096  # random weights a bit width is checked on
 # a grid whose runs train this many epochs or more may compile (paper's 200): shorter runs
 # (gpu's 2 to 15) would pay the compile again for each run, for seconds of training
 LONG_RUN_EPOCHS = 50
@@ -50,45 +35,10 @@ def compile_may_pay(preset: str, model: str | None = None) -> bool:
     return build_config(preset, model).epochs >= LONG_RUN_EPOCHS
 
 
-def _compile(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=False)
-
-
-def check_levels(device: str | torch.device, bits: Sequence[int] = CHECK_BITS,
-                 compile_fn: Callable[[Callable], Callable] = _compile) -> dict[str, Any]:
-    """``{"exact": bool, "by_bits": {k: {"activation_exact", "weight_exact",
-    "weight_levels_unlike_eager"}}}`` for the compiled quantizers on ``device``."""
-    from kdlib.export.codes import dequantize, levels_of
-
-    device = torch.device(device)
-    by_bits: dict[str, dict[str, Any]] = {}
-    for b in bits:
-        n = (1 << b) - 1
-        k = torch.arange(n + 1, dtype=torch.float64)
-        expected = (k / n).float()
-        x = ((k + 0.2) / n).clamp(max=1.0).float().to(device).requires_grad_()
-        gen = torch.Generator().manual_seed(b)
-        w = (torch.randn(WEIGHTS, generator=gen) * 0.1).to(device).requires_grad_()
-
-        def quantize(x, w, b=b):
-            return dorefa_activation(x, b), dorefa_weight(w, b)
-
-        activation, weight = (t.detach().cpu() for t in compile_fn(quantize)(x, w))
-        eager = dorefa_weight(w, b).detach().cpu()
-        levels = levels_of("dorefa", b, weight, None)
-        by_bits[str(b)] = {
-            "activation_exact": bool(torch.equal(activation, expected)),
-            "weight_exact": bool(levels.min() >= 0 and levels.max() <= n and torch.equal(
-                dequantize("dorefa", b, levels.float(), None), weight)),
-            "weight_levels_unlike_eager": int((weight != eager).sum()),
-        }
-    exact = all(e["activation_exact"] and e["weight_exact"] for e in by_bits.values())
-    return {"exact": exact, "by_bits": by_bits}
-
-
 def measure_compiled(ctx, jobs: Sequence[int], *, seconds: float, preset: str, model: str,
                      log: Callable[[str], None],
-                     compile_fn: Callable[[Callable], Callable] = _compile) -> dict[str, Any]:
+                     compile_fn: Callable[[Callable], Callable] = compile_for_check
+                     ) -> dict[str, Any]:
     """The ``compiled`` part of a GPU benchmark: :func:`check_levels`, compiled KD processes
     side by side at each count of ``jobs``, one process replayed as CUDA graphs
     (``{"error": ...}`` for a part that raised)."""

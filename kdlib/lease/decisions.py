@@ -61,12 +61,28 @@ def compile_undecided(bench: dict[str, Any] | None, preset: str, model: str | No
     """Why a lease must not train ``preset`` yet, or None. ``compile`` is in the run id, so a
     grid of long runs (:func:`kdlib.bench.compiled.compile_may_pay`) whose benchmark says
     compiling pays, while the preset does not compile, would train runs that the switch then
-    orphans: that is decided first, by hand, before its first run (later, its records stand)."""
+    orphans: that is decided first, by hand, before its first run (later, its records stand).
+    And a preset that compiles does not train where the benchmark found the compiled levels
+    not exact (each run would refuse: :func:`kdlib.compile_check.require_exact_levels`)."""
     from kdlib.bench.compiled import compile_may_pay, compile_verdict
     from kdlib.budget import LEASE_TRAINING_MINUTES
     from kdlib.presets import build_config
+    from kdlib.quant.ste import COMPILED_DIVISION
 
-    if bench is None or not compile_may_pay(preset, model) or build_config(preset, model).compile:
+    if bench is None:
+        return None
+    if build_config(preset, model).compile:
+        compiled = bench.get("compiled") or {}
+        if compiled.get("division") != COMPILED_DIVISION:
+            return None  # not measured with today's code: each run checks for itself
+        levels = compiled.get("levels") or {}
+        if levels.get("exact"):
+            return None
+        failed = compiled.get("error") or levels.get("error")
+        found = f"could not check them ({failed})" if failed else "found them not exact"
+        return (f"`{preset}` compiles, but this device's benchmark {found}: its runs train only "
+                "where the compiled quantizer levels are exact (compile=False is another run id)")
+    if not compile_may_pay(preset, model):
         return None
     if any((results_dir / "runs").glob("*.json")):
         return None

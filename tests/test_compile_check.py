@@ -1,0 +1,85 @@
+"""The guard every compiled run passes before it trains: its quantizers' compiled levels must be
+exact on its device (kdlib.compile_check). The compiler is replaced here by the function itself
+or by one whose output is an ulp off (the real check compiles for seconds a width: the slow test
+in test_bench_compiled.py)."""
+import pytest
+import torch
+
+import kdlib.compile_check as compile_check
+from kdlib.compile_check import require_exact_levels, widths_to_check
+from kdlib.models import create_model
+from kdlib.presets import build_config
+
+
+def one_ulp_up(fn):
+    def run(x, w):
+        return tuple(torch.nextafter(t, torch.full_like(t, 2.0)) for t in fn(x, w))
+    return run
+
+
+@pytest.fixture
+def compiler(monkeypatch):
+    """The compiler the check uses (identity: exact), its calls, and a fresh cache."""
+    calls = []
+    state = {"compile": lambda fn: fn}
+
+    def compile_for_check(fn):
+        calls.append(fn)
+        return state["compile"](fn)
+
+    monkeypatch.setattr(compile_check, "_checked", {})
+    monkeypatch.setattr(compile_check, "compile_for_check", compile_for_check)
+    state["calls"] = calls
+    return state
+
+
+def _model(w_bits, a_bits=None, quantizer="dorefa"):
+    return create_model("resnet20", w_bits=w_bits, a_bits=w_bits if a_bits is None else a_bits,
+                       quantizer=quantizer)
+
+
+def test_the_widths_checked_are_those_of_every_quantized_layer_of_student_and_teacher():
+    assert widths_to_check([_model(4), _model(32)]) == [4]
+    assert widths_to_check([_model(2), _model(8, 4)]) == [2, 4, 8]
+    assert widths_to_check([_model(1), _model(32)]) == []  # a sign and a division by 1
+    with pytest.raises(ValueError, match="quantizer='lsq'.*set compile=False"):
+        widths_to_check([_model(4, quantizer="lsq")])
+
+
+def test_an_inexact_compiled_level_refuses_the_run_naming_the_fix(compiler):
+    compiler["compile"] = one_ulp_up
+    with pytest.raises(RuntimeError, match="4-bit quantizer levels exact on cpu.*compile=False"):
+        require_exact_levels([_model(4)], "cpu")
+
+
+def test_each_width_is_checked_once_a_process_and_device(compiler):
+    require_exact_levels([_model(4), _model(32)], "cpu")
+    require_exact_levels([_model(2), _model(4)], "cpu")
+    assert len(compiler["calls"]) == 2  # 4 bits, then 2 bits
+    compiler["compile"] = one_ulp_up  # a width found exact stays exact; a new one is checked
+    require_exact_levels([_model(4)], "cpu")
+    with pytest.raises(RuntimeError, match="8-bit"):
+        require_exact_levels([_model(8)], "cpu")
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_compiled_trainer_is_built_only_where_the_levels_are_exact(compiler, monkeypatch, exact):
+    from kdlib.step import make_trainer
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **_: compiled.append(module) or module)
+    if not exact:
+        compiler["compile"] = one_ulp_up
+    cfg = build_config("smoke").replace(method="individual", w_bits=4, a_bits=4, compile=True)
+    model = create_model("resnet20", w_bits=4, a_bits=4)
+    if exact:
+        trainer = make_trainer(model, cfg, device="cpu")
+        assert compiled == [model] and trainer.forward is model
+    else:
+        with pytest.raises(RuntimeError, match="compile=False"):
+            make_trainer(model, cfg, device="cpu")
+        assert compiled == []
+    uncompiled = make_trainer(create_model("resnet20", w_bits=4, a_bits=4),
+                              cfg.replace(compile=False), device="cpu")
+    assert uncompiled.forward is uncompiled.model  # no check, no compile
+    assert len(compiler["calls"]) == 1
