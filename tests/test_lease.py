@@ -63,6 +63,29 @@ def test_a_lease_with_nothing_to_train_is_refused_before_anything_is_packed(tmp_
         lease.check_something_to_train(plan, results, "paper")
 
 
+@pytest.mark.parametrize("step", ["prepare", "go"])
+def test_the_steps_that_plan_a_grid_name_its_preset(step, capsys):
+    """No default grid: gpu's is complete, and a default that pointed at it packed nothing."""
+    from kdlib import cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["lease", step, "--minutes", "9"])
+    assert exit.value.code == 2
+    assert "the following arguments are required: --preset" in capsys.readouterr().err
+
+
+def test_store_takes_no_preset_it_would_not_use(tmp_path, capsys, monkeypatch):
+    from kdlib import cli
+
+    stored = []
+    monkeypatch.setattr(lease, "store", lambda paths, call: stored.append((paths, call)))
+    assert cli.main(["lease", "store", str(tmp_path / "part-1"), "--call", "1"]) == 0
+    assert stored == [([tmp_path / "part-1"], 1)]
+    with pytest.raises(SystemExit):
+        cli.main(["lease", "store", str(tmp_path / "part-1"), "--preset", "gpu"])
+    assert "unrecognized arguments: --preset gpu" in capsys.readouterr().err
+
+
 def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path):
     """The pixels travel as residuals (kdlib.lease.pixels): the device decodes them back."""
     from kdlib.lease.pixels import PIXEL_CODING

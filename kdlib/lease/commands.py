@@ -54,7 +54,8 @@ def add_lease_parser(subparsers) -> None:
     for name, text in (("prepare", "here: pack data and weights into .lease/, print the calls"),
                        ("go", "there: data, benchmark, budgeted grid, files into --out")):
         step = steps.add_parser(name, help=text)
-        step.add_argument("--preset", default="gpu")
+        step.add_argument("--preset", required=True,
+                          help="the grid to fill (gpu's is complete: paper)")
         step.add_argument("--model", default=None, help="default: the preset's model")
         step.add_argument("--seeds", nargs="+", type=int, default=None)
         step.add_argument("--chain", nargs="+", default=None)
@@ -89,8 +90,6 @@ def add_lease_parser(subparsers) -> None:
     store.add_argument("--call", type=int, default=None,
                        help="this call's number: also check that the stash holds what the "
                             "calls before it stored (.lease/stash.json)")
-    store.add_argument("--preset", default="gpu")
-    store.add_argument("--results-dir", default=None)
     restore = steps.add_parser("restore", help="here, for a lease that never ran: git's index "
                                                "as before `prepare`")
     restore.add_argument("--preset", default=None,
@@ -112,6 +111,13 @@ def add_lease_parser(subparsers) -> None:
 
 def command_lease(args: argparse.Namespace) -> int:
     """The steps of a lent GPU (see kdlib.lease): prepare and receive here, store and go there."""
+    if args.step == "store":  # the first thing a device call runs: no preset, no results
+        try:
+            lease.store([Path(p) for p in args.paths], call=args.call)
+        except lease.StashIncomplete as exc:
+            print(f"lease store: {exc}", file=sys.stderr)
+            return lease.STASH_INCOMPLETE_EXIT
+        return 0
     if args.step == "receive":  # the preset of the returns, not a default that may be another
         try:
             args.preset = lease.returned_preset([Path(f) for f in args.folders], args.preset)
@@ -155,12 +161,6 @@ def command_lease(args: argparse.Namespace) -> int:
         _note_put_back(lease.unhide_after_lease(REPO_ROOT, also=checkpoints))
         print(f"{', '.join(os.path.relpath(c, REPO_ROOT) for c in checkpoints) or 'checkpoints'}"
               ": in git's index as committed")
-    elif args.step == "store":
-        try:
-            lease.store([Path(p) for p in args.paths], call=args.call)
-        except lease.StashIncomplete as exc:
-            print(f"lease store: {exc}", file=sys.stderr)
-            return lease.STASH_INCOMPLETE_EXIT
     elif args.step == "pack":
         lease.pack(results_dir, Path(args.out), Path.cwd() / "results" / "bench",
                    preset=args.preset)
