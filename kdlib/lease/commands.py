@@ -112,12 +112,7 @@ def add_lease_parser(subparsers) -> None:
 def command_lease(args: argparse.Namespace) -> int:
     """The steps of a lent GPU (see kdlib.lease): prepare and receive here, store and go there."""
     if args.step == "store":  # the first thing a device call runs: no preset, no results
-        try:
-            lease.store([Path(p) for p in args.paths], call=args.call)
-        except lease.StashIncomplete as exc:
-            print(f"lease store: {exc}", file=sys.stderr)
-            return lease.STASH_INCOMPLETE_EXIT
-        return 0
+        return _store(args)
     if args.step == "receive":  # the preset of the returns, not a default that may be another
         try:
             args.preset = lease.returned_preset([Path(f) for f in args.folders], args.preset)
@@ -126,97 +121,121 @@ def command_lease(args: argparse.Namespace) -> int:
             return 2
     results_dir = (Path(args.results_dir or default_results_dir(args.preset)).resolve()
                    if args.results_dir or args.preset else None)  # None: restore, every folder
-    if args.step == "prepare":
-        from kdlib.data import resolve_data_root
+    steps = {"prepare": _prepare, "restore": _restore, "pack": _pack, "go": _go,
+             "receive": _receive}
+    return steps[args.step](args, results_dir)
 
-        grid = _lease_grid(args)
-        plan = _plan(args, **grid)
-        calls = lease.prepare(plan, data_root=resolve_data_root(args.data_dir),
-                              results_dir=results_dir, repo_root=REPO_ROOT, minutes=args.minutes,
-                              jobs=args.jobs, preset=args.preset, model=_model(args), grid=grid,
-                              bench_args=args.bench_args, part_mib=args.part_mib)
-        print(f"{len(calls)} device calls, one right after the other (the machine goes back "
-              f"30 s after a call); written to {lease.LEASE_DIR}/{lease.CALLS_FILE}:")
-        for i, call in enumerate(calls, 1):
-            print(f"{i}. carry={json.dumps(call['carry'])} timeout_s={call['timeout_s']}\n"
-                  f"   {call['command']}")
-        again = json.loads((REPO_ROOT / lease.LEASE_DIR / lease.AGAIN_FILE).read_text())
-        print(f"{len(calls) + 1}. (if the last reply's lease has warm true and budget_left_s >= "
-              f"{lease.AGAIN_MIN_S}: at once, the same grid for the time left on that machine; "
-              f"in the same batch, first copy call {len(calls)}'s files_at: cp -r FILES_AT "
-              f"{lease.LEASE_DIR}/back-{len(calls)}, as the tool may reuse the folder) "
-              f"carry=[] timeout_s={again['timeout_s']}, {lease.AGAIN_LEFT} replaced by "
-              f"budget_left_s (also in {lease.LEASE_DIR}/{lease.AGAIN_FILE}):\n"
-              f"   {again['command']}")
-        full = _plan(args)
-        _note_unneeded_weights(full, results_dir, then=" (then prepare again: more room a call)")
-        print(f"A call that exits {lease.STASH_INCOMPLETE_EXIT} found a fresh machine (the earlier "
-              "calls' files are gone): it names the calls to make again.")
-        print(f"then: python -m kdlib lease receive {lease.LEASE_DIR}/back-{len(calls)} "
-              f"[FOLDER_OF_CALL_{len(calls) + 1}] --preset {args.preset}")
-    elif args.step == "restore":
-        checkpoints = ([results_dir / "checkpoints"] if results_dir is not None
-                       else sorted(p for p in (REPO_ROOT / "results").glob("*/checkpoints")
-                                   if p.is_dir()))  # on disk all along, if out of the index
-        _note_put_back(lease.unhide_after_lease(REPO_ROOT, also=checkpoints))
-        print(f"{', '.join(os.path.relpath(c, REPO_ROOT) for c in checkpoints) or 'checkpoints'}"
-              ": in git's index as committed")
-    elif args.step == "pack":
-        lease.pack(results_dir, Path(args.out), Path.cwd() / "results" / "bench",
-                   preset=args.preset)
-    elif args.step == "go":
-        log_path = results_dir / "logs" / f"lease-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
 
-        def log(message: str) -> None:  # the lease's own lines also come back as a file
-            print(message, flush=True)
-            with open(log_path, "a") as f:
-                f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+def _store(args: argparse.Namespace) -> int:
+    try:
+        lease.store([Path(p) for p in args.paths], call=args.call)
+    except lease.StashIncomplete as exc:
+        print(f"lease store: {exc}", file=sys.stderr)
+        return lease.STASH_INCOMPLETE_EXIT
+    return 0
 
-        minutes = args.minutes if args.seconds is None else args.seconds / 60.0
-        try:
-            lease.go(preset=args.preset, model=_model(args), minutes=minutes, jobs=args.jobs,
-                     results_dir=results_dir, repo_root=Path.cwd(), log=log,
-                     bench=args.bench, device=args.device, bench_args=args.bench_args,
-                     grid=_lease_grid(args))
-        except lease.StashIncomplete as exc:  # the follow-up then skips its pack
-            log(f"lease go: {exc}")
-            return lease.STASH_INCOMPLETE_EXIT
-    else:
-        bench_dir = Path(args.bench_dir) if args.bench_dir else REPO_ROOT / "results" / "bench"
-        finished = 0
-        try:
-            lease.check_returns([Path(f) for f in args.folders], partial=args.partial)
-        except ValueError as exc:
-            print(f"lease receive: {exc}", file=sys.stderr)
-            return 2
-        benches = set()
-        for folder in args.folders:  # in order: a later call's files replace an earlier one's
-            benches |= {bench_dir / e["name"] for e in lease.read_manifest(Path(folder))["extra"]}
-            counts = lease.receive(Path(folder), results_dir, bench_dir)
-            finished += counts["finished_paused"]
-            print(f"received {counts['records']} records and {counts['bench']} benchmark file(s) "
-                  f"from {folder} into {results_dir}")
-        print("now: python -m kdlib readme")
-        _note_compile_decisions(sorted(benches))
-        if finished:
-            print(f"{finished} paused run(s) finished: their checkpoints were deleted")
-        plan = _plan(args)
-        staged = lease.stage_for_next_lease(plan, results_dir, REPO_ROOT)
-        if staged["added"]:  # checkpoints/ is ignored, and a later session is a fresh checkout
-            size = sum(p.stat().st_size for p in staged["added"]) / lease.MIB
-            print(f"staged in git: {len(staged['added'])} weight or checkpoint file(s) "
-                  f"({size:.1f} MiB) that the next lease's unfinished runs need; commit them "
-                  f"with the records: {_relative(staged['added'])}")
-        if staged["removed"]:
-            print(f"staged in git: the removal of {len(staged['removed'])} weight or checkpoint "
-                  f"file(s) no unfinished run needs any more: {_relative(staged['removed'])}")
-        paused = lease.planned_paused(plan, results_dir)
-        if paused:
-            print(f"{len(paused)} paused run(s) continue next lease from their checkpoints "
-                  "(staged above): the next `lease prepare` carries them")
-        _note_unneeded_weights(plan, results_dir)
-        _note_put_back(lease.unhide_after_lease(REPO_ROOT))
+
+def _prepare(args: argparse.Namespace, results_dir: Path) -> int:
+    from kdlib.data import resolve_data_root
+
+    grid = _lease_grid(args)
+    plan = _plan(args, **grid)
+    calls = lease.prepare(plan, data_root=resolve_data_root(args.data_dir),
+                          results_dir=results_dir, repo_root=REPO_ROOT, minutes=args.minutes,
+                          jobs=args.jobs, preset=args.preset, model=_model(args), grid=grid,
+                          bench_args=args.bench_args, part_mib=args.part_mib)
+    print(f"{len(calls)} device calls, one right after the other (the machine goes back "
+          f"30 s after a call); written to {lease.LEASE_DIR}/{lease.CALLS_FILE}:")
+    for i, call in enumerate(calls, 1):
+        print(f"{i}. carry={json.dumps(call['carry'])} timeout_s={call['timeout_s']}\n"
+              f"   {call['command']}")
+    again = json.loads((REPO_ROOT / lease.LEASE_DIR / lease.AGAIN_FILE).read_text())
+    print(f"{len(calls) + 1}. (if the last reply's lease has warm true and budget_left_s >= "
+          f"{lease.AGAIN_MIN_S}: at once, the same grid for the time left on that machine; "
+          f"in the same batch, first copy call {len(calls)}'s files_at: cp -r FILES_AT "
+          f"{lease.LEASE_DIR}/back-{len(calls)}, as the tool may reuse the folder) "
+          f"carry=[] timeout_s={again['timeout_s']}, {lease.AGAIN_LEFT} replaced by "
+          f"budget_left_s (also in {lease.LEASE_DIR}/{lease.AGAIN_FILE}):\n"
+          f"   {again['command']}")
+    full = _plan(args)
+    _note_unneeded_weights(full, results_dir, then=" (then prepare again: more room a call)")
+    print(f"A call that exits {lease.STASH_INCOMPLETE_EXIT} found a fresh machine (the earlier "
+          "calls' files are gone): it names the calls to make again.")
+    print(f"then: python -m kdlib lease receive {lease.LEASE_DIR}/back-{len(calls)} "
+          f"[FOLDER_OF_CALL_{len(calls) + 1}] --preset {args.preset}")
+    return 0
+
+
+def _restore(args: argparse.Namespace, results_dir: Path | None) -> int:
+    checkpoints = ([results_dir / "checkpoints"] if results_dir is not None
+                   else sorted(p for p in (REPO_ROOT / "results").glob("*/checkpoints")
+                               if p.is_dir()))  # on disk all along, if out of the index
+    _note_put_back(lease.unhide_after_lease(REPO_ROOT, also=checkpoints))
+    print(f"{', '.join(os.path.relpath(c, REPO_ROOT) for c in checkpoints) or 'checkpoints'}"
+          ": in git's index as committed")
+    return 0
+
+
+def _pack(args: argparse.Namespace, results_dir: Path) -> int:
+    lease.pack(results_dir, Path(args.out), Path.cwd() / "results" / "bench", preset=args.preset)
+    return 0
+
+
+def _go(args: argparse.Namespace, results_dir: Path) -> int:
+    log_path = results_dir / "logs" / f"lease-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:  # the lease's own lines also come back as a file
+        print(message, flush=True)
+        with open(log_path, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+    minutes = args.minutes if args.seconds is None else args.seconds / 60.0
+    try:
+        lease.go(preset=args.preset, model=_model(args), minutes=minutes, jobs=args.jobs,
+                 results_dir=results_dir, repo_root=Path.cwd(), log=log,
+                 bench=args.bench, device=args.device, bench_args=args.bench_args,
+                 grid=_lease_grid(args))
+    except lease.StashIncomplete as exc:  # the follow-up then skips its pack
+        log(f"lease go: {exc}")
+        return lease.STASH_INCOMPLETE_EXIT
+    return 0
+
+
+def _receive(args: argparse.Namespace, results_dir: Path) -> int:
+    bench_dir = Path(args.bench_dir) if args.bench_dir else REPO_ROOT / "results" / "bench"
+    try:
+        lease.check_returns([Path(f) for f in args.folders], partial=args.partial)
+    except ValueError as exc:
+        print(f"lease receive: {exc}", file=sys.stderr)
+        return 2
+    finished, benches = 0, set()
+    for folder in args.folders:  # in order: a later call's files replace an earlier one's
+        benches |= {bench_dir / e["name"] for e in lease.read_manifest(Path(folder))["extra"]}
+        counts = lease.receive(Path(folder), results_dir, bench_dir)
+        finished += counts["finished_paused"]
+        print(f"received {counts['records']} records and {counts['bench']} benchmark file(s) "
+              f"from {folder} into {results_dir}")
+    print("now: python -m kdlib readme")
+    _note_compile_decisions(sorted(benches))
+    if finished:
+        print(f"{finished} paused run(s) finished: their checkpoints were deleted")
+    plan = _plan(args)
+    staged = lease.stage_for_next_lease(plan, results_dir, REPO_ROOT)
+    if staged["added"]:  # checkpoints/ is ignored, and a later session is a fresh checkout
+        size = sum(p.stat().st_size for p in staged["added"]) / lease.MIB
+        print(f"staged in git: {len(staged['added'])} weight or checkpoint file(s) "
+              f"({size:.1f} MiB) that the next lease's unfinished runs need; commit them "
+              f"with the records: {_relative(staged['added'])}")
+    if staged["removed"]:
+        print(f"staged in git: the removal of {len(staged['removed'])} weight or checkpoint "
+              f"file(s) no unfinished run needs any more: {_relative(staged['removed'])}")
+    paused = lease.planned_paused(plan, results_dir)
+    if paused:
+        print(f"{len(paused)} paused run(s) continue next lease from their checkpoints "
+              "(staged above): the next `lease prepare` carries them")
+    _note_unneeded_weights(plan, results_dir)
+    _note_put_back(lease.unhide_after_lease(REPO_ROOT))
     return 0
 
 
