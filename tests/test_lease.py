@@ -86,6 +86,24 @@ def test_store_takes_no_preset_it_would_not_use(tmp_path, capsys, monkeypatch):
     assert "unrecognized arguments: --preset gpu" in capsys.readouterr().err
 
 
+def test_a_lease_longer_than_its_last_call_is_refused_before_anything_is_packed(tmp_path):
+    plan = experiments.plan_grid(preset="smoke", model="resnet8", seeds=[0], chain=[32, 4],
+                                 chain_methods=["ta_chain"], methods=["direct_kd"])
+    kwargs = dict(data_root=tmp_path / "no-data", results_dir=tmp_path / "results" / "smoke",
+                  repo_root=tmp_path, jobs=1, preset="smoke")
+    with pytest.raises(ValueError, match=r"--minutes 9.3: the last call's work would end past "
+                                         r"its 600 s timeout; at most 9.25"):
+        lease.prepare(plan, minutes=9.3, **kwargs)
+    with pytest.raises(ValueError, match="at most 8.92"):  # a longer grace leaves less
+        lease.prepare(plan, minutes=9.25, grace_s=40, **kwargs)
+    assert not (tmp_path / lease.LEASE_DIR).exists()
+    from kdlib.lease.prepare import device_commands
+
+    finish, _ = device_commands(preset="smoke", model="resnet8", jobs=1, grid=None,
+                                rel_results="results/smoke", bench_args=None, minutes=9.25)
+    assert finish.startswith("{ timeout -s INT -k 15 575 ")  # 9.25 min + 20 s: 575 + 25 = 600
+
+
 def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path):
     """The pixels travel as residuals (kdlib.lease.pixels): the device decodes them back."""
     from kdlib.lease.pixels import PIXEL_CODING

@@ -264,9 +264,12 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     ``grace_s``: how long after ``minutes`` `go` is interrupted (default :data:`GO_GRACE_S`)."""
     from kdlib.checkpoints import epochs_done
     from kdlib.presets import get_preset
-    from kdlib.results import CODE_COMMIT  # the device's copy of .git can be stale: state it
 
     check_something_to_train(plan, results_dir, preset)
+    rel_results = os.path.relpath(results_dir, repo_root)
+    finish, again = device_commands(preset=preset, model=model or get_preset(preset).model,
+                                    jobs=jobs, rel_results=rel_results, grid=grid,
+                                    bench_args=bench_args, minutes=minutes, grace_s=grace_s)
     lease = repo_root / LEASE_DIR
     unhide_after_lease(repo_root)  # an earlier prepare's, so that its folders are seen again
     paused = planned_paused(plan, results_dir)
@@ -310,54 +313,12 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
     for run_id, done in lost_paused(plan, results_dir).items():
         log(f"starts over: {run_id} (a lease paused it after epoch {done}, but its checkpoint "
             f"is not in this checkout: it was not committed)")
-    rel_results = os.path.relpath(results_dir, repo_root)
-    model = model or get_preset(preset).model
-    go = (f"env PYTHONUNBUFFERED=1 KDLIB_GIT_COMMIT={CODE_COMMIT or ''} python3 -m kdlib lease go "
-          f"--preset {preset} --model {model} --jobs {jobs} --results-dir {rel_results}")
-    for name, values in (grid or {}).items():
-        if values:
-            go += f" --{name.replace('_', '-')} " + " ".join(map(str, values))
-    if bench_args is not None:
-        go += f" --bench-args '{json.dumps(bench_args, separators=(',', ':'))}'"
-    # `go` under a hard limit (its own budget errs long, but a run can still overrun), then
-    # `pack` whatever finished, whatever became of `go`: a call killed at its timeout returns
-    # nothing, so the limit leaves `pack` and the return time before the call's 600 s
-    grace_s = GO_GRACE_S if grace_s is None else grace_s
-    hard_s = int(60 * minutes + grace_s)
-    if hard_s + PACK_S > CALL_TIMEOUT_S:
-        raise ValueError(f"--minutes {minutes:g}: the last call's work would end past its "
-                         f"{CALL_TIMEOUT_S} s timeout; at most "
-                         f"{(CALL_TIMEOUT_S - PACK_S - grace_s) / 60:.2f}")
-    pack = (f"python3 -m kdlib lease pack --preset {preset} --results-dir {rel_results} "
-            f"--out \"$OUT\"")
-    finish = (f"{{ timeout -s INT -k 15 {hard_s} {go} --minutes {minutes:g}; rc=$?; "
-              f"{pack} && exit $rc; }}")
-    # the follow-up: the same grid on the same machine (its stash keeps the data and what the
-    # last call returned, which `go` puts back first), no benchmark, for the time left
-    hard_again = f"$((S - {AGAIN_GO_MARGIN_S - int(grace_s)}))"
-    most = CALL_TIMEOUT_S - PACK_S - 10 + AGAIN_GO_MARGIN_S - int(grace_s)  # inside its timeout
-    again = (f"S={AGAIN_LEFT}; S=${{S%.*}}; case $S in ''|*[!0-9]*) echo \"put the reply's "
-             f"lease.budget_left_s for {AGAIN_LEFT}\"; exit 2;; esac; "
-             f"if [ $S -lt {AGAIN_MIN_S} ]; then echo \"$S s left: "
-             f"too little for another call\"; exit 0; fi; if [ $S -gt {most} ]; then S={most}; "
-             f"fi; {{ timeout -s INT -k 15 {hard_again} {go} "
-             f"--seconds $((S - {AGAIN_GO_MARGIN_S})) --bench never; rc=$?; "
-             f"[ $rc -eq {STASH_INCOMPLETE_EXIT} ] && exit $rc; {pack} && exit $rc; }}")
     parts = [None] * len(extra_groups) + list(manifest["parts"])
     (lease / STASH_PLAN).write_text(json.dumps(
         [{"parts": {part["name"]: part["sha256"]} if part else {},
           "weights": json.loads((group / CARRIED_MANIFEST).read_text()) if group else {}}
          for part, group in zip(parts, group_dirs)], indent=1))
-    calls = []
-    for i, (part, group) in enumerate(zip(parts, group_dirs)):
-        last = i == len(parts) - 1
-        carry = ([f"{LEASE_DIR}/{DATA_MANIFEST}", f"{LEASE_DIR}/{part['name']}"] if part else [])
-        carry += [os.path.relpath(group, repo_root)] if group else []
-        store = (f"python3 -m kdlib lease store --call {i + 1} "
-                 + " ".join(carry[1:] if part else carry))
-        carry.append(f"{LEASE_DIR}/{STASH_PLAN}")
-        calls.append({"carry": carry, "command": f"{store} && {finish}" if last else store,
-                      "timeout_s": CALL_TIMEOUT_S if last else 120})
+    calls = _calls(parts, group_dirs, repo_root, finish)
     follow_up = {"carry": [], "command": again, "timeout_s": CALL_TIMEOUT_S}
     for call in [*calls, follow_up]:
         if len(call["command"]) > COMMAND_MAX_CHARS:
@@ -394,4 +355,61 @@ def prepare(plan: Sequence, *, data_root: Path, results_dir: Path, repo_root: Pa
             + ", ".join(f"{os.path.relpath(folder, repo_root)} ({mib:.1f} MiB)"
                         for folder, mib in hidden_mib.items())
             + f"; `lease receive` puts them back ({undo})")
+    return calls
+
+
+def device_commands(*, preset: str, model: str, jobs: int | str, rel_results: str,
+                    grid: dict[str, Sequence] | None, bench_args: dict[str, Any] | None,
+                    minutes: float, grace_s: float | None = None) -> tuple[str, str]:
+    """The shell of the last call after its store (``go`` under a hard limit, then ``pack``)
+    and of the follow-up call (the same grid on the same machine for the time left)."""
+    from kdlib.results import CODE_COMMIT  # the device's copy of .git can be stale: state it
+
+    go = (f"env PYTHONUNBUFFERED=1 KDLIB_GIT_COMMIT={CODE_COMMIT or ''} python3 -m kdlib lease go "
+          f"--preset {preset} --model {model} --jobs {jobs} --results-dir {rel_results}")
+    for name, values in (grid or {}).items():
+        if values:
+            go += f" --{name.replace('_', '-')} " + " ".join(map(str, values))
+    if bench_args is not None:
+        go += f" --bench-args '{json.dumps(bench_args, separators=(',', ':'))}'"
+    # `go` under a hard limit (its own budget errs long, but a run can still overrun), then
+    # `pack` whatever finished, whatever became of `go`: a call killed at its timeout returns
+    # nothing, so the limit leaves `pack` and the return time before the call's 600 s
+    grace_s = GO_GRACE_S if grace_s is None else grace_s
+    hard_s = int(60 * minutes + grace_s)
+    if hard_s + PACK_S > CALL_TIMEOUT_S:
+        raise ValueError(f"--minutes {minutes:g}: the last call's work would end past its "
+                         f"{CALL_TIMEOUT_S} s timeout; at most "
+                         f"{(CALL_TIMEOUT_S - PACK_S - grace_s) / 60:.2f}")
+    pack = (f"python3 -m kdlib lease pack --preset {preset} --results-dir {rel_results} "
+            f"--out \"$OUT\"")
+    finish = (f"{{ timeout -s INT -k 15 {hard_s} {go} --minutes {minutes:g}; rc=$?; "
+              f"{pack} && exit $rc; }}")
+    # the follow-up: the same grid on the same machine (its stash keeps the data and what the
+    # last call returned, which `go` puts back first), no benchmark, for the time left
+    hard_again = f"$((S - {AGAIN_GO_MARGIN_S - int(grace_s)}))"
+    most = CALL_TIMEOUT_S - PACK_S - 10 + AGAIN_GO_MARGIN_S - int(grace_s)  # inside its timeout
+    again = (f"S={AGAIN_LEFT}; S=${{S%.*}}; case $S in ''|*[!0-9]*) echo \"put the reply's "
+             f"lease.budget_left_s for {AGAIN_LEFT}\"; exit 2;; esac; "
+             f"if [ $S -lt {AGAIN_MIN_S} ]; then echo \"$S s left: "
+             f"too little for another call\"; exit 0; fi; if [ $S -gt {most} ]; then S={most}; "
+             f"fi; {{ timeout -s INT -k 15 {hard_again} {go} "
+             f"--seconds $((S - {AGAIN_GO_MARGIN_S})) --bench never; rc=$?; "
+             f"[ $rc -eq {STASH_INCOMPLETE_EXIT} ] && exit $rc; {pack} && exit $rc; }}")
+    return finish, again
+
+
+def _calls(parts: Sequence[dict[str, Any] | None], group_dirs: Sequence[Path | None],
+           repo_root: Path, finish: str) -> list[dict[str, Any]]:
+    """One call a data part or weight group: carry it, store it; the last also ``finish``es."""
+    calls = []
+    for i, (part, group) in enumerate(zip(parts, group_dirs)):
+        last = i == len(parts) - 1
+        carry = ([f"{LEASE_DIR}/{DATA_MANIFEST}", f"{LEASE_DIR}/{part['name']}"] if part else [])
+        carry += [os.path.relpath(group, repo_root)] if group else []
+        store = (f"python3 -m kdlib lease store --call {i + 1} "
+                 + " ".join(carry[1:] if part else carry))
+        carry.append(f"{LEASE_DIR}/{STASH_PLAN}")
+        calls.append({"carry": carry, "command": f"{store} && {finish}" if last else store,
+                      "timeout_s": CALL_TIMEOUT_S if last else 120})
     return calls
