@@ -247,6 +247,19 @@ def test_a_compiling_grid_does_not_start_where_the_benchmark_found_its_levels_no
         assert "train only where the compiled quantizer levels are exact" in reason
 
 
+@pytest.mark.parametrize("compiles", [True, False])
+def test_a_lease_without_a_benchmark_decides_nothing_about_compile(monkeypatch, tmp_path,
+                                                                   compiles):
+    """No benchmark (none for this device, --bench never): nothing says compiling pays or that
+    the compiled levels are inexact, so the grid trains (each compiled run checks itself)."""
+    from kdlib import lease, presets
+
+    real = presets.build_config
+    monkeypatch.setattr(presets, "build_config",
+                        lambda *a, **k: real(*a, **k).replace(compile=compiles))
+    assert lease.compile_undecided(None, "paper", None, tmp_path) is None
+
+
 def test_a_short_grid_s_first_benchmark_leaves_torch_compile_out():
     from kdlib import lease
 
@@ -322,6 +335,22 @@ def test_a_weight_on_the_grid_but_past_its_top_level_is_not_exact():
         return run
 
     result = check_levels("cpu", bits=(4,), compile_fn=one_past_the_top)
+    assert not result["exact"] and not result["by_bits"]["4"]["weight_exact"]
+
+
+def test_a_weight_on_the_grid_but_below_its_bottom_level_is_not_exact():
+    """Level -1 (-1 - 2/n) rebuilds from its integer too, but no packed code holds it either."""
+    from kdlib.export.codes import dequantize
+
+    below_bottom = dequantize("dorefa", 4, torch.tensor([-1.0]), None)
+
+    def one_below_the_bottom(fn):
+        def run(x, w):
+            a, q = fn(x, w)
+            return a, torch.where(q == q.min(), below_bottom, q)
+        return run
+
+    result = check_levels("cpu", bits=(4,), compile_fn=one_below_the_bottom)
     assert not result["exact"] and not result["by_bits"]["4"]["weight_exact"]
 
 

@@ -83,3 +83,44 @@ def test_a_compiled_trainer_is_built_only_where_the_levels_are_exact(compiler, m
                               cfg.replace(compile=False), device="cpu")
     assert uncompiled.forward is uncompiled.model  # no check, no compile
     assert len(compiler["calls"]) == 1
+
+
+def _one_ulp_up_only(which):
+    """A compiler whose activations or weights alone come out an ulp above the level."""
+    def compile_fn(fn):
+        def run(x, w):
+            a, q = fn(x, w)
+            if which == "activation":
+                a = torch.nextafter(a, torch.full_like(a, 2.0))
+            else:
+                q = torch.nextafter(q, torch.full_like(q, 2.0))
+            return a, q
+        return run
+    return compile_fn
+
+
+@pytest.mark.parametrize("which", ["activation", "weight"])
+def test_either_quantizer_inexact_alone_refuses_the_run(compiler, which):
+    """A run trains both quantizers compiled: one inexact is enough to refuse it. The compiler
+    given to the guard is the one checked (the default's, identity here, would pass)."""
+    with pytest.raises(RuntimeError, match=f"'{which}_exact': False"):
+        require_exact_levels([_model(4)], "cpu", compile_fn=_one_ulp_up_only(which))
+    assert compiler["calls"] == []
+
+
+def test_each_device_is_checked_on_its_own(monkeypatch):
+    """A width found exact on one GPU says nothing of another's: the second is checked too."""
+    checked = []
+
+    def check_levels(device, bits, compile_fn=None):
+        checked.append(str(device))
+        exact = str(device) == "cuda:0"
+        return {"by_bits": {str(b): {"activation_exact": exact, "weight_exact": exact}
+                            for b in bits}}
+
+    monkeypatch.setattr(compile_check, "_checked", {})
+    monkeypatch.setattr(compile_check, "check_levels", check_levels)
+    require_exact_levels([_model(4)], "cuda:0")
+    with pytest.raises(RuntimeError, match="4-bit quantizer levels exact on cuda:1"):
+        require_exact_levels([_model(4)], "cuda:1")
+    assert checked == ["cuda:0", "cuda:1"]

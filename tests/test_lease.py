@@ -1207,3 +1207,84 @@ def test_go_takes_a_follow_ups_seconds_as_seconds(tmp_path, monkeypatch):
     assert cli.main(["lease", "go", "--preset", "smoke", "--results-dir", str(tmp_path),
                      "--seconds", "150", "--bench", "never"]) == 0
     assert minutes == [2.5]
+
+
+@pytest.mark.parametrize("go_rc, pack_rc, call_rc", [(0, 0, 0), (5, 0, 5), (0, 1, 1)])
+def test_the_last_call_packs_whatever_go_did_and_fails_when_either_failed(tmp_path, go_rc,
+                                                                          pack_rc, call_rc):
+    """The last call's shell (python3 stubbed: seconds, not the slow tests' minutes): `go` for
+    the lease's minutes, then `pack` even after a failing `go`; the call fails with `go`'s status,
+    or with `pack`'s where the files could not be packed (a call that returns nothing must not
+    look like a success)."""
+    from kdlib.lease.prepare import device_commands
+
+    stub = tmp_path / "bin" / "python3"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\necho "$*" >> "$LOG"\n'
+                    'case "$*" in *"lease go"*) exit $GO_RC;; *) exit $PACK_RC;; esac\n')
+    stub.chmod(0o755)
+    finish, _ = device_commands(preset="smoke", model="resnet8", jobs=1, grid=None,
+                                rel_results="results/smoke", bench_args=None, minutes=2)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
+           "LOG": str(log), "GO_RC": str(go_rc), "PACK_RC": str(pack_rc), "OUT": "out"}
+    done = subprocess.run(["bash", "-c", finish], env=env, cwd=tmp_path, timeout=30)
+    assert done.returncode == call_rc
+    go, pack = log.read_text().splitlines()
+    assert "lease go --preset smoke" in go and go.endswith("--minutes 2")
+    assert pack.startswith("-m kdlib lease pack --preset smoke") and pack.endswith("--out out")
+
+
+def test_only_the_last_call_finishes_and_gets_the_long_timeout(tmp_path):
+    """A call that only stores its carry is short: a stuck one fails in 2 minutes, not 10."""
+    from kdlib.lease.prepare import _calls
+    from kdlib.lease.transfer import CALL_TIMEOUT_S
+
+    parts = [None, {"name": "data.xz.00"}, {"name": "data.xz.01"}]
+    groups = [tmp_path / "weights" / "00", None, None]
+    calls = _calls(parts, groups, tmp_path, "FINISH")
+    assert [c["timeout_s"] for c in calls] == [120, 120, CALL_TIMEOUT_S]
+    assert [c["command"].endswith("&& FINISH") for c in calls] == [False, False, True]
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1", "two"])
+def test_jobs_is_auto_or_a_positive_integer(jobs, capsys, monkeypatch):
+    """Refused by the parser, before anything is planned or packed."""
+    from kdlib import cli
+
+    monkeypatch.setattr(lease, "prepare", lambda *a, **k: pytest.fail("prepared"))
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["lease", "prepare", "--preset", "smoke", "--jobs", jobs])
+    assert exit.value.code == 2
+    assert "give 'auto' or an integer >= 1" in capsys.readouterr().err
+
+
+def test_prepare_passes_the_command_lines_grid_and_the_presets_results_folder(monkeypatch):
+    """--seeds and the other grid options reach both the plan and `go`'s command line; without
+    --results-dir the folder is the preset's."""
+    from kdlib import cli
+    from kdlib.checkout import default_results_dir
+
+    seen = {}
+
+    def prepare(plan, **kwargs):
+        seen.update(kwargs, seeds={cfg.seed for cfg in plan})
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(lease, "prepare", prepare)
+    assert cli.main(["lease", "prepare", "--preset", "smoke", "--seeds", "3", "4"]) == 2
+    assert seen["grid"] == {"seeds": [3, 4]} and seen["seeds"] == {3, 4}
+    assert seen["results_dir"] == default_results_dir("smoke").resolve()
+
+
+def test_go_that_finds_a_fresh_machine_exits_with_the_status_the_follow_up_checks(
+        tmp_path, monkeypatch):
+    """The follow-up call skips its pack only on this status (a stash without the data)."""
+    from kdlib import cli
+
+    def go(**_):
+        raise lease.StashIncomplete("call 1's files are gone")
+
+    monkeypatch.setattr(lease, "go", go)
+    assert cli.main(["lease", "go", "--preset", "smoke", "--results-dir",
+                     str(tmp_path)]) == lease.STASH_INCOMPLETE_EXIT

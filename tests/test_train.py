@@ -479,6 +479,28 @@ def test_an_apprentice_step_computes_apprentice_losses_of_both_models_logits():
     torch.testing.assert_close(total.detach(), student + taught)
 
 
+@pytest.mark.parametrize("kd_mode", ["hinton", "apprentice"])
+def test_a_kd_step_reports_the_students_ce_and_kd_terms_apart_and_detached(kd_mode):
+    """The (CE, KD) terms a step gives are the student's cross-entropy and KD term, in that
+    order (the training curves plot each), detached: they are summed over the epoch, not
+    differentiated, and must not keep each step's graph alive."""
+    from kdlib.losses import kd_loss_terms
+    from kdlib.step import batch_loss
+
+    cfg = make_cfg(method="direct_kd", kd_mode=kd_mode, w_bits=4, a_bits=4, teacher_id="t",
+                   kd_temperature=3.0, kd_alpha=0.7, label_smoothing=0.1)
+    teacher = make_model(cfg.replace(w_bits=32, a_bits=32), seed=7)
+    trainer = make_trainer(make_model(cfg), cfg, teacher=teacher, device="cpu")
+    x, y = _batch()
+    with frozen_teacher(trainer):
+        _, _, _, (ce, kd) = batch_loss(trainer, x, y)
+        with torch.no_grad():  # the teacher in the mode the step runs it in
+            _, want_ce, want_kd = kd_loss_terms(trainer.model(x), teacher(x), y, 3.0, 0.7, 0.1)
+    assert not ce.requires_grad and not kd.requires_grad
+    torch.testing.assert_close(ce, want_ce)
+    torch.testing.assert_close(kd, want_kd)
+
+
 def _batch(n=16, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 3, 32, 32, generator=generator),
