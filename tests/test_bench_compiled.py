@@ -173,8 +173,9 @@ def test_compile_pays_only_with_exact_levels_and_more_images_a_lease():
         {"division": "float64", "levels": exact, "concurrency": older}, eager), 480.0)["why"]
     line = render._verdict_line(_bench_with(
         {"division": "float64", "levels": exact, "concurrency": side}, eager))
-    assert line and line[0].startswith("- torch.compile for a grid of long runs (`paper`, decided "
-                                       "before its first run): **pays** (8 compiled")
+    assert line and line[0].startswith("- torch.compile for a grid of long runs by this "
+                                       "benchmark's rule (`paper` compiles, decided before its "
+                                       "first run): **pays** (8 compiled")
 
 
 def test_jobs_auto_follows_the_step_the_preset_runs(monkeypatch):
@@ -193,11 +194,16 @@ def test_jobs_auto_follows_the_step_the_preset_runs(monkeypatch):
 
 def test_a_long_grid_does_not_start_before_its_compile_switch_is_decided(fake_data_root, tmp_path,
                                                                           monkeypatch):
-    """`compile` is in the run id: a paper lease whose benchmark says compiling pays trains
-    nothing until the preset says compile, or its runs would be orphaned by the switch."""
+    """`compile` is in the run id: a lease of a long grid that does not compile (paper before
+    it was decided) whose benchmark says compiling pays trains nothing until the preset says
+    compile, or its runs would be orphaned by the switch."""
     import kdlib.budget
     import kdlib.executors
-    from kdlib import lease
+    from kdlib import lease, presets
+
+    real = presets.build_config
+    monkeypatch.setattr(presets, "build_config",
+                        lambda *a, **k: real(*a, **k).replace(compile=False))
 
     pays = _bench_with({"division": "float64", "levels": {"exact": True, "by_bits": {}},
                         "concurrency": {"variant": "kd_w4_compile", "by_jobs": {
@@ -218,6 +224,34 @@ def test_a_long_grid_does_not_start_before_its_compile_switch_is_decided(fake_da
              repo_root=tmp_path / "repo", model="resnet8", bench="never",
              stash=tmp_path / "stash", data_root=fake_data_root, log=logged.append)
     assert not started and any("grid: not started: torch.compile pays" in m for m in logged)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_paper_lease_trains_its_compiled_grid_where_the_levels_are_exact(
+        fake_data_root, tmp_path, monkeypatch, exact):
+    """`paper` compiles (decided before its first run): its first lease trains at once, every
+    planned run compiled, unless the benchmark found the compiled levels inexact there."""
+    import kdlib.budget
+    import kdlib.executors
+    from kdlib import lease
+
+    bench = _bench_with({"division": "float64", "levels": {"exact": exact, "by_bits": {}},
+                         "concurrency": {"variant": "kd_w4_compile", "by_jobs": {
+                             "8": {"images_per_s": 60000.0, "ready_s": 50.0}}}},
+                        {1: 3834.0, 2: 7588.0, 4: 17222.0, 8: 18744.0})
+    started, logged = [], []
+    monkeypatch.setattr(kdlib.executors, "execute_processes",
+                        lambda plan, **k: started.append(plan))
+    monkeypatch.setattr(kdlib.budget, "load_bench", lambda folder, kind: bench)
+    lease.go(preset="paper", minutes=1, jobs=2, results_dir=tmp_path / "paper",
+             repo_root=tmp_path / "repo", model="resnet8", bench="never",
+             stash=tmp_path / "stash", data_root=fake_data_root, log=logged.append)
+    if exact:
+        assert len(started) == 1 and started[0] and all(cfg.compile for cfg in started[0])
+    else:
+        assert not started
+        assert any("grid: not started: `paper` compiles, but this device's benchmark found "
+                   "them not exact" in m for m in logged)
 
 
 @pytest.mark.parametrize("compiled, why", [

@@ -940,10 +940,15 @@ def test_a_later_presets_compile_decision_is_measured_in_a_done_grids_spare_time
     `paper` decides on before its first run (else paper's first lease would spend its
     benchmark on it and train nothing); not with too little time, not before the grid is
     done, not once measured with today's division, never on a CPU; `receive` prints the
-    decision it leads to."""
+    decision it leads to. (`paper` as it was before its decision, not compiling: the machinery
+    serves any long grid that has not decided.)"""
+    from kdlib import presets
     from kdlib.lease import device as lease_device
     from kdlib.quant.ste import COMPILED_DIVISION
 
+    real = presets.build_config
+    monkeypatch.setattr(presets, "build_config",
+                        lambda *a, **k: real(*a, **k).replace(compile=False))
     old = {"compiled": {"division": "an earlier one"}}
     assert lease.later_compile_parts(old, "cuda", "gpu") == ["paper"]
     assert lease.later_compile_parts(old, "cuda", "paper") == []  # its own: before its grid
@@ -992,6 +997,14 @@ def test_a_later_presets_compile_decision_is_measured_in_a_done_grids_spare_time
         lease_commands._note_compile_decisions([received])
         out = capsys.readouterr().out
         assert ("set compile=True in its preset" in out) if exact else out == ""
+    monkeypatch.undo()  # paper as it is, compiling: only inexact levels are worth a line
+    for exact in (True, False):
+        measured["compiled"]["levels"]["exact"] = exact
+        received.write_text(json.dumps(measured))
+        lease_commands._note_compile_decisions([received])
+        out = capsys.readouterr().out
+        assert out == "" if exact else ("`paper` compiles, but this device's benchmark found "
+                                        "them not exact" in out)
 
 
 def test_go_caps_the_runs_that_pause_at_the_runs_it_trains_at_once(fake_data_root, tmp_path,

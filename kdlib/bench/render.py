@@ -148,8 +148,8 @@ def _verdict_line(result: dict[str, Any]) -> list[str]:
     if verdict is None:
         return []
     pays = "**pays**" if verdict["pays"] else "does not pay"
-    return [f"- torch.compile for a grid of long runs (`paper`, decided before its first run): "
-            f"{pays} ({verdict['why']})"]
+    return [f"- torch.compile for a grid of long runs by this benchmark's rule (`paper` compiles, "
+            f"decided before its first run): {pays} ({verdict['why']})"]
 
 
 def _first_line(error: str) -> str:

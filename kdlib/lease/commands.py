@@ -247,8 +247,10 @@ def _note_put_back(folders: Sequence[str]) -> None:
 
 
 def _note_compile_decisions(benches: Sequence[Path]) -> None:
-    """Print what a received benchmark decided for a preset whose torch.compile switch is set
-    by hand before its first run (:func:`kdlib.lease.compile_undecided`)."""
+    """Print what a received benchmark decided about torch.compile for each preset
+    (:func:`kdlib.lease.compile_undecided`): a long grid that does not compile yet whose switch
+    is to be set by hand before its first run, or a compiling one whose levels it found
+    inexact."""
     from kdlib.presets import PRESETS
 
     for path in benches:
