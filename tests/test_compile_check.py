@@ -124,3 +124,25 @@ def test_each_device_is_checked_on_its_own(monkeypatch):
     with pytest.raises(RuntimeError, match="4-bit quantizer levels exact on cuda:1"):
         require_exact_levels([_model(4)], "cuda:1")
     assert checked == ["cuda:0", "cuda:1"]
+
+
+@pytest.mark.slow
+def test_a_compiled_kd_grid_trains_end_to_end_here(fake_data_root, tmp_path):
+    """`paper` compiles: a compiled teacher and a compiled 4-bit student distilled from it train,
+    evaluate, save and record here as they do eager (the CPU's C++ backend; on a GPU, Triton),
+    after the real level check. Numbers differ from eager's (other kernels): only that it runs
+    and records what it ran."""
+    from kdlib import experiments
+    from kdlib.results import load_records
+
+    plan = experiments.plan_grid(preset="smoke", model="resnet8", seeds=[0], chain=[32, 4],
+                                 chain_methods=["ta_chain"], methods=["direct_kd"],
+                                 overrides={"compile": True, "epochs": 1})
+    experiments.execute(plan, data_dir=fake_data_root, results_dir=tmp_path, progress=False)
+    records = {r["run_id"]: r for r in load_records(tmp_path)}
+    assert {cfg.run_id() for cfg in plan} <= set(records)
+    trained = [r for r in records.values() if not r.get("same_run_as")]
+    assert len(trained) == 2 and all(r["config"]["compile"] for r in trained)
+    assert all(0.0 <= r["metrics"]["test_top1"] <= 100.0 for r in trained)
+    checked = compile_check._checked.get(("cpu", 4)) or {}
+    assert checked.get("activation_exact") and checked.get("weight_exact")  # the real check ran
