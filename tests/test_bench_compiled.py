@@ -356,35 +356,21 @@ def test_other_exact_weight_levels_than_eager_s_are_counted_not_failed():
         "weight_levels_unlike_eager"] == 0
 
 
-def test_a_weight_on_the_grid_but_past_its_top_level_is_not_exact():
-    """Level n + 1 (1 + 2/n) rebuilds from its integer, but no packed code holds it."""
+@pytest.mark.parametrize("level, extreme", [(16.0, torch.amax), (-1.0, torch.amin)])
+def test_a_weight_on_the_grid_but_past_its_end_levels_is_not_exact(level, extreme):
+    """Level n + 1 (1 + 2/n) or -1 (-1 - 2/n) rebuilds from its integer, but no packed code
+    holds it (4 bits: n = 15, codes 0 to 15)."""
     from kdlib.export.codes import dequantize
 
-    past_top = dequantize("dorefa", 4, torch.tensor([16.0]), None)  # 4 bits: n = 15
+    outside = dequantize("dorefa", 4, torch.tensor([level]), None)
 
-    def one_past_the_top(fn):
+    def one_outside(fn):
         def run(x, w):
             a, q = fn(x, w)
-            return a, torch.where(q == q.max(), past_top, q)
+            return a, torch.where(q == extreme(q), outside, q)
         return run
 
-    result = check_levels("cpu", bits=(4,), compile_fn=one_past_the_top)
-    assert not result["exact"] and not result["by_bits"]["4"]["weight_exact"]
-
-
-def test_a_weight_on_the_grid_but_below_its_bottom_level_is_not_exact():
-    """Level -1 (-1 - 2/n) rebuilds from its integer too, but no packed code holds it either."""
-    from kdlib.export.codes import dequantize
-
-    below_bottom = dequantize("dorefa", 4, torch.tensor([-1.0]), None)
-
-    def one_below_the_bottom(fn):
-        def run(x, w):
-            a, q = fn(x, w)
-            return a, torch.where(q == q.min(), below_bottom, q)
-        return run
-
-    result = check_levels("cpu", bits=(4,), compile_fn=one_below_the_bottom)
+    result = check_levels("cpu", bits=(4,), compile_fn=one_outside)
     assert not result["exact"] and not result["by_bits"]["4"]["weight_exact"]
 
 
