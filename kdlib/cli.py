@@ -195,6 +195,36 @@ def command_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+# {option: (its attribute, the executor that reads it, its default)}
+EXECUTOR_OPTIONS = {"--jobs": ("jobs", "processes", 2), "--address": ("address", "ray", None),
+                    "--cpus-per-run": ("cpus_per_run", "ray", 1),
+                    "--gpus-per-run": ("gpus_per_run", "ray", 0.0),
+                    "--max-retries": ("max_retries", "ray", 3)}
+# grid's options that only --budget-min reads
+BUDGET_OPTIONS = {"--no-span": "no_span", "--bench-dir": "bench_dir"}
+
+
+def executor_options(args: argparse.Namespace) -> None:
+    """Refuse an option that the chosen executor (or no budget) would silently ignore: `grid
+    --jobs 4` without `--executor processes` trained one run at a time. Then fill in the
+    executor options' defaults."""
+    ignored = [f"{flag} is read by --executor {owner} only, not {args.executor}: add "
+               f"--executor {owner} or leave {flag} out"
+               for flag, (name, owner, _) in EXECUTOR_OPTIONS.items()
+               if getattr(args, name) is not None and args.executor != owner]
+    if args.executor == "ray" and getattr(args, "threads", None):
+        ignored.append("--threads is not read by --executor ray: a Ray run's torch threads are "
+                       "its --cpus-per-run")
+    if getattr(args, "budget_min", 0) is None:
+        ignored += [f"{flag} is read with --budget-min only: add --budget-min MINUTES or leave "
+                    f"{flag} out" for flag, name in BUDGET_OPTIONS.items() if getattr(args, name)]
+    if ignored:
+        raise UserError("; ".join(ignored))
+    for name, _, default in EXECUTOR_OPTIONS.values():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def _grid_budget(args: argparse.Namespace, results_dir: Path) -> Budget | None:
     """--budget-min as a Budget whose estimates come from this folder's records and the
     newest benchmark of this device in --bench-dir."""
@@ -203,7 +233,8 @@ def _grid_budget(args: argparse.Namespace, results_dir: Path) -> Budget | None:
     if not args.budget_min > 0:
         raise UserError(f"--budget-min {args.budget_min}: give a positive number of minutes")
     kind = device_kind(pick_device(args.device))
-    timer = RunTimer(kind, bench=load_bench(args.bench_dir, kind),
+    timer = RunTimer(kind, bench=load_bench(args.bench_dir or REPO_ROOT / "results" / "bench",
+                                            kind),
                      jobs=args.jobs if args.executor == "processes" else 1)
     for record in load_records(results_dir):
         timer.add(record)
@@ -298,15 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serial: one run after another here; processes: --jobs runs at "
                             "once here (several share a GPU); ray: every run as a Ray task "
                             "(pip install -e '.[ray]')")
+        # default None: an option given to an executor that does not read it is refused
+        # (executor_options), then the default is filled in
         p.add_argument("--address", default=None, help="ray: auto | HOST:PORT of a running "
                        "cluster (default: start Ray on this machine)")
-        p.add_argument("--cpus-per-run", type=int, default=1,
+        p.add_argument("--cpus-per-run", type=int, default=None,
                        help="ray: CPUs each run reserves, also its torch threads (default: 1)")
-        p.add_argument("--gpus-per-run", type=float, default=0.0,
+        p.add_argument("--gpus-per-run", type=float, default=None,
                        help="ray: GPUs each run reserves, e.g. 1 or 0.5 (default: 0)")
-        p.add_argument("--jobs", type=int, default=2,
+        p.add_argument("--jobs", type=int, default=None,
                        help="processes: runs at once on this machine (default 2)")
-        p.add_argument("--max-retries", type=int, default=3,
+        p.add_argument("--max-retries", type=int, default=None,
                        help="ray: retries of a run whose worker died; it resumes from its "
                             "checkpoint (default: 3)")
 
@@ -343,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "resumes from its checkpoint next call")
     grid.add_argument("--no-span", action="store_true",
                       help="with --budget-min: never start a run that cannot finish in this call")
-    grid.add_argument("--bench-dir", default=str(REPO_ROOT / "results" / "bench"),
-                      help="benchmark files for the time estimates (default: results/bench)")
+    grid.add_argument("--bench-dir", default=None,
+                      help="with --budget-min: benchmark files for the time estimates "
+                           "(default: results/bench)")
     grid.set_defaults(func=command_grid)
 
     train = sub.add_parser("train", help="train one model from the shell")
@@ -386,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "no_tensorboard", False):
         os.environ[TENSORBOARD_ENV] = "0"  # also seen by the notebooks' kernels
     try:
+        if hasattr(args, "executor"):
+            executor_options(args)
         if getattr(args, "executor", "serial") == "ray":
             import_ray()  # fail before planning or training anything
             check_resources(args.cpus_per_run, args.gpus_per_run, args.max_retries, args.device)

@@ -241,3 +241,48 @@ def test_train_refuses_a_set_of_a_field_that_has_its_own_option(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"overrides name ['{key}']" in err and flag in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, refused", [
+    (["grid", "--jobs", "4"], "--jobs is read by --executor processes only, not serial"),
+    (["run", "--executor", "ray", "--jobs", "4"], "--jobs is read by --executor processes only"),
+    (["grid", "--executor", "processes", "--address", "auto"], "--address is read by --executor ray"),
+    (["grid", "--cpus-per-run", "4"], "--cpus-per-run is read by --executor ray only, not serial"),
+    (["run", "--executor", "processes", "--gpus-per-run", "1"], "--gpus-per-run is read by"),
+    (["grid", "--max-retries", "1"], "--max-retries is read by --executor ray only"),
+    (["grid", "--executor", "ray", "--threads", "2"], "a Ray run's torch threads are its --cpus"),
+    (["grid", "--no-span"], "--no-span is read with --budget-min only"),
+    (["grid", "--executor", "processes", "--bench-dir", "b"], "--bench-dir is read with --budget"),
+])
+def test_an_option_the_executor_would_ignore_is_refused_before_anything_runs(
+        argv, refused, tmp_path, capsys, monkeypatch):
+    """`grid --jobs 4` without `--executor processes` trained one run at a time, silently."""
+    import kdlib.cli as cli
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("planned or trained despite an ignored option")
+
+    for name in ("plan_grid", "execute", "execute_processes", "execute_ray", "import_ray"):
+        monkeypatch.setattr(cli, name, must_not_run)
+    monkeypatch.setattr(cli.notebook_runs, "execute", must_not_run)
+    assert main([*argv, "--preset", "smoke", "--results-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and refused in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["grid"], {"jobs": 2, "address": None, "cpus_per_run": 1, "gpus_per_run": 0.0,
+                "max_retries": 3}),
+    (["grid", "--executor", "processes", "--jobs", "4", "--threads", "2", "--budget-min", "5",
+      "--no-span", "--bench-dir", "b"], {"jobs": 4, "threads": 2, "no_span": True}),
+    (["run", "--executor", "ray", "--address", "auto", "--cpus-per-run", "4",
+      "--gpus-per-run", "0.5", "--max-retries", "1"],
+     {"jobs": 2, "address": "auto", "cpus_per_run": 4, "gpus_per_run": 0.5, "max_retries": 1}),
+])
+def test_options_the_executor_reads_pass_and_the_rest_take_their_defaults(argv, expected):
+    from kdlib.cli import executor_options
+
+    args = build_parser().parse_args(argv)
+    executor_options(args)
+    assert {name: getattr(args, name) for name in expected} == expected
