@@ -24,6 +24,8 @@ METHOD_LABELS = {"individual": "individual (random init, CE)",
                  "progressive_kd32": "progressive, KD from 32-bit", "ta_chain": "TA chain"}
 # published methods that correspond to ours (liao2020 'kd_no_ta' = distilled without assistant)
 PUBLISHED_AS = {"individual": "individual", "kd_no_ta": "direct_kd", "ta_chain": "ta_chain"}
+# how a published number's epoch was picked (published.csv's `selection`), in a legend's words
+SELECTION_WORDS = {"test": "epoch chosen on test", "last_epoch": "last epoch"}
 
 
 def palette() -> dict[str, Any]:
@@ -62,7 +64,8 @@ def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = Non
         for (source, method), rows in pub.groupby(["source", "method"]):
             rows = rows.sort_values("w_bits", ascending=False)
             selection = rows["selection"].dropna()
-            chosen = f"epoch chosen on {selection.iloc[0]}" if len(selection) else "published"
+            chosen = (SELECTION_WORDS.get(selection.iloc[0], f"epoch chosen on {selection.iloc[0]}")
+                      if len(selection) else "published")
             ax.plot([pos[b] for b in rows["w_bits"]], rows["top1"], linestyle=":", marker="x",
                     alpha=0.35, color=colors[PUBLISHED_AS[method]],
                     label=f"{source} {method} ({chosen})")

@@ -69,7 +69,7 @@ def test_accuracy_vs_bits_draws_means_errors_teacher_and_published():
     assert set(entries) == {
         METHOD_LABELS["individual"], METHOD_LABELS["ta_chain"], "32-bit teacher (70.0%)",
         "liao2020 individual (epoch chosen on test)", "liao2020 kd_no_ta (epoch chosen on test)",
-        "repdistiller individual (epoch chosen on last_epoch)"}
+        "repdistiller individual (last epoch)"}
     x, y, half = errorbar_data(entries[METHOD_LABELS["individual"]])
     assert x == pytest.approx([0.88, 1.88]) and y == [60.0, 50.0] \
         and half == pytest.approx([1.5, 0.0])
@@ -83,7 +83,7 @@ def test_accuracy_vs_bits_draws_means_errors_teacher_and_published():
     kd_no_ta = entries["liao2020 kd_no_ta (epoch chosen on test)"]
     assert list(kd_no_ta.get_xdata()) == [1] and list(kd_no_ta.get_ydata()) == [63.0]
     assert to_rgba(kd_no_ta.get_color()) == to_rgba(plots.palette()["direct_kd"])
-    rep = entries["repdistiller individual (epoch chosen on last_epoch)"]
+    rep = entries["repdistiller individual (last epoch)"]
     assert list(rep.get_xdata()) == [0] and list(rep.get_ydata()) == [69.0]
 
 
