@@ -106,6 +106,23 @@ def test_estimate_takes_the_slowest_typical_epoch_and_the_typical_overhead_of_it
         pytest.approx(1.2 * (11.5 + 2.0))
 
 
+def test_a_resumed_runs_record_adds_no_negative_overhead():
+    """A resumed run's record holds all its epochs but times only its last call: what it spent
+    besides its epochs counts as nothing, not as the epochs before that call taken off."""
+    timer = RunTimer("cpu")
+    timer.add(record_of(student(epochs=3), [10.0, 10.0, 10.0], call_seconds=12.0))
+    estimate = timer.estimate(student(epochs=3))
+    assert estimate.extra_s == 0.0 and estimate.seconds == pytest.approx(1.2 * 30.0)
+
+
+def test_a_record_without_epochs_is_not_a_timing():
+    timer = RunTimer("cpu")
+    timer.add(record_of(student(epochs=1), [], call_seconds=5.0))  # no history to time from
+    assert timer.estimate(student()).seconds is None
+    timer.add(record_of(student(epochs=1, bits=1), [10.0], call_seconds=10.0))
+    assert timer.estimate(student(epochs=1)).seconds == pytest.approx(12.0)
+
+
 @pytest.mark.parametrize("folder", ["gpu", "quick", "quick_squeezenet"])
 def test_the_committed_runs_estimated_from_one_another_err_long(folder):
     """Each committed run timed by the others, as a budget would time it: typically long (the
@@ -124,6 +141,9 @@ def test_the_committed_runs_estimated_from_one_another_err_long(folder):
     dict(cfg=dict(method="finetune")),  # no teacher: a cheaper step
     dict(cfg=dict(batch_size=25)),
     dict(cfg=dict(train_size=150)),
+    dict(cfg=dict(val_size=150)),  # a longer validation pass each epoch
+    dict(cfg=dict(channels_last=True)),
+    dict(cfg=dict(precision="bf16")),
 ])
 def test_runs_of_another_kind_do_not_time_this_one(other):
     timer = RunTimer("cpu")
@@ -150,6 +170,16 @@ def test_without_records_the_benchmark_of_this_device_gives_the_estimate(tmp_pat
     on_gpu = RunTimer("cuda:NVIDIA H200", bench=load_bench(tmp_path, "cuda:NVIDIA H200"))
     assert on_gpu.estimate(student()).seconds == pytest.approx(1.2 * start, rel=1e-6)
     assert load_bench(tmp_path, "cuda:NVIDIA H100") is None
+
+
+def test_a_benchmark_of_another_device_or_model_gives_no_estimate():
+    """load_bench picks a device's newest benchmark whatever its model: a ResNet-20 benchmark
+    does not time a ResNet-8 run, nor a GPU's a run on the CPU."""
+    assert RunTimer("cpu", bench=bench_file({"kd_w4": 100.0})).estimate(student()).seconds
+    other_model = bench_file({"kd_w4": 100.0}, model="resnet20")
+    assert RunTimer("cpu", bench=other_model).estimate(student()).seconds is None
+    on_gpu = bench_file({"kd_w4": 100.0}, gpu="NVIDIA H200")
+    assert RunTimer("cpu", bench=on_gpu).estimate(student()).seconds is None
 
 
 def test_runs_side_by_side_are_estimated_at_their_per_process_rate():
@@ -229,6 +259,22 @@ def test_the_newest_benchmark_of_a_device_is_used(tmp_path):
     assert load_bench(tmp_path, "cpu")["variants"]["kd_w4"]["images_per_s"] == 2.0
 
 
+def test_leave_one_out_leaves_out_runs_alone_of_their_kind_and_runs_without_a_call_time(
+        tmp_path):
+    """A run with no other of its kind would be timed by the benchmark, not by finished runs:
+    left out, as is a record without ``call_seconds`` (nothing to hold its estimate against),
+    which still times the others (what it spent besides its epochs counts as nothing)."""
+    (tmp_path / "cpu.json").write_text(json.dumps(bench_file({"kd_w4": 100.0, "w4a4": 100.0})))
+    untimed = record_of(student(epochs=2, bits=1), [10.0, 10.0], call_seconds=None)
+    del untimed["call_seconds"]
+    records = [record_of(student(epochs=2), [10.0, 10.0], call_seconds=24.0),
+               record_of(student(epochs=2, bits=2), [10.0, 10.0], call_seconds=24.0),
+               untimed,
+               record_of(student("finetune", epochs=2), [5.0, 5.0], call_seconds=12.0)]
+    # each of the two: 1.2 * (2 * 10 s + the median of 4 s and 0 s besides) over 24 s
+    assert leave_one_out(records, tmp_path) == pytest.approx([1.1, 1.1])
+
+
 def test_budget_admits_only_what_can_finish_in_the_time_left():
     clock = Clock()
     timer = RunTimer("cpu")
@@ -244,6 +290,20 @@ def test_budget_admits_only_what_can_finish_in_the_time_left():
     assert not refused.start and "kdlib bench" in refused.why  # nothing to estimate from
     with pytest.raises(ValueError, match="positive"):
         Budget(0, timer)
+
+
+def test_a_budgeted_run_must_stop_by_the_end_of_the_time_left():
+    """The deadline a run trains under is the budget's end (time left from now), not the
+    whole budget from now."""
+    clock = Clock()
+    timer = RunTimer("cpu")
+    timer.add(record_of(student(epochs=1), [10.0], 10.0))
+    budget = Budget(60.0, timer, clock=clock)
+    clock.now += 20.0  # 40 s left
+    before = time.time()
+    admitted = budget.admit(student(epochs=2))
+    after = time.time()
+    assert admitted.start and before + 40.0 <= admitted.deadline.stop_at <= after + 40.0
 
 
 def test_a_budgeted_start_line_names_its_estimate_and_the_time_left():
@@ -286,6 +346,35 @@ def test_a_run_longer_than_the_whole_budget_spans_calls_and_a_shorter_one_waits(
     assert not strict.admit(student(epochs=6)).start
 
 
+def test_a_run_as_long_as_the_whole_budget_waits_and_one_epoch_that_just_fits_spans():
+    clock = Clock()
+    timer = RunTimer("cpu")
+    timer.add(record_of(student(epochs=1), [10.0], 10.0))
+    budget = Budget(60.0, timer, clock=clock)
+    clock.now += 20.0  # 40 s left
+    whole = budget.admit(student(epochs=5))  # 60 s: a fresh call of this budget finishes it
+    assert not whole.start and not whole.spans
+    clock.now += 28.0  # 12 s left: one epoch with the safety factor, exactly
+    just = budget.admit(student(epochs=6))
+    assert just.start and just.spans and "trains ~1 of its 6" in just.why
+
+
+def test_a_spanning_run_counts_its_overhead_and_its_epochs_left():
+    """What a run spends besides its epochs (5 s here) goes into its first call's need, the
+    epochs it is said to train and its deadline's tail; a resumed run spans its epochs left."""
+    clock = Clock()
+    timer = RunTimer("cpu")
+    timer.add(record_of(student(epochs=1), [10.0], 15.0))  # 10 s an epoch, 5 s besides
+    budget = Budget(60.0, timer, clock=clock)
+    long = budget.admit(student(epochs=6))  # 1.2 * (60 + 5) = 78 s
+    assert long.spans and "trains ~4 of its 6 remaining epochs" in long.why  # (50 - 5) // 10
+    assert long.deadline.epoch_s == 10.0 and long.deadline.tail_s == 5.0
+    resumed = budget.admit(student(epochs=10), epochs_done=3)  # 7 left: 1.2 * (70 + 5) = 90 s
+    assert resumed.spans and "trains ~4 of its 7 remaining epochs" in resumed.why
+    clock.now += 45.0  # 15 s left: an epoch and what is besides take 1.2 * 15 = 18 s
+    assert not budget.admit(student(epochs=6)).start
+
+
 def test_at_most_max_spans_runs_continue_next_call():
     """Each run that spans ends paused, and its checkpoint travels to the next call: a lease
     caps them (12 paused ResNet-20s filled 41 MB on the H200)."""
@@ -308,6 +397,12 @@ def test_a_deadline_admits_an_epoch_only_if_it_ends_in_time():
     assert deadline.allows(2, 3, measured=[2.0], now=91.0)
 
 
+def test_a_deadline_times_the_next_epoch_by_the_slowest_this_process_trained():
+    deadline = Deadline(stop_at=100.0, epoch_s=1.0)
+    assert deadline.allows(2, 4, measured=[5.0, 1.0], now=94.0)  # 94 + 1.2 * 5 = 100
+    assert not deadline.allows(2, 4, measured=[5.0, 1.0], now=95.0)
+
+
 def test_runs_with_a_checkpoint_go_first_the_rest_in_plan_order(tmp_path):
     from kdlib.results import save_record
 
@@ -320,6 +415,56 @@ def test_runs_with_a_checkpoint_go_first_the_rest_in_plan_order(tmp_path):
                            "metrics": {}, "history": []})  # its checkpoint holds a finished run
     ordered = resume_first(plan, tmp_path)
     assert ordered == [plan[2], plan[4]] + [c for c in plan if c not in paused]
+
+
+def test_runs_with_a_record_are_not_scheduled_and_nothing_waits_for_them(tmp_path):
+    """A teacher and progressive@4 recorded already: they are not trained again, the runs they
+    teach or start wait for nothing, and finetune@4 (progressive@4's training, recorded) waits
+    for nothing either. One run at a time, the recorded runs come first (nothing to train)."""
+    from kdlib.results import save_record
+    from kdlib.trained import TrainedIndex
+
+    plan = experiments.plan_grid(**GRID)
+    name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
+    index = TrainedIndex()
+    recorded = [cfg for cfg in plan if name[cfg.run_id()] in {("teacher", 32), ("progressive", 4)}]
+    for cfg in recorded:
+        save_record(tmp_path, {**record_of(cfg, [1.0], 2.0), "metrics": {},
+                               "training_key": index.key(cfg)})
+    schedule = [(name[cfg.run_id()], [name[d] for d in after])
+                for cfg, after in dependency_schedule(plan, tmp_path)]
+    assert schedule == [
+        (("ta_chain", 4), []), (("ta_chain", 1), [("ta_chain", 4)]), (("progressive", 1), []),
+        (("finetune", 4), []), (("finetune", 1), []), (("direct_kd", 4), [("ta_chain", 4)]),
+        (("direct_kd", 1), []),
+    ]
+    ordered = [name[cfg.run_id()] for cfg in start_order(plan, tmp_path, lambda cfg: 1)]
+    assert ordered[:2] == [("teacher", 32), ("progressive", 4)] and len(ordered) == len(plan)
+
+
+def test_a_paused_run_starts_before_new_runs_of_its_weight(tmp_path):
+    """One run at a time: finetune@1 has a checkpoint (its teacher a record), so among the runs
+    nothing waits for, of one epoch each, it goes on first; the others in plan order."""
+    from kdlib.results import save_record
+
+    plan = experiments.plan_grid(**GRID)
+    name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
+    teacher = plan[0]
+    save_record(tmp_path, {**record_of(teacher, [1.0], 2.0), "metrics": {}})
+    paused = next(cfg for cfg in plan if name[cfg.run_id()] == ("finetune", 1))
+    checkpoint_path(tmp_path, paused.run_id()).parent.mkdir(exist_ok=True)
+    checkpoint_path(tmp_path, paused.run_id()).write_bytes(b"some epochs")
+    ordered = [name[cfg.run_id()] for cfg in start_order(plan, tmp_path, lambda cfg: 1)]
+    assert ordered[-4:] == [("finetune", 1), ("ta_chain", 1), ("progressive", 1), ("direct_kd", 1)]
+
+
+def test_a_run_planned_twice_starts_once_as_first_planned(tmp_path):
+    """Two configs of one run id (they differ in an execution-only field): the first stands."""
+    run = student("finetune", epochs=1)
+    replayed = run.replace(cuda_graphs=True)
+    assert replayed.run_id() == run.run_id()
+    (only,) = start_order([run, replayed], tmp_path, lambda cfg: 1)
+    assert only.cuda_graphs is False
 
 
 def test_runs_others_wait_for_start_first_then_the_shortest(tmp_path):
@@ -354,6 +499,18 @@ def test_without_a_budget_the_rest_start_longest_first(tmp_path):
         ("progressive", 1), ("finetune", 1), ("ta_chain", 1), ("direct_kd", 1),  # 5, 4, 3, 2
         ("finetune", 4), ("direct_kd", 4),  # aliases: nothing to train
     ]
+
+
+def test_the_run_holding_back_the_heaviest_line_starts_first_not_the_most_training():
+    """x is the init of two 3-epoch runs (6 epochs behind it, no line longer than 3), y of one
+    5-epoch run: y holds back the heavier line, so it starts first."""
+    x, y = student("finetune", epochs=1, seed=1), student("finetune", epochs=1, seed=2)
+    x1 = student("finetune", epochs=3, seed=3, init_id=x.run_id())
+    x2 = student("finetune", epochs=3, seed=4, init_id=x.run_id())
+    y1 = student("finetune", epochs=5, seed=5, init_id=y.run_id())
+    schedule = [(x, []), (y, []), (x1, [x.run_id()]), (x2, [x.run_id()]), (y1, [y.run_id()])]
+    ordered = [cfg for cfg, _ in unblocking_first(schedule, lambda cfg: cfg.epochs)]
+    assert ordered == [y, x, x1, x2, y1]
 
 
 @pytest.mark.parametrize("budgeted", [False, True])
