@@ -78,6 +78,8 @@ def test_a_file_is_recoded_only_inside_its_pixels(fake_data_root, tmp_path):
     coded = recode_file(raw, span, encode=True)
     assert len(coded) == len(raw) and coded[:start] == raw[:start] and coded[end:] == raw[end:]
     assert coded[start:end] != raw[start:end]
+    assert coded[start:end] == encode_pixels(
+        np.frombuffer(raw[start:end], dtype=np.uint8).reshape(200, IMAGE_BYTES)).tobytes()
     assert recode_file(coded, span, encode=False) == raw
     assert locate_pixels(fake_data_root / "cifar-100-python" / "meta") is None  # no pixels
     floats = tmp_path / "floats"
@@ -89,6 +91,25 @@ def test_rows_that_are_not_32x32_rgb_images_travel_uncoded(tmp_path):
     grey = tmp_path / "grey"
     write_pickle({b"data": np.arange(2 * 1024, dtype=np.uint8).reshape(2, 1024)}, grey)
     assert locate_pixels(grey) is None
+
+
+@pytest.mark.parametrize("case", ["floats", "pairs", "twice", "decoy"])
+def test_pixels_not_once_whole_and_as_uint8_rows_travel_uncoded(case, tmp_path):
+    """Only an (N, 3072) uint8 array whose bytes the file holds once, whole and in order is
+    coded: another dtype or shape, a second copy of the bytes, or a block that only starts like
+    them leaves the file as it is."""
+    pixels = _images("random", 3)
+    write_pickle({b"data": pixels}, tmp_path / "once")
+    assert locate_pixels(tmp_path / "once")["images"] == 3
+    rows = np.random.default_rng(2).random((2, IMAGE_BYTES), dtype=np.float32)
+    obj = {"floats": {b"data": rows},
+           "pairs": {b"data": np.repeat(pixels[..., None], 2, axis=2)},  # (N, 3072, 2) uint8
+           "twice": {b"data": pixels, b"copy": pixels.tobytes()},
+           # a block that starts as the pixels do, then the pixels stored column-major
+           "decoy": {b"decoy": pixels.tobytes()[:4096] + b"\0",
+                     b"data": np.asfortranarray(pixels)}}[case]
+    write_pickle(obj, tmp_path / case)
+    assert locate_pixels(tmp_path / case) is None
 
 
 @pytest.mark.realdata

@@ -277,6 +277,19 @@ def test_pact_gradients(k):
     assert alpha.grad.item() == 5.0 + 6.0 + 7.0  # x >= alpha
 
 
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_pact_alpha_gradient_starts_at_alpha_not_a_float_below(k):
+    """dy/dalpha = 1 where x >= alpha and dy/dx = 1 where x < alpha, to the last float: the
+    largest float32 below alpha is inside the clip. alpha = 2^k - 1 makes x * n / alpha exact."""
+    alpha_np = np.float32(2 ** k - 1)
+    below, above = np.nextafter(alpha_np, np.float32(0)), np.nextafter(alpha_np, np.float32(np.inf))
+    x = torch.tensor([float(below), float(alpha_np), float(above)], requires_grad=True)
+    alpha = torch.tensor(float(alpha_np), requires_grad=True)
+    (pact_activation(x, alpha, k) * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0, 0.0]
+    assert alpha.grad.item() == 110.0
+
+
 @pytest.mark.parametrize("k,signed",
                          [(2, True), (4, True), (8, True), (1, True), (2, False), (4, False)])
 def test_lsq_gradients_match_formula(k, signed):
@@ -299,6 +312,40 @@ def test_lsq_gradients_match_formula(k, signed):
     np.testing.assert_allclose(step.grad.item(), expected_s, rtol=1e-4, atol=1e-5)
     inside = (x_np / s > -qn) & (x_np / s < qp)
     np.testing.assert_array_equal(x.grad.numpy(), np.where(inside, up_np, 0).astype(np.float32))
+
+
+@pytest.mark.parametrize("k,signed", [(4, True), (3, False)])
+def test_lsq_gradients_of_a_channels_last_tensor_match_formula(k, signed):
+    """Models run channels_last: the hand-written backward must give the formula's gradients
+    for a tensor whose memory is not in its logical order too."""
+    rng = np.random.default_rng(30 + k)
+    shape = (2, 3, 4, 5)
+    x_np = (rng.normal(0, 1, shape) if signed else rng.uniform(0, 3, shape)).astype(np.float32)
+    up_np = rng.normal(0, 1, shape).astype(np.float32)
+    s, g = 0.3, 0.05
+    x = torch.from_numpy(x_np).to(memory_format=torch.channels_last).requires_grad_()
+    assert not x.is_contiguous()
+    step = torch.tensor(s, requires_grad=True)
+    up = torch.from_numpy(up_np).to(memory_format=torch.channels_last)
+    (lsq_quantize(x, step, k, signed, g) * up).sum().backward()
+    qn, qp = (2 ** (k - 1), 2 ** (k - 1) - 1) if signed else (0, 2 ** k - 1)
+    x64 = x_np.astype(np.float64)
+    np.testing.assert_allclose(step.grad.item(), np_lsq_step_grad(x64, s, qn, qp, up_np, g),
+                               rtol=1e-4, atol=1e-5)
+    inside = (x64 / s > -qn) & (x64 / s < qp)
+    np.testing.assert_array_equal(x.grad.numpy(), np.where(inside, up_np, 0).astype(np.float32))
+
+
+def test_lsq_signed_one_bit_gives_zero_the_plus_level():
+    """Signed 1-bit LSQ quantizes with sign(0) = +1: an exact zero (+0 or -0) becomes +s, and its
+    step gradient is q - x/s = +1 (eq. 3 inside the range)."""
+    x = torch.tensor([0.0, -0.0, 0.25, -0.25], requires_grad=True)
+    step = torch.tensor(0.5, requires_grad=True)
+    out = lsq_quantize(x, step, 1, True, 1.0)
+    assert out.tolist() == [0.5, 0.5, 0.5, -0.5]
+    out.sum().backward()
+    assert step.grad.item() == (1 - 0) + (1 - 0) + (1 - 0.5) + (-1 + 0.5)  # sign0(v) - v, v = x/s
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
 # ============================================================================ precision
@@ -521,6 +568,65 @@ def test_transfer_copies_parameters_and_buffers_and_resets_quantizers():
         if not k.endswith(("step", "initialized")):
             assert torch.equal(v, lower.state_dict()[k]), k
     assert not lower[3].input_quantizer.initialized and not lower[3].weight_quantizer._initialized
+
+
+def _one_conv(quantizer: str, bits: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(QConv2d(3, 4, 3, w_bits=bits, a_bits=bits, quantizer=quantizer),
+                         nn.BatchNorm2d(4))
+
+
+def test_transfer_resets_the_quantizer_state_a_used_destination_had():
+    """Re-initialised means back to the initial state, not left as the destination had it: a
+    destination that already ran (its LSQ steps set, its PACT alpha trained) is reset too."""
+    x = torch.rand(2, 3, 6, 6)
+    src, dst = _one_conv("lsq", 4), _one_conv("lsq", 2)
+    src(x), dst(x)
+    transfer_weights(src, dst)
+    aq = dst[0].input_quantizer
+    assert not aq._initialized and not bool(aq.initialized)
+    dst(x * 5)  # the next batch sets the step again: 2 mean|x| / sqrt(Qp), Qp = 3
+    torch.testing.assert_close(aq.step.detach(), 2 * (x * 5).abs().mean() / np.sqrt(3))
+    src, dst = _one_conv("pact", 4), _one_conv("pact", 2)
+    with torch.no_grad():
+        src[0].input_quantizer.alpha.fill_(2.0)
+        dst[0].input_quantizer.alpha.fill_(3.0)
+    transfer_weights(src, dst)
+    assert dst[0].input_quantizer.alpha.item() == dst[0].input_quantizer.alpha_init
+
+
+def test_transfer_at_the_same_bit_width_resets_another_family_or_sign():
+    """Same bits is not enough to copy quantizer state: DoReFa activations have no alpha to give
+    PACT (the network is still copied), and a signed LSQ step is not an unsigned one's."""
+    x = torch.rand(2, 3, 6, 6)
+    src, dst = _one_conv("dorefa", 4), _one_conv("pact", 4)
+    src(x)  # moves the BatchNorm statistics
+    with torch.no_grad():
+        dst[0].input_quantizer.alpha.fill_(3.0)
+    transfer_weights(src, dst)
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k
+    assert dst[0].input_quantizer.alpha.item() == dst[0].input_quantizer.alpha_init
+    signed, unsigned = nn.Sequential(LSQQuantizer(4, signed=True)), nn.Sequential(
+        LSQQuantizer(4, signed=False))
+    signed(torch.randn(64))  # sets its step
+    transfer_weights(signed, unsigned)
+    assert not unsigned[0]._initialized and not bool(unsigned[0].initialized)
+
+
+def test_transfer_error_names_eight_keys_then_counts_them():
+    def linears(count):
+        return nn.Sequential(*(nn.Linear(1, 1) for _ in range(count)))
+
+    prefix = "cannot transfer weights from Sequential to Sequential: architectures differ; "
+    with pytest.raises(ValueError) as eight:
+        transfer_weights(linears(0), linears(4))
+    assert str(eight.value) == prefix + "missing in source: " + ", ".join(
+        f"{i}.{name}" for i in range(4) for name in ("bias", "weight"))
+    with pytest.raises(ValueError) as ten:
+        transfer_weights(linears(5), linears(0))
+    assert str(ten.value) == prefix + "extra in source: " + ", ".join(
+        f"{i}.{name}" for i in range(4) for name in ("bias", "weight")) + ", ... (10 in all)"
 
 
 def test_transfer_rejects_different_architectures():

@@ -65,6 +65,18 @@ def test_warmup_over_all_epochs_never_decays():
     assert warmup_factor(3, 0) == 1.0
 
 
+def test_cosine_factor_is_flat_before_its_decay_and_zero_from_its_end_on():
+    """1 before ``warmup_epochs`` (the warm-up alone shapes those epochs), 0 at and after
+    ``epochs``, a warm-up over every epoch included."""
+    assert cosine_factor(0, 10, warmup_epochs=2) == 1.0
+    assert cosine_factor(1, 10, warmup_epochs=2) == 1.0
+    assert lr_at(1, cfg(schedule="cosine", warmup_epochs=2)) == pytest.approx(0.1 * 0.55)
+    assert cosine_factor(12, 10) == 0.0
+    assert cosine_factor(4, 4, warmup_epochs=4) == 0.0
+    assert cosine_factor(5, 4, warmup_epochs=4) == 0.0
+    assert lr_at(10, cfg(schedule="cosine", warmup_epochs=10)) == 0.0
+
+
 def test_schedule_is_pure():
     c = cfg(schedule="cosine", warmup_epochs=1)
     first = [lr_at(e / 3, c) for e in range(31)]
