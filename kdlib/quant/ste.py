@@ -199,13 +199,15 @@ class _PACT(torch.autograd.Function):
 
     Gradients as in the paper's straight-through version: dy/dx = 1 for 0 < x < a, else 0;
     dy/da = 1 where x >= a, else 0 (the dependence of the grid step on ``a`` is ignored).
-    Computed on v = x * n / a, so every clip bound is a Python number (no ``.item()``).
+    The forward computes on v = x * n / a, the backward on u = x / a, so every clip bound is a
+    Python number (no ``.item()``). The gradients split on u, not v: a correctly rounded
+    division, u >= 1 exactly where x >= a, whereas the rounded product x * (n / a) can land a
+    float either side of n for x within a float of a.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, n: int) -> Tensor:  # noqa: D102
         ctx.save_for_backward(x, alpha)
-        ctx.n = n
         a = alpha.float()
         v = x.float() * (n / a)  # new tensor: the in-place ops below are safe
         return v.clamp_(0, n).round_().mul_(a / n).to(x.dtype)
@@ -213,13 +215,12 @@ class _PACT(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
         x, alpha = ctx.saved_tensors
-        n = ctx.n
         g = grad.float()
-        v = x.float() * (n / alpha.float())
-        grad_x = torch.ops.aten.hardtanh_backward(g, v, 0.0, float(n))  # grad where 0 < v < n
-        # threshold_backward keeps grad where v > t; with t the float just below n that is v >= n.
+        u = x.float() / alpha.float()  # a float below alpha gives u < 1, alpha itself u == 1
+        grad_x = torch.ops.aten.hardtanh_backward(g, u, 0.0, 1.0)  # grad where 0 < u < 1
+        # threshold_backward keeps grad where u > t; with t the float just below 1 that is u >= 1.
         # One fused pass instead of compare + where.
-        grad_alpha = torch.ops.aten.threshold_backward(g, v, _float32_below(n)).sum()
+        grad_alpha = torch.ops.aten.threshold_backward(g, u, _float32_below(1)).sum()
         return grad_x.to(grad.dtype), grad_alpha.reshape(alpha.shape).to(alpha.dtype), None
 
 
