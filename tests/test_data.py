@@ -321,6 +321,46 @@ def test_pickle_reaching_a_method_through_getattr_is_refused_and_never_executed(
     assert not marker.exists()
 
 
+def test_a_refused_global_raises_unsafe_pickle_error_not_a_corrupt_file_error(fake_data_root,
+                                                                              tmp_path):
+    """The refusal keeps its own type (exported for callers to catch): it is not reported as a
+    truncated or corrupt file, which would advise fetching a fresh copy of a hostile one."""
+    root = _copy_fake(fake_data_root, tmp_path)
+    path = root / "cifar-100-python" / "train"
+    path.write_bytes(pickle.dumps({"data": _Payload(os.getcwd), "fine_labels": [0]}, protocol=2))
+    with pytest.raises(D.UnsafePickleError) as err:
+        D.load_cifar100(root, train=True, download=False)
+    assert "refused" in str(err.value) and "truncated or corrupt" not in str(err.value)
+
+
+def test_keys_pickled_as_bytes_are_read_as_str(fake_data_root, tmp_path):
+    """A copy re-saved by Python 3 (protocol 4) has bytes keys: they name the same fields."""
+    root = _copy_fake(fake_data_root, tmp_path)
+    path = root / "cifar-100-python" / "test"
+    raw = _raw(path)
+    path.write_bytes(pickle.dumps({k.encode(): v for k, v in raw.items()}, protocol=4))
+    images, labels = D.load_cifar100(root, train=False, download=False)
+    assert labels.tolist() == raw["fine_labels"]
+    assert np.array_equal(images.reshape(len(images), -1).numpy(), raw["data"])
+
+
+def test_labels_stored_as_an_unsigned_array_load_as_int64(fake_data_root, tmp_path):
+    root = _copy_fake(fake_data_root, tmp_path)
+    path = root / "cifar-100-python" / "test"
+    raw = _raw(path)
+    write_pickle({**raw, "fine_labels": np.array(raw["fine_labels"], dtype=np.uint8)}, path)
+    _, labels = D.load_cifar100(root, train=False, download=False)
+    assert labels.dtype == torch.int64 and labels.tolist() == raw["fine_labels"]
+
+
+def test_the_first_bad_label_is_named_and_all_are_counted(fake_data_root, tmp_path):
+    root = _copy_fake(fake_data_root, tmp_path)
+    path = root / "cifar-100-python" / "train"
+    write_pickle(_label_at(7, -1)(_label_at(3, 100)(_raw(path))), path)
+    with pytest.raises(ValueError, match=r"label 100 at index 3 .*\(2 bad labels in total\)"):
+        D.load_cifar100(root, train=True, download=False)
+
+
 # --------------------------------------------------------------------------------------------
 # where the data comes from: root resolution and download
 # --------------------------------------------------------------------------------------------
@@ -341,6 +381,41 @@ def test_load_uses_env_var_and_accepts_the_folder_itself(fake_data_root, monkeyp
     assert len(D.load_cifar100(download=False)[1]) == N_FAKE_TRAIN
     assert len(D.load_cifar100(fake_data_root / "cifar-100-python", download=False)[1]) \
         == N_FAKE_TRAIN
+
+
+def test_an_empty_root_counts_as_no_root(monkeypatch, tmp_path):
+    """The notebooks pass data_dir="" for "not given": $KDLIB_DATA, then ./data, decide."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDLIB_DATA", str(tmp_path / "from_env"))
+    assert D.resolve_data_root("") == tmp_path / "from_env"
+    monkeypatch.delenv("KDLIB_DATA")
+    assert D.resolve_data_root("") == tmp_path / "data"
+
+
+def test_a_root_named_like_the_folder_that_holds_one_is_a_root(fake_data_root, tmp_path):
+    """A root called cifar-100-python that holds a cifar-100-python/ is read inside, even with a
+    stray meta file beside it."""
+    root = tmp_path / "cifar-100-python"
+    _copy_fake(fake_data_root, root)
+    (root / "meta").write_bytes(b"stray")
+    assert len(D.load_cifar100(root, download=False)[1]) == N_FAKE_TRAIN
+
+
+def test_an_empty_folder_named_like_the_data_folder_is_a_root_to_download_into(tmp_path,
+                                                                                 monkeypatch):
+    """Without a meta file the folder is not the data set itself: the archive goes inside it."""
+    monkeypatch.delenv("KDLIB_OFFLINE", raising=False)  # conftest forbids downloads
+    roots = []
+
+    def fake_download(url, download_root, **kwargs):
+        roots.append(download_root)
+        write_fake_cifar100(download_root)
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    assert len(D.load_cifar100(root, download=True)[1]) == N_FAKE_TRAIN
+    assert roots == [str(root)] and (root / "cifar-100-python" / "train").is_file()
 
 
 def test_missing_folder_without_download_says_where_and_how(tmp_path, monkeypatch):
@@ -466,6 +541,39 @@ def test_split_train_val_rejects_bad_size(val_size):
         D.split_train_val(_shuffled_labels(), val_size=val_size)
 
 
+def test_stratified_indices_may_take_every_sample_of_every_class():
+    labels = _shuffled_labels()
+    assert torch.equal(D.stratified_indices(labels, 200, seed=0), torch.arange(200))
+
+
+def test_too_large_a_balanced_subset_names_the_largest_allowed():
+    labels = torch.cat([torch.zeros(20, dtype=torch.long), torch.ones(3, dtype=torch.long)])
+    with pytest.raises(ValueError, match=r"allows size <= 6$"):  # 2 classes x 3 of the smaller
+        D.stratified_indices(labels, 10, seed=0)
+
+
+def test_split_train_val_returns_each_index_tensor_sorted():
+    train_idx, val_idx = D.split_train_val(_shuffled_labels(), val_size=30, seed=1)
+    assert torch.equal(train_idx, torch.sort(train_idx).values)
+    assert torch.equal(val_idx, torch.sort(val_idx).values)
+
+
+@pytest.mark.parametrize("call,fragment", [
+    pytest.param(lambda: D.stratified_indices(_shuffled_labels(), True, seed=0),
+                 "size must be an integer", id="size"),
+    pytest.param(lambda: D.split_train_val(_shuffled_labels(), val_size=True),
+                 "val_size must be an integer", id="val_size"),
+    pytest.param(lambda: D.train_batches(_random_images(4), torch.arange(4), True, seed=0,
+                                         epoch=0), "batch_size must be", id="train batch_size"),
+    pytest.param(lambda: D.eval_batches(_random_images(4), torch.arange(4), True),
+                 "batch_size must be", id="eval batch_size"),
+])
+def test_a_bool_is_not_a_size(call, fragment):
+    """True is an int to Python, not a size: each function names its own argument."""
+    with pytest.raises(ValueError, match=fragment):
+        call()
+
+
 # --------------------------------------------------------------------------------------------
 # load_splits and DataSplits (generated files)
 # --------------------------------------------------------------------------------------------
@@ -510,6 +618,16 @@ def test_load_splits_subsets_and_seed(fake_data_root):
 def test_load_splits_rejects_too_large_subset(fake_data_root):
     with pytest.raises(ValueError, match="size"):
         D.load_splits(fake_data_root, val_size=100, train_size=401)
+
+
+def test_load_splits_seed_picks_the_train_and_test_subsets(fake_data_root):
+    """Without a validation set the remaining training images are the same for every seed:
+    the subsets themselves must still change with it (a seed is a replicate)."""
+    a, b = (D.load_splits(fake_data_root, val_size=0, train_size=100, test_size=100, seed=s,
+                          download=False) for s in (0, 1))
+    assert len(a.val_labels) == 0 and len(a.train_labels) == len(a.test_labels) == 100
+    assert not torch.equal(a.train_images, b.train_images)
+    assert not torch.equal(a.test_images, b.test_images)
 
 
 def test_datasplits_to_and_repr(fake_data_root):
@@ -573,6 +691,29 @@ def test_augment_is_deterministic_per_generator_seed():
 def test_augment_rejects_float_input():
     with pytest.raises(ValueError, match="uint8"):
         D.augment(torch.rand(2, 3, 32, 32), torch.Generator())
+
+
+def test_normalize_rejects_images_without_three_channels():
+    with pytest.raises(ValueError, match="3 channels"):
+        D.normalize(_random_images(2)[:, :1])
+
+
+def test_augment_refuses_a_generator_on_another_device():
+    """Images on another device than the generator (a GPU's, there): checked before any work.
+    The meta device stands in for a GPU on a machine without one."""
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device="meta")
+    with pytest.raises(ValueError, match="generator is on cpu but images_u8 on meta"):
+        D.augment(images, torch.Generator())
+
+
+def test_augment_flips_half_the_images():
+    """p = 1/2: 9x10 images whose rows increase from 1 to 10; the middle of the middle row is
+    never padding at any offset, and says whether the image was mirrored. 20,000 draws of a
+    fixed generator."""
+    images = torch.arange(1, 11, dtype=torch.uint8).view(1, 1, 1, 10).repeat(20_000, 1, 9, 1)
+    out = D.augment(images, torch.Generator().manual_seed(0))
+    flipped = (out[:, 0, 4, 4] > out[:, 0, 4, 5]).float().mean().item()
+    assert 0.48 < flipped < 0.52
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,6 +783,27 @@ def test_train_batches_rejects_bad_arguments_at_call(id_data, kwargs, fragment):
     args = {"images": images, "labels": ids, "batch_size": 16, "seed": 0, "epoch": 0, **kwargs}
     with pytest.raises(ValueError, match=fragment):
         D.train_batches(**args)  # raised before iterating
+
+
+def test_train_batches_name_a_negative_seed(id_data):
+    images, ids = id_data
+    with pytest.raises(ValueError, match="seed=-1"):
+        D.train_batches(images, ids, 16, seed=-1, epoch=0)
+
+
+def test_batches_refuse_labels_on_another_device_at_call(id_data):
+    images, ids = id_data
+    elsewhere = ids.to("meta")  # another device than the images' (a GPU's, there)
+    with pytest.raises(ValueError, match="labels on meta"):
+        D.train_batches(images, elsewhere, 16, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="labels on meta"):
+        D.eval_batches(images, elsewhere, 16)
+
+
+def test_train_batches_a_batch_as_large_as_the_set_is_one_batch(id_data):
+    images, ids = id_data
+    batches = list(D.train_batches(images, ids, 50, seed=0, epoch=0, augment=False))
+    assert len(batches) == 1 and torch.equal(torch.sort(batches[0][1]).values, ids)
 
 
 def test_eval_batches_in_order_complete_unaugmented(id_data):

@@ -146,6 +146,68 @@ def test_a_broken_or_missing_part_is_refused_by_name(fake_data_root, tmp_path):
         lease.pack_data(tmp_path / "nowhere", tmp_path / "x", part_mib=1)
 
 
+def _split(blob: bytes, folder: Path, part_bytes: int, stem: str = "blob") -> dict:
+    """A manifest as `pack_data` writes one: the parts and the whole's sha256."""
+    import hashlib
+    from kdlib.lease.transfer import split_into_parts
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"sha256": hashlib.sha256(blob).hexdigest(),
+            "parts": split_into_parts(blob, folder, stem, part_bytes)}
+
+
+def test_sha256_of_hashes_all_of_a_file_longer_than_one_read(tmp_path):
+    import hashlib
+
+    head = bytes(2 * lease.MIB)  # reads go 1 MiB at a time: the files differ after two
+    (tmp_path / "a").write_bytes(head + b"tail a")
+    (tmp_path / "b").write_bytes(head + b"tail b")
+    assert lease.sha256_of(tmp_path / "a") == hashlib.sha256(head + b"tail a").hexdigest()
+    assert lease.sha256_of(tmp_path / "a") != lease.sha256_of(tmp_path / "b")
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 9])
+def test_parts_join_back_to_the_blob_whatever_its_last_part_holds(size, tmp_path):
+    from kdlib.lease.transfer import join_parts
+
+    blob = bytes(range(size))
+    manifest = _split(blob, tmp_path, part_bytes=4)
+    assert [p["bytes"] for p in manifest["parts"]] == [min(4, size - s) for s in range(0, size, 4)]
+    assert join_parts(tmp_path, manifest) == blob
+
+
+def test_join_parts_names_the_part_that_broke_in_transfer(tmp_path):
+    from kdlib.lease.transfer import join_parts
+
+    manifest = _split(bytes(range(10)), tmp_path, part_bytes=4)
+    second = tmp_path / manifest["parts"][1]["name"]
+    second.write_bytes(b"XXXX")
+    with pytest.raises(ValueError, match=f"{second.name} does not match its sha256 in the "
+                                         "manifest: carry it again"):
+        join_parts(tmp_path, manifest)
+
+
+def test_join_parts_says_how_to_bring_a_missing_part(tmp_path):
+    from kdlib.lease.transfer import join_parts
+
+    manifest = _split(bytes(range(10)), tmp_path, part_bytes=4)
+    (tmp_path / manifest["parts"][1]["name"]).unlink()
+    with pytest.raises(FileNotFoundError, match=r"blob\.01 is missing: carry \.lease/blob\.01 "
+                                                r"in a call and run .*lease store"):
+        join_parts(tmp_path, manifest)
+
+
+def test_join_parts_refuses_intact_parts_of_two_archives(tmp_path):
+    """Each part matches its own sha256, but they come from two `lease prepare` runs."""
+    from kdlib.lease.transfer import join_parts
+
+    first = _split(bytes(range(10)), tmp_path, part_bytes=4, stem="one")
+    second = _split(bytes(range(10, 20)), tmp_path, part_bytes=4, stem="two")
+    mixed = {"sha256": first["sha256"], "parts": [first["parts"][0], *second["parts"][1:]]}
+    with pytest.raises(ValueError, match="reassembled archive does not match its sha256"):
+        join_parts(tmp_path, mixed)
+
+
 def test_outputs_split_into_at_most_eight_files_and_come_back_whole(tmp_path):
     results = tmp_path / "results"
     (results / "runs").mkdir(parents=True)
