@@ -194,6 +194,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.cuda_graphs and cfg.compile:
         raise ValueError("cuda_graphs=True replays the eager step's kernels; it does not combine "
                          "with compile=True (set one of them False)")
+    # a starting point the method does not take: `train --method individual --init-id T` trained
+    # a fine-tune recorded as `individual`, and a teacher was refused only once training began
+    if cfg.teacher_id is not None and cfg.method not in KD_METHODS:
+        raise ValueError(f"teacher_id is set but method={cfg.method!r} distils from no teacher; "
+                         f"methods that do: {', '.join(KD_METHODS)}")
+    if cfg.init_id is not None and cfg.method not in INIT_METHODS:
+        raise ValueError(f"init_id is set but method={cfg.method!r} starts from random weights; "
+                         f"methods that start from a trained model: {', '.join(INIT_METHODS)}")
     if list(cfg.milestones) != sorted(cfg.milestones):
         raise ValueError(f"milestones={list(cfg.milestones)!r} must be increasing fractions "
                          "of epochs")

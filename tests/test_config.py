@@ -174,3 +174,21 @@ def test_an_override_of_the_preset_or_model_is_refused_not_ignored(overrides):
         build_config("smoke", "resnet8", overrides=overrides)
     cfg = build_config("smoke", "resnet8", overrides={"epochs": 3})
     assert (cfg.preset, cfg.model, cfg.epochs) == ("smoke", "resnet8", 3)
+
+
+@pytest.mark.parametrize("method", ["teacher", "individual"])
+def test_a_starting_point_the_method_does_not_take_is_refused(method):
+    """`individual` with an init would be a fine-tune under its name; no method but the KD ones
+    takes a teacher. Every method takes what its planner gives it."""
+    from kdlib.config import INIT_METHODS, KD_METHODS, METHODS
+
+    with pytest.raises(ValueError, match=f"init_id is set but method='{method}' starts from "
+                                         "random weights; methods that start from a trained"):
+        validate(RunConfig(method=method, init_id="r"))
+    with pytest.raises(ValueError, match=f"teacher_id is set but method='{method}' distils "):
+        validate(RunConfig(method=method, teacher_id="t"))
+    for other in METHODS:
+        validate(RunConfig(method=other, init_id="r" if other in INIT_METHODS else None,
+                           teacher_id="t" if other in KD_METHODS else None))
+    with pytest.raises(ValueError, match="teacher_id is set but method='finetune'"):
+        validate(RunConfig(method="finetune", init_id="r", teacher_id="t"))
