@@ -47,7 +47,7 @@ class RunConfig:
     quantize_first_last: bool = False  # first conv / last linear stay fp32 by default
     method: str = "individual"  # one of METHODS (see kdlib.experiments)
     teacher_id: str | None = None  # run id of the teacher (KD methods)
-    init_id: str | None = None  # run id whose weights initialise this run
+    init_id: str | None = None  # run id whose weights initialise this run (not teacher, individual)
     seed: int = 0  # initial weights, data order and augmentation of this run
     # --- data
     split_seed: int = 0  # seed of the stratified train/val split (fixed across run seeds)
