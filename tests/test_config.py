@@ -51,6 +51,25 @@ def test_format_bits_is_the_inverse_of_parse_bits(w_bits, a_bits):
     ("schedule", "linear", r"schedule='linear' is unknown; accepted: cosine, multistep"),
     ("train_size", 49000, r"train_size=49000 is invalid"),
     ("batch_size", 0, r"batch_size=0 is invalid"),
+    ("val_size", 20000, r"val_size=20000 is invalid"),
+    ("test_size", 20000, r"test_size=20000 is invalid"),
+    ("train_size", 1000.5, r"train_size=1000.5 is invalid; expected an integer"),
+    ("momentum", 1.5, r"momentum=1.5 is invalid"),
+    ("weight_decay", -0.1, r"weight_decay=-0.1 is invalid"),
+    ("lr_gamma", 0.0, r"lr_gamma=0.0 is invalid"),
+    ("warmup_epochs", 201, r"warmup_epochs=201 is invalid"),  # more than the 200 epochs
+    ("label_smoothing", 1.5, r"label_smoothing=1.5 is invalid"),
+    ("milestones", (0.75, 0.5), r"milestones=\[0.75, 0.5\] must be increasing"),
+    ("milestones", (0.0, 0.5), r"milestones=0.0 is invalid"),
+    ("group_weights", "yes", r"group_weights='yes' is invalid; expected True or False"),
+    ("epochs", True, r"epochs=True is invalid"),
+    ("seed", -1, r"seed=-1 is invalid"),
+    ("split_seed", -1, r"split_seed=-1 is invalid"),
+    ("recipe", 0, r"recipe=0 is invalid"),
+    ("kd_mode", "fitnet", r"kd_mode='fitnet' is unknown; accepted: hinton, apprentice"),
+    ("precision", "fp16", r"precision='fp16' is unknown"),
+    ("eval_batch_size", 0, r"eval_batch_size=0 is invalid"),
+    ("num_classes", 1, r"num_classes="),
 ])
 def test_validate_rejects_bad_values(field, value, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -192,3 +211,46 @@ def test_a_starting_point_the_method_does_not_take_is_refused(method):
                            teacher_id="t" if other in KD_METHODS else None))
     with pytest.raises(ValueError, match="teacher_id is set but method='finetune'"):
         validate(RunConfig(method="finetune", init_id="r", teacher_id="t"))
+
+
+def test_run_id_names_model_method_bits_and_seed():
+    cfg = RunConfig(model="resnet8", method="finetune", w_bits=4, a_bits=8, seed=3, split_seed=5)
+    assert re.fullmatch(r"resnet8-finetune-w4a8-s3-[0-9a-f]{10}", cfg.run_id())
+
+
+def test_the_execution_only_fields_are_these_and_no_more():
+    """The run-id test above takes the list as given; this pins the list itself (a field taken
+    in or out changes every id, and the committed records would no longer be found)."""
+    from kdlib.config import EXECUTION_ONLY_FIELDS
+
+    assert set(EXECUTION_ONLY_FIELDS) == {"eval_batch_size", "preset", "cuda_graphs",
+                                          "group_weights"}
+    base = RunConfig()
+    assert base.replace(group_weights=False, cuda_graphs=True).run_id() == base.run_id()
+    assert base.replace(precision="bf16").run_id() != base.run_id()
+
+
+def test_every_committed_record_is_found_under_its_configs_run_id():
+    """A run id is a function of the config alone: the committed records, written by this
+    recipe, must still be named by it (a change to the hash would retrain them all)."""
+    import json
+    from pathlib import Path
+
+    from kdlib.config import RECIPE_VERSION
+
+    paths = sorted(Path(__file__).resolve().parent.parent.glob("results/*/runs/*.json"))
+    checked = 0
+    for path in paths:
+        record = json.loads(path.read_text())
+        cfg = RunConfig.from_dict(record["config"])
+        if cfg.recipe != RECIPE_VERSION:
+            continue
+        assert cfg.run_id() == record["run_id"] == path.stem, path
+        checked += 1
+    assert checked >= 100
+
+
+def test_cuda_graphs_and_compile_are_not_combined():
+    with pytest.raises(ValueError, match="does not combine with compile=True"):
+        validate(RunConfig(cuda_graphs=True, compile=True))
+    assert validate(RunConfig(cuda_graphs=True)).cuda_graphs

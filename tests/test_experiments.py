@@ -34,6 +34,12 @@ METRICS = {"best_epoch", "best_val_top1", "best_val_top5", "test_top1", "test_to
     (dict(model="resnet21"), "model='resnet21' is unknown"),
     (dict(overrides={"kd_alpha": 2.0}), "kd_alpha=2.0 is invalid"),
     (dict(preset="fast"), "preset='fast' is unknown"),
+    (dict(chain=[32, 8, "4/16"]), "is not descending"),
+    (dict(chain=["32/8", 4]), "does not start at 32"),
+    (dict(seeds=[-1]), "seed -1 is invalid"),
+    (dict(seeds=[True]), "seed True is invalid"),
+    (dict(seeds=[0, 0]), r"seeds=\[0, 0\] has duplicates"),
+    (dict(methods=["finetune", "finetune"]), "has duplicates"),
 ])
 def test_bad_input_fails_before_anything_is_written(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -301,3 +307,103 @@ def test_an_override_of_what_the_plan_sets_is_refused_not_ignored(field):
         plan_grid(preset="smoke", model="resnet8", overrides={field: 3})
     assert {cfg.epochs for cfg in plan_grid(preset="smoke", model="resnet8", chain=[32, 8],
                                             overrides={"epochs": 3})} == {3}
+
+
+def test_progressive_links_learn_from_nobody_and_start_from_the_link_above():
+    """progressive is the chain's init path with cross-entropy alone: no link has a teacher."""
+    plan = experiments.plan_chain("smoke", "resnet8", 0, [32, 8, 4, 1], method="progressive")
+    head, links = plan[0], plan[1:]
+    assert head.method == "teacher" and [link.method for link in links] == ["progressive"] * 3
+    assert all(link.teacher_id is None for link in links)
+    assert [link.init_id for link in links] == [cfg.run_id() for cfg in plan[:-1]]
+
+
+def test_a_chain_under_a_trained_head_plans_only_its_links(tmp_path):
+    """With a trained run at the chain's head no teacher is planned (it would train one that
+    nothing uses); the head must have the first link's bits; it fixes one seed."""
+    from kdlib.results import save_record
+
+    head = experiments.plan_teacher("smoke", "resnet8", 0, {"epochs": 2})
+    plan = experiments.plan_chain("smoke", "resnet8", 0, [32, 8, 4], head=head)
+    assert [(c.method, c.w_bits) for c in plan] == [("ta_chain", 8), ("ta_chain", 4)]
+    assert plan[0].teacher_id == plan[0].init_id == head.run_id()
+    with pytest.raises(ValueError, match="has w32/a32 bits but the chain starts at 16/16"):
+        experiments.plan_chain("smoke", "resnet8", 0, [16, 8], head=head)
+    save_record(tmp_path, {"run_id": head.run_id(), "config": head.to_dict(), "metrics": {},
+                           "history": []})
+    with pytest.raises(ValueError, match="give a single seed"):
+        experiments.run_ta_chain(preset="smoke", model="resnet8", seeds=[0, 1], chain=[32, 8],
+                                 methods=["ta_chain"], teacher_run_id=head.run_id(),
+                                 results_dir=tmp_path, data_dir=tmp_path / "nodata")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [f"{head.run_id()}.json"]
+
+
+def test_students_are_planned_at_every_width_but_the_teachers_own():
+    """Only 32/32 is the teacher; a 32-bit-weight, 8-bit-activation student is a student."""
+    plan = experiments.plan_students("smoke", "resnet8", 0, ["finetune"], [32, "32/8", 4])
+    assert [(c.method, c.w_bits, c.a_bits) for c in plan] == [
+        ("teacher", 32, 32), ("finetune", 32, 8), ("finetune", 4, 4)]
+    with pytest.raises(ValueError, match="has no student width"):
+        experiments.plan_students("smoke", "resnet8", 0, ["finetune"], [32])
+
+
+def test_a_grid_plans_each_run_once_and_its_dependencies_first():
+    plan = experiments.plan_grid(preset="smoke", model="resnet8", seeds=[0, 1], chain=[32, 8, 1])
+    ids = [cfg.run_id() for cfg in plan]
+    assert len(ids) == len(set(ids))
+    # per seed: teacher + 3 chain methods x 2 links + 4 student methods x 2 widths
+    assert len(plan) == 2 * 15
+    assert [cfg.seed for cfg in plan if cfg.method == "teacher"] == [0, 1]
+    for i, cfg in enumerate(plan):
+        for dep in (cfg.teacher_id, cfg.init_id):
+            assert dep is None or dep in ids[:i], (cfg.method, cfg.w_bits)
+
+
+def test_a_run_whose_training_is_recorded_under_another_name_copies_it(tmp_path, monkeypatch):
+    """direct_kd at the first link is ta_chain's training: no training, a record of its own
+    under its own id and config that names the run that trained it."""
+    from kdlib.presets import build_config
+    from kdlib.results import find_record, save_record
+    from kdlib.trained import TrainedIndex
+
+    teacher = experiments.plan_teacher("smoke", "resnet8", 0)
+
+    def link(method):
+        return build_config("smoke", "resnet8", overrides={
+            "method": method, "w_bits": 8, "a_bits": 8, "seed": 0,
+            "teacher_id": teacher.run_id(), "init_id": teacher.run_id()})
+
+    chain8, direct8 = link("ta_chain"), link("direct_kd")
+    save_record(tmp_path, {"run_id": chain8.run_id(), "config": chain8.to_dict(),
+                           "training_key": TrainedIndex().key(chain8),
+                           "metrics": {"test_top1": 12.5}, "history": []})
+    monkeypatch.setattr(experiments, "fit", lambda *a, **k: pytest.fail("trained an alias"))
+    record = experiments.train_run(direct8, None, tmp_path, progress=False)
+    assert record == find_record(tmp_path, direct8.run_id())
+    assert record["run_id"] == direct8.run_id() and record["config"]["method"] == "direct_kd"
+    assert record["same_run_as"] == chain8.run_id() and record["metrics"] == {"test_top1": 12.5}
+    assert experiments.done_line(direct8.run_id(), record).endswith(
+        f"(same run as {chain8.run_id()})")
+
+
+def test_under_a_budget_an_alias_costs_nothing_and_its_original_is_admitted(tmp_path):
+    from kdlib.presets import build_config
+    from kdlib.trained import TrainedIndex
+
+    teacher = experiments.plan_teacher("smoke", "resnet8", 0)
+
+    def link(method):
+        return build_config("smoke", "resnet8", overrides={
+            "method": method, "w_bits": 8, "a_bits": 8, "seed": 0,
+            "teacher_id": teacher.run_id(), "init_id": teacher.run_id()})
+
+    class Admits:
+        def admit(self, cfg, epochs_done=0):
+            return ("admitted", cfg.run_id(), epochs_done)
+
+    chain8, direct8 = link("ta_chain"), link("direct_kd")
+    index = TrainedIndex()
+    index.claim(chain8)
+    assert experiments.budget_admission(direct8, Admits(), index, tmp_path) is None
+    assert experiments.budget_admission(chain8, Admits(), index, tmp_path) \
+        == ("admitted", chain8.run_id(), 0)
