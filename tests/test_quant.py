@@ -278,16 +278,20 @@ def test_pact_gradients(k):
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
-def test_pact_alpha_gradient_starts_at_alpha_not_a_float_below(k):
-    """dy/dalpha = 1 where x >= alpha and dy/dx = 1 where x < alpha, to the last float: the
-    largest float32 below alpha is inside the clip. alpha = 2^k - 1 makes x * n / alpha exact."""
-    alpha_np = np.float32(2 ** k - 1)
-    below, above = np.nextafter(alpha_np, np.float32(0)), np.nextafter(alpha_np, np.float32(np.inf))
-    x = torch.tensor([float(below), float(alpha_np), float(above)], requires_grad=True)
-    alpha = torch.tensor(float(alpha_np), requires_grad=True)
-    (pact_activation(x, alpha, k) * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
-    assert x.grad.tolist() == [1.0, 0.0, 0.0]
-    assert alpha.grad.item() == 110.0
+def test_pact_clip_gradients_split_at_alpha_itself_for_any_alpha(k):
+    """dy/dx = 1 for 0 < x < alpha, dy/dalpha = 1 for x >= alpha, to the last float and decided
+    on x and alpha themselves: the rounded product x * (n / alpha) lands a float the other side
+    of n for x at or next to alpha for about one alpha in four of these (2^k - 1 among them,
+    where that product is exact), and must not move the split."""
+    alphas = [*np.linspace(0.1, 10, 150, dtype=np.float32), np.float32(2 ** k - 1)]
+    for alpha_value in alphas:
+        below = np.nextafter(alpha_value, np.float32(0))
+        above = np.nextafter(alpha_value, np.float32(np.inf))
+        x = torch.tensor(np.array([below, alpha_value, above]), requires_grad=True)
+        alpha = torch.tensor(alpha_value, requires_grad=True)
+        (pact_activation(x, alpha, k) * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
+        assert x.grad.tolist() == [1.0, 0.0, 0.0], alpha_value
+        assert alpha.grad.item() == 110.0, alpha_value
 
 
 @pytest.mark.parametrize("k,signed",
@@ -730,17 +734,3 @@ def test_learned_scale_at_or_below_zero_is_clamped(make, bad):
     out.sum().backward()
     assert param.grad is not None and torch.isfinite(param.grad).all()
 
-
-@pytest.mark.parametrize("k", [2, 4, 8])
-def test_pact_clip_gradients_split_at_alpha_itself_for_any_alpha(k):
-    """dy/dx = 1 for 0 < x < alpha, dy/dalpha = 1 for x >= alpha, decided on x and alpha
-    themselves: the rounded product x * (n / alpha) lands a float the other side of n for x at
-    or next to alpha for about one alpha in four here, and must not move the split."""
-    for alpha_value in np.linspace(0.1, 10, 150, dtype=np.float32):
-        below = np.nextafter(alpha_value, np.float32(0))
-        above = np.nextafter(alpha_value, np.float32(np.inf))
-        x = torch.tensor(np.array([below, alpha_value, above]), requires_grad=True)
-        alpha = torch.tensor(alpha_value, requires_grad=True)
-        (pact_activation(x, alpha, k) * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
-        assert x.grad.tolist() == [1.0, 0.0, 0.0], alpha_value
-        assert alpha.grad.item() == 110.0, alpha_value
