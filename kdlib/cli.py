@@ -28,12 +28,14 @@ from kdlib.budget import Budget, RunTimer, load_bench
 from kdlib.device import device_kind, pick_device
 from kdlib.executors import (EXECUTORS, GridRunError, MissingExtraError, check_resources,
                              execute_processes, execute_ray, import_ray)
-from kdlib.experiments import execute, plan_grid, plan_students
+from kdlib.experiments import (check_methods, check_seeds, execute, plan_chain, plan_grid,
+                               plan_students, plan_teacher)
 from kdlib.lease.commands import add_lease_parser
 from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS,
                            TEACHER_SCHEDULE_METHODS, build_config, get_preset, preset_model)
 from kdlib.report import render_readme, stale_readme_figures
 from kdlib.results import load_records, load_results, summarise, untrained
+from kdlib.run_order import unique_runs
 from kdlib.tblog import TENSORBOARD_ENV
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -87,17 +89,31 @@ def notebook_parameters(args: argparse.Namespace, name: str, results_dir: Path) 
     return params
 
 
-def _announce_plan(args: argparse.Namespace, results_dir: Path) -> None:
-    """How much of the grid is already trained, so nobody waits for training that won't happen."""
+def _announce_plan(what: str, plan: list, args: argparse.Namespace, results_dir: Path) -> None:
+    """How much of the plan is already trained, so nobody waits for training that won't happen."""
     seeds = list(args.seeds or get_preset(args.preset).seeds)
-    plan = plan_grid(preset=args.preset, model=model_of(args), seeds=seeds,
-                     chain=args.chain or None, chain_methods=args.chain_methods or None,
-                     methods=args.methods or None, overrides=parse_overrides(args.set))
     done = len(plan) - len(untrained(plan, results_dir))
-    print(f"grid: {len(plan)} runs (preset {args.preset}, seeds {seeds}); {done} already have "
+    print(f"{what}: {len(plan)} runs (preset {args.preset}, seeds {seeds}); {done} already have "
           f"records in {results_dir / 'runs'} and are skipped, {len(plan) - done} to train"
           + (f". To retrain from scratch, delete {results_dir} or pass --results-dir"
              if done else ""), flush=True)
+
+
+# {option: (its attribute, the notebooks that read it)}; 04 reads only --preset and --results-dir
+NOTEBOOK_OPTIONS = {"--seeds": ("seeds", ("01", "02", "03")),
+                    "--set": ("set", ("01", "02", "03")), "--chain": ("chain", ("02", "03")),
+                    "--chain-methods": ("chain_methods", ("02",)),
+                    "--methods": ("methods", ("03",)), "--bits": ("bits", ("03",))}
+
+
+def notebook_options(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Refuse an option that no selected notebook reads: `run --only 04 --bits 4` trained and
+    showed nothing at 4 bits, silently."""
+    ignored = [f"{flag} is read by notebook {' / '.join(readers)} only: add it to --only or "
+               f"leave {flag} out" for flag, (name, readers) in NOTEBOOK_OPTIONS.items()
+               if getattr(args, name) and not any(n.startswith(readers) for n in names)]
+    if ignored:
+        raise UserError("; ".join(ignored))
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -108,18 +124,21 @@ def command_run(args: argparse.Namespace) -> int:
         raise UserError(f"--only {' '.join(unknown)} names no notebook; accepted: "
                         f"{', '.join(known)} or their first digits (01 ... 04)")
     names = [n for n in known if not args.only or any(n.startswith(o) for o in args.only)]
+    notebook_options(args, names)
     notebook_runs.kernels_import_this_checkout()
     notebook_runs.kernels_read_the_commands_data_root()
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
-    _announce_plan(args, results_dir)
+    plan = _run_plan(args, names)
+    if plan:  # 04 alone trains nothing
+        _announce_plan(f"notebooks {' '.join(n[:2] for n in names)}", plan, args, results_dir)
     executed = results_dir / "executed"
     executed.mkdir(parents=True, exist_ok=True)
     log_path = notebook_runs.start_log(results_dir / "logs", echo=args.log_output)
     print(f"log: {log_path}", flush=True)
-    if args.executor == "ray" and set(names) - {"04_results"}:
-        _train_on_ray(_run_plan(args), args, results_dir)  # the notebooks then find the records
-    elif args.executor == "processes" and set(names) - {"04_results"}:
-        execute_processes(_run_plan(args), jobs=args.jobs, data_dir=args.data_dir,
+    if args.executor == "ray" and plan:
+        _train_on_ray(plan, args, results_dir)  # the notebooks then find the records
+    elif args.executor == "processes" and plan:
+        execute_processes(plan, jobs=args.jobs, data_dir=args.data_dir,
                           results_dir=results_dir, device=args.device,
                           tensorboard=not args.no_tensorboard)
     for name in names:
@@ -174,11 +193,8 @@ def command_grid(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results_dir = Path(args.results_dir or default_results_dir(args.preset)).resolve()
-    _announce_plan(args, results_dir)
-    plan = plan_grid(preset=args.preset, model=model_of(args),
-                     seeds=list(args.seeds or get_preset(args.preset).seeds),
-                     chain=args.chain or None, chain_methods=args.chain_methods or None,
-                     methods=args.methods or None, overrides=parse_overrides(args.set))
+    plan = _grid_plan(args)
+    _announce_plan("grid", plan, args, results_dir)
     budget = _grid_budget(args, results_dir)
     if args.executor == "ray":
         if budget is not None:
@@ -243,19 +259,34 @@ def _grid_budget(args: argparse.Namespace, results_dir: Path) -> Budget | None:
     return Budget(60.0 * args.budget_min, timer, span=not args.no_span)
 
 
-def _run_plan(args: argparse.Namespace) -> list:
-    """What `run`'s notebooks train: the grid, plus notebook 03's students at --bits."""
-    seeds = list(args.seeds or get_preset(args.preset).seeds)
-    overrides = parse_overrides(args.set)
-    plan = plan_grid(preset=args.preset, model=model_of(args), seeds=seeds,
+def _grid_plan(args: argparse.Namespace) -> list:
+    """`grid`'s plan: the preset's grid, with what the command line changes."""
+    return plan_grid(preset=args.preset, model=model_of(args),
+                     seeds=list(args.seeds or get_preset(args.preset).seeds),
                      chain=args.chain or None, chain_methods=args.chain_methods or None,
-                     methods=args.methods or None, overrides=overrides)
-    if args.bits:
-        methods = list(args.methods or get_preset(args.preset).methods)
-        plan += [cfg for s in seeds
-                 for cfg in plan_students(args.preset, model_of(args), s, methods, args.bits,
-                                          overrides)]
-    return plan
+                     methods=args.methods or None, overrides=parse_overrides(args.set))
+
+
+def _run_plan(args: argparse.Namespace, names: Sequence[str]) -> list:
+    """What the selected notebooks train, each run once, dependencies first (the executor
+    changes how the runs are trained, never which): 01 the teacher, 02 the chain methods along
+    the chain, 03 the student methods at --bits (default: the chain's widths)."""
+    spec = get_preset(args.preset)
+    model, overrides = model_of(args), parse_overrides(args.set)
+    chain = list(args.chain or spec.chain)
+    chain_methods = check_methods(args.chain_methods or spec.chain_methods, CHAIN_METHODS,
+                                  "notebook 02 / run_ta_chain")
+    plan = []
+    for s in check_seeds(args.seeds or spec.seeds):
+        if "01_baseline" in names:
+            plan.append(plan_teacher(args.preset, model, s, overrides))
+        if "02_ta_chain" in names:
+            plan += [cfg for m in chain_methods
+                     for cfg in plan_chain(args.preset, model, s, chain, overrides, method=m)]
+        if "03_individual" in names:
+            plan += plan_students(args.preset, model, s, list(args.methods or spec.methods),
+                                  args.bits or chain[1:], overrides)
+    return unique_runs(plan)
 
 
 def _train_on_ray(plan: list, args: argparse.Namespace, results_dir: Path) -> None:

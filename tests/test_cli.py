@@ -102,7 +102,7 @@ def test_train_one_job_from_the_shell(real_data_root, tmp_path):
 @pytest.mark.slow
 def test_run_stops_on_failing_notebook(real_data_root, tmp_path):
     proc = kdlib("run", "--model", "resnet8", "--only", "04", "--data-dir", str(real_data_root),
-                 "--results-dir", str(tmp_path), *TINY)  # 04 with no records to show
+                 "--results-dir", str(tmp_path))  # 04 with no records to show
     assert proc.returncode == 1
     assert "notebook 04_results failed: FileNotFoundError" in proc.stderr
     assert (tmp_path / "executed" / "04_results.ipynb").exists()

@@ -253,10 +253,17 @@ def test_train_refuses_a_set_of_a_field_that_has_its_own_option(tmp_path, capsys
     (["grid", "--executor", "ray", "--threads", "2"], "a Ray run's torch threads are its --cpus"),
     (["grid", "--no-span"], "--no-span is read with --budget-min only"),
     (["grid", "--executor", "processes", "--bench-dir", "b"], "--bench-dir is read with --budget"),
+    (["run", "--only", "04", "--bits", "4"], "--bits is read by notebook 03 only"),
+    (["run", "--only", "01", "03", "--chain-methods", "ta_chain"], "--chain-methods is read by "
+                                                                    "notebook 02 only"),
+    (["run", "--only", "01", "--chain", "32", "4"], "--chain is read by notebook 02 / 03 only"),
+    (["run", "--only", "04", "--seeds", "1"], "--seeds is read by notebook 01 / 02 / 03 only"),
+    (["run", "--only", "02", "--methods", "finetune"], "--methods is read by notebook 03 only"),
 ])
-def test_an_option_the_executor_would_ignore_is_refused_before_anything_runs(
+def test_an_option_nothing_would_read_is_refused_before_anything_runs(
         argv, refused, tmp_path, capsys, monkeypatch):
-    """`grid --jobs 4` without `--executor processes` trained one run at a time, silently."""
+    """`grid --jobs 4` without `--executor processes` trained one run at a time, and `run
+    --only 04 --bits 4` showed no 4-bit students, silently."""
     import kdlib.cli as cli
 
     def must_not_run(*args, **kwargs):
@@ -286,3 +293,35 @@ def test_options_the_executor_reads_pass_and_the_rest_take_their_defaults(argv, 
     args = build_parser().parse_args(argv)
     executor_options(args)
     assert {name: getattr(args, name) for name in expected} == expected
+
+
+def _planned(argv, tmp_path, monkeypatch):
+    """What `run` hands the processes executor (the notebooks themselves are not executed)."""
+    import kdlib.cli as cli
+
+    handed = []
+    monkeypatch.setattr(cli, "execute_processes", lambda plan, **kw: handed.extend(plan))
+    monkeypatch.setattr(cli.notebook_runs, "execute", lambda *a, **kw: None)
+    assert main(["run", "--preset", "smoke", "--model", "resnet8", "--executor", "processes",
+                 "--results-dir", str(tmp_path / "r"), *argv]) == 0
+    return [(c.method, c.w_bits, c.a_bits, c.seed) for c in handed]
+
+
+def test_run_hands_the_executor_what_the_selected_notebooks_train_and_nothing_else(
+        tmp_path, monkeypatch, capsys):
+    """`run --only 01 --executor processes` trained the whole grid before notebook 01, and
+    `--bits 3` trained the students at the chain's widths too, which no notebook asked for."""
+    from kdlib.experiments import plan_grid
+
+    assert _planned(["--only", "01", "--seeds", "0", "1"], tmp_path, monkeypatch) \
+        == [("teacher", 32, 32, 0), ("teacher", 32, 32, 1)]
+    assert _planned(["--only", "02", "--chain", "32", "8", "--chain-methods", "progressive"],
+                    tmp_path, monkeypatch) == [("teacher", 32, 32, 0), ("progressive", 8, 8, 0)]
+    assert _planned(["--only", "03", "--bits", "3", "--methods", "finetune"], tmp_path,
+                    monkeypatch) == [("teacher", 32, 32, 0), ("finetune", 3, 3, 0)]
+    # all four notebooks: the grid, each run once, dependencies first
+    grid = plan_grid(preset="smoke", model="resnet8", seeds=[0, 1])
+    assert _planned(["--seeds", "0", "1"], tmp_path, monkeypatch) \
+        == [(c.method, c.w_bits, c.a_bits, c.seed) for c in grid]
+    assert f"notebooks 01 02 03 04: {len(grid)} runs" in capsys.readouterr().out
+    assert _planned(["--only", "04"], tmp_path, monkeypatch) == []  # 04 only reads records

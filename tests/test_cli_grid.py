@@ -44,7 +44,7 @@ def test_grid_trains_without_notebooks_then_announces_everything_skipped(real_da
 
 def test_announce_plan_counts_records_it_finds(tmp_path, capsys):
     args = cli.build_parser().parse_args(["grid", *GRID, "--results-dir", str(tmp_path)])
-    cli._announce_plan(args, tmp_path)
+    cli._announce_plan("grid", cli._grid_plan(args), args, tmp_path)
     out = capsys.readouterr().out
     assert out.startswith("grid: 4 runs (preset smoke, seeds [0]); 0 already have records")
     assert "to retrain" not in out  # nothing to start over from yet
