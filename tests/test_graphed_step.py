@@ -123,21 +123,27 @@ def test_cuda_graphs_refuses_compile():
 
 
 def test_the_capture_sees_no_warm_up_gradients(splits, monkeypatch):
-    """Gradients left by the eager warm-up are freed before the capture, whose backward then
-    allocates the graph's own (a graph that accumulated into them would double every step)."""
+    """The capture comes after eager warm-up steps (on CUDA the first steps allocate library
+    workspaces and kdlib's caches, which a capture may not do). Gradients left by the warm-up
+    are freed before the capture, whose backward then allocates the graph's own (a graph that
+    accumulated into them would double every step)."""
     cfg = make_cfg(w_bits=4, a_bits=4)
-    seen = []
+    seen, taken = [], []
 
     def capture(fn, stream):
         seen.append([p.grad for p in trainer.model.parameters()])
+        taken.append(len(steps))
         return fn
 
     trainer = step_mod.make_trainer(make_model(cfg), cfg, device="cpu")
     trainer.graphed = GraphedStep(trainer, capture)
     x, y = splits.train_images[:32].float() / 255, splits.train_labels[:32]
+    steps = []
     for _ in range(WARMUP_STEPS + 2):
         step_mod.run_step(trainer, x, y, 0.05)
+        steps.append(1)
     assert len(seen) == 1 and all(g is None for g in seen[0])
+    assert taken == [WARMUP_STEPS] and WARMUP_STEPS >= 1  # eager steps first, then the capture
     assert all(p.grad is not None for p in trainer.model.parameters())
 
 

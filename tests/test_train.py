@@ -5,7 +5,9 @@ synthetic, learnable data set (class = colour pattern + noise, 16x16 pixels: the
 globally and the augmentation is size-agnostic), so the whole file takes seconds.
 """
 import copy
+import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from kdlib.results import TIMING_FIELDS
 from graph_emulator import HOST_DATA
 from kdlib.step import frozen_teacher, make_trainer
 from kdlib.train import FitResult, NonFiniteLossError, evaluate, fit, pick_device
+from kdlib.checkpoints import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -147,6 +150,12 @@ def test_evaluate_matches_manual_computation(splits):
     assert 0 <= out["top1"] <= out["top5"] <= 100
 
 
+def test_evaluate_refuses_an_empty_split(splits):
+    """An empty split has no accuracy: a clear error, not a division by zero."""
+    with pytest.raises(ValueError, match="empty split"):
+        evaluate(make_model(make_cfg()), splits.val_images[:0], splits.val_labels[:0])
+
+
 def test_evaluate_runs_in_eval_mode_without_grad(splits):
     seen = {}
 
@@ -235,14 +244,15 @@ def test_best_epoch_is_selected_on_val_and_test_is_seen_at_final_then_best(
     assert states_equal(ckpt["best"]["state"], epoch2_state) and ckpt["best"]["epoch"] == 2
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_the_optimizer_applies_the_configs_weight_decay_and_momentum(nesterov):
+@pytest.mark.parametrize("nesterov, m", [(False, 0.9), (True, 0.9), (True, 0.0)])
+def test_the_optimizer_applies_the_configs_weight_decay_and_momentum(nesterov, m):
     """With zero loss gradients the only gradient is the weight decay's, d = wd * w: two SGD
     steps as PyTorch documents them (velocity b = m * b + d; step d + m * b with Nesterov, else
-    b), computed here by hand."""
+    b), computed here by hand. Momentum 0 with the default nesterov=True is plain SGD (torch's
+    SGD refuses Nesterov without momentum)."""
     from kdlib.step import make_optimizer
 
-    lr, wd, m = 0.5, 0.01, 0.9
+    lr, wd = 0.5, 0.01
     layer = nn.Linear(3, 2)
     w0 = layer.weight.detach().clone()
     optimizer = make_optimizer(layer, make_cfg(lr=lr, weight_decay=wd, momentum=m,
@@ -258,15 +268,17 @@ def test_the_optimizer_applies_the_configs_weight_decay_and_momentum(nesterov):
         torch.testing.assert_close(layer.weight.detach(), expected)
 
 
-def test_a_tie_in_validation_keeps_the_earlier_epoch(splits, monkeypatch):
+@pytest.mark.parametrize("val, best", [([50.0, 80.0, 80.0], 2), ([0.0, 0.0, 0.0], 1)])
+def test_a_tie_in_validation_keeps_the_earlier_epoch(splits, monkeypatch, val, best):
     """Validation top-1 50, 80, 80: the best epoch is 2, the first to reach 80 (a later epoch
-    that only equals it trained longer for no measured gain)."""
+    that only equals it trained longer for no measured gain). A run at 0% throughout (a
+    diverged low-bit run) still has a best epoch, its first."""
     cfg = make_cfg(epochs=3)
     model = make_model(cfg)
-    calls = spy_on_evaluate(monkeypatch, splits, model, [50.0, 80.0, 80.0])
+    calls = spy_on_evaluate(monkeypatch, splits, model, val)
     result = fit(model, splits, cfg, progress=False)
-    assert (result.best_epoch, result.best_val_top1) == (2, 80.0)
-    assert states_equal(model.state_dict(), calls[1][1])
+    assert (result.best_epoch, result.best_val_top1) == (best, val[best - 1])
+    assert states_equal(model.state_dict(), calls[best - 1][1])
 
 
 def test_test_split_seen_once_when_the_last_epoch_is_best(splits, monkeypatch):
@@ -342,6 +354,8 @@ def test_batch_larger_than_train_split_is_an_error(splits):
     cfg = make_cfg(batch_size=1000)
     with pytest.raises(ValueError, match="batch_size"):
         fit(make_model(cfg), splits, cfg, progress=False)
+    whole = make_cfg(batch_size=len(splits.train_labels), epochs=1)  # one full batch: it trains
+    assert fit(make_model(whole), splits, whole, progress=False).history[0]["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -795,11 +809,16 @@ def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_checkpoint(splits, t
                                       if v.is_floating_point())
 
 
-def test_nonfinite_loss_is_found_between_periodic_checks(splits, monkeypatch):
+def test_nonfinite_loss_is_found_between_periodic_checks(splits, monkeypatch, tmp_path):
+    """Found at the first check after it; in the first epoch there is no checkpoint yet, and
+    the message does not point to one."""
     monkeypatch.setattr(train_mod, "NONFINITE_CHECK_EVERY", 4)
     cfg = make_cfg(epochs=1)
-    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2 of"):
-        fit(NaNAfter(make_model(cfg), after=1), splits, cfg, progress=False)
+    path = tmp_path / "run.pt"
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2 of") as err:
+        fit(NaNAfter(make_model(cfg), after=1), splits, cfg, checkpoint_path=path,
+            progress=False)
+    assert "checkpoint" not in str(err.value) and not path.exists()
 
 
 class HostTraffic(TorchDispatchMode):
@@ -975,3 +994,135 @@ def test_a_checkpoint_past_the_configs_last_epoch_is_refused(splits, tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match=r"at epoch 2 > epochs=1"):
         fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
+
+
+def test_a_resumed_run_keeps_its_best_epoch_and_counts_the_earlier_session(
+        splits, tmp_path, monkeypatch):
+    """Validation peaks at epoch 1 of 3 and the run is killed after epoch 2: the resumed
+    session still returns epoch 1's weights, tested, and its record adds up both sessions'
+    training images, training seconds and wall time (the first session's set large here)."""
+    cfg = make_cfg(epochs=3)
+    path = tmp_path / "run.pt"
+    model = make_model(cfg)
+    first = spy_on_evaluate(monkeypatch, splits, model, [80.0, 50.0])
+    _interrupt_after_epochs(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, splits, cfg, checkpoint_path=path, progress=False)
+    monkeypatch.undo()
+    epoch1_state = first[0][1]
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "train_seconds": 900.0, "wall_time_s": 1000.0}, path)
+    model = make_model(cfg, seed=42)
+    calls = spy_on_evaluate(monkeypatch, splits, model, [60.0])
+    result = fit(model, splits, cfg, checkpoint_path=path, progress=False)
+    assert (result.best_epoch, result.best_val_top1) == (1, 80.0)
+    assert states_equal(model.state_dict(), epoch1_state)
+    assert states_equal(calls[-1][1], epoch1_state)  # the test pass at the best weights
+    assert (result.test_top1, result.test_top5) == (calls[-1][2]["top1"], calls[-1][2]["top5"])
+    done = torch.load(path, weights_only=True)
+    images = 3 * (len(splits.train_labels) // cfg.batch_size) * cfg.batch_size
+    assert done["train_images"] == images and done["train_seconds"] > 900.0
+    assert result.train_images_per_s == pytest.approx(images / done["train_seconds"])
+    assert result.wall_time_s > 1000.0 and done["wall_time_s"] > 1000.0
+
+
+def test_images_per_s_counts_the_training_seconds_only(splits, monkeypatch):
+    """An epoch's images_per_s and the run's train_images_per_s are training images over
+    training seconds, evaluation excluded (what the benchmark measures): each epoch's
+    train_seconds set to 2 s here makes them exact."""
+    real = train_mod.train_epoch
+    monkeypatch.setattr(train_mod, "train_epoch",
+                        lambda *a, **k: {**real(*a, **k), "train_seconds": 2.0})
+    cfg = make_cfg(epochs=2)
+    result = fit(make_model(cfg), splits, cfg, progress=False)
+    images = (len(splits.train_labels) // cfg.batch_size) * cfg.batch_size
+    assert [row["images_per_s"] for row in result.history] == [images / 2.0] * 2
+    assert result.train_images_per_s == 2 * images / 4.0
+
+
+def test_the_deadline_judges_each_epoch_by_the_epochs_this_session_timed(splits, tmp_path):
+    """Before each epoch the deadline gets its index, the epoch count and the seconds of the
+    epochs trained so far in this session (they replace the estimate once there are some)."""
+    from kdlib.budget import Deadline
+
+    asked = []
+
+    class Spy(Deadline):
+        def allows(self, epoch, epochs, measured=(), now=None):
+            asked.append((epoch, epochs, list(measured)))
+            return True
+
+    cfg = make_cfg(epochs=3)
+    result = fit(make_model(cfg), splits, cfg, checkpoint_path=tmp_path / "run.pt",
+                 progress=False, deadline=Spy(stop_at=time.time() + 3600, epoch_s=1.0))
+    seconds = [row["seconds"] for row in result.history]
+    assert asked == [(0, 3, []), (1, 3, seconds[:1]), (2, 3, seconds[:2])]
+
+
+def test_an_epoch_short_of_its_batches_is_an_error_not_a_smaller_mean(splits, monkeypatch):
+    """train_loss and train_top1 divide by the step count the split implies: batches that stop
+    short (9 of 10 here) stop the run instead of recording means over steps never taken."""
+    real = train_mod.train_batches
+    monkeypatch.setattr(train_mod, "train_batches",
+                        lambda *a, **k: itertools.islice(real(*a, **k), 9))
+    cfg = make_cfg(epochs=1)
+    with pytest.raises(RuntimeError, match="yielded 9 batches, expected 10"):
+        fit(make_model(cfg), splits, cfg, progress=False)
+
+
+def test_a_diverging_apprentice_teacher_stops_the_run_at_its_first_bad_step(splits, monkeypatch):
+    """The non-finite check watches the loss the step differentiates: an apprentice teacher
+    whose own loss turns nan (here from the first step) stops the run at that step, before its
+    nan gradients reach the student through the next step's logits."""
+    import kdlib.step as step_mod
+
+    real = step_mod.apprentice_loss_terms
+
+    def nan_teacher_loss(*args, **kw):
+        loss, t_loss, ce, kd = real(*args, **kw)
+        return loss, t_loss * float("nan"), ce, kd
+
+    monkeypatch.setattr(step_mod, "apprentice_loss_terms", nan_teacher_loss)
+    cfg = make_cfg(method="direct_kd", kd_mode="apprentice", epochs=1)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1 of 10"):
+        fit(make_model(cfg), splits, cfg, teacher=make_model(cfg, seed=5), progress=False)
+
+
+def test_a_checkpoint_missing_any_part_is_refused_by_name_and_kept(splits, tmp_path):
+    """A checkpoint without one of the parts a resume reads (a foreign or hand-edited file) is
+    a ValueError naming the file and the part, never a KeyError half-way through the resume."""
+    cfg = make_cfg(epochs=1)
+    path = tmp_path / "run.pt"
+    fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
+    ckpt = torch.load(path, weights_only=True)
+    for part in ("format", "config", "epoch", "model", "optimizer", "history", "best",
+                 "train_seconds", "train_images", "wall_time_s"):
+        torch.save({k: v for k, v in ckpt.items() if k != part}, path)
+        data = path.read_bytes()
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*missing \['{part}'\]"):
+            fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
+        assert path.read_bytes() == data
+
+
+def test_a_checkpoint_config_missing_a_field_or_with_an_unknown_one_is_refused(splits, tmp_path):
+    """A config field the checkpoint lacks (an older kdlib; its value then unknown, even where
+    today's is None) or one this kdlib does not know differs from the run's: refused."""
+    cfg = make_cfg(epochs=1)
+    path = tmp_path / "run.pt"
+    fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["config"]["teacher_id"] is None
+    for field, config in [
+            ("label_smoothing", {k: v for k, v in ckpt["config"].items() if k != "label_smoothing"}),
+            ("teacher_id", {k: v for k, v in ckpt["config"].items() if k != "teacher_id"}),
+            ("kd_beta", {**ckpt["config"], "kd_beta": 1.0})]:
+        torch.save({**ckpt, "config": config}, path)
+        with pytest.raises(ValueError, match=rf"different config \(fields \['{field}'\]"):
+            fit(make_model(cfg), splits, cfg, checkpoint_path=path, progress=False)
+
+
+def test_a_missing_checkpoint_is_reported_missing_not_corrupt(tmp_path):
+    """load_checkpoint (exported by kdlib.train) on a path with no file raises
+    FileNotFoundError, not the corrupt-file ValueError that advises deleting it."""
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "none.pt")
