@@ -225,3 +225,21 @@ def test_bf16_mode_rounds_the_code_sums_to_bf16(bits):
         sums = layer(x) / (sx * sw)
     assert float(off_bf16_grid(sums).max()) < 1e-5
     assert float(off_bf16_grid(exact).max()) > 1e-4
+
+
+@pytest.mark.parametrize("w_bits,a_bits,quantize_input", [
+    (32, 4, True), (4, 32, True), (4, 4, False), (4, 16, True), (16, 4, True)])
+def test_bf16_mode_computes_in_fp32_unless_weights_and_inputs_are_both_8_bit_grids(
+        w_bits, a_bits, quantize_input):
+    """The bf16 mode's bf16 operands are exact only for two grids of <= 8 bits; any other
+    quantized layer (a full-precision side, a 16-bit side, the first conv's raw image) computes
+    as in the exact mode, bit for bit."""
+    torch.manual_seed(w_bits + a_bits)
+    layer = QConv2d(16, 8, 3, padding=1, bias=True, w_bits=w_bits, a_bits=a_bits,
+                    quantize_input=quantize_input)
+    x = torch.relu(torch.randn(4, 16, 8, 8)) * 0.7
+    with torch.no_grad():
+        exact = layer(x)
+        set_precision(layer, "bf16")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(layer(x), exact)

@@ -78,6 +78,19 @@ def test_alpha_zero_is_plain_cross_entropy(logits):
     s, t, y = logits
     assert torch.equal(kd_loss(s, t, y, 4.0, 0.0), F.cross_entropy(s, y))
     assert ce_loss(s, y).item() == pytest.approx(_np_ce(s.double().numpy(), y.numpy()), rel=1e-6)
+    # the teacher logits are not even looked at: a run without a teacher can pass None
+    assert torch.equal(kd_loss(s, None, y, 4.0, 0.0), F.cross_entropy(s, y))
+
+
+def test_alpha_one_is_pure_soft_targets_and_ignores_the_labels(logits):
+    """alpha = 1 distils without labels: a batch whose labels are all ``ignore_index`` (an
+    unlabelled batch; its CE is 0/0 = NaN) still gives the KD term, not NaN."""
+    s, t, _ = logits
+    unlabelled = torch.full((s.shape[0],), -100)
+    want = _np_kd_term(s.double().numpy(), t.double().numpy(), 4.0)
+    assert kd_loss(s, t, unlabelled, 4.0, 1.0).item() == pytest.approx(want, rel=1e-5)
+    total, _, kd = kd_loss_terms(s, t, unlabelled, 4.0, 1.0)
+    assert torch.equal(total, kd)
 
 
 def test_identical_logits_give_zero_kd_term(logits):
@@ -143,12 +156,16 @@ def test_apprentice_losses_split_gradients(logits):
     torch.testing.assert_close(s.grad, s2.grad)
 
 
+@pytest.mark.parametrize("loss", [kd_loss, kd_loss_terms, apprentice_losses,
+                                  apprentice_loss_terms])
 @pytest.mark.parametrize("bad", [{"temperature": 0.0}, {"alpha": 1.5}, {"alpha": -0.1}])
-def test_bad_arguments_raise(logits, bad):
+def test_bad_arguments_raise(logits, bad, loss):
+    """Every entry point refuses them: the training step calls the ``*_terms`` functions, where
+    an alpha outside [0, 1] would otherwise mix the terms with a negative weight."""
     s, t, y = logits
     kw = {"temperature": 4.0, "alpha": 0.5, **bad}
     with pytest.raises(ValueError, match=next(iter(bad))):
-        kd_loss(s, t, y, **kw)
+        loss(s, t, y, **kw)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5])

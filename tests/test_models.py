@@ -71,6 +71,15 @@ def test_register_model_refuses_a_second_model_with_the_same_name():
         register_model(resnet20)
 
 
+@pytest.mark.parametrize("depth", [2, -4, 21])
+def test_a_resnet_depth_other_than_6n_plus_2_with_n_at_least_1_is_refused(depth):
+    """depth 2 is 6n+2 with n = 0: a 'ResNet' of no residual block, which must not pass for one."""
+    from kdlib.models.resnet_cifar import CifarResNet
+
+    with pytest.raises(ValueError, match=f"depth={depth} is invalid"):
+        CifarResNet(depth)
+
+
 # ============================================================================ parameter counts
 def test_resnet20_has_027m_parameters():
     params = model_size_report(create_model("resnet20"))["params"]
@@ -147,9 +156,15 @@ def test_forward_shape_and_every_parameter_gets_a_gradient(name, bits, quantizer
         assert learned == []
 
 
+@pytest.mark.parametrize("name", ["resnet8", "squeezenet"])
 @pytest.mark.parametrize("w_bits,a_bits", [(1, 2), (2, 32), (32, 4), (3, 8)])
-def test_mixed_weight_and_activation_bits(w_bits, a_bits):
-    model = create_model("resnet8", num_classes=10, w_bits=w_bits, a_bits=a_bits)
+def test_mixed_weight_and_activation_bits(w_bits, a_bits, name):
+    """Weights and activations each at their own bit width in every inner layer (a "W2/A32"
+    row must not quantize activations at 2 bits)."""
+    model = create_model(name, num_classes=10, w_bits=w_bits, a_bits=a_bits)
+    inner = [layer for _, layer in quantized_layers(model)][1:-1]
+    assert all(layer.weight_quantizer.bits == w_bits and layer.input_quantizer.bits == a_bits
+               for layer in inner)
     out = model(images(2))
     assert out.shape == (2, 10)
     out.sum().backward()
@@ -162,7 +177,8 @@ def test_first_and_last_layer_full_precision_by_default(name):
     layers = quantized_layers(model)
     (_, first), (_, last) = layers[0], layers[-1]
     assert first.w_bits == 32 and not first.quantize_input
-    assert last.w_bits == 32 and not last.quantize_input
+    # the classifier reports the bits it computes at: its input is not quantized either
+    assert last.w_bits == last.a_bits == 32 and not last.quantize_input
     assert all(layer.w_bits == 2 and layer.a_bits == 2 and layer.quantize_input
                for _, layer in layers[1:-1])
     model = create_model(name, w_bits=2, a_bits=2, quantize_first_last=True)
@@ -173,6 +189,20 @@ def test_first_and_last_layer_full_precision_by_default(name):
     x = images(2)
     out = model(x)
     assert out.shape == (2, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.parametrize("name", ["resnet8", "squeezenet"])
+def test_quantized_first_and_last_layers_use_the_models_quantizer(name, quantizer):
+    """An LSQ (or PACT) model with ``quantize_first_last`` quantizes its first and last layers
+    with LSQ (PACT) too, not with the default DoReFa."""
+    model = create_model(name, w_bits=2, a_bits=2, quantizer=quantizer, quantize_first_last=True)
+    layers = [layer for _, layer in quantized_layers(model)]
+    inner = layers[1]
+    for layer in (layers[0], layers[-1]):
+        assert layer.quantizer == quantizer
+        assert type(layer.weight_quantizer) is type(inner.weight_quantizer)
+    assert type(layers[-1].input_quantizer) is type(inner.input_quantizer)
 
 
 def test_quantized_first_conv_sees_the_raw_image():
@@ -447,6 +477,17 @@ def test_squeezenet_feature_maps_go_32_16_8():
     with torch.no_grad():
         model(images(2))
     assert sizes == [32, 32, 16, 16, 16, 8, 8, 8, 8, 8]
+
+
+def test_squeezenet_fire_concatenates_expand1x1_then_expand3x3():
+    """The channel order of SqueezeNet (torchvision's too): the next layer's weights index it."""
+    from kdlib.models.squeezenet import Fire
+
+    fire = Fire(16, 4, 6, 5, batch_norm=True).eval()
+    x = torch.rand(2, 16, 8, 8)
+    with torch.no_grad():
+        s = fire.squeeze(x)
+        assert torch.equal(fire(x), torch.cat([fire.expand1x1(s), fire.expand3x3(s)], 1))
 
 
 def test_squeezenet_dropout_acts_on_the_classifiers_input():

@@ -385,6 +385,11 @@ def test_qconv_ignores_bf16_autocast():
         y = layer(x)
     assert y.dtype == torch.float32
     assert torch.equal(y, layer(x))  # the exact quantized result, as outside autocast
+    # the bf16 activations an autocast full-precision layer hands it: quantized as fp32 values
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        from_bf16 = layer(x.bfloat16())
+    assert from_bf16.dtype == torch.float32
+    assert torch.equal(from_bf16, layer(x.bfloat16().float()))
 
 
 # ============================================================================ layers
@@ -540,6 +545,22 @@ def test_frozen_weights_not_used_when_weights_change_or_need_gradients():
         unfreeze_quantized_weights(net)
         assert torch.equal(after, net(x))
         assert not torch.equal(after, out)
+
+
+def test_unfreezing_a_compiled_model_makes_it_use_its_changed_weights(monkeypatch):
+    """Compiled code cannot see that a frozen weight changed (no version counters), so the
+    documented remedy is to unfreeze: after that, the changed weights are the ones used."""
+    net = freeze_quantized_weights(_small_net())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(-1.0)
+    unfreeze_quantized_weights(net)
+    fresh = _small_net()
+    fresh.load_state_dict(net.state_dict())  # the changed weights, never frozen
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside a graph
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(net(x), fresh(x))
 
 
 def test_frozen_weights_move_with_the_model():

@@ -11,8 +11,8 @@ from kdlib.bench.measure import count_ops
 from kdlib.bench.render import _grouped_line
 from kdlib.bench.variants import BY_NAME, make_context
 from kdlib.models import create_model
-from kdlib.quant import (dorefa_weight, dorefa_weights, freeze_quantized_weights, quantized_layers,
-                         set_weight_grouping)
+from kdlib.quant import (QConv2d, dorefa_weight, dorefa_weights, freeze_quantized_weights,
+                         quantize_weights_together, quantized_layers, set_weight_grouping)
 from kdlib.quant.quantizers import DoReFaWeightQuantizer
 
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -32,7 +32,9 @@ def weights(fmt, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     ws = [torch.randn(s, generator=gen) * 0.1 for s in SHAPES]
     ws[1].view(-1)[:4] = ws[1].abs().max()  # tied maxima: the max's gradient is split four ways
-    ws.append(torch.zeros(SHAPES[0]))  # all zero: no 0/0
+    floor = torch.zeros(SHAPES[0])  # max |tanh w| exactly the clamp's floor, its gradient's edge
+    floor.view(-1)[:2] = torch.tensor([1.0, -0.5]) * torch.finfo(torch.float32).tiny
+    ws += [floor, torch.zeros(SHAPES[0])]  # all zero: no 0/0
     return [w.to(memory_format=fmt) if w.dim() == 4 else w for w in ws]
 
 
@@ -115,12 +117,14 @@ def test_models_compute_the_same_bits_with_weights_grouped(name, bits, fmt, monk
 def test_a_frozen_teacher_keeps_its_frozen_weights():
     teacher = freeze_quantized_weights(create_model("resnet20", w_bits=8, a_bits=8).eval())
     frozen = {id(layer): layer.frozen_weight for _, layer in quantized_layers(teacher)}
-    used = []
+    used, handed = [], []
     for _, layer in quantized_layers(teacher):
-        layer.register_forward_pre_hook(lambda m, a: used.append(m.quantized_weight()))
+        layer.register_forward_pre_hook(lambda m, a: used.append(m.quantized_weight())
+                                        or handed.append(m.pass_weight))
     with torch.inference_mode():
         out = teacher(torch.rand(2, 3, 32, 32))
     assert [id(w) for w in used] == [id(w) for w in frozen.values()] and out.shape == (2, 100)
+    assert all(w is None for w in handed)  # nor is anything quantized for it, grouped or not
     with torch.no_grad():  # and after the weights changed, they are quantized afresh, together
         next(teacher.parameters()).add_(1.0)
         for _, layer in quantized_layers(teacher):
@@ -194,6 +198,8 @@ def test_dorefa_weights_refuses_what_it_cannot_group():
         dorefa_weights([torch.zeros(8, 8).t()], 4)
     with pytest.raises(ValueError, match="1..16"):
         dorefa_weights([torch.zeros(4, 4)], 32)
+    with pytest.raises(ValueError, match=r"weights \[1\] .* on the first one's device"):
+        dorefa_weights([torch.zeros(4, 4), torch.zeros(4, 4, device="meta")], 4)
     assert dorefa_weights([], 4) == []
 
 
@@ -254,3 +260,43 @@ def test_the_benchmarks_device_check_catches_gradients_off_at_tied_maxima(monkey
     monkeypatch.setattr(grouped_module, "dorefa_weights", wrong_where(tied_maxima, values=False))
     result = check_weights("cpu", bits=(4,))
     assert not result["exact"] and result["by_bits"]["4"] == {"values": True, "gradients": False}
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
+@pytest.mark.parametrize("bits", [1, 4])
+def test_a_gradient_in_another_layout_than_its_weight_still_reaches_its_own_elements(bits, fmt):
+    """A gradient that arrives in another memory order than its weight's (a channels_last
+    weight, a contiguous gradient, or the reverse): each element still gets its own gradient,
+    as per layer (up to the last bits of the one per-layer sum taken in another order)."""
+    other = (torch.contiguous_format if fmt is torch.channels_last else torch.channels_last)
+    base = [w for w in weights(fmt, seed=bits) if w.dim() == 4]
+    gen = torch.Generator().manual_seed(200 + bits)
+    upstream = [torch.randn(w.shape, generator=gen).to(memory_format=other) for w in base]
+    grouped = [w.clone().requires_grad_() for w in base]
+    single = [w.clone().requires_grad_() for w in base]
+    torch.autograd.backward(dorefa_weights(grouped, bits), upstream)
+    torch.autograd.backward([dorefa_weight(w, bits) for w in single], upstream)
+    for a, b in zip(grouped, single):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_layers_at_two_bit_widths_get_weights_quantized_at_their_own_bits():
+    """Grouping is per bit width: a model mixing 2- and 5-bit layers (two of each, so both
+    groups are grouped) hands each layer its weights at its own bits."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[QConv2d(4, 4, 3, w_bits=b, a_bits=b) for b in (2, 5, 2, 5)])
+    with quantize_weights_together(net):
+        for layer in net:
+            assert layer.pass_weight is not None
+            assert same_bits(layer.quantized_weight(), dorefa_weight(layer.weight, layer.w_bits))
+    assert all(layer.pass_weight is None for layer in net)
+
+
+def test_a_float64_model_quantizes_the_weights_it_cannot_group_per_layer():
+    """Weights that cannot be grouped (float64, as in a numerical check) are quantized per layer:
+    the model still runs, with the same result as with grouping off."""
+    torch.manual_seed(0)
+    model = create_model("resnet8", w_bits=4, a_bits=4).double()
+    single = set_weight_grouping(copy.deepcopy(model), False)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    assert same_bits(model(x), single(x))
