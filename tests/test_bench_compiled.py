@@ -426,3 +426,21 @@ def test_the_compiled_part_runs_at_most_eight_processes_compiling_at_once(rates,
     run.compiled_part({"concurrency": concurrency}, None, preset="gpu", model="resnet20",
                       log=print)
     assert asked == [counts]
+
+
+def test_a_first_benchmark_measures_the_counts_of_processes_it_is_given():
+    """--bench-args' own counts of processes side by side stand on a GPU too."""
+    from kdlib import lease
+
+    args = lease.device_bench_args("gpu", bench_args={"concurrency": [1, 2]}, device="cuda")
+    assert args["concurrency"] == [1, 2]
+    assert all(k <= lease.decisions.FIRST_COUNTS_MAX
+               for k in lease.device_bench_args("gpu", device="cuda")["concurrency"])
+
+
+def test_a_preset_that_already_compiles_has_no_compile_decision_left_to_measure():
+    """`paper` compiles: a `gpu` lease's spare time goes to no compiled part for it."""
+    from kdlib import lease
+
+    assert lease.later_compile_parts({"compiled": {"division": "an earlier one"}}, "cuda",
+                                     "gpu") == []

@@ -156,15 +156,18 @@ def test_completing_a_benchmark_writes_each_part_as_it_comes(fake_data_root, tmp
 
     monkeypatch.setattr(run, "grouped_part", part("grouped", {"check": {"exact": True}}))
     monkeypatch.setattr(run, "profile_or_error", part("profile", {"grouped_weights": True}))
-    monkeypatch.setattr(run, "graphs_part", part("graphs", {"check": {"equal": True}}))
+    presets = []  # measured at the benchmark's own preset, comparable with its first timings
+    monkeypatch.setattr(run, "graphs_part", lambda *_, preset, **__: presets.append(preset)
+                        or part("graphs", {"check": {"equal": True}})())
     monkeypatch.setattr(run, "compiled_part", interrupted)
     older = {"machine": {"host": "h", "gpu": None}, "settings": {"preset": "smoke"}}
     monkeypatch.setattr(lease.decisions, "missing_parts", lambda *_: {
         "compiled": True, "graphs": True, "grouped": True, "profile": True})
-    with pytest.raises(KeyboardInterrupt):
-        lease.complete_bench(older, tmp_path, fake_data_root, "cpu", preset="smoke",
+    with pytest.raises(KeyboardInterrupt):  # a lease of another grid completes it
+        lease.complete_bench(older, tmp_path, fake_data_root, "cpu", preset="gpu",
                              model="resnet8", log=print)
     assert order == ["grouped", "profile", "graphs", "compiled"]  # the short parts first
+    assert presets == ["smoke"]
     written = json.loads((tmp_path / "h.json").read_text())
     assert written["grouped"] == {"check": {"exact": True}} and "compiled" not in written
     assert written["graphs"] == {"check": {"equal": True}}

@@ -102,6 +102,14 @@ def test_a_lease_longer_than_its_last_call_is_refused_before_anything_is_packed(
     finish, _ = device_commands(preset="smoke", model="resnet8", jobs=1, grid=None,
                                 rel_results="results/smoke", bench_args=None, minutes=9.25)
     assert finish.startswith("{ timeout -s INT -k 15 575 ")  # 9.25 min + 20 s: 575 + 25 = 600
+    # a hard limit one second later would end past the call's 600 s: refused, not started
+    with pytest.raises(ValueError, match="past its 600 s timeout"):
+        device_commands(preset="smoke", model="resnet8", jobs=1, grid=None,
+                        rel_results="results/smoke", bench_args=None, minutes=9.25, grace_s=21)
+    # a fraction of a second is never rounded up past the call's end: 555.54 s + 20 s, 575 s
+    finish, _ = device_commands(preset="smoke", model="resnet8", jobs=1, grid=None,
+                                rel_results="results/smoke", bench_args=None, minutes=9.259)
+    assert finish.startswith("{ timeout -s INT -k 15 575 ")
 
 
 def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path):
@@ -125,6 +133,10 @@ def test_pack_data_reuses_its_parts_for_the_same_source(fake_data_root, tmp_path
     stamp = (tmp_path / first["parts"][0]["name"]).stat().st_mtime_ns
     assert lease.pack_data(fake_data_root, tmp_path, part_mib=0.2, compress=fast) == first
     assert (tmp_path / first["parts"][0]["name"]).stat().st_mtime_ns == stamp
+    part = tmp_path / first["parts"][-1]["name"]  # cut short (an interrupted prepare): packed
+    part.write_bytes(part.read_bytes()[:-1])        # again, not carried to fail on the device
+    assert lease.pack_data(fake_data_root, tmp_path, part_mib=0.2, compress=fast) == first
+    assert part.stat().st_size == first["parts"][-1]["bytes"]
     # a manifest of the archive before the pixels were coded is rebuilt, not reused
     old = {k: v for k, v in first.items() if k not in ("coding", "pixels")}
     (tmp_path / lease.DATA_MANIFEST).write_text(json.dumps(old))
@@ -365,6 +377,36 @@ def test_committed_weights_no_unfinished_run_needs_are_named_for_removal(fake_da
     assert lease.unneeded_committed_weights(plan, results, here) == []
 
 
+def test_the_weights_an_unfinished_run_learns_from_and_starts_from_are_both_carried(tmp_path):
+    """progressive_kd32 learns from the teacher and starts from the previous width: a lease
+    lacking either could not train it; a run recorded as the same run as another needs that
+    one's weights. A paused run's committed checkpoint is never named for `git rm`."""
+    plan = experiments.plan_grid(**GRID, chain=[32, 16, 8], chain_methods=["progressive_kd32"],
+                                 methods=["direct_kd"])
+    teacher, first, second = (next(c for c in plan if c.run_id().startswith(p)) for p in (
+        "resnet8-teacher", "resnet8-progressive_kd32-w16", "resnet8-progressive_kd32-w8"))
+    plan = [teacher, first, second]
+    here = tmp_path / "here"
+    results = here / "results" / "smoke"
+    trained = {teacher.run_id(): teacher.run_id(), first.run_id(): "resnet8-other-w16"}
+    for run_id, same in trained.items():  # no packed file: the fp32 weights are needed
+        record = {"run_id": run_id, "config": {}}
+        (results / "runs").mkdir(parents=True, exist_ok=True)
+        (results / "runs" / f"{run_id}.json").write_text(json.dumps(
+            record if same == run_id else {**record, "same_run_as": same}))
+        weights_path(results, same).parent.mkdir(parents=True, exist_ok=True)
+        weights_path(results, same).write_bytes(b"w")
+    assert sorted(lease.frontier_weights(plan, results)) == \
+        sorted(weights_path(results, t) for t in trained.values())
+    paused = checkpoint_path(results, second.run_id())
+    paused.write_bytes(b"paused")
+    git = _committed_checkout(here, {"README.md": ""})
+    subprocess.run(["git", "add", "-f", str(paused)], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"],
+                   **git)
+    assert lease.unneeded_committed_weights(plan, results, here) == []
+
+
 def test_the_tree_every_call_sends_is_counted_and_its_largest_folders_named(tmp_path):
     from kdlib.lease.tracked import largest_folders, travelling_bytes, travelling_files
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
@@ -452,6 +494,7 @@ def test_the_other_presets_results_stay_here_during_a_lease(fake_data_root, tmp_
         assert "results/quick (0.0 MiB), results/quick_x (0.0 MiB)" in hidden
         assert "python -m kdlib lease restore --preset smoke --results-dir results/smoke" in hidden
     assert logs[0].startswith("every call also sends the tree, 0.0 MiB")
+    assert "results/quick" not in logs[0]  # the hidden folders size no data part
     from kdlib.lease.transfer import CALL_MARGIN_MIB, CALL_MIB
 
     data = json.loads((here / lease.LEASE_DIR / lease.DATA_MANIFEST).read_text())["bytes"]
@@ -517,6 +560,115 @@ def test_results_hidden_for_a_lease_come_back_though_a_commit_dropped_them(tmp_p
     assert subprocess.run(["git", "status", "--porcelain"], **git).stdout == \
         "A  results/gpu/checkpoints/r.pt\nA  results/quick/runs/a.json\n"  # back next commit
     assert unhide_after_lease(here) == []  # nothing hidden: nothing to do
+
+
+def test_a_git_that_cannot_change_its_index_stops_the_lease_steps(tmp_path):
+    """Another git holding the index: a checkpoint left in it would ride in every call, and a
+    removal not staged would be missing from the commit; said, not passed over."""
+    from kdlib.lease.tracked import stage_for_later, untrack_for_lease
+
+    here = tmp_path / "here"
+    git = _committed_checkout(here, {"README.md": ""})
+    checkpoint = here / "results" / "smoke" / "checkpoints" / "r.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("c")
+    subprocess.run(["git", "add", "-f", str(checkpoint)], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
+                   **git)
+    lock = here / ".git" / "index.lock"
+    lock.touch()
+    with pytest.raises(RuntimeError, match="git rm --cached failed"):
+        untrack_for_lease(here, [checkpoint])
+    checkpoint.unlink()  # its run finished: the removal is staged
+    with pytest.raises(RuntimeError, match="git rm --cached failed"):
+        stage_for_later(here, [], checkpoint.parent)
+    lock.unlink()
+    assert stage_for_later(here, [], checkpoint.parent)["removed"] == [checkpoint.resolve()]
+
+
+def test_a_command_longer_than_the_tool_takes_is_refused_the_follow_up_included(
+        fake_data_root, tmp_path, monkeypatch):
+    """A call the tool refuses for its length costs a device call: refused here instead."""
+    lease_prepare = sys.modules["kdlib.lease.prepare"]  # kdlib.lease.prepare: the function
+
+    here = tmp_path / "here"
+    kwargs = dict(data_root=fake_data_root, results_dir=here / "results" / "smoke",
+                  repo_root=here, minutes=1, jobs=1, preset="smoke", model="resnet8",
+                  part_mib=0.5, log=lambda m: None)
+    plan = experiments.plan_grid(**GRID)
+    calls = lease.prepare(plan, **kwargs)
+    again = json.loads((here / lease.LEASE_DIR / lease.AGAIN_FILE).read_text())["command"]
+    longest = max(len(call["command"]) for call in calls)
+    assert len(again) > longest  # the follow-up's shell is the longest
+    monkeypatch.setattr(lease_prepare, "COMMAND_MAX_CHARS", len(again))
+    lease.prepare(plan, **kwargs)
+    for limit in (len(again) - 1, longest):
+        monkeypatch.setattr(lease_prepare, "COMMAND_MAX_CHARS", limit)
+        with pytest.raises(ValueError, match=f"{len(again)} characters, more than the tool's"):
+            lease.prepare(plan, **kwargs)
+
+
+def test_a_carried_file_no_part_has_room_for_goes_first_in_a_call_of_its_own(
+        fake_data_root, tmp_path, monkeypatch):
+    """Calls of their own for carried files come before the data's, each call carrying only
+    what its stash entry names: so no call carries a part and a whole call's room of weights
+    (over the tool's 64 MiB), and each `store` finds what it was planned to."""
+    here = tmp_path / "here"
+    results = here / "results" / "smoke"
+    plan = experiments.plan_grid(**GRID)
+    teacher = plan[0].run_id()
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / f"{teacher}.json").write_text(json.dumps({"run_id": teacher,
+                                                                 "config": {}}))
+    weights = weights_path(results, teacher)
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"w")
+    room = int(0.5 * lease.MIB)  # compressed, the file takes a whole call's room
+    monkeypatch.setattr(sys.modules["kdlib.lease.prepare"], "compress_carried",
+                        lambda paths: {p: b"x" * room for p in paths})
+    calls = lease.prepare(plan[1:], data_root=fake_data_root, results_dir=results,
+                          repo_root=here, minutes=1, jobs=1, preset="smoke", model="resnet8",
+                          part_mib=0.5, log=lambda m: None)
+    parts = json.loads((here / lease.LEASE_DIR / lease.DATA_MANIFEST).read_text())["parts"]
+    stash = json.loads((here / lease.LEASE_DIR / lease.STASH_PLAN).read_text())
+    assert len(calls) == len(parts) + 1 == len(stash)
+    assert stash[0] == {"parts": {}, "weights": {weights.name: lease.sha256_of(weights)}}
+    assert [next(iter(entry["parts"])) for entry in stash[1:]] == [p["name"] for p in parts]
+    for call, entry in zip(calls, stash):
+        carried = [here / path for path in call["carry"]
+                   if Path(path).name not in (lease.DATA_MANIFEST, lease.STASH_PLAN)]
+        assert sum(p.stat().st_size if p.is_file() else sum(
+            f.stat().st_size for f in p.iterdir() if f.suffix == lease.CARRIED_SUFFIX)
+                   for p in carried) <= room
+        assert {p.name for p in carried} == set(entry["parts"]) | (
+            {carried[-1].name} if entry["weights"] else set())
+
+
+def test_putting_hidden_folders_back_keeps_the_lines_written_after_the_block(tmp_path):
+    """A line added to .git/info/exclude during the lease is the user's, not a hidden folder."""
+    from kdlib.lease.tracked import hide_for_lease, unhide_after_lease, untravelled_results
+
+    here = tmp_path / "here"
+    _committed_checkout(here, {"results/quick/runs/a.json": "{}", "results/smoke/r": "",
+                               "results/README.md": ""})
+    # a file beside the results folders is no preset's folder: it stays in the tree
+    assert untravelled_results(here, here / "results" / "smoke") == [here / "results" / "quick"]
+    exclude = here / ".git" / "info" / "exclude"
+    exclude.write_text("# mine\n")
+    hide_for_lease(here, [here / "results" / "quick"])
+    exclude.write_text(exclude.read_text() + "/scratch/\n")
+    assert unhide_after_lease(here) == ["results/quick"]
+    assert exclude.read_text() == "# mine\n/scratch/\n"
+    fresh = tmp_path / "fresh"  # a checkout without a commit yet: its block goes all the same
+    subprocess.run(["git", "init", "-q", str(fresh)], check=True)
+    (fresh / "results" / "quick").mkdir(parents=True)
+    (fresh / "results" / "quick" / "a.json").write_text("{}")
+    exclude = fresh / ".git" / "info" / "exclude"
+    exclude.parent.mkdir(exist_ok=True)
+    exclude.write_text("# mine\n")
+    hide_for_lease(fresh, [fresh / "results" / "quick"])
+    assert unhide_after_lease(fresh) == ["results/quick"]
+    assert exclude.read_text() == "# mine\n"
 
 
 def test_a_paused_runs_checkpoint_is_carried_and_placed_where_the_grid_resumes_it(
@@ -1102,7 +1254,8 @@ def test_go_caps_the_runs_that_pause_at_the_runs_it_trains_at_once(fake_data_roo
                                   "8": {"values": True, "gradients": False}}}, False),
     ({"error": "RuntimeError: no kernel image"}, False),
     (None, True),  # a benchmark without the part: the default, cross-checked on the CPU
-], ids=["equal", "differs", "check-failed", "no-check"])
+    ({"by_bits": {"8": {"values": True, "gradients": False}}}, False),  # no verdict stated
+], ids=["equal", "differs", "check-failed", "no-check", "no-verdict"])
 def test_go_quantizes_weights_per_layer_where_the_device_check_found_grouped_ones_differ(
         fake_data_root, tmp_path, monkeypatch, check, grouped):
     import kdlib.budget
@@ -1133,7 +1286,7 @@ def test_go_quantizes_weights_per_layer_where_the_device_check_found_grouped_one
 CIFAR100_XZ_MIB = 95.9
 
 
-@pytest.mark.parametrize("tree_mib", [10.0, 30.0, 35.4, 37.0, 44.25])
+@pytest.mark.parametrize("tree_mib", [10.0, 29.01, 30.0, 35.4, 37.0, 44.25])
 def test_prepare_says_how_far_the_tree_may_grow_before_the_data_takes_another_call(tree_mib):
     from kdlib.lease.prepare import room_before_another_call
     from kdlib.lease.transfer import CALL_MARGIN_MIB, CALL_MIB
@@ -1219,6 +1372,33 @@ def test_pack_data_packs_again_for_another_part_size(fake_data_root, tmp_path):
     assert all(p["bytes"] <= 0.2 * lease.MIB for p in smaller["parts"])
     assert sorted(p.name for p in tmp_path.glob("data.xz.*")) == \
         [p["name"] for p in smaller["parts"]]
+    larger = lease.pack_data(fake_data_root, tmp_path, part_mib=0.4, compress=fast)
+    assert sorted(p.name for p in tmp_path.glob("data.xz.*")) == \
+        [p["name"] for p in larger["parts"]]  # no stale part of the smaller packing left
+
+
+def test_receive_takes_the_returns_preset_and_refuses_another_or_a_mix(tmp_path):
+    """The returns go into their own preset's folder: a --preset that disagrees, or returns of
+    two presets' grids in one command, are refused (records in the wrong results folder)."""
+    def returned(name: str, preset: str | None, number: int) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        manifest = {"sha256": name, "returned": number}
+        (folder / "manifest.json").write_text(json.dumps(
+            manifest if preset is None else {**manifest, "preset": preset}))
+        return folder
+
+    gpu, paper, old = returned("a", "gpu", 0), returned("b", "paper", 1), returned("c", None, 0)
+    assert lease.returned_preset([gpu], None) == "gpu"
+    assert lease.returned_preset([gpu, old], None) == "gpu"
+    with pytest.raises(ValueError, match="preset 'gpu''s grid, not 'paper''s"):
+        lease.returned_preset([gpu], "paper")
+    with pytest.raises(ValueError, match=r"several presets \(gpu, paper\)"):
+        lease.returned_preset([gpu, paper], None)
+    with pytest.raises(ValueError, match=r"several presets \(gpu, paper\)"):
+        lease.returned_preset([gpu, paper], "gpu")
+    with pytest.raises(ValueError, match="calls' order"):  # two machines' return 0 each
+        lease.check_returns([gpu, returned("d", "gpu", 0)])
 
 
 def test_two_returns_that_brought_nothing_new_are_still_two_returns(tmp_path):
@@ -1246,6 +1426,28 @@ def test_a_carried_file_that_exactly_fills_the_room_a_part_leaves_rides_with_it(
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"w" * 1000)
     assert lease.plan_carry([4000], [weights], 5000) == ([[weights]], [])
+    # from the last call back: the data's first calls stay lean
+    assert lease.plan_carry([100, 100], [weights], 5000) == ([[], [weights]], [])
+    with pytest.raises(ValueError, match="larger than what a call can carry"):
+        lease.plan_carry([10], [weights], 999)  # one byte over: no call could hold it
+
+
+def test_a_data_part_is_the_whole_mib_a_call_leaves_and_never_under_the_smallest():
+    """A part rounded up would push its call past the tool's 64 MiB; a tree that leaves less
+    than MIN_PART_MIB is refused (a lease of dozens of calls), and the room left says so."""
+    from kdlib.lease.prepare import fallback_parts, part_mib_beside, room_before_another_call
+    from kdlib.lease.transfer import CALL_MARGIN_MIB, CALL_MIB, MIN_PART_MIB
+
+    def tree_leaving(room_mib: float) -> int:
+        return int((CALL_MIB - CALL_MARGIN_MIB - room_mib) * lease.MIB)
+
+    assert part_mib_beside(tree_leaving(10.9)) == 10
+    assert part_mib_beside(tree_leaving(MIN_PART_MIB)) == MIN_PART_MIB
+    with pytest.raises(ValueError, match="commit fewer large files"):
+        part_mib_beside(tree_leaving(MIN_PART_MIB - 0.5))
+    data = int(95.9 * lease.MIB)
+    assert room_before_another_call(data, tree_leaving(MIN_PART_MIB - 0.5)) < 0
+    assert "no data part fits" in fallback_parts(data, tree_leaving(MIN_PART_MIB - 0.5))
 
 
 @pytest.mark.parametrize("minutes, reserve_s", [(1, 6.0), (10, 45.0)])
@@ -1308,6 +1510,67 @@ def test_the_last_call_packs_whatever_go_did_and_fails_when_either_failed(tmp_pa
     go, pack = log.read_text().splitlines()
     assert "lease go --preset smoke" in go and go.endswith("--minutes 2")
     assert pack.startswith("-m kdlib lease pack --preset smoke") and pack.endswith("--out out")
+
+
+@pytest.mark.parametrize("left, go_s", [(400.7, 300), (200, 100), (199, None), (5000, None)])
+def test_the_follow_up_gives_go_the_seconds_left_less_its_margin_and_never_overruns(
+        tmp_path, left, go_s):
+    """The follow-up call's shell (`timeout` and python3 stubbed): `go` for the session's
+    seconds left less AGAIN_GO_MARGIN_S, interrupted go's grace after them; at AGAIN_MIN_S
+    left it still runs, below it does nothing; with more left than one call holds, capped so
+    that `go`'s hard limit and `pack` end inside the call's timeout."""
+    from kdlib.lease.prepare import device_commands
+    from kdlib.lease.transfer import (AGAIN_GO_MARGIN_S, AGAIN_LEFT, CALL_TIMEOUT_S, GO_GRACE_S,
+                                      PACK_S)
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text('#!/bin/sh\necho "python3 $*" >> "$LOG"\n')
+    (bin_dir / "timeout").write_text('#!/bin/sh\necho "timeout $*" >> "$LOG"\n'
+                                     'shift 5\nexec "$@"\n')  # -s INT -k 15 LIMIT
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    _, again = device_commands(preset="smoke", model="resnet8", jobs=1, grid=None,
+                               rel_results="results/smoke", bench_args=None, minutes=2)
+    log = tmp_path / "log"
+    log.touch()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LOG": str(log),
+           "OUT": "out"}
+    done = subprocess.run(["bash", "-c", again.replace(AGAIN_LEFT, str(left))], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = log.read_text().splitlines()
+    if left < 200:
+        assert lines == [] and "too little" in done.stdout
+        return
+    limit = int(lines[0].split()[5])
+    seconds = int(lines[0].split("--seconds ")[1].split()[0])
+    assert seconds == go_s if go_s else seconds + AGAIN_GO_MARGIN_S < left
+    assert limit - seconds == GO_GRACE_S  # its budgeted runs stop before the interruption
+    assert limit + PACK_S < CALL_TIMEOUT_S  # pack and the return inside the call's timeout
+    assert "lease pack" in lines[-1]
+
+
+def test_go_s_command_line_carries_the_grid_prepare_planned(tmp_path):
+    """The grid options given to `prepare` reach the device's `go` as it parses them: a lease
+    that trained another grid (say, the preset's seeds) would return records nobody asked for."""
+    import argparse
+    import shlex
+
+    from kdlib.lease.prepare import device_commands
+
+    grid = {"seeds": [3, 4], "chain": [32, 4], "chain_methods": ["ta_chain"],
+            "methods": ["direct_kd"]}
+    finish, again = device_commands(preset="smoke", model="resnet8", jobs=2, grid=grid,
+                                    rel_results="results/smoke", bench_args=None, minutes=2)
+    parser = argparse.ArgumentParser()
+    lease_commands.add_lease_parser(parser.add_subparsers(dest="command"))
+    go = finish[finish.index("python3 -m kdlib lease go"):].split(";")[0]
+    args = parser.parse_args(shlex.split(go)[3:])
+    assert (args.step, args.preset, args.jobs) == ("go", "smoke", 2)
+    assert (args.seeds, args.chain, args.chain_methods, args.methods) == \
+        ([3, 4], ["32", "4"], ["ta_chain"], ["direct_kd"])
+    assert go.split(" --minutes")[0] + " --seconds" in again  # the follow-up: the same grid
 
 
 def test_only_the_last_call_finishes_and_gets_the_long_timeout(tmp_path):
