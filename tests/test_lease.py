@@ -91,25 +91,26 @@ def test_a_lease_longer_than_its_last_call_is_refused_before_anything_is_packed(
                                  chain_methods=["ta_chain"], methods=["direct_kd"])
     kwargs = dict(data_root=tmp_path / "no-data", results_dir=tmp_path / "results" / "smoke",
                   repo_root=tmp_path, jobs=1, preset="smoke")
-    with pytest.raises(ValueError, match=r"--minutes 9.3: the last call's work would end past "
-                                         r"its 600 s timeout; at most 9.25"):
-        lease.prepare(plan, minutes=9.3, **kwargs)
-    with pytest.raises(ValueError, match="at most 8.92"):  # a longer grace leaves less
-        lease.prepare(plan, minutes=9.25, grace_s=40, **kwargs)
+    with pytest.raises(ValueError, match=r"--minutes 9.1: the last call's work would end past "
+                                         r"its 600 s timeout; at most 9.00"):
+        lease.prepare(plan, minutes=9.1, **kwargs)
+    with pytest.raises(ValueError, match="at most 8.67"):  # a longer grace leaves less
+        lease.prepare(plan, minutes=9.0, grace_s=40, **kwargs)
     assert not (tmp_path / lease.LEASE_DIR).exists()
     from kdlib.lease.prepare import device_commands
 
     finish, _ = device_commands(preset="smoke", model="resnet8", jobs=1, grid=None,
-                                rel_results="results/smoke", bench_args=None, minutes=9.25)
-    assert finish.startswith("{ timeout -s INT -k 15 575 ")  # 9.25 min + 20 s: 575 + 25 = 600
+                                rel_results="results/smoke", bench_args=None, minutes=9.0)
+    # 9 min + 20 s: interrupted at 560 s, killed at 575 s if it ignores that, pack ends by 600 s
+    assert finish.startswith("{ timeout -s INT -k 15 560 ")
     # a hard limit one second later would end past the call's 600 s: refused, not started
     with pytest.raises(ValueError, match="past its 600 s timeout"):
         device_commands(preset="smoke", model="resnet8", jobs=1, grid=None,
-                        rel_results="results/smoke", bench_args=None, minutes=9.25, grace_s=21)
-    # a fraction of a second is never rounded up past the call's end: 555.54 s + 20 s, 575 s
+                        rel_results="results/smoke", bench_args=None, minutes=9.0, grace_s=21)
+    # a fraction of a second is never rounded up past the call's end: 540.54 s + 20 s, 560 s
     finish, _ = device_commands(preset="smoke", model="resnet8", jobs=1, grid=None,
-                                rel_results="results/smoke", bench_args=None, minutes=9.259)
-    assert finish.startswith("{ timeout -s INT -k 15 575 ")
+                                rel_results="results/smoke", bench_args=None, minutes=9.009)
+    assert finish.startswith("{ timeout -s INT -k 15 560 ")
 
 
 def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path):
@@ -299,7 +300,7 @@ def test_receive_takes_one_machines_returns_each_once_in_order(tmp_path):
 
     here = tmp_path / "here"
     assert cli.main(["lease", "receive", str(outs[1]), "--preset", "smoke",
-                     "--results-dir", str(here)]) == 2
+                     "--results-dir", str(here), "--bench-dir", str(tmp_path / "b")]) == 2
     assert not here.exists()
     assert cli.main(["lease", "receive", str(outs[1]), "--partial", "--preset", "smoke",
                      "--results-dir", str(here), "--bench-dir", str(tmp_path / "b")]) == 0
@@ -955,7 +956,7 @@ def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path
     assert [lease.read_manifest(o)["preset"] for o in outs] == ["smoke", "smoke"]
     wrong = tmp_path / "wrong"  # a preset other than the returns' own: refused, nothing written
     assert cli.main(["lease", "receive", str(outs[0]), "--preset", "gpu",
-                     "--results-dir", str(wrong)]) == 2
+                     "--results-dir", str(wrong), "--bench-dir", str(wrong / "bench")]) == 2
     assert not wrong.exists()
     # no --preset: the returns' own (the printed pack names it), as the README's receive says
     assert cli.main(["lease", "receive", str(outs[0]), str(outs[1]),
@@ -1521,13 +1522,13 @@ def test_the_follow_up_gives_go_the_seconds_left_less_its_margin_and_never_overr
     that `go`'s hard limit and `pack` end inside the call's timeout."""
     from kdlib.lease.prepare import device_commands
     from kdlib.lease.transfer import (AGAIN_GO_MARGIN_S, AGAIN_LEFT, CALL_TIMEOUT_S, GO_GRACE_S,
-                                      PACK_S)
+                                      KILL_AFTER_S, PACK_S)
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python3").write_text('#!/bin/sh\necho "python3 $*" >> "$LOG"\n')
     (bin_dir / "timeout").write_text('#!/bin/sh\necho "timeout $*" >> "$LOG"\n'
-                                     'shift 5\nexec "$@"\n')  # -s INT -k 15 LIMIT
+                                     'shift 5\nexec "$@"\n')  # -s INT -k KILL LIMIT
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     _, again = device_commands(preset="smoke", model="resnet8", jobs=1, grid=None,
@@ -1547,7 +1548,9 @@ def test_the_follow_up_gives_go_the_seconds_left_less_its_margin_and_never_overr
     seconds = int(lines[0].split("--seconds ")[1].split()[0])
     assert seconds == go_s if go_s else seconds + AGAIN_GO_MARGIN_S < left
     assert limit - seconds == GO_GRACE_S  # its budgeted runs stop before the interruption
-    assert limit + PACK_S < CALL_TIMEOUT_S  # pack and the return inside the call's timeout
+    kill = int(lines[0].split()[4])
+    # a `go` that ignores its interruption killed, then pack, inside the call's timeout
+    assert kill == KILL_AFTER_S and limit + kill + PACK_S <= CALL_TIMEOUT_S
     assert "lease pack" in lines[-1]
 
 

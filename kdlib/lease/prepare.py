@@ -18,8 +18,9 @@ from kdlib.lease.transfer import (AGAIN_FILE, AGAIN_GO_MARGIN_S, AGAIN_LEFT, AGA
                                   CALL_MARGIN_MIB, CALL_MIB, CALL_TIMEOUT_S, CALLS_FILE,
                                   CARRIED_MANIFEST, CARRIED_SUFFIX, CARRIED_XZ_PRESET,
                                   COMMAND_MAX_CHARS, DATA_FILES, DATA_MANIFEST, GO_GRACE_S,
-                                  LEASE_DIR, MIB, MIN_PART_MIB, PACK_S, STASH_INCOMPLETE_EXIT,
-                                  STASH_PLAN, XZ_FILTERS, sha256_of, split_into_parts)
+                                  KILL_AFTER_S, LEASE_DIR, MIB, MIN_PART_MIB, PACK_S,
+                                  STASH_INCOMPLETE_EXIT, STASH_PLAN, XZ_FILTERS, sha256_of,
+                                  split_into_parts)
 from kdlib.lease.pixels import PIXEL_CODING, locate_pixels, recode_file
 from kdlib.lease.tracked import (committed_files, hide_for_lease, largest_folders, staged_among,
                                  tracked_among, travelling_bytes, travelling_files,
@@ -374,26 +375,27 @@ def device_commands(*, preset: str, model: str, jobs: int | str, rel_results: st
         go += f" --bench-args '{json.dumps(bench_args, separators=(',', ':'))}'"
     # `go` under a hard limit (its own budget errs long, but a run can still overrun), then
     # `pack` whatever finished, whatever became of `go`: a call killed at its timeout returns
-    # nothing, so the limit leaves `pack` and the return time before the call's 600 s
+    # nothing, so the limit, the kill of a `go` that ignores it, `pack` and the return end
+    # before the call's 600 s
     grace_s = GO_GRACE_S if grace_s is None else grace_s
     hard_s = int(60 * minutes + grace_s)
-    if hard_s + PACK_S > CALL_TIMEOUT_S:
+    if hard_s + KILL_AFTER_S + PACK_S > CALL_TIMEOUT_S:
         raise ValueError(f"--minutes {minutes:g}: the last call's work would end past its "
                          f"{CALL_TIMEOUT_S} s timeout; at most "
-                         f"{(CALL_TIMEOUT_S - PACK_S - grace_s) / 60:.2f}")
+                         f"{(CALL_TIMEOUT_S - KILL_AFTER_S - PACK_S - grace_s) / 60:.2f}")
     pack = (f"python3 -m kdlib lease pack --preset {preset} --results-dir {rel_results} "
             f"--out \"$OUT\"")
-    finish = (f"{{ timeout -s INT -k 15 {hard_s} {go} --minutes {minutes:g}; rc=$?; "
-              f"{pack} && exit $rc; }}")
+    limit = f"timeout -s INT -k {KILL_AFTER_S}"
+    finish = f"{{ {limit} {hard_s} {go} --minutes {minutes:g}; rc=$?; {pack} && exit $rc; }}"
     # the follow-up: the same grid on the same machine (its stash keeps the data and what the
     # last call returned, which `go` puts back first), no benchmark, for the time left
     hard_again = f"$((S - {AGAIN_GO_MARGIN_S - int(grace_s)}))"
-    most = CALL_TIMEOUT_S - PACK_S - 10 + AGAIN_GO_MARGIN_S - int(grace_s)  # inside its timeout
+    most = CALL_TIMEOUT_S - PACK_S - KILL_AFTER_S + AGAIN_GO_MARGIN_S - int(grace_s)
     again = (f"S={AGAIN_LEFT}; S=${{S%.*}}; case $S in ''|*[!0-9]*) echo \"put the reply's "
              f"lease.budget_left_s for {AGAIN_LEFT}\"; exit 2;; esac; "
              f"if [ $S -lt {AGAIN_MIN_S} ]; then echo \"$S s left: "
              f"too little for another call\"; exit 0; fi; if [ $S -gt {most} ]; then S={most}; "
-             f"fi; {{ timeout -s INT -k 15 {hard_again} {go} "
+             f"fi; {{ {limit} {hard_again} {go} "
              f"--seconds $((S - {AGAIN_GO_MARGIN_S})) --bench never; rc=$?; "
              f"[ $rc -eq {STASH_INCOMPLETE_EXIT} ] && exit $rc; {pack} && exit $rc; }}")
     return finish, again

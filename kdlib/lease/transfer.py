@@ -34,6 +34,7 @@ CALL_TIMEOUT_S = 600  # the device tool's limit for one command
 COMMAND_MAX_CHARS = 2000  # and for its command line
 GO_GRACE_S = 20  # `go` is interrupted this long after its --minutes (it plans to end before)
 PACK_S = 25  # packing and the return, after `go` ended or was interrupted
+KILL_AFTER_S = 15  # `go` still running this long after its interruption is killed
 # one more call on the machine while it is warm, for the device time the session has left
 # (the reply's lease.budget_left_s, put in for AGAIN_LEFT): `go` for that less AGAIN_GO_MARGIN_S
 # (the tree's transfer, go's grace, pack, the return, and slack), never under AGAIN_MIN_S
