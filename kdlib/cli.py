@@ -239,6 +239,12 @@ def executor_options(args: argparse.Namespace) -> None:
     for name, _, default in EXECUTOR_OPTIONS.values():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    # refused here, before `run` writes its log or `grid` sets the threads (torch raises)
+    counts = {"--jobs": args.jobs if args.executor == "processes" else None,
+              "--threads": getattr(args, "threads", None)}
+    bad = [f"{flag} {n}" for flag, n in counts.items() if n is not None and n < 1]
+    if bad:
+        raise UserError(f"{' and '.join(bad)}: give a whole number >= 1")
 
 
 def _grid_budget(args: argparse.Namespace, results_dir: Path) -> Budget | None:

@@ -17,6 +17,7 @@ first in plan order trains, the other's task waits for it and then records ``sam
 from __future__ import annotations
 
 import concurrent.futures as futures
+from concurrent.futures.process import BrokenProcessPool
 import contextlib
 import functools
 import multiprocessing
@@ -229,9 +230,15 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
     left_out: list[str] = []
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into workers
     in_flight = context.Value("i", 0)  # what each run measures beside it (_counted_in_flight)
-    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
-                                     initializer=_share_in_flight,
-                                     initargs=(in_flight,)) as pool:
+
+    def new_pool() -> futures.ProcessPoolExecutor:
+        in_flight.value = 0  # a broken pool's workers are gone, and their counts with them
+        return futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                           initializer=_share_in_flight, initargs=(in_flight,))
+
+    pool = new_pool()
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: pool.shutdown(wait=True))
         while waiting or running:
             for cfg, after in list(waiting):
                 if len(running) >= jobs:
@@ -250,9 +257,16 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
                     log(f"not started {cfg.run_id()}: {admission.why}")
                     continue
                 log(start_line(cfg, admission))
-                running[pool.submit(_train_task, cfg.to_dict(), data_dir, results_dir, device,
-                                    threads, tensorboard, deadline=admission and admission.deadline,
-                                    side_by_side=jobs)] = cfg.run_id()
+                task = functools.partial(_train_task, cfg.to_dict(), data_dir, results_dir, device,
+                                         threads, tensorboard, side_by_side=jobs,
+                                         deadline=admission and admission.deadline)
+                try:
+                    future = pool.submit(task)
+                except BrokenProcessPool:  # a worker died (killed, out of memory): its runs
+                    pool.shutdown(wait=True)  # failed (reported below), the others go on
+                    pool = new_pool()
+                    future = pool.submit(task)
+                running[future] = cfg.run_id()
             if not running:
                 continue
             finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)

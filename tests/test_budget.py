@@ -880,3 +880,210 @@ def test_under_a_budget_a_run_recorded_as_another_run_of_the_call_is_never_refus
                                 budget=RefusesFinetune(), log=lines.append)
     assert not [line for line in lines if line.startswith("not started ")]
     assert [r["config"]["method"] for r in records] == ["teacher", "progressive", "finetune"]
+
+
+@pytest.mark.timeout(30)  # a scheduler still waiting for the refused run would spin until then
+def test_under_a_budget_a_run_that_does_not_fit_is_left_with_what_needs_it_and_the_rest_train(
+        tmp_path, monkeypatch):
+    """A run the budget refuses is not started, nor what starts from it or is its training
+    under another name; the others train, each worker handed the call's threads, how many
+    runs train side by side, the deadline its admission set and TensorBoard (on unless
+    asked off, as in the serial loop); the call ends, saying what is left for the next one."""
+    from concurrent import futures
+
+    from kdlib import executors
+    from kdlib.config import RunConfig
+
+    deadline = Deadline(time.time() + 3600, epoch_s=1.0)
+
+    class RefusesTheChain(Budget):
+        def __init__(self):
+            super().__init__(3600.0, RunTimer("cpu"))
+
+        def admit(self, cfg, epochs_done=0):
+            if cfg.method == "ta_chain":
+                return Admission(False, "longer than the time left")
+            return Admission(True, "fits", deadline=deadline)
+
+    handed = {}
+
+    def task(config, data_dir, results_dir, device, threads, tensorboard, *after, **options):
+        cfg = RunConfig.from_dict(config)
+        handed[cfg.method, cfg.w_bits] = (threads, tensorboard, options)
+        return write_record(cfg, results_dir)
+
+    monkeypatch.setattr(executors, "_train_task", task)
+    monkeypatch.setattr(executors.futures, "ProcessPoolExecutor",
+                        lambda max_workers, **_: futures.ThreadPoolExecutor(max_workers))
+    plan = experiments.plan_grid(**{**GRID, "chain_methods": ["ta_chain"],
+                                    "methods": ["direct_kd"]})
+    name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
+    lines = []
+    records = execute_processes(plan, jobs=2, threads=3, results_dir=tmp_path / "b",
+                                budget=RefusesTheChain(), log=lines.append)
+    assert sorted(handed) == [("direct_kd", 1), ("teacher", 32)]
+    assert list(handed.values()) == [(3, True, {"deadline": deadline, "side_by_side": 2})] * 2
+    assert [name[r["run_id"]] for r in records] == [("teacher", 32), ("direct_kd", 1)]
+    refused = {name[line.split()[2].rstrip(":")]: line.split(": ", 1)[1] for line in lines
+               if line.startswith("not started ")}
+    assert refused == {("ta_chain", 4): "longer than the time left",
+                       ("ta_chain", 1): "a run it needs did not finish",
+                       ("direct_kd", 4): "a run it needs did not finish"}
+    assert lines[-1].startswith("budget: 3 run(s) left for the next call")
+
+
+def test_a_run_recorded_as_another_waits_for_that_run_not_only_for_its_teacher(tmp_path,
+                                                                               monkeypatch):
+    """direct_kd@4 is ta_chain@4's training: with a worker free, it starts only once
+    ta_chain@4's record exists, not as soon as the teacher they share is done."""
+    from kdlib.results import find_record
+
+    plan = experiments.plan_grid(**CHAIN4)
+    started = []
+
+    def train(cfg, results_dir):
+        started.append((cfg.method, [find_record(results_dir, c.run_id()) is not None
+                                     for c in plan]))
+        if cfg.method == "ta_chain":
+            time.sleep(0.2)  # the other worker is free meanwhile
+        return write_record(cfg, results_dir)
+
+    run_in_threads(monkeypatch, train)
+    execute_processes(plan, jobs=2, results_dir=tmp_path / "b", tensorboard=False,
+                      log=lambda _: None)
+    assert started == [("teacher", [False, False, False]), ("ta_chain", [True, False, False]),
+                       ("direct_kd", [True, True, False])]
+
+
+def test_the_processes_executor_resumes_a_paused_run_before_it_starts_a_new_one(tmp_path,
+                                                                                monkeypatch):
+    """Two runs with as many epochs left: the one paused by the last call's budget goes on
+    first (what was started before ends before anything new starts, as in the serial loop)."""
+    fresh, paused = student("finetune", epochs=1, seed=1), student("finetune", epochs=2, seed=2)
+    path = checkpoint_path(tmp_path / "b", paused.run_id())
+    path.parent.mkdir(parents=True)
+    torch.save({"epoch": 1}, path)
+    started = []
+    run_in_threads(monkeypatch, lambda cfg, results_dir: started.append(cfg.run_id())
+                   or write_record(cfg, results_dir), workers=1)
+    execute_processes([fresh, paused], jobs=1, results_dir=tmp_path / "b", tensorboard=False,
+                      log=lambda _: None)
+    assert started == [paused.run_id(), fresh.run_id()]
+
+
+def test_a_worker_trains_its_run_with_what_the_executor_hands_it(monkeypatch):
+    """The run's own data split (its split seed and sizes, not its training seed), the device,
+    the thread count, TensorBoard off when asked, the deadline and how many runs train side
+    by side all reach the training in the worker."""
+    import dataclasses
+    import os
+
+    from kdlib import executors
+    from kdlib.tblog import TENSORBOARD_ENV
+
+    cfg = dataclasses.replace(student(), seed=5, split_seed=2)
+    loaded, trained = [], []
+    monkeypatch.setattr(executors, "load_splits",
+                        lambda root, **kw: loaded.append((root, kw)) or "splits")
+    monkeypatch.setattr(executors, "train_run", lambda run, data, results_dir, **kw: trained.append(
+        (run, data, results_dir, kw, torch.get_num_threads(), os.environ[TENSORBOARD_ENV]))
+        or {"run_id": run.run_id()})
+    monkeypatch.setattr(executors, "_in_flight", None)
+    monkeypatch.setenv(TENSORBOARD_ENV, "1")
+    deadline = Deadline(time.time() + 60, epoch_s=1.0)
+    threads = torch.get_num_threads()
+    executors._splits.cache_clear()
+    try:
+        assert executors._train_task(cfg.to_dict(), "data", "res", "cpu", threads + 1, False,
+                                     deadline=deadline, side_by_side=2) == cfg.run_id()
+    finally:
+        torch.set_num_threads(threads)
+        executors._splits.cache_clear()
+    assert loaded == [("data", {"val_size": 100, "train_size": 200, "test_size": 100,
+                                "seed": 2})]
+    assert trained == [(cfg, "splits", "res", {"device": "cpu", "progress": False,
+                                               "deadline": deadline, "side_by_side": 2,
+                                               "runs_in_flight": None}, threads + 1, "0")]
+
+
+def test_the_processes_executor_refuses_a_results_folder_it_cannot_write_before_any_run(
+        tmp_path, monkeypatch):
+    """Else each run would train for nothing and fail only when it writes its record."""
+    (tmp_path / "file").write_text("")
+    started = []
+    run_in_threads(monkeypatch, lambda cfg, results_dir: started.append(cfg.run_id())
+                   or write_record(cfg, results_dir))
+    with pytest.raises(PermissionError, match="is not writable"):
+        execute_processes(experiments.plan_grid(**CHAIN4), jobs=2,
+                          results_dir=tmp_path / "file" / "b", tensorboard=False,
+                          log=lambda _: None)
+    assert started == []
+
+
+def test_a_worker_that_dies_fails_its_run_and_the_others_train_in_a_new_pool(tmp_path,
+                                                                             monkeypatch):
+    """A worker killed mid-run (out of memory, a crash in the driver) breaks its process pool:
+    that run is reported failed (exit code 1 at the command line) and the other runs of the
+    grid still train, where the broken pool ended the call in a traceback, training nothing
+    more."""
+    from concurrent import futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    from kdlib import executors
+    from kdlib.config import RunConfig
+    from kdlib.executors import GridRunError
+    from kdlib.results import find_record
+
+    class WorkerDied(Exception):
+        pass
+
+    pools = []
+
+    class DyingWorkerPool:
+        """ProcessPoolExecutor's way once a worker died: its run fails with BrokenProcessPool,
+        and the pool takes no more."""
+
+        def __init__(self, max_workers, initargs, **_):
+            self.threads, self.broken = futures.ThreadPoolExecutor(max_workers), False
+            self.in_flight, = initargs  # the runs in flight, which a worker's run counts in
+            self.counted_at_start = self.in_flight.value
+            pools.append(self)
+
+        def submit(self, fn, *args, **kwargs):
+            if self.broken:
+                raise BrokenProcessPool("the process pool is not usable anymore")
+
+            def run():
+                self.in_flight.value += 1
+                try:
+                    result = fn(*args, **kwargs)
+                except WorkerDied:  # gone, and its count with it
+                    self.broken = True
+                    raise BrokenProcessPool("a process terminated abruptly") from None
+                self.in_flight.value -= 1
+                return result
+            return self.threads.submit(run)
+
+        def shutdown(self, wait=True):
+            self.threads.shutdown(wait)
+            self.closed = True
+
+    def task(config, data_dir, results_dir, *after, **options):
+        cfg = RunConfig.from_dict(config)
+        if cfg.seed == 1:
+            raise WorkerDied
+        return write_record(cfg, results_dir)
+
+    monkeypatch.setattr(executors, "_train_task", task)
+    monkeypatch.setattr(executors.futures, "ProcessPoolExecutor", DyingWorkerPool)
+    dies, *others = [student("finetune", epochs=1, seed=seed) for seed in (1, 2, 3)]
+    lines = []
+    with pytest.raises(GridRunError) as failed:
+        execute_processes([dies, *others], jobs=1, results_dir=tmp_path / "b",
+                          tensorboard=False, log=lines.append)
+    assert str(failed.value) == \
+        f"1 runs failed: {dies.run_id()}: BrokenProcessPool: a process terminated abruptly"
+    assert f"FAILED {dies.run_id()}: BrokenProcessPool: a process terminated abruptly" in lines
+    assert [find_record(tmp_path / "b", cfg.run_id()) is not None for cfg in others] == [True] * 2
+    assert [getattr(pool, "closed", False) for pool in pools] == [True, True]  # no worker left
+    assert [pool.counted_at_start for pool in pools] == [0, 0]  # not the dead run's count

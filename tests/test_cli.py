@@ -33,6 +33,8 @@ def test_parse_overrides_literals():
         "epochs": 3, "lr": 0.05, "nesterov": False, "schedule": "cosine", "milestones": [0.5]}
     with pytest.raises(UserError, match="not KEY=VALUE"):
         parse_overrides(["epochs"])
+    with pytest.raises(UserError, match="not KEY=VALUE"):
+        parse_overrides(["=3"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,11 +2,13 @@
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kdlib.cli import build_parser, main, model_of, notebook_parameters
 from kdlib.results import load_records, save_record
@@ -231,6 +233,10 @@ def test_train_with_only_w_bits_quantizes_activations_alike(tmp_path, monkeypatc
     assert main(["train", "--preset", "smoke", "--model", "resnet8", "--w-bits", "4",
                  "--a-bits", "8", "--results-dir", str(tmp_path)]) == 0
     assert [(c.w_bits, c.a_bits) for c in planned] == [(4, 8)]
+    planned.clear()
+    assert main(["train", "--preset", "smoke", "--model", "resnet8", "--w-bits", "4",
+                 "--set", "a_bits=8", "--results-dir", str(tmp_path)]) == 0
+    assert [(c.w_bits, c.a_bits) for c in planned] == [(4, 8)]  # --set a_bits is not overruled
 
 
 @pytest.mark.parametrize("key, flag", [("seed", "--seed"), ("method", "--method"),
@@ -259,6 +265,15 @@ def test_train_refuses_a_set_of_a_field_that_has_its_own_option(tmp_path, capsys
     (["run", "--only", "01", "--chain", "32", "4"], "--chain is read by notebook 02 / 03 only"),
     (["run", "--only", "04", "--seeds", "1"], "--seeds is read by notebook 01 / 02 / 03 only"),
     (["run", "--only", "02", "--methods", "finetune"], "--methods is read by notebook 03 only"),
+    # not a count of anything: --jobs 0 wrote the log of a `run` it refused, --threads -1
+    # crashed in torch and --threads 0 was ignored
+    (["run", "--executor", "processes", "--jobs", "0"], "--jobs 0: give a whole number >= 1"),
+    (["grid", "--threads", "-1"], "--threads -1: give a whole number >= 1"),
+    (["grid", "--executor", "processes", "--threads", "0"], "--threads 0: give a whole"),
+    # what the notebooks would refuse only after the executor trained their runs
+    (["run", "--executor", "processes", "--seeds", "1", "1"], "seeds=[1, 1] has duplicates"),
+    (["run", "--executor", "processes", "--only", "02", "--chain-methods", "ta_chain",
+      "ta_chain"], "methods=['ta_chain', 'ta_chain'] has duplicates"),
 ])
 def test_an_option_nothing_would_read_is_refused_before_anything_runs(
         argv, refused, tmp_path, capsys, monkeypatch):
@@ -286,6 +301,8 @@ def test_an_option_nothing_would_read_is_refused_before_anything_runs(
     (["run", "--executor", "ray", "--address", "auto", "--cpus-per-run", "4",
       "--gpus-per-run", "0.5", "--max-retries", "1"],
      {"jobs": 2, "address": "auto", "cpus_per_run": 4, "gpus_per_run": 0.5, "max_retries": 1}),
+    (["grid", "--executor", "ray", "--max-retries", "0", "--gpus-per-run", "0"],
+     {"max_retries": 0, "gpus_per_run": 0.0}),  # asked for no retries: not the default 3
 ])
 def test_options_the_executor_reads_pass_and_the_rest_take_their_defaults(argv, expected):
     from kdlib.cli import executor_options
@@ -325,3 +342,145 @@ def test_run_hands_the_executor_what_the_selected_notebooks_train_and_nothing_el
         == [(c.method, c.w_bits, c.a_bits, c.seed) for c in grid]
     assert f"notebooks 01 02 03 04: {len(grid)} runs" in capsys.readouterr().out
     assert _planned(["--only", "04"], tmp_path, monkeypatch) == []  # 04 only reads records
+    assert _planned(["--only", "0", "--seeds", "0"], tmp_path, monkeypatch) \
+        == _planned(["--seeds", "0"], tmp_path, monkeypatch)  # a prefix of every notebook
+
+
+OPTIONS_REACH = [
+    (["train", "--data-dir", "D", "--device", "cpu"], "execute",
+     {"data_dir": "D", "device": "cpu"}, None),
+    (["grid", "--data-dir", "D", "--device", "cpu", "--no-progress", "--threads", "3"],
+     "execute", {"data_dir": "D", "device": "cpu", "progress": False, "threads": 3}, None),
+    (["grid", "--data-dir", "D", "--device", "cpu", "--budget-min", "5", "--no-span",
+      "--bench-dir", "B"], "execute", {"data_dir": "D", "device": "cpu", "progress": True},
+     {"seconds": 300.0, "span": False, "jobs": 1, "records": 1}),
+    (["grid", "--executor", "processes", "--jobs", "3", "--threads", "2", "--data-dir", "D",
+      "--device", "cpu"], "execute_processes",
+     {"jobs": 3, "threads": 2, "data_dir": "D", "device": "cpu", "tensorboard": False}, None),
+    (["grid", "--executor", "processes", "--jobs", "3", "--budget-min", "0.5", "--device",
+      "cpu"], "execute_processes", {"jobs": 3, "threads": 1},
+     {"seconds": 30.0, "span": True, "jobs": 3, "records": 1}),
+    (["run", "--executor", "processes", "--jobs", "3", "--data-dir", "D", "--device", "cpu"],
+     "execute_processes", {"jobs": 3, "data_dir": "D", "device": "cpu", "tensorboard": False},
+     None),
+    *[([command, "--executor", "ray", "--address", "auto", "--cpus-per-run", "2",
+        "--gpus-per-run", "0.5", "--max-retries", "1", "--data-dir", "D", "--device", "cuda"],
+       "execute_ray", {"address": "auto", "cpus_per_run": 2, "gpus_per_run": 0.5,
+                       "max_retries": 1, "data_dir": "D", "device": "cuda",
+                       "tensorboard": False}, None) for command in ("grid", "run")],
+]
+
+
+@pytest.mark.parametrize("argv, executor, expected, budget", OPTIONS_REACH)
+def test_what_the_command_line_asks_for_reaches_the_executor(argv, executor, expected, budget,
+                                                             tmp_path, monkeypatch):
+    """Every option an executor reads is handed to it (none silently dropped for its default),
+    --no-tensorboard reaches the serial loop as the environment its runs read, --threads sets
+    the serial loop's torch threads, and --budget-min is a budget of that many minutes, with
+    --no-span, the folder's records and the runs side by side it estimates for."""
+    import kdlib.cli as cli
+    from kdlib.tblog import TENSORBOARD_ENV
+
+    handed, expected = [], dict(expected)
+
+    def executor_of(name):
+        def called(plan, **kwargs):
+            handed.append((name, kwargs, os.environ[TENSORBOARD_ENV], torch.get_num_threads()))
+            return [{"run_id": cfg.run_id(), "metrics": {}} for cfg in plan]
+        return called
+
+    for name in ("execute", "execute_processes", "execute_ray"):
+        monkeypatch.setattr(cli, name, executor_of(name))
+    monkeypatch.setattr(cli, "import_ray", lambda: None)  # whether or not Ray is installed
+    monkeypatch.setattr(cli.notebook_runs, "execute", lambda *a, **kw: None)
+    monkeypatch.setenv(TENSORBOARD_ENV, "1")  # restored after the test: main sets it
+    monkeypatch.setenv("KDLIB_DATA", os.environ.get("KDLIB_DATA", "data"))  # and run these
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    results = tmp_path / "r"
+    save_record(results, _record("teacher", 32, 0, 60.0))
+    threads = torch.get_num_threads()
+    try:
+        assert main([*argv, "--preset", "smoke", "--model", "resnet8", "--no-tensorboard",
+                     "--results-dir", str(results)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (name, kwargs, tensorboard, torch_threads), = handed
+    assert name == executor and tensorboard == "0"
+    if "threads" in expected and executor == "execute":
+        assert torch_threads == expected.pop("threads")
+    assert {key: kwargs[key] for key in expected} == expected
+    assert Path(kwargs["results_dir"]).resolve() == results.resolve()
+    given = kwargs.get("budget")
+    assert budget == (given and {"seconds": given.seconds, "span": given.span,
+                                 "jobs": given.timer.jobs, "records": len(given.timer.records)})
+
+
+def test_a_failed_run_exits_1_and_a_failed_notebook_stops_the_ones_after_it(tmp_path,
+                                                                           monkeypatch, capsys):
+    """A script driving the workbook must see a failure: a run of the grid that failed (exit
+    1, named on one line, not a usage error), or a notebook, after which no later notebook
+    runs on top of the results it did not make."""
+    import kdlib.cli as cli
+    from kdlib.executors import GridRunError
+
+    def grid_fails(plan, **kwargs):
+        raise GridRunError("1 runs failed: r: RuntimeError: loss is nan")
+
+    monkeypatch.setattr(cli, "execute_processes", grid_fails)
+    assert main(["grid", "--preset", "smoke", "--executor", "processes",
+                 "--results-dir", str(tmp_path / "g")]) == 1
+    assert capsys.readouterr().err == "error: 1 runs failed: r: RuntimeError: loss is nan\n"
+    executed = []
+
+    def notebook(name, parameters, folder, progress_bar):
+        executed.append(name)
+        if name == "02_ta_chain":
+            raise cli.notebook_runs.NotebookFailed("ValueError: nan", folder / f"{name}.ipynb")
+
+    monkeypatch.setattr(cli.notebook_runs, "execute", notebook)
+    monkeypatch.setenv("KDLIB_DATA", os.environ.get("KDLIB_DATA", "data"))  # run sets these
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    assert main(["run", "--preset", "smoke", "--results-dir", str(tmp_path / "n")]) == 1
+    assert executed == ["01_baseline", "02_ta_chain"]
+    assert "error: notebook 02_ta_chain failed: ValueError: nan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, refused", [
+    (["--cpus-per-run", "0"], "cpus_per_run=0 is invalid"),
+    (["--device", "cuda"], "device='cuda' with gpus_per_run=0"),
+    (["--budget-min", "5"], "--budget-min works with --executor serial or processes, not ray"),
+])
+def test_what_ray_cannot_honour_is_refused_before_any_run_starts(argv, refused, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Exit 2 and one line, before Ray is handed anything: a budget would be silently
+    ignored there, and a bad resource request is the user's mistake, not a failed run."""
+    import kdlib.cli as cli
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("trained despite a refused request")
+
+    monkeypatch.setattr(cli, "import_ray", lambda: None)  # whether or not Ray is installed
+    monkeypatch.setattr(cli, "execute_ray", must_not_run)
+    assert main(["grid", "--preset", "smoke", "--executor", "ray", *argv,
+                 "--results-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and refused in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("executor", ["processes", "ray"])
+def test_run_of_notebook_04_alone_starts_no_executor(executor, tmp_path, monkeypatch):
+    """04 only reads records: no worker pool or Ray instance is started for it."""
+    import kdlib.cli as cli
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an executor started with nothing to train")
+
+    monkeypatch.setattr(cli, "import_ray", lambda: None)
+    for name in ("execute_processes", "execute_ray"):
+        monkeypatch.setattr(cli, name, must_not_run)
+    monkeypatch.setattr(cli.notebook_runs, "execute", lambda *a, **kw: None)
+    monkeypatch.setenv("KDLIB_DATA", os.environ.get("KDLIB_DATA", "data"))  # run sets these
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    assert main(["run", "--preset", "smoke", "--only", "04", "--executor", executor,
+                 "--results-dir", str(tmp_path / "r")]) == 0

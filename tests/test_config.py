@@ -32,6 +32,25 @@ def test_format_bits_is_the_inverse_of_parse_bits(w_bits, a_bits):
     assert parse_bits(format_bits(w_bits, a_bits)) == (w_bits, a_bits)
 
 
+@pytest.mark.parametrize("spec, bits", [
+    (4, (4, 4)), ("4", (4, 4)), (" 8 ", (8, 8)), ("4/8", (4, 8)), ("32/2", (32, 2)),
+    ((2, 8), (2, 8)), ([8, 4], (8, 4)),
+])
+def test_parse_bits_reads_every_spelling_of_a_width(spec, bits):
+    """A width as the command line gives it (text) or as a notebook or script writes it
+    (numbers, pairs): weights first, activations second, the same run either way."""
+    assert parse_bits(spec) == bits
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("4/x", "bits='4/x' is not 'W/A'"), ("4/8/2", "bits='4/8/2' is not 'W/A'"),
+    ("4/0", "a_bits=0"), ("0/4", "w_bits=0"), ((4, 33), "a_bits=33"), ("four", "w_bits='four'"),
+])
+def test_parse_bits_refuses_a_bad_width_naming_it(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_bits(spec)
+
+
 @pytest.mark.parametrize("field, value, pattern", [
     ("model", "vgg99", r"model='vgg99' is unknown; accepted: .*resnet20"),
     ("method", "magic", r"method='magic' is unknown"),

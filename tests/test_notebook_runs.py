@@ -6,14 +6,15 @@ import subprocess
 import sys
 
 import nbformat
+import pytest
 
 from kdlib import notebook_runs
 from kdlib.checkout import REPO_ROOT
 
 
 def test_executed_notebook_is_replaced_only_when_its_outputs_change(tmp_path):
-    def notebook(path, text, when):
-        cell = {"cell_type": "code", "source": "print(1)",
+    def notebook(path, text, when, source="print(1)"):
+        cell = {"cell_type": "code", "source": source,
                 "metadata": {"papermill": {"start_time": when}},
                 "outputs": [{"output_type": "stream", "name": "stdout", "text": text}]}
         path.write_text(json.dumps({"cells": [cell],
@@ -24,6 +25,8 @@ def test_executed_notebook_is_replaced_only_when_its_outputs_change(tmp_path):
     notebook(b, "1\n", "11:00")  # run again: other times, same outputs
     notebook(c, "2\n", "11:00")
     assert notebook_runs.outputs(a) == notebook_runs.outputs(b)
+    assert notebook_runs.outputs(a) != notebook_runs.outputs(c)
+    notebook(c, "1\n", "11:00", source="print(3 - 2)")  # same output, code of another version
     assert notebook_runs.outputs(a) != notebook_runs.outputs(c)
     assert notebook_runs.outputs(tmp_path / "missing.ipynb") is None
 
@@ -139,3 +142,64 @@ def test_paths_are_named_from_the_checkout_whatever_the_working_directory(tmp_pa
     monkeypatch.chdir(tmp_path)
     assert default_results_dir("smoke") == REPO_ROOT / "results" / "smoke"
     assert shown_path("a/b.ipynb") == str((tmp_path / "a" / "b.ipynb").resolve())
+
+
+def test_execute_replaces_the_executed_copy_only_when_a_result_changed_and_keeps_a_failed_one(
+        tmp_path, monkeypatch):
+    """A rerun that changed nothing leaves the committed copy byte for byte and no running copy
+    behind; a changed output replaces it, its paths named from the checkout; a failing cell
+    leaves the copy up to that cell where the error names it."""
+    import types
+
+    printed = {"text": "1\n"}
+    called = []
+
+    class PapermillExecutionError(Exception):
+        def __init__(self, ename, evalue):
+            super().__init__(evalue)
+            self.ename, self.evalue = ename, evalue
+
+    def execute_notebook(source, output, parameters, **kwargs):  # writes a fresh cell id
+        called.append((source, parameters, kwargs["cwd"], kwargs["progress_bar"]))
+        output_cell = nbformat.v4.new_output("stream", name="stdout", text=printed["text"])
+        notebook = nbformat.v4.new_notebook(
+            cells=[nbformat.v4.new_code_cell("print(x)", outputs=[output_cell])],
+            metadata={"papermill": {"input_path": source, "output_path": output}})
+        nbformat.write(notebook, output)
+        if printed["text"] == "failed\n":
+            raise PapermillExecutionError("ValueError", "bad")
+
+    monkeypatch.setitem(sys.modules, "papermill", types.SimpleNamespace(
+        execute_notebook=execute_notebook, PapermillExecutionError=PapermillExecutionError))
+
+    def run():
+        return notebook_runs.execute("01_baseline", {"seeds": [0]}, tmp_path, progress_bar=False)
+
+    def printed_by(path):
+        return notebook_runs.outputs(path)[0][1][0]["text"]
+
+    target = tmp_path / "01_baseline.ipynb"
+    assert run() == target and printed_by(target) == "1\n"
+    first = target.read_bytes()
+    assert json.loads(first)["metadata"]["papermill"]["input_path"] \
+        == "notebooks/01_baseline.ipynb"
+    assert run() == target and target.read_bytes() == first
+    assert list(tmp_path.iterdir()) == [target]  # no running copy left behind
+    printed["text"] = "2\n"
+    run()
+    assert printed_by(target) == "2\n" and list(tmp_path.iterdir()) == [target]
+    printed["text"] = "failed\n"
+    with pytest.raises(notebook_runs.NotebookFailed, match="^ValueError: bad$") as failed:
+        run()
+    assert failed.value.executed == target and printed_by(target) == "failed\n"
+    # the notebook itself, with its parameters, in notebooks/ (where its relative paths start)
+    assert called == [(str(notebook_runs.NOTEBOOKS_DIR / "01_baseline.ipynb"), {"seeds": [0]},
+                       str(notebook_runs.NOTEBOOKS_DIR), False)] * 4
+
+
+def test_the_kernels_import_this_checkout_first(monkeypatch):
+    """Before any other kdlib on the path (another clone's editable install), once."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/elsewhere", str(REPO_ROOT)]))
+    notebook_runs.kernels_import_this_checkout()
+    notebook_runs.kernels_import_this_checkout()
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT), "/elsewhere"]

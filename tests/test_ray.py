@@ -149,6 +149,67 @@ def test_runs_that_reserve_no_gpu_are_handed_the_cpu_and_the_tasks_they_wait_for
                       for cfg, after in dependency_schedule(plan, tmp_path)}
 
 
+def test_each_ray_task_reserves_what_the_call_asks_and_every_planned_record_is_returned(
+        tmp_path, monkeypatch):
+    """--address is the cluster joined (and left at the end), --cpus-per-run, --gpus-per-run
+    and --max-retries reach every task (its CPUs are also its torch threads), a task reserving
+    a GPU trains on the device asked for, in folders every node names alike, and a run that an
+    earlier call trained is returned with the others, in plan order."""
+    from kdlib import executors
+
+    asked, handed = [], []
+
+    class FakeRemote:
+        def options(self, name, **options):
+            asked.append(options)
+            return self
+
+        def remote(self, config, data_dir, results_dir, device, threads, tensorboard, *after):
+            handed.append((data_dir, results_dir, device, threads, tensorboard))
+            return "ref"
+
+    class FakeRay:
+        is_initialized = staticmethod(lambda: False)  # so this call starts (joins) Ray
+        init = staticmethod(lambda **options: asked.append(("init", options)))
+        shutdown = staticmethod(lambda: asked.append("shutdown"))
+        remote = staticmethod(lambda fn: FakeRemote())
+
+    monkeypatch.setattr(executors, "import_ray", lambda: FakeRay)
+    monkeypatch.setattr(executors, "_wait_for_all", lambda ray, refs, log, results_dir: None)
+    monkeypatch.chdir(tmp_path)  # folders named relative to here reach a task absolute
+    plan = experiments.plan_grid(**GRID)
+    teacher = plan[0]
+    save_record(tmp_path / "r", {"run_id": teacher.run_id(), "config": teacher.to_dict(),
+                                 "metrics": {}, "history": [{}]})
+    records = execute_ray(plan, data_dir="data", results_dir="r", device="cuda", address="auto",
+                          cpus_per_run=2, gpus_per_run=0.5, max_retries=1, tensorboard=False,
+                          log=lambda _: None)
+    tasks = len(plan) - 1
+    assert asked == [("init", {"address": "auto"}),
+                     *[{"num_cpus": 2, "num_gpus": 0.5, "max_retries": 1}] * tasks, "shutdown"]
+    assert handed == [(str(tmp_path / "data"), str(tmp_path / "r"), "cuda", 2, False)] * tasks
+    # the fake tasks wrote no record; the teacher's was there before
+    assert [r and r["run_id"] for r in records] == [teacher.run_id()] + [None] * (len(plan) - 1)
+
+
+def test_ray_is_handed_nothing_when_the_results_folder_cannot_be_written(tmp_path, monkeypatch):
+    """Else every task would train for nothing and fail only when it writes its record."""
+    from kdlib import executors
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a task was handed to Ray")
+
+    class FakeRay:
+        is_initialized = staticmethod(lambda: True)
+        remote = staticmethod(must_not_run)
+
+    monkeypatch.setattr(executors, "import_ray", lambda: FakeRay)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="is not writable"):
+        execute_ray(experiments.plan_grid(**GRID), results_dir=tmp_path / "file" / "r",
+                    log=lambda _: None)
+
+
 def test_a_failed_ray_task_is_logged_and_the_grid_fails_naming_it(tmp_path):
     """A task that raised (or whose teacher's task did) is a `[k/n] FAILED` line with the
     first line of its error; the others are reported; then GridRunError names every failure."""
@@ -272,3 +333,5 @@ def test_resource_requests_ray_cannot_honour_are_refused(kwargs, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         check_resources(**request)
     check_resources(1, 0.5, 0, "cuda")  # half a GPU per run, no retries: fine
+    check_resources(1, 2.0, 3, "cuda")  # two whole GPUs per run: fine
+    check_resources(1, 0.0, 3, "cpu")  # training on the CPU reserves no GPU: fine
