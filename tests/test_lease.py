@@ -1478,13 +1478,31 @@ def test_a_return_one_file_over_the_limit_is_refused(tmp_path):
 
 
 def test_go_takes_a_follow_ups_seconds_as_seconds(tmp_path, monkeypatch):
+    """A follow-up's --seconds are seconds; every other option of `go`'s command line reaches
+    `lease.go`, whose benchmarks are the working directory's results/bench, where `pack` looks
+    for them."""
     from kdlib import cli
 
-    minutes = []
-    monkeypatch.setattr(lease, "go", lambda **kwargs: minutes.append(kwargs["minutes"]))
+    seen = []
+    monkeypatch.setattr(lease, "go", lambda **kwargs: seen.append(kwargs))
+    monkeypatch.chdir(tmp_path)
     assert cli.main(["lease", "go", "--preset", "smoke", "--results-dir", str(tmp_path),
                      "--seconds", "150", "--bench", "never"]) == 0
-    assert minutes == [2.5]
+    assert seen[-1]["minutes"] == 2.5 and seen[-1]["bench"] == "never"
+    assert cli.main(["lease", "go", "--preset", "smoke", "--results-dir", str(tmp_path)]) == 0
+    assert {k: seen[-1][k] for k in ("model", "jobs", "bench", "device", "bench_args", "grid",
+                                     "results_dir", "repo_root")} == {
+        "model": "resnet20", "jobs": "auto", "bench": "auto", "device": None, "bench_args": None,
+        "grid": {}, "results_dir": tmp_path.resolve(), "repo_root": tmp_path}
+    assert cli.main(["lease", "go", "--preset", "smoke", "--model", "resnet8", "--minutes", "3",
+                     "--jobs", "2", "--device", "cpu", "--bench", "always", "--bench-args",
+                     '{"windows": 1}', "--seeds", "5", "--methods", "direct_kd",
+                     "--results-dir", str(tmp_path / "r")]) == 0
+    assert {k: seen[-1][k] for k in ("model", "minutes", "jobs", "bench", "device", "bench_args",
+                                     "grid", "results_dir")} == {
+        "model": "resnet8", "minutes": 3.0, "jobs": 2, "bench": "always", "device": "cpu",
+        "bench_args": {"windows": 1}, "grid": {"seeds": [5], "methods": ["direct_kd"]},
+        "results_dir": (tmp_path / "r").resolve()}
 
 
 @pytest.mark.parametrize("go_rc, pack_rc, call_rc", [(0, 0, 0), (5, 0, 5), (0, 1, 1)])
@@ -1600,22 +1618,40 @@ def test_jobs_is_auto_or_a_positive_integer(jobs, capsys, monkeypatch):
     assert "give 'auto' or an integer >= 1" in capsys.readouterr().err
 
 
-def test_prepare_passes_the_command_lines_grid_and_the_presets_results_folder(monkeypatch):
+def test_prepare_passes_the_command_lines_grid_and_the_presets_results_folder(monkeypatch,
+                                                                              tmp_path):
     """--seeds and the other grid options reach both the plan and `go`'s command line; without
-    --results-dir the folder is the preset's."""
+    --results-dir the folder is the preset's; every other option reaches `lease.prepare`, and
+    the defaults leave the last call inside its timeout with the benchmark choosing the jobs."""
     from kdlib import cli
     from kdlib.checkout import default_results_dir
+    from kdlib.data import resolve_data_root
+    from kdlib.lease.prepare import device_commands
 
     seen = {}
 
     def prepare(plan, **kwargs):
-        seen.update(kwargs, seeds={cfg.seed for cfg in plan})
+        seen.update(kwargs, seeds={cfg.seed for cfg in plan}, models={cfg.model for cfg in plan})
         raise ValueError("stop here")
 
     monkeypatch.setattr(lease, "prepare", prepare)
     assert cli.main(["lease", "prepare", "--preset", "smoke", "--seeds", "3", "4"]) == 2
     assert seen["grid"] == {"seeds": [3, 4]} and seen["seeds"] == {3, 4}
     assert seen["results_dir"] == default_results_dir("smoke").resolve()
+    assert (seen["jobs"], seen["bench_args"], seen["part_mib"]) == ("auto", None, None)
+    assert seen["model"] == "resnet20" and seen["data_root"] == resolve_data_root(None)
+    device_commands(preset="smoke", model="resnet20", jobs=1, grid=None,  # not refused
+                    rel_results="results/smoke", bench_args=None, minutes=seen["minutes"])
+    seen.clear()
+    assert cli.main(["lease", "prepare", "--preset", "smoke", "--model", "resnet8", "--minutes",
+                     "4", "--jobs", "2", "--data-dir", str(tmp_path / "data"), "--bench-args",
+                     '{"windows": 1}', "--part-mib", "3", "--results-dir",
+                     str(tmp_path / "r")]) == 2
+    assert {k: seen[k] for k in ("minutes", "jobs", "bench_args", "part_mib", "model", "models",
+                                 "data_root", "results_dir", "preset", "grid")} == {
+        "minutes": 4.0, "jobs": 2, "bench_args": {"windows": 1}, "part_mib": 3.0,
+        "model": "resnet8", "models": {"resnet8"}, "data_root": (tmp_path / "data").absolute(),
+        "results_dir": (tmp_path / "r").resolve(), "preset": "smoke", "grid": {}}
 
 
 def test_go_that_finds_a_fresh_machine_exits_with_the_status_the_follow_up_checks(
@@ -1629,3 +1665,145 @@ def test_go_that_finds_a_fresh_machine_exits_with_the_status_the_follow_up_check
     monkeypatch.setattr(lease, "go", go)
     assert cli.main(["lease", "go", "--preset", "smoke", "--results-dir",
                      str(tmp_path)]) == lease.STASH_INCOMPLETE_EXIT
+
+
+def test_prepare_prints_the_calls_the_follow_up_and_the_receive_to_copy(tmp_path, monkeypatch,
+                                                                        capsys):
+    """What `prepare` prints is copied into the device tool and the shell: each call's carry as
+    JSON (the tool's list), the follow-up from .lease/, the copy of the last call's files before
+    it, and the receive of both returns; the committed weights no run of the preset's whole grid
+    needs (not only --seeds' runs) are the ones named for `git rm`."""
+    from kdlib import cli
+    from kdlib.presets import get_preset
+
+    calls = [{"carry": [".lease/data.xz.00"], "timeout_s": 120, "command": "STORE 1"},
+             {"carry": [".lease/data.xz.01", ".lease/stash.json"], "timeout_s": 600,
+              "command": "STORE 2 && FINISH"}]
+    (tmp_path / lease.LEASE_DIR).mkdir()
+    (tmp_path / lease.LEASE_DIR / lease.AGAIN_FILE).write_text(
+        json.dumps({"timeout_s": 590, "command": "AGAIN"}))
+    monkeypatch.setattr(lease_commands, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(lease, "prepare", lambda plan, **kwargs: calls)
+    planned = []
+    monkeypatch.setattr(lease, "unneeded_committed_weights",
+                        lambda plan, results_dir, repo_root: planned.append(plan) or [])
+    assert cli.main(["lease", "prepare", "--preset", "smoke", "--seeds", "7", "--results-dir",
+                     str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[1:5] == ['1. carry=[".lease/data.xz.00"] timeout_s=120', "   STORE 1",
+                          '2. carry=[".lease/data.xz.01", ".lease/stash.json"] timeout_s=600',
+                          "   STORE 2 && FINISH"]
+    assert f"cp -r FILES_AT {lease.LEASE_DIR}/back-2," in lines[5]
+    assert "carry=[] timeout_s=590" in lines[5] and lines[6] == "   AGAIN"
+    assert lines[-1] == (f"then: python -m kdlib lease receive {lease.LEASE_DIR}/back-2 "
+                         "[FOLDER_OF_CALL_3] --preset smoke")
+    assert [{cfg.seed for cfg in plan} for plan in planned] == [set(get_preset("smoke").seeds)]
+
+
+def test_the_light_entry_packs_what_pack_is_given_and_refuses_with_status_2(tmp_path,
+                                                                           monkeypatch, capsys):
+    """`store` and `pack` start through main_light, without kdlib.cli: `pack` hands the preset
+    (named in the manifest), --out and the working directory's results/bench to `lease.pack`; a
+    part the call did not carry is an error with status 2, as through kdlib.cli."""
+    packed = []
+    monkeypatch.setattr(lease, "pack", lambda *a, **k: packed.append((a, k)))
+    monkeypatch.chdir(tmp_path)
+    here = Path.cwd()
+    assert lease_commands.main_light(["lease", "pack", "--out", "o", "--preset", "smoke",
+                                      "--results-dir", "r"]) == 0
+    assert packed == [((here / "r", Path("o"), here / "results" / "bench"), {"preset": "smoke"})]
+
+    def store(paths, call):
+        raise FileNotFoundError(f"not found: {paths[0]}")
+
+    monkeypatch.setattr(lease, "store", store)
+    capsys.readouterr()
+    assert lease_commands.main_light(["lease", "store", "data.xz.00", "--call", "2"]) == 2
+    assert capsys.readouterr().err == "error: not found: data.xz.00\n"
+
+
+def test_receive_unpacks_the_returns_in_order_and_says_what_the_next_lease_needs(
+        tmp_path, monkeypatch, capsys):
+    """`lease receive`: refused (status 2, nothing written) for a --preset that is not the
+    returns'; else the returns unpacked in the calls' order (the follow-up's record replaces
+    the last call's), their benchmarks into --bench-dir, each benchmark's compile decision
+    printed for every preset (with that preset's results), a paused run that finished said;
+    the grid of the returns' preset and --model is the one staged and noted for the next
+    lease."""
+    from kdlib import cli
+    from kdlib.checkout import default_results_dir
+    from kdlib.presets import PRESETS, get_preset
+
+    device = tmp_path / "device"
+    (device / "runs").mkdir(parents=True)
+    outs = [tmp_path / "out0", tmp_path / "out1"]
+    for i, out in enumerate(outs):  # the last call, then its follow-up
+        (device / "runs" / "r.json").write_text(json.dumps({"run_id": "r", "call": i}))
+        bench = tmp_path / f"GPU_{i}.json"
+        bench.write_text(json.dumps({"call": i}))
+        lease.pack_outputs(device, out, [bench], returned=i, preset="smoke")
+    here, bench_dir = tmp_path / "here", tmp_path / "b"
+    (here / "checkpoints").mkdir(parents=True)
+    (here / "checkpoints" / "r.pt").write_bytes(b"paused by an earlier lease")
+    weights = here / "checkpoints" / "t.weights.pt"
+    weights.write_bytes(b"w")
+    decided, seen = [], {}
+
+    def undecided(bench, name, model, results_dir):
+        decided.append((name, results_dir))
+        return f"call {bench['call']} decides {name}" if name == "paper" else None
+
+    monkeypatch.setattr(lease, "compile_undecided", undecided)
+    monkeypatch.setattr(lease_commands, "REPO_ROOT", tmp_path)  # nothing of this checkout
+    monkeypatch.setattr(lease, "stage_for_next_lease", lambda plan, results_dir, repo_root:
+                        seen.update(plan=plan, where=(results_dir, repo_root))
+                        or {"added": [weights], "removed": []})
+    monkeypatch.setattr(lease, "planned_paused", lambda plan, results_dir: [here / "p.pt"])
+    monkeypatch.setattr(lease, "unneeded_committed_weights",
+                        lambda plan, results_dir, repo_root: [weights])
+    monkeypatch.setattr(lease, "unhide_after_lease", lambda repo_root: ["results/quick"])
+    assert cli.main(["lease", "receive", *map(str, outs), "--preset", "quick", "--results-dir",
+                     str(here), "--bench-dir", str(bench_dir)]) == 2  # smoke's returns
+    assert not (here / "runs").exists() and not bench_dir.exists() and decided == []
+    assert cli.main(["lease", "receive", *map(str, outs), "--model", "resnet8",
+                     "--results-dir", str(here), "--bench-dir", str(bench_dir)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads((here / "runs" / "r.json").read_text())["call"] == 1
+    assert sorted(p.name for p in bench_dir.iterdir()) == ["GPU_0.json", "GPU_1.json"]
+    assert [line for line in out.splitlines() if line.startswith("GPU_")] == [
+        "GPU_0.json: call 0 decides paper", "GPU_1.json: call 1 decides paper"]
+    assert sorted(set(decided)) == sorted((name, default_results_dir(name)) for name in PRESETS)
+    assert "1 paused run(s) finished" in out and not (here / "checkpoints" / "r.pt").exists()
+    assert {cfg.model for cfg in seen["plan"]} == {"resnet8"}
+    assert {cfg.seed for cfg in seen["plan"]} == set(get_preset("smoke").seeds)
+    assert seen["where"] == (here.resolve(), tmp_path)
+    assert "staged in git: 1 weight or checkpoint file(s)" in out
+    assert "1 paused run(s) continue next lease" in out
+    assert "no unfinished run needs 1 committed weight file(s)" in out
+    assert "back in git's index: results/quick" in out
+
+
+def test_restore_puts_back_the_checkpoints_of_the_results_dir_it_is_given(tmp_path, monkeypatch,
+                                                                          capsys):
+    """`restore --results-dir` alone names the folder whose checkpoints go back into git's
+    index; with neither it nor --preset, every results folder's."""
+    from kdlib import cli
+
+    put_back = []
+
+    def unhide(repo_root, also=()):
+        put_back.extend(also)
+        return []
+
+    monkeypatch.setattr(lease, "unhide_after_lease", unhide)
+    monkeypatch.setattr(lease_commands, "REPO_ROOT", tmp_path)
+    for name in ("gpu", "smoke"):
+        (tmp_path / "results" / name / "checkpoints").mkdir(parents=True)
+    (tmp_path / "results" / "bench").mkdir()
+    assert cli.main(["lease", "restore", "--results-dir", str(tmp_path / "mine")]) == 0
+    assert put_back == [(tmp_path / "mine").resolve() / "checkpoints"]
+    assert capsys.readouterr().out == "mine/checkpoints: in git's index as committed\n"
+    put_back.clear()
+    assert cli.main(["lease", "restore"]) == 0
+    assert put_back == [tmp_path / "results" / n / "checkpoints" for n in ("gpu", "smoke")]
