@@ -118,12 +118,14 @@ def _counted_in_flight():
 
 
 def _train_task(config: dict[str, Any], data_dir: str | None, results_dir: str,
-                device: str | None, threads: int, tensorboard: bool, *after: Any,
+                device: str | None, threads: int, tensorboard: bool | None, *after: Any,
                 deadline: Deadline | None = None, side_by_side: int | None = None) -> str:
     """One run in a worker (Ray's or a process pool's). ``after``: the results of the tasks it
-    waited for (unused: Ray starts this task only once they are done)."""
+    waited for (unused: Ray starts this task only once they are done). ``tensorboard``: None
+    leaves the choice to the worker's environment, as in the serial loop."""
     torch.set_num_threads(threads)
-    os.environ[TENSORBOARD_ENV] = "1" if tensorboard else "0"
+    if tensorboard is not None:
+        os.environ[TENSORBOARD_ENV] = "1" if tensorboard else "0"
     cfg = RunConfig.from_dict(config)
     data = _splits(data_dir, cfg.split_seed, cfg.val_size, cfg.train_size, cfg.test_size)
     with _counted_in_flight() as runs_in_flight:
@@ -135,7 +137,7 @@ def _train_task(config: dict[str, Any], data_dir: str | None, results_dir: str,
 def execute_ray(plan: Sequence[RunConfig], *, data_dir: str | os.PathLike | None = None,
                 results_dir: str | os.PathLike = "results", device: str | None = None,
                 address: str | None = None, cpus_per_run: int = 1, gpus_per_run: float = 0.0,
-                max_retries: int = 3, tensorboard: bool = True,
+                max_retries: int = 3, tensorboard: bool | None = None,
                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train ``plan`` as Ray tasks; returns every planned run's record, in plan order.
 
@@ -203,7 +205,8 @@ def _wait_for_all(ray, refs: dict[str, Any], log: Callable[[str], None],
 def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
                       data_dir: str | os.PathLike | None = None,
                       results_dir: str | os.PathLike = "results", device: str | None = None,
-                      threads: int = 1, tensorboard: bool = True, budget: Budget | None = None,
+                      threads: int = 1, tensorboard: bool | None = None,
+                      budget: Budget | None = None,
                       log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train ``plan`` with up to ``jobs`` runs at once in worker processes of this machine
     (several small runs share one GPU better than one run uses it); for a lent machine without

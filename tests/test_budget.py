@@ -922,7 +922,8 @@ def test_under_a_budget_a_run_that_does_not_fit_is_left_with_what_needs_it_and_t
     records = execute_processes(plan, jobs=2, threads=3, results_dir=tmp_path / "b",
                                 budget=RefusesTheChain(), log=lines.append)
     assert sorted(handed) == [("direct_kd", 1), ("teacher", 32)]
-    assert list(handed.values()) == [(3, True, {"deadline": deadline, "side_by_side": 2})] * 2
+    # TensorBoard not asked: the workers' environment decides, as in the serial loop
+    assert list(handed.values()) == [(3, None, {"deadline": deadline, "side_by_side": 2})] * 2
     assert [name[r["run_id"]] for r in records] == [("teacher", 32), ("direct_kd", 1)]
     refused = {name[line.split()[2].rstrip(":")]: line.split(": ", 1)[1] for line in lines
                if line.startswith("not started ")}
@@ -973,8 +974,9 @@ def test_the_processes_executor_resumes_a_paused_run_before_it_starts_a_new_one(
 
 def test_a_worker_trains_its_run_with_what_the_executor_hands_it(monkeypatch):
     """The run's own data split (its split seed and sizes, not its training seed), the device,
-    the thread count, TensorBoard off when asked, the deadline and how many runs train side
-    by side all reach the training in the worker."""
+    the thread count, TensorBoard off when asked (else as the environment says: the lease's
+    workers ignored KDLIB_TENSORBOARD=0), the deadline and how many runs train side by side
+    all reach the training in the worker."""
     import dataclasses
     import os
 
@@ -1004,6 +1006,11 @@ def test_a_worker_trains_its_run_with_what_the_executor_hands_it(monkeypatch):
     assert trained == [(cfg, "splits", "res", {"device": "cpu", "progress": False,
                                                "deadline": deadline, "side_by_side": 2,
                                                "runs_in_flight": None}, threads + 1, "0")]
+    for asked, environment, seen in [(None, "0", "0"), (None, "1", "1"), (True, "0", "1")]:
+        monkeypatch.setenv(TENSORBOARD_ENV, environment)
+        executors._train_task(cfg.to_dict(), "data", "res", "cpu", threads, asked)
+        assert trained[-1][-1] == seen
+    executors._splits.cache_clear()
 
 
 def test_the_processes_executor_refuses_a_results_folder_it_cannot_write_before_any_run(
