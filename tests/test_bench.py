@@ -684,6 +684,9 @@ def test_main_writes_host_json_and_prints_the_table(tmp_path, fake_data_root, ca
     assert set(result["variants"]) == {"fp32", "w4a4", "kd_w4", "kd_w4_typical"}
     assert result["ratios"]["quant_overhead_w1"]["value"] is None  # w1a1 not run
     assert "500 images" in result["settings"]["data"]
+    # the settings it was given, and where its images came from
+    assert result["ceilings"]["matmul_fp32"]["size"] == 32
+    assert result["settings"]["data_root"] == str(Path(fake_data_root).absolute())
     out = capsys.readouterr().out
     assert out.strip() == render_markdown(result).strip()
 
@@ -843,3 +846,251 @@ def test_the_grouped_part_rates_count_every_step_of_a_window(monkeypatch):
                            log=lambda m: None)
     for name in PAIR:
         assert part["steps"][name]["images_per_s"] == pytest.approx(5 * 4 / 0.5)
+
+
+def test_a_window_records_wall_and_cpu_seconds_of_its_own_steps(monkeypatch):
+    """img/s is steps x batch over the window's wall seconds: the wall clock and the process's
+    CPU clock must not be swapped, nor the warm-up counted in a window (clock faked)."""
+    from types import SimpleNamespace
+
+    clock = SimpleNamespace(wall=100.0, cpu=7.0)
+    monkeypatch.setattr(MEASURE, "time", SimpleNamespace(perf_counter=lambda: clock.wall,
+                                                         process_time=lambda: clock.cpu))
+
+    def step() -> None:  # each step: half a second of wall time, an eighth of CPU time
+        clock.wall += 0.5
+        clock.cpu += 0.125
+
+    assert MEASURE.time_window(step, 3, torch.device("cpu")) == (1.5, 0.375)
+    times = bench.measure({"a": bench.Runner(step, batch_size=4)}, windows=2, steps=3, warmup=2,
+                          device=torch.device("cpu"))
+    assert times["a"] == {"wall": [1.5, 1.5], "cpu": [0.375, 0.375], "warmup_s": 1.0}
+
+
+def test_a_slow_matmul_ceiling_is_made_smaller_but_not_below_256(monkeypatch):
+    """A product over MATMUL_MAX_SECONDS halves the size (one at a time, so the largest size
+    that fits is kept) until one fits or 256 is reached; the FLOPs follow the size used."""
+    sizes = []
+
+    def seconds(a, b, out, inner):
+        sizes.append(a.shape[0])
+        return 1.0 if a.shape[0] > limit else 0.01
+
+    monkeypatch.setattr(MEASURE, "_matmul_seconds", seconds)
+    limit = 512
+    runner = bench.matmul_runner(torch.device("cpu"), torch.float32, size=1024)
+    assert sizes == [1024, 512] and runner.info["size"] == 512
+    limit, sizes[:] = 0, []  # every size too slow
+    runner = bench.matmul_runner(torch.device("cpu"), torch.float32, size=1024)
+    assert sizes == [1024, 512] and runner.info["size"] == 256
+    assert runner.flops_per_step == 2 * 256**3
+
+
+def test_same_bits_compares_raw_bits_not_values():
+    """The speed switches' equality checks compare raw bits: -0.0 is not 0.0, NaN equals itself,
+    and equal bytes of another dtype or shape are not the same tensor."""
+    x = torch.tensor([1.5, float("nan"), 0.0])
+    assert MEASURE.same_bits(x, x.clone())
+    assert not MEASURE.same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))
+    assert not MEASURE.same_bits(torch.zeros(2), torch.zeros(2, dtype=torch.int32))
+    assert not MEASURE.same_bits(torch.zeros(4), torch.zeros(2, 2))
+
+
+def test_count_ops_counts_operators_that_launch_kernels_not_views():
+    x = torch.randn(4, 4)
+    assert MEASURE.count_ops(lambda: x.view(16).unsqueeze(0).t()) == 0
+    assert MEASURE.count_ops(lambda: (x + 1).sum()) == 2
+
+
+def test_the_result_s_rates_are_steps_times_batch_over_the_measured_seconds(monkeypatch):
+    """With the windows' seconds known (measure faked): each window's img/s is steps x batch /
+    seconds and the ceilings' GFLOP/s FLOPs x steps / seconds (steps != 1, so a lost factor
+    shows); a variant that failed keeps its error and gets no FLOPs; the date is UTC."""
+    import datetime as dt
+
+    from kdlib.bench import run as bench_run
+
+    walls = {"fp32": [0.5, 2.0, 1.0], "matmul_fp32": [1.0, 0.25, 0.5],
+             "matmul_bf16": [1.0, 1.0, 1.0]}
+
+    def measured(runners, *, windows, steps, **kw):
+        assert windows == 3 and steps == 2
+        out = {n: {"wall": w, "cpu": [0.5 * s for s in w], "warmup_s": 0.1}
+               for n, w in walls.items()}
+        return {**out, "w4a4": {"error": "RuntimeError: out of memory"}}
+
+    monkeypatch.setattr(bench_run, "measure", measured)
+    images, labels = _images()
+    r = run_benchmark(images, labels, device="cpu", variants=["fp32", "w4a4"],
+                      log=lambda m: None, later_parts=False, **{**TINY, "steps": 2})
+    fp32 = r["variants"]["fp32"]
+    assert fp32["images_per_s_windows"] == [16.0, 4.0, 8.0] and fp32["images_per_s"] == 8.0
+    assert fp32["step_ms"] == 500.0 and fp32["cpu_per_wall_windows"] == [0.5] * 3
+    ceiling = r["ceilings"]["matmul_fp32"]
+    assert ceiling["size"] == 32
+    assert ceiling["gflops_windows"] == pytest.approx([2 * 32**3 * 2 / w / 1e9 for w in walls[
+        "matmul_fp32"]])
+    assert fp32["gflops"] == pytest.approx(fp32["flops_per_image"] * 4 / 0.5 / 1e9)
+    failed = r["variants"]["w4a4"]
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: out of memory"
+    assert "gflops" not in failed
+    assert dt.datetime.fromisoformat(r["date"]).utcoffset() == dt.timedelta(0)
+
+
+def test_a_cpu_benchmark_runs_processes_side_by_side_and_later_parts_only_when_asked(monkeypatch):
+    """On a CPU one run already uses every core: no processes side by side unless counts are
+    given (and then each warms up at least a step); later_parts=False leaves the grouped part to
+    the lease that completes the benchmark."""
+    from kdlib.bench import run as bench_run
+
+    calls = []
+
+    def processes(ctx, variant, counts, **kw):
+        calls.append((tuple(counts), kw["warmup"]))
+        return {"variant": variant, "seconds": 1.0, "by_jobs": {}}
+
+    def grouped_part(*_, **__):
+        raise AssertionError("later_parts=False: the grouped part is left for later")
+
+    monkeypatch.setattr(bench_run, "processes_or_error", processes)
+    monkeypatch.setattr(bench_run, "grouped_part", grouped_part)
+    images, labels = _images(8)
+    common = dict(device="cpu", log=lambda m: None, later_parts=False, **{**TINY, "windows": 1})
+    result = run_benchmark(images, labels, variants=["kd_w4"], **common)
+    assert calls == [] and "concurrency" not in result and "grouped" not in result
+    result = run_benchmark(images, labels, variants=["data_kdlib"], concurrency=(1, 2), **common)
+    assert calls == [((1, 2), 1)] and result["concurrency"]["variant"] == "kd_w4"
+
+
+def test_run_benchmark_refuses_impossible_settings_before_measuring(monkeypatch):
+    from kdlib.bench import run as bench_run
+
+    def measured(*_, **__):
+        raise AssertionError("measured despite an impossible setting")
+
+    monkeypatch.setattr(bench_run, "measure", measured)
+    images, labels = _images(8)
+    for kw, message in (({"workers": -1}, "workers=-1"), ({"windows": True}, "windows=True"),
+                        ({"images": images.float()}, "uint8"),
+                        ({"images": images[:, :1]}, r"\[8, 1, 32, 32\]|\(8, 1, 32, 32\)")):
+        with pytest.raises(ValueError, match=message):
+            run_benchmark(**{"images": images, "labels": labels, "device": "cpu",
+                             "variants": ["data_kdlib"], "log": lambda m: None, **TINY, **kw})
+
+
+def test_the_grouped_part_times_the_benchmark_s_windows_steps_and_warm_up(monkeypatch):
+    from kdlib.bench import grouped, run as bench_run
+
+    seen = {}
+    monkeypatch.setattr(grouped, "measure_grouped", lambda ctx, **kw: seen.update(kw) or {})
+    bench_run.grouped_part(None, {"windows": 2, "steps": 7, "warmup": 1}, lambda m: None)
+    assert {k: seen[k] for k in ("windows", "steps", "warmup")} == {
+        "windows": 2, "steps": 7, "warmup": 1}
+
+
+def test_a_speedup_is_above_one_where_its_switch_makes_the_step_faster():
+    """Every speed-up is the slower step's time over the faster's: 3x where the switch (or
+    kdlib over the typical pipeline) takes a third of the time."""
+    slow_fast = {"channels_last_speedup": ("kd_w4_nchw", "kd_w4_channels_last"),
+                 "compile_speedup": ("kd_w4", "kd_w4_compile"),
+                 "bf16_kd_speedup": ("kd_w4", "kd_w4_bf16"),
+                 "kd_speedup_vs_typical": ("kd_w4_typical", "kd_w4"),
+                 "data_speedup_vs_typical": ("data_typical", "data_kdlib")}
+    for key, (slow, fast) in slow_fast.items():
+        variants = {slow: {"status": "ok", "step_ms": 30.0}, fast: {"status": "ok", "step_ms": 10.0}}
+        assert compute_ratios(variants)[key]["value"] == pytest.approx(3.0), key
+
+
+def test_render_markdown_rows_relative_times_shares_and_unordered_variants():
+    """The table's last column is each step's time over fp32's (a 20 ms step against fp32's
+    10 ms is 2.00x, a far shorter one gets a third digit), a variant timed once says whose step
+    it is, ceiling shares and ratios over a ceiling are percentages, and a variant missing from
+    variant_order still gets its row."""
+    def ok(ms, **kw):
+        return {"status": "ok", "step_ms": ms, "images_per_s": 4000.0 / ms,
+                "images_per_s_windows": [4000.0 / ms], **kw}
+
+    variants = {"fp32": ok(10.0), "kd_w4": ok(20.0, gflops=5.0, of_ceiling={
+        "matmul_fp32": 0.25, "matmul_bf16": 0.5}), "data_kdlib": ok(0.5), "w1a1": ok(10.0)}
+    variants["kd_w4_nchw"] = {**variants["kd_w4"], "same_as": "kd_w4"}
+    ceilings = {"matmul_fp32": {"status": "ok", "gflops": 20.0, "dtype": "float32", "size": 32}}
+    md = render_markdown({"variants": variants, "ceilings": ceilings,
+                          "ratios": compute_ratios(variants, ceilings), "machine": {},
+                          "settings": {"variant_order": ["fp32", "kd_w4", "kd_w4_nchw",
+                                                         "data_kdlib"]}})
+    rows = {line.split("`")[1]: line for line in md.splitlines()
+            if line.startswith("| ") and "`" in line}
+    assert list(rows) == ["fp32", "kd_w4", "kd_w4_nchw", "data_kdlib", "w1a1"]
+    assert rows["kd_w4"].endswith("| 2.00× |") and rows["data_kdlib"].endswith("| 0.050× |")
+    assert "| 25% / 50% |" in rows["kd_w4"]
+    assert "same step as `kd_w4`" in rows["kd_w4_nchw"]
+    assert f"- {TARGETS['kd_w4_of_fp32_ceiling'][0]}: 25% (target >= 85%) — **missed**" in md
+
+
+def test_render_markdown_names_the_bit_widths_whose_check_failed():
+    """A grouped check whose gradients differ, or compiled levels whose weights are inexact,
+    must not read as exact."""
+    grouped = {"check": {"exact": False, "by_bits": {
+        "1": {"values": True, "gradients": True}, "4": {"values": True, "gradients": False}}},
+        "steps": {"error": "RuntimeError: not timed"}}
+    compiled = {"levels": {"by_bits": {
+        "2": {"activation_exact": True, "weight_exact": False, "weight_levels_unlike_eager": 0},
+        "4": {"activation_exact": True, "weight_exact": True, "weight_levels_unlike_eager": 0}}},
+        "concurrency": {"error": "RuntimeError: not measured"}}
+    md = render_markdown({"variants": {}, "ratios": {}, "machine": {}, "settings": {},
+                          "grouped": grouped, "compiled": compiled})
+    assert "**no** at 4 bits (of 1, 4)" in md
+    assert "**no**: exact at 4 bits, **not** at 2 (weight) bits" in md
+
+
+def test_a_compiled_variant_counts_its_flops_on_an_eager_step(monkeypatch):
+    """FLOPs of kd_w4_compile are counted on an eager step (compiling changes how, not what, is
+    computed, and would take minutes): the same count as kd_w4's."""
+    from kdlib.bench import variants
+
+    real, compiled = variants._kdlib_runner, []
+
+    def runner(cfg, ctx):
+        compiled.append(cfg.compile)
+        if cfg.compile:
+            raise AssertionError("the FLOPs probe compiles")
+        return real(cfg, ctx)
+
+    monkeypatch.setattr(variants, "_kdlib_runner", runner)
+    assert BY_NAME["kd_w4_compile"].flops(_tiny_context(), 2) == TRAIN_FLOPS + FORWARD_FLOPS
+    assert compiled == [False]
+
+
+def test_every_build_of_a_variant_starts_from_the_same_weights():
+    """Each variant's models are seeded from the run config, as experiments builds them: two
+    builds (a re-run, a process side by side) train the same student from the same teacher."""
+    ctx = _tiny_context()
+    first, second = (BY_NAME["kd_w4"].build(ctx) for _ in range(2))
+    try:
+        for a, b in ((first.trainer.model, second.trainer.model),
+                     (first.trainer.teacher, second.trainer.teacher)):
+            sa, sb = a.state_dict(), b.state_dict()
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_grouped_check_finds_gradients_that_differ_under_equal_values(monkeypatch):
+    """Grouped weights must match per-layer ones in their gradients too, not only their values."""
+    from kdlib.bench import grouped
+
+    class DoubledGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q):
+            return q.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad
+
+    real = grouped.dorefa_weights
+    monkeypatch.setattr(grouped, "dorefa_weights",
+                        lambda ws, b: [DoubledGradient.apply(q) for q in real(ws, b)])
+    assert grouped.check_weights("cpu", bits=(4,)) == {
+        "exact": False, "by_bits": {"4": {"values": True, "gradients": False}}}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kdlib.bench.concurrent import best_jobs, concurrent_throughput, worth_running
+from kdlib.bench.variants import make_context
 
 
 @pytest.mark.slow
@@ -376,3 +377,18 @@ def test_a_process_times_only_the_steps_after_its_warm_up_and_the_barrier(monkey
     assert notes["ready_s"] == pytest.approx(3 * 0.5)  # the three warm-up steps
     # the warm-up's device work is done before the processes start timing together
     assert events[:5] == ["step", "step", "step", "sync", "barrier"]
+
+
+def test_processes_side_by_side_draw_from_the_first_concurrency_images(monkeypatch):
+    """Each spawned process gets a copy of its images: only the first CONCURRENCY_IMAGES go."""
+    from kdlib.bench import concurrent
+
+    seen = []
+    monkeypatch.setattr(concurrent, "CONCURRENCY_IMAGES", 8)
+    monkeypatch.setattr(concurrent, "concurrent_throughput",
+                        lambda images, labels, **kw: seen.append((len(images), len(labels))) or {})
+    ctx = make_context(torch.zeros(48, 3, 32, 32, dtype=torch.uint8), torch.arange(48) % 100,
+                       batch_size=4, device="cpu")
+    concurrent.processes_or_error(ctx, "kd_w4", (1,), seconds=1.0, preset="quick",
+                                  model="resnet20", what="test", log=lambda m: None)
+    assert seen == [(8, 8)]
