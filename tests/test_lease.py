@@ -271,7 +271,7 @@ def test_only_what_the_lease_added_or_changed_comes_back(tmp_path):
     assert lease.receive(tmp_path / "out2", tmp_path / "back2", tmp_path / "b2")["files"] == 5
 
 
-def test_receive_takes_one_machines_returns_each_once_in_order(tmp_path):
+def test_receive_takes_one_machines_returns_each_once_in_order(tmp_path, monkeypatch):
     """A folder the tool reused for the follow-up (the last call's files lost), folders out of
     order, a follow-up without the return it builds on, or a call that returned nothing: each
     refused by receive with what to do, before anything is unpacked."""
@@ -298,6 +298,7 @@ def test_receive_takes_one_machines_returns_each_once_in_order(tmp_path):
     assert lease.returned_preset(outs, "smoke") == "smoke"
     from kdlib import cli
 
+    monkeypatch.setattr(lease_commands, "REPO_ROOT", tmp_path)  # nothing of this checkout
     here = tmp_path / "here"
     assert cli.main(["lease", "receive", str(outs[1]), "--preset", "smoke",
                      "--results-dir", str(here), "--bench-dir", str(tmp_path / "b")]) == 2
@@ -896,7 +897,7 @@ def test_the_printed_calls_run_as_written_and_a_second_lease_continues(fake_data
 
 
 @pytest.mark.slow
-def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path):
+def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path, monkeypatch):
     """The follow-up call (`.lease/again.json`, the session's device seconds put in) runs the
     same grid on the machine the last call left warm: the data is in its stash, and what the
     last call returned is put back first, though the tool copied the tree afresh, so nothing
@@ -952,6 +953,8 @@ def test_a_follow_up_call_continues_on_the_warm_machine(fake_data_root, tmp_path
     assert lease.receive(outs[1], tmp_path / "first", tmp_path / "bench")["records"] == 0
     assert {r["run_id"]: r["created_at"] for r in load_records(tmp_path / "first")} == first
     from kdlib import cli  # both calls' folders at once, in order
+
+    monkeypatch.setattr(lease_commands, "REPO_ROOT", tmp_path)  # nothing of this checkout
 
     assert [lease.read_manifest(o)["preset"] for o in outs] == ["smoke", "smoke"]
     wrong = tmp_path / "wrong"  # a preset other than the returns' own: refused, nothing written
