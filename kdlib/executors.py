@@ -17,7 +17,6 @@ first in plan order trains, the other's task waits for it and then records ``sam
 from __future__ import annotations
 
 import concurrent.futures as futures
-from concurrent.futures.process import BrokenProcessPool
 import contextlib
 import functools
 import multiprocessing
@@ -240,8 +239,7 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
                                            initializer=_share_in_flight, initargs=(in_flight,))
 
     pool = new_pool()
-    with contextlib.ExitStack() as stack:
-        stack.callback(lambda: pool.shutdown(wait=True))
+    try:
         while waiting or running:
             for cfg, after in list(waiting):
                 if len(running) >= jobs:
@@ -265,8 +263,8 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
                                          deadline=admission and admission.deadline)
                 try:
                     future = pool.submit(task)
-                except BrokenProcessPool:  # a worker died (killed, out of memory): its runs
-                    pool.shutdown(wait=True)  # failed (reported below), the others go on
+                except futures.BrokenExecutor:  # a worker died (killed, out of memory): the
+                    pool.shutdown(wait=True)  # pool's runs failed (reported below), others go on
                     pool = new_pool()
                     future = pool.submit(task)
                 running[future] = cfg.run_id()
@@ -291,6 +289,8 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
                 if budget is not None:
                     budget.timer.add(record)
                 log(done_line(run_id, record))
+    finally:
+        pool.shutdown(wait=True)
     if left_out:
         log(f"budget: {len(left_out)} run(s) left for the next call; finished runs are skipped "
             "then, paused ones resume")
