@@ -250,8 +250,8 @@ def test_the_check_refuses_more_steps_than_one_epoch_of_its_images():
 @pytest.mark.slow
 def test_the_check_compares_every_step_and_its_losses(monkeypatch):
     """Replays of every step after the warm-up; a replay whose weights are right but whose loss
-    is not (a stale graph output) is not the same bits; an eager run that does not repeat itself
-    is reported."""
+    is not (a stale graph output), or whose losses are right but whose weights are not, is not
+    the same bits; an eager run that does not repeat itself is reported."""
     import kdlib.step as step_mod
 
     steps = step_mod.GRAPH_WARMUP_STEPS + 2
@@ -271,6 +271,19 @@ def test_the_check_compares_every_step_and_its_losses(monkeypatch):
         bad = check_graph_step("cpu", preset="smoke", model="resnet8", steps=steps,
                                capture=EmulatedCapture())
     assert not bad["equal"] and bad["eager_repeatable"] and bad["max_abs_diff"] == 0.0
+
+    real_check = step_mod.GraphedStep.check_replayed
+
+    def wrong_weights(self):  # after the last step: every loss stays right
+        real_check(self)
+        with torch.no_grad():
+            next(self.trainer.model.parameters()).view(-1)[0] += 1e-3
+
+    with monkeypatch.context() as m:
+        m.setattr(step_mod.GraphedStep, "check_replayed", wrong_weights)
+        bad = check_graph_step("cpu", preset="smoke", model="resnet8", steps=steps,
+                               capture=EmulatedCapture())
+    assert not bad["equal"] and bad["eager_repeatable"] and bad["max_abs_diff"] > 0.0
 
     real_make_trainer, made = step_mod.make_trainer, []
 
