@@ -174,8 +174,7 @@ def quantize_weights_together(model: nn.Module) -> Iterator[None]:
     get them from one grouped computation per bit width (:func:`dorefa_weights`)."""
     from kdlib.quant.layers import quantized_layers
 
-    # traced for an export (ONNX, TorchScript): the per-layer ops, which exporters know
-    if not getattr(model, "_group_quantized_weights", True) or torch.jit.is_tracing():
+    if not getattr(model, "_group_quantized_weights", True):
         yield
         return
     groups: dict[tuple[int, torch.device], list] = {}
