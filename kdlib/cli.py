@@ -197,8 +197,6 @@ def command_grid(args: argparse.Namespace) -> int:
     _announce_plan("grid", plan, args, results_dir)
     budget = _grid_budget(args, results_dir)
     if args.executor == "ray":
-        if budget is not None:
-            raise UserError("--budget-min works with --executor serial or processes, not ray")
         _train_on_ray(plan, args, results_dir)
     elif args.executor == "processes":
         execute_processes(plan, jobs=args.jobs, data_dir=args.data_dir, results_dir=results_dir,
@@ -231,6 +229,9 @@ def executor_options(args: argparse.Namespace) -> None:
     if args.executor == "ray" and getattr(args, "threads", None):
         ignored.append("--threads is not read by --executor ray: a Ray run's torch threads are "
                        "its --cpus-per-run")
+    if args.executor == "ray" and getattr(args, "budget_min", None) is not None:
+        ignored.append("--budget-min works with --executor serial or processes, not ray "
+                       "(Ray takes no budget)")
     if getattr(args, "budget_min", 0) is None:
         ignored += [f"{flag} is read with --budget-min only: add --budget-min MINUTES or leave "
                     f"{flag} out" for flag, name in BUDGET_OPTIONS.items() if getattr(args, name)]

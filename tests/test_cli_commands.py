@@ -453,13 +453,19 @@ def test_a_failed_run_exits_1_and_a_failed_notebook_stops_the_ones_after_it(tmp_
 def test_what_ray_cannot_honour_is_refused_before_any_run_starts(argv, refused, tmp_path,
                                                                  monkeypatch, capsys):
     """Exit 2 and one line, before Ray is handed anything: a budget would be silently
-    ignored there, and a bad resource request is the user's mistake, not a failed run."""
+    ignored there, and a bad resource request is the user's mistake, not a failed run. A
+    budget is refused before Ray is imported or the grid planned (installing Ray would not
+    help)."""
     import kdlib.cli as cli
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("trained despite a refused request")
 
-    monkeypatch.setattr(cli, "import_ray", lambda: None)  # whether or not Ray is installed
+    if "--budget-min" in argv:
+        monkeypatch.setattr(cli, "import_ray", must_not_run)
+        monkeypatch.setattr(cli, "_grid_plan", must_not_run)
+    else:
+        monkeypatch.setattr(cli, "import_ray", lambda: None)  # whether or not Ray is installed
     monkeypatch.setattr(cli, "execute_ray", must_not_run)
     assert main(["grid", "--preset", "smoke", "--executor", "ray", *argv,
                  "--results-dir", str(tmp_path / "r")]) == 2
