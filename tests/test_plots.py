@@ -55,6 +55,12 @@ def test_accuracy_vs_bits_draws_means_errors_teacher_and_published():
          "selection": "test"},
         {"source": "liao2020", "method": "kd_no_ta", "w_bits": 8, "a_bits": 8, "top1": 63.0,
          "selection": "test"},
+        # weights at 2 bits, activations at 32: not comparable with our 2-bit students
+        {"source": "liao2020", "method": "individual", "w_bits": 2, "a_bits": 32, "top1": 66.0,
+         "selection": "test"},
+        # a source that does not say how it chose its epoch
+        {"source": "zhou2018", "method": "ta_chain", "w_bits": 8, "a_bits": 8, "top1": 64.0,
+         "selection": NAN},
         {"source": "shin2019", "method": "kd_ternary", "w_bits": 2, "a_bits": 32, "top1": 67.0,
          "selection": NAN},
         {"source": "repdistiller", "method": "individual", "w_bits": 32, "a_bits": 32, "top1": 69.0,
@@ -69,7 +75,7 @@ def test_accuracy_vs_bits_draws_means_errors_teacher_and_published():
     assert set(entries) == {
         METHOD_LABELS["individual"], METHOD_LABELS["ta_chain"], "32-bit teacher (70.0%)",
         "liao2020 individual (epoch chosen on test)", "liao2020 kd_no_ta (epoch chosen on test)",
-        "repdistiller individual (last epoch)"}
+        "repdistiller individual (last epoch)", "zhou2018 ta_chain (published)"}
     x, y, half = errorbar_data(entries[METHOD_LABELS["individual"]])
     assert x == pytest.approx([0.88, 1.88]) and y == [60.0, 50.0] \
         and half == pytest.approx([1.5, 0.0])
@@ -85,6 +91,21 @@ def test_accuracy_vs_bits_draws_means_errors_teacher_and_published():
     assert to_rgba(kd_no_ta.get_color()) == to_rgba(plots.palette()["direct_kd"])
     rep = entries["repdistiller individual (last epoch)"]
     assert list(rep.get_xdata()) == [0] and list(rep.get_ydata()) == [69.0]
+    zhou = entries["zhou2018 ta_chain (published)"]
+    assert list(zhou.get_xdata()) == [1] and list(zhou.get_ydata()) == [64.0]
+
+
+def test_accuracy_vs_bits_has_a_slot_only_for_the_students_widths_without_a_teacher_line():
+    """The teacher's summary row is drawn only as the teacher_acc line: without that line the
+    axis has no empty 32-bit slot, whatever else the summary holds."""
+    summary = pd.DataFrame([
+        {"method": "individual", "w_bits": 4, "a_bits": 4, "mean": 55.0, "std": 1.0},
+        {"method": "ta_chain", "w_bits": 2, "a_bits": 2, "mean": 50.0, "std": 1.0},
+        {"method": "teacher", "w_bits": 32, "a_bits": 32, "mean": 70.0, "std": 0.5},
+    ])
+    ax = plots.plot_accuracy_vs_bits(summary).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "2"]
+    assert set(legend_entries(ax)) == {METHOD_LABELS["individual"], METHOD_LABELS["ta_chain"]}
 
 
 def test_gain_over_individual_bars_and_intervals():
@@ -113,6 +134,25 @@ def test_gain_over_individual_bars_and_intervals():
                                                pytest.approx([2.0, 1.5]))
 
 
+def test_gain_bars_share_each_slot_in_method_order_whatever_the_rows_order():
+    """paired_gain lists methods alphabetically; the bars keep the tables' method order
+    (finetune before direct_kd) and split each bit width's 0.8-wide slot among the methods."""
+    gains = pd.DataFrame([
+        {"method": "direct_kd", "w_bits": 4, "mean": 1.0, "ci95_high": 1.5},
+        {"method": "finetune", "w_bits": 4, "mean": 2.0, "ci95_high": 2.5},
+        {"method": "ta_chain", "w_bits": 4, "mean": 3.0, "ci95_high": 3.5},
+    ])
+    ax = plots.plot_gain_over_individual(gains).axes[0]
+    entries = legend_entries(ax)
+    assert list(entries) == [METHOD_LABELS[m] for m in ("finetune", "direct_kd", "ta_chain")]
+    bars = {label: [(p.get_x() + p.get_width() / 2, p.get_width(), p.get_height())
+                    for p in container.patches] for label, container in entries.items()}
+    third = 0.8 / 3
+    assert bars == {METHOD_LABELS["finetune"]: [(pytest.approx(-third), pytest.approx(third), 2.0)],
+                    METHOD_LABELS["direct_kd"]: [(pytest.approx(0.0), pytest.approx(third), 1.0)],
+                    METHOD_LABELS["ta_chain"]: [(pytest.approx(third), pytest.approx(third), 3.0)]}
+
+
 def _record(run_id, method, w_bits, seed, val_top1, init_id=None):
     return {"run_id": run_id,
             "config": {"method": method, "w_bits": w_bits, "seed": seed, "init_id": init_id},
@@ -122,6 +162,7 @@ def _record(run_id, method, w_bits, seed, val_top1, init_id=None):
 def test_chain_curves_follow_the_init_links_one_after_another():
     records = [
         _record("c1", "ta_chain", 1, 0, [5.0], init_id="c8"),
+        _record("f8", "finetune", 8, 0, [97.0], init_id="t0"),  # from the teacher, no link
         _record("i4", "individual", 4, 0, [99.0]),  # not part of the chain
         _record("t1", "teacher", 32, 1, [99.0, 99.0]),  # another seed
         _record("c8", "ta_chain", 8, 0, [15.0, 25.0, 30.0], init_id="t0"),
@@ -183,6 +224,8 @@ def test_accuracy_vs_size_sizes_every_seed_of_a_setting_by_its_packed_files():
          "test_top1": 62.0},
         {"method": "individual", "storage_bits": 8 * 10 * kib, "packed_bytes": NAN,
          "test_top1": 40.0},
+        {"method": "individual", "storage_bits": NAN, "packed_bytes": NAN,
+         "test_top1": 99.0},  # a record without a size: not drawn, not counted as on paper
     ])
     ax = plots.plot_accuracy_vs_size(frame).axes[0]
     entries = legend_entries(ax)
@@ -191,9 +234,10 @@ def test_accuracy_vs_size_sizes_every_seed_of_a_setting_by_its_packed_files():
     assert errorbar_data(entries[METHOD_LABELS["direct_kd"]]) == (
         [21.0 + 20 / kib], [61.0], pytest.approx([math.sqrt(2)]))
     # the 10 KiB setting has no file: the axis says that some sizes are on paper
-    assert ax.get_xlabel().endswith(
+    assert ax.get_xlabel() == (
+        "model size (KiB, packed weights file, log scale)"
         "\non paper (quantized layers at their bit width) where no run kept a file")
-    filed_only = plots.plot_accuracy_vs_size(frame[frame["storage_bits"] > 8 * 10 * kib]).axes[0]
+    filed_only = plots.plot_accuracy_vs_size(frame[frame["storage_bits"] != 8 * 10 * kib]).axes[0]
     assert filed_only.get_xlabel() == "model size (KiB, packed weights file, log scale)"
 
 
@@ -230,6 +274,7 @@ def test_a_figure_drawn_from_other_records_than_now_is_stale(tmp_path):
     assert plots.stale_figures(tmp_path) == [unstamped]
     assert plots.stale_figures(tmp_path, ["drawn.png", "gone.png"]) == [
         tmp_path / "figures" / "gone.png"]  # a named figure that is missing counts
+    assert plots.stale_figures(tmp_path, []) == []  # no figure named: none is stale
     (tmp_path / "runs" / "b.json").write_text('{"run_id": "b"}')  # a record more
     assert plots.stale_figures(tmp_path, ["drawn.png"]) == [drawn]
     (tmp_path / "runs" / "b.json").unlink()
@@ -281,18 +326,37 @@ def test_a_width_where_both_sides_are_one_training_is_labelled_not_drawn_as_a_ze
     plt.close(only_same)
 
 
+def test_a_same_run_label_stands_in_its_own_contrasts_slot_at_its_width():
+    """Two contrasts share each width's slot: the 'same run' label names the contrast and width
+    whose sides are one training, not its neighbour's bar or another width."""
+    contrasts = pd.DataFrame([
+        {"contrast": name, "w_bits": b, "a_bits": b, "mean": 1.0, "ci95_low": 0.5,
+         "ci95_high": 1.5, "n": 3}
+        for name in ("ta_chain − progressive_kd32", "ta_chain − progressive") for b in (8, 4)])
+    fig = plots.plot_chain_contrasts(contrasts, same_run={("ta_chain − progressive", 8, 8)})
+    ax = fig.axes[0]
+    # 8 bits at slot 0, the second contrast's half of it centred at +0.2
+    assert [(round(t.get_position()[0], 6), t.get_text().strip()) for t in ax.texts
+            if "same" in t.get_text()] == [(0.2, "same run")]
+    assert sorted(round(p.get_x() + p.get_width() / 2, 6) for p in ax.patches) == [-0.2, 0.8, 1.2]
+    plt.close(fig)
+
+
 def test_chain_contrasts_mark_the_calls_that_stand_beyond_their_error_bars():
     """* at the far end of each interval that Holm's correction keeps (above a gain, below a
     loss), none elsewhere, and a note that says what * means."""
+    # two seeds: the fewest with an interval; weights at 2 bits with 8-bit activations
     contrasts = pd.DataFrame([
-        {"contrast": "ta_chain − progressive_kd32", "w_bits": b, "a_bits": b, "mean": m,
-         "ci95_low": m - 0.5, "ci95_high": m + 0.5, "n": 5}
-        for b, m in ((8, 1.0), (4, -2.0), (1, 0.2))])
+        {"contrast": "ta_chain − progressive_kd32", "w_bits": w, "a_bits": a, "mean": m,
+         "ci95_low": m - 0.5, "ci95_high": m + 0.5, "n": 2}
+        for w, a, m in ((8, 8, 1.0), (4, 4, -2.0), (2, 8, 3.0), (1, 1, 0.2))])
     fig = plots.plot_chain_contrasts(contrasts, stands={("ta_chain − progressive_kd32", 8, 8),
-                                                        ("ta_chain − progressive_kd32", 4, 4)})
+                                                        ("ta_chain − progressive_kd32", 4, 4),
+                                                        ("ta_chain − progressive_kd32", 2, 8)})
     ax = fig.axes[0]
+    assert "95% paired interval" in ax.get_title()
     marks = sorted((round(float(a.xy[1]), 6), a.get_va()) for a in ax.texts if a.get_text() == "*")
-    assert marks == [(-2.5, "top"), (1.5, "bottom")]
+    assert marks == [(-2.5, "top"), (1.5, "bottom"), (3.5, "bottom")]
     assert any("Holm" in a.get_text() for a in ax.texts)
     plt.close(fig)
     unmarked = plots.plot_chain_contrasts(contrasts)
@@ -305,8 +369,9 @@ def test_chain_contrasts_with_one_seed_say_so_and_draw_no_error_bars():
         {"contrast": "ta_chain − progressive", "w_bits": b, "a_bits": b, "mean": m,
          "ci95_low": float("nan"), "ci95_high": float("nan"), "n": 1}
         for b, m in ((4, 0.5), (1, -1.0))])
-    fig = plots.plot_chain_contrasts(contrasts)
+    fig = plots.plot_chain_contrasts(contrasts, stands=set())  # nothing is tested with one seed
     ax = fig.axes[0]
     assert ax.get_title().endswith("(one seed: no interval yet)")
     assert not [seg for c in ax.collections for seg in c.get_segments()]
+    assert not [t for t in ax.texts if "Holm" in t.get_text()]  # no note on calls never made
     plt.close(fig)

@@ -568,14 +568,16 @@ def test_use_a_trained_model_lines_give_back_the_records_accuracy(real_data_root
 
 def test_every_rendered_table_escapes_pipes_in_cells_and_labels():
     """report, costs and verdict write their tables through markdown_table: a bare '|' would
-    end a GitHub cell early."""
+    end a GitHub cell early. A column of formatted numbers is written as formatted (the
+    README's two decimals), not re-parsed as numbers."""
     from kdlib.markdown import markdown_table
 
-    frame = pd.DataFrame({"a|b": ["x || y", 4.30]}, index=pd.Index(["p|q", "r"], name="i|j"))
+    frame = pd.DataFrame({"a|b": ["x || y", 4.30], "mean": ["4.30", "10.00"]},
+                         index=pd.Index(["p|q", "r"], name="i|j"))
     lines = markdown_table(frame).splitlines()
-    assert lines[0].split() == ["|", r"i\|j", "|", r"a\|b", "|"]
+    assert lines[0].split() == ["|", r"i\|j", "|", r"a\|b", "|", "mean", "|"]
     cells = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[2:]]
-    assert cells == [[r"p\|q", r"x \|\| y"], ["r", "4.3"]]
+    assert cells == [[r"p\|q", r"x \|\| y", "4.30"], ["r", "4.3", "10.00"]]
 
 
 def test_the_epochs_sentence_gives_the_teachers_mean_and_the_chain_links_own_epochs(tmp_path,

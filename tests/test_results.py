@@ -298,8 +298,11 @@ def test_a_changed_record_or_weights_file_is_not_changed_code(tmp_path, monkeypa
     monkeypatch.delenv("KDLIB_GIT_COMMIT", raising=False)
     git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True,  # noqa: E731
                                        capture_output=True, text=True).stdout.strip()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert git_commit(tmp_path) is None  # no checkout: no commit, rather than an empty one
     git("init", "-q")
-    for name in ("kdlib/train.py", "results/quick/runs/a.json", "results/quick/models/a.packed"):
+    for name in ("kdlib/train.py", "notebooks/04_results.py", "results/quick/runs/a.json",
+                 "results/quick/models/a.packed"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("0")
     git("add", ".")
@@ -310,8 +313,13 @@ def test_a_changed_record_or_weights_file_is_not_changed_code(tmp_path, monkeypa
     (tmp_path / "results/quick/models/a.packed").write_text("1")
     (tmp_path / "untracked.py").write_text("1")
     assert git_commit(package) == sha
+    (tmp_path / "notebooks/04_results.py").write_text("1")  # outside the package: code still
+    assert git_commit(package) == sha + "+dirty"
+    git("checkout", "--", "notebooks")
     (tmp_path / "kdlib/train.py").write_text("1")
     assert git_commit(package) == sha + "+dirty"
+    (tmp_path / ".git" / "index").write_text("garbage")  # git status fails, rev-parse does not
+    assert git_commit(package) is None  # a tree that may be modified is not stated as clean
 
 
 def test_summarise_lists_the_widest_bits_first():

@@ -145,6 +145,90 @@ def test_each_epochs_scalars_are_on_disk_before_the_writer_closes(tmp_path):
         assert scalars(tmp_path) == as_scalars(rows, ["train_loss", "val_top1", "lr"])
 
 
+class RecordingWriter:
+    """Stands in for a SummaryWriter: the calls it gets, in order."""
+
+    def __init__(self, *args, **kwargs):
+        self.calls = [("init", args, kwargs)]
+
+    def add_scalar(self, tag, value, global_step):
+        self.calls.append(("add_scalar", tag, value, global_step))
+
+    def flush(self):
+        self.calls.append(("flush",))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def test_each_row_goes_out_whole_at_its_epoch_and_is_flushed_before_the_next():
+    """Every numeric key of a row (an apprentice run's teacher accuracy too) is a scalar at step
+    = epoch, and each row is flushed at once (the writer's own queue holds rows for minutes,
+    so a watched run would show nothing)."""
+    from kdlib.tblog import write_scalars
+
+    keys = sorted(KD_KEYS | {"teacher_val_top1"})
+    rows = [{"epoch": e, "seconds": 9.0, **{k: float(10 * e + i) for i, k in enumerate(keys)}}
+            for e in (1, 2)]
+    writer = RecordingWriter()
+    for row in rows:
+        write_scalars(writer, row)
+    calls = writer.calls[1:]
+    ends = [i for i, call in enumerate(calls) if call == ("flush",)]
+    assert len(ends) == 2 and ends[-1] == len(calls) - 1
+    for row, written in zip(rows, (calls[:ends[0]], calls[ends[0] + 1:ends[1]])):
+        # each key's value once, under a tag of its own, at the row's epoch
+        assert sorted(value for _, _, value, _ in written) == sorted(row[k] for k in keys)
+        assert len({tag for _, tag, _, _ in written}) == len(keys)
+        assert {step for *_, step in written} == {row["epoch"]}
+    write_scalars(None, rows[0])  # no writer (TensorBoard off): nothing to do
+
+
+def test_the_writer_hides_the_lost_epochs_and_is_closed_even_when_the_run_is_interrupted(
+        tmp_path, monkeypatch):
+    """A resumed session's writer purges the steps after the last checkpointed epoch (they are
+    written again), and the writer is closed (its file and thread released) however the
+    session ends."""
+    import torch.utils.tensorboard
+
+    from kdlib.tblog import scalar_writer
+
+    made = []
+    monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter",
+                        lambda *a, **kw: made.append(RecordingWriter(*a, **kw)) or made[-1])
+    with pytest.raises(KeyboardInterrupt):
+        with scalar_writer(tmp_path / "tb", epochs_done=3):
+            raise KeyboardInterrupt
+    with scalar_writer(tmp_path / "tb", epochs_done=0):
+        pass
+    assert [w.calls for w in made] == [
+        [("init", (str(tmp_path / "tb"),), {"purge_step": 4}), ("close",)],
+        [("init", (str(tmp_path / "tb"),), {"purge_step": 1}), ("close",)]]
+    with scalar_writer(None, epochs_done=3) as writer:
+        assert writer is None and len(made) == 2
+
+
+def test_an_explicit_setting_wins_over_the_environment_and_a_missing_package(tmp_path,
+                                                                            monkeypatch):
+    """$KDLIB_TENSORBOARD=0 and a missing tensorboard package turn off only the default:
+    tensorboard=True still writes to tb/<run_id> (and asks for the package if it lacks)."""
+    import kdlib.tblog as tblog
+
+    ckpt = tmp_path / "checkpoints" / "run-a.pt"
+    monkeypatch.delenv(TENSORBOARD_ENV, raising=False)
+    assert tblog.tensorboard_dir(None, ckpt) == tmp_path / "tb" / "run-a"
+    monkeypatch.setenv(TENSORBOARD_ENV, "0")
+    assert tblog.tensorboard_dir(None, ckpt) is None
+    assert tblog.tensorboard_dir(True, ckpt) == tmp_path / "tb" / "run-a"
+    monkeypatch.setenv(TENSORBOARD_ENV, "1")
+    monkeypatch.setattr(tblog, "tensorboard_available", lambda: False)
+    assert tblog.tensorboard_dir(None, ckpt) is None  # training goes on without curves
+    assert tblog.tensorboard_dir(True, ckpt) == tmp_path / "tb" / "run-a"
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[tb\]'"):
+        with tblog.scalar_writer(tmp_path / "tb" / "run-a", epochs_done=0):
+            pass
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9, 1.0])
 def test_kd_loss_terms_total_is_kd_loss_bit_for_bit(alpha):
     g = torch.Generator().manual_seed(3)
