@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import matplotlib
 
@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from kdlib.results import METHOD_ORDER, seeds_label  # noqa: E402
+from kdlib.results import METHOD_ORDER, bits_label, seeds_label  # noqa: E402
 from kdlib.verdict import is_same_run  # noqa: E402
 
 METHOD_LABELS = {"individual": "individual (random init, CE)",
@@ -33,13 +33,25 @@ def palette() -> dict[str, Any]:
     return dict(zip(METHOD_ORDER, colors))
 
 
-def _bit_positions(bits: Sequence[int]) -> dict[int, int]:
+Bits = tuple[int, int]  # (w_bits, a_bits): one slot on a bit-width axis
+
+
+def _bits(frame: pd.DataFrame) -> list[Bits]:
+    """Each row's (w_bits, a_bits)."""
+    return [(int(w), int(a)) for w, a in zip(frame["w_bits"], frame["a_bits"])]
+
+
+def _bit_positions(bits: Iterable[Bits]) -> dict[Bits, int]:
+    """A slot per (w_bits, a_bits), widest first: a mixed setting (w4/a8) never shares the
+    slot of a uniform one (4) that it is not."""
     return {b: i for i, b in enumerate(sorted(set(bits), reverse=True))}
 
 
-def _set_bit_axis(ax, positions: dict[int, int]) -> None:
-    ax.set_xticks(list(positions.values()), [str(b) for b in positions])
-    ax.set_xlabel("bit width (weights = activations)")
+def _set_bit_axis(ax, positions: dict[Bits, int]) -> None:
+    ax.set_xticks(list(positions.values()), [bits_label(w, a) for w, a in positions])
+    mixed = any(w != a for w, a in positions)
+    ax.set_xlabel("bit width (weights = activations"
+                  + ("; weights/activations where they differ)" if mixed else ")"))
 
 
 def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = None,
@@ -47,26 +59,26 @@ def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = Non
     """Mean test top-1 per method vs bit width, error bars = std over seeds."""
     fig, ax = plt.subplots(figsize=(10, 4.8))
     students = summary[summary["method"].isin(METHOD_ORDER)]
-    pos = _bit_positions(list(students["w_bits"]) + ([32] if teacher_acc is not None else []))
+    pos = _bit_positions(_bits(students) + ([(32, 32)] if teacher_acc is not None else []))
     colors = palette()
     offsets = dict(zip(METHOD_ORDER, np.linspace(-0.12, 0.12, len(METHOD_ORDER))))
     for method in METHOD_ORDER:
-        rows = students[students["method"] == method].sort_values("w_bits", ascending=False)
+        rows = students[students["method"] == method].sort_values(["w_bits", "a_bits"],
+                                                                  ascending=False)
         if rows.empty:
             continue
-        x = [pos[b] + offsets[method] for b in rows["w_bits"]]
+        x = [pos[b] + offsets[method] for b in _bits(rows)]
         ax.errorbar(x, rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3,
                     color=colors[method], label=METHOD_LABELS[method])
     if published is not None and not published.empty:
         pub = published[published["method"].isin(PUBLISHED_AS)
-                        & (published["w_bits"] == published["a_bits"])
-                        & published["w_bits"].isin(list(pos))]
+                        & np.array([b in pos for b in _bits(published)], dtype=bool)]
         for (source, method), rows in pub.groupby(["source", "method"]):
-            rows = rows.sort_values("w_bits", ascending=False)
+            rows = rows.sort_values(["w_bits", "a_bits"], ascending=False)
             selection = rows["selection"].dropna()
             chosen = (SELECTION_WORDS.get(selection.iloc[0], f"epoch chosen on {selection.iloc[0]}")
                       if len(selection) else "published")
-            ax.plot([pos[b] for b in rows["w_bits"]], rows["top1"], linestyle=":", marker="x",
+            ax.plot([pos[b] for b in _bits(rows)], rows["top1"], linestyle=":", marker="x",
                     alpha=0.35, color=colors[PUBLISHED_AS[method]],
                     label=f"{source} {method} ({chosen})")
     if teacher_acc is not None:
@@ -84,13 +96,13 @@ def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = Non
 def plot_gain_over_individual(gains: pd.DataFrame, title: str = "") -> plt.Figure:
     """Per-bit-width gain of each method over `individual` (paired by seed), 95% t-interval."""
     fig, ax = plt.subplots(figsize=(9.5, 4))
-    pos = _bit_positions(gains["w_bits"]) if not gains.empty else {}
+    pos = _bit_positions(_bits(gains))
     colors = palette()
     methods = [m for m in METHOD_ORDER if m in set(gains.get("method", []))]
     width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
         rows = gains[gains["method"] == method]
-        x = [pos[b] - 0.4 + width * (i + 0.5) for b in rows["w_bits"]]
+        x = [pos[b] - 0.4 + width * (i + 0.5) for b in _bits(rows)]
         half = (rows["ci95_high"] - rows["mean"]).fillna(0)
         ax.bar(x, rows["mean"], width=width, yerr=half, capsize=3, color=colors[method],
                label=METHOD_LABELS[method])
@@ -115,17 +127,17 @@ def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "",
     (a zero by construction is no measured null), no seeds counted in the legend."""
     fig, ax = plt.subplots(figsize=(9.5, 4))
     names = list(dict.fromkeys(contrasts["contrast"])) if not contrasts.empty else []
-    pos = _bit_positions(contrasts["w_bits"]) if not contrasts.empty else {}
+    pos = _bit_positions(_bits(contrasts))
     colors = sns.color_palette("dark", max(len(names), 1))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         rows = contrasts[contrasts["contrast"] == name]
         same = is_same_run(rows, same_run)
-        for b in rows["w_bits"][same]:
+        for b in _bits(rows[same]):
             ax.text(pos[b] - 0.4 + width * (i + 0.5), 0, " same run", rotation=90, fontsize=7,
                     ha="center", va="bottom", color=colors[i])
         rows = rows[[not s for s in same]]
-        x = [pos[b] - 0.4 + width * (i + 0.5) for b in rows["w_bits"]]
+        x = [pos[b] - 0.4 + width * (i + 0.5) for b in _bits(rows)]
         half = rows["ci95_high"] - rows["mean"]
         ax.bar(x, rows["mean"], width=width, yerr=None if half.isna().all() else half.fillna(0),
                capsize=3, color=colors[i],
@@ -170,7 +182,7 @@ def plot_chain_curves(records: Sequence[dict], seed: int = 0, title: str = "") -
     for i, rec in enumerate(ordered):
         hist = rec["history"]
         epochs = [start + h["epoch"] for h in hist]
-        label = (f"{rec['config']['w_bits']}-bit"
+        label = (f"{bits_label(rec['config']['w_bits'], rec['config']['a_bits'])}-bit"
                  + (" teacher" if rec["config"]["method"] == "teacher" else ""))
         ax.plot(epochs, [h["val_top1"] for h in hist], marker=".", color=cmap(i), label=label)
         ax.axvline(start + 0.5, color="grey", linewidth=0.5, alpha=0.5)

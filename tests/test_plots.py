@@ -108,12 +108,36 @@ def test_accuracy_vs_bits_has_a_slot_only_for_the_students_widths_without_a_teac
     assert set(legend_entries(ax)) == {METHOD_LABELS["individual"], METHOD_LABELS["ta_chain"]}
 
 
+def test_a_mixed_precision_setting_has_a_slot_of_its_own():
+    """w4/a8 is not 4 bits: a grid that holds both draws them apart, labelled as the tables
+    label them, and the axis says what w/a means."""
+    rows = [("individual", 4, 4, 50.0), ("individual", 4, 8, 53.0), ("ta_chain", 4, 4, 52.0)]
+    summary = pd.DataFrame([{"method": m, "w_bits": w, "a_bits": a, "mean": v, "std": 1.0}
+                            for m, w, a, v in rows])
+    ax = plots.plot_accuracy_vs_bits(summary).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4/8", "4"]
+    assert "weights/activations where they differ" in ax.get_xlabel()
+    x, y, _ = errorbar_data(legend_entries(ax)[METHOD_LABELS["individual"]])
+    assert x == pytest.approx([-0.12, 0.88]) and y == [53.0, 50.0]
+    gains = pd.DataFrame([{"method": "ta_chain", "w_bits": w, "a_bits": a, "mean": v,
+                           "ci95_high": v + 1} for w, a, v in ((4, 4, 2.0), (4, 8, -1.0))])
+    ax = plots.plot_gain_over_individual(gains).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4/8", "4"]
+    bars = legend_entries(ax)[METHOD_LABELS["ta_chain"]].patches
+    assert [(round(p.get_x() + p.get_width() / 2, 6), p.get_height()) for p in bars] == [
+        (1.0, 2.0), (0.0, -1.0)]
+    uniform = plots.plot_accuracy_vs_bits(summary[summary["a_bits"] == 4]).axes[0]
+    assert uniform.get_xlabel() == "bit width (weights = activations)"
+    plt.close("all")
+
+
 def test_gain_over_individual_bars_and_intervals():
     gains = pd.DataFrame([
-        {"method": "direct_kd", "w_bits": 4, "mean": 2.0, "ci95_high": 3.0},
-        {"method": "direct_kd", "w_bits": 2, "mean": 4.0, "ci95_high": NAN},  # n = 1: no interval
-        {"method": "ta_chain", "w_bits": 4, "mean": 3.0, "ci95_high": 5.0},
-        {"method": "ta_chain", "w_bits": 2, "mean": -1.0, "ci95_high": 0.5},
+        {"method": "direct_kd", "w_bits": 4, "a_bits": 4, "mean": 2.0, "ci95_high": 3.0},
+        # n = 1: no interval
+        {"method": "direct_kd", "w_bits": 2, "a_bits": 2, "mean": 4.0, "ci95_high": NAN},
+        {"method": "ta_chain", "w_bits": 4, "a_bits": 4, "mean": 3.0, "ci95_high": 5.0},
+        {"method": "ta_chain", "w_bits": 2, "a_bits": 2, "mean": -1.0, "ci95_high": 0.5},
     ])
     fig = plots.plot_gain_over_individual(gains)
     ax = fig.axes[0]
@@ -138,9 +162,9 @@ def test_gain_bars_share_each_slot_in_method_order_whatever_the_rows_order():
     """paired_gain lists methods alphabetically; the bars keep the tables' method order
     (finetune before direct_kd) and split each bit width's 0.8-wide slot among the methods."""
     gains = pd.DataFrame([
-        {"method": "direct_kd", "w_bits": 4, "mean": 1.0, "ci95_high": 1.5},
-        {"method": "finetune", "w_bits": 4, "mean": 2.0, "ci95_high": 2.5},
-        {"method": "ta_chain", "w_bits": 4, "mean": 3.0, "ci95_high": 3.5},
+        {"method": "direct_kd", "w_bits": 4, "a_bits": 4, "mean": 1.0, "ci95_high": 1.5},
+        {"method": "finetune", "w_bits": 4, "a_bits": 4, "mean": 2.0, "ci95_high": 2.5},
+        {"method": "ta_chain", "w_bits": 4, "a_bits": 4, "mean": 3.0, "ci95_high": 3.5},
     ])
     ax = plots.plot_gain_over_individual(gains).axes[0]
     entries = legend_entries(ax)
@@ -155,7 +179,8 @@ def test_gain_bars_share_each_slot_in_method_order_whatever_the_rows_order():
 
 def _record(run_id, method, w_bits, seed, val_top1, init_id=None):
     return {"run_id": run_id,
-            "config": {"method": method, "w_bits": w_bits, "seed": seed, "init_id": init_id},
+            "config": {"method": method, "w_bits": w_bits, "a_bits": w_bits, "seed": seed,
+                       "init_id": init_id},
             "history": [{"epoch": e, "val_top1": v} for e, v in enumerate(val_top1, 1)]}
 
 
