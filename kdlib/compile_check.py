@@ -53,8 +53,7 @@ def check_levels(device: str | torch.device, bits: Sequence[int] = CHECK_BITS,
         k = torch.arange(n + 1, dtype=torch.float64)
         expected = (k / n).float()
         x = ((k + 0.2) / n).clamp(max=1.0).float().to(device).requires_grad_()
-        gen = torch.Generator().manual_seed(b)
-        w = (torch.randn(WEIGHTS, generator=gen) * 0.1).to(device).requires_grad_()
+        w = check_weights(b).to(device).requires_grad_()
 
         def quantize(x, w, b=b):
             return dorefa_activation(x, b), dorefa_weight(w, b)
@@ -70,6 +69,17 @@ def check_levels(device: str | torch.device, bits: Sequence[int] = CHECK_BITS,
         }
     exact = all(e["activation_exact"] and e["weight_exact"] for e in by_bits.values())
     return {"exact": exact, "by_bits": by_bits}
+
+
+def check_weights(bits: int) -> torch.Tensor:
+    """:data:`WEIGHTS` weights (the same for a width every time) whose tanh spreads evenly
+    over [-1/2, 1/2], both ends included: every DoReFa level at <= 8 bits is reached, both
+    extremes too (Gaussian weights reached 206 of 256 at 8 bits and one extreme only), so a
+    compiled division off at one level cannot go unseen."""
+    gen = torch.Generator().manual_seed(bits)
+    spread = torch.rand(WEIGHTS, generator=gen, dtype=torch.float64) * 2 - 1
+    spread[:2] = torch.tensor([1.0, -1.0])
+    return torch.atanh(spread / 2).float()
 
 
 def widths_to_check(nets: Iterable[nn.Module]) -> list[int]:

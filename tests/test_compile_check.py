@@ -60,6 +60,10 @@ def test_each_width_is_checked_once_a_process_and_device(compiler):
     require_exact_levels([_model(4)], "cpu")
     with pytest.raises(RuntimeError, match="8-bit"):
         require_exact_levels([_model(8)], "cpu")
+    # a width found inexact stays refused, also behind an exact one in the same run
+    with pytest.raises(RuntimeError, match="8-bit"):
+        require_exact_levels([_model(4), _model(8)], "cpu")
+    assert len(compiler["calls"]) == 3  # 4, 2 and 8 bits, each once
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -124,6 +128,48 @@ def test_each_device_is_checked_on_its_own(monkeypatch):
     with pytest.raises(RuntimeError, match="4-bit quantizer levels exact on cuda:1"):
         require_exact_levels([_model(4)], "cuda:1")
     assert checked == ["cuda:0", "cuda:1"]
+
+
+def _one_ulp_up_at_weight_level(bits, level):
+    """A compiler whose weights at one level alone come out an ulp above it."""
+    from kdlib.export.codes import dequantize
+
+    value = dequantize("dorefa", bits, torch.tensor([float(level)]), None)
+
+    def compile_fn(fn):
+        def run(x, w):
+            a, q = fn(x, w)
+            return a, torch.where(q == value, torch.nextafter(q, torch.full_like(q, 2.0)), q)
+        return run
+    return compile_fn
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_a_compiler_wrong_at_any_one_weight_level_is_caught(bits):
+    """An approximate division errs at some k/n and not others: the check's weights must reach
+    each level, both extremes included, or a run whose compiled weights are off at one level
+    would train unrefused."""
+    n = (1 << bits) - 1
+    for level in range(n + 1):
+        result = compile_check.check_levels("cpu", bits=(bits,),
+                                            compile_fn=_one_ulp_up_at_weight_level(bits, level))
+        assert not result["exact"] and not result["by_bits"][str(bits)]["weight_exact"], level
+
+
+def test_the_check_quantizes_the_same_weights_every_time():
+    """Two checks of a width (two processes, two leases' benchmarks) test the same values, so
+    their verdicts and counts compare."""
+    seen = []
+
+    def recording(fn):
+        def run(x, w):
+            seen.append(w.detach().clone())
+            return fn(x, w)
+        return run
+
+    for _ in range(2):
+        compile_check.check_levels("cpu", bits=(4,), compile_fn=recording)
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
 
 
 @pytest.mark.slow

@@ -273,3 +273,86 @@ def test_cuda_graphs_and_compile_are_not_combined():
     with pytest.raises(ValueError, match="does not combine with compile=True"):
         validate(RunConfig(cuda_graphs=True, compile=True))
     assert validate(RunConfig(cuda_graphs=True)).cuda_graphs
+
+
+# What the README's preset table (and the preset's own description) states as its protocol (the
+# data, the epochs, the seeds): a value changed here changes what every result of it means.
+README_PROTOCOL = {
+    "smoke": dict(run=dict(train_size=200, epochs=1), teacher=dict(epochs=2)),
+    "quick": dict(run=dict(train_size=None, val_size=5000, test_size=None, lr=0.05,
+                           schedule="cosine", channels_last=True),
+                  teacher=dict(schedule="cosine"), seeds=(0, 1, 2)),
+    "quick_squeezenet": dict(run=dict(train_size=8000, val_size=2500, test_size=None),
+                             seeds=(0, 1, 2)),
+    "gpu": dict(run=dict(train_size=None, val_size=5000, test_size=None, lr=0.05,
+                         batch_size=128, schedule="cosine", channels_last=True),
+                teacher=dict(schedule="cosine"), seeds=(0, 1, 2)),
+    "paper": dict(run=dict(train_size=None, val_size=5000, test_size=None, epochs=200, lr=0.1,
+                           weight_decay=5e-4, batch_size=128, schedule="cosine",
+                           channels_last=True, compile=True),
+                  teacher=dict(epochs=200, lr=0.1), seeds=(0, 1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(README_PROTOCOL))
+def test_each_preset_keeps_the_protocol_the_readme_states(name):
+    """The README's preset table (paper: 200 epochs x seeds 0 1 2, the 45k/5k split, the full
+    10k test set; smoke: a 200-image slice, 1 epoch, teacher 2)."""
+    protocol = README_PROTOCOL[name]
+    student, teacher = build_config(name), build_config(name, teacher=True)
+    for cfg, expected in ((student, protocol["run"]), (teacher, protocol.get("teacher", {}))):
+        assert {k: getattr(cfg, k) for k in expected} == expected
+    if "seeds" in protocol:
+        assert tuple(get_preset(name).seeds) == protocol["seeds"]
+
+
+def test_the_presets_that_run_the_quick_grid_run_its_methods():
+    """`gpu` is the quick grid at GPU scale; `quick_squeezenet` is it but `finetune` (README):
+    their contrasts are set beside quick's, method by method. `smoke` (plumbing in seconds)
+    trains fewer images and epochs than any of them."""
+    quick, gpu, squeeze = (get_preset(n) for n in ("quick", "gpu", "quick_squeezenet"))
+    assert (gpu.chain, gpu.chain_methods, gpu.methods) == (quick.chain, quick.chain_methods,
+                                                           quick.methods)
+    assert (squeeze.chain, squeeze.chain_methods) == (quick.chain, quick.chain_methods)
+    assert squeeze.methods == tuple(m for m in quick.methods if m != "finetune")
+    smoke = build_config("smoke")
+    assert all(smoke.train_size < (build_config(n).train_size or 45_000)
+               and smoke.epochs <= build_config(n).epochs for n in PRESETS if n != "smoke")
+
+
+def test_every_committed_result_is_a_run_its_preset_still_plans():
+    """The committed grids (results/<preset>/runs) were trained with the presets' values: a value
+    changed under them would plan other run ids, retrain the whole grid and leave the README's
+    results describing a preset that no longer exists."""
+    import json
+    from pathlib import Path
+
+    from kdlib.config import RECIPE_VERSION
+    from kdlib.experiments import plan_grid
+
+    results = Path(__file__).resolve().parent.parent / "results"
+    checked = 0
+    for name in PRESETS:
+        configs = [RunConfig.from_dict(json.loads(p.read_text())["config"])
+                   for p in sorted((results / name / "runs").glob("*.json"))]
+        configs = [c for c in configs if c.recipe == RECIPE_VERSION]
+        if not configs:
+            continue
+        seeds = sorted({c.seed for c in configs})
+        planned = {cfg.run_id() for model in {c.model for c in configs}
+                   for cfg in plan_grid(preset=name, model=model, seeds=seeds)}
+        assert [c.run_id() for c in configs if c.run_id() not in planned] == [], name
+        checked += len(configs)
+    assert checked >= 100
+
+
+def test_the_default_preset_is_the_one_make_runs_and_the_readme_shows():
+    """`python -m kdlib` and `make` must write the results the README's results section names."""
+    from pathlib import Path
+
+    from kdlib.presets import DEFAULT_PRESET
+
+    root = Path(__file__).resolve().parent.parent
+    make_default = re.search(r"^PRESET \?= (\S+)$", (root / "Makefile").read_text(), re.M)
+    assert make_default and make_default.group(1) == DEFAULT_PRESET
+    assert f"## Results (preset `{DEFAULT_PRESET}`" in (root / "README.md").read_text()

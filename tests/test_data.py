@@ -119,6 +119,14 @@ def test_fake_files_have_the_official_format(fake_data_root):
         assert isinstance(d[b"data"], np.ndarray) and d[b"data"].dtype == np.uint8
         assert d[b"data"].shape == (n, 3072)
         assert len(d[b"fine_labels"]) == len(d[b"coarse_labels"]) == len(d[b"filenames"]) == n
+        assert d[b"batch_label"].startswith(b"training" if name == "train" else b"testing")
+        assert d[b"data"].min() == 0 and d[b"data"].max() == 255  # noise over all of uint8
+        fine, coarse = np.array(d[b"fine_labels"]), np.array(d[b"coarse_labels"])
+        assert fine.tolist() != sorted(fine.tolist())  # shuffled, as the originals are
+        # each fine class under one of the 20 coarse classes, 5 fine classes to each
+        pairs = set(zip(fine.tolist(), coarse.tolist()))
+        assert len(pairs) == 100
+        assert sorted(np.bincount([c for _, c in pairs]).tolist()) == [5] * 20
     with open(folder / "meta", "rb") as f:
         meta = pickle.load(f, encoding="bytes")
     assert set(meta) == {b"fine_label_names", b"coarse_label_names"}
@@ -130,6 +138,15 @@ def test_fake_files_are_deterministic_per_seed(tmp_path):
     read = lambda root: (root / "cifar-100-python" / "train").read_bytes()  # noqa: E731
     assert read(a) == read(b)
     assert read(a) != read(c)
+
+
+def test_fake_test_images_are_not_training_images(tmp_path):
+    """Tests that evaluate on the fake test split must not be scoring images the model trained
+    on, even where both splits hold as many images a class."""
+    folder = write_fake_cifar100(tmp_path, n_train_per_class=2, n_test_per_class=2) \
+        / "cifar-100-python"
+    train, test = (_raw(folder / name)["data"] for name in ("train", "test"))
+    assert not {row.tobytes() for row in train} & {row.tobytes() for row in test}
 
 
 @pytest.mark.parametrize("kwargs", [{"n_train_per_class": 0}, {"n_test_per_class": 0},
