@@ -997,7 +997,8 @@ def test_a_speedup_is_above_one_where_its_switch_makes_the_step_faster():
                  "kd_speedup_vs_typical": ("kd_w4_typical", "kd_w4"),
                  "data_speedup_vs_typical": ("data_typical", "data_kdlib")}
     for key, (slow, fast) in slow_fast.items():
-        variants = {slow: {"status": "ok", "step_ms": 30.0}, fast: {"status": "ok", "step_ms": 10.0}}
+        variants = {slow: {"status": "ok", "step_ms": 30.0},
+                    fast: {"status": "ok", "step_ms": 10.0}}
         assert compute_ratios(variants)[key]["value"] == pytest.approx(3.0), key
 
 

@@ -252,7 +252,8 @@ def test_train_refuses_a_set_of_a_field_that_has_its_own_option(tmp_path, capsys
 @pytest.mark.parametrize("argv, refused", [
     (["grid", "--jobs", "4"], "--jobs is read by --executor processes only, not serial"),
     (["run", "--executor", "ray", "--jobs", "4"], "--jobs is read by --executor processes only"),
-    (["grid", "--executor", "processes", "--address", "auto"], "--address is read by --executor ray"),
+    (["grid", "--executor", "processes", "--address", "auto"],
+     "--address is read by --executor ray"),
     (["grid", "--cpus-per-run", "4"], "--cpus-per-run is read by --executor ray only, not serial"),
     (["run", "--executor", "processes", "--gpus-per-run", "1"], "--gpus-per-run is read by"),
     (["grid", "--max-retries", "1"], "--max-retries is read by --executor ray only"),

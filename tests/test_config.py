@@ -190,7 +190,8 @@ def test_preset_descriptions_state_their_epochs():
     for preset in PRESETS.values():
         teacher = re.search(r"teacher (\d+) epochs", preset.description)
         if teacher:
-            assert int(teacher.group(1)) == build_config(preset.name, teacher=True).epochs, preset.name
+            teacher_epochs = build_config(preset.name, teacher=True).epochs
+            assert int(teacher.group(1)) == teacher_epochs, preset.name
             checked += 1
         link = re.search(r"(\d+) epochs? per chain link", preset.description)
         if link:

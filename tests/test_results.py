@@ -384,8 +384,10 @@ def test_difference_text_shows_the_interval_from_two_seeds_on():
 
 def test_paired_gain_lists_the_widest_bits_first():
     """Like every table of the workbook: per method, the widest bit width first."""
-    frame = pd.DataFrame(_rows("individual", 2, [50.0, 60.0]) + _rows("ta_chain", 2, [51.0, 61.0])
-                         + _rows("individual", 8, [70.0, 71.0]) + _rows("ta_chain", 8, [72.0, 73.0]))
+    frame = pd.DataFrame(_rows("individual", 2, [50.0, 60.0])
+                         + _rows("ta_chain", 2, [51.0, 61.0])
+                         + _rows("individual", 8, [70.0, 71.0])
+                         + _rows("ta_chain", 8, [72.0, 73.0]))
     gains = paired_gain(frame)
     assert gains["w_bits"].tolist() == [8, 2] and gains["mean"].tolist() == [2.0, 1.0]
 

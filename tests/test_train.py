@@ -1113,7 +1113,8 @@ def test_a_checkpoint_config_missing_a_field_or_with_an_unknown_one_is_refused(s
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["config"]["teacher_id"] is None
     for field, config in [
-            ("label_smoothing", {k: v for k, v in ckpt["config"].items() if k != "label_smoothing"}),
+            ("label_smoothing",
+             {k: v for k, v in ckpt["config"].items() if k != "label_smoothing"}),
             ("teacher_id", {k: v for k, v in ckpt["config"].items() if k != "teacher_id"}),
             ("kd_beta", {**ckpt["config"], "kd_beta": 1.0})]:
         torch.save({**ckpt, "config": config}, path)
