@@ -64,3 +64,12 @@ def test_notebooks_are_thin():
         assert not re.search(r"^\s*(def|class) ", text, re.M), \
             f"{py.name} defines logic: move it to kdlib"
         assert 'tags=["parameters"]' in text
+
+
+def test_python_lines_fit_100_columns():
+    """The project's width (side-by-side diffs, review): kdlib/ and tests/ hold to it; the
+    notebooks' markdown tables may not wrap."""
+    long = [f"{path.relative_to(ROOT)}:{i}" for folder in ("kdlib", "tests")
+            for path in sorted((ROOT / folder).rglob("*.py"))
+            for i, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 100]
+    assert long == []
