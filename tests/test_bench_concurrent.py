@@ -1,5 +1,7 @@
 """k training processes side by side (the GPU benchmark's question "do runs at once pay?"),
 run here on the CPU with tiny steps; and the choice of how many to run at once."""
+import json
+
 import pytest
 import torch
 
@@ -284,15 +286,19 @@ def test_a_new_gpu_benchmark_times_the_variants_and_four_processes_then_parts_th
     the grid's estimates need), written at once; then the later parts, given what is left of
     the allowance. No GPU is touched: the measuring is replaced."""
     import sys
+    from types import SimpleNamespace
 
     from kdlib.bench import run
     from kdlib.lease import device as lease_device
 
     measure = sys.modules["kdlib.bench.measure"]  # kdlib.bench.measure is also a function
     asked, completed = {}, {}
+    now = [1000.0]
+    monkeypatch.setattr(lease_device, "time", SimpleNamespace(monotonic=lambda: now[0]))
 
     def benchmark(images, labels, **kwargs):
         asked.update(kwargs)
+        now[0] += 100.0  # the first timings took 100 s of the allowance
         return {"machine": {"host": "h", "gpu": "NVIDIA H100 80GB HBM3", "usable_cores": 16},
                 "settings": {"preset": "gpu"},
                 "concurrency": {"by_jobs": {str(k): {} for k in kwargs["concurrency"]}}}
@@ -312,7 +318,46 @@ def test_a_new_gpu_benchmark_times_the_variants_and_four_processes_then_parts_th
     assert path.exists() and any(line.startswith("benchmark written") for line in logged)
     assert set(lease_device.missing_parts(completed["result"], "cuda", "gpu")) == \
         {"grouped", "profile", "graphs", "concurrency"}
-    assert lease_device.BENCH_ALLOWANCE_S - 5 < completed["seconds"] <= 180.0
+    assert completed["seconds"] == lease_device.BENCH_ALLOWANCE_S - 100.0 == 80.0
+
+
+def test_go_benchmarks_anew_when_told_to_and_falls_back_to_timing_the_steps_alone(
+        fake_data_root, tmp_path, monkeypatch):
+    """`--bench always` measures anew though results/bench holds this device's benchmark; a
+    full benchmark that fails leaves a minimal one of fit()'s steps, then its later parts (the
+    grid needs estimates more than the rest: a lease without them trains blind)."""
+    import kdlib.budget
+    from kdlib import lease
+    from kdlib.bench import run
+    from kdlib.lease import device as lease_device
+
+    asked, completed, logged = [], [], []
+
+    def benchmark(images, labels, **kwargs):
+        asked.append(kwargs)
+        if len(asked) == 1:
+            raise RuntimeError("no kernel image")
+        return {"machine": {"host": "h", "cpu_model": "c"}, "settings": {"preset": "smoke"}}
+
+    monkeypatch.setattr(run, "run_benchmark", benchmark)
+    monkeypatch.setattr(lease_device, "complete_bench",
+                        lambda result, *a, **k: completed.append(result) or tmp_path / "h-c.json")
+    whole = {"machine": {}, "profile": {"grouped_weights": True}, "grouped": {}}
+    assert lease.missing_parts(whole, "cpu", "smoke") == {}
+    monkeypatch.setattr(kdlib.budget, "load_bench", lambda folder, kind: whole)
+    kwargs = dict(preset="smoke", model="resnet8", bench_args=None, started=0.0,
+                  log=logged.append)
+    for bench in ("auto", "never"):  # nothing to measure, or told not to: no file written
+        assert lease_device._bench_device(bench, tmp_path, "cpu:c", "cpu", fake_data_root,
+                                          **kwargs) is None
+    assert asked == completed == [] and not list(tmp_path.iterdir())
+    path = lease_device._bench_device("always", tmp_path, "cpu:c", "cpu", fake_data_root,
+                                      **kwargs)
+    assert path == tmp_path / "h-c.json" and json.loads(path.read_text())["machine"]["host"] == "h"
+    assert len(asked) == 2 and {k: asked[1][k] for k in lease.FALLBACK_BENCH} == \
+        lease.FALLBACK_BENCH
+    assert "benchmark failed (RuntimeError: no kernel image)" in logged[0]
+    assert completed == [json.loads(path.read_text())]  # its later parts, as far as they fit
 
 
 def test_k_processes_sum_their_rates_and_report_the_slowest_start(monkeypatch):

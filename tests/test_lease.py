@@ -113,8 +113,11 @@ def test_a_lease_longer_than_its_last_call_is_refused_before_anything_is_packed(
     assert finish.startswith("{ timeout -s INT -k 15 560 ")
 
 
-def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path):
-    """The pixels travel as residuals (kdlib.lease.pixels): the device decodes them back."""
+def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path, monkeypatch):
+    """The pixels travel as residuals (kdlib.lease.pixels): the device decodes them back, and
+    refuses files its decoding did not bring back to the ones packed here (a grid on them
+    would train a whole lease on wrong pixels)."""
+    from kdlib.lease import device as lease_device
     from kdlib.lease.pixels import PIXEL_CODING
 
     manifest = lease.pack_data(fake_data_root, tmp_path / "lease", part_mib=0.2, compress=fast)
@@ -127,6 +130,14 @@ def test_data_parts_reassemble_to_the_same_files(fake_data_root, tmp_path):
     for name in lease.DATA_FILES:
         assert (root / "cifar-100-python" / name).read_bytes() == \
             (fake_data_root / "cifar-100-python" / name).read_bytes()
+    with monkeypatch.context() as warm:  # a follow-up's `go`: assembled already, not again
+        warm.setattr(lease_device, "join_parts", lambda *a: pytest.fail("decompressed again"))
+        assert lease.assemble_data(tmp_path / "stash") == root
+    for part in manifest["parts"]:
+        lease.store_part(tmp_path / "lease" / part["name"], tmp_path / "other")
+    monkeypatch.setattr(lease_device, "recode_file", lambda raw, span, encode: raw)
+    with pytest.raises(ValueError, match="cifar-100-python/train differs from the file packed"):
+        lease.assemble_data(tmp_path / "other")
 
 
 def test_pack_data_reuses_its_parts_for_the_same_source(fake_data_root, tmp_path):
@@ -148,6 +159,11 @@ def test_a_broken_or_missing_part_is_refused_by_name(fake_data_root, tmp_path):
     manifest = lease.pack_data(fake_data_root, tmp_path / "lease", part_mib=0.2, compress=fast)
     first, second = (tmp_path / "lease" / p["name"] for p in manifest["parts"][:2])
     lease.store_part(first, tmp_path / "stash")
+    stray = tmp_path / "lease" / "data.xz.99"  # a part of another `prepare`'s archive
+    stray.write_bytes(first.read_bytes())
+    with pytest.raises(ValueError, match=f"data.xz.99 is not in {stray.parent}"):
+        lease.store_part(stray, tmp_path / "stash")
+    assert not (tmp_path / "stash" / stray.name).exists()
     with pytest.raises(FileNotFoundError, match=second.name):
         lease.assemble_data(tmp_path / "stash")
     broken = bytearray(second.read_bytes())
@@ -229,17 +245,22 @@ def test_outputs_split_into_at_most_eight_files_and_come_back_whole(tmp_path):
     (results / "checkpoints" / "a.weights.pt").write_bytes(os.urandom(300_000))
     (results / "checkpoints" / "a.pt").write_bytes(b"a finished run's state stays behind")
     (results / "checkpoints" / "b.pt").write_bytes(b"a paused run's state comes back")
+    (results / "models").mkdir()
+    (results / "models" / "a.packed").write_bytes(b"a's weights at their bit width")
+    (results / "logs").mkdir()
+    (results / "logs" / "lease-1.log").write_text("what the lease did, its timeline")
     bench = tmp_path / "NVIDIA_H200.json"
     bench.write_text("{}")
     files = lease.pack_outputs(results, tmp_path / "out", [bench], file_mib=0.1)
     assert 3 < len(files) <= lease.OUT_MAX_FILES
+    assert all(path.stat().st_size <= 0.1 * lease.MIB for path in files)
     back = tmp_path / "back"
     (back / "checkpoints").mkdir(parents=True)  # here, b paused a lease earlier, a finished now
     (back / "checkpoints" / "a.pt").write_bytes(b"paused here before, finished there")
     counts = lease.receive(tmp_path / "out", back, tmp_path / "bench")
-    assert counts == {"records": 1, "files": 3, "bench": 1, "finished_paused": 1}
-    assert (back / "checkpoints" / "a.weights.pt").read_bytes() == \
-        (results / "checkpoints" / "a.weights.pt").read_bytes()
+    assert counts == {"records": 1, "files": 5, "bench": 1, "finished_paused": 1}
+    for name in ("checkpoints/a.weights.pt", "models/a.packed", "logs/lease-1.log"):
+        assert (back / name).read_bytes() == (results / name).read_bytes()
     assert not (back / "checkpoints" / "a.pt").exists()
     assert (back / "checkpoints" / "b.pt").read_bytes() == b"a paused run's state comes back"
     assert json.loads((back / "paused.json").read_text()) == {"b": 0}  # for a clone's README
@@ -1350,6 +1371,14 @@ def test_a_result_rewritten_at_the_same_size_comes_back(tmp_path):
     lease.pack(results, tmp_path / "out", tmp_path / "bench", device="cpu", stash=stash)
     lease.receive(tmp_path / "out", tmp_path / "back", tmp_path / "back-bench")
     assert (tmp_path / "back" / "runs" / "r.json").read_text() == '{"run_id": "r", "acc": 2}'
+    # a file system whose clock ticks coarsely: rewritten within the tick, another size
+    lease.snapshot_results(results, stash)
+    before = record.stat().st_mtime_ns
+    record.write_text('{"run_id": "r", "acc": 30}')
+    os.utime(record, ns=(before, before))
+    lease.pack(results, tmp_path / "out2", tmp_path / "bench", device="cpu", stash=stash)
+    lease.receive(tmp_path / "out2", tmp_path / "back", tmp_path / "back-bench")
+    assert (tmp_path / "back" / "runs" / "r.json").read_text() == '{"run_id": "r", "acc": 30}'
 
 
 def test_a_stash_that_assembled_other_data_assembles_the_new_parts(fake_data_root, tmp_path):
@@ -1468,6 +1497,25 @@ def test_go_keeps_a_tenth_of_its_minutes_at_most_45_s_for_runs_that_overrun(
     line = next(m for m in logged if m.startswith("grid: ") and "s of budget" in m)
     budget_s = float(re.search(r"(\d+) s of budget", line).group(1))
     assert 60 * minutes - reserve_s - 3 <= budget_s <= 60 * minutes - reserve_s + 0.5
+
+
+def test_by_default_a_return_is_at_most_eight_files_of_at_most_16_mib(tmp_path):
+    """The device tool returns at most 8 files of at most 16 MiB: a larger file or a ninth
+    one is lost with the lease's results, so `pack` splits the results and counts the
+    benchmarks beside them, refusing before it writes anything."""
+    results = tmp_path / "results"
+    (results / "checkpoints").mkdir(parents=True)
+    (results / "checkpoints" / "a.weights.pt").write_bytes(os.urandom(20 * lease.MIB))
+    benches = []
+    for i in range(6):
+        benches.append(tmp_path / f"GPU_{i}.json")
+        benches[-1].write_text("{}")
+    files = lease.pack_outputs(results, tmp_path / "out", benches[:5])
+    assert len(files) == lease.OUT_MAX_FILES == 8  # the manifest, 2 parts, 5 benchmarks
+    assert all(path.stat().st_size <= 16 * lease.MIB for path in files)
+    with pytest.raises(ValueError, match="9 files to return, more than 8"):
+        lease.pack_outputs(results, tmp_path / "over", benches)
+    assert not list((tmp_path / "over").iterdir())
 
 
 def test_a_return_one_file_over_the_limit_is_refused(tmp_path):
@@ -1810,3 +1858,197 @@ def test_restore_puts_back_the_checkpoints_of_the_results_dir_it_is_given(tmp_pa
     put_back.clear()
     assert cli.main(["lease", "restore"]) == 0
     assert put_back == [tmp_path / "results" / n / "checkpoints" for n in ("gpu", "smoke")]
+
+
+def test_a_go_that_finds_no_data_is_told_a_fresh_machine_and_still_in_the_call_log(tmp_path):
+    """A stash without the data is a fresh machine: `go` says so with StashIncomplete (whose
+    exit status the follow-up checks before it packs), and a `go` that fails or is interrupted
+    still shows in the next call's timeline (its time is what the follow-up's margins cover)."""
+    stash = tmp_path / "stash"
+    with pytest.raises(lease.StashIncomplete, match="fresh machine"):
+        lease.go(preset="smoke", minutes=1, jobs=1, results_dir=tmp_path / "results",
+                 repo_root=tmp_path, model="resnet8", bench="never", stash=stash,
+                 log=lambda m: None)
+    assert [line.split(":")[0] for line in lease.call_timeline(stash)] == ["go"]
+
+
+def test_a_stash_that_lost_a_carried_checkpoint_is_a_fresh_machine_too(tmp_path, monkeypatch):
+    """Carried weights and paused runs' checkpoints go in the first calls, alone: a machine
+    taken back after such a call lacks them, and without `store`'s check the last call would
+    train those runs from their start. The call that finds it keeps its own files and says
+    which calls to make again, and what then."""
+    import hashlib
+
+    lease_dir = tmp_path / lease.LEASE_DIR
+    data = _split(bytes(range(10)), lease_dir, part_bytes=8, stem="data.xz")
+    (lease_dir / lease.DATA_MANIFEST).write_text(json.dumps(data))
+    group = lease_dir / "weights" / "00"
+    group.mkdir(parents=True)
+    paused = b"a paused run's checkpoint"
+    (group / ("p.pt" + lease.CARRIED_SUFFIX)).write_bytes(lzma.compress(paused))
+    digest = {"p.pt": hashlib.sha256(paused).hexdigest()}
+    (group / "sha256.json").write_text(json.dumps(digest))
+    (lease_dir / lease.STASH_PLAN).write_text(json.dumps(
+        [{"parts": {}, "weights": digest}] + [{"parts": {p["name"]: p["sha256"]}, "weights": {}}
+                                              for p in data["parts"]]))
+    parts = [lease_dir / p["name"] for p in data["parts"]]
+    monkeypatch.chdir(tmp_path)
+    stash = tmp_path / "stash"
+    lease.store([group], stash, call=1)
+    shutil.rmtree(stash)  # the machine went back after call 1
+    with pytest.raises(lease.StashIncomplete, match=r"call\(s\) 1 stored \(p\.pt\).* Make "
+                                                    r"call\(s\) 1 again, then go on with call 3"):
+        lease.store(parts[:1], stash, call=2)
+    assert (stash / parts[0].name).read_bytes() == parts[0].read_bytes()  # call 2's: stored
+    lease.store([group], stash, call=1)
+    lease.store(parts[1:], stash, call=3)  # call 1 made again: the stash is whole
+    assert (stash / "weights" / "p.pt").read_bytes() == paused
+    shutil.rmtree(stash)
+    with pytest.raises(lease.StashIncomplete, match=r"call\(s\) 1, 2 stored .*then this call "
+                                                    r"again\.$"):
+        lease.store(parts[1:], stash, call=3)
+
+
+def test_a_follow_up_go_puts_back_the_newest_returns_and_returns_only_what_it_adds(
+        fake_data_root, tmp_path):
+    """On the warm machine the tool copies the tree afresh: the follow-up's `go` puts back what
+    the earlier calls returned, in their order and over the older checkpoint a call carried
+    (else a paused run would resume epochs back), and its `pack` returns none of it again."""
+    stash, bench = tmp_path / "stash", tmp_path / "bench"
+    (stash / "weights").mkdir(parents=True)
+    (stash / "weights" / "p.pt").write_bytes(b"carried: paused after epoch 1")
+    earlier = tmp_path / "earlier" / "checkpoints"
+    earlier.mkdir(parents=True)
+    for epoch in (2, 3):  # the last call, then a first follow-up
+        (earlier / "p.pt").write_bytes(f"returned: paused after epoch {epoch}".encode())
+        (earlier / f"e{epoch}.weights.pt").write_bytes(b"w")
+        lease.pack(earlier.parent, tmp_path / f"out{epoch}", bench, device="cpu", stash=stash)
+    results = tmp_path / "device"
+    logged = []
+    lease.go(preset="smoke", minutes=0.001, jobs=1, results_dir=results, repo_root=tmp_path,
+             model="resnet8", bench="never", stash=stash, data_root=fake_data_root,
+             log=logged.append)  # no time to train
+    assert "put back what 2 earlier call(s) on this machine returned" in logged
+    assert (results / "checkpoints" / "p.pt").read_bytes() == b"returned: paused after epoch 3"
+    assert (results / "checkpoints" / "e2.weights.pt").exists()
+    lease.pack(results, tmp_path / "out", bench, device="cpu", stash=stash, preset="smoke")
+    assert lease.read_manifest(tmp_path / "out")["returned"] == 2
+    assert lease.read_manifest(tmp_path / "out")["preset"] == "smoke"
+    assert lease.receive(tmp_path / "out", tmp_path / "back", bench)["files"] == 0
+
+
+def test_go_measures_in_spare_time_only_once_every_planned_run_has_a_record(
+        fake_data_root, tmp_path, monkeypatch):
+    """The compiled part a later preset decides on takes minutes: `go` gives it only the
+    seconds its deadline leaves (more would push `pack` past the call's end and lose the
+    lease's results), only once the grid is done, and still reports the benchmark this
+    lease wrote."""
+    import itertools
+
+    from kdlib.lease import device as lease_device
+    from kdlib.presets import get_preset
+
+    clock = itertools.count(1000.0, 1.0)  # each reading of go's clock a second later
+    monkeypatch.setattr(lease_device, "time", SimpleNamespace(monotonic=lambda: next(clock),
+                                                              time=lambda: 0.0))
+    monkeypatch.setattr(experiments, "execute", lambda *a, **k: [])  # no training
+    spare = []
+    monkeypatch.setattr(lease_device, "_bench_device", lambda *a, **k: Path("written.json"))
+    monkeypatch.setattr(lease_device, "_measure_in_spare_time",
+                        lambda *a, **k: spare.append(k["seconds"]))  # it measured nothing
+    results = tmp_path / "results"
+    plan = experiments.plan_grid(preset="smoke", model="resnet8",
+                                 seeds=list(get_preset("smoke").seeds))
+    assert len(plan) > 1
+    for done in (plan[:1], plan):
+        for cfg in done:
+            save_record(results, {"run_id": cfg.run_id(), "config": cfg.to_dict(),
+                                  "metrics": {}, "history": [{}]})
+        summary = lease.go(preset="smoke", minutes=5, jobs=1, results_dir=results,
+                           repo_root=tmp_path, model="resnet8", bench="never",
+                           stash=tmp_path / "stash", data_root=fake_data_root,
+                           log=lambda m: None)
+    (seconds,) = spare  # not while a planned run lacked its record
+    assert 0 < seconds < 5 * 60
+    assert summary["bench"] == "written.json"  # the benchmark written this lease
+    assert summary["records"] == summary["planned"] == len(plan)
+
+
+def test_the_compiled_part_gets_its_whole_allowance_and_a_failing_one_costs_no_records(
+        tmp_path, monkeypatch):
+    """With exactly SPARE_COMPILED_S left the compiled part a later preset decides on is
+    measured; one that fails is logged and `go` goes on (the lease's records matter more).
+    (`paper` as it was before its decision, not compiling.)"""
+    from kdlib import presets
+    from kdlib.lease import device as lease_device
+
+    real = presets.build_config
+    monkeypatch.setattr(presets, "build_config",
+                        lambda *a, **k: real(*a, **k).replace(compile=False))
+    completed, lines = [], []
+    monkeypatch.setattr(lease_device, "complete_bench",
+                        lambda bench, *a, preset, **k: completed.append(preset) or Path("b.json"))
+    old = {"compiled": {"division": "an earlier one"}}
+    spare = dict(preset="gpu", model="resnet20", data_root=tmp_path, log=lines.append,
+                 seconds=lease.SPARE_COMPILED_S)
+    assert lease_device._measure_in_spare_time(old, tmp_path, "cuda", **spare) == Path("b.json")
+    assert completed == ["paper"]
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no Triton")
+
+    monkeypatch.setattr(lease_device, "complete_bench", fails)
+    assert lease_device._measure_in_spare_time(old, tmp_path, "cuda", **spare) is None
+    assert lines[-1] == "compiled part failed (RuntimeError: no Triton)"
+
+
+def test_pack_returns_this_devices_benchmarks_and_passes_over_files_it_cannot_read(tmp_path):
+    """Of results/bench, only this device's benchmarks go back (the others came from here and
+    count among the eight returned files); a file there that is no benchmark must not stop
+    the lease's results from being packed."""
+    from kdlib.device import cpu_model
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "here.json").write_text(json.dumps({"machine": {"cpu_model": cpu_model()}}))
+    (bench / "NVIDIA_H200.json").write_text(json.dumps({"machine": {"gpu": "NVIDIA H200"}}))
+    (bench / "notes.json").write_text("not a benchmark")
+    (bench / "list.json").write_text("[]")
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "a.json").write_text('{"run_id": "a"}')
+    lease.pack(results, tmp_path / "out", bench, device="cpu", stash=tmp_path / "stash")
+    assert [e["name"] for e in lease.read_manifest(tmp_path / "out")["extra"]] == ["here.json"]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_go_trains_the_grid_its_command_line_names(fake_data_root, tmp_path, monkeypatch, jobs):
+    """The seeds and methods `prepare` put on go's command line replace the preset's (a lease
+    that trained the preset's seeds would return records nobody asked for), an option left
+    empty keeps the preset's; one run at a time trains in this process, with no worker to
+    start, several in as many processes. What `go` says is done counts the planned runs'
+    records only, not those of other seeds already here."""
+    import kdlib.executors
+
+    other = experiments.plan_grid(preset="smoke", model="resnet8", seeds=[0])[0]
+    save_record(tmp_path / "results", {"run_id": other.run_id(), "config": other.to_dict(),
+                                       "metrics": {}, "history": [{}]})
+    ran, logged = [], []
+    monkeypatch.setattr(experiments, "execute",
+                        lambda plan, **k: ran.append(("here", plan)) or [])
+    monkeypatch.setattr(kdlib.executors, "execute_processes",
+                        lambda plan, **k: ran.append((k["jobs"], plan)) or [])
+    grid = {"seeds": [7], "methods": ["direct_kd"], "chain": []}
+    summary = lease.go(preset="smoke", minutes=1, jobs=jobs, results_dir=tmp_path / "results",
+                       repo_root=tmp_path, model="resnet8", bench="never",
+                       stash=tmp_path / "stash", data_root=fake_data_root, grid=grid,
+                       log=logged.append)
+    wanted = experiments.plan_grid(preset="smoke", model="resnet8", seeds=[7],
+                                   methods=["direct_kd"])
+    ((how, plan),) = ran
+    assert how == ("here" if jobs == 1 else jobs)
+    assert [cfg.run_id() for cfg in plan] == [cfg.run_id() for cfg in wanted]
+    assert {cfg.seed for cfg in plan} == {7} and summary["planned"] == len(wanted)
+    assert summary["records"] == 0  # nothing trained (stubbed), seed 0's record not planned
+    assert any(m.startswith(f"lease: 0 of {len(wanted)} planned runs have records")
+               for m in logged)

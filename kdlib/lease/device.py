@@ -360,10 +360,10 @@ def go(*, preset: str, minutes: float, jobs: int | str, results_dir: Path,
             bench_written = _measure_in_spare_time(
                 timer.bench, bench_dir, torch_device, preset=preset, model=model,
                 data_root=data_root, seconds=deadline - time.monotonic(), log=log) or bench_written
-        summary = {"records": len(have), "planned": len(plan),
+        summary = {"records": sum(cfg.run_id() in have for cfg in plan), "planned": len(plan),
                    "seconds": time.monotonic() - started,
                    "bench": str(bench_written) if bench_written else None}
-        log(f"lease: {len(have)} of {len(plan)} planned runs have records; "
+        log(f"lease: {summary['records']} of {len(plan)} planned runs have records; "
             f"{summary['seconds']:.0f} s; now `python3 -m kdlib lease pack`")
         return summary
 
