@@ -37,7 +37,9 @@ Bits = tuple[int, int]  # (w_bits, a_bits): one slot on a bit-width axis
 
 
 def _bits(frame: pd.DataFrame) -> list[Bits]:
-    """Each row's (w_bits, a_bits)."""
+    """Each row's (w_bits, a_bits); none for an empty frame, whatever its columns."""
+    if frame.empty:
+        return []
     return [(int(w), int(a)) for w, a in zip(frame["w_bits"], frame["a_bits"])]
 
 
@@ -52,6 +54,12 @@ def _set_bit_axis(ax, positions: dict[Bits, int]) -> None:
     mixed = any(w != a for w, a in positions)
     ax.set_xlabel("bit width (weights = activations"
                   + ("; weights/activations where they differ)" if mixed else ")"))
+
+
+def _legend_outside(ax, fontsize: int) -> None:
+    """The legend right of the axes (it never hides data); none where nothing is drawn."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = None,
@@ -88,7 +96,7 @@ def plot_accuracy_vs_bits(summary: pd.DataFrame, teacher_acc: float | None = Non
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(title or "CIFAR-100 test accuracy vs precision")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides data
+    _legend_outside(ax, fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -111,7 +119,7 @@ def plot_gain_over_individual(gains: pd.DataFrame, title: str = "") -> plt.Figur
     ax.set_ylabel("gain over individual (top-1 points)")
     ax.set_title(title or "Gain over training each bit width on its own (error bar: 95% CI, n>1)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the bars
+    _legend_outside(ax, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -162,7 +170,7 @@ def plot_chain_contrasts(contrasts: pd.DataFrame, title: str = "",
         ax.text(1.01, 0.0, "* stands when all tested widths\ntogether may err 5% (Holm)",
                 transform=ax.transAxes, fontsize=8, va="bottom")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend_outside(ax, fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -400,3 +400,14 @@ def test_chain_contrasts_with_one_seed_say_so_and_draw_no_error_bars():
     assert not [seg for c in ax.collections for seg in c.get_segments()]
     assert not [t for t in ax.texts if "Holm" in t.get_text()]  # no note on calls never made
     plt.close(fig)
+
+
+def test_figures_of_no_rows_draw_empty_axes():
+    """A grid with no pairs yet (one method trained, or none) still gets its figures, empty."""
+    for fig in (plots.plot_gain_over_individual(pd.DataFrame()),
+                plots.plot_chain_contrasts(pd.DataFrame()),
+                plots.plot_accuracy_vs_bits(pd.DataFrame(columns=["method", "w_bits", "a_bits",
+                                                                  "mean", "std"]))):
+        ax = fig.axes[0]
+        assert list(ax.get_xticks()) == [] and not ax.patches and ax.get_legend() is None
+    plt.close("all")
