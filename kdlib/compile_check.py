@@ -31,7 +31,7 @@ from torch import nn
 from kdlib.quant import dorefa_activation, dorefa_weight, quantized_layers
 
 CHECK_BITS = (2, 4, 8, 16)  # 1 bit divides by 1 (activations) or takes a sign (weights)
-WEIGHTS = 4096  # random weights a bit width is checked on
+WEIGHTS = 4096  # the fewest weights a bit width is checked on
 _checked: dict[tuple[str, int], dict[str, Any]] = {}  # (device, bits) -> check_levels' entry
 
 
@@ -72,14 +72,12 @@ def check_levels(device: str | torch.device, bits: Sequence[int] = CHECK_BITS,
 
 
 def check_weights(bits: int) -> torch.Tensor:
-    """:data:`WEIGHTS` weights (the same for a width every time) whose tanh spreads evenly
-    over [-1/2, 1/2], both ends included: every DoReFa level at <= 8 bits is reached, both
-    extremes too (Gaussian weights reached 206 of 256 at 8 bits and one extreme only), so a
-    compiled division off at one level cannot go unseen."""
-    gen = torch.Generator().manual_seed(bits)
-    spread = torch.rand(WEIGHTS, generator=gen, dtype=torch.float64) * 2 - 1
-    spread[:2] = torch.tensor([1.0, -1.0])
-    return torch.atanh(spread / 2).float()
+    """At least :data:`WEIGHTS` weights, two or more a level, whose tanh runs evenly over
+    [-1/2, 1/2], ends included: every DoReFa level of ``bits`` is reached, both extremes too
+    (Gaussian weights reached 206 of 256 at 8 bits and one extreme only), so a compiled
+    division off at one level cannot go unseen. The same weights every time."""
+    count = max(WEIGHTS, 2 ** (bits + 1) + 1)
+    return torch.atanh(torch.linspace(-1, 1, count, dtype=torch.float64) / 2).float()
 
 
 def widths_to_check(nets: Iterable[nn.Module]) -> list[int]:

@@ -156,6 +156,18 @@ def test_a_compiler_wrong_at_any_one_weight_level_is_caught(bits):
         assert not result["exact"] and not result["by_bits"][str(bits)]["weight_exact"], level
 
 
+@pytest.mark.parametrize("bits", compile_check.CHECK_BITS)
+def test_the_checks_weights_reach_every_level_of_each_width(bits):
+    """Each level of each checked width, both extremes included, comes out of the eager
+    quantizer on the check's weights: a compiled division off at any one of them is seen."""
+    from kdlib.export.codes import levels_of
+    from kdlib.quant import dorefa_weight
+
+    weights = compile_check.check_weights(bits)
+    levels = levels_of("dorefa", bits, dorefa_weight(weights, bits), None)
+    assert torch.equal(torch.unique(levels), torch.arange(2 ** bits, dtype=levels.dtype))
+
+
 def test_the_check_quantizes_the_same_weights_every_time():
     """Two checks of a width (two processes, two leases' benchmarks) test the same values, so
     their verdicts and counts compare."""
