@@ -128,11 +128,16 @@ def joined_streams(outputs: list | None) -> list | None:
     return joined
 
 
+# cells papermill adds to an executed copy: the parameters it injects, and where a cell
+# raised, an error banner on top and a marker before that cell
+PAPERMILL_TAGS = ("injected-parameters", "papermill-error-cell-tag")
+
+
 def sources(path: Path) -> list[str]:
-    """A notebook's cell sources as one string each, the cell papermill injects left out."""
+    """A notebook's cell sources as one string each, the cells papermill adds left out."""
     cells = json.loads(path.read_text()).get("cells", [])
     return ["".join(c.get("source", "")) for c in cells
-            if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+            if not set(PAPERMILL_TAGS) & set(c.get("metadata", {}).get("tags", []))]
 
 
 def changed_cells(executed: Path) -> list[int]:
