@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -62,7 +63,8 @@ OFFLINE_ENV_VAR = "KDLIB_OFFLINE"  # set (not "0") to forbid downloads
 
 _HOW_TO_SUPPLY = (
     f"To supply it: set {ENV_VAR}=/path/containing/{FOLDER_NAME}, or pass that path as the data "
-    f"root (data_dir), or download the official archive {CIFAR100_URL} and extract it there."
+    f"root (--data-dir on the command line, data_dir in Python), or download the official "
+    f"archive {CIFAR100_URL} and extract it there."
 )
 
 
@@ -95,6 +97,9 @@ def _download(root: Path) -> None:
     # tests replace the downloader without touching the network.
     from torchvision.datasets import utils as tv_utils
 
+    # the outermost folder the download creates: removed again if it fails, so a mistyped
+    # root is not left behind as an empty folder
+    created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
     try:
         tv_utils.download_and_extract_archive(
             CIFAR100_URL,
@@ -104,6 +109,8 @@ def _download(root: Path) -> None:
             remove_finished=True,
         )
     except Exception as err:  # noqa: BLE001 -- any failure means "no data here"
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise FileNotFoundError(
             f"CIFAR-100 not found in {root / FOLDER_NAME} and downloading it failed "
             f"({type(err).__name__}: {err}). {_HOW_TO_SUPPLY}"

@@ -473,7 +473,25 @@ def test_failed_download_becomes_file_not_found(tmp_path, monkeypatch):
         D.load_cifar100(tmp_path, download=True)
     message = str(err.value)
     assert "no network" in message and str(tmp_path / "cifar-100-python") in message
-    assert "KDLIB_DATA" in message
+    assert "KDLIB_DATA" in message and "--data-dir" in message
+    assert tmp_path.is_dir()  # a folder that was there stays
+
+
+def test_a_failed_download_leaves_no_folder_it_created(tmp_path, monkeypatch):
+    """A mistyped data root is not left behind as an empty folder (nor a partial archive)."""
+    monkeypatch.delenv("KDLIB_OFFLINE", raising=False)  # conftest forbids downloads
+
+    def partial(url, download_root, **kwargs):
+        Path(download_root).mkdir(parents=True)
+        (Path(download_root) / "cifar-100-python.tar.gz").write_bytes(b"partial")
+        raise urllib.error.URLError("connection reset")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", partial)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(FileNotFoundError, match="connection reset"):
+        D.load_cifar100(tmp_path / "kept" / "typo" / "data", download=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any(
+        (tmp_path / "kept").iterdir())
 
 
 def test_download_that_leaves_no_folder_is_reported(tmp_path, monkeypatch):
