@@ -422,30 +422,37 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one model from the shell")
     common(train)
     train.add_argument("--method", default="individual",
-                       help=" | ".join(METHODS))
+                       help=" | ".join(METHODS) + " (default: individual)")
     train.add_argument("--w-bits", type=int, default=None, help="default: 32")
     train.add_argument("--a-bits", type=int, default=None, help="default: same as --w-bits")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="default: 0")
     train.add_argument("--teacher-id", default=None, help="run id of the teacher (KD methods)")
     train.add_argument("--init-id", default=None, help="run id whose weights initialise this run")
     train.set_defaults(func=command_train)
 
     summary = sub.add_parser("summary", help="print mean ± std over seeds per method × bits")
-    summary.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)))
+    shown = f"default: results/{DEFAULT_PRESET}"
+    summary.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)),
+                         help=shown)
     summary.set_defaults(func=command_summary)
 
     readme = sub.add_parser("readme", help="re-render the README's results and benchmark blocks")
-    readme.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)))
-    readme.add_argument("--bench-dir", default=str(REPO_ROOT / "results" / "bench"))
+    readme.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)),
+                        help=shown)
+    readme.add_argument("--bench-dir", default=str(REPO_ROOT / "results" / "bench"),
+                        help="default: results/bench")
     readme.add_argument("--check", action="store_true", help="only check, exit 2 if out of date")
     readme.set_defaults(func=command_readme)
 
     bench = sub.add_parser("bench", help="training throughput, ours vs a typical pipeline")
-    bench.add_argument("--data-dir", default=None)
-    bench.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"))
+    bench.add_argument("--data-dir", default=None,
+                       help="folder holding cifar-100-python/ (default: $KDLIB_DATA, else ./data)")
+    bench.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"),
+                       help="default: results/bench")
     bench.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
     bench.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    bench.add_argument("--device", default=None)
+    bench.add_argument("--device", default=None,
+                       help="cpu | cuda (default: cuda when available)")
     bench.add_argument("--variants", nargs="+", default=None, help="only these (default: all)")
     bench.set_defaults(func=command_bench)
 

@@ -180,3 +180,22 @@ def test_run_gives_its_notebooks_the_data_root_of_the_command(tmp_path, monkeypa
     assert cli.main(["run", "--preset", "smoke", "--only", "04",
                      "--results-dir", str(tmp_path / "results")]) == 0
     assert seen == [str(tmp_path / "data")]
+
+
+def test_every_option_says_what_it_does_and_the_lease_help_names_every_step():
+    """`--help` is where a newcomer finds an option's default; a step missing from the lease
+    command's one-line help is a step nobody finds."""
+    import argparse
+
+    from kdlib.cli import build_parser
+
+    parsers = list(_every_parser(build_parser()))
+    silent = [f"{p.prog} {a.option_strings[0]}" for p in parsers for a in p._actions
+              if a.option_strings and not a.help]
+    assert silent == []
+    top = build_parser()
+    commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    lease_help = next(c.help for c in commands._choices_actions if c.dest == "lease")
+    lease = commands.choices["lease"]
+    steps = next(a for a in lease._actions if isinstance(a, argparse._SubParsersAction))
+    assert all(f" {step} " in f" {lease_help} " for step in steps.choices), lease_help

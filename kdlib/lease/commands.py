@@ -48,8 +48,8 @@ def _plan(args: argparse.Namespace, **grid):
 
 def add_lease_parser(subparsers) -> None:
     """The ``lease`` command and its steps, on ``subparsers`` of a ``python -m kdlib`` parser."""
-    command = subparsers.add_parser("lease", help="a lent GPU: prepare | store | go | receive | "
-                                                  "restore (kdlib/lease/README.md)")
+    command = subparsers.add_parser("lease", help="a lent GPU: prepare | store | go | pack | "
+                                                  "receive | restore (kdlib/lease/README.md)")
     steps = command.add_subparsers(dest="step", required=True)
     for name, text in (("prepare", "here: pack data and weights into .lease/, print the calls"),
                        ("go", "there: data, benchmark, budgeted grid, files into --out")):
@@ -57,19 +57,23 @@ def add_lease_parser(subparsers) -> None:
         step.add_argument("--preset", required=True,
                           help="the grid to fill (gpu's is complete: paper)")
         step.add_argument("--model", default=None, help="default: the preset's model")
-        step.add_argument("--seeds", nargs="+", type=int, default=None)
-        step.add_argument("--chain", nargs="+", default=None)
-        step.add_argument("--chain-methods", nargs="+", default=None)
-        step.add_argument("--methods", nargs="+", default=None)
+        step.add_argument("--seeds", nargs="+", type=int, default=None,
+                          help="default: the preset's seeds")
+        step.add_argument("--chain", nargs="+", default=None,
+                          help="TA chain, e.g. 32 16 8 4 2 1 (default: the preset's)")
+        step.add_argument("--chain-methods", nargs="+", default=None, help="default: the preset's")
+        step.add_argument("--methods", nargs="+", default=None, help="default: the preset's")
         step.add_argument("--results-dir", default=None, help="default: results/<preset>")
         step.add_argument("--minutes", type=float, default=8.5,
                           help="wall-clock of the last call's work (its timeout is 10 min)")
         step.add_argument("--jobs", type=_jobs, default="auto",
                           help="runs at once; auto: what the benchmark found worth it")
-        step.add_argument("--data-dir", default=None)
         step.add_argument("--bench-args", type=json.loads, default=None,
                           help="run_benchmark's keyword arguments as JSON (default: the "
                                "device benchmark, about 3 minutes on a GPU)")
+    steps.choices["prepare"].add_argument(  # go reads the data its calls stored
+        "--data-dir", default=None,
+        help="folder holding cifar-100-python/ (default: $KDLIB_DATA, else ./data)")
     steps.choices["prepare"].add_argument(
         "--part-mib", type=float, default=None,
         help="data part size (default: the most that keeps a call under 64 MiB with the tree)")
@@ -78,10 +82,11 @@ def add_lease_parser(subparsers) -> None:
                                               "benchmarks into --out")
     pack_step.add_argument("--out", required=True, help="folder of the files to return ($OUT)")
     pack_step.add_argument("--preset", required=True, help="the grid's (named in the manifest)")
-    pack_step.add_argument("--results-dir", default=None)
+    pack_step.add_argument("--results-dir", default=None, help="default: results/<preset>")
     go_step.add_argument("--bench", choices=("auto", "always", "never"), default="auto",
                          help="auto: only if results/bench has no file of this device")
-    go_step.add_argument("--device", default=None)
+    go_step.add_argument("--device", default=None,
+                         help="cpu | cuda (default: cuda when available)")
     go_step.add_argument("--seconds", type=float, default=None,
                          help="instead of --minutes (a follow-up call's time, computed in bash)")
     store = steps.add_parser("store", help="there: keep carried data parts and weight folders "
@@ -94,7 +99,7 @@ def add_lease_parser(subparsers) -> None:
                                                "as before `prepare`")
     restore.add_argument("--preset", default=None,
                          help="default: every results folder's checkpoints")
-    restore.add_argument("--results-dir", default=None)
+    restore.add_argument("--results-dir", default=None, help="default: results/<preset>")
     receive = steps.add_parser("receive", help="here: unpack the returned files into results/")
     receive.add_argument("folders", nargs="+", metavar="folder",
                          help="each returning call's folder of files, in the order of the calls")
@@ -104,7 +109,7 @@ def add_lease_parser(subparsers) -> None:
                               "builds on (lost)")
     receive.add_argument("--preset", default=None,
                          help="default: the one the returned files name (results/<preset>)")
-    receive.add_argument("--results-dir", default=None)
+    receive.add_argument("--results-dir", default=None, help="default: results/<preset>")
     receive.add_argument("--model", default=None, help="default: the preset's model")
     command.set_defaults(func=command_lease)
 
