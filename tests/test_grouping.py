@@ -154,6 +154,17 @@ def test_execution_only_fields_do_not_split_a_setting():
     assert setting_ids([*records, _record(changed, 40.0)])[changed.run_id()] != ids[base.run_id()]
 
 
+def test_a_setting_does_not_depend_on_the_order_of_a_records_config_keys():
+    """A record written with its config in another key order (by hand, by another writer) is
+    the same setting: its seeds still pool."""
+    teacher = _teacher(0)
+    a, b = (_link("direct_kd", 4, seed, teacher, teacher) for seed in (0, 1))
+    reordered = _record(b, 1.0)
+    reordered["config"] = dict(reversed(list(reordered["config"].items())))
+    ids = setting_ids([_record(teacher, 1.0), _record(a, 1.0), reordered])
+    assert ids[a.run_id()] == ids[b.run_id()]
+
+
 def test_the_same_init_under_another_teacher_is_another_setting():
     """A distilled run's setting includes its teacher's setting: the same init and config
     distilled from two different teachers must not pool as seeds of one setting."""

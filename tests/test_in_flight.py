@@ -109,6 +109,24 @@ def test_a_measured_count_beats_an_inferred_and_a_recorded_one():
     assert timed_epochs(measured) == [(10.0, 4), (10.0, 4)]
 
 
+def test_the_rest_of_the_wall_time_counts_at_the_measured_epochs_time_weighted_count():
+    """30 s alone and 10 s beside two others: the device was shared by 1.5 runs on average
+    over that time (not by 2, the mean of the two counts), so the rest is over 1.5."""
+    rows = [{"seconds": 30.0, "runs_in_flight": 1.0}, {"seconds": 10.0, "runs_in_flight": 3.0}]
+    record = {"wall_time_s": 50.0, "side_by_side": 4, "history": rows}
+    assert device_seconds(record) == pytest.approx(30 / 1 + 10 / 3 + 10 / 1.5)
+
+
+def test_no_device_time_without_a_wall_time_or_a_count_for_every_epoch():
+    """A record without its wall time, or with an epoch whose count is known nowhere (an older
+    session's, beside measured ones), has no share: None, not a crash nor a guess."""
+    assert device_seconds({"side_by_side": 4, "history": [{"seconds": 10.0}]}) is None
+    partly = {"wall_time_s": 25.0, "history": [{"seconds": 10.0},
+                                              {"seconds": 10.0, "runs_in_flight": 2.0}]}
+    assert device_seconds(partly) is None
+    assert device_seconds(partly, inferred=2.0) == pytest.approx(25.0 / 2)
+
+
 def test_the_pool_counts_the_runs_its_workers_train(monkeypatch):
     counter = multiprocessing.get_context("spawn").Value("i", 0)
     monkeypatch.setattr(executors, "_in_flight", None)

@@ -286,7 +286,8 @@ def test_save_figure_creates_the_folder_and_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_figure_drawn_from_other_records_than_now_is_stale(tmp_path):
+def test_a_figure_drawn_from_other_records_than_now_is_stale(tmp_path, monkeypatch):
+    import kdlib.results
     from kdlib.results import drawn_from_digest
 
     (tmp_path / "runs").mkdir()
@@ -305,6 +306,13 @@ def test_a_figure_drawn_from_other_records_than_now_is_stale(tmp_path):
     (tmp_path / "runs" / "b.json").unlink()
     assert plots.stale_figures(tmp_path, ["drawn.png"]) == []
     (tmp_path / "runs" / "a.json").write_text('{"run_id": "a", "more": 1}')  # a record changed
+    assert plots.stale_figures(tmp_path, ["drawn.png"]) == [drawn]
+    (tmp_path / "runs" / "a.json").write_text('{"run_id": "a"}')
+    assert plots.stale_figures(tmp_path, ["drawn.png"]) == []
+    published = tmp_path / "published.csv"  # the published numbers the figures show, changed
+    row = b"new,resnet20,cifar100,individual,4,4,50.0,test,\n"
+    published.write_bytes(kdlib.results.PUBLISHED.read_bytes() + row)
+    monkeypatch.setattr(kdlib.results, "PUBLISHED", published)
     assert plots.stale_figures(tmp_path, ["drawn.png"]) == [drawn]
 
 

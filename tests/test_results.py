@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from kdlib.fileio import atomic_open, write_json_atomic
-from kdlib.results import (load_record, load_results, paired_gain, results_table, save_record,
-                           seeds_label, summarise, t_interval_halfwidth)
+from kdlib.results import (RECORD_VERSION, load_record, load_results, paired_gain, records_table,
+                           results_table, save_record, seeds_label, summarise,
+                           t_interval_halfwidth)
 
 
 def _record(method, bits, seed, acc):
@@ -27,12 +28,18 @@ def test_save_and_load_round_trip(tmp_path):
     path = save_record(tmp_path, _record("individual", 4, 0, 50.0))
     assert path == tmp_path / "runs" / "r-individual-4-0.json"
     assert load_record(path)["metrics"]["test_top1"] == 50.0
+    assert load_record(path)["record_version"] == RECORD_VERSION  # readers can tell formats apart
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_save_rejects_incomplete_record(tmp_path):
-    with pytest.raises(ValueError, match=r"lacks field\(s\) \['metrics'\]"):
-        save_record(tmp_path, {"run_id": "x", "config": {}, "history": []})
+@pytest.mark.parametrize("field", ["config", "metrics", "history"])
+def test_save_rejects_incomplete_record(tmp_path, field):
+    """A record without its config, metrics or history would break every later load_results
+    (epochs_run counts the history): it is refused before anything is written."""
+    record = {"run_id": "x", "config": {}, "metrics": {}, "history": []}
+    del record[field]
+    with pytest.raises(ValueError, match=rf"lacks field\(s\) \['{field}'\]"):
+        save_record(tmp_path, record)
     assert not (tmp_path / "runs" / "x.json").exists()
 
 
@@ -134,13 +141,27 @@ def test_corrupt_record_is_named(tmp_path):
         load_results(tmp_path)
 
 
+@pytest.mark.parametrize("content", [[1, 2], {"config": {}}, {"run_id": "x"}])
+def test_a_json_file_that_is_not_a_run_record_is_named(tmp_path, content):
+    """A stray JSON file in runs/ is refused with its name, not read as a run that then fails
+    with a KeyError far from its cause."""
+    stray = tmp_path / "runs" / "stray.json"
+    stray.parent.mkdir()
+    stray.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"stray\.json lacks run_id/config"):
+        load_results(tmp_path)
+
+
 def test_load_results_empty_and_full(tmp_path):
-    assert load_results(tmp_path).empty
+    empty = load_results(tmp_path)
+    assert empty.empty  # and has the columns, so that filtering it finds nothing, not a KeyError
+    assert empty[(empty["method"] == "individual") & (empty["seed"] == 0)]["test_top1"].empty
     for seed, acc in enumerate([50.0, 52.0, 54.0]):
         save_record(tmp_path, _record("individual", 4, seed, acc))
     frame = load_results(tmp_path)
     assert len(frame) == 3 and set(frame["seed"]) == {0, 1, 2}
     assert {"test_top1", "storage_bits", "wall_time_s"} <= set(frame.columns)
+    assert frame["storage_bits"].tolist() == [40] * 3 and frame["params"].tolist() == [10] * 3
 
 
 def test_packed_size_comes_from_the_record_else_from_the_file_in_the_checkout(tmp_path):
@@ -155,16 +176,20 @@ def test_packed_size_comes_from_the_record_else_from_the_file_in_the_checkout(tm
     (tmp_path / "models" / f"{old_with_file['run_id']}.packed").write_bytes(b"x" * 777)
     alias = _record("direct_kd", 4, 0, 52.0) | {"same_run_as": old_with_file["run_id"]}
     old_without_file = _record("individual", 4, 2, 54.0)
-    for record in (recorded, old_with_file, alias, old_without_file):
+    # a file of another size than its record states (a stale copy): the record's size wins
+    stale = _record("individual", 4, 3, 56.0) | {"packed_bytes": 555}
+    (tmp_path / "models" / f"{stale['run_id']}.packed").write_bytes(b"x" * 999)
+    for record in (recorded, old_with_file, alias, old_without_file, stale):
         save_record(tmp_path, record)
     frame = load_results(tmp_path).set_index("run_id")
     assert frame.loc[recorded["run_id"], "packed_bytes"] == 1234
     assert frame.loc[old_with_file["run_id"], "packed_bytes"] == 777
     assert frame.loc[alias["run_id"], "packed_bytes"] == 777
     assert pd.isna(frame.loc[old_without_file["run_id"], "packed_bytes"])
+    assert frame.loc[stale["run_id"], "packed_bytes"] == 555
     assert frame["packed_file"].to_dict() == {
         recorded["run_id"]: False, old_with_file["run_id"]: True, alias["run_id"]: True,
-        old_without_file["run_id"]: False}
+        old_without_file["run_id"]: False, stale["run_id"]: True}
     seed1 = render_packed_models(tmp_path, seed=1)  # seed 1's size is recorded, its file absent
     assert "individual" not in seed1 and "1.2" not in seed1
     assert "| individual           | 0.8 |" in render_packed_models(tmp_path, seed=0)
@@ -253,6 +278,7 @@ def test_t_interval_halfwidth_is_nan_without_a_finite_spread(std, n):
 def test_seeds_label_gives_the_range_when_widths_have_different_seed_counts():
     assert seeds_label([3, 3, 3]) == "n = 3"
     assert seeds_label(pd.Series([3, 2, 3, 1])) == "n = 1–3"
+    assert seeds_label([10, 3, 10]) == "n = 3–10"  # by number, whatever order they come in
 
 
 def test_t_interval_halfwidth_formula():
@@ -284,6 +310,9 @@ def test_tables_order_methods_teacher_first_and_bits_widest_first():
     from kdlib.results import in_bits_order, in_method_order
     assert in_method_order(["ta_chain", "zzz_new", "teacher", "individual"]) == [
         "teacher", "individual", "ta_chain", "zzz_new"]
+    # methods it does not know, in name order: the same table row order on every call
+    new = ["new_f", "new_b", "new_e", "new_a", "new_d", "new_c"]
+    assert in_method_order(["individual", *new]) == ["individual", *sorted(new)]
     assert in_bits_order(["2", "16", "2/8", "32", "4"])[:2] == ["32", "16"]
     assert in_bits_order(["1", "8", "8"]) == ["8", "1"]
 
@@ -337,6 +366,8 @@ def test_shared_cells_marks_a_cell_only_when_all_its_runs_are_aliases():
             {"method": "direct_kd", "w_bits": 4, "a_bits": 4, "same_run_as": "z"},
             {"method": "direct_kd", "w_bits": 4, "a_bits": 4, "same_run_as": None}]
     assert shared_cells(pd.DataFrame(rows)) == {("direct_kd", "8")}
+    # a frame without the column (nothing recorded as another run) marks nothing
+    assert shared_cells(pd.DataFrame(rows).drop(columns="same_run_as")) == set()
 
 
 def test_noted_paused_forgets_runs_recorded_since(tmp_path):
@@ -420,3 +451,33 @@ def test_packed_models_are_sized_in_kibibytes(tmp_path):
     save_record(tmp_path, record)
     table = render_packed_models(tmp_path, seed=0)
     assert "| 10.0 |" in table and "10.2" not in table
+
+
+def test_records_table_keeps_each_records_bits_seed_and_metrics():
+    """What the notebooks show of a pipeline's records: one row per run, weight and activation
+    bits apart (4/8 is not 4/4)."""
+    mixed = _record("individual", 4, 2, 50.0)
+    mixed["config"]["a_bits"] = 8
+    table = records_table([mixed, _record("ta_chain", 2, 0, 40.0)])
+    assert table[["method", "w_bits", "a_bits", "seed", "test_top1"]].values.tolist() == [
+        ["individual", 4, 8, 2, 50.0], ["ta_chain", 2, 2, 0, 40.0]]
+
+
+def test_a_record_states_the_commit_of_the_code_imported_not_a_later_one(monkeypatch):
+    """A run states the code it ran, read when kdlib was imported: not the commit the tree (or
+    the environment) names when the record is written hours later."""
+    import kdlib.results as results
+
+    monkeypatch.setenv("KDLIB_GIT_COMMIT", "a-later-commit")
+    assert results.environment_info()["git_commit"] == results.CODE_COMMIT != "a-later-commit"
+
+
+def test_the_newest_record_names_the_machine_whatever_its_file_order(tmp_path):
+    """load_results keeps each record's date: the costs name the processor of the newest
+    record first, even when its file sorts before an older one's."""
+    from kdlib.costs import machines
+
+    for seed, day, cpu in ((0, "05", "new box"), (1, "01", "old box")):
+        save_record(tmp_path, _record("individual", 4, seed, 50.0)
+                    | {"created_at": f"2026-12-{day}T10:00:00+00:00", "cpu_model": cpu})
+    assert machines(load_results(tmp_path)) == ["new box", "old box"]
