@@ -492,7 +492,7 @@ def results_table(summary: pd.DataFrame,
         return pd.DataFrame()
     s = summary.copy()
     s["bits"] = bits_labels(s)
-    clash = s[s.duplicated(["model", "method", "bits"], keep=False)]
+    clash = s[s.duplicated(["method", "bits"], keep=False)]  # two models too: one cell
     if not clash.empty:
         first = clash.iloc[0]
         raise ValueError(f"method {first['method']!r} has "

@@ -430,6 +430,9 @@ def test_results_table_names_how_many_settings_clash():
                             "n": [3, 3]})
     with pytest.raises(ValueError, match="'ta_chain' has 2 settings at 4 bits"):
         results_table(summary)
+    two_models = summary.assign(model=["resnet20", "squeezenet"], setting="a")
+    with pytest.raises(ValueError, match="'ta_chain' has 2 settings at 4 bits"):
+        results_table(two_models)  # a table has one cell for both: never drop one silently
 
 
 def test_epochs_run_counts_the_history_rows(tmp_path):
