@@ -74,9 +74,10 @@ PRESETS: dict[str, Preset] = {
     ),
     "gpu": Preset(
         name="gpu",
-        description="the quick grid's methods at GPU scale, a seed in about two 9-minute "
-                    "leases of a lent H100/H200 (17k img/s over 4 runs side by side on an "
-                    "H200), seeds 0, 1 and 2 for the contrasts' intervals: full 45k/5k split "
+        description="the quick grid's methods at GPU scale, its schedule chosen so that a "
+                    "seed fits in about two 9-minute leases of a lent H100/H200 (17k img/s "
+                    "over 4 runs side by side on an H200; the README has what a seed "
+                    "took), seeds 0, 1 and 2 for the contrasts' intervals: full 45k/5k split "
                     "and 10k test set, teacher 15 epochs (lr 0.2, 1 warm-up epoch, cosine), "
                     "`individual` on the teacher's schedule, 2 epochs per chain link (lr 0.05, "
                     "cosine), channels_last",
