@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from kdlib.budget import Admission, Budget, Deadline
 from kdlib.checkpoints import epochs_done
@@ -263,8 +264,17 @@ def _run_lock(results_dir: str | os.PathLike, run_id: str):
     flock on Unix, LockFileEx on Windows): a killed holder releases it with its process."""
     path = checkpoint_path(results_dir, run_id).with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path):
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # say why nothing moves: the wait lasts as long as the other's training
+        print(f"{run_id}: another process is training it; waiting for it to finish "
+              f"(lock {path})", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def train_run(cfg: RunConfig, data, results_dir: str | os.PathLike, *, device=None,

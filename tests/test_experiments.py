@@ -407,3 +407,24 @@ def test_under_a_budget_an_alias_costs_nothing_and_its_original_is_admitted(tmp_
     assert experiments.budget_admission(direct8, Admits(), index, tmp_path) is None
     assert experiments.budget_admission(chain8, Admits(), index, tmp_path) \
         == ("admitted", chain8.run_id(), 0)
+
+
+def test_a_run_another_process_trains_says_that_it_waits(tmp_path, capsys):
+    """A second pipeline reaching a run in training waits as long as that training lasts: it
+    says so (with the lock's path) instead of looking hung; an uncontended lock says nothing."""
+    from kdlib.results import checkpoint_path
+
+    path = checkpoint_path(tmp_path, "r").with_suffix(".lock")
+    path.parent.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process, training "r" for half a second
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock\n"
+         "with FileLock(sys.argv[1]):\n print('held', flush=True); time.sleep(0.5)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with experiments._run_lock(tmp_path, "r"):
+        assert holder.wait(timeout=10) == 0  # entered only once the other let go
+    err = capsys.readouterr().err
+    assert "r: another process is training it; waiting" in err and str(path) in err
+    with experiments._run_lock(tmp_path, "r"):
+        pass
+    assert capsys.readouterr().err == ""
