@@ -183,7 +183,7 @@ def command_train(args: argparse.Namespace) -> int:
                                                          teacher_id=args.teacher_id,
                                                          init_id=args.init_id))
     record = execute([cfg], data_dir=args.data_dir or None, results_dir=results_dir,
-                     device=args.device or None)[0]
+                     device=args.device or None, progress=not args.no_progress)[0]
     print(json.dumps({"run_id": record["run_id"], **record["metrics"]}, indent=1))
     return 0
 
@@ -428,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="default: 0")
     train.add_argument("--teacher-id", default=None, help="run id of the teacher (KD methods)")
     train.add_argument("--init-id", default=None, help="run id whose weights initialise this run")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     train.set_defaults(func=command_train)
 
     summary = sub.add_parser("summary", help="print mean ± std over seeds per method × bits")

@@ -199,3 +199,19 @@ def test_every_option_says_what_it_does_and_the_lease_help_names_every_step():
     lease = commands.choices["lease"]
     steps = next(a for a in lease._actions if isinstance(a, argparse._SubParsersAction))
     assert all(f" {step} " in f" {lease_help} " for step in steps.choices), lease_help
+
+
+@pytest.mark.parametrize("flag, progress", [([], True), (["--no-progress"], False)])
+def test_train_draws_progress_bars_unless_told_not_to(flag, progress, tmp_path, monkeypatch):
+    """A train whose output goes to a log wants no carriage-return bars in it, as grid's."""
+    from kdlib import cli
+
+    seen = []
+
+    def execute(plan, **kwargs):
+        seen.append(kwargs["progress"])
+        return [{"run_id": plan[0].run_id(), "metrics": {}}]
+
+    monkeypatch.setattr(cli, "execute", execute)
+    assert cli.main(["train", "--preset", "smoke", "--results-dir", str(tmp_path), *flag]) == 0
+    assert seen == [progress]
