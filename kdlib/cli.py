@@ -387,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", nargs="+", type=int, default=None,
                      help="default: the preset's seeds")
     run.add_argument("--chain", nargs="+", default=None, help="TA chain, e.g. 32 16 8 4 2 1")
-    run.add_argument("--bits", nargs="+", default=None, help="student bit widths for notebook 03")
+    run.add_argument("--bits", nargs="+", default=None,
+                     help="student bit widths for notebook 03 (default: the chain's widths "
+                          "after its teacher, --chain's too)")
     run.add_argument("--chain-methods", nargs="+", default=None,
                      help=f"notebook 02, any of: {' '.join(CHAIN_METHODS)} (default: all)")
     run.add_argument("--methods", nargs="+", default=None,
@@ -450,8 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder holding cifar-100-python/ (default: $KDLIB_DATA, else ./data)")
     bench.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"),
                        help="default: results/bench")
-    bench.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
-    bench.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    bench.add_argument("--windows", type=int, default=5,
+                       help="timed windows, the median reported (default: 5)")
+    bench.add_argument("--steps", type=int, default=10, help="steps per timed window (default: 10)")
     bench.add_argument("--device", default=None,
                        help="cpu | cuda (default: cuda when available)")
     bench.add_argument("--variants", nargs="+", default=None, help="only these (default: all)")
