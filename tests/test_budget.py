@@ -596,6 +596,20 @@ def test_a_paused_run_weighs_the_epochs_its_checkpoint_has_left(tmp_path):
     assert (left(paused), left(fresh)) == (paused.epochs - 1, fresh.epochs)
 
 
+class RefusesMethod(Budget):
+    """A budget that refuses every run of ``method`` and admits the others (with ``deadline``),
+    whatever the machine's speed."""
+
+    def __init__(self, method, deadline=None):
+        super().__init__(3600.0, RunTimer("cpu"))
+        self.method, self.deadline = method, deadline
+
+    def admit(self, cfg, epochs_done=0):
+        if cfg.method == self.method:
+            return Admission(False, "longer than the time left")
+        return Admission(True, "fits", deadline=self.deadline)
+
+
 class PausesTheTeacher(Budget):
     """A budget whose teacher pauses before its last epoch and whose other runs fit (whatever
     the machine's speed): what a lease that ends in the teacher's training does."""
@@ -863,21 +877,12 @@ def test_under_a_budget_a_run_recorded_as_another_run_of_the_call_is_never_refus
         tmp_path, monkeypatch):
     """finetune@4 is progressive@4's training: once that is done, recording it costs nothing,
     whatever the budget would say of training it."""
-    class RefusesFinetune(Budget):
-        def __init__(self):
-            super().__init__(3600.0, RunTimer("cpu"))
-
-        def admit(self, cfg, epochs_done=0):
-            if cfg.method == "finetune":
-                return Admission(False, "longer than the time left")
-            return Admission(True, "fits")
-
     plan = experiments.plan_grid(**{**CHAIN4, "chain_methods": ["progressive"],
                                     "methods": ["finetune"]})
     run_in_threads(monkeypatch, write_record)
     lines = []
     records = execute_processes(plan, jobs=2, results_dir=tmp_path / "b", tensorboard=False,
-                                budget=RefusesFinetune(), log=lines.append)
+                                budget=RefusesMethod("finetune"), log=lines.append)
     assert not [line for line in lines if line.startswith("not started ")]
     assert [r["config"]["method"] for r in records] == ["teacher", "progressive", "finetune"]
 
@@ -896,15 +901,6 @@ def test_under_a_budget_a_run_that_does_not_fit_is_left_with_what_needs_it_and_t
 
     deadline = Deadline(time.time() + 3600, epoch_s=1.0)
 
-    class RefusesTheChain(Budget):
-        def __init__(self):
-            super().__init__(3600.0, RunTimer("cpu"))
-
-        def admit(self, cfg, epochs_done=0):
-            if cfg.method == "ta_chain":
-                return Admission(False, "longer than the time left")
-            return Admission(True, "fits", deadline=deadline)
-
     handed = {}
 
     def task(config, data_dir, results_dir, device, threads, tensorboard, *after, **options):
@@ -920,7 +916,7 @@ def test_under_a_budget_a_run_that_does_not_fit_is_left_with_what_needs_it_and_t
     name = {cfg.run_id(): (cfg.method, cfg.w_bits) for cfg in plan}
     lines = []
     records = execute_processes(plan, jobs=2, threads=3, results_dir=tmp_path / "b",
-                                budget=RefusesTheChain(), log=lines.append)
+                                budget=RefusesMethod("ta_chain", deadline), log=lines.append)
     assert sorted(handed) == [("direct_kd", 1), ("teacher", 32)]
     # TensorBoard not asked: the workers' environment decides, as in the serial loop
     assert list(handed.values()) == [(3, None, {"deadline": deadline, "side_by_side": 2})] * 2
