@@ -153,6 +153,11 @@ def load_record(path: str | os.PathLike) -> dict[str, Any]:
                          f"{exc.lineno})") from exc
     if not isinstance(record, dict) or "run_id" not in record or "config" not in record:
         raise ValueError(f"run record {path} lacks run_id/config: not a kdlib run record")
+    version = record.get("record_version", 1)  # a hand-made record without one: the first
+    if not (isinstance(version, int) and 1 <= version <= RECORD_VERSION):
+        # a newer format may mean what this code would misread: refuse rather than guess
+        raise ValueError(f"run record {path} has record_version {version!r}; this kdlib reads "
+                         f"1 to {RECORD_VERSION}: update kdlib (git pull) to read it")
     return record
 
 

@@ -32,6 +32,21 @@ def test_save_and_load_round_trip(tmp_path):
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("version", [RECORD_VERSION + 1, 0, "1", None])
+def test_a_record_of_a_format_this_code_does_not_read_is_refused(tmp_path, version):
+    """A record written by a newer kdlib (or with a broken version) is refused by name, not read
+    with today's meaning of its fields; one without the field is a hand-made first-format one."""
+    path = save_record(tmp_path, _record("individual", 4, 0, 50.0))
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "record_version": version}))
+    with pytest.raises(ValueError, match=rf"{path.name} has record_version {version!r}; this "
+                                         rf"kdlib reads 1 to {RECORD_VERSION}: update kdlib"):
+        load_record(path)
+    del record["record_version"]
+    path.write_text(json.dumps(record))
+    assert load_record(path)["metrics"]["test_top1"] == 50.0
+
+
 @pytest.mark.parametrize("field", ["config", "metrics", "history"])
 def test_save_rejects_incomplete_record(tmp_path, field):
     """A record without its config, metrics or history would break every later load_results
