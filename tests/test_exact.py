@@ -130,6 +130,26 @@ def test_set_precision_rejects_unknown_modes():
         set_precision(QConv2d(1, 1, 1), "fp8")
 
 
+@pytest.mark.parametrize("name", ["resnet20", "squeezenet"])
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_a_model_cast_to_16_bit_floats_is_refused_at_its_quantized_layers(name, cast):
+    """Cast whole, a quantized model's latent weights would lose the fp32 its levels and
+    updates need (and its layers used to fail with "mixed dtype"): the first quantized layer
+    names the bf16 mode instead. A 32-bit model (a teacher) has none and runs cast."""
+    from kdlib.models import create_model
+
+    x = torch.rand(2, 3, 32, 32)
+    dtype = getattr(torch.tensor(0.0), cast)().dtype
+    teacher = getattr(create_model(name, w_bits=32, a_bits=32).eval(), cast)()
+    assert teacher(x.to(dtype)).dtype == dtype
+    student = getattr(create_model(name, w_bits=4, a_bits=4).eval(), cast)()
+    with pytest.raises(TypeError, match=rf"weights are {dtype}: they stay fp32 .* for bf16 "
+                                        r"arithmetic use precision='bf16'"):
+        student(x.to(dtype))
+    fp32 = create_model(name, w_bits=4, a_bits=4).eval()  # uncast: unchanged
+    assert fp32(x).dtype == torch.float32
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8, 16])
 def test_every_grid_value_is_the_correctly_rounded_k_over_n(device, bits):

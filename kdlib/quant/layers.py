@@ -20,6 +20,8 @@ and its output (16-bit activations would collapse to ~1,300 values, 8-bit levels
 their grid). Layers with neither weights nor inputs quantized (the full-precision first and
 last layers, a 32-bit teacher) are ordinary layers and follow autocast. Quantizers always run
 in fp32, and the layer's input is cast to fp32 before it is quantized. Gradients are fp32.
+Latent weights stay fp32 too: a model cast whole (``.bfloat16()``, ``.half()``) is refused at
+its first quantized layer, which names the ``bf16`` mode.
 """
 from __future__ import annotations
 
@@ -86,6 +88,12 @@ class _QuantizedLayer:
         """``op(input, weight, bias)`` the way this layer's precision says (module docstring)."""
         if not self.is_quantized:
             return op(x, self.weight, self.bias)
+        if self.weight.element_size() < 4:
+            raise TypeError(f"a quantized layer's weights are {self.weight.dtype}: they stay fp32 "
+                            "(the levels and the optimizer's steps need it), so a model is not "
+                            "cast with .bfloat16() or .half(); for bf16 arithmetic use "
+                            "precision='bf16' (--set precision=bf16, or "
+                            "kdlib.quant.set_precision(model, 'bf16'))")
         wq = _at_least_fp32(self.quantized_weight())
         with torch.autocast(device_type=x.device.type, enabled=False):
             on_codes = self.has_integer_codes and (self.precision == "bf16" or x.is_cuda)
