@@ -17,6 +17,22 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
 
 
+def forbid(monkeypatch, target, names, why):
+    """Make calling any of ``names`` on ``target`` fail the test with ``why``."""
+    def must_not_run(*args, **kwargs):
+        raise AssertionError(why)
+
+    for name in names:
+        monkeypatch.setattr(target, name, must_not_run)
+
+
+def assert_refused(capsys, refused, results_dir):
+    """Exit 2's one-line error names ``refused``, and nothing was written."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and refused in err and len(err.splitlines()) == 1
+    assert not results_dir.exists()
+
+
 def _record(method, bits, seed, top1):
     metrics = {"best_epoch": 1, "best_val_top1": top1, "best_val_top5": top1, "test_top1": top1,
                "test_top5": top1, "final_test_top1": top1, "final_test_top5": top1}
@@ -282,16 +298,12 @@ def test_an_option_nothing_would_read_is_refused_before_anything_runs(
     --only 04 --bits 4` showed no 4-bit students, silently."""
     import kdlib.cli as cli
 
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("planned or trained despite an ignored option")
-
-    for name in ("plan_grid", "execute", "execute_processes", "execute_ray", "import_ray"):
-        monkeypatch.setattr(cli, name, must_not_run)
-    monkeypatch.setattr(cli.notebook_runs, "execute", must_not_run)
+    why = "planned or trained despite an ignored option"
+    forbid(monkeypatch, cli, ("plan_grid", "execute", "execute_processes", "execute_ray",
+                              "import_ray"), why)
+    forbid(monkeypatch, cli.notebook_runs, ("execute",), why)
     assert main([*argv, "--preset", "smoke", "--results-dir", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and refused in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "r").exists()
+    assert_refused(capsys, refused, tmp_path / "r")
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -459,20 +471,15 @@ def test_what_ray_cannot_honour_is_refused_before_any_run_starts(argv, refused, 
     help)."""
     import kdlib.cli as cli
 
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("trained despite a refused request")
-
+    why = "trained despite a refused request"
     if "--budget-min" in argv:
-        monkeypatch.setattr(cli, "import_ray", must_not_run)
-        monkeypatch.setattr(cli, "_grid_plan", must_not_run)
+        forbid(monkeypatch, cli, ("import_ray", "_grid_plan"), why)
     else:
         monkeypatch.setattr(cli, "import_ray", lambda: None)  # whether or not Ray is installed
-    monkeypatch.setattr(cli, "execute_ray", must_not_run)
+    forbid(monkeypatch, cli, ("execute_ray",), why)
     assert main(["grid", "--preset", "smoke", "--executor", "ray", *argv,
                  "--results-dir", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and refused in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "r").exists()
+    assert_refused(capsys, refused, tmp_path / "r")
 
 
 @pytest.mark.parametrize("executor", ["processes", "ray"])
@@ -480,12 +487,9 @@ def test_run_of_notebook_04_alone_starts_no_executor(executor, tmp_path, monkeyp
     """04 only reads records: no worker pool or Ray instance is started for it."""
     import kdlib.cli as cli
 
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("an executor started with nothing to train")
-
     monkeypatch.setattr(cli, "import_ray", lambda: None)
-    for name in ("execute_processes", "execute_ray"):
-        monkeypatch.setattr(cli, name, must_not_run)
+    forbid(monkeypatch, cli, ("execute_processes", "execute_ray"),
+           "an executor started with nothing to train")
     monkeypatch.setattr(cli.notebook_runs, "execute", lambda *a, **kw: None)
     monkeypatch.setenv("KDLIB_DATA", os.environ.get("KDLIB_DATA", "data"))  # run sets these
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
