@@ -144,12 +144,15 @@ def _sentence(method: str, baseline: str, meaning: str, rows: pd.DataFrame) -> s
 def family_wise(verdicts: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``verdicts`` (:func:`contrast_verdicts`) tested with two seeds or more, with
     ``p`` (the paired t-test's) and ``holm``: whether the width's call stands when all of them
-    together may err 5% (:func:`holm_stands`)."""
+    together may err 5% (:func:`holm_stands`). Only a call stands: Holm keeps a p equal to
+    its threshold where the interval, ending on 0, leaves the width unresolved."""
     tested = verdicts[verdicts["verdict"] != "one seed"]
     p = [paired_p_value(r.mean, r.std, int(r.n)) for r in tested.itertuples()]
+    called = [stands and verdict != "unresolved"
+              for stands, verdict in zip(holm_stands(p), tested["verdict"])]
     # typed columns: an empty object column would select columns, not rows, as a mask
     return tested.assign(p=pd.Series(p, index=tested.index, dtype=float),
-                         holm=pd.Series(holm_stands(p), index=tested.index, dtype=bool))
+                         holm=pd.Series(called, index=tested.index, dtype=bool))
 
 
 def holm_standing(frame: pd.DataFrame) -> set[tuple[str, int, int]]:

@@ -216,6 +216,19 @@ def test_holm_rejects_a_p_value_equal_to_its_threshold():
     assert holm_stands([0.05 / 2, 0.05]) == holm_by_adjusted_p([0.05 / 2, 0.05])
 
 
+def test_only_a_resolved_width_can_stand_under_holm():
+    """At p = 0.05 the interval ends on 0 (unresolved) while Holm keeps p <= 0.05: a call must
+    exist before it can stand. Rows as :func:`contrast_verdicts` gives them, the middle one
+    with a p under 5% but (as at the boundary) read unresolved."""
+    verdicts = pd.DataFrame({"contrast": ["ta_chain − progressive_kd32"] * 3,
+                             "w_bits": [4, 2, 1], "a_bits": [4, 2, 1],
+                             "mean": [1.0, 1.0, 0.1], "std": [0.01, 0.01, 1.0], "n": [3, 3, 3],
+                             "verdict": ["method", "unresolved", "unresolved"]})
+    tested = verdict.family_wise(verdicts)
+    assert (tested["p"] < 0.05).tolist() == [True, True, False]
+    assert tested["holm"].tolist() == [True, False, False]
+
+
 def test_a_width_is_one_training_only_when_every_seed_is():
     """A width where one seed's pair is one training but another seed's pair is two is a
     real comparison (for the second seed): it stays in the answer."""
