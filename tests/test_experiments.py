@@ -416,13 +416,13 @@ def test_a_run_another_process_trains_says_that_it_waits(tmp_path, capsys):
 
     path = checkpoint_path(tmp_path, "r").with_suffix(".lock")
     path.parent.mkdir(parents=True)
-    holder = subprocess.Popen(  # another process, training "r" for half a second
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock\n"
-         "with FileLock(sys.argv[1]):\n print('held', flush=True); time.sleep(0.5)", str(path)],
-        stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    with experiments._run_lock(tmp_path, "r"):
-        assert holder.wait(timeout=10) == 0  # entered only once the other let go
+    with subprocess.Popen(  # another process, training "r" for half a second
+            [sys.executable, "-c", "import sys, time; from filelock import FileLock\n"
+             "with FileLock(sys.argv[1]):\n print('held', flush=True); time.sleep(0.5)",
+             str(path)], stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout.readline().strip() == "held"
+        with experiments._run_lock(tmp_path, "r"):
+            assert holder.wait(timeout=10) == 0  # entered only once the other let go
     err = capsys.readouterr().err
     assert "r: another process is training it; waiting" in err and str(path) in err
     with experiments._run_lock(tmp_path, "r"):
