@@ -1,9 +1,11 @@
-"""Command line: ``python -m kdlib run|train|grid|bench|summary|readme|lease``.
+"""Command line: ``python -m kdlib run|train|grid|bench|summary|readme|onnx|lease``.
 
 ``run`` executes the numbered notebooks with papermill, injecting the parameters; ``train``
 trains one configured model; ``grid`` trains a preset's grid without notebooks; ``bench``
 measures training throughput; ``summary`` prints the results table of a results folder;
-``readme`` rewrites the README's generated blocks; ``lease`` is :mod:`kdlib.lease.commands`.
+``onnx`` measures how ONNX Runtime agrees with kdlib on a folder's packed models
+(:mod:`kdlib.export.agreement`); ``readme`` rewrites the README's generated blocks; ``lease``
+is :mod:`kdlib.lease.commands`.
 Errors in what the user asked for print one line and exit non-zero; nothing is trained or
 written before the configuration has been validated.
 """
@@ -311,6 +313,27 @@ def command_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_onnx(args: argparse.Namespace) -> int:
+    if args.images is not None and args.images < 1:
+        raise UserError(f"--images {args.images}: give a number of test images >= 1")
+    if args.method not in METHODS:
+        raise UserError(f"--method {args.method!r} is unknown; accepted: {', '.join(METHODS)}")
+    from kdlib.data import load_cifar100  # lazy, as the other commands' data
+    try:
+        from kdlib.export.agreement import RESULT_FILE, measure_committed, onnxruntime
+
+        onnxruntime()
+    except ImportError as exc:
+        raise UserError(str(exc)) from exc
+    images, labels = load_cifar100(args.data_dir, train=False)
+    limit = args.images or len(labels)
+    measure_committed(args.results_dir, images[:limit], labels[:limit], method=args.method,
+                      seed=args.seed)
+    print(f"wrote {shown_path(Path(args.results_dir) / RESULT_FILE)}; `python -m kdlib readme` "
+          "shows it")
+    return 0
+
+
 def command_readme(args: argparse.Namespace) -> int:
     readme = REPO_ROOT / "README.md"
     text = readme.read_text()
@@ -446,6 +469,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: results/bench")
     readme.add_argument("--check", action="store_true", help="only check, exit 2 if out of date")
     readme.set_defaults(func=command_readme)
+
+    onnx = sub.add_parser("onnx", help="how ONNX Runtime's logits agree with kdlib's on a "
+                                       "results folder's packed models (all test images)")
+    onnx.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)),
+                      help=shown)
+    onnx.add_argument("--data-dir", default=None,
+                      help="folder holding cifar-100-python/ (default: $KDLIB_DATA, else ./data)")
+    onnx.add_argument("--method", default="ta_chain",
+                      help="whose models, beside the teacher's (default: ta_chain)")
+    onnx.add_argument("--seed", type=int, default=0, help="default: 0 (the committed models)")
+    onnx.add_argument("--images", type=int, default=None,
+                      help="only the first N test images (default: all 10,000)")
+    onnx.set_defaults(func=command_onnx)
 
     bench = sub.add_parser("bench", help="training throughput, ours vs a typical pipeline")
     bench.add_argument("--data-dir", default=None,

@@ -21,8 +21,10 @@ from kdlib.checkout import shown_path
 from kdlib.config import describe_fields
 from kdlib.results import (CONTRASTS, bits_label, bits_labels, chain_contrasts, difference_text,
                            in_bits_order, in_method_order, load_published, load_results,
-                           results_table, seeds_label, shared_cells, summarise)
+                           packed_path, results_table, seeds_label, shared_cells, summarise)
 from kdlib.costs import processor, render_costs
+from kdlib.export.agreement import render_onnx_agreement
+from kdlib.export.packed import header_size
 from kdlib.markdown import markdown_table
 from kdlib.verdict import (contrast_verdicts, epochs_text, is_same_run, render_agreement,
                            render_answer, same_run_widths)
@@ -358,7 +360,24 @@ def render_packed_models(results_dir: str | os.PathLike, seed: int = 0) -> str:
     table = table.reindex(index=in_method_order(table.index),
                           columns=in_bits_order(table.columns)).fillna("")
     table.index.name = "KiB: method \\ bits"
-    return markdown_table(table)
+    return "\n".join([markdown_table(table), *_header_share(results_dir, rows)])
+
+
+def _header_share(results_dir: str | os.PathLike, rows: pd.DataFrame) -> list[str]:
+    """The sentence on what the smallest files spend on their header, read from one of them
+    (nothing where it is no packed file)."""
+    if rows.empty:
+        return []
+    smallest = rows.sort_values(["w_bits", "packed_bytes"]).iloc[0]
+    alias = smallest["same_run_as"]
+    try:
+        header = header_size(packed_path(results_dir, alias if isinstance(alias, str)
+                                         else smallest["run_id"]))
+    except ValueError:
+        return []
+    return ["", f"In a {smallest['bits']}-bit file, preamble and header (model, run id, tensor "
+                f"table) take {header / 1024:.1f} KiB, "
+                f"{100 * header / smallest['packed_bytes']:.0f}% of it."]
 
 
 def render_config_fields() -> str:
@@ -410,4 +429,5 @@ def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_
     text = replace_block(text, "paper", "\n".join(render_progress(paper_dir, "paper")))
     text = replace_block(text, "config", render_config_fields())
     text = replace_block(text, "models", render_packed_models(results_dir))
+    text = replace_block(text, "onnx", render_onnx_agreement(results_dir))
     return replace_block(text, "bench", render_bench(bench_dir))

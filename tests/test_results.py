@@ -471,6 +471,28 @@ def test_packed_models_are_sized_in_kibibytes(tmp_path):
     assert "| 10.0 |" in table and "10.2" not in table
 
 
+def test_the_packed_models_table_says_what_the_smallest_files_header_takes(tmp_path):
+    """Read from the smallest-bit file itself (a real packed file), and left out where the
+    file is none."""
+    from kdlib.export import save_packed
+    from kdlib.export.packed import header_size
+    from kdlib.models import create_model
+    from kdlib.report import render_packed_models
+    from kdlib.results import packed_path
+
+    for bits in (4, 1):
+        record = _record("individual", bits, 0, 50.0)
+        path = save_packed(create_model("resnet8", num_classes=100, w_bits=bits, a_bits=bits),
+                           packed_path(tmp_path, record["run_id"]), model_name="resnet8")
+        save_record(tmp_path, record | {"packed_bytes": path.stat().st_size})
+    header = header_size(path)  # the 1-bit file's
+    assert (f"In a 1-bit file, preamble and header (model, run id, tensor table) take "
+            f"{header / 1024:.1f} KiB, {100 * header / path.stat().st_size:.0f}% of it."
+            in render_packed_models(tmp_path))
+    path.write_bytes(b"x" * 100)  # no packed file: no sentence, the table still
+    assert "preamble" not in render_packed_models(tmp_path)
+
+
 def test_records_table_keeps_each_records_bits_seed_and_metrics():
     """What the notebooks show of a pipeline's records: one row per run, weight and activation
     bits apart (4/8 is not 4/4)."""

@@ -204,31 +204,13 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, *,
 
     ONNX Runtime computes the same operations on the same values, but its convolutions sum in
     another order (PyTorch's own order changes with the batch size, too). A pre-activation within
-    that rounding error (<= 1.2e-6 measured) of a rounding tie of the next activation quantizer
-    then lands one level away, and the flip propagates. Images on which no activation code flips
-    get logits within 1e-4 of kdlib's (within 8e-6 measured); the others do not. On the committed
-    ResNet-20 models and the 10,000 CIFAR-100 test images (ORT's default optimisations; ranges
-    over the TA-chain and progressive models):
-
-    ====  ==========================  =====================  =================
-    bits  images with a flipped code  logits within 1e-4     top-1 class equal
-    ====  ==========================  =====================  =================
-    32    0 %                         100 % (max 1e-5)       100 %
-    16    100 %                       65-81 % (max 3e-4)     100 %
-    8     76 %                        22-25 % (max 0.05)     99.83-99.94 %
-    4     13 %                        87-94 % (max 0.5)      99.73-99.90 %
-    2     0.9 %                       98.8-99.0 % (max 2.2)  99.88-99.91 %
-    1     0.3 %                       99.5-99.7 % (max 3.3)  99.89-99.96 %
-    ====  ==========================  =====================  =================
-
-    (Flips counted on the TA-chain models without graph optimisations.) Accuracy is equal within
-    0.02 points. kdlib does not meet 1e-4 against itself either: batch 1 against batch 250 puts
-    37 % of the images within 1e-4 at 8 bits, 92 % at 4, and differs by up to 0.8 at 2 bits. The
-    criterion holds exactly where no code flips; no graph can meet it on every image, as kdlib's
-    CPU convolutions of fp32 values round in PyTorch's summation order (convolving exact integer
-    codes in the graph, as kdlib does on CUDA, agrees less well with kdlib on the CPU). ORT's
-    default graph optimisations (constant folding, fusions) round some operations differently
-    again and move these rates by a few points (see tests/test_export.py for what is asserted).
+    that rounding error of a rounding tie of the next activation quantizer then lands one level
+    away, and the flip propagates. Images on which no activation code flips get logits within
+    1e-4 of kdlib's; the others do not, and no graph can meet 1e-4 on every image, as kdlib's CPU
+    convolutions of fp32 values round in PyTorch's summation order (convolving exact integer
+    codes in the graph, as kdlib does on CUDA, agrees less well with kdlib on the CPU). How many
+    images flip, and how often the top-1 class still agrees, is measured on the committed models
+    by ``python -m kdlib onnx`` (:mod:`kdlib.export.agreement`; README "Use a trained model").
     """
     if importlib.util.find_spec("onnx") is None:
         raise ImportError("to_onnx needs the onnx package: pip install -e '.[export]' (or onnx "

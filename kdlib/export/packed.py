@@ -240,6 +240,14 @@ def read_packed_header(path: str | os.PathLike) -> dict[str, Any]:
     return _split_file(Path(path))[0]
 
 
+def header_size(path: str | os.PathLike) -> int:
+    """Bytes before the payload of a packed file (preamble and JSON header): what the file
+    spends besides its tensors. A ValueError for anything but a valid packed file."""
+    read_packed_header(path)  # every length and digest checked
+    with open(path, "rb") as handle:
+        return _PREAMBLE.size + _PREAMBLE.unpack(handle.read(_PREAMBLE.size))[1]
+
+
 def _expected_length(entry: dict[str, Any]) -> int:
     count = int(np.prod(entry["shape"], dtype=np.int64))
     if entry["encoding"] == "raw":
