@@ -326,9 +326,8 @@ def command_onnx(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(str(exc)) from exc
     images, labels = load_cifar100(args.data_dir, train=False)
-    limit = args.images or len(labels)
-    measure_committed(args.results_dir, images[:limit], labels[:limit], method=args.method,
-                      seed=args.seed)
+    measure_committed(args.results_dir, images, labels, method=args.method, seed=args.seed,
+                      limit=args.images)
     print(f"wrote {shown_path(Path(args.results_dir) / RESULT_FILE)}; `python -m kdlib readme` "
           "shows it")
     return 0

@@ -73,7 +73,7 @@ def test_measuring_refuses_activations_it_cannot_read_codes_of(fake_data_root):
         agreement.measure(model_like_trained(4, "pact"), images[:4], labels[:4])
 
 
-def _save_run(folder, cfg: RunConfig, top1: float = 1.0) -> None:
+def _save_run(folder, cfg: RunConfig, top1: float = 99.0) -> None:
     metrics = {"best_epoch": 1, "best_val_top1": 1.0, "best_val_top5": 5.0, "test_top1": top1,
                "test_top5": 5.0, "final_test_top1": 1.0, "final_test_top5": 5.0}
     save_record(folder, {"run_id": cfg.run_id(), "config": cfg.to_dict(), "metrics": metrics,
@@ -101,7 +101,12 @@ def test_the_command_measures_the_teacher_and_the_method_and_the_readme_shows_it
     table = agreement.render_onnx_agreement(tmp_path)
     assert "| 32 " in table and "| 2 " in table and "| 1 " not in table
     assert "`ta_chain` of seed 0" in table and "first 12 CIFAR-100 test images" in table
+    assert "a subset: its test top-1 is not the records'" in table  # of the 200 fake ones
     assert "wrote" in capsys.readouterr().out and "Stale" not in table
+    assert cli.main(["onnx", "--results-dir", str(tmp_path), "--data-dir", str(fake_data_root)
+                     ]) == 0  # all 200 test images: compared with the records' 99% (untrained)
+    assert "kdlib's test top-1 is NOT each run's recorded one" in agreement.render_onnx_agreement(
+        tmp_path)
     _save_run(tmp_path, link, top1=2.0)  # retrained since: the table no longer describes it
     assert f"**Stale:** the records of `{link.run_id()}`" in agreement.render_onnx_agreement(
         tmp_path)
