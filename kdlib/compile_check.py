@@ -22,6 +22,7 @@ benchmark records the same check (:mod:`kdlib.bench.compiled`), to decide whethe
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -33,6 +34,20 @@ from kdlib.quant import dorefa_activation, dorefa_weight, quantized_layers
 CHECK_BITS = (2, 4, 8, 16)  # 1 bit divides by 1 (activations) or takes a sign (weights)
 WEIGHTS = 4096  # the fewest weights a bit width is checked on
 _checked: dict[tuple[str, int], dict[str, Any]] = {}  # (device, bits) -> check_levels' entry
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops the one warning torch's C++-extension helper logs the first time Inductor loads it
+    in a CUDA build of torch on a machine without a GPU ("No CUDA runtime is found, using
+    CUDA_HOME=..."): a compiled run on the CPU needs no CUDA, and the line read as a broken
+    installation. Every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+# before any compile: every compiled run checks its levels here first (kdlib.step.make_trainer)
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
 
 
 def compile_for_check(fn: Callable) -> Callable:

@@ -2,6 +2,10 @@
 exact on its device (kdlib.compile_check). The compiler is replaced here by the function itself
 or by one whose output is an ulp off (the real check compiles for seconds a width: the slow test
 in test_bench_compiled.py)."""
+import logging
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -204,3 +208,30 @@ def test_a_compiled_kd_grid_trains_end_to_end_here(fake_data_root, tmp_path):
     assert all(0.0 <= r["metrics"]["test_top1"] <= 100.0 for r in trained)
     checked = compile_check._checked.get(("cpu", 4)) or {}
     assert checked.get("activation_exact") and checked.get("weight_exact")  # the real check ran
+
+
+def test_only_torchs_no_cuda_runtime_notice_is_dropped(caplog):
+    """The cpp_extension logger's "No CUDA runtime is found" line is dropped (a compiled CPU
+    run needs no CUDA); anything else that logger says still shows."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        logger.warning("Error checking compiler version for %s", "c++")
+    assert [r.getMessage() for r in caplog.records] == ["Error checking compiler version for c++"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch logs the notice only without CUDA")
+def test_a_compile_on_a_machine_without_cuda_prints_no_cuda_notice():
+    """End to end, in fresh processes: plain torch prints the notice at its first compile here
+    (the control); once kdlib.compile_check is imported, as every compiled run does, it does
+    not."""
+    def first_compile(preamble: str) -> str:
+        code = (f"{preamble}import torch\n"
+                "torch.compile(lambda x: x * 2, dynamic=False)(torch.ones(2))\n")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=300, check=True).stderr
+
+    if "No CUDA runtime is found" not in first_compile(""):
+        pytest.skip("this torch build prints no CUDA-runtime notice here")
+    assert "No CUDA runtime is found" not in first_compile("import kdlib.compile_check\n")
