@@ -32,8 +32,8 @@ from kdlib.config import RunConfig
 from kdlib.data import load_splits
 from kdlib.experiments import (budget_admission, check_writable, done_line, start_line,
                                train_run)
-from kdlib.run_order import (dependency_schedule, epochs_left_in, resume_first, submission_order,
-                             unblocking_first, unique_runs, waits_as_alias)
+from kdlib.run_order import (dependency_schedule, resume_first, submission_order,
+                             unblocking_first, unique_runs, waits_as_alias, work_left_in)
 from kdlib.trained import TrainedIndex
 from kdlib.results import find_record
 from kdlib.tblog import TENSORBOARD_ENV
@@ -211,8 +211,9 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
     (several small runs share one GPU better than one run uses it); for a lent machine without
     Ray. Dependencies as :func:`execute_ray` (:func:`~kdlib.run_order.dependency_schedule`);
     a run is started once its teacher and init runs have records, in
-    :func:`~kdlib.run_order.unblocking_first`'s order (then the shortest under a ``budget``,
-    else the longest), and, under a ``budget``, only as
+    :func:`~kdlib.run_order.unblocking_first`'s order (then the shortest by estimated time
+    under a ``budget``, else the most epochs: :func:`~kdlib.run_order.work_left_in`), and,
+    under a ``budget``, only as
     :func:`kdlib.experiments.execute` starts it (a run paused at the budget's end resumes in
     the next call). Returns the records that exist at the end, in plan order."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -222,7 +223,7 @@ def execute_processes(plan: Sequence[RunConfig], *, jobs: int,
     check_writable(results_dir)
     index = TrainedIndex(results_dir)  # runs trained before this call, for aliases of them
     waiting = unblocking_first(dependency_schedule(resume_first(plan, results_dir), results_dir),
-                               epochs_left_in(results_dir), longest_first=budget is None)
+                               work_left_in(results_dir, budget), longest_first=budget is None)
     log(f"processes: {len(waiting)} of {len(unique_runs(plan))} planned runs to train, "
         f"{jobs} at a time, {threads} thread(s) each; what others wait for first, then the "
         + ("shortest" if budget is not None else "longest"))

@@ -41,7 +41,7 @@ from kdlib.presets import (CHAIN_METHODS, STUDENT_METHODS, TEACHER_SCHEDULE_METH
                            get_preset)
 from kdlib.results import (METRIC_FIELDS, checkpoint_path, environment_info, find_record,
                            packed_path, save_record, untrained, weights_path)
-from kdlib.run_order import resume_first, start_order, unique_runs
+from kdlib.run_order import resume_first, start_order, unique_runs, work_left_in
 from kdlib.train import RunSuspended, fit, pick_device
 from kdlib.trained import TrainedIndex
 
@@ -374,15 +374,15 @@ def execute(plan: Sequence[RunConfig], *, data_dir=None, results_dir="results", 
 
     With a ``budget`` (:class:`kdlib.budget.Budget`), the runs come in the order the processes
     executor starts them (:func:`kdlib.run_order.start_order`: what others wait for first, then
-    the shortest), a run is started only when its estimate fits in the time left (or, longer
-    than the whole budget, when one epoch does), it trains until the budget's end at most, and
-    a run whose teacher or init run has no record is left for later; the records returned are
-    those that exist at the end, and the next call resumes.
+    the shortest by estimated time), a run is started only when its estimate fits in the time
+    left (or, longer than the whole budget, when one epoch does), it trains until the budget's
+    end at most, and a run whose teacher or init run has no record is left for later; the
+    records returned are those that exist at the end, and the next call resumes.
     """
     planned = unique_runs(plan)
     # under a budget, one run at a time in the order the processes executor starts them
-    plan = start_order(planned, results_dir) if budget is not None else resume_first(
-        planned, results_dir)
+    plan = (start_order(planned, results_dir, work_left_in(results_dir, budget))
+            if budget is not None else resume_first(planned, results_dir))
     data = _DataCache(data_dir)
     todo = untrained(plan, results_dir)
     if todo:  # fail on an unwritable folder or missing/bad data before anything is trained

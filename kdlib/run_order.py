@@ -1,15 +1,18 @@
 """In which order a grid's runs start: dependencies first (a run after its teacher and init
 runs, an alias after the run that trains it), runs paused at a budget's end resumed, and
-what other runs wait for first, then, under a budget, the shortest (the most records by the
-end), without one the longest (the soonest end for runs side by side). The serial loop
+what other runs wait for first, then, under a budget, the shortest by its time estimate (the
+most records by the end), without one the one with the most epochs (the soonest end for runs
+side by side). The serial loop
 (:func:`kdlib.experiments.execute`) and the processes executor share it, so that one budget
 starts runs in the same order whichever trains them (one at a time, fewer may fit); Ray, which
 takes no budget, is handed its tasks longest first (:func:`submission_order`)."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 
+from kdlib.budget import Budget, RunTimer
 from kdlib.config import RunConfig
 from kdlib.results import find_record, paused_checkpoints, paused_epochs
 from kdlib.trained import TrainedIndex
@@ -46,7 +49,7 @@ def dependency_schedule(plan: Sequence[RunConfig],
 
 
 def unblocking_first(schedule: Sequence[tuple[RunConfig, list[str]]],
-                     epochs_left: Callable[[RunConfig], int], *, longest_first: bool = False
+                     work_left: Callable[[RunConfig], float], *, longest_first: bool = False
                      ) -> list[tuple[RunConfig, list[str]]]:
     """``schedule`` (as :func:`dependency_schedule` gives it) in the order runs should start:
     first the runs that other runs wait for, the one holding back the heaviest line of
@@ -55,19 +58,19 @@ def unblocking_first(schedule: Sequence[tuple[RunConfig, list[str]]],
     runs, which pause and continue; or, ``longest_first`` (no budget, several runs at once),
     the longest first, so that the last runs to end are short ones and the call ends sooner
     (a long run started last keeps one worker busy while the others idle). A run's weight is
-    its epochs still to train (``epochs_left``; nothing for one that waits for the run it is
-    recorded as).
+    the training it has left (``work_left``: :func:`work_left_in`, epochs or estimated seconds;
+    nothing for one that waits for the run it is recorded as).
     Ties keep the order given (paused runs first, then plan order: :func:`resume_first`). Not a
     dependency order (a run that waits for another may come first): a run starts only once
     what it waits for is done (:func:`start_order` for one run at a time)."""
     waits_for_me: dict[str, list[str]] = {}
-    own: dict[str, int] = {}
+    own: dict[str, float] = {}
     for cfg, after in schedule:
         run_id = cfg.run_id()
-        own[run_id] = 0 if waits_as_alias(cfg, after) else max(epochs_left(cfg), 0)
+        own[run_id] = 0 if waits_as_alias(cfg, after) else max(work_left(cfg), 0)
         for dep in after:
             waits_for_me.setdefault(dep, []).append(run_id)
-    held_back: dict[str, int] = {}  # the heaviest line of training that waits for a run
+    held_back: dict[str, float] = {}  # the heaviest line of training that waits for a run
     for cfg, _ in reversed(schedule):  # in dependency_schedule's order, dependents come later
         run_id = cfg.run_id()
         held_back[run_id] = max((own[d] + held_back[d] for d in waits_for_me.get(run_id, ())),
@@ -81,6 +84,30 @@ def epochs_left_in(results_dir: str | os.PathLike) -> Callable[[RunConfig], int]
     """A run's epochs still to train: all of them, less what its paused checkpoint holds."""
     done = paused_epochs(results_dir)
     return lambda cfg: cfg.epochs - done.get(cfg.run_id(), 0)
+
+
+def seconds_left_in(results_dir: str | os.PathLike,
+                    timer: RunTimer) -> Callable[[RunConfig], float]:
+    """A run's estimated seconds still to train (``timer``'s estimate for the epochs its paused
+    checkpoint leaves): a KD epoch, which runs the teacher too, weighs more than a CE one of the
+    same data. A run without an estimate weighs as infinitely long: under a budget it cannot
+    start anyway (:meth:`kdlib.budget.Budget.admit`)."""
+    done = paused_epochs(results_dir)
+
+    def seconds(cfg: RunConfig) -> float:
+        estimate = timer.estimate(cfg, done.get(cfg.run_id(), 0)).seconds
+        return math.inf if estimate is None else estimate
+    return seconds
+
+
+def work_left_in(results_dir: str | os.PathLike,
+                 budget: Budget | None) -> Callable[[RunConfig], float]:
+    """The weight :func:`unblocking_first` orders by: under a ``budget``, the seconds it
+    estimates (:func:`seconds_left_in`: the shortest first, for the most records by its end);
+    without one, the epochs (:func:`epochs_left_in`: no estimate needed)."""
+    if budget is None:
+        return epochs_left_in(results_dir)
+    return seconds_left_in(results_dir, budget.timer)
 
 
 def waits_as_alias(cfg: RunConfig, after: list[str]) -> bool:
@@ -98,18 +125,18 @@ def unique_runs(plan: Iterable[RunConfig]) -> list[RunConfig]:
 
 
 def start_order(plan: Sequence[RunConfig], results_dir: str | os.PathLike,
-                epochs_left: Callable[[RunConfig], int] | None = None) -> list[RunConfig]:
+                work_left: Callable[[RunConfig], float] | None = None) -> list[RunConfig]:
     """``plan`` (one config per run id) in the order one run at a time starts it under a
     budget, as :func:`kdlib.executors.execute_processes` with ``jobs=1`` does: the runs with a
-    record first (nothing to train), then :func:`submission_order`'s. ``epochs_left``:
-    default :func:`epochs_left_in` the results."""
-    to_train = [cfg for cfg, _ in submission_order(plan, results_dir, epochs_left)]
+    record first (nothing to train), then :func:`submission_order`'s. ``work_left``:
+    :func:`work_left_in` the results and the budget (default: the epochs)."""
+    to_train = [cfg for cfg, _ in submission_order(plan, results_dir, work_left)]
     training = {cfg.run_id() for cfg in to_train}
     return [cfg for cfg in unique_runs(plan) if cfg.run_id() not in training] + to_train
 
 
 def submission_order(plan: Sequence[RunConfig], results_dir: str | os.PathLike,
-                     epochs_left: Callable[[RunConfig], int] | None = None, *,
+                     work_left: Callable[[RunConfig], float] | None = None, *,
                      longest_first: bool = False) -> list[tuple[RunConfig, list[str]]]:
     """The runs still to train, with what each waits for (:func:`dependency_schedule`), in
     the order they start one at a time: again and again, the first run in
@@ -118,7 +145,7 @@ def submission_order(plan: Sequence[RunConfig], results_dir: str | os.PathLike,
     results of those it waits for); Ray promises no order of its own. ``longest_first``: as
     :func:`unblocking_first`."""
     waiting = unblocking_first(dependency_schedule(resume_first(plan, results_dir), results_dir),
-                               epochs_left or epochs_left_in(results_dir),
+                               work_left or epochs_left_in(results_dir),
                                longest_first=longest_first)
     started: set[str] = set()
     ordered = []

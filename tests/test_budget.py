@@ -19,7 +19,7 @@ from kdlib.device import cpu_model, device_kind, record_device_kind
 from kdlib.executors import execute_processes
 from kdlib.presets import build_config
 from kdlib.run_order import (dependency_schedule, epochs_left_in, resume_first, start_order,
-                             unblocking_first)
+                             unblocking_first, work_left_in)
 from kdlib.results import TIMING_FIELDS, load_records
 
 TINY = {"train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 50}
@@ -513,12 +513,14 @@ def test_the_run_holding_back_the_heaviest_line_starts_first_not_the_most_traini
     assert ordered == [y, x, x1, x2, y1]
 
 
-@pytest.mark.parametrize("budgeted", [False, True])
+@pytest.mark.parametrize("kd_rate", [None, 1e6, 1e3])
 def test_the_processes_executor_starts_the_longest_first_unless_under_a_budget(
-        budgeted, tmp_path, monkeypatch):
+        kd_rate, tmp_path, monkeypatch):
     """The order runs are handed to the workers (one worker thread here, so the order they
-    train in): the 2-epoch `individual` at 1 bit before the 1-epoch students without a
-    budget, after them under one."""
+    train in): the 2-epoch `individual` at 1 bit before the 1-epoch students without a budget
+    (``kd_rate`` None: by epochs); under one, the shortest by estimated time first: after them
+    where every step runs at one rate, before them where the KD step is a thousand times
+    slower than the CE step."""
     from concurrent import futures
 
     from kdlib import executors
@@ -540,23 +542,72 @@ def test_the_processes_executor_starts_the_longest_first_unless_under_a_budget(
     plan = experiments.plan_grid(**{**GRID, "chain_methods": ["ta_chain"],
                                     "methods": ["individual", "direct_kd"]})
     budget = None
-    if budgeted:  # generous: every run fits
+    if kd_rate is not None:  # generous: every run fits
         (tmp_path / "bench").mkdir()
         (tmp_path / "bench" / "cpu.json").write_text(json.dumps(bench_file(
-            {"fp32": 1e6, "kd_w4": 1e6, "w4a4": 1e6}, cpu=cpu_model())))
+            {"fp32": 1e6, "kd_w4": kd_rate, "w4a4": 1e6}, cpu=cpu_model())))
         here = device_kind("cpu")
         budget = Budget(1e6, RunTimer(here, bench=load_bench(tmp_path / "bench", here)))
     lines = []
     execute_processes(plan, jobs=2, results_dir=tmp_path / "b", tensorboard=False,
                       budget=budget, log=lines.append)
-    assert lines[0].endswith("then the " + ("shortest" if budgeted else "longest"))
+    assert lines[0].endswith("then the " + ("longest" if budget is None else "shortest"))
     assert trained[0] == ("teacher", 32, 2) and len(trained) == 7
     position = {(method, bits): i for i, (method, bits, _) in enumerate(trained)}
     one_epoch = [position["ta_chain", 1], position["direct_kd", 1]]
-    if budgeted:
+    if kd_rate == 1e6:
         assert position["individual", 1] > max(one_epoch)
     else:
         assert position["individual", 1] < min(one_epoch)
+
+
+def test_under_a_budget_one_run_at_a_time_weighs_runs_by_their_estimated_seconds(tmp_path):
+    """start_order, as the serial loop takes it under a budget (work_left_in): a KD epoch,
+    twice a CE epoch's time here, weighs twice as much, so 3 CE epochs start before 2 KD ones
+    (by epochs they come after), and a run without an estimate (no benchmark of its model)
+    comes last whatever its epochs."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "cpu.json").write_text(json.dumps(bench_file(
+        {"kd_w4": 100.0, "w4a4": 200.0}, cpu=cpu_model())))
+    here = device_kind("cpu")
+    budget = Budget(1e6, RunTimer(here, bench=load_bench(tmp_path / "bench", here)))
+    kd, ce = student("direct_kd", epochs=2), student("finetune", epochs=3)
+    unknown = build_config("smoke", "resnet20", overrides={**TINY, "w_bits": 4, "a_bits": 4,
+                                                           "epochs": 1, "init_id": None})
+    plan = [unknown, kd, ce]
+    by_epochs = start_order(plan, tmp_path / "runs", epochs_left_in(tmp_path / "runs"))
+    assert [cfg.run_id() for cfg in by_epochs] == [unknown.run_id(), kd.run_id(), ce.run_id()]
+    by_seconds = start_order(plan, tmp_path / "runs", work_left_in(tmp_path / "runs", budget))
+    assert [cfg.run_id() for cfg in by_seconds] == [ce.run_id(), kd.run_id(), unknown.run_id()]
+    assert work_left_in(tmp_path / "runs", None)(ce) == 3  # without a budget: epochs
+
+
+def test_the_serial_loop_under_a_budget_starts_the_shortest_by_estimated_time(tmp_path,
+                                                                              monkeypatch):
+    """experiments.execute takes work_left_in's order: 3 CE epochs (at twice the KD step's
+    rate) before 2 KD epochs, which the plan lists first."""
+    from kdlib.results import save_record
+
+    started = []
+
+    def train_run(cfg, split, results_dir, **options):
+        started.append(cfg.method)
+        record = {**record_of(cfg, [1.0] * cfg.epochs, 1.0 + cfg.epochs), "metrics": {}}
+        save_record(results_dir, record)
+        return record
+
+    monkeypatch.setattr(experiments, "train_run", train_run)
+    monkeypatch.setattr(experiments._DataCache, "get", lambda self, cfg: None)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "cpu.json").write_text(json.dumps(bench_file(
+        {"kd_w4": 100.0, "w4a4": 200.0}, cpu=cpu_model())))
+    here = device_kind("cpu")
+    teacher = build_config("smoke", "resnet8", teacher=True, overrides=TINY)
+    save_record(tmp_path / "r", {**record_of(teacher, [1.0], 2.0), "metrics": {}})  # KD's teacher
+    budget = Budget(1e6, RunTimer(here, bench=load_bench(tmp_path / "bench", here)))
+    experiments.execute([student("direct_kd", epochs=2), student("finetune", epochs=3)],
+                        results_dir=tmp_path / "r", progress=False, budget=budget)
+    assert started == ["finetune", "direct_kd"]
 
 
 def test_one_run_at_a_time_starts_in_that_order_but_never_before_what_it_waits_for(tmp_path):
@@ -691,7 +742,8 @@ def test_budgeted_grid_trains_what_fits_and_the_next_call_finishes(real_data_roo
         cpu=cpu_model())))
     here = device_kind("cpu")  # this processor: the records these runs write are timed as its
     timer = RunTimer(here, bench=load_bench(tmp_path / "bench", here))
-    order = [cfg.run_id() for cfg in start_order(plan, tmp_path / "b")]
+    order = [cfg.run_id() for cfg in start_order(plan, tmp_path / "b", work_left_in(
+        tmp_path / "b", Budget(30.0, timer)))]
     assert order != [cfg.run_id() for cfg in plan]  # under a budget, not the plan's order:
     capsys.readouterr()
     first = experiments.execute(plan, data_dir=real_data_root, results_dir=tmp_path / "b",
