@@ -41,6 +41,8 @@ from kdlib.run_order import unique_runs
 from kdlib.tblog import TENSORBOARD_ENV
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
+DATA_DIR_HELP = ("folder holding cifar-100-python/ (default: $KDLIB_DATA, else ./data; "
+                 "downloaded when missing)")
 
 
 class UserError(Exception):
@@ -374,8 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None,
                        help="registry name (default: the preset's, resnet20 but for "
                             "quick_squeezenet)")
-        p.add_argument("--data-dir", default=None, help="folder holding cifar-100-python/ "
-                       "(default: $KDLIB_DATA, else ./data; downloaded when missing)")
+        p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
         p.add_argument("--results-dir", default=None, help="default: results/<preset>")
         p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -473,8 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "results folder's packed models (all test images)")
     onnx.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)),
                       help=shown)
-    onnx.add_argument("--data-dir", default=None,
-                      help="folder holding cifar-100-python/ (default: $KDLIB_DATA, else ./data)")
+    onnx.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     onnx.add_argument("--method", default="ta_chain",
                       help="whose models, beside the teacher's (default: ta_chain)")
     onnx.add_argument("--seed", type=int, default=0, help="default: 0 (the committed models)")
@@ -483,8 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.set_defaults(func=command_onnx)
 
     bench = sub.add_parser("bench", help="training throughput, ours vs a typical pipeline")
-    bench.add_argument("--data-dir", default=None,
-                       help="folder holding cifar-100-python/ (default: $KDLIB_DATA, else ./data)")
+    bench.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     bench.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"),
                        help="default: results/bench")
     bench.add_argument("--windows", type=int, default=5,
