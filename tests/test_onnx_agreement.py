@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -121,3 +122,11 @@ def test_the_command_refuses_a_folder_without_the_methods_models(tmp_path, fake_
     assert cli.main(["onnx", "--results-dir", str(tmp_path), "--method", "nope"]) == cli.EXIT_USAGE
     assert cli.main(["onnx", "--results-dir", str(tmp_path), "--images", "0"]) == cli.EXIT_USAGE
     assert not (tmp_path / agreement.RESULT_FILE).exists()
+
+
+def test_without_onnxruntime_the_command_names_the_extra_before_reading_data(tmp_path,
+                                                                            monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an import of it then raises
+    assert cli.main(["onnx", "--results-dir", str(tmp_path), "--data-dir",
+                     str(tmp_path / "no-data-here")]) == cli.EXIT_USAGE
+    assert "needs onnxruntime: pip install -e '.[export]'" in capsys.readouterr().err
