@@ -349,7 +349,8 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 
 def render_packed_models(results_dir: str | os.PathLike, seed: int = 0) -> str:
-    """Markdown: the committed packed weights files of one seed, size per method × bits (KiB)."""
+    """Markdown: the committed packed weights files of one seed, size per method × bits (KiB),
+    and what the header takes of the smallest (:func:`_header_share`)."""
     frame = load_results(results_dir)
     if frame.empty or not frame["packed_file"].any():
         return (f"_No packed models in `{shown_path(results_dir)}/models` yet: `make run` "

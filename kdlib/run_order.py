@@ -2,10 +2,10 @@
 runs, an alias after the run that trains it), runs paused at a budget's end resumed, and
 what other runs wait for first, then, under a budget, the shortest by its time estimate (the
 most records by the end), without one the one with the most epochs (the soonest end for runs
-side by side). The serial loop
-(:func:`kdlib.experiments.execute`) and the processes executor share it, so that one budget
-starts runs in the same order whichever trains them (one at a time, fewer may fit); Ray, which
-takes no budget, is handed its tasks longest first (:func:`submission_order`)."""
+side by side). The serial loop (:func:`kdlib.experiments.execute`) and the processes
+executor share it, so that one budget starts runs in the same order whichever trains them
+(one at a time, fewer may fit); Ray, which takes no budget, is handed its tasks longest first
+(:func:`submission_order`)."""
 from __future__ import annotations
 
 import math
