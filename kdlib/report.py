@@ -370,10 +370,8 @@ def _header_share(results_dir: str | os.PathLike, rows: pd.DataFrame) -> list[st
     if rows.empty:
         return []
     smallest = rows.sort_values(["w_bits", "packed_bytes"]).iloc[0]
-    alias = smallest["same_run_as"]
     try:
-        header = header_size(packed_path(results_dir, alias if isinstance(alias, str)
-                                         else smallest["run_id"]))
+        header = header_size(packed_path(results_dir, smallest["trained_as"]))
     except ValueError:
         return []
     return ["", f"In a {smallest['bits']}-bit file, preamble and header (model, run id, tensor "

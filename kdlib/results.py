@@ -289,7 +289,8 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
     """All run records under ``results_dir/runs`` as one row each (config and metrics flattened).
 
     ``packed_bytes``: the record's size of its packed file, else that file's size where this
-    checkout has it (records older than the field); ``packed_file``: whether it has it."""
+    checkout has it (records older than the field); ``packed_file``: whether it has it;
+    ``trained_as``: the run whose file that is (``same_run_as``, else the run itself)."""
     rows = []
     records = load_records(results_dir)
     settings = setting_ids(records)
@@ -306,7 +307,10 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
                "device_time_s": device_seconds(record, inferred.get(record["run_id"]))}
         if isinstance(row.get("milestones"), list):  # hashable, so that it can be grouped on
             row["milestones"] = tuple(row["milestones"])
-        packed = packed_path(results_dir, record.get("same_run_as") or record["run_id"])
+        # the run whose training (and so packed file) this is: its own, or the one it is
+        # recorded as
+        row["trained_as"] = record.get("same_run_as") or record["run_id"]
+        packed = packed_path(results_dir, row["trained_as"])
         row["packed_file"] = packed.exists()  # in this checkout (seed 0's, teachers' committed)
         row["packed_bytes"] = (record.get("packed_bytes")
                                or (packed.stat().st_size if row["packed_file"] else None))

@@ -202,6 +202,9 @@ def test_packed_size_comes_from_the_record_else_from_the_file_in_the_checkout(tm
     assert frame.loc[alias["run_id"], "packed_bytes"] == 777
     assert pd.isna(frame.loc[old_without_file["run_id"], "packed_bytes"])
     assert frame.loc[stale["run_id"], "packed_bytes"] == 555
+    # whose file each row's is: the alias's is the run it is recorded as
+    assert frame.loc[alias["run_id"], "trained_as"] == old_with_file["run_id"]
+    assert frame.loc[stale["run_id"], "trained_as"] == stale["run_id"]
     assert frame["packed_file"].to_dict() == {
         recorded["run_id"]: False, old_with_file["run_id"]: True, alias["run_id"]: True,
         old_without_file["run_id"]: False, stale["run_id"]: True}

@@ -56,6 +56,11 @@ def onnxruntime():
                           "'.[export]' (or onnx onnxruntime)") from exc
 
 
+def _logits(model: nn.Module, x: Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return model(x).float().numpy()
+
+
 def quantizer_inputs(model: nn.Module, x: Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
     """kdlib's logits and, per active activation quantizer in call order, its input on the level
     scale, ``n * clamp(x, 0, 1)`` (the codes are this value rounded; n = 2^bits - 1)."""
@@ -72,8 +77,7 @@ def quantizer_inputs(model: nn.Module, x: Tensor) -> tuple[np.ndarray, list[np.n
             lambda _, inputs, n=levels: scaled.append(
                 (torch.clamp(inputs[0], 0, 1) * n).float().contiguous().numpy())))
     try:
-        with torch.inference_mode():
-            logits = model(x).float().numpy()
+        logits = _logits(model, x)
     finally:
         for hook in hooks:
             hook.remove()
@@ -151,7 +155,7 @@ def measure(model: nn.Module, images_u8: Tensor, labels: Tensor, *,
     diff = np.abs(ort_logits - kd_logits).max(axis=1)
     truth = labels.numpy()
     alone = min(self_images, len(truth))
-    one_at_a_time = np.concatenate([quantizer_inputs(model, x)[0] for x, _ in eval_batches(
+    one_at_a_time = np.concatenate([_logits(model, x) for x, _ in eval_batches(
         images_u8[:alone], labels[:alone], 1, channels_last=True)])
     self_diff = np.abs(one_at_a_time - kd_logits[:alone]).max(axis=1)
     return {
@@ -192,9 +196,9 @@ def measure_committed(results_dir: str | Path, images_u8: Tensor, labels: Tensor
     images_u8, labels = images_u8[:limit], labels[:limit]
     models = []
     for row in rows.itertuples():
-        run_id = row.same_run_as if isinstance(row.same_run_as, str) else row.run_id  # or NaN
         log(f"onnx: {row.run_id} on {len(labels)} test images")
-        measured = measure(load_packed(packed_path(results_dir, run_id)), images_u8, labels)
+        measured = measure(load_packed(packed_path(results_dir, row.trained_as)), images_u8,
+                           labels)
         models.append({"run_id": row.run_id, "bits": int(row.w_bits), "a_bits": int(row.a_bits),
                        "record_test_top1": float(row.test_top1), **measured})
     result = {"method": method, "seed": seed, "test_set_images": test_set,
