@@ -103,6 +103,7 @@ def test_the_command_measures_the_teacher_and_the_method_and_the_readme_shows_it
     assert "| 32 " in table and "| 2 " in table and "| 1 " not in table
     assert "`ta_chain` of seed 0" in table and "first 12 CIFAR-100 test images" in table
     assert "a subset: its test top-1 is not the records'" in table  # of the 200 fake ones
+    assert f"in {result['seconds'] / 60:.1f} minutes." in table and result["seconds"] > 0
     assert "wrote" in capsys.readouterr().out and "Stale" not in table
     assert cli.main(["onnx", "--results-dir", str(tmp_path), "--data-dir", str(fake_data_root)
                      ]) == 0  # all 200 test images: compared with the records' 99% (untrained)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,7 @@ def measure_committed(results_dir: str | Path, images_u8: Tensor, labels: Tensor
     ValueError names what is missing."""
     import onnx  # the export extra's, as to_onnx needs it
 
+    started = time.monotonic()
     frame = load_results(results_dir)
     rows = frame[frame["method"].isin(["teacher", method]) & (frame["seed"] == seed)
                  & frame["packed_file"]]
@@ -204,7 +206,8 @@ def measure_committed(results_dir: str | Path, images_u8: Tensor, labels: Tensor
     result = {"method": method, "seed": seed, "test_set_images": test_set,
               "versions_onnx": {"onnx": onnx.__version__,
                                 "onnxruntime": onnxruntime().__version__},
-              **environment_info(), "models": models}
+              **environment_info(), "models": models,
+              "seconds": time.monotonic() - started}
     write_json_atomic(Path(results_dir) / RESULT_FILE, result)
     return result
 
@@ -245,6 +248,7 @@ def render_onnx_agreement(results_dir: str | Path) -> str:
         compared = "kdlib's test top-1 is each run's recorded one"
     else:
         compared = "kdlib's test top-1 is NOT each run's recorded one"
+    took = f" in {result['seconds'] / 60:.1f} minutes" if "seconds" in result else ""
     one_level = ("one level" if all(m["first_flips_one_level"] for m in models)
                  else "NOT always one level")
     lines = [markdown_table(table), "", (
@@ -259,7 +263,7 @@ def render_onnx_agreement(results_dir: str | Path) -> str:
         f"{one_level}, its input within {max(m['tie_distance'] for m in models):.1g} of a "
         f"rounding tie. kdlib against itself: the first {first['self_images']:,} images one a "
         f"batch. Measured on {result['cpu_model']}, torch {result['versions']['torch']}, by "
-        f"`python -m kdlib onnx`.")]
+        f"`python -m kdlib onnx`{took}.")]
     if stale:
         lines += ["", f"**Stale:** the records of {', '.join(f'`{r}`' for r in stale)} no "
                       "longer hold the test top-1 these models had (retrained or removed): "
