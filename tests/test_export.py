@@ -630,8 +630,8 @@ def test_onnx_matches_committed_models_up_to_activation_codes_flipped_at_ties(
     assert logit_diff[~flipped].max(initial=0) <= 1e-4
     if bits == 16:  # 65,535 levels: some code flips on every image; the tie check is the test
         assert flipped.all()
-    else:  # the 1e-4 check covers many images: all 200 at 32 and 1 bit, 61 at 8 bits (a quarter
-        assert (~flipped).mean() >= 0.1  # of the 10,000 test images at 8 bits)
+    else:  # the 1e-4 check covers many images: all 200 at 32 and 1 bit, 47 at 8 bits on an AMD
+        assert (~flipped).mean() >= 0.1  # EPYC (22 % of 10,000 there: onnx_agreement.json)
     default = run_onnx(path, x)  # ORT's default optimisations: what a user runs
     # onnx_agreement.json: the top-1 class equal on >= 99.7 % of 10,000 images at every width
     assert np.mean(default.argmax(1) == expected.argmax(1)) >= 0.98
