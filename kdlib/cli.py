@@ -365,71 +365,72 @@ def command_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    summary = __doc__.split("\n")[0].replace("``", "`")  # the docstring's RST, as plain text
-    parser = argparse.ArgumentParser(prog="python -m kdlib", description=summary)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"{' | '.join(PRESETS)} (default: {DEFAULT_PRESET})")
+    p.add_argument("--model", default=None,
+                   help="registry name (default: the preset's, resnet20 but for "
+                        "quick_squeezenet)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    p.add_argument("--results-dir", default=None, help="default: results/<preset>")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a RunConfig field, e.g. --set epochs=3 (repeatable)")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="write no TensorBoard scalars (default: results/<preset>/tb/<run_id> "
+                        "when tensorboard is installed)")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default=DEFAULT_PRESET,
-                       help=f"{' | '.join(PRESETS)} (default: {DEFAULT_PRESET})")
-        p.add_argument("--model", default=None,
-                       help="registry name (default: the preset's, resnet20 but for "
-                            "quick_squeezenet)")
-        p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
-        p.add_argument("--results-dir", default=None, help="default: results/<preset>")
-        p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a RunConfig field, e.g. --set epochs=3 (repeatable)")
-        p.add_argument("--no-tensorboard", action="store_true",
-                       help="write no TensorBoard scalars (default: results/<preset>/tb/<run_id> "
-                            "when tensorboard is installed)")
 
-    def executor(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--executor", choices=EXECUTORS, default="serial",
-                       help="serial: one run after another here; processes: --jobs runs at "
-                            "once here (several share a GPU); ray: every run as a Ray task "
-                            "(pip install -e '.[ray]')")
-        # default None: an option given to an executor that does not read it is refused
-        # (executor_options), then the default is filled in
-        p.add_argument("--address", default=None, help="ray: auto | HOST:PORT of a running "
-                       "cluster (default: start Ray on this machine)")
-        p.add_argument("--cpus-per-run", type=int, default=None,
-                       help="ray: CPUs each run reserves, also its torch threads (default: 1)")
-        p.add_argument("--gpus-per-run", type=float, default=None,
-                       help="ray: GPUs each run reserves, e.g. 1 or 0.5 (default: 0)")
-        p.add_argument("--jobs", type=int, default=None,
-                       help="processes: runs at once on this machine (default 2)")
-        p.add_argument("--max-retries", type=int, default=None,
-                       help="ray: retries of a run whose worker died; it resumes from its "
-                            "checkpoint (default: 3)")
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=EXECUTORS, default="serial",
+                   help="serial: one run after another here; processes: --jobs runs at "
+                        "once here (several share a GPU); ray: every run as a Ray task "
+                        "(pip install -e '.[ray]')")
+    # default None: an option given to an executor that does not read it is refused
+    # (executor_options), then the default is filled in
+    p.add_argument("--address", default=None, help="ray: auto | HOST:PORT of a running "
+                   "cluster (default: start Ray on this machine)")
+    p.add_argument("--cpus-per-run", type=int, default=None,
+                   help="ray: CPUs each run reserves, also its torch threads (default: 1)")
+    p.add_argument("--gpus-per-run", type=float, default=None,
+                   help="ray: GPUs each run reserves, e.g. 1 or 0.5 (default: 0)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="processes: runs at once on this machine (default 2)")
+    p.add_argument("--max-retries", type=int, default=None,
+                   help="ray: retries of a run whose worker died; it resumes from its "
+                        "checkpoint (default: 3)")
 
+
+def _plan_options(p: argparse.ArgumentParser, chain_methods: str, methods: str) -> None:
+    """What `run` and `grid` plan: seeds, chain and methods (help texts differ: `run` names the
+    notebook that reads each)."""
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="default: the preset's seeds")
+    p.add_argument("--chain", nargs="+", default=None, help="TA chain, e.g. 32 16 8 4 2 1")
+    p.add_argument("--chain-methods", nargs="+", default=None, help=chain_methods)
+    p.add_argument("--methods", nargs="+", default=None, help=methods)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="execute notebooks 01-04 with papermill")
-    common(run)
-    executor(run)
-    run.add_argument("--seeds", nargs="+", type=int, default=None,
-                     help="default: the preset's seeds")
-    run.add_argument("--chain", nargs="+", default=None, help="TA chain, e.g. 32 16 8 4 2 1")
+    _common_options(run)
+    _executor_options(run)
+    _plan_options(run, f"notebook 02, any of: {' '.join(CHAIN_METHODS)} (default: all)",
+                  f"notebook 03, any of: {' '.join(STUDENT_METHODS)} (default: all)")
     run.add_argument("--bits", nargs="+", default=None,
                      help="student bit widths for notebook 03 (default: the chain's widths "
                           "after its teacher, --chain's too)")
-    run.add_argument("--chain-methods", nargs="+", default=None,
-                     help=f"notebook 02, any of: {' '.join(CHAIN_METHODS)} (default: all)")
-    run.add_argument("--methods", nargs="+", default=None,
-                     help=f"notebook 03, any of: {' '.join(STUDENT_METHODS)} (default: all)")
     run.add_argument("--only", nargs="+", default=None, help="run only these notebooks, e.g. 01 04")
     run.add_argument("--log-output", action="store_true", help="stream cell output to the log")
     run.set_defaults(func=command_run)
 
+
+def _add_grid(sub: argparse._SubParsersAction) -> None:
     grid = sub.add_parser("grid",
                           help="train the whole grid without notebooks (then `run` shows it)")
-    common(grid)
-    executor(grid)
-    grid.add_argument("--seeds", nargs="+", type=int, default=None,
-                      help="default: the preset's seeds")
-    grid.add_argument("--chain", nargs="+", default=None, help="TA chain, e.g. 32 16 8 4 2 1")
-    grid.add_argument("--chain-methods", nargs="+", default=None, help="default: the preset's")
-    grid.add_argument("--methods", nargs="+", default=None, help="default: the preset's")
+    _common_options(grid)
+    _executor_options(grid)
+    _plan_options(grid, "default: the preset's", "default: the preset's")
     grid.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     grid.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     grid.add_argument("--budget-min", type=float, default=None,
@@ -444,8 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: results/bench)")
     grid.set_defaults(func=command_grid)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train one model from the shell")
-    common(train)
+    _common_options(train)
     train.add_argument("--method", default="individual",
                        help=" | ".join(METHODS) + " (default: individual)")
     train.add_argument("--w-bits", type=int, default=None, help="default: 32")
@@ -456,15 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     train.set_defaults(func=command_train)
 
+
+def _results_dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)),
+                   help=f"default: results/{DEFAULT_PRESET}")
+
+
+def _add_reports(sub: argparse._SubParsersAction) -> None:
+    """The commands that read a results folder: summary, readme, onnx."""
     summary = sub.add_parser("summary", help="print mean ± std over seeds per method × bits")
-    shown = f"default: results/{DEFAULT_PRESET}"
-    summary.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)),
-                         help=shown)
+    _results_dir_option(summary)
     summary.set_defaults(func=command_summary)
 
     readme = sub.add_parser("readme", help="re-render the README's results and benchmark blocks")
-    readme.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)),
-                        help=shown)
+    _results_dir_option(readme)
     readme.add_argument("--bench-dir", default=str(REPO_ROOT / "results" / "bench"),
                         help="default: results/bench")
     readme.add_argument("--check", action="store_true", help="only check, exit 2 if out of date")
@@ -472,8 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     onnx = sub.add_parser("onnx", help="how ONNX Runtime's logits agree with kdlib's on a "
                                        "results folder's packed models (all test images)")
-    onnx.add_argument("--results-dir", default=str(default_results_dir(DEFAULT_PRESET)),
-                      help=shown)
+    _results_dir_option(onnx)
     onnx.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     onnx.add_argument("--method", default="ta_chain",
                       help="whose models, beside the teacher's (default: ta_chain)")
@@ -482,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only the first N test images (default: all 10,000)")
     onnx.set_defaults(func=command_onnx)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="training throughput, ours vs a typical pipeline")
     bench.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     bench.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"),
@@ -494,7 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variants", nargs="+", default=None, help="only these (default: all)")
     bench.set_defaults(func=command_bench)
 
-    add_lease_parser(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    summary = __doc__.split("\n")[0].replace("``", "`")  # the docstring's RST, as plain text
+    parser = argparse.ArgumentParser(prog="python -m kdlib", description=summary)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_grid, _add_train, _add_reports, _add_bench, add_lease_parser):
+        add(sub)
     return parser
 
 
