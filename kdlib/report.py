@@ -81,6 +81,21 @@ def _contrast_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def _dirty_lines(frame: pd.DataFrame, trained: pd.DataFrame) -> list[str]:
+    """How many trained runs came from a modified working tree (counted once: a record shown
+    under a second name carries its run's commit)."""
+    def dirty(rows: pd.DataFrame) -> int:
+        return int(rows["git_commit"].fillna("").str.endswith("+dirty").sum())
+
+    if not dirty(frame):
+        return []
+    names = (f"; {dirty(frame)} of the {len(frame)} records, counting each name a run is shown "
+             "under" if dirty(frame) != dirty(trained) else "")
+    return ["", f"**{dirty(trained)} of {len(trained)} trained runs were made from a modified "
+            f"working tree** (their `git_commit` ends in `+dirty`{names}): the code they ran is "
+            "not exactly any commit."]
+
+
 def render_results(results_dir: str | os.PathLike) -> str:
     """Markdown: test top-1 per method × bit width, the chain's contrasts, cost and machine."""
     frame = load_results(results_dir)
@@ -124,11 +139,8 @@ def render_results(results_dir: str | os.PathLike) -> str:
                   "top-1 points, mean [95% interval] (an interval needs two seeds or more; "
                   "_same run_: one training under both names, no comparison):", "",
                   markdown_table(contrasts)]
-    dirty = frame["git_commit"].fillna("").str.endswith("+dirty") if "git_commit" in frame else None
-    if dirty is not None and dirty.any():
-        lines += ["", f"**{int(dirty.sum())} of {len(frame)} runs were made from a modified "
-                  "working tree** (their `git_commit` ends in `+dirty`): the code they ran is not "
-                  "exactly any commit."]
+    if "git_commit" in frame:
+        lines += _dirty_lines(frame, trained)
     published = published_table(str(first["model"]))
     if published.empty:
         lines += ["", f"No published numbers for {first['model']} in "

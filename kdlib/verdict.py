@@ -1,8 +1,8 @@
 """The workbook's answer in words, derived from the paired contrasts and nothing else.
 
 A width is *resolved* for a contrast when its 95% paired interval excludes 0; the sentence
-then names the side that won. Everything else is *unresolved*, and says how wide the
-interval was, so "no difference" is never claimed where the seeds could not have seen one.
+then names the side that won. Everything else is *unresolved* and shown with its interval,
+which rules out only differences beyond its ends: "no difference" is never claimed.
 Thirteen widths tested at 95% each would call about 0.7 of them by chance if nothing differed,
 so the answer also says which calls stand when all of them together may err 5% of the time
 (Holm's step-down correction of the same paired t-tests, :func:`holm_stands`).
@@ -132,9 +132,11 @@ def _sentence(method: str, baseline: str, meaning: str, rows: pd.DataFrame) -> s
             parts.append(f"{name} is better at {_widths(part)} ({_values(part)})")
     open_ = rows[rows["verdict"] == "unresolved"]
     if not open_.empty:
-        half = ((open_["ci95_high"] - open_["ci95_low"]) / 2).median()
-        parts.append(f"unresolved at {_widths(open_)} (median interval ±{half:.2f} points: an "
-                     f"effect smaller than that could not be seen; {_values(open_)})")
+        # not "an effect smaller than the half-width could not be seen": an effect that large
+        # would be missed about half the time; an interval says only what lies beyond its ends
+        each = "its interval holds" if len(open_) == 1 else "each interval holds"
+        parts.append(f"unresolved at {_widths(open_)} ({each} 0 and rules out only differences "
+                     f"beyond its ends; {_values(open_)})")
     single = rows[rows["verdict"] == "one seed"]  # counted in the seeds above: named too
     if not single.empty:
         parts.append(f"one seed, no interval yet, at {_widths(single)} ({_signs(single)} points)")
@@ -169,12 +171,45 @@ def _holm_sentence(tested: pd.DataFrame) -> str:
     m = len(tested)
     head = (f"Holding all {m} to a 5% chance of any false call (Holm's correction of the same "
             f"paired t-tests), ")
+    calls = tested[tested["verdict"] != "unresolved"]
+    fallen = calls[~calls["holm"]]
+    fallen_text = (f"; {len(fallen)} of the {len(calls)} calls above "
+                   f"{'does' if len(fallen) == 1 else 'do'} not: "
+                   + _named_calls(fallen, with_p=True) if not fallen.empty else "")
     if stands.empty:
-        return head + "none stands."
-    calls = "; ".join(
-        f"`{method} − {baseline}` at {_widths(rows)}" for method, baseline, _ in CONTRASTS
-        if not (rows := stands[stands["contrast"] == f"{method} − {baseline}"]).empty)
-    return head + f"{len(stands)} stand: {calls}."
+        return head + "none stands" + fallen_text + "."
+    return head + f"{len(stands)} stand: {_named_calls(stands)}{fallen_text}."
+
+
+def _named_calls(rows: pd.DataFrame, with_p: bool = False) -> str:
+    """'`a − b` at 8 bit and 4 bit; `c − d` at 2 bit', in the contrasts' order; ``with_p``:
+    each width's p beside it."""
+    def widths(part: pd.DataFrame) -> str:
+        if not with_p:
+            return _widths(part)
+        return ", ".join(f"{r.bits} bit (p = {r.p:.2g})" for r in part.itertuples())
+
+    return "; ".join(
+        f"`{method} − {baseline}` at {widths(part)}" for method, baseline, _ in CONTRASTS
+        if not (part := rows[rows["contrast"] == f"{method} − {baseline}"]).empty)
+
+
+def smallest_signed_rank_p(n: int) -> float:
+    """The smallest two-sided p the exact Wilcoxon signed-rank test (or the sign test) can give
+    with ``n`` paired differences: every difference on one side, 2 / 2^n."""
+    return 2.0 / 2 ** n
+
+
+def _normality_sentence(tested: pd.DataFrame) -> str:
+    """Said when the seeds are too few for any test free of the t-test's normality assumption
+    to call a width at 5% (five seeds or fewer)."""
+    n = int(tested["n"].max())
+    floor = smallest_signed_rank_p(n)
+    if floor <= 0.05:
+        return ""
+    return (f" With {n} seeds the calls rest on the t-test's assumption of normally distributed "
+            f"differences: no test free of that assumption could call any width at 5% (the exact "
+            f"signed-rank test's smallest two-sided p is 2/2^{n} = {floor:.4g}).")
 
 
 def render_answer(frame: pd.DataFrame) -> str:
@@ -199,8 +234,10 @@ def render_answer(frame: pd.DataFrame) -> str:
         resolved = int((tested["verdict"] != "unresolved").sum())
         tail = (f"{resolved} of {len(tested)} intervals exclude 0. At 95% each, about "
                 f"{0.05 * len(tested):.1f} of {len(tested)} would exclude 0 by chance if no "
-                "effect existed anywhere, so a lone resolved width is weak evidence; a pattern "
-                "across neighbouring widths is stronger. " + _holm_sentence(tested))
+                "effect existed anywhere, so a lone resolved width is weak evidence, and "
+                "neighbouring widths are not independent evidence either, as each chain link "
+                "starts from the width above it. " + _holm_sentence(tested)
+                + _normality_sentence(tested))
     return "\n".join([intro, "", *lines, "", tail])
 
 
@@ -209,6 +246,7 @@ def render_answer(frame: pd.DataFrame) -> str:
 AGREEMENT = {
     "both": "resolved in both, same side",
     "one": "resolved in one, the same sign in the other",
+    "even": "resolved in one, the other's mean exactly 0",
     "neither": "resolved in neither",
     "leans": "resolved in one, the other's mean on the other side",
     "conflict": "resolved in both, opposite sides",
@@ -218,12 +256,18 @@ AGREEMENT = {
 def agreement(first: Mapping, second: Mapping) -> str:
     """A key of :data:`AGREEMENT` for one contrast at one width in two grids (both tested)."""
     resolved = [row["verdict"] in ("method", "baseline") for row in (first, second)]
-    same_sign = (first["mean"] > 0) == (second["mean"] > 0)
     if all(resolved):
         return "both" if first["verdict"] == second["verdict"] else "conflict"
     if any(resolved):
-        return "one" if same_sign else "leans"
+        signs = {_sign(first["mean"]), _sign(second["mean"])}
+        return "even" if 0 in signs else "one" if len(signs) == 1 else "leans"
     return "neither"
+
+
+def _sign(mean: float) -> int:
+    """-1, 0 or +1; 0 also for float noise: differences of hundredths that cancel average to
+    about 1e-16, not 0."""
+    return 0 if abs(mean) < 1e-9 else (1 if mean > 0 else -1)
 
 
 def compare_answers(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:

@@ -1528,6 +1528,20 @@ def test_a_return_one_file_over_the_limit_is_refused(tmp_path):
     assert not list((tmp_path / "over").iterdir())  # refused before any file is written
 
 
+def test_a_benchmark_file_over_the_return_limit_is_refused_before_anything_is_written(tmp_path):
+    """Results are split into parts, the benchmark files beside them are not: one over the
+    limit would be dropped by the device tool, the lease's benchmark lost."""
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "a.json").write_text('{"run_id": "a"}')
+    bench = tmp_path / "NVIDIA_H200.json"
+    bench.write_bytes(b"0" * 200_000)
+    assert len(lease.pack_outputs(results, tmp_path / "fits", [bench], file_mib=0.2)) == 3
+    with pytest.raises(ValueError, match=r"NVIDIA_H200.json \(0.2 MiB\): over the 0.1 MiB"):
+        lease.pack_outputs(results, tmp_path / "over", [bench], file_mib=0.1)
+    assert not list((tmp_path / "over").iterdir())
+
+
 def test_go_takes_a_follow_ups_seconds_as_seconds(tmp_path, monkeypatch):
     """A follow-up's --seconds are seconds; every other option of `go`'s command line reaches
     `lease.go`, whose benchmarks are the working directory's results/bench, where `pack` looks

@@ -226,8 +226,14 @@ def test_runs_from_a_modified_working_tree_are_counted_under_the_table(tmp_path,
     assert "modified working tree" not in render_results(tmp_path)
     _edit_record(tmp_path, "i4-0", git_commit="0123abc+dirty")
     _edit_record(tmp_path, "c4-1", git_commit="0123abc+dirty")
-    assert ("**2 of 7 runs were made from a modified working tree** (their `git_commit` ends in "
-            "`+dirty`)") in render_results(tmp_path)
+    assert ("**2 of 7 trained runs were made from a modified working tree** (their `git_commit` "
+            "ends in `+dirty`): the code") in render_results(tmp_path)
+    # one training shown under a second name is one dirty run, and the records say so apart
+    write_record(tmp_path, "k4-1", "direct_kd", 4, 1, 21.0, created_at="2026-01-01T12:30:00+00:00")
+    _edit_record(tmp_path, "k4-1", same_run_as="c4-1", git_commit="0123abc+dirty")
+    assert ("**2 of 7 trained runs were made from a modified working tree** (their `git_commit` "
+            "ends in `+dirty`; 3 of the 8 records, counting each name a run is shown under): "
+            "the code") in render_results(tmp_path)
 
 
 def test_a_model_without_published_numbers_says_so(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from kdlib.config import RunConfig
 from kdlib.results import load_results, save_record
 from kdlib.verdict import (agreement, classify, compare_answers, contrast_verdicts, holm_standing,
                            holm_stands, one_training, paired_p_value, render_agreement,
-                           render_answer, same_run_widths)
+                           render_answer, same_run_widths, smallest_signed_rank_p)
 
 
 def _save(folder, cfg: RunConfig, top1: float, same_run_as: str | None = None) -> None:
@@ -64,7 +64,8 @@ def test_a_loss_names_the_baseline_and_noise_stays_unresolved(tmp_path):
     noisy = _chains(tmp_path / "noisy", {2: [1.5, -1.0, 0.2]})
     text = render_answer(noisy)
     assert contrast_verdicts(noisy)["verdict"].tolist() == ["unresolved"]
-    assert "unresolved at 2 bit (median interval ±" in text and "is better" not in text
+    assert ("unresolved at 2 bit (its interval holds 0 and rules out only differences beyond "
+            "its ends; 2: ") in text and "is better" not in text
     assert "0 of 1 intervals exclude 0" in text and "none stands" in text
     assert holm_standing(noisy) == set()
 
@@ -110,6 +111,10 @@ def test_classify_reads_only_the_interval():
     (("method", +1.0), ("unresolved", -0.3), "leans"),
     (("unresolved", +0.2), ("baseline", -1.0), "leans"),
     (("unresolved", +0.2), ("unresolved", -0.4), "neither"),
+    (("method", +1.0), ("unresolved", 0.0), "even"),
+    # hundredths that cancel: (14.92 + ... ) − (14.92 + ...) averages to float noise, not 0
+    (("baseline", -1.0), ("unresolved", 2.96e-16), "even"),
+    (("baseline", -1.0), ("unresolved", -1e-6), "one"),
 ])
 def test_agreement_reads_both_verdicts_and_the_signs(first, second, expected):
     rows = [{"verdict": verdict, "mean": mean} for verdict, mean in (first, second)]
@@ -330,18 +335,23 @@ def _widths_frame(folder, diffs: dict[int, list[float]]):
     return load_results(folder)
 
 
-def test_unresolved_widths_read_widest_first_with_the_median_half_width(tmp_path):
-    """The sentence's '±' is the median half-width of the unresolved intervals (one wide width
-    must not inflate it, as a mean would), and widths are named widest first, as the tables."""
+def test_unresolved_widths_read_widest_first_each_with_its_interval(tmp_path):
+    """An unresolved width is shown with its own interval, widest width first as in the tables,
+    and no half-width is offered as the smallest effect the seeds would have seen (an effect of
+    that size is missed about half the time)."""
     # differences -d, 0, +d: mean 0, sd d, so each interval is 0 ± t(0.975, 2) d / sqrt(3)
     frame = _widths_frame(tmp_path, {8: [-1.0, 0.0, 1.0], 4: [-2.0, 0.0, 2.0],
                                      2: [-6.0, 0.0, 6.0]})
     t = stats.t.ppf(0.975, 2)  # 4.3027
-    halves = [t * d / 3 ** 0.5 for d in (1.0, 2.0, 6.0)]  # 2.48, 4.97, 14.91: median 4.97
+    halves = [t * d / 3 ** 0.5 for d in (1.0, 2.0, 6.0)]  # 2.48, 4.97, 14.91
     assert contrast_verdicts(frame)["bits"].tolist() == ["8", "4", "2"]
     text = render_answer(frame)
-    assert f"unresolved at 8 bit, 4 bit and 2 bit (median interval ±{halves[1]:.2f} points" in text
-    assert "±4.97 points" in text  # the hand value: 4.3027 × 2 / 1.7321
+    intervals = "; ".join(f"{bits}: +0.00 [{-half:+.2f}, {half:+.2f}]"
+                          for bits, half in zip((8, 4, 2), halves))
+    assert ("unresolved at 8 bit, 4 bit and 2 bit (each interval holds 0 and rules out only "
+            f"differences beyond its ends; {intervals})") in text
+    assert "4: +0.00 [-4.97, +4.97]" in text  # the hand value: 4.3027 × 2 / 1.7321
+    assert "±" not in text and "could not be seen" not in text
 
 
 def test_the_resolved_count_takes_both_sides_and_holm_counts_only_the_calls_that_stand(tmp_path):
@@ -356,7 +366,34 @@ def test_the_resolved_count_takes_both_sides_and_holm_counts_only_the_calls_that
     text = render_answer(frame)
     assert "2 of 3 intervals exclude 0." in text
     assert ("Holding all 3 to a 5% chance of any false call (Holm's correction of the same paired "
-            "t-tests), 1 stand: `ta_chain − progressive_kd32` at 8 bit.") in text
+            "t-tests), 1 stand: `ta_chain − progressive_kd32` at 8 bit; 1 of the 2 calls above "
+            f"does not: `ta_chain − progressive_kd32` at 4 bit (p = {p4:.2g}).") in text
+
+
+def test_a_call_that_falls_under_holm_is_named_even_when_none_stands(tmp_path):
+    frame = _widths_frame(tmp_path, {4: [-2.0, -3.0, -4.0], 2: [-2.1, -3.0, -4.0]})
+    p = [stats.ttest_1samp(d, 0.0).pvalue for d in ([-2.0, -3.0, -4.0], [-2.1, -3.0, -4.0])]
+    assert all(0.025 < value < 0.05 for value in p)  # each resolved, neither under Holm
+    text = render_answer(frame)
+    assert ("none stands; 2 of the 2 calls above do not: `ta_chain − progressive_kd32` at "
+            f"4 bit (p = {p[0]:.2g}), 2 bit (p = {p[1]:.2g}).") in text
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 8])
+def test_the_smallest_signed_rank_p_is_scipys(n):
+    """All n differences on one side: the exact Wilcoxon signed-rank test's two-sided p."""
+    p = stats.wilcoxon(list(range(1, n + 1)), alternative="two-sided", method="exact").pvalue
+    assert smallest_signed_rank_p(n) == pytest.approx(p)
+
+
+@pytest.mark.parametrize("seeds, said", [(5, True), (6, False)])
+def test_five_seeds_or_fewer_are_said_to_rest_on_normality(tmp_path, seeds, said):
+    """With five seeds no distribution-free test reaches 5% (0.0625 at best); with six it can."""
+    frame = _widths_frame(tmp_path, {4: [1.0 + 0.1 * s for s in range(seeds)]})
+    text = render_answer(frame)
+    assert (f"With {seeds} seeds the calls rest on the t-test's assumption" in text) is said
+    if said:
+        assert "smallest two-sided p is 2/2^5 = 0.0625)." in text
 
 
 def test_a_grids_words_give_its_teachers_mean_and_how_many_seeds(tmp_path):

@@ -247,6 +247,11 @@ def pack_outputs(results_dir: Path, out: Path, extra: Iterable[Path] = (),
     if written > max_files:  # refused before any is written: no partial return in `out`
         raise ValueError(f"{written} files to return, more than {max_files}: the results do not "
                          "fit one call's return; train fewer runs per lease")
+    too_big = [f"{path.name} ({path.stat().st_size / MIB:.1f} MiB)" for path in extra
+               if path.stat().st_size > part_bytes]
+    if too_big:  # the device tool would drop it, not split it
+        raise ValueError(f"{', '.join(too_big)}: over the {file_mib:g} MiB a returned file may "
+                         "weigh; leave it out of the return")
     parts = split_into_parts(blob, out, RESULTS_ARCHIVE, part_bytes)
     extras = []
     for path in extra:
