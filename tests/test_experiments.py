@@ -428,3 +428,22 @@ def test_a_run_another_process_trains_says_that_it_waits(tmp_path, capsys):
     with experiments._run_lock(tmp_path, "r"):
         pass
     assert capsys.readouterr().err == ""
+
+
+def test_every_committed_record_of_another_runs_training_copies_that_run_as_committed():
+    """A `same_run_as` record is its run's results under a second name: everything but its id
+    and config is that run's record. Two SqueezeNet aliases had copied a second, identical
+    training of their run (same metrics, another commit and wall time), which the run-hours and
+    "trained once" under the tables did not count."""
+    results = Path(__file__).resolve().parent.parent / "results"
+    checked = 0
+    for path in sorted(results.glob("*/runs/*.json")):
+        record = json.loads(path.read_text())
+        if not record.get("same_run_as"):
+            continue
+        trained = json.loads(record_path(path.parent.parent, record["same_run_as"]).read_text())
+        own = {"run_id", "config", "same_run_as"}
+        assert {k: v for k, v in record.items() if k not in own} \
+            == {k: v for k, v in trained.items() if k not in own}, path.name
+        checked += 1
+    assert checked >= 50
