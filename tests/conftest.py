@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,18 @@ def one_thread():
 
 NO_REAL_DATA = "real CIFAR-100 not found"
 HOW_TO_ENABLE = "set KDLIB_DATA=/path/containing/cifar-100-python to enable"
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def committed_records() -> list[Path]:
+    """The run records git tracks (results/<preset>/runs/*.json): not the ignored ones a local
+    `train --preset smoke` or a failed run leaves, which tests of the committed results must
+    not read."""
+    listed = subprocess.run(["git", "ls-files", "results/*/runs/*.json"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    return [REPO_ROOT / name for name in sorted(listed)]
 
 
 def on_ci() -> bool:

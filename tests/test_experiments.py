@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import committed_records
 
 from kdlib import experiments
 from kdlib.results import TIMING_FIELDS, load_results, record_path
@@ -435,9 +436,8 @@ def test_every_committed_record_of_another_runs_training_copies_that_run_as_comm
     and config is that run's record. Two SqueezeNet aliases had copied a second, identical
     training of their run (same metrics, another commit and wall time), which the run-hours and
     "trained once" under the tables did not count."""
-    results = Path(__file__).resolve().parent.parent / "results"
     checked = 0
-    for path in sorted(results.glob("*/runs/*.json")):
+    for path in committed_records():
         record = json.loads(path.read_text())
         if not record.get("same_run_as"):
             continue
