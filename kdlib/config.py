@@ -198,10 +198,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     # a fine-tune recorded as `individual`, and a teacher was refused only once training began
     if cfg.teacher_id is not None and cfg.method not in KD_METHODS:
         raise ValueError(f"teacher_id is set but method={cfg.method!r} distils from no teacher; "
-                         f"methods that do: {', '.join(KD_METHODS)}")
+                         f"methods that do: {', '.join(KD_METHODS)} "
+                         "(KD_METHODS in kdlib/config.py)")
     if cfg.init_id is not None and cfg.method not in INIT_METHODS:
         raise ValueError(f"init_id is set but method={cfg.method!r} starts from random weights; "
-                         f"methods that start from a trained model: {', '.join(INIT_METHODS)}")
+                         f"methods that start from a trained model: {', '.join(INIT_METHODS)} "
+                         "(INIT_METHODS in kdlib/config.py)")
     if list(cfg.milestones) != sorted(cfg.milestones):
         raise ValueError(f"milestones={list(cfg.milestones)!r} must be increasing fractions "
                          "of epochs")

@@ -507,7 +507,8 @@ def results_table(summary: pd.DataFrame,
         raise ValueError(f"method {first['method']!r} has "
                          f"{int((clash['method'] == first['method']).sum())} settings at "
                          f"{first['bits']} bits: one table shows one setting; filter "
-                         "the runs (e.g. by their `setting` column) first")
+                         "the runs (e.g. by their `setting` column) first, or keep each "
+                         "variant or model in a results folder of its own (--results-dir)")
     s["cell"] = s.apply(cell, axis=1)
     table = s.pivot_table(index="method", columns="bits", values="cell", aggfunc="first")
     return table.reindex(index=in_method_order(table.index),

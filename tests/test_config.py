@@ -230,8 +230,11 @@ def test_a_starting_point_the_method_does_not_take_is_refused(method):
     for other in METHODS:
         validate(RunConfig(method=other, init_id="r" if other in INIT_METHODS else None,
                            teacher_id="t" if other in KD_METHODS else None))
-    with pytest.raises(ValueError, match="teacher_id is set but method='finetune'"):
+    with pytest.raises(ValueError, match="teacher_id is set but method='finetune'.*"
+                                         r"\(KD_METHODS in kdlib/config.py\)$"):
         validate(RunConfig(method="finetune", init_id="r", teacher_id="t"))
+    with pytest.raises(ValueError, match=r"\(INIT_METHODS in kdlib/config.py\)$"):
+        validate(RunConfig(method="individual", init_id="r"))
 
 
 def test_run_id_names_model_method_bits_and_seed():

@@ -90,5 +90,8 @@ def test_nbval_regression_checks(real_data_root, tmp_path):
                            "-p", "no:cacheprovider",
                            "--rootdir", str(tmp_path), str(tmp_path / "notebooks")],
                           capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rerecord = ("\n(a notebook changed on purpose? re-record its checked outputs: "
+                "jupyter nbconvert --to notebook --execute --inplace notebooks/NN_name.ipynb, "
+                "as the README's 'Notebooks by hand' says)")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:] + rerecord
     assert " passed" in proc.stdout and "failed" not in proc.stdout

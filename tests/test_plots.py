@@ -419,3 +419,17 @@ def test_figures_of_no_rows_draw_empty_axes():
         ax = fig.axes[0]
         assert list(ax.get_xticks()) == [] and not ax.patches and ax.get_legend() is None
     plt.close("all")
+
+
+def test_every_student_method_has_a_place_and_a_label_in_the_figures():
+    """The figures draw the methods of `METHOD_ORDER` under their `METHOD_LABELS`: a method
+    added to `kdlib.config.METHODS` without both would be left out of every figure, silently
+    (the tables would still show it, last)."""
+    from kdlib.config import METHODS
+    from kdlib.results import METHOD_ORDER
+
+    students = [m for m in METHODS if m != "teacher"]
+    assert sorted(METHOD_ORDER) == sorted(students), \
+        "add the method to METHOD_ORDER in kdlib/results.py"
+    assert sorted(METHOD_LABELS) == sorted(students), \
+        "add the method's legend label to METHOD_LABELS in kdlib/plots.py"
