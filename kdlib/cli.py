@@ -35,7 +35,7 @@ from kdlib.experiments import (check_methods, check_seeds, execute, plan_chain, 
 from kdlib.lease.commands import add_lease_parser
 from kdlib.presets import (CHAIN_METHODS, DEFAULT_PRESET, PRESETS, STUDENT_METHODS,
                            TEACHER_SCHEDULE_METHODS, build_config, get_preset, preset_model)
-from kdlib.report import render_readme, stale_readme_figures
+from kdlib.report import changed_blocks, render_readme, stale_readme_figures
 from kdlib.results import load_records, load_results, summarise, untrained
 from kdlib.run_order import unique_runs
 from kdlib.tblog import TENSORBOARD_ENV
@@ -149,7 +149,8 @@ def command_run(args: argparse.Namespace) -> int:
         params = notebook_parameters(args, name, results_dir)
         print(f"== {name}  {json.dumps(params)}", flush=True)
         try:
-            notebook_runs.execute(name, params, executed, progress_bar=not args.log_output)
+            notebook_runs.execute(name, params, executed,
+                                  progress_bar=not (args.log_output or args.no_progress))
         except notebook_runs.NotebookFailed as exc:
             print(f"error: notebook {name} failed: {exc} (executed copy: {exc.executed})",
                   file=sys.stderr)
@@ -345,8 +346,9 @@ def command_readme(args: argparse.Namespace) -> int:
     stale = stale and f"figures the README shows were drawn from other records than now: {stale}"
     if args.check:
         if updated != text:
-            raise UserError("README.md is out of date with the result files: run python -m "
-                            "kdlib readme")
+            raise UserError("README.md is out of date with the result files (blocks "
+                            f"{', '.join(changed_blocks(text, updated))}): run python -m kdlib "
+                            "readme")
         if stale:
             raise UserError(stale)
         print("README.md agrees with the result files")
@@ -421,7 +423,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                      help="student bit widths for notebook 03 (default: the chain's widths "
                           "after its teacher, --chain's too)")
     run.add_argument("--only", nargs="+", default=None, help="run only these notebooks, e.g. 01 04")
-    run.add_argument("--log-output", action="store_true", help="stream cell output to the log")
+    run.add_argument("--log-output", action="store_true",
+                     help="stream cell output to the log (and no progress bar)")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no papermill progress bar (for logs)")
     run.set_defaults(func=command_run)
 
 

@@ -360,6 +360,14 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
+def changed_blocks(old: str, new: str) -> list[str]:
+    """Names of the generated blocks (``<!-- name:start -->``) whose text differs between two
+    READMEs, in the order ``old`` has them."""
+    pattern = re.compile(r"<!-- (\w+):start -->\n(.*?)\n<!-- \1:end -->", re.S)
+    before, after = dict(pattern.findall(old)), dict(pattern.findall(new))
+    return [name for name in before if before[name] != after.get(name)]
+
+
 def render_packed_models(results_dir: str | os.PathLike, seed: int = 0) -> str:
     """Markdown: the committed packed weights files of one seed, size per method × bits (KiB),
     and what the header takes of the smallest (:func:`_header_share`)."""

@@ -182,6 +182,20 @@ def test_run_gives_its_notebooks_the_data_root_of_the_command(tmp_path, monkeypa
     assert seen == [str(tmp_path / "data")]
 
 
+@pytest.mark.parametrize("options, bar", [([], True), (["--no-progress"], False),
+                                          (["--log-output"], False)])
+def test_run_takes_no_progress_as_grid_and_train_do(options, bar, tmp_path, monkeypatch):
+    from kdlib import cli, notebook_runs
+
+    seen = []
+    monkeypatch.setattr(notebook_runs, "execute",
+                        lambda name, *args, progress_bar: seen.append(progress_bar))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    assert cli.main(["run", "--preset", "smoke", "--only", "04", *options,
+                     "--results-dir", str(tmp_path / "results")]) == 0
+    assert seen == [bar]
+
+
 def test_every_option_says_what_it_does_and_the_lease_help_names_every_step():
     """`--help` is where a newcomer finds an option's default; a step missing from the lease
     command's one-line help is a step nobody finds."""

@@ -346,9 +346,20 @@ def test_cli_readme_check_fails_when_a_number_is_out_of_date(stale_readme, tmp_p
     stale_readme.write_text(edited)
     capsys.readouterr()
     assert cli.main(["readme", "--check", *args]) == 2
-    assert capsys.readouterr().err == ("error: README.md is out of date with the result files: "
-                                       "run python -m kdlib readme\n")
+    assert capsys.readouterr().err == ("error: README.md is out of date with the result files "
+                                       "(blocks results): run python -m kdlib readme\n")
     assert stale_readme.read_text() == edited  # --check never writes
+
+
+def test_the_changed_blocks_are_named_in_the_readmes_order():
+    from kdlib.report import changed_blocks
+
+    old = ("intro\n<!-- a:start -->\n1\n<!-- a:end -->\ntext\n<!-- b:start -->\n2\n"
+           "<!-- b:end -->\n<!-- c:start -->\n3\n<!-- c:end -->\n")
+    assert changed_blocks(old, old) == []
+    assert changed_blocks(old, old.replace("\n3\n", "\n3.1\n").replace("\n1\n", "\n0\n")) \
+        == ["a", "c"]
+    assert changed_blocks(old, old.replace("text", "prose")) == []  # only the blocks
 
 
 def test_cli_readme_check_fails_on_a_shown_figure_older_than_its_records(stale_readme, tmp_path,
