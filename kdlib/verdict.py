@@ -173,8 +173,8 @@ def _holm_sentence(tested: pd.DataFrame) -> str:
             f"paired t-tests), ")
     calls = tested[tested["verdict"] != "unresolved"]
     fallen = calls[~calls["holm"]]
-    fallen_text = (f"; {len(fallen)} of the {len(calls)} calls above "
-                   f"{'does' if len(fallen) == 1 else 'do'} not: "
+    fallen_text = (f". Of the {len(calls)} calls above, {len(fallen)} "
+                   f"{'does' if len(fallen) == 1 else 'do'} not stand: "
                    + _named_calls(fallen, with_p=True) if not fallen.empty else "")
     if stands.empty:
         return head + "none stands" + fallen_text + "."

@@ -366,8 +366,8 @@ def test_the_resolved_count_takes_both_sides_and_holm_counts_only_the_calls_that
     text = render_answer(frame)
     assert "2 of 3 intervals exclude 0." in text
     assert ("Holding all 3 to a 5% chance of any false call (Holm's correction of the same paired "
-            "t-tests), 1 stand: `ta_chain − progressive_kd32` at 8 bit; 1 of the 2 calls above "
-            f"does not: `ta_chain − progressive_kd32` at 4 bit (p = {p4:.2g}).") in text
+            "t-tests), 1 stand: `ta_chain − progressive_kd32` at 8 bit. Of the 2 calls above, 1 "
+            f"does not stand: `ta_chain − progressive_kd32` at 4 bit (p = {p4:.2g}).") in text
 
 
 def test_a_call_that_falls_under_holm_is_named_even_when_none_stands(tmp_path):
@@ -375,8 +375,8 @@ def test_a_call_that_falls_under_holm_is_named_even_when_none_stands(tmp_path):
     p = [stats.ttest_1samp(d, 0.0).pvalue for d in ([-2.0, -3.0, -4.0], [-2.1, -3.0, -4.0])]
     assert all(0.025 < value < 0.05 for value in p)  # each resolved, neither under Holm
     text = render_answer(frame)
-    assert ("none stands; 2 of the 2 calls above do not: `ta_chain − progressive_kd32` at "
-            f"4 bit (p = {p[0]:.2g}), 2 bit (p = {p[1]:.2g}).") in text
+    assert ("none stands. Of the 2 calls above, 2 do not stand: `ta_chain − progressive_kd32` "
+            f"at 4 bit (p = {p[0]:.2g}), 2 bit (p = {p[1]:.2g}).") in text
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 8])
