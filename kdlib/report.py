@@ -376,12 +376,16 @@ def render_packed_models(results_dir: str | os.PathLike, seed: int = 0) -> str:
         return (f"_No packed models in `{shown_path(results_dir)}/models` yet: `make run` "
                 "writes them._")
     rows = frame[(frame["seed"] == seed) & frame["packed_file"]]
-    rows = rows.assign(kib=[f"{b / 1024:.1f}" for b in rows["packed_bytes"]])
+    alias = rows["trained_as"] != rows["run_id"]  # another method's run: its file, not one more
+    rows = rows.assign(kib=[f"{b / 1024:.1f}" + ("*" if a else "")
+                            for b, a in zip(rows["packed_bytes"], alias)])
     table = rows.pivot_table(index="method", columns="bits", values="kib", aggfunc="first")
     table = table.reindex(index=in_method_order(table.index),
                           columns=in_bits_order(table.columns)).fillna("")
     table.index.name = "KiB: method \\ bits"
-    return "\n".join([markdown_table(table), *_header_share(results_dir, rows)])
+    marked = (["", "\\* Not a file of its own: the same training run as another method's at that "
+               "width (`same_run_as`), whose file it is."] if alias.any() else [])
+    return "\n".join([markdown_table(table), *marked, *_header_share(results_dir, rows)])
 
 
 def _header_share(results_dir: str | os.PathLike, rows: pd.DataFrame) -> list[str]:
@@ -440,7 +444,8 @@ def render_readme(readme: str, results_dir, bench_dir, gpu_dir=None, squeezenet_
                          "\n".join(render_progress(squeezenet_dir, "quick_squeezenet")))
     text = replace_block(text, "agreement", render_agreement(load_results(results_dir),
                                                              load_results(squeezenet_dir)))
-    cpu_runs = pd.concat([load_results(d) for d in (results_dir, squeezenet_dir)],
+    # every committed CPU record, the gpu preset's too (most of it trained on CPUs)
+    cpu_runs = pd.concat([load_results(d) for d in (results_dir, squeezenet_dir, gpu_dir)],
                          ignore_index=True)
     cpu_runs = cpu_runs[cpu_runs["device"] == "cpu"] if "device" in cpu_runs else cpu_runs
     text = replace_block(text, "costs", render_costs(COST_PRESETS, cpu_runs))

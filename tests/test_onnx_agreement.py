@@ -131,3 +131,12 @@ def test_without_onnxruntime_the_command_names_the_extra_before_reading_data(tmp
     assert cli.main(["onnx", "--results-dir", str(tmp_path), "--data-dir",
                      str(tmp_path / "no-data-here")]) == cli.EXIT_USAGE
     assert "needs onnxruntime: pip install -e '.[export]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, text", [(1.017e-06, "1.1e-06"), (9e-06, "9e-06"),
+                                         (8.61e-06, "8.7e-06"), (0.00028, "0.00028"),
+                                         (2.0, "2"), (0.0, "0")])
+def test_a_bound_is_rounded_up_never_down(value, text):
+    """The table's 'within' figures: 1.017e-06 printed as 1e-06 claimed a bound it broke."""
+    assert agreement.bound_text(value) == text
+    assert float(text) >= value

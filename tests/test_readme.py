@@ -517,6 +517,25 @@ def test_a_grid_block_shows_its_runs_as_they_come_in(tmp_path, monkeypatch, bloc
     assert "69.10" in rendered and f"Still missing, {len(plan) - 1} of {len(plan)}" in rendered
 
 
+@pytest.mark.parametrize("folder", ["quick", "quick_squeezenet", "gpu"])
+def test_the_costs_block_reads_the_cpu_records_of_every_folder(tmp_path, monkeypatch, folder):
+    """'Estimated from the rates that the committed records measured': all of them, the gpu
+    preset's CPU runs too (they once were left out, and with them the newest processor)."""
+    seen = []
+    monkeypatch.setattr(report, "render_costs", lambda presets, runs: seen.append(runs) or "")
+    monkeypatch.setattr(report, "replace_block", lambda text, name, body: text)
+    write_record(tmp_path / folder, "i4-0", "individual", 4, 0, 10.0, cpu_model="New CPU",
+                 created_at="2026-12-05T10:00:00+00:00")
+    write_record(tmp_path / folder, "t0", "teacher", 32, 0, 40.0, device="cuda:0",
+                 created_at="2026-12-05T11:00:00+00:00")
+    report.render_readme("x", tmp_path / "quick", tmp_path / "bench",
+                         gpu_dir=tmp_path / "gpu", squeezenet_dir=tmp_path / "quick_squeezenet",
+                         paper_dir=tmp_path / "paper")
+    (runs,) = seen
+    assert runs["run_id"].tolist() == ["i4-0"]  # the CPU record, not the GPU one
+    assert runs["cpu_model"].tolist() == ["New CPU"]
+
+
 def test_the_map_of_the_package_names_every_module():
     """"How it fits together" lists kdlib's modules and subpackages: a new one must appear there."""
     text = (ROOT / "README.md").read_text()

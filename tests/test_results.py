@@ -210,7 +210,11 @@ def test_packed_size_comes_from_the_record_else_from_the_file_in_the_checkout(tm
         old_without_file["run_id"]: False, stale["run_id"]: True}
     seed1 = render_packed_models(tmp_path, seed=1)  # seed 1's size is recorded, its file absent
     assert "individual" not in seed1 and "1.2" not in seed1
-    assert "| individual           | 0.8 |" in render_packed_models(tmp_path, seed=0)
+    seed0 = render_packed_models(tmp_path, seed=0)
+    assert "| individual           | 0.8  |" in seed0
+    assert "| direct_kd            | 0.8* |" in seed0  # the alias: marked, not one more file
+    assert "\\* Not a file of its own: the same training run as another method's" in seed0
+    assert "Not a file of its own" not in render_packed_models(tmp_path, seed=3)
 
 
 def test_summarise_matches_independent_statistics():

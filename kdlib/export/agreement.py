@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -220,6 +221,15 @@ def _percent(share: float) -> str:
     return f"{value:.2f} %" if value < 1 or value > 99 else f"{value:.1f} %"
 
 
+def bound_text(value: float) -> str:
+    """``value`` rounded up to two significant digits: a "within" that rounding never makes
+    false (1.017e-06 is within 1.1e-06, not within 1e-06)."""
+    if value <= 0:
+        return "0"
+    step = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return f"{math.ceil(round(value / step, 9)) * step:.2g}"
+
+
 def render_onnx_agreement(results_dir: str | Path) -> str:
     """Markdown: the table of ``results_dir``/:data:`RESULT_FILE`, what it was measured on, and
     whether its runs' records still hold the test top-1 they held then (else it is stale)."""
@@ -259,8 +269,9 @@ def render_onnx_agreement(results_dir: str | Path) -> str:
         f"{result['versions_onnx']['onnxruntime']} with its default optimisations; flips "
         f"counted without optimisations, where each Round stays as written. On the images "
         f"without a flip the logits agree within "
-        f"{max(m['unflipped_max_diff'] for m in models):.1g}; each image's first flip is "
-        f"{one_level}, its input within {max(m['tie_distance'] for m in models):.1g} of a "
+        f"{bound_text(max(m['unflipped_max_diff'] for m in models))}; each image's first flip "
+        f"is {one_level}, its input within {bound_text(max(m['tie_distance'] for m in models))} "
+        f"of a "
         f"rounding tie. kdlib against itself: the first {first['self_images']:,} images one a "
         f"batch. Measured on {result['cpu_model']}, torch {result['versions']['torch']}, by "
         f"`python -m kdlib onnx`{took}.")]
