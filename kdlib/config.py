@@ -25,8 +25,12 @@ KD_MODES = ("hinton", "apprentice")
 # The version of the training recipe: bump it whenever a change to kdlib changes what a given
 # config computes, so that records made by older code get other run ids and are never reused
 # (tests/test_recipe.py compares a tiny grid's numbers with those stored for this version).
-# 1: the code of the first quick records (no `recipe` field); 2: exact quantized layers, precision.
-RECIPE_VERSION = 2
+# 1: the code of the first quick records (no `recipe` field); 2: exact quantized layers, precision;
+# 3: PACT's clip level and LSQ's step learn at their gradient (it was doubled: `positive`).
+RECIPE_VERSION = 3
+# The last version that changed each quantizer's numbers: a config is made at its quantizer's
+# (recipe_for), so a bump that leaves DoReFa's numbers alone leaves its run ids and records too.
+RECIPE_OF_QUANTIZER = {"dorefa": 2, "pact": 3, "lsq": 3}
 KD_METHODS = ("direct_kd", "ta_chain", "progressive_kd32", "direct_kd_matched")  # distil
 # start from a trained model's weights (the teacher's, or the chain's link above)
 INIT_METHODS = ("finetune", "direct_kd", "ta_chain", "progressive", "progressive_kd32",
@@ -34,6 +38,12 @@ INIT_METHODS = ("finetune", "direct_kd", "ta_chain", "progressive", "progressive
 # Fields that change how fast a run goes, never what it computes: left out of the run id, and
 # a checkpoint written with other values resumes.
 EXECUTION_ONLY_FIELDS = ("eval_batch_size", "preset", "cuda_graphs", "group_weights")
+
+
+def recipe_for(quantizer: str) -> int:
+    """Today's recipe version of a config quantized by ``quantizer`` (see RECIPE_OF_QUANTIZER;
+    an unknown quantizer gets RECIPE_VERSION and is refused by :func:`validate`)."""
+    return RECIPE_OF_QUANTIZER.get(quantizer, RECIPE_VERSION)
 
 
 @dataclass
@@ -78,7 +88,11 @@ class RunConfig:
     cuda_graphs: bool = False  # on CUDA, replay each step as a graph (eager kernels: speed only)
     group_weights: bool = True  # quantize all DoReFa weights in one go (same bits: speed only)
     preset: str = "custom"  # name of the preset the config came from (recorded)
-    recipe: int = RECIPE_VERSION  # training-code version (see RECIPE_VERSION); part of the run id
+    recipe: int = 0  # training-code version, part of the run id (0: today's for the quantizer)
+
+    def __post_init__(self) -> None:
+        if self.recipe == 0:  # today's code: the version that last changed this quantizer
+            self.recipe = recipe_for(self.quantizer)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -98,6 +112,8 @@ class RunConfig:
         return cls(**d)
 
     def replace(self, **changes: Any) -> "RunConfig":
+        if "quantizer" in changes and "recipe" not in changes:
+            changes["recipe"] = 0  # another quantizer: today's recipe of that one
         return RunConfig.from_dict({**self.to_dict(), **changes})
 
     def run_id(self) -> str:

@@ -85,7 +85,7 @@ def test_parse_bits_refuses_a_bad_width_naming_it(spec, message):
     ("epochs", True, r"epochs=True is invalid"),
     ("seed", -1, r"seed=-1 is invalid"),
     ("split_seed", -1, r"split_seed=-1 is invalid"),
-    ("recipe", 0, r"recipe=0 is invalid"),
+    ("recipe", -1, r"recipe=-1 is invalid"),
     ("kd_mode", "fitnet", r"kd_mode='fitnet' is unknown; accepted: hinton, apprentice"),
     ("precision", "fp16", r"precision='fp16' is unknown"),
     ("eval_batch_size", 0, r"eval_batch_size=0 is invalid"),
@@ -259,13 +259,13 @@ def test_every_committed_record_is_found_under_its_configs_run_id():
     recipe, must still be named by it (a change to the hash would retrain them all)."""
     import json
 
-    from kdlib.config import RECIPE_VERSION
+    from kdlib.config import recipe_for
 
     checked = 0
     for path in committed_records():
         record = json.loads(path.read_text())
         cfg = RunConfig.from_dict(record["config"])
-        if cfg.recipe != RECIPE_VERSION:
+        if cfg.recipe != recipe_for(cfg.quantizer):
             continue
         assert cfg.run_id() == record["run_id"] == path.stem, path
         checked += 1
@@ -329,7 +329,7 @@ def test_every_committed_result_is_a_run_its_preset_still_plans():
     results describing a preset that no longer exists."""
     import json
 
-    from kdlib.config import RECIPE_VERSION
+    from kdlib.config import recipe_for
     from kdlib.experiments import plan_grid
 
     records = committed_records()  # a local smoke run's records are no committed grid
@@ -337,7 +337,7 @@ def test_every_committed_result_is_a_run_its_preset_still_plans():
     for name in PRESETS:
         configs = [RunConfig.from_dict(json.loads(p.read_text())["config"])
                    for p in records if p.parent.parent.name == name]
-        configs = [c for c in configs if c.recipe == RECIPE_VERSION]
+        configs = [c for c in configs if c.recipe == recipe_for(c.quantizer)]
         if not configs:
             continue
         seeds = sorted({c.seed for c in configs})
@@ -358,3 +358,21 @@ def test_the_default_preset_is_the_one_make_runs_and_the_readme_shows():
     make_default = re.search(r"^PRESET \?= (\S+)$", (root / "Makefile").read_text(), re.M)
     assert make_default and make_default.group(1) == DEFAULT_PRESET
     assert f"## Results (preset `{DEFAULT_PRESET}`" in (root / "README.md").read_text()
+
+
+def test_a_config_is_made_at_its_quantizers_recipe():
+    """Recipe 3 changed PACT's and LSQ's numbers only: DoReFa configs keep recipe 2, and with it
+    their run ids and committed records; a config switched to another quantizer takes that
+    one's recipe, an explicit recipe (an old record's) stays."""
+    from kdlib.config import RECIPE_OF_QUANTIZER, RECIPE_VERSION, recipe_for
+    from kdlib.checks import QUANTIZERS
+
+    assert set(RECIPE_OF_QUANTIZER) == set(QUANTIZERS)
+    assert max(RECIPE_OF_QUANTIZER.values()) == RECIPE_VERSION
+    assert RunConfig().recipe == recipe_for("dorefa") == 2
+    assert RunConfig(quantizer="pact").recipe == RunConfig(quantizer="lsq").recipe == 3
+    assert RunConfig().replace(quantizer="lsq").recipe == 3
+    assert RunConfig(quantizer="lsq").replace(quantizer="dorefa").recipe == 2
+    assert RunConfig(quantizer="pact", recipe=2).replace(epochs=3).recipe == 2
+    old = RunConfig.from_dict({**RunConfig(quantizer="pact").to_dict(), "recipe": 2})
+    assert old.run_id() != RunConfig(quantizer="pact").run_id()  # never reused as today's

@@ -755,3 +755,53 @@ def test_learned_scale_at_or_below_zero_is_clamped(make, bad):
     out.sum().backward()
     assert param.grad is not None and torch.isfinite(param.grad).all()
 
+
+
+# ============================================== learned scales: the papers' gradients, absolute
+def _lsq_step_gradient_by_the_paper(x: torch.Tensor, step: float, qn: int, qp: int,
+                                    g: float) -> float:
+    """LSQ's eq. 3 in float64 NumPy, upstream gradient 1: round(v) − v inside the grid, −Qn
+    below it, Qp above it, times the gradient scale g."""
+    v = x.double().numpy() / step
+    d = np.where(v <= -qn, -qn, np.where(v >= qp, qp, np.round(v) - v))
+    return g * float(d.sum())
+
+
+@pytest.mark.parametrize("signed, shape, per_example, qn, qp", [
+    (False, (2, 3, 4, 4), 48, 0, 15),    # activations: N = features of one example
+    (True, (8, 3, 3, 3), 216, 8, 7)])    # weights: N = every weight
+def test_an_lsq_step_learns_at_the_papers_gradient_through_the_module(signed, shape, per_example,
+                                                                      qn, qp):
+    """Through the module (its clamp at MIN_SCALE and its gradient scale 1/sqrt(N·Qp)), not the
+    bare op: the step got twice this gradient until recipe 3, which a test comparing two batch
+    sizes could not see."""
+    q = LSQQuantizer(4, signed=signed)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) + (0.0 if signed else 0.5)
+    q(x)  # initialises the step
+    with torch.no_grad():
+        q.step.fill_(0.25)
+    q.step.grad = None
+    q(x).sum().backward()
+    expected = _lsq_step_gradient_by_the_paper(x, 0.25, qn, qp, 1 / (per_example * qp) ** 0.5)
+    assert float(q.step.grad) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_a_pact_clip_level_learns_at_the_papers_gradient_through_the_module():
+    """PACT: d y / d alpha is 1 for every input at or above alpha, 0 below (sum over inputs)."""
+    q = PACTActivationQuantizer(4)
+    x = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 4
+    with torch.no_grad():
+        q.alpha.fill_(2.0)
+    q(x).sum().backward()
+    assert float(q.alpha.grad) == float((x >= 2.0).sum())
+
+
+def test_positive_passes_the_identitys_gradient_above_and_below_its_floor():
+    from kdlib.quant.quantizers import MIN_SCALE, positive
+
+    for value in (0.25, MIN_SCALE, -1.0):
+        scale = torch.tensor(value, requires_grad=True)
+        out = positive(scale)
+        assert float(out.detach()) == float(torch.tensor(max(value, MIN_SCALE)))  # float32
+        out.backward()
+        assert float(scale.grad) == 1.0, value

@@ -20,7 +20,9 @@ def positive(scale: Tensor) -> Tensor:
     """``max(scale, MIN_SCALE)`` with the gradient of the identity: a learned clip level or step
     that an optimizer step pushed to <= 0 still gives a valid grid (no division by zero, no
     flipped sign) and still receives the gradient that can move it back."""
-    return scale.clamp_min(MIN_SCALE) + (scale - scale.detach())  # value exact, gradient 1
+    # the clamp on the detached value: clamp_min passes a gradient of 1 above MIN_SCALE itself,
+    # which the identity term added to (a scale learned at twice its gradient, recipe < 3)
+    return scale.detach().clamp_min(MIN_SCALE) + (scale - scale.detach())  # value exact, grad 1
 
 
 class Quantizer(nn.Module):
