@@ -805,3 +805,17 @@ def test_positive_passes_the_identitys_gradient_above_and_below_its_floor():
         assert float(out.detach()) == float(torch.tensor(max(value, MIN_SCALE)))  # float32
         out.backward()
         assert float(scale.grad) == 1.0, value
+
+
+@pytest.mark.parametrize("n", [7, 27, 1000, 4608])
+def test_one_bit_codes_times_their_step_give_the_quantized_weight_exactly(n):
+    """The 1-bit step is the magnitude every element of sign(w)·E|w| has (the packed files and
+    ONNX graphs store codes and this step): the mean of those equal float32 values, |q|'s
+    mean, can be an ulp off."""
+    from kdlib.quant.quantizers import DoReFaWeightQuantizer
+
+    w = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    quantizer = DoReFaWeightQuantizer(1)
+    codes, step = quantizer.codes(w)
+    assert torch.equal(codes * step, quantizer(w))
+    assert set(codes.unique().tolist()) <= {-1.0, 1.0}
