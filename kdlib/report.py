@@ -353,18 +353,23 @@ def render_gpu(results_dir: str | os.PathLike, bench_dir: str | os.PathLike,
     return "\n".join(lines)
 
 
+def _block(name: str = r"\w+") -> re.Pattern:
+    """A generated block: groups start line, name, body, end line."""
+    return re.compile(rf"(<!-- ({name}):start -->\n)(.*?)(\n<!-- \2:end -->)", re.S)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+    pattern = _block(re.escape(name))
     if not pattern.search(text):
         raise ValueError(f"README has no <!-- {name}:start --> ... <!-- {name}:end --> block")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    return pattern.sub(lambda m: m.group(1) + body + m.group(4), text)
 
 
 def changed_blocks(old: str, new: str) -> list[str]:
     """Names of the generated blocks (``<!-- name:start -->``) whose text differs between two
     READMEs, in the order ``old`` has them."""
-    pattern = re.compile(r"<!-- (\w+):start -->\n(.*?)\n<!-- \1:end -->", re.S)
-    before, after = dict(pattern.findall(old)), dict(pattern.findall(new))
+    before, after = ({m.group(2): m.group(3) for m in _block().finditer(text)}
+                     for text in (old, new))
     return [name for name in before if before[name] != after.get(name)]
 
 
